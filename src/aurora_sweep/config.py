@@ -1,0 +1,356 @@
+"""Study configuration: one TOML file, read and checked once, then frozen.
+
+A study config says what data to use (demo or ERA5, region, levels, period, splits), which base
+model to adapt, how long each trial trains, and what the search may vary. Every check happens in
+`load_config`; the rest of the package trusts these dataclasses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aurora_sweep.errors import AuroraSweepError
+
+#: Pressure levels (hPa) that Aurora was trained on.
+AURORA_LEVELS = (50, 100, 150, 200, 250, 300, 400, 500, 600, 700, 850, 925, 1000)
+#: Linear layers of the Swin backbone that LoRA may target.
+LORA_MODULES = ("qkv", "proj", "fc1", "fc2")
+PRECISIONS = ("fp32", "bf16", "fp16")
+BASE_MODELS = ("demo", "small-pretrained")
+DATA_SOURCES = ("demo", "era5")
+
+PACKAGE_DIR = Path(__file__).parent
+DEMO_CONFIG = PACKAGE_DIR / "sweeps" / "demo.toml"
+
+
+@dataclass(frozen=True)
+class Region:
+    """A latitude/longitude box in degrees; west > east means the box crosses 180°."""
+
+    north: float
+    south: float
+    west: float
+    east: float
+
+    @property
+    def crosses_zero(self) -> bool:
+        """True when the box spans the Greenwich meridian (e.g. 12°W to 40°E)."""
+        west, east = self.west % 360, self.east % 360
+        return west > east or (self.west < 0 <= self.east)
+
+
+@dataclass(frozen=True)
+class Period:
+    """An inclusive range of days."""
+
+    start: dt.date
+    end: dt.date
+
+    def contains(self, day: dt.date) -> bool:
+        return self.start <= day <= self.end
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where samples come from."""
+
+    source: str
+    store: Path
+    region: Region
+    levels: tuple[int, ...]
+    grid: float
+    period: Period
+    train: Period
+    validation: Period
+    test: Period
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The base model that trials adapt."""
+
+    base: str
+    checkpoint: Path | None
+    new_variable: str = "tp"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Fixed settings of every trial's fine-tune."""
+
+    steps: int
+    eval_every: int
+    val_samples: int
+    learning_rate: float
+    weight_decay: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """What Optuna may vary; a single-element list fixes a dimension."""
+
+    lora_rank: tuple[int, ...]
+    lora_targets: tuple[str, ...]
+    unfrozen_blocks: tuple[int, ...]
+    batch_size: tuple[int, ...]
+    precision: tuple[str, ...]
+    learning_rate: tuple[float, float] | None
+    activation_checkpointing: tuple[bool, ...]
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """Everything a study needs, loaded from one TOML file."""
+
+    name: str
+    path: Path
+    storage: str
+    tracking_uri: str | None
+    gpu_memory_cap: int | None
+    sampler_seed: int
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig
+    search: SearchSpace
+    workdir: Path = field(default_factory=Path.cwd)
+
+
+def parse_memory(text: str | int) -> int:
+    """Parse '10GiB', '512MiB', '8GB' or a byte count into bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*", str(text))
+    if not m:
+        raise AuroraSweepError(
+            f"cannot read memory size {text!r}: write a number and a unit, e.g. '10GiB' or '8GB'"
+        )
+    units = {
+        None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+        "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40,
+    }  # fmt: skip
+    return int(float(m.group(1)) * units[m.group(2)])
+
+
+def _date(value: Any, where: str) -> dt.date:
+    if isinstance(value, dt.datetime):
+        return value.date()
+    if isinstance(value, dt.date):
+        return value
+    try:
+        return dt.date.fromisoformat(str(value))
+    except ValueError:
+        raise AuroraSweepError(f"{where}: {value!r} is not a date; write YYYY-MM-DD") from None
+
+
+def _period(value: Any, where: str) -> Period:
+    if not (isinstance(value, list) and len(value) == 2):
+        raise AuroraSweepError(f"{where}: give a period as [start, end], e.g. [2024-01-01, 2024-12-31]")
+    start, end = _date(value[0], where), _date(value[1], where)
+    if end < start:
+        raise AuroraSweepError(f"{where}: the end {end} comes before the start {start}")
+    return Period(start, end)
+
+
+def _choices(table: dict, key: str, kind: type, default: list, allowed: tuple = ()) -> tuple:
+    value = table.get(key, default)
+    if not isinstance(value, list):
+        value = [value]
+    if not value:
+        raise AuroraSweepError(f"[search] {key}: give at least one choice")
+    for v in value:
+        if kind is int and (isinstance(v, bool) or not isinstance(v, int)):
+            raise AuroraSweepError(f"[search] {key}: {v!r} is not an integer")
+        if kind is bool and not isinstance(v, bool):
+            raise AuroraSweepError(f"[search] {key}: {v!r} is not true or false")
+        if kind is str and not isinstance(v, str):
+            raise AuroraSweepError(f"[search] {key}: {v!r} is not a string")
+        if allowed and v not in allowed:
+            raise AuroraSweepError(f"[search] {key}: {v!r} is not one of {', '.join(map(str, allowed))}")
+    return tuple(value)
+
+
+def check_region(region: Region) -> None:
+    """Refuse boxes that cannot exist."""
+    for name, v, lo, hi in (
+        ("north", region.north, -90, 90),
+        ("south", region.south, -90, 90),
+        ("west", region.west, -180, 360),
+        ("east", region.east, -180, 360),
+    ):
+        if not lo <= v <= hi:
+            raise AuroraSweepError(f"[data.region] {name} = {v} is outside [{lo}, {hi}] degrees")
+    if region.north <= region.south:
+        raise AuroraSweepError(
+            f"[data.region] north ({region.north}) must be greater than south ({region.south})"
+        )
+    if region.west == region.east:
+        raise AuroraSweepError("[data.region] west and east are equal: the box has no width")
+
+
+def _lora_targets(table: dict) -> tuple[str, ...]:
+    value = table.get("lora_targets", ["qkv+proj"])
+    if not isinstance(value, list) or not value:
+        raise AuroraSweepError("[search] lora_targets: give a list such as ['qkv+proj', 'qkv+proj+fc1+fc2']")
+    out = []
+    for v in value:
+        parts = v.split("+") if isinstance(v, str) else v
+        if not parts or any(p not in LORA_MODULES for p in parts):
+            raise AuroraSweepError(
+                f"[search] lora_targets: {v!r} names a module outside {', '.join(LORA_MODULES)};"
+                " join several with '+', e.g. 'qkv+proj'"
+            )
+        out.append("+".join(p for p in LORA_MODULES if p in parts))
+    return tuple(out)
+
+
+def load_config(path: str | Path | None = None, *, workdir: Path | None = None) -> StudyConfig:
+    """Read and check a study config; `None` gives the embedded demo study.
+
+    Relative paths in the file (data store, checkpoint, storage) are taken relative to `workdir`
+    (default: the current directory), so that a study run from the project root keeps its state
+    there.
+    """
+    path = Path(path) if path is not None else DEMO_CONFIG
+    workdir = (workdir or Path.cwd()).resolve()
+    if not path.is_file():
+        raise AuroraSweepError(f"no study config at {path}: pass --config sweep/<study>.toml")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise AuroraSweepError(f"{path} is not valid TOML: {e}") from None
+    known = {"study", "data", "model", "train", "search", "resources"}
+    unknown = set(raw) - known
+    if unknown:
+        raise AuroraSweepError(f"{path}: unknown section(s) {sorted(unknown)}; known: {sorted(known)}")
+    try:
+        return _build(raw, path, workdir)
+    except AuroraSweepError as e:
+        raise AuroraSweepError(f"{path}: {e}") from None
+    except (KeyError, TypeError, ValueError) as e:
+        raise AuroraSweepError(f"{path}: missing or malformed setting ({e})") from None
+
+
+def _build(raw: dict, path: Path, workdir: Path) -> StudyConfig:
+    study, data, model = raw.get("study", {}), raw["data"], raw.get("model", {})
+    train, search, resources = raw.get("train", {}), raw.get("search", {}), raw.get("resources", {})
+
+    name = study.get("name") or path.stem
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+        raise AuroraSweepError(f"[study] name {name!r}: use letters, digits, '.', '_' and '-'")
+
+    source = data.get("source", "era5")
+    if source not in DATA_SOURCES:
+        raise AuroraSweepError(f"[data] source {source!r} is not one of {', '.join(DATA_SOURCES)}")
+    r = data["region"]
+    region = Region(float(r["north"]), float(r["south"]), float(r["west"]), float(r["east"]))
+    check_region(region)
+    levels = tuple(int(v) for v in data.get("levels", [500, 700, 850]))
+    bad = [lv for lv in levels if lv not in AURORA_LEVELS]
+    if bad or not levels:
+        raise AuroraSweepError(
+            f"[data] levels {bad or levels}: Aurora knows only {', '.join(map(str, AURORA_LEVELS))} hPa"
+        )
+    if len(set(levels)) != len(levels):
+        raise AuroraSweepError("[data] levels: a level is listed twice")
+    grid = float(data.get("grid", 0.25))
+    if grid <= 0:
+        raise AuroraSweepError(f"[data] grid {grid}: give the grid spacing in degrees, e.g. 0.25")
+    splits = {k: _period(data.get(k, d), f"[data] {k}") for k, d in (
+        ("train", ["2022-01-01", "2023-12-31"]),
+        ("validation", ["2024-01-01", "2024-12-31"]),
+        ("test", ["2025-01-01", "2025-12-31"]),
+    )}  # fmt: skip
+    ordered = sorted(splits.items(), key=lambda kv: kv[1].start)
+    for (a, pa), (b, pb) in zip(ordered, ordered[1:]):
+        if pb.start <= pa.end:
+            raise AuroraSweepError(f"[data] the {a} and {b} periods overlap")
+    period = _period(
+        data.get("period", [str(ordered[0][1].start), str(ordered[-1][1].end)]), "[data] period"
+    )
+    for k, p in splits.items():
+        if p.start < period.start or p.end > period.end:
+            raise AuroraSweepError(f"[data] the {k} period lies outside [data] period")
+    store = workdir / data.get("store", f"data/{name}/store.zarr")
+
+    base = model.get("base", "small-pretrained")
+    if base not in BASE_MODELS:
+        raise AuroraSweepError(f"[model] base {base!r} is not one of {', '.join(BASE_MODELS)}")
+    checkpoint = model.get("checkpoint")
+    new_variable = model.get("new_variable", "tp")
+    if new_variable != "tp":
+        raise AuroraSweepError("[model] new_variable: only 'tp' is supported")
+
+    steps = int(train.get("steps", 200))
+    eval_every = int(train.get("eval_every", max(1, steps // 4)))
+    if steps < 1 or eval_every < 1:
+        raise AuroraSweepError("[train] steps and eval_every must be at least 1")
+    lr = float(train.get("learning_rate", 1e-3))
+
+    lr_range = search.get("learning_rate")
+    if lr_range is not None:
+        if not (isinstance(lr_range, list) and len(lr_range) == 2 and 0 < lr_range[0] <= lr_range[1]):
+            raise AuroraSweepError("[search] learning_rate: give [low, high] with 0 < low <= high")
+        lr_range = (float(lr_range[0]), float(lr_range[1]))
+    space = SearchSpace(
+        lora_rank=_choices(search, "lora_rank", int, [8]),
+        lora_targets=_lora_targets(search),
+        unfrozen_blocks=_choices(search, "unfrozen_blocks", int, [0]),
+        batch_size=_choices(search, "batch_size", int, [1]),
+        precision=_choices(search, "precision", str, ["bf16"], PRECISIONS),
+        learning_rate=lr_range,
+        activation_checkpointing=_choices(search, "activation_checkpointing", bool, [False]),
+    )
+    if any(r < 1 for r in space.lora_rank) or any(b < 1 for b in space.batch_size):
+        raise AuroraSweepError("[search] lora_rank and batch_size choices must be at least 1")
+    if any(n < 0 for n in space.unfrozen_blocks):
+        raise AuroraSweepError("[search] unfrozen_blocks choices must be 0 or more")
+
+    cap = resources.get("gpu_memory_cap")
+    storage = study.get("storage") or f"sqlite:///{workdir / (name + '.optuna.db')}"
+    if storage.startswith("sqlite:///") and not storage.startswith("sqlite:////"):
+        storage = f"sqlite:///{workdir / storage.removeprefix('sqlite:///')}"
+
+    return StudyConfig(
+        name=name,
+        path=path.resolve(),
+        storage=storage,
+        tracking_uri=study.get("tracking_uri"),
+        gpu_memory_cap=parse_memory(cap) if cap is not None else None,
+        sampler_seed=int(study.get("seed", 0)),
+        data=DataConfig(
+            source=source,
+            store=store,
+            region=region,
+            levels=levels,
+            grid=grid,
+            period=period,
+            train=splits["train"],
+            validation=splits["validation"],
+            test=splits["test"],
+        ),
+        model=ModelConfig(
+            base=base, checkpoint=(workdir / checkpoint) if checkpoint else None, new_variable=new_variable
+        ),
+        train=TrainConfig(
+            steps=steps,
+            eval_every=eval_every,
+            val_samples=int(train.get("val_samples", 64)),
+            learning_rate=lr,
+            weight_decay=float(train.get("weight_decay", 0.0)),
+            seed=int(train.get("seed", 0)),
+        ),
+        search=space,
+        workdir=workdir,
+    )
+
+
+def with_overrides(config: StudyConfig, **changes: Any) -> StudyConfig:
+    """A copy of `config` with top-level fields replaced (CLI flags)."""
+    return dataclasses.replace(config, **{k: v for k, v in changes.items() if v is not None})

@@ -1,0 +1,85 @@
+"""The canonical local store: one zarr cube that every data source is turned into.
+
+Whatever the origin (the embedded demo, CDS downloads, files a user already has), the data end up
+in one layout that `dataset.py` reads without knowing where they came from:
+
+- dims `time` (datetime64[ns], model times, ascending, gaps allowed), `level` (int, hPa,
+  ascending), `latitude` (float64, strictly decreasing), `longitude` (float64, strictly
+  increasing; a box crossing 0° keeps its western part negative, e.g. -12..40);
+- surface variables `2t` (K), `10u`, `10v` (m/s), `msl` (Pa) on (time, latitude, longitude);
+- `tp` (mm) on (time, latitude, longitude): the total over the 6 hours ending at `time`, NaN where
+  not every hourly value was available;
+- atmospheric variables `z` (m²/s²), `u`, `v` (m/s), `t` (K), `q` (kg/kg) on
+  (time, level, latitude, longitude);
+- static variables `static_z` (m²/s²), `static_lsm` (0-1), `static_slt` (category) on
+  (latitude, longitude).
+
+Names follow Aurora's, so a sample is a rename away from an `aurora.Batch`.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from aurora_sweep.errors import AuroraSweepError
+
+SURF_VARS = ("2t", "10u", "10v", "msl")
+ATMOS_VARS = ("z", "u", "v", "t", "q")
+STATIC_VARS = ("static_z", "static_lsm", "static_slt")
+TARGET_VAR = "tp"
+#: Names Aurora uses for the static variables.
+AURORA_STATIC = {"static_z": "z", "static_lsm": "lsm", "static_slt": "slt"}
+
+
+def check_cube(ds: xr.Dataset, *, where: str = "the data") -> None:
+    """Raise if `ds` is not in the canonical layout."""
+    missing = [v for v in (*SURF_VARS, TARGET_VAR, *ATMOS_VARS, *STATIC_VARS) if v not in ds]
+    if missing:
+        raise AuroraSweepError(f"{where} lacks {', '.join(missing)}")
+    lat, lon = ds["latitude"].values, ds["longitude"].values
+    if lat.size > 1 and not np.all(np.diff(lat) < 0):
+        raise AuroraSweepError(f"{where}: latitudes must be strictly decreasing")
+    if lon.size > 1 and not np.all(np.diff(lon) > 0):
+        raise AuroraSweepError(f"{where}: longitudes must be strictly increasing")
+    times = ds["time"].values
+    if times.size > 1 and not np.all(np.diff(times) > np.timedelta64(0)):
+        raise AuroraSweepError(f"{where}: times must be strictly increasing")
+
+
+def write_store(ds: xr.Dataset, path: Path) -> Path:
+    """Write `ds` as the store at `path`, atomically: a crash leaves the old store or none."""
+    check_cube(ds)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    ds = ds.transpose("time", "level", "latitude", "longitude", missing_dims="ignore")
+    encoding = {}
+    for name, var in ds.data_vars.items():
+        chunks = tuple(1 if d == "time" else n for d, n in zip(var.dims, var.shape))
+        encoding[name] = {"chunks": chunks}
+    ds.to_zarr(tmp, mode="w", encoding=encoding, consolidated=True, zarr_format=2)
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)
+    return path
+
+
+def open_store(path: Path) -> xr.Dataset:
+    """Open the store, with a clear error when it is missing or unreadable."""
+    path = Path(path)
+    if not path.exists():
+        raise AuroraSweepError(
+            f"no data store at {path}: run 'aurora-sweep data download' or 'aurora-sweep data import'"
+        )
+    try:
+        ds = xr.open_zarr(path, consolidated=True)
+    except Exception as e:  # zarr raises many types for a damaged store
+        raise AuroraSweepError(f"the data store at {path} cannot be read ({e}); delete it and rebuild") from None
+    check_cube(ds, where=str(path))
+    return ds
