@@ -990,7 +990,11 @@ def _fetch_all(
     backoff: float,
     total: int,
 ) -> None:
-    lock = threading.Lock()
+    """Fetch `todo` with at most `max_workers` requests in flight.
+
+    Worker threads only talk to the CDS; checking a file (HDF5 is not thread-safe), renaming it
+    and writing the manifest happen on the calling thread.
+    """
     local = threading.local()
     try:
         first = client_factory()
@@ -998,49 +1002,58 @@ def _fetch_all(
         raise AuroraSweepError(classify_failure(e, todo[0]).message) from None
 
     def client() -> Any:
-        if threading.current_thread() is threading.main_thread():
-            return first
         if not hasattr(local, "client"):
             local.client = client_factory()
         return local.client
 
-    def fetch(req: Request) -> None:
-        target, partial = folder / req.target, folder / f"{req.target}.partial"
-        for attempt in range(retries + 1):
+    def fetch(req: Request, attempt: int) -> int:
+        """Retrieve into `<target>.partial`; returns the attempts used so far."""
+        partial = folder / f"{req.target}.partial"
+        while True:
             try:
                 client().retrieve(req.dataset, req.request, str(partial))
-                check_chunk(partial)
-                break
-            except CorruptFileError as e:
-                partial.unlink(missing_ok=True)
-                failure = _Failure(True, f"{req.target} arrived truncated or corrupt ({e})")
+                return attempt
             except Exception as e:
                 partial.unlink(missing_ok=True)
                 failure = classify_failure(e, req)
-            if not failure.transient or attempt == retries:
-                raise AuroraSweepError(failure.message)
+                if not failure.transient or attempt >= retries:
+                    raise AuroraSweepError(failure.message) from None
             time.sleep(min(backoff * 2**attempt, 600.0))
-        os.replace(partial, target)
-        with lock:
-            chunks[req.target] = {
-                "dataset": req.dataset,
-                "key": req.key,
-                "bytes": target.stat().st_size,
-                "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            }
-            _save_manifest(folder, chunks)
+            attempt += 1
 
+    local.client = first  # the calling thread never fetches, but keeps the first client alive
     with _progress(progress) as bar:
         task = bar.add_task("CDS chunks", total=total, completed=total - len(todo))
         pool = cf.ThreadPoolExecutor(max_workers=max(1, max_workers))
-        futures = [pool.submit(fetch, r) for r in todo]
+        pending = {pool.submit(fetch, r, 0): r for r in todo}
         try:
-            for fut in cf.as_completed(futures):
-                fut.result()
-                bar.advance(task)
+            while pending:
+                finished, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+                for fut in finished:
+                    req = pending.pop(fut)
+                    attempt = fut.result()
+                    partial, target = folder / f"{req.target}.partial", folder / req.target
+                    try:
+                        check_chunk(partial)
+                    except CorruptFileError as e:
+                        partial.unlink(missing_ok=True)
+                        if attempt >= retries:
+                            raise AuroraSweepError(
+                                f"{req.target} arrived truncated or corrupt {attempt + 1} times"
+                                f" ({e}); run the download again later"
+                            ) from None
+                        pending[pool.submit(fetch, req, attempt + 1)] = req
+                        continue
+                    os.replace(partial, target)
+                    chunks[req.target] = {
+                        "dataset": req.dataset,
+                        "key": req.key,
+                        "bytes": target.stat().st_size,
+                        "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                    }
+                    _save_manifest(folder, chunks)
+                    bar.advance(task)
         except BaseException:
-            for f in futures:
-                f.cancel()
             pool.shutdown(wait=True, cancel_futures=True)
             for stale in folder.glob("*.partial"):
                 stale.unlink(missing_ok=True)
