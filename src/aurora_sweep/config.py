@@ -151,7 +151,9 @@ def _date(value: Any, where: str) -> dt.date:
 
 def _period(value: Any, where: str) -> Period:
     if not (isinstance(value, list) and len(value) == 2):
-        raise AuroraSweepError(f"{where}: give a period as [start, end], e.g. [2024-01-01, 2024-12-31]")
+        raise AuroraSweepError(
+            f"{where}: give a period as [start, end], e.g. [2024-01-01, 2024-12-31]"
+        )
     start, end = _date(value[0], where), _date(value[1], where)
     if end < start:
         raise AuroraSweepError(f"{where}: the end {end} comes before the start {start}")
@@ -172,7 +174,9 @@ def _choices(table: dict, key: str, kind: type, default: list, allowed: tuple = 
         if kind is str and not isinstance(v, str):
             raise AuroraSweepError(f"[search] {key}: {v!r} is not a string")
         if allowed and v not in allowed:
-            raise AuroraSweepError(f"[search] {key}: {v!r} is not one of {', '.join(map(str, allowed))}")
+            raise AuroraSweepError(
+                f"[search] {key}: {v!r} is not one of {', '.join(map(str, allowed))}"
+            )
     return tuple(value)
 
 
@@ -197,7 +201,9 @@ def check_region(region: Region) -> None:
 def _lora_targets(table: dict) -> tuple[str, ...]:
     value = table.get("lora_targets", ["qkv+proj"])
     if not isinstance(value, list) or not value:
-        raise AuroraSweepError("[search] lora_targets: give a list such as ['qkv+proj', 'qkv+proj+fc1+fc2']")
+        raise AuroraSweepError(
+            "[search] lora_targets: give a list such as ['qkv+proj', 'qkv+proj+fc1+fc2']"
+        )
     out = []
     for v in value:
         parts = v.split("+") if isinstance(v, str) else v
@@ -228,7 +234,9 @@ def load_config(path: str | Path | None = None, *, workdir: Path | None = None) 
     known = {"study", "data", "model", "train", "search", "resources"}
     unknown = set(raw) - known
     if unknown:
-        raise AuroraSweepError(f"{path}: unknown section(s) {sorted(unknown)}; known: {sorted(known)}")
+        raise AuroraSweepError(
+            f"{path}: unknown section(s) {sorted(unknown)}; known: {sorted(known)}"
+        )
     try:
         return _build(raw, path, workdir)
     except AuroraSweepError as e:
@@ -295,7 +303,9 @@ def _build(raw: dict, path: Path, workdir: Path) -> StudyConfig:
 
     lr_range = search.get("learning_rate")
     if lr_range is not None:
-        if not (isinstance(lr_range, list) and len(lr_range) == 2 and 0 < lr_range[0] <= lr_range[1]):
+        if not (
+            isinstance(lr_range, list) and len(lr_range) == 2 and 0 < lr_range[0] <= lr_range[1]
+        ):
             raise AuroraSweepError("[search] learning_rate: give [low, high] with 0 < low <= high")
         lr_range = (float(lr_range[0]), float(lr_range[1]))
     space = SearchSpace(
@@ -336,7 +346,9 @@ def _build(raw: dict, path: Path, workdir: Path) -> StudyConfig:
             test=splits["test"],
         ),
         model=ModelConfig(
-            base=base, checkpoint=(workdir / checkpoint) if checkpoint else None, new_variable=new_variable
+            base=base,
+            checkpoint=(workdir / checkpoint) if checkpoint else None,
+            new_variable=new_variable,
         ),
         train=TrainConfig(
             steps=steps,

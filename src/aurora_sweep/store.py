@@ -61,7 +61,8 @@ def write_store(ds: xr.Dataset, path: Path) -> Path:
     ds = ds.transpose("time", "level", "latitude", "longitude", missing_dims="ignore")
     encoding = {}
     for name, var in ds.data_vars.items():
-        chunks = tuple(1 if d == "time" else n for d, n in zip(var.dims, var.shape))
+        # a few times per chunk: a sample reads three consecutive times
+        chunks = tuple(min(4, n) if d == "time" else n for d, n in zip(var.dims, var.shape))
         encoding[name] = {"chunks": chunks}
     ds.to_zarr(tmp, mode="w", encoding=encoding, consolidated=True, zarr_format=2)
     if path.exists():
@@ -80,6 +81,8 @@ def open_store(path: Path) -> xr.Dataset:
     try:
         ds = xr.open_zarr(path, consolidated=True)
     except Exception as e:  # zarr raises many types for a damaged store
-        raise AuroraSweepError(f"the data store at {path} cannot be read ({e}); delete it and rebuild") from None
+        raise AuroraSweepError(
+            f"the data store at {path} cannot be read ({e}); delete it and rebuild"
+        ) from None
     check_cube(ds, where=str(path))
     return ds

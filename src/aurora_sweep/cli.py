@@ -1,0 +1,155 @@
+"""The `aurora-sweep` command: parse arguments, call one function per command, map errors.
+
+Heavy modules (torch, aurora, peft, optuna, mlflow) are imported inside the commands so that
+`aurora-sweep --help` answers at once. A problem the user can fix (`AuroraSweepError`) is printed
+on one line with exit code 1; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from aurora_sweep.cli_data import data_app
+from aurora_sweep.errors import AuroraSweepError
+
+app = typer.Typer(
+    help="Search parameter-efficient fine-tuning recipes for Aurora (tp) inside a GPU memory cap.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(data_app, name="data")
+
+ConfigOption = typer.Option(
+    None, "--config", "-c", help="Study config (TOML); default: the embedded demo study."
+)
+
+
+def _fail(error: AuroraSweepError) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[red]error: {error}[/red]", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def _quiet_libraries() -> None:
+    import logging
+    import os
+    import warnings
+
+    os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+    warnings.filterwarnings("ignore", message="The normalisation statics")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+    logging.getLogger("mlflow").setLevel(logging.ERROR)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+@app.command()
+def run(
+    trials: int = typer.Option(
+        30, "--trials", "-n", min=1, help="Total trials the study should hold."
+    ),
+    config: Path | None = ConfigOption,
+    storage: str | None = typer.Option(None, help="Optuna storage URL (default: from the config)."),
+    checkpoint: Path | None = typer.Option(None, help="Local base checkpoint file."),
+) -> None:
+    """Run the study, or resume it, until it holds --trials trials."""
+    _quiet_libraries()
+    import dataclasses
+
+    from rich.console import Console
+
+    from aurora_sweep.config import load_config, with_overrides
+    from aurora_sweep.study import run_study
+
+    console = Console(stderr=True)
+    try:
+        study = load_config(config)
+        study = with_overrides(study, storage=storage)
+        if checkpoint is not None:
+            study = dataclasses.replace(
+                study, model=dataclasses.replace(study.model, checkpoint=checkpoint)
+            )
+        summary = run_study(study, trials=trials, console=console)
+    except AuroraSweepError as e:
+        _fail(e)
+    best = _best_line(summary.study)
+    console.print(best)
+    console.print(f"MLflow: run `mlflow ui` here, then open {summary.ui_link}")
+
+
+def _best_line(study) -> str:
+    try:
+        b = study.best_trial
+    except ValueError:
+        return "no completed trial yet"
+    a = b.user_attrs
+    return (
+        f"best: trial {b.number}, tp_rmse {b.value:.4f} mm; skill vs persistence "
+        f"{a.get('tp_skill_persistence', float('nan')):+.3f}, vs climatology "
+        f"{a.get('tp_skill_climatology', float('nan')):+.3f}"
+    )
+
+
+@app.command()
+def best(
+    config: Path | None = ConfigOption,
+    top: int = typer.Option(10, "--top", min=1, help="How many trials to list."),
+    export: Path | None = typer.Option(
+        None, "--export", help="Write the best trial's adapter here."
+    ),
+) -> None:
+    """List the best trials; with --export, write the best one's adapter and model card."""
+    _quiet_libraries()
+    from rich.console import Console
+
+    from aurora_sweep.config import load_config
+    from aurora_sweep.results import export_best, top_trials_table
+
+    console = Console()
+    try:
+        study = load_config(config)
+        console.print(top_trials_table(study, top=top))
+        if export is not None:
+            path = export_best(study, export)
+            console.print(f"exported the best trial to {path} (see {path / 'README.md'})")
+    except AuroraSweepError as e:
+        _fail(e)
+
+
+@app.command()
+def evaluate(
+    adapter: Path = typer.Argument(..., help="An adapter directory from `best --export`."),
+    split: str = typer.Option("validation", "--split", help="validation or test."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    checkpoint: Path | None = typer.Option(None, help="Local base checkpoint file."),
+) -> None:
+    """Score an exported adapter on a split against persistence and climatology."""
+    _quiet_libraries()
+    from rich.console import Console
+    from rich.table import Table
+
+    from aurora_sweep.results import evaluate_adapter
+
+    try:
+        if split not in ("validation", "test"):
+            raise AuroraSweepError(f"--split {split!r}: use validation or test")
+        scores = evaluate_adapter(adapter, split=split, checkpoint=checkpoint)
+    except AuroraSweepError as e:
+        _fail(e)
+    if as_json:
+        print(json.dumps(scores))
+        return
+    table = Table(title=f"{adapter} on the {split} split (mm per 6 h)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in scores.items():
+        table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    app()

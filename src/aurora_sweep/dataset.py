@@ -1,0 +1,185 @@
+"""Turn the canonical cube into `aurora.Batch` samples, split by time.
+
+A sample is two input times (t-6h, t) and the target time t+6h. Only times whose neighbours are
+exactly 6 h away and whose fields are complete make samples, so the cube may have gaps. A sample
+belongs to a split when all three of its times fall inside that split's period, so no target
+leaks from one split into another's inputs.
+
+Aurora wants latitudes strictly decreasing and longitudes strictly increasing in [0, 360), with
+a width that is a multiple of the patch size. `model_longitudes` maps a box onto that: western-
+hemisphere boxes move by +360 (exact); a box crossing 0° is shifted east until its western edge
+is 0°, which offsets Aurora's position encoding by that many degrees (reported in `lon_shift`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+import xarray as xr
+from aurora import Batch, Metadata
+
+from aurora_sweep.config import DataConfig, Period
+from aurora_sweep.errors import AuroraSweepError
+from aurora_sweep.store import ATMOS_VARS, AURORA_STATIC, STATIC_VARS, SURF_VARS, TARGET_VAR
+
+PATCH = 4
+STEP = np.timedelta64(6, "h")
+#: Cubes up to this size are read into memory once; larger ones are read sample by sample.
+IN_MEMORY_BYTES = 4 * 2**30
+
+
+def load_if_small(cube: xr.Dataset) -> xr.Dataset:
+    """The cube in memory when it fits comfortably (the demo's does); else left lazy."""
+    return cube.load() if cube.nbytes <= IN_MEMORY_BYTES else cube
+
+
+def model_longitudes(lon: np.ndarray) -> tuple[np.ndarray, float]:
+    """Longitudes in [0, 360) for Aurora, and the shift applied beyond the exact +360 move."""
+    lon = np.asarray(lon, dtype=np.float64)
+    if lon.min() >= 0:
+        return lon, 0.0
+    if lon.max() < 0:
+        return lon + 360.0, 0.0
+    shift = -float(lon.min())
+    return lon + shift, shift
+
+
+def patch_crop(n_lat: int, n_lon: int) -> tuple[int, int]:
+    """Largest (rows, cols) that Aurora accepts: cols a multiple of 4, rows a multiple or +1."""
+    rows = n_lat - n_lat % PATCH
+    if n_lat % PATCH == 1:
+        rows = n_lat
+    cols = n_lon - n_lon % PATCH
+    if rows < PATCH or cols < PATCH:
+        raise AuroraSweepError(
+            f"the region is {n_lat}x{n_lon} grid points; Aurora needs at least {PATCH}x{PATCH}"
+        )
+    return rows, cols
+
+
+def _in_period(times: np.ndarray, period: Period) -> np.ndarray:
+    start = np.datetime64(period.start)
+    end = np.datetime64(period.end + dt.timedelta(days=1))
+    return (times >= start) & (times < end)
+
+
+def sample_times(cube: xr.Dataset, period: Period) -> np.ndarray:
+    """Indices t of the cube's time axis whose sample (t-1, t, t+1) lies wholly in `period`."""
+    times = cube["time"].values
+    if times.size < 3:
+        return np.zeros(0, dtype=int)
+    t = np.arange(1, times.size - 1)
+    ok = (times[t] - times[t - 1] == STEP) & (times[t + 1] - times[t] == STEP)
+    inside = _in_period(times, period)
+    ok &= inside[t - 1] & inside[t + 1]
+    complete = np.isfinite(cube[TARGET_VAR].isel(latitude=0, longitude=0).values)
+    ok &= complete[t - 1] & complete[t] & complete[t + 1]
+    return t[ok]
+
+
+@dataclass(frozen=True)
+class TpStats:
+    """tp's normalisation (mm per 6 h), from the train split only."""
+
+    location: float
+    scale: float
+
+
+def tp_stats(cube: xr.Dataset, train: Period) -> TpStats:
+    tp = cube[TARGET_VAR].sel(time=_in_period(cube["time"].values, train))
+    if tp.sizes["time"] == 0:
+        raise AuroraSweepError(f"no data in the train period {train.start}..{train.end}")
+    mean, std = float(tp.mean()), float(tp.std())
+    return TpStats(location=mean, scale=max(std, 1e-3))
+
+
+class Samples:
+    """The samples of one split, as `aurora.Batch`es with tp's next value as the target."""
+
+    def __init__(self, cube: xr.Dataset, data: DataConfig, split: str) -> None:
+        periods = {"train": data.train, "validation": data.validation, "test": data.test}
+        if split not in periods:
+            raise AuroraSweepError(f"unknown split {split!r}: use train, validation or test")
+        missing = [lv for lv in data.levels if lv not in cube["level"].values]
+        if missing:
+            raise AuroraSweepError(f"the data store has no level(s) {missing} hPa; rebuild it")
+        rows, cols = patch_crop(cube.sizes["latitude"], cube.sizes["longitude"])
+        cube = cube.isel(latitude=slice(0, rows), longitude=slice(0, cols))
+        self.cube = load_if_small(cube.sel(level=list(data.levels)))
+        self.split = split
+        self.levels = tuple(int(v) for v in cube["level"].values)
+        self.index = sample_times(cube, periods[split])
+        if self.index.size == 0:
+            p = periods[split]
+            raise AuroraSweepError(f"no complete samples in the {split} period {p.start}..{p.end}")
+        self.lat = torch.from_numpy(cube["latitude"].values.astype(np.float64))
+        lon, self.lon_shift = model_longitudes(cube["longitude"].values)
+        if self.lon_shift:
+            warnings.warn(
+                f"the region crosses 0° longitude; Aurora sees it shifted east by "
+                f"{self.lon_shift:g}° (its position encoding is offset by that much)",
+                stacklevel=2,
+            )
+        self.lon = torch.from_numpy(lon)
+        self.times = pd.DatetimeIndex(cube["time"].values)
+        self.static = {
+            AURORA_STATIC[k]: torch.from_numpy(cube[k].values.astype(np.float32))
+            for k in STATIC_VARS
+        }
+
+    def __len__(self) -> int:
+        return int(self.index.size)
+
+    def target_times(self) -> pd.DatetimeIndex:
+        return self.times[self.index + 1]
+
+    def _window(self, indices: Sequence[int]) -> xr.Dataset:
+        t = self.index[np.asarray(indices)]
+        pos = np.stack([t - 1, t, t + 1], axis=1).reshape(-1)
+        return self.cube.isel(time=pos)
+
+    def batch(self, indices: Sequence[int]) -> tuple[Batch, torch.Tensor]:
+        """Inputs for samples `indices` and the target tp (mm), shaped (B, lat, lon)."""
+        n = len(indices)
+        win = self._window(indices)
+
+        def arr(name: str) -> np.ndarray:
+            a = np.asarray(win[name].values, dtype=np.float32)
+            return a.reshape(n, 3, *a.shape[1:])
+
+        surf = {k: arr(k) for k in (*SURF_VARS, TARGET_VAR)}
+        atmos = {k: arr(k) for k in ATMOS_VARS}
+        t = self.index[np.asarray(indices)]
+        batch = Batch(
+            surf_vars={k: torch.from_numpy(v[:, :2].copy()) for k, v in surf.items()},
+            static_vars=self.static,
+            atmos_vars={k: torch.from_numpy(v[:, :2].copy()) for k, v in atmos.items()},
+            metadata=Metadata(
+                lat=self.lat,
+                lon=self.lon,
+                time=tuple(self.times[i].to_pydatetime() for i in t),
+                atmos_levels=self.levels,
+            ),
+        )
+        return batch, torch.from_numpy(surf[TARGET_VAR][:, 2].copy())
+
+    def persistence(self, indices: Sequence[int]) -> np.ndarray:
+        """tp at the last input time, the persistence forecast of the target."""
+        t = self.index[np.asarray(indices)]
+        return self.cube[TARGET_VAR].isel(time=t).values
+
+    def observed(self, indices: Sequence[int]) -> np.ndarray:
+        t = self.index[np.asarray(indices)]
+        return self.cube[TARGET_VAR].isel(time=t + 1).values
+
+
+def climatology(cube: xr.Dataset, train: Period) -> xr.DataArray:
+    """Mean tp by hour of day and grid point over the train split (the climatology forecast)."""
+    tp = cube[TARGET_VAR].sel(time=_in_period(cube["time"].values, train))
+    return tp.groupby("time.hour").mean("time")

@@ -1,0 +1,194 @@
+"""A fine-tuned trial as a directory anyone can load: adapter, other weights, stats, card.
+
+Layout of an adapter directory:
+
+- `adapter_config.json`, `adapter_model.safetensors`: the peft LoRA adapter, loadable with
+  `peft.PeftModel.from_pretrained` onto the base model built from `aurora_sweep.json`;
+- `trained_weights.safetensors`: what peft cannot hold: tp's patch embedding and decoder head
+  (Aurora keeps them in a ParameterDict) and any unfrozen backbone blocks;
+- `aurora_sweep.json`: the trial's config, tp's normalisation, the base checkpoint's name and
+  sha256, the data region/levels/splits, and the trial's metrics;
+- `study.toml`: the study config the trial ran under (for `evaluate`);
+- `README.md`: a model card (written by `export_best`).
+
+`load_finetuned(path)` rebuilds the model from these files.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+
+from aurora_sweep.dataset import TpStats
+from aurora_sweep.errors import AuroraSweepError
+from aurora_sweep.model import (
+    TrainableParts,
+    build_base,
+    file_sha256,
+    load_base_checkpoint,
+    resolve_checkpoint,
+    set_precision,
+    unwrap,
+)
+from aurora_sweep.train import TrialConfig
+
+META = "aurora_sweep.json"
+WEIGHTS = "trained_weights.safetensors"
+WRAPPED = "_checkpoint_wrapped_module."
+
+
+def save_adapter(
+    directory: Path,
+    *,
+    model,
+    parts: TrainableParts,
+    trial: TrialConfig,
+    tp: TpStats,
+    checkpoint: Path,
+    study_config: Path,
+    metrics: dict[str, float],
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write a trial's adapter directory."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    named = {k.replace(WRAPPED, ""): p for k, p in unwrap(model).named_parameters()}
+    weights = {k: named[k].detach().float().cpu().contiguous() for k in parts.saved_outside_adapter}
+    save_file(weights, directory / WEIGHTS)
+    shutil.copyfile(study_config, directory / "study.toml")
+    meta = {
+        "trial": trial.to_dict(),
+        "tp_stats": {"location": tp.location, "scale": tp.scale, "units": "mm per 6 h"},
+        "base": {
+            "name": trial.base,
+            "checkpoint": checkpoint.name,
+            "sha256": file_sha256(checkpoint),
+        },
+        "metrics": metrics,
+        **(extra or {}),
+    }
+    (directory / META).write_text(json.dumps(meta, indent=2, default=str))
+    return directory
+
+
+def read_meta(directory: Path) -> dict[str, Any]:
+    path = Path(directory) / META
+    if not path.is_file():
+        raise AuroraSweepError(f"{directory} is not an aurora-sweep adapter (no {META})")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise AuroraSweepError(f"{path} is damaged ({e}); export the adapter again") from None
+
+
+def load_finetuned(directory: str | Path, *, checkpoint: Path | None = None, device: str = "cpu"):
+    """The fine-tuned model from an adapter directory, in eval mode, ready to forecast.
+
+    Args:
+        directory: an adapter directory written by `aurora-sweep best --export`.
+        checkpoint: the base checkpoint file, when it is not the packaged demo or in the
+            Hugging Face cache. Its sha256 must match the one the adapter was trained on.
+    """
+    from peft import PeftModel
+
+    directory = Path(directory)
+    meta = read_meta(directory)
+    trial = TrialConfig.from_dict(meta["trial"])
+    tp = TpStats(**{k: meta["tp_stats"][k] for k in ("location", "scale")})
+    path = resolve_checkpoint(trial.base, checkpoint)
+    if file_sha256(path) != meta["base"]["sha256"]:
+        raise AuroraSweepError(
+            f"{path} is not the base checkpoint this adapter was trained on "
+            f"(sha256 {meta['base']['sha256'][:12]}...); pass the right file with --checkpoint"
+        )
+    model = build_base(trial.base, tp_stats=(tp.location, tp.scale))
+    load_base_checkpoint(model, path)
+    peft_model = PeftModel.from_pretrained(model, directory)
+    weights = load_file(directory / WEIGHTS)
+    result = unwrap(peft_model).load_state_dict(weights, strict=False)
+    if result.unexpected_keys:
+        raise AuroraSweepError(
+            f"{directory / WEIGHTS} has weights this model lacks: {result.unexpected_keys[:3]}"
+        )
+    set_precision(unwrap(peft_model), trial.precision)
+    peft_model.to(device).eval()
+    return peft_model
+
+
+MODEL_CARD = """\
+# {name}: Aurora fine-tuned for total precipitation (tp)
+
+Fine-tuned by aurora-sweep from the base model **{base}** (checkpoint `{ckpt}`, sha256 `{sha}`)
+to forecast the 6-hour total precipitation (mm) ending 6 h after its last input time, over the
+region {region} at {grid}° on pressure levels {levels} hPa.
+
+## Recipe (trial {number} of study `{study}`)
+
+| setting | value |
+| --- | --- |
+{recipe}
+
+## Validation skill ({val} split, latitude-weighted, mm per 6 h)
+
+| metric | value |
+| --- | --- |
+{metrics}
+
+`tp_skill_*` is 1 - RMSE/RMSE_reference: above 0 beats the reference. Persistence repeats the
+last observed 6-h total; climatology is the train-split mean by grid point and time of day.
+
+## Data
+
+Training {train}; validation {valp}; test {test} (the test split was not used in the search).
+tp normalisation from the training split: location {loc:.4f}, scale {scale:.4f} mm.
+
+## Use
+
+```python
+from aurora_sweep import load_finetuned
+model = load_finetuned("{dir}")          # peft model around Aurora, eval mode
+prediction = model(batch)               # aurora.Batch with 2t, 10u, 10v, msl, tp inputs
+tp_mm = prediction.surf_vars["tp"]
+```
+
+Or score it: `aurora-sweep evaluate {dir} --split test --json`.
+
+## Files
+
+`adapter_config.json` + `adapter_model.safetensors` (peft LoRA), `trained_weights.safetensors`
+(tp embedding and head, unfrozen blocks), `aurora_sweep.json` (config, stats, metrics, base
+identity), `study.toml` (the study config).
+"""
+
+
+def write_model_card(directory: Path, *, study: str, number: int) -> Path:
+    meta = read_meta(directory)
+    trial, data, base = meta["trial"], meta.get("data", {}), meta["base"]
+    card = MODEL_CARD.format(
+        name=Path(directory).name,
+        base=base["name"],
+        ckpt=base["checkpoint"],
+        sha=base["sha256"],
+        region=data.get("region", "?"),
+        grid=data.get("grid", "?"),
+        levels=", ".join(map(str, trial["levels"])),
+        number=number,
+        study=study,
+        recipe="\n".join(f"| {k} | {v} |" for k, v in trial.items()),
+        val="validation",
+        metrics="\n".join(f"| {k} | {v:.4f} |" for k, v in meta["metrics"].items()),
+        train=data.get("train", "?"),
+        valp=data.get("validation", "?"),
+        test=data.get("test", "?"),
+        loc=meta["tp_stats"]["location"],
+        scale=meta["tp_stats"]["scale"],
+        dir=Path(directory).name,
+    )
+    path = Path(directory) / "README.md"
+    path.write_text(card)
+    return path

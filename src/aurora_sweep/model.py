@@ -1,0 +1,247 @@
+"""Build the model a trial trains: base Aurora + tp + peft LoRA + freezing + precision.
+
+One function per step, in the order a trial applies them:
+
+1. `build_base` constructs the architecture with `tp` as an extra surface variable and its
+   normalisation passed through `surf_stats` (never by editing Aurora's module globals);
+2. `load_base_checkpoint` loads the pretrained weights with `strict=False`, accepting only the
+   missing keys that the new variable explains;
+3. `apply_lora` injects peft LoRA into the Swin backbone's linears;
+4. `set_trainable` freezes everything but LoRA, the new variable's embedding and head, and the
+   last N backbone blocks;
+5. `set_precision` and `set_activation_checkpointing` choose the memory levers.
+
+The demo base (a tiny Aurora pretrained on the demo data before 2022) and AuroraSmallPretrained
+differ only in their constructor arguments and where the checkpoint file comes from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+from aurora import Aurora, AuroraSmallPretrained
+
+from aurora_sweep.errors import AuroraSweepError
+
+NEW_VAR = "tp"
+BASE_SURF_VARS = ("2t", "10u", "10v", "msl")
+DEMO_CHECKPOINT = Path(__file__).parent / "demo" / "aurora-demo-base.ckpt"
+#: Architecture of the demo base: Aurora's layout at a size that trains on a laptop CPU.
+DEMO_ARCH = dict(
+    encoder_depths=(1, 2, 1),
+    decoder_depths=(1, 2, 1),
+    encoder_num_heads=(2, 4, 8),
+    decoder_num_heads=(8, 4, 2),
+    embed_dim=48,
+    num_heads=4,
+    latent_levels=2,
+    window_size=(2, 4, 8),
+)
+#: The pinned Hugging Face checkpoint of AuroraSmallPretrained.
+SMALL_REPO = "microsoft/aurora"
+SMALL_NAME = AuroraSmallPretrained.default_checkpoint_name
+SMALL_REVISION = AuroraSmallPretrained.default_checkpoint_revision
+
+
+@dataclass(frozen=True)
+class TrainableParts:
+    """Names of the parameters a trial trains, by kind (names as in the Aurora module)."""
+
+    lora: tuple[str, ...]
+    new_variable: tuple[str, ...]
+    blocks: tuple[str, ...]
+
+    @property
+    def saved_outside_adapter(self) -> tuple[str, ...]:
+        return self.new_variable + self.blocks
+
+
+def build_base(
+    base: str, *, with_tp: bool = True, tp_stats: tuple[float, float] | None = None
+) -> Aurora:
+    """Construct the base architecture (weights not loaded yet)."""
+    surf_vars = BASE_SURF_VARS + ((NEW_VAR,) if with_tp else ())
+    surf_stats = {NEW_VAR: tp_stats} if with_tp and tp_stats is not None else None
+    if with_tp and tp_stats is None:
+        raise ValueError("a model with tp needs tp_stats=(location, scale)")
+    if base == "demo":
+        return Aurora(
+            surf_vars=surf_vars,
+            surf_stats=surf_stats,
+            use_lora=False,
+            timestep=timedelta(hours=6),
+            **DEMO_ARCH,
+        )
+    if base == "small-pretrained":
+        return AuroraSmallPretrained(surf_vars=surf_vars, surf_stats=surf_stats, use_lora=False)
+    raise AuroraSweepError(f"unknown base model {base!r}: use 'demo' or 'small-pretrained'")
+
+
+def resolve_checkpoint(base: str, checkpoint: Path | None) -> Path:
+    """The checkpoint file for `base`: a given path, the packaged demo, or the HF cache."""
+    if checkpoint is not None:
+        if not Path(checkpoint).is_file():
+            raise AuroraSweepError(f"no checkpoint file at {checkpoint}: check [model] checkpoint")
+        return Path(checkpoint)
+    if base == "demo":
+        if not DEMO_CHECKPOINT.is_file():
+            raise AuroraSweepError(
+                f"the demo base checkpoint {DEMO_CHECKPOINT} is missing: reinstall aurora-sweep"
+            )
+        return DEMO_CHECKPOINT
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(SMALL_REPO, SMALL_NAME, revision=SMALL_REVISION))
+    except Exception as e:  # offline and not cached, or the hub refused
+        raise AuroraSweepError(
+            f"cannot get {SMALL_NAME} from huggingface.co/{SMALL_REPO} ({type(e).__name__}): on a "
+            f"machine with internet run `huggingface-cli download {SMALL_REPO} {SMALL_NAME} "
+            f"--revision {SMALL_REVISION}` and copy the file here, then pass --checkpoint PATH"
+        ) from None
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def new_variable_keys(model: Aurora) -> set[str]:
+    """Parameter names that exist only because `tp` was added."""
+    return {
+        k for k, _ in model.named_parameters() if k.endswith(f".{NEW_VAR}") or f".{NEW_VAR}." in k
+    }
+
+
+def load_base_checkpoint(model: Aurora, path: Path) -> None:
+    """Load pretrained weights; only the new variable's keys may be missing.
+
+    Follows `Aurora.load_checkpoint_local` (the checkpoint adapters, history-size check) but
+    checks the `strict=False` result instead of ignoring it.
+    """
+    try:
+        d = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise AuroraSweepError(f"{path} is not a readable PyTorch checkpoint ({e})") from None
+    if not isinstance(d, dict):
+        raise AuroraSweepError(f"{path} does not hold a state dict of Aurora weights")
+    d = model._adapt_checkpoint(d)
+    if "encoder.surf_token_embeds.weights.2t" not in d:
+        raise AuroraSweepError(f"{path} does not hold Aurora weights (no 2t patch embedding)")
+    history = d["encoder.surf_token_embeds.weights.2t"].shape[2]
+    if model.max_history_size > history:
+        model.adapt_checkpoint_max_history_size(d)
+    try:
+        result = model.load_state_dict(d, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise AuroraSweepError(
+            f"{path} does not fit this architecture: {str(e).splitlines()[1].strip()}"
+        ) from None
+    allowed = new_variable_keys(model)
+    missing = set(result.missing_keys) - allowed
+    if missing or result.unexpected_keys:
+        parts = []
+        if missing:
+            parts.append(f"missing {sorted(missing)[:3]}{'...' if len(missing) > 3 else ''}")
+        if result.unexpected_keys:
+            parts.append(f"unexpected {sorted(result.unexpected_keys)[:3]}")
+        raise AuroraSweepError(f"{path} does not match the base model: {'; '.join(parts)}")
+
+
+def init_new_variable(model: Aurora) -> None:
+    """Start tp's patch embedding and head at zero.
+
+    The pretrained model then behaves exactly as before (tp adds nothing to the latent state) and
+    predicts tp's train-split mean everywhere; training moves it from there, instead of from random
+    weights that would first have to be unlearned.
+    """
+    with torch.no_grad():
+        for key in new_variable_keys(model):
+            model.get_parameter(key).zero_()
+
+
+def lora_target_regex(targets: str) -> str:
+    """peft `target_modules` regex for '+'-joined Swin linear names, backbone only."""
+    names = "|".join(targets.split("+"))
+    return rf"backbone\..*\.({names})"
+
+
+def apply_lora(model: Aurora, *, rank: int, targets: str, alpha: float | None = None):
+    """Wrap `model` in a peft LoRA model (all base weights frozen)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha if alpha is not None else 2 * rank,
+        target_modules=lora_target_regex(targets),
+        lora_dropout=0.0,
+        bias="none",
+    )
+    return get_peft_model(model, config)
+
+
+def backbone_blocks(model: Aurora) -> list[tuple[str, torch.nn.Module]]:
+    """Swin blocks in forward order (encoder stages, then decoder stages), with their names."""
+    blocks = []
+    for part in ("encoder_layers", "decoder_layers"):
+        for i, layer in enumerate(getattr(model.backbone, part)):
+            for j, block in enumerate(layer.blocks):
+                blocks.append((f"backbone.{part}.{i}.blocks.{j}", block))
+    return blocks
+
+
+def set_trainable(model: Aurora, *, unfrozen_blocks: int) -> TrainableParts:
+    """Freeze all but LoRA, tp's embedding and head, and the last `unfrozen_blocks` blocks."""
+    blocks = backbone_blocks(model)
+    if unfrozen_blocks > len(blocks):
+        raise AuroraSweepError(
+            f"unfrozen_blocks = {unfrozen_blocks} but the backbone has only {len(blocks)} blocks"
+        )
+    unfrozen = {name for name, _ in blocks[len(blocks) - unfrozen_blocks :]}
+    new_keys = new_variable_keys(model)
+    lora, new_var, block_params = [], [], []
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.requires_grad_(True)
+            lora.append(name)
+        elif name in new_keys:
+            p.requires_grad_(True)
+            new_var.append(name)
+        elif any(name.startswith(b + ".") for b in unfrozen):
+            p.requires_grad_(True)
+            block_params.append(name)
+        else:
+            p.requires_grad_(False)
+    return TrainableParts(tuple(lora), tuple(new_var), tuple(block_params))
+
+
+def set_precision(model: Aurora, precision: str) -> None:
+    """fp32, or bf16/fp16 autocast of the backbone (Aurora's own mechanism)."""
+    if precision == "fp32":
+        model.autocast_backbone = False
+        return
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise AuroraSweepError("fp16 training needs a CUDA GPU; use fp32 or bf16 on a CPU")
+    model.autocast_backbone = True
+    model.autocast_dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    if precision == "fp16":
+        from aurora.model.perceiver import PerceiverAttention
+        from aurora.model.swin3d import WindowAttention
+
+        for m in model.modules():
+            if isinstance(m, (WindowAttention, PerceiverAttention)):
+                m.use_fp16_safe_attention = True
+
+
+def unwrap(model) -> Aurora:
+    """The Aurora module inside a peft wrapper (or the model itself)."""
+    from peft import PeftModel
+
+    return model.get_base_model() if isinstance(model, PeftModel) else model

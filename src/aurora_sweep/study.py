@@ -1,0 +1,236 @@
+"""The search: an Optuna study whose trials are fine-tunes, each tracked as an MLflow run.
+
+`run_study` opens (or resumes) the study in its storage, runs trials until the study holds the
+requested total, and records each one as a child run under one parent run per invocation. A
+trial that fails is recorded and the study goes on. The tp RMSE on the validation split is the
+objective; the test split is never touched here.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from rich.console import Console
+
+from aurora_sweep.config import StudyConfig
+from aurora_sweep.errors import AuroraSweepError
+from aurora_sweep.train import TrialConfig, TrialData, fit
+
+FINISHED = (
+    optuna.trial.TrialState.COMPLETE,
+    optuna.trial.TrialState.PRUNED,
+    optuna.trial.TrialState.FAIL,
+)
+OBJECTIVE = "tp_rmse"
+AURORA_PRETRAINING_END = dt.date(2022, 1, 1)
+UI = "http://127.0.0.1:5000"
+
+
+def sample_trial(trial: optuna.Trial, config: StudyConfig) -> TrialConfig:
+    """Draw one trial's configuration from the study's search space."""
+    s = config.search
+    lr = (
+        trial.suggest_float("learning_rate", *s.learning_rate, log=True)
+        if s.learning_rate
+        else config.train.learning_rate
+    )
+    return TrialConfig(
+        lora_rank=trial.suggest_categorical("lora_rank", list(s.lora_rank)),
+        lora_targets=trial.suggest_categorical("lora_targets", list(s.lora_targets)),
+        unfrozen_blocks=trial.suggest_categorical("unfrozen_blocks", list(s.unfrozen_blocks)),
+        batch_size=trial.suggest_categorical("batch_size", list(s.batch_size)),
+        precision=trial.suggest_categorical("precision", list(s.precision)),
+        learning_rate=lr,
+        activation_checkpointing=trial.suggest_categorical(
+            "activation_checkpointing", list(s.activation_checkpointing)
+        ),
+        base=config.model.base,
+        levels=config.data.levels,
+        steps=config.train.steps,
+        eval_every=config.train.eval_every,
+        val_samples=config.train.val_samples,
+        weight_decay=config.train.weight_decay,
+        seed=config.train.seed,
+    )
+
+
+def open_study(config: StudyConfig, *, create: bool = True) -> optuna.Study:
+    """The study in its storage; heartbeats mark trials of a killed process as failed."""
+    storage: Any = config.storage
+    if storage.startswith(("sqlite", "postgresql", "mysql")):
+        storage = optuna.storages.RDBStorage(storage, heartbeat_interval=30, grace_period=90)
+    elif storage.endswith((".log", ".journal")):
+        from optuna.storages.journal import JournalFileBackend
+
+        storage = optuna.storages.JournalStorage(JournalFileBackend(storage))
+    sampler = optuna.samplers.TPESampler(
+        seed=config.sampler_seed, n_startup_trials=8, constraints_func=_constraints
+    )
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=6, n_warmup_steps=0)
+    try:
+        if create:
+            return optuna.create_study(
+                study_name=config.name, storage=storage, sampler=sampler, pruner=pruner,
+                direction="minimize", load_if_exists=True,
+            )  # fmt: skip
+        return optuna.load_study(
+            study_name=config.name, storage=storage, sampler=sampler, pruner=pruner
+        )
+    except KeyError:
+        raise AuroraSweepError(
+            f"no study named {config.name!r} in {config.storage}: run 'aurora-sweep run' first"
+        ) from None
+
+
+def _constraints(trial: optuna.trial.FrozenTrial) -> tuple[float]:
+    """> 0 when the trial's memory exceeded the cap (so samplers learn to avoid it)."""
+    return (float(trial.user_attrs.get("memory_over_cap_mb", 0.0)),)
+
+
+def tracking_uri(config: StudyConfig) -> str:
+    """MLflow's own default store, made explicit so runs land beside the study."""
+    return config.tracking_uri or f"sqlite:///{config.workdir / 'mlflow.db'}"
+
+
+@dataclass
+class StudySummary:
+    study: optuna.Study
+    new_trials: int
+    experiment_id: str
+    parent_run_id: str
+
+    @property
+    def ui_link(self) -> str:
+        return f"{UI}/#/experiments/{self.experiment_id}/runs"
+
+
+def _data_tags(config: StudyConfig) -> dict[str, str]:
+    d = config.data
+    r = d.region
+    return {
+        "data.source": d.source,
+        "data.region": f"{r.north}N..{r.south}N, {r.west}E..{r.east}E",
+        "data.levels": ",".join(map(str, d.levels)),
+        "data.train": f"{d.train.start}..{d.train.end}",
+        "data.validation": f"{d.validation.start}..{d.validation.end}",
+    }
+
+
+def run_study(config: StudyConfig, *, trials: int, console: Console | None = None) -> StudySummary:
+    """Run (or resume) `config`'s study until it holds `trials` finished trials."""
+    console = console or Console(stderr=True)
+    import mlflow
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.tracking import MlflowClient
+
+    from aurora_sweep.data import open_cube
+    from aurora_sweep.export import save_adapter
+    from aurora_sweep.model import resolve_checkpoint
+
+    overlap = config.data.train.start < AURORA_PRETRAINING_END and config.model.base != "demo"
+    if overlap:
+        warnings.warn(
+            f"the train period starts {config.data.train.start}, inside Aurora's pretraining "
+            "period (ERA5 up to 2021): skill there is not a test of adaptation",
+            stacklevel=2,
+        )
+    study = open_study(config)
+    done = [t for t in study.trials if t.state in FINISHED]
+    todo = max(0, trials - len(done))
+    mlflow.set_tracking_uri(tracking_uri(config))
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(config.name)
+    experiment_id = (
+        experiment.experiment_id
+        if experiment
+        else client.create_experiment(
+            config.name, artifact_location=(config.workdir / "mlruns").as_uri()
+        )
+    )
+    parent = client.create_run(
+        experiment_id,
+        run_name=f"{config.name} {dt.datetime.now():%Y-%m-%d %H:%M}",
+        tags={"optuna.study": config.name, "optuna.storage": config.storage,
+              "aurora_sweep.pretraining_overlap": str(overlap).lower(), **_data_tags(config)},
+    )  # fmt: skip
+    summary = StudySummary(study, 0, experiment_id, parent.info.run_id)
+    if todo == 0:
+        console.print(f"study {config.name!r} already holds {len(done)} trials; nothing to add")
+        client.set_terminated(parent.info.run_id)
+        return summary
+
+    cube = open_cube(config, console=console)
+    data = TrialData.prepare(cube, config)
+    checkpoint = resolve_checkpoint(config.model.base, config.model.checkpoint)
+    console.print(
+        f"study {config.name!r}: {len(done)} trials so far, adding {todo}; "
+        f"{len(data.train)} train and {len(data.validation)} validation samples"
+    )
+
+    def objective(trial: optuna.Trial) -> float:
+        tc = sample_trial(trial, config)
+        run = client.create_run(
+            experiment_id,
+            run_name=f"trial-{trial.number}",
+            tags={"mlflow.parentRunId": parent.info.run_id, "optuna.trial": str(trial.number)},
+        )
+        run_id = run.info.run_id
+        trial.set_user_attr("mlflow_run_id", run_id)
+        client.log_batch(run_id, params=[Param(k, str(v)) for k, v in tc.to_dict().items()])
+        started = time.perf_counter()
+
+        def report(step: int, value: float) -> None:
+            trial.report(value, step)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"val_loss {value:.4f} at step {step}")
+
+        try:
+            result = fit(tc, data, checkpoint=checkpoint, report=report)
+        except optuna.TrialPruned:
+            client.set_tag(run_id, "optuna.state", "PRUNED")
+            client.log_metric(run_id, "trial_seconds", time.perf_counter() - started)
+            client.set_terminated(run_id, "KILLED")
+            raise
+        except Exception as e:
+            client.set_tag(run_id, "error", f"{type(e).__name__}: {e}"[:5000])
+            client.set_terminated(run_id, "FAILED")
+            raise
+        now = int(time.time() * 1000)
+        metrics = [Metric("train_loss", v, now, s) for s, v in result.train_loss]
+        metrics += [Metric("val_loss", v, now, s) for s, v in result.val_loss]
+        scalars = {**result.metrics, "peak_memory_mb": result.peak_memory_mb,
+                   "trial_seconds": result.seconds}  # fmt: skip
+        metrics += [Metric(k, float(v), now, 0) for k, v in scalars.items()]
+        client.log_batch(run_id, metrics=metrics, tags=[RunTag("optuna.state", "COMPLETE")])
+        for k, v in scalars.items():
+            trial.set_user_attr(k, float(v))
+        with tempfile.TemporaryDirectory() as tmp:
+            save_adapter(
+                Path(tmp) / "adapter", model=result.model, parts=result.parts, trial=tc,
+                tp=data.tp, checkpoint=checkpoint, study_config=config.path,
+                metrics=result.metrics, extra={"data": _data_tags(config) | {"grid": config.data.grid}},
+            )  # fmt: skip
+            client.log_artifacts(run_id, str(Path(tmp) / "adapter"), "adapter")
+        client.set_terminated(run_id)
+        console.print(
+            f"trial {trial.number:3d}  tp_rmse {result.metrics['tp_rmse']:.3f} mm  "
+            f"skill vs persistence {result.metrics['tp_skill_persistence']:+.3f}, "
+            f"vs climatology {result.metrics['tp_skill_climatology']:+.3f}  "
+            f"({result.seconds:.1f} s, {result.peak_memory_mb:.0f} MB)"
+        )
+        return result.metrics[OBJECTIVE]
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study.optimize(objective, n_trials=todo, catch=(Exception,), gc_after_trial=True)
+    finally:
+        client.set_terminated(parent.info.run_id)
+    summary.new_trials = todo
+    return summary

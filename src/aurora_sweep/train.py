@@ -1,0 +1,286 @@
+"""One trial: build the model from a `TrialConfig`, fine-tune it, score it.
+
+The loop is written out: sample a batch, forward, loss on tp in normalised units, backward,
+AdamW step; every `eval_every` steps the validation loss is reported (and a pruner may stop the
+trial). At the end the model forecasts the validation samples and is scored against persistence
+and climatology.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import torch
+
+from aurora_sweep.config import StudyConfig
+from aurora_sweep.dataset import Samples, TpStats, climatology, load_if_small, tp_stats
+from aurora_sweep.metrics import tp_scores
+from aurora_sweep.model import (
+    TrainableParts,
+    apply_lora,
+    build_base,
+    init_new_variable,
+    load_base_checkpoint,
+    set_precision,
+    set_trainable,
+)
+
+#: Learning-rate multiplier for the new variable's embedding and head.
+NEW_VARIABLE_LR_FACTOR = 5.0
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """A trial's whole configuration: sampled by Optuna, logged to MLflow, written on export."""
+
+    lora_rank: int
+    lora_targets: str
+    unfrozen_blocks: int
+    batch_size: int
+    precision: str
+    learning_rate: float
+    activation_checkpointing: bool
+    base: str
+    levels: tuple[int, ...]
+    steps: int
+    eval_every: int
+    val_samples: int
+    weight_decay: float
+    seed: int
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["levels"] = list(self.levels)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrialConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in names}
+        d["levels"] = tuple(int(v) for v in d["levels"])
+        return cls(**d)
+
+
+@dataclass
+class TrialData:
+    """What every trial of a study shares: the splits, tp's statistics and the baselines."""
+
+    train: Samples
+    validation: Samples
+    tp: TpStats
+    climatology: np.ndarray  # (hour, lat, lon), mm per 6 h
+
+    @classmethod
+    def prepare(cls, cube, config: StudyConfig, *, eval_split: str = "validation") -> TrialData:
+        cube = load_if_small(cube)  # read once, shared by both splits
+        train = Samples(cube, config.data, "train")
+        return cls(
+            train=train,
+            validation=Samples(cube, config.data, eval_split),
+            tp=tp_stats(train.cube, config.data.train),
+            climatology=climatology(train.cube, config.data.train).values,
+        )
+
+
+@dataclass
+class TrialResult:
+    """What one fine-tune produced."""
+
+    train_loss: list[tuple[int, float]]
+    val_loss: list[tuple[int, float]]
+    metrics: dict[str, float]
+    peak_memory_mb: float
+    seconds: float
+    model: Any = field(repr=False)
+    parts: TrainableParts = field(repr=False)
+
+
+class PeakMemory:
+    """Peak memory of a trial: CUDA peak allocated, or on a CPU the peak resident set size."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            proc = psutil.Process()
+            self.peak = proc.memory_info().rss
+
+            def sample() -> None:
+                while not self._stop.wait(0.02):
+                    self.peak = max(self.peak, proc.memory_info().rss)
+
+            self._thread = threading.Thread(target=sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            if self._thread:
+                self._thread.join()
+            self.peak = max(self.peak, psutil.Process().memory_info().rss)
+
+    @property
+    def megabytes(self) -> float:
+        return self.peak / 2**20
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def build_trial_model(trial: TrialConfig, tp: TpStats, checkpoint: Path):
+    """Base model with tp, pretrained weights, LoRA, freezing and precision, as `trial` says."""
+    torch.manual_seed(trial.seed)
+    model = build_base(trial.base, tp_stats=(tp.location, tp.scale))
+    load_base_checkpoint(model, checkpoint)
+    init_new_variable(model)
+    peft_model = apply_lora(model, rank=trial.lora_rank, targets=trial.lora_targets)
+    parts = set_trainable(model, unfrozen_blocks=trial.unfrozen_blocks)
+    set_precision(model, trial.precision)
+    return peft_model, model, parts
+
+
+def eval_indices(n: int, limit: int) -> np.ndarray:
+    """Evenly spaced sample indices: the same subset every time for the same n and limit."""
+    if limit <= 0 or limit >= n:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, limit).round().astype(int))
+
+
+@torch.no_grad()
+def forecast_tp(
+    model, samples: Samples, indices: np.ndarray, *, batch_size: int, device
+) -> np.ndarray:
+    """The model's tp forecast (mm per 6 h) for `indices`, shaped (n, lat, lon)."""
+    model.eval()
+    out = []
+    for start in range(0, len(indices), batch_size):
+        batch, _ = samples.batch(indices[start : start + batch_size])
+        pred = model(batch.to(device))
+        out.append(pred.surf_vars["tp"][:, 0].float().cpu().numpy())
+    model.train()
+    return np.concatenate(out)
+
+
+def score(model, data: TrialData, *, val_samples: int, batch_size: int, device) -> dict[str, float]:
+    """tp metrics on the evaluation split against persistence and train-split climatology."""
+    samples = data.validation
+    idx = eval_indices(len(samples), val_samples)
+    hours = samples.target_times()[idx].hour.values // 6
+    clim_by_hour = data.climatology
+    if clim_by_hour.shape[0] != 4:  # groupby keeps only the hours present
+        raise ValueError("climatology needs all four 6-hourly model times")
+    return tp_scores(
+        forecast=forecast_tp(model, samples, idx, batch_size=batch_size, device=device),
+        observed=samples.observed(idx),
+        persistence=samples.persistence(idx),
+        climatology=clim_by_hour[hours],
+        lat=samples.cube["latitude"].values,
+    )
+
+
+def fit(
+    trial: TrialConfig,
+    data: TrialData,
+    *,
+    checkpoint: Path,
+    report: Callable[[int, float], None] | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+    device: torch.device | None = None,
+) -> TrialResult:
+    """Fine-tune one trial. `report(step, val_loss)` may raise `optuna.TrialPruned`."""
+    device = device or default_device()
+    started = time.perf_counter()
+    with PeakMemory(device) as memory:
+        peft_model, model, parts = build_trial_model(trial, data.tp, checkpoint)
+        if trial.activation_checkpointing:
+            model.configure_activation_checkpointing()
+        peft_model.to(device)
+        # tp's embedding and head start from zero and must learn the most: a larger step for them
+        new_params = [model.get_parameter(k) for k in parts.new_variable]
+        new_ids = {id(p) for p in new_params}
+        rest = [p for p in peft_model.parameters() if p.requires_grad and id(p) not in new_ids]
+        optimiser = torch.optim.AdamW(
+            [
+                {"params": rest},
+                {"params": new_params, "lr": trial.learning_rate * NEW_VARIABLE_LR_FACTOR},
+            ],
+            lr=trial.learning_rate,
+            weight_decay=trial.weight_decay,
+        )
+        scaler = torch.amp.GradScaler("cuda") if trial.precision == "fp16" else None
+        rng = np.random.default_rng(trial.seed)
+        val_idx = eval_indices(len(data.validation), min(trial.val_samples or 32, 32))
+        train_loss: list[tuple[int, float]] = []
+        val_loss: list[tuple[int, float]] = []
+
+        def loss_on(samples: Samples, indices) -> torch.Tensor:
+            batch, target = samples.batch(indices)
+            pred = peft_model(batch.to(device))
+            err = (pred.surf_vars["tp"][:, 0] - target.to(device)) / data.tp.scale
+            return (err.float() ** 2).mean()
+
+        peft_model.train()
+        for step in range(1, trial.steps + 1):
+            idx = rng.choice(
+                len(data.train), size=min(trial.batch_size, len(data.train)), replace=False
+            )
+            loss = loss_on(data.train, idx)
+            optimiser.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimiser)
+                scaler.update()
+            else:
+                loss.backward()
+                optimiser.step()
+            value = float(loss.detach())
+            if not np.isfinite(value):
+                raise FloatingPointError(f"training loss became {value} at step {step}")
+            train_loss.append((step, value))
+            if on_step:
+                on_step(step, value)
+            if step % trial.eval_every == 0 or step == trial.steps:
+                with torch.no_grad():
+                    peft_model.eval()
+                    v = float(
+                        np.mean(
+                            [
+                                float(loss_on(data.validation, val_idx[i : i + 8]))
+                                for i in range(0, len(val_idx), 8)
+                            ]
+                        )
+                    )
+                    peft_model.train()
+                val_loss.append((step, v))
+                if report:
+                    report(step, v)
+        metrics = score(
+            peft_model, data, val_samples=trial.val_samples, batch_size=8, device=device
+        )
+    return TrialResult(
+        train_loss=train_loss,
+        val_loss=val_loss,
+        metrics=metrics,
+        peak_memory_mb=memory.megabytes,
+        seconds=time.perf_counter() - started,
+        model=peft_model,
+        parts=parts,
+    )
