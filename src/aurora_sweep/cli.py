@@ -27,6 +27,16 @@ ConfigOption = typer.Option(
 )
 
 
+def _console(*, stderr: bool = False):
+    """A rich console that does not squeeze tables to 80 columns when output is redirected."""
+    import sys
+
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, width=None if stream.isatty() else 160, soft_wrap=True)
+
+
 def _fail(error: AuroraSweepError) -> None:
     from rich.console import Console
 
@@ -39,12 +49,15 @@ def _quiet_libraries() -> None:
     import os
     import warnings
 
-    os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     warnings.filterwarnings("ignore", message="The normalisation statics")
+    warnings.filterwarnings("ignore", message=".*is an experimental feature")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="peft")
     logging.getLogger("mlflow").setLevel(logging.ERROR)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.getLogger("optuna").setLevel(logging.WARNING)
 
 
 @app.command()
@@ -60,12 +73,10 @@ def run(
     _quiet_libraries()
     import dataclasses
 
-    from rich.console import Console
-
     from aurora_sweep.config import load_config, with_overrides
     from aurora_sweep.study import run_study
 
-    console = Console(stderr=True)
+    console = _console(stderr=True)
     try:
         study = load_config(config)
         study = with_overrides(study, storage=storage)
@@ -104,12 +115,10 @@ def best(
 ) -> None:
     """List the best trials; with --export, write the best one's adapter and model card."""
     _quiet_libraries()
-    from rich.console import Console
-
     from aurora_sweep.config import load_config
     from aurora_sweep.results import export_best, top_trials_table
 
-    console = Console()
+    console = _console()
     try:
         study = load_config(config)
         console.print(top_trials_table(study, top=top))
@@ -129,7 +138,6 @@ def evaluate(
 ) -> None:
     """Score an exported adapter on a split against persistence and climatology."""
     _quiet_libraries()
-    from rich.console import Console
     from rich.table import Table
 
     from aurora_sweep.results import evaluate_adapter
@@ -148,7 +156,7 @@ def evaluate(
     table.add_column("value", justify="right")
     for k, v in scores.items():
         table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
-    Console().print(table)
+    _console().print(table)
 
 
 if __name__ == "__main__":

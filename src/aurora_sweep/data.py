@@ -21,7 +21,7 @@ def build_demo_store(config: StudyConfig, *, console: Console | None = None) -> 
     console = console or Console(stderr=True)
     cds_dir = config.data.store.parent / "cds"
     console.print(f"generating the demo data (CDS layout) in {cds_dir} ...")
-    paths = demo_data.write_cds_files(cds_dir)
+    paths = demo_data.write_cds_files(cds_dir, demo_data.world_for(config.data))
     console.print(f"importing {len(paths)} files into {config.data.store} ...")
     era5.import_files(paths, config.data, progress=False)
 

@@ -118,7 +118,7 @@ class Samples:
         if self.index.size == 0:
             p = periods[split]
             raise AuroraSweepError(f"no complete samples in the {split} period {p.start}..{p.end}")
-        self.lat = torch.from_numpy(cube["latitude"].values.astype(np.float64))
+        self.lat = torch.tensor(cube["latitude"].values, dtype=torch.float64)
         lon, self.lon_shift = model_longitudes(cube["longitude"].values)
         if self.lon_shift:
             warnings.warn(
@@ -126,7 +126,7 @@ class Samples:
                 f"{self.lon_shift:g}° (its position encoding is offset by that much)",
                 stacklevel=2,
             )
-        self.lon = torch.from_numpy(lon)
+        self.lon = torch.tensor(lon)
         self.times = pd.DatetimeIndex(cube["time"].values)
         self.static = {
             AURORA_STATIC[k]: torch.from_numpy(cube[k].values.astype(np.float32))

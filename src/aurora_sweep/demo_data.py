@@ -59,6 +59,23 @@ class DemoWorld:
         return self.west + self.grid * np.arange(self.cols)
 
 
+def world_for(data) -> DemoWorld:
+    """The demo world that covers a study's region, levels and years (`data`: DataConfig)."""
+    r = data.region
+    if r.west > r.east or r.crosses_zero:
+        raise ValueError("the demo world lies east of 0°; give the demo study a box there")
+    return DemoWorld(
+        north=r.north,
+        west=r.west,
+        rows=int(round((r.north - r.south) / data.grid)) + 1,
+        cols=int(round((r.east - r.west) / data.grid)) + 1,
+        grid=data.grid,
+        levels=tuple(sorted(data.levels)),
+        first_year=data.period.start.year,
+        last_year=data.period.end.year,
+    )
+
+
 def _waves(world: DemoWorld) -> dict[str, np.ndarray]:
     """Random but fixed wave parameters: wavenumbers (rad/deg), phase speeds, amplitudes."""
     rng = np.random.default_rng(world.seed)

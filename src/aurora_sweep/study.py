@@ -141,6 +141,7 @@ def run_study(config: StudyConfig, *, trials: int, console: Console | None = Non
             "period (ERA5 up to 2021): skill there is not a test of adaptation",
             stacklevel=2,
         )
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(config)
     done = [t for t in study.trials if t.state in FINISHED]
     todo = max(0, trials - len(done))
@@ -193,12 +194,14 @@ def run_study(config: StudyConfig, *, trials: int, console: Console | None = Non
 
         try:
             result = fit(tc, data, checkpoint=checkpoint, report=report)
-        except optuna.TrialPruned:
+        except optuna.TrialPruned as e:
+            console.print(f"trial {trial.number:3d}  pruned: {e}")
             client.set_tag(run_id, "optuna.state", "PRUNED")
             client.log_metric(run_id, "trial_seconds", time.perf_counter() - started)
             client.set_terminated(run_id, "KILLED")
             raise
         except Exception as e:
+            console.print(f"trial {trial.number:3d}  failed: {type(e).__name__}: {e}")
             client.set_tag(run_id, "error", f"{type(e).__name__}: {e}"[:5000])
             client.set_terminated(run_id, "FAILED")
             raise
@@ -227,7 +230,6 @@ def run_study(config: StudyConfig, *, trials: int, console: Console | None = Non
         )
         return result.metrics[OBJECTIVE]
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         study.optimize(objective, n_trials=todo, catch=(Exception,), gc_after_trial=True)
     finally:

@@ -1,0 +1,73 @@
+"""Shared fixtures: a tiny demo study (16x16 points, three years) whose store is built once."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+
+from aurora_sweep.config import StudyConfig, load_config
+
+TINY_STUDY = """
+[study]
+name = "tiny"
+seed = 0
+
+[data]
+source = "demo"
+store = "data/tiny/store.zarr"
+region = {{ north = 62.0, south = 47.0, west = 4.0, east = 19.0 }}
+levels = [500, 700, 850]
+grid = 1.0
+period = ["2022-01-01", "2024-12-31"]
+train = ["2022-01-01", "2022-12-31"]
+validation = ["2023-01-01", "2023-12-31"]
+test = ["2024-01-01", "2024-12-31"]
+
+[model]
+base = "demo"
+
+[train]
+steps = {steps}
+eval_every = 2
+val_samples = 16
+learning_rate = 3e-3
+
+[search]
+lora_rank = [2, 4]
+lora_targets = ["qkv+proj", "qkv+proj+fc1+fc2"]
+unfrozen_blocks = [0, 1]
+batch_size = [2]
+precision = ["fp32", "bf16"]
+learning_rate = [1e-3, 5e-3]
+activation_checkpointing = [false, true]
+"""
+
+
+def write_tiny_config(directory: Path, *, steps: int = 4, store: Path | None = None) -> Path:
+    text = TINY_STUDY.format(steps=steps)
+    if store is not None:
+        text = text.replace('"data/tiny/store.zarr"', f'"{store}"')
+    path = directory / "tiny.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory) -> Path:
+    """The tiny demo study's store, generated in the CDS layout and imported once per session."""
+    from aurora_sweep.data import open_cube
+
+    root = tmp_path_factory.mktemp("tiny-store")
+    config = load_config(write_tiny_config(root), workdir=root)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        open_cube(config)
+    return config.data.store
+
+
+@pytest.fixture
+def tiny_config(tmp_path, tiny_store) -> StudyConfig:
+    """A tiny demo study in its own working directory, sharing the session's store."""
+    return load_config(write_tiny_config(tmp_path, store=tiny_store), workdir=tmp_path)

@@ -1,0 +1,100 @@
+from pathlib import Path
+
+import pytest
+
+from aurora_sweep.config import DEMO_CONFIG, load_config, parse_memory
+from aurora_sweep.errors import AuroraSweepError
+
+REPO = Path(__file__).parents[1]
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "study.toml"
+    path.write_text(text)
+    return path
+
+
+BASE = DEMO_CONFIG.read_text()
+
+
+def test_embedded_demo_is_the_default_study(tmp_path):
+    config = load_config(None, workdir=tmp_path)
+    assert config.name == "demo-tp"
+    assert config.data.source == "demo"
+    assert config.data.store == tmp_path / "data/demo-tp/store.zarr"
+    assert config.storage == f"sqlite:///{tmp_path / 'demo-tp.optuna.db'}"
+    assert config.data.train.start.year == 2022 and config.data.test.end.year == 2025
+
+
+def test_repo_sweep_demo_is_the_packaged_demo():
+    assert (REPO / "sweep" / "demo.toml").read_text() == BASE
+
+
+def test_lora_targets_are_normalised_to_module_order(tmp_path):
+    text = BASE.replace(
+        'lora_targets = ["qkv", "qkv+proj", "qkv+proj+fc1+fc2"]', 'lora_targets = ["proj+qkv"]'
+    )
+    assert load_config(_write(tmp_path, text)).search.lora_targets == ("qkv+proj",)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("north = 62.0, south = 31.0", "north = 31.0, south = 62.0", "north"),
+        ("north = 62.0", "north = 95.0", "outside"),
+        ("levels = [500, 700, 850]", "levels = [500, 650]", "Aurora knows only"),
+        ("levels = [500, 700, 850]", "levels = [500, 500]", "twice"),
+        (
+            'validation = ["2024-01-01", "2024-12-31"]',
+            'validation = ["2023-06-01", "2024-12-31"]',
+            "overlap",
+        ),
+        (
+            'train = ["2022-01-01", "2023-12-31"]',
+            'train = ["2022-13-01", "2023-12-31"]',
+            "YYYY-MM-DD",
+        ),
+        (
+            'lora_targets = ["qkv", "qkv+proj", "qkv+proj+fc1+fc2"]',
+            'lora_targets = ["attn"]',
+            "qkv",
+        ),
+        ('precision = ["fp32", "bf16"]', 'precision = ["fp8"]', "fp8"),
+        ('base = "demo"', 'base = "huge"', "small-pretrained"),
+        ("[search]", "[serach]", "unknown section"),
+        ("steps = 32", "steps = 0", "at least 1"),
+    ],
+)
+def test_bad_settings_are_refused_with_a_message_naming_them(tmp_path, old, new, message):
+    assert old in BASE
+    with pytest.raises(AuroraSweepError, match=message):
+        load_config(_write(tmp_path, BASE.replace(old, new)))
+
+
+def test_broken_toml_is_one_clear_error(tmp_path):
+    with pytest.raises(AuroraSweepError, match="not valid TOML"):
+        load_config(_write(tmp_path, "[study\nname="))
+
+
+def test_missing_config_file_says_how_to_pass_one(tmp_path):
+    with pytest.raises(AuroraSweepError, match="--config"):
+        load_config(tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("10GiB", 10 * 2**30),
+        ("512MiB", 512 * 2**20),
+        ("8GB", 8 * 10**9),
+        ("1.5GiB", 3 * 2**29),
+        (1024, 1024),
+    ],
+)
+def test_memory_sizes_parse_with_units(text, expected):
+    assert parse_memory(text) == expected
+
+
+def test_memory_size_without_number_is_refused():
+    with pytest.raises(AuroraSweepError, match="10GiB"):
+        parse_memory("lots")

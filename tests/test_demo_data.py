@@ -1,0 +1,91 @@
+import zipfile
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from aurora_sweep import demo_data
+from aurora_sweep.store import open_store
+
+SMALL = demo_data.DemoWorld(north=50.0, west=10.0, rows=8, cols=8, first_year=2024, last_year=2024)
+
+
+@pytest.fixture(scope="module")
+def cds_files(tmp_path_factory):
+    return demo_data.write_cds_files(tmp_path_factory.mktemp("cds"), SMALL)
+
+
+def test_single_levels_come_as_the_zip_of_instant_and_accumulated_files(cds_files):
+    zpath = next(p for p in cds_files if p.suffix == ".zip")
+    with zipfile.ZipFile(zpath) as zf:
+        assert sorted(zf.namelist()) == [
+            "data_stream-oper_stepType-accum.nc",
+            "data_stream-oper_stepType-instant.nc",
+        ]
+
+
+def test_files_have_the_layout_the_cds_returns(cds_files):
+    pl = next(p for p in cds_files if "pressure" in p.name)
+    raw = xr.open_dataset(pl, decode_times=False)
+    assert (
+        raw["valid_time"].dtype == np.int64
+        and raw["valid_time"].attrs["units"] == "seconds since 1970-01-01"
+    )
+    assert list(raw["pressure_level"].values) == [850.0, 700.0, 500.0]
+    assert np.all(np.diff(raw["latitude"].values) < 0)
+    assert raw["expver"].dims == ("valid_time",) and raw["expver"].values[0] == "0001"
+    assert raw["number"].ndim == 0
+    assert set(raw.data_vars) == {"z", "u", "v", "t", "q"}
+
+
+def test_recent_months_are_flagged_as_era5t():
+    world = demo_data.DemoWorld(rows=4, cols=4, first_year=2025, last_year=2025)
+    coords = demo_data._cds_coords(world, demo_data.model_times(world), levels=False)
+    assert set(coords["expver"][1]) == {"0001", "0005"}
+
+
+def test_tp_is_hourly_in_metres_with_the_hours_before_each_model_time(cds_files):
+    zpath = next(p for p in cds_files if p.suffix == ".zip")
+    with zipfile.ZipFile(zpath) as zf:
+        accum = xr.open_dataset(zf.open("data_stream-oper_stepType-accum.nc").read())
+    steps = np.unique(np.diff(accum["valid_time"].values))
+    assert np.timedelta64(1, "h") in steps
+    assert accum["valid_time"].values[0] == np.datetime64(
+        "2023-12-31T19:00"
+    )  # before 2024-01-01 00 UTC
+    assert float(accum["tp"].max()) < 0.2  # metres per hour
+
+
+def test_imported_demo_equals_the_generator_cube(cds_files, tmp_path):
+    import datetime as dt
+
+    from aurora_sweep import era5
+    from aurora_sweep.config import DataConfig, Period, Region
+
+    year = Period(dt.date(2024, 1, 1), dt.date(2024, 12, 31))
+    data = DataConfig(
+        "demo",
+        tmp_path / "store.zarr",
+        Region(50, 43, 10, 17),
+        (500, 700, 850),
+        1.0,
+        year,
+        year,
+        year,
+        year,
+    )
+    era5.import_files(cds_files, data, progress=False)
+    imported, reference = open_store(data.store).load(), demo_data.demo_cube(SMALL)
+    assert list(imported["time"].values) == list(reference["time"].values)
+    for name in ("tp", "2t", "msl", "q", "static_z"):
+        np.testing.assert_allclose(
+            imported[name].values, reference[name].values, rtol=2e-5, atol=1e-6
+        )
+
+
+def test_rain_falls_where_moist_air_moves_north():
+    cube = demo_data.demo_cube(SMALL)
+    v850 = cube["v"].sel(level=850).values.ravel()
+    tp = cube["tp"].values.ravel()
+    assert np.corrcoef(v850, tp)[0, 1] > 0.3
+    assert (tp == 0).mean() > 0.3  # dry most of the time, like real precipitation
