@@ -155,6 +155,14 @@ def run_study(config: StudyConfig, *, trials: int, console: Console | None = Non
             config.name, artifact_location=(config.workdir / "mlruns").as_uri()
         )
     )
+    if todo == 0:
+        console.print(f"study {config.name!r} already holds {len(done)} trials; nothing to add")
+        return StudySummary(study, 0, experiment_id, "")
+
+    # everything that can refuse (data, checkpoint) comes before the first MLflow run
+    cube = open_cube(config, console=console)
+    data = TrialData.prepare(cube, config)
+    checkpoint = resolve_checkpoint(config.model.base, config.model.checkpoint)
     parent = client.create_run(
         experiment_id,
         run_name=f"{config.name} {dt.datetime.now():%Y-%m-%d %H:%M}",
@@ -162,14 +170,6 @@ def run_study(config: StudyConfig, *, trials: int, console: Console | None = Non
               "aurora_sweep.pretraining_overlap": str(overlap).lower(), **_data_tags(config)},
     )  # fmt: skip
     summary = StudySummary(study, 0, experiment_id, parent.info.run_id)
-    if todo == 0:
-        console.print(f"study {config.name!r} already holds {len(done)} trials; nothing to add")
-        client.set_terminated(parent.info.run_id)
-        return summary
-
-    cube = open_cube(config, console=console)
-    data = TrialData.prepare(cube, config)
-    checkpoint = resolve_checkpoint(config.model.base, config.model.checkpoint)
     console.print(
         f"study {config.name!r}: {len(done)} trials so far, adding {todo}; "
         f"{len(data.train)} train and {len(data.validation)} validation samples"

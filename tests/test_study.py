@@ -1,0 +1,119 @@
+"""The study end to end on the tiny demo: Optuna + MLflow + export + evaluate."""
+
+import json
+import warnings
+
+import optuna
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from aurora_sweep import load_finetuned
+from aurora_sweep.results import evaluate_adapter, export_best, ranked_trials
+from aurora_sweep.study import open_study, run_study, tracking_uri
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+METRICS = {
+    "train_loss", "val_loss", "peak_memory_mb", "trial_seconds", "tp_rmse", "tp_rmse_persistence",
+    "tp_rmse_climatology", "tp_skill_persistence", "tp_skill_climatology",
+}  # fmt: skip
+PARAMS = {"lora_rank", "lora_targets", "unfrozen_blocks", "batch_size", "precision"}
+
+
+@pytest.fixture(scope="module")
+def finished_study(tmp_path_factory, tiny_store):
+    """3 trials, then a second invocation asking for 5."""
+    from aurora_sweep.config import load_config
+    from conftest import write_tiny_config
+
+    workdir = tmp_path_factory.mktemp("study")
+    config = load_config(write_tiny_config(workdir, store=tiny_store), workdir=workdir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first = run_study(config, trials=3)
+        second = run_study(config, trials=5)
+    return config, first, second
+
+
+@pytest.mark.slow
+def test_running_again_resumes_the_study_up_to_the_requested_total(finished_study):
+    config, first, second = finished_study
+    assert first.new_trials == 3 and second.new_trials == 2
+    assert len(open_study(config, create=False).trials) == 5
+    assert (config.workdir / "tiny.optuna.db").exists()
+
+
+@pytest.mark.slow
+def test_every_trial_is_a_child_run_with_its_params_and_metrics(finished_study):
+    config, first, second = finished_study
+    client = MlflowClient(tracking_uri(config))
+    experiment = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = {first.parent_run_id, second.parent_run_id}
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") in parents]
+    assert len(children) == 5 and len(runs) == 7
+    completed = [r for r in children if r.data.tags.get("optuna.state") == "COMPLETE"]
+    assert completed
+    for run in completed:
+        assert METRICS <= set(run.data.metrics)
+        assert PARAMS <= set(run.data.params)
+        history = client.get_metric_history(run.info.run_id, "train_loss")
+        assert [m.step for m in history] == list(range(1, 5))
+        artifacts = {f.path for f in client.list_artifacts(run.info.run_id, "adapter")}
+        assert "adapter/adapter_model.safetensors" in artifacts
+
+
+@pytest.mark.slow
+def test_exported_adapter_reproduces_the_trials_validation_score(finished_study, tmp_path):
+    config, *_ = finished_study
+    best = ranked_trials(config)[0]
+    out = export_best(config, tmp_path / "adapter")
+    assert {"adapter_config.json", "adapter_model.safetensors", "trained_weights.safetensors",
+            "aurora_sweep.json", "study.toml", "README.md"} <= {p.name for p in out.iterdir()}  # fmt: skip
+    meta = json.loads((out / "aurora_sweep.json").read_text())
+    assert meta["base"]["name"] == "demo" and len(meta["base"]["sha256"]) == 64
+    scores = evaluate_adapter(out, split="validation")
+    assert scores["tp_rmse"] == pytest.approx(best.value, rel=1e-4)
+    test_scores = evaluate_adapter(out, split="test")
+    assert test_scores["samples"] > scores["samples"] or test_scores["split"] == "test"
+
+
+@pytest.mark.slow
+def test_adapter_loads_with_plain_peft_onto_the_base_model(finished_study, tmp_path):
+    from peft import PeftModel
+
+    from aurora_sweep.model import DEMO_CHECKPOINT, build_base, load_base_checkpoint
+
+    config, *_ = finished_study
+    out = export_best(config, tmp_path / "adapter")
+    meta = json.loads((out / "aurora_sweep.json").read_text())
+    base = build_base("demo", tp_stats=(meta["tp_stats"]["location"], meta["tp_stats"]["scale"]))
+    load_base_checkpoint(base, DEMO_CHECKPOINT)
+    peft_model = PeftModel.from_pretrained(base, out)
+    assert any("lora_A" in n for n, _ in peft_model.named_parameters())
+    ready = load_finetuned(out)
+    head = ready.get_base_model().decoder.surf_heads["tp"].weight
+    assert head.abs().sum() > 0  # the trained tp head, not the zero it started from
+    assert not any(p.requires_grad for p in ready.parameters()) or not ready.training
+
+
+@pytest.mark.slow
+def test_a_failing_trial_is_recorded_and_the_study_goes_on(tiny_config, monkeypatch):
+    import aurora_sweep.study as study_module
+
+    real_fit = study_module.fit
+    calls = {"n": 0}
+
+    def flaky_fit(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(study_module, "fit", flaky_fit)
+    summary = run_study(tiny_config, trials=2)
+    states = [t.state for t in summary.study.trials]
+    assert states[0] == optuna.trial.TrialState.FAIL and states[1] != optuna.trial.TrialState.FAIL
+    client = MlflowClient(tracking_uri(tiny_config))
+    run = client.get_run(summary.study.trials[0].user_attrs["mlflow_run_id"])
+    assert "out of memory" in run.data.tags["error"] and run.info.status == "FAILED"
