@@ -1029,7 +1029,8 @@ def _fetch_all(
         try:
             while pending:
                 finished, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
-                for fut in finished:
+                # record every chunk that arrived before raising for one that failed
+                for fut in sorted(finished, key=lambda f: f.exception() is not None):
                     req = pending.pop(fut)
                     attempt = fut.result()
                     partial, target = folder / f"{req.target}.partial", folder / req.target
