@@ -1,0 +1,436 @@
+"""Predict a trial's peak GPU memory before it trains, enforce the cap, measure after.
+
+A study runs each trial inside a GPU memory cap. Training a config that cannot fit wastes minutes
+and, recorded as FAILED, gets proposed again by the sampler; so the study asks `estimate_peak`
+first and records a config over the cap as infeasible without running it.
+
+The peak of one training step is the sum of its parts:
+
+- weights: every parameter, fp32 (Aurora's autocast keeps parameters in fp32);
+- gradients and optimizer: fp32 gradients and AdamW's two fp32 moments per trainable parameter;
+- activations: tensors autograd saves for backward during the forward pass. The new `tp` patch
+  embedding in the encoder is trainable, so the gradient flows back through the whole backbone
+  whatever is frozen: every block keeps what it needs to pass gradients to its input. Frozen
+  linears need only their weight for that; a linear whose weight trains (LoRA on it, or an
+  unfrozen block) also keeps its input. With bf16 autocast the backbone saves bf16 copies of
+  its activations and of every backbone weight. With activation checkpointing a forward keeps
+  only module inputs; the peak comes in backward, when one checkpointed unit at a time is
+  recomputed;
+- overhead: on CUDA, the cuBLAS workspace and the caching allocator's slack.
+
+Parameters are counted on the meta device (no memory, about a second even for
+AuroraSmallPretrained); activations come from per-token coefficients fitted to exact
+saved-tensor measurements (see `saved_tensor_bytes` and bench/calibrate_memory.py).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from aurora_sweep.errors import AuroraSweepError
+
+if TYPE_CHECKING:
+    from aurora import Aurora, Batch
+
+    from aurora_sweep.train import TrialConfig
+
+FP32 = 4
+MIB = 2**20
+#: Swin linears a trial may train, with the width of their input in units of the block width,
+#: and whether that input is the window-padded token set (attention) or the plain one (MLP).
+LINEAR_INPUTS = {"qkv": (1, True), "proj": (1, True), "fc1": (1, False), "fc2": (4, False)}
+SURF_VARS = ("2t", "10u", "10v", "msl", "tp")
+STATIC_VARS = ("lsm", "z", "slt")
+ATMOS_VARS = ("z", "u", "v", "t", "q")
+
+#: Bytes saved for backward per feature element, fitted by non-negative least squares to the
+#: saved-tensor bytes of one forward pass (torch.autograd.graph.saved_tensors_hooks, distinct
+#: storages, parameters excluded) of the demo model (32x64 and 64x128 crops) and of
+#: AuroraSmallPretrained with random weights (32x64 and 64x64 crops), 2-4 levels, batch 1-2, fp32 and bf16, with and without LoRA and unfrozen blocks
+#: (CPU, torch 2.15, microsoft-aurora 2.0.1; 48 configs, relative error median 1.5 %, max 4.7 %,
+#: bench/results/calibration-2026-11-23.json); `python bench/calibrate_memory.py` re-measures
+#: and re-fits them. Features (per sample, see `activation_features`):
+#:   block: sum over Swin blocks of tokens x width; window: the same on window-padded tokens;
+#:   trainable: inputs of linears whose weight trains; levels: patches x pressure levels x
+#:   width (encoder and decoder level perceivers, fp32); pixels: input grid values (fp32).
+ACTIVATION_COEFFS: dict[str, dict[str, float]] = {
+    "fp32": {
+        "block": 25.825,
+        "window": 19.337,
+        "trainable": 3.236,
+        "levels": 5.81,
+        "pixels": 26.405,
+    },
+    "bf16": {"block": 20.328, "window": 0.0, "trainable": 1.98, "levels": 5.81, "pixels": 26.405},
+}
+#: cuBLAS/cuDNN workspaces that the caching allocator holds during a step (not yet measured on
+#: a GPU here: a conservative allowance).
+CUDA_WORKSPACE_BYTES = 64 * MIB
+#: Reserved-over-allocated slack of the CUDA caching allocator, as a fraction of the rest.
+CUDA_ALLOCATOR_SLACK = 0.10
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """A predicted peak, in bytes, and the parts it adds up from."""
+
+    total_bytes: int
+    parts: dict[str, int]
+
+    @property
+    def megabytes(self) -> float:
+        return self.total_bytes / MIB
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Parameter counts of a trial's model, by what memory they cost."""
+
+    total: int
+    trainable: int
+    backbone: int
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    """One Swin block at a given input: tokens, window-padded tokens, width, trained linears."""
+
+    tokens: int
+    padded_tokens: int
+    width: int
+    trainable: tuple[str, ...]
+    lora_rank: int
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What activation memory depends on, read from a (meta-device) trial model."""
+
+    params: ParamCounts
+    embed_dim: int
+    patch_size: int
+    latent_levels: int
+    blocks: tuple[BlockShape, ...]
+    checkpoint_units: tuple[tuple[int, ...], ...]  # block indices per backbone layer
+
+
+class _RangesOnCPU(TorchFunctionMode):
+    """Aurora's constructor calls `.item()` on a `linspace`; keep such ranges off the meta device."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = dict(kwargs or {})
+        if func in (torch.linspace, torch.arange, torch.logspace):
+            kwargs["device"] = "cpu"
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def meta_device() -> Iterator[None]:
+    """Construct modules on the meta device (shapes only), Aurora included."""
+    with torch.device("meta"), _RangesOnCPU():
+        yield
+
+
+def build_meta_model(trial: TrialConfig) -> Aurora:
+    """The trial's model (base + tp + LoRA + freezing) on the meta device: shapes, no storage."""
+    from aurora_sweep.model import apply_lora, build_base, set_trainable
+
+    try:
+        with meta_device():
+            model = build_base(trial.base, tp_stats=(0.0, 1.0))
+            apply_lora(model, rank=trial.lora_rank, targets=trial.lora_targets)
+    except (RuntimeError, NotImplementedError):
+        # a module that cannot be built on meta: build it for real (slower, same counts)
+        model = build_base(trial.base, tp_stats=(0.0, 1.0))
+        apply_lora(model, rank=trial.lora_rank, targets=trial.lora_targets)
+    set_trainable(model, unfrozen_blocks=trial.unfrozen_blocks)
+    return model
+
+
+def count_params(model: torch.nn.Module) -> ParamCounts:
+    params = list(model.named_parameters())
+    return ParamCounts(
+        total=sum(p.numel() for _, p in params),
+        trainable=sum(p.numel() for _, p in params if p.requires_grad),
+        backbone=sum(p.numel() for n, p in params if n.startswith("backbone.")),
+    )
+
+
+def _padded(res: tuple[int, int, int], window: tuple[int, int, int]) -> int:
+    from aurora.model.util import maybe_adjust_windows
+
+    ws, _ = maybe_adjust_windows(window, window, res)
+    return math.prod(r + (-r) % w for r, w in zip(res, ws))
+
+
+def architecture(model: Aurora, *, grid: tuple[int, int]) -> Architecture:
+    """Block shapes of `model` for an input of `grid` (lat, lon) points, after Aurora's crop."""
+    from aurora_sweep.model import backbone_blocks
+
+    patch = model.patch_size
+    h, w = grid[0] // patch, grid[1] // patch
+    backbone = model.backbone
+    enc_res, _ = backbone.get_encoder_specs((model.encoder.latent_levels, h, w))
+    n = len(backbone.encoder_layers)
+    layer_res = enc_res + [enc_res[n - 1 - i] for i in range(len(backbone.decoder_layers))]
+    blocks, units = [], []
+    named = dict(backbone_blocks(model))
+    for part, layers in (
+        ("encoder_layers", backbone.encoder_layers),
+        ("decoder_layers", backbone.decoder_layers),
+    ):
+        for i, layer in enumerate(layers):
+            res = layer_res[i] if part == "encoder_layers" else layer_res[n + i]
+            unit = []
+            for j in range(len(layer.blocks)):
+                block = named[f"backbone.{part}.{i}.blocks.{j}"]
+                trainable, rank = [], 0
+                for name, module in block.named_modules():
+                    leaf = name.rsplit(".", 1)[-1]
+                    if leaf in LINEAR_INPUTS and any(p.requires_grad for p in module.parameters()):
+                        trainable.append(leaf)
+                        lora_a = getattr(module, "lora_A", None)
+                        if lora_a:
+                            rank += next(iter(lora_a.values())).out_features
+                unit.append(len(blocks))
+                blocks.append(
+                    BlockShape(
+                        tokens=math.prod(res),
+                        padded_tokens=_padded(res, tuple(block.window_size)),
+                        width=block.dim,
+                        trainable=tuple(trainable),
+                        lora_rank=rank,
+                    )
+                )
+            units.append(tuple(unit))
+    return Architecture(
+        params=count_params(model),
+        embed_dim=backbone.embed_dim,
+        patch_size=patch,
+        latent_levels=model.encoder.latent_levels,
+        blocks=tuple(blocks),
+        checkpoint_units=tuple(units),
+    )
+
+
+def block_features(block: BlockShape) -> dict[str, float]:
+    """Per-sample feature elements of one block (see ACTIVATION_COEFFS)."""
+    trainable = sum(
+        (block.padded_tokens if padded else block.tokens) * block.width * mult
+        for name, (mult, padded) in LINEAR_INPUTS.items()
+        if name in block.trainable
+    )
+    # LoRA's A output (rank wide) is saved as B's input
+    trainable += block.padded_tokens * block.lora_rank
+    return {
+        "block": block.tokens * block.width,
+        "window": block.padded_tokens * block.width,
+        "trainable": trainable,
+    }
+
+
+def outer_features(arch: Architecture, *, grid: tuple[int, int], levels: int) -> dict[str, float]:
+    """Per-sample feature elements of the encoder and decoder around the backbone."""
+    patches = (grid[0] // arch.patch_size) * (grid[1] // arch.patch_size)
+    pixels = (grid[0] - grid[0] % arch.patch_size) * grid[1]
+    return {
+        "levels": patches * levels * arch.embed_dim,
+        "pixels": pixels * (len(SURF_VARS) + len(STATIC_VARS) + levels * len(ATMOS_VARS)),
+    }
+
+
+def activation_features(
+    arch: Architecture, *, grid: tuple[int, int], levels: int
+) -> dict[str, float]:
+    """Per-sample feature elements of a whole forward pass, summed over blocks."""
+    total = dict.fromkeys(("block", "window", "trainable"), 0.0)
+    for block in arch.blocks:
+        for k, v in block_features(block).items():
+            total[k] += v
+    return total | outer_features(arch, grid=grid, levels=levels)
+
+
+def _dot(features: dict[str, float], coeffs: dict[str, float]) -> float:
+    return sum(coeffs[k] * v for k, v in features.items())
+
+
+def activation_bytes(
+    arch: Architecture,
+    *,
+    grid: tuple[int, int],
+    levels: int,
+    batch_size: int,
+    precision: str,
+    checkpointing: bool,
+    coeffs: dict[str, dict[str, float]] | None = None,
+) -> int:
+    """Activation bytes held at the step's peak (see the module docstring).
+
+    Without checkpointing: everything saved in the forward pass, plus bf16 copies of the backbone
+    weights under autocast. With Aurora's checkpointing (encoder, backbone, its layers and blocks,
+    decoder all wrapped): the input of every backbone layer and block stays while one block, or
+    the encoder or decoder, is recomputed with its full activations.
+    """
+    coeffs = coeffs or ACTIVATION_COEFFS
+    inner = coeffs["fp32" if precision == "fp32" else "bf16"]
+    outer = coeffs["fp32"]
+    per_block = [_dot(block_features(b), inner) for b in arch.blocks]
+    outside = _dot(outer_features(arch, grid=grid, levels=levels), outer)
+    weight_copies = 0 if precision == "fp32" else 2 * arch.params.backbone
+    if not checkpointing:
+        return int(batch_size * (sum(per_block) + outside) + weight_copies)
+    # block inputs live in the fp32 residual stream
+    inputs = [FP32 * b.tokens * b.width for b in arch.blocks]
+    largest_recompute = max(max(per_block), outside)
+    return int(batch_size * (sum(inputs) + largest_recompute) + weight_copies)
+
+
+def input_bytes(*, grid: tuple[int, int], levels: int, batch_size: int) -> int:
+    """The batch on the device: two history steps of every variable, fp32."""
+    per_step = len(SURF_VARS) + levels * len(ATMOS_VARS)
+    return FP32 * grid[0] * grid[1] * (batch_size * 2 * per_step + len(STATIC_VARS))
+
+
+def estimate_from_architecture(
+    arch: Architecture,
+    *,
+    grid: tuple[int, int],
+    levels: int,
+    batch_size: int,
+    precision: str,
+    checkpointing: bool,
+    device: str = "cuda",
+) -> MemoryEstimate:
+    """`estimate_peak` for an architecture already read (reuse it across a grid of configs)."""
+    p = arch.params
+    parts = {
+        "weights": FP32 * p.total,
+        "gradients": FP32 * p.trainable,
+        "optimizer": 2 * FP32 * p.trainable,
+        "inputs": input_bytes(grid=grid, levels=levels, batch_size=batch_size),
+        "activations": activation_bytes(
+            arch,
+            grid=grid,
+            levels=levels,
+            batch_size=batch_size,
+            precision=precision,
+            checkpointing=checkpointing,
+        ),
+    }
+    overhead = 0
+    if device.startswith("cuda"):
+        overhead = CUDA_WORKSPACE_BYTES + int(CUDA_ALLOCATOR_SLACK * sum(parts.values()))
+    parts["overhead"] = overhead
+    return MemoryEstimate(total_bytes=sum(parts.values()), parts=parts)
+
+
+def estimate_peak(
+    trial: TrialConfig, *, grid: tuple[int, int], levels: int, device: str = "cuda"
+) -> MemoryEstimate:
+    """Predicted peak memory of one training step of `trial` on `grid` with `levels` levels.
+
+    Args:
+        trial: the trial's configuration (base, LoRA, freezing, batch size, precision,
+            checkpointing).
+        grid: (lat, lon) points of a sample before Aurora's patch crop.
+        levels: number of pressure levels.
+        device: "cuda" adds the CUDA workspace and allocator slack; "cpu" does not.
+    """
+    if grid[1] % 4 or grid[0] % 4 > 1:
+        raise AuroraSweepError(
+            f"grid {grid[0]}x{grid[1]}: Aurora needs a width that is a multiple of 4 and a height "
+            "that is a multiple of 4 or one more; crop the region first"
+        )
+    arch = architecture(build_meta_model(trial), grid=grid)
+    return estimate_from_architecture(
+        arch,
+        grid=grid,
+        levels=levels,
+        batch_size=trial.batch_size,
+        precision=trial.precision,
+        checkpointing=trial.activation_checkpointing,
+        device=device,
+    )
+
+
+def check_cap(estimate: MemoryEstimate, cap_bytes: int | None) -> float:
+    """Megabytes (MiB) by which `estimate` exceeds the cap; 0 when it fits or there is no cap.
+
+    A study hands this to Optuna as the constraint value (> 0 means infeasible).
+    """
+    if cap_bytes is None:
+        return 0.0
+    return max(0.0, (estimate.total_bytes - cap_bytes) / MIB)
+
+
+def cuda_memory_fraction(cap_bytes: int, device_total_bytes: int) -> float:
+    """The fraction for `torch.cuda.set_per_process_memory_fraction` that enforces the cap.
+
+    The CUDA context (a few hundred MiB) lives outside the allocator and outside this fraction.
+    """
+    if cap_bytes <= 0:
+        raise AuroraSweepError(f"gpu_memory_cap = {cap_bytes} bytes: give a positive size")
+    if cap_bytes > device_total_bytes:
+        raise AuroraSweepError(
+            f"gpu_memory_cap is {cap_bytes / 2**30:.1f} GiB but this GPU has "
+            f"{device_total_bytes / 2**30:.1f} GiB: lower [resources] gpu_memory_cap or use a "
+            "larger GPU"
+        )
+    return cap_bytes / device_total_bytes
+
+
+def synthetic_batch(*, batch_size: int, grid: tuple[int, int], levels: tuple[int, ...]) -> Batch:
+    """A random batch of the given shape, for measuring memory (values do not matter)."""
+    from aurora import Batch, Metadata
+
+    gen = torch.Generator().manual_seed(0)
+    h, w = grid
+
+    def noise(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen)
+
+    return Batch(
+        surf_vars={k: noise(batch_size, 2, h, w) for k in SURF_VARS},
+        static_vars={k: noise(h, w) for k in STATIC_VARS},
+        atmos_vars={k: noise(batch_size, 2, len(levels), h, w) for k in ATMOS_VARS},
+        metadata=Metadata(
+            lat=torch.linspace(70.0, 70.0 - 0.25 * (h - 1), h, dtype=torch.float64),
+            lon=torch.arange(w, dtype=torch.float64) * 0.25,
+            time=(dt.datetime(2022, 1, 1, 6),) * batch_size,
+            atmos_levels=tuple(levels),
+        ),
+    )
+
+
+@contextmanager
+def saved_tensor_bytes(model: torch.nn.Module) -> Iterator[dict[str, int]]:
+    """Count the bytes autograd saves for backward inside the block (activation memory).
+
+    Distinct storages only (a tensor and its views count once), parameters and buffers excluded
+    (they are weights). Exact and device-independent: the same tensors are saved on a GPU.
+
+        with saved_tensor_bytes(model) as saved:
+            model(batch)
+        saved["bytes"]
+    """
+    weights = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    storages: dict[int, int] = {}
+    result = {"bytes": 0}
+
+    def pack(t: torch.Tensor) -> Any:
+        s = t.untyped_storage()
+        if s.data_ptr() not in weights:
+            storages[s.data_ptr()] = max(storages.get(s.data_ptr(), 0), s.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield result
+    result["bytes"] = sum(storages.values())
