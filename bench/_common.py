@@ -1,0 +1,68 @@
+"""Shared by the memory benchmarks: build a trial's model with random weights, run steps.
+
+No pretrained checkpoint is needed to measure memory: which tensors are saved, and their sizes,
+do not depend on the weights' values (a randomly initialised Aurora has zero adaLN modulation,
+which changes values, not shapes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import torch
+
+from aurora_sweep.model import (
+    apply_lora,
+    build_base,
+    init_new_variable,
+    set_precision,
+    set_trainable,
+)
+from aurora_sweep.train import TrialConfig
+
+EUROPE_GRID = (149, 208)
+EUROPE_LEVELS = (250, 500, 700, 850)
+
+
+def trial_config(**changes: object) -> TrialConfig:
+    """A trial config with benchmark defaults; `changes` override fields."""
+    base = TrialConfig(
+        lora_rank=8,
+        lora_targets="qkv+proj",
+        unfrozen_blocks=0,
+        batch_size=1,
+        precision="fp32",
+        learning_rate=1e-4,
+        activation_checkpointing=False,
+        base="demo",
+        levels=EUROPE_LEVELS,
+        steps=1,
+        eval_every=1,
+        val_samples=1,
+        weight_decay=0.0,
+        seed=0,
+    )
+    return dataclasses.replace(base, **changes)
+
+
+def build_random_trial_model(trial: TrialConfig, *, full: bool = False):
+    """`train.build_trial_model` without a checkpoint: random weights, same modules.
+
+    `full=True` is Aurora's reference fine-tuning recipe: no LoRA, every parameter trains.
+    """
+    torch.manual_seed(trial.seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = build_base(trial.base, tp_stats=(0.0, 1.0))
+    init_new_variable(model)
+    if full:
+        peft_model = model
+        model.requires_grad_(True)
+    else:
+        peft_model = apply_lora(model, rank=trial.lora_rank, targets=trial.lora_targets)
+        set_trainable(model, unfrozen_blocks=trial.unfrozen_blocks)
+    set_precision(model, trial.precision)
+    if trial.activation_checkpointing:
+        model.configure_activation_checkpointing()
+    return peft_model, model
