@@ -16,6 +16,8 @@ The peak of one training step is the sum of its parts:
   its activations and of every backbone weight. With activation checkpointing a forward keeps
   only module inputs; the peak comes in backward, when one checkpointed unit at a time is
   recomputed;
+- optimizer step: AdamW's temporaries, one fp32 value per trainable parameter, which matter only
+  when they outgrow the (by then freed) activations, as in a full fine-tune;
 - overhead: on CUDA, the cuBLAS workspace and the caching allocator's slack.
 
 Parameters are counted on the meta device (no memory, about a second even for
@@ -108,6 +110,7 @@ class BlockShape:
     width: int
     trainable: tuple[str, ...]
     lora_rank: int
+    params: int
 
 
 @dataclass(frozen=True)
@@ -208,6 +211,7 @@ def architecture(model: Aurora, *, grid: tuple[int, int]) -> Architecture:
                         width=block.dim,
                         trainable=tuple(trainable),
                         lora_rank=rank,
+                        params=sum(p.numel() for p in block.parameters()),
                     )
                 )
             units.append(tuple(unit))
@@ -284,12 +288,15 @@ def activation_bytes(
     outer = coeffs["fp32"]
     per_block = [_dot(block_features(b), inner) for b in arch.blocks]
     outside = _dot(outer_features(arch, grid=grid, levels=levels), outer)
-    weight_copies = 0 if precision == "fp32" else 2 * arch.params.backbone
+    bf16 = precision != "fp32"
     if not checkpointing:
+        weight_copies = 2 * arch.params.backbone if bf16 else 0
         return int(batch_size * (sum(per_block) + outside) + weight_copies)
-    # block inputs live in the fp32 residual stream
+    # block inputs live in the fp32 residual stream; only the block being recomputed keeps the
+    # bf16 copies of its weights
     inputs = [FP32 * b.tokens * b.width for b in arch.blocks]
     largest_recompute = max(max(per_block), outside)
+    weight_copies = 2 * max(b.params for b in arch.blocks) if bf16 else 0
     return int(batch_size * (sum(inputs) + largest_recompute) + weight_copies)
 
 
@@ -325,6 +332,10 @@ def estimate_from_architecture(
             checkpointing=checkpointing,
         ),
     }
+    # AdamW's foreach step allocates about one fp32 temporary per trainable parameter (the
+    # denominator) after backward has freed the activations: it raises the peak only where it is
+    # larger than them (a full fine-tune; measured on the CPU, bench/bench_memory.py)
+    parts["optimizer_step"] = max(0, FP32 * p.trainable - parts["activations"])
     overhead = 0
     if device.startswith("cuda"):
         overhead = CUDA_WORKSPACE_BYTES + int(CUDA_ALLOCATOR_SLACK * sum(parts.values()))
