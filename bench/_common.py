@@ -66,3 +66,22 @@ def build_random_trial_model(trial: TrialConfig, *, full: bool = False):
     if trial.activation_checkpointing:
         model.configure_activation_checkpointing()
     return peft_model, model
+
+
+def cpu_live_peak_bytes(fn) -> int:
+    """Peak growth of live CPU tensor memory while `fn()` runs (torch profiler memory events).
+
+    Counts every allocation torch makes (activations, recomputation under checkpointing,
+    gradients, temporaries) and every free, in order; the CPU analogue of
+    `torch.cuda.max_memory_allocated` minus what was allocated before.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak

@@ -1,0 +1,295 @@
+"""Step time and peak memory of trial configs of AuroraSmallPretrained, predicted vs measured.
+
+A study trusts `memory.estimate_peak` to keep trials inside the GPU cap; this checks it. For a grid
+of trial configs (LoRA rank and targets, unfrozen blocks, batch size, precision, checkpointing)
+and for Aurora's reference fine-tuning recipe (every parameter trained with AdamW, bf16 backbone
+autocast, activation checkpointing), it builds the real AuroraSmallPretrained architecture with
+random weights (memory does not depend on the values), runs a few training steps on a
+Europe-sized 0.25° input (149 x 209 points cropped to 148 x 208, levels 250/500/700/850) and
+records step time, samples/s, measured and predicted peak memory.
+
+Measured peak: on CUDA `max_memory_allocated` / `max_memory_reserved` after
+`reset_peak_memory_stats`. On a CPU there is no allocator peak: it is what is alive when a step
+starts (weights, AdamW state, the last step's gradients, the batch) plus the peak growth of live
+tensor memory during one step, from the torch profiler's allocation events (activations,
+recomputation under checkpointing, gradients, temporaries). Also reported: the bytes saved for
+backward in one forward (exact and the same on a GPU; with checkpointing only the checkpoint
+inputs) and the process's resident-set growth (noisy: the CPU allocator keeps freed memory).
+
+    .venv/bin/python bench/bench_memory.py --device cpu --reduced    # a few minutes on 2 cores
+    .venv/bin/python bench/bench_memory.py --device cuda              # the full grid on a GPU
+
+Writes bench/results/<device>-<date>.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import platform
+import re
+import sys
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import psutil
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import (
+    EUROPE_GRID,
+    EUROPE_LEVELS,
+    build_random_trial_model,
+    cpu_live_peak_bytes,
+    trial_config,
+)  # noqa: E402
+
+from aurora_sweep import memory  # noqa: E402
+from aurora_sweep.model import build_base  # noqa: E402
+from aurora_sweep.train import PeakMemory  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+MIB = 2**20
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """One benchmarked config: a trial config, or the reference full fine-tune."""
+
+    name: str
+    rank: int = 8
+    targets: str = "qkv+proj"
+    unfrozen: int = 0
+    batch: int = 1
+    precision: str = "bf16"
+    checkpointing: bool = False
+    full: bool = False
+
+
+def configs(reduced: bool) -> list[BenchConfig]:
+    reference = BenchConfig(
+        "reference: full AdamW, bf16, ckpt", precision="bf16", checkpointing=True, full=True
+    )
+    if reduced:
+        return [
+            BenchConfig("r8 qkv+proj fp32", precision="fp32"),
+            BenchConfig("r8 qkv+proj bf16"),
+            BenchConfig(
+                "r16 all linears fp32", rank=16, targets="qkv+proj+fc1+fc2", precision="fp32"
+            ),
+            BenchConfig("r8 qkv+proj +2 blocks fp32", unfrozen=2, precision="fp32"),
+            BenchConfig("r8 qkv+proj fp32 ckpt", precision="fp32", checkpointing=True),
+            reference,
+        ]
+    grid = []
+    for precision in ("fp32", "bf16"):
+        for ckpt in (False, True):
+            for batch in (1, 2):
+                grid.append(
+                    BenchConfig(
+                        f"r8 qkv+proj b{batch} {precision}{' ckpt' if ckpt else ''}",
+                        batch=batch,
+                        precision=precision,
+                        checkpointing=ckpt,
+                    )
+                )
+    grid += [
+        BenchConfig("r4 qkv bf16", rank=4, targets="qkv"),
+        BenchConfig("r32 all linears bf16", rank=32, targets="qkv+proj+fc1+fc2"),
+        BenchConfig("r8 qkv+proj +4 blocks bf16", unfrozen=4),
+        BenchConfig("r8 qkv+proj +4 blocks bf16 ckpt", unfrozen=4, checkpointing=True),
+        reference,
+    ]
+    return grid
+
+
+def predict(
+    cfg: BenchConfig, *, grid: tuple[int, int], levels: int, device: str
+) -> memory.MemoryEstimate:
+    trial = trial_config(
+        base="small-pretrained",
+        lora_rank=cfg.rank,
+        lora_targets=cfg.targets,
+        unfrozen_blocks=cfg.unfrozen,
+    )
+    if cfg.full:
+        with memory.meta_device():
+            model = build_base("small-pretrained", tp_stats=(0.0, 1.0))
+        model.requires_grad_(True)
+    else:
+        model = memory.build_meta_model(trial)
+    arch = memory.architecture(model, grid=grid)
+    return memory.estimate_from_architecture(
+        arch, grid=grid, levels=levels, batch_size=cfg.batch, precision=cfg.precision,
+        checkpointing=cfg.checkpointing, device=device,
+    )  # fmt: skip
+
+
+def measure(
+    cfg: BenchConfig,
+    *,
+    grid: tuple[int, int],
+    levels: tuple[int, ...],
+    device: torch.device,
+    steps: int,
+) -> dict:
+    trial = trial_config(
+        base="small-pretrained", lora_rank=cfg.rank, lora_targets=cfg.targets, unfrozen_blocks=cfg.unfrozen,
+        batch_size=cfg.batch, precision=cfg.precision, activation_checkpointing=cfg.checkpointing, levels=levels,
+    )  # fmt: skip
+    peft_model, model = build_random_trial_model(trial, full=cfg.full)
+    peft_model.to(device)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimiser = torch.optim.AdamW(params, lr=1e-5)
+    batch = memory.synthetic_batch(batch_size=cfg.batch, grid=grid, levels=levels).to(device)
+    n_params = sum(p.numel() for p in peft_model.parameters())
+    n_train = sum(p.numel() for p in params)
+
+    def step() -> None:
+        pred = peft_model(batch)
+        loss = pred.surf_vars["tp"].float().pow(2).mean()
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+
+    out: dict = {"params": n_params, "trainable": n_train}
+    if device.type == "cpu":
+        # what is alive at the peak: weights, grads, AdamW state, inputs, saved activations
+        with memory.saved_tensor_bytes(peft_model) as saved:
+            pred = peft_model(batch)
+        del pred
+        out["saved_activation_bytes"] = saved["bytes"]
+        rss0 = psutil.Process().memory_info().rss
+    step()  # warm-up; allocates AdamW state
+    if device.type == "cpu":
+        # weights, AdamW state, last step's gradients and the batch are alive when a step starts
+        at_start = (
+            4 * n_params
+            + 12 * n_train
+            + memory.input_bytes(grid=grid, levels=len(levels), batch_size=cfg.batch)
+        )
+        out["step_live_peak_bytes"] = cpu_live_peak_bytes(step)
+        out["measured_bytes"] = at_start + out["step_live_peak_bytes"]
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    with PeakMemory(device) as peak:
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    if device.type == "cuda":
+        out["measured_bytes"] = torch.cuda.max_memory_allocated(device)
+        out["reserved_bytes"] = torch.cuda.max_memory_reserved(device)
+    else:
+        out["rss_peak_delta_bytes"] = peak.peak - rss0
+    out["step_seconds"] = sorted(times)[len(times) // 2]
+    out["samples_per_second"] = cfg.batch / out["step_seconds"]
+    return out
+
+
+def device_slug(device: torch.device) -> str:
+    if device.type == "cuda":
+        return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+    return f"cpu-{psutil.cpu_count(logical=True)}core"
+
+
+def markdown(rows: list[dict], header: str) -> str:
+    cpu = "saved_activation_bytes" in rows[0]
+    cols = ["config", "step s", "samples/s", "predicted MiB", "measured MiB", "rel. error"]
+    cols += ["saved act. MiB", "RSS delta MiB"] if cpu else ["reserved MiB"]
+    lines = [header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = [
+            r["name"], f"{r['step_seconds']:.2f}", f"{r['samples_per_second']:.2f}",
+            f"{r['predicted_bytes'] / MIB:.0f}", f"{r['measured_bytes'] / MIB:.0f}", f"{r['relative_error']:+.1%}",
+        ]  # fmt: skip
+        if cpu:
+            cells += [
+                f"{r['saved_activation_bytes'] / MIB:.1f}",
+                f"{r['rss_peak_delta_bytes'] / MIB:.0f}",
+            ]
+        else:
+            cells += [f"{r['reserved_bytes'] / MIB:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu"
+    )
+    parser.add_argument(
+        "--reduced", action="store_true", help="32x64 crop, 2 levels, 6 configs, 2 timed steps"
+    )
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per config")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("no CUDA device here: run with --device cpu --reduced")
+    grid, levels = (
+        ((32, 64), EUROPE_LEVELS[:2])
+        if args.reduced
+        else ((EUROPE_GRID[0] - 1, EUROPE_GRID[1]), EUROPE_LEVELS)
+    )
+    steps = args.steps or (2 if args.reduced else 5)
+
+    rows = []
+    for cfg in configs(args.reduced):
+        est = predict(cfg, grid=grid, levels=len(levels), device=device.type)
+        m = measure(cfg, grid=grid, levels=levels, device=device, steps=steps)
+        row = (
+            dataclasses.asdict(cfg)
+            | m
+            | {"predicted_bytes": est.total_bytes, "predicted_parts": est.parts}
+        )
+        row["relative_error"] = est.total_bytes / m["measured_bytes"] - 1
+        rows.append(row)
+        print(
+            f"{cfg.name:40s} {m['step_seconds']:6.2f} s  predicted {est.megabytes:8.0f} MiB  measured {m['measured_bytes'] / MIB:8.0f} MiB  ({row['relative_error']:+.1%})",
+            flush=True,
+        )
+
+    slug = device_slug(device)
+    stem = f"{slug}-{dt.date.today()}{'-reduced' if args.reduced else ''}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "command": " ".join(["python", *sys.argv]),
+        "device": slug,
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "microsoft-aurora": version("microsoft-aurora"),
+        "peft": version("peft"),
+        "grid": list(grid),
+        "levels": list(levels),
+        "timed_steps": steps,
+        "threads": torch.get_num_threads(),
+    }
+    (args.out / f"{stem}.json").write_text(json.dumps(meta | {"configs": rows}, indent=1))
+    header = (
+        f"# Peak memory of AuroraSmallPretrained trial configs ({slug}, {dt.date.today()})\n\n"
+        f"`{meta['command']}` - grid {grid[0]}x{grid[1]}, levels {list(levels)}, torch {meta['torch']}, "
+        f"aurora {meta['microsoft-aurora']}; median of {steps} timed steps after one warm-up."
+    )
+    if device.type == "cpu":
+        header += (
+            "\n\nOn a CPU, measured = weights + AdamW state + last step's gradients + inputs + the "
+            "peak growth of live tensor memory during one step (torch profiler allocation events). "
+            "Saved act.: bytes saved for backward in one forward (with checkpointing only the "
+            "checkpoint inputs). RSS delta: the process's resident-set growth over the timed steps "
+            "(the CPU allocator keeps and reuses freed memory)."
+        )
+    (args.out / f"{stem}.md").write_text(markdown(rows, header))
+    print(f"wrote {args.out / stem}.json and .md")
+
+
+if __name__ == "__main__":
+    main()
