@@ -133,3 +133,35 @@ def test_training_changes_lora_and_tp_weights_and_leaves_every_frozen_weight_bit
     if unfrozen:
         assert all(not torch.equal(model.get_parameter(n), before[n]) for n in parts.blocks if n.endswith("weight"))
     assert np.isfinite(loss.item())
+
+
+def test_offline_small_pretrained_without_a_cached_file_says_how_to_get_it(monkeypatch):
+    import huggingface_hub
+
+    from aurora_sweep.model import SMALL_NAME, resolve_checkpoint
+
+    def offline(*args, **kwargs):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("offline and not cached")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(AuroraSweepError, match="--checkpoint") as info:
+        resolve_checkpoint("small-pretrained", None)
+    assert SMALL_NAME in str(info.value) and "huggingface-cli download" in str(info.value)
+
+
+def test_a_local_checkpoint_path_that_does_not_exist_is_refused(tmp_path):
+    from aurora_sweep.model import resolve_checkpoint
+
+    with pytest.raises(AuroraSweepError, match="no checkpoint file"):
+        resolve_checkpoint("small-pretrained", tmp_path / "aurora.ckpt")
+
+
+def test_small_pretrained_loads_a_checkpoint_in_aurora_format_with_tp_added(tmp_path):
+    """The real model's loading path, with a checkpoint file made here (no download)."""
+    source = build_base("small-pretrained", with_tp=False)
+    torch.save({f"net.{k}": v for k, v in source.state_dict().items()}, tmp_path / "small.ckpt")
+    model = build_base("small-pretrained", tp_stats=STATS)
+    load_base_checkpoint(model, tmp_path / "small.ckpt")
+    name = "backbone.encoder_layers.0.blocks.0.attn.qkv.weight"
+    assert torch.equal(model.get_parameter(name), source.get_parameter(name))
+    assert sum(p.numel() for p in source.parameters()) == pytest.approx(112.8e6, rel=0.01)

@@ -5,7 +5,6 @@ import warnings
 
 import optuna
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 
 from aurora_sweep import load_finetuned
@@ -97,23 +96,60 @@ def test_adapter_loads_with_plain_peft_onto_the_base_model(finished_study, tmp_p
     assert not any(p.requires_grad for p in ready.parameters()) or not ready.training
 
 
+def _once(name: str, tmp_path):
+    """A fit (from tests/faults.py) that fails the first time, in whichever worker runs it."""
+    import functools
+
+    import faults
+
+    return functools.partial(getattr(faults, name), marker=str(tmp_path / "failed-once"))
+
+
+def _states(summary):
+    return [t.state for t in summary.study.trials]
+
+
 @pytest.mark.slow
-def test_a_failing_trial_is_recorded_and_the_study_goes_on(tiny_config, monkeypatch):
-    import aurora_sweep.study as study_module
+def test_out_of_memory_is_recorded_as_infeasible_and_the_study_goes_on(tiny_config, tmp_path):
+    summary = run_study(tiny_config, trials=2, fit=_once("oom_once", tmp_path))
+    first, second = summary.study.trials
+    assert first.state == optuna.trial.TrialState.PRUNED
+    assert "out of memory" in first.user_attrs["infeasible"]
+    assert first.user_attrs["memory_over_cap_mb"] > 0 and "measured_peak_mb" in first.user_attrs
+    assert second.state == optuna.trial.TrialState.COMPLETE
+    run = MlflowClient(tracking_uri(tiny_config)).get_run(first.user_attrs["mlflow_run_id"])
+    assert run.data.tags["infeasible"].startswith("out of memory")
 
-    real_fit = study_module.fit
-    calls = {"n": 0}
 
-    def flaky_fit(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real_fit(*args, **kwargs)
-
-    monkeypatch.setattr(study_module, "fit", flaky_fit)
-    summary = run_study(tiny_config, trials=2)
-    states = [t.state for t in summary.study.trials]
-    assert states[0] == optuna.trial.TrialState.FAIL and states[1] != optuna.trial.TrialState.FAIL
+@pytest.mark.slow
+def test_a_dead_worker_is_replaced_and_the_study_goes_on(tiny_config, tmp_path):
+    summary = run_study(tiny_config, trials=2, fit=_once("die_once", tmp_path))
+    assert _states(summary) == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]
     client = MlflowClient(tracking_uri(tiny_config))
     run = client.get_run(summary.study.trials[0].user_attrs["mlflow_run_id"])
-    assert "out of memory" in run.data.tags["error"] and run.info.status == "FAILED"
+    assert "exit code 3" in run.data.tags["error"] and run.info.status == "FAILED"
+
+
+@pytest.mark.slow
+def test_a_trial_that_raises_is_recorded_as_failed_and_the_study_goes_on(tiny_config, tmp_path):
+    summary = run_study(tiny_config, trials=2, fit=_once("nan_once", tmp_path))
+    assert _states(summary) == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]
+
+
+@pytest.mark.slow
+def test_a_config_predicted_over_a_tiny_cap_never_trains(tiny_config):
+    import dataclasses
+
+    capped = dataclasses.replace(tiny_config, gpu_memory_cap=2**20)  # 1 MiB: nothing fits
+    summary = run_study(capped, trials=2)
+    client = MlflowClient(tracking_uri(capped))
+    for trial in summary.study.trials:
+        assert trial.state == optuna.trial.TrialState.PRUNED
+        assert (
+            trial.user_attrs["predicted_peak_mb"] > 1 and trial.user_attrs["memory_over_cap_mb"] > 0
+        )
+        assert trial.user_attrs["infeasible"].startswith("predicted peak")
+        run_id = trial.user_attrs["mlflow_run_id"]
+        assert "train_loss" not in client.get_run(run_id).data.metrics  # it never trained
+        assert not client.list_artifacts(run_id)
+    assert ranked_trials(capped) == []

@@ -68,18 +68,24 @@ def run(
     config: Path | None = ConfigOption,
     storage: str | None = typer.Option(None, help="Optuna storage URL (default: from the config)."),
     checkpoint: Path | None = typer.Option(None, help="Local base checkpoint file."),
+    gpu_memory_cap: str | None = typer.Option(
+        None,
+        "--gpu-memory-cap",
+        help="GPU memory each trial may use, e.g. 10GiB (default: config).",
+    ),
 ) -> None:
     """Run the study, or resume it, until it holds --trials trials."""
     _quiet_libraries()
     import dataclasses
 
-    from aurora_sweep.config import load_config, with_overrides
+    from aurora_sweep.config import load_config, parse_memory, with_overrides
     from aurora_sweep.study import run_study
 
     console = _console(stderr=True)
     try:
         study = load_config(config)
-        study = with_overrides(study, storage=storage)
+        cap = parse_memory(gpu_memory_cap) if gpu_memory_cap is not None else None
+        study = with_overrides(study, storage=storage, gpu_memory_cap=cap)
         if checkpoint is not None:
             study = dataclasses.replace(
                 study, model=dataclasses.replace(study.model, checkpoint=checkpoint)
@@ -87,17 +93,17 @@ def run(
         summary = run_study(study, trials=trials, console=console)
     except AuroraSweepError as e:
         _fail(e)
-    best = _best_line(summary.study)
-    console.print(best)
+    console.print(_best_line(study))
     console.print(f"MLflow: run `mlflow ui` here, then open {summary.ui_link}")
 
 
-def _best_line(study) -> str:
-    try:
-        b = study.best_trial
-    except ValueError:
-        return "no completed trial yet"
-    a = b.user_attrs
+def _best_line(config) -> str:
+    from aurora_sweep.results import ranked_trials
+
+    trials = ranked_trials(config)
+    if not trials:
+        return "no completed trial within the memory cap yet"
+    b, a = trials[0], trials[0].user_attrs
     return (
         f"best: trial {b.number}, tp_rmse {b.value:.4f} mm; skill vs persistence "
         f"{a.get('tp_skill_persistence', float('nan')):+.3f}, vs climatology "

@@ -12,6 +12,7 @@ import datetime as dt
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from rich.console import Console
 
 from aurora_sweep.config import StudyConfig
 from aurora_sweep.errors import AuroraSweepError
-from aurora_sweep.train import TrialConfig, TrialData, fit
+from aurora_sweep.train import TrialConfig
 
 FINISHED = (
     optuna.trial.TrialState.COMPLETE,
@@ -123,16 +124,28 @@ def _data_tags(config: StudyConfig) -> dict[str, str]:
     }
 
 
-def run_study(config: StudyConfig, *, trials: int, console: Console | None = None) -> StudySummary:
-    """Run (or resume) `config`'s study until it holds `trials` finished trials."""
+def run_study(
+    config: StudyConfig,
+    *,
+    trials: int,
+    console: Console | None = None,
+    fit: Callable[..., Any] | None = None,
+) -> StudySummary:
+    """Run (or resume) `config`'s study until it holds `trials` finished trials.
+
+    `fit` replaces `train.fit` inside the trial worker (a picklable top-level function; tests
+    use it to simulate out-of-memory errors and crashes).
+    """
     console = console or Console(stderr=True)
     import mlflow
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
 
     from aurora_sweep.data import open_cube
-    from aurora_sweep.export import save_adapter
+    from aurora_sweep.dataset import patch_crop
+    from aurora_sweep.memory import MIB, check_cap, estimate_peak
     from aurora_sweep.model import resolve_checkpoint
+    from aurora_sweep.worker import TrialWorker, WorkerCrashed, WorkerSpec
 
     overlap = config.data.train.start < AURORA_PRETRAINING_END and config.model.base != "demo"
     if overlap:
@@ -161,18 +174,29 @@ def run_study(config: StudyConfig, *, trials: int, console: Console | None = Non
 
     # everything that can refuse (data, checkpoint) comes before the first MLflow run
     cube = open_cube(config, console=console)
-    data = TrialData.prepare(cube, config)
-    checkpoint = resolve_checkpoint(config.model.base, config.model.checkpoint)
+    grid = patch_crop(cube.sizes["latitude"], cube.sizes["longitude"])
+    resolve_checkpoint(config.model.base, config.model.checkpoint)
+    cap = config.gpu_memory_cap
+    worker = TrialWorker(
+        WorkerSpec(
+            config_path=config.path, workdir=config.workdir, checkpoint=config.model.checkpoint,
+            memory_cap=cap, extra={"data": _data_tags(config) | {"grid": config.data.grid}},
+            fit=fit,
+        )
+    )  # fmt: skip
+    info = worker.start()
     parent = client.create_run(
         experiment_id,
         run_name=f"{config.name} {dt.datetime.now():%Y-%m-%d %H:%M}",
         tags={"optuna.study": config.name, "optuna.storage": config.storage,
-              "aurora_sweep.pretraining_overlap": str(overlap).lower(), **_data_tags(config)},
+              "aurora_sweep.pretraining_overlap": str(overlap).lower(), "device": info["device"],
+              "gpu_memory_cap_mb": str(cap / MIB if cap else None), **_data_tags(config)},
     )  # fmt: skip
     summary = StudySummary(study, 0, experiment_id, parent.info.run_id)
     console.print(
-        f"study {config.name!r}: {len(done)} trials so far, adding {todo}; "
-        f"{len(data.train)} train and {len(data.validation)} validation samples"
+        f"study {config.name!r}: {len(done)} trials so far, adding {todo}; {info['train']} train "
+        f"and {info['validation']} validation samples on {info['device']}"
+        + (f", cap {cap / MIB:.0f} MB" if cap else "")
     )
 
     def objective(trial: optuna.Trial) -> float:
@@ -185,54 +209,94 @@ def run_study(config: StudyConfig, *, trials: int, console: Console | None = Non
         run_id = run.info.run_id
         trial.set_user_attr("mlflow_run_id", run_id)
         client.log_batch(run_id, params=[Param(k, str(v)) for k, v in tc.to_dict().items()])
-        started = time.perf_counter()
+        estimate = estimate_peak(tc, grid=grid, levels=len(tc.levels), device="cuda")
+        trial.set_user_attr("predicted_peak_mb", estimate.megabytes)
+        client.log_metric(run_id, "predicted_peak_mb", estimate.megabytes)
 
-        def report(step: int, value: float) -> None:
-            trial.report(value, step)
-            if trial.should_prune():
-                raise optuna.TrialPruned(f"val_loss {value:.4f} at step {step}")
-
-        try:
-            result = fit(tc, data, checkpoint=checkpoint, report=report)
-        except optuna.TrialPruned as e:
-            console.print(f"trial {trial.number:3d}  pruned: {e}")
-            client.set_tag(run_id, "optuna.state", "PRUNED")
-            client.log_metric(run_id, "trial_seconds", time.perf_counter() - started)
+        def infeasible(reason: str, over_mb: float, seconds: float = 0.0) -> optuna.TrialPruned:
+            trial.set_user_attr("memory_over_cap_mb", max(over_mb, 1.0))
+            trial.set_user_attr("infeasible", reason)
+            client.log_batch(
+                run_id, tags=[RunTag("optuna.state", "PRUNED"), RunTag("infeasible", reason)]
+            )
+            client.log_metric(run_id, "trial_seconds", seconds)
             client.set_terminated(run_id, "KILLED")
-            raise
-        except Exception as e:
-            console.print(f"trial {trial.number:3d}  failed: {type(e).__name__}: {e}")
-            client.set_tag(run_id, "error", f"{type(e).__name__}: {e}"[:5000])
-            client.set_terminated(run_id, "FAILED")
-            raise
-        now = int(time.time() * 1000)
-        metrics = [Metric("train_loss", v, now, s) for s, v in result.train_loss]
-        metrics += [Metric("val_loss", v, now, s) for s, v in result.val_loss]
-        scalars = {**result.metrics, "peak_memory_mb": result.peak_memory_mb,
-                   "trial_seconds": result.seconds}  # fmt: skip
-        metrics += [Metric(k, float(v), now, 0) for k, v in scalars.items()]
-        client.log_batch(run_id, metrics=metrics, tags=[RunTag("optuna.state", "COMPLETE")])
-        for k, v in scalars.items():
-            trial.set_user_attr(k, float(v))
+            console.print(f"trial {trial.number:3d}  infeasible: {reason}")
+            return optuna.TrialPruned(reason)
+
+        over = check_cap(estimate, cap)
+        if over > 0:
+            raise infeasible(
+                f"predicted peak {estimate.megabytes:.0f} MB exceeds the cap {cap / MIB:.0f} MB",
+                over,
+            )
+
+        def report(step: int, value: float) -> bool:
+            trial.report(value, step)
+            return trial.should_prune()
+
         with tempfile.TemporaryDirectory() as tmp:
-            save_adapter(
-                Path(tmp) / "adapter", model=result.model, parts=result.parts, trial=tc,
-                tp=data.tp, checkpoint=checkpoint, study_config=config.path,
-                metrics=result.metrics, extra={"data": _data_tags(config) | {"grid": config.data.grid}},
-            )  # fmt: skip
-            client.log_artifacts(run_id, str(Path(tmp) / "adapter"), "adapter")
+            adapter = Path(tmp) / "adapter"
+            try:
+                outcome = worker.run(tc.to_dict(), adapter, report)
+            except WorkerCrashed as e:
+                console.print(f"trial {trial.number:3d}  failed: {e}; starting a new worker")
+                client.set_tag(run_id, "error", str(e))
+                client.set_terminated(run_id, "FAILED")
+                raise
+            p = outcome.payload
+            if outcome.status == "pruned":
+                console.print(
+                    f"trial {trial.number:3d}  pruned at step {p['step']} (val_loss {p['value']:.4f})"
+                )
+                client.set_tag(run_id, "optuna.state", "PRUNED")
+                client.log_metric(run_id, "trial_seconds", p["seconds"])
+                client.set_terminated(run_id, "KILLED")
+                raise optuna.TrialPruned(f"val_loss {p['value']:.4f} at step {p['step']}")
+            if outcome.status == "oom":
+                trial.set_user_attr("measured_peak_mb", p["peak_memory_mb"])
+                client.log_metric(run_id, "peak_memory_mb", p["peak_memory_mb"])
+                limit = cap / MIB if cap else p["peak_memory_mb"]
+                raise infeasible(
+                    f"out of memory at {p['peak_memory_mb']:.0f} MB ({p['message'][:200]})",
+                    p["peak_memory_mb"] - limit,
+                    p["seconds"],
+                )
+            if outcome.status == "error":
+                console.print(f"trial {trial.number:3d}  failed: {p['message']}")
+                client.set_tag(run_id, "error", p["message"][:5000])
+                client.set_terminated(run_id, "FAILED")
+                raise TrialError(p["message"])
+            now = int(time.time() * 1000)
+            metrics = [Metric("train_loss", v, now, s) for s, v in p["train_loss"]]
+            metrics += [Metric("val_loss", v, now, s) for s, v in p["val_loss"]]
+            scalars = {**p["metrics"], "peak_memory_mb": p["peak_memory_mb"],
+                       "trial_seconds": p["seconds"]}  # fmt: skip
+            if p.get("peak_reserved_mb") is not None:
+                scalars["peak_reserved_mb"] = p["peak_reserved_mb"]
+            metrics += [Metric(k, float(v), now, 0) for k, v in scalars.items()]
+            client.log_batch(run_id, metrics=metrics, tags=[RunTag("optuna.state", "COMPLETE")])
+            for k, v in scalars.items():
+                trial.set_user_attr(k, float(v))
+            client.log_artifacts(run_id, str(adapter), "adapter")
         client.set_terminated(run_id)
+        m = p["metrics"]
         console.print(
-            f"trial {trial.number:3d}  tp_rmse {result.metrics['tp_rmse']:.3f} mm  "
-            f"skill vs persistence {result.metrics['tp_skill_persistence']:+.3f}, "
-            f"vs climatology {result.metrics['tp_skill_climatology']:+.3f}  "
-            f"({result.seconds:.1f} s, {result.peak_memory_mb:.0f} MB)"
+            f"trial {trial.number:3d}  tp_rmse {m['tp_rmse']:.3f} mm  skill vs persistence "
+            f"{m['tp_skill_persistence']:+.3f}, vs climatology {m['tp_skill_climatology']:+.3f}  "
+            f"({p['seconds']:.1f} s, {p['peak_memory_mb']:.0f} MB, predicted GPU "
+            f"{estimate.megabytes:.0f} MB)"
         )
-        return result.metrics[OBJECTIVE]
+        return m[OBJECTIVE]
 
     try:
         study.optimize(objective, n_trials=todo, catch=(Exception,), gc_after_trial=True)
     finally:
+        worker.close()
         client.set_terminated(parent.info.run_id)
     summary.new_trials = todo
     return summary
+
+
+class TrialError(RuntimeError):
+    """A trial raised inside its worker (recorded as FAIL; the study goes on)."""

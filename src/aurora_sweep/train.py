@@ -98,6 +98,7 @@ class TrialResult:
     val_loss: list[tuple[int, float]]
     metrics: dict[str, float]
     peak_memory_mb: float
+    peak_reserved_mb: float | None
     seconds: float
     model: Any = field(repr=False)
     parts: TrainableParts = field(repr=False)
@@ -109,6 +110,7 @@ class PeakMemory:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.peak = 0
+        self.reserved: int | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -130,6 +132,7 @@ class PeakMemory:
     def __exit__(self, *exc: object) -> None:
         if self.device.type == "cuda":
             self.peak = torch.cuda.max_memory_allocated(self.device)
+            self.reserved = torch.cuda.max_memory_reserved(self.device)
         else:
             self._stop.set()
             if self._thread:
@@ -280,6 +283,7 @@ def fit(
         val_loss=val_loss,
         metrics=metrics,
         peak_memory_mb=memory.megabytes,
+        peak_reserved_mb=memory.reserved / 2**20 if memory.reserved is not None else None,
         seconds=time.perf_counter() - started,
         model=peft_model,
         parts=parts,

@@ -1,0 +1,216 @@
+"""Run trials in a worker process: memory capped, released between trials, replaced on a crash.
+
+A sweep is hours of trials in a row. Running each in the study's own process would let one
+trial's CUDA allocations, fragmentation or a crash leak into the next. So trials run in a
+separate process that pays the import of torch + aurora + peft and the data load once, trains
+trial after trial with `torch.cuda.set_per_process_memory_fraction` set from the cap, and reports
+back over a pipe. After an out-of-memory error, or if the process dies, it is replaced; the next
+trial starts in a fresh process with nothing left over.
+
+Messages, parent -> worker: `("trial", trial_dict, adapter_dir)`, `("continue" | "prune")` in
+answer to a report, `("stop",)`. Worker -> parent: `("ready", info)`, `("report", step, value)`,
+and one outcome per trial: `("complete" | "pruned" | "oom" | "error", payload)`.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aurora_sweep.errors import AuroraSweepError
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a worker needs to rebuild the study's data and model on its side."""
+
+    config_path: Path
+    workdir: Path
+    checkpoint: Path | None
+    memory_cap: int | None
+    extra: dict[str, Any] | None = None  # saved with each adapter (the data description)
+    #: The training function, sent to the worker by reference (`train.fit` when None): the
+    #: seam through which tests make a trial run out of memory or kill its worker.
+    fit: Callable[..., Any] | None = None
+
+
+class WorkerCrashed(RuntimeError):
+    """The worker process died while running a trial."""
+
+
+@dataclass
+class Outcome:
+    """How a trial ended in the worker, with what it sent back."""
+
+    status: str  # complete, pruned, oom, error
+    payload: dict[str, Any]
+
+
+class TrialWorker:
+    """A worker process that runs one trial at a time; restarts itself when it has to."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        # spawn, not fork: a forked child of a process that has run torch can hang in OpenMP
+        self.context = mp.get_context("spawn")
+        self.process: mp.process.BaseProcess | None = None
+        self.conn = None
+        self.info: dict[str, Any] = {}
+        self.starts = 0
+
+    def start(self) -> dict[str, Any]:
+        parent, child = self.context.Pipe()
+        self.process = self.context.Process(target=serve, args=(child, self.spec), daemon=True)
+        self.process.start()
+        child.close()
+        self.conn = parent
+        self.starts += 1
+        kind, payload = self._receive(timeout=None)
+        if kind == "error":
+            self.close()
+            raise AuroraSweepError(payload["message"])
+        self.info = payload
+        return payload
+
+    def _receive(self, timeout: float | None) -> tuple:
+        assert self.conn is not None and self.process is not None
+        waited = 0.0
+        while not self.conn.poll(0.2):
+            waited += 0.2
+            if not self.process.is_alive():
+                code = self.process.exitcode
+                self.close()
+                raise WorkerCrashed(f"the trial worker died (exit code {code})")
+            if timeout is not None and waited > timeout:
+                raise TimeoutError("the trial worker did not answer")
+        try:
+            return self.conn.recv()
+        except (EOFError, ConnectionResetError):
+            self.process.join(timeout=10)  # reap it, to report how it ended
+            code = self.process.exitcode
+            self.close()
+            raise WorkerCrashed(f"the trial worker died (exit code {code})") from None
+
+    def run(
+        self, trial: dict[str, Any], adapter_dir: Path, report: Callable[[int, float], bool]
+    ) -> Outcome:
+        """Run one trial; `report(step, value)` returns True to prune it."""
+        if self.process is None or not self.process.is_alive():
+            self.start()
+        assert self.conn is not None
+        self.conn.send(("trial", trial, str(adapter_dir)))
+        while True:
+            kind, *rest = self._receive(timeout=None)
+            if kind == "report":
+                step, value = rest
+                self.conn.send(("prune",) if report(step, value) else ("continue",))
+                continue
+            outcome = Outcome(kind, rest[0])
+            if kind in ("oom", "error") and outcome.payload.get("restart"):
+                self.close()  # the next trial gets a fresh process and a clean allocator
+            return outcome
+
+    def close(self) -> None:
+        if self.conn is not None and self.process is not None and self.process.is_alive():
+            try:
+                self.conn.send(("stop",))
+                self.process.join(timeout=10)
+            except (BrokenPipeError, OSError):
+                pass
+        if self.process is not None and self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        self.process, self.conn = None, None
+
+    def __enter__(self) -> TrialWorker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def serve(conn, spec: WorkerSpec) -> None:
+    """The worker's main loop (runs in the child process)."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import torch
+
+    from aurora_sweep.config import load_config
+    from aurora_sweep.data import open_cube
+    from aurora_sweep.export import save_adapter
+    from aurora_sweep.model import resolve_checkpoint
+    from aurora_sweep.train import TrialConfig, TrialData, default_device, fit
+
+    try:
+        config = load_config(spec.config_path, workdir=spec.workdir)
+        device = default_device()
+        if device.type == "cuda" and spec.memory_cap:
+            from aurora_sweep.memory import cuda_memory_fraction
+
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(
+                cuda_memory_fraction(spec.memory_cap, total), device
+            )
+        data = TrialData.prepare(open_cube(config), config)
+        checkpoint = resolve_checkpoint(
+            config.model.base, spec.checkpoint or config.model.checkpoint
+        )
+    except AuroraSweepError as e:
+        conn.send(("error", {"message": str(e)}))
+        return
+    conn.send(("ready", {"train": len(data.train), "validation": len(data.validation),
+                         "device": str(device), "checkpoint": str(checkpoint)}))  # fmt: skip
+
+    while True:
+        message = conn.recv()
+        if message[0] == "stop":
+            return
+        _, trial_dict, adapter_dir = message
+        trial = TrialConfig.from_dict(trial_dict)
+        started = time.perf_counter()
+
+        def report(step: int, value: float) -> None:
+            conn.send(("report", step, value))
+            if conn.recv()[0] == "prune":
+                raise _Pruned(step, value)
+
+        try:
+            result = (spec.fit or fit)(
+                trial, data, checkpoint=checkpoint, report=report, device=device
+            )
+            save_adapter(
+                Path(adapter_dir), model=result.model, parts=result.parts, trial=trial, tp=data.tp,
+                checkpoint=checkpoint, study_config=config.path, metrics=result.metrics,
+                extra=spec.extra,
+            )  # fmt: skip
+            conn.send(("complete", {
+                "train_loss": result.train_loss, "val_loss": result.val_loss,
+                "metrics": result.metrics, "peak_memory_mb": result.peak_memory_mb,
+                "peak_reserved_mb": result.peak_reserved_mb, "seconds": result.seconds,
+            }))  # fmt: skip
+            del result
+        except _Pruned as p:
+            conn.send(("pruned", {"step": p.step, "value": p.value,
+                                  "seconds": time.perf_counter() - started}))  # fmt: skip
+        except torch.OutOfMemoryError as e:
+            peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
+            conn.send(("oom", {"message": str(e).splitlines()[0], "peak_memory_mb": peak,
+                               "seconds": time.perf_counter() - started, "restart": True}))  # fmt: skip
+            return  # a fresh process replaces this one: nothing leaks into the next trial
+        except Exception as e:
+            conn.send(("error", {"message": f"{type(e).__name__}: {e}", "restart": False,
+                                 "traceback": traceback.format_exc()[-4000:]}))  # fmt: skip
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+class _Pruned(Exception):
+    def __init__(self, step: int, value: float) -> None:
+        super().__init__(f"pruned at step {step}")
+        self.step, self.value = step, value

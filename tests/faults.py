@@ -1,0 +1,39 @@
+"""Trial functions that fail once, for the worker tests (top-level, so a spawned worker can load them).
+
+Each takes a marker file: the first call creates it and fails; later calls, in this worker or in
+the one that replaces it, train normally.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from aurora_sweep.train import fit
+
+
+def _first_call(marker: str) -> bool:
+    if Path(marker).exists():
+        return False
+    Path(marker).touch()
+    return True
+
+
+def oom_once(*args, marker: str, **kwargs):
+    if _first_call(marker):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+    return fit(*args, **kwargs)
+
+
+def die_once(*args, marker: str, **kwargs):
+    if _first_call(marker):
+        os._exit(3)
+    return fit(*args, **kwargs)
+
+
+def nan_once(*args, marker: str, **kwargs):
+    if _first_call(marker):
+        raise FloatingPointError("training loss became nan at step 3")
+    return fit(*args, **kwargs)
