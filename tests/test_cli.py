@@ -38,7 +38,8 @@ def test_a_missing_config_is_one_line_and_exit_1(tmp_path):
 def test_a_broken_config_is_one_line_and_exit_1(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[data]\nregion = { north = 10, south = 20, west = 0, east = 5 }\n")
-    assert "north" in _one_line_error(runner.invoke(app, ["best", "--config", str(bad)]))
+    line = _one_line_error(runner.invoke(app, ["best", "--config", str(bad)]))
+    assert "[data.region] north" in line
 
 
 def test_an_era5_study_without_its_store_says_how_to_get_the_data(tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import typer
 
-from aurora_sweep.cli_data import data_app
+from aurora_sweep.cli_data import data_app, fail
 from aurora_sweep.errors import AuroraSweepError
 
 app = typer.Typer(
@@ -35,13 +35,6 @@ def _console(*, stderr: bool = False):
 
     stream = sys.stderr if stderr else sys.stdout
     return Console(stderr=stderr, width=None if stream.isatty() else 160, soft_wrap=True)
-
-
-def _fail(error: AuroraSweepError) -> None:
-    from rich.console import Console
-
-    Console(stderr=True).print(f"[red]error: {error}[/red]", highlight=False, soft_wrap=True)
-    raise typer.Exit(1)
 
 
 def _quiet_libraries() -> None:
@@ -92,7 +85,7 @@ def run(
             )
         summary = run_study(study, trials=trials, console=console)
     except AuroraSweepError as e:
-        _fail(e)
+        fail(e)
     console.print(_best_line(study))
     console.print(f"MLflow: run `mlflow ui` here, then open {summary.ui_link}")
 
@@ -132,7 +125,7 @@ def best(
             path = export_best(study, export)
             console.print(f"exported the best trial to {path} (see {path / 'README.md'})")
     except AuroraSweepError as e:
-        _fail(e)
+        fail(e)
 
 
 @app.command()
@@ -153,7 +146,7 @@ def evaluate(
             raise AuroraSweepError(f"--split {split!r}: use validation or test")
         scores = evaluate_adapter(adapter, split=split, checkpoint=checkpoint)
     except AuroraSweepError as e:
-        _fail(e)
+        fail(e)
     if as_json:
         print(json.dumps(scores))
         return

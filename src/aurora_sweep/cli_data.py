@@ -26,11 +26,13 @@ FilesArgument = typer.Argument(
 )
 
 
-def _fail(error: AuroraSweepError) -> None:
+def fail(error: AuroraSweepError) -> None:
     from rich.console import Console
+    from rich.markup import escape
 
+    # escaped: messages name config sections such as [data.region], which are not markup
     Console(stderr=True).print(
-        f"[red]error: {error}[/red]", markup=True, highlight=False, soft_wrap=True
+        f"[red]error: {escape(str(error))}[/red]", markup=True, highlight=False, soft_wrap=True
     )
     raise typer.Exit(1)
 
@@ -71,7 +73,7 @@ def download_command(
         )
         console.print(f"store ready at {path}")
     except AuroraSweepError as e:
-        _fail(e)
+        fail(e)
 
 
 @data_app.command("import")
@@ -91,4 +93,4 @@ def import_command(
         path = era5.import_files(files, study.data, progress=progress)
         Console().print(f"store ready at {path}")
     except AuroraSweepError as e:
-        _fail(e)
+        fail(e)
