@@ -64,3 +64,12 @@ def test_a_box_crossing_greenwich_imports_and_runs_end_to_end(tmp_path, monkeypa
     trial = optuna.load_study(study_name="across-greenwich", storage=config.storage).trials[0]
     assert trial.state == optuna.trial.TrialState.COMPLETE
     assert np.isfinite(trial.value) and "tp_skill_climatology" in trial.user_attrs
+    from mlflow.tracking import MlflowClient
+
+    from aurora_sweep.study import tracking_uri
+
+    client = MlflowClient(tracking_uri(config))
+    parent = client.get_run(
+        client.get_run(trial.user_attrs["mlflow_run_id"]).data.tags["mlflow.parentRunId"]
+    )
+    assert parent.data.tags["data.lon_shift_deg"] == "8.0"

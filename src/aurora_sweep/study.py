@@ -142,7 +142,7 @@ def run_study(
     from mlflow.tracking import MlflowClient
 
     from aurora_sweep.data import open_cube
-    from aurora_sweep.dataset import patch_crop
+    from aurora_sweep.dataset import model_longitudes, patch_crop
     from aurora_sweep.memory import MIB, check_cap, estimate_peak
     from aurora_sweep.model import resolve_checkpoint
     from aurora_sweep.worker import TrialWorker, WorkerCrashed, WorkerSpec
@@ -175,6 +175,7 @@ def run_study(
     # everything that can refuse (data, checkpoint) comes before the first MLflow run
     cube = open_cube(config, console=console)
     grid = patch_crop(cube.sizes["latitude"], cube.sizes["longitude"])
+    _, lon_shift = model_longitudes(cube["longitude"].values)
     resolve_checkpoint(config.model.base, config.model.checkpoint)
     cap = config.gpu_memory_cap
     worker = TrialWorker(
@@ -190,7 +191,9 @@ def run_study(
         run_name=f"{config.name} {dt.datetime.now():%Y-%m-%d %H:%M}",
         tags={"optuna.study": config.name, "optuna.storage": config.storage,
               "aurora_sweep.pretraining_overlap": str(overlap).lower(), "device": info["device"],
-              "gpu_memory_cap_mb": str(cap / MIB if cap else None), **_data_tags(config)},
+              "gpu_memory_cap_mb": str(cap / MIB if cap else None),
+              # a box crossing 0° is shifted east for Aurora (its longitudes must lie in [0, 360))
+              "data.lon_shift_deg": str(lon_shift), **_data_tags(config)},
     )  # fmt: skip
     summary = StudySummary(study, 0, experiment_id, parent.info.run_id)
     console.print(
