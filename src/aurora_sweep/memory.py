@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.overrides import TorchFunctionMode
 
+from aurora_sweep import store
 from aurora_sweep.errors import AuroraSweepError
 
 if TYPE_CHECKING:
@@ -49,9 +50,10 @@ MIB = 2**20
 #: Swin linears a trial may train, with the width of their input in units of the block width,
 #: and whether that input is the window-padded token set (attention) or the plain one (MLP).
 LINEAR_INPUTS = {"qkv": (1, True), "proj": (1, True), "fc1": (1, False), "fc2": (4, False)}
-SURF_VARS = ("2t", "10u", "10v", "msl", "tp")
-STATIC_VARS = ("lsm", "z", "slt")
-ATMOS_VARS = ("z", "u", "v", "t", "q")
+# the variables of a trial's batch, under Aurora's names
+SURF_VARS = (*store.SURF_VARS, store.TARGET_VAR)
+STATIC_VARS = tuple(store.AURORA_STATIC.values())
+ATMOS_VARS = store.ATMOS_VARS
 
 #: Bytes saved for backward per feature element, fitted by non-negative least squares to the
 #: saved-tensor bytes of one forward pass (torch.autograd.graph.saved_tensors_hooks, distinct

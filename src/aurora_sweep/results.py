@@ -92,25 +92,17 @@ def export_best(config: StudyConfig, target: Path) -> Path:
 def evaluate_adapter(adapter: Path, *, split: str, checkpoint: Path | None = None) -> dict:
     """Score an exported adapter on `split` with the data of the study it came from."""
     from aurora_sweep.data import open_cube
-    from aurora_sweep.dataset import Samples, TpStats, climatology
     from aurora_sweep.export import load_finetuned, read_meta
-    from aurora_sweep.train import TrialConfig, TrialData, default_device, score
+    from aurora_sweep.train import TrialConfig, TrialData, default_device, eval_indices, score
 
     adapter = Path(adapter)
     meta = read_meta(adapter)
     config = load_config(adapter / "study.toml")
     trial = TrialConfig.from_dict(meta["trial"])
-    cube = open_cube(config)
-    train = Samples(cube, config.data, "train")
-    data = TrialData(
-        train=train,
-        validation=Samples(cube, config.data, split),
-        tp=TpStats(meta["tp_stats"]["location"], meta["tp_stats"]["scale"]),
-        climatology=climatology(train.cube, config.data.train).values,
-    )
+    # the same splits and baselines as the trial had (the model carries its own tp statistics)
+    data = TrialData.prepare(open_cube(config), config, eval_split=split)
     device = default_device()
     model = load_finetuned(adapter, checkpoint=checkpoint, device=str(device))
     limit = trial.val_samples if split == "validation" else 0
     scores = score(model, data, val_samples=limit, batch_size=8, device=device)
-    n = len(data.validation) if limit == 0 else min(limit, len(data.validation))
-    return {**scores, "split": split, "samples": n}
+    return {**scores, "split": split, "samples": len(eval_indices(len(data.validation), limit))}
