@@ -17,7 +17,6 @@ same import as real downloads.
 
 from __future__ import annotations
 
-import datetime as dt
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -336,7 +335,3 @@ def demo_cube(world: DemoWorld = DemoWorld()) -> xr.Dataset:
             "longitude": world.lon,
         },
     )
-
-
-def first_day(world: DemoWorld = DemoWorld()) -> dt.date:
-    return dt.date(world.first_year, 1, 1)
