@@ -19,7 +19,9 @@ def test_help_answers_without_importing_the_heavy_libraries():
     seconds, heavy = out.stdout.split()
     assert heavy == "False"
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "aurora_sweep.cli", "--help"], capture_output=True, check=True)
+    subprocess.run(
+        [sys.executable, "-m", "aurora_sweep.cli", "--help"], capture_output=True, check=True
+    )
     assert time.perf_counter() - started < 2.0
 
 
@@ -45,7 +47,9 @@ def test_a_broken_config_is_one_line_and_exit_1(tmp_path):
 def test_an_era5_study_without_its_store_says_how_to_get_the_data(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = tmp_path / "era5.toml"
-    cfg.write_text('[data]\nsource = "era5"\nregion = { north = 60, south = 40, west = 0, east = 20 }\n')
+    cfg.write_text(
+        '[data]\nsource = "era5"\nregion = { north = 60, south = 40, west = 0, east = 20 }\n'
+    )
     line = _one_line_error(runner.invoke(app, ["run", "--config", str(cfg), "--trials", "1"]))
     assert "aurora-sweep data download" in line
 

@@ -1,12 +1,17 @@
+import dataclasses
 import datetime as dt
 
 import numpy as np
+import pandas as pd
 import pytest
 import xarray as xr
 
-from aurora_sweep.config import Period
+from aurora_sweep.config import Period, load_config
 from aurora_sweep.dataset import (
+    MIN_CLIMATOLOGY_SAMPLES,
     Samples,
+    climatology,
+    climatology_forecast,
     model_longitudes,
     patch_crop,
     sample_times,
@@ -33,9 +38,16 @@ def test_eastern_longitudes_are_left_alone():
 
 
 @pytest.mark.parametrize(
-    ("shape", "expected"), [((32, 48), (32, 48)), ((149, 209), (149, 208)), ((35, 50), (32, 48))]
+    ("shape", "expected"),
+    [
+        ((32, 48), (32, 48)),
+        ((149, 209), (148, 208)),
+        ((125, 241), (124, 240)),
+        ((35, 50), (32, 48)),
+    ],
 )
-def test_patch_crop_keeps_widths_multiple_of_four_and_heights_multiple_or_one_more(shape, expected):
+def test_patch_crop_gives_the_grid_aurora_forecasts_both_sides_multiples_of_four(shape, expected):
+    # Aurora accepts 4k+1 rows but forecasts 4k: the crop keeps exactly the forecast grid
     assert patch_crop(*shape) == expected
 
 
@@ -96,5 +108,97 @@ def test_tp_statistics_come_from_the_train_split_only(tiny_config):
     cube = open_store(tiny_config.data.store)
     stats = tp_stats(cube, tiny_config.data.train)
     train_only = cube["tp"].sel(time=slice("2022-01-01", "2022-12-31T23"))
-    assert stats.location == pytest.approx(float(train_only.mean()), rel=1e-5)
-    assert stats.location != pytest.approx(float(cube["tp"].mean()), rel=1e-3)
+    assert stats.mean == pytest.approx(float(train_only.mean()), rel=1e-5)
+    assert stats.mean != pytest.approx(float(cube["tp"].mean()), rel=1e-3)
+    # location 0: Aurora's clamp of positive variables (in normalised units) then means tp >= 0
+    assert stats.location == 0 and stats.scale == pytest.approx(float(train_only.std()), rel=1e-4)
+
+
+def _store_with_levels(tmp_path, levels, study_levels):
+    """A synthetic store holding `levels`, and a study config that uses `study_levels`."""
+    from conftest import write_tiny_config
+    from synthetic import write_region_store
+
+    config = load_config(write_tiny_config(tmp_path), workdir=tmp_path)
+    data = dataclasses.replace(config.data, levels=tuple(levels))
+    write_region_store(data, tmp_path / "store.zarr", days=["2022-01-03", "2023-01-03"])
+    cube = open_store(tmp_path / "store.zarr")
+    return cube, dataclasses.replace(config.data, levels=tuple(study_levels))
+
+
+def test_levels_listed_top_down_are_labelled_as_they_are_ordered(tmp_path):
+    cube, data = _store_with_levels(tmp_path, [500, 700, 850], [850, 700, 500])
+    samples = Samples(cube, data, "validation")
+    batch, _ = samples.batch([0])
+    assert batch.metadata.atmos_levels == (850, 700, 500)
+    t = samples.index[0]
+    for j, level in enumerate((850, 700, 500)):
+        expected = cube["t"].isel(time=t).sel(level=level).values
+        assert np.array_equal(batch.atmos_vars["t"][0, 1, j].numpy(), expected)
+
+
+def test_a_store_with_more_levels_than_the_study_gives_only_the_study_levels(tmp_path):
+    cube, data = _store_with_levels(tmp_path, [250, 500, 700, 850], [500])
+    samples = Samples(cube, data, "train")
+    batch, _ = samples.batch([0, 1])
+    assert batch.metadata.atmos_levels == (500,)
+    assert batch.atmos_vars["z"].shape[2] == 1
+    t = samples.index[1]
+    assert np.array_equal(
+        batch.atmos_vars["z"][1, 1, 0].numpy(), cube["z"].isel(time=t).sel(level=500).values
+    )
+    assert samples.observed_state([0])["z"].shape[1] == 1
+
+
+def test_targets_and_baselines_live_on_the_grid_the_model_forecasts(tmp_path):
+    from synthetic import make_cube
+
+    lat, lon = 50.0 - 0.25 * np.arange(33), 2.0 + 0.25 * np.arange(34)
+    times = np.array(["2022-01-01T00", "2022-01-01T06", "2022-01-01T12"], dtype="datetime64[ns]")
+    cube = make_cube(lat=lat, lon=lon, levels=(500,), times=times)
+    config = load_config(__import__("conftest").write_tiny_config(tmp_path), workdir=tmp_path)
+    data = dataclasses.replace(config.data, levels=(500,))
+    samples = Samples(cube, data, "train")
+    batch, target = samples.batch([0])
+    assert batch.spatial_shape == (32, 32) and target.shape == (1, 32, 32)
+    assert samples.observed([0]).shape == samples.persistence([0]).shape == (1, 32, 32)
+    assert list(samples.cube["latitude"].values) == list(lat[:32])
+
+
+def _monthly_cube(values_by_month: dict[int, float], days: int) -> xr.Dataset:
+    times = pd.date_range("2022-01-01", "2022-12-31T18", freq="6h")
+    times = times[times.day <= days]
+    tp = np.array([values_by_month.get(t.month, 0.0) + t.hour / 6 for t in times])
+    return xr.Dataset(
+        {"tp": (("time", "latitude", "longitude"), tp[:, None, None] * np.ones((1, 2, 3)))},
+        coords={"time": times.values},
+    )
+
+
+def test_climatology_has_a_seasonal_and_a_daily_cycle():
+    cube = _monthly_cube({m: 10.0 * m for m in range(1, 13)}, days=5)  # 5 samples per (month, hour)
+    assert MIN_CLIMATOLOGY_SAMPLES > 5
+    clim = climatology(cube, Period(dt.date(2022, 1, 1), dt.date(2022, 12, 31)))
+    assert clim.shape == (12, 4, 2, 3)
+    times = pd.DatetimeIndex(["2022-03-02T06", "2022-07-04T18"])
+    fc = climatology_forecast(clim, times)
+    # with 5 samples a (month, hour) borrows its neighbours: March from Feb..Apr averages to March
+    assert fc[0, 0, 0] == pytest.approx(30.0 + 1)
+    assert fc[1, 0, 0] == pytest.approx(70.0 + 3)
+
+
+def test_climatology_uses_the_month_alone_when_it_has_enough_samples():
+    cube = _monthly_cube({1: 0.0, 2: 100.0, 12: 50.0}, days=MIN_CLIMATOLOGY_SAMPLES)
+    clim = climatology(cube, Period(dt.date(2022, 1, 1), dt.date(2022, 12, 31)))
+    assert clim[1, 0, 0, 0] == pytest.approx(100.0)  # February: its own samples only
+    assert clim[0, 2, 0, 0] == pytest.approx(2.0)  # January at 12 UTC
+
+
+def test_climatology_of_a_month_with_too_few_samples_borrows_its_neighbours():
+    cube = _monthly_cube({1: 0.0, 2: 100.0, 12: 50.0}, days=MIN_CLIMATOLOGY_SAMPLES)
+    cube = cube.sel(time=~((cube["time"].dt.month == 1) & (cube["time"].dt.day > 2)))
+    clim = climatology(cube, Period(dt.date(2022, 1, 1), dt.date(2022, 12, 31)))
+    # January keeps 2 samples per hour: it widens to December..February
+    n = MIN_CLIMATOLOGY_SAMPLES
+    expected = (2 * 0.0 + n * 100.0 + n * 50.0) / (2 + 2 * n)
+    assert clim[0, 0, 0, 0] == pytest.approx(expected)

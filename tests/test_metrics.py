@@ -1,14 +1,59 @@
 import numpy as np
 import pytest
+import xarray as xr
+from scores.categorical import seeps as scores_seeps
+from scores.functions import create_latitude_weights
 
-from aurora_sweep.metrics import lat_weighted_rmse, skill, tp_scores
+from aurora_sweep.metrics import (
+    CATEGORICAL_THRESHOLDS_MM,
+    FSS_THRESHOLDS_MM,
+    FSS_WINDOWS,
+    SeepsClimate,
+    block_bootstrap,
+    lat_weighted_rmse,
+    objective_value,
+    seeps_climate,
+    skill,
+    tp_scores,
+)
 
 LAT = np.array([60.0, 0.0])
+DAY0 = np.datetime64("2023-01-01")
+
+
+def _climate(p_dry, light_heavy, month: int = 1) -> SeepsClimate:
+    """A climate known only for `month`: the given (lat, lon) fields, NaN elsewhere."""
+    p = np.full((12, *np.shape(p_dry)), np.nan)
+    t = np.full_like(p, np.nan)
+    p[month - 1], t[month - 1] = p_dry, light_heavy
+    return SeepsClimate(p_dry=p, light_heavy=t)
+
+
+def _lat(n: int) -> np.ndarray:
+    return LAT if n == 2 else np.linspace(60.0, 0.0, n)
+
+
+def _scores(forecast, observed, *, lat=None, seeps=None, persistence=None, climatology=None, **kw):
+    """tp_scores with every sample in January, one sample a day, a flat climate unless given."""
+    n = len(observed)
+    shape = np.shape(observed)[1:]
+    lat = _lat(shape[0]) if lat is None else lat
+    return tp_scores(
+        forecast=forecast,
+        observed=observed,
+        persistence=observed if persistence is None else persistence,
+        climatology=observed if climatology is None else climatology,
+        lat=lat,
+        months=np.ones(n, dtype=int),
+        days=DAY0 + np.arange(n),
+        seeps=seeps or _climate(np.full(shape, 0.5), np.full(shape, 2.0)),
+        **{"bootstrap": 0, **kw},
+    )
 
 
 def test_perfect_forecast_has_zero_rmse_and_skill_one():
     obs = np.random.default_rng(0).gamma(1.0, 2.0, (3, 2, 4))
-    s = tp_scores(forecast=obs, observed=obs, persistence=obs + 1, climatology=obs * 0, lat=LAT)
+    s = _scores(obs, obs, persistence=obs + 1, climatology=obs * 0)
     assert s["tp_rmse"] == 0 and s["tp_skill_persistence"] == 1 and s["tp_bias"] == 0
 
 
@@ -25,3 +70,182 @@ def test_errors_near_the_pole_weigh_less_than_at_the_equator():
 
 def test_skill_is_zero_when_no_better_than_the_reference():
     assert skill(2.0, 2.0) == 0 and skill(1.0, 2.0) == 0.5 and skill(3.0, 2.0) < 0
+
+
+def test_seeps_matches_the_hand_computed_error_matrix():
+    # SEEPS (Rodwell et al. 2010, eq. 15; WeatherBench 2): with p1 the dry fraction and
+    # p3 = (1 - p1) / 3 the heavy fraction, the error for forecast category (row) against
+    # observed category (column), categories dry / light / heavy, is
+    #   1/2 * [[0,                  1/(1-p1),  1/p3 + 1/(1-p1)],
+    #          [1/p1,               0,         1/p3           ],
+    #          [1/p1 + 1/(1-p3),    1/(1-p3),  0              ]]
+    # dry: <= 0.1 mm; light: above that and <= the light/heavy threshold; heavy: above it.
+    p1, threshold = 0.4, 3.0
+    p3 = (1 - p1) / 3
+    forecast = np.array(
+        [[[0.05, 4.0, 2.0, 3.0]]]
+    )  # dry, heavy, light, light (3.0: on the threshold)
+    observed = np.array([[[1.0, 0.1, 3.5, 0.5]]])  # light, dry (0.1: on the dry line), heavy, light
+    expected = np.mean(
+        [
+            0.5 / (1 - p1),  # dry forecast, light observed
+            0.5 * (1 / p1 + 1 / (1 - p3)),  # heavy forecast, dry observed
+            0.5 / p3,  # light forecast, heavy observed
+            0.0,  # light, light
+        ]
+    )
+    climate = _climate(np.full((1, 4), p1), np.full((1, 4), threshold))
+    lat = np.array([0.0])
+    s = _scores(forecast, observed, lat=lat, seeps=climate)
+    assert s["tp_seeps"] == pytest.approx(expected)
+    value = objective_value(
+        "tp_seeps",
+        forecast=forecast,
+        observed=observed,
+        lat=lat,
+        months=np.array([1]),
+        seeps=climate,
+    )
+    assert value == s["tp_seeps"]
+
+
+def test_seeps_ignores_points_whose_dry_fraction_is_outside_the_climate_mask():
+    forecast = np.array([[[0.0, 0.0, 0.0]]])
+    observed = np.array([[[1.0, 9.0, 9.0]]])  # a dry forecast of rain at all three points
+    p_dry = np.array([[0.5, 0.9, 0.05]])  # only the first point lies in [0.1, 0.85]
+    s = _scores(
+        forecast, observed, lat=np.array([0.0]), seeps=_climate(p_dry, np.full((1, 3), 2.0))
+    )
+    assert s["tp_seeps"] == pytest.approx(0.5 / (1 - 0.5))
+
+
+def test_pooled_seeps_is_what_scores_gives_over_all_samples_and_points():
+    rng = np.random.default_rng(1)
+    observed = rng.gamma(0.5, 2.0, (5, 3, 4))
+    forecast = rng.gamma(0.5, 2.0, (5, 3, 4))
+    lat = np.array([50.0, 40.0, 30.0])
+    p_dry = rng.uniform(0.0, 1.0, (3, 4))  # some points masked
+    climate = _climate(p_dry, np.full((3, 4), 1.5))
+    dims = ("sample", "latitude", "longitude")
+    direct = scores_seeps(
+        xr.DataArray(forecast, dims=dims),
+        xr.DataArray(observed, dims=dims),
+        xr.DataArray(p_dry, dims=dims[1:]),
+        xr.DataArray(np.full((3, 4), 1.5), dims=dims[1:]),
+        dry_light_threshold=0.1,
+        weights=create_latitude_weights(xr.DataArray(lat, dims="latitude")),
+    )
+    assert _scores(forecast, observed, lat=lat, seeps=climate)["tp_seeps"] == pytest.approx(
+        float(direct)
+    )
+
+
+def test_contingency_scores_match_hand_counts():
+    # event: tp >= 1 mm. Points: 2 hits (one forecast exactly 1.0), 1 miss, 3 false alarms,
+    # 2 correct negatives.
+    forecast = np.array([[[1.0, 3.0, 0.0, 2.0, 1.5, 1.2, 0.0, 0.5]]])
+    observed = np.array([[[2.0, 1.0, 4.0, 0.0, 0.2, 0.9, 0.0, 0.3]]])
+    hits, misses, false_alarms, total = 2, 1, 3, 8
+    s = _scores(forecast, observed, lat=np.array([0.0]))
+    assert s["tp_csi_1"] == pytest.approx(hits / (hits + misses + false_alarms))
+    random_hits = (hits + misses) * (hits + false_alarms) / total
+    ets = (hits - random_hits) / (hits + misses + false_alarms - random_hits)
+    assert s["tp_ets_1"] == pytest.approx(ets)
+    assert s["tp_fbias_1"] == pytest.approx((hits + false_alarms) / (hits + misses))
+
+
+def test_seeps_climate_gives_dry_fraction_and_wet_two_thirds_quantile_per_month():
+    tp = np.array([0.0, 0.1, 0.5, 1.0, 2.0, 4.0, 0.0, 3.0, 6.0, np.nan])[:, None, None]
+    months = np.array([1, 1, 1, 1, 1, 1, 2, 2, 2, 2])
+    climate = seeps_climate(tp, months)
+    # January: 0.0 and 0.1 are dry (<= 0.1): 2 of 6. Wet 0.5, 1, 2, 4: 2/3 quantile at
+    # position (4 - 1) * 2/3 = 2 -> 2.0
+    assert climate.p_dry[0, 0, 0] == pytest.approx(2 / 6)
+    assert climate.light_heavy[0, 0, 0] == pytest.approx(2.0)
+    # February (the NaN left out): 1 dry of 3. Wet 3, 6: position 2/3 -> 3 + 2/3 * 3 = 5
+    assert climate.p_dry[1, 0, 0] == pytest.approx(1 / 3)
+    assert climate.light_heavy[1, 0, 0] == pytest.approx(5.0)
+    assert np.isnan(climate.p_dry[2:]).all() and np.isnan(climate.light_heavy[2:]).all()
+
+
+def _rain_days(n_days: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    observed = rng.gamma(0.5, 2.0, (n_days, 3, 4))
+    return {"forecast": observed + rng.normal(0.0, 0.5, observed.shape), "observed": observed}
+
+
+def test_bootstrap_interval_contains_the_estimate_and_narrows_with_more_days():
+    widths = []
+    for n_days in (20, 400):
+        data = _rain_days(n_days, seed=n_days)
+        clim = np.broadcast_to(data["observed"].mean(0), data["observed"].shape)
+        s = _scores(**data, climatology=clim, bootstrap=300)
+        assert s["tp_rmse_q05"] <= s["tp_rmse"] <= s["tp_rmse_q95"]
+        assert s["tp_skill_climatology_q05"] <= s["tp_skill_climatology"]
+        assert s["tp_skill_climatology"] <= s["tp_skill_climatology_q95"]
+        widths.append(s["tp_rmse_q95"] - s["tp_rmse_q05"])
+    assert widths[1] < widths[0] / 2
+
+
+def test_bootstrap_draws_whole_days_and_their_neighbours_together():
+    days = DAY0 + np.array([0, 0, 0, 1, 2, 2, 3, 4, 4, 4, 5])  # several samples on some days
+    unique = np.unique(days)
+    for idx in block_bootstrap(days, n_resamples=50, block_days=2, seed=3):
+        sequence, pos = [], 0
+        while pos < len(idx):  # a resample is whole days, one after another
+            members = np.flatnonzero(days == days[idx[pos]])
+            assert sorted(idx[pos : pos + len(members)]) == list(members)
+            sequence.append(np.searchsorted(unique, days[idx[pos]]))
+            pos += len(members)
+        assert len(sequence) == 6  # ceil(6 days / 2) blocks of 2 days
+        for first, second in zip(sequence[::2], sequence[1::2]):
+            assert second == (first + 1) % len(unique)  # the next day present, wrapping round
+
+
+def test_perfect_forecast_scores_perfectly():
+    rng = np.random.default_rng(2)
+    observed = rng.gamma(0.5, 4.0, (2, 12, 12))  # 12x12: both FSS windows fit
+    s = _scores(observed, observed, lat=np.linspace(50.0, 39.0, 12))
+    assert s["tp_rmse"] == 0 and s["tp_mae"] == 0 and s["tp_seeps"] == 0
+    assert all(s[f"tp_csi_{t:g}"] == 1 for t in CATEGORICAL_THRESHOLDS_MM)
+    assert all(s[f"tp_fss_{t:g}_w{w}"] == 1 for t in FSS_THRESHOLDS_MM for w in FSS_WINDOWS)
+
+
+def test_references_score_like_the_model_when_given_the_same_forecast():
+    data = _rain_days(6, seed=4)
+    s = _scores(**data, persistence=data["forecast"], climatology=data["forecast"], bootstrap=20)
+    model_keys = [k for k in s if not k.startswith("tp_skill") and not k.endswith(("_q05", "_q95"))]
+    model_keys = [k for k in model_keys if not k.endswith(("_persistence", "_climatology"))]
+    for key in model_keys:
+        for ref in ("persistence", "climatology"):
+            assert s[f"{key}_{ref}"] == pytest.approx(s[key], nan_ok=True)
+    assert s["tp_skill_persistence"] == 0 and s["tp_skill_climatology"] == 0
+
+
+def test_objective_value_is_the_number_tp_scores_reports():
+    data = _rain_days(9, seed=5)
+    climate = seeps_climate(data["observed"], np.ones(9, dtype=int))
+    for objective in ("tp_rmse", "tp_seeps"):
+        s = _scores(**data, seeps=climate, objective=objective)
+        months = np.ones(9, dtype=int)
+        value = objective_value(objective, **data, lat=_lat(3), months=months, seeps=climate)
+        assert value == s[objective]
+
+
+def test_samples_with_missing_observations_are_dropped_and_nan_forecasts_score_nan():
+    data = _rain_days(5, seed=6)
+    holed = {**data, "observed": data["observed"].copy()}
+    holed["observed"][2, 1, 1] = np.nan
+    kept = {k: v[[0, 1, 3, 4]] for k, v in data.items()}
+    assert _scores(**holed)["tp_rmse"] == pytest.approx(_scores(**kept)["tp_rmse"])
+    broken = {**data, "forecast": data["forecast"].copy()}
+    broken["forecast"][0, 0, 0] = np.nan
+    s = _scores(**broken)
+    assert np.isnan(s["tp_rmse"]) and np.isnan(s["tp_skill_persistence"])
+    assert np.isfinite(s["tp_rmse_persistence"])
+
+
+def test_an_unknown_objective_is_refused():
+    data = _rain_days(2, seed=7)
+    with pytest.raises(ValueError, match="objective"):
+        _scores(**data, objective="tp_crps")

@@ -54,7 +54,10 @@ def test_a_checkpoint_with_extra_keys_is_refused(tmp_path):
 
 def test_a_checkpoint_of_another_architecture_is_refused(tmp_path):
     small = build_base("demo", with_tp=False)
-    d = {k: torch.zeros(*v.shape[:-1], v.shape[-1] + 1) if v.ndim else v for k, v in small.state_dict().items()}
+    d = {
+        k: torch.zeros(*v.shape[:-1], v.shape[-1] + 1) if v.ndim else v
+        for k, v in small.state_dict().items()
+    }
     torch.save(d, tmp_path / "wide.ckpt")
     with pytest.raises(AuroraSweepError, match="does not fit"):
         load_base_checkpoint(build_base("demo", tp_stats=STATS), tmp_path / "wide.ckpt")
@@ -80,9 +83,10 @@ def test_unfreezing_takes_the_last_blocks_in_forward_order():
     apply_lora(model, rank=2, targets="qkv")
     parts = set_trainable(model, unfrozen_blocks=2)
     last_two = [name for name, _ in backbone_blocks(model)[-2:]]
-    assert {p.split(".blocks.")[0] + ".blocks." + p.split(".blocks.")[1].split(".")[0] for p in parts.blocks} == set(
-        last_two
-    )
+    assert {
+        p.split(".blocks.")[0] + ".blocks." + p.split(".blocks.")[1].split(".")[0]
+        for p in parts.blocks
+    } == set(last_two)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == set(parts.lora) | set(parts.new_variable) | set(parts.blocks)
 
@@ -103,7 +107,9 @@ def test_fp16_on_a_cpu_is_refused_with_advice():
 
 
 @pytest.mark.parametrize("unfrozen", [0, 1])
-def test_training_changes_lora_and_tp_weights_and_leaves_every_frozen_weight_bit_for_bit(tiny_config, unfrozen):
+def test_training_changes_lora_and_tp_weights_and_leaves_every_frozen_weight_bit_for_bit(
+    tiny_config, unfrozen
+):
     """peft's own test, on Aurora: after a few optimiser steps only the trainable weights moved."""
     cube = open_store(tiny_config.data.store)
     train = Samples(cube, tiny_config.data, "train")
@@ -112,7 +118,9 @@ def test_training_changes_lora_and_tp_weights_and_leaves_every_frozen_weight_bit
         learning_rate=1e-2, activation_checkpointing=False, base="demo", levels=(500, 700, 850), steps=3,
         eval_every=3, val_samples=4, weight_decay=0.0, seed=0,
     )  # fmt: skip
-    peft_model, model, parts = build_trial_model(trial, tp_stats(train.cube, tiny_config.data.train), DEMO_CHECKPOINT)
+    peft_model, model, parts = build_trial_model(
+        trial, tp_stats(train.cube, tiny_config.data.train), DEMO_CHECKPOINT
+    )
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for step in range(3):
@@ -131,7 +139,11 @@ def test_training_changes_lora_and_tp_weights_and_leaves_every_frozen_weight_bit
     lora_b = [n for n in parts.lora if "lora_B" in n]
     assert sum(not torch.equal(model.get_parameter(n), before[n]) for n in lora_b) == len(lora_b)
     if unfrozen:
-        assert all(not torch.equal(model.get_parameter(n), before[n]) for n in parts.blocks if n.endswith("weight"))
+        assert all(
+            not torch.equal(model.get_parameter(n), before[n])
+            for n in parts.blocks
+            if n.endswith("weight")
+        )
     assert np.isfinite(loss.item())
 
 
@@ -165,3 +177,20 @@ def test_small_pretrained_loads_a_checkpoint_in_aurora_format_with_tp_added(tmp_
     name = "backbone.encoder_layers.0.blocks.0.attn.qkv.weight"
     assert torch.equal(model.get_parameter(name), source.get_parameter(name))
     assert sum(p.numel() for p in source.parameters()) == pytest.approx(112.8e6, rel=0.01)
+
+
+def test_tp_forecasts_are_never_negative_even_from_a_head_that_says_so(tiny_config):
+    from aurora_sweep.model import init_new_variable
+
+    cube = open_store(tiny_config.data.store)
+    samples = Samples(cube, tiny_config.data, "validation")
+    model = build_base("demo", tp_stats=(0.0, 2.0))
+    load_base_checkpoint(model, DEMO_CHECKPOINT)
+    init_new_variable(model, start=-3.0)  # every raw tp output is -6 mm
+    with torch.no_grad():
+        tp = model(samples.batch([0, 1])[0]).surf_vars["tp"]
+    assert (tp == 0).all()
+    init_new_variable(model, start=0.5)
+    with torch.no_grad():
+        tp = model(samples.batch([0, 1])[0]).surf_vars["tp"]
+    assert torch.allclose(tp, torch.full_like(tp, 1.0))  # 0.5 * scale 2 mm, unclamped

@@ -13,8 +13,12 @@ from aurora_sweep.study import open_study, run_study, tracking_uri
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 METRICS = {
-    "train_loss", "val_loss", "peak_memory_mb", "trial_seconds", "tp_rmse", "tp_rmse_persistence",
-    "tp_rmse_climatology", "tp_skill_persistence", "tp_skill_climatology",
+    "train_loss", "val_loss", "val_tp_seeps_subset", "peak_memory_mb", "trial_seconds",
+    "tp_rmse", "tp_rmse_persistence", "tp_rmse_climatology", "tp_mae", "tp_bias", "tp_seeps",
+    "tp_seeps_persistence", "tp_seeps_climatology", "tp_seeps_q05", "tp_seeps_q95",
+    "tp_csi_1", "tp_ets_5_climatology", "tp_fbias_0.1", "tp_fss_1_w5", "tp_fss_5_w11_persistence",
+    "tp_skill_persistence", "tp_skill_climatology", "tp_skill_climatology_q05",
+    "forget_2t_ratio", "forget_z500_ratio", "forget_q850_ratio", "forget_worst_ratio",
 }  # fmt: skip
 PARAMS = {"lora_rank", "lora_targets", "unfrozen_blocks", "batch_size", "precision"}
 
@@ -60,6 +64,44 @@ def test_every_trial_is_a_child_run_with_its_params_and_metrics(finished_study):
         assert [m.step for m in history] == list(range(1, 5))
         artifacts = {f.path for f in client.list_artifacts(run.info.run_id, "adapter")}
         assert "adapter/adapter_model.safetensors" in artifacts
+        figures = {f.path for f in client.list_artifacts(run.info.run_id, "figures")}
+        assert {"figures/loss_curves.png", "figures/cases.png"} <= figures
+    for parent in parents:
+        names = {f.path for f in client.list_artifacts(parent, "study")}
+        assert {"study/optimization_history.png", "study/skill_vs_memory.png"} <= names
+
+
+@pytest.mark.slow
+def test_pruned_and_completed_trials_store_the_objective_in_the_same_units(finished_study):
+    config, *_ = finished_study
+    for trial in open_study(config, create=False).trials:
+        if trial.state == optuna.trial.TrialState.COMPLETE:
+            # the pruner saw SEEPS on the fixed subset, never the normalised training loss
+            assert all(0 <= v <= 2 for v in trial.intermediate_values.values())
+            assert trial.value == pytest.approx(trial.user_attrs["tp_seeps"])
+            lo, hi = trial.user_attrs["tp_seeps_q05"], trial.user_attrs["tp_seeps_q95"]
+            assert lo <= trial.value <= hi
+
+
+@pytest.mark.slow
+def test_the_base_models_scores_are_computed_once_per_study(finished_study):
+    config, *_ = finished_study
+    base = open_study(config, create=False).user_attrs["base_mse"]
+    assert {"2t", "msl", "z500", "t850"} <= set(base) and all(v > 0 for v in base.values())
+
+
+@pytest.mark.slow
+def test_best_marks_the_trials_whose_interval_overlaps_the_best(finished_study):
+    from aurora_sweep.results import interval, overlaps_best
+
+    config, *_ = finished_study
+    trials = ranked_trials(config)
+    marks = overlaps_best(trials, "tp_seeps")
+    assert marks[0] is True
+    best = interval(trials[0], "tp_seeps")
+    for t, mark in zip(trials, marks):
+        lo, hi = interval(t, "tp_seeps")
+        assert mark == (lo <= best[1] and best[0] <= hi)
 
 
 @pytest.mark.slow
@@ -71,10 +113,47 @@ def test_exported_adapter_reproduces_the_trials_validation_score(finished_study,
             "aurora_sweep.json", "study.toml", "README.md"} <= {p.name for p in out.iterdir()}  # fmt: skip
     meta = json.loads((out / "aurora_sweep.json").read_text())
     assert meta["base"]["name"] == "demo" and len(meta["base"]["sha256"]) == 64
-    scores = evaluate_adapter(out, split="validation")
-    assert scores["tp_rmse"] == pytest.approx(best.value, rel=1e-4)
-    test_scores = evaluate_adapter(out, split="test")
-    assert test_scores["samples"] > scores["samples"] or test_scores["split"] == "test"
+    scores = evaluate_adapter(out, split="validation", bootstrap=0)
+    assert scores["tp_seeps"] == pytest.approx(best.value, rel=1e-4)
+    assert scores["tp_rmse"] == pytest.approx(best.user_attrs["tp_rmse"], rel=1e-4)
+    assert scores["forget_z500_ratio"] == pytest.approx(
+        best.user_attrs["forget_z500_ratio"], rel=1e-4
+    )
+    test_scores = evaluate_adapter(out, split="test", bootstrap=0)
+    assert test_scores["split"] == "test" and test_scores["tp_seeps"] != scores["tp_seeps"]
+
+
+@pytest.mark.slow
+def test_report_writes_one_page_with_its_figures_and_tables(finished_study, tmp_path):
+    from typer.testing import CliRunner
+
+    from aurora_sweep.cli import app
+
+    config, *_ = finished_study
+    out = export_best(config, tmp_path / "adapter")
+    page = tmp_path / "report.html"
+    result = CliRunner().invoke(
+        app, ["report", str(out), "--split", "test", "--point", "55,10", "--out", str(page)]
+    )
+    assert result.exit_code == 0, result.output
+    html = page.read_text()
+    for figure in ("cases.png", "reliability.png", "point_series.png", "loss_curves.png"):
+        assert f'alt="{figure}"' in html
+    assert html.count("data:image/png;base64,") == 4
+    assert "tp_csi_1" in html and "tp_fss_5_w11" in html and "z500" in html
+    assert 'src="http' not in html
+
+
+@pytest.mark.slow
+def test_report_refuses_a_point_outside_the_region(finished_study, tmp_path):
+    from typer.testing import CliRunner
+
+    from aurora_sweep.cli import app
+
+    config, *_ = finished_study
+    out = export_best(config, tmp_path / "adapter")
+    result = CliRunner().invoke(app, ["report", str(out), "--point", "-30,150"])
+    assert result.exit_code == 1 and "outside the region" in result.output
 
 
 @pytest.mark.slow

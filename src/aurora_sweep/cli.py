@@ -91,16 +91,23 @@ def run(
 
 
 def _best_line(config) -> str:
-    from aurora_sweep.results import ranked_trials
+    from aurora_sweep.results import interval, ranked_trials
 
     trials = ranked_trials(config)
     if not trials:
         return "no completed trial within the memory cap yet"
     b, a = trials[0], trials[0].user_attrs
+    ci = interval(b, config.objective)
     return (
-        f"best: trial {b.number}, tp_rmse {b.value:.4f} mm; skill vs persistence "
-        f"{a.get('tp_skill_persistence', float('nan')):+.3f}, vs climatology "
-        f"{a.get('tp_skill_climatology', float('nan')):+.3f}"
+        f"best: trial {b.number}, {config.objective} {b.value:.4f}"
+        + (f" (90 % interval {ci[0]:.4f}–{ci[1]:.4f})" if ci else "")
+        + f"; skill vs persistence {a.get('tp_skill_persistence', float('nan')):+.3f}, "
+        f"vs climatology {a.get('tp_skill_climatology', float('nan')):+.3f}"
+        + (
+            f"; worst forgetting {a['forget_worst']} ×{a['forget_worst_ratio']:.2f}"
+            if "forget_worst" in a
+            else ""
+        )
     )
 
 
@@ -156,6 +163,43 @@ def evaluate(
     for k, v in scores.items():
         table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
     _console().print(table)
+
+
+def _point(text: str | None) -> tuple[float, float] | None:
+    if text is None:
+        return None
+    try:
+        lat, lon = (float(v) for v in text.split(","))
+    except ValueError:
+        raise AuroraSweepError(
+            f"--point {text!r}: give latitude and longitude in degrees, e.g. --point 48.2,16.4"
+        ) from None
+    return lat, lon
+
+
+@app.command()
+def report(
+    adapter: Path = typer.Argument(..., help="An adapter directory from `best --export`."),
+    split: str = typer.Option("validation", "--split", help="validation or test."),
+    point: str | None = typer.Option(
+        None, "--point", help="LAT,LON: add the time series at the nearest grid point."
+    ),
+    out: Path = typer.Option(Path("report.html"), "--out", "-o", help="The HTML file to write."),
+    checkpoint: Path | None = typer.Option(None, help="Local base checkpoint file."),
+) -> None:
+    """Write one self-contained HTML report: scores with intervals, forgetting, maps."""
+    _quiet_libraries()
+    from aurora_sweep.results import report_adapter
+
+    try:
+        if split not in ("validation", "test"):
+            raise AuroraSweepError(f"--split {split!r}: use validation or test")
+        path = report_adapter(
+            adapter, split=split, out=out, point=_point(point), checkpoint=checkpoint
+        )
+    except AuroraSweepError as e:
+        fail(e)
+    _console().print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ AURORA_LEVELS = (50, 100, 150, 200, 250, 300, 400, 500, 600, 700, 850, 925, 1000
 LORA_MODULES = ("qkv", "proj", "fc1", "fc2")
 PRECISIONS = ("fp32", "bf16", "fp16")
 BASE_MODELS = ("demo", "small-pretrained")
+#: What Optuna may minimise (mm per 6 h, or SEEPS's dimensionless error), see metrics.py.
+OBJECTIVES = ("tp_seeps", "tp_rmse")
 DATA_SOURCES = ("demo", "era5")
 
 PACKAGE_DIR = Path(__file__).parent
@@ -111,6 +113,7 @@ class StudyConfig:
 
     name: str
     path: Path
+    objective: str
     storage: str
     tracking_uri: str | None
     gpu_memory_cap: int | None
@@ -253,6 +256,11 @@ def _build(raw: dict, path: Path, workdir: Path) -> StudyConfig:
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         raise AuroraSweepError(f"[study] name {name!r}: use letters, digits, '.', '_' and '-'")
 
+    objective = study.get("objective", "tp_seeps")
+    if objective not in OBJECTIVES:
+        raise AuroraSweepError(
+            f"[study] objective {objective!r} is not one of {', '.join(OBJECTIVES)}"
+        )
     source = data.get("source", "era5")
     if source not in DATA_SOURCES:
         raise AuroraSweepError(f"[data] source {source!r} is not one of {', '.join(DATA_SOURCES)}")
@@ -330,6 +338,7 @@ def _build(raw: dict, path: Path, workdir: Path) -> StudyConfig:
     return StudyConfig(
         name=name,
         path=path.resolve(),
+        objective=objective,
         storage=storage,
         tracking_uri=study.get("tracking_uri"),
         gpu_memory_cap=parse_memory(cap) if cap is not None else None,

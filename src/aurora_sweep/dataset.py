@@ -6,7 +6,10 @@ belongs to a split when all three of its times fall inside that split's period, 
 leaks from one split into another's inputs.
 
 Aurora wants latitudes strictly decreasing and longitudes strictly increasing in [0, 360), with
-a width that is a multiple of the patch size. `model_longitudes` maps a box onto that: western-
+a width that is a multiple of the patch size. It accepts one row more than a multiple of the patch
+size but drops that row inside its forward pass, so its forecast is one row short of such an
+input: samples are cut to the grid the model forecasts (`patch_crop`), and targets, baselines and
+scores all live on that grid. `model_longitudes` maps a box onto that: western-
 hemisphere boxes move by +360 (exact); a box crossing 0° is shifted east until its western edge
 is 0°, which offsets Aurora's position encoding by that many degrees (reported in `lon_shift`).
 """
@@ -51,10 +54,12 @@ def model_longitudes(lon: np.ndarray) -> tuple[np.ndarray, float]:
 
 
 def patch_crop(n_lat: int, n_lon: int) -> tuple[int, int]:
-    """Largest (rows, cols) that Aurora accepts: cols a multiple of 4, rows a multiple or +1."""
+    """The grid Aurora forecasts for an n_lat x n_lon region: both sides multiples of 4.
+
+    Aurora also takes 4k+1 rows, but crops the last one in `Batch.crop` and forecasts 4k rows; a
+    region at 0.25° between whole degrees has 4k+1 rows, so that row is dropped here, up front.
+    """
     rows = n_lat - n_lat % PATCH
-    if n_lat % PATCH == 1:
-        rows = n_lat
     cols = n_lon - n_lon % PATCH
     if rows < PATCH or cols < PATCH:
         raise AuroraSweepError(
@@ -63,7 +68,7 @@ def patch_crop(n_lat: int, n_lon: int) -> tuple[int, int]:
     return rows, cols
 
 
-def _in_period(times: np.ndarray, period: Period) -> np.ndarray:
+def in_period(times: np.ndarray, period: Period) -> np.ndarray:
     start = np.datetime64(period.start)
     end = np.datetime64(period.end + dt.timedelta(days=1))
     return (times >= start) & (times < end)
@@ -76,7 +81,7 @@ def sample_times(cube: xr.Dataset, period: Period) -> np.ndarray:
         return np.zeros(0, dtype=int)
     t = np.arange(1, times.size - 1)
     ok = (times[t] - times[t - 1] == STEP) & (times[t + 1] - times[t] == STEP)
-    inside = _in_period(times, period)
+    inside = in_period(times, period)
     ok &= inside[t - 1] & inside[t + 1]
     complete = np.isfinite(cube[TARGET_VAR].isel(latitude=0, longitude=0).values)
     ok &= complete[t - 1] & complete[t] & complete[t + 1]
@@ -85,18 +90,24 @@ def sample_times(cube: xr.Dataset, period: Period) -> np.ndarray:
 
 @dataclass(frozen=True)
 class TpStats:
-    """tp's normalisation (mm per 6 h), from the train split only."""
+    """tp's normalisation (mm per 6 h), from the train split only.
+
+    The location is 0, not the mean: Aurora clamps a positive variable (`positive_surf_vars`) at 0
+    in normalised units, which means tp >= 0 only when tp's location is 0. The mean is kept to
+    start the new tp head at the train-split mean.
+    """
 
     location: float
     scale: float
+    mean: float = 0.0
 
 
 def tp_stats(cube: xr.Dataset, train: Period) -> TpStats:
-    tp = cube[TARGET_VAR].sel(time=_in_period(cube["time"].values, train))
+    tp = cube[TARGET_VAR].sel(time=in_period(cube["time"].values, train))
     if tp.sizes["time"] == 0:
         raise AuroraSweepError(f"no data in the train period {train.start}..{train.end}")
     mean, std = float(tp.mean()), float(tp.std())
-    return TpStats(location=mean, scale=max(std, 1e-3))
+    return TpStats(location=0.0, scale=max(std, 1e-3), mean=mean)
 
 
 class Samples:
@@ -111,9 +122,12 @@ class Samples:
             raise AuroraSweepError(f"the data store has no level(s) {missing} hPa; rebuild it")
         rows, cols = patch_crop(cube.sizes["latitude"], cube.sizes["longitude"])
         cube = cube.isel(latitude=slice(0, rows), longitude=slice(0, cols))
-        self.cube = load_if_small(cube.sel(level=list(data.levels)))
+        # the study's levels in the study's order; labels come from the selection itself, so the
+        # level axis of every tensor and `atmos_levels` always name the same levels
+        cube = cube.sel(level=list(data.levels))
+        self.cube = load_if_small(cube)
         self.split = split
-        self.levels = tuple(int(v) for v in cube["level"].values)
+        self.levels = tuple(int(v) for v in self.cube["level"].values)
         self.index = sample_times(cube, periods[split])
         if self.index.size == 0:
             p = periods[split]
@@ -178,8 +192,48 @@ class Samples:
         t = self.index[np.asarray(indices)]
         return self.cube[TARGET_VAR].isel(time=t + 1).values
 
+    def observed_state(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
+        """Every variable Aurora already predicts, at the target time: surface (n, lat, lon),
+        atmospheric (n, level, lat, lon) with levels in `self.levels` order."""
+        t = self.index[np.asarray(indices)] + 1
+        win = self.cube[[*SURF_VARS, *ATMOS_VARS]].isel(time=t)
+        return {k: np.asarray(win[k].values, dtype=np.float32) for k in (*SURF_VARS, *ATMOS_VARS)}
 
-def climatology(cube: xr.Dataset, train: Period) -> xr.DataArray:
-    """Mean tp by hour of day and grid point over the train split (the climatology forecast)."""
-    tp = cube[TARGET_VAR].sel(time=_in_period(cube["time"].values, train))
-    return tp.groupby("time.hour").mean("time")
+
+#: A (month, hour) with fewer train samples than this borrows the neighbouring months.
+MIN_CLIMATOLOGY_SAMPLES = 8
+
+
+def climatology(cube: xr.Dataset, train: Period) -> np.ndarray:
+    """Mean tp by calendar month, hour of day and grid point over the train split, mm per 6 h.
+
+    Shaped (12, 4, lat, lon) for months 1..12 and hours 0, 6, 12, 18 UTC: the climatology
+    forecast with its seasonal and daily cycles. Where a (month, hour) has fewer than
+    `MIN_CLIMATOLOGY_SAMPLES` train samples, the window widens to the month before and after,
+    then to the whole train split at that hour.
+    """
+    tp = cube[TARGET_VAR].sel(time=in_period(cube["time"].values, train))
+    times = pd.DatetimeIndex(tp["time"].values)
+    values = np.asarray(tp.values, dtype=np.float64)
+    ok = np.isfinite(values).all(axis=(1, 2))
+    months, hours = times.month.values, times.hour.values
+    out = np.full((12, 4, *values.shape[1:]), np.nan)
+    for h in range(4):
+        at_hour = ok & (hours == 6 * h)
+        if not at_hour.any():
+            raise AuroraSweepError(
+                f"the train period has no tp at {6 * h:02d} UTC: the climatology needs all four "
+                "6-hourly model times"
+            )
+        for m in range(1, 13):
+            for window in ({m}, {(m - 2) % 12 + 1, m, m % 12 + 1}, set(range(1, 13))):
+                pick = at_hour & np.isin(months, list(window))
+                if pick.sum() >= MIN_CLIMATOLOGY_SAMPLES or len(window) == 12:
+                    out[m - 1, h] = values[pick].mean(axis=0)
+                    break
+    return out
+
+
+def climatology_forecast(clim: np.ndarray, times: pd.DatetimeIndex) -> np.ndarray:
+    """The climatology (12, 4, lat, lon) looked up for each target time: (n, lat, lon)."""
+    return clim[times.month.values - 1, times.hour.values // 6]

@@ -7,7 +7,7 @@ Layout of an adapter directory:
 - `trained_weights.safetensors`: what peft cannot hold: tp's patch embedding and decoder head
   (Aurora keeps them in a ParameterDict) and any unfrozen backbone blocks;
 - `aurora_sweep.json`: the trial's config, tp's normalisation, the base checkpoint's name and
-  sha256, the data region/levels/splits, and the trial's metrics;
+  sha256, the data region/levels/splits, the trial's metrics and loss curves;
 - `study.toml`: the study config the trial ran under (for `evaluate`);
 - `README.md`: a model card (written by `export_best`).
 
@@ -51,9 +51,10 @@ def save_adapter(
     checkpoint: Path,
     study_config: Path,
     metrics: dict[str, float],
+    history: dict[str, list] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a trial's adapter directory."""
+    """Write a trial's adapter directory (`history`: its loss curves, for the report)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
@@ -63,13 +64,19 @@ def save_adapter(
     shutil.copyfile(study_config, directory / "study.toml")
     meta = {
         "trial": trial.to_dict(),
-        "tp_stats": {"location": tp.location, "scale": tp.scale, "units": "mm per 6 h"},
+        "tp_stats": {
+            "location": tp.location,
+            "scale": tp.scale,
+            "mean": tp.mean,
+            "units": "mm per 6 h",
+        },  # fmt: skip
         "base": {
             "name": trial.base,
             "checkpoint": checkpoint.name,
             "sha256": file_sha256(checkpoint),
         },
         "metrics": metrics,
+        "history": history or {},
         **(extra or {}),
     }
     (directory / META).write_text(json.dumps(meta, indent=2, default=str))
@@ -139,8 +146,11 @@ region {region} at {grid}° on pressure levels {levels} hPa.
 | --- | --- |
 {metrics}
 
-`tp_skill_*` is 1 - RMSE/RMSE_reference: above 0 beats the reference. Persistence repeats the
-last observed 6-h total; climatology is the train-split mean by grid point and time of day.
+`tp_skill_*` is 1 - objective/objective_reference ({objective}): above 0 beats the reference.
+`*_q05`/`*_q95` bound the 90 % block-bootstrap interval. Persistence repeats the last observed 6-h
+total; climatology is the train-split mean by grid point, calendar month and time of day.
+`forget_<var>_ratio` is the fine-tuned model's RMSE over the base model's (> 1: worse). For every
+score with its interval and the maps: `aurora-sweep report {dir}`.
 
 ## Data
 
@@ -181,6 +191,7 @@ def write_model_card(directory: Path, *, study: str, number: int) -> Path:
         study=study,
         recipe="\n".join(f"| {k} | {v} |" for k, v in trial.items()),
         val="validation",
+        objective=meta.get("objective", "tp_rmse"),
         metrics="\n".join(f"| {k} | {v:.4f} |" for k, v in meta["metrics"].items()),
         train=data.get("train", "?"),
         valp=data.get("validation", "?"),

@@ -1,40 +1,238 @@
-"""Forecast skill for tp: latitude-weighted RMSE and bias, and skill against baselines.
+"""Precipitation verification: the tp scores every trial and every evaluation reports.
 
-Scores come from `scores` (the Bureau of Meteorology's verification package) on xarray data, so
-that the numbers here mean what they mean elsewhere in the field. All tp values are mm per 6 h.
+Why this module exists: a sweep ranks trials by one number and a report compares recipes, so the
+numbers must mean what they mean elsewhere in the field. Every score comes from `scores` (the
+Bureau of Meteorology's verification package, on xarray data); this module only chooses the
+scores' settings, feeds them samples in chunks (bounded memory), combines per-sample statistics
+(for pooling and for the bootstrap) and names the results. All values are mm per 6 h.
+
+Inputs: arrays shaped (n, lat, lon) for n samples, `lat` in degrees, `months` (1..12) and `days`
+(datetime64[D]) of each sample's *target* time.
+
+The scores, for a forecast f against observations o (`w` = cos(latitude), from scores'
+`create_latitude_weights`; "pooled" = over all samples and grid points together):
+
+- `tp_rmse`, `tp_mae`, `tp_bias`: latitude-weighted pooled root mean squared error, mean absolute
+  error and mean error f - o (scores' `mse`, `mae`, `additive_bias`, per sample, then averaged:
+  every kept sample has the same total weight, so that average is the pooled weighted mean).
+- `tp_seeps`: the Stable Equitable Error in Probability Space (Rodwell et al. 2010) as WeatherBench 2
+  uses it for 6-hour totals, via `scores.categorical.seeps`. Each value falls in a category: dry
+  (<= `DRY_MM` = 0.1 mm; scores' default of 0.2 mm is for other accumulations), light (> 0.1 mm and
+  <= the point's light/heavy threshold), heavy (> that threshold). With p1 the point's climatological
+  dry fraction and p3 = (1 - p1)/3 its heavy fraction, the error for forecast category (row) and
+  observed category (column) is
+
+      1/2 * [[0,                    1/(1-p1),   1/p3 + 1/(1-p1)],
+             [1/p1,                 0,          1/p3           ],
+             [1/p1 + 1/(1-p3),      1/(1-p3),   0              ]]
+
+  p1 and the threshold (the 2/3 quantile of wet totals) come from `SeepsClimate`, per calendar month
+  of the target time and grid point, from the train split. Points whose month's p1 lies outside
+  [0.1, 0.85] (scores keeps both ends) or has no climate are masked; the score is the
+  latitude-weighted mean over the remaining points of all samples (0 perfect, about 1 for a
+  climatological forecast; lower is better).
+- `tp_csi_{t}`, `tp_ets_{t}`, `tp_fbias_{t}`: critical success index hits/(hits+misses+false
+  alarms), equitable threat score (hits corrected for random hits) and frequency bias (forecast
+  events / observed events) for the event "tp >= t mm", t in `CATEGORICAL_THRESHOLDS_MM`. `>=` is
+  the side of scores' `ThresholdEventOperator` default (`operator.ge`), which we pass explicitly.
+  Counts are pooled over samples and points and NOT latitude-weighted: these are the usual
+  grid-point contingency counts (scores' `transform` sums events; MET's grid-stat does the same by
+  default), and they live in grid space like the FSS next to them.
+- `tp_fss_{t}_w{w}`: fractions skill score (Roberts and Lean 2008) of the event "tp >= t mm" in
+  square windows of w x w grid points, `scores.spatial.fss_2d` with `np.greater_equal` (its default
+  is `>`, which we override to match the categorical scores) and its default inner border (windows
+  wholly inside the region); pooled over samples the way scores aggregates (sums of the window
+  fraction terms, then one ratio). scores gives 0 when neither field has an event; a window larger
+  than the region gives NaN here.
+- `tp_skill_persistence`, `tp_skill_climatology`: 1 - objective/objective of the reference
+  (`skill`), on the chosen objective (`OBJECTIVES`).
+
+Missing data: samples whose observed field holds any NaN are dropped from every score, for the
+model and both references alike (the comparison stays paired); scores would otherwise skip NaN in
+the continuous scores and SEEPS but count them as "no event" in the FSS. A forecast holding a NaN
+or inf on a kept sample has failed: all its scores (and skills) are NaN rather than scores of the
+points where it happened to be finite.
 """
 
 from __future__ import annotations
 
+import math
+import operator
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
 import numpy as np
 import xarray as xr
-from scores.continuous import additive_bias, rmse
+from scores.categorical import BasicContingencyManager, ThresholdEventOperator
+from scores.categorical import seeps as scores_seeps
+from scores.continuous import additive_bias, mae, mse, rmse
 from scores.functions import create_latitude_weights
+from scores.spatial import fss_2d
+
+DRY_MM = 0.1  # WeatherBench 2's dry threshold for 6-hour totals
+CATEGORICAL_THRESHOLDS_MM = (0.1, 1.0, 5.0)
+FSS_THRESHOLDS_MM = (1.0, 5.0)
+FSS_WINDOWS = (5, 11)  # square windows, in grid points
+OBJECTIVES = ("tp_rmse", "tp_seeps")
+SEEPS_P_DRY_RANGE = (0.1, 0.85)  # Rodwell et al.'s climate mask; also scores' defaults
+LIGHT_HEAVY_QUANTILE = 2 / 3
 
 DIMS = ("sample", "latitude", "longitude")
+SPATIAL = ("latitude", "longitude")
+# Grid points scored at once (samples x lat x lon): scores builds a dozen full-size temporaries per
+# call, so 2**21 points (64 samples at 0.25 deg over Europe) keep that near 200 MB for any n.
+CHUNK_POINTS = 2**21
+_SEEPS_EXTREME_P = "`prob_dry` contains values that are exactly equal to 0 or 1"
 
 
-def _field(values: np.ndarray, lat: np.ndarray) -> xr.DataArray:
-    return xr.DataArray(
-        np.asarray(values, dtype=np.float64), dims=DIMS, coords={"latitude": np.asarray(lat)}
-    )
+@dataclass(frozen=True)
+class SeepsClimate:
+    """SEEPS climatology per calendar month and grid point, from the train split.
+
+    Months without samples, and points of a month without wet values, are NaN: SEEPS masks them.
+    """
+
+    p_dry: np.ndarray  # (12, lat, lon): fraction of 6-h totals <= the dry threshold
+    light_heavy: np.ndarray  # (12, lat, lon) mm: 2/3 quantile of the totals above it
+
+
+def seeps_climate(
+    tp: np.ndarray, months: np.ndarray, *, dry_threshold: float = DRY_MM
+) -> SeepsClimate:
+    """The SEEPS climate of a series of 6-hour totals, per calendar month and grid point.
+
+    A total is dry when it is <= `dry_threshold` (the rule of scores' `seeps`) and wet otherwise;
+    the light/heavy threshold is the 2/3 quantile of the wet totals with numpy's default (linear)
+    interpolation. NaN totals are left out.
+
+    Args:
+        tp: 6-hour totals in mm, (n, lat, lon), typically the train split.
+        months: the calendar month (1..12) of each total's valid time, (n,).
+        dry_threshold: the dry/light boundary in mm; use the one the scores will use.
+    """
+    tp = np.asarray(tp)
+    months = np.asarray(months)
+    if tp.ndim != 3 or months.shape != tp.shape[:1]:
+        raise ValueError(
+            f"tp must be (n, lat, lon) and months (n,); got {tp.shape} and {months.shape}"
+        )
+    p_dry = np.full((12, *tp.shape[1:]), np.nan)
+    light_heavy = np.full_like(p_dry, np.nan)
+    for m in range(1, 13):
+        values = tp[months == m].astype(np.float64)
+        if values.size == 0:
+            continue
+        valid = ~np.isnan(values)
+        n_valid = valid.sum(axis=0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            p_dry[m - 1] = np.where(
+                n_valid > 0, (values <= dry_threshold).sum(axis=0) / n_valid, np.nan
+            )
+        light_heavy[m - 1] = _nan_quantile(np.where(values > dry_threshold, values, np.nan))
+    return SeepsClimate(p_dry=p_dry, light_heavy=light_heavy)
+
+
+def _nan_quantile(values: np.ndarray, q: float = LIGHT_HEAVY_QUANTILE) -> np.ndarray:
+    """np.nanquantile(values, q, axis=0), linear, without its Python loop over every grid point."""
+    ordered = np.sort(values, axis=0)  # NaN sort last
+    count = (~np.isnan(values)).sum(axis=0)
+    pos = np.maximum(count - 1, 0) * q
+    lo = np.floor(pos).astype(int)
+    hi = np.minimum(lo + 1, np.maximum(count - 1, 0))
+    below = np.take_along_axis(ordered, lo[None], axis=0)[0]
+    above = np.take_along_axis(ordered, hi[None], axis=0)[0]
+    return np.where(count > 0, below + (pos - lo) * (above - below), np.nan)
 
 
 def lat_weighted_rmse(forecast: np.ndarray, observed: np.ndarray, lat: np.ndarray) -> float:
     """RMSE over samples and grid points, each point weighted by cos(latitude)."""
-    weights = create_latitude_weights(xr.DataArray(np.asarray(lat), dims="latitude"))
-    fc, ob = _field(forecast, lat), _field(observed, lat)
-    return float(rmse(fc, ob, weights=weights))
-
-
-def lat_weighted_bias(forecast: np.ndarray, observed: np.ndarray, lat: np.ndarray) -> float:
-    weights = create_latitude_weights(xr.DataArray(np.asarray(lat), dims="latitude"))
-    return float(additive_bias(_field(forecast, lat), _field(observed, lat), weights=weights))
+    return float(rmse(_field(forecast), _field(observed), weights=_weights(lat)))
 
 
 def skill(score: float, reference: float) -> float:
     """1 - score/reference: 1 is perfect, 0 is no better than the reference."""
     return 1.0 - score / reference if reference > 0 else float("nan")
+
+
+def block_bootstrap(
+    days: np.ndarray, *, n_resamples: int, block_days: int, seed: int
+) -> list[np.ndarray]:
+    """Resamples of the samples, in blocks of consecutive days (a circular block bootstrap).
+
+    The scheme: order the distinct days present in `days` (n_days of them). A resample draws
+    k = ceil(n_days / block_days) start days uniformly with replacement; each block is its start day
+    and the next `block_days - 1` distinct days present, wrapping from the last day to the first
+    (so every day is equally likely to be drawn); the resample is every sample of every day of the
+    blocks, block after block. It holds k * block_days days, at most block_days - 1 more than the
+    original. Whole days stay together and neighbouring days travel together, which keeps the
+    day-to-day correlation of weather that an i.i.d. bootstrap over samples would ignore and so
+    gives intervals that are not too narrow.
+
+    Args:
+        days: each sample's day, datetime64[D] (any order; repeated for several samples a day).
+        n_resamples: how many resamples to draw.
+        block_days: the number of consecutive days in a block (>= 1).
+        seed: the random generator's seed; the same seed gives the same resamples.
+
+    Returns:
+        `n_resamples` integer arrays of indices into `days`.
+    """
+    if block_days < 1 or n_resamples < 0:
+        raise ValueError(
+            f"need block_days >= 1 and n_resamples >= 0; got {block_days}, {n_resamples}"
+        )
+    unique, day_of_sample = np.unique(np.asarray(days), return_inverse=True)
+    n_days = unique.size
+    if n_days == 0:
+        return [np.zeros(0, dtype=int) for _ in range(n_resamples)]
+    by_day = np.argsort(day_of_sample, kind="stable")  # sample indices grouped by day
+    per_day = np.bincount(day_of_sample, minlength=n_days)
+    first = np.cumsum(per_day) - per_day  # where each day's samples start in `by_day`
+    n_blocks = math.ceil(n_days / block_days)
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, n_days, size=(n_resamples, n_blocks))
+    chosen = (starts[..., None] + np.arange(block_days)) % n_days  # (resample, block, day)
+    resamples = []
+    for picked in chosen.reshape(n_resamples, -1):
+        lengths = per_day[picked]
+        ends = np.cumsum(lengths)
+        offsets = np.repeat(first[picked] - (ends - lengths), lengths)
+        resamples.append(by_day[offsets + np.arange(ends[-1])])
+    return resamples
+
+
+def objective_value(
+    objective: str,
+    *,
+    forecast: np.ndarray,
+    observed: np.ndarray,
+    lat: np.ndarray,
+    months: np.ndarray,
+    seeps: SeepsClimate,
+) -> float:
+    """The objective alone, for one forecast: the same number `tp_scores` reports for it.
+
+    Args:
+        objective: one of `OBJECTIVES`.
+        forecast: the model's forecast, mm per 6 h, (n, lat, lon).
+        observed: the observed totals, (n, lat, lon).
+        lat: latitudes in degrees, (lat,).
+        months: calendar month (1..12) of each sample's target time, (n,).
+        seeps: the train split's SEEPS climate (used for `tp_seeps`).
+    """
+    _check_objective(objective)
+    _check_inputs(observed, lat, months, seeps, forecast=forecast)
+    keep = _observed_samples(observed)
+    forecast, observed, months = (
+        _take(keep, forecast),
+        _take(keep, observed),
+        np.asarray(months)[keep],
+    )
+    if not np.isfinite(forecast).all():
+        return float("nan")
+    terms = _objective_terms(objective, forecast, observed, lat, months, seeps)
+    return _objective_from(objective, *(t.sum() for t in terms))
 
 
 def tp_scores(
@@ -44,16 +242,296 @@ def tp_scores(
     persistence: np.ndarray,
     climatology: np.ndarray,
     lat: np.ndarray,
+    months: np.ndarray,
+    days: np.ndarray,
+    seeps: SeepsClimate,
+    objective: str = "tp_rmse",
+    bootstrap: int = 1000,
+    block_days: int = 3,
+    seed: int = 0,
 ) -> dict[str, float]:
-    """The tp metrics every trial and every evaluation reports."""
-    model = lat_weighted_rmse(forecast, observed, lat)
-    pers = lat_weighted_rmse(persistence, observed, lat)
-    clim = lat_weighted_rmse(climatology, observed, lat)
-    return {
-        "tp_rmse": model,
-        "tp_bias": lat_weighted_bias(forecast, observed, lat),
-        "tp_rmse_persistence": pers,
-        "tp_rmse_climatology": clim,
-        "tp_skill_persistence": skill(model, pers),
-        "tp_skill_climatology": skill(model, clim),
+    """The tp scores of the model and of the persistence and climatology forecasts.
+
+    Keys: `tp_rmse`, `tp_mae`, `tp_bias`, `tp_seeps`, `tp_csi_{t}`, `tp_ets_{t}`, `tp_fbias_{t}`
+    (t in `CATEGORICAL_THRESHOLDS_MM`, written `f"{t:g}"`), `tp_fss_{t}_w{w}` (t in
+    `FSS_THRESHOLDS_MM`, w in `FSS_WINDOWS`), each for the model and with the suffixes
+    `_persistence` and `_climatology`; `tp_skill_persistence` and `tp_skill_climatology` on
+    `objective`; and, when `bootstrap` > 0, the 5 % and 95 % quantiles (`_q05`, `_q95`) of the
+    objective and of both skills over a paired block bootstrap of days (`block_bootstrap`; the same
+    resamples for the model and both references). The module docstring defines each score.
+
+    Args:
+        forecast: the model's forecast, mm per 6 h, (n, lat, lon).
+        observed: the observed totals, (n, lat, lon).
+        persistence: the persistence forecast (tp at the last input time), (n, lat, lon).
+        climatology: the climatology forecast, (n, lat, lon).
+        lat: latitudes in degrees, (lat,).
+        months: calendar month (1..12) of each sample's target time, (n,).
+        days: each sample's target day, datetime64[D], (n,).
+        seeps: the train split's SEEPS climate.
+        objective: the score the skills and the bootstrap use, one of `OBJECTIVES`.
+        bootstrap: number of bootstrap resamples; 0 for none.
+        block_days: consecutive days per bootstrap block.
+        seed: the bootstrap's seed.
+    """
+    _check_objective(objective)
+    _check_inputs(
+        observed,
+        lat,
+        months,
+        seeps,
+        days=days,
+        forecast=forecast,
+        persistence=persistence,
+        climatology=climatology,
+    )
+    keep = _observed_samples(observed)
+    observed = _take(keep, observed)
+    months, days = np.asarray(months)[keep], np.asarray(days)[keep]
+    forecasts = {"": forecast, "_persistence": persistence, "_climatology": climatology}
+    out: dict[str, float] = {}
+    terms: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for suffix, values in forecasts.items():
+        values = _take(keep, values)
+        scores_, terms[suffix] = _all_scores(objective, values, observed, lat, months, seeps)
+        out.update({f"{name}{suffix}": v for name, v in scores_.items()})
+    for ref in ("persistence", "climatology"):
+        out[f"tp_skill_{ref}"] = skill(out[objective], out[f"{objective}_{ref}"])
+    if bootstrap > 0:
+        resamples = block_bootstrap(days, n_resamples=bootstrap, block_days=block_days, seed=seed)
+        value = {
+            s: _objective_from(objective, *(_resampled_sums(t, resamples) for t in terms[s]))
+            for s in forecasts
+        }
+        out[f"{objective}_q05"], out[f"{objective}_q95"] = _interval(value[""])
+        for ref in ("persistence", "climatology"):
+            skills = np.array([skill(m, r) for m, r in zip(value[""], value[f"_{ref}"])])
+            out[f"tp_skill_{ref}_q05"], out[f"tp_skill_{ref}_q95"] = _interval(skills)
+    return out
+
+
+def _all_scores(
+    objective: str,
+    forecast: np.ndarray,
+    observed: np.ndarray,
+    lat: np.ndarray,
+    months: np.ndarray,
+    seeps: SeepsClimate,
+) -> tuple[dict[str, float], tuple[np.ndarray, np.ndarray]]:
+    """Every score of one forecast, and its objective's per-sample (numerator, denominator)."""
+    if len(observed) == 0 or not np.isfinite(forecast).all():
+        nan = np.full(len(observed), np.nan)
+        return dict.fromkeys(_score_names(), float("nan")), (nan, nan)
+    rmse_terms = _objective_terms("tp_rmse", forecast, observed, lat, months, seeps)
+    seeps_terms = _objective_terms("tp_seeps", forecast, observed, lat, months, seeps)
+    n = len(observed)
+    ab, err = np.zeros(n), np.zeros(n)
+    counts = {
+        t: dict.fromkeys(("tp_count", "tn_count", "fp_count", "fn_count"), 0.0)
+        for t in CATEGORICAL_THRESHOLDS_MM
     }
+    weights = _weights(lat)
+    for sl, fc, ob, _, _ in _chunks(forecast, observed, months, seeps):
+        ab[sl] = mae(fc, ob, preserve_dims="sample", weights=weights).values
+        err[sl] = additive_bias(fc, ob, preserve_dims="sample", weights=weights).values
+        for t in CATEGORICAL_THRESHOLDS_MM:
+            table = ThresholdEventOperator(default_event_threshold=t, default_op_fn=operator.ge)
+            chunk_counts = (
+                table.make_contingency_manager(fc, ob).transform(reduce_dims="all").counts
+            )
+            for key in counts[t]:
+                counts[t][key] += float(chunk_counts[key])
+    result = {
+        # every kept sample has the same total weight: the mean of per-sample means is pooled
+        "tp_rmse": _objective_from("tp_rmse", *(t.sum() for t in rmse_terms)),
+        "tp_mae": float(ab.mean()),
+        "tp_bias": float(err.mean()),
+        "tp_seeps": _objective_from("tp_seeps", *(t.sum() for t in seeps_terms)),
+    }
+    for t, c in counts.items():
+        c = {k: xr.DataArray(v) for k, v in c.items()}
+        c["total_count"] = sum(c.values())
+        table = BasicContingencyManager(c)
+        result[f"tp_csi_{t:g}"] = float(table.critical_success_index())
+        result[f"tp_ets_{t:g}"] = float(table.equitable_threat_score())
+        result[f"tp_fbias_{t:g}"] = float(table.frequency_bias())
+    # events only: no float64 copy of the whole set
+    fc, ob = _field(forecast, dtype=None), _field(observed, dtype=None)
+    for t in FSS_THRESHOLDS_MM:
+        for w in FSS_WINDOWS:
+            result[f"tp_fss_{t:g}_w{w}"] = _fss(fc, ob, t, w)
+    return result, rmse_terms if objective == "tp_rmse" else seeps_terms
+
+
+def _score_names() -> list[str]:
+    names = ["tp_rmse", "tp_mae", "tp_bias", "tp_seeps"]
+    for kind in ("csi", "ets", "fbias"):
+        names += [f"tp_{kind}_{t:g}" for t in CATEGORICAL_THRESHOLDS_MM]
+    names += [f"tp_fss_{t:g}_w{w}" for t in FSS_THRESHOLDS_MM for w in FSS_WINDOWS]
+    return names
+
+
+def _objective_terms(
+    objective: str,
+    forecast: np.ndarray,
+    observed: np.ndarray,
+    lat: np.ndarray,
+    months: np.ndarray,
+    seeps: SeepsClimate,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sample (numerator, denominator) of the objective: summed over samples, they give it.
+
+    tp_rmse: each sample's latitude-weighted MSE, and 1 (every kept sample weighs the same).
+    tp_seeps: each sample's latitude-weighted sum of SEEPS over its valid points, and their weight.
+    """
+    n = len(observed)
+    num, den = np.zeros(n), np.ones(n)
+    weights = _weights(lat)
+    for sl, fc, ob, p_dry, light_heavy in _chunks(forecast, observed, months, seeps):
+        if objective == "tp_rmse":
+            num[sl] = mse(fc, ob, preserve_dims="sample", weights=weights).values
+        else:
+            num[sl], den[sl] = _seeps_terms(fc, ob, p_dry, light_heavy, weights)
+    return num, den
+
+
+def _objective_from(
+    objective: str, num: np.ndarray | float, den: np.ndarray | float
+) -> np.ndarray | float:
+    """The objective from summed terms: sqrt of the mean squared error, or the SEEPS weighted mean."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = np.divide(num, den)
+    value = np.sqrt(ratio) if objective == "tp_rmse" else ratio
+    return float(value) if np.ndim(value) == 0 else value
+
+
+def _seeps_terms(
+    fc: xr.DataArray,
+    ob: xr.DataArray,
+    p_dry: xr.DataArray,
+    light_heavy: xr.DataArray,
+    weights: xr.DataArray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per sample: the latitude-weighted sum of SEEPS over valid points, and those points' weight."""
+    low, high = SEEPS_P_DRY_RANGE
+    with warnings.catch_warnings():
+        # p1 of exactly 0 or 1 (never/always dry): scores warns, then masks them as we want
+        warnings.filterwarnings("ignore", message=_SEEPS_EXTREME_P, category=UserWarning)
+        pointwise = scores_seeps(
+            fc,
+            ob,
+            p_dry,
+            light_heavy,
+            dry_light_threshold=DRY_MM,
+            mask_clim_extremes=True,
+            lower_masked_value=low,
+            upper_masked_value=high,
+            preserve_dims="all",
+        )
+    total = (pointwise * weights).sum(SPATIAL).values
+    weight = weights.where(pointwise.notnull(), 0.0).sum(SPATIAL).values
+    return total, weight
+
+
+def _fss(fc: xr.DataArray, ob: xr.DataArray, threshold: float, window: int) -> float:
+    if window > min(fc.sizes["latitude"], fc.sizes["longitude"]):
+        return float("nan")  # no window fits in the region
+    return float(
+        fss_2d(
+            fc,
+            ob,
+            event_threshold=threshold,
+            window_size=(window, window),
+            spatial_dims=SPATIAL,
+            threshold_operator=np.greater_equal,
+        )
+    )
+
+
+def _chunks(
+    forecast: np.ndarray,
+    observed: np.ndarray,
+    months: np.ndarray,
+    seeps: SeepsClimate,
+) -> Iterator[tuple[slice, xr.DataArray, xr.DataArray, xr.DataArray, xr.DataArray]]:
+    """Consecutive chunks of samples as DataArrays, with each sample's month's SEEPS climate."""
+    month_index = np.asarray(months, dtype=int) - 1
+    step = max(1, CHUNK_POINTS // (observed.shape[1] * observed.shape[2]))
+    for start in range(0, len(observed), step):
+        sl = slice(start, start + step)
+        clim = [
+            xr.DataArray(c[month_index[sl]], dims=DIMS) for c in (seeps.p_dry, seeps.light_heavy)
+        ]
+        yield sl, _field(forecast[sl]), _field(observed[sl]), *clim
+
+
+def _resampled_sums(values: np.ndarray, resamples: list[np.ndarray]) -> np.ndarray:
+    """The sum of `values` over each resample's indices, in one pass."""
+    if values.size == 0:
+        return np.zeros(len(resamples))
+    lengths = np.array([len(r) for r in resamples])
+    starts = np.cumsum(lengths) - lengths
+    return np.add.reduceat(values[np.concatenate(resamples)], starts)
+
+
+def _interval(values: np.ndarray) -> tuple[float, float]:
+    q05, q95 = np.quantile(values, [0.05, 0.95])
+    return float(q05), float(q95)
+
+
+def _observed_samples(observed: np.ndarray) -> np.ndarray:
+    """Mask of the samples whose observed field is complete (NaN-free)."""
+    return ~np.isnan(np.asarray(observed)).any(axis=(1, 2))
+
+
+def _take(keep: np.ndarray, values: np.ndarray) -> np.ndarray:
+    values = np.asarray(values)
+    return values if keep.all() else values[keep]  # no copy of a year of fields in the usual case
+
+
+def _check_objective(objective: str) -> None:
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}: use one of {', '.join(OBJECTIVES)}")
+
+
+def _check_inputs(
+    observed: np.ndarray,
+    lat: np.ndarray,
+    months: np.ndarray,
+    seeps: SeepsClimate,
+    days: np.ndarray | None = None,
+    **forecasts: np.ndarray,
+) -> None:
+    shape = np.shape(observed)
+    if len(shape) != 3 or shape[1] != np.size(lat):
+        raise ValueError(
+            f"observed must be (n, lat, lon) with lat of length {np.size(lat)}; got {shape}"
+        )
+    for name, values in forecasts.items():
+        if np.shape(values) != shape:
+            raise ValueError(f"{name} is shaped {np.shape(values)}, observed {shape}")
+    for name, values in {"months": months, "days": days}.items():
+        if values is not None and np.shape(values) != shape[:1]:
+            raise ValueError(
+                f"{name} must have one entry per sample ({shape[0]}); got {np.shape(values)}"
+            )
+    for name, clim in {"p_dry": seeps.p_dry, "light_heavy": seeps.light_heavy}.items():
+        if np.shape(clim) != (12, *shape[1:]):
+            raise ValueError(
+                f"the SEEPS climate's {name} is shaped {np.shape(clim)}, not (12, {shape[1]}, "
+                f"{shape[2]}): build it on the grid that is scored"
+            )
+    if shape[0] and not np.isin(months, np.arange(1, 13)).all():
+        raise ValueError("months must be calendar months 1..12 (of each sample's target time)")
+
+
+def _weights(lat: np.ndarray) -> xr.DataArray:
+    return create_latitude_weights(xr.DataArray(np.asarray(lat, dtype=np.float64), dims="latitude"))
+
+
+def _field(values: np.ndarray, dtype: type | None = np.float64) -> xr.DataArray:
+    """(n, lat, lon) values as a DataArray; float64 so that sums of squares keep their digits.
+
+    No coordinates: arrays here share one grid, and indexes would make xarray align every operation.
+    """
+    return xr.DataArray(np.asarray(values, dtype=dtype), dims=DIMS)

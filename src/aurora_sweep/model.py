@@ -68,16 +68,22 @@ def build_base(
     surf_stats = {NEW_VAR: tp_stats} if with_tp and tp_stats is not None else None
     if with_tp and tp_stats is None:
         raise ValueError("a model with tp needs tp_stats=(location, scale)")
+    # Aurora's own clamp of positive variables, applied to the first forecast step too, so a tp
+    # forecast is never negative (it clamps in normalised units: tp's location must be 0)
+    positive = dict(positive_surf_vars=(NEW_VAR,), clamp_at_first_step=True) if with_tp else {}
     if base == "demo":
         return Aurora(
             surf_vars=surf_vars,
             surf_stats=surf_stats,
             use_lora=False,
             timestep=timedelta(hours=6),
+            **positive,
             **DEMO_ARCH,
         )
     if base == "small-pretrained":
-        return AuroraSmallPretrained(surf_vars=surf_vars, surf_stats=surf_stats, use_lora=False)
+        return AuroraSmallPretrained(
+            surf_vars=surf_vars, surf_stats=surf_stats, use_lora=False, **positive
+        )
     raise AuroraSweepError(f"unknown base model {base!r}: use 'demo' or 'small-pretrained'")
 
 
@@ -155,16 +161,17 @@ def load_base_checkpoint(model: Aurora, path: Path) -> None:
         raise AuroraSweepError(f"{path} does not match the base model: {'; '.join(parts)}")
 
 
-def init_new_variable(model: Aurora) -> None:
-    """Start tp's patch embedding and head at zero.
+def init_new_variable(model: Aurora, *, start: float = 0.0) -> None:
+    """Start tp's patch embedding and head at zero, the head's bias at `start`.
 
     The pretrained model then behaves exactly as before (tp adds nothing to the latent state) and
-    predicts tp's train-split mean everywhere; training moves it from there, instead of from random
-    weights that would first have to be unlearned.
+    predicts `start` (normalised units: the train-split mean over the scale) everywhere; training
+    moves it from there, instead of from random weights that would first have to be unlearned.
     """
     with torch.no_grad():
         for key in new_variable_keys(model):
             model.get_parameter(key).zero_()
+        model.decoder.surf_heads[NEW_VAR].bias.fill_(start)
 
 
 def lora_target_regex(targets: str) -> str:

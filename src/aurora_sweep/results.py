@@ -19,7 +19,7 @@ from aurora_sweep.study import open_study, tracking_uri
 
 
 def ranked_trials(config: StudyConfig) -> list[optuna.trial.FrozenTrial]:
-    """Completed trials within the memory cap, best (lowest tp RMSE) first."""
+    """Completed trials within the memory cap, best (lowest objective) first."""
     study = open_study(config, create=False)
     done = [
         t
@@ -31,26 +31,67 @@ def ranked_trials(config: StudyConfig) -> list[optuna.trial.FrozenTrial]:
     return sorted(done, key=lambda t: t.value)
 
 
+def interval(trial: optuna.trial.FrozenTrial, objective: str) -> tuple[float, float] | None:
+    """The 90 % bootstrap interval of a trial's objective, when it was computed."""
+    a = trial.user_attrs
+    if f"{objective}_q05" in a and f"{objective}_q95" in a:
+        return a[f"{objective}_q05"], a[f"{objective}_q95"]
+    return None
+
+
+def overlaps_best(trials: list[optuna.trial.FrozenTrial], objective: str) -> list[bool]:
+    """For each trial (best first): does its interval overlap the best trial's?
+
+    Scores of nearby trials differ by less than their sampling noise; a trial whose interval
+    overlaps the best one's is not distinguishable from it on this validation split.
+    """
+    if not trials:
+        return []
+    best = interval(trials[0], objective)
+    out = []
+    for t in trials:
+        mine = interval(t, objective)
+        out.append(
+            best is not None and mine is not None and mine[0] <= best[1] and best[0] <= mine[1]
+        )
+    return out
+
+
 def top_trials_table(config: StudyConfig, *, top: int = 10) -> Table:
     trials = ranked_trials(config)
+    objective = config.objective
     table = Table(
-        title=f"study {config.name}: best {min(top, len(trials))} of {len(trials)} completed trials"
+        title=f"study {config.name}: best {min(top, len(trials))} of {len(trials)} completed "
+        f"trials by {objective} (validation; 90 % interval; ≈: overlaps the best's interval)"
     )
-    cols = ("trial", "tp_rmse", "skill pers.", "skill clim.", "rank", "targets", "unfrozen",
-            "batch", "precision", "lr", "ckpt", "peak MB", "s")  # fmt: skip
+    cols = ("trial", objective, "90 % interval", "≈", "skill pers.", "skill clim.", "worst forget",
+            "rank", "targets", "unfrozen", "batch", "precision", "lr", "ckpt", "peak MB", "s")  # fmt: skip
     for c in cols:
-        table.add_column(c, justify="right" if c not in ("targets", "precision") else "left")
-    for t in trials[:top]:
+        table.add_column(
+            c, justify="left" if c in ("targets", "precision", "worst forget") else "right"
+        )
+    for t, close in zip(trials[:top], overlaps_best(trials, objective)):
         p, a = t.params, t.user_attrs
+        ci = interval(t, objective)
+        worst = (
+            f"{a['forget_worst']} ×{a['forget_worst_ratio']:.2f}" if "forget_worst" in a else "-"
+        )
         table.add_row(
-            str(t.number), f"{t.value:.4f}", f"{a.get('tp_skill_persistence', float('nan')):+.3f}",
-            f"{a.get('tp_skill_climatology', float('nan')):+.3f}", str(p.get("lora_rank")),
+            str(t.number), f"{t.value:.4f}", f"{ci[0]:.4f}–{ci[1]:.4f}" if ci else "-",
+            "≈" if close and t is not trials[0] else "", _skill(a, "persistence"),
+            _skill(a, "climatology"), worst, str(p.get("lora_rank")),
             str(p.get("lora_targets")), str(p.get("unfrozen_blocks")), str(p.get("batch_size")),
             str(p.get("precision")), f"{p['learning_rate']:.1e}" if "learning_rate" in p else "-",
             "yes" if p.get("activation_checkpointing") else "no",
             f"{a.get('peak_memory_mb', float('nan')):.0f}", f"{a.get('trial_seconds', float('nan')):.1f}",
         )  # fmt: skip
     return table
+
+
+def _skill(a: dict, reference: str) -> str:
+    value = a.get(f"tp_skill_{reference}", float("nan"))
+    lo, hi = a.get(f"tp_skill_{reference}_q05"), a.get(f"tp_skill_{reference}_q95")
+    return f"{value:+.3f}" + (f" [{lo:+.3f}, {hi:+.3f}]" if lo is not None else "")
 
 
 def export_best(config: StudyConfig, target: Path) -> Path:
@@ -89,20 +130,197 @@ def export_best(config: StudyConfig, target: Path) -> Path:
     return target
 
 
-def evaluate_adapter(adapter: Path, *, split: str, checkpoint: Path | None = None) -> dict:
-    """Score an exported adapter on `split` with the data of the study it came from."""
+def prepare_evaluation(adapter: Path, *, split: str, checkpoint: Path | None = None):
+    """The adapter's model and its study's data with `split` as the evaluation split.
+
+    The same splits and baselines as the trial had (the model carries its own tp statistics),
+    and the base model's scores on `split` for the forgetting ratios.
+    """
     from aurora_sweep.data import open_cube
+    from aurora_sweep.evaluation import base_state_mse
     from aurora_sweep.export import load_finetuned, read_meta
-    from aurora_sweep.train import TrialConfig, TrialData, default_device, eval_indices, score
+    from aurora_sweep.model import resolve_checkpoint
+    from aurora_sweep.train import TrialConfig, TrialData, default_device
 
     adapter = Path(adapter)
     meta = read_meta(adapter)
     config = load_config(adapter / "study.toml")
     trial = TrialConfig.from_dict(meta["trial"])
-    # the same splits and baselines as the trial had (the model carries its own tp statistics)
     data = TrialData.prepare(open_cube(config), config, eval_split=split)
     device = default_device()
     model = load_finetuned(adapter, checkpoint=checkpoint, device=str(device))
-    limit = trial.val_samples if split == "validation" else 0
-    scores = score(model, data, val_samples=limit, batch_size=8, device=device)
-    return {**scores, "split": split, "samples": len(eval_indices(len(data.validation), limit))}
+    path = resolve_checkpoint(trial.base, checkpoint)
+    data.base_mse = base_state_mse(data, base=trial.base, checkpoint=path, device=device)
+    return model, data, trial, meta, device
+
+
+def evaluate_adapter(
+    adapter: Path, *, split: str, checkpoint: Path | None = None, bootstrap: int = 1000
+) -> dict:
+    """Score an exported adapter on the whole of `split` with its study's data."""
+    from aurora_sweep.evaluation import verify
+
+    model, data, _, _, device = prepare_evaluation(adapter, split=split, checkpoint=checkpoint)
+    scores, _ = verify(model, data, batch_size=8, device=device, bootstrap=bootstrap)
+    return {**scores, "split": split, "samples": len(data.validation)}
+
+
+#: The report's score rows: (metric name, label, higher is better; None: closest to `target`).
+def score_rows_spec() -> list[tuple[str, str, bool | None, float | None]]:
+    from aurora_sweep.metrics import CATEGORICAL_THRESHOLDS_MM, FSS_THRESHOLDS_MM, FSS_WINDOWS
+
+    rows: list[tuple[str, str, bool | None, float | None]] = [
+        ("tp_seeps", "SEEPS (0 perfect, 1 ≈ climatology)", False, None),
+        ("tp_rmse", "RMSE (mm per 6 h)", False, None),
+        ("tp_mae", "MAE (mm per 6 h)", False, None),
+        ("tp_bias", "bias (mm per 6 h, 0 best)", None, 0.0),
+    ]
+    for t in CATEGORICAL_THRESHOLDS_MM:
+        rows += [
+            (f"tp_csi_{t:g}", f"CSI ≥ {t:g} mm", True, None),
+            (f"tp_ets_{t:g}", f"ETS ≥ {t:g} mm", True, None),
+            (f"tp_fbias_{t:g}", f"frequency bias ≥ {t:g} mm (1 best)", None, 1.0),
+        ]
+    for t in FSS_THRESHOLDS_MM:
+        for w in FSS_WINDOWS:
+            rows.append((f"tp_fss_{t:g}_w{w}", f"FSS ≥ {t:g} mm, {w}×{w} points", True, None))
+    return rows
+
+
+def report_rows(scores: dict[str, float], objective: str) -> list[dict]:
+    """The scores table: each score for the model and both baselines, intervals where known."""
+    rows = []
+    for name, label, higher, target in score_rows_spec():
+        if name not in scores:
+            continue
+        row = {
+            "score": name, "label": label, "model": scores[name],
+            "q05": scores.get(f"{name}_q05"), "q95": scores.get(f"{name}_q95"),
+            "persistence": scores.get(f"{name}_persistence"),
+            "climatology": scores.get(f"{name}_climatology"),
+            "higher_is_better": bool(higher), "target": target,
+        }  # fmt: skip
+        rows.append(row)
+    for ref in ("persistence", "climatology"):
+        name = f"tp_skill_{ref}"
+        rows.append({
+            "score": name, "label": f"skill vs {ref} (1 − {objective}/{objective}_{ref})",
+            "model": scores[name], "q05": scores.get(f"{name}_q05"),
+            "q95": scores.get(f"{name}_q95"), "persistence": None, "climatology": None,
+            "higher_is_better": True, "target": None,
+        })  # fmt: skip
+    return rows
+
+
+def forgetting_rows(scores: dict[str, float], base_mse: dict[str, float]) -> list[dict]:
+    """Per variable: base RMSE, fine-tuned RMSE and their ratio (> 1: the fine-tune made it worse)."""
+    rows = []
+    for name, mse in base_mse.items():
+        ratio = scores.get(f"forget_{name}_ratio")
+        if ratio is None:
+            continue
+        base = float(mse) ** 0.5
+        rows.append(
+            {"variable": name, "base_rmse": base, "finetuned_rmse": base * ratio, "ratio": ratio}
+        )
+    return rows
+
+
+def nearest_point(samples, lat: float, lon: float) -> tuple[int, int]:
+    """Row and column of the grid point nearest (lat, lon); refuses a point off the region."""
+    import numpy as np
+
+    lats = samples.cube["latitude"].values
+    lons = samples.cube["longitude"].values
+    dlon = (lons - lon + 180.0) % 360.0 - 180.0  # -5 and 355 are the same meridian
+    i, j = int(np.abs(lats - lat).argmin()), int(np.abs(dlon).argmin())
+    step = abs(float(lats[0] - lats[1])) if lats.size > 1 else 1.0
+    if abs(lats[i] - lat) > step or abs(dlon[j]) > step:
+        raise AuroraSweepError(
+            f"--point {lat:g},{lon:g} lies outside the region ({lats.min():g}..{lats.max():g}°N, "
+            f"{lons.min():g}..{lons.max():g}°E); pick a point inside it"
+        )
+    return i, j
+
+
+def report_adapter(
+    adapter: Path,
+    *,
+    split: str,
+    out: Path,
+    point: tuple[float, float] | None = None,
+    checkpoint: Path | None = None,
+    bootstrap: int = 1000,
+) -> Path:
+    """Write one self-contained HTML page verifying an exported adapter on `split`."""
+    import datetime as dt
+
+    from aurora_sweep import figures as fg
+    from aurora_sweep.dataset import climatology_forecast
+    from aurora_sweep.evaluation import case_maps_png, verify
+    from aurora_sweep.report import write_report
+
+    if point is not None and not (-90 <= point[0] <= 90):
+        raise AuroraSweepError(f"--point {point[0]:g},{point[1]:g}: latitude must be in -90..90")
+    model, data, trial, meta, device = prepare_evaluation(
+        adapter, split=split, checkpoint=checkpoint
+    )
+    samples = data.validation
+    ij = nearest_point(samples, *point) if point is not None else None
+    scores, fc = verify(model, data, batch_size=8, device=device, bootstrap=bootstrap)
+    times = samples.target_times()[fc.indices]
+    observed = samples.observed(fc.indices)
+    baselines = {
+        "persistence": samples.persistence(fc.indices),
+        "climatology": climatology_forecast(data.climatology, times),
+    }
+    pngs = {"cases.png": case_maps_png(samples, fc)}
+    pngs["reliability.png"] = fg.png_bytes(fg.reliability({"model": fc.tp, **baselines}, observed))
+    if ij is not None:
+        i, j = ij
+        lat, lon = samples.cube["latitude"].values[i], samples.cube["longitude"].values[j]
+        series = {"observed": observed[:, i, j], "forecast": fc.tp[:, i, j]}
+        series |= {k: v[:, i, j] for k, v in baselines.items()}
+        pngs["point_series.png"] = fg.png_bytes(
+            fg.point_series(times, series, title=f"grid point {lat:.2f}°N, {lon:.2f}°E")
+        )
+    history = meta.get("history") or {}
+    if history.get("train_loss"):
+        pngs["loss_curves.png"] = fg.png_bytes(
+            fg.loss_curves(history["train_loss"], history.get("val_loss", []))
+        )
+    data_meta = meta.get("data", {})
+    recipe = {
+        **trial.to_dict(),
+        "base checkpoint": f"{meta['base']['checkpoint']} (sha256 {meta['base']['sha256'][:12]}…)",
+        "region": data_meta.get("region", "?"),
+        "objective": data.objective,
+    }
+    objective = data.objective
+    notes = [
+        f"{len(samples)} samples of the {split} split ({times.min():%Y-%m-%d} to "
+        f"{times.max():%Y-%m-%d}); 6-hour totals in mm; scores latitude-weighted where it applies.",
+        "Intervals: 90 % paired block bootstrap over days (blocks of consecutive days keep the "
+        "day-to-day correlation). 'within noise': better than both baselines, but the interval "
+        "reaches one of them.",
+        "Persistence repeats the last observed 6-hour total; climatology is the train-split mean by "
+        "grid point, calendar month and time of day.",
+        "SEEPS (WeatherBench 2 definition): dry below 0.1 mm; dry probability and light/heavy "
+        "threshold per grid point and month from the train split; points with a dry probability "
+        "outside 0.1..0.85 are left out.",
+        "Forgetting: RMSE of the fine-tuned model over that of the untouched base model on the "
+        "same samples, for the variables Aurora already predicted (> 1: worse than before).",
+    ]
+    return write_report(
+        Path(out),
+        title=f"{Path(adapter).resolve().name}: 6-hour precipitation from Aurora",
+        subtitle=(
+            f"{split} split, {objective} {scores[objective]:.4f}; base {trial.base}; "
+            f"levels {', '.join(map(str, trial.levels))} hPa; made {dt.date.today()}"
+        ),
+        recipe=recipe,
+        scores=report_rows(scores, objective),
+        forgetting=forgetting_rows(scores, data.base_mse),
+        figures=pngs,
+        notes=notes,
+    )

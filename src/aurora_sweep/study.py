@@ -2,12 +2,14 @@
 
 `run_study` opens (or resumes) the study in its storage, runs trials until the study holds the
 requested total, and records each one as a child run under one parent run per invocation. A
-trial that fails is recorded and the study goes on. The tp RMSE on the validation split is the
-objective; the test split is never touched here.
+trial that fails is recorded and the study goes on. The objective is the study's `objective`
+(SEEPS or RMSE of tp) on the whole validation split; the pruner sees the same score on a fixed
+subset. The test split is never touched here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import tempfile
 import time
@@ -22,6 +24,7 @@ from rich.console import Console
 
 from aurora_sweep.config import StudyConfig
 from aurora_sweep.errors import AuroraSweepError
+from aurora_sweep.evaluation import worst_forgetting
 from aurora_sweep.train import TrialConfig
 
 FINISHED = (
@@ -29,7 +32,6 @@ FINISHED = (
     optuna.trial.TrialState.PRUNED,
     optuna.trial.TrialState.FAIL,
 )
-OBJECTIVE = "tp_rmse"
 AURORA_PRETRAINING_END = dt.date(2022, 1, 1)
 UI = "http://127.0.0.1:5000"
 
@@ -182,10 +184,14 @@ def run_study(
         WorkerSpec(
             config_path=config.path, workdir=config.workdir, checkpoint=config.model.checkpoint,
             memory_cap=cap, extra={"data": _data_tags(config) | {"grid": config.data.grid}},
-            fit=fit,
+            fit=fit, base_mse=study.user_attrs.get("base_mse"),
         )
     )  # fmt: skip
     info = worker.start()
+    if "base_mse" not in study.user_attrs:  # the base model's scores: once per study
+        study.set_user_attr("base_mse", info["base_mse"])
+    # a replacement worker (after an OOM or a crash) reuses them
+    worker.spec = dataclasses.replace(worker.spec, base_mse=info["base_mse"])
     parent = client.create_run(
         experiment_id,
         run_name=f"{config.name} {dt.datetime.now():%Y-%m-%d %H:%M}",
@@ -273,32 +279,77 @@ def run_study(
             now = int(time.time() * 1000)
             metrics = [Metric("train_loss", v, now, s) for s, v in p["train_loss"]]
             metrics += [Metric("val_loss", v, now, s) for s, v in p["val_loss"]]
+            metrics += [Metric(f"val_{config.objective}_subset", v, now, s)
+                        for s, v in p["intermediate"]]  # fmt: skip
             scalars = {**p["metrics"], "peak_memory_mb": p["peak_memory_mb"],
                        "trial_seconds": p["seconds"]}  # fmt: skip
             if p.get("peak_reserved_mb") is not None:
                 scalars["peak_reserved_mb"] = p["peak_reserved_mb"]
+            worst = worst_forgetting(p["metrics"])
+            if worst is not None:
+                scalars["forget_worst_ratio"] = worst[1]
+                trial.set_user_attr("forget_worst", worst[0])
             metrics += [Metric(k, float(v), now, 0) for k, v in scalars.items()]
             client.log_batch(run_id, metrics=metrics, tags=[RunTag("optuna.state", "COMPLETE")])
             for k, v in scalars.items():
                 trial.set_user_attr(k, float(v))
             client.log_artifacts(run_id, str(adapter), "adapter")
+            client.log_artifacts(run_id, str(adapter.parent / "figures"), "figures")
         client.set_terminated(run_id)
         m = p["metrics"]
-        console.print(
-            f"trial {trial.number:3d}  tp_rmse {m['tp_rmse']:.3f} mm  skill vs persistence "
-            f"{m['tp_skill_persistence']:+.3f}, vs climatology {m['tp_skill_climatology']:+.3f}  "
-            f"({p['seconds']:.1f} s, {p['peak_memory_mb']:.0f} MB, predicted GPU "
-            f"{estimate.megabytes:.0f} MB)"
-        )
-        return m[OBJECTIVE]
+        console.print(f"trial {trial.number:3d}  {_score_line(m, config.objective)}  "
+                      f"({p['seconds']:.1f} s, {p['peak_memory_mb']:.0f} MB, predicted GPU "
+                      f"{estimate.megabytes:.0f} MB)")  # fmt: skip
+        return m[config.objective]
 
     try:
         study.optimize(objective, n_trials=todo, catch=(Exception,), gc_after_trial=True)
     finally:
         worker.close()
-        client.set_terminated(parent.info.run_id)
+        try:
+            log_study_figures(client, parent.info.run_id, study, config.objective)
+        finally:
+            client.set_terminated(parent.info.run_id)
     summary.new_trials = todo
     return summary
+
+
+def _score_line(m: dict[str, float], objective: str) -> str:
+    """One line of a trial's verdict: objective with its interval, skills."""
+    lo, hi = m.get(f"{objective}_q05"), m.get(f"{objective}_q95")
+    interval = f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else ""
+    return (
+        f"{objective} {m[objective]:.3f}{interval}  skill vs persistence "
+        f"{m['tp_skill_persistence']:+.3f}, vs climatology {m['tp_skill_climatology']:+.3f}"
+    )
+
+
+def log_study_figures(client, run_id: str, study: optuna.Study, objective: str) -> None:
+    """Optuna's optimisation history and importances, and skill against peak memory."""
+    from aurora_sweep.figures import study_figures
+
+    complete = [
+        t
+        for t in study.trials
+        if t.state == optuna.trial.TrialState.COMPLETE and "peak_memory_mb" in t.user_attrs
+    ]
+    if not complete:
+        return
+    points = [
+        {
+            "number": t.number,
+            "skill": t.user_attrs.get("tp_skill_climatology", float("nan")),
+            "peak_mb": t.user_attrs["peak_memory_mb"],
+            "label": f"r{t.params.get('lora_rank')} {t.params.get('lora_targets')} "
+            f"{t.params.get('precision')}",
+        }
+        for t in complete
+    ]
+    import matplotlib.pyplot as plt
+
+    for name, fig in study_figures(study, points).items():
+        client.log_figure(run_id, fig, f"study/{name}")
+        plt.close(fig)
 
 
 class TrialError(RuntimeError):

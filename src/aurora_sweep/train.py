@@ -1,9 +1,11 @@
 """One trial: build the model from a `TrialConfig`, fine-tune it, score it.
 
 The loop is written out: sample a batch, forward, loss on tp in normalised units, backward,
-AdamW step; every `eval_every` steps the validation loss is reported (and a pruner may stop the
-trial). At the end the model forecasts the validation samples and is scored against persistence
-and climatology.
+AdamW step. Every `eval_every` steps the model forecasts a fixed subset of the validation split
+(`val_samples` samples): the validation loss is logged, and the study's objective on that subset,
+in its own units, is reported to the pruner, so a pruned trial's stored value means what a
+completed trial's does. At the end the model forecasts the whole validation split and is scored
+against persistence and climatology (`evaluation.verify`).
 """
 
 from __future__ import annotations
@@ -17,12 +19,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import psutil
 import torch
 
-from aurora_sweep.config import StudyConfig
-from aurora_sweep.dataset import Samples, TpStats, climatology, load_if_small, tp_stats
-from aurora_sweep.metrics import tp_scores
+from aurora_sweep.config import Period, StudyConfig
+from aurora_sweep.dataset import (
+    Samples,
+    TpStats,
+    climatology,
+    in_period,
+    load_if_small,
+    tp_stats,
+)
+from aurora_sweep.metrics import SeepsClimate, seeps_climate
 from aurora_sweep.model import (
     TrainableParts,
     apply_lora,
@@ -74,9 +84,13 @@ class TrialData:
     """What every trial of a study shares: the splits, tp's statistics and the baselines."""
 
     train: Samples
-    validation: Samples
+    validation: Samples  # the evaluation split (validation during the search)
     tp: TpStats
-    climatology: np.ndarray  # (hour, lat, lon), mm per 6 h
+    climatology: np.ndarray  # (month, hour, lat, lon), mm per 6 h
+    seeps: SeepsClimate
+    objective: str
+    #: the untouched base model's MSE per variable on the evaluation split (forgetting ratios)
+    base_mse: dict[str, float] | None = None
 
     @classmethod
     def prepare(cls, cube, config: StudyConfig, *, eval_split: str = "validation") -> TrialData:
@@ -86,8 +100,18 @@ class TrialData:
             train=train,
             validation=Samples(cube, config.data, eval_split),
             tp=tp_stats(train.cube, config.data.train),
-            climatology=climatology(train.cube, config.data.train).values,
+            climatology=climatology(train.cube, config.data.train),
+            seeps=train_seeps_climate(train.cube, config.data.train),
+            objective=config.objective,
         )
+
+
+def train_seeps_climate(cube, train: Period) -> SeepsClimate:
+    """SEEPS's dry probability and light/heavy threshold by month, from the train split's tp."""
+    tp = cube["tp"].sel(time=in_period(cube["time"].values, train))
+    values = np.asarray(tp.values, dtype=np.float64)
+    ok = np.isfinite(values).all(axis=(1, 2))
+    return seeps_climate(values[ok], pd.DatetimeIndex(tp["time"].values)[ok].month.values)
 
 
 @dataclass
@@ -96,12 +120,14 @@ class TrialResult:
 
     train_loss: list[tuple[int, float]]
     val_loss: list[tuple[int, float]]
+    intermediate: list[tuple[int, float]]  # the objective on the pruner's subset, by step
     metrics: dict[str, float]
     peak_memory_mb: float
     peak_reserved_mb: float | None
     seconds: float
     model: Any = field(repr=False)
     parts: TrainableParts = field(repr=False)
+    forecasts: Any = field(default=None, repr=False)  # evaluation.Forecasts of the eval split
 
 
 class PeakMemory:
@@ -153,7 +179,7 @@ def build_trial_model(trial: TrialConfig, tp: TpStats, checkpoint: Path):
     torch.manual_seed(trial.seed)
     model = build_base(trial.base, tp_stats=(tp.location, tp.scale))
     load_base_checkpoint(model, checkpoint)
-    init_new_variable(model)
+    init_new_variable(model, start=(tp.mean - tp.location) / tp.scale)
     peft_model = apply_lora(model, rank=trial.lora_rank, targets=trial.lora_targets)
     parts = set_trainable(model, unfrozen_blocks=trial.unfrozen_blocks)
     set_precision(model, trial.precision)
@@ -167,38 +193,6 @@ def eval_indices(n: int, limit: int) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, limit).round().astype(int))
 
 
-@torch.no_grad()
-def forecast_tp(
-    model, samples: Samples, indices: np.ndarray, *, batch_size: int, device
-) -> np.ndarray:
-    """The model's tp forecast (mm per 6 h) for `indices`, shaped (n, lat, lon)."""
-    model.eval()
-    out = []
-    for start in range(0, len(indices), batch_size):
-        batch, _ = samples.batch(indices[start : start + batch_size])
-        pred = model(batch.to(device))
-        out.append(pred.surf_vars["tp"][:, 0].float().cpu().numpy())
-    model.train()
-    return np.concatenate(out)
-
-
-def score(model, data: TrialData, *, val_samples: int, batch_size: int, device) -> dict[str, float]:
-    """tp metrics on the evaluation split against persistence and train-split climatology."""
-    samples = data.validation
-    idx = eval_indices(len(samples), val_samples)
-    hours = samples.target_times()[idx].hour.values // 6
-    clim_by_hour = data.climatology
-    if clim_by_hour.shape[0] != 4:  # groupby keeps only the hours present
-        raise ValueError("climatology needs all four 6-hourly model times")
-    return tp_scores(
-        forecast=forecast_tp(model, samples, idx, batch_size=batch_size, device=device),
-        observed=samples.observed(idx),
-        persistence=samples.persistence(idx),
-        climatology=clim_by_hour[hours],
-        lat=samples.cube["latitude"].values,
-    )
-
-
 def fit(
     trial: TrialConfig,
     data: TrialData,
@@ -207,8 +201,11 @@ def fit(
     report: Callable[[int, float], None] | None = None,
     on_step: Callable[[int, float], None] | None = None,
     device: torch.device | None = None,
+    bootstrap: int = 1000,
 ) -> TrialResult:
-    """Fine-tune one trial. `report(step, val_loss)` may raise `optuna.TrialPruned`."""
+    """Fine-tune one trial. `report(step, objective)` may raise `optuna.TrialPruned`."""
+    from aurora_sweep.evaluation import forecast, subset_objective, verify
+
     device = device or default_device()
     started = time.perf_counter()
     with PeakMemory(device) as memory:
@@ -230,22 +227,22 @@ def fit(
         )
         scaler = torch.amp.GradScaler("cuda") if trial.precision == "fp16" else None
         rng = np.random.default_rng(trial.seed)
-        val_idx = eval_indices(len(data.validation), min(trial.val_samples or 32, 32))
+        # the pruner's subset: fixed, so every trial's intermediate values are comparable
+        val_idx = eval_indices(len(data.validation), trial.val_samples)
+        val_observed = data.validation.observed(val_idx)
         train_loss: list[tuple[int, float]] = []
         val_loss: list[tuple[int, float]] = []
-
-        def loss_on(samples: Samples, indices) -> torch.Tensor:
-            batch, target = samples.batch(indices)
-            pred = peft_model(batch.to(device))
-            err = (pred.surf_vars["tp"][:, 0] - target.to(device)) / data.tp.scale
-            return (err.float() ** 2).mean()
+        intermediate: list[tuple[int, float]] = []
 
         peft_model.train()
         for step in range(1, trial.steps + 1):
             idx = rng.choice(
                 len(data.train), size=min(trial.batch_size, len(data.train)), replace=False
             )
-            loss = loss_on(data.train, idx)
+            batch, target = data.train.batch(idx)
+            pred = peft_model(batch.to(device))
+            err = (pred.surf_vars["tp"][:, 0] - target.to(device)) / data.tp.scale
+            loss = (err.float() ** 2).mean()
             optimiser.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -261,30 +258,26 @@ def fit(
             if on_step:
                 on_step(step, value)
             if step % trial.eval_every == 0 or step == trial.steps:
-                with torch.no_grad():
-                    peft_model.eval()
-                    v = float(
-                        np.mean(
-                            [
-                                float(loss_on(data.validation, val_idx[i : i + 8]))
-                                for i in range(0, len(val_idx), 8)
-                            ]
-                        )
-                    )
-                    peft_model.train()
-                val_loss.append((step, v))
+                tp = forecast(
+                    peft_model, data.validation, val_idx, batch_size=8, device=device, state=False
+                ).tp
+                val_loss.append((step, float(np.mean(((tp - val_observed) / data.tp.scale) ** 2))))
+                objective = subset_objective(tp, data, val_idx)
+                intermediate.append((step, objective))
                 if report:
-                    report(step, v)
-        metrics = score(
-            peft_model, data, val_samples=trial.val_samples, batch_size=8, device=device
+                    report(step, objective)
+        metrics, forecasts = verify(
+            peft_model, data, batch_size=8, device=device, bootstrap=bootstrap
         )
     return TrialResult(
         train_loss=train_loss,
         val_loss=val_loss,
+        intermediate=intermediate,
         metrics=metrics,
         peak_memory_mb=memory.megabytes,
         peak_reserved_mb=memory.reserved / 2**20 if memory.reserved is not None else None,
         seconds=time.perf_counter() - started,
         model=peft_model,
         parts=parts,
+        forecasts=forecasts,
     )

@@ -7,6 +7,9 @@ trial after trial with `torch.cuda.set_per_process_memory_fraction` set from the
 back over a pipe. After an out-of-memory error, or if the process dies, it is replaced; the next
 trial starts in a fresh process with nothing left over.
 
+Each completed trial leaves its adapter in `adapter_dir` and its figures (PNG) in the folder
+`figures` beside it.
+
 Messages, parent -> worker: `("trial", trial_dict, adapter_dir)`, `("continue" | "prune")` in
 answer to a report, `("stop",)`. Worker -> parent: `("ready", info)`, `("report", step, value)`,
 and one outcome per trial: `("complete" | "pruned" | "oom" | "error", payload)`.
@@ -34,6 +37,9 @@ class WorkerSpec:
     checkpoint: Path | None
     memory_cap: int | None
     extra: dict[str, Any] | None = None  # saved with each adapter (the data description)
+    #: The base model's MSE per variable on the validation split, when the study already has it
+    #: (computed once per study, by the first worker that needs it, for the forgetting ratios).
+    base_mse: dict[str, float] | None = None
     #: The training function, sent to the worker by reference (`train.fit` when None): the
     #: seam through which tests make a trial run out of memory or kill its worker.
     fit: Callable[..., Any] | None = None
@@ -143,6 +149,7 @@ def serve(conn, spec: WorkerSpec) -> None:
 
     from aurora_sweep.config import load_config
     from aurora_sweep.data import open_cube
+    from aurora_sweep.evaluation import base_state_mse, trial_figures
     from aurora_sweep.export import save_adapter
     from aurora_sweep.model import resolve_checkpoint
     from aurora_sweep.train import TrialConfig, TrialData, default_device, fit
@@ -161,11 +168,15 @@ def serve(conn, spec: WorkerSpec) -> None:
         checkpoint = resolve_checkpoint(
             config.model.base, spec.checkpoint or config.model.checkpoint
         )
+        data.base_mse = spec.base_mse or base_state_mse(
+            data, base=config.model.base, checkpoint=checkpoint, device=device
+        )
     except AuroraSweepError as e:
         conn.send(("error", {"message": str(e)}))
         return
     conn.send(("ready", {"train": len(data.train), "validation": len(data.validation),
-                         "device": str(device), "checkpoint": str(checkpoint)}))  # fmt: skip
+                         "device": str(device), "checkpoint": str(checkpoint),
+                         "base_mse": data.base_mse}))  # fmt: skip
 
     while True:
         message = conn.recv()
@@ -187,10 +198,16 @@ def serve(conn, spec: WorkerSpec) -> None:
             save_adapter(
                 Path(adapter_dir), model=result.model, parts=result.parts, trial=trial, tp=data.tp,
                 checkpoint=checkpoint, study_config=config.path, metrics=result.metrics,
-                extra=spec.extra,
+                history={"train_loss": result.train_loss, "val_loss": result.val_loss},
+                extra=(spec.extra or {}) | {"objective": config.objective},
             )  # fmt: skip
+            figures = Path(adapter_dir).parent / "figures"
+            figures.mkdir(parents=True, exist_ok=True)
+            for name, png in trial_figures(result, data).items():
+                (figures / name).write_bytes(png)
             conn.send(("complete", {
                 "train_loss": result.train_loss, "val_loss": result.val_loss,
+                "intermediate": result.intermediate,
                 "metrics": result.metrics, "peak_memory_mb": result.peak_memory_mb,
                 "peak_reserved_mb": result.peak_reserved_mb, "seconds": result.seconds,
             }))  # fmt: skip

@@ -1,0 +1,80 @@
+"""Canonical stores of any shape, made in memory: for tests outside the demo's grid.
+
+The fields are smooth noise at plausible magnitudes (no physics): enough for Aurora's forward pass,
+the splits, the baselines and the scores to meet every shape a real study has.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from aurora_sweep.store import write_store
+
+SURFACE = {"2t": (285.0, 8.0), "10u": (0.0, 5.0), "10v": (0.0, 5.0), "msl": (101300.0, 900.0)}
+ATMOS = {"z": (50000.0, 2000.0), "u": (5.0, 10.0), "v": (0.0, 8.0), "t": (260.0, 10.0),
+         "q": (2e-3, 1e-3)}  # fmt: skip
+
+
+def day_times(days: list[str]) -> np.ndarray:
+    """The four model times (00, 06, 12, 18 UTC) of each day, plus 00 UTC of the day after each."""
+    out = set()
+    for d in days:
+        start = pd.Timestamp(d)
+        out.update(start + pd.Timedelta(hours=h) for h in (0, 6, 12, 18, 24))
+    return np.array(sorted(out), dtype="datetime64[ns]")
+
+
+def make_cube(
+    *,
+    lat: np.ndarray,
+    lon: np.ndarray,
+    levels: tuple[int, ...],
+    times: np.ndarray,
+    seed: int = 0,
+) -> xr.Dataset:
+    """A canonical cube on the given coordinates (lat descending, lon ascending, levels hPa)."""
+    rng = np.random.default_rng(seed)
+    nt, ny, nx = len(times), len(lat), len(lon)
+
+    def field(mean: float, spread: float, *shape: int) -> np.ndarray:
+        return (mean + spread * rng.standard_normal(shape)).astype(np.float32)
+
+    levels = tuple(sorted(levels))
+    data = {
+        k: (("time", "latitude", "longitude"), field(m, s, nt, ny, nx))
+        for k, (m, s) in SURFACE.items()
+    }
+    data |= {
+        k: (("time", "level", "latitude", "longitude"), field(m, s, nt, len(levels), ny, nx))
+        for k, (m, s) in ATMOS.items()
+    }
+    wet = rng.random((nt, ny, nx)) < 0.5
+    tp = np.where(wet, rng.gamma(0.8, 2.0, (nt, ny, nx)), 0.0).astype(np.float32)
+    data["tp"] = (("time", "latitude", "longitude"), tp)
+    data["static_z"] = (("latitude", "longitude"), field(3000.0, 2000.0, ny, nx))
+    lsm = (np.add.outer(np.arange(ny), np.arange(nx)) > (ny + nx) / 2).astype(np.float32)
+    data["static_lsm"] = (("latitude", "longitude"), lsm)
+    data["static_slt"] = (("latitude", "longitude"), np.ones((ny, nx), np.float32))
+    return xr.Dataset(
+        data,
+        coords={"time": times, "level": np.array(levels), "latitude": lat, "longitude": lon},
+    )
+
+
+def region_axes(data) -> tuple[np.ndarray, np.ndarray]:
+    """Latitudes and longitudes of a study's region at its grid (`data`: DataConfig)."""
+    r, g = data.region, data.grid
+    rows = int(round((r.north - r.south) / g)) + 1
+    cols = int(round((r.east - r.west) / g)) + 1
+    return r.north - g * np.arange(rows), r.west + g * np.arange(cols)
+
+
+def write_region_store(data, path: Path, *, days: list[str], seed: int = 0) -> Path:
+    """A store covering `data`'s region, levels and grid on `days`."""
+    lat, lon = region_axes(data)
+    cube = make_cube(lat=lat, lon=lon, levels=data.levels, times=day_times(days), seed=seed)
+    return write_store(cube, path)

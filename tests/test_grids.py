@@ -1,0 +1,108 @@
+"""Trials outside the demo's grid: every shipped study's shape, and AuroraSmallPretrained at 0.25°.
+
+Regions between whole degrees at 0.25° have 4k+1 rows; Aurora forecasts 4k of them. These tests
+run trials on exactly those shapes, so a forecast and its target can never disagree by a row.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from aurora_sweep.cli import app
+from aurora_sweep.config import load_config
+from aurora_sweep.dataset import patch_crop
+from aurora_sweep.evaluation import base_state_mse
+from aurora_sweep.model import DEMO_CHECKPOINT, build_base
+from aurora_sweep.store import open_store
+from aurora_sweep.train import TrialConfig, TrialData, fit
+from synthetic import write_region_store
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+SHIPPED = sorted((Path(__file__).parents[1] / "sweep").glob("*.toml"))
+CPU = torch.device("cpu")
+
+
+def test_every_shipped_study_is_found():
+    assert {p.stem for p in SHIPPED} >= {"demo", "europe-tp", "north-america-tp"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_a_trial_runs_on_the_grid_of_every_shipped_study(path, tmp_path):
+    config = load_config(path, workdir=tmp_path)
+    d = config.data
+    days = [str(d.train.start), str(d.validation.start), str(d.test.start)]
+    write_region_store(d, d.store, days=days)
+    cube = open_store(d.store)
+    rows, cols = patch_crop(cube.sizes["latitude"], cube.sizes["longitude"])
+    data = TrialData.prepare(cube, config)
+    # the tiny demo base on the study's full grid and levels: the shapes are what is tested here
+    data.base_mse = base_state_mse(data, base="demo", checkpoint=DEMO_CHECKPOINT, device=CPU)
+    trial = TrialConfig(
+        lora_rank=2, lora_targets="qkv", unfrozen_blocks=0, batch_size=1, precision="fp32",
+        learning_rate=1e-3, activation_checkpointing=False, base="demo", levels=d.levels,
+        steps=1, eval_every=1, val_samples=2, weight_decay=0.0, seed=0,
+    )  # fmt: skip
+    result = fit(trial, data, checkpoint=DEMO_CHECKPOINT, device=CPU, bootstrap=20)
+    n = len(data.validation)
+    assert result.forecasts.tp.shape == (n, rows, cols)
+    assert data.validation.observed(np.arange(n)).shape == (n, rows, cols)
+    assert np.isfinite(result.metrics[config.objective])
+    assert {f"forget_{v}{lv}_ratio" for v in "zuvtq" for lv in d.levels} <= set(result.metrics)
+    assert all(np.isfinite(v) for k, v in result.metrics.items() if k.startswith("forget_"))
+
+
+SMALL_STUDY = """
+[study]
+name = "small-025"
+
+[data]
+source = "era5"
+store = "store.zarr"
+# 33 rows at 0.25° (4k+1, as every box between whole degrees), 32 columns
+region = {{ north = 50.0, south = 42.0, west = 2.0, east = 9.75 }}
+levels = {levels}
+grid = 0.25
+period = ["2022-01-01", "2025-12-31"]
+
+[model]
+base = "small-pretrained"
+
+[train]
+steps = 2
+eval_every = 1
+val_samples = 2
+
+[search]
+lora_rank = [2]
+batch_size = [1]
+precision = ["fp32"]
+"""
+
+
+@pytest.mark.slow
+def test_small_pretrained_runs_a_trial_on_a_025_degree_box_with_4k_plus_1_rows(
+    tmp_path, monkeypatch
+):
+    """As a new user would: a local checkpoint, one pressure level out of a store with two."""
+    monkeypatch.chdir(tmp_path)
+    torch.save(build_base("small-pretrained", with_tp=False).state_dict(), tmp_path / "small.ckpt")
+    (tmp_path / "study.toml").write_text(SMALL_STUDY.format(levels="[500, 850]"))
+    store_config = load_config(tmp_path / "study.toml", workdir=tmp_path)
+    write_region_store(
+        store_config.data, store_config.data.store, days=["2022-01-03", "2024-01-03", "2025-01-03"]
+    )
+    (tmp_path / "study.toml").write_text(SMALL_STUDY.format(levels="[500]"))
+    result = CliRunner().invoke(
+        app, ["run", "-c", "study.toml", "--trials", "1", "--checkpoint", "small.ckpt"]
+    )
+    assert result.exit_code == 0, result.output
+    config = load_config(tmp_path / "study.toml", workdir=tmp_path)
+    (trial,) = optuna.load_study(study_name="small-025", storage=config.storage).trials
+    assert trial.state == optuna.trial.TrialState.COMPLETE, trial.user_attrs
+    assert np.isfinite(trial.value)
+    assert "forget_z500_ratio" in trial.user_attrs and "forget_z850_ratio" not in trial.user_attrs

@@ -1,0 +1,115 @@
+import re
+
+import pytest
+
+from aurora_sweep.report import render_report, write_report
+
+PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 16  # only the signature is checked
+
+
+def report_args(**overrides) -> dict:
+    args = {
+        "title": "Aurora tp sweep",
+        "subtitle": "demo data, test year 2024",
+        "recipe": {"lora_rank": 8, "lora_targets": "qkv+proj", "learning_rate": 0.000312345},
+        "scores": [
+            {
+                "score": "tp_seeps",
+                "label": "SEEPS",
+                "model": 0.4321,
+                "q05": 0.41,
+                "q95": 0.45,
+                "persistence": 1.01,
+                "climatology": 0.98,
+                "higher_is_better": False,
+            },
+            {
+                "score": "tp_fss_5_w5",
+                "label": "FSS ≥ 5 mm",
+                "model": 0.5,
+                "q05": 0.3,
+                "q95": 0.7,
+                "persistence": 0.45,
+                "climatology": 0.1,
+                "higher_is_better": True,
+            },
+            {
+                "score": "tp_csi_1",
+                "label": "CSI ≥ 1 mm",
+                "model": 0.2,
+                "q05": None,
+                "q95": None,
+                "persistence": None,
+                "climatology": float("nan"),
+                "higher_is_better": True,
+            },
+        ],
+        "forgetting": [
+            {"variable": "2t", "base_rmse": 1.2, "finetuned_rmse": 1.21, "ratio": 1.0083},
+            {"variable": "z500", "base_rmse": 50.0, "finetuned_rmse": 60.0, "ratio": 1.2},
+        ],
+        "figures": {"skill_vs_memory.png": PNG, "case_maps.png": PNG},
+        "notes": ["Intervals: block bootstrap over days."],
+    }
+    return {**args, **overrides}
+
+
+def table(page: str, css_class: str) -> str:
+    return re.search(rf"<table class='{css_class}'>(.*?)</table>", page, re.S).group(1)
+
+
+def test_report_embeds_every_figure_as_a_png_data_url_in_order_with_its_key_as_alt_text():
+    page = render_report(**report_args())
+    images = re.findall(r'<img src="data:image/png;base64,[A-Za-z0-9+/=]+" alt="([^"]+)">', page)
+    assert images == ["skill_vs_memory.png", "case_maps.png"]
+    assert "<figcaption>Skill vs memory</figcaption>" in page
+
+
+def test_report_references_no_external_resource():
+    page = render_report(**report_args())
+    assert 'src="http' not in page and "href=" not in page and "<link" not in page
+    assert "<script" not in page and "@import" not in page and "url(" not in page
+
+
+def test_report_escapes_a_title_with_markup():
+    page = render_report(**report_args(title="<script>alert(1)</script>"))
+    assert "<script>" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
+def test_scores_table_has_a_row_per_score_with_baselines_and_verdict():
+    scores = table(render_report(**report_args()), "scores")
+    rows = re.findall(r"<tr>(.*?)</tr>", scores, re.S)
+    assert len(rows) == 4  # header + three scores
+    assert "90 % interval" in rows[0] and "better than both?" in rows[0]
+    assert "SEEPS" in rows[1] and "[0.41, 0.45]" in rows[1] and ">yes<" in rows[1]
+    assert ">within noise<" in rows[2]  # 0.5 beats 0.45, but its interval reaches down to 0.3
+    assert rows[3].count(">–<") == 4  # interval, persistence, climatology (NaN), verdict
+
+
+def test_numbers_have_four_significant_figures():
+    page = render_report(**report_args())
+    assert ">0.4321<" in page and ">0.0003123<" in page and ">8<" in page
+
+
+def test_forgetting_table_highlights_a_variable_made_worse_by_more_than_five_percent():
+    forgetting = table(render_report(**report_args()), "forgetting")
+    assert "<tr><td>2t</td>" in forgetting
+    assert "<tr class='worse'><td>z500</td>" in forgetting
+
+
+def test_empty_sections_say_so_and_notes_are_listed():
+    page = render_report(**report_args(recipe={}, scores=[], forgetting=[], figures={}))
+    assert page.count("None recorded.") == 3 and "<img" not in page
+    assert "<li>Intervals: block bootstrap over days.</li>" in page
+
+
+def test_report_refuses_figure_bytes_that_are_not_png():
+    with pytest.raises(ValueError, match="not a PNG"):
+        render_report(**report_args(figures={"x.png": b"GIF89a"}))
+
+
+def test_write_report_writes_utf8(tmp_path):
+    path = write_report(tmp_path / "out" / "report.html", **report_args())
+    assert path.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+    assert "FSS ≥ 5 mm" in path.read_text(encoding="utf-8")
