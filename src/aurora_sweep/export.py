@@ -39,6 +39,16 @@ from aurora_sweep.train import TrialConfig
 META = "aurora_sweep.json"
 WEIGHTS = "trained_weights.safetensors"
 WRAPPED = "_checkpoint_wrapped_module."
+ADAPTER_FILE = "adapter_model.safetensors"
+
+
+def adapter_tensors(model, adapter: str = "default") -> dict:
+    """The LoRA tensors of a peft model, keyed as peft saves them (adapter name dropped)."""
+    return {
+        k.replace(WRAPPED, "").replace(f".{adapter}.", "."): v.detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+        if "lora_" in k
+    }
 
 
 def save_adapter(
@@ -58,6 +68,10 @@ def save_adapter(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
+    # peft picks the adapter's tensors by the module names of its layers, which activation
+    # checkpointing prefixes with `_checkpoint_wrapped_module.` (state_dict keys keep the plain
+    # names): it then finds none and writes an empty adapter. Write the tensors ourselves.
+    save_file(adapter_tensors(model), directory / ADAPTER_FILE, metadata={"format": "pt"})
     named = {k.replace(WRAPPED, ""): p for k, p in unwrap(model).named_parameters()}
     weights = {k: named[k].detach().float().cpu().contiguous() for k in parts.saved_outside_adapter}
     save_file(weights, directory / WEIGHTS)
@@ -116,6 +130,13 @@ def load_finetuned(directory: str | Path, *, checkpoint: Path | None = None, dev
     model = build_base(trial.base, tp_stats=(tp.location, tp.scale))
     load_base_checkpoint(model, path)
     peft_model = PeftModel.from_pretrained(model, directory)
+    lora = [n for n, _ in peft_model.named_parameters() if "lora_" in n]
+    stored = load_file(directory / ADAPTER_FILE)
+    if len(stored) != len(lora):
+        raise AuroraSweepError(
+            f"{directory / ADAPTER_FILE} holds {len(stored)} LoRA tensors but the model has "
+            f"{len(lora)}: the adapter is incomplete; export it again"
+        )
     weights = load_file(directory / WEIGHTS)
     result = unwrap(peft_model).load_state_dict(weights, strict=False)
     if result.unexpected_keys:

@@ -294,12 +294,16 @@ def _finite(value: object) -> bool:
         return False
 
 
-def skill_vs_memory(trials: list[dict]) -> Figure:
+def skill_vs_memory(
+    trials: list[dict], *, skill: str = "skill", memory: str = "peak memory (MB)"
+) -> Figure:
     """Skill against peak memory, one point per trial, the most skilful highlighted.
 
     Args:
         trials: dicts with "number", "skill", "peak_mb" and "label" (the recipe in a few words,
             such as "r8 qkv+proj bf16"); trials without a finite skill or memory are left out.
+        skill: what the skill is, for the y axis.
+        memory: what the memory is, for the x axis.
     """
     fig = _new_figure(figsize=(6.4, 4.4))
     ax = fig.add_subplot()
@@ -325,7 +329,7 @@ def skill_vs_memory(trials: list[dict]) -> Figure:
         ax.legend(loc="best", fontsize=8)
     else:
         _note(ax, "no trial with both a skill and a peak memory")
-    ax.set(xlabel="peak memory (MB)", ylabel="skill (higher is better)", title="Skill and memory")
+    ax.set(xlabel=memory, ylabel=f"{skill} (higher is better)", title="Skill and memory")
     ax.grid(alpha=0.3)
     return fig
 
@@ -365,12 +369,15 @@ def _importances_computable(complete: Sequence[optuna.trial.FrozenTrial]) -> boo
     return any(len({repr(t.params[name]) for t in complete}) > 1 for name in shared)
 
 
-def study_figures(study: optuna.Study, trials_for_memory: list[dict]) -> dict[str, Figure]:
+def study_figures(
+    study: optuna.Study, trials_for_memory: list[dict], **labels: str
+) -> dict[str, Figure]:
     """The study-level figures, keyed by file name; what cannot be drawn yet is left out.
 
     Args:
         study: the Optuna study (single- or multi-objective; the first objective is plotted).
         trials_for_memory: dicts for `skill_vs_memory`.
+        labels: `skill` and `memory` axis labels for `skill_vs_memory`.
     """
     from optuna.trial import TrialState
     from optuna.visualization import matplotlib as optuna_plots
@@ -397,7 +404,7 @@ def study_figures(study: optuna.Study, trials_for_memory: list[dict]) -> dict[st
         if fig is not None:
             figures["param_importances.png"] = fig
     if any(_finite(t.get("skill")) and _finite(t.get("peak_mb")) for t in trials_for_memory):
-        figures["skill_vs_memory.png"] = skill_vs_memory(trials_for_memory)
+        figures["skill_vs_memory.png"] = skill_vs_memory(trials_for_memory, **labels)
     return figures
 
 

@@ -28,6 +28,7 @@ saved-tensor measurements (see `saved_tensor_bytes` and bench/calibrate_memory.p
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -362,7 +363,9 @@ def estimate_peak(
             f"grid {grid[0]}x{grid[1]}: Aurora needs a width that is a multiple of 4 and a height "
             "that is a multiple of 4 or one more; crop the region first"
         )
-    arch = architecture(build_meta_model(trial), grid=grid)
+    arch = _architecture(
+        trial.base, trial.lora_rank, trial.lora_targets, trial.unfrozen_blocks, grid
+    )
     return estimate_from_architecture(
         arch,
         grid=grid,
@@ -372,6 +375,22 @@ def estimate_peak(
         checkpointing=trial.activation_checkpointing,
         device=device,
     )
+
+
+@functools.lru_cache(maxsize=128)
+def _architecture(
+    base: str, lora_rank: int, lora_targets: str, unfrozen_blocks: int, grid: tuple[int, int]
+) -> Architecture:
+    """`architecture` of a trial's model: the same for every trial with the same structure, so a
+    sweep builds each structure on the meta device once (about a second each)."""
+    from aurora_sweep.train import TrialConfig
+
+    shape = TrialConfig(
+        lora_rank=lora_rank, lora_targets=lora_targets, unfrozen_blocks=unfrozen_blocks,
+        batch_size=1, precision="fp32", learning_rate=0.0, activation_checkpointing=False,
+        base=base, levels=(), steps=1, eval_every=1, val_samples=0, weight_decay=0.0, seed=0,
+    )  # fmt: skip
+    return architecture(build_meta_model(shape), grid=grid)
 
 
 def check_cap(estimate: MemoryEstimate, cap_bytes: int | None) -> float:

@@ -64,14 +64,12 @@ def top_trials_table(config: StudyConfig, *, top: int = 10) -> Table:
         title=f"study {config.name}: best {min(top, len(trials))} of {len(trials)} completed "
         f"trials by {objective} (validation; 90 % interval; ≈: overlaps the best's interval)"
     )
-    cols = ("trial", objective, "90 % interval", "≈", "skill pers.", "skill clim.", "worst forget",
-            "rank", "targets", "unfrozen", "batch", "precision", "lr", "ckpt", "peak MB", "s")  # fmt: skip
+    cols = ("trial", objective, "90 % interval", "≈", "skill pers.", "skill clim.",
+            "worst forgetting", "recipe", "peak MB", "s")  # fmt: skip
     for c in cols:
-        table.add_column(
-            c, justify="left" if c in ("targets", "precision", "worst forget") else "right"
-        )
+        table.add_column(c, justify="left" if c in ("recipe", "worst forgetting") else "right")
     for t, close in zip(trials[:top], overlaps_best(trials, objective)):
-        p, a = t.params, t.user_attrs
+        a = t.user_attrs
         ci = interval(t, objective)
         worst = (
             f"{a['forget_worst']} ×{a['forget_worst_ratio']:.2f}" if "forget_worst" in a else "-"
@@ -79,19 +77,28 @@ def top_trials_table(config: StudyConfig, *, top: int = 10) -> Table:
         table.add_row(
             str(t.number), f"{t.value:.4f}", f"{ci[0]:.4f}–{ci[1]:.4f}" if ci else "-",
             "≈" if close and t is not trials[0] else "", _skill(a, "persistence"),
-            _skill(a, "climatology"), worst, str(p.get("lora_rank")),
-            str(p.get("lora_targets")), str(p.get("unfrozen_blocks")), str(p.get("batch_size")),
-            str(p.get("precision")), f"{p['learning_rate']:.1e}" if "learning_rate" in p else "-",
-            "yes" if p.get("activation_checkpointing") else "no",
+            _skill(a, "climatology"), worst, recipe(t.params),
             f"{a.get('peak_memory_mb', float('nan')):.0f}", f"{a.get('trial_seconds', float('nan')):.1f}",
         )  # fmt: skip
     return table
 
 
+def recipe(params: dict) -> str:
+    """A trial's searched settings in a few words: 'r8 qkv+proj u1 b2 bf16 lr3.0e-04 ckpt'."""
+    words = [
+        f"r{params['lora_rank']}" if "lora_rank" in params else "",
+        str(params.get("lora_targets", "")),
+        f"u{params['unfrozen_blocks']}" if "unfrozen_blocks" in params else "",
+        f"b{params['batch_size']}" if "batch_size" in params else "",
+        str(params.get("precision", "")),
+        f"lr{params['learning_rate']:.1e}" if "learning_rate" in params else "",
+        "ckpt" if params.get("activation_checkpointing") else "",
+    ]
+    return " ".join(w for w in words if w)
+
+
 def _skill(a: dict, reference: str) -> str:
-    value = a.get(f"tp_skill_{reference}", float("nan"))
-    lo, hi = a.get(f"tp_skill_{reference}_q05"), a.get(f"tp_skill_{reference}_q95")
-    return f"{value:+.3f}" + (f" [{lo:+.3f}, {hi:+.3f}]" if lo is not None else "")
+    return f"{a.get(f'tp_skill_{reference}', float('nan')):+.3f}"
 
 
 def export_best(config: StudyConfig, target: Path) -> Path:
@@ -140,7 +147,7 @@ def prepare_evaluation(adapter: Path, *, split: str, checkpoint: Path | None = N
     from aurora_sweep.evaluation import base_state_mse
     from aurora_sweep.export import load_finetuned, read_meta
     from aurora_sweep.model import resolve_checkpoint
-    from aurora_sweep.train import TrialConfig, TrialData, default_device
+    from aurora_sweep.train import TrialConfig, TrialData, default_device, eval_batch_size
 
     adapter = Path(adapter)
     meta = read_meta(adapter)
@@ -150,7 +157,10 @@ def prepare_evaluation(adapter: Path, *, split: str, checkpoint: Path | None = N
     device = default_device()
     model = load_finetuned(adapter, checkpoint=checkpoint, device=str(device))
     path = resolve_checkpoint(trial.base, checkpoint)
-    data.base_mse = base_state_mse(data, base=trial.base, checkpoint=path, device=device)
+    data.base_mse = base_state_mse(
+        data, base=trial.base, checkpoint=path, device=device,
+        batch_size=eval_batch_size(1, device),
+    )  # fmt: skip
     return model, data, trial, meta, device
 
 
@@ -159,9 +169,14 @@ def evaluate_adapter(
 ) -> dict:
     """Score an exported adapter on the whole of `split` with its study's data."""
     from aurora_sweep.evaluation import verify
+    from aurora_sweep.train import eval_batch_size
 
-    model, data, _, _, device = prepare_evaluation(adapter, split=split, checkpoint=checkpoint)
-    scores, _ = verify(model, data, batch_size=8, device=device, bootstrap=bootstrap)
+    prepared = prepare_evaluation(adapter, split=split, checkpoint=checkpoint)
+    model, data, trial, _, device = prepared
+    scores, _ = verify(
+        model, data, batch_size=eval_batch_size(trial.batch_size, device), device=device,
+        bootstrap=bootstrap,
+    )  # fmt: skip
     return {**scores, "split": split, "samples": len(data.validation)}
 
 
@@ -259,6 +274,7 @@ def report_adapter(
     from aurora_sweep.dataset import climatology_forecast
     from aurora_sweep.evaluation import case_maps_png, verify
     from aurora_sweep.report import write_report
+    from aurora_sweep.train import eval_batch_size
 
     if point is not None and not (-90 <= point[0] <= 90):
         raise AuroraSweepError(f"--point {point[0]:g},{point[1]:g}: latitude must be in -90..90")
@@ -267,7 +283,10 @@ def report_adapter(
     )
     samples = data.validation
     ij = nearest_point(samples, *point) if point is not None else None
-    scores, fc = verify(model, data, batch_size=8, device=device, bootstrap=bootstrap)
+    scores, fc = verify(
+        model, data, batch_size=eval_batch_size(trial.batch_size, device), device=device,
+        bootstrap=bootstrap,
+    )  # fmt: skip
     times = samples.target_times()[fc.indices]
     observed = samples.observed(fc.indices)
     baselines = {

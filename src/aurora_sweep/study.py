@@ -256,12 +256,13 @@ def run_study(
             p = outcome.payload
             if outcome.status == "pruned":
                 console.print(
-                    f"trial {trial.number:3d}  pruned at step {p['step']} (val_loss {p['value']:.4f})"
+                    f"trial {trial.number:3d}  pruned at step {p['step']} ({config.objective} "
+                    f"{p['value']:.4f} on the pruner's subset)"
                 )
                 client.set_tag(run_id, "optuna.state", "PRUNED")
                 client.log_metric(run_id, "trial_seconds", p["seconds"])
                 client.set_terminated(run_id, "KILLED")
-                raise optuna.TrialPruned(f"val_loss {p['value']:.4f} at step {p['step']}")
+                raise optuna.TrialPruned(f"{config.objective} {p['value']:.4f} at step {p['step']}")
             if outcome.status == "oom":
                 trial.set_user_attr("measured_peak_mb", p["peak_memory_mb"])
                 client.log_metric(run_id, "peak_memory_mb", p["peak_memory_mb"])
@@ -347,7 +348,13 @@ def log_study_figures(client, run_id: str, study: optuna.Study, objective: str) 
     ]
     import matplotlib.pyplot as plt
 
-    for name, fig in study_figures(study, points).items():
+    memory = (
+        "peak GPU memory (MB)"
+        if any("peak_reserved_mb" in t.user_attrs for t in complete)
+        else "peak resident memory of the trial process (MB, CPU)"
+    )
+    labels = {"skill": f"skill vs climatology (1 − {objective}/climatology's)", "memory": memory}
+    for name, fig in study_figures(study, points, **labels).items():
         client.log_figure(run_id, fig, f"study/{name}")
         plt.close(fig)
 

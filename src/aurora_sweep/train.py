@@ -5,7 +5,8 @@ AdamW step. Every `eval_every` steps the model forecasts a fixed subset of the v
 (`val_samples` samples): the validation loss is logged, and the study's objective on that subset,
 in its own units, is reported to the pruner, so a pruned trial's stored value means what a
 completed trial's does. At the end the model forecasts the whole validation split and is scored
-against persistence and climatology (`evaluation.verify`).
+against persistence and climatology (`evaluation.verify`); the last validation loss is the one of
+that whole split.
 """
 
 from __future__ import annotations
@@ -186,6 +187,16 @@ def build_trial_model(trial: TrialConfig, tp: TpStats, checkpoint: Path):
     return peft_model, model, parts
 
 
+def eval_batch_size(train_batch: int, device: torch.device) -> int:
+    """Samples per forecast pass when scoring.
+
+    A forward pass without gradients keeps a layer or two alive, not every activation, so on a GPU
+    four times the training batch stays well inside the trial's own (capped) training peak. A CPU
+    has no cap and runs large batches much faster (2.4x from 8 to 32 samples for the demo model).
+    """
+    return 32 if device.type == "cpu" else min(32, 4 * train_batch)
+
+
 def eval_indices(n: int, limit: int) -> np.ndarray:
     """Evenly spaced sample indices: the same subset every time for the same n and limit."""
     if limit <= 0 or limit >= n:
@@ -230,6 +241,7 @@ def fit(
         # the pruner's subset: fixed, so every trial's intermediate values are comparable
         val_idx = eval_indices(len(data.validation), trial.val_samples)
         val_observed = data.validation.observed(val_idx)
+        eval_batch = eval_batch_size(trial.batch_size, device)
         train_loss: list[tuple[int, float]] = []
         val_loss: list[tuple[int, float]] = []
         intermediate: list[tuple[int, float]] = []
@@ -257,18 +269,23 @@ def fit(
             train_loss.append((step, value))
             if on_step:
                 on_step(step, value)
-            if step % trial.eval_every == 0 or step == trial.steps:
+            # the last step is scored on the whole split below; the pruner cannot act on it anyway
+            if step % trial.eval_every == 0 and step < trial.steps:
                 tp = forecast(
-                    peft_model, data.validation, val_idx, batch_size=8, device=device, state=False
-                ).tp
+                    peft_model, data.validation, val_idx, batch_size=eval_batch, device=device,
+                    state=False,
+                ).tp  # fmt: skip
                 val_loss.append((step, float(np.mean(((tp - val_observed) / data.tp.scale) ** 2))))
                 objective = subset_objective(tp, data, val_idx)
                 intermediate.append((step, objective))
                 if report:
                     report(step, objective)
         metrics, forecasts = verify(
-            peft_model, data, batch_size=8, device=device, bootstrap=bootstrap
+            peft_model, data, batch_size=eval_batch, device=device, bootstrap=bootstrap
         )
+        observed = data.validation.observed(forecasts.indices)
+        final = float(np.mean(((forecasts.tp - observed) / data.tp.scale) ** 2))
+        val_loss.append((trial.steps, final))
     return TrialResult(
         train_loss=train_loss,
         val_loss=val_loss,
