@@ -193,7 +193,7 @@ def test_reliability_has_a_panel_per_threshold_and_a_frequency_panel(several):
     assert renders(fig)
 
 
-def test_point_series_fills_the_observation_and_draws_the_others_as_lines():
+def test_point_series_draws_the_observation_as_stems_and_the_others_as_lines():
     times = np.arange("2024-01-01T06", "2024-01-03T06", np.timedelta64(6, "h"), "datetime64[h]")
     rng = np.random.default_rng(0)
     series = {
@@ -201,8 +201,18 @@ def test_point_series_fills_the_observation_and_draws_the_others_as_lines():
     }
     fig = point_series(times, series, title="52°N 0°E")
     (ax,) = fig.axes
-    assert len(ax.collections) == 1 and len(ax.lines) == 2
+    assert len(ax.collections) == 1  # the observed stems
+    assert len(ax.lines) == 4  # a line and its markers for each of the two forecasts
     assert renders(fig)
+
+
+def test_point_series_breaks_its_lines_where_the_samples_have_a_gap():
+    days = np.array(["2024-01-01T06", "2024-01-01T12", "2024-02-01T06", "2024-02-01T12"])
+    series = {"observed": np.ones(4), "model": np.arange(4.0)}
+    fig = point_series(days, series, title="gap")
+    line = fig.axes[0].lines[0]
+    y = np.asarray(line.get_ydata(), dtype=float)
+    assert np.isnan(y[2]) and np.isfinite(y[[0, 1, 3]]).all()
 
 
 def test_png_bytes_closes_a_figure_pyplot_knows():

@@ -534,8 +534,9 @@ def point_series(
 ) -> Figure:
     """Time series of 6-hour totals at one grid point.
 
-    The observed series is a filled step covering each 6-hour period up to its end time; the
-    others (model, persistence, ...) are lines with a point at each end time.
+    The observed series is drawn as grey stems (one per 6-hour total, visible at any time scale);
+    the others (model, persistence, ...) as lines with a point at each end time, broken wherever
+    the samples have a gap (a split need not be continuous), so no line bridges missing days.
 
     Args:
         times: end times of the 6-hour periods (datetime64, datetimes or ISO strings) or steps.
@@ -546,6 +547,10 @@ def point_series(
     t = np.asarray(times)
     if t.dtype.kind in "OUS":
         t = t.astype("datetime64[ns]")
+    gaps = np.zeros(t.shape, dtype=bool)
+    if t.size > 1:
+        steps = np.diff(t)
+        gaps[1:] = steps > np.min(steps)  # a step longer than the regular one starts a new piece
     fig = _new_figure(figsize=(8.0, 3.6))
     ax = fig.add_subplot()
     colour = 0
@@ -554,9 +559,12 @@ def point_series(
         if values.shape != t.shape:
             raise ValueError(f"series {name!r} has shape {values.shape}, times {t.shape}")
         if name == observed_key:
-            ax.fill_between(t, 0, values, step="pre", color="0.65", alpha=0.7, lw=0, label=name)
+            ax.vlines(t, 0, values, color="0.55", lw=1.6, alpha=0.8, label=name)
         else:
-            ax.plot(t, values, lw=1.2, marker=".", ms=4, color=f"C{colour}", label=name)
+            # NaN at each gap's first point breaks the line there; markers keep every value
+            broken = np.where(gaps, np.nan, values)
+            ax.plot(t, broken, lw=1.0, color=f"C{colour}", label=name)
+            ax.plot(t, values, ls="none", marker=".", ms=3, color=f"C{colour}")
             colour += 1
     if t.dtype.kind == "M":
         ax.xaxis.set_major_formatter(ConciseDateFormatter(ax.xaxis.get_major_locator()))

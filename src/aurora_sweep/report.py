@@ -141,7 +141,11 @@ def _scores_section(scores: Sequence[Mapping[str, object]]) -> list[str]:
         "<th>climatology</th><th>better than both?</th></tr>",
     ]
     for row in scores:
-        direction = "higher is better" if row.get("higher_is_better") else "lower is better"
+        target = _number(row.get("target"))
+        if target is not None:
+            direction = f"best at {_fmt(target)}"
+        else:
+            direction = "higher is better" if row.get("higher_is_better") else "lower is better"
         label = row.get("label") or row.get("score")
         verdict, css = _verdict(row)
         out.append(

@@ -324,7 +324,7 @@ def report_adapter(
         "reaches one of them.",
         "Persistence repeats the last observed 6-hour total; climatology is the train-split mean by "
         "grid point, calendar month and time of day.",
-        "SEEPS (WeatherBench 2 definition): dry below 0.1 mm; dry probability and light/heavy "
+        "SEEPS (WeatherBench 2 definition): dry at most 0.1 mm; dry probability and light/heavy "
         "threshold per grid point and month from the train split; points with a dry probability "
         "outside 0.1..0.85 are left out.",
         "Forgetting: RMSE of the fine-tuned model over that of the untouched base model on the "

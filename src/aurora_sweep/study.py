@@ -126,6 +126,15 @@ def _data_tags(config: StudyConfig) -> dict[str, str]:
     }
 
 
+def _adapter_data(config: StudyConfig) -> dict[str, Any]:
+    """The data description each adapter carries (region, levels, splits, grid)."""
+    tags = {k.removeprefix("data."): v for k, v in _data_tags(config).items()}
+    return tags | {
+        "grid": config.data.grid,
+        "test": f"{config.data.test.start}..{config.data.test.end}",
+    }
+
+
 def run_study(
     config: StudyConfig,
     *,
@@ -183,7 +192,7 @@ def run_study(
     worker = TrialWorker(
         WorkerSpec(
             config_path=config.path, workdir=config.workdir, checkpoint=config.model.checkpoint,
-            memory_cap=cap, extra={"data": _data_tags(config) | {"grid": config.data.grid}},
+            memory_cap=cap, extra={"data": _adapter_data(config)},
             fit=fit, base_mse=study.user_attrs.get("base_mse"),
         )
     )  # fmt: skip
