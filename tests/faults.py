@@ -37,3 +37,12 @@ def nan_once(*args, marker: str, **kwargs):
     if _first_call(marker):
         raise FloatingPointError("training loss became nan at step 3")
     return fit(*args, **kwargs)
+
+
+def train_forever(*args, marker: str, **kwargs):
+    """A trial that never ends (it touches `marker` once it is running), like a long fine-tune."""
+    import time
+
+    Path(marker).write_text(str(os.getpid()))
+    while True:
+        time.sleep(0.1)

@@ -18,6 +18,8 @@ and one outcome per trial: `("complete" | "pruned" | "oom" | "error", payload)`.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -140,8 +142,27 @@ class TrialWorker:
         self.close()
 
 
+def exit_with_parent(poll_seconds: float = 0.5) -> None:
+    """End this process as soon as its parent is gone.
+
+    A `run` killed with SIGKILL (a scheduler's time limit, the OOM killer) cannot stop its
+    worker, which would go on training for nobody until its next message to the dead parent.
+    A daemon thread notices the parent's death (this process is re-parented) and exits at once.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_seconds)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def serve(conn, spec: WorkerSpec) -> None:
     """The worker's main loop (runs in the child process)."""
+    exit_with_parent()
     import warnings
 
     warnings.filterwarnings("ignore")
