@@ -61,3 +61,50 @@ if __name__ == "__main__":
                 psutil.Process(int(marker.read_text())).kill()
             except psutil.NoSuchProcess:
                 pass
+
+
+@pytest.mark.slow
+def test_sigterm_ends_the_trial_and_every_mlflow_run_and_the_rerun_retries_it(tmp_path, tiny_store):
+    """A scheduler's preemption: one line, exit 143, nothing left RUNNING, the trial retried."""
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    from aurora_sweep.config import load_config
+    from aurora_sweep.study import tracking_uri
+    from conftest import write_tiny_config
+
+    path = write_tiny_config(tmp_path, steps=100000, store=tiny_store)  # still training when hit
+    command = [sys.executable, "-m", "aurora_sweep.cli", "run", "-c", str(path), "--trials", "1"]
+    run = subprocess.Popen(
+        command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    config = load_config(path, workdir=tmp_path)
+    deadline = time.monotonic() + 180
+    while True:  # wait until the trial is training: its MLflow run exists
+        assert run.poll() is None and time.monotonic() < deadline, run.communicate()
+        if (tmp_path / "tiny.optuna.db").exists():
+            study = optuna.load_study(study_name="tiny", storage=config.storage)
+            if study.trials and "mlflow_run_id" in study.trials[0].user_attrs:
+                break
+        time.sleep(0.5)
+    time.sleep(3)
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 143, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines[-1].startswith("interrupted by SIGTERM") and "Traceback" not in err, err
+
+    (trial,) = optuna.load_study(study_name="tiny", storage=config.storage).trials
+    assert trial.state == optuna.trial.TrialState.FAIL and trial.user_attrs["interrupted"]
+    client = MlflowClient(tracking_uri(config))
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"KILLED"}
+
+    short = write_tiny_config(tmp_path, steps=2, store=tiny_store)
+    rerun = subprocess.run(
+        [*command[:5], str(short), "--trials", "1"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert rerun.returncode == 0, rerun.stderr
+    first, retry = optuna.load_study(study_name="tiny", storage=config.storage).trials
+    assert retry.state == optuna.trial.TrialState.COMPLETE
+    assert retry.user_attrs["retry_of"] == 0 and retry.params == first.params

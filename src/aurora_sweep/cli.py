@@ -8,6 +8,7 @@ on one line with exit code 1; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import typer
@@ -86,6 +87,14 @@ def run(
         summary = run_study(study, trials=trials, console=console)
     except AuroraSweepError as e:
         fail(e)
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        console.print(
+            f"interrupted by {signal.Signals(signum).name}: the running trial will be retried; "
+            "run the same command again to resume",
+            highlight=False,
+        )
+        raise typer.Exit(128 + signum) from None
     console.print(_best_line(study))
     console.print(f"MLflow: run `mlflow ui` here, then open {summary.ui_link}")
 

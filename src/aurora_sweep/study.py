@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import signal
 import tempfile
+import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,11 +30,8 @@ from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.evaluation import worst_forgetting
 from aurora_sweep.train import TrialConfig
 
-FINISHED = (
-    optuna.trial.TrialState.COMPLETE,
-    optuna.trial.TrialState.PRUNED,
-    optuna.trial.TrialState.FAIL,
-)
+#: The trials `--trials` counts: a failed or interrupted trial does not use up the total.
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 AURORA_PRETRAINING_END = dt.date(2022, 1, 1)
 UI = "http://127.0.0.1:5000"
 
@@ -165,8 +165,10 @@ def run_study(
             "period (ERA5 up to 2021): skill there is not a test of adaptation",
             stacklevel=2,
         )
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # failures are reported in one line each below; Optuna's own warning repeats the traceback
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = open_study(config)
+    retry_interrupted(study)
     done = [t for t in study.trials if t.state in FINISHED]
     todo = max(0, trials - len(done))
     mlflow.set_tracking_uri(tracking_uri(config))
@@ -218,6 +220,19 @@ def run_study(
     )
 
     def objective(trial: optuna.Trial) -> float:
+        try:
+            return run_trial(trial)
+        except KeyboardInterrupt:
+            # a signal stopped this trial: Optuna records it as FAIL; mark it for a retry and end
+            # its MLflow run here, since nothing else will
+            trial.set_user_attr("interrupted", True)
+            run_id = trial.user_attrs.get("mlflow_run_id")
+            if run_id:
+                client.set_tag(run_id, "interrupted", "true")
+                client.set_terminated(run_id, "KILLED")
+            raise
+
+    def run_trial(trial: optuna.Trial) -> float:
         tc = sample_trial(trial, config)
         run = client.create_run(
             experiment_id,
@@ -312,16 +327,64 @@ def run_study(
                       f"{estimate.megabytes:.0f} MB)")  # fmt: skip
         return m[config.objective]
 
+    interrupted = False
     try:
-        study.optimize(objective, n_trials=todo, catch=(Exception,), gc_after_trial=True)
+        with signals_as_interrupts():
+            study.optimize(objective, n_trials=todo, catch=(Exception,), gc_after_trial=True)
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
     finally:
-        worker.close()
+        worker.close(at_once=interrupted)
         try:
-            log_study_figures(client, parent.info.run_id, study, config.objective)
+            if not interrupted:
+                log_study_figures(client, parent.info.run_id, study, config.objective)
         finally:
-            client.set_terminated(parent.info.run_id)
+            client.set_terminated(parent.info.run_id, "KILLED" if interrupted else "FINISHED")
     summary.new_trials = todo
     return summary
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived (Ctrl-C, a scheduler's preemption); `signum` says which."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def signals_as_interrupts() -> Iterator[None]:
+    """SIGINT and SIGTERM raise `Interrupted` in the main thread, so the study can end its trial
+    and every MLflow run it opened before the process exits. A no-op outside the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def retry_interrupted(study: optuna.Study) -> list[int]:
+    """Enqueue once, with the same parameters, every trial a signal interrupted."""
+    retried = {t.user_attrs.get("retry_of") for t in study.trials}
+    numbers = []
+    for t in study.trials:
+        if (
+            t.state == optuna.trial.TrialState.FAIL
+            and t.user_attrs.get("interrupted")
+            and t.number not in retried
+        ):
+            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+            numbers.append(t.number)
+    return numbers
 
 
 def _score_line(m: dict[str, float], objective: str) -> str:

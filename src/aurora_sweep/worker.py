@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import signal
 import threading
 import time
 import traceback
@@ -123,13 +124,22 @@ class TrialWorker:
                 self.close()  # the next trial gets a fresh process and a clean allocator
             return outcome
 
-    def close(self) -> None:
-        if self.conn is not None and self.process is not None and self.process.is_alive():
+    def close(self, *, at_once: bool = False) -> None:
+        """Stop the worker: ask it to finish (it does so between trials), or kill it at once."""
+        if (
+            not at_once
+            and self.conn is not None
+            and self.process is not None
+            and self.process.is_alive()
+        ):
             try:
                 self.conn.send(("stop",))
                 self.process.join(timeout=10)
             except (BrokenPipeError, OSError):
                 pass
+        if self.process is not None and self.process.is_alive() and at_once:
+            self.process.terminate()  # SIGTERM: the worker exits normally, mid-trial
+            self.process.join(timeout=10)
         if self.process is not None and self.process.is_alive():
             self.process.kill()
             self.process.join()
@@ -160,9 +170,17 @@ def exit_with_parent(poll_seconds: float = 0.5) -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def serve(conn, spec: WorkerSpec) -> None:
     """The worker's main loop (runs in the child process)."""
     exit_with_parent()
+    # Ctrl-C reaches the whole process group: the study process handles it and stops this one,
+    # with SIGTERM, which ends the trial by a normal exit (finalisers run, nothing is leaked)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     import warnings
 
     warnings.filterwarnings("ignore")
