@@ -82,10 +82,14 @@ def test_sigterm_ends_the_trial_and_every_mlflow_run_and_the_rerun_retries_it(tm
     deadline = time.monotonic() + 180
     while True:  # wait until the trial is training: its MLflow run exists
         assert run.poll() is None and time.monotonic() < deadline, run.communicate()
-        if (tmp_path / "tiny.optuna.db").exists():
-            study = optuna.load_study(study_name="tiny", storage=config.storage)
-            if study.trials and "mlflow_run_id" in study.trials[0].user_attrs:
-                break
+        study = None
+        if (tmp_path / "tiny.optuna.db").exists():  # created by `run`, never by this test
+            try:
+                study = optuna.load_study(study_name="tiny", storage=config.storage)
+            except KeyError:  # the file exists but the study is not created yet
+                pass
+        if study is not None and study.trials and "mlflow_run_id" in study.trials[0].user_attrs:
+            break
         time.sleep(0.5)
     time.sleep(3)
     run.send_signal(signal.SIGTERM)
