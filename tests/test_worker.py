@@ -79,19 +79,12 @@ def test_sigterm_ends_the_trial_and_every_mlflow_run_and_the_rerun_retries_it(tm
         command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     config = load_config(path, workdir=tmp_path)
-    deadline = time.monotonic() + 180
-    while True:  # wait until the trial is training: its MLflow run exists
-        assert run.poll() is None and time.monotonic() < deadline, run.communicate()
-        study = None
-        if (tmp_path / "tiny.optuna.db").exists():  # created by `run`, never by this test
-            try:
-                study = optuna.load_study(study_name="tiny", storage=config.storage)
-            except KeyError:  # the file exists but the study is not created yet
-                pass
-        if study is not None and study.trials and "mlflow_run_id" in study.trials[0].user_attrs:
+    for line in run.stderr:  # the study exists and its first trial starts right after this line
+        if "trials so far" in line:
             break
-        time.sleep(0.5)
-    time.sleep(3)
+    else:
+        raise AssertionError(f"run ended before its first trial: {run.communicate()}")
+    time.sleep(5)  # the trial is training (100000 steps)
     run.send_signal(signal.SIGTERM)
     _, err = run.communicate(timeout=60)
     assert run.returncode == 143, err
