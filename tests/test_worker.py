@@ -20,7 +20,9 @@ def _gone(pid: int) -> bool:
 
 
 @pytest.mark.slow
-def test_the_worker_dies_with_a_study_process_killed_by_sigkill(tiny_config, tmp_path):
+def test_after_sigkill_the_worker_dies_and_the_next_run_settles_and_retries_the_trial(
+    tiny_config, tmp_path
+):
     marker = tmp_path / "training"
     script = tmp_path / "study.py"
     script.write_text(
@@ -54,6 +56,7 @@ if __name__ == "__main__":
         while not _gone(worker):
             assert time.monotonic() < deadline, "the worker outlived its study process"
             time.sleep(0.2)
+        _the_next_run_fails_the_killed_trial_ends_its_runs_and_retries_it(tiny_config, tmp_path)
     finally:
         study.kill()
         if marker.exists() and marker.read_text():
@@ -61,6 +64,29 @@ if __name__ == "__main__":
                 psutil.Process(int(marker.read_text())).kill()
             except psutil.NoSuchProcess:
                 pass
+
+
+def _the_next_run_fails_the_killed_trial_ends_its_runs_and_retries_it(tiny_config, tmp_path):
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    from aurora_sweep.config import load_config
+    from aurora_sweep.study import run_study, tracking_uri
+
+    config = load_config(tiny_config.path, workdir=tmp_path)
+    killed = optuna.load_study(study_name="tiny", storage=config.storage).trials[0]
+    assert killed.state == optuna.trial.TrialState.RUNNING  # what SIGKILL leaves behind
+    summary = run_study(config, trials=1)
+    first, retry = summary.study.trials
+    assert first.state == optuna.trial.TrialState.FAIL
+    assert retry.state == optuna.trial.TrialState.COMPLETE
+    assert retry.user_attrs["retry_of"] == 0 and retry.params == first.params
+    client = MlflowClient(tracking_uri(config))
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    statuses = {r.info.run_id: r.info.status for r in runs}
+    assert "RUNNING" not in statuses.values()
+    assert statuses[first.user_attrs["mlflow_run_id"]] == "KILLED"
+    assert statuses[first.user_attrs["mlflow_parent_run_id"]] == "KILLED"
 
 
 @pytest.mark.slow

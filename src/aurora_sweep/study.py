@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import os
 import signal
+import socket
 import tempfile
 import threading
 import time
@@ -168,11 +170,17 @@ def run_study(
     # failures are reported in one line each below; Optuna's own warning repeats the traceback
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = open_study(config)
+    mlflow.set_tracking_uri(tracking_uri(config))
+    client = MlflowClient()
+    reaped = reap_dead_trials(study, client)
+    if reaped:
+        console.print(
+            f"trial(s) {', '.join(map(str, reaped))} were left running by a process that no longer "
+            "exists (killed): recorded as failed, their MLflow runs ended as KILLED; retrying them"
+        )
     retry_interrupted(study)
     done = [t for t in study.trials if t.state in FINISHED]
     todo = max(0, trials - len(done))
-    mlflow.set_tracking_uri(tracking_uri(config))
-    client = MlflowClient()
     experiment = client.get_experiment_by_name(config.name)
     experiment_id = (
         experiment.experiment_id
@@ -241,6 +249,9 @@ def run_study(
         )
         run_id = run.info.run_id
         trial.set_user_attr("mlflow_run_id", run_id)
+        trial.set_user_attr("mlflow_parent_run_id", parent.info.run_id)
+        for key, value in this_process().items():  # to tell later whether it was killed
+            trial.set_user_attr(key, value)
         client.log_batch(run_id, params=[Param(k, str(v)) for k, v in tc.to_dict().items()])
         estimate = estimate_peak(tc, grid=grid, levels=len(tc.levels), device="cuda")
         trial.set_user_attr("predicted_peak_mb", estimate.megabytes)
@@ -370,6 +381,55 @@ def signals_as_interrupts() -> Iterator[None]:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def this_process() -> dict[str, Any]:
+    """Who runs a trial: host, pid and the pid's start time (pids are reused)."""
+    import psutil
+
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "pid_started": psutil.Process().create_time(),
+    }
+
+
+def _alive(pid: int | None, started: float | None) -> bool:
+    import psutil
+
+    try:
+        process = psutil.Process(int(pid))
+        return (
+            abs(process.create_time() - float(started)) < 1e-3
+            and process.status() != psutil.STATUS_ZOMBIE
+        )
+    except (psutil.NoSuchProcess, TypeError, ValueError):
+        return False
+
+
+def reap_dead_trials(study: optuna.Study, client) -> list[int]:
+    """Fail the trials that a process on this machine left RUNNING when it was killed.
+
+    SIGKILL (a scheduler's hard limit, the OOM killer) gives a process no chance to settle its
+    trial: Optuna keeps it RUNNING and MLflow keeps its runs RUNNING, forever. A trial records
+    its host, pid and the pid's start time; a RUNNING trial of this host whose process is gone
+    is marked FAIL, its MLflow run and parent run are ended as KILLED, and it is enqueued once
+    again with the same parameters. Trials of other hosts are left to database heartbeats.
+    """
+    host = socket.gethostname()
+    reaped = []
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        a = t.user_attrs
+        if a.get("host") != host or _alive(a.get("pid"), a.get("pid_started")):
+            continue
+        study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+        for key in ("mlflow_run_id", "mlflow_parent_run_id"):
+            run_id = a.get(key)
+            if run_id and client.get_run(run_id).info.status == "RUNNING":
+                client.set_terminated(run_id, "KILLED")
+        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+        reaped.append(t.number)
+    return reaped
 
 
 def retry_interrupted(study: optuna.Study) -> list[int]:
