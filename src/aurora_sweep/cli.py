@@ -26,6 +26,7 @@ app.add_typer(data_app, name="data")
 ConfigOption = typer.Option(
     None, "--config", "-c", help="Study config (TOML); default: the embedded demo study."
 )
+SplitOption = typer.Option("validation", "--split", help="validation or test.")
 
 
 def _console(*, stderr: bool = False):
@@ -147,7 +148,7 @@ def best(
 @app.command()
 def evaluate(
     adapter: Path = typer.Argument(..., help="An adapter directory from `best --export`."),
-    split: str = typer.Option("validation", "--split", help="validation or test."),
+    split: str = SplitOption,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     checkpoint: Path | None = typer.Option(None, help="Local base checkpoint file."),
 ) -> None:
@@ -158,8 +159,6 @@ def evaluate(
     from aurora_sweep.results import evaluate_adapter
 
     try:
-        if split not in ("validation", "test"):
-            raise AuroraSweepError(f"--split {split!r}: use validation or test")
         scores = evaluate_adapter(adapter, split=split, checkpoint=checkpoint)
     except AuroraSweepError as e:
         fail(e)
@@ -189,7 +188,7 @@ def _point(text: str | None) -> tuple[float, float] | None:
 @app.command()
 def report(
     adapter: Path = typer.Argument(..., help="An adapter directory from `best --export`."),
-    split: str = typer.Option("validation", "--split", help="validation or test."),
+    split: str = SplitOption,
     point: str | None = typer.Option(
         None, "--point", help="LAT,LON: add the time series at the nearest grid point."
     ),
@@ -201,8 +200,6 @@ def report(
     from aurora_sweep.results import report_adapter
 
     try:
-        if split not in ("validation", "test"):
-            raise AuroraSweepError(f"--split {split!r}: use validation or test")
         path = report_adapter(
             adapter, split=split, out=out, point=_point(point), checkpoint=checkpoint
         )

@@ -200,6 +200,14 @@ class Samples:
         return {k: np.asarray(win[k].values, dtype=np.float32) for k in (*SURF_VARS, *ATMOS_VARS)}
 
 
+def complete_train_tp(cube: xr.Dataset, train: Period) -> tuple[np.ndarray, pd.DatetimeIndex]:
+    """tp (mm, float64) at the train split's times whose field is complete, and those times."""
+    tp = cube[TARGET_VAR].sel(time=in_period(cube["time"].values, train))
+    values = np.asarray(tp.values, dtype=np.float64)
+    ok = np.isfinite(values).all(axis=(1, 2))
+    return values[ok], pd.DatetimeIndex(tp["time"].values)[ok]
+
+
 #: A (month, hour) with fewer train samples than this borrows the neighbouring months.
 MIN_CLIMATOLOGY_SAMPLES = 8
 
@@ -212,14 +220,11 @@ def climatology(cube: xr.Dataset, train: Period) -> np.ndarray:
     `MIN_CLIMATOLOGY_SAMPLES` train samples, the window widens to the month before and after,
     then to the whole train split at that hour.
     """
-    tp = cube[TARGET_VAR].sel(time=in_period(cube["time"].values, train))
-    times = pd.DatetimeIndex(tp["time"].values)
-    values = np.asarray(tp.values, dtype=np.float64)
-    ok = np.isfinite(values).all(axis=(1, 2))
+    values, times = complete_train_tp(cube, train)
     months, hours = times.month.values, times.hour.values
     out = np.full((12, 4, *values.shape[1:]), np.nan)
     for h in range(4):
-        at_hour = ok & (hours == 6 * h)
+        at_hour = hours == 6 * h
         if not at_hour.any():
             raise AuroraSweepError(
                 f"the train period has no tp at {6 * h:02d} UTC: the climatology needs all four "

@@ -24,6 +24,16 @@ from aurora_sweep.metrics import lat_weighted_rmse, objective_value, tp_scores
 from aurora_sweep.store import ATMOS_VARS, SURF_VARS, TARGET_VAR
 
 
+def eval_batch_size(train_batch: int, device: torch.device) -> int:
+    """Samples per forecast pass when scoring.
+
+    A forward pass without gradients keeps a layer or two alive, not every activation, so on a GPU
+    four times the training batch stays well inside the trial's own (capped) training peak. A CPU
+    has no cap and runs large batches much faster (2.4x from 8 to 32 samples for the demo model).
+    """
+    return 32 if device.type == "cpu" else min(32, 4 * train_batch)
+
+
 def state_names(levels: tuple[int, ...]) -> list[str]:
     """Names of the variables Aurora already predicts: '2t', ..., 'z500', 't850', ..."""
     return [*SURF_VARS, *(f"{v}{lv}" for v in ATMOS_VARS for lv in levels)]
@@ -119,9 +129,10 @@ def worst_forgetting(metrics: dict[str, float]) -> tuple[str, float] | None:
 
 
 def base_state_mse(
-    data, *, base: str, checkpoint: Path, device, batch_size: int = 8
+    data, *, base: str, checkpoint: Path, device, batch_size: int | None = None
 ) -> dict[str, float]:
-    """The untouched base model's MSE of every variable it predicts on the evaluation split."""
+    """The untouched base model's MSE of every variable it predicts on the evaluation split
+    (`batch_size` samples a pass; default `eval_batch_size` for a batch of one)."""
     from aurora_sweep.model import build_base, load_base_checkpoint
 
     model = build_base(base, with_tp=False)
@@ -129,7 +140,8 @@ def base_state_mse(
     model.to(device)
     samples = data.validation
     result = forecast(
-        model, samples, np.arange(len(samples)), batch_size=batch_size, device=device,
+        model, samples, np.arange(len(samples)),
+        batch_size=batch_size or eval_batch_size(1, torch.device(device)), device=device,
         with_tp=False,
     )  # fmt: skip
     return result.mse

@@ -147,8 +147,10 @@ def prepare_evaluation(adapter: Path, *, split: str, checkpoint: Path | None = N
     from aurora_sweep.evaluation import base_state_mse
     from aurora_sweep.export import load_finetuned, read_meta
     from aurora_sweep.model import resolve_checkpoint
-    from aurora_sweep.train import TrialConfig, TrialData, default_device, eval_batch_size
+    from aurora_sweep.train import TrialConfig, TrialData, default_device
 
+    if split not in ("validation", "test"):
+        raise AuroraSweepError(f"--split {split!r}: use validation or test")
     adapter = Path(adapter)
     meta = read_meta(adapter)
     config = load_config(adapter / "study.toml")
@@ -157,26 +159,25 @@ def prepare_evaluation(adapter: Path, *, split: str, checkpoint: Path | None = N
     device = default_device()
     model = load_finetuned(adapter, checkpoint=checkpoint, device=str(device))
     path = resolve_checkpoint(trial.base, checkpoint)
-    data.base_mse = base_state_mse(
-        data, base=trial.base, checkpoint=path, device=device,
-        batch_size=eval_batch_size(1, device),
-    )  # fmt: skip
+    data.base_mse = base_state_mse(data, base=trial.base, checkpoint=path, device=device)
     return model, data, trial, meta, device
+
+
+def verify_prepared(model, data, trial, device, *, bootstrap: int):
+    """`evaluation.verify` of a prepared adapter on its whole evaluation split, batched as its
+    trial was scored (so the scores reproduce the trial's)."""
+    from aurora_sweep.evaluation import eval_batch_size, verify
+
+    batch = eval_batch_size(trial.batch_size, device)
+    return verify(model, data, batch_size=batch, device=device, bootstrap=bootstrap)
 
 
 def evaluate_adapter(
     adapter: Path, *, split: str, checkpoint: Path | None = None, bootstrap: int = 1000
 ) -> dict:
     """Score an exported adapter on the whole of `split` with its study's data."""
-    from aurora_sweep.evaluation import verify
-    from aurora_sweep.train import eval_batch_size
-
-    prepared = prepare_evaluation(adapter, split=split, checkpoint=checkpoint)
-    model, data, trial, _, device = prepared
-    scores, _ = verify(
-        model, data, batch_size=eval_batch_size(trial.batch_size, device), device=device,
-        bootstrap=bootstrap,
-    )  # fmt: skip
+    model, data, trial, _, device = prepare_evaluation(adapter, split=split, checkpoint=checkpoint)
+    scores, _ = verify_prepared(model, data, trial, device, bootstrap=bootstrap)
     return {**scores, "split": split, "samples": len(data.validation)}
 
 
@@ -272,9 +273,8 @@ def report_adapter(
 
     from aurora_sweep import figures as fg
     from aurora_sweep.dataset import climatology_forecast
-    from aurora_sweep.evaluation import case_maps_png, verify
+    from aurora_sweep.evaluation import case_maps_png
     from aurora_sweep.report import write_report
-    from aurora_sweep.train import eval_batch_size
 
     if point is not None and not (-90 <= point[0] <= 90):
         raise AuroraSweepError(f"--point {point[0]:g},{point[1]:g}: latitude must be in -90..90")
@@ -283,10 +283,7 @@ def report_adapter(
     )
     samples = data.validation
     ij = nearest_point(samples, *point) if point is not None else None
-    scores, fc = verify(
-        model, data, batch_size=eval_batch_size(trial.batch_size, device), device=device,
-        bootstrap=bootstrap,
-    )  # fmt: skip
+    scores, fc = verify_prepared(model, data, trial, device, bootstrap=bootstrap)
     times = samples.target_times()[fc.indices]
     observed = samples.observed(fc.indices)
     baselines = {

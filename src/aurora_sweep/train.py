@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import psutil
 import torch
 
@@ -29,6 +28,7 @@ from aurora_sweep.dataset import (
     Samples,
     TpStats,
     climatology,
+    complete_train_tp,
     in_period,
     load_if_small,
     tp_stats,
@@ -97,22 +97,23 @@ class TrialData:
     def prepare(cls, cube, config: StudyConfig, *, eval_split: str = "validation") -> TrialData:
         cube = load_if_small(cube)  # read once, shared by both splits
         train = Samples(cube, config.data, "train")
+        period = config.data.train
+        # the train split's tp, read once for its statistics and both climatologies
+        tp = train.cube[["tp"]].sel(time=in_period(train.cube["time"].values, period)).load()
         return cls(
             train=train,
             validation=Samples(cube, config.data, eval_split),
-            tp=tp_stats(train.cube, config.data.train),
-            climatology=climatology(train.cube, config.data.train),
-            seeps=train_seeps_climate(train.cube, config.data.train),
+            tp=tp_stats(tp, period),
+            climatology=climatology(tp, period),
+            seeps=train_seeps_climate(tp, period),
             objective=config.objective,
         )
 
 
 def train_seeps_climate(cube, train: Period) -> SeepsClimate:
     """SEEPS's dry probability and light/heavy threshold by month, from the train split's tp."""
-    tp = cube["tp"].sel(time=in_period(cube["time"].values, train))
-    values = np.asarray(tp.values, dtype=np.float64)
-    ok = np.isfinite(values).all(axis=(1, 2))
-    return seeps_climate(values[ok], pd.DatetimeIndex(tp["time"].values)[ok].month.values)
+    values, times = complete_train_tp(cube, train)
+    return seeps_climate(values, times.month.values)
 
 
 @dataclass
@@ -187,14 +188,9 @@ def build_trial_model(trial: TrialConfig, tp: TpStats, checkpoint: Path):
     return peft_model, model, parts
 
 
-def eval_batch_size(train_batch: int, device: torch.device) -> int:
-    """Samples per forecast pass when scoring.
-
-    A forward pass without gradients keeps a layer or two alive, not every activation, so on a GPU
-    four times the training batch stays well inside the trial's own (capped) training peak. A CPU
-    has no cap and runs large batches much faster (2.4x from 8 to 32 samples for the demo model).
-    """
-    return 32 if device.type == "cpu" else min(32, 4 * train_batch)
+def normalised_mse(forecast: np.ndarray, observed: np.ndarray, tp: TpStats) -> float:
+    """The validation loss: the training loss's mean squared error in tp's normalised units."""
+    return float(np.mean(((forecast - observed) / tp.scale) ** 2))
 
 
 def eval_indices(n: int, limit: int) -> np.ndarray:
@@ -215,7 +211,7 @@ def fit(
     bootstrap: int = 1000,
 ) -> TrialResult:
     """Fine-tune one trial. `report(step, objective)` may raise `optuna.TrialPruned`."""
-    from aurora_sweep.evaluation import forecast, subset_objective, verify
+    from aurora_sweep.evaluation import eval_batch_size, forecast, subset_objective, verify
 
     device = device or default_device()
     started = time.perf_counter()
@@ -275,7 +271,7 @@ def fit(
                     peft_model, data.validation, val_idx, batch_size=eval_batch, device=device,
                     state=False,
                 ).tp  # fmt: skip
-                val_loss.append((step, float(np.mean(((tp - val_observed) / data.tp.scale) ** 2))))
+                val_loss.append((step, normalised_mse(tp, val_observed, data.tp)))
                 objective = subset_objective(tp, data, val_idx)
                 intermediate.append((step, objective))
                 if report:
@@ -284,8 +280,7 @@ def fit(
             peft_model, data, batch_size=eval_batch, device=device, bootstrap=bootstrap
         )
         observed = data.validation.observed(forecasts.indices)
-        final = float(np.mean(((forecasts.tp - observed) / data.tp.scale) ** 2))
-        val_loss.append((trial.steps, final))
+        val_loss.append((trial.steps, normalised_mse(forecasts.tp, observed, data.tp)))
     return TrialResult(
         train_loss=train_loss,
         val_loss=val_loss,

@@ -191,7 +191,7 @@ def serve(conn, spec: WorkerSpec) -> None:
     from aurora_sweep.evaluation import base_state_mse, trial_figures
     from aurora_sweep.export import save_adapter
     from aurora_sweep.model import resolve_checkpoint
-    from aurora_sweep.train import TrialConfig, TrialData, default_device, eval_batch_size, fit
+    from aurora_sweep.train import TrialConfig, TrialData, default_device, fit
 
     try:
         config = load_config(spec.config_path, workdir=spec.workdir)
@@ -208,9 +208,8 @@ def serve(conn, spec: WorkerSpec) -> None:
             config.model.base, spec.checkpoint or config.model.checkpoint
         )
         data.base_mse = spec.base_mse or base_state_mse(
-            data, base=config.model.base, checkpoint=checkpoint, device=device,
-            batch_size=eval_batch_size(1, device),
-        )  # fmt: skip
+            data, base=config.model.base, checkpoint=checkpoint, device=device
+        )
     except AuroraSweepError as e:
         conn.send(("error", {"message": str(e)}))
         return
