@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from aurora_sweep.config import StudyConfig, load_config
+from servers import mlflow_server, postgres_server, postgres_url  # noqa: F401
 
 TINY_STUDY = """
 [study]

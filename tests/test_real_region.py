@@ -66,7 +66,7 @@ def test_a_box_crossing_greenwich_imports_and_runs_end_to_end(tmp_path, monkeypa
     assert np.isfinite(trial.value) and "tp_skill_climatology" in trial.user_attrs
     from mlflow.tracking import MlflowClient
 
-    from aurora_sweep.study import tracking_uri
+    from aurora_sweep.tracking import tracking_uri
 
     client = MlflowClient(tracking_uri(config))
     parent = client.get_run(

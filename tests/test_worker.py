@@ -71,7 +71,8 @@ def _the_next_run_fails_the_killed_trial_ends_its_runs_and_retries_it(tiny_confi
     from mlflow.tracking import MlflowClient
 
     from aurora_sweep.config import load_config
-    from aurora_sweep.study import run_study, tracking_uri
+    from aurora_sweep.study import run_study
+    from aurora_sweep.tracking import tracking_uri
 
     config = load_config(tiny_config.path, workdir=tmp_path)
     killed = optuna.load_study(study_name="tiny", storage=config.storage).trials[0]
@@ -86,7 +87,8 @@ def _the_next_run_fails_the_killed_trial_ends_its_runs_and_retries_it(tiny_confi
     statuses = {r.info.run_id: r.info.status for r in runs}
     assert "RUNNING" not in statuses.values()
     assert statuses[first.user_attrs["mlflow_run_id"]] == "KILLED"
-    assert statuses[first.user_attrs["mlflow_parent_run_id"]] == "KILLED"
+    # the study's run, reopened by the rerun, ended with it
+    assert statuses[first.user_attrs["mlflow_parent_run_id"]] == "FINISHED"
 
 
 @pytest.mark.slow
@@ -96,7 +98,7 @@ def test_sigterm_ends_the_trial_and_every_mlflow_run_and_the_rerun_retries_it(tm
     from mlflow.tracking import MlflowClient
 
     from aurora_sweep.config import load_config
-    from aurora_sweep.study import tracking_uri
+    from aurora_sweep.tracking import tracking_uri
     from conftest import write_tiny_config
 
     path = write_tiny_config(tmp_path, steps=100000, store=tiny_store)  # still training when hit

@@ -27,6 +27,30 @@ ConfigOption = typer.Option(
     None, "--config", "-c", help="Study config (TOML); default: the embedded demo study."
 )
 SplitOption = typer.Option("validation", "--split", help="validation or test.")
+StorageOption = typer.Option(
+    None,
+    "--storage",
+    help="Optuna storage: sqlite:///FILE.db, FILE.journal or postgresql+psycopg://USER@HOST/DB "
+    "(default: the config's [study] storage, else NAME.optuna.db here).",
+)
+TrackingOption = typer.Option(
+    None,
+    "--tracking-uri",
+    help="MLflow tracking URI, e.g. an mlflow server's http://HOST:5000 "
+    "(default: the config's [study] tracking_uri, else mlflow.db here).",
+)
+
+
+def _gpus(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        gpus = [int(g) for g in text.split(",") if g.strip()]
+    except ValueError:
+        raise AuroraSweepError(f"--gpus {text!r}: give GPU numbers, e.g. --gpus 0,1,2,3") from None
+    if not gpus or min(gpus) < 0:
+        raise AuroraSweepError(f"--gpus {text!r}: give GPU numbers, e.g. --gpus 0,1,2,3")
+    return gpus
 
 
 def _console(*, stderr: bool = False):
@@ -58,10 +82,21 @@ def _quiet_libraries() -> None:
 @app.command()
 def run(
     trials: int = typer.Option(
-        30, "--trials", "-n", min=1, help="Total trials the study should hold."
+        30,
+        "--trials",
+        "-n",
+        min=1,
+        help="Finished trials the study should hold, counting every worker and machine.",
     ),
     config: Path | None = ConfigOption,
-    storage: str | None = typer.Option(None, help="Optuna storage URL (default: from the config)."),
+    workers: int = typer.Option(
+        1, "--workers", "-w", min=1, help="Trials at once on this machine (one GPU each)."
+    ),
+    gpus: str | None = typer.Option(
+        None, "--gpus", help="GPUs to use, e.g. 0,1,2,3 (default: the first --workers GPUs)."
+    ),
+    storage: str | None = StorageOption,
+    tracking_uri: str | None = TrackingOption,
     checkpoint: Path | None = typer.Option(None, help="Local base checkpoint file."),
     gpu_memory_cap: str | None = typer.Option(
         None,
@@ -69,7 +104,10 @@ def run(
         help="GPU memory each trial may use, e.g. 10GiB (default: config).",
     ),
 ) -> None:
-    """Run the study, or resume it, until it holds --trials trials."""
+    """Run the study, or resume it, until it holds --trials finished trials.
+
+    Another process or machine joins the same study with the same --storage and --tracking-uri.
+    """
     _quiet_libraries()
     import dataclasses
 
@@ -80,24 +118,31 @@ def run(
     try:
         study = load_config(config)
         cap = parse_memory(gpu_memory_cap) if gpu_memory_cap is not None else None
-        study = with_overrides(study, storage=storage, gpu_memory_cap=cap)
+        study = with_overrides(
+            study, storage=storage, tracking_uri=tracking_uri, gpu_memory_cap=cap
+        )
         if checkpoint is not None:
             study = dataclasses.replace(
                 study, model=dataclasses.replace(study.model, checkpoint=checkpoint)
             )
-        summary = run_study(study, trials=trials, console=console)
+        summary = run_study(
+            study, trials=trials, workers=workers, gpus=_gpus(gpus), console=console
+        )
     except AuroraSweepError as e:
         fail(e)
     except KeyboardInterrupt as e:
         signum = getattr(e, "signum", signal.SIGINT)
         console.print(
-            f"interrupted by {signal.Signals(signum).name}: the running trial will be retried; "
-            "run the same command again to resume",
+            f"interrupted by {signal.Signals(signum).name}: the running trial(s) will be "
+            "retried; run the same command again to resume",
             highlight=False,
         )
         raise typer.Exit(128 + signum) from None
     console.print(_best_line(study))
-    console.print(f"MLflow: run `mlflow ui` here, then open {summary.ui_link}")
+    if study.tracking_uri and study.tracking_uri.startswith("http"):
+        console.print(f"MLflow: open {summary.ui_link}")
+    else:
+        console.print(f"MLflow: run `mlflow ui` here, then open {summary.ui_link}")
 
 
 def _best_line(config) -> str:
@@ -128,15 +173,17 @@ def best(
     export: Path | None = typer.Option(
         None, "--export", help="Write the best trial's adapter here."
     ),
+    storage: str | None = StorageOption,
+    tracking_uri: str | None = TrackingOption,
 ) -> None:
     """List the best trials; with --export, write the best one's adapter and model card."""
     _quiet_libraries()
-    from aurora_sweep.config import load_config
+    from aurora_sweep.config import load_config, with_overrides
     from aurora_sweep.results import export_best, top_trials_table
 
     console = _console()
     try:
-        study = load_config(config)
+        study = with_overrides(load_config(config), storage=storage, tracking_uri=tracking_uri)
         console.print(top_trials_table(study, top=top))
         if export is not None:
             path = export_best(study, export)

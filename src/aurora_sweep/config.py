@@ -123,6 +123,9 @@ class StudyConfig:
     train: TrainConfig
     search: SearchSpace
     workdir: Path = field(default_factory=Path.cwd)
+    #: How often a running trial tells a database storage it is alive; a trial silent for
+    #: three times as long (its process or machine died) is failed and retried.
+    heartbeat_seconds: int = 60
 
 
 def parse_memory(text: str | int) -> int:
@@ -331,16 +334,14 @@ def _build(raw: dict, path: Path, workdir: Path) -> StudyConfig:
         raise AuroraSweepError("[search] unfrozen_blocks choices must be 0 or more")
 
     cap = resources.get("gpu_memory_cap")
-    storage = study.get("storage") or f"sqlite:///{workdir / (name + '.optuna.db')}"
-    if storage.startswith("sqlite:///") and not storage.startswith("sqlite:////"):
-        storage = f"sqlite:///{workdir / storage.removeprefix('sqlite:///')}"
+    storage = storage_url(study.get("storage") or f"sqlite:///{name}.optuna.db", workdir)
 
     return StudyConfig(
         name=name,
         path=path.resolve(),
         objective=objective,
         storage=storage,
-        tracking_uri=study.get("tracking_uri"),
+        tracking_uri=tracking_url(study.get("tracking_uri"), workdir),
         gpu_memory_cap=parse_memory(cap) if cap is not None else None,
         sampler_seed=int(study.get("seed", 0)),
         data=DataConfig(
@@ -369,9 +370,64 @@ def _build(raw: dict, path: Path, workdir: Path) -> StudyConfig:
         ),
         search=space,
         workdir=workdir,
+        heartbeat_seconds=_positive_int(
+            study.get("heartbeat_seconds", 60), "[study] heartbeat_seconds"
+        ),
     )
 
 
 def with_overrides(config: StudyConfig, **changes: Any) -> StudyConfig:
     """A copy of `config` with top-level fields replaced (CLI flags)."""
-    return dataclasses.replace(config, **{k: v for k, v in changes.items() if v is not None})
+    changes = {k: v for k, v in changes.items() if v is not None}
+    if "storage" in changes:
+        changes["storage"] = storage_url(changes["storage"], config.workdir)
+    if "tracking_uri" in changes:
+        changes["tracking_uri"] = tracking_url(changes["tracking_uri"], config.workdir)
+    return dataclasses.replace(config, **changes)
+
+
+def _positive_int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise AuroraSweepError(f"{what} must be a whole number of at least 1, not {value!r}")
+    return value
+
+
+def storage_url(text: str, workdir: Path) -> str:
+    """An Optuna storage URL, with relative files taken relative to `workdir`.
+
+    `sqlite:///FILE.db` (one process), a `FILE.journal` (processes on one machine) or
+    `postgresql+psycopg://USER@HOST/DB` (many machines; `postgresql://` means the same).
+    """
+    text = str(text).strip()
+    if text.startswith("sqlite:///"):
+        file = text.removeprefix("sqlite:///")
+        return text if file.startswith("/") else f"sqlite:///{workdir / file}"
+    if text.startswith("postgresql://"):
+        return "postgresql+psycopg://" + text.removeprefix("postgresql://")
+    if text.startswith(("postgresql+", "mysql")):
+        return text
+    if "://" not in text and text.endswith((".journal", ".log")):
+        return str(workdir / text)
+    raise AuroraSweepError(
+        f"storage {text!r}: give sqlite:///FILE.db (one process), FILE.journal (several "
+        "processes on one machine) or postgresql+psycopg://USER@HOST:PORT/DB (many machines)"
+    )
+
+
+def tracking_url(text: str | None, workdir: Path) -> str | None:
+    """An MLflow tracking URI: `http(s)://` for a tracking server, `sqlite:///FILE.db` (relative
+    to `workdir`) for a local store, a database URL; None for `mlflow.db` in the workdir."""
+    if text is None:
+        return None
+    text = str(text).strip()
+    if text.startswith("sqlite:///"):
+        file = text.removeprefix("sqlite:///")
+        return text if file.startswith("/") else f"sqlite:///{workdir / file}"
+    if text.startswith("postgresql://"):
+        return "postgresql+psycopg://" + text.removeprefix("postgresql://")
+    if text.startswith(("http://", "https://", "postgresql+", "mysql", "databricks")):
+        return text
+    raise AuroraSweepError(
+        f"tracking URI {text!r}: give an MLflow server's address (http://HOST:5000) or "
+        "sqlite:///FILE.db; MLflow 3 no longer opens a ./mlruns file store"
+    )

@@ -15,7 +15,8 @@ from rich.table import Table
 
 from aurora_sweep.config import StudyConfig, load_config
 from aurora_sweep.errors import AuroraSweepError
-from aurora_sweep.study import open_study, tracking_uri
+from aurora_sweep.study import open_study
+from aurora_sweep.tracking import client_for
 
 
 def ranked_trials(config: StudyConfig) -> list[optuna.trial.FrozenTrial]:
@@ -119,7 +120,7 @@ def export_best(config: StudyConfig, target: Path) -> Path:
         raise AuroraSweepError(
             f"{target} exists and is not an adapter directory: choose an empty one"
         )
-    mlflow.set_tracking_uri(tracking_uri(config))
+    client_for(config)  # says so at once when the tracking server does not answer
     with tempfile.TemporaryDirectory(dir=target.parent if target.parent.exists() else None) as tmp:
         try:
             local = mlflow.artifacts.download_artifacts(
@@ -128,7 +129,12 @@ def export_best(config: StudyConfig, target: Path) -> Path:
         except Exception as e:
             raise AuroraSweepError(
                 f"cannot read trial {best.number}'s adapter from MLflow ({type(e).__name__}); "
-                "run this from the directory that holds mlflow.db and mlruns/"
+                + (
+                    f"check --tracking-uri {config.tracking_uri}"
+                    if config.tracking_uri
+                    else "run this from the directory that holds mlflow.db and mlruns/, "
+                    "or give the sweep's --tracking-uri"
+                )
             ) from None
         if target.exists():
             shutil.rmtree(target)

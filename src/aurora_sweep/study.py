@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
+import hashlib
 import os
 import signal
 import socket
@@ -20,7 +22,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,42 +68,101 @@ def sample_trial(trial: optuna.Trial, config: StudyConfig) -> TrialConfig:
     )
 
 
-def open_study(config: StudyConfig, *, create: bool = True) -> optuna.Study:
-    """The study in its storage; heartbeats mark trials of a killed process as failed."""
-    storage: Any = config.storage
-    if storage.startswith(("sqlite", "postgresql", "mysql")):
-        storage = optuna.storages.RDBStorage(storage, heartbeat_interval=30, grace_period=90)
-    elif storage.endswith((".log", ".journal")):
-        from optuna.storages.journal import JournalFileBackend
+def open_study(
+    config: StudyConfig,
+    *,
+    create: bool = True,
+    seed: int | None = None,
+    on_stale: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
+) -> optuna.Study:
+    """The study in its storage (created once, even when workers race to create it).
 
-        storage = optuna.storages.JournalStorage(JournalFileBackend(storage))
+    Database storage gets heartbeats: a trial whose process or machine died is failed when a
+    worker next looks, and `on_stale` is called for it (end its MLflow run, retry it).
+    """
+    storage = _storage(config, on_stale)
     sampler = optuna.samplers.TPESampler(
-        seed=config.sampler_seed, n_startup_trials=8, constraints_func=_constraints
+        seed=config.sampler_seed if seed is None else seed,
+        n_startup_trials=8,
+        constant_liar=True,  # workers avoid proposing what another one is running
     )
     pruner = optuna.pruners.MedianPruner(n_startup_trials=6, n_warmup_steps=0)
-    try:
-        if create:
-            return optuna.create_study(
-                study_name=config.name, storage=storage, sampler=sampler, pruner=pruner,
-                direction="minimize", load_if_exists=True,
-            )  # fmt: skip
-        return optuna.load_study(
-            study_name=config.name, storage=storage, sampler=sampler, pruner=pruner
-        )
-    except KeyError:
-        raise AuroraSweepError(
-            f"no study named {config.name!r} in {config.storage}: run 'aurora-sweep run' first"
-        ) from None
+    for attempt in range(5):
+        try:
+            if create:
+                return optuna.create_study(
+                    study_name=config.name, storage=storage, sampler=sampler, pruner=pruner,
+                    direction="minimize", load_if_exists=True,
+                )  # fmt: skip
+            return optuna.load_study(
+                study_name=config.name, storage=storage, sampler=sampler, pruner=pruner
+            )
+        except KeyError:
+            raise AuroraSweepError(
+                f"no study named {config.name!r} in {storage_label(config.storage)}: "
+                "run 'aurora-sweep run' first (with the same --storage)"
+            ) from None
+        except optuna.exceptions.DuplicatedStudyError:
+            time.sleep(0.2 * (attempt + 1))  # created by another worker a moment ago: load it
+    raise AuroraSweepError(f"could not open study {config.name!r} in {config.storage}")
 
 
-def _constraints(trial: optuna.trial.FrozenTrial) -> tuple[float]:
-    """> 0 when the trial's memory exceeded the cap (so samplers learn to avoid it)."""
-    return (float(trial.user_attrs.get("memory_over_cap_mb", 0.0)),)
+def _storage(config: StudyConfig, on_stale) -> Any:
+    url = config.storage
+    if not url.startswith(("sqlite", "postgresql", "mysql")):
+        from optuna.storages.journal import JournalFileBackend
+
+        return optuna.storages.JournalStorage(JournalFileBackend(url))
+    import sqlalchemy.exc
+
+    for attempt in range(5):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url,
+                    # idle connections die during hour-long trials: test each before use
+                    engine_kwargs={"pool_pre_ping": True},
+                    heartbeat_interval=config.heartbeat_seconds,
+                    grace_period=3 * config.heartbeat_seconds,
+                    heartbeat_stale_trial_callback=on_stale,
+                )
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            time.sleep(0.5 * (attempt + 1))  # another worker is creating the tables
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError) as e:
+            reason = str(e.orig if hasattr(e, "orig") else e).strip().splitlines()[0]
+            raise AuroraSweepError(
+                f"cannot open the study storage {storage_label(url)}: {reason}; check that the "
+                "database server runs and the URL (user, host, port, database) is right"
+            ) from None
+        except ModuleNotFoundError as e:
+            raise AuroraSweepError(
+                f"storage {storage_label(url)} needs the Python driver {e.name!r}: "
+                "use postgresql+psycopg://… (psycopg is installed with aurora-sweep)"
+            ) from None
+    raise AuroraSweepError(f"could not create the study tables in {storage_label(url)}")
 
 
-def tracking_uri(config: StudyConfig) -> str:
-    """MLflow's own default store, made explicit so runs land beside the study."""
-    return config.tracking_uri or f"sqlite:///{config.workdir / 'mlflow.db'}"
+def storage_label(url: str) -> str:
+    """The storage URL without its password, for messages and MLflow tags."""
+    if "://" in url and "@" in url:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    return url
+
+
+def worker_seed(config: StudyConfig, study: optuna.Study, index: int) -> int:
+    """A sampler seed per worker and per invocation, so that workers (and a resumed run) do not
+    propose the same configs. One process on SQLite is reproducible from the config's seed;
+    processes sharing a journal or a database also mix in their host and pid."""
+    parts = [config.sampler_seed, len(study.trials), index]
+    if not config.storage.startswith("sqlite"):
+        parts += [socket.gethostname(), os.getpid()]
+    if parts[1:3] == [0, 0] and len(parts) == 3:
+        return config.sampler_seed  # a fresh study, first worker: as the config says
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "big")
 
 
 @dataclass
@@ -110,10 +171,12 @@ class StudySummary:
     new_trials: int
     experiment_id: str
     parent_run_id: str
+    tracking_uri: str = ""
 
     @property
     def ui_link(self) -> str:
-        return f"{UI}/#/experiments/{self.experiment_id}/runs"
+        ui = self.tracking_uri if self.tracking_uri.startswith("http") else UI
+        return f"{ui.rstrip('/')}/#/experiments/{self.experiment_id}/runs"
 
 
 def _data_tags(config: StudyConfig) -> dict[str, str]:
@@ -137,28 +200,62 @@ def _adapter_data(config: StudyConfig) -> dict[str, Any]:
     }
 
 
+def plan_devices(workers: int, gpus: list[int] | None) -> list[dict[str, int | None]]:
+    """One device per worker: a GPU each when there are GPUs, else a share of the CPU cores."""
+    if gpus:
+        if len(set(gpus)) != len(gpus):
+            raise AuroraSweepError(f"--gpus {gpus}: each worker needs its own GPU")
+        if workers not in (1, len(gpus)):
+            raise AuroraSweepError(
+                f"--workers {workers} with --gpus {','.join(map(str, gpus))}: give one GPU per "
+                "worker (or leave out --workers)"
+            )
+        import torch
+
+        count = torch.cuda.device_count()
+        missing = [g for g in gpus if g >= count]
+        if missing:
+            raise AuroraSweepError(
+                f"--gpus {','.join(map(str, gpus))}: this machine has {count} GPU(s) "
+                f"(0..{count - 1}); GPU {missing[0]} does not exist"
+            )
+        return [{"gpu": g, "threads": None} for g in gpus]
+    import torch
+
+    count = torch.cuda.device_count()
+    if count:
+        if workers > count:
+            raise AuroraSweepError(
+                f"--workers {workers}: this machine has {count} GPU(s); one worker per GPU"
+            )
+        return [{"gpu": g, "threads": None} for g in range(workers)]
+    cores = os.cpu_count() or 1
+    return [{"gpu": None, "threads": max(1, cores // workers)} for _ in range(workers)]
+
+
 def run_study(
     config: StudyConfig,
     *,
     trials: int,
+    workers: int = 1,
+    gpus: list[int] | None = None,
     console: Console | None = None,
     fit: Callable[..., Any] | None = None,
 ) -> StudySummary:
     """Run (or resume) `config`'s study until it holds `trials` finished trials.
 
-    `fit` replaces `train.fit` inside the trial worker (a picklable top-level function; tests
-    use it to simulate out-of-memory errors and crashes).
+    `trials` is the study-wide total of completed and pruned trials, whoever runs them: this
+    process's `workers` and any other process on the same storage. `fit` replaces `train.fit`
+    inside the trial workers (a picklable top-level function; tests use it to simulate
+    out-of-memory errors and crashes).
     """
     console = console or Console(stderr=True)
-    import mlflow
-    from mlflow.entities import Metric, Param, RunTag
-    from mlflow.tracking import MlflowClient
-
     from aurora_sweep.data import open_cube
     from aurora_sweep.dataset import model_longitudes, patch_crop
-    from aurora_sweep.memory import MIB, check_cap, estimate_peak
+    from aurora_sweep.memory import MIB
     from aurora_sweep.model import resolve_checkpoint
-    from aurora_sweep.worker import TrialWorker, WorkerCrashed, WorkerSpec
+    from aurora_sweep.tracking import client_for, experiment_id, study_run
+    from aurora_sweep.worker import TrialWorker, WorkerSpec
 
     overlap = config.data.train.start < AURORA_PRETRAINING_END and config.model.base != "demo"
     if overlap:
@@ -167,11 +264,11 @@ def run_study(
             "period (ERA5 up to 2021): skill there is not a test of adaptation",
             stacklevel=2,
         )
+    devices = plan_devices(workers, gpus)
     # failures are reported in one line each below; Optuna's own warning repeats the traceback
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    study = open_study(config)
-    mlflow.set_tracking_uri(tracking_uri(config))
-    client = MlflowClient()
+    client = client_for(config)
+    study = open_study(config, on_stale=functools.partial(_retry_stale, client=client))
     reaped = reap_dead_trials(study, client)
     if reaped:
         console.print(
@@ -179,19 +276,15 @@ def run_study(
             "exists (killed): recorded as failed, their MLflow runs ended as KILLED; retrying them"
         )
     retry_interrupted(study)
-    done = [t for t in study.trials if t.state in FINISHED]
-    todo = max(0, trials - len(done))
-    experiment = client.get_experiment_by_name(config.name)
-    experiment_id = (
-        experiment.experiment_id
-        if experiment
-        else client.create_experiment(
-            config.name, artifact_location=(config.workdir / "mlruns").as_uri()
-        )
+    done = _count(study, FINISHED)
+    local = config.tracking_uri is None or config.tracking_uri.startswith("sqlite")
+    experiment = experiment_id(
+        client, config.name, artifacts=(config.workdir / "mlruns") if local else None
     )
-    if todo == 0:
-        console.print(f"study {config.name!r} already holds {len(done)} trials; nothing to add")
-        return StudySummary(study, 0, experiment_id, "")
+    summary = StudySummary(study, 0, experiment, "", tracking_uri=config.tracking_uri or "")
+    if done >= trials:
+        console.print(f"study {config.name!r} already holds {done} trials; nothing to add")
+        return summary
 
     # everything that can refuse (data, checkpoint) comes before the first MLflow run
     cube = open_cube(config, console=console)
@@ -199,161 +292,274 @@ def run_study(
     _, lon_shift = model_longitudes(cube["longitude"].values)
     resolve_checkpoint(config.model.base, config.model.checkpoint)
     cap = config.gpu_memory_cap
-    worker = TrialWorker(
-        WorkerSpec(
-            config_path=config.path, workdir=config.workdir, checkpoint=config.model.checkpoint,
-            memory_cap=cap, extra={"data": _adapter_data(config)},
-            fit=fit, base_mse=study.user_attrs.get("base_mse"),
-        )
+    known = {t.number for t in study.get_trials(deepcopy=False)}
+    spec = WorkerSpec(
+        config_path=config.path, workdir=config.workdir, checkpoint=config.model.checkpoint,
+        memory_cap=cap, extra={"data": _adapter_data(config)},
+        fit=fit, base_mse=study.user_attrs.get("base_mse"), **devices[0],
     )  # fmt: skip
-    info = worker.start()
+    first = TrialWorker(spec)
+    info = first.start()
     if "base_mse" not in study.user_attrs:  # the base model's scores: once per study
         study.set_user_attr("base_mse", info["base_mse"])
-    # a replacement worker (after an OOM or a crash) reuses them
-    worker.spec = dataclasses.replace(worker.spec, base_mse=info["base_mse"])
-    parent = client.create_run(
-        experiment_id,
-        run_name=f"{config.name} {dt.datetime.now():%Y-%m-%d %H:%M}",
-        tags={"optuna.study": config.name, "optuna.storage": config.storage,
-              "aurora_sweep.pretraining_overlap": str(overlap).lower(), "device": info["device"],
-              "gpu_memory_cap_mb": str(cap / MIB if cap else None),
-              # a box crossing 0° is shifted east for Aurora (its longitudes must lie in [0, 360))
-              "data.lon_shift_deg": str(lon_shift), **_data_tags(config)},
-    )  # fmt: skip
-    summary = StudySummary(study, 0, experiment_id, parent.info.run_id)
-    console.print(
-        f"study {config.name!r}: {len(done)} trials so far, adding {todo}; {info['train']} train "
-        f"and {info['validation']} validation samples on {info['device']}"
-        + (f", cap {cap / MIB:.0f} MB" if cap else "")
+    # the other workers, and a replacement (after an OOM or a crash), reuse them
+    spec = dataclasses.replace(spec, base_mse=info["base_mse"])
+    first.spec = spec
+    pool = [first] + [TrialWorker(dataclasses.replace(spec, **d)) for d in devices[1:]]
+    tags = {
+        "optuna.study": config.name, "optuna.storage": storage_label(config.storage),
+        "aurora_sweep.pretraining_overlap": str(overlap).lower(), "device": info["device"],
+        "gpu_memory_cap_mb": str(cap / MIB if cap else None),
+        # a box crossing 0° is shifted east for Aurora (its longitudes must lie in [0, 360))
+        "data.lon_shift_deg": str(lon_shift), **_data_tags(config),
+    }  # fmt: skip
+    where = (
+        f"{len(pool)} workers on GPUs {','.join(str(d['gpu']) for d in devices)}"
+        if devices[0]["gpu"] is not None and len(pool) > 1
+        else f"{len(pool)} workers, {devices[0]['threads']} CPU thread(s) each"
+        if len(pool) > 1
+        else info["device"]
     )
+    try:
+        with study_run(
+            client, experiment, study=config.name,
+            name=f"{config.name} {dt.datetime.now():%Y-%m-%d %H:%M}", tags=tags,
+        ) as parent:  # fmt: skip
+            summary.parent_run_id = parent
+            console.print(
+                f"study {config.name!r}: {done} trials so far, {trials} wanted; "
+                f"{info['train']} train and {info['validation']} validation samples on {where}"
+                + (f", cap {cap / MIB:.0f} MB" if cap else ""),
+                highlight=False,
+            )
+            sweep = _Sweep(
+                config=config, study=study, client=client, experiment=experiment, parent=parent,
+                console=console, grid=grid, total=trials,
+            )  # fmt: skip
+            sweep.run(pool)
+            log_study_figures(client, parent, study, config.objective)
+    finally:
+        for worker in pool:
+            worker.close(at_once=True)
+    summary.new_trials = sum(
+        1
+        for t in study.get_trials(deepcopy=False, states=FINISHED)
+        if t.number not in known and t.user_attrs.get("pid") == os.getpid()
+    )
+    return summary
 
-    def objective(trial: optuna.Trial) -> float:
+
+def _count(study: optuna.Study, states: tuple) -> int:
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+@dataclass
+class _Sweep:
+    """What the worker threads of one `run` share: the study, MLflow, and the trial budget."""
+
+    config: StudyConfig
+    study: optuna.Study
+    client: Any
+    experiment: str
+    parent: str
+    console: Console
+    grid: tuple[int, int]
+    total: int
+    stop: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    starting: int = 0  # trials claimed here whose Optuna trial does not exist yet
+    signum: int = signal.SIGINT
+    errors: list[BaseException] = field(default_factory=list)
+    running: int = 0  # worker threads not ended yet
+    ended: threading.Event = field(default_factory=threading.Event)  # all of them have
+
+    def run(self, pool: list) -> None:
+        """Run `pool`'s workers, one thread each, until the study holds the total."""
+        threads = [
+            threading.Thread(target=self.work, args=(w, i), name=f"trial-worker-{i}", daemon=True)
+            for i, w in enumerate(pool)
+        ]
+        self.running = len(threads)
+        # wait on an event, not Thread.join: a signal that interrupts join() can leave the
+        # thread marked as ended while it is still settling its trial
         try:
-            return run_trial(trial)
-        except KeyboardInterrupt:
-            # a signal stopped this trial: Optuna records it as FAIL; mark it for a retry and end
-            # its MLflow run here, since nothing else will
-            trial.set_user_attr("interrupted", True)
-            run_id = trial.user_attrs.get("mlflow_run_id")
-            if run_id:
-                client.set_tag(run_id, "interrupted", "true")
-                client.set_terminated(run_id, "KILLED")
-            raise
+            with signals_as_interrupts():
+                for t in threads:
+                    t.start()
+                while not self.ended.wait(0.5):
+                    pass
+        except KeyboardInterrupt as e:
+            # stop every trial now: each thread records its trial as interrupted
+            self.signum = getattr(e, "signum", signal.SIGINT)
+            self.stop.set()
+            for w in pool:
+                w.interrupt()
+            self.ended.wait(timeout=60)
+            raise Interrupted(self.signum) from None
+        if self.errors:
+            raise self.errors[0]
 
-    def run_trial(trial: optuna.Trial) -> float:
+    def work(self, worker, index: int) -> None:
+        """One worker's loop (a thread): claim a trial, run it, until the total is reached."""
+        study = optuna.load_study(
+            study_name=self.config.name, storage=self.study._storage,
+            sampler=optuna.samplers.TPESampler(
+                seed=worker_seed(self.config, self.study, index), n_startup_trials=8,
+                constant_liar=True,
+            ),
+            pruner=self.study.pruner,
+        )  # fmt: skip
+        claimed = {"open": False}  # claimed, and its Optuna trial not started yet
+
+        def objective(trial: optuna.Trial) -> float:
+            with self.lock:
+                self.starting -= 1
+                claimed["open"] = False
+            try:
+                return self.run_trial(trial, worker)
+            except KeyboardInterrupt:
+                trial.set_user_attr("interrupted", True)
+                raise
+
+        try:
+            while self.claim():
+                claimed["open"] = True
+                try:
+                    study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
+                finally:
+                    with self.lock:
+                        if claimed["open"]:
+                            self.starting -= 1
+                            claimed["open"] = False
+        except KeyboardInterrupt:
+            pass  # the trial is recorded as interrupted; `run` re-raises in the main thread
+        except BaseException as e:
+            self.errors.append(e)
+            self.stop.set()
+        finally:
+            worker.close(at_once=self.stop.is_set())
+            with self.lock:
+                self.running -= 1
+                if self.running == 0:
+                    self.ended.set()
+
+    def claim(self) -> bool:
+        """True when this worker may start a trial: the study's finished and running trials,
+        here and in any other process, leave room under the total. When the rest are running,
+        wait for them (one may fail and need replacing) rather than overshoot."""
+        while not self.stop.is_set():
+            with self.lock:
+                finished = _count(self.study, FINISHED)
+                if finished >= self.total:
+                    return False
+                running = _count(self.study, (optuna.trial.TrialState.RUNNING,))
+                if finished + running + self.starting < self.total:
+                    self.starting += 1
+                    return True
+            self.stop.wait(2.0)
+            with self.lock, warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # fail_stale_trials is marked experimental
+                optuna.storages.fail_stale_trials(self.study)
+                reap_dead_trials(self.study, self.client)
+        return False
+
+    def run_trial(self, trial: optuna.Trial, worker) -> float:
+        from aurora_sweep.memory import MIB, check_cap, estimate_peak
+        from aurora_sweep.tracking import trial_run
+        from aurora_sweep.worker import WorkerCrashed
+
+        config, console = self.config, self.console
         tc = sample_trial(trial, config)
-        run = client.create_run(
-            experiment_id,
-            run_name=f"trial-{trial.number}",
-            tags={"mlflow.parentRunId": parent.info.run_id, "optuna.trial": str(trial.number)},
-        )
-        run_id = run.info.run_id
-        trial.set_user_attr("mlflow_run_id", run_id)
-        trial.set_user_attr("mlflow_parent_run_id", parent.info.run_id)
         for key, value in this_process().items():  # to tell later whether it was killed
             trial.set_user_attr(key, value)
-        client.log_batch(run_id, params=[Param(k, str(v)) for k, v in tc.to_dict().items()])
-        estimate = estimate_peak(tc, grid=grid, levels=len(tc.levels), device="cuda")
-        trial.set_user_attr("predicted_peak_mb", estimate.megabytes)
-        client.log_metric(run_id, "predicted_peak_mb", estimate.megabytes)
+        with trial_run(
+            self.client, self.experiment, parent=self.parent, number=trial.number,
+            tags={"host": socket.gethostname(), "device": worker.info.get("device", "")},
+        ) as run:  # fmt: skip
+            trial.set_user_attr("mlflow_run_id", run.run_id)
+            trial.set_user_attr("mlflow_parent_run_id", self.parent)
+            run.log_params(tc.to_dict())
+            estimate = estimate_peak(tc, grid=self.grid, levels=len(tc.levels), device="cuda")
+            trial.set_user_attr("predicted_peak_mb", estimate.megabytes)
+            run.log_metrics({"predicted_peak_mb": estimate.megabytes})
 
-        def infeasible(reason: str, over_mb: float, seconds: float = 0.0) -> optuna.TrialPruned:
-            trial.set_user_attr("memory_over_cap_mb", max(over_mb, 1.0))
-            trial.set_user_attr("infeasible", reason)
-            client.log_batch(
-                run_id, tags=[RunTag("optuna.state", "PRUNED"), RunTag("infeasible", reason)]
-            )
-            client.log_metric(run_id, "trial_seconds", seconds)
-            client.set_terminated(run_id, "KILLED")
-            console.print(f"trial {trial.number:3d}  infeasible: {reason}")
-            return optuna.TrialPruned(reason)
+            def infeasible(reason: str, over_mb: float, seconds: float = 0.0):
+                over_mb = max(over_mb, 1.0)
+                trial.set_user_attr("memory_over_cap_mb", over_mb)
+                trial.set_constraint("memory_over_cap_mb", over_mb)  # samplers avoid it
+                trial.set_user_attr("infeasible", reason)
+                run.set_tags({"infeasible": reason})
+                run.log_metrics({"trial_seconds": seconds})
+                console.print(f"trial {trial.number:3d}  infeasible: {reason}", highlight=False)
+                return optuna.TrialPruned(reason)
 
-        over = check_cap(estimate, cap)
-        if over > 0:
-            raise infeasible(
-                f"predicted peak {estimate.megabytes:.0f} MB exceeds the cap {cap / MIB:.0f} MB",
-                over,
-            )
-
-        def report(step: int, value: float) -> bool:
-            trial.report(value, step)
-            return trial.should_prune()
-
-        with tempfile.TemporaryDirectory() as tmp:
-            adapter = Path(tmp) / "adapter"
-            try:
-                outcome = worker.run(tc.to_dict(), adapter, report)
-            except WorkerCrashed as e:
-                console.print(f"trial {trial.number:3d}  failed: {e}; starting a new worker")
-                client.set_tag(run_id, "error", str(e))
-                client.set_terminated(run_id, "FAILED")
-                raise
-            p = outcome.payload
-            if outcome.status == "pruned":
-                console.print(
-                    f"trial {trial.number:3d}  pruned at step {p['step']} ({config.objective} "
-                    f"{p['value']:.4f} on the pruner's subset)"
-                )
-                client.set_tag(run_id, "optuna.state", "PRUNED")
-                client.log_metric(run_id, "trial_seconds", p["seconds"])
-                client.set_terminated(run_id, "KILLED")
-                raise optuna.TrialPruned(f"{config.objective} {p['value']:.4f} at step {p['step']}")
-            if outcome.status == "oom":
-                trial.set_user_attr("measured_peak_mb", p["peak_memory_mb"])
-                client.log_metric(run_id, "peak_memory_mb", p["peak_memory_mb"])
-                limit = cap / MIB if cap else p["peak_memory_mb"]
+            cap = config.gpu_memory_cap
+            over = check_cap(estimate, cap)
+            if over > 0:
                 raise infeasible(
-                    f"out of memory at {p['peak_memory_mb']:.0f} MB ({p['message'][:200]})",
-                    p["peak_memory_mb"] - limit,
-                    p["seconds"],
+                    f"predicted peak {estimate.megabytes:.0f} MB exceeds the cap {cap / MIB:.0f} MB",
+                    over,
                 )
-            if outcome.status == "error":
-                console.print(f"trial {trial.number:3d}  failed: {p['message']}")
-                client.set_tag(run_id, "error", p["message"][:5000])
-                client.set_terminated(run_id, "FAILED")
-                raise TrialError(p["message"])
-            now = int(time.time() * 1000)
-            metrics = [Metric("train_loss", v, now, s) for s, v in p["train_loss"]]
-            metrics += [Metric("val_loss", v, now, s) for s, v in p["val_loss"]]
-            metrics += [Metric(f"val_{config.objective}_subset", v, now, s)
-                        for s, v in p["intermediate"]]  # fmt: skip
-            scalars = {**p["metrics"], "peak_memory_mb": p["peak_memory_mb"],
-                       "trial_seconds": p["seconds"]}  # fmt: skip
-            if p.get("peak_reserved_mb") is not None:
-                scalars["peak_reserved_mb"] = p["peak_reserved_mb"]
-            worst = worst_forgetting(p["metrics"])
-            if worst is not None:
-                scalars["forget_worst_ratio"] = worst[1]
-                trial.set_user_attr("forget_worst", worst[0])
-            metrics += [Metric(k, float(v), now, 0) for k, v in scalars.items()]
-            client.log_batch(run_id, metrics=metrics, tags=[RunTag("optuna.state", "COMPLETE")])
-            for k, v in scalars.items():
-                trial.set_user_attr(k, float(v))
-            client.log_artifacts(run_id, str(adapter), "adapter")
-            client.log_artifacts(run_id, str(adapter.parent / "figures"), "figures")
-        client.set_terminated(run_id)
+
+            def report(step: int, value: float) -> bool:
+                trial.report(value, step)
+                return trial.should_prune()
+
+            with tempfile.TemporaryDirectory() as tmp:
+                adapter = Path(tmp) / "adapter"
+                try:
+                    outcome = worker.run(tc.to_dict(), adapter, report)
+                except WorkerCrashed as e:
+                    # a signal to this process group also stops the worker: that is an interrupt
+                    if self.stop.wait(2.0):
+                        raise Interrupted(self.signum) from None
+                    console.print(f"trial {trial.number:3d}  failed: {e}; starting a new worker")
+                    raise
+                p = outcome.payload
+                if outcome.status == "pruned":
+                    console.print(
+                        f"trial {trial.number:3d}  pruned at step {p['step']} "
+                        f"({config.objective} {p['value']:.4f} on the pruner's subset)",
+                        highlight=False,
+                    )
+                    run.log_metrics({"trial_seconds": p["seconds"]})
+                    raise optuna.TrialPruned(
+                        f"{config.objective} {p['value']:.4f} at step {p['step']}"
+                    )
+                if outcome.status == "oom":
+                    trial.set_user_attr("measured_peak_mb", p["peak_memory_mb"])
+                    run.log_metrics({"peak_memory_mb": p["peak_memory_mb"]})
+                    limit = cap / MIB if cap else p["peak_memory_mb"]
+                    raise infeasible(
+                        f"out of memory at {p['peak_memory_mb']:.0f} MB ({p['message'][:200]})",
+                        p["peak_memory_mb"] - limit,
+                        p["seconds"],
+                    )
+                if outcome.status == "error":
+                    console.print(f"trial {trial.number:3d}  failed: {p['message']}")
+                    raise TrialError(p["message"])
+                scalars = {**p["metrics"], "peak_memory_mb": p["peak_memory_mb"],
+                           "trial_seconds": p["seconds"]}  # fmt: skip
+                if p.get("peak_reserved_mb") is not None:
+                    scalars["peak_reserved_mb"] = p["peak_reserved_mb"]
+                worst = worst_forgetting(p["metrics"])
+                if worst is not None:
+                    scalars["forget_worst_ratio"] = worst[1]
+                    trial.set_user_attr("forget_worst", worst[0])
+                run.log_history({
+                    "train_loss": p["train_loss"], "val_loss": p["val_loss"],
+                    f"val_{config.objective}_subset": p["intermediate"],
+                    **{k: [(0, v)] for k, v in scalars.items()},
+                })  # fmt: skip
+                for k, v in scalars.items():
+                    trial.set_user_attr(k, float(v))
+                run.log_artifacts(adapter, "adapter")
+                run.log_artifacts(adapter.parent / "figures", "figures")
         m = p["metrics"]
         console.print(f"trial {trial.number:3d}  {_score_line(m, config.objective)}  "
                       f"({p['seconds']:.1f} s, {p['peak_memory_mb']:.0f} MB, predicted GPU "
-                      f"{estimate.megabytes:.0f} MB)")  # fmt: skip
+                      f"{estimate.megabytes:.0f} MB)", highlight=False)  # fmt: skip
         return m[config.objective]
-
-    interrupted = False
-    try:
-        with signals_as_interrupts():
-            study.optimize(objective, n_trials=todo, catch=(Exception,), gc_after_trial=True)
-    except KeyboardInterrupt:
-        interrupted = True
-        raise
-    finally:
-        worker.close(at_once=interrupted)
-        try:
-            if not interrupted:
-                log_study_figures(client, parent.info.run_id, study, config.objective)
-        finally:
-            client.set_terminated(parent.info.run_id, "KILLED" if interrupted else "FINISHED")
-    summary.new_trials = todo
-    return summary
 
 
 class Interrupted(KeyboardInterrupt):
@@ -411,40 +617,56 @@ def reap_dead_trials(study: optuna.Study, client) -> list[int]:
     """Fail the trials that a process on this machine left RUNNING when it was killed.
 
     SIGKILL (a scheduler's hard limit, the OOM killer) gives a process no chance to settle its
-    trial: Optuna keeps it RUNNING and MLflow keeps its runs RUNNING, forever. A trial records
+    trial: Optuna keeps it RUNNING and MLflow keeps its run RUNNING, forever. A trial records
     its host, pid and the pid's start time; a RUNNING trial of this host whose process is gone
-    is marked FAIL, its MLflow run and parent run are ended as KILLED, and it is enqueued once
-    again with the same parameters. Trials of other hosts are left to database heartbeats.
+    is marked FAIL, its MLflow run is ended as KILLED, and it is retried once. Trials of other
+    hosts are left to the database's heartbeats (`_retry_stale`).
     """
+    from aurora_sweep.tracking import end_runs
+
     host = socket.gethostname()
     reaped = []
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         a = t.user_attrs
         if a.get("host") != host or _alive(a.get("pid"), a.get("pid_started")):
             continue
-        study.tell(t.number, state=optuna.trial.TrialState.FAIL)
-        for key in ("mlflow_run_id", "mlflow_parent_run_id"):
-            run_id = a.get(key)
-            if run_id and client.get_run(run_id).info.status == "RUNNING":
-                client.set_terminated(run_id, "KILLED")
-        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+        try:
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+        except (ValueError, RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
+            continue  # another process settled it a moment ago
+        end_runs(client, [a.get("mlflow_run_id")])
+        retry_once(study, t)
         reaped.append(t.number)
     return reaped
 
 
+def _retry_stale(study: optuna.Study, trial: optuna.trial.FrozenTrial, *, client) -> None:
+    """A trial whose heartbeat stopped (its process or machine died) was failed by Optuna:
+    end its MLflow run as KILLED and retry it once."""
+    from aurora_sweep.tracking import end_runs
+
+    end_runs(client, [trial.user_attrs.get("mlflow_run_id")])
+    retry_once(study, trial)
+
+
+def retry_once(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+    """Enqueue `trial` again with the same parameters, unless it is itself a retry or has been
+    retried already: a trial that kills its process every time is not retried forever."""
+    if "retry_of" in trial.user_attrs or not trial.params:
+        return False
+    if any(t.user_attrs.get("retry_of") == trial.number for t in study.get_trials(deepcopy=False)):
+        return False
+    study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+    return True
+
+
 def retry_interrupted(study: optuna.Study) -> list[int]:
     """Enqueue once, with the same parameters, every trial a signal interrupted."""
-    retried = {t.user_attrs.get("retry_of") for t in study.trials}
-    numbers = []
-    for t in study.trials:
-        if (
-            t.state == optuna.trial.TrialState.FAIL
-            and t.user_attrs.get("interrupted")
-            and t.number not in retried
-        ):
-            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
-            numbers.append(t.number)
-    return numbers
+    return [
+        t.number
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
+        if t.user_attrs.get("interrupted") and retry_once(study, t)
+    ]
 
 
 def _score_line(m: dict[str, float], objective: str) -> str:

@@ -46,6 +46,10 @@ class WorkerSpec:
     #: The training function, sent to the worker by reference (`train.fit` when None): the
     #: seam through which tests make a trial run out of memory or kill its worker.
     fit: Callable[..., Any] | None = None
+    #: The GPU this worker trains on (CUDA_VISIBLE_DEVICES), None for the default device.
+    gpu: int | None = None
+    #: CPU threads for torch when training on the CPU (the cores split between workers).
+    threads: int | None = None
 
 
 class WorkerCrashed(RuntimeError):
@@ -124,6 +128,13 @@ class TrialWorker:
                 self.close()  # the next trial gets a fresh process and a clean allocator
             return outcome
 
+    def interrupt(self) -> None:
+        """Stop the running trial now (from another thread): the worker process exits and the
+        thread waiting on it sees it gone."""
+        process = self.process
+        if process is not None and process.is_alive():
+            process.terminate()  # SIGTERM: the worker exits normally, mid-trial
+
     def close(self, *, at_once: bool = False) -> None:
         """Stop the worker: ask it to finish (it does so between trials), or kill it at once."""
         if (
@@ -171,6 +182,8 @@ def exit_with_parent(poll_seconds: float = 0.5) -> None:
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
+    # once: a second SIGTERM (the scheduler's and the study's) must not break the exit itself
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise SystemExit(128 + signum)
 
 
@@ -181,6 +194,8 @@ def serve(conn, spec: WorkerSpec) -> None:
     # with SIGTERM, which ends the trial by a normal exit (finalisers run, nothing is leaked)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    if spec.gpu is not None:  # before CUDA starts: this worker sees its GPU as cuda:0
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(spec.gpu)
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -193,6 +208,8 @@ def serve(conn, spec: WorkerSpec) -> None:
     from aurora_sweep.model import resolve_checkpoint
     from aurora_sweep.train import TrialConfig, TrialData, default_device, fit
 
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
     try:
         config = load_config(spec.config_path, workdir=spec.workdir)
         device = default_device()
