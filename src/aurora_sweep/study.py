@@ -332,7 +332,7 @@ def run_study(
                 + (f", cap {cap / MIB:.0f} MB" if cap else ""),
                 highlight=False,
             )
-            sweep = _Sweep(
+            sweep = Sweep(
                 config=config, study=study, client=client, experiment=experiment, parent=parent,
                 console=console, grid=grid, total=trials,
             )  # fmt: skip
@@ -354,7 +354,7 @@ def _count(study: optuna.Study, states: tuple) -> int:
 
 
 @dataclass
-class _Sweep:
+class Sweep:
     """What the worker threads of one `run` share: the study, MLflow, and the trial budget."""
 
     config: StudyConfig
