@@ -41,7 +41,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-workers-"))
     prep = work / "prep"
     prep.mkdir()
-    open_cube(load_config(None, workdir=prep))  # the demo's store, built once for every run
+    demo = load_config(None, workdir=prep)
+    open_cube(demo)  # the demo's store, built once for every run
     aurora_sweep = Path(sys.executable).parent / "aurora-sweep"
     rows = []
     for k in args.workers:
@@ -52,12 +53,13 @@ def main() -> None:
         began = time.perf_counter()
         done = subprocess.run(command, cwd=directory, capture_output=True, text=True)
         wall = time.perf_counter() - began
+        print(f"--workers {k}: {wall:.1f} s", flush=True)
         if done.returncode != 0:
             sys.exit(f"--workers {k} failed:\n{done.stderr[-3000:]}")
         import optuna
 
         study = optuna.load_study(
-            study_name="demo", storage=f"sqlite:///{directory / 'demo.optuna.db'}"
+            study_name=demo.name, storage=f"sqlite:///{directory / (demo.name + '.optuna.db')}"
         )
         states = {}
         for t in study.trials:

@@ -215,6 +215,21 @@ def test_a_dead_worker_is_replaced_and_the_study_goes_on(tiny_config, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_worker_killed_from_outside_is_retried_once_with_the_same_parameters(
+    tiny_config, tmp_path
+):
+    # the OOM killer or `kill -9` of the trial process: not the config's fault, so retried
+    summary = run_study(tiny_config, trials=1, fit=_once("killed_once", tmp_path))
+    killed, retry = summary.study.trials
+    assert killed.state == optuna.trial.TrialState.FAIL
+    assert killed.user_attrs["killed_by"] == "SIGKILL"
+    assert retry.state == optuna.trial.TrialState.COMPLETE
+    assert retry.user_attrs["retry_of"] == 0 and retry.params == killed.params
+    run = MlflowClient(tracking_uri(tiny_config)).get_run(killed.user_attrs["mlflow_run_id"])
+    assert run.info.status == "KILLED"
+
+
+@pytest.mark.slow
 def test_a_trial_that_raises_is_recorded_as_failed_and_the_study_goes_on(tiny_config, tmp_path):
     summary = run_study(tiny_config, trials=1, fit=_once("nan_once", tmp_path))
     assert _states(summary) == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]

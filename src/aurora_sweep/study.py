@@ -465,7 +465,7 @@ class Sweep:
 
     def run_trial(self, trial: optuna.Trial, worker) -> float:
         from aurora_sweep.memory import MIB, check_cap, estimate_peak
-        from aurora_sweep.tracking import trial_run
+        from aurora_sweep.tracking import Killed, trial_run
         from aurora_sweep.worker import WorkerCrashed
 
         config, console = self.config, self.console
@@ -513,8 +513,19 @@ class Sweep:
                     # a signal to this process group also stops the worker: that is an interrupt
                     if self.stop.wait(2.0):
                         raise Interrupted(self.signum) from None
-                    console.print(f"trial {trial.number:3d}  failed: {e}; starting a new worker")
-                    raise
+                    if e.signal is None:  # it crashed by itself: the config's fault, not retried
+                        console.print(
+                            f"trial {trial.number:3d}  failed: {e}; starting a new worker"
+                        )
+                        raise
+                    # killed from outside (the OOM killer, kill -9): retried once, elsewhere
+                    trial.set_user_attr("killed_by", e.signal)
+                    retried = retry_once(self.study, self.study.trials[trial.number])
+                    console.print(
+                        f"trial {trial.number:3d}  {e}"
+                        + ("; retrying it once in a new worker" if retried else "")
+                    )
+                    raise Killed(str(e)) from None
                 p = outcome.payload
                 if outcome.status == "pruned":
                     console.print(

@@ -25,6 +25,10 @@ from aurora_sweep.errors import AuroraSweepError
 STUDY_RUN_TAG = "aurora_sweep.study_run"
 
 
+class Killed(RuntimeError):
+    """A trial stopped from outside its own code (its process killed): its run ends KILLED."""
+
+
 def tracking_uri(config) -> str:
     """The study's MLflow tracking URI: the config's, or MLflow's own default store made
     explicit (`mlflow.db` in the working directory) so that `mlflow ui` there shows the runs."""
@@ -172,7 +176,8 @@ def trial_run(
 
     Completed: FINISHED. `optuna.TrialPruned` (pruned, or infeasible for the memory cap):
     KILLED, tagged PRUNED. KeyboardInterrupt (Ctrl-C, SIGTERM): KILLED, tagged interrupted.
-    Any other exception: FAILED, with the error as a tag.
+    `Killed` (the trial's process was killed from outside): KILLED, with the reason. Any other
+    exception: FAILED, with the error as a tag.
     """
     import optuna
 
@@ -191,6 +196,9 @@ def trial_run(
         raise
     except KeyboardInterrupt:
         status, end_tags = "KILLED", {"optuna.state": "FAIL", "interrupted": "true"}
+        raise
+    except Killed as e:
+        status, end_tags = "KILLED", {"optuna.state": "FAIL", "killed": str(e)}
         raise
     except BaseException as e:
         end_tags["error"] = f"{type(e).__name__}: {e}"[:5000]

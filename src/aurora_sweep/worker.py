@@ -55,6 +55,20 @@ class WorkerSpec:
 class WorkerCrashed(RuntimeError):
     """The worker process died while running a trial."""
 
+    def __init__(self, exitcode: int | None) -> None:
+        import signal
+
+        self.exitcode = exitcode
+        #: The signal that killed it from outside (SIGKILL: the OOM killer, `kill -9`), if any.
+        self.signal = (
+            signal.Signals(-exitcode).name if exitcode is not None and exitcode < 0 else None
+        )
+        super().__init__(
+            f"the trial worker was killed by {self.signal}"
+            if self.signal
+            else f"the trial worker died (exit code {exitcode})"
+        )
+
 
 @dataclass
 class Outcome:
@@ -98,7 +112,7 @@ class TrialWorker:
             if not self.process.is_alive():
                 code = self.process.exitcode
                 self.close()
-                raise WorkerCrashed(f"the trial worker died (exit code {code})")
+                raise WorkerCrashed(code)
             if timeout is not None and waited > timeout:
                 raise TimeoutError("the trial worker did not answer")
         try:
@@ -107,7 +121,7 @@ class TrialWorker:
             self.process.join(timeout=10)  # reap it, to report how it ended
             code = self.process.exitcode
             self.close()
-            raise WorkerCrashed(f"the trial worker died (exit code {code})") from None
+            raise WorkerCrashed(code) from None
 
     def run(
         self, trial: dict[str, Any], adapter_dir: Path, report: Callable[[int, float], bool]
