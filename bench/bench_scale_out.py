@@ -129,7 +129,11 @@ def child(args: argparse.Namespace) -> None:
             console=Console(stderr=True, quiet=True), grid=(16, 16), total=args.trials,
         )  # fmt: skip
         started = time.perf_counter()
-        sweep.run([StubWorker(args.stub_seconds)])
+        if os.environ.get("BENCH_PROFILE"):  # in this thread, so that cProfile sees it
+            sweep.running = 1
+            sweep.work(StubWorker(args.stub_seconds), 0)
+        else:
+            sweep.run([StubWorker(args.stub_seconds)])
     print(json.dumps({"pid": os.getpid(), "setup_s": started - ready,
                       "loop_s": time.perf_counter() - started}))  # fmt: skip
 
@@ -146,7 +150,12 @@ def main() -> None:
     parser.add_argument("--tracking-uri", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args)
+        if os.environ.get("BENCH_PROFILE"):  # where a worker's time goes: cProfile to this file
+            import cProfile
+
+            cProfile.runctx("child(args)", globals(), locals(), os.environ["BENCH_PROFILE"])
+        else:
+            child(args)
         return
 
     from servers import PostgresCluster, free_port, postgres_bindir
@@ -242,7 +251,7 @@ def main() -> None:
         }  # fmt: skip
         print(json.dumps(result, indent=2))
         args.out.mkdir(parents=True, exist_ok=True)
-        path = args.out / f"scale-out-{result['date']}.json"
+        path = args.out / f"scale-out-{args.workers}workers-{result['date']}.json"
         path.write_text(json.dumps(result, indent=2) + "\n")
         print(f"saved {path}")
     finally:

@@ -367,7 +367,7 @@ class Sweep:
     total: int
     stop: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
-    starting: int = 0  # trials claimed here whose Optuna trial does not exist yet
+    asking: threading.Lock = field(default_factory=threading.Lock)  # see `claim`
     signum: int = signal.SIGINT
     errors: list[BaseException] = field(default_factory=list)
     running: int = 0  # worker threads not ended yet
@@ -409,12 +409,15 @@ class Sweep:
             ),
             pruner=self.study.pruner,
         )  # fmt: skip
-        claimed = {"open": False}  # claimed, and its Optuna trial not started yet
+        held = {"asking": False}  # this thread holds `asking`: its trial does not exist yet
+
+        def release() -> None:
+            if held["asking"]:
+                held["asking"] = False
+                self.asking.release()
 
         def objective(trial: optuna.Trial) -> float:
-            with self.lock:
-                self.starting -= 1
-                claimed["open"] = False
+            release()  # the trial exists (RUNNING): the next claim here counts it
             try:
                 return self.run_trial(trial, worker)
             except KeyboardInterrupt:
@@ -423,20 +426,18 @@ class Sweep:
 
         try:
             while self.claim():
-                claimed["open"] = True
+                held["asking"] = True
                 try:
                     study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
                 finally:
-                    with self.lock:
-                        if claimed["open"]:
-                            self.starting -= 1
-                            claimed["open"] = False
+                    release()
         except KeyboardInterrupt:
             pass  # the trial is recorded as interrupted; `run` re-raises in the main thread
         except BaseException as e:
             self.errors.append(e)
             self.stop.set()
         finally:
+            release()
             worker.close(at_once=self.stop.is_set())
             with self.lock:
                 self.running -= 1
@@ -446,16 +447,22 @@ class Sweep:
     def claim(self) -> bool:
         """True when this worker may start a trial: the study's finished and running trials,
         here and in any other process, leave room under the total. When the rest are running,
-        wait for them (one may fail and need replacing) rather than overshoot."""
+        wait for them (one may fail and need replacing) rather than overshoot.
+
+        On True the caller holds `asking` until its trial exists: the threads of one process
+        create trials one at a time, so two never count the same free slot, nor take the same
+        waiting (retried) trial, which SQLite's transactions would let them do.
+        """
         while not self.stop.is_set():
-            with self.lock:
-                finished = _count(self.study, FINISHED)
-                if finished >= self.total:
-                    return False
-                running = _count(self.study, (optuna.trial.TrialState.RUNNING,))
-                if finished + running + self.starting < self.total:
-                    self.starting += 1
-                    return True
+            self.asking.acquire()
+            finished = _count(self.study, FINISHED)
+            if finished >= self.total:
+                self.asking.release()
+                return False
+            running = _count(self.study, (optuna.trial.TrialState.RUNNING,))
+            if finished + running < self.total:
+                return True
+            self.asking.release()
             self.stop.wait(2.0)
             with self.lock, warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # fail_stale_trials is marked experimental
@@ -463,12 +470,25 @@ class Sweep:
                 reap_dead_trials(self.study, self.client)
         return False
 
+    def surplus(self, trial: optuna.Trial) -> bool:
+        """True when the trials finished and those started before this one fill the total (two
+        processes claimed the last slot at once: the later trial, by number, steps back)."""
+        finished = ahead = 0
+        for t in self.study.get_trials(deepcopy=False):
+            finished += t.state in FINISHED
+            ahead += t.state == optuna.trial.TrialState.RUNNING and t.number < trial.number
+        return finished + ahead >= self.total
+
     def run_trial(self, trial: optuna.Trial, worker) -> float:
         from aurora_sweep.memory import MIB, check_cap, estimate_peak
         from aurora_sweep.tracking import Killed, trial_run
         from aurora_sweep.worker import WorkerCrashed
 
         config, console = self.config, self.console
+        if self.surplus(trial):
+            # another process took the last slot in the same instant: give it back unused
+            trial.set_user_attr("surplus", True)
+            raise Surplus(f"the study already holds or runs its {self.total} trials")
         tc = sample_trial(trial, config)
         for key, value in this_process().items():  # to tell later whether it was killed
             trial.set_user_attr(key, value)
@@ -500,6 +520,8 @@ class Sweep:
                     f"predicted peak {estimate.megabytes:.0f} MB exceeds the cap {cap / MIB:.0f} MB",
                     over,
                 )
+
+            run.flush()  # the config is in MLflow while the trial trains
 
             def report(step: int, value: float) -> bool:
                 trial.report(value, step)
@@ -564,8 +586,7 @@ class Sweep:
                 })  # fmt: skip
                 for k, v in scalars.items():
                     trial.set_user_attr(k, float(v))
-                run.log_artifacts(adapter, "adapter")
-                run.log_artifacts(adapter.parent / "figures", "figures")
+                run.log_artifacts(adapter.parent)  # adapter/ and figures/, in one call
         m = p["metrics"]
         console.print(f"trial {trial.number:3d}  {_score_line(m, config.objective)}  "
                       f"({p['seconds']:.1f} s, {p['peak_memory_mb']:.0f} MB, predicted GPU "
@@ -722,6 +743,10 @@ def log_study_figures(client, run_id: str, study: optuna.Study, objective: str) 
     for name, fig in study_figures(study, points, **labels).items():
         client.log_figure(run_id, fig, f"study/{name}")
         plt.close(fig)
+
+
+class Surplus(RuntimeError):
+    """A trial started when the study's total was already taken (recorded FAIL, never run)."""
 
 
 class TrialError(RuntimeError):

@@ -133,38 +133,55 @@ def study_run(
 
 
 class TrialRun:
-    """A trial's MLflow run while it is open: what the trial logs goes through here."""
+    """A trial's MLflow run while it is open: what the trial logs goes through here.
+
+    Params, metrics and tags are buffered and sent in as few requests as MLflow allows
+    (`flush`): against a tracking server each request is a round trip, and a trial logs dozens
+    of scores. `trial_run` flushes before training starts and when the run ends.
+    """
 
     def __init__(self, client, run_id: str) -> None:
         self.client, self.run_id = client, run_id
+        self._params: list = []
+        self._metrics: list = []
+        self._tags: list = []
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        self._params += [Param(k, str(v)) for k, v in params.items()]
 
     def log_metrics(self, values: dict[str, float]) -> None:
         self.log_history({k: [(0, v)] for k, v in values.items()})
 
     def log_history(self, series: dict[str, Iterable[tuple[int, float]]]) -> None:
-        """Metrics by step, e.g. `{"train_loss": [(1, 0.9), (2, 0.7)]}`, in one request."""
+        """Metrics by step, e.g. `{"train_loss": [(1, 0.9), (2, 0.7)]}`."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [
+        self._metrics += [
             Metric(name, float(v), now, int(step))
             for name, points in series.items()
             for step, v in points
         ]
-        for i in range(0, len(metrics), 1000):  # MLflow's limit per batch
-            self.client.log_batch(self.run_id, metrics=metrics[i : i + 1000])
 
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self._tags += [RunTag(k, str(v)) for k, v in tags.items()]
 
-    def log_artifacts(self, local_dir: Path, path: str) -> None:
+    def flush(self) -> None:
+        """Send what is buffered: one request per MLflow batch limit (1000 metrics, 100 params
+        and 100 tags)."""
+        params, metrics, tags = self._params, self._metrics, self._tags
+        self._params, self._metrics, self._tags = [], [], []
+        while params or metrics or tags:
+            self.client.log_batch(
+                self.run_id, params=params[:100], metrics=metrics[:1000], tags=tags[:100]
+            )
+            params, metrics, tags = params[100:], metrics[1000:], tags[100:]
+
+    def log_artifacts(self, local_dir: Path, path: str | None = None) -> None:
         self.client.log_artifacts(self.run_id, str(local_dir), path)
 
 
@@ -206,6 +223,7 @@ def trial_run(
     finally:
         try:
             trial.set_tags(end_tags)
+            trial.flush()
         finally:
             client.set_terminated(trial.run_id, status)
 
