@@ -1,10 +1,11 @@
 """A sweep killed outright, then resumed: what the study and MLflow hold afterwards.
 
 Runs the embedded demo's `aurora-sweep run --trials N` in a fresh directory, kills its whole
-process group with SIGKILL (a scheduler's hard limit) once K trials have finished, runs the same
-command again, and reports the trials by state, the MLflow runs by status, and both wall times.
+process group with SIGKILL (a scheduler's hard limit) in the middle of the trial after the K-th,
+runs the same command again, and reports the trials by state, the MLflow runs by status, and
+both wall times.
 
-    python bench/bench_kill_resume.py                 # --trials 12, killed after 3
+    python bench/bench_kill_resume.py                 # --trials 12, killed in the 4th trial
 """
 
 from __future__ import annotations
@@ -46,22 +47,28 @@ def main() -> None:
         str(args.trials),
     ]
 
-    def finished() -> int:
+    def ready_to_kill() -> bool:
+        """K trials finished and the next one training (its MLflow run open)."""
         try:
             study = optuna.load_study(study_name=demo.name, storage=storage)
         except KeyError:
-            return 0
-        return sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials)
+            return False
+        finished = sum(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials)
+        training = any(
+            t.state.name == "RUNNING" and "mlflow_run_id" in t.user_attrs for t in study.trials
+        )
+        return finished >= args.kill_after and training
 
     began = time.perf_counter()
     first = subprocess.Popen(
         command, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,
     )  # fmt: skip
-    while finished() < args.kill_after:
+    while not ready_to_kill():
         if first.poll() is not None:
             sys.exit("the first run ended before it could be killed")
         time.sleep(0.5)
+    time.sleep(1.0)  # mid-trial
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     killed_at = time.perf_counter() - began
