@@ -14,6 +14,7 @@ TINY_STUDY = """
 [study]
 name = "tiny"
 seed = 0
+reference = false   # the tests that need the reference recipes turn them on
 
 [data]
 source = "demo"

@@ -62,3 +62,19 @@ def test_evaluating_a_directory_that_is_no_adapter_is_one_line(tmp_path):
 def test_best_before_any_run_says_to_run_first(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert "aurora-sweep run" in _one_line_error(runner.invoke(app, ["best"]))
+
+
+def test_an_impossible_search_is_refused_before_anything_is_recorded(tmp_path, monkeypatch):
+    from conftest import write_tiny_config
+
+    monkeypatch.chdir(tmp_path)
+    path = write_tiny_config(tmp_path)
+    for old, new, key in (
+        ("unfrozen_blocks = [0, 1]", "unfrozen_blocks = [0, 99]", "unfrozen_blocks"),
+        ("unfrozen_blocks = [0, 1]", 'method = ["blocks"]\nblocks = [99]', "blocks"),
+    ):
+        bad = tmp_path / f"{key}.toml"
+        bad.write_text(path.read_text().replace(old, new))
+        line = _one_line_error(runner.invoke(app, ["run", "--config", str(bad), "--trials", "1"]))
+        assert f"[search] {key} asks for 99 blocks" in line and "has 8" in line
+    assert not list(tmp_path.glob("*.db")) and not (tmp_path / "mlruns").exists()

@@ -50,3 +50,59 @@ def test_a_saved_adapter_forecasts_what_the_trained_model_forecast(
     # and the adapter is not a no-op: LoRA B moved away from zero and was stored
     stored = adapter_tensors(loaded)
     assert any(v.abs().sum() > 0 for k, v in stored.items() if "lora_B" in k)
+
+
+@pytest.mark.parametrize(
+    ("method", "checkpointing"), [("dora", True), ("blocks", False), ("head", False)]
+)
+def test_an_adapter_of_any_method_loads_with_plain_peft_and_its_trained_weights(
+    tiny_config, tmp_path, method, checkpointing
+):
+    """DoRA through `peft.PeftModel.from_pretrained`; methods without LoRA from the base model and
+    `trained_weights.safetensors` alone; both forecast what the trained model forecast."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from aurora_sweep.model import build_base, load_base_checkpoint
+
+    cube = open_store(tiny_config.data.store)
+    train = Samples(cube, tiny_config.data, "train")
+    lora = method == "dora"
+    trial = TrialConfig(
+        lora_rank=2 if lora else 0, lora_targets="qkv+proj" if lora else "",
+        unfrozen_blocks=2 if method == "blocks" else 0, batch_size=2, precision="fp32",
+        learning_rate=1e-2, activation_checkpointing=checkpointing, base="demo",
+        levels=(500, 700, 850), steps=2, eval_every=2, val_samples=4, weight_decay=0.0, seed=0,
+        method=method,
+    )  # fmt: skip
+    stats = tp_stats(train.cube, tiny_config.data.train)
+    trained, model, parts = build_trial_model(trial, stats, DEMO_CHECKPOINT)
+    if checkpointing:
+        model.configure_activation_checkpointing()
+    optimiser = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(2):
+        batch, target = train.batch([step, step + 5])
+        loss = ((trained(batch).surf_vars["tp"][:, 0] - target) ** 2).mean()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    directory = tmp_path / "adapter"
+    save_adapter(
+        directory, model=trained, parts=parts, trial=trial, tp=stats,
+        checkpoint=DEMO_CHECKPOINT, study_config=tiny_config.path, metrics={},
+    )  # fmt: skip
+    assert (directory / "adapter_config.json").exists() == lora
+    batch, _ = train.batch([7, 8])
+    trained.eval()
+    base = build_base("demo", tp_stats=(stats.location, stats.scale))
+    load_base_checkpoint(base, DEMO_CHECKPOINT)
+    plain = PeftModel.from_pretrained(base, directory) if lora else base
+    weights = load_file(directory / "trained_weights.safetensors")
+    result = (plain.get_base_model() if lora else plain).load_state_dict(weights, strict=False)
+    assert not result.unexpected_keys
+    with torch.no_grad():
+        expected = trained(batch).surf_vars["tp"].numpy()
+        for loaded in (plain.eval(), load_finetuned(directory)):
+            np.testing.assert_allclose(
+                loaded(batch).surf_vars["tp"].numpy(), expected, rtol=1e-5, atol=1e-6
+            )

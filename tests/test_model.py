@@ -194,3 +194,52 @@ def test_tp_forecasts_are_never_negative_even_from_a_head_that_says_so(tiny_conf
     with torch.no_grad():
         tp = model(samples.batch([0, 1])[0]).surf_vars["tp"]
     assert torch.allclose(tp, torch.full_like(tp, 1.0))  # 0.5 * scale 2 mm, unclamped
+
+
+@pytest.mark.parametrize(
+    ("method", "unfrozen"),
+    [("rslora", 0), ("dora", 1), ("head", 0), ("blocks", 2), ("full", 0)],
+)
+def test_every_method_trains_what_it_says_and_nothing_else(tiny_config, method, unfrozen):
+    """Each recipe, after a few optimiser steps: its trained weights moved, every other weight
+    is bit-for-bit the pretrained one."""
+    cube = open_store(tiny_config.data.store)
+    train = Samples(cube, tiny_config.data, "train")
+    lora = method in ("rslora", "dora")
+    trial = TrialConfig(
+        lora_rank=4 if lora else 0, lora_targets="qkv+proj" if lora else "", unfrozen_blocks=unfrozen,
+        batch_size=2, precision="fp32", learning_rate=1e-2, activation_checkpointing=False,
+        base="demo", levels=(500, 700, 850), steps=3, eval_every=3, val_samples=4,
+        weight_decay=0.0, seed=0, method=method,
+    )  # fmt: skip
+    peft_model, model, parts = build_trial_model(
+        trial, tp_stats(train.cube, tiny_config.data.train), DEMO_CHECKPOINT
+    )
+    assert bool(parts.lora) == lora
+    if method == "head":
+        assert parts.modules and all(n.startswith("decoder.") for n in parts.modules)
+    if method == "blocks":
+        assert parts.blocks and not parts.modules
+    if method == "full":
+        assert all(p.requires_grad for p in model.parameters())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(3):
+        batch, target = train.batch([step, step + 10])
+        loss = ((peft_model(batch).surf_vars["tp"][:, 0] - target) ** 2).mean()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    trainable = set(parts.lora) | set(parts.new_variable) | set(parts.blocks) | set(parts.modules)
+    for name, p in model.named_parameters():
+        if name not in trainable:
+            assert torch.equal(p, before[name]), f"frozen weight {name} changed"
+    moved = [n for n in trainable if not torch.equal(model.get_parameter(n), before[n])]
+    assert set(parts.new_variable) <= set(moved)
+    if method == "dora":
+        assert any("lora_magnitude_vector" in n for n in moved)
+    if method in ("blocks", "full"):  # whole blocks train (the loss is tp's alone: the
+        # decoder's atmospheric heads get no gradient from it, under any method)
+        whole = {n for n in trainable if n.startswith("backbone.")}
+        assert whole and len(whole & set(moved)) > len(whole) / 2
+    assert np.isfinite(loss.item())

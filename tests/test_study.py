@@ -252,3 +252,56 @@ def test_a_config_predicted_over_a_tiny_cap_never_trains(tiny_config):
         assert "train_loss" not in client.get_run(run_id).data.metrics  # it never trained
         assert not client.list_artifacts(run_id)
     assert ranked_trials(capped) == []
+
+
+def test_the_space_is_conditional_on_the_method():
+    """No LoRA rank or targets for the methods without LoRA; `blocks` has its own count."""
+    import dataclasses
+
+    from aurora_sweep.config import load_config
+    from aurora_sweep.study import sample_trial, sampler
+
+    config = load_config(None)
+    config = dataclasses.replace(
+        config,
+        search=dataclasses.replace(
+            config.search, method=("lora", "dora", "head", "blocks", "full")
+        ),
+    )
+    study = optuna.create_study(sampler=sampler(0))
+    seen = set()
+    for _ in range(60):
+        trial = study.ask()
+        tc = sample_trial(trial, config)
+        seen.add(tc.method)
+        has_lora = {"lora_rank", "lora_targets"} <= set(trial.params)
+        assert has_lora == (tc.method in ("lora", "dora"))
+        assert ("blocks" in trial.params) == (tc.method == "blocks")
+        if tc.method == "full":
+            assert tc.activation_checkpointing and tc.learning_rate == 3e-4
+            assert "learning_rate" not in trial.params and "precision" not in trial.params
+        study.tell(trial, 1.0)
+    assert seen == {"lora", "dora", "head", "blocks", "full"}
+
+
+@pytest.mark.slow
+def test_a_new_study_starts_with_the_reference_recipes(tmp_path, tiny_store):
+    from aurora_sweep.config import load_config
+    from conftest import write_tiny_config
+
+    path = write_tiny_config(tmp_path, steps=2, store=tiny_store)
+    text = path.read_text().replace("reference = false", "reference = true")
+    path.write_text(text.replace('precision = ["fp32", "bf16"]', 'precision = ["fp32"]'))
+    config = load_config(path, workdir=tmp_path)
+    summary = run_study(config, trials=2)
+    full, lora = summary.study.trials
+    assert full.user_attrs["reference"] == "full" and lora.user_attrs["reference"] == "lora"
+    client = MlflowClient(tracking_uri(config))
+    params = client.get_run(full.user_attrs["mlflow_run_id"]).data.params
+    assert params["method"] == "full" and params["activation_checkpointing"] == "True"
+    assert float(params["learning_rate"]) == 3e-4
+    assert client.get_run(lora.user_attrs["mlflow_run_id"]).data.params["method"] == "lora"
+    assert all(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+               for t in (full, lora))  # fmt: skip
+    again = run_study(config, trials=3)  # resuming does not enqueue them again
+    assert [t.user_attrs.get("reference") for t in again.study.trials] == ["full", "lora", None]

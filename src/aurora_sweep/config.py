@@ -17,6 +17,14 @@ from typing import Any
 
 from aurora_sweep.errors import AuroraSweepError
 
+#: The fine-tuning methods a study can search, each a complete recipe: LoRA and two of its peft
+#: variants (rank-stabilised scaling, weight-decomposed DoRA), each optionally with the last N
+#: blocks trained too; `head`: the backbone frozen, only tp's embedding and head and the
+#: decoder trained; `blocks`: the last N backbone blocks fully trained, no LoRA; `full`: every
+#: parameter trained, Aurora's own fine-tuning recipe (the reference).
+METHODS = ("lora", "rslora", "dora", "head", "blocks", "full")
+LORA_METHODS = ("lora", "rslora", "dora")
+
 #: Pressure levels (hPa) that Aurora was trained on.
 AURORA_LEVELS = (50, 100, 150, 200, 250, 300, 400, 500, 600, 700, 850, 925, 1000)
 #: Linear layers of the Swin backbone that LoRA may target.
@@ -96,7 +104,11 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """What Optuna may vary; a single-element list fixes a dimension."""
+    """What Optuna may vary; a single-element list fixes a dimension. A parameter that a method
+    does not use is not sampled for it (LoRA rank and targets for `head`, say)."""
+
+    method: tuple[str, ...]
+    blocks: tuple[int, ...]  # how many last backbone blocks the `blocks` method trains
 
     lora_rank: tuple[int, ...]
     lora_targets: tuple[str, ...]
@@ -126,6 +138,8 @@ class StudyConfig:
     #: How often a running trial tells a database storage it is alive; a trial silent for
     #: three times as long (its process or machine died) is failed and retried.
     heartbeat_seconds: int = 60
+    #: Start a new study with the reference recipes (Aurora's full fine-tune, plain LoRA).
+    reference: bool = True
 
 
 def parse_memory(text: str | int) -> int:
@@ -320,6 +334,8 @@ def _build(raw: dict, path: Path, workdir: Path) -> StudyConfig:
             raise AuroraSweepError("[search] learning_rate: give [low, high] with 0 < low <= high")
         lr_range = (float(lr_range[0]), float(lr_range[1]))
     space = SearchSpace(
+        method=_choices(search, "method", str, ["lora"], METHODS),
+        blocks=_choices(search, "blocks", int, [2]),
         lora_rank=_choices(search, "lora_rank", int, [8]),
         lora_targets=_lora_targets(search),
         unfrozen_blocks=_choices(search, "unfrozen_blocks", int, [0]),
@@ -332,6 +348,8 @@ def _build(raw: dict, path: Path, workdir: Path) -> StudyConfig:
         raise AuroraSweepError("[search] lora_rank and batch_size choices must be at least 1")
     if any(n < 0 for n in space.unfrozen_blocks):
         raise AuroraSweepError("[search] unfrozen_blocks choices must be 0 or more")
+    if any(n < 1 for n in space.blocks):
+        raise AuroraSweepError("[search] blocks (for the blocks method) must be 1 or more")
 
     cap = resources.get("gpu_memory_cap")
     storage = storage_url(study.get("storage") or f"sqlite:///{name}.optuna.db", workdir)
@@ -370,6 +388,7 @@ def _build(raw: dict, path: Path, workdir: Path) -> StudyConfig:
         ),
         search=space,
         workdir=workdir,
+        reference=_bool(study.get("reference", True), "[study] reference"),
         heartbeat_seconds=_positive_int(
             study.get("heartbeat_seconds", 60), "[study] heartbeat_seconds"
         ),
@@ -384,6 +403,12 @@ def with_overrides(config: StudyConfig, **changes: Any) -> StudyConfig:
     if "tracking_uri" in changes:
         changes["tracking_uri"] = tracking_url(changes["tracking_uri"], config.workdir)
     return dataclasses.replace(config, **changes)
+
+
+def _bool(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise AuroraSweepError(f"{what} must be true or false, not {value!r}")
+    return value
 
 
 def _positive_int(value: Any, what: str) -> int:

@@ -2,10 +2,12 @@
 
 Layout of an adapter directory:
 
-- `adapter_config.json`, `adapter_model.safetensors`: the peft LoRA adapter, loadable with
-  `peft.PeftModel.from_pretrained` onto the base model built from `aurora_sweep.json`;
-- `trained_weights.safetensors`: what peft cannot hold: tp's patch embedding and decoder head
-  (Aurora keeps them in a ParameterDict) and any unfrozen backbone blocks;
+- `adapter_config.json`, `adapter_model.safetensors`: the peft adapter (LoRA, rsLoRA or DoRA),
+  loadable with `peft.PeftModel.from_pretrained` onto the base model built from
+  `aurora_sweep.json`; absent for the methods without LoRA (`head`, `blocks`, `full`);
+- `trained_weights.safetensors`: what peft does not hold: tp's patch embedding and decoder head
+  (Aurora keeps them in a ParameterDict), any fully trained backbone blocks, and the decoder
+  (`head`) or every weight (`full`); load it with `load_state_dict(..., strict=False)`;
 - `aurora_sweep.json`: the trial's config, tp's normalisation, the base checkpoint's name and
   sha256, the data region/levels/splits, the trial's metrics and loss curves;
 - `study.toml`: the study config the trial ran under (for `evaluate`);
@@ -26,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from aurora_sweep.dataset import TpStats
 from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.model import (
+    LORA_METHODS,
     TrainableParts,
     build_base,
     file_sha256,
@@ -67,11 +70,12 @@ def save_adapter(
     """Write a trial's adapter directory (`history`: its loss curves, for the report)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
-    # peft picks the adapter's tensors by the module names of its layers, which activation
-    # checkpointing prefixes with `_checkpoint_wrapped_module.` (state_dict keys keep the plain
-    # names): it then finds none and writes an empty adapter. Write the tensors ourselves.
-    save_file(adapter_tensors(model), directory / ADAPTER_FILE, metadata={"format": "pt"})
+    if trial.method in LORA_METHODS:
+        model.save_pretrained(directory)
+        # peft picks the adapter's tensors by the module names of its layers, which activation
+        # checkpointing prefixes with `_checkpoint_wrapped_module.` (state_dict keys keep the
+        # plain names): it then finds none and writes an empty adapter. Write them ourselves.
+        save_file(adapter_tensors(model), directory / ADAPTER_FILE, metadata={"format": "pt"})
     named = {k.replace(WRAPPED, ""): p for k, p in unwrap(model).named_parameters()}
     weights = {k: named[k].detach().float().cpu().contiguous() for k in parts.saved_outside_adapter}
     save_file(weights, directory / WEIGHTS)
@@ -129,14 +133,17 @@ def load_finetuned(directory: str | Path, *, checkpoint: Path | None = None, dev
         )
     model = build_base(trial.base, tp_stats=(tp.location, tp.scale))
     load_base_checkpoint(model, path)
-    peft_model = PeftModel.from_pretrained(model, directory)
-    lora = [n for n, _ in peft_model.named_parameters() if "lora_" in n]
-    stored = load_file(directory / ADAPTER_FILE)
-    if len(stored) != len(lora):
-        raise AuroraSweepError(
-            f"{directory / ADAPTER_FILE} holds {len(stored)} LoRA tensors but the model has "
-            f"{len(lora)}: the adapter is incomplete; export it again"
-        )
+    if trial.method in LORA_METHODS:
+        peft_model = PeftModel.from_pretrained(model, directory)
+        lora = [n for n, _ in peft_model.named_parameters() if "lora_" in n]
+        stored = load_file(directory / ADAPTER_FILE)
+        if len(stored) != len(lora):
+            raise AuroraSweepError(
+                f"{directory / ADAPTER_FILE} holds {len(stored)} LoRA tensors but the model has "
+                f"{len(lora)}: the adapter is incomplete; export it again"
+            )
+    else:  # head, blocks, full: every trained tensor is in trained_weights
+        peft_model = model
     weights = load_file(directory / WEIGHTS)
     result = unwrap(peft_model).load_state_dict(weights, strict=False)
     if result.unexpected_keys:

@@ -147,17 +147,21 @@ def meta_device() -> Iterator[None]:
 
 def build_meta_model(trial: TrialConfig) -> Aurora:
     """The trial's model (base + tp + LoRA + freezing) on the meta device: shapes, no storage."""
-    from aurora_sweep.model import apply_lora, build_base, set_trainable
+    from aurora_sweep.model import apply_method, build_base
 
+    method = dict(
+        method=trial.method, rank=trial.lora_rank, targets=trial.lora_targets,
+        unfrozen_blocks=trial.unfrozen_blocks,
+    )  # fmt: skip
     try:
         with meta_device():
             model = build_base(trial.base, tp_stats=(0.0, 1.0))
-            apply_lora(model, rank=trial.lora_rank, targets=trial.lora_targets)
-    except (RuntimeError, NotImplementedError):
-        # a module that cannot be built on meta: build it for real (slower, same counts)
+            apply_method(model, **method)
+    except (RuntimeError, NotImplementedError, ValueError):
+        # a module that cannot be built on meta (DoRA reads its weights' norms): build it for
+        # real (slower, same counts)
         model = build_base(trial.base, tp_stats=(0.0, 1.0))
-        apply_lora(model, rank=trial.lora_rank, targets=trial.lora_targets)
-    set_trainable(model, unfrozen_blocks=trial.unfrozen_blocks)
+        apply_method(model, **method)
     return model
 
 
@@ -364,7 +368,7 @@ def estimate_peak(
             "that is a multiple of 4 or one more; crop the region first"
         )
     arch = _architecture(
-        trial.base, trial.lora_rank, trial.lora_targets, trial.unfrozen_blocks, grid
+        trial.base, trial.lora_rank, trial.lora_targets, trial.unfrozen_blocks, grid, trial.method
     )
     return estimate_from_architecture(
         arch,
@@ -379,7 +383,12 @@ def estimate_peak(
 
 @functools.lru_cache(maxsize=128)
 def _architecture(
-    base: str, lora_rank: int, lora_targets: str, unfrozen_blocks: int, grid: tuple[int, int]
+    base: str,
+    lora_rank: int,
+    lora_targets: str,
+    unfrozen_blocks: int,
+    grid: tuple[int, int],
+    method: str = "lora",
 ) -> Architecture:
     """`architecture` of a trial's model: the same for every trial with the same structure, so a
     sweep builds each structure on the meta device once (about a second each)."""
@@ -389,6 +398,7 @@ def _architecture(
         lora_rank=lora_rank, lora_targets=lora_targets, unfrozen_blocks=unfrozen_blocks,
         batch_size=1, precision="fp32", learning_rate=0.0, activation_checkpointing=False,
         base=base, levels=(), steps=1, eval_every=1, val_samples=0, weight_decay=0.0, seed=0,
+        method=method,
     )  # fmt: skip
     return architecture(build_meta_model(shape), grid=grid)
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from aurora import Aurora, AuroraSmallPretrained
 
+from aurora_sweep.config import LORA_METHODS, METHODS
 from aurora_sweep.errors import AuroraSweepError
 
 NEW_VAR = "tp"
@@ -54,10 +55,12 @@ class TrainableParts:
     lora: tuple[str, ...]
     new_variable: tuple[str, ...]
     blocks: tuple[str, ...]
+    #: whole modules trained by `head` (the decoder) and `full` (everything else)
+    modules: tuple[str, ...] = ()
 
     @property
     def saved_outside_adapter(self) -> tuple[str, ...]:
-        return self.new_variable + self.blocks
+        return self.new_variable + self.blocks + self.modules
 
 
 def build_base(
@@ -180,8 +183,14 @@ def lora_target_regex(targets: str) -> str:
     return rf"backbone\..*\.({names})"
 
 
-def apply_lora(model: Aurora, *, rank: int, targets: str, alpha: float | None = None):
-    """Wrap `model` in a peft LoRA model (all base weights frozen)."""
+def apply_lora(
+    model: Aurora, *, rank: int, targets: str, alpha: float | None = None, variant: str = "lora"
+):
+    """Wrap `model` in a peft LoRA model (all base weights frozen).
+
+    `variant`: "lora", "rslora" (scaling alpha/sqrt(rank) instead of alpha/rank) or "dora"
+    (weight-decomposed: a trained magnitude per output feature besides the low-rank update).
+    """
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
@@ -190,8 +199,23 @@ def apply_lora(model: Aurora, *, rank: int, targets: str, alpha: float | None = 
         target_modules=lora_target_regex(targets),
         lora_dropout=0.0,
         bias="none",
+        use_rslora=variant == "rslora",
+        use_dora=variant == "dora",
     )
     return get_peft_model(model, config)
+
+
+def apply_method(
+    model: Aurora, *, method: str, rank: int, targets: str, unfrozen_blocks: int
+) -> tuple[torch.nn.Module, TrainableParts]:
+    """Make `model` trainable as `method` says: the model to train (a peft wrapper for the LoRA
+    methods, `model` itself otherwise) and the names of what trains."""
+    if method not in METHODS:
+        raise AuroraSweepError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+    trained = model
+    if method in LORA_METHODS:
+        trained = apply_lora(model, rank=rank, targets=targets, variant=method)
+    return trained, set_trainable(model, unfrozen_blocks=unfrozen_blocks, method=method)
 
 
 def backbone_blocks(model: Aurora) -> list[tuple[str, torch.nn.Module]]:
@@ -204,8 +228,11 @@ def backbone_blocks(model: Aurora) -> list[tuple[str, torch.nn.Module]]:
     return blocks
 
 
-def set_trainable(model: Aurora, *, unfrozen_blocks: int) -> TrainableParts:
-    """Freeze all but LoRA, tp's embedding and head, and the last `unfrozen_blocks` blocks."""
+def set_trainable(model: Aurora, *, unfrozen_blocks: int, method: str = "lora") -> TrainableParts:
+    """Freeze all but LoRA, tp's embedding and head, and the last `unfrozen_blocks` blocks;
+    with `method` "head", the decoder instead of blocks; with "full", nothing frozen."""
+    if method in ("head", "full"):
+        unfrozen_blocks = 0
     blocks = backbone_blocks(model)
     if unfrozen_blocks > len(blocks):
         raise AuroraSweepError(
@@ -213,8 +240,9 @@ def set_trainable(model: Aurora, *, unfrozen_blocks: int) -> TrainableParts:
         )
     unfrozen = {name for name, _ in blocks[len(blocks) - unfrozen_blocks :]}
     new_keys = new_variable_keys(model)
-    lora, new_var, block_params = [], [], []
+    lora, new_var, block_params, modules = [], [], [], []
     for name, p in model.named_parameters():
+        plain = name.replace("_checkpoint_wrapped_module.", "")
         if "lora_" in name:
             p.requires_grad_(True)
             lora.append(name)
@@ -224,9 +252,12 @@ def set_trainable(model: Aurora, *, unfrozen_blocks: int) -> TrainableParts:
         elif any(name.startswith(b + ".") for b in unfrozen):
             p.requires_grad_(True)
             block_params.append(name)
+        elif method == "full" or (method == "head" and plain.startswith("decoder.")):
+            p.requires_grad_(True)
+            modules.append(name)
         else:
             p.requires_grad_(False)
-    return TrainableParts(tuple(lora), tuple(new_var), tuple(block_params))
+    return TrainableParts(tuple(lora), tuple(new_var), tuple(block_params), tuple(modules))
 
 
 def set_precision(model: Aurora, precision: str) -> None:

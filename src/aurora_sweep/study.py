@@ -29,10 +29,10 @@ from typing import Any
 import optuna
 from rich.console import Console
 
-from aurora_sweep.config import StudyConfig
+from aurora_sweep.config import LORA_METHODS, StudyConfig
 from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.evaluation import worst_forgetting
-from aurora_sweep.train import TrialConfig
+from aurora_sweep.train import FULL_LR, TrialConfig
 
 #: The trials `--trials` counts: a failed or interrupted trial does not use up the total.
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -41,23 +41,48 @@ UI = "http://127.0.0.1:5000"
 
 
 def sample_trial(trial: optuna.Trial, config: StudyConfig) -> TrialConfig:
-    """Draw one trial's configuration from the study's search space."""
+    """Draw one trial's configuration from the study's search space.
+
+    The space is conditional: the method comes first, and a parameter the method does not use
+    is not sampled for it (no LoRA rank for `head`, `blocks` or `full`). `full` is Aurora's own
+    recipe, whole: bf16 backbone autocast, activation checkpointing, its learning rates.
+    """
     s = config.search
-    lr = (
-        trial.suggest_float("learning_rate", *s.learning_rate, log=True)
-        if s.learning_rate
-        else config.train.learning_rate
-    )
-    return TrialConfig(
-        lora_rank=trial.suggest_categorical("lora_rank", list(s.lora_rank)),
-        lora_targets=trial.suggest_categorical("lora_targets", list(s.lora_targets)),
-        unfrozen_blocks=trial.suggest_categorical("unfrozen_blocks", list(s.unfrozen_blocks)),
-        batch_size=trial.suggest_categorical("batch_size", list(s.batch_size)),
-        precision=trial.suggest_categorical("precision", list(s.precision)),
-        learning_rate=lr,
-        activation_checkpointing=trial.suggest_categorical(
+    reference = trial.user_attrs.get("reference")
+    if reference == "full":  # Aurora's own recipe, as it is, whatever the space holds
+        return reference_trial(config)
+    method = trial.suggest_categorical("method", list(s.method))
+    lora = method in LORA_METHODS
+    rank = trial.suggest_categorical("lora_rank", list(s.lora_rank)) if lora else 0
+    targets = trial.suggest_categorical("lora_targets", list(s.lora_targets)) if lora else ""
+    if lora:
+        unfrozen = trial.suggest_categorical("unfrozen_blocks", list(s.unfrozen_blocks))
+    elif method == "blocks":
+        unfrozen = trial.suggest_categorical("blocks", list(s.blocks))
+    else:
+        unfrozen = 0
+    batch_size = trial.suggest_categorical("batch_size", list(s.batch_size))
+    if method == "full":
+        precision, checkpointing, lr = _full_precision(config), True, FULL_LR
+    else:
+        precision = trial.suggest_categorical("precision", list(s.precision))
+        checkpointing = trial.suggest_categorical(
             "activation_checkpointing", list(s.activation_checkpointing)
-        ),
+        )
+        lr = (
+            trial.suggest_float("learning_rate", *s.learning_rate, log=True)
+            if s.learning_rate
+            else config.train.learning_rate
+        )
+    return TrialConfig(
+        method=method,
+        lora_rank=rank,
+        lora_targets=targets,
+        unfrozen_blocks=unfrozen,
+        batch_size=batch_size,
+        precision=precision,
+        learning_rate=lr,
+        activation_checkpointing=checkpointing,
         base=config.model.base,
         levels=config.data.levels,
         steps=config.train.steps,
@@ -65,6 +90,82 @@ def sample_trial(trial: optuna.Trial, config: StudyConfig) -> TrialConfig:
         val_samples=config.train.val_samples,
         weight_decay=config.train.weight_decay,
         seed=config.train.seed,
+    )
+
+
+def _full_precision(config: StudyConfig) -> str:
+    """bf16, as Aurora's recipe has it, when the study allows it (on a CPU, bf16 is emulated and
+    the demo searches fp32 only)."""
+    return "bf16" if "bf16" in config.search.precision else config.search.precision[0]
+
+
+def reference_trial(config: StudyConfig) -> TrialConfig:
+    """Aurora's fine-tuning recipe: every weight trained, bf16 backbone autocast, activation
+    checkpointing, 3e-4 (1e-3 for tp's embedding and head), the smallest batch of the study."""
+    return TrialConfig(
+        method="full", lora_rank=0, lora_targets="", unfrozen_blocks=0,
+        batch_size=min(config.search.batch_size), precision=_full_precision(config),
+        learning_rate=FULL_LR, activation_checkpointing=True, base=config.model.base,
+        levels=config.data.levels, steps=config.train.steps, eval_every=config.train.eval_every,
+        val_samples=config.train.val_samples, weight_decay=config.train.weight_decay,
+        seed=config.train.seed,
+    )  # fmt: skip
+
+
+def enqueue_references(study: optuna.Study, config: StudyConfig) -> list[str]:
+    """A new study starts with the reference recipes, so that it can say how far its best trial
+    beats them: Aurora's full fine-tune and, when the space has LoRA, plain LoRA at defaults."""
+    if not config.reference or study.get_trials(deepcopy=False):
+        return []
+    study.enqueue_trial({}, user_attrs={"reference": "full"})
+    added = ["full"]
+    s = config.search
+    if "lora" in s.method:
+        nearest = min(s.lora_rank, key=lambda r: abs(r - 8))
+        lr = config.train.learning_rate
+        if s.learning_rate:
+            lr = min(max(lr, s.learning_rate[0]), s.learning_rate[1])
+        params = {
+            "method": "lora", "lora_rank": nearest,
+            "lora_targets": "qkv+proj" if "qkv+proj" in s.lora_targets else s.lora_targets[0],
+            "unfrozen_blocks": min(s.unfrozen_blocks), "batch_size": min(s.batch_size),
+            "precision": s.precision[0], "activation_checkpointing": s.activation_checkpointing[0],
+        }  # fmt: skip
+        if s.learning_rate:
+            params["learning_rate"] = lr
+        study.enqueue_trial(params, user_attrs={"reference": "lora"})
+        added.append("lora")
+    return added
+
+
+def check_search(config: StudyConfig) -> None:
+    """Refuse, before anything is recorded, a search the base model cannot run."""
+    from aurora_sweep.memory import meta_device
+    from aurora_sweep.model import backbone_blocks, build_base
+
+    s = config.search
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with meta_device():
+            depth = len(backbone_blocks(build_base(config.model.base, tp_stats=(0.0, 1.0))))
+    asks = []
+    if set(s.method) & set(LORA_METHODS):
+        asks.append(("unfrozen_blocks", max(s.unfrozen_blocks)))
+    if "blocks" in s.method:
+        asks.append(("blocks", max(s.blocks)))
+    for key, n in asks:
+        if n > depth:
+            raise AuroraSweepError(
+                f"[search] {key} asks for {n} blocks but the {config.model.base} base model's "
+                f"backbone has {depth}: choose at most {depth}"
+            )
+
+
+def sampler(seed: int) -> optuna.samplers.TPESampler:
+    """Multivariate TPE over the conditional space (`group`: one model per set of parameters
+    that appear together), and the constant liar so that workers avoid what others run."""
+    return optuna.samplers.TPESampler(
+        seed=seed, n_startup_trials=8, multivariate=True, group=True, constant_liar=True
     )
 
 
@@ -81,21 +182,17 @@ def open_study(
     worker next looks, and `on_stale` is called for it (end its MLflow run, retry it).
     """
     storage = _storage(config, on_stale)
-    sampler = optuna.samplers.TPESampler(
-        seed=config.sampler_seed if seed is None else seed,
-        n_startup_trials=8,
-        constant_liar=True,  # workers avoid proposing what another one is running
-    )
+    tpe = sampler(config.sampler_seed if seed is None else seed)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=6, n_warmup_steps=0)
     for attempt in range(5):
         try:
             if create:
                 return optuna.create_study(
-                    study_name=config.name, storage=storage, sampler=sampler, pruner=pruner,
+                    study_name=config.name, storage=storage, sampler=tpe, pruner=pruner,
                     direction="minimize", load_if_exists=True,
                 )  # fmt: skip
             return optuna.load_study(
-                study_name=config.name, storage=storage, sampler=sampler, pruner=pruner
+                study_name=config.name, storage=storage, sampler=tpe, pruner=pruner
             )
         except KeyError:
             raise AuroraSweepError(
@@ -267,8 +364,10 @@ def run_study(
     devices = plan_devices(workers, gpus)
     # failures are reported in one line each below; Optuna's own warning repeats the traceback
     optuna.logging.set_verbosity(optuna.logging.ERROR)
+    check_search(config)
     client = client_for(config)
     study = open_study(config, on_stale=functools.partial(_retry_stale, client=client))
+    enqueue_references(study, config)
     reaped = reap_dead_trials(study, client)
     if reaped:
         console.print(
@@ -403,10 +502,7 @@ class Sweep:
         """One worker's loop (a thread): claim a trial, run it, until the total is reached."""
         study = optuna.load_study(
             study_name=self.config.name, storage=self.study._storage,
-            sampler=optuna.samplers.TPESampler(
-                seed=worker_seed(self.config, self.study, index), n_startup_trials=8,
-                constant_liar=True,
-            ),
+            sampler=sampler(worker_seed(self.config, self.study, index)),
             pruner=self.study.pruner,
         )  # fmt: skip
         held = {"asking": False}  # this thread holds `asking`: its trial does not exist yet
@@ -684,11 +780,13 @@ def _retry_stale(study: optuna.Study, trial: optuna.trial.FrozenTrial, *, client
 def retry_once(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
     """Enqueue `trial` again with the same parameters, unless it is itself a retry or has been
     retried already: a trial that kills its process every time is not retried forever."""
-    if "retry_of" in trial.user_attrs or not trial.params:
+    reference = trial.user_attrs.get("reference")
+    if "retry_of" in trial.user_attrs or not (trial.params or reference):
         return False
     if any(t.user_attrs.get("retry_of") == trial.number for t in study.get_trials(deepcopy=False)):
         return False
-    study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+    marks = {"retry_of": trial.number} | ({"reference": reference} if reference else {})
+    study.enqueue_trial(trial.params, user_attrs=marks)
     return True
 
 

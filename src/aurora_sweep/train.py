@@ -36,16 +36,18 @@ from aurora_sweep.dataset import (
 from aurora_sweep.metrics import SeepsClimate, seeps_climate
 from aurora_sweep.model import (
     TrainableParts,
-    apply_lora,
+    apply_method,
     build_base,
     init_new_variable,
     load_base_checkpoint,
     set_precision,
-    set_trainable,
 )
 
 #: Learning-rate multiplier for the new variable's embedding and head.
 NEW_VARIABLE_LR_FACTOR = 5.0
+#: Aurora's fine-tuning guide: 3e-4 for the pretrained weights, 1e-3 for a new variable's
+#: embedding and head (the `full` reference recipe uses these, not a sampled rate).
+FULL_LR, FULL_NEW_VARIABLE_LR = 3e-4, 1e-3
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,8 @@ class TrialConfig:
     val_samples: int
     weight_decay: float
     seed: int
+    #: the fine-tuning recipe (`model.METHODS`); adapters from before methods existed are LoRA
+    method: str = "lora"
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -182,10 +186,19 @@ def build_trial_model(trial: TrialConfig, tp: TpStats, checkpoint: Path):
     model = build_base(trial.base, tp_stats=(tp.location, tp.scale))
     load_base_checkpoint(model, checkpoint)
     init_new_variable(model, start=(tp.mean - tp.location) / tp.scale)
-    peft_model = apply_lora(model, rank=trial.lora_rank, targets=trial.lora_targets)
-    parts = set_trainable(model, unfrozen_blocks=trial.unfrozen_blocks)
+    peft_model, parts = apply_method(
+        model, method=trial.method, rank=trial.lora_rank, targets=trial.lora_targets,
+        unfrozen_blocks=trial.unfrozen_blocks,
+    )  # fmt: skip
     set_precision(model, trial.precision)
     return peft_model, model, parts
+
+
+def new_variable_lr(trial: TrialConfig) -> float:
+    """tp's embedding and head start from zero and must learn the most: a larger step."""
+    if trial.method == "full":
+        return FULL_NEW_VARIABLE_LR
+    return trial.learning_rate * NEW_VARIABLE_LR_FACTOR
 
 
 def normalised_mse(forecast: np.ndarray, observed: np.ndarray, tp: TpStats) -> float:
@@ -227,7 +240,7 @@ def fit(
         optimiser = torch.optim.AdamW(
             [
                 {"params": rest},
-                {"params": new_params, "lr": trial.learning_rate * NEW_VARIABLE_LR_FACTOR},
+                {"params": new_params, "lr": new_variable_lr(trial)},
             ],
             lr=trial.learning_rate,
             weight_decay=trial.weight_decay,
