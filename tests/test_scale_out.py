@@ -101,7 +101,7 @@ def _configs(trials) -> list[tuple]:
 
 @pytest.mark.slow
 def test_two_processes_on_postgresql_reach_exactly_the_total_with_distinct_configs(
-    tmp_path, tiny_store, postgres_url, mlflow_server
+    tmp_path, tiny_store, postgres_url, mlflow_server, monkeypatch
 ):
     path, name = _config(tmp_path, tiny_store)
     common = dict(config=path, workdir=tmp_path, storage=postgres_url, tracking=mlflow_server)
@@ -121,12 +121,14 @@ def test_two_processes_on_postgresql_reach_exactly_the_total_with_distinct_confi
     # the best trial's adapter is exported from another directory, through the server
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    best = subprocess.run(
-        [sys.executable, "-m", "aurora_sweep.cli", "best", "-c", str(path), "--storage",
-         postgres_url, "--tracking-uri", mlflow_server, "--export", "adapter"],
-        cwd=elsewhere, capture_output=True, text=True,
-    )  # fmt: skip
-    assert best.returncode == 0, best.stderr
+    from typer.testing import CliRunner
+
+    from aurora_sweep.cli import app
+
+    monkeypatch.chdir(elsewhere)
+    best = CliRunner().invoke(app, ["best", "-c", str(path), "--storage", postgres_url,
+                                    "--tracking-uri", mlflow_server, "--export", "adapter"])  # fmt: skip
+    assert best.exit_code == 0, best.output
     assert (elsewhere / "adapter" / "adapter_model.safetensors").exists()
 
 
@@ -186,7 +188,7 @@ def test_a_worker_killed_on_another_node_is_found_by_heartbeat_and_retried_on_po
 
 
 @pytest.mark.slow
-def test_a_worker_killed_with_sigkill_is_failed_and_retried_by_the_other_on_a_journal_file(
+def test_a_run_killed_with_sigkill_takes_its_worker_with_it_and_the_other_retries_its_trial(
     tmp_path, tiny_store
 ):
     name, storage, a, trainer = _kill_one_mid_trial(
@@ -200,7 +202,8 @@ def test_a_worker_killed_with_sigkill_is_failed_and_retried_by_the_other_on_a_jo
         assert b.poll() is None, (tmp_path / "b.log").read_text()[-3000:]
         assert time.monotonic() < deadline
         time.sleep(1)
-    os_kill_group(a)  # a scheduler's hard limit: A and its trial worker, with no warning
+    a.send_signal(signal.SIGKILL)  # A's run process only, with no warning: its trial
+    a.wait()  # worker, left alone, must notice and exit by itself
     _gone(trainer)
     _finish(b, tmp_path / "b.log")
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
