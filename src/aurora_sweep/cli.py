@@ -179,12 +179,14 @@ def best(
     """List the best trials; with --export, write the best one's adapter and model card."""
     _quiet_libraries()
     from aurora_sweep.config import load_config, with_overrides
-    from aurora_sweep.results import export_best, top_trials_table
+    from aurora_sweep.results import against_references, export_best, top_trials_table
 
     console = _console()
     try:
         study = with_overrides(load_config(config), storage=storage, tracking_uri=tracking_uri)
         console.print(top_trials_table(study, top=top))
+        for line in against_references(study):
+            console.print(line, highlight=False)
         if export is not None:
             path = export_best(study, export)
             console.print(f"exported the best trial to {path} (see {path / 'README.md'})")

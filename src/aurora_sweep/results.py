@@ -63,7 +63,8 @@ def top_trials_table(config: StudyConfig, *, top: int = 10) -> Table:
     objective = config.objective
     table = Table(
         title=f"study {config.name}: best {min(top, len(trials))} of {len(trials)} completed "
-        f"trials by {objective} (validation; 90 % interval; ≈: overlaps the best's interval)"
+        f"trials by {objective} (validation; 90 % interval; ≈: overlaps the best's interval; "
+        "*: a reference recipe)"
     )
     cols = ("trial", objective, "90 % interval", "≈", "skill pers.", "skill clim.",
             "worst forgetting", "recipe", "peak MB", "s")  # fmt: skip
@@ -78,24 +79,70 @@ def top_trials_table(config: StudyConfig, *, top: int = 10) -> Table:
         table.add_row(
             str(t.number), f"{t.value:.4f}", f"{ci[0]:.4f}–{ci[1]:.4f}" if ci else "-",
             "≈" if close and t is not trials[0] else "", _skill(a, "persistence"),
-            _skill(a, "climatology"), worst, recipe(t.params),
+            _skill(a, "climatology"), worst, recipe(t),
             f"{a.get('peak_memory_mb', float('nan')):.0f}", f"{a.get('trial_seconds', float('nan')):.1f}",
         )  # fmt: skip
     return table
 
 
-def recipe(params: dict) -> str:
-    """A trial's searched settings in a few words: 'r8 qkv+proj u1 b2 bf16 lr3.0e-04 ckpt'."""
+def recipe(trial: optuna.trial.FrozenTrial) -> str:
+    """A trial's recipe in a few words: 'dora r8 qkv+proj u1 b2 bf16 lr3.0e-04 ckpt',
+    'blocks4 b2 fp32 lr1.0e-03', 'full* b1 bf16 lr3.0e-04 ckpt' (* the reference recipe)."""
+    a = trial.user_attrs
+    c = a.get("config") or {"method": a.get("reference") or "lora", **trial.params}
+    method = c.get("method", "lora")
+    lora = method in ("lora", "rslora", "dora")
     words = [
-        f"r{params['lora_rank']}" if "lora_rank" in params else "",
-        str(params.get("lora_targets", "")),
-        f"u{params['unfrozen_blocks']}" if "unfrozen_blocks" in params else "",
-        f"b{params['batch_size']}" if "batch_size" in params else "",
-        str(params.get("precision", "")),
-        f"lr{params['learning_rate']:.1e}" if "learning_rate" in params else "",
-        "ckpt" if params.get("activation_checkpointing") else "",
+        method
+        + (str(c.get("unfrozen_blocks", "")) if method == "blocks" else "")
+        + ("*" if a.get("reference") else ""),
+        f"r{c['lora_rank']}" if lora and "lora_rank" in c else "",
+        str(c.get("lora_targets", "")) if lora else "",
+        f"u{c['unfrozen_blocks']}" if lora and "unfrozen_blocks" in c else "",
+        f"b{c['batch_size']}" if "batch_size" in c else "",
+        str(c.get("precision", "")),
+        f"lr{c['learning_rate']:.1e}" if "learning_rate" in c else "",
+        "ckpt" if c.get("activation_checkpointing") else "",
     ]
     return " ".join(w for w in words if w)
+
+
+def against_references(config: StudyConfig) -> list[str]:
+    """How the best trial compares with the study's reference recipes (Aurora's full
+    fine-tune, plain LoRA), in the objective and in predicted peak GPU memory."""
+    study = open_study(config, create=False)
+    ranked = ranked_trials(config)
+    best = ranked[0] if ranked else None
+    objective, lines = config.objective, []
+    for t in study.get_trials(deepcopy=False):
+        name = t.user_attrs.get("reference")
+        if not name or "retry_of" in t.user_attrs and t.state.name != "COMPLETE":
+            continue
+        a = t.user_attrs
+        what = "Aurora's full fine-tune" if name == "full" else "plain LoRA at its defaults"
+        peak = f"predicted peak {a['predicted_peak_mb']:.0f} MB" if "predicted_peak_mb" in a else ""
+        if "infeasible" in a:
+            lines.append(f"reference {what} (trial {t.number}): infeasible, {a['infeasible']}")
+        elif t.state.name == "COMPLETE" and t.value is not None:
+            ci = interval(t, objective)
+            verdict = ""
+            if best is not None and best.number != t.number:
+                best_ci = interval(best, objective)
+                apart = ci and best_ci and best_ci[1] < ci[0]
+                verdict = (
+                    f"; the best, trial {best.number}, is {t.value - best.value:.4f} lower"
+                    + (" (intervals apart)" if apart else " (intervals overlap)")
+                    + f" at predicted peak {best.user_attrs.get('predicted_peak_mb', float('nan')):.0f} MB"
+                )
+            lines.append(
+                f"reference {what} (trial {t.number}): {objective} {t.value:.4f}"
+                + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
+                + (f", {peak}" if peak else "")
+                + verdict
+            )
+        elif t.state.name in ("PRUNED", "FAIL", "RUNNING", "WAITING"):
+            lines.append(f"reference {what} (trial {t.number}): {t.state.name.lower()}")
+    return lines
 
 
 def _skill(a: dict, reference: str) -> str:

@@ -586,6 +586,7 @@ class Sweep:
             trial.set_user_attr("surplus", True)
             raise Surplus(f"the study already holds or runs its {self.total} trials")
         tc = sample_trial(trial, config)
+        trial.set_user_attr("config", tc.to_dict())  # the whole recipe, sampled or not
         for key, value in this_process().items():  # to tell later whether it was killed
             trial.set_user_attr(key, value)
         with trial_run(
