@@ -12,13 +12,7 @@ import warnings
 
 import torch
 
-from aurora_sweep.model import (
-    apply_lora,
-    build_base,
-    init_new_variable,
-    set_precision,
-    set_trainable,
-)
+from aurora_sweep.model import apply_method, build_base, init_new_variable, set_precision
 from aurora_sweep.train import TrialConfig
 
 EUROPE_GRID = (149, 208)
@@ -46,26 +40,28 @@ def trial_config(**changes: object) -> TrialConfig:
     return dataclasses.replace(base, **changes)
 
 
-def build_random_trial_model(trial: TrialConfig, *, full: bool = False):
+def build_random_trial_model(trial: TrialConfig):
     """`train.build_trial_model` without a checkpoint: random weights, same modules.
 
-    `full=True` is Aurora's reference fine-tuning recipe: no LoRA, every parameter trains.
+    Every method (`trial.method`: the LoRA variants, head, blocks, full) is made trainable by
+    `model.apply_method`, as a trial does; `full` is Aurora's reference fine-tuning recipe (no
+    LoRA, every parameter trains) when `trial` also asks for bf16 and checkpointing, as
+    `study.reference_trial` does. Returns (the module to train: a peft wrapper for the LoRA
+    methods, the Aurora model otherwise; the Aurora model).
     """
     torch.manual_seed(trial.seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = build_base(trial.base, tp_stats=(0.0, 1.0))
     init_new_variable(model)
-    if full:
-        peft_model = model
-        model.requires_grad_(True)
-    else:
-        peft_model = apply_lora(model, rank=trial.lora_rank, targets=trial.lora_targets)
-        set_trainable(model, unfrozen_blocks=trial.unfrozen_blocks)
+    trained, _ = apply_method(
+        model, method=trial.method, rank=trial.lora_rank, targets=trial.lora_targets,
+        unfrozen_blocks=trial.unfrozen_blocks,
+    )  # fmt: skip
     set_precision(model, trial.precision)
     if trial.activation_checkpointing:
         model.configure_activation_checkpointing()
-    return peft_model, model
+    return trained, model
 
 
 def cpu_live_peak_bytes(fn) -> int:

@@ -1,12 +1,14 @@
 """Step time and peak memory of trial configs of AuroraSmallPretrained, predicted vs measured.
 
-A study trusts `memory.estimate_peak` to keep trials inside the GPU cap; this checks it. For a grid
-of trial configs (LoRA rank and targets, unfrozen blocks, batch size, precision, checkpointing)
-and for Aurora's reference fine-tuning recipe (every parameter trained with AdamW, bf16 backbone
-autocast, activation checkpointing), it builds the real AuroraSmallPretrained architecture with
-random weights (memory does not depend on the values), runs a few training steps on a
-Europe-sized 0.25° input (149 x 209 points cropped to 148 x 208, levels 250/500/700/850) and
-records step time, samples/s, measured and predicted peak memory.
+A study trusts `memory.estimate_peak` to keep trials inside the GPU cap; this checks it. For one
+config per fine-tuning method (lora, rslora and dora at rank 8 on qkv+proj; head; blocks with the
+last 2 blocks; full, Aurora's reference recipe: every parameter trained with AdamW, bf16 backbone
+autocast, activation checkpointing) and a grid of LoRA configs (rank and targets, unfrozen
+blocks, batch size, precision, checkpointing), it builds the real AuroraSmallPretrained
+architecture with random weights (memory does not depend on the values) as a trial does
+(`model.apply_method`), runs a few training steps on a Europe-sized 0.25° input (149 x 209 points
+cropped to 148 x 208, levels 250/500/700/850) and records step time, samples/s, trainable
+parameters, measured and predicted peak memory.
 
 Measured peak: on CUDA `max_memory_allocated` / `max_memory_reserved` after
 `reset_peak_memory_stats`. On a CPU there is no allocator peak: it is what is alive when a step
@@ -18,6 +20,7 @@ inputs) and the process's resident-set growth (noisy: the CPU allocator keeps fr
 
     .venv/bin/python bench/bench_memory.py --device cpu --reduced    # a few minutes on 2 cores
     .venv/bin/python bench/bench_memory.py --device cuda              # the full grid on a GPU
+    .venv/bin/python bench/bench_memory.py --reduced --methods-only --methods lora,head  # quick
 
 Writes bench/results/<device>-<date>.json and .md.
 """
@@ -48,8 +51,8 @@ from _common import (
 )  # noqa: E402
 
 from aurora_sweep import memory  # noqa: E402
-from aurora_sweep.model import build_base  # noqa: E402
-from aurora_sweep.train import PeakMemory  # noqa: E402
+from aurora_sweep.config import LORA_METHODS, METHODS  # noqa: E402
+from aurora_sweep.train import PeakMemory, TrialConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 2**20
@@ -57,37 +60,65 @@ MIB = 2**20
 
 @dataclasses.dataclass(frozen=True)
 class BenchConfig:
-    """One benchmarked config: a trial config, or the reference full fine-tune."""
+    """One benchmarked config: a fine-tuning method and its trial settings."""
 
     name: str
+    method: str = "lora"
     rank: int = 8
     targets: str = "qkv+proj"
     unfrozen: int = 0
     batch: int = 1
     precision: str = "bf16"
     checkpointing: bool = False
-    full: bool = False
 
 
-def configs(reduced: bool) -> list[BenchConfig]:
-    reference = BenchConfig(
-        "reference: full AdamW, bf16, ckpt", precision="bf16", checkpointing=True, full=True
-    )
+def method_configs(precision: str) -> list[BenchConfig]:
+    """One config per method; `full` is Aurora's recipe whole (bf16, checkpointing), the others
+    run at `precision` without checkpointing. No LoRA rank or targets where the method has none
+    (as a study samples them)."""
+    lora = [
+        BenchConfig(f"{m} r8 qkv+proj {precision}", method=m, precision=precision)
+        for m in LORA_METHODS
+    ]
+    return lora + [
+        BenchConfig(f"head {precision}", method="head", rank=0, targets="", precision=precision),
+        BenchConfig(
+            f"blocks 2 {precision}",
+            method="blocks",
+            rank=0,
+            targets="",
+            unfrozen=2,
+            precision=precision,
+        ),
+        BenchConfig(
+            "full (reference): AdamW, bf16, ckpt",
+            method="full",
+            rank=0,
+            targets="",
+            precision="bf16",
+            checkpointing=True,
+        ),
+    ]
+
+
+def lora_grid(reduced: bool) -> list[BenchConfig]:
+    """LoRA configs besides the method rows: rank, targets, unfrozen blocks, batch, precision,
+    checkpointing (the `lora` method row is not repeated)."""
     if reduced:
         return [
-            BenchConfig("r8 qkv+proj fp32", precision="fp32"),
             BenchConfig("r8 qkv+proj bf16"),
             BenchConfig(
                 "r16 all linears fp32", rank=16, targets="qkv+proj+fc1+fc2", precision="fp32"
             ),
             BenchConfig("r8 qkv+proj +2 blocks fp32", unfrozen=2, precision="fp32"),
             BenchConfig("r8 qkv+proj fp32 ckpt", precision="fp32", checkpointing=True),
-            reference,
         ]
     grid = []
     for precision in ("fp32", "bf16"):
         for ckpt in (False, True):
             for batch in (1, 2):
+                if (precision, ckpt, batch) == ("bf16", False, 1):
+                    continue  # the lora method row
                 grid.append(
                     BenchConfig(
                         f"r8 qkv+proj b{batch} {precision}{' ckpt' if ckpt else ''}",
@@ -101,31 +132,36 @@ def configs(reduced: bool) -> list[BenchConfig]:
         BenchConfig("r32 all linears bf16", rank=32, targets="qkv+proj+fc1+fc2"),
         BenchConfig("r8 qkv+proj +4 blocks bf16", unfrozen=4),
         BenchConfig("r8 qkv+proj +4 blocks bf16 ckpt", unfrozen=4, checkpointing=True),
-        reference,
     ]
     return grid
 
 
-def predict(
-    cfg: BenchConfig, *, grid: tuple[int, int], levels: int, device: str
-) -> memory.MemoryEstimate:
-    trial = trial_config(
-        base="small-pretrained",
-        lora_rank=cfg.rank,
-        lora_targets=cfg.targets,
-        unfrozen_blocks=cfg.unfrozen,
-    )
-    if cfg.full:
-        with memory.meta_device():
-            model = build_base("small-pretrained", tp_stats=(0.0, 1.0))
-        model.requires_grad_(True)
-    else:
-        model = memory.build_meta_model(trial)
-    arch = memory.architecture(model, grid=grid)
-    return memory.estimate_from_architecture(
-        arch, grid=grid, levels=levels, batch_size=cfg.batch, precision=cfg.precision,
-        checkpointing=cfg.checkpointing, device=device,
+def configs(
+    reduced: bool, methods: tuple[str, ...] = METHODS, grid: bool = True
+) -> list[BenchConfig]:
+    """The method rows (fp32 on the reduced CPU grid, bf16 on the full one), then the LoRA grid
+    (when `grid` and lora is among `methods`)."""
+    out = [c for c in method_configs("fp32" if reduced else "bf16") if c.method in methods]
+    if grid and "lora" in methods:
+        out += lora_grid(reduced)
+    return out
+
+
+def trial_for(cfg: BenchConfig, levels: tuple[int, ...]) -> TrialConfig:
+    return trial_config(
+        base="small-pretrained", method=cfg.method, lora_rank=cfg.rank, lora_targets=cfg.targets,
+        unfrozen_blocks=cfg.unfrozen, batch_size=cfg.batch, precision=cfg.precision,
+        activation_checkpointing=cfg.checkpointing, levels=levels,
     )  # fmt: skip
+
+
+def predict(
+    cfg: BenchConfig, *, grid: tuple[int, int], levels: tuple[int, ...], device: str
+) -> memory.MemoryEstimate:
+    """What a study would predict for this config (`memory.estimate_peak`)."""
+    return memory.estimate_peak(
+        trial_for(cfg, levels), grid=grid, levels=len(levels), device=device
+    )
 
 
 def measure(
@@ -136,11 +172,7 @@ def measure(
     device: torch.device,
     steps: int,
 ) -> dict:
-    trial = trial_config(
-        base="small-pretrained", lora_rank=cfg.rank, lora_targets=cfg.targets, unfrozen_blocks=cfg.unfrozen,
-        batch_size=cfg.batch, precision=cfg.precision, activation_checkpointing=cfg.checkpointing, levels=levels,
-    )  # fmt: skip
-    peft_model, model = build_random_trial_model(trial, full=cfg.full)
+    peft_model, _ = build_random_trial_model(trial_for(cfg, levels))
     peft_model.to(device)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(params, lr=1e-5)
@@ -202,12 +234,14 @@ def device_slug(device: torch.device) -> str:
 
 def markdown(rows: list[dict], header: str) -> str:
     cpu = "saved_activation_bytes" in rows[0]
-    cols = ["config", "step s", "samples/s", "predicted MiB", "measured MiB", "rel. error"]
+    cols = ["config", "method", "trainable", "step s", "samples/s", "predicted MiB"]
+    cols += ["measured MiB", "rel. error"]
     cols += ["saved act. MiB", "RSS delta MiB"] if cpu else ["reserved MiB"]
     lines = [header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cells = [
-            r["name"], f"{r['step_seconds']:.2f}", f"{r['samples_per_second']:.2f}",
+            r["name"], r["method"], f"{r['trainable'] / 1e6:.2f} M",
+            f"{r['step_seconds']:.2f}", f"{r['samples_per_second']:.2f}",
             f"{r['predicted_bytes'] / MIB:.0f}", f"{r['measured_bytes'] / MIB:.0f}", f"{r['relative_error']:+.1%}",
         ]  # fmt: skip
         if cpu:
@@ -221,15 +255,38 @@ def markdown(rows: list[dict], header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def parse_methods(text: str) -> tuple[str, ...]:
+    methods = tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise argparse.ArgumentTypeError(
+            f"unknown method(s) {', '.join(unknown) or '(none given)'}: use {','.join(METHODS)}"
+        )
+    return methods
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu"
     )
     parser.add_argument(
-        "--reduced", action="store_true", help="32x64 crop, 2 levels, 6 configs, 2 timed steps"
+        "--reduced",
+        action="store_true",
+        help="32x64 crop, 2 levels, 6 method rows + 4 LoRA configs, 2 timed steps",
     )
     parser.add_argument("--steps", type=int, default=None, help="timed steps per config")
+    parser.add_argument(
+        "--methods",
+        type=parse_methods,
+        default=METHODS,
+        help=f"comma-separated methods to benchmark (default: {','.join(METHODS)})",
+    )
+    parser.add_argument(
+        "--methods-only",
+        action="store_true",
+        help="one row per method only, not the grid of LoRA ranks, targets, batch sizes, ...",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -243,20 +300,31 @@ def main() -> None:
     steps = args.steps or (2 if args.reduced else 5)
 
     rows = []
-    for cfg in configs(args.reduced):
-        est = predict(cfg, grid=grid, levels=len(levels), device=device.type)
+    for cfg in configs(args.reduced, args.methods, grid=not args.methods_only):
+        est = predict(cfg, grid=grid, levels=levels, device=device.type)
         m = measure(cfg, grid=grid, levels=levels, device=device, steps=steps)
         row = (
             dataclasses.asdict(cfg)
             | m
-            | {"predicted_bytes": est.total_bytes, "predicted_parts": est.parts}
+            | {
+                "predicted_bytes": est.total_bytes,
+                "predicted_parts": est.parts,
+                # the estimate counts trainable parameters on its own (meta) build
+                "predicted_trainable": est.parts["gradients"] // memory.FP32,
+            }
         )
         row["relative_error"] = est.total_bytes / m["measured_bytes"] - 1
         rows.append(row)
         print(
-            f"{cfg.name:40s} {m['step_seconds']:6.2f} s  predicted {est.megabytes:8.0f} MiB  measured {m['measured_bytes'] / MIB:8.0f} MiB  ({row['relative_error']:+.1%})",
+            f"{cfg.name:40s} {m['trainable'] / 1e6:7.2f} M trained  {m['step_seconds']:6.2f} s  predicted {est.megabytes:8.0f} MiB  measured {m['measured_bytes'] / MIB:8.0f} MiB  ({row['relative_error']:+.1%})",
             flush=True,
         )
+        if row["predicted_trainable"] != m["trainable"]:
+            print(
+                f"  the estimate counts {row['predicted_trainable']} trainable parameters, "
+                f"the model trains {m['trainable']}",
+                flush=True,
+            )
 
     slug = device_slug(device)
     stem = f"{slug}-{dt.date.today()}{'-reduced' if args.reduced else ''}"
@@ -271,6 +339,7 @@ def main() -> None:
         "grid": list(grid),
         "levels": list(levels),
         "timed_steps": steps,
+        "methods": list(args.methods),
         "threads": torch.get_num_threads(),
     }
     (args.out / f"{stem}.json").write_text(json.dumps(meta | {"configs": rows}, indent=1))
