@@ -76,6 +76,11 @@ ACTIVATION_COEFFS: dict[str, dict[str, float]] = {
     },
     "bf16": {"block": 20.328, "window": 0.0, "trainable": 1.98, "levels": 5.81, "pixels": 26.405},
 }
+#: DoRA saves more for backward than LoRA (the base output and the low-rank update, for its
+#: magnitude scaling): bytes per window-padded token per output feature of each DoRA-wrapped
+#: linear. Fitted on the CPU in fp32 (bench/bench_memory.py, reduced AuroraSmallPretrained input,
+#: r8 qkv+proj: peak 591 MiB against LoRA's 526); the same is assumed under bf16 (unmeasured).
+DORA_SAVED_BYTES = 8.1
 #: cuBLAS/cuDNN workspaces that the caching allocator holds during a step (not yet measured on
 #: a GPU here: a conservative allowance).
 CUDA_WORKSPACE_BYTES = 64 * MIB
@@ -114,6 +119,7 @@ class BlockShape:
     trainable: tuple[str, ...]
     lora_rank: int
     params: int
+    dora_width: int = 0  # output features of the block's DoRA-wrapped linears
 
 
 @dataclass(frozen=True)
@@ -202,7 +208,7 @@ def architecture(model: Aurora, *, grid: tuple[int, int]) -> Architecture:
             unit = []
             for j in range(len(layer.blocks)):
                 block = named[f"backbone.{part}.{i}.blocks.{j}"]
-                trainable, rank = [], 0
+                trainable, rank, dora = [], 0, 0
                 for name, module in block.named_modules():
                     leaf = name.rsplit(".", 1)[-1]
                     if leaf in LINEAR_INPUTS and any(p.requires_grad for p in module.parameters()):
@@ -210,6 +216,8 @@ def architecture(model: Aurora, *, grid: tuple[int, int]) -> Architecture:
                         lora_a = getattr(module, "lora_A", None)
                         if lora_a:
                             rank += next(iter(lora_a.values())).out_features
+                        if getattr(module, "lora_magnitude_vector", None):
+                            dora += module.out_features
                 unit.append(len(blocks))
                 blocks.append(
                     BlockShape(
@@ -219,6 +227,7 @@ def architecture(model: Aurora, *, grid: tuple[int, int]) -> Architecture:
                         trainable=tuple(trainable),
                         lora_rank=rank,
                         params=sum(p.numel() for p in block.parameters()),
+                        dora_width=dora,
                     )
                 )
             units.append(tuple(unit))
@@ -293,7 +302,10 @@ def activation_bytes(
     coeffs = coeffs or ACTIVATION_COEFFS
     inner = coeffs["fp32" if precision == "fp32" else "bf16"]
     outer = coeffs["fp32"]
-    per_block = [_dot(block_features(b), inner) for b in arch.blocks]
+    per_block = [
+        _dot(block_features(b), inner) + DORA_SAVED_BYTES * b.padded_tokens * b.dora_width
+        for b in arch.blocks
+    ]
     outside = _dot(outer_features(arch, grid=grid, levels=levels), outer)
     bf16 = precision != "fp32"
     if not checkpointing:
