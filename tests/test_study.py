@@ -306,3 +306,8 @@ def test_a_new_study_starts_with_the_reference_recipes(tmp_path, tiny_store):
     from aurora_sweep.study import enqueue_references
 
     assert enqueue_references(summary.study, config) == []  # a resumed study gets none again
+    # the export carries the comparison with the references, for its model card and report
+    adapter = export_best(config, tmp_path / "adapter")
+    lines = json.loads((adapter / "aurora_sweep.json").read_text())["references"]
+    assert any(line.startswith("reference Aurora's full fine-tune (trial 0)") for line in lines)
+    assert "Against the study's reference recipes" in (adapter / "README.md").read_text()

@@ -228,6 +228,10 @@ def write_model_card(directory: Path, *, study: str, number: int) -> Path:
         scale=meta["tp_stats"]["scale"],
         dir=Path(directory).name,
     )
+    if meta.get("references"):
+        card += "\n## Against the study's reference recipes (validation split)\n\n" + "".join(
+            f"- {line}\n" for line in meta["references"]
+        )
     path = Path(directory) / "README.md"
     path.write_text(card)
     return path

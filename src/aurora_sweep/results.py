@@ -6,6 +6,7 @@ exporting copies that artifact and adds a model card, rather than training anyth
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -186,6 +187,11 @@ def export_best(config: StudyConfig, target: Path) -> Path:
         if target.exists():
             shutil.rmtree(target)
         shutil.move(local, target)
+    # how the exported trial compares with the study's reference recipes, for the report
+    meta_path = target / META
+    meta = json.loads(meta_path.read_text())
+    meta["references"] = against_references(config)
+    meta_path.write_text(json.dumps(meta, indent=2, default=str))
     write_model_card(target, study=config.name, number=best.number)
     return target
 
@@ -367,6 +373,10 @@ def report_adapter(
     }
     objective = data.objective
     notes = [
+        *(
+            f"Against the study's reference recipes (validation split): {line}"
+            for line in meta.get("references", [])
+        ),
         f"{len(samples)} samples of the {split} split ({times.min():%Y-%m-%d} to "
         f"{times.max():%Y-%m-%d}); 6-hour totals in mm; scores latitude-weighted where it applies.",
         "Intervals: 90 % paired block bootstrap over days (blocks of consecutive days keep the "
