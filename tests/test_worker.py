@@ -43,3 +43,16 @@ def test_sigterm_ends_the_trial_and_every_mlflow_run_in_one_line(tmp_path, tiny_
     client = MlflowClient(tracking_uri(config))
     runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
     assert len(runs) == 2 and {r.info.status for r in runs} == {"KILLED"}
+
+
+def test_a_workers_gpu_is_numbered_within_what_the_scheduler_made_visible():
+    from aurora_sweep.errors import AuroraSweepError
+    from aurora_sweep.worker import cuda_visible
+
+    assert cuda_visible(1, None) == "1"
+    assert cuda_visible(0, "") == "0"
+    # SLURM gave this job physical GPUs 2 and 3: worker 1 must train on 3, not on 1
+    assert cuda_visible(1, "2,3") == "3"
+    assert cuda_visible(0, "GPU-5f1c,GPU-77aa") == "GPU-5f1c"
+    with pytest.raises(AuroraSweepError, match="not among the 2 visible"):
+        cuda_visible(2, "2,3")

@@ -195,6 +195,23 @@ def exit_with_parent(poll_seconds: float = 0.5) -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
+def cuda_visible(gpu: int, current: str | None) -> str:
+    """CUDA_VISIBLE_DEVICES for a worker on GPU `gpu`, numbered as the study process sees them.
+
+    A scheduler (SLURM, Kubernetes) may already restrict the process to some GPUs, say "2,3":
+    GPU 1 is then physical GPU 3, and the worker must keep that restriction, not replace it.
+    """
+    if current is None or not current.strip():
+        return str(gpu)
+    visible = [d.strip() for d in current.split(",") if d.strip()]
+    if gpu >= len(visible):
+        raise AuroraSweepError(
+            f"GPU {gpu} is not among the {len(visible)} visible ones (CUDA_VISIBLE_DEVICES="
+            f"{current}): number --gpus from 0 as this process sees them"
+        )
+    return visible[gpu]
+
+
 def _exit_on_sigterm(signum: int, frame: object) -> None:
     # once: a second SIGTERM (the scheduler's and the study's) must not break the exit itself
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -209,7 +226,9 @@ def serve(conn, spec: WorkerSpec) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     if spec.gpu is not None:  # before CUDA starts: this worker sees its GPU as cuda:0
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(spec.gpu)
+        os.environ["CUDA_VISIBLE_DEVICES"] = cuda_visible(
+            spec.gpu, os.environ.get("CUDA_VISIBLE_DEVICES")
+        )
     import warnings
 
     warnings.filterwarnings("ignore")
