@@ -78,3 +78,18 @@ def write_region_store(data, path: Path, *, days: list[str], seed: int = 0) -> P
     lat, lon = region_axes(data)
     cube = make_cube(lat=lat, lon=lon, levels=data.levels, times=day_times(days), seed=seed)
     return write_store(cube, path)
+
+
+def train_steps(model, samples, *, steps: int, offset: int, lr: float = 1e-2):
+    """A few AdamW steps of `model` on tp's squared error, on samples (i, i + offset) at step i;
+    the last loss."""
+    import torch
+
+    optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for step in range(steps):
+        batch, target = samples.batch([step, step + offset])
+        loss = ((model(batch).surf_vars["tp"][:, 0] - target) ** 2).mean()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    return loss

@@ -9,6 +9,7 @@ from aurora_sweep.export import adapter_tensors, load_finetuned, save_adapter
 from aurora_sweep.model import DEMO_CHECKPOINT
 from aurora_sweep.store import open_store
 from aurora_sweep.train import TrialConfig, build_trial_model
+from synthetic import train_steps
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -28,13 +29,7 @@ def test_a_saved_adapter_forecasts_what_the_trained_model_forecast(
     peft_model, model, parts = build_trial_model(trial, stats, DEMO_CHECKPOINT)
     if checkpointing:
         model.configure_activation_checkpointing()
-    optimiser = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
-    for step in range(2):
-        batch, target = train.batch([step, step + 5])
-        loss = ((peft_model(batch).surf_vars["tp"][:, 0] - target) ** 2).mean()
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
+    train_steps(peft_model, train, steps=2, offset=5)
     assert len(adapter_tensors(peft_model)) == len(parts.lora)
     save_adapter(
         tmp_path / "adapter", model=peft_model, parts=parts, trial=trial, tp=stats,
@@ -79,13 +74,7 @@ def test_an_adapter_of_any_method_loads_with_plain_peft_and_its_trained_weights(
     trained, model, parts = build_trial_model(trial, stats, DEMO_CHECKPOINT)
     if checkpointing:
         model.configure_activation_checkpointing()
-    optimiser = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=1e-2)
-    for step in range(2):
-        batch, target = train.batch([step, step + 5])
-        loss = ((trained(batch).surf_vars["tp"][:, 0] - target) ** 2).mean()
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
+    train_steps(trained, train, steps=2, offset=5)
     directory = tmp_path / "adapter"
     save_adapter(
         directory, model=trained, parts=parts, trial=trial, tp=stats,

@@ -17,6 +17,7 @@ from aurora_sweep.model import (
 )
 from aurora_sweep.store import open_store
 from aurora_sweep.train import TrialConfig, build_trial_model
+from synthetic import train_steps
 
 warnings.filterwarnings("ignore", message="The normalisation statics")
 STATS = (1.0, 2.0)
@@ -122,13 +123,7 @@ def test_training_changes_lora_and_tp_weights_and_leaves_every_frozen_weight_bit
         trial, tp_stats(train.cube, tiny_config.data.train), DEMO_CHECKPOINT
     )
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for step in range(3):
-        batch, target = train.batch([step, step + 10])
-        loss = ((peft_model(batch).surf_vars["tp"][:, 0] - target) ** 2).mean()
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
+    loss = train_steps(peft_model, train, steps=3, offset=10)
     trainable = set(parts.lora) | set(parts.new_variable) | set(parts.blocks)
     for name, p in model.named_parameters():
         if name in trainable:
@@ -223,13 +218,7 @@ def test_every_method_trains_what_it_says_and_nothing_else(tiny_config, method, 
     if method == "full":
         assert all(p.requires_grad for p in model.parameters())
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for step in range(3):
-        batch, target = train.batch([step, step + 10])
-        loss = ((peft_model(batch).surf_vars["tp"][:, 0] - target) ** 2).mean()
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
+    loss = train_steps(peft_model, train, steps=3, offset=10)
     trainable = set(parts.lora) | set(parts.new_variable) | set(parts.blocks) | set(parts.modules)
     for name, p in model.named_parameters():
         if name not in trainable:

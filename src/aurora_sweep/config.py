@@ -417,19 +417,26 @@ def _positive_int(value: Any, what: str) -> int:
     return value
 
 
-def storage_url(text: str, workdir: Path) -> str:
-    """An Optuna storage URL, with relative files taken relative to `workdir`.
-
-    `sqlite:///FILE.db` (one process), a `FILE.journal` (processes on one machine) or
-    `postgresql+psycopg://USER@HOST/DB` (many machines; `postgresql://` means the same).
-    """
+def _database_url(text: str, workdir: Path) -> str:
+    """A SQLite file relative to `workdir`; `postgresql://` as SQLAlchemy's psycopg 3 driver
+    (the one installed); anything else as given."""
     text = str(text).strip()
     if text.startswith("sqlite:///"):
         file = text.removeprefix("sqlite:///")
         return text if file.startswith("/") else f"sqlite:///{workdir / file}"
     if text.startswith("postgresql://"):
         return "postgresql+psycopg://" + text.removeprefix("postgresql://")
-    if text.startswith(("postgresql+", "mysql")):
+    return text
+
+
+def storage_url(text: str, workdir: Path) -> str:
+    """An Optuna storage URL, with relative files taken relative to `workdir`.
+
+    `sqlite:///FILE.db` (one process), a `FILE.journal` (processes on one machine) or
+    `postgresql+psycopg://USER@HOST/DB` (many machines; `postgresql://` means the same).
+    """
+    text = _database_url(text, workdir)
+    if text.startswith(("sqlite:///", "postgresql+", "mysql")):
         return text
     if "://" not in text and text.endswith((".journal", ".log")):
         return str(workdir / text)
@@ -444,13 +451,8 @@ def tracking_url(text: str | None, workdir: Path) -> str | None:
     to `workdir`) for a local store, a database URL; None for `mlflow.db` in the workdir."""
     if text is None:
         return None
-    text = str(text).strip()
-    if text.startswith("sqlite:///"):
-        file = text.removeprefix("sqlite:///")
-        return text if file.startswith("/") else f"sqlite:///{workdir / file}"
-    if text.startswith("postgresql://"):
-        return "postgresql+psycopg://" + text.removeprefix("postgresql://")
-    if text.startswith(("http://", "https://", "postgresql+", "mysql", "databricks")):
+    text = _database_url(text, workdir)
+    if text.startswith(("sqlite:///", "http://", "https://", "postgresql+", "mysql", "databricks")):
         return text
     raise AuroraSweepError(
         f"tracking URI {text!r}: give an MLflow server's address (http://HOST:5000) or "

@@ -29,6 +29,7 @@ from aurora_sweep.dataset import TpStats
 from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.model import (
     LORA_METHODS,
+    WRAPPED,
     TrainableParts,
     build_base,
     file_sha256,
@@ -41,7 +42,6 @@ from aurora_sweep.train import TrialConfig
 
 META = "aurora_sweep.json"
 WEIGHTS = "trained_weights.safetensors"
-WRAPPED = "_checkpoint_wrapped_module."
 ADAPTER_FILE = "adapter_model.safetensors"
 
 

@@ -46,6 +46,8 @@ DEMO_ARCH = dict(
 SMALL_REPO = "microsoft/aurora"
 SMALL_NAME = AuroraSmallPretrained.default_checkpoint_name
 SMALL_REVISION = AuroraSmallPretrained.default_checkpoint_revision
+#: The prefix activation checkpointing puts in the names of the modules it wraps.
+WRAPPED = "_checkpoint_wrapped_module."
 
 
 @dataclass(frozen=True)
@@ -242,7 +244,7 @@ def set_trainable(model: Aurora, *, unfrozen_blocks: int, method: str = "lora") 
     new_keys = new_variable_keys(model)
     lora, new_var, block_params, modules = [], [], [], []
     for name, p in model.named_parameters():
-        plain = name.replace("_checkpoint_wrapped_module.", "")
+        plain = name.replace(WRAPPED, "")
         if "lora_" in name:
             p.requires_grad_(True)
             lora.append(name)

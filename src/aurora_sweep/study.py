@@ -74,15 +74,17 @@ def sample_trial(trial: optuna.Trial, config: StudyConfig) -> TrialConfig:
             if s.learning_rate
             else config.train.learning_rate
         )
-    return TrialConfig(
-        method=method,
-        lora_rank=rank,
-        lora_targets=targets,
-        unfrozen_blocks=unfrozen,
-        batch_size=batch_size,
-        precision=precision,
-        learning_rate=lr,
+    return _trial_config(
+        config, method=method, lora_rank=rank, lora_targets=targets, unfrozen_blocks=unfrozen,
+        batch_size=batch_size, precision=precision, learning_rate=lr,
         activation_checkpointing=checkpointing,
+    )  # fmt: skip
+
+
+def _trial_config(config: StudyConfig, **recipe: Any) -> TrialConfig:
+    """A trial's config: the sampled `recipe` and what the study fixes for every trial."""
+    return TrialConfig(
+        **recipe,
         base=config.model.base,
         levels=config.data.levels,
         steps=config.train.steps,
@@ -102,13 +104,10 @@ def _full_precision(config: StudyConfig) -> str:
 def reference_trial(config: StudyConfig) -> TrialConfig:
     """Aurora's fine-tuning recipe: every weight trained, bf16 backbone autocast, activation
     checkpointing, 3e-4 (1e-3 for tp's embedding and head), the smallest batch of the study."""
-    return TrialConfig(
-        method="full", lora_rank=0, lora_targets="", unfrozen_blocks=0,
+    return _trial_config(
+        config, method="full", lora_rank=0, lora_targets="", unfrozen_blocks=0,
         batch_size=min(config.search.batch_size), precision=_full_precision(config),
-        learning_rate=FULL_LR, activation_checkpointing=True, base=config.model.base,
-        levels=config.data.levels, steps=config.train.steps, eval_every=config.train.eval_every,
-        val_samples=config.train.val_samples, weight_decay=config.train.weight_decay,
-        seed=config.train.seed,
+        learning_rate=FULL_LR, activation_checkpointing=True,
     )  # fmt: skip
 
 
@@ -253,11 +252,13 @@ def worker_seed(config: StudyConfig, study: optuna.Study, index: int) -> int:
     """A sampler seed per worker and per invocation, so that workers (and a resumed run) do not
     propose the same configs. One process on SQLite is reproducible from the config's seed;
     processes sharing a journal or a database also mix in their host and pid."""
-    parts = [config.sampler_seed, len(study.trials), index]
-    if not config.storage.startswith("sqlite"):
-        parts += [socket.gethostname(), os.getpid()]
-    if parts[1:3] == [0, 0] and len(parts) == 3:
+    single = config.storage.startswith("sqlite")
+    trials = len(study.get_trials(deepcopy=False))
+    if single and trials == 0 and index == 0:
         return config.sampler_seed  # a fresh study, first worker: as the config says
+    parts = [config.sampler_seed, trials, index]
+    if not single:
+        parts += [socket.gethostname(), os.getpid()]
     digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:4], "big")
 
@@ -299,6 +300,9 @@ def _adapter_data(config: StudyConfig) -> dict[str, Any]:
 
 def plan_devices(workers: int, gpus: list[int] | None) -> list[dict[str, int | None]]:
     """One device per worker: a GPU each when there are GPUs, else a share of the CPU cores."""
+    import torch
+
+    count = torch.cuda.device_count()
     if gpus:
         if len(set(gpus)) != len(gpus):
             raise AuroraSweepError(f"--gpus {gpus}: each worker needs its own GPU")
@@ -307,9 +311,6 @@ def plan_devices(workers: int, gpus: list[int] | None) -> list[dict[str, int | N
                 f"--workers {workers} with --gpus {','.join(map(str, gpus))}: give one GPU per "
                 "worker (or leave out --workers)"
             )
-        import torch
-
-        count = torch.cuda.device_count()
         missing = [g for g in gpus if g >= count]
         if missing:
             raise AuroraSweepError(
@@ -317,9 +318,6 @@ def plan_devices(workers: int, gpus: list[int] | None) -> list[dict[str, int | N
                 f"(0..{count - 1}); GPU {missing[0]} does not exist"
             )
         return [{"gpu": g, "threads": None} for g in gpus]
-    import torch
-
-    count = torch.cuda.device_count()
     if count:
         if workers > count:
             raise AuroraSweepError(
@@ -375,7 +373,7 @@ def run_study(
             "exists (killed): recorded as failed, their MLflow runs ended as KILLED; retrying them"
         )
     retry_interrupted(study)
-    done = _count(study, FINISHED)
+    done = len(study.get_trials(deepcopy=False, states=FINISHED))
     local = config.tracking_uri is None or config.tracking_uri.startswith("sqlite")
     experiment = experiment_id(
         client, config.name, artifacts=(config.workdir / "mlruns") if local else None
@@ -446,10 +444,6 @@ def run_study(
         if t.number not in known and t.user_attrs.get("pid") == os.getpid()
     )
     return summary
-
-
-def _count(study: optuna.Study, states: tuple) -> int:
-    return len(study.get_trials(deepcopy=False, states=states))
 
 
 @dataclass
@@ -551,12 +545,12 @@ class Sweep:
         """
         while not self.stop.is_set():
             self.asking.acquire()
-            finished = _count(self.study, FINISHED)
+            states = [t.state for t in self.study.get_trials(deepcopy=False)]
+            finished = sum(state in FINISHED for state in states)
             if finished >= self.total:
                 self.asking.release()
                 return False
-            running = _count(self.study, (optuna.trial.TrialState.RUNNING,))
-            if finished + running < self.total:
+            if finished + states.count(optuna.trial.TrialState.RUNNING) < self.total:
                 return True
             self.asking.release()
             self.stop.wait(2.0)
@@ -639,7 +633,9 @@ class Sweep:
                         raise
                     # killed from outside (the OOM killer, kill -9): retried once, elsewhere
                     trial.set_user_attr("killed_by", e.signal)
-                    retried = retry_once(self.study, self.study.trials[trial.number])
+                    retried = retry_once(
+                        self.study, self.study.get_trials(deepcopy=False)[trial.number]
+                    )
                     console.print(
                         f"trial {trial.number:3d}  {e}"
                         + ("; retrying it once in a new worker" if retried else "")
