@@ -63,12 +63,38 @@ def test_lora_targets_are_normalised_to_module_order(tmp_path):
         ('base = "demo"', 'base = "huge"', "small-pretrained"),
         ("[search]", "[serach]", "unknown section"),
         ("steps = 32", "steps = 0", "at least 1"),
+        ('objective = "tp_seeps"', 'objectives = ["tp_seeps", "memory"]', "peak_memory_mb"),
+        ('objective = "tp_seeps"', 'objectives = ["peak_memory_mb"]', "tp_seeps"),
+        (
+            'objective = "tp_seeps"',
+            'objective = "tp_seeps"\nobjectives = ["tp_rmse", "trial_seconds"]',
+            "disagree",
+        ),
     ],
 )
 def test_bad_settings_are_refused_with_a_message_naming_them(tmp_path, old, new, message):
     assert old in BASE
     with pytest.raises(AuroraSweepError, match=message):
         load_config(_write(tmp_path, BASE.replace(old, new)))
+
+
+def test_two_objectives_make_a_skill_and_cost_study(tmp_path):
+    text = BASE.replace('objective = "tp_seeps"', 'objectives = ["tp_rmse", "peak_memory_mb"]')
+    config = load_config(_write(tmp_path, text))
+    assert config.objective == "tp_rmse" and config.cost == "peak_memory_mb"
+    assert config.objectives == ("tp_rmse", "peak_memory_mb")
+    single = load_config(_write(tmp_path, BASE))
+    assert single.objectives == ("tp_seeps",) and single.cost is None
+
+
+def test_a_box_too_small_for_the_backbone_is_refused_before_any_trial(tmp_path):
+    from aurora_sweep.study import check_search
+
+    # 11 rows at 1°: too few for Aurora's backbone; 12 are enough
+    small = BASE.replace("north = 62.0, south = 31.0", "north = 41.0, south = 31.0")
+    with pytest.raises(AuroraSweepError, match="at least 12x12.*11° on each side"):
+        check_search(load_config(_write(tmp_path, small)))
+    check_search(load_config(_write(tmp_path, small.replace("north = 41.0", "north = 42.0"))))
 
 
 def test_broken_toml_is_one_clear_error(tmp_path):

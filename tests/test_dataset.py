@@ -51,7 +51,7 @@ def test_patch_crop_gives_the_grid_aurora_forecasts_both_sides_multiples_of_four
     assert patch_crop(*shape) == expected
 
 
-def test_patch_crop_refuses_a_region_smaller_than_one_patch():
+def test_patch_crop_refuses_a_region_smaller_than_the_backbone_takes():
     with pytest.raises(AuroraSweepError, match="at least"):
         patch_crop(3, 40)
 

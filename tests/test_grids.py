@@ -107,3 +107,59 @@ def test_small_pretrained_runs_a_trial_on_a_025_degree_box_with_4k_plus_1_rows(
     assert trial.state == optuna.trial.TrialState.COMPLETE, trial.user_attrs
     assert np.isfinite(trial.value)
     assert "forget_z500_ratio" in trial.user_attrs and "forget_z850_ratio" not in trial.user_attrs
+
+
+def _batch(rows: int, cols: int, levels=(500, 850)):
+    import datetime as dt
+
+    from aurora import Batch, Metadata
+
+    g = torch.Generator().manual_seed(rows * 1000 + cols)
+    return Batch(
+        surf_vars={k: torch.randn(1, 2, rows, cols, generator=g) for k in ("2t", "10u", "10v", "msl", "tp")},
+        static_vars={k: torch.randn(rows, cols, generator=g) for k in ("lsm", "z", "slt")},
+        atmos_vars={
+            k: torch.randn(1, 2, len(levels), rows, cols, generator=g) for k in ("z", "u", "v", "t", "q")
+        },
+        metadata=Metadata(
+            lat=torch.linspace(70, 70 - 0.25 * (rows - 1), rows),
+            lon=torch.linspace(0, 0.25 * (cols - 1), cols),
+            time=(dt.datetime(2024, 1, 1, 6),),
+            atmos_levels=levels,
+        ),
+    )  # fmt: skip
+
+
+def test_every_grid_patch_crop_accepts_forwards_through_the_demo_base():
+    """Rows 12–64 by columns 12–128 in steps of 4, at batch size 1 (where a window partition
+    across all latent levels once failed on Aurora's `view`), and the 4k+1 shapes that
+    `patch_crop` trims to them."""
+    from aurora_sweep.model import load_base_checkpoint
+
+    model = build_base("demo", tp_stats=(0.0, 1.0))
+    load_base_checkpoint(model, DEMO_CHECKPOINT)
+    model.eval()
+    failed = []
+    with torch.no_grad():
+        for n_lat in range(12, 65, 4):
+            for n_lon in range(12, 129, 4):
+                rows, cols = patch_crop(n_lat + 1, n_lon + 3)
+                assert (rows, cols) == (n_lat, n_lon)
+                try:
+                    pred = model(_batch(rows, cols))
+                except Exception as e:  # noqa: BLE001 - collect every failing shape
+                    failed.append((rows, cols, str(e)[:60]))
+                    continue
+                assert pred.surf_vars["tp"].shape == (1, 1, rows, cols)
+                assert torch.isfinite(pred.surf_vars["tp"]).all()
+    assert not failed, failed
+
+
+@pytest.mark.parametrize("n", [4, 8, 11])
+def test_a_grid_smaller_than_the_backbone_takes_is_refused_by_name(n):
+    from aurora_sweep.errors import AuroraSweepError
+
+    with pytest.raises(AuroraSweepError, match="at least 12x12"):
+        patch_crop(n, 40)
+    with pytest.raises(AuroraSweepError, match="at least 12x12"):
+        patch_crop(40, n)

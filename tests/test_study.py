@@ -311,3 +311,76 @@ def test_a_new_study_starts_with_the_reference_recipes(tmp_path, tiny_store):
     lines = json.loads((adapter / "aurora_sweep.json").read_text())["references"]
     assert any(line.startswith("reference Aurora's full fine-tune (trial 0)") for line in lines)
     assert "Against the study's reference recipes" in (adapter / "README.md").read_text()
+
+
+def test_the_pareto_front_keeps_the_trials_nothing_beats_in_both():
+    from aurora_sweep.results import pareto_front
+
+    def trial(number, value, mb):
+        t = optuna.trial.create_trial(value=value, user_attrs={"peak_memory_mb": mb})
+        t.number = number
+        return t
+
+    trials = [
+        trial(0, 0.30, 100.0),  # cheapest
+        trial(1, 0.25, 300.0),  # more skill for more memory: on the front
+        trial(2, 0.28, 400.0),  # beaten by 1 in both
+        trial(3, 0.20, 900.0),  # most skilful
+        trial(4, 0.30, 150.0),  # as skilful as 0, more memory: dominated
+        trial(5, 0.25, 300.0),  # ties 1 exactly: neither beats the other
+    ]
+    front = pareto_front(trials, "peak_memory_mb")
+    assert [t.number for t in front] == [0, 1, 5, 3]
+    assert pareto_front(trials, "trial_seconds") == []  # no trial carries that cost
+
+
+@pytest.mark.slow
+def test_a_skill_and_memory_study_answers_with_its_pareto_front(tmp_path, tiny_store, monkeypatch):
+    """Two objectives: no pruning, `best --pareto` lists the front, any member exports, the
+    parent run gets the front as a figure, and the study refuses other objectives later."""
+    from typer.testing import CliRunner
+
+    from aurora_sweep.cli import app
+    from aurora_sweep.config import load_config
+    from aurora_sweep.results import pareto_front
+    from conftest import write_tiny_config
+
+    monkeypatch.chdir(tmp_path)  # the CLI's working directory holds the study and mlruns/
+    path = write_tiny_config(tmp_path, steps=2, store=tiny_store)
+    text = path.read_text().replace(
+        "seed = 0", 'seed = 0\nobjectives = ["tp_seeps", "predicted_peak_mb"]', 1
+    )
+    path.write_text(
+        text.replace("lora_rank = [2, 4]", 'method = ["lora", "head"]\nlora_rank = [2, 4]')
+    )
+    config = load_config(path, workdir=tmp_path)
+    summary = run_study(config, trials=3)
+    study = summary.study
+    assert study.metric_names == ["tp_seeps", "predicted_peak_mb"] and len(study.directions) == 2
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 3 and all(not t.intermediate_values for t in done)  # never pruned
+    assert all(t.values[1] == t.user_attrs["predicted_peak_mb"] for t in done)
+    front = pareto_front(ranked_trials(config), "predicted_peak_mb")
+    assert front and {t.number for t in study.best_trials} == {t.number for t in front}
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["best", "-c", str(path), "--pareto"], env={"COLUMNS": "240"})
+    assert result.exit_code == 0, result.output
+    assert "Pareto front of tp_seeps against predicted_peak_mb" in result.output
+    member = front[-1].number
+    out = tmp_path / "member"
+    result = runner.invoke(
+        app, ["best", "-c", str(path), "--export", str(out), "--trial", str(member)]
+    )
+    assert result.exit_code == 0, result.output
+    assert f"trial {member} of study" in (out / "README.md").read_text()
+    result = runner.invoke(app, ["best", "-c", str(path), "--export", str(out), "--trial", "99"])
+    assert result.exit_code == 1 and "not a completed trial" in result.output
+
+    client = MlflowClient(tracking_uri(config))
+    figures = [a.path for a in client.list_artifacts(summary.parent_run_id, "study")]
+    assert "study/skill_vs_memory.png" in figures
+
+    path.write_text(text.replace('objectives = ["tp_seeps", "predicted_peak_mb"]', ""))
+    result = runner.invoke(app, ["run", "-c", str(path), "--trials", "4"])
+    assert result.exit_code == 1 and "minimises tp_seeps, predicted_peak_mb" in result.output

@@ -146,15 +146,23 @@ def run(
 
 
 def _best_line(config) -> str:
-    from aurora_sweep.results import interval, ranked_trials
+    from aurora_sweep.results import front_cost, interval, pareto_front, ranked_trials, score
 
     trials = ranked_trials(config)
     if not trials:
         return "no completed trial within the memory cap yet"
     b, a = trials[0], trials[0].user_attrs
     ci = interval(b, config.objective)
+    front = ""
+    if config.cost:
+        members = pareto_front(trials, front_cost(config, trials))
+        front = (
+            f"\nPareto front of {config.objective} against {config.cost}: trials "
+            + ", ".join(str(t.number) for t in members)
+            + " ('aurora-sweep best --pareto' compares them)"
+        )
     return (
-        f"best: trial {b.number}, {config.objective} {b.value:.4f}"
+        f"best: trial {b.number}, {config.objective} {score(b):.4f}"
         + (f" (90 % interval {ci[0]:.4f}–{ci[1]:.4f})" if ci else "")
         + f"; skill vs persistence {a.get('tp_skill_persistence', float('nan')):+.3f}, "
         f"vs climatology {a.get('tp_skill_climatology', float('nan')):+.3f}"
@@ -163,6 +171,7 @@ def _best_line(config) -> str:
             if "forget_worst" in a
             else ""
         )
+        + front
     )
 
 
@@ -171,25 +180,43 @@ def best(
     config: Path | None = ConfigOption,
     top: int = typer.Option(10, "--top", min=1, help="How many trials to list."),
     export: Path | None = typer.Option(
-        None, "--export", help="Write the best trial's adapter here."
+        None, "--export", help="Write the best trial's adapter here (or --trial N's)."
+    ),
+    trial: int | None = typer.Option(
+        None, "--trial", min=0, help="With --export: this trial (a Pareto front member, say)."
+    ),
+    pareto: bool = typer.Option(
+        False,
+        "--pareto",
+        help="Show the Pareto front of skill against the study's cost "
+        "(peak memory unless [study] objectives names another).",
     ),
     storage: str | None = StorageOption,
     tracking_uri: str | None = TrackingOption,
 ) -> None:
-    """List the best trials; with --export, write the best one's adapter and model card."""
+    """List the best trials (or the Pareto front); with --export, write the best one's adapter
+    (or --trial N's) and model card."""
     _quiet_libraries()
     from aurora_sweep.config import load_config, with_overrides
-    from aurora_sweep.results import against_references, export_best, top_trials_table
+    from aurora_sweep.results import (
+        against_references,
+        export_best,
+        pareto_table,
+        top_trials_table,
+    )
 
     console = _console()
     try:
+        if trial is not None and export is None:
+            raise AuroraSweepError("--trial N says which trial to export: add --export DIR")
         study = with_overrides(load_config(config), storage=storage, tracking_uri=tracking_uri)
-        console.print(top_trials_table(study, top=top))
+        console.print(pareto_table(study) if pareto else top_trials_table(study, top=top))
         for line in against_references(study):
             console.print(line, highlight=False)
         if export is not None:
-            path = export_best(study, export)
-            console.print(f"exported the best trial to {path} (see {path / 'README.md'})")
+            path = export_best(study, export, number=trial)
+            which = "the best trial" if trial is None else f"trial {trial}"
+            console.print(f"exported {which} to {path} (see {path / 'README.md'})")
     except AuroraSweepError as e:
         fail(e)
 

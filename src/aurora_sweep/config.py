@@ -33,7 +33,16 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 BASE_MODELS = ("demo", "small-pretrained")
 #: What Optuna may minimise (mm per 6 h, or SEEPS's dimensionless error), see metrics.py.
 OBJECTIVES = ("tp_seeps", "tp_rmse")
+#: What a skill objective can be traded against in a two-objective study: the trial's measured
+#: peak memory (CUDA peak allocated; on a CPU the process's peak resident set), the peak GPU
+#: memory predicted before it ran, or its wall time.
+COSTS = ("peak_memory_mb", "predicted_peak_mb", "trial_seconds")
 DATA_SOURCES = ("demo", "era5")
+
+#: The fewest grid points a side of a region may have: Aurora cuts the grid into 4×4 patches and
+#: its backbone halves the patch grid twice, which needs at least 2 rows (and columns) of patches
+#: before the last halving: 3 patches, 12 points (after cropping to whole patches).
+MIN_GRID_POINTS = 12
 
 PACKAGE_DIR = Path(__file__).parent
 DEMO_CONFIG = PACKAGE_DIR / "sweeps" / "demo.toml"
@@ -140,6 +149,18 @@ class StudyConfig:
     heartbeat_seconds: int = 60
     #: Start a new study with the reference recipes (Aurora's full fine-tune, plain LoRA).
     reference: bool = True
+    #: What Optuna minimises: the objective alone, or the objective and a cost from COSTS (a
+    #: multi-objective study whose answer is a Pareto front).
+    objectives: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.objectives:
+            object.__setattr__(self, "objectives", (self.objective,))
+
+    @property
+    def cost(self) -> str | None:
+        """The cost objective of a two-objective study, None for a single objective."""
+        return self.objectives[1] if len(self.objectives) > 1 else None
 
 
 def parse_memory(text: str | int) -> int:
@@ -218,6 +239,21 @@ def check_region(region: Region) -> None:
         raise AuroraSweepError("[data.region] west and east are equal: the box has no width")
 
 
+def check_region_size(region: Region, grid: float) -> None:
+    """Refuse a box too small for Aurora at this grid spacing (`run` asks before any trial; the
+    data commands take any box, a store can serve several studies)."""
+    rows = int((region.north - region.south) / grid + 1e-9) + 1
+    cols = int(((region.east - region.west) % 360) / grid + 1e-9) + 1
+    if rows < MIN_GRID_POINTS or cols < MIN_GRID_POINTS:
+        side = (MIN_GRID_POINTS - 1) * grid
+        raise AuroraSweepError(
+            f"[data.region] the box is {rows}x{cols} points at {grid}°; Aurora needs at least "
+            f"{MIN_GRID_POINTS}x{MIN_GRID_POINTS} (its backbone halves the 4-point patch grid "
+            f"twice): make the box at least {side:g}° on each side; scores can still be read at "
+            "a point inside it (report --point)"
+        )
+
+
 def _lora_targets(table: dict) -> tuple[str, ...]:
     value = table.get("lora_targets", ["qkv+proj"])
     if not isinstance(value, list) or not value:
@@ -273,11 +309,7 @@ def _build(raw: dict, path: Path, workdir: Path) -> StudyConfig:
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         raise AuroraSweepError(f"[study] name {name!r}: use letters, digits, '.', '_' and '-'")
 
-    objective = study.get("objective", "tp_seeps")
-    if objective not in OBJECTIVES:
-        raise AuroraSweepError(
-            f"[study] objective {objective!r} is not one of {', '.join(OBJECTIVES)}"
-        )
+    objective, objectives = _objectives(study)
     source = data.get("source", "era5")
     if source not in DATA_SOURCES:
         raise AuroraSweepError(f"[data] source {source!r} is not one of {', '.join(DATA_SOURCES)}")
@@ -358,6 +390,7 @@ def _build(raw: dict, path: Path, workdir: Path) -> StudyConfig:
         name=name,
         path=path.resolve(),
         objective=objective,
+        objectives=objectives,
         storage=storage,
         tracking_uri=tracking_url(study.get("tracking_uri"), workdir),
         gpu_memory_cap=parse_memory(cap) if cap is not None else None,
@@ -393,6 +426,34 @@ def _build(raw: dict, path: Path, workdir: Path) -> StudyConfig:
             study.get("heartbeat_seconds", 60), "[study] heartbeat_seconds"
         ),
     )
+
+
+def _objectives(study: dict) -> tuple[str, tuple[str, ...]]:
+    """`[study] objective`, or `objectives` = [objective] or [objective, cost]."""
+    listed = study.get("objectives")
+    if listed is None:
+        objective = study.get("objective", "tp_seeps")
+        if objective not in OBJECTIVES:
+            raise AuroraSweepError(
+                f"[study] objective {objective!r} is not one of {', '.join(OBJECTIVES)}"
+            )
+        return objective, (objective,)
+    if (
+        not isinstance(listed, list)
+        or not 1 <= len(listed) <= 2
+        or listed[0] not in OBJECTIVES
+        or (len(listed) == 2 and listed[1] not in COSTS)
+    ):
+        raise AuroraSweepError(
+            f"[study] objectives {listed!r}: give one of {', '.join(OBJECTIVES)}, optionally "
+            f'followed by one of {", ".join(COSTS)}, e.g. ["tp_seeps", "peak_memory_mb"]'
+        )
+    if "objective" in study and study["objective"] != listed[0]:
+        raise AuroraSweepError(
+            f"[study] objective {study['objective']!r} and objectives {listed!r} disagree: "
+            "keep only objectives"
+        )
+    return listed[0], tuple(listed)
 
 
 def with_overrides(config: StudyConfig, **changes: Any) -> StudyConfig:

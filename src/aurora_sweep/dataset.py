@@ -27,7 +27,7 @@ import torch
 import xarray as xr
 from aurora import Batch, Metadata
 
-from aurora_sweep.config import DataConfig, Period
+from aurora_sweep.config import MIN_GRID_POINTS, DataConfig, Period
 from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.store import ATMOS_VARS, AURORA_STATIC, STATIC_VARS, SURF_VARS, TARGET_VAR
 
@@ -61,9 +61,11 @@ def patch_crop(n_lat: int, n_lon: int) -> tuple[int, int]:
     """
     rows = n_lat - n_lat % PATCH
     cols = n_lon - n_lon % PATCH
-    if rows < PATCH or cols < PATCH:
+    if rows < MIN_GRID_POINTS or cols < MIN_GRID_POINTS:
         raise AuroraSweepError(
-            f"the region is {n_lat}x{n_lon} grid points; Aurora needs at least {PATCH}x{PATCH}"
+            f"the region is {n_lat}x{n_lon} grid points; Aurora needs at least "
+            f"{MIN_GRID_POINTS}x{MIN_GRID_POINTS} (its backbone halves the 4-point patch grid "
+            "twice): widen the region"
         )
     return rows, cols
 

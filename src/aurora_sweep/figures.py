@@ -297,11 +297,14 @@ def _finite(value: object) -> bool:
 def skill_vs_memory(
     trials: list[dict], *, skill: str = "skill", memory: str = "peak memory (MB)"
 ) -> Figure:
-    """Skill against peak memory, one point per trial, the most skilful highlighted.
+    """Skill against peak memory (or another cost), one point per trial, the most skilful
+    highlighted and the Pareto front drawn: the trials no other beats in both, each labelled
+    with its recipe, so the figure says how much skill each extra megabyte buys.
 
     Args:
-        trials: dicts with "number", "skill", "peak_mb" and "label" (the recipe in a few words,
-            such as "r8 qkv+proj bf16"); trials without a finite skill or memory are left out.
+        trials: dicts with "number", "skill", "peak_mb", "label" (the recipe in a few words,
+            such as "dora r8 qkv+proj bf16") and optionally "front" (True for a Pareto front
+            member); trials without a finite skill or memory are left out.
         skill: what the skill is, for the y axis.
         memory: what the memory is, for the x axis.
     """
@@ -316,6 +319,18 @@ def skill_vs_memory(
             ax.annotate(
                 str(t["number"]), (xi, yi), xytext=(4, 3), textcoords="offset points", fontsize=7
             )
+        front = sorted((t for t in points if t.get("front")), key=lambda t: float(t["peak_mb"]))
+        if front:
+            ax.step(
+                [float(t["peak_mb"]) for t in front], [float(t["skill"]) for t in front],
+                where="post", color="C2", linewidth=1.2, zorder=1,
+                label=f"Pareto front ({len(front)} trials)",
+            )  # fmt: skip
+            for t in front:
+                ax.annotate(
+                    t.get("label", ""), (float(t["peak_mb"]), float(t["skill"])),
+                    xytext=(4, -9), textcoords="offset points", fontsize=6, color="C2",
+                )  # fmt: skip
         best = max(points, key=lambda t: float(t["skill"]))
         ax.scatter(
             [float(best["peak_mb"])],
@@ -370,13 +385,18 @@ def _importances_computable(complete: Sequence[optuna.trial.FrozenTrial]) -> boo
 
 
 def study_figures(
-    study: optuna.Study, trials_for_memory: list[dict], **labels: str
+    study: optuna.Study,
+    trials_for_memory: list[dict],
+    *,
+    name: str = "skill_vs_memory.png",
+    **labels: str,
 ) -> dict[str, Figure]:
     """The study-level figures, keyed by file name; what cannot be drawn yet is left out.
 
     Args:
         study: the Optuna study (single- or multi-objective; the first objective is plotted).
         trials_for_memory: dicts for `skill_vs_memory`.
+        name: the file name of the `skill_vs_memory` figure.
         labels: `skill` and `memory` axis labels for `skill_vs_memory`.
     """
     from optuna.trial import TrialState
@@ -404,7 +424,7 @@ def study_figures(
         if fig is not None:
             figures["param_importances.png"] = fig
     if any(_finite(t.get("skill")) and _finite(t.get("peak_mb")) for t in trials_for_memory):
-        figures["skill_vs_memory.png"] = skill_vs_memory(trials_for_memory, **labels)
+        figures[name] = skill_vs_memory(trials_for_memory, **labels)
     return figures
 
 

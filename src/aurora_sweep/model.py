@@ -31,7 +31,9 @@ from aurora_sweep.errors import AuroraSweepError
 NEW_VAR = "tp"
 BASE_SURF_VARS = ("2t", "10u", "10v", "msl")
 DEMO_CHECKPOINT = Path(__file__).parent / "demo" / "aurora-demo-base.ckpt"
-#: Architecture of the demo base: Aurora's layout at a size that trains on a laptop CPU.
+#: Architecture of the demo base: Aurora's layout at a size that trains on a laptop CPU. Four
+#: latent levels under a window two levels deep, as in AuroraSmallPretrained: with one window
+#: across all latent levels, Aurora's window partition fails on some grids at batch size 1.
 DEMO_ARCH = dict(
     encoder_depths=(1, 2, 1),
     decoder_depths=(1, 2, 1),
@@ -39,7 +41,7 @@ DEMO_ARCH = dict(
     decoder_num_heads=(8, 4, 2),
     embed_dim=48,
     num_heads=4,
-    latent_levels=2,
+    latent_levels=4,
     window_size=(2, 4, 8),
 )
 #: The pinned Hugging Face checkpoint of AuroraSmallPretrained.

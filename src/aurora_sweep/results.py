@@ -27,10 +27,73 @@ def ranked_trials(config: StudyConfig) -> list[optuna.trial.FrozenTrial]:
         t
         for t in study.trials
         if t.state == optuna.trial.TrialState.COMPLETE
-        and t.value is not None
+        and t.values
         and t.user_attrs.get("memory_over_cap_mb", 0.0) <= 0
     ]
-    return sorted(done, key=lambda t: t.value)
+    return sorted(done, key=score)
+
+
+def score(trial: optuna.trial.FrozenTrial) -> float:
+    """A completed trial's objective (the first of a multi-objective study's values)."""
+    return trial.values[0]
+
+
+def front_cost(config: StudyConfig, trials: list[optuna.trial.FrozenTrial]) -> str:
+    """What the Pareto front trades skill against: the study's cost objective; else the peak GPU
+    memory measured, or the one predicted when the trials ran on a CPU (whose resident set
+    grows with the worker's age, not with the recipe)."""
+    if config.cost:
+        return config.cost
+    on_gpu = any("peak_reserved_mb" in t.user_attrs for t in trials)
+    return "peak_memory_mb" if on_gpu else "predicted_peak_mb"
+
+
+def pareto_front(
+    trials: list[optuna.trial.FrozenTrial], cost: str
+) -> list[optuna.trial.FrozenTrial]:
+    """The trials no other trial beats in both the objective and `cost` (lower is better in
+    both), cheapest first: each step along it buys skill with more of the cost."""
+    points = [t for t in trials if cost in t.user_attrs]
+    front = [
+        t
+        for t in points
+        if not any(
+            score(o) <= score(t)
+            and o.user_attrs[cost] <= t.user_attrs[cost]
+            and (score(o) < score(t) or o.user_attrs[cost] < t.user_attrs[cost])
+            for o in points
+        )
+    ]
+    return sorted(front, key=lambda t: (t.user_attrs[cost], score(t)))
+
+
+def pareto_table(config: StudyConfig) -> Table:
+    """The Pareto front of skill against the study's cost, cheapest first, with what each step
+    along it gains in the objective and costs more."""
+    trials = ranked_trials(config)
+    objective, cost = config.objective, front_cost(config, trials)
+    front = pareto_front(trials, cost)
+    table = Table(
+        title=f"study {config.name}: Pareto front of {objective} against {cost} "
+        f"({len(front)} trials; none is both more skilful and cheaper; *: a reference recipe)"
+    )
+    predicted = cost != "predicted_peak_mb"  # also show the prediction beside another cost
+    for c in ("trial", objective, "90 % interval", f"Δ {objective}", cost, f"Δ {cost}",
+              *(["predicted GPU MB"] if predicted else []), "recipe"):  # fmt: skip
+        table.add_column(c, justify="left" if c == "recipe" else "right")
+    previous = None
+    for t in front:
+        a, ci = t.user_attrs, interval(t, objective)
+        table.add_row(
+            str(t.number), f"{score(t):.4f}", f"{ci[0]:.4f}–{ci[1]:.4f}" if ci else "-",
+            f"{score(t) - score(previous):+.4f}" if previous else "",
+            f"{a[cost]:.1f}" if cost == "trial_seconds" else f"{a[cost]:.0f}",
+            f"{a[cost] - previous.user_attrs[cost]:+.1f}" if previous else "",
+            *([f"{a.get('predicted_peak_mb', float('nan')):.0f}"] if predicted else []),
+            recipe(t),
+        )  # fmt: skip
+        previous = t
+    return table
 
 
 def interval(trial: optuna.trial.FrozenTrial, objective: str) -> tuple[float, float] | None:
@@ -78,7 +141,7 @@ def top_trials_table(config: StudyConfig, *, top: int = 10) -> Table:
             f"{a['forget_worst']} ×{a['forget_worst_ratio']:.2f}" if "forget_worst" in a else "-"
         )
         table.add_row(
-            str(t.number), f"{t.value:.4f}", f"{ci[0]:.4f}–{ci[1]:.4f}" if ci else "-",
+            str(t.number), f"{score(t):.4f}", f"{ci[0]:.4f}–{ci[1]:.4f}" if ci else "-",
             "≈" if close and t is not trials[0] else "", _skill(a, "persistence"),
             _skill(a, "climatology"), worst, recipe(t),
             f"{a.get('peak_memory_mb', float('nan')):.0f}", f"{a.get('trial_seconds', float('nan')):.1f}",
@@ -124,19 +187,19 @@ def against_references(config: StudyConfig) -> list[str]:
         peak = f"predicted peak {a['predicted_peak_mb']:.0f} MB" if "predicted_peak_mb" in a else ""
         if "infeasible" in a:
             lines.append(f"reference {what} (trial {t.number}): infeasible, {a['infeasible']}")
-        elif t.state.name == "COMPLETE" and t.value is not None:
+        elif t.state.name == "COMPLETE" and t.values:
             ci = interval(t, objective)
             verdict = ""
             if best is not None and best.number != t.number:
                 best_ci = interval(best, objective)
                 apart = ci and best_ci and best_ci[1] < ci[0]
                 verdict = (
-                    f"; the best, trial {best.number}, is {t.value - best.value:.4f} lower"
+                    f"; the best, trial {best.number}, is {score(t) - score(best):.4f} lower"
                     + (" (intervals apart)" if apart else " (intervals overlap)")
                     + f" at predicted peak {best.user_attrs.get('predicted_peak_mb', float('nan')):.0f} MB"
                 )
             lines.append(
-                f"reference {what} (trial {t.number}): {objective} {t.value:.4f}"
+                f"reference {what} (trial {t.number}): {objective} {score(t):.4f}"
                 + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
                 + (f", {peak}" if peak else "")
                 + verdict
@@ -150,8 +213,9 @@ def _skill(a: dict, reference: str) -> str:
     return f"{a.get(f'tp_skill_{reference}', float('nan')):+.3f}"
 
 
-def export_best(config: StudyConfig, target: Path) -> Path:
-    """Copy the best trial's adapter from MLflow to `target` and write its model card."""
+def export_best(config: StudyConfig, target: Path, *, number: int | None = None) -> Path:
+    """Copy the best trial's adapter (or trial `number`'s, a Pareto front member say) from
+    MLflow to `target` and write its model card."""
     import mlflow
 
     from aurora_sweep.export import META, write_model_card
@@ -160,6 +224,14 @@ def export_best(config: StudyConfig, target: Path) -> Path:
     if not trials:
         raise AuroraSweepError(f"study {config.name!r} has no completed trial to export yet")
     best = trials[0]
+    if number is not None:
+        chosen = [t for t in trials if t.number == number]
+        if not chosen:
+            raise AuroraSweepError(
+                f"trial {number} of study {config.name!r} is not a completed trial within the "
+                "memory cap: 'aurora-sweep best' lists those, 'best --pareto' the front"
+            )
+        best = chosen[0]
     run_id = best.user_attrs.get("mlflow_run_id")
     if not run_id:
         raise AuroraSweepError(f"trial {best.number} has no MLflow run recorded")

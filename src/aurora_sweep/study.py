@@ -139,9 +139,11 @@ def enqueue_references(study: optuna.Study, config: StudyConfig) -> list[str]:
 
 def check_search(config: StudyConfig) -> None:
     """Refuse, before anything is recorded, a search the base model cannot run."""
+    from aurora_sweep.config import check_region_size
     from aurora_sweep.memory import meta_device
     from aurora_sweep.model import backbone_blocks, build_base
 
+    check_region_size(config.data.region, config.data.grid)
     s = config.search
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -174,25 +176,38 @@ def open_study(
     create: bool = True,
     seed: int | None = None,
     on_stale: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
+    on_create: Callable[[optuna.Study], None] | None = None,
 ) -> optuna.Study:
     """The study in its storage (created once, even when workers race to create it).
 
     Database storage gets heartbeats: a trial whose process or machine died is failed when a
     worker next looks, and `on_stale` is called for it (end its MLflow run, retry it).
+    `on_create` runs in the one process whose call created the study (the storage refuses a
+    second study of the same name), so what it adds, the reference trials, is added once.
     """
     storage = _storage(config, on_stale)
     tpe = sampler(config.sampler_seed if seed is None else seed)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=6, n_warmup_steps=0)
     for attempt in range(5):
         try:
+            created = False
             if create:
-                return optuna.create_study(
-                    study_name=config.name, storage=storage, sampler=tpe, pruner=pruner,
-                    direction="minimize", load_if_exists=True,
-                )  # fmt: skip
-            return optuna.load_study(
-                study_name=config.name, storage=storage, sampler=tpe, pruner=pruner
-            )
+                try:
+                    study = optuna.create_study(
+                        study_name=config.name, storage=storage, sampler=tpe, pruner=pruner,
+                        directions=["minimize"] * len(config.objectives),
+                    )  # fmt: skip
+                    created = True
+                except optuna.exceptions.DuplicatedStudyError:
+                    pass  # it exists: load it
+            if not created:
+                study = optuna.load_study(
+                    study_name=config.name, storage=storage, sampler=tpe, pruner=pruner
+                )
+            study = _same_objectives(study, config)
+            if created and on_create is not None:
+                on_create(study)
+            return study
         except KeyError:
             raise AuroraSweepError(
                 f"no study named {config.name!r} in {storage_label(config.storage)}: "
@@ -201,6 +216,23 @@ def open_study(
         except optuna.exceptions.DuplicatedStudyError:
             time.sleep(0.2 * (attempt + 1))  # created by another worker a moment ago: load it
     raise AuroraSweepError(f"could not open study {config.name!r} in {config.storage}")
+
+
+def _same_objectives(study: optuna.Study, config: StudyConfig) -> optuna.Study:
+    """The study, its objectives named; refused when it was made with other objectives."""
+    names = list(config.objectives)
+    if len(study.directions) != len(names) or study.metric_names not in (None, names):
+        made = study.metric_names or [f"{len(study.directions)} objective(s)"]
+        raise AuroraSweepError(
+            f"study {config.name!r} in {storage_label(config.storage)} minimises "
+            f"{', '.join(made)}, not {', '.join(names)}: give the study a new [study] name, "
+            "or put the objectives back"
+        )
+    if study.metric_names is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # set_metric_names is marked experimental
+            study.set_metric_names(names)
+    return study
 
 
 def _storage(config: StudyConfig, on_stale) -> Any:
@@ -364,8 +396,11 @@ def run_study(
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     check_search(config)
     client = client_for(config)
-    study = open_study(config, on_stale=functools.partial(_retry_stale, client=client))
-    enqueue_references(study, config)
+    study = open_study(
+        config,
+        on_stale=functools.partial(_retry_stale, client=client),
+        on_create=functools.partial(enqueue_references, config=config),
+    )
     reaped = reap_dead_trials(study, client)
     if reaped:
         console.print(
@@ -434,7 +469,7 @@ def run_study(
                 console=console, grid=grid, total=trials,
             )  # fmt: skip
             sweep.run(pool)
-            log_study_figures(client, parent, study, config.objective)
+            log_study_figures(client, parent, study, config)
     finally:
         for worker in pool:
             worker.close(at_once=True)
@@ -506,7 +541,7 @@ class Sweep:
                 held["asking"] = False
                 self.asking.release()
 
-        def objective(trial: optuna.Trial) -> float:
+        def objective(trial: optuna.Trial) -> float | tuple[float, float]:
             release()  # the trial exists (RUNNING): the next claim here counts it
             try:
                 return self.run_trial(trial, worker)
@@ -569,7 +604,7 @@ class Sweep:
             ahead += t.state == optuna.trial.TrialState.RUNNING and t.number < trial.number
         return finished + ahead >= self.total
 
-    def run_trial(self, trial: optuna.Trial, worker) -> float:
+    def run_trial(self, trial: optuna.Trial, worker) -> float | tuple[float, float]:
         from aurora_sweep.memory import MIB, check_cap, estimate_peak
         from aurora_sweep.tracking import Killed, trial_run
         from aurora_sweep.worker import WorkerCrashed
@@ -615,6 +650,8 @@ class Sweep:
             run.flush()  # the config is in MLflow while the trial trains
 
             def report(step: int, value: float) -> bool:
+                if config.cost:  # Optuna prunes single-objective studies only
+                    return False
                 trial.report(value, step)
                 return trial.should_prune()
 
@@ -684,6 +721,8 @@ class Sweep:
         console.print(f"trial {trial.number:3d}  {_score_line(m, config.objective)}  "
                       f"({p['seconds']:.1f} s, {p['peak_memory_mb']:.0f} MB, predicted GPU "
                       f"{estimate.megabytes:.0f} MB)", highlight=False)  # fmt: skip
+        if config.cost:
+            return m[config.objective], trial.user_attrs.get(config.cost, estimate.megabytes)
         return m[config.objective]
 
 
@@ -806,36 +845,48 @@ def _score_line(m: dict[str, float], objective: str) -> str:
     )
 
 
-def log_study_figures(client, run_id: str, study: optuna.Study, objective: str) -> None:
-    """Optuna's optimisation history and importances, and skill against peak memory."""
+def log_study_figures(client, run_id: str, study: optuna.Study, config: StudyConfig) -> None:
+    """Optuna's optimisation history and importances, and skill against the study's cost (peak
+    memory unless it names another) with the Pareto front drawn."""
     from aurora_sweep.figures import study_figures
+    from aurora_sweep.results import front_cost, pareto_front, recipe
 
     complete = [
         t
         for t in study.trials
-        if t.state == optuna.trial.TrialState.COMPLETE and "peak_memory_mb" in t.user_attrs
+        if t.state == optuna.trial.TrialState.COMPLETE
+        and t.values
+        and t.user_attrs.get("memory_over_cap_mb", 0.0) <= 0
     ]
+    cost = front_cost(config, complete)
+    complete = [t for t in complete if cost in t.user_attrs]
     if not complete:
         return
+    front = {t.number for t in pareto_front(complete, cost)}
     points = [
         {
             "number": t.number,
             "skill": t.user_attrs.get("tp_skill_climatology", float("nan")),
-            "peak_mb": t.user_attrs["peak_memory_mb"],
-            "label": f"r{t.params.get('lora_rank')} {t.params.get('lora_targets')} "
-            f"{t.params.get('precision')}",
+            "peak_mb": t.user_attrs[cost],
+            "label": recipe(t),
+            "front": t.number in front,
         }
         for t in complete
     ]
     import matplotlib.pyplot as plt
 
-    memory = (
-        "peak GPU memory (MB)"
-        if any("peak_reserved_mb" in t.user_attrs for t in complete)
-        else "peak resident memory of the trial process (MB, CPU)"
-    )
-    labels = {"skill": f"skill vs climatology (1 − {objective}/climatology's)", "memory": memory}
-    for name, fig in study_figures(study, points, **labels).items():
+    if cost == "peak_memory_mb":
+        on_gpu = any("peak_reserved_mb" in t.user_attrs for t in complete)
+        axis = "peak GPU memory (MB)" if on_gpu else "peak resident memory of the trial (MB, CPU)"
+    else:  # a CPU study's figure shows the GPU memory each recipe is predicted to need
+        axis = {"predicted_peak_mb": "predicted peak GPU memory (MB)",
+                "trial_seconds": "trial wall time (s)"}[cost]  # fmt: skip
+    labels = {
+        "skill": f"skill vs climatology (1 − {config.objective}/climatology's)",
+        "memory": axis,
+    }
+    figure = "skill_vs_time.png" if cost == "trial_seconds" else "skill_vs_memory.png"
+    for name, fig in study_figures(study, points, name=figure, **labels).items():
         client.log_figure(run_id, fig, f"study/{name}")
         plt.close(fig)
 
