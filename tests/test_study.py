@@ -367,6 +367,8 @@ def test_a_skill_and_memory_study_answers_with_its_pareto_front(tmp_path, tiny_s
     result = runner.invoke(app, ["best", "-c", str(path), "--pareto"], env={"COLUMNS": "240"})
     assert result.exit_code == 0, result.output
     assert "Pareto front of tp_seeps against predicted_peak_mb" in result.output
+    for method in {t.user_attrs["config"]["method"] for t in done}:  # each method's best
+        assert f"best {method}: trial" in result.output
     member = front[-1].number
     out = tmp_path / "member"
     result = runner.invoke(

@@ -200,6 +200,7 @@ def best(
     from aurora_sweep.config import load_config, with_overrides
     from aurora_sweep.results import (
         against_references,
+        best_by_method,
         export_best,
         pareto_table,
         top_trials_table,
@@ -211,7 +212,7 @@ def best(
             raise AuroraSweepError("--trial N says which trial to export: add --export DIR")
         study = with_overrides(load_config(config), storage=storage, tracking_uri=tracking_uri)
         console.print(pareto_table(study) if pareto else top_trials_table(study, top=top))
-        for line in against_references(study):
+        for line in [*best_by_method(study), *against_references(study)]:
             console.print(line, highlight=False)
         if export is not None:
             path = export_best(study, export, number=trial)

@@ -209,6 +209,24 @@ def against_references(config: StudyConfig) -> list[str]:
     return lines
 
 
+def best_by_method(config: StudyConfig) -> list[str]:
+    """One line per fine-tuning method tried: its best trial's objective, interval and peak
+    memory (predicted for a GPU, and measured), best method first."""
+    best: dict[str, optuna.trial.FrozenTrial] = {}
+    for t in ranked_trials(config):  # best first: the first of each method is its best
+        best.setdefault((t.user_attrs.get("config") or {}).get("method", "lora"), t)
+    lines = []
+    for method, t in best.items():
+        a, ci = t.user_attrs, interval(t, config.objective)
+        lines.append(
+            f"best {method}: trial {t.number}, {config.objective} {score(t):.4f}"
+            + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
+            + f", predicted GPU peak {a.get('predicted_peak_mb', float('nan')):.0f} MB, "
+            f"measured {a.get('peak_memory_mb', float('nan')):.0f} MB ({recipe(t)})"
+        )
+    return lines
+
+
 def _skill(a: dict, reference: str) -> str:
     return f"{a.get(f'tp_skill_{reference}', float('nan')):+.3f}"
 
