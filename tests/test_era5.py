@@ -682,7 +682,7 @@ def test_real_max_member_is_ignored_when_zipped(tmp_path):
 )
 def test_real_tp_not_sampled_hourly_is_refused_for_accumulation(rel):
     ds = era5.read_cds_file(CDS_REAL / rel)
-    hours = era5._seconds(ds["time"].values)
+    hours = era5.assemble._seconds(ds["time"].values)
     with pytest.raises(AuroraSweepError, match="request total_precipitation at every hour"):
         era5.check_hourly(hours, label=rel)
 

@@ -1,0 +1,276 @@
+"""Downloading from the CDS: a few requests in flight, retries, and a manifest of finished chunks
+so an interrupted download resumes where it stopped."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import datetime as dt
+import json
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aurora_sweep.config import DataConfig, StudyConfig
+from aurora_sweep.era5.assemble import _mkdir, _progress, import_files
+from aurora_sweep.era5.plan import CDS_URL, FIELDS_PER_REQUEST, Request, plan_requests
+from aurora_sweep.era5.read import CorruptFileError, open_pieces
+from aurora_sweep.errors import AuroraSweepError
+
+MANIFEST = "manifest.json"
+CREDENTIALS_HELP = (
+    f"~/.cdsapirc must hold two lines 'url: {CDS_URL}' and 'key: <your-personal-access-token>'"
+    " (the token is on your profile page at https://cds.climate.copernicus.eu/profile), or set the"
+    " environment variables CDSAPI_URL and CDSAPI_KEY"
+)
+
+# --------------------------------------------------------------------------------------------
+# Downloading
+
+
+def _redact(text: str) -> str:
+    """Hide anything that looks like a CDS personal access token."""
+    text = re.sub(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
+                  "<key>", text)  # fmt: skip
+    return re.sub(r"\b\d{3,8}:[0-9a-fA-F-]{20,}", "<key>", text)
+
+
+@dataclass(frozen=True)
+class _Failure:
+    transient: bool
+    message: str
+
+
+def classify_failure(exc: BaseException, request: Request) -> _Failure:
+    """Decide whether a failed retrieve is worth retrying, and what to tell the user if not."""
+    response = getattr(exc, "response", None)
+    status = getattr(response, "status_code", None)
+    text = _redact(str(exc) or type(exc).__name__)
+    low = text.lower()
+
+    def has_code(code: int) -> bool:
+        return status == code or re.search(rf"\b{code}\b", low) is not None
+
+    if "missing/incomplete configuration" in low or "configuration file" in low:
+        return _Failure(False, f"no CDS credentials: {CREDENTIALS_HELP}")
+    if has_code(401) or "authentication failed" in low or "invalid api key" in low:
+        return _Failure(False, f"the CDS refused your key (HTTP 401): check it. {CREDENTIALS_HELP}")
+    if has_code(403) or "licen" in low or "terms of use" in low:
+        return _Failure(
+            False,
+            f"the CDS refused {request.dataset} (HTTP 403): the dataset's licence is not accepted."
+            f" Log in, accept the licence at https://cds.climate.copernicus.eu/datasets/"
+            f"{request.dataset}?tab=download (at the bottom of the page), then run the download"
+            " again",
+        )
+    if has_code(413) or "too large" in low or "cost limit" in low or "request too big" in low:
+        return _Failure(
+            False,
+            f"the CDS refused {request.target} as too large ({request.fields} fields): split it"
+            " smaller with --max-fields (e.g. half the current value), or ask for fewer levels or"
+            " a smaller region",
+        )
+    network = isinstance(exc, ConnectionError | TimeoutError) or any(
+        s in low for s in ("connection", "name or service", "temporary failure in name",
+                           "max retries exceeded", "network is unreachable", "timed out")
+    )  # fmt: skip
+    if network:
+        return _Failure(
+            True,
+            f"cannot reach the CDS ({text}): check the internet connection or proxy, then run the"
+            " download again; finished chunks are kept",
+        )
+    server = status is not None and 500 <= int(status) < 600
+    if server or any(s in low for s in ("queued too long", "queue", "503", "502", "500", "504",
+                                         "service unavailable", "try again")):  # fmt: skip
+        return _Failure(
+            True,
+            f"the CDS kept failing for {request.target} ({text}); finished chunks are kept, run"
+            " the download again later",
+        )
+    return _Failure(False, f"the CDS request for {request.target} failed: {text}")
+
+
+def _default_client() -> Any:
+    import cdsapi
+
+    return cdsapi.Client(quiet=True, progress=False)
+
+
+def load_manifest(folder: Path) -> dict[str, dict]:
+    """Finished chunks in the download folder: target -> {dataset, key, bytes, finished}."""
+    path = folder / MANIFEST
+    if not path.exists():
+        return {}
+    try:
+        chunks = json.loads(path.read_text())["chunks"]
+        return {k: dict(v) for k, v in chunks.items()}
+    except (ValueError, KeyError, TypeError):
+        return {}  # a damaged manifest only costs a re-download
+
+
+def _save_manifest(folder: Path, chunks: dict[str, dict]) -> None:
+    tmp = folder / f"{MANIFEST}.tmp"
+    tmp.write_text(json.dumps({"version": 1, "chunks": chunks}, indent=1, sort_keys=True))
+    os.replace(tmp, folder / MANIFEST)
+
+
+def check_chunk(path: Path) -> None:
+    """Open every NetCDF in a downloaded chunk; raise `CorruptFileError` if one is broken."""
+    for ds in open_pieces(path):
+        try:
+            for v in ds.data_vars.values():
+                _ = v.isel({d: -1 for d in v.dims}).values  # touches the last block of the file
+        except (OSError, RuntimeError, ValueError, IndexError) as e:
+            raise CorruptFileError(path, str(e)) from None
+        finally:
+            ds.close()
+
+
+def download_folder(data: DataConfig) -> Path:
+    """Where the CDS chunks and their manifest live."""
+    return data.store.parent / "cds"
+
+
+def download(
+    config: StudyConfig,
+    *,
+    client_factory: Callable[[], Any] | None = None,
+    max_workers: int = 4,
+    progress: bool = True,
+    retries: int = 5,
+    backoff: float = 10.0,
+    max_fields: int = FIELDS_PER_REQUEST,
+) -> Path:
+    """Fetch the chunks the store still needs from the CDS, then build the store.
+
+    Finished chunks are listed in `<store parent>/cds/manifest.json` and never fetched again; a
+    chunk is written to `<target>.partial` and renamed only once it opens cleanly. Transient
+    failures (network, 5xx, long queues) are retried `retries` times with exponential backoff
+    from `backoff` seconds; anything else stops the download with an `AuroraSweepError`.
+    """
+    folder = _mkdir(download_folder(config.data))
+    plan = plan_requests(config, max_fields=max_fields)
+    chunks = load_manifest(folder)
+    for stale in folder.glob("*.partial"):
+        stale.unlink()
+    done = {
+        r.target
+        for r in plan
+        if (e := chunks.get(r.target)) is not None
+        and e.get("key") == r.key
+        and (folder / r.target).is_file()
+        and (folder / r.target).stat().st_size == e.get("bytes")
+    }
+    chunks = {k: v for k, v in chunks.items() if k in done}
+    todo = [r for r in plan if r.target not in done]
+    if todo:
+        _fetch_all(
+            todo,
+            folder,
+            chunks,
+            client_factory or _default_client,
+            max_workers=max_workers,
+            progress=progress,
+            retries=retries,
+            backoff=backoff,
+            total=len(plan),
+        )
+    try:
+        return import_files([folder / r.target for r in plan], config.data, progress=progress)
+    except CorruptFileError as e:
+        chunks.pop(e.path.name, None)
+        _save_manifest(folder, chunks)
+        e.path.unlink(missing_ok=True)
+        raise AuroraSweepError(
+            f"{e.path.name} was truncated or corrupt ({e}); it was removed from the manifest and"
+            " deleted: run the download again to fetch it again"
+        ) from None
+
+
+def _fetch_all(
+    todo: list[Request],
+    folder: Path,
+    chunks: dict[str, dict],
+    client_factory: Callable[[], Any],
+    *,
+    max_workers: int,
+    progress: bool,
+    retries: int,
+    backoff: float,
+    total: int,
+) -> None:
+    """Fetch `todo` with at most `max_workers` requests in flight.
+
+    Worker threads only talk to the CDS; checking a file (HDF5 is not thread-safe), renaming it
+    and writing the manifest happen on the calling thread.
+    """
+    local = threading.local()
+    try:
+        first = client_factory()
+    except Exception as e:  # cdsapi raises a bare Exception for missing credentials
+        raise AuroraSweepError(classify_failure(e, todo[0]).message) from None
+
+    def client() -> Any:
+        if not hasattr(local, "client"):
+            local.client = client_factory()
+        return local.client
+
+    def fetch(req: Request, attempt: int) -> int:
+        """Retrieve into `<target>.partial`; returns the attempts used so far."""
+        partial = folder / f"{req.target}.partial"
+        while True:
+            try:
+                client().retrieve(req.dataset, req.request, str(partial))
+                return attempt
+            except Exception as e:
+                partial.unlink(missing_ok=True)
+                failure = classify_failure(e, req)
+                if not failure.transient or attempt >= retries:
+                    raise AuroraSweepError(failure.message) from None
+            time.sleep(min(backoff * 2**attempt, 600.0))
+            attempt += 1
+
+    local.client = first  # the calling thread never fetches, but keeps the first client alive
+    with _progress(progress) as bar:
+        task = bar.add_task("CDS chunks", total=total, completed=total - len(todo))
+        pool = cf.ThreadPoolExecutor(max_workers=max(1, max_workers))
+        pending = {pool.submit(fetch, r, 0): r for r in todo}
+        try:
+            while pending:
+                finished, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+                # record every chunk that arrived before raising for one that failed
+                for fut in sorted(finished, key=lambda f: f.exception() is not None):
+                    req = pending.pop(fut)
+                    attempt = fut.result()
+                    partial, target = folder / f"{req.target}.partial", folder / req.target
+                    try:
+                        check_chunk(partial)
+                    except CorruptFileError as e:
+                        partial.unlink(missing_ok=True)
+                        if attempt >= retries:
+                            raise AuroraSweepError(
+                                f"{req.target} arrived truncated or corrupt {attempt + 1} times"
+                                f" ({e}); run the download again later"
+                            ) from None
+                        pending[pool.submit(fetch, req, attempt + 1)] = req
+                        continue
+                    os.replace(partial, target)
+                    chunks[req.target] = {
+                        "dataset": req.dataset,
+                        "key": req.key,
+                        "bytes": target.stat().st_size,
+                        "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                    }
+                    _save_manifest(folder, chunks)
+                    bar.advance(task)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            for stale in folder.glob("*.partial"):
+                stale.unlink(missing_ok=True)
+            raise
+        pool.shutdown(wait=True)
