@@ -9,6 +9,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import shutil
+import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -524,6 +526,51 @@ def test_cds_refusals_become_one_clear_error_and_keep_nothing_half_written(tmp_p
         era5.download(config, client_factory=fake, progress=False, retries=1, backoff=0)
     folder = era5.download_folder(config.data)
     assert not list(folder.glob("*.partial")) and not config.data.store.exists()
+
+
+DNS_FAILURE = (
+    "HTTPSConnectionPool(host='cds.climate.copernicus.eu', port=443): Max retries exceeded with "
+    "url: /api/retrieve/v1/processes/reanalysis-era5-single-levels/execution (Caused by "
+    'NameResolutionError("<urllib3.connection.HTTPSConnection object>: Failed to resolve '
+    "'cds.climate.copernicus.eu' ([Errno -3] Temporary failure in name resolution)\"))"
+)
+
+
+def test_a_name_that_does_not_resolve_is_said_at_once_not_retried(tmp_path):
+    config = study_config(tmp_path, days=3)
+    fake = FakeCDS(config, fail_after=0, fail_with=requests.ConnectionError(DNS_FAILURE))
+    started = time.monotonic()
+    with pytest.raises(AuroraSweepError) as e:
+        era5.download(config, client_factory=fake, progress=False, retries=5, backoff=30)
+    assert time.monotonic() - started < 10  # not five backoffs of 30 s and more
+    message = str(e.value)
+    assert "cds.climate.copernicus.eu does not resolve" in message and "HTTPS_PROXY" in message
+    assert "\n" not in message and "Traceback" not in message
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens once it is closed
+
+
+def test_cli_download_from_an_unreachable_cds_is_one_line_within_a_minute(tmp_path, monkeypatch):
+    """The real cdsapi client against a closed loopback port: its own retry loop (500 tries,
+    two minutes apart) is held to --retries, and what it prints is kept off the terminal."""
+    config = study_config(tmp_path, days=3)
+    monkeypatch.setenv("CDSAPI_URL", f"http://127.0.0.1:{_closed_port()}/api")
+    monkeypatch.setenv("CDSAPI_KEY", "0f1e2d3c-4b5a-6978-8a9b-0c1d2e3f4a5b")
+    monkeypatch.chdir(tmp_path)
+    started = time.monotonic()
+    result = CliRunner().invoke(
+        data_app, ["download", "-c", str(config.path), "--no-progress", "--retries", "0"]
+    )
+    assert time.monotonic() - started < 60
+    assert result.exit_code == 1
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    assert "cannot reach the CDS at 127.0.0.1 (Connection refused)" in result.output
+    assert "0f1e2d3c" not in result.output
 
 
 def test_error_messages_never_show_the_key():

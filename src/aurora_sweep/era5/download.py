@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import datetime as dt
+import functools
 import json
+import logging
 import os
 import re
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +25,7 @@ from aurora_sweep.era5.read import CorruptFileError, open_pieces
 from aurora_sweep.errors import AuroraSweepError
 
 MANIFEST = "manifest.json"
+log = logging.getLogger(__name__)
 CREDENTIALS_HELP = (
     f"~/.cdsapirc must hold two lines 'url: {CDS_URL}' and 'key: <your-personal-access-token>'"
     " (the token is on your profile page at https://cds.climate.copernicus.eu/profile), or set the"
@@ -74,6 +78,15 @@ def classify_failure(exc: BaseException, request: Request) -> _Failure:
             " smaller with --max-fields (e.g. half the current value), or ask for fewer levels or"
             " a smaller region",
         )
+    if any(s in low for s in ("name resolution", "name or service not known", "failed to resolve",
+                              "nodename nor servname", "getaddrinfo failed")):  # fmt: skip
+        # offline, or a wrong url: waiting will not help
+        return _Failure(
+            False,
+            f"cannot reach the CDS: the name {_host(text)} does not resolve. Check the internet "
+            "connection, a proxy (HTTPS_PROXY) and the url in ~/.cdsapirc (or CDSAPI_URL); "
+            "finished chunks are kept, run the download again",
+        )
     network = isinstance(exc, ConnectionError | TimeoutError) or any(
         s in low for s in ("connection", "name or service", "temporary failure in name",
                            "max retries exceeded", "network is unreachable", "timed out")
@@ -81,8 +94,9 @@ def classify_failure(exc: BaseException, request: Request) -> _Failure:
     if network:
         return _Failure(
             True,
-            f"cannot reach the CDS ({text}): check the internet connection or proxy, then run the"
-            " download again; finished chunks are kept",
+            f"cannot reach the CDS at {_host(text)} ({_cause(text)}): check the internet "
+            "connection, a proxy (HTTPS_PROXY) and the url in ~/.cdsapirc (or CDSAPI_URL), then "
+            "run the download again; finished chunks are kept",
         )
     server = status is not None and 500 <= int(status) < 600
     if server or any(s in low for s in ("queued too long", "queue", "503", "502", "500", "504",
@@ -95,10 +109,37 @@ def classify_failure(exc: BaseException, request: Request) -> _Failure:
     return _Failure(False, f"the CDS request for {request.target} failed: {text}")
 
 
-def _default_client() -> Any:
+def _host(text: str) -> str:
+    """The host a requests/urllib3 connection error names, else the CDS's."""
+    found = re.search(r"host='([^']+)'", text) or re.search(r"resolve '([^']+)'", text)
+    return found.group(1) if found else CDS_URL.split("/")[2]
+
+
+def _cause(text: str) -> str:
+    """The last reason in a urllib3 error chain ('Connection refused', 'timed out')."""
+    found = re.findall(r"\[Errno -?\d+\] ([^\"')]+)", text)
+    if found:
+        return found[-1].strip()
+    return "timed out" if "timed out" in text.lower() else "no connection"
+
+
+def _default_client(*, retries: int = 5, sleep: float = 10.0) -> Any:
+    """cdsapi's client with its own retry loop held to `--retries` (its default tries 500
+    times, two minutes apart, so an unreachable CDS would be waited on for hours) and its
+    messages kept off the terminal: failures reach the user as one line from `classify_failure`.
+    """
     import cdsapi
 
-    return cdsapi.Client(quiet=True, progress=False)
+    def quiet(*args: Any, **kwargs: Any) -> None:
+        log.debug("cdsapi: %s", " ".join(map(str, args)))
+
+    # the client warns (in the thread that first uses it) when it cannot fetch the CDS's news;
+    # a CDS that cannot be reached is said once, by the failed request
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"ecmwf\.datastores")
+    return cdsapi.Client(
+        quiet=True, progress=False, retry_max=retries + 1, sleep_max=sleep, timeout=30,
+        info_callback=quiet, warning_callback=quiet, error_callback=quiet,
+    )  # fmt: skip
 
 
 def load_manifest(folder: Path) -> dict[str, dict]:
@@ -173,7 +214,8 @@ def download(
             todo,
             folder,
             chunks,
-            client_factory or _default_client,
+            client_factory
+            or functools.partial(_default_client, retries=retries, sleep=min(backoff, 120.0)),
             max_workers=max_workers,
             progress=progress,
             retries=retries,
