@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import shutil
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -767,3 +769,90 @@ def test_real_legacy_netcdf3_reads_with_time_and_level_dims():
     assert ds["level"].values.tolist() == [700, 850, 1000]
     assert ds["t"].dtype == np.float32 or ds["t"].dtype == np.float64
     assert 200 < float(ds["t"].mean()) < 320  # int16 packing decoded
+
+
+# ------------------------------------------------------------------------------------------
+# Interrupted data work
+
+
+def _dead_pid() -> tuple[int, float]:
+    import subprocess
+    import sys
+
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.3)"])
+    started = psutil.Process(proc.pid).create_time()
+    proc.wait()
+    return proc.pid, started
+
+
+def test_a_killed_imports_scratch_is_removed_by_the_next_import(tmp_path, caplog):
+    config = study_config(tmp_path, days=3)
+    files = write_study_files(config, tmp_path / "in")
+    parent = config.data.store.parent
+    parent.mkdir(parents=True)
+    pid, started = _dead_pid()
+    killed = parent / ".import-killed"
+    killed.mkdir()
+    (killed / "2t.npy").write_bytes(b"\0" * 4096)  # what a killed import leaves
+    owner = {"host": socket.gethostname(), "pid": pid, "started": started}
+    (killed / "owner.json").write_text(json.dumps(owner))
+    running = parent / ".import-running"  # another import, alive: left alone
+    running.mkdir()
+    import psutil
+
+    me = {"host": socket.gethostname(), "pid": os.getpid(),
+          "started": psutil.Process().create_time()}  # fmt: skip
+    (running / "owner.json").write_text(json.dumps(me))
+    with caplog.at_level("WARNING"):
+        era5.import_files(files, config.data, progress=False)
+    assert not killed.exists() and running.exists()
+    assert [p.name for p in parent.glob(".import-*")] == [".import-running"]
+    assert "scratch of an import that was killed" in caplog.text
+
+
+class _Blocking(FakeCDS):
+    """Answers every request but one, which waits (as in the CDS queue) until released."""
+
+    def __init__(self, config, slow: str):
+        super().__init__(config)
+        self.slow, self.release = slow, threading.Event()
+
+    def retrieve(self, dataset: str, request: dict, target: str) -> str:
+        if Path(target).name.removesuffix(".partial") == self.slow:
+            self.release.wait(60)
+            raise ConnectionError("abandoned")
+        return super().retrieve(dataset, request, target)
+
+
+def test_ctrl_c_during_a_download_stops_at_once_and_keeps_every_finished_chunk(tmp_path):
+    import _thread
+
+    config = study_config(tmp_path, days=3)
+    plan = era5.plan_requests(config)
+    fake = _Blocking(config, slow=plan[0].target)
+    folder = era5.download_folder(config.data)
+
+    def interrupt_when_the_rest_are_in() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if len(era5.load_manifest(folder)) == len(plan) - 1:
+                break
+            time.sleep(0.05)
+        _thread.interrupt_main()  # Ctrl-C
+
+    threading.Thread(target=interrupt_when_the_rest_are_in, daemon=True).start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(era5.DownloadInterrupted) as e:
+            era5.download(config, client_factory=fake, max_workers=len(plan), progress=False)
+        assert time.monotonic() - started < 20  # it did not wait for the request in the queue
+        assert set(era5.load_manifest(folder)) == {r.target for r in plan[1:]}
+        assert f"{len(plan) - 1} of {len(plan)} chunks" in str(e.value)
+        assert "run 'aurora-sweep data download' again" in str(e.value)
+    finally:
+        fake.release.set()
+    fake2 = FakeCDS(config)
+    era5.download(config, client_factory=fake2, progress=False)
+    assert fake2.calls == [plan[0].target]  # the resumed download fetches only the rest

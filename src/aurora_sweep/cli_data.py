@@ -74,6 +74,9 @@ def download_command(
         console.print(f"store ready at {path}")
     except AuroraSweepError as e:
         fail(e)
+    except era5.DownloadInterrupted as e:
+        Console(stderr=True).print(str(e), highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
 
 
 @data_app.command("import")

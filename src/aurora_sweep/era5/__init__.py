@@ -25,6 +25,7 @@ manifest). The names below are the package's interface.
 
 from aurora_sweep.era5.assemble import check_hourly, import_files, region_indices
 from aurora_sweep.era5.download import (
+    DownloadInterrupted,
     classify_failure,
     download,
     download_folder,
@@ -47,6 +48,7 @@ from aurora_sweep.era5.plan import (
 from aurora_sweep.era5.read import CorruptFileError, normalise, read_cds_file
 
 __all__ = [
+    "DownloadInterrupted",
     "ATMOS_REQUEST",
     "CorruptFileError",
     "PRESSURE_LEVELS",

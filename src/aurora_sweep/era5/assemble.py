@@ -4,13 +4,20 @@ tp summed into 6-hour totals, in memory-mapped scratch arrays written once."""
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
+import os
+import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import psutil
 import xarray as xr
 
 from aurora_sweep import store
@@ -26,6 +33,7 @@ from aurora_sweep.era5.plan import (
 from aurora_sweep.era5.read import CorruptFileError, open_pieces
 from aurora_sweep.errors import AuroraSweepError
 
+log = logging.getLogger(__name__)
 _EPS = 1e-6
 
 # --------------------------------------------------------------------------------------------
@@ -193,13 +201,56 @@ def import_files(paths: Sequence[Path], data: DataConfig, *, progress: bool = Tr
     with contextlib.ExitStack() as stack:
         pieces = _scan(files, data, stack)
         plan = _select(pieces, data)
-        scratch = Path(
-            stack.enter_context(
-                tempfile.TemporaryDirectory(prefix=".import-", dir=_mkdir(data.store.parent))
-            )
-        )
+        scratch = _scratch(_mkdir(data.store.parent), stack)
         cube = _fill(pieces, plan, data, scratch, progress=progress)
         return store.write_store(cube, data.store)
+
+
+SCRATCH_PREFIX = ".import-"
+SCRATCH_OWNER = "owner.json"
+
+
+def _scratch(parent: Path, stack: contextlib.ExitStack) -> Path:
+    """A scratch folder for one import, removed when it ends; a killed import's is removed by
+    the next one (its owner file names the process, so a running import's is left alone)."""
+    remove_stale_scratch(parent)
+    path = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=parent)))
+    owner = {"host": socket.gethostname(), "pid": os.getpid(),
+             "started": psutil.Process().create_time()}  # fmt: skip
+    (path / SCRATCH_OWNER).write_text(json.dumps(owner))
+    return path
+
+
+def _owner_alive(folder: Path) -> bool:
+    """Whether the import that made `folder` may still run: its process lives on this host, or
+    it ran on another host (which cannot be asked) within the last day."""
+    try:
+        owner = json.loads((folder / SCRATCH_OWNER).read_text())
+    except (OSError, ValueError):
+        return time.time() - folder.stat().st_mtime < 60  # being created this moment
+    if owner.get("host") != socket.gethostname():
+        return time.time() - folder.stat().st_mtime < 86400
+    try:
+        return abs(psutil.Process(int(owner["pid"])).create_time() - owner["started"]) < 1.0
+    except (psutil.Error, KeyError, TypeError, ValueError):
+        return False
+
+
+def remove_stale_scratch(parent: Path) -> list[tuple[Path, int]]:
+    """Remove the scratch folders that killed imports left in `parent` (each the size of the
+    store); returns what was removed and its size in bytes."""
+    removed = []
+    for folder in sorted(Path(parent).glob(f"{SCRATCH_PREFIX}*")):
+        if not folder.is_dir() or _owner_alive(folder):
+            continue
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append((folder, size))
+        log.warning(
+            "removed %s (%.1f GB), the scratch of an import that was killed",
+            folder, size / 1e9,
+        )  # fmt: skip
+    return removed
 
 
 def _mkdir(path: Path) -> Path:

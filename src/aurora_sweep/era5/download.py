@@ -3,15 +3,14 @@ so an interrupted download resumes where it stopped."""
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import datetime as dt
 import functools
 import json
 import logging
 import os
+import queue
 import re
 import threading
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -234,6 +233,17 @@ def download(
         ) from None
 
 
+class DownloadInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a download: the finished chunks are kept, in-flight requests abandoned."""
+
+    def __init__(self, finished: int, total: int, folder: Path) -> None:
+        super().__init__(
+            f"download interrupted: {finished} of {total} chunks are in {folder} (listed in "
+            f"{MANIFEST}); run 'aurora-sweep data download' again to fetch the rest"
+        )
+        self.finished, self.total = finished, total
+
+
 def _fetch_all(
     todo: list[Request],
     folder: Path,
@@ -249,13 +259,17 @@ def _fetch_all(
     """Fetch `todo` with at most `max_workers` requests in flight.
 
     Worker threads only talk to the CDS; checking a file (HDF5 is not thread-safe), renaming it
-    and writing the manifest happen on the calling thread.
+    and writing the manifest happen on the calling thread. The workers are daemon threads: on
+    Ctrl-C or a failure the calling thread stops at once instead of waiting for requests that
+    may sit in the CDS queue for an hour; an abandoned request can only leave a `.partial`
+    file, which the next download removes.
     """
     local = threading.local()
     try:
         first = client_factory()
     except Exception as e:  # cdsapi raises a bare Exception for missing credentials
         raise AuroraSweepError(classify_failure(e, todo[0]).message) from None
+    stop = threading.Event()
 
     def client() -> Any:
         if not hasattr(local, "client"):
@@ -274,45 +288,66 @@ def _fetch_all(
                 failure = classify_failure(e, req)
                 if not failure.transient or attempt >= retries:
                     raise AuroraSweepError(failure.message) from None
-            time.sleep(min(backoff * 2**attempt, 600.0))
+            if stop.wait(min(backoff * 2**attempt, 600.0)):
+                raise AuroraSweepError("stopped")
             attempt += 1
 
+    jobs: queue.Queue[tuple[Request, int]] = queue.Queue()
+    results: queue.Queue[tuple[Request, int | BaseException]] = queue.Queue()
+
+    def work() -> None:
+        while not stop.is_set():
+            try:
+                req, attempt = jobs.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            try:
+                results.put((req, fetch(req, attempt)))
+            except BaseException as e:  # noqa: BLE001 - handed to the calling thread
+                results.put((req, e))
+
+    for req in todo:
+        jobs.put((req, 0))
     local.client = first  # the calling thread never fetches, but keeps the first client alive
+    for i in range(max(1, min(max_workers, len(todo)))):
+        threading.Thread(target=work, name=f"cds-{i}", daemon=True).start()
+    outstanding = len(todo)
     with _progress(progress) as bar:
         task = bar.add_task("CDS chunks", total=total, completed=total - len(todo))
-        pool = cf.ThreadPoolExecutor(max_workers=max(1, max_workers))
-        pending = {pool.submit(fetch, r, 0): r for r in todo}
         try:
-            while pending:
-                finished, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
-                # record every chunk that arrived before raising for one that failed
-                for fut in sorted(finished, key=lambda f: f.exception() is not None):
-                    req = pending.pop(fut)
-                    attempt = fut.result()
-                    partial, target = folder / f"{req.target}.partial", folder / req.target
-                    try:
-                        check_chunk(partial)
-                    except CorruptFileError as e:
-                        partial.unlink(missing_ok=True)
-                        if attempt >= retries:
-                            raise AuroraSweepError(
-                                f"{req.target} arrived truncated or corrupt {attempt + 1} times"
-                                f" ({e}); run the download again later"
-                            ) from None
-                        pending[pool.submit(fetch, req, attempt + 1)] = req
-                        continue
-                    os.replace(partial, target)
-                    chunks[req.target] = {
-                        "dataset": req.dataset,
-                        "key": req.key,
-                        "bytes": target.stat().st_size,
-                        "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                    }
-                    _save_manifest(folder, chunks)
-                    bar.advance(task)
-        except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)
+            while outstanding:
+                try:
+                    req, outcome = results.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                if isinstance(outcome, BaseException):
+                    raise outcome
+                partial, target = folder / f"{req.target}.partial", folder / req.target
+                try:
+                    check_chunk(partial)
+                except CorruptFileError as e:
+                    partial.unlink(missing_ok=True)
+                    if outcome >= retries:
+                        raise AuroraSweepError(
+                            f"{req.target} arrived truncated or corrupt {outcome + 1} times"
+                            f" ({e}); run the download again later"
+                        ) from None
+                    jobs.put((req, outcome + 1))
+                    continue
+                os.replace(partial, target)
+                chunks[req.target] = {
+                    "dataset": req.dataset,
+                    "key": req.key,
+                    "bytes": target.stat().st_size,
+                    "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                }
+                _save_manifest(folder, chunks)
+                bar.advance(task)
+                outstanding -= 1
+        except KeyboardInterrupt:
+            stop.set()
+            raise DownloadInterrupted(total - outstanding, total, folder) from None
+        finally:
+            stop.set()
             for stale in folder.glob("*.partial"):
                 stale.unlink(missing_ok=True)
-            raise
-        pool.shutdown(wait=True)
