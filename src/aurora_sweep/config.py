@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import difflib
 import re
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -237,6 +239,12 @@ def check_region(region: Region) -> None:
         )
     if region.west == region.east:
         raise AuroraSweepError("[data.region] west and east are equal: the box has no width")
+    width = (region.east - region.west) % 360
+    if width > 180:
+        raise AuroraSweepError(
+            f"[data.region] the box runs {width:g}° east from west = {region.west:g} to east = "
+            f"{region.east:g}: are west and east swapped? (west > east means a box across 180°)"
+        )
 
 
 def check_region_size(region: Region, grid: float) -> None:
@@ -287,13 +295,8 @@ def load_config(path: str | Path | None = None, *, workdir: Path | None = None) 
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise AuroraSweepError(f"{path} is not valid TOML: {e}") from None
-    known = {"study", "data", "model", "train", "search", "resources"}
-    unknown = set(raw) - known
-    if unknown:
-        raise AuroraSweepError(
-            f"{path}: unknown section(s) {sorted(unknown)}; known: {sorted(known)}"
-        )
     try:
+        check_keys(raw)
         return _build(raw, path, workdir)
     except AuroraSweepError as e:
         raise AuroraSweepError(f"{path}: {e}") from None
@@ -301,11 +304,91 @@ def load_config(path: str | Path | None = None, *, workdir: Path | None = None) 
         raise AuroraSweepError(f"{path}: missing or malformed setting ({e})") from None
 
 
+#: Every section and setting a study file may hold; anything else is refused by name.
+SCHEMA: dict[str, tuple[str, ...]] = {
+    "study": ("name", "objective", "objectives", "storage", "tracking_uri", "heartbeat_seconds",
+              "seed", "reference"),
+    "data": ("source", "store", "region", "levels", "grid", "period", "train", "validation",
+             "test"),
+    "model": ("base", "checkpoint", "new_variable"),
+    "train": ("steps", "eval_every", "val_samples", "learning_rate", "weight_decay", "seed"),
+    "search": ("method", "blocks", "lora_rank", "lora_targets", "unfrozen_blocks", "batch_size",
+               "precision", "learning_rate", "activation_checkpointing"),
+    "resources": ("gpu_memory_cap",),
+}  # fmt: skip
+REGION_KEYS = ("north", "south", "west", "east")
+
+
+def _nearest(name: str, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return f"did you mean {close[0]}?" if close else f"known: {', '.join(known)}"
+
+
+def check_keys(raw: dict) -> None:
+    """Refuse unknown sections and settings, naming the nearest valid one: a typo such as
+    `[train] step = 500` would otherwise leave the default in force without a word."""
+    for section, table in raw.items():
+        if section not in SCHEMA:
+            close = difflib.get_close_matches(section, list(SCHEMA), n=1, cutoff=0.6)
+            hint = f"did you mean [{close[0]}]?" if close else f"known: {', '.join(SCHEMA)}"
+            raise AuroraSweepError(f"unknown section [{section}]; {hint}")
+        if not isinstance(table, dict):
+            raise AuroraSweepError(f"[{section}] must be a table of settings, not {table!r}")
+        for key in table:
+            if key not in SCHEMA[section]:
+                raise AuroraSweepError(
+                    f"[{section}] {key}: unknown setting; {_nearest(key, SCHEMA[section])}"
+                )
+    if "data" not in raw:
+        raise AuroraSweepError(
+            "[data] is missing: every study names its data (see sweep/demo.toml)"
+        )
+    region = raw["data"].get("region")
+    if not isinstance(region, dict):
+        raise AuroraSweepError(
+            "[data] region: give region = { north = 72.0, south = 35.0, west = -12.0, east = 40.0 }"
+        )
+    for key in region:
+        if key not in REGION_KEYS:
+            raise AuroraSweepError(
+                f"[data.region] {key}: unknown setting; {_nearest(key, REGION_KEYS)}"
+            )
+    missing = [k for k in REGION_KEYS if k not in region]
+    if missing:
+        raise AuroraSweepError(f"[data.region] lacks {', '.join(missing)}")
+    for key in REGION_KEYS:
+        _number(region[key], f"[data.region] {key}")
+
+
+def _number(value: Any, what: str, *, minimum: float | None = None, above: bool = False) -> float:
+    """A float from TOML (an integer is fine), at least (or above) `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise AuroraSweepError(f"{what} must be a number, not {value!r}")
+    if minimum is not None and (value <= minimum if above else value < minimum):
+        bound = f"above {minimum:g}" if above else f"at least {minimum:g}"
+        raise AuroraSweepError(f"{what} must be {bound}, not {value!r}")
+    return float(value)
+
+
+def _whole(value: Any, what: str, *, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise AuroraSweepError(f"{what} must be a whole number, not {value!r}")
+    if minimum is not None and value < minimum:
+        raise AuroraSweepError(f"{what} must be at least {minimum}, not {value!r}")
+    return value
+
+
+def _text(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise AuroraSweepError(f"{what} must be a non-empty string, not {value!r}")
+    return value
+
+
 def _build(raw: dict, path: Path, workdir: Path) -> StudyConfig:
     study, data, model = raw.get("study", {}), raw["data"], raw.get("model", {})
     train, search, resources = raw.get("train", {}), raw.get("search", {}), raw.get("resources", {})
 
-    name = study.get("name") or path.stem
+    name = _text(study["name"], "[study] name") if "name" in study else path.stem
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         raise AuroraSweepError(f"[study] name {name!r}: use letters, digits, '.', '_' and '-'")
 
@@ -316,7 +399,12 @@ def _build(raw: dict, path: Path, workdir: Path) -> StudyConfig:
     r = data["region"]
     region = Region(float(r["north"]), float(r["south"]), float(r["west"]), float(r["east"]))
     check_region(region)
-    levels = tuple(int(v) for v in data.get("levels", [500, 700, 850]))
+    raw_levels = data.get("levels", [500, 700, 850])
+    if not isinstance(raw_levels, list):
+        raise AuroraSweepError(
+            f"[data] levels must be a list such as [500, 850], not {raw_levels!r}"
+        )
+    levels = tuple(_whole(v, "[data] levels") for v in raw_levels)
     bad = [lv for lv in levels if lv not in AURORA_LEVELS]
     if bad or not levels:
         raise AuroraSweepError(
@@ -324,7 +412,7 @@ def _build(raw: dict, path: Path, workdir: Path) -> StudyConfig:
         )
     if len(set(levels)) != len(levels):
         raise AuroraSweepError("[data] levels: a level is listed twice")
-    grid = float(data.get("grid", 0.25))
+    grid = _number(data.get("grid", 0.25), "[data] grid")
     if grid <= 0:
         raise AuroraSweepError(f"[data] grid {grid}: give the grid spacing in degrees, e.g. 0.25")
     splits = {k: _period(data.get(k, d), f"[data] {k}") for k, d in (
@@ -342,26 +430,34 @@ def _build(raw: dict, path: Path, workdir: Path) -> StudyConfig:
     for k, p in splits.items():
         if p.start < period.start or p.end > period.end:
             raise AuroraSweepError(f"[data] the {k} period lies outside [data] period")
-    store = workdir / data.get("store", f"data/{name}/store.zarr")
+    store = workdir / _text(data.get("store", f"data/{name}/store.zarr"), "[data] store")
 
     base = model.get("base", "small-pretrained")
     if base not in BASE_MODELS:
         raise AuroraSweepError(f"[model] base {base!r} is not one of {', '.join(BASE_MODELS)}")
     checkpoint = model.get("checkpoint")
+    if checkpoint is not None:
+        _text(checkpoint, "[model] checkpoint")
     new_variable = model.get("new_variable", "tp")
     if new_variable != "tp":
         raise AuroraSweepError("[model] new_variable: only 'tp' is supported")
 
-    steps = int(train.get("steps", 200))
-    eval_every = int(train.get("eval_every", max(1, steps // 4)))
-    if steps < 1 or eval_every < 1:
-        raise AuroraSweepError("[train] steps and eval_every must be at least 1")
-    lr = float(train.get("learning_rate", 1e-3))
+    steps = _whole(train.get("steps", 200), "[train] steps", minimum=1)
+    eval_every = _whole(
+        train.get("eval_every", max(1, steps // 4)), "[train] eval_every", minimum=1
+    )
+    val_samples = _whole(train.get("val_samples", 64), "[train] val_samples", minimum=1)
+    lr = _number(train.get("learning_rate", 1e-3), "[train] learning_rate", minimum=0, above=True)
+    weight_decay = _number(train.get("weight_decay", 0.0), "[train] weight_decay", minimum=0)
+    train_seed = _whole(train.get("seed", 0), "[train] seed")
 
     lr_range = search.get("learning_rate")
     if lr_range is not None:
         if not (
-            isinstance(lr_range, list) and len(lr_range) == 2 and 0 < lr_range[0] <= lr_range[1]
+            isinstance(lr_range, list)
+            and len(lr_range) == 2
+            and all(isinstance(v, int | float) and not isinstance(v, bool) for v in lr_range)
+            and 0 < lr_range[0] <= lr_range[1]
         ):
             raise AuroraSweepError("[search] learning_rate: give [low, high] with 0 < low <= high")
         lr_range = (float(lr_range[0]), float(lr_range[1]))
@@ -384,6 +480,9 @@ def _build(raw: dict, path: Path, workdir: Path) -> StudyConfig:
         raise AuroraSweepError("[search] blocks (for the blocks method) must be 1 or more")
 
     cap = resources.get("gpu_memory_cap")
+    for key in ("storage", "tracking_uri"):
+        if key in study:
+            _text(study[key], f"[study] {key}")
     storage = storage_url(study.get("storage") or f"sqlite:///{name}.optuna.db", workdir)
 
     return StudyConfig(
@@ -394,7 +493,7 @@ def _build(raw: dict, path: Path, workdir: Path) -> StudyConfig:
         storage=storage,
         tracking_uri=tracking_url(study.get("tracking_uri"), workdir),
         gpu_memory_cap=parse_memory(cap) if cap is not None else None,
-        sampler_seed=int(study.get("seed", 0)),
+        sampler_seed=_whole(study.get("seed", 0), "[study] seed"),
         data=DataConfig(
             source=source,
             store=store,
@@ -414,10 +513,10 @@ def _build(raw: dict, path: Path, workdir: Path) -> StudyConfig:
         train=TrainConfig(
             steps=steps,
             eval_every=eval_every,
-            val_samples=int(train.get("val_samples", 64)),
+            val_samples=val_samples,
             learning_rate=lr,
-            weight_decay=float(train.get("weight_decay", 0.0)),
-            seed=int(train.get("seed", 0)),
+            weight_decay=weight_decay,
+            seed=train_seed,
         ),
         search=space,
         workdir=workdir,
