@@ -202,3 +202,55 @@ def test_climatology_of_a_month_with_too_few_samples_borrows_its_neighbours():
     n = MIN_CLIMATOLOGY_SAMPLES
     expected = (2 * 0.0 + n * 100.0 + n * 50.0) / (2 + 2 * n)
     assert clim[0, 0, 0, 0] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        (
+            "levels = [500, 700, 850]",
+            "levels = [250, 500]",
+            "holds levels 500, 700, 850 hPa, not 250",
+        ),
+        ("north = 62.0", "north = 66.0", "covers 47°N–62°N, 4°E–19°E, not the study's region"),
+        ("grid = 1.0", "grid = 0.5", "has a 1° grid, not the study's 0.5°"),
+        (
+            'test = ["2024-01-01", "2024-12-31"]',
+            'test = ["2025-01-01", "2025-12-31"]',
+            "holds 2022-01-01..2024-12-06, nothing in the test period 2025-01-01..2025-12-31",
+        ),
+    ],
+)
+def test_a_store_built_for_another_study_is_refused_not_reused(
+    tmp_path, tiny_store, old, new, message
+):
+    from aurora_sweep.config import load_config
+    from aurora_sweep.data import open_cube
+    from conftest import write_tiny_config
+
+    path = write_tiny_config(tmp_path, store=tiny_store)
+    text = path.read_text().replace('source = "demo"', 'source = "era5"')
+    if "2025" in new:
+        text = text.replace(
+            'period = ["2022-01-01", "2024-12-31"]', 'period = ["2022-01-01", "2025-12-31"]'
+        )
+    assert old in text
+    path.write_text(text.replace(old, new))
+    with pytest.raises(AuroraSweepError, match="rebuild it for this study") as e:
+        open_cube(load_config(path, workdir=tmp_path))
+    assert message in str(e.value) and str(tiny_store) in str(e.value)
+
+
+def test_a_demo_store_made_for_another_region_is_remade(tmp_path, tiny_store):
+    import shutil
+
+    from aurora_sweep.config import load_config
+    from aurora_sweep.data import open_cube
+    from conftest import write_tiny_config
+
+    store = tmp_path / "store.zarr"
+    shutil.copytree(tiny_store, store)
+    path = write_tiny_config(tmp_path, store=store)
+    path.write_text(path.read_text().replace("north = 62.0", "north = 64.0"))
+    cube = open_cube(load_config(path, workdir=tmp_path))
+    assert float(cube["latitude"].max()) == 64.0 and cube.sizes["latitude"] == 18
