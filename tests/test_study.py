@@ -354,11 +354,11 @@ def test_a_skill_and_memory_study_answers_with_its_pareto_front(tmp_path, tiny_s
         text.replace("lora_rank = [2, 4]", 'method = ["lora", "head"]\nlora_rank = [2, 4]')
     )
     config = load_config(path, workdir=tmp_path)
-    summary = run_study(config, trials=3)
+    summary = run_study(config, trials=2)
     study = summary.study
     assert study.metric_names == ["tp_seeps", "predicted_peak_mb"] and len(study.directions) == 2
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(done) == 3 and all(not t.intermediate_values for t in done)  # never pruned
+    assert len(done) == 2 and all(not t.intermediate_values for t in done)  # never pruned
     assert all(t.values[1] == t.user_attrs["predicted_peak_mb"] for t in done)
     front = pareto_front(ranked_trials(config), "predicted_peak_mb")
     assert front and {t.number for t in study.best_trials} == {t.number for t in front}
@@ -384,5 +384,5 @@ def test_a_skill_and_memory_study_answers_with_its_pareto_front(tmp_path, tiny_s
     assert "study/skill_vs_memory.png" in figures
 
     path.write_text(text.replace('objectives = ["tp_seeps", "predicted_peak_mb"]', ""))
-    result = runner.invoke(app, ["run", "-c", str(path), "--trials", "4"])
+    result = runner.invoke(app, ["run", "-c", str(path), "--trials", "3"])
     assert result.exit_code == 1 and "minimises tp_seeps, predicted_peak_mb" in result.output

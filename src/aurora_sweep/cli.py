@@ -250,6 +250,31 @@ def evaluate(
     _console().print(table)
 
 
+@app.command()
+def forecast(
+    adapter: Path = typer.Argument(..., help="An adapter directory from `best --export`."),
+    start: str = typer.Option(..., "--start", help="First initialisation day, YYYY-MM-DD."),
+    end: str = typer.Option(..., "--end", help="Last initialisation day, YYYY-MM-DD."),
+    lead: str = typer.Option(
+        "6h", "--lead", help="6h, or 12h, 24h ... (Aurora's rollout; tp accumulated)."
+    ),
+    out: Path = typer.Option(Path("forecast.nc"), "--out", help="The NetCDF file to write."),
+    checkpoint: Path | None = typer.Option(None, help="Local base checkpoint file."),
+) -> None:
+    """Forecast with an exported adapter from every store time in a date range, into a CF-1.8
+    NetCDF file (tp in mm over the lead time, and the variables Aurora already predicts)."""
+    _quiet_libraries()
+    from aurora_sweep.forecast import forecast_file
+
+    try:
+        path, n = forecast_file(
+            adapter, start=start, end=end, lead=lead, out=out, checkpoint=checkpoint
+        )
+    except AuroraSweepError as e:
+        fail(e)
+    _console().print(f"wrote {n} forecasts ({lead} ahead) to {path}", highlight=False)
+
+
 def _point(text: str | None) -> tuple[float, float] | None:
     if text is None:
         return None

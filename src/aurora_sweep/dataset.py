@@ -112,10 +112,23 @@ def tp_stats(cube: xr.Dataset, train: Period) -> TpStats:
     return TpStats(location=0.0, scale=max(std, 1e-3), mean=mean)
 
 
-class Samples:
-    """The samples of one split, as `aurora.Batch`es with tp's next value as the target."""
+def forecast_times(cube: xr.Dataset, period: Period) -> np.ndarray:
+    """Indices t of the cube's time axis in `period` whose inputs (t-1, t) are there: the times a
+    forecast can start from, whether or not the store has what follows them."""
+    times = cube["time"].values
+    if times.size < 2:
+        return np.zeros(0, dtype=int)
+    t = np.arange(1, times.size)
+    ok = (times[t] - times[t - 1] == STEP) & in_period(times, period)[t]
+    complete = np.isfinite(cube[TARGET_VAR].isel(latitude=0, longitude=0).values)
+    return t[ok & complete[t - 1] & complete[t]]
 
-    def __init__(self, cube: xr.Dataset, data: DataConfig, split: str) -> None:
+
+class Samples:
+    """The samples of one split, as `aurora.Batch`es with tp's next value as the target (with
+    `target=False`: every time of the split a forecast can start from, for `inputs`)."""
+
+    def __init__(self, cube: xr.Dataset, data: DataConfig, split: str, *, target: bool = True):
         periods = {"train": data.train, "validation": data.validation, "test": data.test}
         if split not in periods:
             raise AuroraSweepError(f"unknown split {split!r}: use train, validation or test")
@@ -130,9 +143,14 @@ class Samples:
         self.cube = load_if_small(cube)
         self.split = split
         self.levels = tuple(int(v) for v in self.cube["level"].values)
-        self.index = sample_times(cube, periods[split])
+        self.index = (sample_times if target else forecast_times)(cube, periods[split])
         if self.index.size == 0:
             p = periods[split]
+            if not target:
+                raise AuroraSweepError(
+                    f"no time from {p.start} to {p.end} in the store has the two input times a "
+                    "forecast starts from (6 hours apart, complete)"
+                )
             raise AuroraSweepError(f"no complete samples in the {split} period {p.start}..{p.end}")
         self.lat = torch.tensor(cube["latitude"].values, dtype=torch.float64)
         lon, self.lon_shift = model_longitudes(cube["longitude"].values)
@@ -160,19 +178,34 @@ class Samples:
         pos = np.stack([t - 1, t, t + 1], axis=1).reshape(-1)
         return self.cube.isel(time=pos)
 
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(rows, columns) of the grid the model forecasts."""
+        return self.cube.sizes["latitude"], self.cube.sizes["longitude"]
+
     def batch(self, indices: Sequence[int]) -> tuple[Batch, torch.Tensor]:
         """Inputs for samples `indices` and the target tp (mm), shaped (B, lat, lon)."""
-        n = len(indices)
-        win = self._window(indices)
+        surf, atmos = self._arrays(self._window(indices), len(indices), 3)
+        return self._inputs(indices, surf, atmos), torch.from_numpy(surf[TARGET_VAR][:, 2].copy())
 
+    def inputs(self, indices: Sequence[int]) -> Batch:
+        """Inputs alone (the two times before each forecast), for times without a target."""
+        t = self.index[np.asarray(indices)]
+        win = self.cube.isel(time=np.stack([t - 1, t], axis=1).reshape(-1))
+        surf, atmos = self._arrays(win, len(indices), 2)
+        return self._inputs(indices, surf, atmos)
+
+    @staticmethod
+    def _arrays(win: xr.Dataset, n: int, steps: int) -> tuple[dict, dict]:
         def arr(name: str) -> np.ndarray:
             a = np.asarray(win[name].values, dtype=np.float32)
-            return a.reshape(n, 3, *a.shape[1:])
+            return a.reshape(n, steps, *a.shape[1:])
 
-        surf = {k: arr(k) for k in (*SURF_VARS, TARGET_VAR)}
-        atmos = {k: arr(k) for k in ATMOS_VARS}
+        return {k: arr(k) for k in (*SURF_VARS, TARGET_VAR)}, {k: arr(k) for k in ATMOS_VARS}
+
+    def _inputs(self, indices: Sequence[int], surf: dict, atmos: dict) -> Batch:
         t = self.index[np.asarray(indices)]
-        batch = Batch(
+        return Batch(
             surf_vars={k: torch.from_numpy(v[:, :2].copy()) for k, v in surf.items()},
             static_vars=self.static,
             atmos_vars={k: torch.from_numpy(v[:, :2].copy()) for k, v in atmos.items()},
@@ -183,7 +216,6 @@ class Samples:
                 atmos_levels=self.levels,
             ),
         )
-        return batch, torch.from_numpy(surf[TARGET_VAR][:, 2].copy())
 
     def persistence(self, indices: Sequence[int]) -> np.ndarray:
         """tp at the last input time, the persistence forecast of the target."""
