@@ -1,13 +1,22 @@
 """How fast can samples be read from a local store? (Europe, 0.25°, the europe-tp config)
 
-Training on real ERA5 must not wait on the loader: a step of AuroraSmall takes seconds on a GPU,
-so the loader should give many samples a second. This builds a synthetic store with the Europe
-study's shape (149 x 209 points, its levels, a few weeks of 6-hourly times) in a temporary folder
-with `store.write_store`, then times batches of 1, 2, 4 and 8 samples read through
-`aurora_sweep.dataset.Samples` (or, where that is not importable, the raw arrays of each sample's
-three time steps). Prints a table and saves JSON to bench/results/loader-cpu-<date>.json.
+Training on real ERA5 must not wait on the loader: a step of AuroraSmall takes about a second on
+a GPU, so the loader should give many samples a second. This builds a synthetic store with the
+Europe study's shape (149 x 209 points, its levels, a few weeks of 6-hourly times) twice in a
+temporary folder: in today's layout (`store.write_store`: uncompressed, four times per chunk)
+and in the layout stores had before (Blosc-LZ4, four times per chunk). Then it times batches of
+1, 2, 4 and 8 samples:
 
-    PYTHONPATH=src .venv/bin/python bench/bench_loader.py [--weeks 3] [--seconds 8]
+- the baseline: the per-sample reader stores had before (xarray `isel` of a sample's three times
+  and `load`, on the LZ4 store), kept so that every run measures its own ratio;
+- `Samples.batch` reading lazily, as a store too large for memory is read: straight from the
+  chunk files (`StoreReader`) on today's store, and through zarr on the LZ4 one;
+- `Samples.batch` with the cube in memory.
+
+Prints a table (with each reader's ratio to the baseline at the same batch size) and saves JSON
+to bench/results/loader-cpu-<date>.json.
+
+    PYTHONPATH=src .venv/bin/python bench/bench_loader.py [--weeks 3] [--seconds 5]
 """
 
 from __future__ import annotations
@@ -69,30 +78,36 @@ def synthetic_cube(data, weeks: int) -> xr.Dataset:
     return ds
 
 
-def readers(cube: xr.Dataset, data) -> list[tuple[str, int, object]]:
-    """(name, n_samples, read(indices)) for each way of reading samples.
+def write_lz4_store(cube: xr.Dataset, path: Path) -> Path:
+    """The layout stores had before: Blosc-LZ4 (zarr's default), four times per chunk."""
+    encoding = {
+        name: {"chunks": tuple(min(4, n) if d == "time" else n for d, n in zip(v.dims, v.shape))}
+        for name, v in cube.data_vars.items()
+    }
+    cube.to_zarr(path, mode="w", encoding=encoding, consolidated=True, zarr_format=2)
+    return path
 
-    `dataset.Samples` loads a cube under 4 GiB into memory when it opens, so it is timed next to
-    reading each sample's three time steps straight from the zarr store, which is what a store
-    too large for memory costs.
-    """
-    out = []
-    try:
-        from aurora_sweep.dataset import Samples
-    except ImportError as e:
-        print(f"aurora_sweep.dataset.Samples is not importable ({e}); reading raw arrays only")
-    else:
-        import warnings
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            samples = Samples(cube, data, "train")
-        out.append(("dataset.Samples.batch", len(samples), samples.batch))
+def readers(raw: xr.Dataset, lz4: xr.Dataset, data) -> list[tuple[str, int, object]]:
+    """(name, n_samples, read(indices)) for each way of reading samples; the first is the
+    baseline."""
+    import warnings
 
-    def read(indices):
-        return [cube.isel(time=[t, t + 1, t + 2]).load() for t in indices]
+    from aurora_sweep.dataset import Samples
 
-    out.append(("zarr store, per sample (t-1, t, t+1)", cube.sizes["time"] - 2, read))
+    def before(indices):
+        return [lz4.isel(time=[t, t + 1, t + 2]).load() for t in indices]
+
+    out = [("baseline: xarray per sample, LZ4 store", lz4.sizes["time"] - 2, before)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the box crosses 0°: Aurora's longitudes are shifted
+        lazy = Samples(raw, data, "train", in_memory=False)
+        lazy_lz4 = Samples(lz4, data, "train", in_memory=False)
+        memory = Samples(raw, data, "train", in_memory=True)
+    assert lazy._reader.raw and not lazy_lz4._reader.raw
+    out.append(("Samples.batch, lazy, raw chunk files", len(lazy), lazy.batch))
+    out.append(("Samples.batch, lazy, through zarr (LZ4 store)", len(lazy_lz4), lazy_lz4.batch))
+    out.append(("Samples.batch, in memory", len(memory), memory.batch))
     return out
 
 
@@ -113,13 +128,16 @@ def main() -> None:
         test=Period(end + dt.timedelta(days=2), end + dt.timedelta(days=2)),
     )
     with tempfile.TemporaryDirectory() as tmp:
+        synthetic = synthetic_cube(data, args.weeks)
         t0 = time.perf_counter()
-        path = store.write_store(synthetic_cube(data, args.weeks), Path(tmp) / "store.zarr")
+        path = store.write_store(synthetic, Path(tmp) / "store.zarr")
         build_s = time.perf_counter() - t0
+        lz4_path = write_lz4_store(synthetic, Path(tmp) / "lz4.zarr")
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        lz4_size = sum(f.stat().st_size for f in lz4_path.rglob("*") if f.is_file())
         cube = store.open_store(path)
         t0 = time.perf_counter()
-        ways = readers(cube, data)
+        ways = readers(cube, store.open_store(lz4_path), data)
         open_s = time.perf_counter() - t0
         rng = np.random.default_rng(0)
         rows = []
@@ -134,6 +152,9 @@ def main() -> None:
                 rows.append({"reader": name, "batch_size": batch_size, "samples": done,
                              "seconds": round(elapsed, 3),
                              "samples_per_s": round(done / elapsed, 2)})  # fmt: skip
+        base = {r["batch_size"]: r["samples_per_s"] for r in rows if r["reader"] == ways[0][0]}
+        for r in rows:
+            r["ratio_to_baseline"] = round(r["samples_per_s"] / base[r["batch_size"]], 2)
 
     from rich.console import Console
     from rich.table import Table
@@ -141,10 +162,10 @@ def main() -> None:
     table = Table(title=f"loader, Europe 0.25° ({cube.sizes['latitude']}x"
                         f"{cube.sizes['longitude']}), levels {list(data.levels)}")  # fmt: skip
     table.add_column("reader")
-    for col in ("batch size", "samples", "seconds", "samples/s"):
+    for col in ("batch size", "samples", "seconds", "samples/s", "× baseline"):
         table.add_column(col, justify="right")
     for r in rows:
-        keys = ("reader", "batch_size", "samples", "seconds", "samples_per_s")
+        keys = ("reader", "batch_size", "samples", "seconds", "samples_per_s", "ratio_to_baseline")
         table.add_row(*(str(r[k]) for k in keys))
     Console().print(table)
     result = {
@@ -153,6 +174,9 @@ def main() -> None:
         "levels": list(data.levels),
         "times": cube.sizes["time"],
         "store_bytes": size,
+        "lz4_store_bytes": lz4_size,
+        "command": "PYTHONPATH=src .venv/bin/python bench/bench_loader.py "
+        f"--weeks {args.weeks} --seconds {args.seconds}",
         "build_store_s": round(build_s, 2),
         "open_samples_s": round(open_s, 2),
         "machine": {"cpus": __import__("os").cpu_count(), "platform": platform.platform()},

@@ -15,7 +15,7 @@ from aurora_sweep.tracking import tracking_uri
 pytestmark = pytest.mark.filterwarnings("ignore")
 METRICS = {
     "train_loss", "val_loss", "val_tp_seeps_subset", "peak_memory_mb", "trial_seconds",
-    "tp_rmse", "tp_rmse_persistence", "tp_rmse_climatology", "tp_mae", "tp_bias", "tp_seeps",
+    "loader_wait_fraction", "tp_rmse", "tp_rmse_persistence", "tp_rmse_climatology", "tp_mae", "tp_bias", "tp_seeps",
     "tp_seeps_persistence", "tp_seeps_climatology", "tp_seeps_q05", "tp_seeps_q95",
     "tp_csi_1", "tp_ets_5_climatology", "tp_fbias_0.1", "tp_fss_1_w5", "tp_fss_5_w11_persistence",
     "tp_skill_persistence", "tp_skill_climatology", "tp_skill_climatology_q05",

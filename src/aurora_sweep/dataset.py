@@ -17,12 +17,15 @@ is 0°, which offsets Aurora's position encoding by that many degrees (reported 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import psutil
 import torch
 import xarray as xr
 from aurora import Batch, Metadata
@@ -33,13 +36,117 @@ from aurora_sweep.store import ATMOS_VARS, AURORA_STATIC, STATIC_VARS, SURF_VARS
 
 PATCH = 4
 STEP = np.timedelta64(6, "h")
-#: Cubes up to this size are read into memory once; larger ones are read sample by sample.
-IN_MEMORY_BYTES = 4 * 2**30
+#: The share of the memory available when a cube is opened that it may take in memory; a larger
+#: cube is read sample by sample from the store (`StoreReader`).
+MEMORY_SHARE = 0.5
+
+
+def fits_in_memory(nbytes: int) -> bool:
+    """Whether `nbytes` fit in memory with a margin: half of what the machine has free now."""
+    return nbytes <= MEMORY_SHARE * psutil.virtual_memory().available
+
+
+def _lazy(cube: xr.Dataset) -> bool:
+    """True while some variable is still only on disk (xarray's lazy or dask arrays)."""
+    return not all(v.variable._in_memory for v in cube.data_vars.values())
 
 
 def load_if_small(cube: xr.Dataset) -> xr.Dataset:
-    """The cube in memory when it fits comfortably (the demo's does); else left lazy."""
-    return cube.load() if cube.nbytes <= IN_MEMORY_BYTES else cube
+    """The cube in memory when it fits (`fits_in_memory`, the demo's does); else left lazy."""
+    return cube.load() if _lazy(cube) and fits_in_memory(cube.nbytes) else cube
+
+
+class StoreReader:
+    """Reads chosen times of a cube straight from its zarr store, without dask.
+
+    The store `store.write_store` writes is uncompressed, chunked along time only: a time of a
+    variable is a contiguous run of raw float32 (C order) in its chunk file, so the levels and
+    rows a study uses are read with one `np.fromfile` each (a chunk missing from the store is
+    all NaN, as zarr leaves it). A store in another layout (compressed, say) is read through
+    zarr.
+    """
+
+    def __init__(self, cube: xr.Dataset) -> None:
+        import zarr
+
+        self.path = Path(cube.encoding["source"])
+        group = zarr.open_group(str(self.path), mode="r")
+        store = xr.open_zarr(self.path, consolidated=True)
+        self.time_index = pd.Index(store["time"].values)
+        lat, lon = store["latitude"].values, store["longitude"].values
+        self.rows = _offset_slice(lat, cube["latitude"].values, "latitude")
+        self.cols = _offset_slice(lon, cube["longitude"].values, "longitude")
+        levels = [int(v) for v in store["level"].values]
+        self.level_pos = [levels.index(int(v)) for v in cube["level"].values]
+        self.arrays = {name: group[name] for name in (*SURF_VARS, TARGET_VAR, *ATMOS_VARS)}
+        self.meta = {name: self._raw_layout(name) for name in self.arrays}
+
+    def _raw_layout(self, name: str) -> dict | None:
+        """The chunk layout when a time of `name` is one raw float32 file, else None."""
+        path = self.path / name / ".zarray"
+        try:
+            meta = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        raw = (
+            meta.get("zarr_format") == 2 and meta.get("compressor") is None
+            and not meta.get("filters") and meta.get("order") == "C"
+            and meta.get("dtype") == "<f4" and meta["chunks"][1:] == meta["shape"][1:]
+        )  # fmt: skip
+        return meta if raw else None
+
+    @property
+    def raw(self) -> bool:
+        """True when every variable is read from its chunk files directly."""
+        return all(m is not None for m in self.meta.values())
+
+    def read(self, times: pd.DatetimeIndex, names: Sequence[str]) -> dict[str, np.ndarray]:
+        """`names` at `times`: (n, rows, cols) for surface variables, (n, levels, rows, cols) for
+        atmospheric ones, float32, as the cube the reader was made for has them."""
+        positions = self.time_index.get_indexer(times)
+        if (positions < 0).any():
+            raise AuroraSweepError(f"the store at {self.path} lacks some of the times asked for")
+        return {name: self._read(name, positions) for name in names}
+
+    def _read(self, name: str, positions: np.ndarray) -> np.ndarray:
+        meta, atmos = self.meta[name], name in ATMOS_VARS
+        rows, cols = self.rows, self.cols
+        if meta is None:
+            sel = (positions, self.level_pos, rows, cols) if atmos else (positions, rows, cols)
+            return np.asarray(self.arrays[name].get_orthogonal_selection(sel), dtype=np.float32)
+        shape, per_chunk = meta["shape"][1:], meta["chunks"][0]
+        ny, nx = shape[-2:]
+        nl = shape[0] if atmos else 1
+        levels = self.level_pos if atmos else [0]
+        n_rows, n_cols = rows.stop - rows.start, cols.stop - cols.start
+        # read straight into the result when whole rows are kept, else through one row buffer
+        out = np.empty((positions.size, len(levels), n_rows, n_cols), np.float32)
+        buffer = None if n_cols == nx else np.empty((n_rows, nx), np.float32)
+        sep = meta.get("dimension_separator", ".")
+        for i, t in enumerate(positions):
+            chunk = self.path / name / sep.join([str(t // per_chunk)] + ["0"] * len(shape))
+            try:
+                f = open(chunk, "rb")  # noqa: SIM115 - closed below
+            except FileNotFoundError:
+                out[i] = np.nan  # an all-NaN chunk is not written
+                continue
+            with f:
+                for j, lv in enumerate(levels):
+                    f.seek(4 * ((((t % per_chunk) * nl + lv) * ny + rows.start) * nx))
+                    target = out[i, j] if buffer is None else buffer
+                    if f.readinto(memoryview(target).cast("B")) != target.nbytes:
+                        raise AuroraSweepError(f"{chunk} is truncated: rebuild the store")
+                    if buffer is not None:
+                        out[i, j] = buffer[:, cols]
+        return out if atmos else out[:, 0]
+
+
+def _offset_slice(store_axis: np.ndarray, cube_axis: np.ndarray, what: str) -> slice:
+    """Where the cube's (contiguous) part of an axis lies in the store's."""
+    start = int(np.flatnonzero(np.isclose(store_axis, cube_axis[0]))[0]) if cube_axis.size else 0
+    if not np.allclose(store_axis[start : start + cube_axis.size], cube_axis):
+        raise AuroraSweepError(f"the cube's {what} is not a contiguous part of its store's")
+    return slice(start, start + cube_axis.size)
 
 
 def model_longitudes(lon: np.ndarray) -> tuple[np.ndarray, float]:
@@ -128,7 +235,15 @@ class Samples:
     """The samples of one split, as `aurora.Batch`es with tp's next value as the target (with
     `target=False`: every time of the split a forecast can start from, for `inputs`)."""
 
-    def __init__(self, cube: xr.Dataset, data: DataConfig, split: str, *, target: bool = True):
+    def __init__(
+        self,
+        cube: xr.Dataset,
+        data: DataConfig,
+        split: str,
+        *,
+        target: bool = True,
+        in_memory: bool | None = None,
+    ):
         periods = {"train": data.train, "validation": data.validation, "test": data.test}
         if split not in periods:
             raise AuroraSweepError(f"unknown split {split!r}: use train, validation or test")
@@ -140,7 +255,15 @@ class Samples:
         # the study's levels in the study's order; labels come from the selection itself, so the
         # level axis of every tensor and `atmos_levels` always name the same levels
         cube = cube.sel(level=list(data.levels))
-        self.cube = load_if_small(cube)
+        # in memory when it fits (in_memory None: decided by the memory free now), else read
+        # sample by sample straight from the store
+        self._reader: StoreReader | None = None
+        if _lazy(cube) and in_memory is None:
+            in_memory = fits_in_memory(cube.nbytes)
+        if _lazy(cube) and not in_memory and "source" in cube.encoding:
+            self._reader = StoreReader(cube)
+        self.cube = cube.load() if in_memory else cube
+        self._memory: dict[str, np.ndarray] | None = None  # the cube's arrays, once asked for
         self.split = split
         self.levels = tuple(int(v) for v in self.cube["level"].values)
         self.index = (sample_times if target else forecast_times)(cube, periods[split])
@@ -183,32 +306,45 @@ class Samples:
         """(rows, columns) of the grid the model forecasts."""
         return self.cube.sizes["latitude"], self.cube.sizes["longitude"]
 
+    @property
+    def lazy(self) -> bool:
+        """True when samples are read from the store as they are asked for."""
+        return self._reader is not None
+
+    def read(self, positions: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
+        """`names` at the cube's time `positions`, float32 numpy arrays (one copy each): from
+        memory, or straight from the store for a cube too large for it."""
+        positions = np.asarray(positions).reshape(-1)
+        if self._reader is not None:
+            return self._reader.read(self.times[positions], names)
+        if self._memory is None:
+            self._memory = {
+                k: np.asarray(self.cube[k].values, dtype=np.float32)
+                for k in (*SURF_VARS, TARGET_VAR, *ATMOS_VARS)
+            }
+        return {k: self._memory[k][positions] for k in names}
+
     def batch(self, indices: Sequence[int]) -> tuple[Batch, torch.Tensor]:
         """Inputs for samples `indices` and the target tp (mm), shaped (B, lat, lon)."""
-        surf, atmos = self._arrays(self._window(indices), len(indices), 3)
-        return self._inputs(indices, surf, atmos), torch.from_numpy(surf[TARGET_VAR][:, 2].copy())
+        t = self.index[np.asarray(indices)]
+        target = self.read(t + 1, (TARGET_VAR,))[TARGET_VAR]
+        return self.inputs(indices), torch.from_numpy(target)
 
     def inputs(self, indices: Sequence[int]) -> Batch:
-        """Inputs alone (the two times before each forecast), for times without a target."""
+        """The two input times of samples `indices` (for a forecast, with or without a target),
+        read once into the arrays the batch holds: no copy after the read."""
         t = self.index[np.asarray(indices)]
-        win = self.cube.isel(time=np.stack([t - 1, t], axis=1).reshape(-1))
-        surf, atmos = self._arrays(win, len(indices), 2)
-        return self._inputs(indices, surf, atmos)
+        arrays = self.read(np.stack([t - 1, t], axis=1), (*SURF_VARS, TARGET_VAR, *ATMOS_VARS))
+        return self._inputs(
+            indices, {k: a.reshape(len(t), 2, *a.shape[1:]) for k, a in arrays.items()}
+        )
 
-    @staticmethod
-    def _arrays(win: xr.Dataset, n: int, steps: int) -> tuple[dict, dict]:
-        def arr(name: str) -> np.ndarray:
-            a = np.asarray(win[name].values, dtype=np.float32)
-            return a.reshape(n, steps, *a.shape[1:])
-
-        return {k: arr(k) for k in (*SURF_VARS, TARGET_VAR)}, {k: arr(k) for k in ATMOS_VARS}
-
-    def _inputs(self, indices: Sequence[int], surf: dict, atmos: dict) -> Batch:
+    def _inputs(self, indices: Sequence[int], arrays: dict[str, np.ndarray]) -> Batch:
         t = self.index[np.asarray(indices)]
         return Batch(
-            surf_vars={k: torch.from_numpy(v[:, :2].copy()) for k, v in surf.items()},
+            surf_vars={k: torch.from_numpy(arrays[k]) for k in (*SURF_VARS, TARGET_VAR)},
             static_vars=self.static,
-            atmos_vars={k: torch.from_numpy(v[:, :2].copy()) for k, v in atmos.items()},
+            atmos_vars={k: torch.from_numpy(arrays[k]) for k in ATMOS_VARS},
             metadata=Metadata(
                 lat=self.lat,
                 lon=self.lon,
@@ -219,19 +355,15 @@ class Samples:
 
     def persistence(self, indices: Sequence[int]) -> np.ndarray:
         """tp at the last input time, the persistence forecast of the target."""
-        t = self.index[np.asarray(indices)]
-        return self.cube[TARGET_VAR].isel(time=t).values
+        return self.read(self.index[np.asarray(indices)], (TARGET_VAR,))[TARGET_VAR]
 
     def observed(self, indices: Sequence[int]) -> np.ndarray:
-        t = self.index[np.asarray(indices)]
-        return self.cube[TARGET_VAR].isel(time=t + 1).values
+        return self.read(self.index[np.asarray(indices)] + 1, (TARGET_VAR,))[TARGET_VAR]
 
     def observed_state(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
         """Every variable Aurora already predicts, at the target time: surface (n, lat, lon),
         atmospheric (n, level, lat, lon) with levels in `self.levels` order."""
-        t = self.index[np.asarray(indices)] + 1
-        win = self.cube[[*SURF_VARS, *ATMOS_VARS]].isel(time=t)
-        return {k: np.asarray(win[k].values, dtype=np.float32) for k in (*SURF_VARS, *ATMOS_VARS)}
+        return self.read(self.index[np.asarray(indices)] + 1, (*SURF_VARS, *ATMOS_VARS))
 
 
 def complete_train_tp(cube: xr.Dataset, train: Period) -> tuple[np.ndarray, pd.DatetimeIndex]:

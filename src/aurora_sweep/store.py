@@ -61,9 +61,11 @@ def write_store(ds: xr.Dataset, path: Path) -> Path:
     ds = ds.transpose("time", "level", "latitude", "longitude", missing_dims="ignore")
     encoding = {}
     for name, var in ds.data_vars.items():
-        # a few times per chunk: a sample reads three consecutive times
+        # uncompressed, four times per chunk: a time of a variable is a contiguous run of raw
+        # float32 in its chunk file, read with one np.fromfile per level and nothing to
+        # decompress (`dataset.StoreReader`); see bench/bench_loader.py for the layouts measured
         chunks = tuple(min(4, n) if d == "time" else n for d, n in zip(var.dims, var.shape))
-        encoding[name] = {"chunks": chunks}
+        encoding[name] = {"chunks": chunks, "compressors": None}
     ds.to_zarr(tmp, mode="w", encoding=encoding, consolidated=True, zarr_format=2)
     if path.exists():
         shutil.rmtree(path)

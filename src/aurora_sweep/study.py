@@ -705,6 +705,8 @@ class Sweep:
                            "trial_seconds": p["seconds"]}  # fmt: skip
                 if p.get("peak_reserved_mb") is not None:
                     scalars["peak_reserved_mb"] = p["peak_reserved_mb"]
+                if p.get("loader_wait_fraction") is not None:
+                    scalars["loader_wait_fraction"] = p["loader_wait_fraction"]
                 worst = worst_forgetting(p["metrics"])
                 if worst is not None:
                     scalars["forget_worst_ratio"] = worst[1]

@@ -12,6 +12,7 @@ that whole split.
 from __future__ import annotations
 
 import dataclasses
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -29,8 +30,8 @@ from aurora_sweep.dataset import (
     TpStats,
     climatology,
     complete_train_tp,
+    fits_in_memory,
     in_period,
-    load_if_small,
     tp_stats,
 )
 from aurora_sweep.metrics import SeepsClimate, seeps_climate
@@ -99,14 +100,17 @@ class TrialData:
 
     @classmethod
     def prepare(cls, cube, config: StudyConfig, *, eval_split: str = "validation") -> TrialData:
-        cube = load_if_small(cube)  # read once, shared by both splits
-        train = Samples(cube, config.data, "train")
+        # in memory when it fits (read once, shared by both splits), else read from the store
+        in_memory = fits_in_memory(cube.nbytes)
+        if in_memory:
+            cube = cube.load()
+        train = Samples(cube, config.data, "train", in_memory=in_memory)
         period = config.data.train
         # the train split's tp, read once for its statistics and both climatologies
         tp = train.cube[["tp"]].sel(time=in_period(train.cube["time"].values, period)).load()
         return cls(
             train=train,
-            validation=Samples(cube, config.data, eval_split),
+            validation=Samples(cube, config.data, eval_split, in_memory=in_memory),
             tp=tp_stats(tp, period),
             climatology=climatology(tp, period),
             seeps=train_seeps_climate(tp, period),
@@ -131,6 +135,8 @@ class TrialResult:
     peak_memory_mb: float
     peak_reserved_mb: float | None
     seconds: float
+    #: the share of the training loop's wall time spent waiting for a batch
+    loader_wait_fraction: float
     model: Any = field(repr=False)
     parts: TrainableParts = field(repr=False)
     forecasts: Any = field(default=None, repr=False)  # evaluation.Forecasts of the eval split
@@ -174,6 +180,51 @@ class PeakMemory:
     @property
     def megabytes(self) -> float:
         return self.peak / 2**20
+
+
+class Prefetcher:
+    """Makes `read(indices)` for each entry of `plan`, in order, a few ahead of the consumer in a
+    thread: reading from the store (file reads and copies, which release the GIL) overlaps the
+    training step. An error in the reader is raised by `next`."""
+
+    def __init__(self, read: Callable[[Any], Any], plan: list, depth: int = 2) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(read, plan), name="prefetch", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, read: Callable[[Any], Any], plan: list) -> None:
+        for item in plan:
+            try:
+                value = (True, read(item))
+            except BaseException as e:  # noqa: BLE001 - raised in the consumer
+                value = (False, e)
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(value, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if self._stop.is_set() or not value[0]:
+                return
+
+    def next(self) -> Any:
+        ok, value = self._queue.get()
+        if not ok:
+            raise value
+        return value
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> Prefetcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def default_device() -> torch.device:
@@ -256,39 +307,46 @@ def fit(
         intermediate: list[tuple[int, float]] = []
 
         peft_model.train()
-        for step in range(1, trial.steps + 1):
-            idx = rng.choice(
-                len(data.train), size=min(trial.batch_size, len(data.train)), replace=False
-            )
-            batch, target = data.train.batch(idx)
-            pred = peft_model(batch.to(device))
-            err = (pred.surf_vars["tp"][:, 0] - target.to(device)) / data.tp.scale
-            loss = (err.float() ** 2).mean()
-            optimiser.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimiser)
-                scaler.update()
-            else:
-                loss.backward()
-                optimiser.step()
-            value = float(loss.detach())
-            if not np.isfinite(value):
-                raise FloatingPointError(f"training loss became {value} at step {step}")
-            train_loss.append((step, value))
-            if on_step:
-                on_step(step, value)
-            # the last step is scored on the whole split below; the pruner cannot act on it anyway
-            if step % trial.eval_every == 0 and step < trial.steps:
-                tp = forecast(
-                    peft_model, data.validation, val_idx, batch_size=eval_batch, device=device,
-                    state=False,
-                ).tp  # fmt: skip
-                val_loss.append((step, normalised_mse(tp, val_observed, data.tp)))
-                objective = subset_objective(tp, data, val_idx)
-                intermediate.append((step, objective))
-                if report:
-                    report(step, objective)
+        # the batches in the order the seed gives, read ahead by a thread while the model trains
+        plan = [
+            rng.choice(len(data.train), size=min(trial.batch_size, len(data.train)), replace=False)
+            for _ in range(trial.steps)
+        ]
+        with Prefetcher(data.train.batch, plan) as batches:
+            waited, loop_started = 0.0, time.perf_counter()
+            for step in range(1, trial.steps + 1):
+                asked = time.perf_counter()
+                batch, target = batches.next()
+                waited += time.perf_counter() - asked
+                pred = peft_model(batch.to(device))
+                err = (pred.surf_vars["tp"][:, 0] - target.to(device)) / data.tp.scale
+                loss = (err.float() ** 2).mean()
+                optimiser.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.step(optimiser)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    optimiser.step()
+                value = float(loss.detach())
+                if not np.isfinite(value):
+                    raise FloatingPointError(f"training loss became {value} at step {step}")
+                train_loss.append((step, value))
+                if on_step:
+                    on_step(step, value)
+                # the last step is scored on the whole split below: the pruner cannot act on it
+                if step % trial.eval_every == 0 and step < trial.steps:
+                    tp = forecast(
+                        peft_model, data.validation, val_idx, batch_size=eval_batch, device=device,
+                        state=False,
+                    ).tp  # fmt: skip
+                    val_loss.append((step, normalised_mse(tp, val_observed, data.tp)))
+                    objective = subset_objective(tp, data, val_idx)
+                    intermediate.append((step, objective))
+                    if report:
+                        report(step, objective)
+        loop_seconds = time.perf_counter() - loop_started
         metrics, forecasts = verify(
             peft_model, data, batch_size=eval_batch, device=device, bootstrap=bootstrap
         )
@@ -302,6 +360,7 @@ def fit(
         peak_memory_mb=memory.megabytes,
         peak_reserved_mb=memory.reserved / 2**20 if memory.reserved is not None else None,
         seconds=time.perf_counter() - started,
+        loader_wait_fraction=waited / loop_seconds if loop_seconds > 0 else 0.0,
         model=peft_model,
         parts=parts,
         forecasts=forecasts,

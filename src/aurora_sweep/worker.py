@@ -299,6 +299,7 @@ def serve(conn, spec: WorkerSpec) -> None:
                 "intermediate": result.intermediate,
                 "metrics": result.metrics, "peak_memory_mb": result.peak_memory_mb,
                 "peak_reserved_mb": result.peak_reserved_mb, "seconds": result.seconds,
+                "loader_wait_fraction": result.loader_wait_fraction,
             }))  # fmt: skip
             del result
         except _Pruned as p:

@@ -11,6 +11,7 @@ import os
 import queue
 import re
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -305,12 +306,19 @@ def _fetch_all(
                 results.put((req, fetch(req, attempt)))
             except BaseException as e:  # noqa: BLE001 - handed to the calling thread
                 results.put((req, e))
+            if stop.is_set():  # arrived after the download stopped: nobody will check it
+                (folder / f"{req.target}.partial").unlink(missing_ok=True)
 
     for req in todo:
         jobs.put((req, 0))
     local.client = first  # the calling thread never fetches, but keeps the first client alive
-    for i in range(max(1, min(max_workers, len(todo)))):
-        threading.Thread(target=work, name=f"cds-{i}", daemon=True).start()
+    threads = [
+        threading.Thread(target=work, name=f"cds-{i}", daemon=True)
+        for i in range(max(1, min(max_workers, len(todo))))
+    ]
+    for thread in threads:
+        thread.start()
+    interrupted = False
     outstanding = len(todo)
     with _progress(progress) as bar:
         task = bar.add_task("CDS chunks", total=total, completed=total - len(todo))
@@ -345,9 +353,14 @@ def _fetch_all(
                 bar.advance(task)
                 outstanding -= 1
         except KeyboardInterrupt:
+            interrupted = True
             stop.set()
             raise DownloadInterrupted(total - outstanding, total, folder) from None
         finally:
             stop.set()
+            if not interrupted:  # a failure: give requests about to land a moment to settle
+                deadline = time.monotonic() + 5.0
+                for thread in threads:
+                    thread.join(timeout=max(0.0, deadline - time.monotonic()))
             for stale in folder.glob("*.partial"):
                 stale.unlink(missing_ok=True)
