@@ -138,7 +138,7 @@ def _kill_one_mid_trial(tmp_path: Path, store: Path, storage_of, tracking: str |
     storage = storage_of(name)
     common = dict(config=path, workdir=tmp_path, storage=storage, tracking=tracking, **extra)
     marker = tmp_path / "training"
-    a = _start(tmp_path, "a", trials=3, marker=marker, **common)
+    a = _start(tmp_path, "a", trials=2, marker=marker, **common)
     trainer = _wait_for(marker, a, tmp_path / "a.log")
     return name, storage, a, trainer
 
@@ -147,7 +147,7 @@ def _assert_settled(name: str, storage: str, tracking: str, killed: optuna.trial
     trials = _load(name, storage).trials
     states = [t.state for t in trials]
     assert optuna.trial.TrialState.RUNNING not in states
-    assert sum(s in FINISHED for s in states) == 3
+    assert sum(s in FINISHED for s in states) == 2
     (retry,) = [t for t in trials if t.user_attrs.get("retry_of") == killed.number]
     assert retry.state == optuna.trial.TrialState.COMPLETE and retry.params == killed.params
     assert trials[killed.number].state == optuna.trial.TrialState.FAIL
@@ -181,7 +181,7 @@ def test_a_worker_killed_on_another_node_is_found_by_heartbeat_and_retried_on_po
     study._storage.set_trial_user_attr(killed._trial_id, "host", "node-elsewhere")
     os_kill_group(a)
     _gone(trainer)
-    b = _start(tmp_path, "b", trials=3, config=tmp_path / "tiny.toml", workdir=tmp_path,
+    b = _start(tmp_path, "b", trials=2, config=tmp_path / "tiny.toml", workdir=tmp_path,
                storage=storage, tracking=mlflow_server, heartbeat=1)  # fmt: skip
     _finish(b, tmp_path / "b.log")
     _assert_settled(name, storage, mlflow_server, _load(name, storage).trials[killed.number])
@@ -194,11 +194,11 @@ def test_a_run_killed_with_sigkill_takes_its_worker_with_it_and_the_other_retrie
     name, storage, a, trainer = _kill_one_mid_trial(
         tmp_path, tiny_store, lambda n: str(tmp_path / f"{n}.journal"), None
     )
-    # B joins while A's trial runs, runs the other two, and waits for A's, which never ends
-    b = _start(tmp_path, "b", trials=3, config=tmp_path / "tiny.toml", workdir=tmp_path,
+    # B joins while A's trial runs, runs the other one, and waits for A's, which never ends
+    b = _start(tmp_path, "b", trials=2, config=tmp_path / "tiny.toml", workdir=tmp_path,
                storage=storage)  # fmt: skip
     deadline = time.monotonic() + 240
-    while sum(t.state in FINISHED for t in _load(name, storage).trials) < 2:
+    while sum(t.state in FINISHED for t in _load(name, storage).trials) < 1:
         assert b.poll() is None, (tmp_path / "b.log").read_text()[-3000:]
         assert time.monotonic() < deadline
         time.sleep(1)
@@ -256,12 +256,12 @@ def test_ctrl_c_stops_both_workers_in_one_line_and_the_rerun_retries_both(tmp_pa
 
     short = write_tiny_config(tmp_path, steps=2, store=tiny_store)
     rerun = subprocess.run(
-        [*command[:5], str(short), "--workers", "2", "--trials", "3"],
+        [*command[:5], str(short), "--workers", "2", "--trials", "2"],
         cwd=tmp_path, capture_output=True, text=True,
     )  # fmt: skip
     assert rerun.returncode == 0, rerun.stderr
     trials = _load("tiny", storage).trials
-    assert sum(t.state in FINISHED for t in trials) == 3  # exactly, with two workers
+    assert sum(t.state in FINISHED for t in trials) == 2  # exactly, with two workers
     assert {t.user_attrs.get("retry_of") for t in trials} >= {0, 1}
     statuses = _mlflow_statuses(f"sqlite:///{tmp_path / 'mlflow.db'}", "tiny")
     assert "RUNNING" not in statuses.values()

@@ -26,7 +26,7 @@ PARAMS = {"lora_rank", "lora_targets", "unfrozen_blocks", "batch_size", "precisi
 
 @pytest.fixture(scope="module")
 def finished_study(tmp_path_factory, tiny_store):
-    """3 trials, then a second invocation asking for 5."""
+    """2 trials, then a second invocation asking for 4."""
     from aurora_sweep.config import load_config
     from conftest import write_tiny_config
 
@@ -34,16 +34,16 @@ def finished_study(tmp_path_factory, tiny_store):
     config = load_config(write_tiny_config(workdir, store=tiny_store), workdir=workdir)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        first = run_study(config, trials=3)
-        second = run_study(config, trials=5)
+        first = run_study(config, trials=2)
+        second = run_study(config, trials=4)
     return config, first, second
 
 
 @pytest.mark.slow
 def test_running_again_resumes_the_study_up_to_the_requested_total(finished_study):
     config, first, second = finished_study
-    assert first.new_trials == 3 and second.new_trials == 2
-    assert len(open_study(config, create=False).trials) == 5
+    assert first.new_trials == 2 and second.new_trials == 2
+    assert len(open_study(config, create=False).trials) == 4
     assert (config.workdir / "tiny.optuna.db").exists()
 
 
@@ -57,7 +57,7 @@ def test_every_trial_is_a_child_run_with_its_params_and_metrics(finished_study):
     assert first.parent_run_id == second.parent_run_id
     parents = {first.parent_run_id}
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") in parents]
-    assert len(children) == 5 and len(runs) == 6
+    assert len(children) == 4 and len(runs) == 5
     assert {r.info.status for r in runs} <= {"FINISHED", "KILLED"}
     completed = [r for r in children if r.data.tags.get("optuna.state") == "COMPLETE"]
     assert completed
