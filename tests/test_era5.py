@@ -556,16 +556,20 @@ def _closed_port() -> int:
         return s.getsockname()[1]  # nothing listens once it is closed
 
 
-def test_cli_download_from_an_unreachable_cds_is_one_line_within_a_minute(tmp_path, monkeypatch):
-    """The real cdsapi client against a closed loopback port: its own retry loop (500 tries,
-    two minutes apart) is held to --retries, and what it prints is kept off the terminal."""
+@pytest.mark.parametrize("retries", ["0", "5"])
+def test_cli_download_from_an_unreachable_cds_is_one_line_within_a_minute(
+    tmp_path, monkeypatch, retries
+):
+    """The real cdsapi client against a closed loopback port: the CDS is found unreachable
+    before the client's own retry loop (500 tries, two minutes apart, held to --retries) starts,
+    and what the client prints is kept off the terminal."""
     config = study_config(tmp_path, days=3)
     monkeypatch.setenv("CDSAPI_URL", f"http://127.0.0.1:{_closed_port()}/api")
     monkeypatch.setenv("CDSAPI_KEY", "0f1e2d3c-4b5a-6978-8a9b-0c1d2e3f4a5b")
     monkeypatch.chdir(tmp_path)
     started = time.monotonic()
     result = CliRunner().invoke(
-        data_app, ["download", "-c", str(config.path), "--no-progress", "--retries", "0"]
+        data_app, ["download", "-c", str(config.path), "--no-progress", "--retries", retries]
     )
     assert time.monotonic() - started < 60
     assert result.exit_code == 1
@@ -573,6 +577,24 @@ def test_cli_download_from_an_unreachable_cds_is_one_line_within_a_minute(tmp_pa
     assert len(lines) == 1, result.output
     assert "cannot reach the CDS at 127.0.0.1 (Connection refused)" in result.output
     assert "0f1e2d3c" not in result.output
+
+
+def test_a_cds_host_that_does_not_resolve_is_named(monkeypatch):
+    import importlib
+    import socket as socket_module
+
+    module = importlib.import_module(
+        "aurora_sweep.era5.download"
+    )  # `era5.download` is the function
+
+    def no_dns(*args, **kwargs):
+        raise socket_module.gaierror(-3, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(module.socket, "create_connection", no_dns)
+    monkeypatch.delenv("HTTPS_PROXY", raising=False)
+    monkeypatch.delenv("https_proxy", raising=False)
+    with pytest.raises(AuroraSweepError, match="the name cds.climate.copernicus.eu does not"):
+        module.check_reachable("https://cds.climate.copernicus.eu/api")
 
 
 def test_error_messages_never_show_the_key():

@@ -10,8 +10,10 @@ import logging
 import os
 import queue
 import re
+import socket
 import threading
 import time
+import urllib.parse
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,6 +53,8 @@ class _Failure:
 
 def classify_failure(exc: BaseException, request: Request) -> _Failure:
     """Decide whether a failed retrieve is worth retrying, and what to tell the user if not."""
+    if isinstance(exc, AuroraSweepError):  # already said in one line (check_reachable)
+        return _Failure(False, str(exc))
     response = getattr(exc, "response", None)
     status = getattr(response, "status_code", None)
     text = _redact(str(exc) or type(exc).__name__)
@@ -92,8 +96,9 @@ def classify_failure(exc: BaseException, request: Request) -> _Failure:
                            "max retries exceeded", "network is unreachable", "timed out")
     )  # fmt: skip
     if network:
+        # not retried here: the CDS client has retried it --retries times already
         return _Failure(
-            True,
+            False,
             f"cannot reach the CDS at {_host(text)} ({_cause(text)}): check the internet "
             "connection, a proxy (HTTPS_PROXY) and the url in ~/.cdsapirc (or CDSAPI_URL), then "
             "run the download again; finished chunks are kept",
@@ -123,6 +128,29 @@ def _cause(text: str) -> str:
     return "timed out" if "timed out" in text.lower() else "no connection"
 
 
+def check_reachable(url: str, *, timeout: float = 10.0) -> None:
+    """Say at once, in one line, when the CDS cannot be reached at all (offline, a wrong url, a
+    proxy needed): the client would retry that for minutes before giving up."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or url
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    what = (
+        "check the internet connection, a proxy (HTTPS_PROXY) and the url in ~/.cdsapirc (or "
+        "CDSAPI_URL); finished chunks are kept, run the download again"
+    )
+    if os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy"):
+        return  # the connection goes through the proxy: the request will tell
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except socket.gaierror:
+        raise AuroraSweepError(
+            f"cannot reach the CDS: the name {host} does not resolve. {what[0].upper()}{what[1:]}"
+        ) from None
+    except OSError as e:
+        reason = "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e))
+        raise AuroraSweepError(f"cannot reach the CDS at {host} ({reason}): {what}") from None
+
+
 def _default_client(*, retries: int = 5, sleep: float = 10.0) -> Any:
     """cdsapi's client with its own retry loop held to `--retries` (its default tries 500
     times, two minutes apart, so an unreachable CDS would be waited on for hours) and its
@@ -130,12 +158,21 @@ def _default_client(*, retries: int = 5, sleep: float = 10.0) -> Any:
     """
     import cdsapi
 
+    try:
+        url, _, _ = cdsapi.api.get_url_key_verify(None, None, None)
+    except Exception:  # no credentials: the client below says so, classified by the caller
+        url = None
+    if url:
+        check_reachable(url)  # before the client, which retries fetching the CDS's news
+
     def quiet(*args: Any, **kwargs: Any) -> None:
         log.debug("cdsapi: %s", " ".join(map(str, args)))
 
-    # the client warns (in the thread that first uses it) when it cannot fetch the CDS's news;
-    # a CDS that cannot be reached is said once, by the failed request
+    # the client warns (in the thread that first uses it) when it cannot fetch the CDS's news,
+    # and its HTTP layer logs every retry; a CDS that cannot be reached is said once, by the
+    # failed request
     warnings.filterwarnings("ignore", category=UserWarning, module=r"ecmwf\.datastores")
+    logging.getLogger("multiurl").setLevel(logging.ERROR)
     return cdsapi.Client(
         quiet=True, progress=False, retry_max=retries + 1, sleep_max=sleep, timeout=30,
         info_callback=quiet, warning_callback=quiet, error_callback=quiet,
