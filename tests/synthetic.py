@@ -93,3 +93,16 @@ def train_steps(model, samples, *, steps: int, offset: int, lr: float = 1e-2):
         loss.backward()
         optimiser.step()
     return loss
+
+
+def tiny_lora_trial(**changes):
+    """A small LoRA recipe on the demo base and the tiny study's levels, for tests that train a
+    model by hand (`changes` replace any field)."""
+    from aurora_sweep.train import TrialConfig
+
+    recipe = dict(
+        lora_rank=2, lora_targets="qkv+proj", unfrozen_blocks=0, batch_size=2, precision="fp32",
+        learning_rate=1e-2, activation_checkpointing=False, base="demo",
+        levels=(500, 700, 850), steps=2, eval_every=2, val_samples=4, weight_decay=0.0, seed=0,
+    )  # fmt: skip
+    return TrialConfig(**(recipe | changes))

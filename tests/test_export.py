@@ -8,8 +8,8 @@ from aurora_sweep.dataset import Samples, tp_stats
 from aurora_sweep.export import adapter_tensors, load_finetuned, save_adapter
 from aurora_sweep.model import DEMO_CHECKPOINT
 from aurora_sweep.store import open_store
-from aurora_sweep.train import TrialConfig, build_trial_model
-from synthetic import train_steps
+from aurora_sweep.train import build_trial_model
+from synthetic import tiny_lora_trial, train_steps
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -20,11 +20,7 @@ def test_a_saved_adapter_forecasts_what_the_trained_model_forecast(
 ):
     cube = open_store(tiny_config.data.store)
     train = Samples(cube, tiny_config.data, "train")
-    trial = TrialConfig(
-        lora_rank=2, lora_targets="qkv+proj", unfrozen_blocks=1, batch_size=2, precision="fp32",
-        learning_rate=1e-2, activation_checkpointing=checkpointing, base="demo",
-        levels=(500, 700, 850), steps=2, eval_every=2, val_samples=4, weight_decay=0.0, seed=0,
-    )  # fmt: skip
+    trial = tiny_lora_trial(unfrozen_blocks=1, activation_checkpointing=checkpointing)
     stats = tp_stats(train.cube, tiny_config.data.train)
     peft_model, model, parts = build_trial_model(trial, stats, DEMO_CHECKPOINT)
     if checkpointing:
@@ -63,11 +59,9 @@ def test_an_adapter_of_any_method_loads_with_plain_peft_and_its_trained_weights(
     cube = open_store(tiny_config.data.store)
     train = Samples(cube, tiny_config.data, "train")
     lora = method == "dora"
-    trial = TrialConfig(
+    trial = tiny_lora_trial(
         lora_rank=2 if lora else 0, lora_targets="qkv+proj" if lora else "",
-        unfrozen_blocks=2 if method == "blocks" else 0, batch_size=2, precision="fp32",
-        learning_rate=1e-2, activation_checkpointing=checkpointing, base="demo",
-        levels=(500, 700, 850), steps=2, eval_every=2, val_samples=4, weight_decay=0.0, seed=0,
+        unfrozen_blocks=2 if method == "blocks" else 0, activation_checkpointing=checkpointing,
         method=method,
     )  # fmt: skip
     stats = tp_stats(train.cube, tiny_config.data.train)

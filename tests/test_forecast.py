@@ -15,8 +15,8 @@ from aurora_sweep.dataset import Samples, tp_stats
 from aurora_sweep.export import load_finetuned, save_adapter
 from aurora_sweep.model import DEMO_CHECKPOINT
 from aurora_sweep.store import open_store
-from aurora_sweep.train import TrialConfig, build_trial_model
-from synthetic import train_steps
+from aurora_sweep.train import build_trial_model
+from synthetic import tiny_lora_trial, train_steps
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -30,11 +30,7 @@ def adapter(tmp_path_factory, tiny_store):
     root = tmp_path_factory.mktemp("forecast")
     config = load_config(write_tiny_config(root, store=tiny_store), workdir=root)
     train = Samples(open_store(tiny_store), config.data, "train")
-    trial = TrialConfig(
-        lora_rank=2, lora_targets="qkv+proj", unfrozen_blocks=0, batch_size=2, precision="fp32",
-        learning_rate=1e-2, activation_checkpointing=False, base="demo",
-        levels=(500, 700, 850), steps=2, eval_every=2, val_samples=4, weight_decay=0.0, seed=0,
-    )  # fmt: skip
+    trial = tiny_lora_trial()
     stats = tp_stats(train.cube, config.data.train)
     peft_model, _, parts = build_trial_model(trial, stats, DEMO_CHECKPOINT)
     train_steps(peft_model, train, steps=2, offset=3)
