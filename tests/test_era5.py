@@ -818,14 +818,14 @@ def test_a_killed_imports_scratch_is_removed_by_the_next_import(tmp_path, caplog
     killed = parent / ".import-killed"
     killed.mkdir()
     (killed / "2t.npy").write_bytes(b"\0" * 4096)  # what a killed import leaves
-    owner = {"host": socket.gethostname(), "pid": pid, "started": started}
+    owner = {"host": socket.gethostname(), "pid": pid, "pid_started": started}
     (killed / "owner.json").write_text(json.dumps(owner))
     running = parent / ".import-running"  # another import, alive: left alone
     running.mkdir()
     import psutil
 
     me = {"host": socket.gethostname(), "pid": os.getpid(),
-          "started": psutil.Process().create_time()}  # fmt: skip
+          "pid_started": psutil.Process().create_time()}  # fmt: skip
     (running / "owner.json").write_text(json.dumps(me))
     with caplog.at_level("WARNING"):
         era5.import_files(files, config.data, progress=False)

@@ -203,6 +203,7 @@ def best(
         best_by_method,
         export_best,
         pareto_table,
+        study_trials,
         top_trials_table,
     )
 
@@ -211,11 +212,13 @@ def best(
         if trial is not None and export is None:
             raise AuroraSweepError("--trial N says which trial to export: add --export DIR")
         study = with_overrides(load_config(config), storage=storage, tracking_uri=tracking_uri)
-        console.print(pareto_table(study) if pareto else top_trials_table(study, top=top))
-        for line in [*best_by_method(study), *against_references(study)]:
+        trials = study_trials(study)  # read once for every view below
+        table = pareto_table(study, trials) if pareto else top_trials_table(study, trials, top=top)
+        console.print(table)
+        for line in [*best_by_method(study, trials), *against_references(study, trials)]:
             console.print(line, highlight=False)
         if export is not None:
-            path = export_best(study, export, number=trial)
+            path = export_best(study, export, number=trial, trials=trials)
             which = "the best trial" if trial is None else f"trial {trial}"
             console.print(f"exported {which} to {path} (see {path / 'README.md'})")
     except AuroraSweepError as e:

@@ -521,8 +521,8 @@ def _build(raw: dict, path: Path, workdir: Path) -> StudyConfig:
         search=space,
         workdir=workdir,
         reference=_bool(study.get("reference", True), "[study] reference"),
-        heartbeat_seconds=_positive_int(
-            study.get("heartbeat_seconds", 60), "[study] heartbeat_seconds"
+        heartbeat_seconds=_whole(
+            study.get("heartbeat_seconds", 60), "[study] heartbeat_seconds", minimum=1
         ),
     )
 
@@ -568,12 +568,6 @@ def with_overrides(config: StudyConfig, **changes: Any) -> StudyConfig:
 def _bool(value: Any, what: str) -> bool:
     if not isinstance(value, bool):
         raise AuroraSweepError(f"{what} must be true or false, not {value!r}")
-    return value
-
-
-def _positive_int(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise AuroraSweepError(f"{what} must be a whole number of at least 1, not {value!r}")
     return value
 
 

@@ -51,18 +51,13 @@ def _lazy(cube: xr.Dataset) -> bool:
     return not all(v.variable._in_memory for v in cube.data_vars.values())
 
 
-def load_if_small(cube: xr.Dataset) -> xr.Dataset:
-    """The cube in memory when it fits (`fits_in_memory`, the demo's does); else left lazy."""
-    return cube.load() if _lazy(cube) and fits_in_memory(cube.nbytes) else cube
-
-
 class StoreReader:
     """Reads chosen times of a cube straight from its zarr store, without dask.
 
     The store `store.write_store` writes is uncompressed, chunked along time only: a time of a
     variable is a contiguous run of raw float32 (C order) in its chunk file, so the levels and
-    rows a study uses are read with one `np.fromfile` each (a chunk missing from the store is
-    all NaN, as zarr leaves it). A store in another layout (compressed, say) is read through
+    rows a study uses are read with one `readinto` each (a chunk missing from the store is all
+    NaN, as zarr leaves it). A store in another layout (compressed, say) is read through
     zarr.
     """
 

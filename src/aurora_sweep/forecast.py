@@ -173,16 +173,14 @@ def to_dataset(
         extra = {"cell_methods": "lead_time: sum"} if name == TARGET_VAR else {}
         return short, xr.DataArray(
             values[:, None], dims=("time", "lead_time", *dims),
-            attrs={"standard_name": standard, "units": units, "long_name": long,
-                   "coordinates": "valid_time", **extra},
+            attrs={"standard_name": standard, "units": units, "long_name": long, **extra},
         )  # fmt: skip
 
     grid = ("latitude", "longitude")
     variables = dict([cf(TARGET_VAR, tp, grid)])
     variables |= dict(cf(k, state[k], grid) for k in SURF_VARS)
     variables |= dict(cf(k, state[k], ("pressure_level", *grid)) for k in ATMOS_VARS)
-    for v in variables.values():
-        v.attrs.pop("coordinates")  # xarray writes the coordinates attribute itself
+    # xarray writes each variable's `coordinates` attribute (valid_time) itself
     return xr.Dataset(variables, coords=coords, attrs={"Conventions": "CF-1.8", **attrs})
 
 

@@ -20,12 +20,21 @@ from aurora_sweep.study import open_study
 from aurora_sweep.tracking import client_for
 
 
+def study_trials(config: StudyConfig) -> list[optuna.trial.FrozenTrial]:
+    """Every trial of the study, read from its storage once for all the views below."""
+    return open_study(config, create=False).get_trials(deepcopy=False)
+
+
 def ranked_trials(config: StudyConfig) -> list[optuna.trial.FrozenTrial]:
     """Completed trials within the memory cap, best (lowest objective) first."""
-    study = open_study(config, create=False)
+    return ranked(study_trials(config))
+
+
+def ranked(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
+    """Of `trials`, the completed ones within the memory cap, best (lowest objective) first."""
     done = [
         t
-        for t in study.trials
+        for t in trials
         if t.state == optuna.trial.TrialState.COMPLETE
         and t.values
         and t.user_attrs.get("memory_over_cap_mb", 0.0) <= 0
@@ -67,10 +76,10 @@ def pareto_front(
     return sorted(front, key=lambda t: (t.user_attrs[cost], score(t)))
 
 
-def pareto_table(config: StudyConfig) -> Table:
-    """The Pareto front of skill against the study's cost, cheapest first, with what each step
-    along it gains in the objective and costs more."""
-    trials = ranked_trials(config)
+def pareto_table(config: StudyConfig, trials: list[optuna.trial.FrozenTrial]) -> Table:
+    """The Pareto front of the study's `trials`, skill against the study's cost, cheapest first,
+    with what each step along it gains in the objective and costs more."""
+    trials = ranked(trials)
     objective, cost = config.objective, front_cost(config, trials)
     front = pareto_front(trials, cost)
     table = Table(
@@ -122,8 +131,11 @@ def overlaps_best(trials: list[optuna.trial.FrozenTrial], objective: str) -> lis
     return out
 
 
-def top_trials_table(config: StudyConfig, *, top: int = 10) -> Table:
-    trials = ranked_trials(config)
+def top_trials_table(
+    config: StudyConfig, trials: list[optuna.trial.FrozenTrial], *, top: int = 10
+) -> Table:
+    """The `top` best of the study's `trials`."""
+    trials = ranked(trials)
     objective = config.objective
     table = Table(
         title=f"study {config.name}: best {min(top, len(trials))} of {len(trials)} completed "
@@ -171,14 +183,12 @@ def recipe(trial: optuna.trial.FrozenTrial) -> str:
     return " ".join(w for w in words if w)
 
 
-def against_references(config: StudyConfig) -> list[str]:
-    """How the best trial compares with the study's reference recipes (Aurora's full
+def against_references(config: StudyConfig, trials: list[optuna.trial.FrozenTrial]) -> list[str]:
+    """How the best of the study's `trials` compares with its reference recipes (Aurora's full
     fine-tune, plain LoRA), in the objective and in predicted peak GPU memory."""
-    study = open_study(config, create=False)
-    ranked = ranked_trials(config)
-    best = ranked[0] if ranked else None
+    best = next(iter(ranked(trials)), None)
     objective, lines = config.objective, []
-    for t in study.get_trials(deepcopy=False):
+    for t in trials:
         name = t.user_attrs.get("reference")
         if not name or "retry_of" in t.user_attrs and t.state.name != "COMPLETE":
             continue
@@ -209,11 +219,11 @@ def against_references(config: StudyConfig) -> list[str]:
     return lines
 
 
-def best_by_method(config: StudyConfig) -> list[str]:
+def best_by_method(config: StudyConfig, trials: list[optuna.trial.FrozenTrial]) -> list[str]:
     """One line per fine-tuning method tried: its best trial's objective, interval and peak
     memory (predicted for a GPU, and measured), best method first."""
     best: dict[str, optuna.trial.FrozenTrial] = {}
-    for t in ranked_trials(config):  # best first: the first of each method is its best
+    for t in ranked(trials):  # best first: the first of each method is its best
         best.setdefault((t.user_attrs.get("config") or {}).get("method", "lora"), t)
     lines = []
     for method, t in best.items():
@@ -231,14 +241,21 @@ def _skill(a: dict, reference: str) -> str:
     return f"{a.get(f'tp_skill_{reference}', float('nan')):+.3f}"
 
 
-def export_best(config: StudyConfig, target: Path, *, number: int | None = None) -> Path:
+def export_best(
+    config: StudyConfig,
+    target: Path,
+    *,
+    number: int | None = None,
+    trials: list[optuna.trial.FrozenTrial] | None = None,
+) -> Path:
     """Copy the best trial's adapter (or trial `number`'s, a Pareto front member say) from
-    MLflow to `target` and write its model card."""
+    MLflow to `target` and write its model card. `trials`: the study's, when already read."""
     import mlflow
 
     from aurora_sweep.export import META, write_model_card
 
-    trials = ranked_trials(config)
+    every = study_trials(config) if trials is None else trials
+    trials = ranked(every)
     if not trials:
         raise AuroraSweepError(f"study {config.name!r} has no completed trial to export yet")
     best = trials[0]
@@ -280,7 +297,7 @@ def export_best(config: StudyConfig, target: Path, *, number: int | None = None)
     # how the exported trial compares with the study's reference recipes, for the report
     meta_path = target / META
     meta = json.loads(meta_path.read_text())
-    meta["references"] = against_references(config)
+    meta["references"] = against_references(config, every)
     meta_path.write_text(json.dumps(meta, indent=2, default=str))
     write_model_card(target, study=config.name, number=best.number)
     return target

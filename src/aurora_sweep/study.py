@@ -32,6 +32,7 @@ from rich.console import Console
 from aurora_sweep.config import LORA_METHODS, StudyConfig
 from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.evaluation import worst_forgetting
+from aurora_sweep.processes import alive, this_process
 from aurora_sweep.train import FULL_LR, TrialConfig
 
 #: The trials `--trials` counts: a failed or interrupted trial does not use up the total.
@@ -121,17 +122,15 @@ def enqueue_references(study: optuna.Study, config: StudyConfig) -> list[str]:
     s = config.search
     if "lora" in s.method:
         nearest = min(s.lora_rank, key=lambda r: abs(r - 8))
-        lr = config.train.learning_rate
-        if s.learning_rate:
-            lr = min(max(lr, s.learning_rate[0]), s.learning_rate[1])
         params = {
             "method": "lora", "lora_rank": nearest,
             "lora_targets": "qkv+proj" if "qkv+proj" in s.lora_targets else s.lora_targets[0],
             "unfrozen_blocks": min(s.unfrozen_blocks), "batch_size": min(s.batch_size),
             "precision": s.precision[0], "activation_checkpointing": s.activation_checkpointing[0],
         }  # fmt: skip
-        if s.learning_rate:
-            params["learning_rate"] = lr
+        if s.learning_rate:  # the study's learning rate, brought inside the searched range
+            low, high = s.learning_rate
+            params["learning_rate"] = min(max(config.train.learning_rate, low), high)
         study.enqueue_trial(params, user_attrs={"reference": "lora"})
         added.append("lora")
     return added
@@ -755,30 +754,6 @@ def signals_as_interrupts() -> Iterator[None]:
             signal.signal(s, h)
 
 
-def this_process() -> dict[str, Any]:
-    """Who runs a trial: host, pid and the pid's start time (pids are reused)."""
-    import psutil
-
-    return {
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "pid_started": psutil.Process().create_time(),
-    }
-
-
-def _alive(pid: int | None, started: float | None) -> bool:
-    import psutil
-
-    try:
-        process = psutil.Process(int(pid))
-        return (
-            abs(process.create_time() - float(started)) < 1e-3
-            and process.status() != psutil.STATUS_ZOMBIE
-        )
-    except (psutil.NoSuchProcess, TypeError, ValueError):
-        return False
-
-
 def reap_dead_trials(study: optuna.Study, client) -> list[int]:
     """Fail the trials that a process on this machine left RUNNING when it was killed.
 
@@ -794,7 +769,7 @@ def reap_dead_trials(study: optuna.Study, client) -> list[int]:
     reaped = []
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         a = t.user_attrs
-        if a.get("host") != host or _alive(a.get("pid"), a.get("pid_started")):
+        if a.get("host") != host or alive(a.get("pid"), a.get("pid_started")):
             continue
         try:
             study.tell(t.number, state=optuna.trial.TrialState.FAIL)
@@ -851,15 +826,9 @@ def log_study_figures(client, run_id: str, study: optuna.Study, config: StudyCon
     """Optuna's optimisation history and importances, and skill against the study's cost (peak
     memory unless it names another) with the Pareto front drawn."""
     from aurora_sweep.figures import study_figures
-    from aurora_sweep.results import front_cost, pareto_front, recipe
+    from aurora_sweep.results import front_cost, pareto_front, ranked, recipe
 
-    complete = [
-        t
-        for t in study.trials
-        if t.state == optuna.trial.TrialState.COMPLETE
-        and t.values
-        and t.user_attrs.get("memory_over_cap_mb", 0.0) <= 0
-    ]
+    complete = ranked(study.get_trials(deepcopy=False))  # completed, within the cap
     cost = front_cost(config, complete)
     complete = [t for t in complete if cost in t.user_attrs]
     if not complete:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
 import socket
 import tempfile
@@ -17,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import psutil
 import xarray as xr
 
 from aurora_sweep import store
@@ -32,6 +30,7 @@ from aurora_sweep.era5.plan import (
 )
 from aurora_sweep.era5.read import CorruptFileError, open_pieces
 from aurora_sweep.errors import AuroraSweepError
+from aurora_sweep.processes import alive, this_process
 
 log = logging.getLogger(__name__)
 _EPS = 1e-6
@@ -215,9 +214,7 @@ def _scratch(parent: Path, stack: contextlib.ExitStack) -> Path:
     the next one (its owner file names the process, so a running import's is left alone)."""
     remove_stale_scratch(parent)
     path = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=parent)))
-    owner = {"host": socket.gethostname(), "pid": os.getpid(),
-             "started": psutil.Process().create_time()}  # fmt: skip
-    (path / SCRATCH_OWNER).write_text(json.dumps(owner))
+    (path / SCRATCH_OWNER).write_text(json.dumps(this_process()))
     return path
 
 
@@ -230,10 +227,7 @@ def _owner_alive(folder: Path) -> bool:
         return time.time() - folder.stat().st_mtime < 60  # being created this moment
     if owner.get("host") != socket.gethostname():
         return time.time() - folder.stat().st_mtime < 86400
-    try:
-        return abs(psutil.Process(int(owner["pid"])).create_time() - owner["started"]) < 1.0
-    except (psutil.Error, KeyError, TypeError, ValueError):
-        return False
+    return alive(owner.get("pid"), owner.get("pid_started"))
 
 
 def remove_stale_scratch(parent: Path) -> list[tuple[Path, int]]:
