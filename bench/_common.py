@@ -56,7 +56,7 @@ def build_random_trial_model(trial: TrialConfig):
     init_new_variable(model)
     trained, _ = apply_method(
         model, method=trial.method, rank=trial.lora_rank, targets=trial.lora_targets,
-        unfrozen_blocks=trial.unfrozen_blocks,
+        unfrozen_blocks=trial.unfrozen_blocks, train_input=trial.target_input_lr > 0,
     )  # fmt: skip
     set_precision(model, trial.precision)
     if trial.activation_checkpointing:

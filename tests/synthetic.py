@@ -104,5 +104,6 @@ def tiny_lora_trial(**changes):
         lora_rank=2, lora_targets="qkv+proj", unfrozen_blocks=0, batch_size=2, precision="fp32",
         learning_rate=1e-2, activation_checkpointing=False, base="demo",
         levels=(500, 700, 850), steps=2, eval_every=2, val_samples=4, weight_decay=0.0, seed=0,
+        wrap_longitude=False,
     )  # fmt: skip
     return TrialConfig(**(recipe | changes))

@@ -6,7 +6,7 @@ import torch
 
 from aurora_sweep.dataset import Samples, tp_stats
 from aurora_sweep.export import adapter_tensors, load_finetuned, save_adapter
-from aurora_sweep.model import DEMO_CHECKPOINT
+from aurora_sweep.model import DEMO_CHECKPOINT, clamped
 from aurora_sweep.store import open_store
 from aurora_sweep.train import build_trial_model
 from synthetic import tiny_lora_trial, train_steps
@@ -33,7 +33,7 @@ def test_a_saved_adapter_forecasts_what_the_trained_model_forecast(
     )  # fmt: skip
     batch, _ = train.batch([7, 8])
     peft_model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), clamped(peft_model):  # a loaded adapter forecasts with tp clamped
         expected = peft_model(batch).surf_vars["tp"].numpy()
         loaded = load_finetuned(tmp_path / "adapter")
         got = loaded(batch).surf_vars["tp"].numpy()
@@ -54,7 +54,7 @@ def test_an_adapter_of_any_method_loads_with_plain_peft_and_its_trained_weights(
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from aurora_sweep.model import build_base, load_base_checkpoint
+    from aurora_sweep.model import build_base, load_base_checkpoint, set_longitude_wrap
 
     cube = open_store(tiny_config.data.store)
     train = Samples(cube, tiny_config.data, "train")
@@ -77,13 +77,15 @@ def test_an_adapter_of_any_method_loads_with_plain_peft_and_its_trained_weights(
     assert (directory / "adapter_config.json").exists() == lora
     batch, _ = train.batch([7, 8])
     trained.eval()
-    base = build_base("demo", tp_stats=(stats.location, stats.scale))
+    # as aurora_sweep.json describes it: tp clamped as in a forecast, windows as trained
+    base = build_base("demo", tp_stats=(stats.location, stats.scale), clamp=True)
     load_base_checkpoint(base, DEMO_CHECKPOINT)
+    set_longitude_wrap(base, trial.wrap_longitude)
     plain = PeftModel.from_pretrained(base, directory) if lora else base
     weights = load_file(directory / "trained_weights.safetensors")
     result = (plain.get_base_model() if lora else plain).load_state_dict(weights, strict=False)
     assert not result.unexpected_keys
-    with torch.no_grad():
+    with torch.no_grad(), clamped(trained):
         expected = trained(batch).surf_vars["tp"].numpy()
         for loaded in (plain.eval(), load_finetuned(directory)):
             np.testing.assert_allclose(

@@ -41,7 +41,9 @@ def test_a_trial_runs_on_the_grid_of_every_shipped_study(path, tmp_path):
     rows, cols = patch_crop(cube.sizes["latitude"], cube.sizes["longitude"])
     data = TrialData.prepare(cube, config)
     # the tiny demo base on the study's full grid and levels: the shapes are what is tested here
-    data.base_mse = base_state_mse(data, base="demo", checkpoint=DEMO_CHECKPOINT, device=CPU)
+    data.base_mse = {
+        "fp32": base_state_mse(data, base="demo", checkpoint=DEMO_CHECKPOINT, device=CPU)
+    }
     trial = TrialConfig(
         lora_rank=2, lora_targets="qkv", unfrozen_blocks=0, batch_size=1, precision="fp32",
         learning_rate=1e-3, activation_checkpointing=False, base="demo", levels=d.levels,

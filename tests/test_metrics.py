@@ -11,19 +11,23 @@ from aurora_sweep.metrics import (
     SeepsClimate,
     block_bootstrap,
     lat_weighted_rmse,
+    objective_terms,
     objective_value,
+    paired_difference,
     seeps_climate,
     skill,
     tp_scores,
 )
 
 LAT = np.array([60.0, 0.0])
+HOURS = [0, 6, 12, 18]  # the valid hours of 6-hour totals, UTC
 DAY0 = np.datetime64("2023-01-01")
 
 
 def _climate(p_dry, light_heavy, month: int = 1) -> SeepsClimate:
-    """A climate known only for `month`: the given (lat, lon) fields, NaN elsewhere."""
-    p = np.full((12, *np.shape(p_dry)), np.nan)
+    """A climate known only for `month`, at all four hours: the given (lat, lon) fields, NaN
+    elsewhere."""
+    p = np.full((12, 4, *np.shape(p_dry)), np.nan)
     t = np.full_like(p, np.nan)
     p[month - 1], t[month - 1] = p_dry, light_heavy
     return SeepsClimate(p_dry=p, light_heavy=t)
@@ -33,8 +37,19 @@ def _lat(n: int) -> np.ndarray:
     return LAT if n == 2 else np.linspace(60.0, 0.0, n)
 
 
-def _scores(forecast, observed, *, lat=None, seeps=None, persistence=None, climatology=None, **kw):
-    """tp_scores with every sample in January, one sample a day, a flat climate unless given."""
+def _scores(
+    forecast,
+    observed,
+    *,
+    lat=None,
+    seeps=None,
+    persistence=None,
+    climatology=None,
+    hours=None,
+    **kw,
+):
+    """tp_scores with every sample in January at 00 UTC (unless `hours`), one sample a day, a flat
+    climate unless given."""
     n = len(observed)
     shape = np.shape(observed)[1:]
     lat = _lat(shape[0]) if lat is None else lat
@@ -45,6 +60,7 @@ def _scores(forecast, observed, *, lat=None, seeps=None, persistence=None, clima
         climatology=observed if climatology is None else climatology,
         lat=lat,
         months=np.ones(n, dtype=int),
+        hours=np.zeros(n, dtype=int) if hours is None else hours,
         days=DAY0 + np.arange(n),
         seeps=seeps or _climate(np.full(shape, 0.5), np.full(shape, 2.0)),
         **{"bootstrap": 0, **kw},
@@ -104,6 +120,7 @@ def test_seeps_matches_the_hand_computed_error_matrix():
         observed=observed,
         lat=lat,
         months=np.array([1]),
+        hours=np.array([0]),
         seeps=climate,
     )
     assert value == s["tp_seeps"]
@@ -157,14 +174,15 @@ def test_contingency_scores_match_hand_counts():
 def test_seeps_climate_gives_dry_fraction_and_wet_two_thirds_quantile_per_month():
     tp = np.array([0.0, 0.1, 0.5, 1.0, 2.0, 4.0, 0.0, 3.0, 6.0, np.nan])[:, None, None]
     months = np.array([1, 1, 1, 1, 1, 1, 2, 2, 2, 2])
-    climate = seeps_climate(tp, months)
+    climate = seeps_climate(tp, months, np.zeros(10, dtype=int))
+    # too few totals for any (month, hour) cell: every hour of a month gets the month's climate
     # January: 0.0 and 0.1 are dry (<= 0.1): 2 of 6. Wet 0.5, 1, 2, 4: 2/3 quantile at
     # position (4 - 1) * 2/3 = 2 -> 2.0
-    assert climate.p_dry[0, 0, 0] == pytest.approx(2 / 6)
-    assert climate.light_heavy[0, 0, 0] == pytest.approx(2.0)
+    assert climate.p_dry[0, :, 0, 0] == pytest.approx(2 / 6)
+    assert climate.light_heavy[0, :, 0, 0] == pytest.approx(2.0)
     # February (the NaN left out): 1 dry of 3. Wet 3, 6: position 2/3 -> 3 + 2/3 * 3 = 5
-    assert climate.p_dry[1, 0, 0] == pytest.approx(1 / 3)
-    assert climate.light_heavy[1, 0, 0] == pytest.approx(5.0)
+    assert climate.p_dry[1, :, 0, 0] == pytest.approx(1 / 3)
+    assert climate.light_heavy[1, :, 0, 0] == pytest.approx(5.0)
     assert np.isnan(climate.p_dry[2:]).all() and np.isnan(climate.light_heavy[2:]).all()
 
 
@@ -224,11 +242,14 @@ def test_references_score_like_the_model_when_given_the_same_forecast():
 
 def test_objective_value_is_the_number_tp_scores_reports():
     data = _rain_days(9, seed=5)
-    climate = seeps_climate(data["observed"], np.ones(9, dtype=int))
+    hours = np.zeros(9, dtype=int)
+    climate = seeps_climate(data["observed"], np.ones(9, dtype=int), hours)
     for objective in ("tp_rmse", "tp_seeps"):
         s = _scores(**data, seeps=climate, objective=objective)
         months = np.ones(9, dtype=int)
-        value = objective_value(objective, **data, lat=_lat(3), months=months, seeps=climate)
+        value = objective_value(
+            objective, **data, lat=_lat(3), months=months, hours=hours, seeps=climate
+        )
         assert value == s[objective]
 
 
@@ -249,3 +270,187 @@ def test_an_unknown_objective_is_refused():
     data = _rain_days(2, seed=7)
     with pytest.raises(ValueError, match="objective"):
         _scores(**data, objective="tp_crps")
+
+
+# --- SEEPS climate by month and hour ------------------------------------------------------------
+
+
+def _series(*totals: tuple[int, int, float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tp, months, hours) of single-point 6-h totals given as (month, hour, mm)."""
+    months, hours, tp = zip(*totals)
+    return np.array(tp, dtype=float)[:, None, None], np.array(months), np.array(hours)
+
+
+def test_seeps_climate_keeps_the_diurnal_cycle_of_dry_nights_and_wet_afternoons():
+    tp, months, hours = _series((1, 0, 0.0), (1, 0, 0.0), (1, 12, 2.0), (1, 12, 3.0))
+    climate = seeps_climate(tp, months, hours, min_samples=2)
+    assert climate.p_dry[0, 0, 0, 0] == 1.0  # 00 UTC, slot 0: always dry
+    assert climate.p_dry[0, 2, 0, 0] == 0.0  # 12 UTC, slot 2: always wet
+    # wet 2, 3: 2/3 quantile at position (2 - 1) * 2/3 -> 2 + 2/3
+    assert climate.light_heavy[0, 2, 0, 0] == pytest.approx(2 + 2 / 3)
+    # 06 and 18 UTC have no totals in December..February: the January climate, hours pooled
+    assert climate.p_dry[0, [1, 3], 0, 0] == pytest.approx(0.5)
+
+
+def test_a_sparse_cell_widens_to_the_month_before_and_after_at_the_same_hour():
+    tp, months, hours = _series(
+        (12, 0, 2.0),  # December wraps round to January's window
+        (1, 0, 0.0),
+        (2, 0, 4.0),
+        (1, 12, 1.0),
+        (1, 12, 1.0),
+        (1, 12, 1.0),
+    )
+    climate = seeps_climate(tp, months, hours, min_samples=3)
+    # January 00 UTC has 1 total < 3: December..February at 00 UTC give 2.0, 0.0, 4.0, without
+    # January's 12 UTC totals. Dry 1 of 3; wet 2, 4: position 2/3 -> 2 + 2/3 * 2 = 10/3
+    assert climate.p_dry[0, 0, 0, 0] == pytest.approx(1 / 3)
+    assert climate.light_heavy[0, 0, 0, 0] == pytest.approx(10 / 3)
+    # January 12 UTC has its 3: its own climate
+    assert climate.p_dry[0, 2, 0, 0] == 0.0 and climate.light_heavy[0, 2, 0, 0] == 1.0
+
+
+def test_a_cell_still_sparse_after_widening_uses_the_month_with_all_hours_pooled():
+    tp, months, hours = _series((3, 6, 0.0), (4, 6, 0.5), (3, 18, 5.0), (3, 18, 6.0))
+    climate = seeps_climate(tp, months, hours, min_samples=3)
+    # March 06 UTC: 1 total; February..April at 06 UTC: 2 < 3. So March at every hour (April's
+    # 0.5 left out): 0.0, 5.0, 6.0. Dry 1 of 3; wet 5, 6: position 2/3 -> 5 + 2/3
+    assert climate.p_dry[2, 1, 0, 0] == pytest.approx(1 / 3)
+    assert climate.light_heavy[2, 1, 0, 0] == pytest.approx(5 + 2 / 3)
+    # every March hour is as sparse, so all four share it
+    assert climate.p_dry[2, :, 0, 0] == pytest.approx(1 / 3)
+
+
+def test_seeps_uses_the_climate_of_each_samples_hour():
+    # one point, forecast dry (0.05) where 2.0 mm fell. At 12 UTC p1 = 0.4 and the light/heavy
+    # threshold is 3 mm (2.0 is light); at the other hours p1 = 0.7 and 1 mm (2.0 is heavy).
+    pooled = _climate(np.full((1, 1), 0.7), np.full((1, 1), 1.0))
+    p_dry, light_heavy = pooled.p_dry.copy(), pooled.light_heavy.copy()
+    p_dry[0, 2], light_heavy[0, 2] = 0.4, 3.0
+    by_hour = SeepsClimate(p_dry=p_dry, light_heavy=light_heavy)
+    data = {"forecast": np.array([[[0.05]]]), "observed": np.array([[[2.0]]])}
+    at_noon = {**data, "lat": np.array([0.0]), "hours": np.array([12])}
+    s = _scores(**at_noon, seeps=by_hour)["tp_seeps"]
+    assert s == pytest.approx(0.5 / (1 - 0.4))  # dry forecast, light observed
+    p3 = (1 - 0.7) / 3  # the pooled climate: dry forecast, heavy observed
+    assert _scores(**at_noon, seeps=pooled)["tp_seeps"] == pytest.approx(
+        0.5 * (1 / p3 + 1 / (1 - 0.7))
+    )
+    assert s != _scores(**at_noon, seeps=pooled)["tp_seeps"]
+    at_midnight = {**at_noon, "hours": np.array([0])}
+    assert (
+        _scores(**at_midnight, seeps=by_hour)["tp_seeps"]
+        == _scores(**at_midnight, seeps=pooled)["tp_seeps"]
+    )
+
+
+def test_hours_that_are_not_multiples_of_six_are_refused():
+    tp, months, hours = _series((1, 0, 0.0), (1, 3, 1.0))
+    with pytest.raises(ValueError, match="hours"):
+        seeps_climate(tp, months, hours)
+    with pytest.raises(ValueError, match="hours"):
+        _scores(tp, tp, lat=np.array([0.0]), hours=np.array([0, 7]))
+
+
+def test_a_climate_without_hour_slots_is_refused():
+    flat = SeepsClimate(p_dry=np.full((12, 2, 4), 0.5), light_heavy=np.full((12, 2, 4), 2.0))
+    with pytest.raises(ValueError, match="hour slots"):
+        _scores(np.zeros((1, 2, 4)), np.zeros((1, 2, 4)), seeps=flat)
+
+
+# --- per-sample terms and paired differences ---------------------------------------------------
+
+
+def _terms(objective: str, forecast, observed, climate=None) -> tuple[np.ndarray, np.ndarray]:
+    n, n_lat, n_lon = np.shape(observed)
+    return objective_terms(
+        objective,
+        forecast=forecast,
+        observed=observed,
+        lat=_lat(n_lat),
+        months=np.ones(n, dtype=int),
+        hours=np.array(HOURS * n)[:n],
+        seeps=climate or _climate(np.full((n_lat, n_lon), 0.5), np.full((n_lat, n_lon), 2.0)),
+    )
+
+
+def test_objective_terms_sum_to_objective_value_and_are_nan_for_missing_observations():
+    data = _rain_days(8, seed=8)
+    data["observed"][2, 0, 1] = np.nan
+    hours = np.array(HOURS * 2)
+    climate = seeps_climate(data["observed"], np.ones(8, dtype=int), hours)
+    for objective in ("tp_rmse", "tp_seeps"):
+        num, den = _terms(objective, **data, climate=climate)
+        assert num.shape == den.shape == (8,)
+        assert np.isnan(num[2]) and np.isnan(den[2])
+        kept = np.arange(8) != 2
+        assert np.isfinite(num[kept]).all() and np.isfinite(den[kept]).all()
+        total = num[kept].sum() / den[kept].sum()
+        value = objective_value(
+            objective, **data, lat=_lat(3), months=np.ones(8, dtype=int), hours=hours, seeps=climate
+        )
+        assert value == (np.sqrt(total) if objective == "tp_rmse" else total)
+
+
+def test_a_non_finite_forecast_gives_nan_terms_for_every_sample():
+    data = _rain_days(3, seed=9)
+    data["forecast"][1, 0, 0] = np.inf
+    num, den = _terms("tp_rmse", **data)
+    assert np.isnan(num).all() and np.isnan(den).all()
+
+
+def test_tp_scores_hands_out_the_objective_terms_over_all_samples():
+    data = _rain_days(5, seed=10)
+    data["observed"][3, 1, 2] = np.nan
+    for objective in ("tp_rmse", "tp_seeps"):
+        terms: dict = {}
+        _scores(**data, objective=objective, hours=np.array(HOURS * 2)[:5], terms_out=terms)
+        num, den = _terms(objective, **data)
+        np.testing.assert_array_equal(terms["num"], num)
+        np.testing.assert_array_equal(terms["den"], den)
+
+
+def test_paired_difference_of_identical_terms_is_exactly_zero():
+    data = _rain_days(10, seed=11)
+    terms = _terms("tp_seeps", **data)
+    assert paired_difference("tp_seeps", terms, terms, DAY0 + np.arange(10)) == (0.0, 0.0, 0.0)
+
+
+def test_paired_difference_of_a_forecast_shifted_up_lies_entirely_above_zero():
+    data = _rain_days(30, seed=12)
+    b = _terms("tp_rmse", **data)
+    a = _terms("tp_rmse", data["forecast"] + 1.0, data["observed"])
+    difference, q05, q95 = paired_difference("tp_rmse", a, b, DAY0 + np.arange(30))
+    assert 0 < q05 <= difference <= q95
+
+
+def _rmse_resampled(terms, days, seed: int) -> np.ndarray:
+    num, den = terms
+    resamples = block_bootstrap(days, n_resamples=300, block_days=3, seed=seed)
+    return np.array([np.sqrt(num[r].sum() / den[r].sum()) for r in resamples])
+
+
+def test_paired_interval_is_narrower_than_one_from_independent_resamples():
+    rng = np.random.default_rng(13)
+    observed = rng.gamma(0.5, 2.0, (40, 3, 4))
+    shared = rng.normal(0.0, 1.0, observed.shape) * rng.uniform(0.2, 2.0, (40, 1, 1))
+    a = _terms("tp_rmse", observed + shared + rng.normal(0.0, 0.1, observed.shape), observed)
+    b = _terms("tp_rmse", observed + shared + rng.normal(0.0, 0.1, observed.shape), observed)
+    days = DAY0 + np.arange(40)
+    _, q05, q95 = paired_difference("tp_rmse", a, b, days, n_resamples=300)
+    independent = _rmse_resampled(a, days, seed=1) - _rmse_resampled(b, days, seed=2)
+    i05, i95 = np.quantile(independent, [0.05, 0.95])
+    assert q95 - q05 < (i95 - i05) / 5
+
+
+def test_paired_difference_drops_samples_where_either_side_is_nan():
+    a = (np.array([1.0, np.nan, 4.0]), np.ones(3))
+    b = (np.array([1.0, 9.0, np.nan]), np.ones(3))
+    days = DAY0 + np.arange(3)
+    assert paired_difference("tp_seeps", a, b, days, n_resamples=5) == (0.0, 0.0, 0.0)
+
+
+def test_paired_difference_refuses_terms_of_unequal_length():
+    a = (np.ones(3), np.ones(3))
+    with pytest.raises(ValueError, match="same samples"):
+        paired_difference("tp_rmse", a, (np.ones(2), np.ones(2)), DAY0 + np.arange(3))

@@ -175,7 +175,7 @@ def test_small_pretrained_loads_a_checkpoint_in_aurora_format_with_tp_added(tmp_
 
 
 def test_tp_forecasts_are_never_negative_even_from_a_head_that_says_so(tiny_config):
-    from aurora_sweep.model import init_new_variable
+    from aurora_sweep.model import clamped, init_new_variable
 
     cube = open_store(tiny_config.data.store)
     samples = Samples(cube, tiny_config.data, "validation")
@@ -183,12 +183,131 @@ def test_tp_forecasts_are_never_negative_even_from_a_head_that_says_so(tiny_conf
     load_base_checkpoint(model, DEMO_CHECKPOINT)
     init_new_variable(model, start=-3.0)  # every raw tp output is -6 mm
     with torch.no_grad():
-        tp = model(samples.batch([0, 1])[0]).surf_vars["tp"]
-    assert (tp == 0).all()
+        raw = model(samples.batch([0, 1])[0]).surf_vars["tp"]
+        with clamped(model):  # as every score and forecast runs it
+            tp = model(samples.batch([0, 1])[0]).surf_vars["tp"]
+    assert torch.allclose(raw, torch.full_like(raw, -6.0))  # training sees the raw output
+    assert (tp == 0).all() and not model.clamp_at_first_step
     init_new_variable(model, start=0.5)
-    with torch.no_grad():
+    with torch.no_grad(), clamped(model):
         tp = model(samples.batch([0, 1])[0]).surf_vars["tp"]
     assert torch.allclose(tp, torch.full_like(tp, 1.0))  # 0.5 * scale 2 mm, unclamped
+
+
+def test_the_trained_model_is_unclamped_and_scoring_and_loaded_adapters_clamp(
+    tiny_config, monkeypatch
+):
+    from aurora_sweep import evaluation
+    from synthetic import tiny_lora_trial
+
+    cube = open_store(tiny_config.data.store)
+    samples = Samples(cube, tiny_config.data, "validation")
+    peft_model, model, _ = build_trial_model(
+        tiny_lora_trial(), tp_stats(samples.cube, tiny_config.data.train), DEMO_CHECKPOINT
+    )
+    assert not model.clamp_at_first_step
+    seen = []
+    original = model.forward
+    monkeypatch.setattr(
+        model,
+        "forward",
+        lambda *a, **k: seen.append(model.clamp_at_first_step) or original(*a, **k),
+    )
+    evaluation.forecast(peft_model, samples, np.arange(2), batch_size=2, device="cpu", state=False)
+    assert seen == [True] and not model.clamp_at_first_step
+
+
+def test_a_regional_model_keeps_its_east_and_west_edges_apart():
+    """A shifted-window block: the easternmost tokens reach the westernmost only when wrapped."""
+    from aurora.model.swin3d import Swin3DTransformerBlock
+
+    from aurora_sweep.model import set_longitude_wrap
+
+    torch.manual_seed(0)
+    block = Swin3DTransformerBlock(
+        dim=8, num_heads=2, time_dim=8, window_size=(1, 2, 4), shift_size=(0, 1, 2)
+    )
+    for p in block.parameters():  # Aurora starts its modulation at zero: give it some
+        torch.nn.init.normal_(p, std=0.2)
+    res = (1, 4, 16)
+    x = torch.randn(1, 16 * 4, 8)
+    c = torch.randn(1, 8)
+    east = x.clone().view(1, 4, 16, 8)
+    east[:, :, -1] += 5.0  # change the easternmost column only
+    east = east.view(1, -1, 8)
+
+    def west_change() -> float:
+        with torch.no_grad():
+            a = block(x, c, res, 1).view(1, 4, 16, 8)
+            b = block(east, c, res, 1).view(1, 4, 16, 8)
+        return (a[:, :, 0] - b[:, :, 0]).abs().max().item()
+
+    assert west_change() > 1e-3  # Aurora's default joins the edges
+    holder = torch.nn.Sequential(block)
+    set_longitude_wrap(holder, False)
+    assert west_change() == 0.0
+
+
+def test_every_lora_variant_scales_by_the_same_alpha():
+    from aurora_sweep.model import LORA_ALPHA
+
+    scaling = {}
+    for variant in ("lora", "rslora"):
+        for rank in (4, 16):
+            model = build_base("demo", tp_stats=STATS)
+            peft_model = apply_lora(model, rank=rank, targets="qkv", variant=variant)
+            layer = next(m for n, m in peft_model.named_modules() if n.endswith("qkv"))
+            scaling[variant, rank] = layer.scaling["default"]
+    assert scaling["lora", 4] == LORA_ALPHA / 4 and scaling["lora", 16] == LORA_ALPHA / 16
+    assert scaling["rslora", 4] == pytest.approx(LORA_ALPHA / 2)
+    assert scaling["rslora", 16] == pytest.approx(LORA_ALPHA / 4)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "head", "blocks", "full"])
+def test_every_trainable_tensor_gets_a_gradient_from_the_loss(tiny_config, method):
+    """What a method marks trainable (and the memory estimate counts) is exactly what the loss
+    reaches: with every variable in the loss, `head` trains the whole decoder."""
+    from aurora_sweep.loss import combine, loss_terms
+    from aurora_sweep.train import loss_spec
+    from synthetic import tiny_lora_trial
+
+    cube = open_store(tiny_config.data.store)
+    train = Samples(cube, tiny_config.data, "train")
+    lora = method in ("lora", "dora")
+    trial = tiny_lora_trial(
+        method=method, lora_rank=4 if lora else 0, unfrozen_blocks=2 if method == "blocks" else 0
+    )
+    stats = tp_stats(train.cube, tiny_config.data.train)
+    peft_model, model, parts = build_trial_model(trial, stats, DEMO_CHECKPOINT)
+
+    class Data:  # what loss_spec reads
+        tp = stats
+
+    Data.train = train
+    batch, target = train.training_batch([0, 1])
+    spec = loss_spec(trial, Data)
+    combine(spec, loss_terms(spec, peft_model(batch), target)).backward()
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable
+    starved = [n for n in trainable if model.get_parameter(n).grad is None]
+    assert not starved, f"{method}: trainable but no gradient: {starved[:5]}"
+    if method == "head":
+        decoder = {n for n, _ in model.named_parameters() if n.startswith("decoder.")}
+        assert decoder <= set(trainable)
+
+
+def test_an_output_only_target_leaves_its_input_embedding_at_zero(tiny_config):
+    from synthetic import tiny_lora_trial
+
+    cube = open_store(tiny_config.data.store)
+    train = Samples(cube, tiny_config.data, "train")
+    stats = tp_stats(train.cube, tiny_config.data.train)
+    _, model, parts = build_trial_model(
+        tiny_lora_trial(target_input_lr=0.0), stats, DEMO_CHECKPOINT
+    )
+    embedding = model.get_parameter("encoder.surf_token_embeds.weights.tp")
+    assert not embedding.requires_grad and not embedding.any()
+    assert "encoder.surf_token_embeds.weights.tp" in parts.new_variable  # saved with the adapter
 
 
 @pytest.mark.parametrize(
@@ -227,7 +346,7 @@ def test_every_method_trains_what_it_says_and_nothing_else(tiny_config, method, 
     assert set(parts.new_variable) <= set(moved)
     if method == "dora":
         assert any("lora_magnitude_vector" in n for n in moved)
-    if method in ("blocks", "full"):  # whole blocks train (the loss is tp's alone: the
+    if method in ("blocks", "full"):  # whole blocks train (this loss is tp's alone: the
         # decoder's atmospheric heads get no gradient from it, under any method)
         whole = {n for n in trainable if n.startswith("backbone.")}
         assert whole and len(whole & set(moved)) > len(whole) / 2

@@ -20,6 +20,7 @@ METRICS = {
     "tp_csi_1", "tp_ets_5_climatology", "tp_fbias_0.1", "tp_fss_1_w5", "tp_fss_5_w11_persistence",
     "tp_skill_persistence", "tp_skill_climatology", "tp_skill_climatology_q05",
     "forget_2t_ratio", "forget_z500_ratio", "forget_q850_ratio", "forget_worst_ratio",
+    "val_loss_tp", "val_loss_2t", "val_loss_z",
 }  # fmt: skip
 PARAMS = {"lora_rank", "lora_targets", "unfrozen_blocks", "batch_size", "precision"}
 
@@ -90,22 +91,39 @@ def test_pruned_and_completed_trials_store_the_objective_in_the_same_units(finis
 @pytest.mark.slow
 def test_the_base_models_scores_are_computed_once_per_study(finished_study):
     config, *_ = finished_study
-    base = open_study(config, create=False).user_attrs["base_mse"]
-    assert {"2t", "msl", "z500", "t850"} <= set(base) and all(v > 0 for v in base.values())
+    from aurora_sweep.study import BASE_MSE
+
+    study = open_study(config, create=False)
+    by_precision = study.user_attrs[BASE_MSE]
+    # the precisions the trials ran in, each scored once
+    used = {t.user_attrs["config"]["precision"] for t in study.trials if "config" in t.user_attrs}
+    assert set(by_precision) == used | {config.search.precision[0]}
+    for base in by_precision.values():
+        assert {"2t", "msl", "z500", "t850"} <= set(base) and all(v > 0 for v in base.values())
 
 
 @pytest.mark.slow
-def test_best_marks_the_trials_whose_interval_overlaps_the_best(finished_study):
-    from aurora_sweep.results import interval, overlaps_best
+def test_best_compares_each_trial_with_the_best_by_a_paired_difference(finished_study):
+    from aurora_sweep.results import distinguishable, paired_to, score
 
     config, *_ = finished_study
     trials = ranked_trials(config)
-    marks = overlaps_best(trials, "tp_seeps")
-    assert marks[0] is True
-    best = interval(trials[0], "tp_seeps")
-    for t, mark in zip(trials, marks):
-        lo, hi = interval(t, "tp_seeps")
-        assert mark == (lo <= best[1] and best[0] <= hi)
+    deltas = paired_to(trials[0], trials, "tp_seeps")
+    assert deltas[0] == (0.0, 0.0, 0.0) and not distinguishable(deltas[0])
+    for t, (delta, lo, hi) in zip(trials, deltas):
+        # the per-sample terms kept with each trial give back its objective's difference
+        assert delta == pytest.approx(score(t) - score(trials[0]), abs=1e-5)
+        assert lo <= delta <= hi
+
+
+@pytest.mark.slow
+def test_every_completed_trial_carries_its_forgetting_as_a_constraint(finished_study):
+    config, *_ = finished_study
+    for t in open_study(config, create=False).trials:
+        if t.state == optuna.trial.TrialState.COMPLETE:
+            over = t.constraints["forgetting_over_max"]
+            assert over == pytest.approx(t.user_attrs["forget_worst_ratio"] - config.max_forgetting)
+            assert ("infeasible" in t.user_attrs) == (over > 0)
 
 
 @pytest.mark.slow
@@ -236,6 +254,21 @@ def test_a_trial_that_raises_is_recorded_as_failed_and_the_study_goes_on(tiny_co
 
 
 @pytest.mark.slow
+def test_a_study_whose_trials_keep_failing_stops_in_one_line(tiny_config):
+    import dataclasses
+
+    import faults
+    from aurora_sweep.errors import AuroraSweepError
+
+    config = dataclasses.replace(tiny_config, max_failures=2)
+    with pytest.raises(AuroraSweepError, match="2 trials failed in a row.*tp_seeps is nan"):
+        run_study(config, trials=1, fit=faults.nan_objective)
+    trials = open_study(config, create=False).trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL] * 2  # then it stopped
+    assert all("objective tp_seeps is nan" in t.user_attrs["error"] for t in trials)
+
+
+@pytest.mark.slow
 def test_a_config_predicted_over_a_tiny_cap_never_trains(tiny_config):
     import dataclasses
 
@@ -348,7 +381,10 @@ def test_a_skill_and_memory_study_answers_with_its_pareto_front(tmp_path, tiny_s
     monkeypatch.chdir(tmp_path)  # the CLI's working directory holds the study and mlruns/
     path = write_tiny_config(tmp_path, steps=2, store=tiny_store)
     text = path.read_text().replace(
-        "seed = 0", 'seed = 0\nobjectives = ["tp_seeps", "predicted_peak_mb"]', 1
+        "seed = 0",
+        # the front's mechanics, whatever two short trials forget
+        'seed = 0\nobjectives = ["tp_seeps", "predicted_peak_mb"]\nmax_forgetting = 100.0',
+        1,
     )
     path.write_text(
         text.replace("lora_rank = [2, 4]", 'method = ["lora", "head"]\nlora_rank = [2, 4]')
@@ -383,6 +419,45 @@ def test_a_skill_and_memory_study_answers_with_its_pareto_front(tmp_path, tiny_s
     figures = [a.path for a in client.list_artifacts(summary.parent_run_id, "study")]
     assert "study/skill_vs_memory.png" in figures
 
-    path.write_text(text.replace('objectives = ["tp_seeps", "predicted_peak_mb"]', ""))
+    path.write_text(text.replace('objectives = ["tp_seeps", "predicted_peak_mb"]', "", 1))
     result = runner.invoke(app, ["run", "-c", str(path), "--trials", "3"])
     assert result.exit_code == 1 and "minimises tp_seeps, predicted_peak_mb" in result.output
+
+
+def test_the_pruner_never_judges_a_trial_on_its_first_evaluation(tiny_config):
+    from aurora_sweep.study import study_pruner
+
+    every = tiny_config.train.eval_every
+    study = optuna.create_study(pruner=study_pruner(tiny_config))
+    for _ in range(6):  # enough finished trials for the median to count
+        t = study.ask()
+        for step in (every, 2 * every):
+            t.report(0.1, step)
+        study.tell(t, 0.1)
+    slow_starter = study.ask()
+    slow_starter.report(5.0, every)
+    assert not slow_starter.should_prune()  # far worse at the first evaluation: kept
+    slow_starter.report(5.0, 2 * every)
+    assert slow_starter.should_prune()
+
+
+def test_a_trial_that_forgets_is_never_the_best_unless_asked_for(tiny_config, tmp_path):
+    from optuna.distributions import FloatDistribution
+
+    from aurora_sweep.errors import AuroraSweepError
+    from aurora_sweep.results import completed, export_best, forgets, ranked
+
+    def trial(number, value, over):
+        t = optuna.trial.create_trial(
+            value=value, params={"x": 0.0}, distributions={"x": FloatDistribution(0, 1)},
+            system_attrs={"constraints:forgetting_over_max": over},
+        )  # fmt: skip
+        t.number = number
+        return t
+
+    forgetful, whole = trial(0, 0.1, 0.4), trial(1, 0.3, -0.05)
+    assert forgets(forgetful) and not forgets(whole)
+    assert ranked([forgetful, whole]) == [whole]
+    assert completed([forgetful, whole]) == [forgetful, whole]
+    with pytest.raises(AuroraSweepError, match="keeps the model whole.*--trial N"):
+        export_best(tiny_config, tmp_path / "adapter", trials=[forgetful])

@@ -40,6 +40,8 @@ OBJECTIVES = ("tp_seeps", "tp_rmse")
 #: memory predicted before it ran, or its wall time.
 COSTS = ("peak_memory_mb", "predicted_peak_mb", "trial_seconds")
 DATA_SOURCES = ("demo", "era5")
+#: The new variable's error in the loss: absolute (Aurora's) or squared.
+TP_LOSSES = ("mae", "mse")
 
 #: The fewest grid points a side of a region may have: Aurora cuts the grid into 4×4 patches and
 #: its backbone halves the patch grid twice, which needs at least 2 rows (and columns) of patches
@@ -91,6 +93,12 @@ class DataConfig:
     validation: Period
     test: Period
 
+    @property
+    def wrap_longitude(self) -> bool:
+        """Whether Aurora's shifted windows should join the grid's east and west edges: only on
+        a grid all the way round the globe, which a region (at most 180° wide) never is."""
+        return False
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -128,6 +136,12 @@ class SearchSpace:
     precision: tuple[str, ...]
     learning_rate: tuple[float, float] | None
     activation_checkpointing: tuple[bool, ...]
+    #: the new variable's weight in Aurora's loss (`loss.py`), and its error
+    target_weight: tuple[float, ...] = (1.0,)
+    loss: tuple[str, ...] = ("mae",)
+    #: the learning rate of the new variable's input embedding, over the trial's rate: how much
+    #: tp may write into Aurora's latent state (0: tp is output-only)
+    target_input_lr: tuple[float, ...] = (0.1,)
 
 
 @dataclass(frozen=True)
@@ -154,6 +168,12 @@ class StudyConfig:
     #: What Optuna minimises: the objective alone, or the objective and a cost from COSTS (a
     #: multi-objective study whose answer is a Pareto front).
     objectives: tuple[str, ...] = ()
+    #: A completed trial whose worst forgetting ratio (RMSE of a variable Aurora already
+    #: predicted, over the untouched base model's) exceeds this is infeasible: a recipe that
+    #: breaks the model it adapts is never the study's answer.
+    max_forgetting: float = 1.10
+    #: `run` stops after this many failed trials in a row (a study that cannot succeed).
+    max_failures: int = 5
 
     def __post_init__(self) -> None:
         if not self.objectives:
@@ -216,11 +236,13 @@ def _choices(table: dict, key: str, kind: type, default: list, allowed: tuple = 
             raise AuroraSweepError(f"[search] {key}: {v!r} is not true or false")
         if kind is str and not isinstance(v, str):
             raise AuroraSweepError(f"[search] {key}: {v!r} is not a string")
+        if kind is float and (isinstance(v, bool) or not isinstance(v, int | float)):
+            raise AuroraSweepError(f"[search] {key}: {v!r} is not a number")
         if allowed and v not in allowed:
             raise AuroraSweepError(
                 f"[search] {key}: {v!r} is not one of {', '.join(map(str, allowed))}"
             )
-    return tuple(value)
+    return tuple(float(v) for v in value) if kind is float else tuple(value)
 
 
 def check_region(region: Region) -> None:
@@ -307,13 +329,14 @@ def load_config(path: str | Path | None = None, *, workdir: Path | None = None) 
 #: Every section and setting a study file may hold; anything else is refused by name.
 SCHEMA: dict[str, tuple[str, ...]] = {
     "study": ("name", "objective", "objectives", "storage", "tracking_uri", "heartbeat_seconds",
-              "seed", "reference"),
+              "seed", "reference", "max_forgetting", "max_failures"),
     "data": ("source", "store", "region", "levels", "grid", "period", "train", "validation",
              "test"),
     "model": ("base", "checkpoint", "new_variable"),
     "train": ("steps", "eval_every", "val_samples", "learning_rate", "weight_decay", "seed"),
     "search": ("method", "blocks", "lora_rank", "lora_targets", "unfrozen_blocks", "batch_size",
-               "precision", "learning_rate", "activation_checkpointing"),
+               "precision", "learning_rate", "activation_checkpointing", "target_weight", "loss",
+               "target_input_lr"),
     "resources": ("gpu_memory_cap",),
 }  # fmt: skip
 REGION_KEYS = ("north", "south", "west", "east")
@@ -471,11 +494,18 @@ def _build(raw: dict, path: Path, workdir: Path) -> StudyConfig:
         precision=_choices(search, "precision", str, ["bf16"], PRECISIONS),
         learning_rate=lr_range,
         activation_checkpointing=_choices(search, "activation_checkpointing", bool, [False]),
+        target_weight=_choices(search, "target_weight", float, [1.0]),
+        loss=_choices(search, "loss", str, ["mae"], TP_LOSSES),
+        target_input_lr=_choices(search, "target_input_lr", float, [0.1]),
     )
     if any(r < 1 for r in space.lora_rank) or any(b < 1 for b in space.batch_size):
         raise AuroraSweepError("[search] lora_rank and batch_size choices must be at least 1")
     if any(n < 0 for n in space.unfrozen_blocks):
         raise AuroraSweepError("[search] unfrozen_blocks choices must be 0 or more")
+    if any(w <= 0 for w in space.target_weight):
+        raise AuroraSweepError("[search] target_weight choices must be above 0")
+    if any(f < 0 for f in space.target_input_lr):
+        raise AuroraSweepError("[search] target_input_lr choices must be 0 (output-only) or more")
     if any(n < 1 for n in space.blocks):
         raise AuroraSweepError("[search] blocks (for the blocks method) must be 1 or more")
 
@@ -524,6 +554,10 @@ def _build(raw: dict, path: Path, workdir: Path) -> StudyConfig:
         heartbeat_seconds=_whole(
             study.get("heartbeat_seconds", 60), "[study] heartbeat_seconds", minimum=1
         ),
+        max_forgetting=_number(
+            study.get("max_forgetting", 1.10), "[study] max_forgetting", minimum=1.0
+        ),
+        max_failures=_whole(study.get("max_failures", 5), "[study] max_failures", minimum=1),
     )
 
 

@@ -291,6 +291,10 @@ class Samples:
     def target_times(self) -> pd.DatetimeIndex:
         return self.times[self.index + 1]
 
+    def target_days(self) -> np.ndarray:
+        """Each sample's target day (datetime64[D]): the bootstrap's blocks."""
+        return self.target_times().values.astype("datetime64[D]")
+
     def _window(self, indices: Sequence[int]) -> xr.Dataset:
         t = self.index[np.asarray(indices)]
         pos = np.stack([t - 1, t, t + 1], axis=1).reshape(-1)
@@ -324,6 +328,13 @@ class Samples:
         t = self.index[np.asarray(indices)]
         target = self.read(t + 1, (TARGET_VAR,))[TARGET_VAR]
         return self.inputs(indices), torch.from_numpy(target)
+
+    def training_batch(self, indices: Sequence[int]) -> tuple[Batch, dict[str, torch.Tensor]]:
+        """Inputs for samples `indices` and every variable at the target time (the loss's
+        truth): surface variables and tp (B, lat, lon), atmospheric ones (B, level, lat, lon)."""
+        t = self.index[np.asarray(indices)]
+        target = self.read(t + 1, (*SURF_VARS, TARGET_VAR, *ATMOS_VARS))
+        return self.inputs(indices), {k: torch.from_numpy(v) for k, v in target.items()}
 
     def inputs(self, indices: Sequence[int]) -> Batch:
         """The two input times of samples `indices` (for a forecast, with or without a target),

@@ -13,6 +13,8 @@ Everything here is on the grid the model forecasts (see `dataset.patch_crop`).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +22,10 @@ import numpy as np
 import torch
 
 from aurora_sweep.dataset import Samples, climatology_forecast
+from aurora_sweep.errors import AuroraSweepError
+from aurora_sweep.loss import LossSpec, loss_terms
 from aurora_sweep.metrics import lat_weighted_rmse, objective_value, tp_scores
+from aurora_sweep.model import clamped
 from aurora_sweep.store import ATMOS_VARS, SURF_VARS, TARGET_VAR
 
 
@@ -41,11 +46,15 @@ def state_names(levels: tuple[int, ...]) -> list[str]:
 
 @dataclass
 class Forecasts:
-    """A model's forecasts of `indices`: tp in mm (n, lat, lon), the other variables' MSE."""
+    """A model's forecasts of `indices`: tp in mm (n, lat, lon), the other variables' MSE, and
+    (when asked) each variable's term of the training loss, averaged over the samples."""
 
     indices: np.ndarray
     tp: np.ndarray | None
     mse: dict[str, float]
+    loss_terms: dict[str, float] = dataclasses.field(default_factory=dict)
+    #: the objective's per-sample (numerator, denominator), set by `verify` (paired comparisons)
+    objective_terms: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def _without_tp(batch):
@@ -64,8 +73,9 @@ def forecast(
     device,
     with_tp: bool = True,
     state: bool = True,
+    loss: LossSpec | None = None,
 ) -> Forecasts:
-    """Run `model` over `indices` in batches.
+    """Run `model` over `indices` in batches, tp clamped at 0 as in a forecast.
 
     Args:
         model: a fine-tuned model (with tp) or, with `with_tp=False`, the base model.
@@ -75,35 +85,56 @@ def forecast(
         device: where the model lives.
         with_tp: the model predicts tp (the base model does not and must not be given it).
         state: also score the variables Aurora already predicts (latitude-weighted MSE).
+        loss: also average each variable's term of this training loss (the validation loss).
     """
     was_training = model.training
     model.eval()
     lat = samples.cube["latitude"].values
     tp_out: list[np.ndarray] = []
     sums = dict.fromkeys(state_names(samples.levels), 0.0) if state else {}
-    for start in range(0, len(indices), batch_size):
-        idx = indices[start : start + batch_size]
-        batch, _ = samples.batch(idx)
-        pred = model((batch if with_tp else _without_tp(batch)).to(device))
-        if with_tp:
-            tp_out.append(pred.surf_vars[TARGET_VAR][:, 0].float().cpu().numpy())
-        if state:
-            observed = samples.observed_state(idx)
-            for k in SURF_VARS:
-                fc = pred.surf_vars[k][:, 0].float().cpu().numpy()
-                sums[k] += lat_weighted_rmse(fc, observed[k], lat) ** 2 * len(idx)
-            for k in ATMOS_VARS:
-                fc = pred.atmos_vars[k][:, 0].float().cpu().numpy()
-                for j, lv in enumerate(samples.levels):
-                    err = lat_weighted_rmse(fc[:, j], observed[k][:, j], lat)
-                    sums[f"{k}{lv}"] += err**2 * len(idx)
+    term_sums: dict[str, float] = {}
+    names = (*SURF_VARS, *((TARGET_VAR,) if with_tp else ()), *ATMOS_VARS)
+    with clamped(model) if with_tp else _nothing():
+        for start in range(0, len(indices), batch_size):
+            idx = indices[start : start + batch_size]
+            batch = samples.inputs(idx)
+            pred = model((batch if with_tp else _without_tp(batch)).to(device))
+            if with_tp:
+                tp_out.append(pred.surf_vars[TARGET_VAR][:, 0].float().cpu().numpy())
+            if not (state or loss is not None):
+                continue
+            observed = samples.read(samples.index[np.asarray(idx)] + 1, names)
+            if loss is not None and with_tp:
+                truth = {k: torch.from_numpy(v) for k, v in observed.items()}
+                for k, v in loss_terms(loss, pred, truth).items():
+                    term_sums[k] = term_sums.get(k, 0.0) + float(v) * len(idx)
+            if state:
+                _add_state_mse(sums, pred, observed, samples.levels, lat, len(idx))
     if was_training:
         model.train()
     return Forecasts(
         indices=np.asarray(indices),
         tp=np.concatenate(tp_out) if with_tp else None,
         mse={k: v / len(indices) for k, v in sums.items()},
+        loss_terms={k: v / len(indices) for k, v in term_sums.items()},
     )
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+def _add_state_mse(sums, pred, observed, levels, lat, n: int) -> None:
+    """Add `n` samples' latitude-weighted MSE of every state variable to `sums`."""
+    for k in SURF_VARS:
+        fc = pred.surf_vars[k][:, 0].float().cpu().numpy()
+        sums[k] += lat_weighted_rmse(fc, observed[k], lat) ** 2 * n
+    for k in ATMOS_VARS:
+        fc = pred.atmos_vars[k][:, 0].float().cpu().numpy()
+        for j, lv in enumerate(levels):
+            err = lat_weighted_rmse(fc[:, j], observed[k][:, j], lat)
+            sums[f"{k}{lv}"] += err**2 * n
 
 
 def forgetting_ratios(finetuned: dict[str, float], base: dict[str, float]) -> dict[str, float]:
@@ -129,14 +160,30 @@ def worst_forgetting(metrics: dict[str, float]) -> tuple[str, float] | None:
 
 
 def base_state_mse(
-    data, *, base: str, checkpoint: Path, device, batch_size: int | None = None
+    data,
+    *,
+    base: str,
+    checkpoint: Path,
+    device,
+    batch_size: int | None = None,
+    precision: str = "fp32",
+    wrap_longitude: bool = False,
 ) -> dict[str, float]:
     """The untouched base model's MSE of every variable it predicts on the evaluation split
-    (`batch_size` samples a pass; default `eval_batch_size` for a batch of one)."""
-    from aurora_sweep.model import build_base, load_base_checkpoint
+    (`batch_size` samples a pass; default `eval_batch_size` for a batch of one), run in the
+    `precision` and with the longitude wrap of the trials it is compared with: a forgetting
+    ratio then measures the fine-tune, not a change of precision or of windows."""
+    from aurora_sweep.model import (
+        build_base,
+        load_base_checkpoint,
+        set_longitude_wrap,
+        set_precision,
+    )
 
     model = build_base(base, with_tp=False)
     load_base_checkpoint(model, checkpoint)
+    set_precision(model, precision)
+    set_longitude_wrap(model, wrap_longitude)
     model.to(device)
     samples = data.validation
     result = forecast(
@@ -155,15 +202,20 @@ def verify(
     device,
     indices: np.ndarray | None = None,
     bootstrap: int = 1000,
+    precision: str = "fp32",
+    loss: LossSpec | None = None,
 ) -> tuple[dict[str, float], Forecasts]:
-    """tp scores (with intervals) and forgetting ratios of `model` on `data`'s evaluation split."""
+    """tp scores (with intervals) and forgetting ratios of `model` on `data`'s evaluation split,
+    against the base model run in `precision`; with `loss`, the validation loss's terms too."""
     samples: Samples = data.validation
     indices = np.arange(len(samples)) if indices is None else np.asarray(indices)
+    base_mse = (data.base_mse or {}).get(precision)
     result = forecast(
         model, samples, indices, batch_size=batch_size, device=device,
-        state=data.base_mse is not None,
+        state=base_mse is not None, loss=loss,
     )  # fmt: skip
     times = samples.target_times()[indices]
+    terms: dict[str, np.ndarray] = {}
     metrics = tp_scores(
         forecast=result.tp,
         observed=samples.observed(indices),
@@ -171,14 +223,47 @@ def verify(
         climatology=climatology_forecast(data.climatology, times),
         lat=samples.cube["latitude"].values,
         months=times.month.values,
+        hours=times.hour.values,
         days=times.values.astype("datetime64[D]"),
         seeps=data.seeps,
         objective=data.objective,
         bootstrap=bootstrap,
+        terms_out=terms,
     )
-    if data.base_mse is not None:
-        metrics |= forgetting_ratios(result.mse, data.base_mse)
+    result.objective_terms = (terms["num"], terms["den"])
+    if base_mse is not None:
+        metrics |= forgetting_ratios(result.mse, base_mse)
     return metrics, result
+
+
+def check_objective_defined(data) -> None:
+    """Refuse, before the first trial, an objective the evaluation split cannot define.
+
+    SEEPS scores only grid points whose climatological dry fraction lies within 0.1..0.85 (in
+    the month and hour of each target): a region and period where every point is always dry or
+    always wet there leaves nothing to score, every trial's objective would be NaN and a study
+    would never finish a trial.
+    """
+    if data.objective != "tp_seeps":
+        return
+    from aurora_sweep.metrics import SEEPS_P_DRY_RANGE
+
+    times = data.validation.target_times()
+    p_dry = data.seeps.p_dry[times.month.values - 1, times.hour.values // 6]
+    low, high = SEEPS_P_DRY_RANGE
+    with np.errstate(invalid="ignore"):
+        scored = (p_dry >= low) & (p_dry <= high) & np.isfinite(data.seeps.light_heavy[
+            times.month.values - 1, times.hour.values // 6
+        ])  # fmt: skip
+    if not scored.any():
+        seen = p_dry[np.isfinite(p_dry)]
+        span = f"{seen.min():.2f}..{seen.max():.2f}" if seen.size else "undefined"
+        raise AuroraSweepError(
+            f"tp_seeps is undefined on the {data.validation.split} split: at every grid point the "
+            f"train split's dry fraction (here {span}) lies outside {low}..{high} in the months "
+            "and hours scored, so SEEPS leaves nothing to score; use [study] objective = "
+            '"tp_rmse", or a region and period with both dry and wet 6-hour totals'
+        )
 
 
 def subset_objective(tp: np.ndarray, data, indices: np.ndarray) -> float:
@@ -191,6 +276,7 @@ def subset_objective(tp: np.ndarray, data, indices: np.ndarray) -> float:
         observed=samples.observed(indices),
         lat=samples.cube["latitude"].values,
         months=times.month.values,
+        hours=times.hour.values,
         seeps=data.seeps,
     )
 

@@ -35,6 +35,7 @@ from aurora_sweep.model import (
     file_sha256,
     load_base_checkpoint,
     resolve_checkpoint,
+    set_longitude_wrap,
     set_precision,
     unwrap,
 )
@@ -131,8 +132,10 @@ def load_finetuned(directory: str | Path, *, checkpoint: Path | None = None, dev
             f"{path} is not the base checkpoint this adapter was trained on "
             f"(sha256 {meta['base']['sha256'][:12]}...); pass the right file with --checkpoint"
         )
-    model = build_base(trial.base, tp_stats=(tp.location, tp.scale))
+    # a forecast's tp is clamped at 0 from the first step; the shifted windows as trained
+    model = build_base(trial.base, tp_stats=(tp.location, tp.scale), clamp=True)
     load_base_checkpoint(model, path)
+    set_longitude_wrap(model, trial.wrap_longitude)
     if trial.method in LORA_METHODS:
         peft_model = PeftModel.from_pretrained(model, directory)
         lora = [n for n, _ in peft_model.named_parameters() if "lora_" in n]

@@ -157,7 +157,7 @@ def build_meta_model(trial: TrialConfig) -> Aurora:
 
     method = dict(
         method=trial.method, rank=trial.lora_rank, targets=trial.lora_targets,
-        unfrozen_blocks=trial.unfrozen_blocks,
+        unfrozen_blocks=trial.unfrozen_blocks, train_input=trial.target_input_lr > 0,
     )  # fmt: skip
     try:
         with meta_device():

@@ -6,8 +6,8 @@ Bureau of Meteorology's verification package, on xarray data); this module only 
 scores' settings, feeds them samples in chunks (bounded memory), combines per-sample statistics
 (for pooling and for the bootstrap) and names the results. All values are mm per 6 h.
 
-Inputs: arrays shaped (n, lat, lon) for n samples, `lat` in degrees, `months` (1..12) and `days`
-(datetime64[D]) of each sample's *target* time.
+Inputs: arrays shaped (n, lat, lon) for n samples, `lat` in degrees, `months` (1..12), `hours`
+(0, 6, 12 or 18 UTC) and `days` (datetime64[D]) of each sample's *target* (valid) time.
 
 The scores, for a forecast f against observations o (`w` = cos(latitude), from scores'
 `create_latitude_weights`; "pooled" = over all samples and grid points together):
@@ -26,11 +26,20 @@ The scores, for a forecast f against observations o (`w` = cos(latitude), from s
              [1/p1,                 0,          1/p3           ],
              [1/p1 + 1/(1-p3),      1/(1-p3),   0              ]]
 
-  p1 and the threshold (the 2/3 quantile of wet totals) come from `SeepsClimate`, per calendar month
-  of the target time and grid point, from the train split. Points whose month's p1 lies outside
-  [0.1, 0.85] (scores keeps both ends) or has no climate are masked; the score is the
-  latitude-weighted mean over the remaining points of all samples (0 perfect, about 1 for a
-  climatological forecast; lower is better).
+  p1 and the threshold (the 2/3 quantile of wet totals) come from `SeepsClimate`, per grid point,
+  calendar month and hour slot (valid hour // 6: 00, 06, 12, 18 UTC) of the target time, from the
+  train split's 6-hour totals: 6-h totals have a diurnal cycle (afternoon convection) that a climate
+  pooling the four valid times of a month would erase. A (month, hour) cell with fewer than
+  `MIN_SEEPS_SAMPLES` totals widens to the month before, the month and the month after at the same
+  hour (December and January wrap), and if that is still too few, to the month with all hours
+  pooled (`seeps_climate`). Points whose p1 lies outside [0.1, 0.85] (scores keeps both ends) or
+  have no climate are masked; the score is the latitude-weighted mean over the remaining points of
+  all samples (0 perfect, about 1 for a climatological forecast; lower is better).
+  How this differs from WeatherBench 2: WB2 takes its climate from ERA5 1990-2019, the wet
+  threshold per day of year (a 61-day window) and hour, and p1 as the annual mean per grid point,
+  and averages SEEPS over space per time and then over time. Here the climate comes from the
+  study's own train split, p1 and the threshold both per month and hour, and the score is one
+  latitude-weighted mean pooled over all samples and points.
 - `tp_csi_{t}`, `tp_ets_{t}`, `tp_fbias_{t}`: critical success index hits/(hits+misses+false
   alarms), equitable threat score (hits corrected for random hits) and frequency bias (forecast
   events / observed events) for the event "tp >= t mm", t in `CATEGORICAL_THRESHOLDS_MM`. `>=` is
@@ -46,6 +55,13 @@ The scores, for a forecast f against observations o (`w` = cos(latitude), from s
   than the region gives NaN here.
 - `tp_skill_persistence`, `tp_skill_climatology`: 1 - objective/objective of the reference
   (`skill`), on the chosen objective (`OBJECTIVES`).
+
+Comparing trials: every trial of a study is scored on the same samples with the same bootstrap
+resamples, so whether trial A beats trial B is a paired question. `objective_terms` (or
+`tp_scores(terms_out=...)`) gives each sample's share of the objective, and `paired_difference`
+the difference of two objectives with a bootstrap interval over the same resamples for both; an
+interval containing 0 means the two are not distinguishable. Overlap of two marginal intervals
+would ignore that both trials meet the same weather and so overstate the uncertainty.
 
 Missing data: samples whose observed field holds any NaN are dropped from every score, for the
 model and both references alike (the comparison stays paired); scores would otherwise skip NaN in
@@ -77,6 +93,13 @@ FSS_WINDOWS = (5, 11)  # square windows, in grid points
 OBJECTIVES = ("tp_rmse", "tp_seeps")
 SEEPS_P_DRY_RANGE = (0.1, 0.85)  # Rodwell et al.'s climate mask; also scores' defaults
 LIGHT_HEAVY_QUANTILE = 2 / 3
+HOUR_SLOTS = (0, 6, 12, 18)  # UTC valid hours of 6-hour totals; slot = hour // 6
+N_HOUR_SLOTS = len(HOUR_SLOTS)
+# Fewest totals a (month, hour) SEEPS climate cell is built from before it widens. One train year
+# gives 28 to 31 (one a day), so a single year fills most cells and two fill all; below that the
+# dry fraction's sampling error (sd up to sqrt(0.25 / 30) = 0.09) spans much of the [0.1, 0.85]
+# mask, and the 2/3 quantile of the wet totals rests on a handful of values.
+MIN_SEEPS_SAMPLES = 30
 
 DIMS = ("sample", "latitude", "longitude")
 SPATIAL = ("latitude", "longitude")
@@ -88,49 +111,123 @@ _SEEPS_EXTREME_P = "`prob_dry` contains values that are exactly equal to 0 or 1"
 
 @dataclass(frozen=True)
 class SeepsClimate:
-    """SEEPS climatology per calendar month and grid point, from the train split.
+    """SEEPS climatology per calendar month, hour slot and grid point, from the train split.
 
-    Months without samples, and points of a month without wet values, are NaN: SEEPS masks them.
+    Index [month - 1, hour // 6, lat, lon]: the hour slots are the valid times 00, 06, 12 and
+    18 UTC, because 6-hour totals have a diurnal cycle. A (month, slot) cell built from fewer than
+    `MIN_SEEPS_SAMPLES` totals is the climate of the same slot in the month before, the month and
+    the month after (December and January wrap); if those three still hold fewer, the climate of the
+    month with all four slots pooled (`seeps_climate`). Months without samples, and points of a
+    cell without wet values, are NaN: SEEPS masks them.
     """
 
-    p_dry: np.ndarray  # (12, lat, lon): fraction of 6-h totals <= the dry threshold
-    light_heavy: np.ndarray  # (12, lat, lon) mm: 2/3 quantile of the totals above it
+    p_dry: np.ndarray  # (12, 4, lat, lon): fraction of 6-h totals <= the dry threshold
+    light_heavy: np.ndarray  # (12, 4, lat, lon) mm: 2/3 quantile of the totals above it
 
 
 def seeps_climate(
-    tp: np.ndarray, months: np.ndarray, *, dry_threshold: float = DRY_MM
+    tp: np.ndarray,
+    months: np.ndarray,
+    hours: np.ndarray,
+    *,
+    dry_threshold: float = DRY_MM,
+    min_samples: int = MIN_SEEPS_SAMPLES,
 ) -> SeepsClimate:
-    """The SEEPS climate of a series of 6-hour totals, per calendar month and grid point.
+    """The SEEPS climate of a series of 6-hour totals, per calendar month, hour slot and grid point.
 
     A total is dry when it is <= `dry_threshold` (the rule of scores' `seeps`) and wet otherwise;
     the light/heavy threshold is the 2/3 quantile of the wet totals with numpy's default (linear)
     interpolation. NaN totals are left out.
 
+    Which totals make the climate of (month m, slot s), counting totals (entries of `months` and
+    `hours`), not valid values per point: those of month m at slot s if there are at least
+    `min_samples`; otherwise those of months m - 1, m and m + 1 at slot s (December and January
+    wrap) if there are at least `min_samples`; otherwise those of month m at every hour (the climate
+    pooled over the day, however few).
+
     Args:
         tp: 6-hour totals in mm, (n, lat, lon), typically the train split.
         months: the calendar month (1..12) of each total's valid time, (n,).
+        hours: the hour (0, 6, 12 or 18 UTC) of each total's valid time, (n,).
         dry_threshold: the dry/light boundary in mm; use the one the scores will use.
+        min_samples: the fewest totals a cell is built from before it widens (see above).
     """
     tp = np.asarray(tp)
     months = np.asarray(months)
-    if tp.ndim != 3 or months.shape != tp.shape[:1]:
+    if tp.ndim != 3 or months.shape != tp.shape[:1] or np.shape(hours) != tp.shape[:1]:
         raise ValueError(
-            f"tp must be (n, lat, lon) and months (n,); got {tp.shape} and {months.shape}"
+            f"tp must be (n, lat, lon) and months and hours (n,); got {tp.shape}, "
+            f"{months.shape} and {np.shape(hours)}"
         )
-    p_dry = np.full((12, *tp.shape[1:]), np.nan)
+    if months.size and not np.isin(months, np.arange(1, 13)).all():
+        raise ValueError("months must be calendar months 1..12 (of each total's valid time)")
+    slots = _hour_slots(hours)
+    p_dry = np.full((12, N_HOUR_SLOTS, *tp.shape[1:]), np.nan)
     light_heavy = np.full_like(p_dry, np.nan)
+    built: dict[tuple[tuple[int, ...], int | None], tuple[np.ndarray, np.ndarray]] = {}
     for m in range(1, 13):
-        values = tp[months == m].astype(np.float64)
-        if values.size == 0:
-            continue
-        valid = ~np.isnan(values)
-        n_valid = valid.sum(axis=0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            p_dry[m - 1] = np.where(
-                n_valid > 0, (values <= dry_threshold).sum(axis=0) / n_valid, np.nan
-            )
-        light_heavy[m - 1] = _nan_quantile(np.where(values > dry_threshold, values, np.nan))
+        for slot in range(N_HOUR_SLOTS):
+            source = _climate_source(months, slots, m, slot, min_samples)
+            if source not in built:  # the pooled month serves several slots
+                chosen = np.isin(months, source[0])
+                if source[1] is not None:
+                    chosen &= slots == source[1]
+                built[source] = _dry_fraction_and_threshold(tp[chosen], dry_threshold)
+            p_dry[m - 1, slot], light_heavy[m - 1, slot] = built[source]
     return SeepsClimate(p_dry=p_dry, light_heavy=light_heavy)
+
+
+def _climate_source(
+    months: np.ndarray, slots: np.ndarray, month: int, slot: int, min_samples: int
+) -> tuple[tuple[int, ...], int | None]:
+    """The months and hour slot (None: all) whose totals make the climate of (month, slot).
+
+    Args:
+        months: the calendar month (1..12) of each total, (n,).
+        slots: the hour slot (0..3) of each total, (n,).
+        month: the cell's month.
+        slot: the cell's hour slot.
+        min_samples: the fewest totals a cell is built from before it widens.
+    """
+    at_slot = slots == slot
+    if np.count_nonzero(at_slot & (months == month)) >= min_samples:
+        return (month,), slot
+    window = tuple(sorted({(month + k - 1) % 12 + 1 for k in (-1, 0, 1)}))
+    if np.count_nonzero(at_slot & np.isin(months, window)) >= min_samples:
+        return window, slot
+    return (month,), None
+
+
+def _dry_fraction_and_threshold(
+    values: np.ndarray, dry_threshold: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per grid point, the dry fraction of the totals and the 2/3 quantile of the wet ones.
+
+    NaN totals are left out; a point without (wet) totals gets NaN.
+
+    Args:
+        values: 6-hour totals in mm, (k, lat, lon).
+        dry_threshold: the dry/light boundary in mm.
+    """
+    values = values.astype(np.float64)
+    if values.shape[0] == 0:
+        nan = np.full(values.shape[1:], np.nan)
+        return nan, nan.copy()
+    n_valid = (~np.isnan(values)).sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p_dry = np.where(n_valid > 0, (values <= dry_threshold).sum(axis=0) / n_valid, np.nan)
+    return p_dry, _nan_quantile(np.where(values > dry_threshold, values, np.nan))
+
+
+def _hour_slots(hours: np.ndarray) -> np.ndarray:
+    """Each valid hour's slot, hour // 6 (0..3); hours other than 0, 6, 12 and 18 are refused."""
+    hours = np.asarray(hours)
+    if hours.size and not np.isin(hours, HOUR_SLOTS).all():
+        bad = np.unique(hours[~np.isin(hours, HOUR_SLOTS)])[:5]
+        raise ValueError(
+            f"hours must be the valid hours 0, 6, 12 or 18 UTC of 6-hour totals; got {bad}"
+        )
+    return (hours // 6).astype(int)
 
 
 def _nan_quantile(values: np.ndarray, q: float = LIGHT_HEAVY_QUANTILE) -> np.ndarray:
@@ -209,6 +306,7 @@ def objective_value(
     observed: np.ndarray,
     lat: np.ndarray,
     months: np.ndarray,
+    hours: np.ndarray,
     seeps: SeepsClimate,
 ) -> float:
     """The objective alone, for one forecast: the same number `tp_scores` reports for it.
@@ -219,20 +317,142 @@ def objective_value(
         observed: the observed totals, (n, lat, lon).
         lat: latitudes in degrees, (lat,).
         months: calendar month (1..12) of each sample's target time, (n,).
+        hours: valid hour (0, 6, 12 or 18 UTC) of each sample's target time, (n,).
         seeps: the train split's SEEPS climate (used for `tp_seeps`).
     """
-    _check_objective(objective)
-    _check_inputs(observed, lat, months, seeps, forecast=forecast)
-    keep = _observed_samples(observed)
-    forecast, observed, months = (
-        _take(keep, forecast),
-        _take(keep, observed),
-        np.asarray(months)[keep],
+    num, den = objective_terms(
+        objective,
+        forecast=forecast,
+        observed=observed,
+        lat=lat,
+        months=months,
+        hours=hours,
+        seeps=seeps,
     )
+    keep = _observed_samples(observed)
+    return _objective_from(objective, num[keep].sum(), den[keep].sum())
+
+
+def objective_terms(
+    objective: str,
+    *,
+    forecast: np.ndarray,
+    observed: np.ndarray,
+    lat: np.ndarray,
+    months: np.ndarray,
+    hours: np.ndarray,
+    seeps: SeepsClimate,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each sample's (numerator, denominator) of the objective, for pairing trials later.
+
+    Summed over the samples whose observation is complete and passed to the objective's formula
+    (sqrt(num/den) for tp_rmse, num/den for tp_seeps) they give `objective_value`; over a bootstrap
+    resample, the objective of that resample (`paired_difference`). Samples whose observation holds
+    a NaN get NaN terms, so that every trial drops the same samples; a forecast holding a NaN or
+    inf on any other sample has failed and gets NaN terms throughout.
+
+    Args:
+        objective: one of `OBJECTIVES`.
+        forecast: the model's forecast, mm per 6 h, (n, lat, lon).
+        observed: the observed totals, (n, lat, lon).
+        lat: latitudes in degrees, (lat,).
+        months: calendar month (1..12) of each sample's target time, (n,).
+        hours: valid hour (0, 6, 12 or 18 UTC) of each sample's target time, (n,).
+        seeps: the train split's SEEPS climate (used for `tp_seeps`).
+
+    Returns:
+        Two float64 arrays of length n, in the order of the samples given.
+    """
+    _check_objective(objective)
+    _check_inputs(observed, lat, months, hours, seeps, forecast=forecast)
+    keep = _observed_samples(observed)
+    forecast, observed = _take(keep, forecast), _take(keep, observed)
+    months, hours = np.asarray(months)[keep], np.asarray(hours)[keep]
     if not np.isfinite(forecast).all():
-        return float("nan")
-    terms = _objective_terms(objective, forecast, observed, lat, months, seeps)
-    return _objective_from(objective, *(t.sum() for t in terms))
+        nan = np.full(len(keep), np.nan)
+        return nan, nan.copy()
+    terms = _objective_terms(objective, forecast, observed, lat, months, hours, seeps)
+    return _spread(keep, terms[0]), _spread(keep, terms[1])
+
+
+def paired_difference(
+    objective: str,
+    a: tuple[np.ndarray, np.ndarray],
+    b: tuple[np.ndarray, np.ndarray],
+    days: np.ndarray,
+    *,
+    n_resamples: int = 1000,
+    block_days: int = 3,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """The objective of A minus that of B, with a paired block bootstrap interval.
+
+    Both forecasts were scored on the same samples, so the interval comes from the same resamples
+    (`block_bootstrap`) applied to both: the weather they share cancels out of the difference. An
+    interval containing 0 means A and B are not distinguishable. Samples where either side has a
+    NaN term are dropped from both.
+
+    Args:
+        objective: one of `OBJECTIVES`, the objective the terms are of.
+        a: A's per-sample (numerator, denominator), as `objective_terms` gives them, (n,) each.
+        b: B's, over the same samples in the same order.
+        days: each sample's target day, datetime64[D], (n,).
+        n_resamples: how many bootstrap resamples (>= 1).
+        block_days: consecutive days per bootstrap block.
+        seed: the bootstrap's seed.
+
+    Returns:
+        The difference, and its 5 % and 95 % quantiles over the resamples.
+    """
+    _check_objective(objective)
+    if n_resamples < 1:
+        raise ValueError(f"need n_resamples >= 1 for an interval; got {n_resamples}")
+    arrays = [np.asarray(x, dtype=np.float64) for x in (*a, *b)]
+    days = np.asarray(days)
+    lengths = {np.shape(x) for x in (*arrays, days)}
+    if len(lengths) != 1 or days.ndim != 1:
+        raise ValueError(
+            "a's and b's terms and days must be 1-d arrays over the same samples; got shapes "
+            + ", ".join(str(np.shape(x)) for x in (*arrays, days))
+        )
+    keep = ~np.isnan(np.stack(arrays)).any(axis=0)
+    a_num, a_den, b_num, b_den = (x[keep] for x in arrays)
+    difference = _objective_from(objective, a_num.sum(), a_den.sum()) - _objective_from(
+        objective, b_num.sum(), b_den.sum()
+    )
+    resamples = block_bootstrap(
+        days[keep], n_resamples=n_resamples, block_days=block_days, seed=seed
+    )
+    differences = _objective_from(
+        objective, _resampled_sums(a_num, resamples), _resampled_sums(a_den, resamples)
+    ) - _objective_from(
+        objective, _resampled_sums(b_num, resamples), _resampled_sums(b_den, resamples)
+    )
+    return (float(difference), *_interval(differences))
+
+
+def encode_terms(num: np.ndarray, den: np.ndarray, days: np.ndarray) -> dict[str, str]:
+    """Per-sample objective terms and their days as short JSON-safe text (base64 of float32 and
+    int32 days since 1970), small enough to keep with every trial in Optuna's storage: a year of
+    Europe's 6-hourly samples is about 23 kB."""
+    import base64
+
+    def pack(values: np.ndarray, dtype: str) -> str:
+        return base64.b64encode(np.ascontiguousarray(values, dtype=dtype).tobytes()).decode()
+
+    day_numbers = np.asarray(days, dtype="datetime64[D]").astype(np.int64)
+    return {"num": pack(num, "<f4"), "den": pack(den, "<f4"), "days": pack(day_numbers, "<i4")}
+
+
+def decode_terms(packed: dict[str, str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The (num, den, days) that `encode_terms` packed."""
+    import base64
+
+    def unpack(key: str, dtype: str) -> np.ndarray:
+        return np.frombuffer(base64.b64decode(packed[key]), dtype=dtype)
+
+    days = unpack("days", "<i4").astype("datetime64[D]")
+    return unpack("num", "<f4").astype(np.float64), unpack("den", "<f4").astype(np.float64), days
 
 
 def tp_scores(
@@ -243,12 +463,14 @@ def tp_scores(
     climatology: np.ndarray,
     lat: np.ndarray,
     months: np.ndarray,
+    hours: np.ndarray,
     days: np.ndarray,
     seeps: SeepsClimate,
     objective: str = "tp_rmse",
     bootstrap: int = 1000,
     block_days: int = 3,
     seed: int = 0,
+    terms_out: dict | None = None,
 ) -> dict[str, float]:
     """The tp scores of the model and of the persistence and climatology forecasts.
 
@@ -267,18 +489,23 @@ def tp_scores(
         climatology: the climatology forecast, (n, lat, lon).
         lat: latitudes in degrees, (lat,).
         months: calendar month (1..12) of each sample's target time, (n,).
+        hours: valid hour (0, 6, 12 or 18 UTC) of each sample's target time, (n,).
         days: each sample's target day, datetime64[D], (n,).
         seeps: the train split's SEEPS climate.
         objective: the score the skills and the bootstrap use, one of `OBJECTIVES`.
         bootstrap: number of bootstrap resamples; 0 for none.
         block_days: consecutive days per bootstrap block.
         seed: the bootstrap's seed.
+        terms_out: when a dict, filled with `"num"` and `"den"`: the model's per-sample objective
+            terms over all n samples given, NaN for dropped ones (as `objective_terms`), to keep
+            for `paired_difference` without scoring again.
     """
     _check_objective(objective)
     _check_inputs(
         observed,
         lat,
         months,
+        hours,
         seeps,
         days=days,
         forecast=forecast,
@@ -287,14 +514,17 @@ def tp_scores(
     )
     keep = _observed_samples(observed)
     observed = _take(keep, observed)
-    months, days = np.asarray(months)[keep], np.asarray(days)[keep]
+    months, hours = np.asarray(months)[keep], np.asarray(hours)[keep]
+    days = np.asarray(days)[keep]
     forecasts = {"": forecast, "_persistence": persistence, "_climatology": climatology}
     out: dict[str, float] = {}
     terms: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for suffix, values in forecasts.items():
         values = _take(keep, values)
-        scores_, terms[suffix] = _all_scores(objective, values, observed, lat, months, seeps)
+        scores_, terms[suffix] = _all_scores(objective, values, observed, lat, months, hours, seeps)
         out.update({f"{name}{suffix}": v for name, v in scores_.items()})
+    if terms_out is not None:
+        terms_out["num"], terms_out["den"] = (_spread(keep, t) for t in terms[""])
     for ref in ("persistence", "climatology"):
         out[f"tp_skill_{ref}"] = skill(out[objective], out[f"{objective}_{ref}"])
     if bootstrap > 0:
@@ -316,14 +546,15 @@ def _all_scores(
     observed: np.ndarray,
     lat: np.ndarray,
     months: np.ndarray,
+    hours: np.ndarray,
     seeps: SeepsClimate,
 ) -> tuple[dict[str, float], tuple[np.ndarray, np.ndarray]]:
     """Every score of one forecast, and its objective's per-sample (numerator, denominator)."""
     if len(observed) == 0 or not np.isfinite(forecast).all():
         nan = np.full(len(observed), np.nan)
         return dict.fromkeys(_score_names(), float("nan")), (nan, nan)
-    rmse_terms = _objective_terms("tp_rmse", forecast, observed, lat, months, seeps)
-    seeps_terms = _objective_terms("tp_seeps", forecast, observed, lat, months, seeps)
+    rmse_terms = _objective_terms("tp_rmse", forecast, observed, lat, months, hours, seeps)
+    seeps_terms = _objective_terms("tp_seeps", forecast, observed, lat, months, hours, seeps)
     n = len(observed)
     ab, err = np.zeros(n), np.zeros(n)
     counts = {
@@ -331,7 +562,7 @@ def _all_scores(
         for t in CATEGORICAL_THRESHOLDS_MM
     }
     weights = _weights(lat)
-    for sl, fc, ob, _, _ in _chunks(forecast, observed, months, seeps):
+    for sl, fc, ob, _, _ in _chunks(forecast, observed, months, hours, seeps):
         ab[sl] = mae(fc, ob, preserve_dims="sample", weights=weights).values
         err[sl] = additive_bias(fc, ob, preserve_dims="sample", weights=weights).values
         for t in CATEGORICAL_THRESHOLDS_MM:
@@ -377,17 +608,19 @@ def _objective_terms(
     observed: np.ndarray,
     lat: np.ndarray,
     months: np.ndarray,
+    hours: np.ndarray,
     seeps: SeepsClimate,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-sample (numerator, denominator) of the objective: summed over samples, they give it.
 
     tp_rmse: each sample's latitude-weighted MSE, and 1 (every kept sample weighs the same).
-    tp_seeps: each sample's latitude-weighted sum of SEEPS over its valid points, and their weight.
+    tp_seeps: each sample's latitude-weighted sum of SEEPS over its valid points, and their weight,
+    against the climate of its month and hour slot.
     """
     n = len(observed)
     num, den = np.zeros(n), np.ones(n)
     weights = _weights(lat)
-    for sl, fc, ob, p_dry, light_heavy in _chunks(forecast, observed, months, seeps):
+    for sl, fc, ob, p_dry, light_heavy in _chunks(forecast, observed, months, hours, seeps):
         if objective == "tp_rmse":
             num[sl] = mse(fc, ob, preserve_dims="sample", weights=weights).values
         else:
@@ -452,15 +685,18 @@ def _chunks(
     forecast: np.ndarray,
     observed: np.ndarray,
     months: np.ndarray,
+    hours: np.ndarray,
     seeps: SeepsClimate,
 ) -> Iterator[tuple[slice, xr.DataArray, xr.DataArray, xr.DataArray, xr.DataArray]]:
-    """Consecutive chunks of samples as DataArrays, with each sample's month's SEEPS climate."""
+    """Chunks of consecutive samples as DataArrays, with each one's (month, hour) SEEPS climate."""
     month_index = np.asarray(months, dtype=int) - 1
+    slot = _hour_slots(hours)
     step = max(1, CHUNK_POINTS // (observed.shape[1] * observed.shape[2]))
     for start in range(0, len(observed), step):
         sl = slice(start, start + step)
         clim = [
-            xr.DataArray(c[month_index[sl]], dims=DIMS) for c in (seeps.p_dry, seeps.light_heavy)
+            xr.DataArray(c[month_index[sl], slot[sl]], dims=DIMS)
+            for c in (seeps.p_dry, seeps.light_heavy)
         ]
         yield sl, _field(forecast[sl]), _field(observed[sl]), *clim
 
@@ -489,6 +725,13 @@ def _take(keep: np.ndarray, values: np.ndarray) -> np.ndarray:
     return values if keep.all() else values[keep]  # no copy of a year of fields in the usual case
 
 
+def _spread(keep: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Values of the kept samples back in place among all samples, NaN for the dropped ones."""
+    out = np.full(keep.shape, np.nan)
+    out[keep] = values
+    return out
+
+
 def _check_objective(objective: str) -> None:
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}: use one of {', '.join(OBJECTIVES)}")
@@ -498,6 +741,7 @@ def _check_inputs(
     observed: np.ndarray,
     lat: np.ndarray,
     months: np.ndarray,
+    hours: np.ndarray,
     seeps: SeepsClimate,
     days: np.ndarray | None = None,
     **forecasts: np.ndarray,
@@ -510,19 +754,21 @@ def _check_inputs(
     for name, values in forecasts.items():
         if np.shape(values) != shape:
             raise ValueError(f"{name} is shaped {np.shape(values)}, observed {shape}")
-    for name, values in {"months": months, "days": days}.items():
+    for name, values in {"months": months, "hours": hours, "days": days}.items():
         if values is not None and np.shape(values) != shape[:1]:
             raise ValueError(
                 f"{name} must have one entry per sample ({shape[0]}); got {np.shape(values)}"
             )
     for name, clim in {"p_dry": seeps.p_dry, "light_heavy": seeps.light_heavy}.items():
-        if np.shape(clim) != (12, *shape[1:]):
+        if np.shape(clim) != (12, N_HOUR_SLOTS, *shape[1:]):
             raise ValueError(
-                f"the SEEPS climate's {name} is shaped {np.shape(clim)}, not (12, {shape[1]}, "
-                f"{shape[2]}): build it on the grid that is scored"
+                f"the SEEPS climate's {name} is shaped {np.shape(clim)}, not (12 months, "
+                f"{N_HOUR_SLOTS} hour slots, {shape[1]}, {shape[2]}): build it with "
+                "seeps_climate(tp, months, hours) on the grid that is scored"
             )
     if shape[0] and not np.isin(months, np.arange(1, 13)).all():
         raise ValueError("months must be calendar months 1..12 (of each sample's target time)")
+    _hour_slots(hours)
 
 
 def _weights(lat: np.ndarray) -> xr.DataArray:

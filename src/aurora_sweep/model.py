@@ -9,7 +9,13 @@ One function per step, in the order a trial applies them:
 3. `apply_lora` injects peft LoRA into the Swin backbone's linears;
 4. `set_trainable` freezes everything but LoRA, the new variable's embedding and head, and the
    last N backbone blocks;
-5. `set_precision` and `set_activation_checkpointing` choose the memory levers.
+5. `set_precision` and `set_activation_checkpointing` choose the memory levers;
+6. `set_longitude_wrap` keeps a regional box's east and west edges apart in the shifted windows
+   (Aurora's default joins them, which only a global grid wants).
+
+A trained model's tp is not clamped at 0 on its first step (the loss must see the raw output:
+a wet point whose raw forecast is negative would get no gradient); `clamped` switches Aurora's
+clamp on for scoring and forecasts, and `load_finetuned` returns an adapter with it on.
 
 The demo base (a tiny Aurora pretrained on the demo data before 2022) and AuroraSmallPretrained
 differ only in their constructor arguments and where the checkpoint file comes from.
@@ -18,6 +24,8 @@ differ only in their constructor arguments and where the checkpoint file comes f
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -50,6 +58,12 @@ SMALL_NAME = AuroraSmallPretrained.default_checkpoint_name
 SMALL_REVISION = AuroraSmallPretrained.default_checkpoint_revision
 #: The prefix activation checkpointing puts in the names of the modules it wraps.
 WRAPPED = "_checkpoint_wrapped_module."
+#: LoRA's alpha, the same for every variant and rank (as in the LoRA and rsLoRA papers, which
+#: hold alpha fixed): peft scales LoRA by alpha/r and rsLoRA by alpha/sqrt(r), so with alpha
+#: tied to the rank (the old 2r) rsLoRA took 2-5.7x larger steps than LoRA at the same learning
+#: rate and the comparison measured step size. 16 is 2r at the default rank 8: plain LoRA at r8
+#: is unchanged.
+LORA_ALPHA = 16.0
 
 
 @dataclass(frozen=True)
@@ -68,16 +82,23 @@ class TrainableParts:
 
 
 def build_base(
-    base: str, *, with_tp: bool = True, tp_stats: tuple[float, float] | None = None
+    base: str,
+    *,
+    with_tp: bool = True,
+    tp_stats: tuple[float, float] | None = None,
+    clamp: bool = False,
 ) -> Aurora:
-    """Construct the base architecture (weights not loaded yet)."""
+    """Construct the base architecture (weights not loaded yet).
+
+    `clamp`: clamp tp at 0 on the first forecast step too (for forecasts; a model that trains
+    must not, see `clamped`). Later rollout steps and tp inputs are always clamped.
+    """
     surf_vars = BASE_SURF_VARS + ((NEW_VAR,) if with_tp else ())
     surf_stats = {NEW_VAR: tp_stats} if with_tp and tp_stats is not None else None
     if with_tp and tp_stats is None:
         raise ValueError("a model with tp needs tp_stats=(location, scale)")
-    # Aurora's own clamp of positive variables, applied to the first forecast step too, so a tp
-    # forecast is never negative (it clamps in normalised units: tp's location must be 0)
-    positive = dict(positive_surf_vars=(NEW_VAR,), clamp_at_first_step=True) if with_tp else {}
+    # Aurora's own clamp of positive variables (in normalised units: tp's location must be 0)
+    positive = dict(positive_surf_vars=(NEW_VAR,), clamp_at_first_step=clamp) if with_tp else {}
     if base == "demo":
         return Aurora(
             surf_vars=surf_vars,
@@ -116,6 +137,47 @@ def resolve_checkpoint(base: str, checkpoint: Path | None) -> Path:
             f"machine with internet run `huggingface-cli download {SMALL_REPO} {SMALL_NAME} "
             f"--revision {SMALL_REVISION}` and copy the file here, then pass --checkpoint PATH"
         ) from None
+
+
+@contextmanager
+def clamped(model) -> Iterator[None]:
+    """tp clamped at 0 on the first step while scoring or forecasting (Aurora's
+    `clamp_at_first_step`, which its docstring keeps for inference), restored afterwards."""
+    aurora = unwrap(model)
+    before = aurora.clamp_at_first_step
+    aurora.clamp_at_first_step = bool(aurora.positive_surf_vars)
+    try:
+        yield
+    finally:
+        aurora.clamp_at_first_step = before
+
+
+def _no_wrap(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    return args, {**kwargs, "warped": False}
+
+
+def set_longitude_wrap(model: Aurora, wrap: bool) -> None:
+    """Whether the backbone's shifted windows join the grid's east and west edges.
+
+    Aurora's `Swin3DTransformerBlock` takes `warped` (default True: the left and right sides of
+    the image are connected) and its layers never pass it, which is right for a global grid
+    only: on a regional box, tokens at its east edge would share windows with tokens at its west
+    edge. With `wrap=False` every block gets `warped=False` through a forward pre-hook (it
+    survives activation checkpointing, which calls the block itself).
+    """
+    from aurora.model.swin3d import Swin3DTransformerBlock
+
+    if wrap:
+        return
+    for m in model.modules():
+        if isinstance(m, Swin3DTransformerBlock) and not getattr(m, "_aurora_sweep_no_wrap", 0):
+            m.register_forward_pre_hook(_no_wrap, with_kwargs=True)
+            m._aurora_sweep_no_wrap = True
+
+
+def spans_globe(lon, grid: float) -> bool:
+    """True when longitudes `lon` at spacing `grid` go all the way round (a global grid)."""
+    return len(lon) * grid >= 360.0 - 1e-6
 
 
 def file_sha256(path: Path) -> str:
@@ -199,7 +261,7 @@ def apply_lora(
 
     config = LoraConfig(
         r=rank,
-        lora_alpha=alpha if alpha is not None else 2 * rank,
+        lora_alpha=alpha if alpha is not None else LORA_ALPHA,
         target_modules=lora_target_regex(targets),
         lora_dropout=0.0,
         bias="none",
@@ -210,16 +272,26 @@ def apply_lora(
 
 
 def apply_method(
-    model: Aurora, *, method: str, rank: int, targets: str, unfrozen_blocks: int
+    model: Aurora,
+    *,
+    method: str,
+    rank: int,
+    targets: str,
+    unfrozen_blocks: int,
+    train_input: bool = True,
 ) -> tuple[torch.nn.Module, TrainableParts]:
     """Make `model` trainable as `method` says: the model to train (a peft wrapper for the LoRA
-    methods, `model` itself otherwise) and the names of what trains."""
+    methods, `model` itself otherwise) and the names of what trains (`train_input`: tp's input
+    patch embedding too; without it tp is output-only)."""
     if method not in METHODS:
         raise AuroraSweepError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
     trained = model
     if method in LORA_METHODS:
         trained = apply_lora(model, rank=rank, targets=targets, variant=method)
-    return trained, set_trainable(model, unfrozen_blocks=unfrozen_blocks, method=method)
+    parts = set_trainable(
+        model, unfrozen_blocks=unfrozen_blocks, method=method, train_input=train_input
+    )
+    return trained, parts
 
 
 def backbone_blocks(model: Aurora) -> list[tuple[str, torch.nn.Module]]:
@@ -232,9 +304,22 @@ def backbone_blocks(model: Aurora) -> list[tuple[str, torch.nn.Module]]:
     return blocks
 
 
-def set_trainable(model: Aurora, *, unfrozen_blocks: int, method: str = "lora") -> TrainableParts:
+def input_embedding_key(model: Aurora) -> str:
+    """The name of tp's input patch embedding (in the encoder)."""
+    return f"encoder.surf_token_embeds.weights.{NEW_VAR}"
+
+
+def set_trainable(
+    model: Aurora, *, unfrozen_blocks: int, method: str = "lora", train_input: bool = True
+) -> TrainableParts:
     """Freeze all but LoRA, tp's embedding and head, and the last `unfrozen_blocks` blocks;
-    with `method` "head", the decoder instead of blocks; with "full", nothing frozen."""
+    with `method` "head", the decoder instead of blocks; with "full", nothing frozen.
+
+    With every variable in the loss the whole decoder is on the loss's path, so `head` trains
+    what gets a gradient. `train_input=False` leaves tp's input embedding at zero (still listed
+    in `new_variable`, which is saved): tp is then output-only, as in Aurora 1.5, and the
+    backbone sees exactly the inputs it was pretrained on.
+    """
     if method in ("head", "full"):
         unfrozen_blocks = 0
     blocks = backbone_blocks(model)
@@ -251,7 +336,7 @@ def set_trainable(model: Aurora, *, unfrozen_blocks: int, method: str = "lora") 
             p.requires_grad_(True)
             lora.append(name)
         elif name in new_keys:
-            p.requires_grad_(True)
+            p.requires_grad_(train_input or plain != input_embedding_key(model))
             new_var.append(name)
         elif any(name.startswith(b + ".") for b in unfrozen):
             p.requires_grad_(True)

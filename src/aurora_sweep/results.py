@@ -31,7 +31,13 @@ def ranked_trials(config: StudyConfig) -> list[optuna.trial.FrozenTrial]:
 
 
 def ranked(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
-    """Of `trials`, the completed ones within the memory cap, best (lowest objective) first."""
+    """Of `trials`, the feasible ones, best (lowest objective) first: completed, within the
+    memory cap, and not forgetting more than the study allows (`forgets`)."""
+    return [t for t in completed(trials) if not forgets(t)]
+
+
+def completed(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
+    """Of `trials`, the completed ones within the memory cap (feasible or not), best first."""
     done = [
         t
         for t in trials
@@ -40,6 +46,12 @@ def ranked(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTr
         and t.user_attrs.get("memory_over_cap_mb", 0.0) <= 0
     ]
     return sorted(done, key=score)
+
+
+def forgets(trial: optuna.trial.FrozenTrial) -> bool:
+    """True when the trial made a variable Aurora already predicted worse than the study's
+    `max_forgetting` allows (its Optuna constraint is violated)."""
+    return trial.constraints.get("forgetting_over_max", 0.0) > 0
 
 
 def score(trial: optuna.trial.FrozenTrial) -> float:
@@ -113,48 +125,75 @@ def interval(trial: optuna.trial.FrozenTrial, objective: str) -> tuple[float, fl
     return None
 
 
-def overlaps_best(trials: list[optuna.trial.FrozenTrial], objective: str) -> list[bool]:
-    """For each trial (best first): does its interval overlap the best trial's?
+def paired_to(
+    reference: optuna.trial.FrozenTrial, trials: list[optuna.trial.FrozenTrial], objective: str
+) -> list[tuple[float, float, float] | None]:
+    """For each of `trials`: its objective minus `reference`'s, with the 90 % paired block
+    bootstrap interval of that difference (None where either lacks per-sample terms).
 
-    Scores of nearby trials differ by less than their sampling noise; a trial whose interval
-    overlaps the best one's is not distinguishable from it on this validation split.
+    Every trial is scored on the same validation samples, so the two forecasts' errors share the
+    weather: the interval of the difference over the same resamples is much narrower than the
+    overlap of two marginal intervals suggests, and is the honest test of "better".
     """
-    if not trials:
-        return []
-    best = interval(trials[0], objective)
-    out = []
+    from aurora_sweep.metrics import decode_terms, paired_difference
+
+    if "objective_terms" not in reference.user_attrs:
+        return [None] * len(trials)
+    ref_num, ref_den, days = decode_terms(reference.user_attrs["objective_terms"])
+    out: list[tuple[float, float, float] | None] = []
     for t in trials:
-        mine = interval(t, objective)
-        out.append(
-            best is not None and mine is not None and mine[0] <= best[1] and best[0] <= mine[1]
-        )
+        packed = t.user_attrs.get("objective_terms")
+        if packed is None:
+            out.append(None)
+            continue
+        num, den, their_days = decode_terms(packed)
+        if len(num) != len(ref_num) or not (their_days == days).all():
+            out.append(None)  # scored on other samples: not comparable pairwise
+            continue
+        out.append(paired_difference(objective, (num, den), (ref_num, ref_den), days))
     return out
+
+
+def distinguishable(delta: tuple[float, float, float] | None) -> bool | None:
+    """Whether a paired difference's 90 % interval excludes 0 (None: not computed)."""
+    if delta is None:
+        return None
+    return not (delta[1] <= 0.0 <= delta[2])
 
 
 def top_trials_table(
     config: StudyConfig, trials: list[optuna.trial.FrozenTrial], *, top: int = 10
 ) -> Table:
-    """The `top` best of the study's `trials`."""
-    trials = ranked(trials)
+    """The `top` best completed trials of the study's `trials`, infeasible ones marked, each
+    with its paired difference to the best feasible trial."""
+    listed = completed(trials)
+    best = next(iter(ranked(trials)), None)
     objective = config.objective
     table = Table(
-        title=f"study {config.name}: best {min(top, len(trials))} of {len(trials)} completed "
-        f"trials by {objective} (validation; 90 % interval; ≈: overlaps the best's interval; "
-        "*: a reference recipe)"
+        title=f"study {config.name}: best {min(top, len(listed))} of {len(listed)} completed "
+        f"trials by {objective} (validation; 90 % interval; Δ best: paired difference to the best "
+        f"feasible trial with its 90 % interval, ≈: it contains 0; ✗: forgets more than "
+        f"×{config.max_forgetting:g}, never the answer; *: a reference recipe)"
     )
-    cols = ("trial", objective, "90 % interval", "≈", "skill pers.", "skill clim.",
+    cols = ("trial", objective, "90 % interval", "Δ best", "≈", "skill pers.", "skill clim.",
             "worst forgetting", "recipe", "peak MB", "s")  # fmt: skip
     for c in cols:
         table.add_column(c, justify="left" if c in ("recipe", "worst forgetting") else "right")
-    for t, close in zip(trials[:top], overlaps_best(trials, objective)):
+    shown = listed[:top]
+    deltas = paired_to(best, shown, objective) if best else [None] * len(shown)
+    for t, delta in zip(shown, deltas):
         a = t.user_attrs
         ci = interval(t, objective)
         worst = (
             f"{a['forget_worst']} ×{a['forget_worst_ratio']:.2f}" if "forget_worst" in a else "-"
         )
+        if forgets(t):
+            worst = f"✗ {worst}"
+        same = t is best or delta is None
         table.add_row(
             str(t.number), f"{score(t):.4f}", f"{ci[0]:.4f}–{ci[1]:.4f}" if ci else "-",
-            "≈" if close and t is not trials[0] else "", _skill(a, "persistence"),
+            "" if same else f"{delta[0]:+.4f} [{delta[1]:+.4f}, {delta[2]:+.4f}]",
+            "" if same or distinguishable(delta) else "≈", _skill(a, "persistence"),
             _skill(a, "climatology"), worst, recipe(t),
             f"{a.get('peak_memory_mb', float('nan')):.0f}", f"{a.get('trial_seconds', float('nan')):.1f}",
         )  # fmt: skip
@@ -201,13 +240,14 @@ def against_references(config: StudyConfig, trials: list[optuna.trial.FrozenTria
             ci = interval(t, objective)
             verdict = ""
             if best is not None and best.number != t.number:
-                best_ci = interval(best, objective)
-                apart = ci and best_ci and best_ci[1] < ci[0]
+                (delta,) = paired_to(t, [best], objective)
                 verdict = (
                     f"; the best, trial {best.number}, is {score(t) - score(best):.4f} lower"
-                    + (" (intervals apart)" if apart else " (intervals overlap)")
+                    + _paired_words(delta)
                     + f" at predicted peak {best.user_attrs.get('predicted_peak_mb', float('nan')):.0f} MB"
                 )
+            if forgets(t):
+                verdict += f"; it forgets ({a.get('infeasible', 'over the limit')})"
             lines.append(
                 f"reference {what} (trial {t.number}): {objective} {score(t):.4f}"
                 + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
@@ -217,6 +257,16 @@ def against_references(config: StudyConfig, trials: list[optuna.trial.FrozenTria
         elif t.state.name in ("PRUNED", "FAIL", "RUNNING", "WAITING"):
             lines.append(f"reference {what} (trial {t.number}): {t.state.name.lower()}")
     return lines
+
+
+def _paired_words(delta: tuple[float, float, float] | None) -> str:
+    """' (paired 90 % interval of the difference [a, b]: apart)', or '…: not distinguishable'."""
+    if delta is None:
+        return ""
+    verdict = "apart" if distinguishable(delta) else "not distinguishable"
+    return (
+        f" (paired 90 % interval of the difference [{delta[1]:+.4f}, {delta[2]:+.4f}]: {verdict})"
+    )
 
 
 def best_by_method(config: StudyConfig, trials: list[optuna.trial.FrozenTrial]) -> list[str]:
@@ -256,11 +306,19 @@ def export_best(
 
     every = study_trials(config) if trials is None else trials
     trials = ranked(every)
-    if not trials:
+    if number is None and not trials:
+        if completed(every):
+            raise AuroraSweepError(
+                f"no completed trial of study {config.name!r} keeps the model whole: each makes a "
+                f"variable Aurora already predicted worse than ×{config.max_forgetting:g} the base "
+                "model's RMSE ('aurora-sweep best' marks them ✗); export one anyway with --trial N, "
+                "or run more trials"
+            )
         raise AuroraSweepError(f"study {config.name!r} has no completed trial to export yet")
-    best = trials[0]
-    if number is not None:
-        chosen = [t for t in trials if t.number == number]
+    if number is None:
+        best = trials[0]
+    else:  # asked for by number: any completed trial within the cap, infeasible or not
+        chosen = [t for t in completed(every) if t.number == number]
         if not chosen:
             raise AuroraSweepError(
                 f"trial {number} of study {config.name!r} is not a completed trial within the "
@@ -325,7 +383,16 @@ def prepare_evaluation(adapter: Path, *, split: str, checkpoint: Path | None = N
     device = default_device()
     model = load_finetuned(adapter, checkpoint=checkpoint, device=str(device))
     path = resolve_checkpoint(trial.base, checkpoint)
-    data.base_mse = base_state_mse(data, base=trial.base, checkpoint=path, device=device)
+    data.base_mse = {
+        trial.precision: base_state_mse(
+            data,
+            base=trial.base,
+            checkpoint=path,
+            device=device,
+            precision=trial.precision,
+            wrap_longitude=trial.wrap_longitude,
+        )  # fmt: skip
+    }
     return model, data, trial, meta, device
 
 
@@ -335,7 +402,10 @@ def verify_prepared(model, data, trial, device, *, bootstrap: int):
     from aurora_sweep.evaluation import eval_batch_size, verify
 
     batch = eval_batch_size(trial.batch_size, device)
-    return verify(model, data, batch_size=batch, device=device, bootstrap=bootstrap)
+    return verify(
+        model, data, batch_size=batch, device=device, bootstrap=bootstrap,
+        precision=trial.precision,
+    )  # fmt: skip
 
 
 def evaluate_adapter(
@@ -491,8 +561,9 @@ def report_adapter(
         "reaches one of them.",
         "Persistence repeats the last observed 6-hour total; climatology is the train-split mean by "
         "grid point, calendar month and time of day.",
-        "SEEPS (WeatherBench 2 definition): dry at most 0.1 mm; dry probability and light/heavy "
-        "threshold per grid point and month from the train split; points with a dry probability "
+        "SEEPS: dry at most 0.1 mm (WeatherBench 2's threshold for 6-hour totals); dry "
+        "probability and light/heavy threshold per grid point, month and hour of day from the "
+        "train split (not WeatherBench 2's 30-year climate); points with a dry probability "
         "outside 0.1..0.85 are left out.",
         "Forgetting: RMSE of the fine-tuned model over that of the untouched base model on the "
         "same samples, for the variables Aurora already predicted (> 1: worse than before).",
@@ -506,7 +577,7 @@ def report_adapter(
         ),
         recipe=recipe,
         scores=report_rows(scores, objective),
-        forgetting=forgetting_rows(scores, data.base_mse),
+        forgetting=forgetting_rows(scores, data.base_mse[trial.precision]),
         figures=pngs,
         notes=notes,
     )

@@ -13,6 +13,7 @@ import dataclasses
 import datetime as dt
 import functools
 import hashlib
+import math
 import os
 import signal
 import socket
@@ -33,11 +34,13 @@ from aurora_sweep.config import LORA_METHODS, StudyConfig
 from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.evaluation import worst_forgetting
 from aurora_sweep.processes import alive, this_process
-from aurora_sweep.train import FULL_LR, TrialConfig
+from aurora_sweep.train import FULL_LR, FULL_NEW_VARIABLE_LR, TrialConfig
 
 #: The trials `--trials` counts: a failed or interrupted trial does not use up the total.
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 AURORA_PRETRAINING_END = dt.date(2022, 1, 1)
+#: The study's user attribute with the base model's MSE per variable, by precision.
+BASE_MSE = "base_mse_by_precision"
 UI = "http://127.0.0.1:5000"
 
 
@@ -63,6 +66,9 @@ def sample_trial(trial: optuna.Trial, config: StudyConfig) -> TrialConfig:
     else:
         unfrozen = 0
     batch_size = trial.suggest_categorical("batch_size", list(s.batch_size))
+    target_weight = trial.suggest_categorical("target_weight", list(s.target_weight))
+    loss = trial.suggest_categorical("loss", list(s.loss))
+    input_lr = trial.suggest_categorical("target_input_lr", list(s.target_input_lr))
     if method == "full":
         precision, checkpointing, lr = _full_precision(config), True, FULL_LR
     else:
@@ -78,7 +84,8 @@ def sample_trial(trial: optuna.Trial, config: StudyConfig) -> TrialConfig:
     return _trial_config(
         config, method=method, lora_rank=rank, lora_targets=targets, unfrozen_blocks=unfrozen,
         batch_size=batch_size, precision=precision, learning_rate=lr,
-        activation_checkpointing=checkpointing,
+        activation_checkpointing=checkpointing, target_weight=target_weight, loss=loss,
+        target_input_lr=input_lr,
     )  # fmt: skip
 
 
@@ -93,7 +100,18 @@ def _trial_config(config: StudyConfig, **recipe: Any) -> TrialConfig:
         val_samples=config.train.val_samples,
         weight_decay=config.train.weight_decay,
         seed=config.train.seed,
+        wrap_longitude=config.data.wrap_longitude,
     )
+
+
+def _reference_loss(config: StudyConfig) -> dict[str, Any]:
+    """The new variable's loss in the reference recipes: Aurora's (absolute error) at weight 1
+    when the space has them, else the space's first choices."""
+    s = config.search
+    return {
+        "target_weight": 1.0 if 1.0 in s.target_weight else s.target_weight[0],
+        "loss": "mae" if "mae" in s.loss else s.loss[0],
+    }
 
 
 def _full_precision(config: StudyConfig) -> str:
@@ -108,7 +126,8 @@ def reference_trial(config: StudyConfig) -> TrialConfig:
     return _trial_config(
         config, method="full", lora_rank=0, lora_targets="", unfrozen_blocks=0,
         batch_size=min(config.search.batch_size), precision=_full_precision(config),
-        learning_rate=FULL_LR, activation_checkpointing=True,
+        learning_rate=FULL_LR, activation_checkpointing=True, **_reference_loss(config),
+        target_input_lr=FULL_NEW_VARIABLE_LR / FULL_LR,  # the guide's 1e-3 for the embedding
     )  # fmt: skip
 
 
@@ -127,6 +146,7 @@ def enqueue_references(study: optuna.Study, config: StudyConfig) -> list[str]:
             "lora_targets": "qkv+proj" if "qkv+proj" in s.lora_targets else s.lora_targets[0],
             "unfrozen_blocks": min(s.unfrozen_blocks), "batch_size": min(s.batch_size),
             "precision": s.precision[0], "activation_checkpointing": s.activation_checkpointing[0],
+            **_reference_loss(config), "target_input_lr": s.target_input_lr[0],
         }  # fmt: skip
         if s.learning_rate:  # the study's learning rate, brought inside the searched range
             low, high = s.learning_rate
@@ -169,6 +189,15 @@ def sampler(seed: int) -> optuna.samplers.TPESampler:
     )
 
 
+def study_pruner(config: StudyConfig) -> optuna.pruners.MedianPruner:
+    """The median pruner, never at a trial's first evaluation: reports come every `eval_every`
+    steps and the warm-up lasts past the first, so a trial is judged on at least two (a recipe
+    that starts slowly, LoRA with its zero-initialised B say, is not cut for starting slowly)."""
+    return optuna.pruners.MedianPruner(
+        n_startup_trials=6, n_warmup_steps=config.train.eval_every + 1
+    )
+
+
 def open_study(
     config: StudyConfig,
     *,
@@ -186,7 +215,7 @@ def open_study(
     """
     storage = _storage(config, on_stale)
     tpe = sampler(config.sampler_seed if seed is None else seed)
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=6, n_warmup_steps=0)
+    pruner = study_pruner(config)
     for attempt in range(5):
         try:
             created = False
@@ -427,12 +456,12 @@ def run_study(
     spec = WorkerSpec(
         config_path=config.path, workdir=config.workdir, checkpoint=config.model.checkpoint,
         memory_cap=cap, extra={"data": _adapter_data(config)},
-        fit=fit, base_mse=study.user_attrs.get("base_mse"), **devices[0],
+        fit=fit, base_mse=study.user_attrs.get(BASE_MSE), **devices[0],
     )  # fmt: skip
     first = TrialWorker(spec)
     info = first.start()
-    if "base_mse" not in study.user_attrs:  # the base model's scores: once per study
-        study.set_user_attr("base_mse", info["base_mse"])
+    if BASE_MSE not in study.user_attrs:  # the base model's scores: once per study
+        study.set_user_attr(BASE_MSE, info["base_mse"])
     # the other workers, and a replacement (after an OOM or a crash), reuse them
     spec = dataclasses.replace(spec, base_mse=info["base_mse"])
     first.spec = spec
@@ -498,6 +527,7 @@ class Sweep:
     signum: int = signal.SIGINT
     errors: list[BaseException] = field(default_factory=list)
     running: int = 0  # worker threads not ended yet
+    failures_in_a_row: int = 0  # trials of this process that failed, since the last finished
     ended: threading.Event = field(default_factory=threading.Event)  # all of them have
 
     def run(self, pool: list) -> None:
@@ -552,7 +582,10 @@ class Sweep:
             while self.claim():
                 held["asking"] = True
                 try:
-                    study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
+                    study.optimize(
+                        objective, n_trials=1, catch=(Exception,), gc_after_trial=True,
+                        callbacks=[self.settle],
+                    )  # fmt: skip
                 finally:
                     release()
         except KeyboardInterrupt:
@@ -593,6 +626,51 @@ class Sweep:
                 optuna.storages.fail_stale_trials(self.study)
                 reap_dead_trials(self.study, self.client)
         return False
+
+    def keep_base_scores(self, by_precision: dict[str, dict[str, float]]) -> None:
+        """Add the base model's scores in a precision no trial had used yet to the study's
+        (a worker scores the base in a trial's precision when the first such trial comes)."""
+        with self.lock:
+            known = self.study.user_attrs.get(BASE_MSE, {})
+            if set(by_precision) - set(known):
+                self.study.set_user_attr(BASE_MSE, known | by_precision)
+
+    def failed(self, trial: optuna.Trial, reason: str) -> TrialError:
+        """Record why `trial` failed and say so; the error to raise (Optuna records FAIL)."""
+        trial.set_user_attr("error", reason[:1000])
+        self.console.print(f"trial {trial.number:3d}  failed: {reason}", highlight=False)
+        return TrialError(reason)
+
+    def check_forgetting(self, trial: optuna.Trial, run, variable: str, ratio: float) -> None:
+        """A trial that made a variable Aurora already predicted worse than `max_forgetting`
+        times the base model's RMSE is infeasible: the constraint steers the sampler away and
+        `best` never offers it as the answer."""
+        limit = self.config.max_forgetting
+        trial.set_constraint("forgetting_over_max", ratio - limit)
+        if ratio > limit:
+            reason = f"forgets {variable}: RMSE ×{ratio:.2f} the base model's (max ×{limit:g})"
+            trial.set_user_attr("infeasible", reason)
+            run.set_tags({"infeasible": reason})
+
+    def settle(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        """After each trial of this process: count failures in a row, and stop the run after
+        `max_failures` of them (a study that cannot succeed must not spin)."""
+        if trial.state == optuna.trial.TrialState.FAIL and "error" in trial.user_attrs:
+            with self.lock:
+                self.failures_in_a_row += 1
+                if self.failures_in_a_row < self.config.max_failures or self.stop.is_set():
+                    return
+                self.errors.append(
+                    AuroraSweepError(
+                        f"{self.failures_in_a_row} trials failed in a row, the last (trial "
+                        f"{trial.number}) because {trial.user_attrs['error']}; fix that and run "
+                        "again (finished trials are kept), or raise [study] max_failures"
+                    )
+                )
+                self.stop.set()
+        elif trial.state in FINISHED:
+            with self.lock:
+                self.failures_in_a_row = 0
 
     def surplus(self, trial: optuna.Trial) -> bool:
         """True when the trials finished and those started before this one fill the total (two
@@ -663,10 +741,7 @@ class Sweep:
                     if self.stop.wait(2.0):
                         raise Interrupted(self.signum) from None
                     if e.signal is None:  # it crashed by itself: the config's fault, not retried
-                        console.print(
-                            f"trial {trial.number:3d}  failed: {e}; starting a new worker"
-                        )
-                        raise
+                        raise self.failed(trial, f"{e}; starting a new worker") from None
                     # killed from outside (the OOM killer, kill -9): retried once, elsewhere
                     trial.set_user_attr("killed_by", e.signal)
                     retried = retry_once(
@@ -698,8 +773,13 @@ class Sweep:
                         p["seconds"],
                     )
                 if outcome.status == "error":
-                    console.print(f"trial {trial.number:3d}  failed: {p['message']}")
-                    raise TrialError(p["message"])
+                    raise self.failed(trial, p["message"])
+                value = p["metrics"].get(config.objective, float("nan"))
+                if not math.isfinite(value):
+                    raise self.failed(
+                        trial, f"its objective {config.objective} is {value} (the forecast or "
+                        "the scores are not finite)",
+                    )  # fmt: skip
                 scalars = {**p["metrics"], "peak_memory_mb": p["peak_memory_mb"],
                            "trial_seconds": p["seconds"]}  # fmt: skip
                 if p.get("peak_reserved_mb") is not None:
@@ -710,13 +790,18 @@ class Sweep:
                 if worst is not None:
                     scalars["forget_worst_ratio"] = worst[1]
                     trial.set_user_attr("forget_worst", worst[0])
+                    self.check_forgetting(trial, run, *worst)
                 run.log_history({
                     "train_loss": p["train_loss"], "val_loss": p["val_loss"],
+                    **{f"val_loss_{k}": v for k, v in p.get("val_terms", {}).items()},
                     f"val_{config.objective}_subset": p["intermediate"],
                     **{k: [(0, v)] for k, v in scalars.items()},
                 })  # fmt: skip
                 for k, v in scalars.items():
                     trial.set_user_attr(k, float(v))
+                if p.get("objective_terms"):  # for paired comparisons between trials
+                    trial.set_user_attr("objective_terms", p["objective_terms"])
+                self.keep_base_scores(p.get("base_mse") or {})
                 run.log_artifacts(adapter.parent)  # adapter/ and figures/, in one call
         m = p["metrics"]
         console.print(f"trial {trial.number:3d}  {_score_line(m, config.objective)}  "

@@ -1,12 +1,13 @@
 """One trial: build the model from a `TrialConfig`, fine-tune it, score it.
 
-The loop is written out: sample a batch, forward, loss on tp in normalised units, backward,
-AdamW step. Every `eval_every` steps the model forecasts a fixed subset of the validation split
-(`val_samples` samples): the validation loss is logged, and the study's objective on that subset,
-in its own units, is reported to the pruner, so a pruned trial's stored value means what a
-completed trial's does. At the end the model forecasts the whole validation split and is scored
-against persistence and climatology (`evaluation.verify`); the last validation loss is the one of
-that whole split.
+The loop is written out: sample a batch, forward, Aurora's loss over every variable (`loss`),
+backward, gradients clipped, AdamW step, learning rate warmed up then decayed along a cosine.
+Every `eval_every` steps the model forecasts a fixed subset of the validation split
+(`val_samples` samples): the validation loss (the same loss, and each variable's term) is
+logged, and the study's objective on that subset, in its own units, is reported to the pruner,
+so a pruned trial's stored value means what a completed trial's does. At the end the model
+forecasts the whole validation split and is scored against persistence and climatology
+(`evaluation.verify`); the last validation loss is the one of that whole split.
 """
 
 from __future__ import annotations
@@ -34,21 +35,29 @@ from aurora_sweep.dataset import (
     in_period,
     tp_stats,
 )
+from aurora_sweep.loss import LossSpec, combine, loss_terms
 from aurora_sweep.metrics import SeepsClimate, seeps_climate
 from aurora_sweep.model import (
     TrainableParts,
     apply_method,
     build_base,
     init_new_variable,
+    input_embedding_key,
     load_base_checkpoint,
+    set_longitude_wrap,
     set_precision,
 )
 
-#: Learning-rate multiplier for the new variable's embedding and head.
+#: Learning-rate multiplier for the new variable's head.
 NEW_VARIABLE_LR_FACTOR = 5.0
 #: Aurora's fine-tuning guide: 3e-4 for the pretrained weights, 1e-3 for a new variable's
 #: embedding and head (the `full` reference recipe uses these, not a sampled rate).
 FULL_LR, FULL_NEW_VARIABLE_LR = 3e-4, 1e-3
+#: The learning-rate schedule: a linear warm-up over this share of the steps (at least one),
+#: then a cosine decay to `FINAL_LR_FACTOR` of the peak at the last step.
+WARMUP_SHARE, FINAL_LR_FACTOR = 0.1, 0.1
+#: Gradients are clipped to this global norm (over every trained tensor).
+MAX_GRAD_NORM = 1.0
 
 
 @dataclass(frozen=True)
@@ -71,6 +80,14 @@ class TrialConfig:
     seed: int
     #: the fine-tuning recipe (`model.METHODS`); adapters from before methods existed are LoRA
     method: str = "lora"
+    #: the new variable's weight in Aurora's loss, and its error ("mae" or "mse")
+    target_weight: float = 1.0
+    loss: str = "mae"
+    #: the learning rate of tp's input embedding over `learning_rate`; 0: tp is output-only
+    target_input_lr: float = 1.0
+    #: whether the shifted windows join the grid's east and west edges: a global grid only
+    #: (adapters from before this setting were trained with Aurora's default, True)
+    wrap_longitude: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -95,8 +112,9 @@ class TrialData:
     climatology: np.ndarray  # (month, hour, lat, lon), mm per 6 h
     seeps: SeepsClimate
     objective: str
-    #: the untouched base model's MSE per variable on the evaluation split (forgetting ratios)
-    base_mse: dict[str, float] | None = None
+    #: the untouched base model's MSE per variable on the evaluation split (forgetting ratios),
+    #: by precision: a trial is compared with the base run in its own precision
+    base_mse: dict[str, dict[str, float]] | None = None
 
     @classmethod
     def prepare(cls, cube, config: StudyConfig, *, eval_split: str = "validation") -> TrialData:
@@ -118,10 +136,35 @@ class TrialData:
         )
 
 
+def learning_rate_factor(step: int, steps: int) -> float:
+    """The share of the peak learning rate at `step` (1-based) of `steps`: a linear warm-up over
+    the first `WARMUP_SHARE` of the steps, then a cosine decay to `FINAL_LR_FACTOR` at the last.
+
+    A constant rate lets fast starters win the pruner's early comparisons; Aurora's fine-tuning
+    guide samples a constant rate, so warm-up and decay are our choice (a common one).
+    """
+    warmup = max(1, round(WARMUP_SHARE * steps))
+    if step <= warmup:
+        return step / warmup
+    if steps <= warmup:
+        return 1.0
+    progress = (step - warmup) / (steps - warmup)
+    return FINAL_LR_FACTOR + (1 - FINAL_LR_FACTOR) * 0.5 * (1 + np.cos(np.pi * progress))
+
+
+def loss_spec(trial: TrialConfig, data: TrialData) -> LossSpec:
+    """The trial's loss settings on the grid it trains on."""
+    return LossSpec(
+        levels=trial.levels, lat=data.train.cube["latitude"].values, tp_scale=data.tp.scale,
+        target_weight=trial.target_weight, tp_loss=trial.loss,
+    )  # fmt: skip
+
+
 def train_seeps_climate(cube, train: Period) -> SeepsClimate:
-    """SEEPS's dry probability and light/heavy threshold by month, from the train split's tp."""
+    """SEEPS's dry probability and light/heavy threshold by month and hour of day, from the
+    train split's tp."""
     values, times = complete_train_tp(cube, train)
-    return seeps_climate(values, times.month.values)
+    return seeps_climate(values, times.month.values, times.hour.values)
 
 
 @dataclass
@@ -130,6 +173,8 @@ class TrialResult:
 
     train_loss: list[tuple[int, float]]
     val_loss: list[tuple[int, float]]
+    #: each variable's term of the validation loss, by step (`val_loss_<var>` in MLflow)
+    val_terms: dict[str, list[tuple[int, float]]]
     intermediate: list[tuple[int, float]]  # the objective on the pruner's subset, by step
     metrics: dict[str, float]
     peak_memory_mb: float
@@ -239,10 +284,16 @@ def build_trial_model(trial: TrialConfig, tp: TpStats, checkpoint: Path):
     init_new_variable(model, start=(tp.mean - tp.location) / tp.scale)
     peft_model, parts = apply_method(
         model, method=trial.method, rank=trial.lora_rank, targets=trial.lora_targets,
-        unfrozen_blocks=trial.unfrozen_blocks,
+        unfrozen_blocks=trial.unfrozen_blocks, train_input=trial.target_input_lr > 0,
     )  # fmt: skip
     set_precision(model, trial.precision)
+    set_longitude_wrap(model, trial.wrap_longitude)
     return peft_model, model, parts
+
+
+def input_lr(trial: TrialConfig) -> float:
+    """The learning rate of tp's input embedding: `target_input_lr` times the trial's rate."""
+    return trial.learning_rate * trial.target_input_lr
 
 
 def new_variable_lr(trial: TrialConfig) -> float:
@@ -250,11 +301,6 @@ def new_variable_lr(trial: TrialConfig) -> float:
     if trial.method == "full":
         return FULL_NEW_VARIABLE_LR
     return trial.learning_rate * NEW_VARIABLE_LR_FACTOR
-
-
-def normalised_mse(forecast: np.ndarray, observed: np.ndarray, tp: TpStats) -> float:
-    """The validation loss: the training loss's mean squared error in tp's normalised units."""
-    return float(np.mean(((forecast - observed) / tp.scale) ** 2))
 
 
 def eval_indices(n: int, limit: int) -> np.ndarray:
@@ -279,32 +325,44 @@ def fit(
 
     device = device or default_device()
     started = time.perf_counter()
+    spec = loss_spec(trial, data)
     with PeakMemory(device) as memory:
         peft_model, model, parts = build_trial_model(trial, data.tp, checkpoint)
         if trial.activation_checkpointing:
             model.configure_activation_checkpointing()
         peft_model.to(device)
-        # tp's embedding and head start from zero and must learn the most: a larger step for them
-        new_params = [model.get_parameter(k) for k in parts.new_variable]
-        new_ids = {id(p) for p in new_params}
+        # tp's head starts from zero and must learn the most: a larger step for it; its input
+        # embedding writes into Aurora's latent state: a step of its own (none: output-only)
+        embedding = model.get_parameter(input_embedding_key(model))
+        head = [model.get_parameter(k) for k in parts.new_variable]
+        head = [p for p in head if p is not embedding]
+        new_ids = {id(p) for p in (*head, embedding)}
         rest = [p for p in peft_model.parameters() if p.requires_grad and id(p) not in new_ids]
+        groups = [{"params": rest}, {"params": head, "lr": new_variable_lr(trial)}]
+        if embedding.requires_grad:
+            groups.append({"params": [embedding], "lr": input_lr(trial)})
         optimiser = torch.optim.AdamW(
-            [
-                {"params": rest},
-                {"params": new_params, "lr": new_variable_lr(trial)},
-            ],
-            lr=trial.learning_rate,
-            weight_decay=trial.weight_decay,
+            groups, lr=trial.learning_rate, weight_decay=trial.weight_decay
         )
+        # LambdaLR calls the factor once at construction (step 0), then after each step
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimiser, lambda k: learning_rate_factor(k + 1, trial.steps)
+        )
+        trained = [p for group in groups for p in group["params"]]
         scaler = torch.amp.GradScaler("cuda") if trial.precision == "fp16" else None
         rng = np.random.default_rng(trial.seed)
         # the pruner's subset: fixed, so every trial's intermediate values are comparable
         val_idx = eval_indices(len(data.validation), trial.val_samples)
-        val_observed = data.validation.observed(val_idx)
         eval_batch = eval_batch_size(trial.batch_size, device)
         train_loss: list[tuple[int, float]] = []
         val_loss: list[tuple[int, float]] = []
+        val_terms: dict[str, list[tuple[int, float]]] = {k: [] for k in spec.variables}
         intermediate: list[tuple[int, float]] = []
+
+        def log_validation(step: int, result) -> None:
+            val_loss.append((step, float(combine(spec, result.loss_terms))))
+            for k, v in result.loss_terms.items():
+                val_terms[k].append((step, v))
 
         peft_model.train()
         # the batches in the order the seed gives, read ahead by a thread while the model trains
@@ -312,23 +370,27 @@ def fit(
             rng.choice(len(data.train), size=min(trial.batch_size, len(data.train)), replace=False)
             for _ in range(trial.steps)
         ]
-        with Prefetcher(data.train.batch, plan) as batches:
+        with Prefetcher(data.train.training_batch, plan) as batches:
             waited, loop_started = 0.0, time.perf_counter()
             for step in range(1, trial.steps + 1):
                 asked = time.perf_counter()
                 batch, target = batches.next()
                 waited += time.perf_counter() - asked
+                # the raw output: tp is not clamped at 0 while training (model.clamped)
                 pred = peft_model(batch.to(device))
-                err = (pred.surf_vars["tp"][:, 0] - target.to(device)) / data.tp.scale
-                loss = (err.float() ** 2).mean()
+                loss = combine(spec, loss_terms(spec, pred, target))
                 optimiser.zero_grad(set_to_none=True)
                 if scaler is not None:
                     scaler.scale(loss).backward()
+                    scaler.unscale_(optimiser)
+                    torch.nn.utils.clip_grad_norm_(trained, MAX_GRAD_NORM)
                     scaler.step(optimiser)
                     scaler.update()
                 else:
                     loss.backward()
+                    torch.nn.utils.clip_grad_norm_(trained, MAX_GRAD_NORM)
                     optimiser.step()
+                schedule.step()
                 value = float(loss.detach())
                 if not np.isfinite(value):
                     raise FloatingPointError(f"training loss became {value} at step {step}")
@@ -337,24 +399,25 @@ def fit(
                     on_step(step, value)
                 # the last step is scored on the whole split below: the pruner cannot act on it
                 if step % trial.eval_every == 0 and step < trial.steps:
-                    tp = forecast(
+                    result = forecast(
                         peft_model, data.validation, val_idx, batch_size=eval_batch, device=device,
-                        state=False,
-                    ).tp  # fmt: skip
-                    val_loss.append((step, normalised_mse(tp, val_observed, data.tp)))
-                    objective = subset_objective(tp, data, val_idx)
+                        state=False, loss=spec,
+                    )  # fmt: skip
+                    log_validation(step, result)
+                    objective = subset_objective(result.tp, data, val_idx)
                     intermediate.append((step, objective))
                     if report:
                         report(step, objective)
         loop_seconds = time.perf_counter() - loop_started
         metrics, forecasts = verify(
-            peft_model, data, batch_size=eval_batch, device=device, bootstrap=bootstrap
-        )
-        observed = data.validation.observed(forecasts.indices)
-        val_loss.append((trial.steps, normalised_mse(forecasts.tp, observed, data.tp)))
+            peft_model, data, batch_size=eval_batch, device=device, bootstrap=bootstrap,
+            precision=trial.precision, loss=spec,
+        )  # fmt: skip
+        log_validation(trial.steps, forecasts)
     return TrialResult(
         train_loss=train_loss,
         val_loss=val_loss,
+        val_terms=val_terms,
         intermediate=intermediate,
         metrics=metrics,
         peak_memory_mb=memory.megabytes,

@@ -40,9 +40,10 @@ class WorkerSpec:
     checkpoint: Path | None
     memory_cap: int | None
     extra: dict[str, Any] | None = None  # saved with each adapter (the data description)
-    #: The base model's MSE per variable on the validation split, when the study already has it
-    #: (computed once per study, by the first worker that needs it, for the forgetting ratios).
-    base_mse: dict[str, float] | None = None
+    #: The base model's MSE per variable on the validation split by precision, when the study
+    #: already has it (computed once per study, by the first worker that needs it, for the
+    #: forgetting ratios: each trial is compared with the base run in its own precision).
+    base_mse: dict[str, dict[str, float]] | None = None
     #: The training function, sent to the worker by reference (`train.fit` when None): the
     #: seam through which tests make a trial run out of memory or kill its worker.
     fit: Callable[..., Any] | None = None
@@ -236,8 +237,9 @@ def serve(conn, spec: WorkerSpec) -> None:
 
     from aurora_sweep.config import load_config
     from aurora_sweep.data import open_cube
-    from aurora_sweep.evaluation import base_state_mse, trial_figures
+    from aurora_sweep.evaluation import base_state_mse, check_objective_defined, trial_figures
     from aurora_sweep.export import save_adapter
+    from aurora_sweep.metrics import encode_terms
     from aurora_sweep.model import resolve_checkpoint
     from aurora_sweep.train import TrialConfig, TrialData, default_device, fit
 
@@ -254,12 +256,21 @@ def serve(conn, spec: WorkerSpec) -> None:
                 cuda_memory_fraction(spec.memory_cap, total), device
             )
         data = TrialData.prepare(open_cube(config), config)
+        check_objective_defined(data)
         checkpoint = resolve_checkpoint(
             config.model.base, spec.checkpoint or config.model.checkpoint
         )
-        data.base_mse = spec.base_mse or base_state_mse(
-            data, base=config.model.base, checkpoint=checkpoint, device=device
-        )
+        data.base_mse = dict(spec.base_mse or {})
+
+        def base_scores(precision: str) -> None:
+            """The base model's scores in `precision`, once: when a trial first needs them."""
+            if precision not in data.base_mse:
+                data.base_mse[precision] = base_state_mse(
+                    data, base=config.model.base, checkpoint=checkpoint, device=device,
+                    precision=precision, wrap_longitude=config.data.wrap_longitude,
+                )  # fmt: skip
+
+        base_scores(config.search.precision[0])
     except AuroraSweepError as e:
         conn.send(("error", {"message": str(e)}))
         return
@@ -281,6 +292,7 @@ def serve(conn, spec: WorkerSpec) -> None:
                 raise _Pruned(step, value)
 
         try:
+            base_scores(trial.precision)
             result = (spec.fit or fit)(
                 trial, data, checkpoint=checkpoint, report=report, device=device
             )
@@ -294,12 +306,17 @@ def serve(conn, spec: WorkerSpec) -> None:
             figures.mkdir(parents=True, exist_ok=True)
             for name, png in trial_figures(result, data).items():
                 (figures / name).write_bytes(png)
+            terms = result.forecasts.objective_terms
             conn.send(("complete", {
                 "train_loss": result.train_loss, "val_loss": result.val_loss,
-                "intermediate": result.intermediate,
+                "val_terms": result.val_terms, "intermediate": result.intermediate,
+                "objective_terms": encode_terms(
+                    *terms, data.validation.target_days()[result.forecasts.indices]
+                ),
                 "metrics": result.metrics, "peak_memory_mb": result.peak_memory_mb,
                 "peak_reserved_mb": result.peak_reserved_mb, "seconds": result.seconds,
                 "loader_wait_fraction": result.loader_wait_fraction,
+                "base_mse": data.base_mse,
             }))  # fmt: skip
             del result
         except _Pruned as p:

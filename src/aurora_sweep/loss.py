@@ -1,0 +1,118 @@
+"""The training loss: Aurora's own, over every variable it forecasts, plus the new one.
+
+A fine-tune for tp whose loss is tp alone lets the backbone drift away from everything else
+Aurora predicts, and a forecast rolled out to 24 h feeds that broken state back into the model.
+So trials train on Aurora's loss (Bodnar et al., Nature 2025, supplementary): the mean absolute
+error of normalised variables, latitude-weighted, surface variables weighted by α = 1/4 and
+atmospheric ones by β = 1 (their levels averaged), each variable with Aurora's weight. The new
+variable joins the surface sum with a weight of its own (`[search] target_weight`) and, as
+`[search] loss` says, an absolute ("mae") or squared ("mse") error. The dataset weight γ is
+dropped: a study trains on one dataset.
+
+In symbols, with w(i) = cos(lat_i) / mean(cos lat) and errors in each variable's normalised
+units (Aurora's scales; tp's from the train split):
+
+    L = 1/(V_S + V_A) * [ α Σ_k w_k mean_ij w(i)|ΔS_k| + β Σ_k w_k mean_cij w(i)|ΔA_k| ]
+
+`loss_terms` gives each variable's term (before its weight), which is also what the validation
+loss logs per variable; `combine` weighs and sums them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from aurora.normalisation import level_to_str, scales
+
+from aurora_sweep.store import ATMOS_VARS, SURF_VARS, TARGET_VAR
+
+#: Aurora's per-variable weights (surface, then atmospheric).
+SURFACE_WEIGHTS = {"2t": 3.0, "msl": 1.5, "10u": 0.77, "10v": 0.66}
+ATMOS_WEIGHTS = {"z": 2.8, "q": 0.78, "t": 1.7, "u": 0.87, "v": 0.6}
+ALPHA, BETA = 0.25, 1.0
+#: Observed tp at most this (mm) is dry: a censored value (`censored_error`). ERA5's dry points
+#: hold zeros and packing noise of a few thousandths of a mm; SEEPS's dry class ends at 0.1 mm.
+DRY_CENSOR_MM = 0.01
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """What one trial's loss needs besides the forecast and the truth."""
+
+    levels: tuple[int, ...]
+    lat: np.ndarray  # latitudes of the grid trained on, degrees
+    tp_scale: float  # tp's normalisation scale, mm per 6 h
+    target_weight: float = 1.0
+    tp_loss: str = "mae"
+
+    def latitude_weights(self, device, dtype=torch.float32) -> torch.Tensor:
+        """cos(latitude) over its mean, shaped (lat, 1) to broadcast over longitudes."""
+        w = np.cos(np.deg2rad(np.asarray(self.lat, dtype=np.float64)))
+        return torch.tensor(w / w.mean(), device=device, dtype=dtype)[:, None]
+
+    def atmos_scales(self, name: str, device) -> torch.Tensor:
+        """Aurora's scale of `name` at each of the study's levels, shaped (level, 1, 1)."""
+        values = [scales[f"{name}_{level_to_str(lv)}"] for lv in self.levels]
+        return torch.tensor(values, device=device, dtype=torch.float32)[:, None, None]
+
+    @property
+    def variables(self) -> tuple[str, ...]:
+        """The variables the loss covers, in the order `loss_terms` returns them."""
+        return (*SURF_VARS, TARGET_VAR, *ATMOS_VARS)
+
+
+def loss_terms(
+    spec: LossSpec, prediction, target: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Each variable's latitude-weighted mean error in normalised units (a scalar tensor).
+
+    Args:
+        spec: the trial's loss settings.
+        prediction: the model's output (`aurora.Batch`, one time step).
+        target: the truth at the target time: surface variables and tp (B, lat, lon),
+            atmospheric ones (B, level, lat, lon), in physical units as the store holds them.
+    """
+    device = prediction.surf_vars[TARGET_VAR].device
+    w = spec.latitude_weights(device)
+    terms = {}
+    for name in SURF_VARS:
+        err = (prediction.surf_vars[name][:, 0].float() - target[name].to(device)) / scales[name]
+        terms[name] = (err.abs() * w).mean()
+    err = censored_error(
+        prediction.surf_vars[TARGET_VAR][:, 0].float(), target[TARGET_VAR].to(device)
+    )
+    err = err / spec.tp_scale
+    terms[TARGET_VAR] = ((err**2 if spec.tp_loss == "mse" else err.abs()) * w).mean()
+    for name in ATMOS_VARS:
+        err = (prediction.atmos_vars[name][:, 0].float() - target[name].to(device)) / (
+            spec.atmos_scales(name, device)
+        )
+        terms[name] = (err.abs() * w).mean()
+    return terms
+
+
+def censored_error(raw: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
+    """The error of a raw (unclamped) tp forecast, with dry observations taken as censored.
+
+    tp is a censored quantity: an observed 0 says "no more than 0", which a raw output of -2
+    meets as well as 0 does (the forecast, clamped at 0, is dry either way). So where the
+    observation is dry (at most `DRY_CENSOR_MM`) only a raw output above it is an error; where it
+    is wet the raw output's whole shortfall is, even below 0. Unlike a loss on the clamped output
+    (Aurora's `clamp_at_first_step` in training), no wet point is ever left without a gradient;
+    unlike a plain loss on the raw output, the model is free to forecast "clearly dry" below 0,
+    which is what lets a clamped forecast be exactly dry.
+    """
+    err = raw - observed
+    return torch.where(observed > DRY_CENSOR_MM, err, err.clamp(min=0))
+
+
+def combine(spec: LossSpec, terms: Mapping[str, torch.Tensor | float]):
+    """Aurora's weighted sum of the per-variable terms."""
+    surface = sum(SURFACE_WEIGHTS[k] * terms[k] for k in SURF_VARS)
+    surface = surface + spec.target_weight * terms[TARGET_VAR]
+    atmos = sum(ATMOS_WEIGHTS[k] * terms[k] for k in ATMOS_VARS)
+    n_vars = len(SURF_VARS) + 1 + len(ATMOS_VARS)
+    return (ALPHA * surface + BETA * atmos) / n_vars
