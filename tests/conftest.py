@@ -24,7 +24,7 @@ levels = [500, 700, 850]
 grid = 1.0
 period = ["2022-01-01", "2024-12-31"]
 train = ["2022-01-01", "2022-12-31"]
-validation = ["2023-01-01", "2023-12-31"]
+validation = ["2023-01-01", "2023-04-30"]  # four months: every trial is scored at three leads
 test = ["2024-01-01", "2024-12-31"]
 
 [model]

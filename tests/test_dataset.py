@@ -324,3 +324,39 @@ def test_the_prefetcher_hands_out_batches_in_plan_order_and_raises_the_readers_e
     with Prefetcher(lambda i: i, list(range(100))) as batches:
         batches.next()
     assert threading.active_count() == before
+
+
+def test_a_24h_sample_needs_every_step_from_its_persistence_window_to_its_target():
+    hours = [0, 6, 12, 18, 24, 30, 36, 42, 48]  # nine consecutive model times
+    times = [str(np.datetime64("2022-01-01T00") + np.timedelta64(h, "h")) for h in hours]
+    cube = _cube(times)
+    period = Period(dt.date(2022, 1, 1), dt.date(2022, 1, 3))
+    # t-3 .. t+4: persistence's four totals ending at t, inputs t-1 and t, four targets
+    assert list(sample_times(cube, period, steps=4)) == [3, 4]
+    assert list(sample_times(cube, period, steps=2)) == list(range(1, 7))
+    gap = _cube(times[:5] + times[6:])  # 30 h missing
+    assert list(sample_times(gap, period, steps=4)) == []
+
+
+def test_a_longer_lead_adds_up_its_totals_and_its_persistence(tiny_config):
+    cube = open_store(tiny_config.data.store)
+    six = Samples(cube, tiny_config.data, "validation")
+    day = six.at_lead(4)
+    assert day is not None and 0 < len(day) < len(six) and day.steps == 4
+    i = 5
+    t = day.index[i]
+    tp = cube["tp"].isel(latitude=slice(0, 16), longitude=slice(0, 16)).values
+    np.testing.assert_allclose(day.observed([i])[0], tp[t + 1 : t + 5].sum(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(day.persistence([i])[0], tp[t - 3 : t + 1].sum(axis=0), rtol=1e-6)
+    assert day.target_times()[i] == six.times[t + 4]
+    _, target = day.training_batch([i])  # a rollout's last step: the 6-hour total ending then
+    np.testing.assert_allclose(target["tp"][0].numpy(), tp[t + 4], rtol=1e-6)
+
+
+def test_a_24h_climatology_adds_the_four_windows_it_covers():
+    clim = np.zeros((12, 4, 1, 1))
+    clim[0, :, 0, 0] = [1.0, 2.0, 3.0, 4.0]  # January by hour slot
+    times = pd.DatetimeIndex(["2022-01-02T06"])
+    assert climatology_forecast(clim, times)[0, 0, 0] == 2.0
+    assert climatology_forecast(clim, times, steps=4)[0, 0, 0] == 10.0
+    assert climatology_forecast(clim, times, steps=2)[0, 0, 0] == 3.0  # 06 and 00 UTC

@@ -113,3 +113,21 @@ def test_write_report_writes_utf8(tmp_path):
     path = write_report(tmp_path / "out" / "report.html", **report_args())
     assert path.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
     assert "FSS ≥ 5 mm" in path.read_text(encoding="utf-8")
+
+
+def test_a_forgetting_row_worse_at_a_later_lead_only_is_highlighted_and_leads_get_a_table():
+    from aurora_sweep.results import forgetting_rows, lead_rows
+
+    scores = {"forget_10v_ratio": 1.02, "forget_10v_ratio_24h": 1.4, "forget_2t_ratio": 0.9}
+    rows = forgetting_rows(scores, {"10v": 4.0, "2t": 1.0})
+    assert rows[0]["ratio_24h"] == 1.4 and "ratio_24h" not in rows[1]
+    per_lead = {"tp_seeps": 0.2, "tp_seeps_24h": 0.3}
+    for sfx in ("", "_24h"):
+        per_lead |= {f"tp_seeps_persistence{sfx}": 0.5, f"tp_seeps_climatology{sfx}": 1.0,
+                     f"tp_skill_persistence{sfx}": 0.6, f"tp_skill_climatology{sfx}": 0.8}  # fmt: skip
+    leads = lead_rows(per_lead | scores, "tp_seeps")
+    assert [r["lead"] for r in leads] == ["6h", "24h"]
+    assert leads[1]["worst forgetting"] == "10v ×1.40"
+    page = render_report(**report_args(forgetting=rows, leads=leads))
+    assert "By lead time" in page and "ratio at 24h" in page
+    assert page.count("<tr class='worse'>") == 1  # 10v: fine at 6 h, ×1.4 at 24 h

@@ -21,6 +21,8 @@ METRICS = {
     "tp_skill_persistence", "tp_skill_climatology", "tp_skill_climatology_q05",
     "forget_2t_ratio", "forget_z500_ratio", "forget_q850_ratio", "forget_worst_ratio",
     "val_loss_tp", "val_loss_2t", "val_loss_z",
+    "tp_seeps_12h", "tp_seeps_24h", "tp_rmse_persistence_24h", "tp_skill_climatology_24h",
+    "forget_10v_ratio_24h", "forget_worst_ratio_24h",
 }  # fmt: skip
 PARAMS = {"lora_rank", "lora_targets", "unfrozen_blocks", "batch_size", "precision"}
 
@@ -98,8 +100,10 @@ def test_the_base_models_scores_are_computed_once_per_study(finished_study):
     # the precisions the trials ran in, each scored once
     used = {t.user_attrs["config"]["precision"] for t in study.trials if "config" in t.user_attrs}
     assert set(by_precision) == used | {config.search.precision[0]}
-    for base in by_precision.values():
-        assert {"2t", "msl", "z500", "t850"} <= set(base) and all(v > 0 for v in base.values())
+    for by_lead in by_precision.values():
+        assert set(by_lead) == {"6h", "12h", "24h"}  # the base model at every lead scored
+        for base in by_lead.values():
+            assert {"2t", "msl", "z500", "t850"} <= set(base) and all(v > 0 for v in base.values())
 
 
 @pytest.mark.slow
@@ -141,8 +145,12 @@ def test_exported_adapter_reproduces_the_trials_validation_score(finished_study,
     assert scores["forget_z500_ratio"] == pytest.approx(
         best.user_attrs["forget_z500_ratio"], rel=1e-4
     )
-    test_scores = evaluate_adapter(out, split="test", bootstrap=0)
-    assert test_scores["split"] == "test" and test_scores["tp_seeps"] != scores["tp_seeps"]
+    assert scores["tp_seeps_24h"] == pytest.approx(best.user_attrs["tp_seeps_24h"], rel=1e-4)
+    test_scores = evaluate_adapter(out, split="test", bootstrap=0, lead="24h")
+    # one lead's scores under the 6-hour names
+    assert test_scores["split"] == "test" and test_scores["lead"] == "24h"
+    assert "tp_seeps" in test_scores and not any(k.endswith("_24h") for k in test_scores)
+    assert test_scores["tp_seeps"] != scores["tp_seeps_24h"]  # another split
 
 
 @pytest.mark.slow
@@ -163,6 +171,8 @@ def test_report_writes_one_page_with_its_figures_and_tables(finished_study, tmp_
         assert f'alt="{figure}"' in html
     assert html.count("data:image/png;base64,") == 4
     assert "tp_csi_1" in html and "tp_fss_5_w11" in html and "z500" in html
+    # scores and forgetting by lead, and the paired comparison with the references
+    assert "By lead time" in html and "<td>24h</td>" in html and "ratio at 24h" in html
     assert 'src="http' not in html
 
 

@@ -146,13 +146,31 @@ def run(
 
 
 def _best_line(config) -> str:
-    from aurora_sweep.results import front_cost, interval, pareto_front, ranked_trials, score
+    from aurora_sweep.results import (
+        completed,
+        front_cost,
+        interval,
+        lead_of,
+        pareto_front,
+        ranked,
+        score,
+        study_trials,
+    )
 
-    trials = ranked_trials(config)
+    every = study_trials(config)
+    trials = ranked(every)
     if not trials:
+        forgetful = len(completed(every))
+        if forgetful:
+            return (
+                f"no feasible trial yet: each of the {forgetful} completed trials makes a variable "
+                f"worse than ×{config.max_forgetting:g} the base model's RMSE ('aurora-sweep best' "
+                "lists them; run more trials)"
+            )
         return "no completed trial within the memory cap yet"
     b, a = trials[0], trials[0].user_attrs
-    ci = interval(b, config.objective)
+    sfx = lead_of(config)
+    ci = interval(b, config.objective, sfx)
     front = ""
     if config.cost:
         members = pareto_front(trials, front_cost(config, trials))
@@ -162,13 +180,13 @@ def _best_line(config) -> str:
             + " ('aurora-sweep best --pareto' compares them)"
         )
     return (
-        f"best: trial {b.number}, {config.objective} {score(b):.4f}"
+        f"best: trial {b.number}, {config.objective_metric} {score(b):.4f}"
         + (f" (90 % interval {ci[0]:.4f}–{ci[1]:.4f})" if ci else "")
-        + f"; skill vs persistence {a.get('tp_skill_persistence', float('nan')):+.3f}, "
-        f"vs climatology {a.get('tp_skill_climatology', float('nan')):+.3f}"
+        + f"; skill vs persistence {a.get('tp_skill_persistence' + sfx, float('nan')):+.3f}, "
+        f"vs climatology {a.get('tp_skill_climatology' + sfx, float('nan')):+.3f}"
         + (
-            f"; worst forgetting {a['forget_worst']} ×{a['forget_worst_ratio']:.2f}"
-            if "forget_worst" in a
+            f"; worst forgetting {a['forget_worst' + sfx]} ×{a['forget_worst_ratio' + sfx]:.2f}"
+            if "forget_worst" + sfx in a
             else ""
         )
         + front
@@ -231,21 +249,26 @@ def evaluate(
     split: str = SplitOption,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     checkpoint: Path | None = typer.Option(None, help="Local base checkpoint file."),
+    lead: str | None = typer.Option(
+        None, "--lead", help="6h, 12h or 24h: that lead's scores alone, under the 6-hour names."
+    ),
 ) -> None:
-    """Score an exported adapter on a split against persistence and climatology."""
+    """Score an exported adapter on a split against persistence and climatology, at every lead
+    (6 h names plain, 12 h and 24 h with _12h, _24h), or at one with --lead."""
     _quiet_libraries()
     from rich.table import Table
 
     from aurora_sweep.results import evaluate_adapter
 
     try:
-        scores = evaluate_adapter(adapter, split=split, checkpoint=checkpoint)
+        scores = evaluate_adapter(adapter, split=split, checkpoint=checkpoint, lead=lead)
     except AuroraSweepError as e:
         fail(e)
     if as_json:
         print(json.dumps(scores))
         return
-    table = Table(title=f"{adapter} on the {split} split (mm per 6 h)")
+    over = lead or "6 h (12h, 24h: over 12 and 24 h)"
+    table = Table(title=f"{adapter} on the {split} split (mm over {over})")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k, v in scores.items():

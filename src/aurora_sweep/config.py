@@ -40,6 +40,26 @@ OBJECTIVES = ("tp_seeps", "tp_rmse")
 #: memory predicted before it ran, or its wall time.
 COSTS = ("peak_memory_mb", "predicted_peak_mb", "trial_seconds")
 DATA_SOURCES = ("demo", "era5")
+#: The leads every completed trial is scored at, in model steps of 6 h, and their names: the
+#: 6-hour scores keep their plain names, the others gain `_12h` or `_24h`.
+LEADS = {1: "6h", 2: "12h", 4: "24h"}
+
+
+def lead_suffix(steps: int) -> str:
+    """'' for one model step (6 h), '_12h', '_24h' for the longer leads."""
+    return "" if steps == 1 else f"_{LEADS[steps]}"
+
+
+def parse_lead(text: Any, where: str = "lead") -> int:
+    """'6h', '12h', '24h' -> model steps of 6 h."""
+    for steps, label in LEADS.items():
+        if str(text).strip().lower() == label:
+            return steps
+    raise AuroraSweepError(
+        f"{where} {text!r}: give one of {', '.join(repr(v) for v in LEADS.values())}"
+    )
+
+
 #: The new variable's error in the loss: absolute (Aurora's) or squared.
 TP_LOSSES = ("mae", "mse")
 
@@ -142,6 +162,8 @@ class SearchSpace:
     #: the learning rate of the new variable's input embedding, over the trial's rate: how much
     #: tp may write into Aurora's latent state (0: tp is output-only)
     target_input_lr: tuple[float, ...] = (0.1,)
+    #: model steps a training sample rolls out (the loss on the last, gradients through it)
+    rollout_steps: tuple[int, ...] = (1,)
 
 
 @dataclass(frozen=True)
@@ -174,10 +196,17 @@ class StudyConfig:
     max_forgetting: float = 1.10
     #: `run` stops after this many failed trials in a row (a study that cannot succeed).
     max_failures: int = 5
+    #: The lead the objective is scored at, in model steps of 6 h (1: 6 h, 2: 12 h, 4: 24 h).
+    lead_steps: int = 1
 
     def __post_init__(self) -> None:
         if not self.objectives:
             object.__setattr__(self, "objectives", (self.objective,))
+
+    @property
+    def objective_metric(self) -> str:
+        """The metric Optuna minimises: the objective at the study's lead (`tp_seeps_24h`)."""
+        return self.objective + lead_suffix(self.lead_steps)
 
     @property
     def cost(self) -> str | None:
@@ -329,14 +358,14 @@ def load_config(path: str | Path | None = None, *, workdir: Path | None = None) 
 #: Every section and setting a study file may hold; anything else is refused by name.
 SCHEMA: dict[str, tuple[str, ...]] = {
     "study": ("name", "objective", "objectives", "storage", "tracking_uri", "heartbeat_seconds",
-              "seed", "reference", "max_forgetting", "max_failures"),
+              "seed", "reference", "max_forgetting", "max_failures", "lead"),
     "data": ("source", "store", "region", "levels", "grid", "period", "train", "validation",
              "test"),
     "model": ("base", "checkpoint", "new_variable"),
     "train": ("steps", "eval_every", "val_samples", "learning_rate", "weight_decay", "seed"),
     "search": ("method", "blocks", "lora_rank", "lora_targets", "unfrozen_blocks", "batch_size",
                "precision", "learning_rate", "activation_checkpointing", "target_weight", "loss",
-               "target_input_lr"),
+               "target_input_lr", "rollout_steps"),
     "resources": ("gpu_memory_cap",),
 }  # fmt: skip
 REGION_KEYS = ("north", "south", "west", "east")
@@ -497,6 +526,7 @@ def _build(raw: dict, path: Path, workdir: Path) -> StudyConfig:
         target_weight=_choices(search, "target_weight", float, [1.0]),
         loss=_choices(search, "loss", str, ["mae"], TP_LOSSES),
         target_input_lr=_choices(search, "target_input_lr", float, [0.1]),
+        rollout_steps=_choices(search, "rollout_steps", int, [1]),
     )
     if any(r < 1 for r in space.lora_rank) or any(b < 1 for b in space.batch_size):
         raise AuroraSweepError("[search] lora_rank and batch_size choices must be at least 1")
@@ -504,6 +534,11 @@ def _build(raw: dict, path: Path, workdir: Path) -> StudyConfig:
         raise AuroraSweepError("[search] unfrozen_blocks choices must be 0 or more")
     if any(w <= 0 for w in space.target_weight):
         raise AuroraSweepError("[search] target_weight choices must be above 0")
+    if any(r not in LEADS for r in space.rollout_steps):
+        raise AuroraSweepError(
+            f"[search] rollout_steps {list(space.rollout_steps)}: choose among 1, 2 and 4 "
+            "(6, 12 and 24 hours)"
+        )
     if any(f < 0 for f in space.target_input_lr):
         raise AuroraSweepError("[search] target_input_lr choices must be 0 (output-only) or more")
     if any(n < 1 for n in space.blocks):
@@ -558,6 +593,7 @@ def _build(raw: dict, path: Path, workdir: Path) -> StudyConfig:
             study.get("max_forgetting", 1.10), "[study] max_forgetting", minimum=1.0
         ),
         max_failures=_whole(study.get("max_failures", 5), "[study] max_failures", minimum=1),
+        lead_steps=parse_lead(study.get("lead", "6h"), "[study] lead"),
     )
 
 

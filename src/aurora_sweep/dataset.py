@@ -16,6 +16,7 @@ is 0°, which offsets Aurora's position encoding by that many degrees (reported 
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import json
 import warnings
@@ -178,17 +179,22 @@ def in_period(times: np.ndarray, period: Period) -> np.ndarray:
     return (times >= start) & (times < end)
 
 
-def sample_times(cube: xr.Dataset, period: Period) -> np.ndarray:
-    """Indices t of the cube's time axis whose sample (t-1, t, t+1) lies wholly in `period`."""
+def sample_times(cube: xr.Dataset, period: Period, steps: int = 1) -> np.ndarray:
+    """Indices t of the cube's time axis whose sample lies wholly in `period`, 6 h apart and
+    complete: the inputs t-1 and t, the targets t+1 .. t+steps (a lead of `steps` model steps),
+    and the 6-hour totals t-steps+1 .. t that persistence adds up over the same length."""
     times = cube["time"].values
-    if times.size < 3:
+    back = max(1, steps - 1)
+    if times.size < back + steps + 1:
         return np.zeros(0, dtype=int)
-    t = np.arange(1, times.size - 1)
-    ok = (times[t] - times[t - 1] == STEP) & (times[t + 1] - times[t] == STEP)
+    t = np.arange(back, times.size - steps)
     inside = in_period(times, period)
-    ok &= inside[t - 1] & inside[t + 1]
     complete = np.isfinite(cube[TARGET_VAR].isel(latitude=0, longitude=0).values)
-    ok &= complete[t - 1] & complete[t] & complete[t + 1]
+    ok = inside[t - back] & inside[t + steps]
+    for k in range(-back, steps + 1):
+        ok &= complete[t + k]
+        if k > -back:
+            ok &= times[t + k] - times[t + k - 1] == STEP
     return t[ok]
 
 
@@ -238,6 +244,7 @@ class Samples:
         *,
         target: bool = True,
         in_memory: bool | None = None,
+        steps: int = 1,
     ):
         periods = {"train": data.train, "validation": data.validation, "test": data.test}
         if split not in periods:
@@ -261,7 +268,10 @@ class Samples:
         self._memory: dict[str, np.ndarray] | None = None  # the cube's arrays, once asked for
         self.split = split
         self.levels = tuple(int(v) for v in self.cube["level"].values)
-        self.index = (sample_times if target else forecast_times)(cube, periods[split])
+        #: model steps of 6 h from the last input to the target: the lead time
+        self.steps = steps
+        p = self.period = periods[split]
+        self.index = sample_times(cube, p, steps) if target else forecast_times(cube, p)
         if self.index.size == 0:
             p = periods[split]
             if not target:
@@ -288,8 +298,23 @@ class Samples:
     def __len__(self) -> int:
         return int(self.index.size)
 
+    def at_lead(self, steps: int, *, init_hours: Sequence[int] | None = None) -> Samples | None:
+        """The same split's samples for a lead of `steps` model steps (sharing this one's data in
+        memory or its store reader), started only at `init_hours` (UTC) when given; None when
+        the split holds none."""
+        if steps == self.steps and init_hours is None:
+            return self
+        other = copy.copy(self)
+        other.steps = steps
+        index = sample_times(self.cube, self.period, steps)
+        if init_hours is not None:
+            index = index[np.isin(self.times[index].hour, list(init_hours))]
+        other.index = index
+        return other if other.index.size else None
+
     def target_times(self) -> pd.DatetimeIndex:
-        return self.times[self.index + 1]
+        """Each sample's valid time: `steps` model steps after its last input."""
+        return self.times[self.index + self.steps]
 
     def target_days(self) -> np.ndarray:
         """Each sample's target day (datetime64[D]): the bootstrap's blocks."""
@@ -330,10 +355,11 @@ class Samples:
         return self.inputs(indices), torch.from_numpy(target)
 
     def training_batch(self, indices: Sequence[int]) -> tuple[Batch, dict[str, torch.Tensor]]:
-        """Inputs for samples `indices` and every variable at the target time (the loss's
-        truth): surface variables and tp (B, lat, lon), atmospheric ones (B, level, lat, lon)."""
+        """Inputs for samples `indices` and every variable at the valid time (the loss's truth
+        for the last step of a rollout): surface variables and tp, the 6-hour total ending then
+        (B, lat, lon), atmospheric ones (B, level, lat, lon)."""
         t = self.index[np.asarray(indices)]
-        target = self.read(t + 1, (*SURF_VARS, TARGET_VAR, *ATMOS_VARS))
+        target = self.read(t + self.steps, (*SURF_VARS, TARGET_VAR, *ATMOS_VARS))
         return self.inputs(indices), {k: torch.from_numpy(v) for k, v in target.items()}
 
     def inputs(self, indices: Sequence[int]) -> Batch:
@@ -359,17 +385,26 @@ class Samples:
             ),
         )
 
+    def _tp_total(self, indices: Sequence[int], offsets: range) -> np.ndarray:
+        t = self.index[np.asarray(indices)]
+        if len(offsets) == 1:
+            return self.read(t + offsets[0], (TARGET_VAR,))[TARGET_VAR]
+        parts = self.read(np.stack([t + k for k in offsets], axis=1), (TARGET_VAR,))[TARGET_VAR]
+        return parts.reshape(len(t), len(offsets), *parts.shape[1:]).sum(axis=1)
+
     def persistence(self, indices: Sequence[int]) -> np.ndarray:
-        """tp at the last input time, the persistence forecast of the target."""
-        return self.read(self.index[np.asarray(indices)], (TARGET_VAR,))[TARGET_VAR]
+        """The total over the lead's length ending at the last input time: the persistence
+        forecast of the target (at 6 h, the last observed 6-hour total)."""
+        return self._tp_total(indices, range(1 - self.steps, 1))
 
     def observed(self, indices: Sequence[int]) -> np.ndarray:
-        return self.read(self.index[np.asarray(indices)] + 1, (TARGET_VAR,))[TARGET_VAR]
+        """The observed tp total over the lead (mm): the 6-hour totals of every step summed."""
+        return self._tp_total(indices, range(1, self.steps + 1))
 
     def observed_state(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
-        """Every variable Aurora already predicts, at the target time: surface (n, lat, lon),
+        """Every variable Aurora already predicts, at the valid time: surface (n, lat, lon),
         atmospheric (n, level, lat, lon) with levels in `self.levels` order."""
-        return self.read(self.index[np.asarray(indices)] + 1, (*SURF_VARS, *ATMOS_VARS))
+        return self.read(self.index[np.asarray(indices)] + self.steps, (*SURF_VARS, *ATMOS_VARS))
 
 
 def complete_train_tp(cube: xr.Dataset, train: Period) -> tuple[np.ndarray, pd.DatetimeIndex]:
@@ -411,6 +446,11 @@ def climatology(cube: xr.Dataset, train: Period) -> np.ndarray:
     return out
 
 
-def climatology_forecast(clim: np.ndarray, times: pd.DatetimeIndex) -> np.ndarray:
-    """The climatology (12, 4, lat, lon) looked up for each target time: (n, lat, lon)."""
-    return clim[times.month.values - 1, times.hour.values // 6]
+def climatology_forecast(clim: np.ndarray, times: pd.DatetimeIndex, steps: int = 1) -> np.ndarray:
+    """The climatology (12, 4, lat, lon) of the total over `steps` 6-hour windows ending at each
+    valid time: (n, lat, lon), the sum of each window's month-and-hour mean."""
+    total = clim[times.month.values - 1, times.hour.values // 6]
+    for k in range(1, steps):
+        earlier = times - pd.Timedelta(hours=6 * k)
+        total = total + clim[earlier.month.values - 1, earlier.hour.values // 6]
+    return total

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from aurora_sweep.config import LEADS, lead_suffix
 from aurora_sweep.dataset import Samples, climatology_forecast
 from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.loss import LossSpec, loss_terms
@@ -53,8 +54,10 @@ class Forecasts:
     tp: np.ndarray | None
     mse: dict[str, float]
     loss_terms: dict[str, float] = dataclasses.field(default_factory=dict)
-    #: the objective's per-sample (numerator, denominator), set by `verify` (paired comparisons)
+    #: the objective's per-sample (numerator, denominator) at the study's lead and each sample's
+    #: valid day, set by `verify` (paired comparisons)
     objective_terms: tuple[np.ndarray, np.ndarray] | None = None
+    objective_days: np.ndarray | None = None
 
 
 def _without_tp(batch):
@@ -94,16 +97,19 @@ def forecast(
     sums = dict.fromkeys(state_names(samples.levels), 0.0) if state else {}
     term_sums: dict[str, float] = {}
     names = (*SURF_VARS, *((TARGET_VAR,) if with_tp else ()), *ATMOS_VARS)
+    if loss is not None and samples.steps != 1:
+        raise ValueError("the validation loss is that of one model step")
     with clamped(model) if with_tp else _nothing():
         for start in range(0, len(indices), batch_size):
             idx = indices[start : start + batch_size]
             batch = samples.inputs(idx)
-            pred = model((batch if with_tp else _without_tp(batch)).to(device))
+            batch = (batch if with_tp else _without_tp(batch)).to(device)
+            pred, tp = run_steps(model, batch, samples.steps)
             if with_tp:
-                tp_out.append(pred.surf_vars[TARGET_VAR][:, 0].float().cpu().numpy())
+                tp_out.append(tp.float().cpu().numpy())
             if not (state or loss is not None):
                 continue
-            observed = samples.read(samples.index[np.asarray(idx)] + 1, names)
+            observed = samples.read(samples.index[np.asarray(idx)] + samples.steps, names)
             if loss is not None and with_tp:
                 truth = {k: torch.from_numpy(v) for k, v in observed.items()}
                 for k, v in loss_terms(loss, pred, truth).items():
@@ -118,6 +124,115 @@ def forecast(
         mse={k: v / len(indices) for k, v in sums.items()},
         loss_terms={k: v / len(indices) for k, v in term_sums.items()},
     )
+
+
+@torch.no_grad()
+def forecast_leads(
+    model,
+    leads: dict[int, Samples],
+    *,
+    batch_size: int,
+    device,
+    with_tp: bool = True,
+    state: bool = True,
+    loss: LossSpec | None = None,
+) -> dict[int, Forecasts]:
+    """`forecast` of every sample of each lead's split (`leads`: model steps -> the samples at
+    that lead, all views of one split), from one rollout per sample.
+
+    A sample scored at 24 h is also a 6 h and a 12 h sample: it is rolled out once, as far as
+    its longest lead, and its forecast is read off at every step a lead ends on; the 12- and
+    24-hour scores then cost one rollout, not a rollout per lead. The 6-hour forecasts are those
+    of one model step, as `forecast` makes them (with `loss`, its terms too).
+    """
+    one = leads[1]
+    longest = np.ones(len(one), dtype=int)  # per 6-hour sample: its longest lead scored
+    position = {k: np.searchsorted(one.index, s.index) for k, s in leads.items()}
+    for k, pos in position.items():
+        if not np.array_equal(one.index[pos], leads[k].index):
+            raise ValueError(f"the {k}-step samples are not 6-hour samples of the same split")
+        longest[pos] = np.maximum(longest[pos], k)
+    was_training = model.training
+    model.eval()
+    lat = one.cube["latitude"].values
+    shape = one.grid
+    tp = {k: np.zeros((len(s), *shape), np.float32) for k, s in leads.items()} if with_tp else {}
+    sums = {k: dict.fromkeys(state_names(one.levels), 0.0) for k in leads} if state else {}
+    term_sums: dict[str, float] = {}
+    names = (*SURF_VARS, *((TARGET_VAR,) if with_tp else ()), *ATMOS_VARS)
+    # where each 6-hour sample sits in each lead's sample list (-1: not scored at that lead)
+    slot = {k: np.full(len(one), -1) for k in leads}
+    for k, pos in position.items():
+        slot[k][pos] = np.arange(len(pos))
+    with clamped(model) if with_tp else _nothing():
+        for m in sorted(set(longest)):
+            group = np.flatnonzero(longest == m)
+            for start in range(0, len(group), batch_size):
+                idx = group[start : start + batch_size]
+                batch = one.inputs(idx)
+                batch = (batch if with_tp else _without_tp(batch)).to(device)
+                total = None
+                for step, pred in enumerate(_steps(model, batch, m), start=1):
+                    if with_tp:
+                        out = pred.surf_vars[TARGET_VAR][:, 0]
+                        total = out if total is None else total + out
+                    if step not in leads:
+                        continue
+                    rows = slot[step][idx]
+                    if with_tp:
+                        tp[step][rows] = total.float().cpu().numpy()
+                    if not (state or (loss is not None and step == 1)):
+                        continue
+                    observed = one.read(one.index[idx] + step, names)
+                    if loss is not None and step == 1 and with_tp:
+                        truth = {k: torch.from_numpy(v) for k, v in observed.items()}
+                        for k, v in loss_terms(loss, pred, truth).items():
+                            term_sums[k] = term_sums.get(k, 0.0) + float(v) * len(idx)
+                    if state:
+                        _add_state_mse(sums[step], pred, observed, one.levels, lat, len(idx))
+    if was_training:
+        model.train()
+    return {
+        k: Forecasts(
+            indices=np.arange(len(s)),
+            tp=tp[k] if with_tp else None,
+            mse={v: x / len(s) for v, x in sums[k].items()} if state else {},
+            loss_terms={v: x / len(s) for v, x in term_sums.items()} if k == 1 else {},
+        )
+        for k, s in leads.items()
+    }
+
+
+def _steps(model, batch, steps: int):
+    """The model's predictions at each of `steps` steps of 6 h: one forward for one step, else
+    Aurora's rollout (each forecast fed back as the next input)."""
+    if steps == 1:
+        yield model(batch)
+        return
+    from aurora import rollout
+
+    from aurora_sweep.model import unwrap
+
+    yield from rollout(unwrap(model), batch, steps=steps)
+
+
+def run_steps(model, batch, steps: int):
+    """The model's prediction after `steps` steps of 6 h (each fed back as the next input, as
+    Aurora's `rollout` does) and tp summed over them, (B, lat, lon) (None without tp)."""
+    from aurora import rollout
+
+    from aurora_sweep.model import unwrap
+
+    if steps == 1:
+        pred = model(batch)
+        tp = pred.surf_vars.get(TARGET_VAR)
+        return pred, (tp[:, 0] if tp is not None else None)
+    total = None
+    for pred in rollout(unwrap(model), batch, steps=steps):
+        tp = pred.surf_vars.get(TARGET_VAR)
+        if tp is not None:
+            total = tp[:, 0] if total is None else total + tp[:, 0]
+    return pred, total
 
 
 @contextmanager
@@ -146,13 +261,15 @@ def forgetting_ratios(finetuned: dict[str, float], base: dict[str, float]) -> di
     }
 
 
-def worst_forgetting(metrics: dict[str, float]) -> tuple[str, float] | None:
-    """The variable whose RMSE grew most, and its ratio."""
+def worst_forgetting(metrics: dict[str, float], suffix: str = "") -> tuple[str, float] | None:
+    """The variable whose RMSE grew most at the lead `suffix` names ('': 6 h), and its ratio."""
+    end = "_ratio" + suffix
     ratios = {
-        k.removeprefix("forget_").removesuffix("_ratio"): v
+        k.removeprefix("forget_").removesuffix(end): v
         for k, v in metrics.items()
-        if k.startswith("forget_") and k.endswith("_ratio") and np.isfinite(v)
-    }
+        if k.startswith("forget_") and k.endswith(end) and k != "forget_worst" + end
+        and np.isfinite(v)
+    }  # fmt: skip
     if not ratios:
         return None
     name = max(ratios, key=ratios.get)
@@ -169,8 +286,9 @@ def base_state_mse(
     precision: str = "fp32",
     wrap_longitude: bool = False,
 ) -> dict[str, float]:
-    """The untouched base model's MSE of every variable it predicts on the evaluation split
-    (`batch_size` samples a pass; default `eval_batch_size` for a batch of one), run in the
+    """The untouched base model's MSE of every variable it predicts on the evaluation split at
+    each lead scored, by lead ('6h', '12h', '24h'; `batch_size` samples a pass, default
+    `eval_batch_size` for a batch of one), run in the
     `precision` and with the longitude wrap of the trials it is compared with: a forgetting
     ratio then measures the fine-tune, not a change of precision or of windows."""
     from aurora_sweep.model import (
@@ -185,13 +303,11 @@ def base_state_mse(
     set_precision(model, precision)
     set_longitude_wrap(model, wrap_longitude)
     model.to(device)
-    samples = data.validation
-    result = forecast(
-        model, samples, np.arange(len(samples)),
-        batch_size=batch_size or eval_batch_size(1, torch.device(device)), device=device,
-        with_tp=False,
+    results = forecast_leads(
+        model, data.leads, batch_size=batch_size or eval_batch_size(1, torch.device(device)),
+        device=device, with_tp=False,
     )  # fmt: skip
-    return result.mse
+    return {LEADS[steps]: result.mse for steps, result in results.items()}
 
 
 def verify(
@@ -200,40 +316,62 @@ def verify(
     *,
     batch_size: int,
     device,
-    indices: np.ndarray | None = None,
     bootstrap: int = 1000,
     precision: str = "fp32",
     loss: LossSpec | None = None,
 ) -> tuple[dict[str, float], Forecasts]:
-    """tp scores (with intervals) and forgetting ratios of `model` on `data`'s evaluation split,
-    against the base model run in `precision`; with `loss`, the validation loss's terms too."""
-    samples: Samples = data.validation
-    indices = np.arange(len(samples)) if indices is None else np.asarray(indices)
-    base_mse = (data.base_mse or {}).get(precision)
-    result = forecast(
-        model, samples, indices, batch_size=batch_size, device=device,
-        state=base_mse is not None, loss=loss,
-    )  # fmt: skip
-    times = samples.target_times()[indices]
-    terms: dict[str, np.ndarray] = {}
-    metrics = tp_scores(
-        forecast=result.tp,
-        observed=samples.observed(indices),
-        persistence=samples.persistence(indices),
-        climatology=climatology_forecast(data.climatology, times),
+    """tp scores (with intervals) and forgetting ratios of `model` on `data`'s evaluation split
+    at every lead scored (6-hour names plain, the others with `_12h`, `_24h`), against the base
+    model run in `precision`; with `loss`, the 6-hour validation loss's terms too.
+
+    Returns the scores and the 6-hour forecasts, which carry the objective's per-sample terms at
+    the study's lead (for paired comparisons between trials).
+    """
+    base = (data.base_mse or {}).get(precision) or {}
+    metrics: dict[str, float] = {}
+    six_hours: Forecasts | None = None
+    results = forecast_leads(
+        model, data.leads, batch_size=batch_size, device=device, state=bool(base), loss=loss
+    )
+    for steps, samples in data.leads.items():
+        base_at = base.get(LEADS[steps])
+        result = results[steps]
+        terms: dict[str, np.ndarray] = {}
+        scores = lead_scores(data, samples, result.tp, bootstrap=bootstrap, terms_out=terms)
+        if base_at is not None:
+            scores |= forgetting_ratios(result.mse, base_at)
+        metrics |= {k + lead_suffix(steps): v for k, v in scores.items()}
+        if steps == data.objective_steps:
+            objective = ((terms["num"], terms["den"]), samples.target_days())
+        if steps == 1:
+            six_hours = result
+    assert six_hours is not None
+    six_hours.objective_terms, six_hours.objective_days = objective
+    return metrics, six_hours
+
+
+def lead_scores(
+    data, samples: Samples, tp: np.ndarray, *, bootstrap: int, terms_out: dict | None = None
+) -> dict[str, float]:
+    """Every tp score of a forecast `tp` of all of `samples` (totals over their lead), against
+    persistence and climatology over the same lead, with that lead's SEEPS climate."""
+    times = samples.target_times()
+    idx = np.arange(len(samples))
+    return tp_scores(
+        forecast=tp,
+        observed=samples.observed(idx),
+        persistence=samples.persistence(idx),
+        climatology=climatology_forecast(data.climatology, times, samples.steps),
         lat=samples.cube["latitude"].values,
         months=times.month.values,
         hours=times.hour.values,
         days=times.values.astype("datetime64[D]"),
-        seeps=data.seeps,
+        seeps=data.lead_seeps[samples.steps],
         objective=data.objective,
         bootstrap=bootstrap,
-        terms_out=terms,
+        terms_out=terms_out,
+        references=data.baseline_scores.setdefault(samples.steps, {}),
     )
-    result.objective_terms = (terms["num"], terms["den"])
-    if base_mse is not None:
-        metrics |= forgetting_ratios(result.mse, base_mse)
-    return metrics, result
 
 
 def check_objective_defined(data) -> None:
@@ -248,11 +386,12 @@ def check_objective_defined(data) -> None:
         return
     from aurora_sweep.metrics import SEEPS_P_DRY_RANGE
 
-    times = data.validation.target_times()
-    p_dry = data.seeps.p_dry[times.month.values - 1, times.hour.values // 6]
+    times = data.scored.target_times()
+    seeps = data.lead_seeps[data.objective_steps]
+    p_dry = seeps.p_dry[times.month.values - 1, times.hour.values // 6]
     low, high = SEEPS_P_DRY_RANGE
     with np.errstate(invalid="ignore"):
-        scored = (p_dry >= low) & (p_dry <= high) & np.isfinite(data.seeps.light_heavy[
+        scored = (p_dry >= low) & (p_dry <= high) & np.isfinite(seeps.light_heavy[
             times.month.values - 1, times.hour.values // 6
         ])  # fmt: skip
     if not scored.any():
@@ -267,8 +406,9 @@ def check_objective_defined(data) -> None:
 
 
 def subset_objective(tp: np.ndarray, data, indices: np.ndarray) -> float:
-    """The study's objective for a forecast of the evaluation samples `indices` (for pruning)."""
-    samples: Samples = data.validation
+    """The study's objective for a forecast of the evaluation samples `indices` at the
+    objective's lead (for pruning)."""
+    samples: Samples = data.scored
     times = samples.target_times()[indices]
     return objective_value(
         data.objective,
@@ -277,7 +417,7 @@ def subset_objective(tp: np.ndarray, data, indices: np.ndarray) -> float:
         lat=samples.cube["latitude"].values,
         months=times.month.values,
         hours=times.hour.values,
-        seeps=data.seeps,
+        seeps=data.lead_seeps[samples.steps],
     )
 
 

@@ -20,6 +20,9 @@ The peak of one training step is the sum of its parts:
   when they outgrow the (by then freed) activations, as in a full fine-tune;
 - overhead: on CUDA, the cuBLAS workspace and the caching allocator's slack.
 
+A trial that trains on rollouts (`rollout_steps` > 1) runs its first steps without gradients
+(`train.pushforward`): they keep no activations, so its peak is that of one training step.
+
 Parameters are counted on the meta device (no memory, about a second even for
 AuroraSmallPretrained); activations come from per-token coefficients fitted to exact
 saved-tensor measurements (see `saved_tensor_bytes` and bench/calibrate_memory.py).

@@ -87,6 +87,10 @@ from scores.functions import create_latitude_weights
 from scores.spatial import fss_2d
 
 DRY_MM = 0.1  # WeatherBench 2's dry threshold for 6-hour totals
+#: SEEPS's dry threshold by lead (hours): WeatherBench 2's 0.1 mm for 6-hour and 0.25 mm for
+#: 24-hour totals; for 12 hours, which WeatherBench 2 does not score, the 0.2 mm of Rodwell et
+#: al.'s original SEEPS (and scores' default)
+DRY_MM_BY_LEAD = {6: 0.1, 12: 0.2, 24: 0.25}
 CATEGORICAL_THRESHOLDS_MM = (0.1, 1.0, 5.0)
 FSS_THRESHOLDS_MM = (1.0, 5.0)
 FSS_WINDOWS = (5, 11)  # square windows, in grid points
@@ -121,8 +125,10 @@ class SeepsClimate:
     cell without wet values, are NaN: SEEPS masks them.
     """
 
-    p_dry: np.ndarray  # (12, 4, lat, lon): fraction of 6-h totals <= the dry threshold
+    p_dry: np.ndarray  # (12, 4, lat, lon): fraction of totals <= the dry threshold
     light_heavy: np.ndarray  # (12, 4, lat, lon) mm: 2/3 quantile of the totals above it
+    #: the dry/light boundary the climate was built with and the scores use (mm over the lead)
+    dry_threshold: float = DRY_MM
 
 
 def seeps_climate(
@@ -174,7 +180,7 @@ def seeps_climate(
                     chosen &= slots == source[1]
                 built[source] = _dry_fraction_and_threshold(tp[chosen], dry_threshold)
             p_dry[m - 1, slot], light_heavy[m - 1, slot] = built[source]
-    return SeepsClimate(p_dry=p_dry, light_heavy=light_heavy)
+    return SeepsClimate(p_dry=p_dry, light_heavy=light_heavy, dry_threshold=dry_threshold)
 
 
 def _climate_source(
@@ -471,6 +477,7 @@ def tp_scores(
     block_days: int = 3,
     seed: int = 0,
     terms_out: dict | None = None,
+    references: dict | None = None,
 ) -> dict[str, float]:
     """The tp scores of the model and of the persistence and climatology forecasts.
 
@@ -499,6 +506,9 @@ def tp_scores(
         terms_out: when a dict, filled with `"num"` and `"den"`: the model's per-sample objective
             terms over all n samples given, NaN for dropped ones (as `objective_terms`), to keep
             for `paired_difference` without scoring again.
+        references: when a dict, the baselines' scores are read from it if there (keyed by
+            suffix) and kept in it otherwise: every trial of a study is scored against the same
+            persistence and climatology on the same samples, which need scoring once.
     """
     _check_objective(objective)
     _check_inputs(
@@ -520,8 +530,15 @@ def tp_scores(
     out: dict[str, float] = {}
     terms: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for suffix, values in forecasts.items():
-        values = _take(keep, values)
-        scores_, terms[suffix] = _all_scores(objective, values, observed, lat, months, hours, seeps)
+        if suffix and references is not None and suffix in references:
+            scores_, terms[suffix] = references[suffix]  # the same baselines, scored before
+        else:
+            values = _take(keep, values)
+            scores_, terms[suffix] = _all_scores(
+                objective, values, observed, lat, months, hours, seeps
+            )
+            if suffix and references is not None:
+                references[suffix] = (scores_, terms[suffix])
         out.update({f"{name}{suffix}": v for name, v in scores_.items()})
     if terms_out is not None:
         terms_out["num"], terms_out["den"] = (_spread(keep, t) for t in terms[""])
@@ -624,7 +641,9 @@ def _objective_terms(
         if objective == "tp_rmse":
             num[sl] = mse(fc, ob, preserve_dims="sample", weights=weights).values
         else:
-            num[sl], den[sl] = _seeps_terms(fc, ob, p_dry, light_heavy, weights)
+            num[sl], den[sl] = _seeps_terms(
+                fc, ob, p_dry, light_heavy, weights, seeps.dry_threshold
+            )
     return num, den
 
 
@@ -644,6 +663,7 @@ def _seeps_terms(
     p_dry: xr.DataArray,
     light_heavy: xr.DataArray,
     weights: xr.DataArray,
+    dry_threshold: float = DRY_MM,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per sample: the latitude-weighted sum of SEEPS over valid points, and those points' weight."""
     low, high = SEEPS_P_DRY_RANGE
@@ -655,7 +675,7 @@ def _seeps_terms(
             ob,
             p_dry,
             light_heavy,
-            dry_light_threshold=DRY_MM,
+            dry_light_threshold=dry_threshold,
             mask_clim_extremes=True,
             lower_masked_value=low,
             upper_masked_value=high,

@@ -169,26 +169,54 @@ def _forgetting_section(forgetting: Sequence[Mapping[str, object]]) -> list[str]
     out = ["<h2>What the fine-tune changed</h2>"]
     if not forgetting:
         return [*out, "<p>None recorded.</p>"]
+    later = [k for k in ("ratio_12h", "ratio_24h") if any(k in row for row in forgetting)]
+    heads = "".join(f"<th>ratio at {k.removeprefix('ratio_')}</th>" for k in later)
     out += [
         "<table class='forgetting'>",
-        "<tr><th>variable</th><th>base RMSE</th><th>fine-tuned RMSE</th><th>ratio</th></tr>",
+        "<tr><th>variable</th><th>base RMSE</th><th>fine-tuned RMSE</th><th>ratio</th>"
+        f"{heads}</tr>",
     ]
     for row in forgetting:
-        ratio = _number(row.get("ratio"))
-        worse = ratio is not None and ratio > FORGETTING_FLAG
+        ratios = [_number(row.get(k)) for k in ("ratio", *later)]
+        worse = any(r is not None and r > FORGETTING_FLAG for r in ratios)
         opening = "<tr class='worse'>" if worse else "<tr>"
         out.append(
             f"{opening}<td>{_e(row.get('variable'))}</td>"
             f"<td class='num'>{_e(row.get('base_rmse'))}</td>"
             f"<td class='num'>{_e(row.get('finetuned_rmse'))}</td>"
-            f"<td class='num'>{_e(row.get('ratio'))}</td></tr>"
+            f"<td class='num'>{_e(row.get('ratio'))}</td>"
+            + "".join(f"<td class='num'>{_e(row.get(k))}</td>" for k in later)
+            + "</tr>"
         )
     out += [
         "</table>",
-        "<p class='legend'>ratio = fine-tuned RMSE / base RMSE: above 1 the fine-tuned model is "
-        f"worse than the base model; rows above {FORGETTING_FLAG:g} are highlighted.</p>",
+        "<p class='legend'>ratio = fine-tuned RMSE / base RMSE at 6 h (and at the longer leads, "
+        "rolled out): above 1 the fine-tuned model is worse than the base model; rows above "
+        f"{FORGETTING_FLAG:g} at any lead are highlighted.</p>",
     ]
     return out
+
+
+def _leads_section(leads: Sequence[Mapping[str, object]]) -> list[str]:
+    """The objective against both baselines, skill and worst forgetting at each lead."""
+    if not leads:
+        return []
+    cols = ("lead", "objective", "90 % interval", "persistence", "climatology",
+            "skill vs persistence", "skill vs climatology", "worst forgetting")  # fmt: skip
+    out = [
+        "<h2>By lead time</h2>",
+        "<table class='leads'>",
+        "<tr>" + "".join(f"<th>{c}</th>" for c in cols) + "</tr>",
+    ]
+    for row in leads:
+        out.append("<tr>" + "".join(f"<td>{_e(row.get(c))}</td>" for c in cols) + "</tr>")
+    return [
+        *out,
+        "</table>",
+        "<p class='legend'>tp totals over the lead (mm); beyond 6 h the model is rolled out, each "
+        "forecast fed back as its next input; persistence is the observed total over the lead's "
+        "length ending at the start, climatology the train-split mean of the same windows.</p>",
+    ]
 
 
 def _figures_section(figures: Mapping[str, bytes]) -> list[str]:
@@ -215,6 +243,7 @@ def render_report(
     forgetting: list[dict],
     figures: dict[str, bytes],
     notes: Sequence[str] = (),
+    leads: Sequence[Mapping[str, object]] = (),
 ) -> str:
     """The report as one self-contained HTML page.
 
@@ -229,6 +258,8 @@ def render_report(
             means the fine-tuned model forecasts that variable worse than the base model.
         figures: file name -> PNG bytes, shown in this order with the name as alt text.
         notes: free-text remarks listed at the end.
+        leads: rows {"lead", "objective", "90 % interval", "persistence", "climatology",
+            "skill vs persistence", "skill vs climatology", "worst forgetting"}, one per lead.
     """
     parts = [
         "<!DOCTYPE html>",
@@ -246,6 +277,7 @@ def render_report(
         "</header>",
         *_recipe_section(recipe),
         *_scores_section(scores),
+        *_leads_section(leads),
         *_forgetting_section(forgetting),
         *_figures_section(figures),
     ]

@@ -104,7 +104,7 @@ def pareto_table(config: StudyConfig, trials: list[optuna.trial.FrozenTrial]) ->
         table.add_column(c, justify="left" if c == "recipe" else "right")
     previous = None
     for t in front:
-        a, ci = t.user_attrs, interval(t, objective)
+        a, ci = t.user_attrs, interval(t, objective, lead_of(config))
         table.add_row(
             str(t.number), f"{score(t):.4f}", f"{ci[0]:.4f}–{ci[1]:.4f}" if ci else "-",
             f"{score(t) - score(previous):+.4f}" if previous else "",
@@ -117,12 +117,21 @@ def pareto_table(config: StudyConfig, trials: list[optuna.trial.FrozenTrial]) ->
     return table
 
 
-def interval(trial: optuna.trial.FrozenTrial, objective: str) -> tuple[float, float] | None:
-    """The 90 % bootstrap interval of a trial's objective, when it was computed."""
+def interval(
+    trial: optuna.trial.FrozenTrial, objective: str, suffix: str = ""
+) -> tuple[float, float] | None:
+    """The 90 % bootstrap interval of a trial's objective (at the lead `suffix` names: '' for
+    6 h, '_24h'), when it was computed."""
     a = trial.user_attrs
-    if f"{objective}_q05" in a and f"{objective}_q95" in a:
-        return a[f"{objective}_q05"], a[f"{objective}_q95"]
-    return None
+    lo, hi = f"{objective}_q05{suffix}", f"{objective}_q95{suffix}"
+    return (a[lo], a[hi]) if lo in a and hi in a else None
+
+
+def lead_of(config: StudyConfig) -> str:
+    """The suffix of the study's lead in metric names ('' for 6 h, '_12h', '_24h')."""
+    from aurora_sweep.config import lead_suffix
+
+    return lead_suffix(config.lead_steps)
 
 
 def paired_to(
@@ -181,11 +190,14 @@ def top_trials_table(
         table.add_column(c, justify="left" if c in ("recipe", "worst forgetting") else "right")
     shown = listed[:top]
     deltas = paired_to(best, shown, objective) if best else [None] * len(shown)
+    sfx = lead_of(config)
     for t, delta in zip(shown, deltas):
         a = t.user_attrs
-        ci = interval(t, objective)
+        ci = interval(t, objective, sfx)
         worst = (
-            f"{a['forget_worst']} ×{a['forget_worst_ratio']:.2f}" if "forget_worst" in a else "-"
+            f"{a['forget_worst' + sfx]} ×{a['forget_worst_ratio' + sfx]:.2f}"
+            if "forget_worst" + sfx in a
+            else "-"
         )
         if forgets(t):
             worst = f"✗ {worst}"
@@ -193,8 +205,8 @@ def top_trials_table(
         table.add_row(
             str(t.number), f"{score(t):.4f}", f"{ci[0]:.4f}–{ci[1]:.4f}" if ci else "-",
             "" if same else f"{delta[0]:+.4f} [{delta[1]:+.4f}, {delta[2]:+.4f}]",
-            "" if same or distinguishable(delta) else "≈", _skill(a, "persistence"),
-            _skill(a, "climatology"), worst, recipe(t),
+            "" if same or distinguishable(delta) else "≈", _skill(a, "persistence" + sfx),
+            _skill(a, "climatology" + sfx), worst, recipe(t),
             f"{a.get('peak_memory_mb', float('nan')):.0f}", f"{a.get('trial_seconds', float('nan')):.1f}",
         )  # fmt: skip
     return table
@@ -237,7 +249,7 @@ def against_references(config: StudyConfig, trials: list[optuna.trial.FrozenTria
         if "infeasible" in a:
             lines.append(f"reference {what} (trial {t.number}): infeasible, {a['infeasible']}")
         elif t.state.name == "COMPLETE" and t.values:
-            ci = interval(t, objective)
+            ci = interval(t, objective, lead_of(config))
             verdict = ""
             if best is not None and best.number != t.number:
                 (delta,) = paired_to(t, [best], objective)
@@ -277,7 +289,7 @@ def best_by_method(config: StudyConfig, trials: list[optuna.trial.FrozenTrial]) 
         best.setdefault((t.user_attrs.get("config") or {}).get("method", "lora"), t)
     lines = []
     for method, t in best.items():
-        a, ci = t.user_attrs, interval(t, config.objective)
+        a, ci = t.user_attrs, interval(t, config.objective, lead_of(config))
         lines.append(
             f"best {method}: trial {t.number}, {config.objective} {score(t):.4f}"
             + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
@@ -383,7 +395,7 @@ def prepare_evaluation(adapter: Path, *, split: str, checkpoint: Path | None = N
     device = default_device()
     model = load_finetuned(adapter, checkpoint=checkpoint, device=str(device))
     path = resolve_checkpoint(trial.base, checkpoint)
-    data.base_mse = {
+    data.base_mse = {  # by lead, in the trial's precision
         trial.precision: base_state_mse(
             data,
             base=trial.base,
@@ -409,12 +421,28 @@ def verify_prepared(model, data, trial, device, *, bootstrap: int):
 
 
 def evaluate_adapter(
-    adapter: Path, *, split: str, checkpoint: Path | None = None, bootstrap: int = 1000
+    adapter: Path,
+    *,
+    split: str,
+    checkpoint: Path | None = None,
+    bootstrap: int = 1000,
+    lead: str | None = None,
 ) -> dict:
-    """Score an exported adapter on the whole of `split` with its study's data."""
+    """Score an exported adapter on the whole of `split` with its study's data: every lead's
+    scores, or with `lead` ('12h', '24h') that lead's alone under the 6-hour names."""
+    from aurora_sweep.config import lead_suffix, parse_lead
+
+    steps = parse_lead(lead, "--lead") if lead is not None else None
     model, data, trial, _, device = prepare_evaluation(adapter, split=split, checkpoint=checkpoint)
+    if steps is not None and steps not in data.leads:
+        raise AuroraSweepError(f"the {split} split holds no {lead} sample to score")
     scores, _ = verify_prepared(model, data, trial, device, bootstrap=bootstrap)
-    return {**scores, "split": split, "samples": len(data.validation)}
+    if steps is None:
+        return {**scores, "split": split, "samples": len(data.validation)}
+    sfx = lead_suffix(steps)
+    names = [k for k in scores if not any(k.endswith(f"_{v}") for v in ("12h", "24h"))]
+    picked = {k: scores[k + sfx] for k in names if k + sfx in scores}
+    return {**picked, "split": split, "lead": lead, "samples": len(data.leads[steps])}
 
 
 #: The report's score rows: (metric name, label, higher is better; None: closest to `target`).
@@ -465,16 +493,44 @@ def report_rows(scores: dict[str, float], objective: str) -> list[dict]:
 
 
 def forgetting_rows(scores: dict[str, float], base_mse: dict[str, float]) -> list[dict]:
-    """Per variable: base RMSE, fine-tuned RMSE and their ratio (> 1: the fine-tune made it worse)."""
+    """Per variable: base RMSE, fine-tuned RMSE and their ratio at 6 h (> 1: the fine-tune made
+    it worse), and the ratio at each longer lead scored (`ratio_12h`, `ratio_24h`)."""
     rows = []
     for name, mse in base_mse.items():
         ratio = scores.get(f"forget_{name}_ratio")
         if ratio is None:
             continue
         base = float(mse) ** 0.5
-        rows.append(
-            {"variable": name, "base_rmse": base, "finetuned_rmse": base * ratio, "ratio": ratio}
-        )
+        row = {"variable": name, "base_rmse": base, "finetuned_rmse": base * ratio, "ratio": ratio}
+        for lead in ("12h", "24h"):
+            if f"forget_{name}_ratio_{lead}" in scores:
+                row[f"ratio_{lead}"] = scores[f"forget_{name}_ratio_{lead}"]
+        rows.append(row)
+    return rows
+
+
+def lead_rows(scores: dict[str, float], objective: str) -> list[dict]:
+    """One row per lead scored: the objective with its interval, both baselines' objective, the
+    skills and the worst forgetting ratio."""
+    from aurora_sweep.config import LEADS, lead_suffix
+    from aurora_sweep.evaluation import worst_forgetting
+
+    rows = []
+    for steps, label in LEADS.items():
+        sfx = lead_suffix(steps)
+        if objective + sfx not in scores:
+            continue
+        lo, hi = scores.get(f"{objective}_q05{sfx}"), scores.get(f"{objective}_q95{sfx}")
+        worst = worst_forgetting(scores, sfx)
+        rows.append({
+            "lead": label, "objective": f"{scores[objective + sfx]:.4f}",
+            "90 % interval": f"{lo:.4f}–{hi:.4f}" if lo is not None and hi is not None else "",
+            "persistence": f"{scores[f'{objective}_persistence{sfx}']:.4f}",
+            "climatology": f"{scores[f'{objective}_climatology{sfx}']:.4f}",
+            "skill vs persistence": f"{scores['tp_skill_persistence' + sfx]:+.3f}",
+            "skill vs climatology": f"{scores['tp_skill_climatology' + sfx]:+.3f}",
+            "worst forgetting": f"{worst[0]} ×{worst[1]:.2f}" if worst else "",
+        })  # fmt: skip
     return rows
 
 
@@ -577,7 +633,8 @@ def report_adapter(
         ),
         recipe=recipe,
         scores=report_rows(scores, objective),
-        forgetting=forgetting_rows(scores, data.base_mse[trial.precision]),
+        forgetting=forgetting_rows(scores, data.base_mse[trial.precision]["6h"]),
+        leads=lead_rows(scores, objective),
         figures=pngs,
         notes=notes,
     )

@@ -30,7 +30,7 @@ from typing import Any
 import optuna
 from rich.console import Console
 
-from aurora_sweep.config import LORA_METHODS, StudyConfig
+from aurora_sweep.config import LEADS, LORA_METHODS, StudyConfig, lead_suffix
 from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.evaluation import worst_forgetting
 from aurora_sweep.processes import alive, this_process
@@ -69,6 +69,7 @@ def sample_trial(trial: optuna.Trial, config: StudyConfig) -> TrialConfig:
     target_weight = trial.suggest_categorical("target_weight", list(s.target_weight))
     loss = trial.suggest_categorical("loss", list(s.loss))
     input_lr = trial.suggest_categorical("target_input_lr", list(s.target_input_lr))
+    rollout = trial.suggest_categorical("rollout_steps", list(s.rollout_steps))
     if method == "full":
         precision, checkpointing, lr = _full_precision(config), True, FULL_LR
     else:
@@ -85,7 +86,7 @@ def sample_trial(trial: optuna.Trial, config: StudyConfig) -> TrialConfig:
         config, method=method, lora_rank=rank, lora_targets=targets, unfrozen_blocks=unfrozen,
         batch_size=batch_size, precision=precision, learning_rate=lr,
         activation_checkpointing=checkpointing, target_weight=target_weight, loss=loss,
-        target_input_lr=input_lr,
+        target_input_lr=input_lr, rollout_steps=rollout,
     )  # fmt: skip
 
 
@@ -128,6 +129,7 @@ def reference_trial(config: StudyConfig) -> TrialConfig:
         batch_size=min(config.search.batch_size), precision=_full_precision(config),
         learning_rate=FULL_LR, activation_checkpointing=True, **_reference_loss(config),
         target_input_lr=FULL_NEW_VARIABLE_LR / FULL_LR,  # the guide's 1e-3 for the embedding
+        rollout_steps=min(config.search.rollout_steps),
     )  # fmt: skip
 
 
@@ -147,6 +149,7 @@ def enqueue_references(study: optuna.Study, config: StudyConfig) -> list[str]:
             "unfrozen_blocks": min(s.unfrozen_blocks), "batch_size": min(s.batch_size),
             "precision": s.precision[0], "activation_checkpointing": s.activation_checkpointing[0],
             **_reference_loss(config), "target_input_lr": s.target_input_lr[0],
+            "rollout_steps": min(s.rollout_steps),
         }  # fmt: skip
         if s.learning_rate:  # the study's learning rate, brought inside the searched range
             low, high = s.learning_rate
@@ -774,10 +777,10 @@ class Sweep:
                     )
                 if outcome.status == "error":
                     raise self.failed(trial, p["message"])
-                value = p["metrics"].get(config.objective, float("nan"))
+                value = p["metrics"].get(config.objective_metric, float("nan"))
                 if not math.isfinite(value):
                     raise self.failed(
-                        trial, f"its objective {config.objective} is {value} (the forecast or "
+                        trial, f"its objective {config.objective_metric} is {value} (the forecast or "
                         "the scores are not finite)",
                     )  # fmt: skip
                 scalars = {**p["metrics"], "peak_memory_mb": p["peak_memory_mb"],
@@ -786,11 +789,14 @@ class Sweep:
                     scalars["peak_reserved_mb"] = p["peak_reserved_mb"]
                 if p.get("loader_wait_fraction") is not None:
                     scalars["loader_wait_fraction"] = p["loader_wait_fraction"]
-                worst = worst_forgetting(p["metrics"])
-                if worst is not None:
-                    scalars["forget_worst_ratio"] = worst[1]
-                    trial.set_user_attr("forget_worst", worst[0])
-                    self.check_forgetting(trial, run, *worst)
+                for steps in LEADS:  # the worst forgetting at every lead scored
+                    suffix = lead_suffix(steps)
+                    worst = worst_forgetting(p["metrics"], suffix)
+                    if worst is not None:
+                        scalars["forget_worst_ratio" + suffix] = worst[1]
+                        trial.set_user_attr("forget_worst" + suffix, worst[0])
+                        if steps == config.lead_steps:  # the constraint: at the study's lead
+                            self.check_forgetting(trial, run, *worst)
                 run.log_history({
                     "train_loss": p["train_loss"], "val_loss": p["val_loss"],
                     **{f"val_loss_{k}": v for k, v in p.get("val_terms", {}).items()},
@@ -804,12 +810,12 @@ class Sweep:
                 self.keep_base_scores(p.get("base_mse") or {})
                 run.log_artifacts(adapter.parent)  # adapter/ and figures/, in one call
         m = p["metrics"]
-        console.print(f"trial {trial.number:3d}  {_score_line(m, config.objective)}  "
+        console.print(f"trial {trial.number:3d}  {_score_line(m, config)}  "
                       f"({p['seconds']:.1f} s, {p['peak_memory_mb']:.0f} MB, predicted GPU "
                       f"{estimate.megabytes:.0f} MB)", highlight=False)  # fmt: skip
         if config.cost:
-            return m[config.objective], trial.user_attrs.get(config.cost, estimate.megabytes)
-        return m[config.objective]
+            return m[config.objective_metric], trial.user_attrs.get(config.cost, estimate.megabytes)
+        return m[config.objective_metric]
 
 
 class Interrupted(KeyboardInterrupt):
@@ -897,13 +903,15 @@ def retry_interrupted(study: optuna.Study) -> list[int]:
     ]
 
 
-def _score_line(m: dict[str, float], objective: str) -> str:
-    """One line of a trial's verdict: objective with its interval, skills."""
-    lo, hi = m.get(f"{objective}_q05"), m.get(f"{objective}_q95")
+def _score_line(m: dict[str, float], config: StudyConfig) -> str:
+    """One line of a trial's verdict at the study's lead: objective with its interval, skills."""
+    objective, sfx = config.objective, lead_suffix(config.lead_steps)
+    lo, hi = m.get(f"{objective}_q05{sfx}"), m.get(f"{objective}_q95{sfx}")
     interval = f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else ""
     return (
-        f"{objective} {m[objective]:.3f}{interval}  skill vs persistence "
-        f"{m['tp_skill_persistence']:+.3f}, vs climatology {m['tp_skill_climatology']:+.3f}"
+        f"{config.objective_metric} {m[config.objective_metric]:.3f}{interval}  skill vs "
+        f"persistence {m['tp_skill_persistence' + sfx]:+.3f}, vs climatology "
+        f"{m['tp_skill_climatology' + sfx]:+.3f}"
     )
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import psutil
 import torch
 
-from aurora_sweep.config import Period, StudyConfig
+from aurora_sweep.config import LEADS, Period, StudyConfig
 from aurora_sweep.dataset import (
     Samples,
     TpStats,
@@ -35,8 +35,9 @@ from aurora_sweep.dataset import (
     in_period,
     tp_stats,
 )
+from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.loss import LossSpec, combine, loss_terms
-from aurora_sweep.metrics import SeepsClimate, seeps_climate
+from aurora_sweep.metrics import DRY_MM_BY_LEAD, SeepsClimate, seeps_climate
 from aurora_sweep.model import (
     TrainableParts,
     apply_method,
@@ -56,6 +57,9 @@ FULL_LR, FULL_NEW_VARIABLE_LR = 3e-4, 1e-3
 #: The learning-rate schedule: a linear warm-up over this share of the steps (at least one),
 #: then a cosine decay to `FINAL_LR_FACTOR` of the peak at the last step.
 WARMUP_SHARE, FINAL_LR_FACTOR = 0.1, 0.1
+#: The start times (UTC) the 12- and 24-hour scores are made from: WeatherBench 2 scores its
+#: forecasts from the 00 and 12 UTC initialisations (the 6-hour scores use every start).
+LONG_LEAD_INITS = (0, 12)
 #: Gradients are clipped to this global norm (over every trained tensor).
 MAX_GRAD_NORM = 1.0
 
@@ -85,6 +89,8 @@ class TrialConfig:
     loss: str = "mae"
     #: the learning rate of tp's input embedding over `learning_rate`; 0: tp is output-only
     target_input_lr: float = 1.0
+    #: model steps a training sample rolls out (the loss on the last one, `pushforward`)
+    rollout_steps: int = 1
     #: whether the shifted windows join the grid's east and west edges: a global grid only
     #: (adapters from before this setting were trained with Aurora's default, True)
     wrap_longitude: bool = True
@@ -113,8 +119,35 @@ class TrialData:
     seeps: SeepsClimate
     objective: str
     #: the untouched base model's MSE per variable on the evaluation split (forgetting ratios),
-    #: by precision: a trial is compared with the base run in its own precision
-    base_mse: dict[str, dict[str, float]] | None = None
+    #: by precision, then by lead ('6h', '12h', '24h'): a trial is compared with the base run in
+    #: its own precision, at each lead it is scored at
+    base_mse: dict[str, dict[str, dict[str, float]]] | None = None
+    #: the evaluation split's samples and SEEPS climate at each lead scored, by model steps
+    #: (1: `validation` and `seeps`); a lead the split is too short for is left out
+    leads: dict[int, Samples] = field(default_factory=dict)
+    lead_seeps: dict[int, SeepsClimate] = field(default_factory=dict)
+    #: the lead the objective is scored at (model steps)
+    objective_steps: int = 1
+    #: training samples by rollout length, made when a trial first asks
+    _train_by_steps: dict[int, Samples] = field(default_factory=dict, repr=False)
+    #: the baselines' scores at each lead, computed with the first trial's (`metrics.tp_scores`)
+    baseline_scores: dict[int, dict] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.leads = self.leads or {1: self.validation}
+        self.lead_seeps = self.lead_seeps or {1: self.seeps}
+
+    def train_for(self, steps: int) -> Samples:
+        """The train split's samples for a rollout of `steps` model steps."""
+        if steps not in self._train_by_steps:
+            samples = self.train.at_lead(steps)
+            if samples is None:
+                raise AuroraSweepError(
+                    f"the train split holds no {LEADS[steps]} sample ({steps} consecutive 6-hour "
+                    "steps after two input times): use shorter [search] rollout_steps"
+                )
+            self._train_by_steps[steps] = samples
+        return self._train_by_steps[steps]
 
     @classmethod
     def prepare(cls, cube, config: StudyConfig, *, eval_split: str = "validation") -> TrialData:
@@ -126,14 +159,57 @@ class TrialData:
         period = config.data.train
         # the train split's tp, read once for its statistics and both climatologies
         tp = train.cube[["tp"]].sel(time=in_period(train.cube["time"].values, period)).load()
+        validation = Samples(cube, config.data, eval_split, in_memory=in_memory)
+        # the longer leads from the 00 and 12 UTC starts, as WeatherBench 2 scores them
+        leads = {k: validation.at_lead(k, init_hours=LONG_LEAD_INITS) for k in LEADS if k > 1}
+        leads = {1: validation, **leads}
+        leads = {k: v for k, v in leads.items() if v is not None}
+        if config.lead_steps not in leads:
+            raise AuroraSweepError(
+                f"the {eval_split} split holds no {LEADS[config.lead_steps]} sample to score the "
+                "objective at: use a shorter [study] lead, or a split with runs of consecutive days"
+            )
         return cls(
             train=train,
-            validation=Samples(cube, config.data, eval_split, in_memory=in_memory),
+            validation=validation,
             tp=tp_stats(tp, period),
             climatology=climatology(tp, period),
             seeps=train_seeps_climate(tp, period),
             objective=config.objective,
+            leads=leads,
+            lead_seeps={k: train_seeps_climate(tp, period, steps=k) for k in leads},
+            objective_steps=config.lead_steps,
         )
+
+    @property
+    def scored(self) -> Samples:
+        """The evaluation samples at the objective's lead."""
+        return self.leads[self.objective_steps]
+
+
+def pushforward(model, batch, steps: int):
+    """The input of the last step of a `steps`-step rollout from `batch`: the first `steps` - 1
+    steps run without gradients, each forecast fed back as the next input (Aurora's rollout).
+
+    This is the scheme Aurora's maintainers describe for their rollout fine-tuning (a replay of
+    the model's own forecasts, gradients through the last step only): the model learns to
+    forecast from the states it will itself produce at longer leads, at the memory of one
+    training step. Gradients through every step would multiply the activations kept by the
+    number of steps, which is what the small GPUs we serve cannot afford.
+    """
+    if steps == 1:
+        return batch
+    from aurora import rollout
+    from aurora.rollout import _advance_batch  # how `rollout` feeds a forecast back
+
+    from aurora_sweep.model import unwrap
+
+    aurora = unwrap(model)
+    with torch.no_grad():
+        for pred in rollout(aurora, batch, steps=steps - 1):
+            batch = _advance_batch(batch, aurora.apply_rollout_input_clipping(pred))
+    # Aurora clamps tp's output from its second rollout step on: the loss must see the raw one
+    return dataclasses.replace(batch, metadata=dataclasses.replace(batch.metadata, rollout_step=0))
 
 
 def learning_rate_factor(step: int, steps: int) -> float:
@@ -160,11 +236,18 @@ def loss_spec(trial: TrialConfig, data: TrialData) -> LossSpec:
     )  # fmt: skip
 
 
-def train_seeps_climate(cube, train: Period) -> SeepsClimate:
+def train_seeps_climate(cube, train: Period, steps: int = 1) -> SeepsClimate:
     """SEEPS's dry probability and light/heavy threshold by month and hour of day, from the
-    train split's tp."""
+    train split's totals over `steps` 6-hour windows (with that lead's dry threshold)."""
     values, times = complete_train_tp(cube, train)
-    return seeps_climate(values, times.month.values, times.hour.values)
+    if steps > 1:  # totals over `steps` consecutive 6-hour windows, at the last one's time
+        ends = np.arange(steps - 1, len(times))
+        span = times.values[ends] - times.values[ends - steps + 1]
+        ends = ends[span == np.timedelta64(6 * (steps - 1), "h")]
+        values = np.stack([values[ends - k] for k in range(steps)]).sum(axis=0)
+        times = times[ends]
+    dry = DRY_MM_BY_LEAD[6 * steps]
+    return seeps_climate(values, times.month.values, times.hour.values, dry_threshold=dry)
 
 
 @dataclass
@@ -351,8 +434,11 @@ def fit(
         trained = [p for group in groups for p in group["params"]]
         scaler = torch.amp.GradScaler("cuda") if trial.precision == "fp16" else None
         rng = np.random.default_rng(trial.seed)
-        # the pruner's subset: fixed, so every trial's intermediate values are comparable
+        # the pruner's subset: fixed, so every trial's intermediate values are comparable (the
+        # validation loss on the 6-hour samples, the objective at the study's lead)
         val_idx = eval_indices(len(data.validation), trial.val_samples)
+        scored_idx = eval_indices(len(data.scored), trial.val_samples)
+        train = data.train_for(trial.rollout_steps)
         eval_batch = eval_batch_size(trial.batch_size, device)
         train_loss: list[tuple[int, float]] = []
         val_loss: list[tuple[int, float]] = []
@@ -367,17 +453,17 @@ def fit(
         peft_model.train()
         # the batches in the order the seed gives, read ahead by a thread while the model trains
         plan = [
-            rng.choice(len(data.train), size=min(trial.batch_size, len(data.train)), replace=False)
+            rng.choice(len(train), size=min(trial.batch_size, len(train)), replace=False)
             for _ in range(trial.steps)
         ]
-        with Prefetcher(data.train.training_batch, plan) as batches:
+        with Prefetcher(train.training_batch, plan) as batches:
             waited, loop_started = 0.0, time.perf_counter()
             for step in range(1, trial.steps + 1):
                 asked = time.perf_counter()
                 batch, target = batches.next()
                 waited += time.perf_counter() - asked
                 # the raw output: tp is not clamped at 0 while training (model.clamped)
-                pred = peft_model(batch.to(device))
+                pred = peft_model(pushforward(peft_model, batch.to(device), trial.rollout_steps))
                 loss = combine(spec, loss_terms(spec, pred, target))
                 optimiser.zero_grad(set_to_none=True)
                 if scaler is not None:
@@ -404,7 +490,12 @@ def fit(
                         state=False, loss=spec,
                     )  # fmt: skip
                     log_validation(step, result)
-                    objective = subset_objective(result.tp, data, val_idx)
+                    if data.objective_steps != 1:  # the objective's lead: a rollout
+                        result = forecast(
+                            peft_model, data.scored, scored_idx, batch_size=eval_batch,
+                            device=device, state=False,
+                        )  # fmt: skip
+                    objective = subset_objective(result.tp, data, scored_idx)
                     intermediate.append((step, objective))
                     if report:
                         report(step, objective)

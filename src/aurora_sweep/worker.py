@@ -257,6 +257,8 @@ def serve(conn, spec: WorkerSpec) -> None:
             )
         data = TrialData.prepare(open_cube(config), config)
         check_objective_defined(data)
+        for steps in config.search.rollout_steps:  # refused now, not trial after trial
+            data.train_for(steps)
         checkpoint = resolve_checkpoint(
             config.model.base, spec.checkpoint or config.model.checkpoint
         )
@@ -310,9 +312,7 @@ def serve(conn, spec: WorkerSpec) -> None:
             conn.send(("complete", {
                 "train_loss": result.train_loss, "val_loss": result.val_loss,
                 "val_terms": result.val_terms, "intermediate": result.intermediate,
-                "objective_terms": encode_terms(
-                    *terms, data.validation.target_days()[result.forecasts.indices]
-                ),
+                "objective_terms": encode_terms(*terms, result.forecasts.objective_days),
                 "metrics": result.metrics, "peak_memory_mb": result.peak_memory_mb,
                 "peak_reserved_mb": result.peak_reserved_mb, "seconds": result.seconds,
                 "loader_wait_fraction": result.loader_wait_fraction,
