@@ -13,8 +13,7 @@ Everything here is on the grid the model forecasts (see `dataset.patch_crop`).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,7 +98,7 @@ def forecast(
     names = (*SURF_VARS, *((TARGET_VAR,) if with_tp else ()), *ATMOS_VARS)
     if loss is not None and samples.steps != 1:
         raise ValueError("the validation loss is that of one model step")
-    with clamped(model) if with_tp else _nothing():
+    with clamped(model) if with_tp else nullcontext():
         for start in range(0, len(indices), batch_size):
             idx = indices[start : start + batch_size]
             batch = samples.inputs(idx)
@@ -107,15 +106,10 @@ def forecast(
             pred, tp = run_steps(model, batch, samples.steps)
             if with_tp:
                 tp_out.append(tp.float().cpu().numpy())
-            if not (state or loss is not None):
-                continue
-            observed = samples.read(samples.index[np.asarray(idx)] + samples.steps, names)
-            if loss is not None and with_tp:
-                truth = {k: torch.from_numpy(v) for k, v in observed.items()}
-                for k, v in loss_terms(loss, pred, truth).items():
-                    term_sums[k] = term_sums.get(k, 0.0) + float(v) * len(idx)
-            if state:
-                _add_state_mse(sums, pred, observed, samples.levels, lat, len(idx))
+            _score_step(
+                samples, idx, samples.steps, pred, names, lat,
+                state=sums if state else None, loss=loss if with_tp else None, terms=term_sums,
+            )  # fmt: skip
     if was_training:
         model.train()
     return Forecasts(
@@ -164,7 +158,7 @@ def forecast_leads(
     slot = {k: np.full(len(one), -1) for k in leads}
     for k, pos in position.items():
         slot[k][pos] = np.arange(len(pos))
-    with clamped(model) if with_tp else _nothing():
+    with clamped(model) if with_tp else nullcontext():
         for m in sorted(set(longest)):
             group = np.flatnonzero(longest == m)
             for start in range(0, len(group), batch_size):
@@ -178,18 +172,12 @@ def forecast_leads(
                         total = out if total is None else total + out
                     if step not in leads:
                         continue
-                    rows = slot[step][idx]
                     if with_tp:
-                        tp[step][rows] = total.float().cpu().numpy()
-                    if not (state or (loss is not None and step == 1)):
-                        continue
-                    observed = one.read(one.index[idx] + step, names)
-                    if loss is not None and step == 1 and with_tp:
-                        truth = {k: torch.from_numpy(v) for k, v in observed.items()}
-                        for k, v in loss_terms(loss, pred, truth).items():
-                            term_sums[k] = term_sums.get(k, 0.0) + float(v) * len(idx)
-                    if state:
-                        _add_state_mse(sums[step], pred, observed, one.levels, lat, len(idx))
+                        tp[step][slot[step][idx]] = total.float().cpu().numpy()
+                    _score_step(
+                        one, idx, step, pred, names, lat, state=sums[step] if state else None,
+                        loss=loss if with_tp and step == 1 else None, terms=term_sums,
+                    )  # fmt: skip
     if was_training:
         model.train()
     return {
@@ -219,25 +207,38 @@ def _steps(model, batch, steps: int):
 def run_steps(model, batch, steps: int):
     """The model's prediction after `steps` steps of 6 h (each fed back as the next input, as
     Aurora's `rollout` does) and tp summed over them, (B, lat, lon) (None without tp)."""
-    from aurora import rollout
-
-    from aurora_sweep.model import unwrap
-
-    if steps == 1:
-        pred = model(batch)
-        tp = pred.surf_vars.get(TARGET_VAR)
-        return pred, (tp[:, 0] if tp is not None else None)
     total = None
-    for pred in rollout(unwrap(model), batch, steps=steps):
+    for pred in _steps(model, batch, steps):
         tp = pred.surf_vars.get(TARGET_VAR)
         if tp is not None:
             total = tp[:, 0] if total is None else total + tp[:, 0]
     return pred, total
 
 
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
+def _score_step(
+    samples: Samples,
+    idx: np.ndarray,
+    step: int,
+    pred,
+    names: tuple[str, ...],
+    lat: np.ndarray,
+    *,
+    state: dict[str, float] | None,
+    loss: LossSpec | None,
+    terms: dict[str, float],
+) -> None:
+    """Add the prediction `step` model steps after samples `idx` to the running sums: every
+    state variable's MSE into `state`, and each variable's loss term into `terms` (with
+    `loss`), both against the truth read from the store at that step."""
+    if state is None and loss is None:
+        return
+    observed = samples.read(samples.index[idx] + step, names)
+    if loss is not None:
+        truth = {k: torch.from_numpy(v) for k, v in observed.items()}
+        for k, v in loss_terms(loss, pred, truth).items():
+            terms[k] = terms.get(k, 0.0) + float(v) * len(idx)
+    if state is not None:
+        _add_state_mse(state, pred, observed, samples.levels, lat, len(idx))
 
 
 def _add_state_mse(sums, pred, observed, levels, lat, n: int) -> None:

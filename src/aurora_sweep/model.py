@@ -56,6 +56,8 @@ DEMO_ARCH = dict(
 SMALL_REPO = "microsoft/aurora"
 SMALL_NAME = AuroraSmallPretrained.default_checkpoint_name
 SMALL_REVISION = AuroraSmallPretrained.default_checkpoint_revision
+#: The name of tp's input patch embedding (in the encoder).
+INPUT_EMBEDDING = f"encoder.surf_token_embeds.weights.{NEW_VAR}"
 #: The prefix activation checkpointing puts in the names of the modules it wraps.
 WRAPPED = "_checkpoint_wrapped_module."
 #: LoRA's alpha, the same for every variant and rank (as in the LoRA and rsLoRA papers, which
@@ -173,11 +175,6 @@ def set_longitude_wrap(model: Aurora, wrap: bool) -> None:
         if isinstance(m, Swin3DTransformerBlock) and not getattr(m, "_aurora_sweep_no_wrap", 0):
             m.register_forward_pre_hook(_no_wrap, with_kwargs=True)
             m._aurora_sweep_no_wrap = True
-
-
-def spans_globe(lon, grid: float) -> bool:
-    """True when longitudes `lon` at spacing `grid` go all the way round (a global grid)."""
-    return len(lon) * grid >= 360.0 - 1e-6
 
 
 def file_sha256(path: Path) -> str:
@@ -304,11 +301,6 @@ def backbone_blocks(model: Aurora) -> list[tuple[str, torch.nn.Module]]:
     return blocks
 
 
-def input_embedding_key(model: Aurora) -> str:
-    """The name of tp's input patch embedding (in the encoder)."""
-    return f"encoder.surf_token_embeds.weights.{NEW_VAR}"
-
-
 def set_trainable(
     model: Aurora, *, unfrozen_blocks: int, method: str = "lora", train_input: bool = True
 ) -> TrainableParts:
@@ -336,7 +328,7 @@ def set_trainable(
             p.requires_grad_(True)
             lora.append(name)
         elif name in new_keys:
-            p.requires_grad_(train_input or plain != input_embedding_key(model))
+            p.requires_grad_(train_input or plain != INPUT_EMBEDDING)
             new_var.append(name)
         elif any(name.startswith(b + ".") for b in unfrozen):
             p.requires_grad_(True)

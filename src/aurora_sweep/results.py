@@ -430,7 +430,7 @@ def evaluate_adapter(
 ) -> dict:
     """Score an exported adapter on the whole of `split` with its study's data: every lead's
     scores, or with `lead` ('12h', '24h') that lead's alone under the 6-hour names."""
-    from aurora_sweep.config import lead_suffix, parse_lead
+    from aurora_sweep.config import LEADS, lead_suffix, parse_lead
 
     steps = parse_lead(lead, "--lead") if lead is not None else None
     model, data, trial, _, device = prepare_evaluation(adapter, split=split, checkpoint=checkpoint)
@@ -440,7 +440,8 @@ def evaluate_adapter(
     if steps is None:
         return {**scores, "split": split, "samples": len(data.validation)}
     sfx = lead_suffix(steps)
-    names = [k for k in scores if not any(k.endswith(f"_{v}") for v in ("12h", "24h"))]
+    longer = tuple(lead_suffix(k) for k in LEADS if k > 1)
+    names = [k for k in scores if not k.endswith(longer)]
     picked = {k: scores[k + sfx] for k in names if k + sfx in scores}
     return {**picked, "split": split, "lead": lead, "samples": len(data.leads[steps])}
 
@@ -495,6 +496,8 @@ def report_rows(scores: dict[str, float], objective: str) -> list[dict]:
 def forgetting_rows(scores: dict[str, float], base_mse: dict[str, float]) -> list[dict]:
     """Per variable: base RMSE, fine-tuned RMSE and their ratio at 6 h (> 1: the fine-tune made
     it worse), and the ratio at each longer lead scored (`ratio_12h`, `ratio_24h`)."""
+    from aurora_sweep.config import LEADS
+
     rows = []
     for name, mse in base_mse.items():
         ratio = scores.get(f"forget_{name}_ratio")
@@ -502,9 +505,9 @@ def forgetting_rows(scores: dict[str, float], base_mse: dict[str, float]) -> lis
             continue
         base = float(mse) ** 0.5
         row = {"variable": name, "base_rmse": base, "finetuned_rmse": base * ratio, "ratio": ratio}
-        for lead in ("12h", "24h"):
-            if f"forget_{name}_ratio_{lead}" in scores:
-                row[f"ratio_{lead}"] = scores[f"forget_{name}_ratio_{lead}"]
+        for label in list(LEADS.values())[1:]:
+            if f"forget_{name}_ratio_{label}" in scores:
+                row[f"ratio_{label}"] = scores[f"forget_{name}_ratio_{label}"]
         rows.append(row)
     return rows
 

@@ -39,11 +39,11 @@ from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.loss import LossSpec, combine, loss_terms
 from aurora_sweep.metrics import DRY_MM_BY_LEAD, SeepsClimate, seeps_climate
 from aurora_sweep.model import (
+    INPUT_EMBEDDING,
     TrainableParts,
     apply_method,
     build_base,
     init_new_variable,
-    input_embedding_key,
     load_base_checkpoint,
     set_longitude_wrap,
     set_precision,
@@ -169,15 +169,16 @@ class TrialData:
                 f"the {eval_split} split holds no {LEADS[config.lead_steps]} sample to score the "
                 "objective at: use a shorter [study] lead, or a split with runs of consecutive days"
             )
+        lead_seeps = {k: train_seeps_climate(tp, period, steps=k) for k in leads}
         return cls(
             train=train,
             validation=validation,
             tp=tp_stats(tp, period),
             climatology=climatology(tp, period),
-            seeps=train_seeps_climate(tp, period),
+            seeps=lead_seeps[1],
             objective=config.objective,
             leads=leads,
-            lead_seeps={k: train_seeps_climate(tp, period, steps=k) for k in leads},
+            lead_seeps=lead_seeps,
             objective_steps=config.lead_steps,
         )
 
@@ -416,7 +417,7 @@ def fit(
         peft_model.to(device)
         # tp's head starts from zero and must learn the most: a larger step for it; its input
         # embedding writes into Aurora's latent state: a step of its own (none: output-only)
-        embedding = model.get_parameter(input_embedding_key(model))
+        embedding = model.get_parameter(INPUT_EMBEDDING)
         head = [model.get_parameter(k) for k in parts.new_variable]
         head = [p for p in head if p is not embedding]
         new_ids = {id(p) for p in (*head, embedding)}

@@ -40,10 +40,10 @@ class WorkerSpec:
     checkpoint: Path | None
     memory_cap: int | None
     extra: dict[str, Any] | None = None  # saved with each adapter (the data description)
-    #: The base model's MSE per variable on the validation split by precision, when the study
-    #: already has it (computed once per study, by the first worker that needs it, for the
-    #: forgetting ratios: each trial is compared with the base run in its own precision).
-    base_mse: dict[str, dict[str, float]] | None = None
+    #: The base model's MSE per variable on the validation split by precision, then by lead,
+    #: as far as the study already has it (each precision computed once, by the first worker
+    #: whose trial needs it: a trial is compared with the base run in its own precision).
+    base_mse: dict[str, dict[str, dict[str, float]]] | None = None
     #: The training function, sent to the worker by reference (`train.fit` when None): the
     #: seam through which tests make a trial run out of memory or kill its worker.
     fit: Callable[..., Any] | None = None
