@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import json
 import sys
 import time
@@ -32,12 +33,26 @@ from aurora_sweep import memory  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 LEVELS = (250, 500, 700, 850)
 INNER = ("block", "window", "trainable")
-OUTER = ("levels", "pixels")
+OUTER = memory.OUTER_FEATURES
 COLUMNS = [f"{k}_{p}" for p in ("fp32", "bf16") for k in INNER] + list(OUTER)
 
 
+#: (method, LoRA targets, unfrozen blocks, tp's input trained) measured in every cell
+RECIPES = (
+    ("lora", "qkv", 0, True),
+    ("lora", "qkv+proj+fc1+fc2", 0, True),
+    ("lora", "qkv+proj", 2, True),
+    ("lora", "qkv+proj", 0, False),
+    ("head", "qkv+proj", 0, True),
+    ("head", "qkv+proj", 0, False),
+    ("blocks", "qkv+proj", 2, False),
+    ("full", "qkv+proj", 0, True),
+)
+
+
 def calibration_configs(quick: bool) -> list[dict]:
-    """Configs measured for the fit: both bases, small crops, both precisions, trainable mixes."""
+    """Configs measured for the fit: both bases, small crops, both precisions, every method,
+    tp's input trained and output-only."""
     out = []
     for base, grids in (
         ("demo", [(32, 64), (64, 128)]),
@@ -46,23 +61,27 @@ def calibration_configs(quick: bool) -> list[dict]:
         for grid in grids[:1] if quick else grids:
             for levels in (2, 4):
                 for precision in ("fp32", "bf16"):
-                    for targets, unfrozen in (("qkv", 0), ("qkv+proj+fc1+fc2", 0), ("qkv+proj", 2)):
+                    for method, targets, unfrozen, train_input in RECIPES:
                         batch = 2 if (base == "demo" and levels == 4 and targets == "qkv") else 1
                         out.append(
                             dict(
                                 base=base, grid=grid, levels=levels, precision=precision,
-                                lora_targets=targets, unfrozen_blocks=unfrozen, batch_size=batch,
+                                method=method, lora_targets=targets, unfrozen_blocks=unfrozen,
+                                target_input_lr=1.0 if train_input else 0.0, batch_size=batch,
                             )
                         )  # fmt: skip
     return out
 
 
+def _trial(cfg: dict, **changes):
+    keys = ("base", "method", "lora_targets", "unfrozen_blocks", "target_input_lr")
+    return trial_config(**{k: cfg[k] for k in keys}, **changes)
+
+
 def measure(cfg: dict) -> int:
     """Saved-for-backward bytes of one forward pass of `cfg` (no checkpointing)."""
-    trial = trial_config(
-        base=cfg["base"],
-        lora_targets=cfg["lora_targets"],
-        unfrozen_blocks=cfg["unfrozen_blocks"],
+    trial = _trial(
+        cfg,
         precision=cfg["precision"],
         batch_size=cfg["batch_size"],
         levels=LEVELS[: cfg["levels"]],
@@ -73,16 +92,16 @@ def measure(cfg: dict) -> int:
     )
     with memory.saved_tensor_bytes(peft_model) as saved:
         peft_model(batch)
+    # Aurora's modules hold reference cycles (hooks): free each model now, not at the next
+    # full collection, or a grid of AuroraSmallPretrained builds fills the machine's memory
+    del peft_model
+    gc.collect()
     return saved["bytes"]
 
 
 def feature_row(cfg: dict) -> tuple[np.ndarray, float]:
     """The fit's design row for `cfg` and the known bytes (autocast copies of the weights)."""
-    trial = trial_config(
-        base=cfg["base"],
-        lora_targets=cfg["lora_targets"],
-        unfrozen_blocks=cfg["unfrozen_blocks"],
-    )
+    trial = _trial(cfg)
     arch = memory.architecture(memory.build_meta_model(trial), grid=tuple(cfg["grid"]))
     f = memory.activation_features(arch, grid=tuple(cfg["grid"]), levels=cfg["levels"])
     row = np.zeros(len(COLUMNS))
@@ -90,7 +109,7 @@ def feature_row(cfg: dict) -> tuple[np.ndarray, float]:
         row[COLUMNS.index(f"{k}_{cfg['precision']}")] = f[k]
     for k in OUTER:
         row[COLUMNS.index(k)] = f[k]
-    known = 0.0 if cfg["precision"] == "fp32" else 2.0 * arch.params.backbone
+    known = 0.0 if cfg["precision"] == "fp32" else float(memory.autocast_weight_bytes(arch))
     return row * cfg["batch_size"], known
 
 
@@ -101,7 +120,7 @@ def fit(rows: np.ndarray, known: np.ndarray, measured: np.ndarray) -> dict[str, 
     out: dict[str, dict[str, float]] = {"fp32": {}, "bf16": {}}
     for name, c in zip(COLUMNS, coef):
         key, _, prec = name.rpartition("_") if name not in OUTER else (name, "", "")
-        for p in [prec] if prec else ["fp32", "bf16"]:
+        for p in [prec] if prec else ["fp32"]:
             out[p][key] = round(float(c), 3)
     return out
 

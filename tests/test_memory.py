@@ -9,7 +9,7 @@ import torch
 
 from aurora_sweep import memory
 from aurora_sweep.errors import AuroraSweepError
-from aurora_sweep.model import apply_lora, build_base, set_precision, set_trainable
+from aurora_sweep.model import apply_lora, apply_method, build_base, set_precision, set_trainable
 from aurora_sweep.train import TrialConfig
 
 TRIAL = TrialConfig(
@@ -119,13 +119,23 @@ def test_lora_rank_adds_rank_times_in_plus_out_per_targeted_linear():
 def measured_activations(t: TrialConfig, grid: tuple[int, int]) -> int:
     torch.manual_seed(0)
     model = build_base(t.base, tp_stats=(0.0, 1.0))
-    peft_model = apply_lora(model, rank=t.lora_rank, targets=t.lora_targets)
-    set_trainable(model, unfrozen_blocks=t.unfrozen_blocks)
+    trained, _ = apply_method(
+        model, method=t.method, rank=t.lora_rank, targets=t.lora_targets,
+        unfrozen_blocks=t.unfrozen_blocks, train_input=t.target_input_lr > 0,
+    )  # fmt: skip
     set_precision(model, t.precision)
     batch = memory.synthetic_batch(batch_size=t.batch_size, grid=grid, levels=t.levels)
-    with memory.saved_tensor_bytes(peft_model) as saved:
-        peft_model(batch)
+    with memory.saved_tensor_bytes(trained) as saved:
+        trained(batch)
     return saved["bytes"]
+
+
+def predicted_activations(t: TrialConfig, grid: tuple[int, int]) -> int:
+    arch = memory.architecture(memory.build_meta_model(t), grid=grid)
+    return memory.activation_bytes(
+        arch, grid=grid, levels=len(t.levels), batch_size=t.batch_size, precision=t.precision,
+        checkpointing=False,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -134,22 +144,49 @@ def measured_activations(t: TrialConfig, grid: tuple[int, int]) -> int:
         (dict(), (48, 96)),
         (dict(precision="bf16", batch_size=2, levels=(500, 850)), (64, 96)),
         (dict(lora_targets="qkv+proj+fc1+fc2", unfrozen_blocks=1), (48, 96)),
+        (dict(method="head", target_input_lr=0.0), (48, 96)),
+        (dict(method="blocks", unfrozen_blocks=3, target_input_lr=0.0), (48, 96)),
+        (dict(method="head", precision="bf16"), (64, 96)),
     ],
 )
 def test_demo_estimate_is_within_25_percent_of_saved_tensors_on_unseen_configs(changes, grid):
     # the coefficients were fitted at 32x64 and 64x128 crops; these grids were not used
     t = trial(**changes)
-    arch = memory.architecture(memory.build_meta_model(t), grid=grid)
-    predicted = memory.activation_bytes(
-        arch,
-        grid=grid,
-        levels=len(t.levels),
-        batch_size=t.batch_size,
-        precision=t.precision,
-        checkpointing=False,
+    assert abs(predicted_activations(t, grid) / measured_activations(t, grid) - 1) < 0.25
+
+
+def test_output_only_tp_saves_nothing_before_the_first_trained_block():
+    # with tp's input frozen at zero the encoder and every frozen block before the first one
+    # that trains are off the gradient's path: autograd saves nothing there
+    grid = (48, 96)
+    head_in = predicted_activations(trial(method="head"), grid)
+    head_out = predicted_activations(trial(method="head", target_input_lr=0.0), grid)
+    assert head_out < 0.5 * head_in
+    assert measured_activations(trial(method="head", target_input_lr=0.0), grid) < 0.5 * (
+        measured_activations(trial(method="head"), grid)
     )
-    measured = measured_activations(t, grid)
-    assert abs(predicted / measured - 1) < 0.25
+    # LoRA trains the first block: only the encoder leaves the path
+    lora_out = predicted_activations(trial(target_input_lr=0.0), grid)
+    assert (
+        0.85 * predicted_activations(trial(), grid)
+        < lora_out
+        < predicted_activations(trial(), grid)
+    )
+    meta = memory.architecture(
+        memory.build_meta_model(trial(method="blocks", unfrozen_blocks=2, target_input_lr=0.0)),
+        grid=grid,
+    )
+    assert [b.on_path for b in meta.blocks].count(True) == 2
+    assert not meta.input_trains and not meta.decoder_trains
+
+
+def test_the_estimate_tells_output_only_from_a_trained_input():
+    # the architecture is cached by structure: whether tp's input trains is part of it
+    kw = dict(grid=(32, 64), levels=3, device="cpu")
+    head_in = memory.estimate_peak(trial(method="head"), **kw)
+    head_out = memory.estimate_peak(trial(method="head", target_input_lr=0.0), **kw)
+    assert head_out.parts["activations"] < head_in.parts["activations"]
+    assert head_out.parts["gradients"] < head_in.parts["gradients"]  # tp's input embedding
 
 
 def test_saved_tensor_bytes_excludes_weights():

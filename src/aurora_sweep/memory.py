@@ -8,13 +8,16 @@ The peak of one training step is the sum of its parts:
 
 - weights: every parameter, fp32 (Aurora's autocast keeps parameters in fp32);
 - gradients and optimizer: fp32 gradients and AdamW's two fp32 moments per trainable parameter;
-- activations: tensors autograd saves for backward during the forward pass. The new `tp` patch
-  embedding in the encoder is trainable, so the gradient flows back through the whole backbone
-  whatever is frozen: every block keeps what it needs to pass gradients to its input. Frozen
-  linears need only their weight for that; a linear whose weight trains (LoRA on it, or an
-  unfrozen block) also keeps its input. With bf16 autocast the backbone saves bf16 copies of
-  its activations and of every backbone weight. With activation checkpointing a forward keeps
-  only module inputs; the peak comes in backward, when one checkpointed unit at a time is
+- activations: tensors autograd saves for backward during the forward pass, on the gradient's
+  path only. When tp's input patch embedding trains, the path starts in the encoder and runs
+  through every block, whatever is frozen: each keeps what it needs to pass gradients to its
+  input. With tp output-only (`target_input_lr = 0`) it starts at the first block that trains
+  (LoRA: the first block; `blocks`: the last N; `head`: the decoder), and the encoder and the
+  blocks before it save nothing. Frozen linears need only their weight to pass a gradient; a
+  linear whose weight trains (LoRA on it, an unfrozen block, the decoder under `head`) also
+  keeps its input. With bf16 autocast the backbone saves bf16 copies of its activations and of
+  the weights of the blocks on the path. With activation checkpointing a forward keeps only
+  module inputs; the peak comes in backward, when one checkpointed unit at a time is
   recomputed;
 - optimizer step: AdamW's temporaries, one fp32 value per trainable parameter, which matter only
   when they outgrow the (by then freed) activations, as in a full fine-tune;
@@ -62,23 +65,36 @@ ATMOS_VARS = store.ATMOS_VARS
 #: Bytes saved for backward per feature element, fitted by non-negative least squares to the
 #: saved-tensor bytes of one forward pass (torch.autograd.graph.saved_tensors_hooks, distinct
 #: storages, parameters excluded) of the demo model (32x64 and 64x128 crops) and of
-#: AuroraSmallPretrained with random weights (32x64 and 64x64 crops), 2-4 levels, batch 1-2, fp32 and bf16, with and without LoRA and unfrozen blocks
-#: (CPU, torch 2.15, microsoft-aurora 2.0.1; 48 configs, relative error median 1.5 %, max 4.7 %,
-#: bench/results/calibration-2026-11-23.json); `python bench/calibrate_memory.py` re-measures
-#: and re-fits them. Features (per sample, see `activation_features`):
+#: AuroraSmallPretrained with random weights (32x64 and 64x64 crops), 2-4 levels, batch 1-2,
+#: fp32 and bf16, every method, tp's input trained and output-only (CPU, torch 2.15,
+#: microsoft-aurora 2.0.1; `python bench/calibrate_memory.py` re-measures and re-fits them, its
+#: figures in bench/results/calibration-<date>.json). Features (per sample, see
+#: `activation_features`), each counted only on the gradient's path:
 #:   block: sum over Swin blocks of tokens x width; window: the same on window-padded tokens;
-#:   trainable: inputs of linears whose weight trains; levels: patches x pressure levels x
-#:   width (encoder and decoder level perceivers, fp32); pixels: input grid values (fp32).
+#:   trainable: inputs of linears whose weight trains; encoder_levels / decoder_levels: patches x
+#:   pressure levels x width (the level perceivers, fp32); encoder_pixels / decoder_pixels: input
+#:   grid values (fp32); decoder_trained: patches x (levels + latent levels) x width where the
+#:   decoder's weights train (`head`, `full`; their linears keep their inputs); encoder_trained:
+#:   the same where the encoder's do (`full`).
 ACTIVATION_COEFFS: dict[str, dict[str, float]] = {
     "fp32": {
-        "block": 25.825,
-        "window": 19.337,
-        "trainable": 3.236,
-        "levels": 5.81,
-        "pixels": 26.405,
+        "block": 30.723,
+        "window": 12.268,
+        "trainable": 3.918,
+        "encoder_levels": 0.0,
+        "encoder_pixels": 5.418,
+        "decoder_levels": 68.902,
+        "decoder_pixels": 1.592,
+        "decoder_trained": 22.545,
+        "encoder_trained": 54.444,
     },
-    "bf16": {"block": 20.328, "window": 0.0, "trainable": 1.98, "levels": 5.81, "pixels": 26.405},
+    "bf16": {"block": 19.941, "window": 0.0, "trainable": 2.407},
 }
+#: The features outside the backbone, run in fp32 whatever the trial's precision.
+OUTER_FEATURES = (
+    "encoder_levels", "encoder_pixels", "decoder_levels", "decoder_pixels",
+    "decoder_trained", "encoder_trained",
+)  # fmt: skip
 #: DoRA saves more for backward than LoRA (the base output and the low-rank update, for its
 #: magnitude scaling): bytes per window-padded token per output feature of each DoRA-wrapped
 #: linear. Fitted on the CPU in fp32 (bench/bench_memory.py, reduced AuroraSmallPretrained input,
@@ -123,6 +139,7 @@ class BlockShape:
     lora_rank: int
     params: int
     dora_width: int = 0  # output features of the block's DoRA-wrapped linears
+    on_path: bool = True  # the gradient passes through it (it saves for backward)
 
 
 @dataclass(frozen=True)
@@ -135,6 +152,9 @@ class Architecture:
     latent_levels: int
     blocks: tuple[BlockShape, ...]
     checkpoint_units: tuple[tuple[int, ...], ...]  # block indices per backbone layer
+    input_trains: bool = True  # tp's input embedding trains: the gradient runs into the encoder
+    encoder_trains: bool = False  # the encoder's own weights train (`full`)
+    decoder_trains: bool = False  # the decoder's weights train (`head`, `full`)
 
 
 class _RangesOnCPU(TorchFunctionMode):
@@ -191,8 +211,9 @@ def _padded(res: tuple[int, int, int], window: tuple[int, int, int]) -> int:
 
 
 def architecture(model: Aurora, *, grid: tuple[int, int]) -> Architecture:
-    """Block shapes of `model` for an input of `grid` (lat, lon) points, after Aurora's crop."""
-    from aurora_sweep.model import backbone_blocks
+    """Block shapes of `model` for an input of `grid` (lat, lon) points, after Aurora's crop,
+    and where the gradient's path starts (see the module docstring)."""
+    from aurora_sweep.model import INPUT_EMBEDDING, WRAPPED, backbone_blocks, new_variable_keys
 
     patch = model.patch_size
     h, w = grid[0] // patch, grid[1] // patch
@@ -200,6 +221,13 @@ def architecture(model: Aurora, *, grid: tuple[int, int]) -> Architecture:
     enc_res, _ = backbone.get_encoder_specs((model.encoder.latent_levels, h, w))
     n = len(backbone.encoder_layers)
     layer_res = enc_res + [enc_res[n - 1 - i] for i in range(len(backbone.decoder_layers))]
+    new_keys = new_variable_keys(model)
+    trains = {name.replace(WRAPPED, ""): p.requires_grad for name, p in model.named_parameters()}
+    input_trains = trains[INPUT_EMBEDDING]
+    own = [(k, t) for k, t in trains.items() if k not in new_keys]
+    encoder_trains = any(t for k, t in own if k.startswith("encoder."))
+    decoder_trains = any(t for k, t in own if k.startswith("decoder."))
+    on_path = input_trains or encoder_trains
     blocks, units = [], []
     named = dict(backbone_blocks(model))
     for part, layers in (
@@ -221,6 +249,8 @@ def architecture(model: Aurora, *, grid: tuple[int, int]) -> Architecture:
                             rank += next(iter(lora_a.values())).out_features
                         if getattr(module, "lora_magnitude_vector", None):
                             dora += module.out_features
+                # the path starts at the first block with a trained weight
+                on_path = on_path or any(p.requires_grad for p in block.parameters())
                 unit.append(len(blocks))
                 blocks.append(
                     BlockShape(
@@ -231,6 +261,7 @@ def architecture(model: Aurora, *, grid: tuple[int, int]) -> Architecture:
                         lora_rank=rank,
                         params=sum(p.numel() for p in block.parameters()),
                         dora_width=dora,
+                        on_path=on_path,
                     )
                 )
             units.append(tuple(unit))
@@ -241,11 +272,16 @@ def architecture(model: Aurora, *, grid: tuple[int, int]) -> Architecture:
         latent_levels=model.encoder.latent_levels,
         blocks=tuple(blocks),
         checkpoint_units=tuple(units),
+        input_trains=input_trains,
+        encoder_trains=encoder_trains,
+        decoder_trains=decoder_trains,
     )
 
 
 def block_features(block: BlockShape) -> dict[str, float]:
-    """Per-sample feature elements of one block (see ACTIVATION_COEFFS)."""
+    """Per-sample feature elements of one block (see ACTIVATION_COEFFS); zero off the path."""
+    if not block.on_path:
+        return dict.fromkeys(("block", "window", "trainable"), 0.0)
     trainable = sum(
         (block.padded_tokens if padded else block.tokens) * block.width * mult
         for name, (mult, padded) in LINEAR_INPUTS.items()
@@ -261,12 +297,21 @@ def block_features(block: BlockShape) -> dict[str, float]:
 
 
 def outer_features(arch: Architecture, *, grid: tuple[int, int], levels: int) -> dict[str, float]:
-    """Per-sample feature elements of the encoder and decoder around the backbone."""
+    """Per-sample feature elements of the encoder and decoder around the backbone: the decoder
+    is always on the gradient's path, the encoder only where tp's input or its weights train."""
     patches = (grid[0] // arch.patch_size) * (grid[1] // arch.patch_size)
     pixels = (grid[0] - grid[0] % arch.patch_size) * grid[1]
+    level_tokens = patches * levels * arch.embed_dim
+    values = pixels * (len(SURF_VARS) + len(STATIC_VARS) + levels * len(ATMOS_VARS))
+    trained = patches * (levels + arch.latent_levels) * arch.embed_dim
+    encoder = arch.input_trains or arch.encoder_trains
     return {
-        "levels": patches * levels * arch.embed_dim,
-        "pixels": pixels * (len(SURF_VARS) + len(STATIC_VARS) + levels * len(ATMOS_VARS)),
+        "encoder_levels": level_tokens if encoder else 0.0,
+        "encoder_pixels": values if encoder else 0.0,
+        "decoder_levels": level_tokens,
+        "decoder_pixels": values,
+        "decoder_trained": trained if arch.decoder_trains else 0.0,
+        "encoder_trained": trained if arch.encoder_trains else 0.0,
     }
 
 
@@ -285,6 +330,14 @@ def _dot(features: dict[str, float], coeffs: dict[str, float]) -> float:
     return sum(coeffs[k] * v for k, v in features.items())
 
 
+def autocast_weight_bytes(arch: Architecture) -> int:
+    """The bf16 copies of backbone weights that autocast saves for backward: those on the
+    gradient's path, in proportion to the blocks' weights."""
+    on = sum(b.params for b in arch.blocks if b.on_path)
+    # the patch merging between stages is on the path where the blocks around it are
+    return int(2 * arch.params.backbone * on / sum(b.params for b in arch.blocks))
+
+
 def activation_bytes(
     arch: Architecture,
     *,
@@ -297,28 +350,31 @@ def activation_bytes(
 ) -> int:
     """Activation bytes held at the step's peak (see the module docstring).
 
-    Without checkpointing: everything saved in the forward pass, plus bf16 copies of the backbone
-    weights under autocast. With Aurora's checkpointing (encoder, backbone, its layers and blocks,
-    decoder all wrapped): the input of every backbone layer and block stays while one block, or
-    the encoder or decoder, is recomputed with its full activations.
+    Without checkpointing: everything saved in the forward pass on the gradient's path, plus
+    bf16 copies of those blocks' weights under autocast. With Aurora's checkpointing (encoder,
+    backbone, its layers and blocks, decoder all wrapped): the input of every backbone block on
+    the path stays while one block, or the encoder or decoder, is recomputed with its full
+    activations.
     """
     coeffs = coeffs or ACTIVATION_COEFFS
     inner = coeffs["fp32" if precision == "fp32" else "bf16"]
     outer = coeffs["fp32"]
+    path = [b for b in arch.blocks if b.on_path]
     per_block = [
         _dot(block_features(b), inner) + DORA_SAVED_BYTES * b.padded_tokens * b.dora_width
-        for b in arch.blocks
+        for b in path
     ]
-    outside = _dot(outer_features(arch, grid=grid, levels=levels), outer)
+    features = outer_features(arch, grid=grid, levels=levels)
+    outside = sum(outer[k] * features[k] for k in OUTER_FEATURES)
     bf16 = precision != "fp32"
     if not checkpointing:
-        weight_copies = 2 * arch.params.backbone if bf16 else 0
+        weight_copies = autocast_weight_bytes(arch) if bf16 else 0
         return int(batch_size * (sum(per_block) + outside) + weight_copies)
     # block inputs live in the fp32 residual stream; only the block being recomputed keeps the
     # bf16 copies of its weights
-    inputs = [FP32 * b.tokens * b.width for b in arch.blocks]
-    largest_recompute = max(max(per_block), outside)
-    weight_copies = 2 * max(b.params for b in arch.blocks) if bf16 else 0
+    inputs = [FP32 * b.tokens * b.width for b in path]
+    largest_recompute = max([*per_block, outside])
+    weight_copies = 2 * max((b.params for b in path), default=0) if bf16 else 0
     return int(batch_size * (sum(inputs) + largest_recompute) + weight_copies)
 
 
@@ -383,8 +439,9 @@ def estimate_peak(
             "that is a multiple of 4 or one more; crop the region first"
         )
     arch = _architecture(
-        trial.base, trial.lora_rank, trial.lora_targets, trial.unfrozen_blocks, grid, trial.method
-    )
+        trial.base, trial.lora_rank, trial.lora_targets, trial.unfrozen_blocks, grid, trial.method,
+        trial.target_input_lr > 0,
+    )  # fmt: skip
     return estimate_from_architecture(
         arch,
         grid=grid,
@@ -404,6 +461,7 @@ def _architecture(
     unfrozen_blocks: int,
     grid: tuple[int, int],
     method: str = "lora",
+    train_input: bool = True,
 ) -> Architecture:
     """`architecture` of a trial's model: the same for every trial with the same structure, so a
     sweep builds each structure on the meta device once (about a second each)."""
@@ -413,7 +471,7 @@ def _architecture(
         lora_rank=lora_rank, lora_targets=lora_targets, unfrozen_blocks=unfrozen_blocks,
         batch_size=1, precision="fp32", learning_rate=0.0, activation_checkpointing=False,
         base=base, levels=(), steps=1, eval_every=1, val_samples=0, weight_decay=0.0, seed=0,
-        method=method,
+        method=method, target_input_lr=1.0 if train_input else 0.0,
     )  # fmt: skip
     return architecture(build_meta_model(shape), grid=grid)
 
