@@ -10,6 +10,7 @@ from aurora_sweep.metrics import (
     FSS_WINDOWS,
     SeepsClimate,
     block_bootstrap,
+    lat_weighted_mse,
     lat_weighted_rmse,
     objective_terms,
     objective_value,
@@ -264,6 +265,20 @@ def test_samples_with_missing_observations_are_dropped_and_nan_forecasts_score_n
     s = _scores(**broken)
     assert np.isnan(s["tp_rmse"]) and np.isnan(s["tp_skill_persistence"])
     assert np.isfinite(s["tp_rmse_persistence"])
+
+
+def test_numpy_state_mse_equals_the_scores_rmse_squared_by_level():
+    rng = np.random.default_rng(3)
+    lat = np.linspace(70, 30, 9)
+    scale = np.array([1.0, 10.0, 100.0])[None, :, None, None]  # levels of different size
+    fc, obs = (rng.normal(size=(5, 3, 9, 12)) * scale for _ in range(2))
+    by_level = lat_weighted_mse(fc, obs, lat)
+    assert by_level.shape == (3,)
+    for j in range(3):
+        assert by_level[j] == pytest.approx(lat_weighted_rmse(fc[:, j], obs[:, j], lat) ** 2)
+    surface = lat_weighted_mse(fc[:, 0], obs[:, 0], lat)
+    assert np.ndim(surface) == 0
+    assert surface == pytest.approx(lat_weighted_rmse(fc[:, 0], obs[:, 0], lat) ** 2)
 
 
 def test_an_unknown_objective_is_refused():

@@ -24,7 +24,7 @@ from aurora_sweep.config import LEADS, lead_suffix
 from aurora_sweep.dataset import Samples, climatology_forecast
 from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.loss import LossSpec, loss_terms
-from aurora_sweep.metrics import lat_weighted_rmse, objective_value, tp_scores
+from aurora_sweep.metrics import lat_weighted_mse, objective_value, tp_scores
 from aurora_sweep.model import clamped
 from aurora_sweep.store import ATMOS_VARS, SURF_VARS, TARGET_VAR
 
@@ -245,12 +245,11 @@ def _add_state_mse(sums, pred, observed, levels, lat, n: int) -> None:
     """Add `n` samples' latitude-weighted MSE of every state variable to `sums`."""
     for k in SURF_VARS:
         fc = pred.surf_vars[k][:, 0].float().cpu().numpy()
-        sums[k] += lat_weighted_rmse(fc, observed[k], lat) ** 2 * n
+        sums[k] += float(lat_weighted_mse(fc, observed[k], lat)) * n
     for k in ATMOS_VARS:
         fc = pred.atmos_vars[k][:, 0].float().cpu().numpy()
-        for j, lv in enumerate(levels):
-            err = lat_weighted_rmse(fc[:, j], observed[k][:, j], lat)
-            sums[f"{k}{lv}"] += err**2 * n
+        for lv, mse in zip(levels, lat_weighted_mse(fc, observed[k], lat)):
+            sums[f"{k}{lv}"] += float(mse) * n
 
 
 def forgetting_ratios(finetuned: dict[str, float], base: dict[str, float]) -> dict[str, float]:

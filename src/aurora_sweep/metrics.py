@@ -253,6 +253,20 @@ def lat_weighted_rmse(forecast: np.ndarray, observed: np.ndarray, lat: np.ndarra
     return float(rmse(_field(forecast), _field(observed), weights=_weights(lat)))
 
 
+def lat_weighted_mse(forecast: np.ndarray, observed: np.ndarray, lat: np.ndarray) -> np.ndarray:
+    """The squares of `lat_weighted_rmse` in NumPy, one per leading index after the first:
+    (n, lat, lon) gives a scalar, (n, level, lat, lon) one MSE per level.
+
+    The forgetting ratios need an MSE for every variable and level of every batch scored; through
+    `scores` (xarray) that was a third of a demo trial's verification. The weights are the same
+    `create_latitude_weights` values, so the two agree to rounding (tests/test_metrics.py).
+    """
+    w = _weights(lat).values[:, None]  # (lat, 1)
+    err = (np.asarray(forecast, np.float64) - np.asarray(observed, np.float64)) ** 2
+    axes = (0, -2, -1)
+    return (err * w).sum(axis=axes) / (w.sum() * err.shape[0] * err.shape[-1])
+
+
 def skill(score: float, reference: float) -> float:
     """1 - score/reference: 1 is perfect, 0 is no better than the reference."""
     return 1.0 - score / reference if reference > 0 else float("nan")
