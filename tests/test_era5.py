@@ -10,6 +10,7 @@ import datetime as dt
 import json
 import os
 import shutil
+import signal
 import socket
 import threading
 import time
@@ -848,7 +849,18 @@ class _Blocking(FakeCDS):
         return super().retrieve(dataset, request, target)
 
 
-def test_ctrl_c_during_a_download_stops_at_once_and_keeps_every_finished_chunk(tmp_path):
+@pytest.fixture
+def python_ctrl_c():
+    """Python's own Ctrl-C handler for one test, whatever the runner left: a pytest-xdist worker
+    ignores SIGINT, and `_thread.interrupt_main` does nothing for an ignored signal."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_during_a_download_stops_at_once_and_keeps_every_finished_chunk(
+    tmp_path, python_ctrl_c
+):
     import _thread
 
     config = study_config(tmp_path, days=3)

@@ -392,8 +392,8 @@ def test_a_skill_and_memory_study_answers_with_its_pareto_front(tmp_path, tiny_s
     path = write_tiny_config(tmp_path, steps=2, store=tiny_store)
     text = path.read_text().replace(
         "seed = 0",
-        # the front's mechanics, whatever two short trials forget
-        'seed = 0\nobjectives = ["tp_seeps", "predicted_peak_mb"]\nmax_forgetting = 100.0',
+        # the front's mechanics, whatever two short trials forget (the tiny study's max_forgetting)
+        'seed = 0\nobjectives = ["tp_seeps", "predicted_peak_mb"]',
         1,
     )
     path.write_text(

@@ -387,8 +387,16 @@ def plan_devices(workers: int, gpus: list[int] | None) -> list[dict[str, int | N
                 f"--workers {workers}: this machine has {count} GPU(s); one worker per GPU"
             )
         return [{"gpu": g, "threads": None} for g in range(workers)]
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     return [{"gpu": None, "threads": max(1, cores // workers)} for _ in range(workers)]
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity (what a scheduler such as Slurm or
+    `taskset` grants), which `os.cpu_count` ignores; torch threads beyond it only contend."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
 
 
 def run_study(
