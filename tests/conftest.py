@@ -70,20 +70,6 @@ def _one_core_per_xdist_worker() -> None:
 _one_core_per_xdist_worker()
 
 
-#: Fixtures that run whole studies once per process: under pytest-xdist every test that uses one
-#: goes to the same worker (`--dist loadgroup`), or each worker would run the study again.
-SHARED_RUNS = ("finished_study", "prepared", "adapter")
-
-
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
-def pytest_collection_modifyitems(config, items) -> None:
-    for item in items:
-        for name in SHARED_RUNS:
-            if name in item.fixturenames:
-                item.add_marker(pytest.mark.xdist_group(name))
-                break
-
-
 def write_tiny_config(directory: Path, *, steps: int = 4, store: Path | None = None) -> Path:
     text = TINY_STUDY.format(steps=steps)
     if store is not None:
