@@ -221,7 +221,7 @@ def architecture(model: Aurora, *, grid: tuple[int, int]) -> Architecture:
     enc_res, _ = backbone.get_encoder_specs((model.encoder.latent_levels, h, w))
     n = len(backbone.encoder_layers)
     layer_res = enc_res + [enc_res[n - 1 - i] for i in range(len(backbone.decoder_layers))]
-    new_keys = new_variable_keys(model)
+    new_keys = {k.replace(WRAPPED, "") for k in new_variable_keys(model)}
     trains = {name.replace(WRAPPED, ""): p.requires_grad for name, p in model.named_parameters()}
     input_trains = trains[INPUT_EMBEDDING]
     own = [(k, t) for k, t in trains.items() if k not in new_keys]
@@ -364,8 +364,7 @@ def activation_bytes(
         _dot(block_features(b), inner) + DORA_SAVED_BYTES * b.padded_tokens * b.dora_width
         for b in path
     ]
-    features = outer_features(arch, grid=grid, levels=levels)
-    outside = sum(outer[k] * features[k] for k in OUTER_FEATURES)
+    outside = _dot(outer_features(arch, grid=grid, levels=levels), outer)
     bf16 = precision != "fp32"
     if not checkpointing:
         weight_copies = autocast_weight_bytes(arch) if bf16 else 0
