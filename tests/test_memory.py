@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import pytest
 import torch
@@ -234,3 +235,38 @@ def test_dora_is_predicted_to_save_more_than_lora_for_its_magnitude_scaling():
             for t in (lora, dora, rslora)}  # fmt: skip
     assert peak["rslora"] == peak["lora"]  # only the scaling differs
     assert peak["dora"] > peak["lora"] * 1.02
+
+
+def _spike(mb: int) -> None:
+    """Allocate and touch `mb` MiB, then free them at once."""
+    import numpy as np
+
+    block = np.ones(mb * 2**20 // 8)
+    del block
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM is Linux's")
+def test_cpu_peak_memory_reads_the_kernel_peak_without_a_sampling_thread():
+    from aurora_sweep.train import PeakMemory
+
+    with PeakMemory(torch.device("cpu")) as peak:
+        assert peak._thread is None  # no thread wakes every 20 ms to take the GIL
+        start = peak.peak
+        _spike(300)  # allocated and freed in a few tens of milliseconds
+    assert peak.megabytes >= start / 2**20 + 280
+
+
+def test_cpu_peak_memory_samples_where_the_kernel_peak_cannot_be_reset(tmp_path, monkeypatch):
+    from aurora_sweep.train import PeakMemory
+
+    monkeypatch.setattr(PeakMemory, "CLEAR_REFS", tmp_path / "absent" / "clear_refs")
+    with PeakMemory(torch.device("cpu")) as peak:
+        assert peak._thread is not None and peak._thread.is_alive()
+        start = peak.peak
+        block = torch.ones(200 * 2**20 // 4)  # held for longer than a sampling interval
+        import time
+
+        time.sleep(0.2)
+        del block
+    assert not peak._thread.is_alive()
+    assert peak.megabytes >= start / 2**20 + 180
