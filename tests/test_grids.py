@@ -17,6 +17,7 @@ from aurora_sweep.config import load_config
 from aurora_sweep.dataset import patch_crop
 from aurora_sweep.evaluation import base_state_mse
 from aurora_sweep.model import DEMO_CHECKPOINT, build_base
+from aurora_sweep.records import TrialRecord
 from aurora_sweep.store import open_store
 from aurora_sweep.train import TrialConfig, TrialData, fit
 from synthetic import write_region_store
@@ -108,7 +109,8 @@ def test_small_pretrained_runs_a_trial_on_a_025_degree_box_with_4k_plus_1_rows(
     (trial,) = optuna.load_study(study_name="small-025", storage=config.storage).trials
     assert trial.state == optuna.trial.TrialState.COMPLETE, trial.user_attrs
     assert np.isfinite(trial.value)
-    assert "forget_z500_ratio" in trial.user_attrs and "forget_z850_ratio" not in trial.user_attrs
+    scores = TrialRecord.of(trial).scores
+    assert "forget_z500_ratio" in scores and "forget_z850_ratio" not in scores
 
 
 def _batch(rows: int, cols: int, levels=(500, 850)):

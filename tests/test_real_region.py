@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from aurora_sweep.cli import app
 from aurora_sweep.config import load_config
 from aurora_sweep.demo_data import DemoWorld, write_cds_files
+from aurora_sweep.records import TrialRecord
 from aurora_sweep.store import open_store
 
 STUDY = """
@@ -63,7 +64,7 @@ def test_a_box_crossing_greenwich_imports_and_runs_end_to_end(tmp_path, monkeypa
         assert result.exit_code == 0, result.output
     trial = optuna.load_study(study_name="across-greenwich", storage=config.storage).trials[0]
     assert trial.state == optuna.trial.TrialState.COMPLETE
-    assert np.isfinite(trial.value) and "tp_skill_climatology" in trial.user_attrs
+    assert np.isfinite(trial.value) and "tp_skill_climatology" in TrialRecord.of(trial).scores
     from mlflow.tracking import MlflowClient
 
     from aurora_sweep.tracking import tracking_uri

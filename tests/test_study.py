@@ -8,6 +8,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from aurora_sweep import load_finetuned
+from aurora_sweep.records import TrialRecord
 from aurora_sweep.results import evaluate_adapter, export_best, ranked_trials
 from aurora_sweep.study import open_study, run_study
 from aurora_sweep.tracking import tracking_uri
@@ -85,8 +86,9 @@ def test_pruned_and_completed_trials_store_the_objective_in_the_same_units(finis
         if trial.state == optuna.trial.TrialState.COMPLETE:
             # the pruner saw SEEPS on the fixed subset, never the normalised training loss
             assert all(0 <= v <= 2 for v in trial.intermediate_values.values())
-            assert trial.value == pytest.approx(trial.user_attrs["tp_seeps"])
-            lo, hi = trial.user_attrs["tp_seeps_q05"], trial.user_attrs["tp_seeps_q95"]
+            scores = TrialRecord.of(trial).scores
+            assert trial.value == pytest.approx(scores["tp_seeps"])
+            lo, hi = scores["tp_seeps_q05"], scores["tp_seeps_q95"]
             assert lo <= trial.value <= hi
 
 
@@ -126,7 +128,8 @@ def test_every_completed_trial_carries_its_forgetting_as_a_constraint(finished_s
     for t in open_study(config, create=False).trials:
         if t.state == optuna.trial.TrialState.COMPLETE:
             over = t.constraints["forgetting_over_max"]
-            assert over == pytest.approx(t.user_attrs["forget_worst_ratio"] - config.max_forgetting)
+            worst = TrialRecord.of(t).scores["forget_worst_ratio"]
+            assert over == pytest.approx(worst - config.max_forgetting)
             assert ("infeasible" in t.user_attrs) == (over > 0)
 
 
@@ -141,11 +144,10 @@ def test_exported_adapter_reproduces_the_trials_validation_score(finished_study,
     assert meta["base"]["name"] == "demo" and len(meta["base"]["sha256"]) == 64
     scores = evaluate_adapter(out, split="validation", bootstrap=0)
     assert scores["tp_seeps"] == pytest.approx(best.value, rel=1e-4)
-    assert scores["tp_rmse"] == pytest.approx(best.user_attrs["tp_rmse"], rel=1e-4)
-    assert scores["forget_z500_ratio"] == pytest.approx(
-        best.user_attrs["forget_z500_ratio"], rel=1e-4
-    )
-    assert scores["tp_seeps_24h"] == pytest.approx(best.user_attrs["tp_seeps_24h"], rel=1e-4)
+    stored = TrialRecord.of(best).scores
+    assert scores["tp_rmse"] == pytest.approx(stored["tp_rmse"], rel=1e-4)
+    assert scores["forget_z500_ratio"] == pytest.approx(stored["forget_z500_ratio"], rel=1e-4)
+    assert scores["tp_seeps_24h"] == pytest.approx(stored["tp_seeps_24h"], rel=1e-4)
     test_scores = evaluate_adapter(out, split="test", bootstrap=0, lead="24h")
     # one lead's scores under the 6-hour names
     assert test_scores["split"] == "test" and test_scores["lead"] == "24h"

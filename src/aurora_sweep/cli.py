@@ -146,6 +146,7 @@ def run(
 
 
 def _best_line(config) -> str:
+    from aurora_sweep.records import TrialRecord
     from aurora_sweep.results import (
         completed,
         front_cost,
@@ -168,9 +169,10 @@ def _best_line(config) -> str:
                 "lists them; run more trials)"
             )
         return "no completed trial within the memory cap yet"
-    b, a = trials[0], trials[0].user_attrs
+    b, a = trials[0], TrialRecord.of(trials[0])
     sfx = lead_of(config)
     ci = interval(b, config.objective, sfx)
+    forgot = a.worst_forgetting(sfx)
     front = ""
     if config.cost:
         members = pareto_front(trials, front_cost(config, trials))
@@ -182,13 +184,9 @@ def _best_line(config) -> str:
     return (
         f"best: trial {b.number}, {config.objective_metric} {score(b):.4f}"
         + (f" (90 % interval {ci[0]:.4f}–{ci[1]:.4f})" if ci else "")
-        + f"; skill vs persistence {a.get('tp_skill_persistence' + sfx, float('nan')):+.3f}, "
-        f"vs climatology {a.get('tp_skill_climatology' + sfx, float('nan')):+.3f}"
-        + (
-            f"; worst forgetting {a['forget_worst' + sfx]} ×{a['forget_worst_ratio' + sfx]:.2f}"
-            if "forget_worst" + sfx in a
-            else ""
-        )
+        + f"; skill vs persistence {a.get('tp_skill_persistence' + sfx):+.3f}, "
+        f"vs climatology {a.get('tp_skill_climatology' + sfx):+.3f}"
+        + (f"; worst forgetting {forgot[0]} ×{forgot[1]:.2f}" if forgot else "")
         + front
     )
 

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from aurora_sweep.config import StudyConfig, load_config
 from aurora_sweep.errors import AuroraSweepError
+from aurora_sweep.records import TrialRecord
 from aurora_sweep.study import open_study
 from aurora_sweep.tracking import client_for
 
@@ -43,7 +44,7 @@ def completed(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.Froze
         for t in trials
         if t.state == optuna.trial.TrialState.COMPLETE
         and t.values
-        and t.user_attrs.get("memory_over_cap_mb", 0.0) <= 0
+        and TrialRecord.of(t).memory_over_cap_mb <= 0
     ]
     return sorted(done, key=score)
 
@@ -65,7 +66,7 @@ def front_cost(config: StudyConfig, trials: list[optuna.trial.FrozenTrial]) -> s
     grows with the worker's age, not with the recipe)."""
     if config.cost:
         return config.cost
-    on_gpu = any("peak_reserved_mb" in t.user_attrs for t in trials)
+    on_gpu = any(TrialRecord.of(t).on_gpu for t in trials)
     return "peak_memory_mb" if on_gpu else "predicted_peak_mb"
 
 
@@ -74,18 +75,19 @@ def pareto_front(
 ) -> list[optuna.trial.FrozenTrial]:
     """The trials no other trial beats in both the objective and `cost` (lower is better in
     both), cheapest first: each step along it buys skill with more of the cost."""
-    points = [t for t in trials if cost in t.user_attrs]
+    costs = {t.number: TrialRecord.of(t).value(cost) for t in trials}
+    points = [t for t in trials if costs[t.number] is not None]
     front = [
         t
         for t in points
         if not any(
             score(o) <= score(t)
-            and o.user_attrs[cost] <= t.user_attrs[cost]
-            and (score(o) < score(t) or o.user_attrs[cost] < t.user_attrs[cost])
+            and costs[o.number] <= costs[t.number]
+            and (score(o) < score(t) or costs[o.number] < costs[t.number])
             for o in points
         )
     ]
-    return sorted(front, key=lambda t: (t.user_attrs[cost], score(t)))
+    return sorted(front, key=lambda t: (costs[t.number], score(t)))
 
 
 def pareto_table(config: StudyConfig, trials: list[optuna.trial.FrozenTrial]) -> Table:
@@ -104,13 +106,14 @@ def pareto_table(config: StudyConfig, trials: list[optuna.trial.FrozenTrial]) ->
         table.add_column(c, justify="left" if c == "recipe" else "right")
     previous = None
     for t in front:
-        a, ci = t.user_attrs, interval(t, objective, lead_of(config))
+        a, ci = TrialRecord.of(t), interval(t, objective, lead_of(config))
+        spent = a.get(cost)
         table.add_row(
             str(t.number), f"{score(t):.4f}", f"{ci[0]:.4f}–{ci[1]:.4f}" if ci else "-",
             f"{score(t) - score(previous):+.4f}" if previous else "",
-            f"{a[cost]:.1f}" if cost == "trial_seconds" else f"{a[cost]:.0f}",
-            f"{a[cost] - previous.user_attrs[cost]:+.1f}" if previous else "",
-            *([f"{a.get('predicted_peak_mb', float('nan')):.0f}"] if predicted else []),
+            f"{spent:.1f}" if cost == "trial_seconds" else f"{spent:.0f}",
+            f"{spent - TrialRecord.of(previous).get(cost):+.1f}" if previous else "",
+            *([f"{a.get('predicted_peak_mb'):.0f}"] if predicted else []),
             recipe(t),
         )  # fmt: skip
         previous = t
@@ -122,9 +125,7 @@ def interval(
 ) -> tuple[float, float] | None:
     """The 90 % bootstrap interval of a trial's objective (at the lead `suffix` names: '' for
     6 h, '_24h'), when it was computed."""
-    a = trial.user_attrs
-    lo, hi = f"{objective}_q05{suffix}", f"{objective}_q95{suffix}"
-    return (a[lo], a[hi]) if lo in a and hi in a else None
+    return TrialRecord.of(trial).interval(objective, suffix)
 
 
 def lead_of(config: StudyConfig) -> str:
@@ -146,12 +147,13 @@ def paired_to(
     """
     from aurora_sweep.metrics import decode_terms, paired_difference
 
-    if "objective_terms" not in reference.user_attrs:
+    ref_terms = TrialRecord.of(reference).objective_terms
+    if ref_terms is None:
         return [None] * len(trials)
-    ref_num, ref_den, days = decode_terms(reference.user_attrs["objective_terms"])
+    ref_num, ref_den, days = decode_terms(ref_terms)
     out: list[tuple[float, float, float] | None] = []
     for t in trials:
-        packed = t.user_attrs.get("objective_terms")
+        packed = TrialRecord.of(t).objective_terms
         if packed is None:
             out.append(None)
             continue
@@ -192,13 +194,10 @@ def top_trials_table(
     deltas = paired_to(best, shown, objective) if best else [None] * len(shown)
     sfx = lead_of(config)
     for t, delta in zip(shown, deltas):
-        a = t.user_attrs
-        ci = interval(t, objective, sfx)
-        worst = (
-            f"{a['forget_worst' + sfx]} ×{a['forget_worst_ratio' + sfx]:.2f}"
-            if "forget_worst" + sfx in a
-            else "-"
-        )
+        a = TrialRecord.of(t)
+        ci = a.interval(objective, sfx)
+        forgot = a.worst_forgetting(sfx)
+        worst = f"{forgot[0]} ×{forgot[1]:.2f}" if forgot else "-"
         if forgets(t):
             worst = f"✗ {worst}"
         same = t is best or delta is None
@@ -207,7 +206,7 @@ def top_trials_table(
             "" if same else f"{delta[0]:+.4f} [{delta[1]:+.4f}, {delta[2]:+.4f}]",
             "" if same or distinguishable(delta) else "≈", _skill(a, "persistence" + sfx),
             _skill(a, "climatology" + sfx), worst, recipe(t),
-            f"{a.get('peak_memory_mb', float('nan')):.0f}", f"{a.get('trial_seconds', float('nan')):.1f}",
+            f"{a.get('peak_memory_mb'):.0f}", f"{a.get('trial_seconds'):.1f}",
         )  # fmt: skip
     return table
 
@@ -215,14 +214,14 @@ def top_trials_table(
 def recipe(trial: optuna.trial.FrozenTrial) -> str:
     """A trial's recipe in a few words: 'dora r8 qkv+proj u1 b2 bf16 lr3.0e-04 ckpt',
     'blocks4 b2 fp32 lr1.0e-03', 'full* b1 bf16 lr3.0e-04 ckpt' (* the reference recipe)."""
-    a = trial.user_attrs
-    c = a.get("config") or {"method": a.get("reference") or "lora", **trial.params}
+    a = TrialRecord.of(trial)
+    c = a.config or {"method": a.reference or "lora", **trial.params}
     method = c.get("method", "lora")
     lora = method in ("lora", "rslora", "dora")
     words = [
         method
         + (str(c.get("unfrozen_blocks", "")) if method == "blocks" else "")
-        + ("*" if a.get("reference") else ""),
+        + ("*" if a.reference else ""),
         f"r{c['lora_rank']}" if lora and "lora_rank" in c else "",
         str(c.get("lora_targets", "")) if lora else "",
         f"u{c['unfrozen_blocks']}" if lora and "unfrozen_blocks" in c else "",
@@ -240,14 +239,14 @@ def against_references(config: StudyConfig, trials: list[optuna.trial.FrozenTria
     best = next(iter(ranked(trials)), None)
     objective, lines = config.objective, []
     for t in trials:
-        name = t.user_attrs.get("reference")
-        if not name or "retry_of" in t.user_attrs and t.state.name != "COMPLETE":
+        a = TrialRecord.of(t)
+        name = a.reference
+        if not name or a.retry_of is not None and t.state.name != "COMPLETE":
             continue
-        a = t.user_attrs
         what = "Aurora's full fine-tune" if name == "full" else "plain LoRA at its defaults"
-        peak = f"predicted peak {a['predicted_peak_mb']:.0f} MB" if "predicted_peak_mb" in a else ""
-        if "infeasible" in a:
-            lines.append(f"reference {what} (trial {t.number}): infeasible, {a['infeasible']}")
+        peak = f"predicted peak {a.predicted_peak_mb:.0f} MB" if a.predicted_peak_mb else ""
+        if a.infeasible:
+            lines.append(f"reference {what} (trial {t.number}): infeasible, {a.infeasible}")
         elif t.state.name == "COMPLETE" and t.values:
             ci = interval(t, objective, lead_of(config))
             verdict = ""
@@ -256,10 +255,10 @@ def against_references(config: StudyConfig, trials: list[optuna.trial.FrozenTria
                 verdict = (
                     f"; the best, trial {best.number}, is {score(t) - score(best):.4f} lower"
                     + _paired_words(delta)
-                    + f" at predicted peak {best.user_attrs.get('predicted_peak_mb', float('nan')):.0f} MB"
+                    + f" at predicted peak {TrialRecord.of(best).get('predicted_peak_mb'):.0f} MB"
                 )
             if forgets(t):
-                verdict += f"; it forgets ({a.get('infeasible', 'over the limit')})"
+                verdict += f"; it forgets ({a.infeasible or 'over the limit'})"
             lines.append(
                 f"reference {what} (trial {t.number}): {objective} {score(t):.4f}"
                 + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
@@ -286,21 +285,21 @@ def best_by_method(config: StudyConfig, trials: list[optuna.trial.FrozenTrial]) 
     memory (predicted for a GPU, and measured), best method first."""
     best: dict[str, optuna.trial.FrozenTrial] = {}
     for t in ranked(trials):  # best first: the first of each method is its best
-        best.setdefault((t.user_attrs.get("config") or {}).get("method", "lora"), t)
+        best.setdefault(TrialRecord.of(t).method, t)
     lines = []
     for method, t in best.items():
-        a, ci = t.user_attrs, interval(t, config.objective, lead_of(config))
+        a, ci = TrialRecord.of(t), interval(t, config.objective, lead_of(config))
         lines.append(
             f"best {method}: trial {t.number}, {config.objective} {score(t):.4f}"
             + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
-            + f", predicted GPU peak {a.get('predicted_peak_mb', float('nan')):.0f} MB, "
-            f"measured {a.get('peak_memory_mb', float('nan')):.0f} MB ({recipe(t)})"
+            + f", predicted GPU peak {a.get('predicted_peak_mb'):.0f} MB, "
+            f"measured {a.get('peak_memory_mb'):.0f} MB ({recipe(t)})"
         )
     return lines
 
 
-def _skill(a: dict, reference: str) -> str:
-    return f"{a.get(f'tp_skill_{reference}', float('nan')):+.3f}"
+def _skill(a: TrialRecord, reference: str) -> str:
+    return f"{a.get(f'tp_skill_{reference}'):+.3f}"
 
 
 def export_best(
@@ -337,7 +336,7 @@ def export_best(
                 "memory cap: 'aurora-sweep best' lists those, 'best --pareto' the front"
             )
         best = chosen[0]
-    run_id = best.user_attrs.get("mlflow_run_id")
+    run_id = TrialRecord.of(best).mlflow_run_id
     if not run_id:
         raise AuroraSweepError(f"trial {best.number} has no MLflow run recorded")
     target = Path(target)

@@ -34,6 +34,7 @@ from aurora_sweep.config import LEADS, LORA_METHODS, StudyConfig, lead_suffix
 from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.evaluation import worst_forgetting
 from aurora_sweep.processes import alive, this_process
+from aurora_sweep.records import TrialRecord, write_scores
 from aurora_sweep.train import FULL_LR, FULL_NEW_VARIABLE_LR, TrialConfig
 
 #: The trials `--trials` counts: a failed or interrupted trial does not use up the total.
@@ -797,12 +798,13 @@ class Sweep:
                     scalars["peak_reserved_mb"] = p["peak_reserved_mb"]
                 if p.get("loader_wait_fraction") is not None:
                     scalars["loader_wait_fraction"] = p["loader_wait_fraction"]
+                worst_variable: dict[str, str] = {}
                 for steps in LEADS:  # the worst forgetting at every lead scored
                     suffix = lead_suffix(steps)
                     worst = worst_forgetting(p["metrics"], suffix)
                     if worst is not None:
                         scalars["forget_worst_ratio" + suffix] = worst[1]
-                        trial.set_user_attr("forget_worst" + suffix, worst[0])
+                        worst_variable[suffix] = worst[0]
                         if steps == config.lead_steps:  # the constraint: at the study's lead
                             self.check_forgetting(trial, run, *worst)
                 run.log_history({
@@ -811,8 +813,7 @@ class Sweep:
                     f"val_{config.objective}_subset": p["intermediate"],
                     **{k: [(0, v)] for k, v in scalars.items()},
                 })  # fmt: skip
-                for k, v in scalars.items():
-                    trial.set_user_attr(k, float(v))
+                write_scores(trial, scalars, worst_variable)
                 if p.get("objective_terms"):  # for paired comparisons between trials
                     trial.set_user_attr("objective_terms", p["objective_terms"])
                 self.keep_base_scores(p.get("base_mse") or {})
@@ -822,7 +823,7 @@ class Sweep:
                       f"({p['seconds']:.1f} s, {p['peak_memory_mb']:.0f} MB, predicted GPU "
                       f"{estimate.megabytes:.0f} MB)", highlight=False)  # fmt: skip
         if config.cost:
-            return m[config.objective_metric], trial.user_attrs.get(config.cost, estimate.megabytes)
+            return m[config.objective_metric], scalars.get(config.cost, estimate.megabytes)
         return m[config.objective_metric]
 
 
@@ -931,15 +932,16 @@ def log_study_figures(client, run_id: str, study: optuna.Study, config: StudyCon
 
     complete = ranked(study.get_trials(deepcopy=False))  # completed, within the cap
     cost = front_cost(config, complete)
-    complete = [t for t in complete if cost in t.user_attrs]
+    records = {t.number: TrialRecord.of(t) for t in complete}
+    complete = [t for t in complete if records[t.number].value(cost) is not None]
     if not complete:
         return
     front = {t.number for t in pareto_front(complete, cost)}
     points = [
         {
             "number": t.number,
-            "skill": t.user_attrs.get("tp_skill_climatology", float("nan")),
-            "peak_mb": t.user_attrs[cost],
+            "skill": records[t.number].get("tp_skill_climatology"),
+            "peak_mb": records[t.number].value(cost),
             "label": recipe(t),
             "front": t.number in front,
         }
@@ -948,7 +950,7 @@ def log_study_figures(client, run_id: str, study: optuna.Study, config: StudyCon
     import matplotlib.pyplot as plt
 
     if cost == "peak_memory_mb":
-        on_gpu = any("peak_reserved_mb" in t.user_attrs for t in complete)
+        on_gpu = any(r.on_gpu for r in records.values())
         axis = "peak GPU memory (MB)" if on_gpu else "peak resident memory of the trial (MB, CPU)"
     else:  # a CPU study's figure shows the GPU memory each recipe is predicted to need
         axis = {"predicted_peak_mb": "predicted peak GPU memory (MB)",

@@ -1,0 +1,141 @@
+"""What a trial leaves in Optuna's storage besides its parameters, values and constraints.
+
+`TrialRecord` owns every user-attribute key: the sweep writes through it and `results`, `cli`
+and the study figures read through it, so a key is named in one place. A trial's scores (every
+tp score at every lead, the forgetting ratios, peak memory and seconds: about 250 numbers) are
+one attribute, `scores`, written in one storage transaction; one attribute per score took 0.6 s
+of each demo trial on SQLite. Studies written before keep one attribute per score, and read the
+same. Everything here is plain Python: no torch, no worker, no database.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+#: every score and measurement of a finished trial, {name: value}
+SCORES = "scores"
+#: the variable with the worst forgetting ratio at a lead: FORGET_WORST + lead suffix
+FORGET_WORST = "forget_worst"
+#: attributes that hold numbers but are not scores (a study before SCORES stored both flat)
+_NOT_SCORES = frozenset(
+    {"pid", "pid_started", "retry_of", "memory_over_cap_mb", "measured_peak_mb", "killed_by"}
+)
+
+
+class _HasAttrs(Protocol):
+    number: int
+
+    @property
+    def user_attrs(self) -> dict[str, Any]: ...
+
+
+class _SetsAttrs(Protocol):
+    def set_user_attr(self, key: str, value: Any) -> None: ...
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """A trial's user attributes, typed. `of(trial)` reads any Optuna trial (frozen or live)."""
+
+    number: int
+    #: the whole recipe (`TrialConfig.to_dict`), sampled or not
+    config: dict[str, Any] | None = None
+    #: "full" or "lora" for the study's reference recipes
+    reference: str | None = None
+    scores: dict[str, float] = field(default_factory=dict)
+    #: lead suffix ('' for 6 h, '_12h', '_24h') -> the variable forgotten most there
+    worst_variable: dict[str, str] = field(default_factory=dict)
+    predicted_peak_mb: float | None = None
+    memory_over_cap_mb: float = 0.0
+    measured_peak_mb: float | None = None  # an out-of-memory trial's peak
+    infeasible: str | None = None
+    error: str | None = None
+    interrupted: bool = False
+    killed_by: str | None = None
+    retry_of: int | None = None
+    surplus: bool = False
+    pid: int | None = None
+    mlflow_run_id: str | None = None
+    mlflow_parent_run_id: str | None = None
+    #: the objective's per-sample terms (metrics.encode_terms), for paired comparisons
+    objective_terms: str | None = None
+
+    @classmethod
+    def of(cls, trial: _HasAttrs) -> TrialRecord:
+        a = trial.user_attrs
+        scores = a.get(SCORES)
+        if scores is None:  # a study written with one attribute per score
+            scores = {
+                k: float(v)
+                for k, v in a.items()
+                if isinstance(v, int | float) and not isinstance(v, bool) and k not in _NOT_SCORES
+                and k != "predicted_peak_mb"
+            }  # fmt: skip
+        worst = {
+            k[len(FORGET_WORST) :]: v
+            for k, v in a.items()
+            if k.startswith(FORGET_WORST) and isinstance(v, str)
+        }
+        return cls(
+            number=trial.number,
+            config=a.get("config"),
+            reference=a.get("reference"),
+            scores=dict(scores),
+            worst_variable=worst,
+            predicted_peak_mb=a.get("predicted_peak_mb"),
+            memory_over_cap_mb=float(a.get("memory_over_cap_mb", 0.0)),
+            measured_peak_mb=a.get("measured_peak_mb"),
+            infeasible=a.get("infeasible"),
+            error=a.get("error"),
+            interrupted=bool(a.get("interrupted", False)),
+            killed_by=a.get("killed_by"),
+            retry_of=a.get("retry_of"),
+            surplus=bool(a.get("surplus", False)),
+            pid=a.get("pid"),
+            mlflow_run_id=a.get("mlflow_run_id"),
+            mlflow_parent_run_id=a.get("mlflow_parent_run_id"),
+            objective_terms=a.get("objective_terms"),
+        )
+
+    def value(self, name: str) -> float | None:
+        """A score or measurement by name ('tp_seeps_24h', 'peak_memory_mb',
+        'predicted_peak_mb'); None when the trial has none."""
+        if name in self.scores:
+            return self.scores[name]
+        if name == "predicted_peak_mb":
+            return self.predicted_peak_mb
+        return None
+
+    def get(self, name: str, default: float = float("nan")) -> float:
+        value = self.value(name)
+        return default if value is None else value
+
+    def interval(self, objective: str, suffix: str = "") -> tuple[float, float] | None:
+        """The 90 % bootstrap interval of `objective` at the lead `suffix` names."""
+        lo, hi = self.value(f"{objective}_q05{suffix}"), self.value(f"{objective}_q95{suffix}")
+        return (lo, hi) if lo is not None and hi is not None else None
+
+    def worst_forgetting(self, suffix: str = "") -> tuple[str, float] | None:
+        """(variable, ratio) of the worst forgetting at the lead `suffix` names."""
+        ratio = self.value("forget_worst_ratio" + suffix)
+        variable = self.worst_variable.get(suffix)
+        return (variable, ratio) if variable is not None and ratio is not None else None
+
+    @property
+    def on_gpu(self) -> bool:
+        """Whether the trial ran on a GPU (CUDA reports the memory it reserved)."""
+        return "peak_reserved_mb" in self.scores
+
+    @property
+    def method(self) -> str:
+        return (self.config or {}).get("method") or self.reference or "lora"
+
+
+def write_scores(trial: _SetsAttrs, scores: Mapping[str, float], worst: Mapping[str, str]) -> None:
+    """Store a finished trial's scores (one attribute) and, by lead suffix, the variable it
+    forgot most."""
+    trial.set_user_attr(SCORES, {k: float(v) for k, v in scores.items()})
+    for suffix, variable in worst.items():
+        trial.set_user_attr(FORGET_WORST + suffix, variable)
