@@ -469,3 +469,35 @@ def test_paired_difference_refuses_terms_of_unequal_length():
     a = (np.ones(3), np.ones(3))
     with pytest.raises(ValueError, match="same samples"):
         paired_difference("tp_rmse", a, (np.ones(2), np.ones(2)), DAY0 + np.arange(3))
+
+
+@pytest.mark.parametrize("window", [1, 5, 11, 17])
+@pytest.mark.parametrize("threshold", [0.1, 1.0, 5.0, 50.0])
+def test_fss_equals_scores_fss_2d_pooled_over_samples(window, threshold):
+    import xarray as xr
+    from scores.spatial import fss_2d
+
+    from aurora_sweep.metrics import fss
+
+    rng = np.random.default_rng(int(window * 10 + threshold))
+    shape = (7, 17, 23)  # not the demo's grid; the last window spans every latitude
+    observed = rng.gamma(0.4, 3.0, shape).astype(np.float32)
+    forecast = (observed * rng.lognormal(0, 0.6, shape)).astype(np.float32)
+    forecast[2, 3:6, 4:9] = np.nan  # missing points count as no event in both
+    expected = fss_2d(
+        xr.DataArray(forecast, dims=("time", "latitude", "longitude")),
+        xr.DataArray(observed, dims=("time", "latitude", "longitude")),
+        event_threshold=threshold, window_size=(window, window),
+        spatial_dims=("latitude", "longitude"), threshold_operator=np.greater_equal,
+    )  # fmt: skip
+    assert fss(forecast, observed, threshold, window) == pytest.approx(float(expected), abs=1e-12)
+
+
+def test_fss_is_zero_without_events_and_nan_when_no_window_fits():
+    from aurora_sweep.metrics import fss
+
+    dry = np.zeros((3, 8, 9))
+    assert fss(dry, dry, 1.0, 3) == 0.0  # scores' convention: neither field has an event
+    assert np.isnan(fss(dry, dry, 1.0, 9))  # 9 > 8 latitudes
+    wet = np.full((3, 8, 9), 2.0)
+    assert fss(wet, wet, 1.0, 3) == 1.0 and fss(dry, wet, 1.0, 3) == 0.0

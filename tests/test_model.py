@@ -351,3 +351,50 @@ def test_every_method_trains_what_it_says_and_nothing_else(tiny_config, method, 
         whole = {n for n in trainable if n.startswith("backbone.")}
         assert whole and len(whole & set(moved)) > len(whole) / 2
     assert np.isfinite(loss.item())
+
+
+@pytest.mark.parametrize("method,unfrozen", [("dora", 1), ("lora", 0)])
+def test_scoring_merges_the_adapter_and_gives_back_the_same_forecast_and_weights(
+    tiny_config, method, unfrozen
+):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from aurora_sweep import evaluation
+    from aurora_sweep.model import merged_adapter
+    from synthetic import tiny_lora_trial
+
+    cube = open_store(tiny_config.data.store)
+    train = Samples(cube, tiny_config.data, "train")
+    samples = Samples(cube, tiny_config.data, "validation")
+    trial = tiny_lora_trial(method=method, unfrozen_blocks=unfrozen)
+    peft_model, model, parts = build_trial_model(
+        trial, tp_stats(train.cube, tiny_config.data.train), DEMO_CHECKPOINT
+    )
+    train_steps(peft_model, train, steps=2, offset=10)  # adapters away from their start
+    layers = [m for m in peft_model.modules() if isinstance(m, BaseTunerLayer)]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    idx = np.arange(3)
+    plain = evaluation.forecast(peft_model, samples, idx, batch_size=3, device="cpu")
+    with merged_adapter(peft_model):
+        assert layers and all(m.merged for m in layers)
+        merged = evaluation.forecast(peft_model, samples, idx, batch_size=3, device="cpu")
+    assert not any(m.merged for m in layers)
+    np.testing.assert_allclose(merged.tp, plain.tp, rtol=1e-4, atol=1e-4)
+    for v in plain.mse:
+        assert merged.mse[v] == pytest.approx(plain.mse[v], rel=1e-4)
+    adapter = set(parts.lora)
+    for name, p in model.named_parameters():
+        if name in adapter:  # the adapter's own weights: untouched
+            assert torch.equal(p, before[name]), name
+        else:  # the weights it adapts: back to within rounding
+            torch.testing.assert_close(p, before[name], rtol=1e-5, atol=1e-6)
+
+
+def test_a_model_without_adapters_scores_as_it_is(tiny_config):
+    from aurora_sweep.model import merged_adapter
+
+    model = build_base("demo", tp_stats=STATS)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with merged_adapter(model):
+        pass
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

@@ -25,7 +25,7 @@ from aurora_sweep.dataset import Samples, climatology_forecast
 from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.loss import LossSpec, loss_terms
 from aurora_sweep.metrics import lat_weighted_mse, objective_value, tp_scores
-from aurora_sweep.model import clamped
+from aurora_sweep.model import clamped, merged_adapter
 from aurora_sweep.store import ATMOS_VARS, SURF_VARS, TARGET_VAR
 
 
@@ -330,9 +330,10 @@ def verify(
     base = (data.base_mse or {}).get(precision) or {}
     metrics: dict[str, float] = {}
     six_hours: Forecasts | None = None
-    results = forecast_leads(
-        model, data.leads, batch_size=batch_size, device=device, state=bool(base), loss=loss
-    )
+    with merged_adapter(model):
+        results = forecast_leads(
+            model, data.leads, batch_size=batch_size, device=device, state=bool(base), loss=loss
+        )
     for steps, samples in data.leads.items():
         base_at = base.get(LEADS[steps])
         result = results[steps]

@@ -154,6 +154,33 @@ def clamped(model) -> Iterator[None]:
         aurora.clamp_at_first_step = before
 
 
+@contextmanager
+def merged_adapter(model) -> Iterator[None]:
+    """A peft model's adapters merged into the weights they adapt while scoring, unmerged after.
+
+    Scoring needs no separate adapter path: a merged forward pass is the base model's. For DoRA,
+    whose every forward pass rebuilds each adapted weight to take its norm, merging made a demo
+    trial's verification 1.3 s (20 %) faster; for LoRA 4 %. Unmerging subtracts what merging
+    added, so the adapted weights come back to within float rounding (about 1e-7 relative); the
+    adapter's own weights are not touched. Other models (head, blocks, full) pass through.
+    """
+    if not hasattr(model, "merge_adapter") or not _adapted_layers(model):
+        yield
+        return
+    model.merge_adapter()
+    try:
+        yield
+    finally:
+        model.unmerge_adapter()
+
+
+def _adapted_layers(model) -> bool:
+    """Whether `model` holds unmerged peft adapter layers."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(m, BaseTunerLayer) and not m.merged for m in model.modules())
+
+
 def _no_wrap(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return args, {**kwargs, "warped": False}
 
