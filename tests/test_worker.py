@@ -70,3 +70,22 @@ def test_cpu_workers_split_the_cores_a_scheduler_granted_not_the_machines(monkey
     assert study.usable_cores() == 3
     assert study.plan_devices(1, None) == [{"gpu": None, "threads": 3}]
     assert study.plan_devices(2, None) == [{"gpu": None, "threads": 1}] * 2
+
+
+def test_a_worker_launched_early_and_never_started_stops_when_asked(tmp_path):
+    """The study launches its first worker before it makes or opens the data; when the data
+    refuse, the worker, still waiting for its start, ends at once and cleanly."""
+    from aurora_sweep.worker import TrialWorker, WorkerSpec
+
+    spec = WorkerSpec(
+        config_path=tmp_path / "never-read.toml", workdir=tmp_path, checkpoint=None,
+        memory_cap=None, threads=1,
+    )  # fmt: skip
+    worker = TrialWorker(spec)
+    worker.launch()
+    process = worker.process
+    assert process is not None and process.is_alive()
+    started = time.monotonic()
+    worker.close()  # asks it to stop: it leaves as soon as its imports are done
+    assert not process.is_alive() and process.exitcode == 0
+    assert time.monotonic() - started < 60 and worker.process is None

@@ -458,11 +458,6 @@ def run_study(
         console.print(f"study {config.name!r} already holds {done} trials; nothing to add")
         return summary
 
-    # everything that can refuse (data, checkpoint) comes before the first MLflow run
-    cube = open_cube(config, console=console)
-    grid = patch_crop(cube.sizes["latitude"], cube.sizes["longitude"])
-    _, lon_shift = model_longitudes(cube["longitude"].values)
-    resolve_checkpoint(config.model.base, config.model.checkpoint)
     cap = config.gpu_memory_cap
     known = {t.number for t in study.get_trials(deepcopy=False)}
     spec = WorkerSpec(
@@ -471,7 +466,17 @@ def run_study(
         fit=fit, base_mse=study.user_attrs.get(BASE_MSE), **devices[0],
     )  # fmt: skip
     first = TrialWorker(spec)
-    info = first.start()
+    first.launch()  # it imports torch, Aurora and peft while the data are made or opened
+    try:
+        # everything that can refuse (data, checkpoint) comes before the first MLflow run
+        cube = open_cube(config, console=console)
+        grid = patch_crop(cube.sizes["latitude"], cube.sizes["longitude"])
+        _, lon_shift = model_longitudes(cube["longitude"].values)
+        resolve_checkpoint(config.model.base, config.model.checkpoint)
+        info = first.start()
+    except BaseException:
+        first.close(at_once=True)
+        raise
     if BASE_MSE not in study.user_attrs:  # the base model's scores: once per study
         study.set_user_attr(BASE_MSE, info["base_mse"])
     # the other workers, and a replacement (after an OOM or a crash), reuse them

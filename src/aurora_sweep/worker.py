@@ -10,13 +10,15 @@ trial starts in a fresh process with nothing left over.
 Each completed trial leaves its adapter in `adapter_dir` and its figures (PNG) in the folder
 `figures` beside it.
 
-Messages, parent -> worker: `("trial", trial_dict, adapter_dir)`, `("continue" | "prune")` in
+Messages, parent -> worker: `("start", base_mse)` first (a worker may be launched before the data
+exist, and imports torch meanwhile), `("trial", trial_dict, adapter_dir)`, `("continue" | "prune")` in
 answer to a report, `("stop",)`. Worker -> parent: `("ready", info)`, `("report", step, value)`,
 and one outcome per trial: `("complete" | "pruned" | "oom" | "error", payload)`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing as mp
 import os
 import signal
@@ -91,13 +93,26 @@ class TrialWorker:
         self.info: dict[str, Any] = {}
         self.starts = 0
 
-    def start(self) -> dict[str, Any]:
+    def launch(self) -> None:
+        """Start the process, which imports torch, Aurora and peft (seconds) and then waits for
+        `start`: the study process can make the data meanwhile."""
         parent, child = self.context.Pipe()
         self.process = self.context.Process(target=serve, args=(child, self.spec), daemon=True)
         self.process.start()
         child.close()
         self.conn = parent
         self.starts += 1
+
+    def start(self) -> dict[str, Any]:
+        """Have the worker (launched now if it was not) load the data and the base model's
+        scores; what it says when ready."""
+        if self.process is None or self.conn is None:
+            self.launch()
+        assert self.conn is not None
+        try:
+            self.conn.send(("start", self.spec.base_mse))
+        except (BrokenPipeError, OSError):
+            pass  # it died while importing: _receive reports how
         kind, payload = self._receive(timeout=None)
         if kind == "error":
             self.close()
@@ -160,7 +175,7 @@ class TrialWorker:
         ):
             try:
                 self.conn.send(("stop",))
-                self.process.join(timeout=10)
+                self.process.join(timeout=30)  # one launched a moment ago is still importing
             except (BrokenPipeError, OSError):
                 pass
         if self.process is not None and self.process.is_alive() and at_once:
@@ -245,6 +260,12 @@ def serve(conn, spec: WorkerSpec) -> None:
 
     if spec.threads:
         torch.set_num_threads(spec.threads)
+    # the study process may still be making the data: wait for its word (and the base model's
+    # scores it has by then)
+    message = conn.recv()
+    if message[0] != "start":
+        return
+    spec = dataclasses.replace(spec, base_mse=message[1])
     try:
         config = load_config(spec.config_path, workdir=spec.workdir)
         device = default_device()
