@@ -260,6 +260,11 @@ def serve(conn, spec: WorkerSpec) -> None:
 
     if spec.threads:
         torch.set_num_threads(spec.threads)
+    # what the first trials would import (seconds), while the study process makes the data
+    import peft  # noqa: F401
+
+    import aurora_sweep.figures  # noqa: F401
+
     # the study process may still be making the data: wait for its word (and the base model's
     # scores it has by then)
     message = conn.recv()
