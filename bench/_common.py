@@ -13,7 +13,7 @@ import warnings
 import torch
 
 from aurora_sweep.model import apply_method, build_base, init_new_variable, set_precision
-from aurora_sweep.train import TrialConfig
+from aurora_sweep.recipe import TrialConfig
 
 EUROPE_GRID = (149, 208)
 EUROPE_LEVELS = (250, 500, 700, 850)

@@ -2,7 +2,7 @@
 
 Starts a throwaway PostgreSQL cluster and an `mlflow server` backed by it (as the tests do), then
 K `run`-like processes at once on one fresh study. Each drives the real trial loop of
-`study.Sweep` (claiming, sampling with TPE, Optuna storage, MLflow runs, params, metric
+`scheduler.Sweep` (claiming, sampling with TPE, Optuna storage, MLflow runs, params, metric
 histories, pruning reports, a 2 MB adapter and two figures uploaded through the server) with a
 stub in place of the trial worker that sleeps a fixed time instead of training. So each trial's
 wall time minus the stub's is what storage and tracking cost it.
@@ -110,7 +110,8 @@ def child(args: argparse.Namespace) -> None:
 
     import aurora_sweep.memory as memory
     from aurora_sweep.config import load_config, with_overrides
-    from aurora_sweep.study import Sweep, open_study, reap_dead_trials, retry_interrupted
+    from aurora_sweep.scheduler import Sweep
+    from aurora_sweep.storage import open_study, reap_dead_trials, retry_interrupted
     from aurora_sweep.tracking import client_for, experiment_id, study_run
 
     # the memory estimate is not storage or tracking: a constant, so it costs nothing here

@@ -114,7 +114,7 @@ def test_two_objectives_make_a_skill_and_cost_study(tmp_path):
 
 
 def test_a_box_too_small_for_the_backbone_is_refused_before_any_trial(tmp_path):
-    from aurora_sweep.study import check_search
+    from aurora_sweep.space import check_search
 
     # 11 rows at 1°: too few for Aurora's backbone; 12 are enough
     small = BASE.replace("north = 62.0, south = 31.0", "north = 41.0, south = 31.0")

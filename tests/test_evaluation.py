@@ -11,9 +11,9 @@ from aurora_sweep.evaluation import (
     state_names,
     subset_objective,
     verify,
-    worst_forgetting,
 )
 from aurora_sweep.model import DEMO_CHECKPOINT
+from aurora_sweep.records import worst_forgetting
 from aurora_sweep.store import open_store
 from aurora_sweep.train import TrialConfig, TrialData, build_trial_model
 

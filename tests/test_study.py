@@ -10,7 +10,8 @@ from mlflow.tracking import MlflowClient
 from aurora_sweep import load_finetuned
 from aurora_sweep.records import TrialRecord
 from aurora_sweep.results import evaluate_adapter, export_best, ranked_trials
-from aurora_sweep.study import open_study, run_study
+from aurora_sweep.storage import open_study
+from aurora_sweep.study import run_study
 from aurora_sweep.tracking import tracking_uri
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -95,7 +96,7 @@ def test_pruned_and_completed_trials_store_the_objective_in_the_same_units(finis
 @pytest.mark.slow
 def test_the_base_models_scores_are_computed_once_per_study(finished_study):
     config, *_ = finished_study
-    from aurora_sweep.study import BASE_MSE
+    from aurora_sweep.records import BASE_MSE
 
     study = open_study(config, create=False)
     by_precision = study.user_attrs[BASE_MSE]
@@ -304,7 +305,8 @@ def test_the_space_is_conditional_on_the_method():
     import dataclasses
 
     from aurora_sweep.config import load_config
-    from aurora_sweep.study import sample_trial, sampler
+    from aurora_sweep.space import sample_trial
+    from aurora_sweep.storage import sampler
 
     config = load_config(None)
     config = dataclasses.replace(
@@ -348,7 +350,7 @@ def test_a_new_study_starts_with_the_reference_recipes(tmp_path, tiny_store):
     assert client.get_run(lora.user_attrs["mlflow_run_id"]).data.params["method"] == "lora"
     assert all(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
                for t in (full, lora))  # fmt: skip
-    from aurora_sweep.study import enqueue_references
+    from aurora_sweep.space import enqueue_references
 
     assert enqueue_references(summary.study, config) == []  # a resumed study gets none again
     # the export carries the comparison with the references, for its model card and report
@@ -437,7 +439,7 @@ def test_a_skill_and_memory_study_answers_with_its_pareto_front(tmp_path, tiny_s
 
 
 def test_the_pruner_never_judges_a_trial_on_its_first_evaluation(tiny_config):
-    from aurora_sweep.study import study_pruner
+    from aurora_sweep.storage import study_pruner
 
     every = tiny_config.train.eval_every
     study = optuna.create_study(pruner=study_pruner(tiny_config))

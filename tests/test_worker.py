@@ -60,16 +60,16 @@ def test_a_workers_gpu_is_numbered_within_what_the_scheduler_made_visible():
 
 def test_cpu_workers_split_the_cores_a_scheduler_granted_not_the_machines(monkeypatch):
     # Slurm or taskset grant a process some cores; os.cpu_count() still counts all of them
-    from aurora_sweep import study
+    from aurora_sweep import devices
 
-    monkeypatch.setattr(study.os, "sched_getaffinity", lambda pid: {2, 5, 7}, raising=False)
-    monkeypatch.setattr(study.os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(devices.os, "sched_getaffinity", lambda pid: {2, 5, 7}, raising=False)
+    monkeypatch.setattr(devices.os, "cpu_count", lambda: 64)
     import torch
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-    assert study.usable_cores() == 3
-    assert study.plan_devices(1, None) == [{"gpu": None, "threads": 3}]
-    assert study.plan_devices(2, None) == [{"gpu": None, "threads": 1}] * 2
+    assert devices.usable_cores() == 3
+    assert devices.plan_devices(1, None) == [{"gpu": None, "threads": 3}]
+    assert devices.plan_devices(2, None) == [{"gpu": None, "threads": 1}] * 2
 
 
 def test_a_worker_launched_early_and_never_started_stops_when_asked(tmp_path):

@@ -261,21 +261,6 @@ def forgetting_ratios(finetuned: dict[str, float], base: dict[str, float]) -> di
     }
 
 
-def worst_forgetting(metrics: dict[str, float], suffix: str = "") -> tuple[str, float] | None:
-    """The variable whose RMSE grew most at the lead `suffix` names ('': 6 h), and its ratio."""
-    end = "_ratio" + suffix
-    ratios = {
-        k.removeprefix("forget_").removesuffix(end): v
-        for k, v in metrics.items()
-        if k.startswith("forget_") and k.endswith(end) and k != "forget_worst" + end
-        and np.isfinite(v)
-    }  # fmt: skip
-    if not ratios:
-        return None
-    name = max(ratios, key=ratios.get)
-    return name, ratios[name]
-
-
 def base_state_mse(
     data,
     *,

@@ -39,7 +39,7 @@ from aurora_sweep.model import (
     set_precision,
     unwrap,
 )
-from aurora_sweep.train import TrialConfig
+from aurora_sweep.recipe import TrialConfig
 
 META = "aurora_sweep.json"
 WEIGHTS = "trained_weights.safetensors"

@@ -47,11 +47,10 @@ from torch.overrides import TorchFunctionMode
 
 from aurora_sweep import store
 from aurora_sweep.errors import AuroraSweepError
+from aurora_sweep.recipe import TrialConfig
 
 if TYPE_CHECKING:
     from aurora import Aurora, Batch
-
-    from aurora_sweep.train import TrialConfig
 
 FP32 = 4
 MIB = 2**20
@@ -475,9 +474,7 @@ def _architecture(
     train_input: bool = True,
 ) -> Architecture:
     """`architecture` of a trial's model: the same for every trial with the same structure, so a
-    sweep builds each structure on the meta device once (about a second each)."""
-    from aurora_sweep.train import TrialConfig
-
+    sweep builds each structure on the meta device once."""
     shape = TrialConfig(
         lora_rank=lora_rank, lora_targets=lora_targets, unfrozen_blocks=unfrozen_blocks,
         batch_size=1, precision="fp32", learning_rate=0.0, activation_checkpointing=False,

@@ -10,12 +10,15 @@ same. Everything here is plain Python: no torch, no worker, no database.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 #: every score and measurement of a finished trial, {name: value}
 SCORES = "scores"
+#: the study's user attribute with the base model's MSE per variable, by precision, then lead
+BASE_MSE = "base_mse_by_precision"
 #: the variable with the worst forgetting ratio at a lead: FORGET_WORST + lead suffix
 FORGET_WORST = "forget_worst"
 #: attributes that hold numbers but are not scores (a study before SCORES stored both flat)
@@ -131,6 +134,22 @@ class TrialRecord:
     @property
     def method(self) -> str:
         return (self.config or {}).get("method") or self.reference or "lora"
+
+
+def worst_forgetting(scores: Mapping[str, float], suffix: str = "") -> tuple[str, float] | None:
+    """The variable whose RMSE grew most at the lead `suffix` names ('': 6 h), and its ratio,
+    from a trial's scores (`forget_<variable>_ratio<suffix>`)."""
+    end = "_ratio" + suffix
+    ratios = {
+        k.removeprefix("forget_").removesuffix(end): v
+        for k, v in scores.items()
+        if k.startswith("forget_") and k.endswith(end) and k != "forget_worst" + end
+        and math.isfinite(v)
+    }  # fmt: skip
+    if not ratios:
+        return None
+    name = max(ratios, key=ratios.__getitem__)
+    return name, ratios[name]
 
 
 def write_scores(trial: _SetsAttrs, scores: Mapping[str, float], worst: Mapping[str, str]) -> None:

@@ -16,8 +16,8 @@ from rich.table import Table
 
 from aurora_sweep.config import StudyConfig, load_config
 from aurora_sweep.errors import AuroraSweepError
-from aurora_sweep.records import TrialRecord
-from aurora_sweep.study import open_study
+from aurora_sweep.records import TrialRecord, worst_forgetting
+from aurora_sweep.storage import open_study
 from aurora_sweep.tracking import client_for
 
 
@@ -382,7 +382,8 @@ def prepare_evaluation(adapter: Path, *, split: str, checkpoint: Path | None = N
     from aurora_sweep.evaluation import base_state_mse
     from aurora_sweep.export import load_finetuned, read_meta
     from aurora_sweep.model import resolve_checkpoint
-    from aurora_sweep.train import TrialConfig, TrialData, default_device
+    from aurora_sweep.recipe import TrialConfig
+    from aurora_sweep.train import TrialData, default_device
 
     if split not in ("validation", "test"):
         raise AuroraSweepError(f"--split {split!r}: use validation or test")
@@ -515,7 +516,6 @@ def lead_rows(scores: dict[str, float], objective: str) -> list[dict]:
     """One row per lead scored: the objective with its interval, both baselines' objective, the
     skills and the worst forgetting ratio."""
     from aurora_sweep.config import LEADS, lead_suffix
-    from aurora_sweep.evaluation import worst_forgetting
 
     rows = []
     for steps, label in LEADS.items():

@@ -256,7 +256,8 @@ def serve(conn, spec: WorkerSpec) -> None:
     from aurora_sweep.export import save_adapter
     from aurora_sweep.metrics import encode_terms
     from aurora_sweep.model import resolve_checkpoint
-    from aurora_sweep.train import TrialConfig, TrialData, default_device, fit
+    from aurora_sweep.recipe import TrialConfig
+    from aurora_sweep.train import TrialData, default_device, fit
 
     if spec.threads:
         torch.set_num_threads(spec.threads)

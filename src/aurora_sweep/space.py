@@ -1,0 +1,157 @@
+"""The search space: what a trial samples, and the reference recipes a new study starts with.
+
+The space is conditional on the method (no LoRA rank for `head`, `blocks` or `full`). A new study
+first runs Aurora's own full fine-tune and plain LoRA at its defaults, so that the best trial can
+say how far it beats them.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import optuna
+
+from aurora_sweep.config import LORA_METHODS, StudyConfig
+from aurora_sweep.errors import AuroraSweepError
+from aurora_sweep.recipe import FULL_LR, FULL_NEW_VARIABLE_LR, TrialConfig
+
+
+def sample_trial(trial: optuna.Trial, config: StudyConfig) -> TrialConfig:
+    """Draw one trial's configuration from the study's search space.
+
+    The space is conditional: the method comes first, and a parameter the method does not use
+    is not sampled for it (no LoRA rank for `head`, `blocks` or `full`). `full` is Aurora's own
+    recipe, whole: bf16 backbone autocast, activation checkpointing, its learning rates.
+    """
+    s = config.search
+    reference = trial.user_attrs.get("reference")
+    if reference == "full":  # Aurora's own recipe, as it is, whatever the space holds
+        return reference_trial(config)
+    method = trial.suggest_categorical("method", list(s.method))
+    lora = method in LORA_METHODS
+    rank = trial.suggest_categorical("lora_rank", list(s.lora_rank)) if lora else 0
+    targets = trial.suggest_categorical("lora_targets", list(s.lora_targets)) if lora else ""
+    if lora:
+        unfrozen = trial.suggest_categorical("unfrozen_blocks", list(s.unfrozen_blocks))
+    elif method == "blocks":
+        unfrozen = trial.suggest_categorical("blocks", list(s.blocks))
+    else:
+        unfrozen = 0
+    batch_size = trial.suggest_categorical("batch_size", list(s.batch_size))
+    target_weight = trial.suggest_categorical("target_weight", list(s.target_weight))
+    loss = trial.suggest_categorical("loss", list(s.loss))
+    input_lr = trial.suggest_categorical("target_input_lr", list(s.target_input_lr))
+    rollout = trial.suggest_categorical("rollout_steps", list(s.rollout_steps))
+    if method == "full":
+        precision, checkpointing, lr = _full_precision(config), True, FULL_LR
+    else:
+        precision = trial.suggest_categorical("precision", list(s.precision))
+        checkpointing = trial.suggest_categorical(
+            "activation_checkpointing", list(s.activation_checkpointing)
+        )
+        lr = (
+            trial.suggest_float("learning_rate", *s.learning_rate, log=True)
+            if s.learning_rate
+            else config.train.learning_rate
+        )
+    return _trial_config(
+        config, method=method, lora_rank=rank, lora_targets=targets, unfrozen_blocks=unfrozen,
+        batch_size=batch_size, precision=precision, learning_rate=lr,
+        activation_checkpointing=checkpointing, target_weight=target_weight, loss=loss,
+        target_input_lr=input_lr, rollout_steps=rollout,
+    )  # fmt: skip
+
+
+def _trial_config(config: StudyConfig, **recipe: Any) -> TrialConfig:
+    """A trial's config: the sampled `recipe` and what the study fixes for every trial."""
+    return TrialConfig(
+        **recipe,
+        base=config.model.base,
+        levels=config.data.levels,
+        steps=config.train.steps,
+        eval_every=config.train.eval_every,
+        val_samples=config.train.val_samples,
+        weight_decay=config.train.weight_decay,
+        seed=config.train.seed,
+        wrap_longitude=config.data.wrap_longitude,
+    )
+
+
+def _reference_loss(config: StudyConfig) -> dict[str, Any]:
+    """The new variable's loss in the reference recipes: Aurora's (absolute error) at weight 1
+    when the space has them, else the space's first choices."""
+    s = config.search
+    return {
+        "target_weight": 1.0 if 1.0 in s.target_weight else s.target_weight[0],
+        "loss": "mae" if "mae" in s.loss else s.loss[0],
+    }
+
+
+def _full_precision(config: StudyConfig) -> str:
+    """bf16, as Aurora's recipe has it, when the study allows it (on a CPU, bf16 is emulated and
+    the demo searches fp32 only)."""
+    return "bf16" if "bf16" in config.search.precision else config.search.precision[0]
+
+
+def reference_trial(config: StudyConfig) -> TrialConfig:
+    """Aurora's fine-tuning recipe: every weight trained, bf16 backbone autocast, activation
+    checkpointing, 3e-4 (1e-3 for tp's embedding and head), the smallest batch of the study."""
+    return _trial_config(
+        config, method="full", lora_rank=0, lora_targets="", unfrozen_blocks=0,
+        batch_size=min(config.search.batch_size), precision=_full_precision(config),
+        learning_rate=FULL_LR, activation_checkpointing=True, **_reference_loss(config),
+        target_input_lr=FULL_NEW_VARIABLE_LR / FULL_LR,  # the guide's 1e-3 for the embedding
+        rollout_steps=min(config.search.rollout_steps),
+    )  # fmt: skip
+
+
+def enqueue_references(study: optuna.Study, config: StudyConfig) -> list[str]:
+    """A new study starts with the reference recipes, so that it can say how far its best trial
+    beats them: Aurora's full fine-tune and, when the space has LoRA, plain LoRA at defaults."""
+    if not config.reference or study.get_trials(deepcopy=False):
+        return []
+    study.enqueue_trial({}, user_attrs={"reference": "full"})
+    added = ["full"]
+    s = config.search
+    if "lora" in s.method:
+        nearest = min(s.lora_rank, key=lambda r: abs(r - 8))
+        params = {
+            "method": "lora", "lora_rank": nearest,
+            "lora_targets": "qkv+proj" if "qkv+proj" in s.lora_targets else s.lora_targets[0],
+            "unfrozen_blocks": min(s.unfrozen_blocks), "batch_size": min(s.batch_size),
+            "precision": s.precision[0], "activation_checkpointing": s.activation_checkpointing[0],
+            **_reference_loss(config), "target_input_lr": s.target_input_lr[0],
+            "rollout_steps": min(s.rollout_steps),
+        }  # fmt: skip
+        if s.learning_rate:  # the study's learning rate, brought inside the searched range
+            low, high = s.learning_rate
+            params["learning_rate"] = min(max(config.train.learning_rate, low), high)
+        study.enqueue_trial(params, user_attrs={"reference": "lora"})
+        added.append("lora")
+    return added
+
+
+def check_search(config: StudyConfig) -> None:
+    """Refuse, before anything is recorded, a search the base model cannot run."""
+    from aurora_sweep.config import check_region_size
+    from aurora_sweep.memory import meta_device
+    from aurora_sweep.model import backbone_blocks, build_base
+
+    check_region_size(config.data.region, config.data.grid)
+    s = config.search
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with meta_device():
+            depth = len(backbone_blocks(build_base(config.model.base, tp_stats=(0.0, 1.0))))
+    asks = []
+    if set(s.method) & set(LORA_METHODS):
+        asks.append(("unfrozen_blocks", max(s.unfrozen_blocks)))
+    if "blocks" in s.method:
+        asks.append(("blocks", max(s.blocks)))
+    for key, n in asks:
+        if n > depth:
+            raise AuroraSweepError(
+                f"[search] {key} asks for {n} blocks but the {config.model.base} base model's "
+                f"backbone has {depth}: choose at most {depth}"
+            )
