@@ -73,7 +73,7 @@ class StubWorker:
         self.info = {"device": "stub"}
 
     def run(self, trial: dict, adapter_dir: Path, report):
-        from aurora_sweep.worker import Outcome
+        from aurora_sweep.outcomes import Complete
 
         adapter_dir.mkdir(parents=True)
         (adapter_dir / "adapter_model.safetensors").write_bytes(os.urandom(2 * 2**20))
@@ -88,11 +88,11 @@ class StubWorker:
             report(step, value)  # never pruned: the MedianPruner waits for 6 trials, then may
         metrics = {"tp_seeps": value, "tp_seeps_q05": value - 0.01, "tp_seeps_q95": value + 0.01,
                    "tp_skill_persistence": 0.1, "tp_skill_climatology": 0.5, "tp_rmse": 1.0}  # fmt: skip
-        return Outcome("complete", {
-            "train_loss": [(s, 1.0 / s) for s in range(1, 5)], "val_loss": [(2, 0.5), (4, 0.4)],
-            "intermediate": [(2, value), (4, value)], "metrics": metrics,
-            "peak_memory_mb": 100.0, "peak_reserved_mb": None, "seconds": self.seconds,
-        })  # fmt: skip
+        return Complete(
+            metrics=metrics, train_loss=[(s, 1.0 / s) for s in range(1, 5)],
+            val_loss=[(2, 0.5), (4, 0.4)], intermediate=[(2, value), (4, value)],
+            peak_memory_mb=100.0, seconds=self.seconds,
+        )  # fmt: skip
 
     def interrupt(self) -> None:
         pass

@@ -60,7 +60,7 @@ def test_the_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c", "a"]]
 
 
-@pytest.mark.parametrize("module", ["recipe", "records", "space", "storage", "devices"])
+@pytest.mark.parametrize("module", ["recipe", "records", "outcomes", "space", "storage", "devices"])
 def test_the_light_modules_import_without_torch(module):
     code = f"import sys, aurora_sweep.{module}; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -5,7 +5,6 @@ interrupts that stop every trial and leave each recorded as interrupted (retried
 
 from __future__ import annotations
 
-import math
 import signal
 import socket
 import tempfile
@@ -20,12 +19,14 @@ from typing import Any
 import optuna
 from rich.console import Console
 
-from aurora_sweep.config import LEADS, StudyConfig, lead_suffix
+from aurora_sweep.config import StudyConfig, lead_suffix
 from aurora_sweep.errors import AuroraSweepError
+from aurora_sweep.outcomes import Complete, Recorder
 from aurora_sweep.processes import this_process
-from aurora_sweep.records import BASE_MSE, worst_forgetting, write_scores
+from aurora_sweep.records import BASE_MSE
 from aurora_sweep.space import sample_trial
 from aurora_sweep.storage import FINISHED, reap_dead_trials, retry_once, sampler, worker_seed
+from aurora_sweep.worker import WorkerCrashed
 
 
 @dataclass
@@ -157,23 +158,6 @@ class Sweep:
             if set(by_precision) - set(known):
                 self.study.set_user_attr(BASE_MSE, known | by_precision)
 
-    def failed(self, trial: optuna.Trial, reason: str) -> TrialError:
-        """Record why `trial` failed and say so; the error to raise (Optuna records FAIL)."""
-        trial.set_user_attr("error", reason[:1000])
-        self.console.print(f"trial {trial.number:3d}  failed: {reason}", highlight=False)
-        return TrialError(reason)
-
-    def check_forgetting(self, trial: optuna.Trial, run, variable: str, ratio: float) -> None:
-        """A trial that made a variable Aurora already predicted worse than `max_forgetting`
-        times the base model's RMSE is infeasible: the constraint steers the sampler away and
-        `best` never offers it as the answer."""
-        limit = self.config.max_forgetting
-        trial.set_constraint("forgetting_over_max", ratio - limit)
-        if ratio > limit:
-            reason = f"forgets {variable}: RMSE ×{ratio:.2f} the base model's (max ×{limit:g})"
-            trial.set_user_attr("infeasible", reason)
-            run.set_tags({"infeasible": reason})
-
     def settle(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         """After each trial of this process: count failures in a row, and stop the run after
         `max_failures` of them (a study that cannot succeed must not spin)."""
@@ -204,11 +188,13 @@ class Sweep:
         return finished + ahead >= self.total
 
     def run_trial(self, trial: optuna.Trial, worker) -> float | tuple[float, float]:
+        """Sample `trial`, check its predicted memory against the cap, run it in `worker` and
+        record how it ended (`outcomes.Recorder`)."""
         from aurora_sweep.memory import MIB, check_cap, estimate_peak
         from aurora_sweep.tracking import Killed, trial_run
-        from aurora_sweep.worker import WorkerCrashed
 
-        config, console = self.config, self.console
+        config = self.config
+        recorder = Recorder(config, say=lambda line: self.console.print(line, highlight=False))
         if self.surplus(trial):
             # another process took the last slot in the same instant: give it back unused
             trial.set_user_attr("surplus", True)
@@ -227,25 +213,14 @@ class Sweep:
             estimate = estimate_peak(tc, grid=self.grid, levels=len(tc.levels), device="cuda")
             trial.set_user_attr("predicted_peak_mb", estimate.megabytes)
             run.log_metrics({"predicted_peak_mb": estimate.megabytes})
-
-            def infeasible(reason: str, over_mb: float, seconds: float = 0.0):
-                over_mb = max(over_mb, 1.0)
-                trial.set_user_attr("memory_over_cap_mb", over_mb)
-                trial.set_constraint("memory_over_cap_mb", over_mb)  # samplers avoid it
-                trial.set_user_attr("infeasible", reason)
-                run.set_tags({"infeasible": reason})
-                run.log_metrics({"trial_seconds": seconds})
-                console.print(f"trial {trial.number:3d}  infeasible: {reason}", highlight=False)
-                return optuna.TrialPruned(reason)
-
             cap = config.gpu_memory_cap
             over = check_cap(estimate, cap)
             if over > 0:
-                raise infeasible(
+                raise recorder.infeasible(
+                    trial, run,
                     f"predicted peak {estimate.megabytes:.0f} MB exceeds the cap {cap / MIB:.0f} MB",
-                    over,
-                )
-
+                    over, 0.0,
+                )  # fmt: skip
             run.flush()  # the config is in MLflow while the trial trains
 
             def report(step: int, value: float) -> bool:
@@ -259,82 +234,36 @@ class Sweep:
                 try:
                     outcome = worker.run(tc.to_dict(), adapter, report)
                 except WorkerCrashed as e:
-                    # a signal to this process group also stops the worker: that is an interrupt
-                    if self.stop.wait(2.0):
-                        raise Interrupted(self.signum) from None
-                    if e.signal is None:  # it crashed by itself: the config's fault, not retried
-                        raise self.failed(trial, f"{e}; starting a new worker") from None
-                    # killed from outside (the OOM killer, kill -9): retried once, elsewhere
-                    trial.set_user_attr("killed_by", e.signal)
-                    retried = retry_once(
-                        self.study, self.study.get_trials(deepcopy=False)[trial.number]
-                    )
-                    console.print(
-                        f"trial {trial.number:3d}  {e}"
-                        + ("; retrying it once in a new worker" if retried else "")
-                    )
-                    raise Killed(str(e)) from None
-                p = outcome.payload
-                if outcome.status == "pruned":
-                    console.print(
-                        f"trial {trial.number:3d}  pruned at step {p['step']} "
-                        f"({config.objective} {p['value']:.4f} on the pruner's subset)",
-                        highlight=False,
-                    )
-                    run.log_metrics({"trial_seconds": p["seconds"]})
-                    raise optuna.TrialPruned(
-                        f"{config.objective} {p['value']:.4f} at step {p['step']}"
-                    )
-                if outcome.status == "oom":
-                    trial.set_user_attr("measured_peak_mb", p["peak_memory_mb"])
-                    run.log_metrics({"peak_memory_mb": p["peak_memory_mb"]})
-                    limit = cap / MIB if cap else p["peak_memory_mb"]
-                    raise infeasible(
-                        f"out of memory at {p['peak_memory_mb']:.0f} MB ({p['message'][:200]})",
-                        p["peak_memory_mb"] - limit,
-                        p["seconds"],
-                    )
-                if outcome.status == "error":
-                    raise self.failed(trial, p["message"])
-                value = p["metrics"].get(config.objective_metric, float("nan"))
-                if not math.isfinite(value):
-                    raise self.failed(
-                        trial, f"its objective {config.objective_metric} is {value} (the forecast or "
-                        "the scores are not finite)",
-                    )  # fmt: skip
-                scalars = {**p["metrics"], "peak_memory_mb": p["peak_memory_mb"],
-                           "trial_seconds": p["seconds"]}  # fmt: skip
-                if p.get("peak_reserved_mb") is not None:
-                    scalars["peak_reserved_mb"] = p["peak_reserved_mb"]
-                if p.get("loader_wait_fraction") is not None:
-                    scalars["loader_wait_fraction"] = p["loader_wait_fraction"]
-                worst_variable: dict[str, str] = {}
-                for steps in LEADS:  # the worst forgetting at every lead scored
-                    suffix = lead_suffix(steps)
-                    worst = worst_forgetting(p["metrics"], suffix)
-                    if worst is not None:
-                        scalars["forget_worst_ratio" + suffix] = worst[1]
-                        worst_variable[suffix] = worst[0]
-                        if steps == config.lead_steps:  # the constraint: at the study's lead
-                            self.check_forgetting(trial, run, *worst)
-                run.log_history({
-                    "train_loss": p["train_loss"], "val_loss": p["val_loss"],
-                    **{f"val_loss_{k}": v for k, v in p.get("val_terms", {}).items()},
-                    f"val_{config.objective}_subset": p["intermediate"],
-                    **{k: [(0, v)] for k, v in scalars.items()},
-                })  # fmt: skip
-                write_scores(trial, scalars, worst_variable)
-                if p.get("objective_terms"):  # for paired comparisons between trials
-                    trial.set_user_attr("objective_terms", p["objective_terms"])
-                self.keep_base_scores(p.get("base_mse") or {})
+                    raise self.crashed(trial, e, recorder, Killed) from None
+                scalars = recorder.record(outcome, trial, run)
+                assert isinstance(outcome, Complete)
+                self.keep_base_scores(outcome.base_mse)
                 run.log_artifacts(adapter.parent)  # adapter/ and figures/, in one call
-        m = p["metrics"]
-        console.print(f"trial {trial.number:3d}  {_score_line(m, config)}  "
-                      f"({p['seconds']:.1f} s, {p['peak_memory_mb']:.0f} MB, predicted GPU "
-                      f"{estimate.megabytes:.0f} MB)", highlight=False)  # fmt: skip
+        self.console.print(
+            f"trial {trial.number:3d}  {_score_line(outcome.metrics, config)}  "
+            f"({outcome.seconds:.1f} s, {outcome.peak_memory_mb:.0f} MB, predicted GPU "
+            f"{estimate.megabytes:.0f} MB)", highlight=False,
+        )  # fmt: skip
+        value = outcome.metrics[config.objective_metric]
         if config.cost:
-            return m[config.objective_metric], scalars.get(config.cost, estimate.megabytes)
-        return m[config.objective_metric]
+            return value, scalars.get(config.cost, estimate.megabytes)
+        return value
+
+    def crashed(self, trial: optuna.Trial, e: WorkerCrashed, recorder: Recorder, killed):
+        """The worker died under `trial`: a signal to this process group is an interrupt; a
+        crash of its own is the config's fault (not retried); a kill from outside (the OOM
+        killer, kill -9) is retried once, elsewhere. Returns the exception to raise."""
+        if self.stop.wait(2.0):  # the signal also reached this process: `run` is stopping
+            return Interrupted(self.signum)
+        if e.signal is None:
+            return recorder.failed(trial, f"{e}; starting a new worker")
+        trial.set_user_attr("killed_by", e.signal)
+        retried = retry_once(self.study, self.study.get_trials(deepcopy=False)[trial.number])
+        self.console.print(
+            f"trial {trial.number:3d}  {e}"
+            + ("; retrying it once in a new worker" if retried else "")
+        )
+        return killed(str(e))
 
 
 class Interrupted(KeyboardInterrupt):
@@ -378,7 +307,3 @@ def _score_line(m: dict[str, float], config: StudyConfig) -> str:
 
 class Surplus(RuntimeError):
     """A trial started when the study's total was already taken (recorded FAIL, never run)."""
-
-
-class TrialError(RuntimeError):
-    """A trial raised inside its worker (recorded as FAIL; the study goes on)."""

@@ -13,7 +13,8 @@ Each completed trial leaves its adapter in `adapter_dir` and its figures (PNG) i
 Messages, parent -> worker: `("start", base_mse)` first (a worker may be launched before the data
 exist, and imports torch meanwhile), `("trial", trial_dict, adapter_dir)`, `("continue" | "prune")` in
 answer to a report, `("stop",)`. Worker -> parent: `("ready", info)`, `("report", step, value)`,
-and one outcome per trial: `("complete" | "pruned" | "oom" | "error", payload)`.
+and one `("outcome", outcome)` per trial, an `outcomes.Complete`, `Pruned`, `OutOfMemory` or
+`Failed`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from aurora_sweep import outcomes
 from aurora_sweep.errors import AuroraSweepError
+from aurora_sweep.outcomes import Complete, Failed, OutOfMemory, Pruned
 
 
 @dataclass(frozen=True)
@@ -71,14 +74,6 @@ class WorkerCrashed(RuntimeError):
             if self.signal
             else f"the trial worker died (exit code {exitcode})"
         )
-
-
-@dataclass
-class Outcome:
-    """How a trial ended in the worker, with what it sent back."""
-
-    status: str  # complete, pruned, oom, error
-    payload: dict[str, Any]
 
 
 class TrialWorker:
@@ -141,7 +136,7 @@ class TrialWorker:
 
     def run(
         self, trial: dict[str, Any], adapter_dir: Path, report: Callable[[int, float], bool]
-    ) -> Outcome:
+    ) -> outcomes.Outcome:
         """Run one trial; `report(step, value)` returns True to prune it."""
         if self.process is None or not self.process.is_alive():
             self.start()
@@ -153,8 +148,8 @@ class TrialWorker:
                 step, value = rest
                 self.conn.send(("prune",) if report(step, value) else ("continue",))
                 continue
-            outcome = Outcome(kind, rest[0])
-            if kind in ("oom", "error") and outcome.payload.get("restart"):
+            (outcome,) = rest
+            if getattr(outcome, "restart", False):
                 self.close()  # the next trial gets a fresh process and a clean allocator
             return outcome
 
@@ -336,27 +331,27 @@ def serve(conn, spec: WorkerSpec) -> None:
             for name, png in trial_figures(result, data).items():
                 (figures / name).write_bytes(png)
             terms = result.forecasts.objective_terms
-            conn.send(("complete", {
-                "train_loss": result.train_loss, "val_loss": result.val_loss,
-                "val_terms": result.val_terms, "intermediate": result.intermediate,
-                "objective_terms": encode_terms(*terms, result.forecasts.objective_days),
-                "metrics": result.metrics, "peak_memory_mb": result.peak_memory_mb,
-                "peak_reserved_mb": result.peak_reserved_mb, "seconds": result.seconds,
-                "loader_wait_fraction": result.loader_wait_fraction,
-                "base_mse": data.base_mse,
-            }))  # fmt: skip
+            conn.send(("outcome", Complete(
+                metrics=result.metrics, train_loss=result.train_loss, val_loss=result.val_loss,
+                intermediate=result.intermediate, peak_memory_mb=result.peak_memory_mb,
+                seconds=result.seconds, val_terms=result.val_terms,
+                objective_terms=encode_terms(*terms, result.forecasts.objective_days),
+                peak_reserved_mb=result.peak_reserved_mb,
+                loader_wait_fraction=result.loader_wait_fraction, base_mse=data.base_mse,
+            )))  # fmt: skip
             del result
         except _Pruned as p:
-            conn.send(("pruned", {"step": p.step, "value": p.value,
-                                  "seconds": time.perf_counter() - started}))  # fmt: skip
+            conn.send(("outcome", Pruned(p.step, p.value, time.perf_counter() - started)))
         except torch.OutOfMemoryError as e:
             peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
-            conn.send(("oom", {"message": str(e).splitlines()[0], "peak_memory_mb": peak,
-                               "seconds": time.perf_counter() - started, "restart": True}))  # fmt: skip
+            conn.send(("outcome", OutOfMemory(
+                str(e).splitlines()[0], peak, time.perf_counter() - started
+            )))  # fmt: skip
             return  # a fresh process replaces this one: nothing leaks into the next trial
         except Exception as e:
-            conn.send(("error", {"message": f"{type(e).__name__}: {e}", "restart": False,
-                                 "traceback": traceback.format_exc()[-4000:]}))  # fmt: skip
+            conn.send(("outcome", Failed(
+                f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-4000:]
+            )))  # fmt: skip
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
