@@ -190,7 +190,6 @@ class Sweep:
     def run_trial(self, trial: optuna.Trial, worker) -> float | tuple[float, float]:
         """Sample `trial`, check its predicted memory against the cap, run it in `worker` and
         record how it ended (`outcomes.Recorder`)."""
-        from aurora_sweep.memory import MIB, check_cap, estimate_peak
         from aurora_sweep.tracking import Killed, trial_run
 
         config = self.config
@@ -210,17 +209,7 @@ class Sweep:
             trial.set_user_attr("mlflow_run_id", run.run_id)
             trial.set_user_attr("mlflow_parent_run_id", self.parent)
             run.log_params(tc.to_dict())
-            estimate = estimate_peak(tc, grid=self.grid, levels=len(tc.levels), device="cuda")
-            trial.set_user_attr("predicted_peak_mb", estimate.megabytes)
-            run.log_metrics({"predicted_peak_mb": estimate.megabytes})
-            cap = config.gpu_memory_cap
-            over = check_cap(estimate, cap)
-            if over > 0:
-                raise recorder.infeasible(
-                    trial, run,
-                    f"predicted peak {estimate.megabytes:.0f} MB exceeds the cap {cap / MIB:.0f} MB",
-                    over, 0.0,
-                )  # fmt: skip
+            estimate = self.predict(trial, tc, run, recorder)
             run.flush()  # the config is in MLflow while the trial trains
 
             def report(step: int, value: float) -> bool:
@@ -248,6 +237,24 @@ class Sweep:
         if config.cost:
             return value, scalars.get(config.cost, estimate.megabytes)
         return value
+
+    def predict(self, trial: optuna.Trial, tc, run, recorder: Recorder):
+        """The trial's predicted peak GPU memory, recorded; a prediction over the cap makes the
+        trial infeasible before it runs (raised)."""
+        from aurora_sweep.memory import MIB, check_cap, estimate_peak
+
+        estimate = estimate_peak(tc, grid=self.grid, levels=len(tc.levels), device="cuda")
+        trial.set_user_attr("predicted_peak_mb", estimate.megabytes)
+        run.log_metrics({"predicted_peak_mb": estimate.megabytes})
+        cap = self.config.gpu_memory_cap
+        over = check_cap(estimate, cap)
+        if over > 0:
+            raise recorder.infeasible(
+                trial, run,
+                f"predicted peak {estimate.megabytes:.0f} MB exceeds the cap {cap / MIB:.0f} MB",
+                over, 0.0,
+            )  # fmt: skip
+        return estimate
 
     def crashed(self, trial: optuna.Trial, e: WorkerCrashed, recorder: Recorder, killed):
         """The worker died under `trial`: a signal to this process group is an interrupt; a

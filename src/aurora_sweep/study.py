@@ -43,6 +43,7 @@ AURORA_PRETRAINING_END = dt.date(2022, 1, 1)
 
 
 UI = "http://127.0.0.1:5000"
+MIB = 2**20
 
 
 @dataclass
@@ -96,26 +97,86 @@ def run_study(
     inside the trial workers (a picklable top-level function; tests use it to simulate
     out-of-memory errors and crashes).
     """
-    console = console or Console(stderr=True)
-    from aurora_sweep.data import open_cube
-    from aurora_sweep.dataset import model_longitudes, patch_crop
-    from aurora_sweep.memory import MIB
-    from aurora_sweep.model import resolve_checkpoint
     from aurora_sweep.tracking import client_for, experiment_id, study_run
-    from aurora_sweep.worker import TrialWorker, WorkerSpec
 
-    overlap = config.data.train.start < AURORA_PRETRAINING_END and config.model.base != "demo"
-    if overlap:
-        warnings.warn(
-            f"the train period starts {config.data.train.start}, inside Aurora's pretraining "
-            "period (ERA5 up to 2021): skill there is not a test of adaptation",
-            stacklevel=2,
-        )
+    console = console or Console(stderr=True)
+    overlap = _pretraining_overlap(config)
     devices = plan_devices(workers, gpus)
     # failures are reported in one line each below; Optuna's own warning repeats the traceback
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     check_search(config)
     client = client_for(config)
+    study = _open_and_recover(config, client, console)
+    done = len(study.get_trials(deepcopy=False, states=FINISHED))
+    local = config.tracking_uri is None or config.tracking_uri.startswith("sqlite")
+    experiment = experiment_id(
+        client, config.name, artifacts=(config.workdir / "mlruns") if local else None
+    )
+    summary = StudySummary(study, 0, experiment, "", tracking_uri=config.tracking_uri or "")
+    if done >= trials:
+        console.print(f"study {config.name!r} already holds {done} trials; nothing to add")
+        return summary
+
+    known = {t.number for t in study.get_trials(deepcopy=False)}
+    pool, info, grid, lon_shift = _start_workers(config, study, devices, fit, console)
+    tags = _parent_tags(config, overlap=overlap, device=info["device"], lon_shift=lon_shift)
+    try:
+        with study_run(
+            client, experiment, study=config.name,
+            name=f"{config.name} {dt.datetime.now():%Y-%m-%d %H:%M}", tags=tags,
+        ) as parent:  # fmt: skip
+            summary.parent_run_id = parent
+            console.print(_start_line(config, done, trials, info, pool, devices), highlight=False)
+            sweep = Sweep(
+                config=config, study=study, client=client, experiment=experiment, parent=parent,
+                console=console, grid=grid, total=trials,
+            )  # fmt: skip
+            sweep.run(pool)
+            log_study_figures(client, parent, study, config)
+    finally:
+        for worker in pool:
+            worker.close(at_once=True)
+    summary.new_trials = _finished_here(study, known)
+    return summary
+
+
+def _finished_here(study: optuna.Study, known: set[int]) -> int:
+    """The trials this process finished that were not in the study when it started."""
+    return sum(
+        t.number not in known and TrialRecord.of(t).pid == os.getpid()
+        for t in study.get_trials(deepcopy=False, states=FINISHED)
+    )
+
+
+def _pretraining_overlap(config: StudyConfig) -> bool:
+    """Whether the train period lies inside Aurora's pretraining (said as a warning)."""
+    overlap = config.data.train.start < AURORA_PRETRAINING_END and config.model.base != "demo"
+    if overlap:
+        warnings.warn(
+            f"the train period starts {config.data.train.start}, inside Aurora's pretraining "
+            "period (ERA5 up to 2021): skill there is not a test of adaptation",
+            stacklevel=3,
+        )
+    return overlap
+
+
+def _parent_tags(
+    config: StudyConfig, *, overlap: bool, device: str, lon_shift: float
+) -> dict[str, str]:
+    """The tags of the parent MLflow run of one `run`."""
+    cap = config.gpu_memory_cap
+    return {
+        "optuna.study": config.name, "optuna.storage": storage_label(config.storage),
+        "aurora_sweep.pretraining_overlap": str(overlap).lower(), "device": device,
+        "gpu_memory_cap_mb": str(cap / MIB if cap else None),
+        # a box crossing 0° is shifted east for Aurora (its longitudes must lie in [0, 360))
+        "data.lon_shift_deg": str(lon_shift), **_data_tags(config),
+    }  # fmt: skip
+
+
+def _open_and_recover(config: StudyConfig, client, console: Console) -> optuna.Study:
+    """The study, opened or created (with its reference trials), the trials a killed process
+    left running failed and queued again, and the interrupted ones queued again."""
     study = open_study(
         config,
         on_stale=functools.partial(_retry_stale, client=client),
@@ -128,27 +189,26 @@ def run_study(
             "exists (killed): recorded as failed, their MLflow runs ended as KILLED; retrying them"
         )
     retry_interrupted(study)
-    done = len(study.get_trials(deepcopy=False, states=FINISHED))
-    local = config.tracking_uri is None or config.tracking_uri.startswith("sqlite")
-    experiment = experiment_id(
-        client, config.name, artifacts=(config.workdir / "mlruns") if local else None
-    )
-    summary = StudySummary(study, 0, experiment, "", tracking_uri=config.tracking_uri or "")
-    if done >= trials:
-        console.print(f"study {config.name!r} already holds {done} trials; nothing to add")
-        return summary
+    return study
 
-    cap = config.gpu_memory_cap
-    known = {t.number for t in study.get_trials(deepcopy=False)}
+
+def _start_workers(config: StudyConfig, study: optuna.Study, devices: list, fit, console):
+    """The trial workers, the first started: (pool, what the first said when ready, the model
+    grid, the longitude shift). Everything that can refuse (data, checkpoint) happens here,
+    before the first MLflow run."""
+    from aurora_sweep.data import open_cube
+    from aurora_sweep.dataset import model_longitudes, patch_crop
+    from aurora_sweep.model import resolve_checkpoint
+    from aurora_sweep.worker import TrialWorker, WorkerSpec
+
     spec = WorkerSpec(
         config_path=config.path, workdir=config.workdir, checkpoint=config.model.checkpoint,
-        memory_cap=cap, extra={"data": _adapter_data(config)},
+        memory_cap=config.gpu_memory_cap, extra={"data": _adapter_data(config)},
         fit=fit, base_mse=study.user_attrs.get(BASE_MSE), **devices[0],
     )  # fmt: skip
     first = TrialWorker(spec)
     first.launch()  # it imports torch, Aurora and peft while the data are made or opened
     try:
-        # everything that can refuse (data, checkpoint) comes before the first MLflow run
         cube = open_cube(config, console=console)
         grid = patch_crop(cube.sizes["latitude"], cube.sizes["longitude"])
         _, lon_shift = model_longitudes(cube["longitude"].values)
@@ -160,16 +220,13 @@ def run_study(
     if BASE_MSE not in study.user_attrs:  # the base model's scores: once per study
         study.set_user_attr(BASE_MSE, info["base_mse"])
     # the other workers, and a replacement (after an OOM or a crash), reuse them
-    spec = dataclasses.replace(spec, base_mse=info["base_mse"])
-    first.spec = spec
-    pool = [first] + [TrialWorker(dataclasses.replace(spec, **d)) for d in devices[1:]]
-    tags = {
-        "optuna.study": config.name, "optuna.storage": storage_label(config.storage),
-        "aurora_sweep.pretraining_overlap": str(overlap).lower(), "device": info["device"],
-        "gpu_memory_cap_mb": str(cap / MIB if cap else None),
-        # a box crossing 0° is shifted east for Aurora (its longitudes must lie in [0, 360))
-        "data.lon_shift_deg": str(lon_shift), **_data_tags(config),
-    }  # fmt: skip
+    first.spec = dataclasses.replace(spec, base_mse=info["base_mse"])
+    pool = [first] + [TrialWorker(dataclasses.replace(first.spec, **d)) for d in devices[1:]]
+    return pool, info, grid, lon_shift
+
+
+def _start_line(config: StudyConfig, done: int, trials: int, info, pool, devices) -> str:
+    """What the run says before its first trial: the study, its data and where it trains."""
     where = (
         f"{len(pool)} workers on GPUs {','.join(str(d['gpu']) for d in devices)}"
         if devices[0]["gpu"] is not None and len(pool) > 1
@@ -177,33 +234,12 @@ def run_study(
         if len(pool) > 1
         else info["device"]
     )
-    try:
-        with study_run(
-            client, experiment, study=config.name,
-            name=f"{config.name} {dt.datetime.now():%Y-%m-%d %H:%M}", tags=tags,
-        ) as parent:  # fmt: skip
-            summary.parent_run_id = parent
-            console.print(
-                f"study {config.name!r}: {done} trials so far, {trials} wanted; "
-                f"{info['train']} train and {info['validation']} validation samples on {where}"
-                + (f", cap {cap / MIB:.0f} MB" if cap else ""),
-                highlight=False,
-            )
-            sweep = Sweep(
-                config=config, study=study, client=client, experiment=experiment, parent=parent,
-                console=console, grid=grid, total=trials,
-            )  # fmt: skip
-            sweep.run(pool)
-            log_study_figures(client, parent, study, config)
-    finally:
-        for worker in pool:
-            worker.close(at_once=True)
-    summary.new_trials = sum(
-        1
-        for t in study.get_trials(deepcopy=False, states=FINISHED)
-        if t.number not in known and t.user_attrs.get("pid") == os.getpid()
+    cap = config.gpu_memory_cap
+    return (
+        f"study {config.name!r}: {done} trials so far, {trials} wanted; "
+        f"{info['train']} train and {info['validation']} validation samples on {where}"
+        + (f", cap {cap / MIB:.0f} MB" if cap else "")
     )
-    return summary
 
 
 def log_study_figures(client, run_id: str, study: optuna.Study, config: StudyConfig) -> None:

@@ -245,29 +245,56 @@ def serve(conn, spec: WorkerSpec) -> None:
     warnings.filterwarnings("ignore")
     import torch
 
-    from aurora_sweep.config import load_config
-    from aurora_sweep.data import open_cube
-    from aurora_sweep.evaluation import base_state_mse, check_objective_defined, trial_figures
-    from aurora_sweep.export import save_adapter
-    from aurora_sweep.metrics import encode_terms
-    from aurora_sweep.model import resolve_checkpoint
-    from aurora_sweep.recipe import TrialConfig
-    from aurora_sweep.train import TrialData, default_device, fit
-
     if spec.threads:
         torch.set_num_threads(spec.threads)
-    # what the first trials would import (seconds), while the study process makes the data
+    # what the first trials import (seconds), while the study process makes the data
     import peft  # noqa: F401
 
     import aurora_sweep.figures  # noqa: F401
+    import aurora_sweep.train  # noqa: F401
+    from aurora_sweep.recipe import TrialConfig
 
     # the study process may still be making the data: wait for its word (and the base model's
     # scores it has by then)
     message = conn.recv()
     if message[0] != "start":
         return
-    spec = dataclasses.replace(spec, base_mse=message[1])
     try:
+        session = _Session.open(dataclasses.replace(spec, base_mse=message[1]))
+    except AuroraSweepError as e:
+        conn.send(("error", {"message": str(e)}))
+        return
+    conn.send(("ready", session.info()))
+    while True:
+        message = conn.recv()
+        if message[0] == "stop":
+            return
+        _, trial_dict, adapter_dir = message
+        if not session.run(conn, TrialConfig.from_dict(trial_dict), Path(adapter_dir)):
+            return  # a fresh process replaces this one: nothing leaks into the next trial
+
+
+@dataclass
+class _Session:
+    """What a worker keeps from trial to trial: the study's data, device and base checkpoint."""
+
+    spec: WorkerSpec
+    config: Any
+    data: Any  # train.TrialData
+    device: Any  # torch.device
+    checkpoint: Path
+
+    @classmethod
+    def open(cls, spec: WorkerSpec) -> _Session:
+        """Load the study's data and score the base model in the first precision searched."""
+        import torch
+
+        from aurora_sweep.config import load_config
+        from aurora_sweep.data import open_cube
+        from aurora_sweep.evaluation import check_objective_defined
+        from aurora_sweep.model import resolve_checkpoint
+        from aurora_sweep.train import TrialData, default_device
+
         config = load_config(spec.config_path, workdir=spec.workdir)
         device = default_device()
         if device.type == "cuda" and spec.memory_cap:
@@ -285,29 +312,33 @@ def serve(conn, spec: WorkerSpec) -> None:
             config.model.base, spec.checkpoint or config.model.checkpoint
         )
         data.base_mse = dict(spec.base_mse or {})
+        session = cls(spec, config, data, device, checkpoint)
+        session.base_scores(config.search.precision[0])
+        return session
 
-        def base_scores(precision: str) -> None:
-            """The base model's scores in `precision`, once: when a trial first needs them."""
-            if precision not in data.base_mse:
-                data.base_mse[precision] = base_state_mse(
-                    data, base=config.model.base, checkpoint=checkpoint, device=device,
-                    precision=precision, wrap_longitude=config.data.wrap_longitude,
-                )  # fmt: skip
+    def info(self) -> dict[str, Any]:
+        return {"train": len(self.data.train), "validation": len(self.data.validation),
+                "device": str(self.device), "checkpoint": str(self.checkpoint),
+                "base_mse": self.data.base_mse}  # fmt: skip
 
-        base_scores(config.search.precision[0])
-    except AuroraSweepError as e:
-        conn.send(("error", {"message": str(e)}))
-        return
-    conn.send(("ready", {"train": len(data.train), "validation": len(data.validation),
-                         "device": str(device), "checkpoint": str(checkpoint),
-                         "base_mse": data.base_mse}))  # fmt: skip
+    def base_scores(self, precision: str) -> None:
+        """The base model's scores in `precision`, once: when a trial first needs them."""
+        from aurora_sweep.evaluation import base_state_mse
 
-    while True:
-        message = conn.recv()
-        if message[0] == "stop":
-            return
-        _, trial_dict, adapter_dir = message
-        trial = TrialConfig.from_dict(trial_dict)
+        if precision not in self.data.base_mse:
+            self.data.base_mse[precision] = base_state_mse(
+                self.data, base=self.config.model.base, checkpoint=self.checkpoint,
+                device=self.device, precision=precision,
+                wrap_longitude=self.config.data.wrap_longitude,
+            )  # fmt: skip
+
+    def run(self, conn, trial, adapter_dir: Path) -> bool:
+        """Run one trial and send its outcome; False when this process must end (out of
+        memory: the allocator may hold on to what the failed trial took)."""
+        import torch
+
+        from aurora_sweep.train import fit
+
         started = time.perf_counter()
 
         def report(step: int, value: float) -> None:
@@ -316,44 +347,54 @@ def serve(conn, spec: WorkerSpec) -> None:
                 raise _Pruned(step, value)
 
         try:
-            base_scores(trial.precision)
-            result = (spec.fit or fit)(
-                trial, data, checkpoint=checkpoint, report=report, device=device
+            self.base_scores(trial.precision)
+            result = (self.spec.fit or fit)(
+                trial, self.data, checkpoint=self.checkpoint, report=report, device=self.device
             )
-            save_adapter(
-                Path(adapter_dir), model=result.model, parts=result.parts, trial=trial, tp=data.tp,
-                checkpoint=checkpoint, study_config=config.path, metrics=result.metrics,
-                history={"train_loss": result.train_loss, "val_loss": result.val_loss},
-                extra=(spec.extra or {}) | {"objective": config.objective},
-            )  # fmt: skip
-            figures = Path(adapter_dir).parent / "figures"
-            figures.mkdir(parents=True, exist_ok=True)
-            for name, png in trial_figures(result, data).items():
-                (figures / name).write_bytes(png)
-            terms = result.forecasts.objective_terms
-            conn.send(("outcome", Complete(
-                metrics=result.metrics, train_loss=result.train_loss, val_loss=result.val_loss,
-                intermediate=result.intermediate, peak_memory_mb=result.peak_memory_mb,
-                seconds=result.seconds, val_terms=result.val_terms,
-                objective_terms=encode_terms(*terms, result.forecasts.objective_days),
-                peak_reserved_mb=result.peak_reserved_mb,
-                loader_wait_fraction=result.loader_wait_fraction, base_mse=data.base_mse,
-            )))  # fmt: skip
+            conn.send(("outcome", self.complete(result, trial, adapter_dir)))
             del result
         except _Pruned as p:
             conn.send(("outcome", Pruned(p.step, p.value, time.perf_counter() - started)))
         except torch.OutOfMemoryError as e:
-            peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
-            conn.send(("outcome", OutOfMemory(
-                str(e).splitlines()[0], peak, time.perf_counter() - started
-            )))  # fmt: skip
-            return  # a fresh process replaces this one: nothing leaks into the next trial
+            cuda = self.device.type == "cuda"
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**20 if cuda else 0.0
+            seconds = time.perf_counter() - started
+            conn.send(("outcome", OutOfMemory(str(e).splitlines()[0], peak, seconds)))
+            return False
         except Exception as e:
             conn.send(("outcome", Failed(
                 f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-4000:]
             )))  # fmt: skip
-        if device.type == "cuda":
+        if self.device.type == "cuda":
             torch.cuda.empty_cache()
+        return True
+
+    def complete(self, result, trial, adapter_dir: Path) -> Complete:
+        """Save a finished trial's adapter and figures beside it; its outcome."""
+        from aurora_sweep.evaluation import trial_figures
+        from aurora_sweep.export import save_adapter
+        from aurora_sweep.metrics import encode_terms
+
+        config = self.config
+        save_adapter(
+            adapter_dir, model=result.model, parts=result.parts, trial=trial, tp=self.data.tp,
+            checkpoint=self.checkpoint, study_config=config.path, metrics=result.metrics,
+            history={"train_loss": result.train_loss, "val_loss": result.val_loss},
+            extra=(self.spec.extra or {}) | {"objective": config.objective},
+        )  # fmt: skip
+        figures = adapter_dir.parent / "figures"
+        figures.mkdir(parents=True, exist_ok=True)
+        for name, png in trial_figures(result, self.data).items():
+            (figures / name).write_bytes(png)
+        terms = result.forecasts.objective_terms
+        return Complete(
+            metrics=result.metrics, train_loss=result.train_loss, val_loss=result.val_loss,
+            intermediate=result.intermediate, peak_memory_mb=result.peak_memory_mb,
+            seconds=result.seconds, val_terms=result.val_terms,
+            objective_terms=encode_terms(*terms, result.forecasts.objective_days),
+            peak_reserved_mb=result.peak_reserved_mb,
+            loader_wait_fraction=result.loader_wait_fraction, base_mse=self.data.base_mse,
+        )  # fmt: skip
 
 
 class _Pruned(Exception):
