@@ -65,3 +65,13 @@ def test_the_light_modules_import_without_torch(module):
     code = f"import sys, aurora_sweep.{module}; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_ruff_finds_nothing_in_the_code_the_tests_or_the_benchmarks():
+    """Lint and complexity (ruff's C90 at 12, pyproject.toml) as part of the test command."""
+    root = PACKAGE.parents[1]
+    out = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "src", "tests", "bench", "scripts"],
+        cwd=root, capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr

@@ -150,3 +150,18 @@ def test_memory_sizes_parse_with_units(text, expected):
 def test_memory_size_without_number_is_refused():
     with pytest.raises(AuroraSweepError, match="10GiB"):
         parse_memory("lots")
+
+
+def test_a_study_that_names_only_its_data_gets_the_declared_defaults(tmp_path):
+    from aurora_sweep.config import ModelConfig, SearchSpace, StudyConfig, TrainConfig
+
+    text = "[data]\nregion = { north = 62.0, south = 31.0, west = 4.0, east = 51.0 }\n"
+    config = load_config(_write(tmp_path, text), workdir=tmp_path)
+    assert config.search == SearchSpace()  # every [search] default is the field's
+    assert config.model == ModelConfig()
+    steps = TrainConfig().steps
+    assert config.train == TrainConfig(eval_every=steps // 4)  # a quarter of the steps
+    assert config.max_forgetting == StudyConfig.__dataclass_fields__["max_forgetting"].default
+    assert config.lead_steps == 1 and config.reference and config.max_failures == 5
+    assert config.data.source == "era5" and config.data.levels == (500, 700, 850)
+    assert config.data.train.start.year == 2022 and config.data.test.end.year == 2025

@@ -13,7 +13,7 @@ import difflib
 import re
 import tomllib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -124,8 +124,8 @@ class DataConfig:
 class ModelConfig:
     """The base model that trials adapt."""
 
-    base: str
-    checkpoint: Path | None
+    base: str = "small-pretrained"
+    checkpoint: Path | None = None
     new_variable: str = "tp"
 
 
@@ -133,29 +133,29 @@ class ModelConfig:
 class TrainConfig:
     """Fixed settings of every trial's fine-tune."""
 
-    steps: int
-    eval_every: int
-    val_samples: int
-    learning_rate: float
-    weight_decay: float
-    seed: int
+    steps: int = 200
+    eval_every: int = 50  # when not given: a quarter of `steps` (at least 1)
+    val_samples: int = 64  # the pruner's fixed validation subset
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    seed: int = 0
 
 
 @dataclass(frozen=True)
 class SearchSpace:
     """What Optuna may vary; a single-element list fixes a dimension. A parameter that a method
-    does not use is not sampled for it (LoRA rank and targets for `head`, say)."""
+    does not use is not sampled for it (LoRA rank and targets for `head`, say). The defaults
+    here are the defaults of a study file's [search]."""
 
-    method: tuple[str, ...]
-    blocks: tuple[int, ...]  # how many last backbone blocks the `blocks` method trains
-
-    lora_rank: tuple[int, ...]
-    lora_targets: tuple[str, ...]
-    unfrozen_blocks: tuple[int, ...]
-    batch_size: tuple[int, ...]
-    precision: tuple[str, ...]
-    learning_rate: tuple[float, float] | None
-    activation_checkpointing: tuple[bool, ...]
+    method: tuple[str, ...] = ("lora",)
+    blocks: tuple[int, ...] = (2,)  # how many last backbone blocks the `blocks` method trains
+    lora_rank: tuple[int, ...] = (8,)
+    lora_targets: tuple[str, ...] = ("qkv+proj",)
+    unfrozen_blocks: tuple[int, ...] = (0,)
+    batch_size: tuple[int, ...] = (1,)
+    precision: tuple[str, ...] = ("bf16",)
+    learning_rate: tuple[float, float] | None = None  # None: [train] learning_rate, fixed
+    activation_checkpointing: tuple[bool, ...] = (False,)
     #: the new variable's weight in Aurora's loss (`loss.py`), and its error
     target_weight: tuple[float, ...] = (1.0,)
     loss: tuple[str, ...] = ("mae",)
@@ -164,6 +164,11 @@ class SearchSpace:
     target_input_lr: tuple[float, ...] = (0.1,)
     #: model steps a training sample rolls out (the loss on the last, gradients through it)
     rollout_steps: tuple[int, ...] = (1,)
+
+
+def _default(cls: type, name: str) -> Any:
+    """The default of a config dataclass's field: each setting's default is declared once."""
+    return cls.__dataclass_fields__[name].default
 
 
 @dataclass(frozen=True)
@@ -252,8 +257,10 @@ def _period(value: Any, where: str) -> Period:
     return Period(start, end)
 
 
-def _choices(table: dict, key: str, kind: type, default: list, allowed: tuple = ()) -> tuple:
-    value = table.get(key, default)
+def _choices(table: dict, key: str, kind: type, allowed: tuple = ()) -> tuple:
+    """A [search] list of choices of `kind` (each among `allowed`), SearchSpace's default
+    when the file does not give it."""
+    value = table.get(key, list(_default(SearchSpace, key)))
     if not isinstance(value, list):
         value = [value]
     if not value:
@@ -314,7 +321,7 @@ def check_region_size(region: Region, grid: float) -> None:
 
 
 def _lora_targets(table: dict) -> tuple[str, ...]:
-    value = table.get("lora_targets", ["qkv+proj"])
+    value = table.get("lora_targets", list(_default(SearchSpace, "lora_targets")))
     if not isinstance(value, list) or not value:
         raise AuroraSweepError(
             "[search] lora_targets: give a list such as ['qkv+proj', 'qkv+proj+fc1+fc2']"
@@ -361,11 +368,9 @@ SCHEMA: dict[str, tuple[str, ...]] = {
               "seed", "reference", "max_forgetting", "max_failures", "lead"),
     "data": ("source", "store", "region", "levels", "grid", "period", "train", "validation",
              "test"),
-    "model": ("base", "checkpoint", "new_variable"),
-    "train": ("steps", "eval_every", "val_samples", "learning_rate", "weight_decay", "seed"),
-    "search": ("method", "blocks", "lora_rank", "lora_targets", "unfrozen_blocks", "batch_size",
-               "precision", "learning_rate", "activation_checkpointing", "target_weight", "loss",
-               "target_input_lr", "rollout_steps"),
+    "model": tuple(f.name for f in fields(ModelConfig)),
+    "train": tuple(f.name for f in fields(TrainConfig)),
+    "search": tuple(f.name for f in fields(SearchSpace)),
     "resources": ("gpu_memory_cap",),
 }  # fmt: skip
 REGION_KEYS = ("north", "south", "west", "east")
@@ -437,20 +442,89 @@ def _text(value: Any, what: str) -> str:
 
 
 def _build(raw: dict, path: Path, workdir: Path) -> StudyConfig:
-    study, data, model = raw.get("study", {}), raw["data"], raw.get("model", {})
-    train, search, resources = raw.get("train", {}), raw.get("search", {}), raw.get("resources", {})
-
+    study, resources = raw.get("study", {}), raw.get("resources", {})
     name = _text(study["name"], "[study] name") if "name" in study else path.stem
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         raise AuroraSweepError(f"[study] name {name!r}: use letters, digits, '.', '_' and '-'")
-
     objective, objectives = _objectives(study)
+    for key in ("storage", "tracking_uri"):
+        if key in study:
+            _text(study[key], f"[study] {key}")
+    cap = resources.get("gpu_memory_cap")
+    return StudyConfig(
+        name=name,
+        path=path.resolve(),
+        objective=objective,
+        objectives=objectives,
+        storage=storage_url(study.get("storage") or f"sqlite:///{name}.optuna.db", workdir),
+        tracking_uri=tracking_url(study.get("tracking_uri"), workdir),
+        gpu_memory_cap=parse_memory(cap) if cap is not None else None,
+        sampler_seed=_whole(study.get("seed", 0), "[study] seed"),
+        data=_data_config(raw["data"], name, workdir),
+        model=_model_config(raw.get("model", {}), workdir),
+        train=_train_config(raw.get("train", {})),
+        search=_search_space(raw.get("search", {})),
+        workdir=workdir,
+        **_study_settings(study),
+    )
+
+
+def _study_settings(study: dict) -> dict[str, Any]:
+    """[study]'s settings with a default in StudyConfig."""
+
+    def given(key: str, field_name: str | None = None) -> Any:
+        return study.get(key, _default(StudyConfig, field_name or key))
+
+    return dict(
+        reference=_bool(given("reference"), "[study] reference"),
+        heartbeat_seconds=_whole(
+            given("heartbeat_seconds"), "[study] heartbeat_seconds", minimum=1
+        ),
+        max_forgetting=_number(given("max_forgetting"), "[study] max_forgetting", minimum=1.0),
+        max_failures=_whole(given("max_failures"), "[study] max_failures", minimum=1),
+        lead_steps=parse_lead(study.get("lead", LEADS[_default(StudyConfig, "lead_steps")]),
+                              "[study] lead"),
+    )  # fmt: skip
+
+
+#: the splits' default periods: train on the two years after Aurora's pretraining, then one each
+DEFAULT_SPLITS = {
+    "train": ["2022-01-01", "2023-12-31"],
+    "validation": ["2024-01-01", "2024-12-31"],
+    "test": ["2025-01-01", "2025-12-31"],
+}
+
+
+def _data_config(data: dict, name: str, workdir: Path) -> DataConfig:
     source = data.get("source", "era5")
     if source not in DATA_SOURCES:
         raise AuroraSweepError(f"[data] source {source!r} is not one of {', '.join(DATA_SOURCES)}")
     r = data["region"]
     region = Region(float(r["north"]), float(r["south"]), float(r["west"]), float(r["east"]))
     check_region(region)
+    grid = _number(data.get("grid", 0.25), "[data] grid")
+    if grid <= 0:
+        raise AuroraSweepError(f"[data] grid {grid}: give the grid spacing in degrees, e.g. 0.25")
+    splits = {k: _period(data.get(k, d), f"[data] {k}") for k, d in DEFAULT_SPLITS.items()}
+    ordered = sorted(splits.items(), key=lambda kv: kv[1].start)
+    for (a, pa), (b, pb) in zip(ordered, ordered[1:]):
+        if pb.start <= pa.end:
+            raise AuroraSweepError(f"[data] the {a} and {b} periods overlap")
+    period = _period(
+        data.get("period", [str(ordered[0][1].start), str(ordered[-1][1].end)]), "[data] period"
+    )
+    for k, p in splits.items():
+        if p.start < period.start or p.end > period.end:
+            raise AuroraSweepError(f"[data] the {k} period lies outside [data] period")
+    store = workdir / _text(data.get("store", f"data/{name}/store.zarr"), "[data] store")
+    return DataConfig(
+        source=source, store=store, region=region, levels=_levels(data), grid=grid,
+        period=period, train=splits["train"], validation=splits["validation"],
+        test=splits["test"],
+    )  # fmt: skip
+
+
+def _levels(data: dict) -> tuple[int, ...]:
     raw_levels = data.get("levels", [500, 700, 850])
     if not isinstance(raw_levels, list):
         raise AuroraSweepError(
@@ -464,69 +538,60 @@ def _build(raw: dict, path: Path, workdir: Path) -> StudyConfig:
         )
     if len(set(levels)) != len(levels):
         raise AuroraSweepError("[data] levels: a level is listed twice")
-    grid = _number(data.get("grid", 0.25), "[data] grid")
-    if grid <= 0:
-        raise AuroraSweepError(f"[data] grid {grid}: give the grid spacing in degrees, e.g. 0.25")
-    splits = {k: _period(data.get(k, d), f"[data] {k}") for k, d in (
-        ("train", ["2022-01-01", "2023-12-31"]),
-        ("validation", ["2024-01-01", "2024-12-31"]),
-        ("test", ["2025-01-01", "2025-12-31"]),
-    )}  # fmt: skip
-    ordered = sorted(splits.items(), key=lambda kv: kv[1].start)
-    for (a, pa), (b, pb) in zip(ordered, ordered[1:]):
-        if pb.start <= pa.end:
-            raise AuroraSweepError(f"[data] the {a} and {b} periods overlap")
-    period = _period(
-        data.get("period", [str(ordered[0][1].start), str(ordered[-1][1].end)]), "[data] period"
-    )
-    for k, p in splits.items():
-        if p.start < period.start or p.end > period.end:
-            raise AuroraSweepError(f"[data] the {k} period lies outside [data] period")
-    store = workdir / _text(data.get("store", f"data/{name}/store.zarr"), "[data] store")
+    return levels
 
-    base = model.get("base", "small-pretrained")
+
+def _model_config(model: dict, workdir: Path) -> ModelConfig:
+    base = model.get("base", _default(ModelConfig, "base"))
     if base not in BASE_MODELS:
         raise AuroraSweepError(f"[model] base {base!r} is not one of {', '.join(BASE_MODELS)}")
     checkpoint = model.get("checkpoint")
     if checkpoint is not None:
         _text(checkpoint, "[model] checkpoint")
-    new_variable = model.get("new_variable", "tp")
+    new_variable = model.get("new_variable", _default(ModelConfig, "new_variable"))
     if new_variable != "tp":
         raise AuroraSweepError("[model] new_variable: only 'tp' is supported")
-
-    steps = _whole(train.get("steps", 200), "[train] steps", minimum=1)
-    eval_every = _whole(
-        train.get("eval_every", max(1, steps // 4)), "[train] eval_every", minimum=1
+    return ModelConfig(
+        base=base,
+        checkpoint=(workdir / checkpoint) if checkpoint else None,
+        new_variable=new_variable,
     )
-    val_samples = _whole(train.get("val_samples", 64), "[train] val_samples", minimum=1)
-    lr = _number(train.get("learning_rate", 1e-3), "[train] learning_rate", minimum=0, above=True)
-    weight_decay = _number(train.get("weight_decay", 0.0), "[train] weight_decay", minimum=0)
-    train_seed = _whole(train.get("seed", 0), "[train] seed")
 
-    lr_range = search.get("learning_rate")
-    if lr_range is not None:
-        if not (
-            isinstance(lr_range, list)
-            and len(lr_range) == 2
-            and all(isinstance(v, int | float) and not isinstance(v, bool) for v in lr_range)
-            and 0 < lr_range[0] <= lr_range[1]
-        ):
-            raise AuroraSweepError("[search] learning_rate: give [low, high] with 0 < low <= high")
-        lr_range = (float(lr_range[0]), float(lr_range[1]))
+
+def _train_config(train: dict) -> TrainConfig:
+    def given(key: str) -> Any:
+        return train.get(key, _default(TrainConfig, key))
+
+    steps = _whole(given("steps"), "[train] steps", minimum=1)
+    return TrainConfig(
+        steps=steps,
+        eval_every=_whole(
+            train.get("eval_every", max(1, steps // 4)), "[train] eval_every", minimum=1
+        ),
+        val_samples=_whole(given("val_samples"), "[train] val_samples", minimum=1),
+        learning_rate=_number(
+            given("learning_rate"), "[train] learning_rate", minimum=0, above=True
+        ),
+        weight_decay=_number(given("weight_decay"), "[train] weight_decay", minimum=0),
+        seed=_whole(given("seed"), "[train] seed"),
+    )
+
+
+def _search_space(search: dict) -> SearchSpace:
     space = SearchSpace(
-        method=_choices(search, "method", str, ["lora"], METHODS),
-        blocks=_choices(search, "blocks", int, [2]),
-        lora_rank=_choices(search, "lora_rank", int, [8]),
+        method=_choices(search, "method", str, METHODS),
+        blocks=_choices(search, "blocks", int),
+        lora_rank=_choices(search, "lora_rank", int),
         lora_targets=_lora_targets(search),
-        unfrozen_blocks=_choices(search, "unfrozen_blocks", int, [0]),
-        batch_size=_choices(search, "batch_size", int, [1]),
-        precision=_choices(search, "precision", str, ["bf16"], PRECISIONS),
-        learning_rate=lr_range,
-        activation_checkpointing=_choices(search, "activation_checkpointing", bool, [False]),
-        target_weight=_choices(search, "target_weight", float, [1.0]),
-        loss=_choices(search, "loss", str, ["mae"], TP_LOSSES),
-        target_input_lr=_choices(search, "target_input_lr", float, [0.1]),
-        rollout_steps=_choices(search, "rollout_steps", int, [1]),
+        unfrozen_blocks=_choices(search, "unfrozen_blocks", int),
+        batch_size=_choices(search, "batch_size", int),
+        precision=_choices(search, "precision", str, PRECISIONS),
+        learning_rate=_lr_range(search.get("learning_rate")),
+        activation_checkpointing=_choices(search, "activation_checkpointing", bool),
+        target_weight=_choices(search, "target_weight", float),
+        loss=_choices(search, "loss", str, TP_LOSSES),
+        target_input_lr=_choices(search, "target_input_lr", float),
+        rollout_steps=_choices(search, "rollout_steps", int),
     )
     if any(r < 1 for r in space.lora_rank) or any(b < 1 for b in space.batch_size):
         raise AuroraSweepError("[search] lora_rank and batch_size choices must be at least 1")
@@ -543,58 +608,21 @@ def _build(raw: dict, path: Path, workdir: Path) -> StudyConfig:
         raise AuroraSweepError("[search] target_input_lr choices must be 0 (output-only) or more")
     if any(n < 1 for n in space.blocks):
         raise AuroraSweepError("[search] blocks (for the blocks method) must be 1 or more")
+    return space
 
-    cap = resources.get("gpu_memory_cap")
-    for key in ("storage", "tracking_uri"):
-        if key in study:
-            _text(study[key], f"[study] {key}")
-    storage = storage_url(study.get("storage") or f"sqlite:///{name}.optuna.db", workdir)
 
-    return StudyConfig(
-        name=name,
-        path=path.resolve(),
-        objective=objective,
-        objectives=objectives,
-        storage=storage,
-        tracking_uri=tracking_url(study.get("tracking_uri"), workdir),
-        gpu_memory_cap=parse_memory(cap) if cap is not None else None,
-        sampler_seed=_whole(study.get("seed", 0), "[study] seed"),
-        data=DataConfig(
-            source=source,
-            store=store,
-            region=region,
-            levels=levels,
-            grid=grid,
-            period=period,
-            train=splits["train"],
-            validation=splits["validation"],
-            test=splits["test"],
-        ),
-        model=ModelConfig(
-            base=base,
-            checkpoint=(workdir / checkpoint) if checkpoint else None,
-            new_variable=new_variable,
-        ),
-        train=TrainConfig(
-            steps=steps,
-            eval_every=eval_every,
-            val_samples=val_samples,
-            learning_rate=lr,
-            weight_decay=weight_decay,
-            seed=train_seed,
-        ),
-        search=space,
-        workdir=workdir,
-        reference=_bool(study.get("reference", True), "[study] reference"),
-        heartbeat_seconds=_whole(
-            study.get("heartbeat_seconds", 60), "[study] heartbeat_seconds", minimum=1
-        ),
-        max_forgetting=_number(
-            study.get("max_forgetting", 1.10), "[study] max_forgetting", minimum=1.0
-        ),
-        max_failures=_whole(study.get("max_failures", 5), "[study] max_failures", minimum=1),
-        lead_steps=parse_lead(study.get("lead", "6h"), "[study] lead"),
-    )
+def _lr_range(value: Any) -> tuple[float, float] | None:
+    """[search] learning_rate: [low, high], sampled log-uniformly; None when not given."""
+    if value is None:
+        return None
+    if not (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+        and 0 < value[0] <= value[1]
+    ):
+        raise AuroraSweepError("[search] learning_rate: give [low, high] with 0 < low <= high")
+    return (float(value[0]), float(value[1]))
 
 
 def _objectives(study: dict) -> tuple[str, tuple[str, ...]]:

@@ -397,17 +397,7 @@ def _fill(
     tp_sum[...] = 0.0
     tp_count = np.zeros(nt, dtype=np.int64)
 
-    # Invert the source table: piece -> var -> [(file time index, store time index, level)].
-    jobs: dict[int, dict[str, list[tuple[int, int, int | None]]]] = {}
-    for (v, lv), slot in plan.sources.items():
-        for t, (_, p, i) in slot.items():
-            if v == store.TARGET_VAR:
-                k = t_pos.get(_model_step_ending(t))
-            else:
-                k = t_pos.get(t)
-            if k is not None:
-                jobs.setdefault(p, {}).setdefault(v, []).append((i, k, lv))
-
+    jobs = _jobs_by_piece(plan, t_pos)
     with _progress(progress) as bar:
         task = bar.add_task("importing ERA5", total=len(jobs))
         for p, per_var in sorted(jobs.items()):
@@ -433,13 +423,32 @@ def _fill(
     tp = tp_sum  # in place: metres summed -> mm, NaN where an hour is missing
     for k in range(nt):
         tp[k] = tp[k] * 1000.0 if tp_count[k] == TP_HOURS else np.nan
+    return _cube(plan, out, tp, _statics(pieces, plan))
 
+
+def _jobs_by_piece(plan: _Plan, t_pos: dict) -> dict[int, dict[str, list[tuple]]]:
+    """The plan's source table inverted: piece -> variable -> [(the file's time index, the
+    store's time index, level)]; an hour of tp goes to the 6-hour step it ends in."""
+    jobs: dict[int, dict[str, list[tuple[int, int, int | None]]]] = {}
+    for (v, lv), slot in plan.sources.items():
+        for t, (_, p, i) in slot.items():
+            k = t_pos.get(_model_step_ending(t) if v == store.TARGET_VAR else t)
+            if k is not None:
+                jobs.setdefault(p, {}).setdefault(v, []).append((i, k, lv))
+    return jobs
+
+
+def _statics(pieces: list[_Piece], plan: _Plan) -> dict[str, np.ndarray]:
     static = {}
     for v, p in plan.statics.items():
         piece = pieces[p]
         static[v] = _read(piece.ds[v], time=np.array([0]), latitude=piece.lat_idx,
                           longitude=piece.lon_idx)[0]  # fmt: skip
+    return static
 
+
+def _cube(plan: _Plan, out: dict, tp: np.ndarray, static: dict) -> xr.Dataset:
+    """The canonical cube of the filled arrays, with units."""
     coords = {
         "time": plan.times.astype("datetime64[s]").astype("datetime64[ns]"),
         "level": np.array(plan.levels, dtype=np.int64),

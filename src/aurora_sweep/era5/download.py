@@ -302,55 +302,16 @@ def _fetch_all(
     may sit in the CDS queue for an hour; an abandoned request can only leave a `.partial`
     file, which the next download removes.
     """
-    local = threading.local()
     try:
         first = client_factory()
     except Exception as e:  # cdsapi raises a bare Exception for missing credentials
         raise AuroraSweepError(classify_failure(e, todo[0]).message) from None
-    stop = threading.Event()
-
-    def client() -> Any:
-        if not hasattr(local, "client"):
-            local.client = client_factory()
-        return local.client
-
-    def fetch(req: Request, attempt: int) -> int:
-        """Retrieve into `<target>.partial`; returns the attempts used so far."""
-        partial = folder / f"{req.target}.partial"
-        while True:
-            try:
-                client().retrieve(req.dataset, req.request, str(partial))
-                return attempt
-            except Exception as e:
-                partial.unlink(missing_ok=True)
-                failure = classify_failure(e, req)
-                if not failure.transient or attempt >= retries:
-                    raise AuroraSweepError(failure.message) from None
-            if stop.wait(min(backoff * 2**attempt, 600.0)):
-                raise AuroraSweepError("stopped")
-            attempt += 1
-
-    jobs: queue.Queue[tuple[Request, int]] = queue.Queue()
-    results: queue.Queue[tuple[Request, int | BaseException]] = queue.Queue()
-
-    def work() -> None:
-        while not stop.is_set():
-            try:
-                req, attempt = jobs.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            try:
-                results.put((req, fetch(req, attempt)))
-            except BaseException as e:  # noqa: BLE001 - handed to the calling thread
-                results.put((req, e))
-            if stop.is_set():  # arrived after the download stopped: nobody will check it
-                (folder / f"{req.target}.partial").unlink(missing_ok=True)
-
+    fetcher = _Fetcher(folder, client_factory, retries=retries, backoff=backoff)
+    fetcher.local.client = first  # the calling thread never fetches, but keeps it alive
     for req in todo:
-        jobs.put((req, 0))
-    local.client = first  # the calling thread never fetches, but keeps the first client alive
+        fetcher.jobs.put((req, 0))
     threads = [
-        threading.Thread(target=work, name=f"cds-{i}", daemon=True)
+        threading.Thread(target=fetcher.work, name=f"cds-{i}", daemon=True)
         for i in range(max(1, min(max_workers, len(todo))))
     ]
     for thread in threads:
@@ -362,42 +323,97 @@ def _fetch_all(
         try:
             while outstanding:
                 try:
-                    req, outcome = results.get(timeout=0.5)
+                    req, outcome = fetcher.results.get(timeout=0.5)
                 except queue.Empty:
                     continue
                 if isinstance(outcome, BaseException):
                     raise outcome
-                partial, target = folder / f"{req.target}.partial", folder / req.target
-                try:
-                    check_chunk(partial)
-                except CorruptFileError as e:
-                    partial.unlink(missing_ok=True)
-                    if outcome >= retries:
-                        raise AuroraSweepError(
-                            f"{req.target} arrived truncated or corrupt {outcome + 1} times"
-                            f" ({e}); run the download again later"
-                        ) from None
-                    jobs.put((req, outcome + 1))
-                    continue
-                os.replace(partial, target)
-                chunks[req.target] = {
-                    "dataset": req.dataset,
-                    "key": req.key,
-                    "bytes": target.stat().st_size,
-                    "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                }
-                _save_manifest(folder, chunks)
-                bar.advance(task)
-                outstanding -= 1
+                if fetcher.accept(req, outcome, chunks):
+                    bar.advance(task)
+                    outstanding -= 1
         except KeyboardInterrupt:
             interrupted = True
-            stop.set()
+            fetcher.stop.set()
             raise DownloadInterrupted(total - outstanding, total, folder) from None
         finally:
-            stop.set()
+            fetcher.stop.set()
             if not interrupted:  # a failure: give requests about to land a moment to settle
                 deadline = time.monotonic() + 5.0
                 for thread in threads:
                     thread.join(timeout=max(0.0, deadline - time.monotonic()))
             for stale in folder.glob("*.partial"):
                 stale.unlink(missing_ok=True)
+
+
+class _Fetcher:
+    """What `_fetch_all`'s worker threads share: the queues, a CDS client per thread, a stop."""
+
+    def __init__(
+        self, folder: Path, client_factory: Callable[[], Any], *, retries: int, backoff: float
+    ) -> None:
+        self.folder, self.client_factory = folder, client_factory
+        self.retries, self.backoff = retries, backoff
+        self.local = threading.local()
+        self.stop = threading.Event()
+        self.jobs: queue.Queue[tuple[Request, int]] = queue.Queue()
+        self.results: queue.Queue[tuple[Request, int | BaseException]] = queue.Queue()
+
+    def client(self) -> Any:
+        if not hasattr(self.local, "client"):
+            self.local.client = self.client_factory()
+        return self.local.client
+
+    def fetch(self, req: Request, attempt: int) -> int:
+        """Retrieve into `<target>.partial`; returns the attempts used so far."""
+        partial = self.folder / f"{req.target}.partial"
+        while True:
+            try:
+                self.client().retrieve(req.dataset, req.request, str(partial))
+                return attempt
+            except Exception as e:
+                partial.unlink(missing_ok=True)
+                failure = classify_failure(e, req)
+                if not failure.transient or attempt >= self.retries:
+                    raise AuroraSweepError(failure.message) from None
+            if self.stop.wait(min(self.backoff * 2**attempt, 600.0)):
+                raise AuroraSweepError("stopped")
+            attempt += 1
+
+    def work(self) -> None:
+        """A worker thread: fetch queued requests until stopped; each result goes back."""
+        while not self.stop.is_set():
+            try:
+                req, attempt = self.jobs.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            try:
+                self.results.put((req, self.fetch(req, attempt)))
+            except BaseException as e:  # noqa: BLE001 - handed to the calling thread
+                self.results.put((req, e))
+            if self.stop.is_set():  # arrived after the download stopped: nobody will check it
+                (self.folder / f"{req.target}.partial").unlink(missing_ok=True)
+
+    def accept(self, req: Request, attempts: int, chunks: dict[str, dict]) -> bool:
+        """On the calling thread: check an arrived file, then keep it and record it in the
+        manifest (True), or queue it again when it arrived corrupt (False)."""
+        partial, target = self.folder / f"{req.target}.partial", self.folder / req.target
+        try:
+            check_chunk(partial)
+        except CorruptFileError as e:
+            partial.unlink(missing_ok=True)
+            if attempts >= self.retries:
+                raise AuroraSweepError(
+                    f"{req.target} arrived truncated or corrupt {attempts + 1} times"
+                    f" ({e}); run the download again later"
+                ) from None
+            self.jobs.put((req, attempts + 1))
+            return False
+        os.replace(partial, target)
+        chunks[req.target] = {
+            "dataset": req.dataset,
+            "key": req.key,
+            "bytes": target.stat().st_size,
+            "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        }
+        _save_manifest(self.folder, chunks)
+        return True

@@ -79,19 +79,7 @@ def normalise(ds: xr.Dataset, *, label: str = "the file") -> xr.Dataset:
     (t2m->2t, u10->10u, v10->10v, z/lsm/slt without a level -> static_*). Unknown variables keep
     their names. Nothing is loaded.
     """
-    if "date" in ds.dims:
-        raise AuroraSweepError(
-            f"{label} holds monthly means (a 'date' dimension): download the hourly"
-            f" 'reanalysis' product of {SINGLE_LEVELS} instead"
-        )
-    if "step" in ds.dims:
-        raise AuroraSweepError(
-            f"{label} has a forecast 'step' dimension: request reanalysis fields"
-        )
-    if "expver" in ds.dims:
-        raise AuroraSweepError(
-            f"{label} has expver as a dimension (the CDS layout before 2024): download it again"
-        )
+    _refuse_other_products(ds, label)
     if "valid_time" in ds.dims:
         ds = ds.drop_vars("time", errors="ignore").rename({"valid_time": "time"})
     elif "time" not in ds.dims:
@@ -108,13 +96,7 @@ def normalise(ds: xr.Dataset, *, label: str = "the file") -> xr.Dataset:
     if not {"latitude", "longitude"} <= set(ds.dims):
         raise AuroraSweepError(f"{label} has no latitude/longitude dimensions")
 
-    n = ds.sizes["time"]
-    if "expver" in ds.coords and ds["expver"].ndim == 1:
-        expver = np.array([str(v) for v in ds["expver"].values])
-    elif "expver" in ds.coords:
-        expver = np.full(n, str(ds["expver"].values.item()))
-    else:
-        expver = np.full(n, "0001")
+    expver = _expver(ds)
     keep = {"time", "level", "latitude", "longitude"}
     ds = ds.drop_vars([c for c in ds.coords if c not in keep])
     ds = ds.assign_coords(expver=("time", expver))
@@ -126,6 +108,33 @@ def normalise(ds: xr.Dataset, *, label: str = "the file") -> xr.Dataset:
     ds = ds.rename(names)
     ds.attrs = {"source": label}
     return ds
+
+
+def _refuse_other_products(ds: xr.Dataset, label: str) -> None:
+    """Refuse monthly means, forecasts and the CDS layout before 2024, each in one line."""
+    if "date" in ds.dims:
+        raise AuroraSweepError(
+            f"{label} holds monthly means (a 'date' dimension): download the hourly"
+            f" 'reanalysis' product of {SINGLE_LEVELS} instead"
+        )
+    if "step" in ds.dims:
+        raise AuroraSweepError(
+            f"{label} has a forecast 'step' dimension: request reanalysis fields"
+        )
+    if "expver" in ds.dims:
+        raise AuroraSweepError(
+            f"{label} has expver as a dimension (the CDS layout before 2024): download it again"
+        )
+
+
+def _expver(ds: xr.Dataset) -> np.ndarray:
+    """Each time's ERA5 experiment version as text ('0001' where the file has none)."""
+    n = ds.sizes["time"]
+    if "expver" in ds.coords and ds["expver"].ndim == 1:
+        return np.array([str(v) for v in ds["expver"].values])
+    if "expver" in ds.coords:
+        return np.full(n, str(ds["expver"].values.item()))
+    return np.full(n, "0001")
 
 
 def _is_max_member(ds: xr.Dataset) -> bool:
