@@ -116,7 +116,7 @@ def test_write_report_writes_utf8(tmp_path):
 
 
 def test_a_forgetting_row_worse_at_a_later_lead_only_is_highlighted_and_leads_get_a_table():
-    from aurora_sweep.results import forgetting_rows, lead_rows
+    from aurora_sweep.report import forgetting_rows, lead_rows
 
     scores = {"forget_10v_ratio": 1.02, "forget_10v_ratio_24h": 1.4, "forget_2t_ratio": 0.9}
     rows = forgetting_rows(scores, {"10v": 4.0, "2t": 1.0})

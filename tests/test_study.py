@@ -8,8 +8,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from aurora_sweep import load_finetuned
+from aurora_sweep.ranking import ranked_trials
 from aurora_sweep.records import TrialRecord
-from aurora_sweep.results import evaluate_adapter, export_best, ranked_trials
+from aurora_sweep.results import evaluate_adapter, export_best
 from aurora_sweep.storage import open_study
 from aurora_sweep.study import run_study
 from aurora_sweep.tracking import tracking_uri
@@ -111,7 +112,7 @@ def test_the_base_models_scores_are_computed_once_per_study(finished_study):
 
 @pytest.mark.slow
 def test_best_compares_each_trial_with_the_best_by_a_paired_difference(finished_study):
-    from aurora_sweep.results import distinguishable, paired_to, score
+    from aurora_sweep.ranking import distinguishable, paired_to, score
 
     config, *_ = finished_study
     trials = ranked_trials(config)
@@ -361,7 +362,7 @@ def test_a_new_study_starts_with_the_reference_recipes(tmp_path, tiny_store):
 
 
 def test_the_pareto_front_keeps_the_trials_nothing_beats_in_both():
-    from aurora_sweep.results import pareto_front
+    from aurora_sweep.ranking import pareto_front
 
     def trial(number, value, mb):
         t = optuna.trial.create_trial(value=value, user_attrs={"peak_memory_mb": mb})
@@ -389,7 +390,7 @@ def test_a_skill_and_memory_study_answers_with_its_pareto_front(tmp_path, tiny_s
 
     from aurora_sweep.cli import app
     from aurora_sweep.config import load_config
-    from aurora_sweep.results import pareto_front
+    from aurora_sweep.ranking import pareto_front
     from conftest import write_tiny_config
 
     monkeypatch.chdir(tmp_path)  # the CLI's working directory holds the study and mlruns/
@@ -459,7 +460,8 @@ def test_a_trial_that_forgets_is_never_the_best_unless_asked_for(tiny_config, tm
     from optuna.distributions import FloatDistribution
 
     from aurora_sweep.errors import AuroraSweepError
-    from aurora_sweep.results import completed, export_best, forgets, ranked
+    from aurora_sweep.ranking import completed, forgets, ranked
+    from aurora_sweep.results import export_best
 
     def trial(number, value, over):
         t = optuna.trial.create_trial(

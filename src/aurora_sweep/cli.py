@@ -146,8 +146,7 @@ def run(
 
 
 def _best_line(config) -> str:
-    from aurora_sweep.records import TrialRecord
-    from aurora_sweep.results import (
+    from aurora_sweep.ranking import (
         completed,
         front_cost,
         interval,
@@ -157,6 +156,7 @@ def _best_line(config) -> str:
         score,
         study_trials,
     )
+    from aurora_sweep.records import TrialRecord
 
     every = study_trials(config)
     trials = ranked(every)
@@ -214,14 +214,14 @@ def best(
     (or --trial N's) and model card."""
     _quiet_libraries()
     from aurora_sweep.config import load_config, with_overrides
-    from aurora_sweep.results import (
+    from aurora_sweep.ranking import (
         against_references,
         best_by_method,
-        export_best,
         pareto_table,
         study_trials,
         top_trials_table,
     )
+    from aurora_sweep.results import export_best
 
     console = _console()
     try:

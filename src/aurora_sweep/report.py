@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 from numbers import Integral, Real
 from pathlib import Path
 
+from aurora_sweep.records import worst_forgetting
+
 MISSING = "–"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 #: A fine-tuned RMSE this much above the base model's is flagged as forgetting.
@@ -298,3 +300,92 @@ def write_report(path: Path, **kwargs: object) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render_report(**kwargs), encoding="utf-8")  # type: ignore[arg-type]
     return path
+
+
+def score_rows_spec() -> list[tuple[str, str, bool | None, float | None]]:
+    from aurora_sweep.metrics import CATEGORICAL_THRESHOLDS_MM, FSS_THRESHOLDS_MM, FSS_WINDOWS
+
+    rows: list[tuple[str, str, bool | None, float | None]] = [
+        ("tp_seeps", "SEEPS (0 perfect, 1 ≈ climatology)", False, None),
+        ("tp_rmse", "RMSE (mm per 6 h)", False, None),
+        ("tp_mae", "MAE (mm per 6 h)", False, None),
+        ("tp_bias", "bias (mm per 6 h, 0 best)", None, 0.0),
+    ]
+    for t in CATEGORICAL_THRESHOLDS_MM:
+        rows += [
+            (f"tp_csi_{t:g}", f"CSI ≥ {t:g} mm", True, None),
+            (f"tp_ets_{t:g}", f"ETS ≥ {t:g} mm", True, None),
+            (f"tp_fbias_{t:g}", f"frequency bias ≥ {t:g} mm (1 best)", None, 1.0),
+        ]
+    for t in FSS_THRESHOLDS_MM:
+        for w in FSS_WINDOWS:
+            rows.append((f"tp_fss_{t:g}_w{w}", f"FSS ≥ {t:g} mm, {w}×{w} points", True, None))
+    return rows
+
+
+def report_rows(scores: dict[str, float], objective: str) -> list[dict]:
+    """The scores table: each score for the model and both baselines, intervals where known."""
+    rows = []
+    for name, label, higher, target in score_rows_spec():
+        if name not in scores:
+            continue
+        row = {
+            "score": name, "label": label, "model": scores[name],
+            "q05": scores.get(f"{name}_q05"), "q95": scores.get(f"{name}_q95"),
+            "persistence": scores.get(f"{name}_persistence"),
+            "climatology": scores.get(f"{name}_climatology"),
+            "higher_is_better": bool(higher), "target": target,
+        }  # fmt: skip
+        rows.append(row)
+    for ref in ("persistence", "climatology"):
+        name = f"tp_skill_{ref}"
+        rows.append({
+            "score": name, "label": f"skill vs {ref} (1 − {objective}/{objective}_{ref})",
+            "model": scores[name], "q05": scores.get(f"{name}_q05"),
+            "q95": scores.get(f"{name}_q95"), "persistence": None, "climatology": None,
+            "higher_is_better": True, "target": None,
+        })  # fmt: skip
+    return rows
+
+
+def forgetting_rows(scores: dict[str, float], base_mse: dict[str, float]) -> list[dict]:
+    """Per variable: base RMSE, fine-tuned RMSE and their ratio at 6 h (> 1: the fine-tune made
+    it worse), and the ratio at each longer lead scored (`ratio_12h`, `ratio_24h`)."""
+    from aurora_sweep.config import LEADS
+
+    rows = []
+    for name, mse in base_mse.items():
+        ratio = scores.get(f"forget_{name}_ratio")
+        if ratio is None:
+            continue
+        base = float(mse) ** 0.5
+        row = {"variable": name, "base_rmse": base, "finetuned_rmse": base * ratio, "ratio": ratio}
+        for label in list(LEADS.values())[1:]:
+            if f"forget_{name}_ratio_{label}" in scores:
+                row[f"ratio_{label}"] = scores[f"forget_{name}_ratio_{label}"]
+        rows.append(row)
+    return rows
+
+
+def lead_rows(scores: dict[str, float], objective: str) -> list[dict]:
+    """One row per lead scored: the objective with its interval, both baselines' objective, the
+    skills and the worst forgetting ratio."""
+    from aurora_sweep.config import LEADS, lead_suffix
+
+    rows = []
+    for steps, label in LEADS.items():
+        sfx = lead_suffix(steps)
+        if objective + sfx not in scores:
+            continue
+        lo, hi = scores.get(f"{objective}_q05{sfx}"), scores.get(f"{objective}_q95{sfx}")
+        worst = worst_forgetting(scores, sfx)
+        rows.append({
+            "lead": label, "objective": f"{scores[objective + sfx]:.4f}",
+            "90 % interval": f"{lo:.4f}–{hi:.4f}" if lo is not None and hi is not None else "",
+            "persistence": f"{scores[f'{objective}_persistence{sfx}']:.4f}",
+            "climatology": f"{scores[f'{objective}_climatology{sfx}']:.4f}",
+            "skill vs persistence": f"{scores['tp_skill_persistence' + sfx]:+.3f}",
+            "skill vs climatology": f"{scores['tp_skill_climatology' + sfx]:+.3f}",
+            "worst forgetting": f"{worst[0]} ×{worst[1]:.2f}" if worst else "",
+        })  # fmt: skip
+    return rows

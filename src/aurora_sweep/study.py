@@ -246,7 +246,7 @@ def log_study_figures(client, run_id: str, study: optuna.Study, config: StudyCon
     """Optuna's optimisation history and importances, and skill against the study's cost (peak
     memory unless it names another) with the Pareto front drawn."""
     from aurora_sweep.figures import study_figures
-    from aurora_sweep.results import front_cost, pareto_front, ranked, recipe
+    from aurora_sweep.ranking import front_cost, pareto_front, ranked, recipe
 
     complete = ranked(study.get_trials(deepcopy=False))  # completed, within the cap
     cost = front_cost(config, complete)
