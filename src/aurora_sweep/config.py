@@ -43,6 +43,7 @@ DATA_SOURCES = ("demo", "era5")
 #: The leads every completed trial is scored at, in model steps of 6 h, and their names: the
 #: 6-hour scores keep their plain names, the others gain `_12h` or `_24h`.
 LEADS = {1: "6h", 2: "12h", 4: "24h"}
+MIB = 2**20  # bytes in a MiB: memory is reported in MB of 2**20 bytes
 
 
 def lead_suffix(steps: int) -> str:
@@ -472,8 +473,8 @@ def _build(raw: dict, path: Path, workdir: Path) -> StudyConfig:
 def _study_settings(study: dict) -> dict[str, Any]:
     """[study]'s settings with a default in StudyConfig."""
 
-    def given(key: str, field_name: str | None = None) -> Any:
-        return study.get(key, _default(StudyConfig, field_name or key))
+    def given(key: str) -> Any:
+        return study.get(key, _default(StudyConfig, key))
 
     return dict(
         reference=_bool(given("reference"), "[study] reference"),

@@ -46,6 +46,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from aurora_sweep import store
+from aurora_sweep.config import MIB
 from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.recipe import TrialConfig
 
@@ -53,7 +54,6 @@ if TYPE_CHECKING:
     from aurora import Aurora, Batch
 
 FP32 = 4
-MIB = 2**20
 #: Swin linears a trial may train, with the width of their input in units of the block width,
 #: and whether that input is the window-padded token set (attention) or the plain one (MLP).
 LINEAR_INPUTS = {"qkv": (1, True), "proj": (1, True), "fc1": (1, False), "fc2": (4, False)}

@@ -704,8 +704,6 @@ def fss(forecast: np.ndarray, observed: np.ndarray, threshold: float, window: in
     wholly inside the region, pooled over the samples of (sample, lat, lon) fields as
     `scores.spatial.fss_2d` pools them; NaN when no window fits."""
     forecast, observed = np.asarray(forecast), np.asarray(observed)
-    if forecast.ndim == 2:
-        forecast, observed = forecast[None], observed[None]
     if window > min(forecast.shape[1:]):
         return float("nan")  # no window fits in the region
     if len(forecast) == 0:
@@ -821,9 +819,9 @@ def _weights(lat: np.ndarray) -> xr.DataArray:
     return create_latitude_weights(xr.DataArray(np.asarray(lat, dtype=np.float64), dims="latitude"))
 
 
-def _field(values: np.ndarray, dtype: type | None = np.float64) -> xr.DataArray:
+def _field(values: np.ndarray) -> xr.DataArray:
     """(n, lat, lon) values as a DataArray; float64 so that sums of squares keep their digits.
 
     No coordinates: arrays here share one grid, and indexes would make xarray align every operation.
     """
-    return xr.DataArray(np.asarray(values, dtype=dtype), dims=DIMS)
+    return xr.DataArray(np.asarray(values, dtype=np.float64), dims=DIMS)

@@ -16,11 +16,10 @@ from typing import Any, Protocol
 
 import optuna
 
-from aurora_sweep.config import LEADS, StudyConfig, lead_suffix
+from aurora_sweep.config import LEADS, MIB, StudyConfig, lead_suffix
 from aurora_sweep.records import worst_forgetting, write_scores
 
 History = list[tuple[int, float]]
-MIB = 2**20
 
 
 @dataclass

@@ -190,7 +190,7 @@ class Sweep:
     def run_trial(self, trial: optuna.Trial, worker) -> float | tuple[float, float]:
         """Sample `trial`, check its predicted memory against the cap, run it in `worker` and
         record how it ended (`outcomes.Recorder`)."""
-        from aurora_sweep.tracking import Killed, trial_run
+        from aurora_sweep.tracking import trial_run
 
         config = self.config
         recorder = Recorder(config, say=lambda line: self.console.print(line, highlight=False))
@@ -223,7 +223,7 @@ class Sweep:
                 try:
                     outcome = worker.run(tc.to_dict(), adapter, report)
                 except WorkerCrashed as e:
-                    raise self.crashed(trial, e, recorder, Killed) from None
+                    raise self.crashed(trial, e, recorder) from None
                 scalars = recorder.record(outcome, trial, run)
                 assert isinstance(outcome, Complete)
                 self.keep_base_scores(outcome.base_mse)
@@ -256,10 +256,12 @@ class Sweep:
             )  # fmt: skip
         return estimate
 
-    def crashed(self, trial: optuna.Trial, e: WorkerCrashed, recorder: Recorder, killed):
+    def crashed(self, trial: optuna.Trial, e: WorkerCrashed, recorder: Recorder) -> BaseException:
         """The worker died under `trial`: a signal to this process group is an interrupt; a
         crash of its own is the config's fault (not retried); a kill from outside (the OOM
         killer, kill -9) is retried once, elsewhere. Returns the exception to raise."""
+        from aurora_sweep.tracking import Killed
+
         if self.stop.wait(2.0):  # the signal also reached this process: `run` is stopping
             return Interrupted(self.signum)
         if e.signal is None:
@@ -270,7 +272,7 @@ class Sweep:
             f"trial {trial.number:3d}  {e}"
             + ("; retrying it once in a new worker" if retried else "")
         )
-        return killed(str(e))
+        return Killed(str(e))
 
 
 class Interrupted(KeyboardInterrupt):

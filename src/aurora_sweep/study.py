@@ -25,7 +25,7 @@ from typing import Any
 import optuna
 from rich.console import Console
 
-from aurora_sweep.config import StudyConfig
+from aurora_sweep.config import MIB, StudyConfig
 from aurora_sweep.devices import plan_devices
 from aurora_sweep.records import BASE_MSE, TrialRecord
 from aurora_sweep.scheduler import Sweep
@@ -43,7 +43,6 @@ AURORA_PRETRAINING_END = dt.date(2022, 1, 1)
 
 
 UI = "http://127.0.0.1:5000"
-MIB = 2**20
 
 
 @dataclass
