@@ -51,7 +51,7 @@ from _common import (
 )  # noqa: E402
 
 from aurora_sweep import memory  # noqa: E402
-from aurora_sweep.config import LORA_METHODS, METHODS  # noqa: E402
+from aurora_sweep.recipe import LORA_METHODS, METHODS  # noqa: E402
 from aurora_sweep.train import PeakMemory, TrialConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -66,7 +66,19 @@ def test_the_cycle_finder_finds_a_cycle():
 
 
 @pytest.mark.parametrize(
-    "module", ["recipe", "records", "outcomes", "space", "storage", "devices", "ranking"]
+    "module",
+    [
+        "recipe",
+        "settings",
+        "config",
+        "records",
+        "outcomes",
+        "space",
+        "storage",
+        "devices",
+        "ranking",
+        "bootstrap",
+    ],
 )
 def test_the_light_modules_import_without_torch(module):
     code = f"import sys, aurora_sweep.{module}; print('torch' in sys.modules)"

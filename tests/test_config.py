@@ -2,8 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from aurora_sweep.config import DEMO_CONFIG, load_config, parse_memory
+from aurora_sweep.config import DEMO_CONFIG, load_config
 from aurora_sweep.errors import AuroraSweepError
+from aurora_sweep.settings import parse_memory
 
 REPO = Path(__file__).parents[1]
 

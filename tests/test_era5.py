@@ -24,8 +24,9 @@ from typer.testing import CliRunner
 
 from aurora_sweep import era5, store
 from aurora_sweep.cli_data import data_app
-from aurora_sweep.config import AURORA_LEVELS, Region, load_config
+from aurora_sweep.config import Region, load_config
 from aurora_sweep.errors import AuroraSweepError
+from aurora_sweep.recipe import AURORA_LEVELS
 from era5_fixtures import (
     FakeCDS,
     cds_dataset,

@@ -111,7 +111,7 @@ def test_an_objective_the_data_cannot_define_is_refused_before_any_trial(prepare
 
     from aurora_sweep.errors import AuroraSweepError
     from aurora_sweep.evaluation import check_objective_defined
-    from aurora_sweep.metrics import SeepsClimate
+    from aurora_sweep.seeps import SeepsClimate
 
     data, _ = prepared
     check_objective_defined(data)  # the tiny demo has both dry and wet 6-hour totals
@@ -125,7 +125,7 @@ def test_an_objective_the_data_cannot_define_is_refused_before_any_trial(prepare
 
 
 def test_scores_exist_at_every_lead_and_24h_seeps_uses_its_own_dry_threshold(prepared):
-    from aurora_sweep.metrics import DRY_MM_BY_LEAD
+    from aurora_sweep.seeps import DRY_MM_BY_LEAD
 
     data, trial = prepared
     assert set(data.leads) == {1, 2, 4}

@@ -4,21 +4,19 @@ import xarray as xr
 from scores.categorical import seeps as scores_seeps
 from scores.functions import create_latitude_weights
 
+from aurora_sweep.bootstrap import block_bootstrap, paired_difference
 from aurora_sweep.metrics import (
     CATEGORICAL_THRESHOLDS_MM,
     FSS_THRESHOLDS_MM,
     FSS_WINDOWS,
-    SeepsClimate,
-    block_bootstrap,
     lat_weighted_mse,
     lat_weighted_rmse,
     objective_terms,
     objective_value,
-    paired_difference,
-    seeps_climate,
     skill,
     tp_scores,
 )
+from aurora_sweep.seeps import SeepsClimate, seeps_climate
 
 LAT = np.array([60.0, 0.0])
 HOURS = [0, 6, 12, 18]  # the valid hours of 6-hour totals, UTC

@@ -111,7 +111,8 @@ def run(
     _quiet_libraries()
     import dataclasses
 
-    from aurora_sweep.config import load_config, parse_memory, with_overrides
+    from aurora_sweep.config import load_config, with_overrides
+    from aurora_sweep.settings import parse_memory
     from aurora_sweep.study import run_study
 
     console = _console(stderr=True)

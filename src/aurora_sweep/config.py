@@ -8,96 +8,48 @@ model to adapt, how long each trial trains, and what the search may vary. Every 
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import difflib
 import re
 import tomllib
-from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from aurora_sweep.errors import AuroraSweepError
+from aurora_sweep.recipe import (
+    BASE_MODELS,
+    DATA_SOURCES,
+    LEADS,
+    LORA_MODULES,
+    METHODS,
+    PRECISIONS,
+    TP_LOSSES,
+    lead_suffix,
+    parse_lead,
+)
+from aurora_sweep.settings import (
+    Period,
+    Region,
+    as_bool,
+    as_number,
+    as_period,
+    as_text,
+    as_whole,
+    check_region,
+    data_levels,
+    lr_range,
+    nearest,
+    parse_memory,
+    storage_url,
+    study_objectives,
+    tracking_url,
+)
 
-#: The fine-tuning methods a study can search, each a complete recipe: LoRA and two of its peft
-#: variants (rank-stabilised scaling, weight-decomposed DoRA), each optionally with the last N
-#: blocks trained too; `head`: the backbone frozen, only tp's embedding and head and the
-#: decoder trained; `blocks`: the last N backbone blocks fully trained, no LoRA; `full`: every
-#: parameter trained, Aurora's own fine-tuning recipe (the reference).
-METHODS = ("lora", "rslora", "dora", "head", "blocks", "full")
-LORA_METHODS = ("lora", "rslora", "dora")
-
-#: Pressure levels (hPa) that Aurora was trained on.
-AURORA_LEVELS = (50, 100, 150, 200, 250, 300, 400, 500, 600, 700, 850, 925, 1000)
-#: Linear layers of the Swin backbone that LoRA may target.
-LORA_MODULES = ("qkv", "proj", "fc1", "fc2")
-PRECISIONS = ("fp32", "bf16", "fp16")
-BASE_MODELS = ("demo", "small-pretrained")
-#: What Optuna may minimise (mm per 6 h, or SEEPS's dimensionless error), see metrics.py.
-OBJECTIVES = ("tp_seeps", "tp_rmse")
-#: What a skill objective can be traded against in a two-objective study: the trial's measured
-#: peak memory (CUDA peak allocated; on a CPU the process's peak resident set), the peak GPU
-#: memory predicted before it ran, or its wall time.
-COSTS = ("peak_memory_mb", "predicted_peak_mb", "trial_seconds")
-DATA_SOURCES = ("demo", "era5")
-#: The leads every completed trial is scored at, in model steps of 6 h, and their names: the
-#: 6-hour scores keep their plain names, the others gain `_12h` or `_24h`.
-LEADS = {1: "6h", 2: "12h", 4: "24h"}
 MIB = 2**20  # bytes in a MiB: memory is reported in MB of 2**20 bytes
 
 
-def lead_suffix(steps: int) -> str:
-    """'' for one model step (6 h), '_12h', '_24h' for the longer leads."""
-    return "" if steps == 1 else f"_{LEADS[steps]}"
-
-
-def parse_lead(text: Any, where: str = "lead") -> int:
-    """'6h', '12h', '24h' -> model steps of 6 h."""
-    for steps, label in LEADS.items():
-        if str(text).strip().lower() == label:
-            return steps
-    raise AuroraSweepError(
-        f"{where} {text!r}: give one of {', '.join(repr(v) for v in LEADS.values())}"
-    )
-
-
-#: The new variable's error in the loss: absolute (Aurora's) or squared.
-TP_LOSSES = ("mae", "mse")
-
-#: The fewest grid points a side of a region may have: Aurora cuts the grid into 4×4 patches and
-#: its backbone halves the patch grid twice, which needs at least 2 rows (and columns) of patches
-#: before the last halving: 3 patches, 12 points (after cropping to whole patches).
-MIN_GRID_POINTS = 12
-
 PACKAGE_DIR = Path(__file__).parent
 DEMO_CONFIG = PACKAGE_DIR / "sweeps" / "demo.toml"
-
-
-@dataclass(frozen=True)
-class Region:
-    """A latitude/longitude box in degrees; west > east means the box crosses 180°."""
-
-    north: float
-    south: float
-    west: float
-    east: float
-
-    @property
-    def crosses_zero(self) -> bool:
-        """True when the box spans the Greenwich meridian (e.g. 12°W to 40°E)."""
-        west, east = self.west % 360, self.east % 360
-        return west > east or (self.west < 0 <= self.east)
-
-
-@dataclass(frozen=True)
-class Period:
-    """An inclusive range of days."""
-
-    start: dt.date
-    end: dt.date
-
-    def contains(self, day: dt.date) -> bool:
-        return self.start <= day <= self.end
 
 
 @dataclass(frozen=True)
@@ -220,44 +172,6 @@ class StudyConfig:
         return self.objectives[1] if len(self.objectives) > 1 else None
 
 
-def parse_memory(text: str | int) -> int:
-    """Parse '10GiB', '512MiB', '8GB' or a byte count into bytes."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*", str(text))
-    if not m:
-        raise AuroraSweepError(
-            f"cannot read memory size {text!r}: write a number and a unit, e.g. '10GiB' or '8GB'"
-        )
-    units = {
-        None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-        "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40,
-    }  # fmt: skip
-    return int(float(m.group(1)) * units[m.group(2)])
-
-
-def _date(value: Any, where: str) -> dt.date:
-    if isinstance(value, dt.datetime):
-        return value.date()
-    if isinstance(value, dt.date):
-        return value
-    try:
-        return dt.date.fromisoformat(str(value))
-    except ValueError:
-        raise AuroraSweepError(f"{where}: {value!r} is not a date; write YYYY-MM-DD") from None
-
-
-def _period(value: Any, where: str) -> Period:
-    if not (isinstance(value, list) and len(value) == 2):
-        raise AuroraSweepError(
-            f"{where}: give a period as [start, end], e.g. [2024-01-01, 2024-12-31]"
-        )
-    start, end = _date(value[0], where), _date(value[1], where)
-    if end < start:
-        raise AuroraSweepError(f"{where}: the end {end} comes before the start {start}")
-    return Period(start, end)
-
-
 def _choices(table: dict, key: str, kind: type, allowed: tuple = ()) -> tuple:
     """A [search] list of choices of `kind` (each among `allowed`), SearchSpace's default
     when the file does not give it."""
@@ -280,45 +194,6 @@ def _choices(table: dict, key: str, kind: type, allowed: tuple = ()) -> tuple:
                 f"[search] {key}: {v!r} is not one of {', '.join(map(str, allowed))}"
             )
     return tuple(float(v) for v in value) if kind is float else tuple(value)
-
-
-def check_region(region: Region) -> None:
-    """Refuse boxes that cannot exist."""
-    for name, v, lo, hi in (
-        ("north", region.north, -90, 90),
-        ("south", region.south, -90, 90),
-        ("west", region.west, -180, 360),
-        ("east", region.east, -180, 360),
-    ):
-        if not lo <= v <= hi:
-            raise AuroraSweepError(f"[data.region] {name} = {v} is outside [{lo}, {hi}] degrees")
-    if region.north <= region.south:
-        raise AuroraSweepError(
-            f"[data.region] north ({region.north}) must be greater than south ({region.south})"
-        )
-    if region.west == region.east:
-        raise AuroraSweepError("[data.region] west and east are equal: the box has no width")
-    width = (region.east - region.west) % 360
-    if width > 180:
-        raise AuroraSweepError(
-            f"[data.region] the box runs {width:g}° east from west = {region.west:g} to east = "
-            f"{region.east:g}: are west and east swapped? (west > east means a box across 180°)"
-        )
-
-
-def check_region_size(region: Region, grid: float) -> None:
-    """Refuse a box too small for Aurora at this grid spacing (`run` asks before any trial; the
-    data commands take any box, a store can serve several studies)."""
-    rows = int((region.north - region.south) / grid + 1e-9) + 1
-    cols = int(((region.east - region.west) % 360) / grid + 1e-9) + 1
-    if rows < MIN_GRID_POINTS or cols < MIN_GRID_POINTS:
-        side = (MIN_GRID_POINTS - 1) * grid
-        raise AuroraSweepError(
-            f"[data.region] the box is {rows}x{cols} points at {grid}°; Aurora needs at least "
-            f"{MIN_GRID_POINTS}x{MIN_GRID_POINTS} (its backbone halves the 4-point patch grid "
-            f"twice): make the box at least {side:g}° on each side; scores can still be read at "
-            "a point inside it (report --point)"
-        )
 
 
 def _lora_targets(table: dict) -> tuple[str, ...]:
@@ -377,11 +252,6 @@ SCHEMA: dict[str, tuple[str, ...]] = {
 REGION_KEYS = ("north", "south", "west", "east")
 
 
-def _nearest(name: str, known: Sequence[str]) -> str:
-    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-    return f"did you mean {close[0]}?" if close else f"known: {', '.join(known)}"
-
-
 def check_keys(raw: dict) -> None:
     """Refuse unknown sections and settings, naming the nearest valid one: a typo such as
     `[train] step = 500` would otherwise leave the default in force without a word."""
@@ -395,7 +265,7 @@ def check_keys(raw: dict) -> None:
         for key in table:
             if key not in SCHEMA[section]:
                 raise AuroraSweepError(
-                    f"[{section}] {key}: unknown setting; {_nearest(key, SCHEMA[section])}"
+                    f"[{section}] {key}: unknown setting; {nearest(key, SCHEMA[section])}"
                 )
     if "data" not in raw:
         raise AuroraSweepError(
@@ -409,48 +279,24 @@ def check_keys(raw: dict) -> None:
     for key in region:
         if key not in REGION_KEYS:
             raise AuroraSweepError(
-                f"[data.region] {key}: unknown setting; {_nearest(key, REGION_KEYS)}"
+                f"[data.region] {key}: unknown setting; {nearest(key, REGION_KEYS)}"
             )
     missing = [k for k in REGION_KEYS if k not in region]
     if missing:
         raise AuroraSweepError(f"[data.region] lacks {', '.join(missing)}")
     for key in REGION_KEYS:
-        _number(region[key], f"[data.region] {key}")
-
-
-def _number(value: Any, what: str, *, minimum: float | None = None, above: bool = False) -> float:
-    """A float from TOML (an integer is fine), at least (or above) `minimum`."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise AuroraSweepError(f"{what} must be a number, not {value!r}")
-    if minimum is not None and (value <= minimum if above else value < minimum):
-        bound = f"above {minimum:g}" if above else f"at least {minimum:g}"
-        raise AuroraSweepError(f"{what} must be {bound}, not {value!r}")
-    return float(value)
-
-
-def _whole(value: Any, what: str, *, minimum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise AuroraSweepError(f"{what} must be a whole number, not {value!r}")
-    if minimum is not None and value < minimum:
-        raise AuroraSweepError(f"{what} must be at least {minimum}, not {value!r}")
-    return value
-
-
-def _text(value: Any, what: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise AuroraSweepError(f"{what} must be a non-empty string, not {value!r}")
-    return value
+        as_number(region[key], f"[data.region] {key}")
 
 
 def _build(raw: dict, path: Path, workdir: Path) -> StudyConfig:
     study, resources = raw.get("study", {}), raw.get("resources", {})
-    name = _text(study["name"], "[study] name") if "name" in study else path.stem
+    name = as_text(study["name"], "[study] name") if "name" in study else path.stem
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         raise AuroraSweepError(f"[study] name {name!r}: use letters, digits, '.', '_' and '-'")
-    objective, objectives = _objectives(study)
+    objective, objectives = study_objectives(study)
     for key in ("storage", "tracking_uri"):
         if key in study:
-            _text(study[key], f"[study] {key}")
+            as_text(study[key], f"[study] {key}")
     cap = resources.get("gpu_memory_cap")
     return StudyConfig(
         name=name,
@@ -460,7 +306,7 @@ def _build(raw: dict, path: Path, workdir: Path) -> StudyConfig:
         storage=storage_url(study.get("storage") or f"sqlite:///{name}.optuna.db", workdir),
         tracking_uri=tracking_url(study.get("tracking_uri"), workdir),
         gpu_memory_cap=parse_memory(cap) if cap is not None else None,
-        sampler_seed=_whole(study.get("seed", 0), "[study] seed"),
+        sampler_seed=as_whole(study.get("seed", 0), "[study] seed"),
         data=_data_config(raw["data"], name, workdir),
         model=_model_config(raw.get("model", {}), workdir),
         train=_train_config(raw.get("train", {})),
@@ -477,12 +323,12 @@ def _study_settings(study: dict) -> dict[str, Any]:
         return study.get(key, _default(StudyConfig, key))
 
     return dict(
-        reference=_bool(given("reference"), "[study] reference"),
-        heartbeat_seconds=_whole(
+        reference=as_bool(given("reference"), "[study] reference"),
+        heartbeat_seconds=as_whole(
             given("heartbeat_seconds"), "[study] heartbeat_seconds", minimum=1
         ),
-        max_forgetting=_number(given("max_forgetting"), "[study] max_forgetting", minimum=1.0),
-        max_failures=_whole(given("max_failures"), "[study] max_failures", minimum=1),
+        max_forgetting=as_number(given("max_forgetting"), "[study] max_forgetting", minimum=1.0),
+        max_failures=as_whole(given("max_failures"), "[study] max_failures", minimum=1),
         lead_steps=parse_lead(study.get("lead", LEADS[_default(StudyConfig, "lead_steps")]),
                               "[study] lead"),
     )  # fmt: skip
@@ -503,43 +349,26 @@ def _data_config(data: dict, name: str, workdir: Path) -> DataConfig:
     r = data["region"]
     region = Region(float(r["north"]), float(r["south"]), float(r["west"]), float(r["east"]))
     check_region(region)
-    grid = _number(data.get("grid", 0.25), "[data] grid")
+    grid = as_number(data.get("grid", 0.25), "[data] grid")
     if grid <= 0:
         raise AuroraSweepError(f"[data] grid {grid}: give the grid spacing in degrees, e.g. 0.25")
-    splits = {k: _period(data.get(k, d), f"[data] {k}") for k, d in DEFAULT_SPLITS.items()}
+    splits = {k: as_period(data.get(k, d), f"[data] {k}") for k, d in DEFAULT_SPLITS.items()}
     ordered = sorted(splits.items(), key=lambda kv: kv[1].start)
     for (a, pa), (b, pb) in zip(ordered, ordered[1:]):
         if pb.start <= pa.end:
             raise AuroraSweepError(f"[data] the {a} and {b} periods overlap")
-    period = _period(
+    period = as_period(
         data.get("period", [str(ordered[0][1].start), str(ordered[-1][1].end)]), "[data] period"
     )
     for k, p in splits.items():
         if p.start < period.start or p.end > period.end:
             raise AuroraSweepError(f"[data] the {k} period lies outside [data] period")
-    store = workdir / _text(data.get("store", f"data/{name}/store.zarr"), "[data] store")
+    store = workdir / as_text(data.get("store", f"data/{name}/store.zarr"), "[data] store")
     return DataConfig(
-        source=source, store=store, region=region, levels=_levels(data), grid=grid,
+        source=source, store=store, region=region, levels=data_levels(data), grid=grid,
         period=period, train=splits["train"], validation=splits["validation"],
         test=splits["test"],
     )  # fmt: skip
-
-
-def _levels(data: dict) -> tuple[int, ...]:
-    raw_levels = data.get("levels", [500, 700, 850])
-    if not isinstance(raw_levels, list):
-        raise AuroraSweepError(
-            f"[data] levels must be a list such as [500, 850], not {raw_levels!r}"
-        )
-    levels = tuple(_whole(v, "[data] levels") for v in raw_levels)
-    bad = [lv for lv in levels if lv not in AURORA_LEVELS]
-    if bad or not levels:
-        raise AuroraSweepError(
-            f"[data] levels {bad or levels}: Aurora knows only {', '.join(map(str, AURORA_LEVELS))} hPa"
-        )
-    if len(set(levels)) != len(levels):
-        raise AuroraSweepError("[data] levels: a level is listed twice")
-    return levels
 
 
 def _model_config(model: dict, workdir: Path) -> ModelConfig:
@@ -548,7 +377,7 @@ def _model_config(model: dict, workdir: Path) -> ModelConfig:
         raise AuroraSweepError(f"[model] base {base!r} is not one of {', '.join(BASE_MODELS)}")
     checkpoint = model.get("checkpoint")
     if checkpoint is not None:
-        _text(checkpoint, "[model] checkpoint")
+        as_text(checkpoint, "[model] checkpoint")
     new_variable = model.get("new_variable", _default(ModelConfig, "new_variable"))
     if new_variable != "tp":
         raise AuroraSweepError("[model] new_variable: only 'tp' is supported")
@@ -563,18 +392,18 @@ def _train_config(train: dict) -> TrainConfig:
     def given(key: str) -> Any:
         return train.get(key, _default(TrainConfig, key))
 
-    steps = _whole(given("steps"), "[train] steps", minimum=1)
+    steps = as_whole(given("steps"), "[train] steps", minimum=1)
     return TrainConfig(
         steps=steps,
-        eval_every=_whole(
+        eval_every=as_whole(
             train.get("eval_every", max(1, steps // 4)), "[train] eval_every", minimum=1
         ),
-        val_samples=_whole(given("val_samples"), "[train] val_samples", minimum=1),
-        learning_rate=_number(
+        val_samples=as_whole(given("val_samples"), "[train] val_samples", minimum=1),
+        learning_rate=as_number(
             given("learning_rate"), "[train] learning_rate", minimum=0, above=True
         ),
-        weight_decay=_number(given("weight_decay"), "[train] weight_decay", minimum=0),
-        seed=_whole(given("seed"), "[train] seed"),
+        weight_decay=as_number(given("weight_decay"), "[train] weight_decay", minimum=0),
+        seed=as_whole(given("seed"), "[train] seed"),
     )
 
 
@@ -587,7 +416,7 @@ def _search_space(search: dict) -> SearchSpace:
         unfrozen_blocks=_choices(search, "unfrozen_blocks", int),
         batch_size=_choices(search, "batch_size", int),
         precision=_choices(search, "precision", str, PRECISIONS),
-        learning_rate=_lr_range(search.get("learning_rate")),
+        learning_rate=lr_range(search.get("learning_rate")),
         activation_checkpointing=_choices(search, "activation_checkpointing", bool),
         target_weight=_choices(search, "target_weight", float),
         loss=_choices(search, "loss", str, TP_LOSSES),
@@ -612,48 +441,6 @@ def _search_space(search: dict) -> SearchSpace:
     return space
 
 
-def _lr_range(value: Any) -> tuple[float, float] | None:
-    """[search] learning_rate: [low, high], sampled log-uniformly; None when not given."""
-    if value is None:
-        return None
-    if not (
-        isinstance(value, list)
-        and len(value) == 2
-        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
-        and 0 < value[0] <= value[1]
-    ):
-        raise AuroraSweepError("[search] learning_rate: give [low, high] with 0 < low <= high")
-    return (float(value[0]), float(value[1]))
-
-
-def _objectives(study: dict) -> tuple[str, tuple[str, ...]]:
-    """`[study] objective`, or `objectives` = [objective] or [objective, cost]."""
-    listed = study.get("objectives")
-    if listed is None:
-        objective = study.get("objective", "tp_seeps")
-        if objective not in OBJECTIVES:
-            raise AuroraSweepError(
-                f"[study] objective {objective!r} is not one of {', '.join(OBJECTIVES)}"
-            )
-        return objective, (objective,)
-    if (
-        not isinstance(listed, list)
-        or not 1 <= len(listed) <= 2
-        or listed[0] not in OBJECTIVES
-        or (len(listed) == 2 and listed[1] not in COSTS)
-    ):
-        raise AuroraSweepError(
-            f"[study] objectives {listed!r}: give one of {', '.join(OBJECTIVES)}, optionally "
-            f'followed by one of {", ".join(COSTS)}, e.g. ["tp_seeps", "peak_memory_mb"]'
-        )
-    if "objective" in study and study["objective"] != listed[0]:
-        raise AuroraSweepError(
-            f"[study] objective {study['objective']!r} and objectives {listed!r} disagree: "
-            "keep only objectives"
-        )
-    return listed[0], tuple(listed)
-
-
 def with_overrides(config: StudyConfig, **changes: Any) -> StudyConfig:
     """A copy of `config` with top-level fields replaced (CLI flags)."""
     changes = {k: v for k, v in changes.items() if v is not None}
@@ -662,52 +449,3 @@ def with_overrides(config: StudyConfig, **changes: Any) -> StudyConfig:
     if "tracking_uri" in changes:
         changes["tracking_uri"] = tracking_url(changes["tracking_uri"], config.workdir)
     return dataclasses.replace(config, **changes)
-
-
-def _bool(value: Any, what: str) -> bool:
-    if not isinstance(value, bool):
-        raise AuroraSweepError(f"{what} must be true or false, not {value!r}")
-    return value
-
-
-def _database_url(text: str, workdir: Path) -> str:
-    """A SQLite file relative to `workdir`; `postgresql://` as SQLAlchemy's psycopg 3 driver
-    (the one installed); anything else as given."""
-    text = str(text).strip()
-    if text.startswith("sqlite:///"):
-        file = text.removeprefix("sqlite:///")
-        return text if file.startswith("/") else f"sqlite:///{workdir / file}"
-    if text.startswith("postgresql://"):
-        return "postgresql+psycopg://" + text.removeprefix("postgresql://")
-    return text
-
-
-def storage_url(text: str, workdir: Path) -> str:
-    """An Optuna storage URL, with relative files taken relative to `workdir`.
-
-    `sqlite:///FILE.db` (one process), a `FILE.journal` (processes on one machine) or
-    `postgresql+psycopg://USER@HOST/DB` (many machines; `postgresql://` means the same).
-    """
-    text = _database_url(text, workdir)
-    if text.startswith(("sqlite:///", "postgresql+", "mysql")):
-        return text
-    if "://" not in text and text.endswith((".journal", ".log")):
-        return str(workdir / text)
-    raise AuroraSweepError(
-        f"storage {text!r}: give sqlite:///FILE.db (one process), FILE.journal (several "
-        "processes on one machine) or postgresql+psycopg://USER@HOST:PORT/DB (many machines)"
-    )
-
-
-def tracking_url(text: str | None, workdir: Path) -> str | None:
-    """An MLflow tracking URI: `http(s)://` for a tracking server, `sqlite:///FILE.db` (relative
-    to `workdir`) for a local store, a database URL; None for `mlflow.db` in the workdir."""
-    if text is None:
-        return None
-    text = _database_url(text, workdir)
-    if text.startswith(("sqlite:///", "http://", "https://", "postgresql+", "mysql", "databricks")):
-        return text
-    raise AuroraSweepError(
-        f"tracking URI {text!r}: give an MLflow server's address (http://HOST:5000) or "
-        "sqlite:///FILE.db; MLflow 3 no longer opens a ./mlruns file store"
-    )

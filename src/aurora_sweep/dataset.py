@@ -31,8 +31,9 @@ import torch
 import xarray as xr
 from aurora import Batch, Metadata
 
-from aurora_sweep.config import MIN_GRID_POINTS, DataConfig, Period
+from aurora_sweep.config import DataConfig, Period
 from aurora_sweep.errors import AuroraSweepError
+from aurora_sweep.recipe import MIN_GRID_POINTS
 from aurora_sweep.store import ATMOS_VARS, AURORA_STATIC, STATIC_VARS, SURF_VARS, TARGET_VAR
 
 PATCH = 4

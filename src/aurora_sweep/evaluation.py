@@ -20,12 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from aurora_sweep.config import LEADS, lead_suffix
 from aurora_sweep.dataset import Samples, climatology_forecast
 from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.loss import LossSpec, loss_terms
 from aurora_sweep.metrics import lat_weighted_mse, objective_value, tp_scores
 from aurora_sweep.model import clamped, merged_adapter
+from aurora_sweep.recipe import LEADS, lead_suffix
+from aurora_sweep.seeps import SEEPS_P_DRY_RANGE
 from aurora_sweep.store import ATMOS_VARS, SURF_VARS, TARGET_VAR
 
 
@@ -370,8 +371,6 @@ def check_objective_defined(data) -> None:
     """
     if data.objective != "tp_seeps":
         return
-    from aurora_sweep.metrics import SEEPS_P_DRY_RANGE
-
     times = data.scored.target_times()
     seeps = data.lead_seeps[data.objective_steps]
     p_dry = seeps.p_dry[times.month.values - 1, times.hour.values // 6]

@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 from aurora import Aurora, AuroraSmallPretrained
 
-from aurora_sweep.config import LORA_METHODS, METHODS
 from aurora_sweep.errors import AuroraSweepError
+from aurora_sweep.recipe import LORA_METHODS, METHODS
 
 NEW_VAR = "tp"
 BASE_SURF_VARS = ("2t", "10u", "10v", "msl")

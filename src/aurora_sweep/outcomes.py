@@ -16,7 +16,8 @@ from typing import Any, Protocol
 
 import optuna
 
-from aurora_sweep.config import LEADS, MIB, StudyConfig, lead_suffix
+from aurora_sweep.config import MIB, StudyConfig
+from aurora_sweep.recipe import LEADS, lead_suffix
 from aurora_sweep.records import worst_forgetting, write_scores
 
 History = list[tuple[int, float]]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import optuna
 from rich.table import Table
 
+from aurora_sweep.bootstrap import decode_terms, paired_difference
 from aurora_sweep.config import StudyConfig
 from aurora_sweep.records import TrialRecord
 from aurora_sweep.storage import open_study
@@ -124,7 +125,7 @@ def interval(
 
 def lead_of(config: StudyConfig) -> str:
     """The suffix of the study's lead in metric names ('' for 6 h, '_12h', '_24h')."""
-    from aurora_sweep.config import lead_suffix
+    from aurora_sweep.recipe import lead_suffix
 
     return lead_suffix(config.lead_steps)
 
@@ -139,8 +140,6 @@ def paired_to(
     weather: the interval of the difference over the same resamples is much narrower than the
     overlap of two marginal intervals suggests, and is the honest test of "better".
     """
-    from aurora_sweep.metrics import decode_terms, paired_difference
-
     ref_terms = TrialRecord.of(reference).objective_terms
     if ref_terms is None:
         return [None] * len(trials)

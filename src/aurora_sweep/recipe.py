@@ -1,7 +1,9 @@
-"""A trial's recipe, `TrialConfig`: what Optuna samples, MLflow logs and an adapter carries.
+"""A trial's recipe, `TrialConfig`: what Optuna samples, MLflow logs and an adapter carries;
+and the vocabularies recipes and studies are written in (methods, precisions, bases, objectives,
+costs, leads).
 
-A leaf module (dataclasses only): the search space, the scheduler, the memory estimate and the
-export read recipes without importing the training code or torch.
+A leaf module (dataclasses and constants only): the config, the search space, the scheduler, the
+memory estimate and the export read recipes without importing the training code or torch.
 """
 
 from __future__ import annotations
@@ -10,9 +12,58 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from aurora_sweep.errors import AuroraSweepError
+
 #: Aurora's fine-tuning guide: 3e-4 for the pretrained weights, 1e-3 for a new variable's
 #: embedding and head (the `full` reference recipe uses these, not a sampled rate).
 FULL_LR, FULL_NEW_VARIABLE_LR = 3e-4, 1e-3
+
+#: The fine-tuning methods a study can search, each a complete recipe: LoRA and two of its peft
+#: variants (rank-stabilised scaling, weight-decomposed DoRA), each optionally with the last N
+#: blocks trained too; `head`: the backbone frozen, only tp's embedding and head and the
+#: decoder trained; `blocks`: the last N backbone blocks fully trained, no LoRA; `full`: every
+#: parameter trained, Aurora's own fine-tuning recipe (the reference).
+METHODS = ("lora", "rslora", "dora", "head", "blocks", "full")
+LORA_METHODS = ("lora", "rslora", "dora")
+#: Pressure levels (hPa) that Aurora was trained on.
+AURORA_LEVELS = (50, 100, 150, 200, 250, 300, 400, 500, 600, 700, 850, 925, 1000)
+#: Linear layers of the Swin backbone that LoRA may target.
+LORA_MODULES = ("qkv", "proj", "fc1", "fc2")
+PRECISIONS = ("fp32", "bf16", "fp16")
+BASE_MODELS = ("demo", "small-pretrained")
+#: What Optuna may minimise (mm per 6 h, or SEEPS's dimensionless error), see metrics.py.
+OBJECTIVES = ("tp_seeps", "tp_rmse")
+#: What a skill objective can be traded against in a two-objective study: the trial's measured
+#: peak memory (CUDA peak allocated; on a CPU the process's peak resident set), the peak GPU
+#: memory predicted before it ran, or its wall time.
+COSTS = ("peak_memory_mb", "predicted_peak_mb", "trial_seconds")
+DATA_SOURCES = ("demo", "era5")
+#: The leads every completed trial is scored at, in model steps of 6 h, and their names: the
+#: 6-hour scores keep their plain names, the others gain `_12h` or `_24h`.
+LEADS = {1: "6h", 2: "12h", 4: "24h"}
+
+
+def lead_suffix(steps: int) -> str:
+    """'' for one model step (6 h), '_12h', '_24h' for the longer leads."""
+    return "" if steps == 1 else f"_{LEADS[steps]}"
+
+
+def parse_lead(text: Any, where: str = "lead") -> int:
+    """'6h', '12h', '24h' -> model steps of 6 h."""
+    for steps, label in LEADS.items():
+        if str(text).strip().lower() == label:
+            return steps
+    raise AuroraSweepError(
+        f"{where} {text!r}: give one of {', '.join(repr(v) for v in LEADS.values())}"
+    )
+
+
+#: The new variable's error in the loss: absolute (Aurora's) or squared.
+TP_LOSSES = ("mae", "mse")
+#: The fewest grid points a side of a region may have: Aurora cuts the grid into 4×4 patches and
+#: its backbone halves the patch grid twice, which needs at least 2 rows (and columns) of patches
+#: before the last halving: 3 patches, 12 points (after cropping to whole patches).
+MIN_GRID_POINTS = 12
 
 
 @dataclass(frozen=True)

@@ -351,7 +351,7 @@ def report_rows(scores: dict[str, float], objective: str) -> list[dict]:
 def forgetting_rows(scores: dict[str, float], base_mse: dict[str, float]) -> list[dict]:
     """Per variable: base RMSE, fine-tuned RMSE and their ratio at 6 h (> 1: the fine-tune made
     it worse), and the ratio at each longer lead scored (`ratio_12h`, `ratio_24h`)."""
-    from aurora_sweep.config import LEADS
+    from aurora_sweep.recipe import LEADS
 
     rows = []
     for name, mse in base_mse.items():
@@ -370,7 +370,7 @@ def forgetting_rows(scores: dict[str, float], base_mse: dict[str, float]) -> lis
 def lead_rows(scores: dict[str, float], objective: str) -> list[dict]:
     """One row per lead scored: the objective with its interval, both baselines' objective, the
     skills and the worst forgetting ratio."""
-    from aurora_sweep.config import LEADS, lead_suffix
+    from aurora_sweep.recipe import LEADS, lead_suffix
 
     rows = []
     for steps, label in LEADS.items():

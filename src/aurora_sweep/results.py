@@ -149,7 +149,7 @@ def evaluate_adapter(
 ) -> dict:
     """Score an exported adapter on the whole of `split` with its study's data: every lead's
     scores, or with `lead` ('12h', '24h') that lead's alone under the 6-hour names."""
-    from aurora_sweep.config import LEADS, lead_suffix, parse_lead
+    from aurora_sweep.recipe import LEADS, lead_suffix, parse_lead
 
     steps = parse_lead(lead, "--lead") if lead is not None else None
     model, data, trial, _, device = prepare_evaluation(adapter, split=split, checkpoint=checkpoint)

@@ -19,10 +19,11 @@ from typing import Any
 import optuna
 from rich.console import Console
 
-from aurora_sweep.config import StudyConfig, lead_suffix
+from aurora_sweep.config import StudyConfig
 from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.outcomes import Complete, Recorder
 from aurora_sweep.processes import this_process
+from aurora_sweep.recipe import lead_suffix
 from aurora_sweep.records import BASE_MSE
 from aurora_sweep.space import sample_trial
 from aurora_sweep.storage import FINISHED, reap_dead_trials, retry_once, sampler, worker_seed

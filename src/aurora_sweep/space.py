@@ -12,9 +12,10 @@ from typing import Any
 
 import optuna
 
-from aurora_sweep.config import LORA_METHODS, StudyConfig
+from aurora_sweep.config import StudyConfig
 from aurora_sweep.errors import AuroraSweepError
-from aurora_sweep.recipe import FULL_LR, FULL_NEW_VARIABLE_LR, TrialConfig
+from aurora_sweep.recipe import FULL_LR, FULL_NEW_VARIABLE_LR, LORA_METHODS, TrialConfig
+from aurora_sweep.settings import check_region_size
 
 
 def sample_trial(trial: optuna.Trial, config: StudyConfig) -> TrialConfig:
@@ -134,7 +135,6 @@ def enqueue_references(study: optuna.Study, config: StudyConfig) -> list[str]:
 
 def check_search(config: StudyConfig) -> None:
     """Refuse, before anything is recorded, a search the base model cannot run."""
-    from aurora_sweep.config import check_region_size
     from aurora_sweep.memory import meta_device
     from aurora_sweep.model import backbone_blocks, build_base
 

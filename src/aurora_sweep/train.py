@@ -25,7 +25,7 @@ import numpy as np
 import psutil
 import torch
 
-from aurora_sweep.config import LEADS, Period, StudyConfig
+from aurora_sweep.config import Period, StudyConfig
 from aurora_sweep.dataset import (
     Samples,
     TpStats,
@@ -37,7 +37,6 @@ from aurora_sweep.dataset import (
 )
 from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.loss import LossSpec, combine, loss_terms
-from aurora_sweep.metrics import DRY_MM_BY_LEAD, SeepsClimate, seeps_climate
 from aurora_sweep.model import (
     INPUT_EMBEDDING,
     TrainableParts,
@@ -48,7 +47,8 @@ from aurora_sweep.model import (
     set_longitude_wrap,
     set_precision,
 )
-from aurora_sweep.recipe import FULL_NEW_VARIABLE_LR, TrialConfig
+from aurora_sweep.recipe import FULL_NEW_VARIABLE_LR, LEADS, TrialConfig
+from aurora_sweep.seeps import DRY_MM_BY_LEAD, SeepsClimate, seeps_climate
 
 #: Learning-rate multiplier for the new variable's head.
 NEW_VARIABLE_LR_FACTOR = 5.0

@@ -371,9 +371,9 @@ class _Session:
 
     def complete(self, result, trial, adapter_dir: Path) -> Complete:
         """Save a finished trial's adapter and figures beside it; its outcome."""
+        from aurora_sweep.bootstrap import encode_terms
         from aurora_sweep.evaluation import trial_figures
         from aurora_sweep.export import save_adapter
-        from aurora_sweep.metrics import encode_terms
 
         config = self.config
         save_adapter(
