@@ -28,7 +28,7 @@ from scipy.optimize import nnls
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import build_random_trial_model, trial_config  # noqa: E402
 
-from aurora_sweep import memory  # noqa: E402
+from aurora_sweep import memory, meta  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LEVELS = (250, 500, 700, 850)
@@ -102,7 +102,7 @@ def measure(cfg: dict) -> int:
 def feature_row(cfg: dict) -> tuple[np.ndarray, float]:
     """The fit's design row for `cfg` and the known bytes (autocast copies of the weights)."""
     trial = _trial(cfg)
-    arch = memory.architecture(memory.build_meta_model(trial), grid=tuple(cfg["grid"]))
+    arch = meta.architecture(meta.build_meta_model(trial), grid=tuple(cfg["grid"]))
     f = memory.activation_features(arch, grid=tuple(cfg["grid"]), levels=cfg["levels"])
     row = np.zeros(len(COLUMNS))
     for k in INNER:

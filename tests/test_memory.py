@@ -10,6 +10,7 @@ import torch
 
 from aurora_sweep import memory
 from aurora_sweep.errors import AuroraSweepError
+from aurora_sweep.meta import Architecture, architecture, build_meta_model, count_params
 from aurora_sweep.model import apply_lora, apply_method, build_base, set_precision, set_trainable
 from aurora_sweep.train import TrialConfig
 
@@ -37,8 +38,8 @@ def trial(**changes) -> TrialConfig:
 
 
 @pytest.fixture(scope="module")
-def demo_arch() -> memory.Architecture:
-    return memory.architecture(memory.build_meta_model(TRIAL), grid=(64, 128))
+def demo_arch() -> Architecture:
+    return architecture(build_meta_model(TRIAL), grid=(64, 128))
 
 
 def estimate(arch, **kw) -> memory.MemoryEstimate:
@@ -66,8 +67,8 @@ def test_meta_parameter_counts_equal_the_real_module():
     model = build_base("demo", tp_stats=(0.0, 1.0))
     apply_lora(model, rank=8, targets="qkv+proj")
     set_trainable(model, unfrozen_blocks=1)
-    real = memory.count_params(model)
-    meta = memory.count_params(memory.build_meta_model(trial(unfrozen_blocks=1)))
+    real = count_params(model)
+    meta = count_params(build_meta_model(trial(unfrozen_blocks=1)))
     assert meta == real
 
 
@@ -79,7 +80,7 @@ def test_activations_grow_linearly_with_batch_size(demo_arch):
 
 def test_activations_grow_linearly_with_grid_area(demo_arch):
     # 64x128 and 128x128 need no window padding in the demo model, so the area is all that changes
-    wide = memory.architecture(memory.build_meta_model(TRIAL), grid=(128, 128))
+    wide = architecture(build_meta_model(TRIAL), grid=(128, 128))
     small = estimate(demo_arch).parts["activations"]
     large = estimate(wide, grid=(128, 128)).parts["activations"]
     assert large == pytest.approx(2 * small, rel=1e-6)
@@ -93,7 +94,7 @@ def test_checkpointing_lowers_the_activation_estimate(demo_arch):
 
 
 def test_bf16_lowers_activations_of_aurora_small_on_europe():
-    arch = memory.architecture(memory.build_meta_model(trial(base="small-pretrained")), grid=EUROPE)
+    arch = architecture(build_meta_model(trial(base="small-pretrained")), grid=EUROPE)
     kw = dict(grid=EUROPE, levels=4, batch_size=1, checkpointing=False)
     fp32 = memory.estimate_from_architecture(arch, precision="fp32", **kw)
     bf16 = memory.estimate_from_architecture(arch, precision="bf16", **kw)
@@ -102,7 +103,7 @@ def test_bf16_lowers_activations_of_aurora_small_on_europe():
 
 
 def test_lora_rank_adds_rank_times_in_plus_out_per_targeted_linear():
-    meta = memory.build_meta_model(TRIAL)
+    meta = build_meta_model(TRIAL)
     linears = [
         m
         for n, m in meta.named_modules()
@@ -132,7 +133,7 @@ def measured_activations(t: TrialConfig, grid: tuple[int, int]) -> int:
 
 
 def predicted_activations(t: TrialConfig, grid: tuple[int, int]) -> int:
-    arch = memory.architecture(memory.build_meta_model(t), grid=grid)
+    arch = architecture(build_meta_model(t), grid=grid)
     return memory.activation_bytes(
         arch, grid=grid, levels=len(t.levels), batch_size=t.batch_size, precision=t.precision,
         checkpointing=False,
@@ -170,8 +171,8 @@ def test_output_only_tp_saves_nothing_before_the_first_trained_block():
     lora_in = predicted_activations(trial(), grid)
     lora_out = predicted_activations(trial(target_input_lr=0.0), grid)
     assert 0.85 * lora_in < lora_out < lora_in
-    meta = memory.architecture(
-        memory.build_meta_model(trial(method="blocks", unfrozen_blocks=2, target_input_lr=0.0)),
+    meta = architecture(
+        build_meta_model(trial(method="blocks", unfrozen_blocks=2, target_input_lr=0.0)),
         grid=grid,
     )
     assert [b.on_path for b in meta.blocks].count(True) == 2

@@ -135,7 +135,7 @@ def enqueue_references(study: optuna.Study, config: StudyConfig) -> list[str]:
 
 def check_search(config: StudyConfig) -> None:
     """Refuse, before anything is recorded, a search the base model cannot run."""
-    from aurora_sweep.memory import meta_device
+    from aurora_sweep.meta import meta_device
     from aurora_sweep.model import backbone_blocks, build_base
 
     check_region_size(config.data.region, config.data.grid)
