@@ -51,8 +51,12 @@ from _common import (
 )  # noqa: E402
 
 from aurora_sweep import memory  # noqa: E402
-from aurora_sweep.recipe import LORA_METHODS, METHODS  # noqa: E402
-from aurora_sweep.train import PeakMemory, TrialConfig  # noqa: E402
+from aurora_sweep.recipe import (  # noqa: E402
+    LORA_METHODS,
+    METHODS,
+    TrialConfig,  # noqa: E402
+)
+from aurora_sweep.train import PeakMemory  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 2**20

@@ -98,7 +98,7 @@ def train_steps(model, samples, *, steps: int, offset: int, lr: float = 1e-2):
 def tiny_lora_trial(**changes):
     """A small LoRA recipe on the demo base and the tiny study's levels, for tests that train a
     model by hand (`changes` replace any field)."""
-    from aurora_sweep.train import TrialConfig
+    from aurora_sweep.recipe import TrialConfig
 
     recipe = dict(
         lora_rank=2, lora_targets="qkv+proj", unfrozen_blocks=0, batch_size=2, precision="fp32",

@@ -13,9 +13,11 @@ from aurora_sweep.evaluation import (
     verify,
 )
 from aurora_sweep.model import DEMO_CHECKPOINT
+from aurora_sweep.recipe import TrialConfig
 from aurora_sweep.records import worst_forgetting
 from aurora_sweep.store import open_store
-from aurora_sweep.train import TrialConfig, TrialData, build_trial_model
+from aurora_sweep.study_data import TrialData
+from aurora_sweep.train import build_trial_model
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 CPU = torch.device("cpu")

@@ -17,9 +17,11 @@ from aurora_sweep.config import load_config
 from aurora_sweep.dataset import patch_crop
 from aurora_sweep.evaluation import base_state_mse
 from aurora_sweep.model import DEMO_CHECKPOINT, build_base
+from aurora_sweep.recipe import TrialConfig
 from aurora_sweep.records import TrialRecord
 from aurora_sweep.store import open_store
-from aurora_sweep.train import TrialConfig, TrialData, fit
+from aurora_sweep.study_data import TrialData
+from aurora_sweep.train import fit
 from synthetic import write_region_store
 
 pytestmark = pytest.mark.filterwarnings("ignore")

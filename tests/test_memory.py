@@ -12,7 +12,7 @@ from aurora_sweep import memory
 from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.meta import Architecture, architecture, build_meta_model, count_params
 from aurora_sweep.model import apply_lora, apply_method, build_base, set_precision, set_trainable
-from aurora_sweep.train import TrialConfig
+from aurora_sweep.recipe import TrialConfig
 
 TRIAL = TrialConfig(
     lora_rank=8,
@@ -223,7 +223,7 @@ def test_dora_is_predicted_to_save_more_than_lora_for_its_magnitude_scaling():
     import dataclasses
 
     from aurora_sweep.memory import estimate_peak
-    from aurora_sweep.train import TrialConfig
+    from aurora_sweep.recipe import TrialConfig
 
     lora = TrialConfig(
         lora_rank=8, lora_targets="qkv+proj", unfrozen_blocks=0, batch_size=1, precision="fp32",

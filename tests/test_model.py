@@ -15,8 +15,9 @@ from aurora_sweep.model import (
     new_variable_keys,
     set_trainable,
 )
+from aurora_sweep.recipe import TrialConfig
 from aurora_sweep.store import open_store
-from aurora_sweep.train import TrialConfig, build_trial_model
+from aurora_sweep.train import build_trial_model
 from synthetic import train_steps
 
 warnings.filterwarnings("ignore", message="The normalisation statics")

@@ -3,8 +3,19 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from aurora_sweep.errors import AuroraSweepError
+
+if TYPE_CHECKING:
+    import torch
+
+
+def default_device() -> torch.device:
+    """The GPU torch sees first, else the CPU."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def plan_devices(workers: int, gpus: list[int] | None) -> list[dict[str, int | None]]:

@@ -75,9 +75,9 @@ def forecast_file(
     from aurora_sweep import __version__
     from aurora_sweep.data import open_cube
     from aurora_sweep.dataset import Samples
+    from aurora_sweep.devices import default_device
     from aurora_sweep.export import load_finetuned, read_meta
     from aurora_sweep.model import unwrap
-    from aurora_sweep.train import default_device
 
     steps = parse_lead(lead)
     first, last = _day(start, "--start"), _day(end, "--end")

@@ -98,11 +98,12 @@ def prepare_evaluation(adapter: Path, *, split: str, checkpoint: Path | None = N
     and the base model's scores on `split` for the forgetting ratios.
     """
     from aurora_sweep.data import open_cube
+    from aurora_sweep.devices import default_device
     from aurora_sweep.evaluation import base_state_mse
     from aurora_sweep.export import load_finetuned, read_meta
     from aurora_sweep.model import resolve_checkpoint
     from aurora_sweep.recipe import TrialConfig
-    from aurora_sweep.train import TrialData, default_device
+    from aurora_sweep.study_data import TrialData
 
     if split not in ("validation", "test"):
         raise AuroraSweepError(f"--split {split!r}: use validation or test")

@@ -25,17 +25,11 @@ import numpy as np
 import psutil
 import torch
 
-from aurora_sweep.config import Period, StudyConfig
 from aurora_sweep.dataset import (
-    Samples,
     TpStats,
-    climatology,
-    complete_train_tp,
-    fits_in_memory,
-    in_period,
-    tp_stats,
 )
-from aurora_sweep.errors import AuroraSweepError
+from aurora_sweep.devices import default_device
+from aurora_sweep.evaluation import eval_batch_size, forecast, subset_objective, verify
 from aurora_sweep.loss import LossSpec, combine, loss_terms
 from aurora_sweep.model import (
     INPUT_EMBEDDING,
@@ -47,99 +41,16 @@ from aurora_sweep.model import (
     set_longitude_wrap,
     set_precision,
 )
-from aurora_sweep.recipe import FULL_NEW_VARIABLE_LR, LEADS, TrialConfig
-from aurora_sweep.seeps import DRY_MM_BY_LEAD, SeepsClimate, seeps_climate
+from aurora_sweep.recipe import FULL_NEW_VARIABLE_LR, TrialConfig
+from aurora_sweep.study_data import TrialData
 
 #: Learning-rate multiplier for the new variable's head.
 NEW_VARIABLE_LR_FACTOR = 5.0
 #: The learning-rate schedule: a linear warm-up over this share of the steps (at least one),
 #: then a cosine decay to `FINAL_LR_FACTOR` of the peak at the last step.
 WARMUP_SHARE, FINAL_LR_FACTOR = 0.1, 0.1
-#: The start times (UTC) the 12- and 24-hour scores are made from: WeatherBench 2 scores its
-#: forecasts from the 00 and 12 UTC initialisations (the 6-hour scores use every start).
-LONG_LEAD_INITS = (0, 12)
 #: Gradients are clipped to this global norm (over every trained tensor).
 MAX_GRAD_NORM = 1.0
-
-
-@dataclass
-class TrialData:
-    """What every trial of a study shares: the splits, tp's statistics and the baselines."""
-
-    train: Samples
-    validation: Samples  # the evaluation split (validation during the search)
-    tp: TpStats
-    climatology: np.ndarray  # (month, hour, lat, lon), mm per 6 h
-    seeps: SeepsClimate
-    objective: str
-    #: the untouched base model's MSE per variable on the evaluation split (forgetting ratios),
-    #: by precision, then by lead ('6h', '12h', '24h'): a trial is compared with the base run in
-    #: its own precision, at each lead it is scored at
-    base_mse: dict[str, dict[str, dict[str, float]]] | None = None
-    #: the evaluation split's samples and SEEPS climate at each lead scored, by model steps
-    #: (1: `validation` and `seeps`); a lead the split is too short for is left out
-    leads: dict[int, Samples] = field(default_factory=dict)
-    lead_seeps: dict[int, SeepsClimate] = field(default_factory=dict)
-    #: the lead the objective is scored at (model steps)
-    objective_steps: int = 1
-    #: training samples by rollout length, made when a trial first asks
-    _train_by_steps: dict[int, Samples] = field(default_factory=dict, repr=False)
-    #: the baselines' scores at each lead, computed with the first trial's (`metrics.tp_scores`)
-    baseline_scores: dict[int, dict] = field(default_factory=dict, repr=False)
-
-    def __post_init__(self) -> None:
-        self.leads = self.leads or {1: self.validation}
-        self.lead_seeps = self.lead_seeps or {1: self.seeps}
-
-    def train_for(self, steps: int) -> Samples:
-        """The train split's samples for a rollout of `steps` model steps."""
-        if steps not in self._train_by_steps:
-            samples = self.train.at_lead(steps)
-            if samples is None:
-                raise AuroraSweepError(
-                    f"the train split holds no {LEADS[steps]} sample ({steps} consecutive 6-hour "
-                    "steps after two input times): use shorter [search] rollout_steps"
-                )
-            self._train_by_steps[steps] = samples
-        return self._train_by_steps[steps]
-
-    @classmethod
-    def prepare(cls, cube, config: StudyConfig, *, eval_split: str = "validation") -> TrialData:
-        # in memory when it fits (read once, shared by both splits), else read from the store
-        in_memory = fits_in_memory(cube.nbytes)
-        if in_memory:
-            cube = cube.load()
-        train = Samples(cube, config.data, "train", in_memory=in_memory)
-        period = config.data.train
-        # the train split's tp, read once for its statistics and both climatologies
-        tp = train.cube[["tp"]].sel(time=in_period(train.cube["time"].values, period)).load()
-        validation = Samples(cube, config.data, eval_split, in_memory=in_memory)
-        # the longer leads from the 00 and 12 UTC starts, as WeatherBench 2 scores them
-        leads = {k: validation.at_lead(k, init_hours=LONG_LEAD_INITS) for k in LEADS if k > 1}
-        leads = {1: validation, **leads}
-        leads = {k: v for k, v in leads.items() if v is not None}
-        if config.lead_steps not in leads:
-            raise AuroraSweepError(
-                f"the {eval_split} split holds no {LEADS[config.lead_steps]} sample to score the "
-                "objective at: use a shorter [study] lead, or a split with runs of consecutive days"
-            )
-        lead_seeps = {k: train_seeps_climate(tp, period, steps=k) for k in leads}
-        return cls(
-            train=train,
-            validation=validation,
-            tp=tp_stats(tp, period),
-            climatology=climatology(tp, period),
-            seeps=lead_seeps[1],
-            objective=config.objective,
-            leads=leads,
-            lead_seeps=lead_seeps,
-            objective_steps=config.lead_steps,
-        )
-
-    @property
-    def scored(self) -> Samples:
-        """The evaluation samples at the objective's lead."""
-        return self.leads[self.objective_steps]
 
 
 def pushforward(model, batch, steps: int):
@@ -189,20 +100,6 @@ def loss_spec(trial: TrialConfig, data: TrialData) -> LossSpec:
         levels=trial.levels, lat=data.train.cube["latitude"].values, tp_scale=data.tp.scale,
         target_weight=trial.target_weight, tp_loss=trial.loss,
     )  # fmt: skip
-
-
-def train_seeps_climate(cube, train: Period, steps: int = 1) -> SeepsClimate:
-    """SEEPS's dry probability and light/heavy threshold by month and hour of day, from the
-    train split's totals over `steps` 6-hour windows (with that lead's dry threshold)."""
-    values, times = complete_train_tp(cube, train)
-    if steps > 1:  # totals over `steps` consecutive 6-hour windows, at the last one's time
-        ends = np.arange(steps - 1, len(times))
-        span = times.values[ends] - times.values[ends - steps + 1]
-        ends = ends[span == np.timedelta64(6 * (steps - 1), "h")]
-        values = np.stack([values[ends - k] for k in range(steps)]).sum(axis=0)
-        times = times[ends]
-    dry = DRY_MM_BY_LEAD[6 * steps]
-    return seeps_climate(values, times.month.values, times.hour.values, dry_threshold=dry)
 
 
 @dataclass
@@ -339,10 +236,6 @@ class Prefetcher:
         self.close()
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def build_trial_model(trial: TrialConfig, tp: TpStats, checkpoint: Path):
     """Base model with tp, pretrained weights, LoRA, freezing and precision, as `trial` says."""
     torch.manual_seed(trial.seed)
@@ -388,8 +281,6 @@ def fit(
     bootstrap: int = 1000,
 ) -> TrialResult:
     """Fine-tune one trial. `report(step, objective)` may raise `optuna.TrialPruned`."""
-    from aurora_sweep.evaluation import eval_batch_size, forecast, subset_objective, verify
-
     device = device or default_device()
     started = time.perf_counter()
     spec = loss_spec(trial, data)
@@ -398,42 +289,11 @@ def fit(
         if trial.activation_checkpointing:
             model.configure_activation_checkpointing()
         peft_model.to(device)
-        # tp's head starts from zero and must learn the most: a larger step for it; its input
-        # embedding writes into Aurora's latent state: a step of its own (none: output-only)
-        embedding = model.get_parameter(INPUT_EMBEDDING)
-        head = [model.get_parameter(k) for k in parts.new_variable]
-        head = [p for p in head if p is not embedding]
-        new_ids = {id(p) for p in (*head, embedding)}
-        rest = [p for p in peft_model.parameters() if p.requires_grad and id(p) not in new_ids]
-        groups = [{"params": rest}, {"params": head, "lr": new_variable_lr(trial)}]
-        if embedding.requires_grad:
-            groups.append({"params": [embedding], "lr": input_lr(trial)})
-        optimiser = torch.optim.AdamW(
-            groups, lr=trial.learning_rate, weight_decay=trial.weight_decay
-        )
-        # LambdaLR calls the factor once at construction (step 0), then after each step
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimiser, lambda k: learning_rate_factor(k + 1, trial.steps)
-        )
-        trained = [p for group in groups for p in group["params"]]
-        scaler = torch.amp.GradScaler("cuda") if trial.precision == "fp16" else None
+        step = _Step(trial, spec, peft_model, *_optimiser(trial, peft_model, model, parts), device)
+        curves = _Curves(spec)
+        checks = _PrunerChecks(trial, data, spec, eval_batch_size(trial.batch_size, device), device)
         rng = np.random.default_rng(trial.seed)
-        # the pruner's subset: fixed, so every trial's intermediate values are comparable (the
-        # validation loss on the 6-hour samples, the objective at the study's lead)
-        val_idx = eval_indices(len(data.validation), trial.val_samples)
-        scored_idx = eval_indices(len(data.scored), trial.val_samples)
         train = data.train_for(trial.rollout_steps)
-        eval_batch = eval_batch_size(trial.batch_size, device)
-        train_loss: list[tuple[int, float]] = []
-        val_loss: list[tuple[int, float]] = []
-        val_terms: dict[str, list[tuple[int, float]]] = {k: [] for k in spec.variables}
-        intermediate: list[tuple[int, float]] = []
-
-        def log_validation(step: int, result) -> None:
-            val_loss.append((step, float(combine(spec, result.loss_terms))))
-            for k, v in result.loss_terms.items():
-                val_terms[k].append((step, v))
-
         peft_model.train()
         # the batches in the order the seed gives, read ahead by a thread while the model trains
         plan = [
@@ -442,58 +302,30 @@ def fit(
         ]
         with Prefetcher(train.training_batch, plan) as batches:
             waited, loop_started = 0.0, time.perf_counter()
-            for step in range(1, trial.steps + 1):
+            for k in range(1, trial.steps + 1):
                 asked = time.perf_counter()
                 batch, target = batches.next()
                 waited += time.perf_counter() - asked
-                # the raw output: tp is not clamped at 0 while training (model.clamped)
-                pred = peft_model(pushforward(peft_model, batch.to(device), trial.rollout_steps))
-                loss = combine(spec, loss_terms(spec, pred, target))
-                optimiser.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(optimiser)
-                    torch.nn.utils.clip_grad_norm_(trained, MAX_GRAD_NORM)
-                    scaler.step(optimiser)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(trained, MAX_GRAD_NORM)
-                    optimiser.step()
-                schedule.step()
-                value = float(loss.detach())
-                if not np.isfinite(value):
-                    raise FloatingPointError(f"training loss became {value} at step {step}")
-                train_loss.append((step, value))
+                value = step(k, batch, target)
+                curves.train_loss.append((k, value))
                 if on_step:
-                    on_step(step, value)
+                    on_step(k, value)
                 # the last step is scored on the whole split below: the pruner cannot act on it
-                if step % trial.eval_every == 0 and step < trial.steps:
-                    result = forecast(
-                        peft_model, data.validation, val_idx, batch_size=eval_batch, device=device,
-                        state=False, loss=spec,
-                    )  # fmt: skip
-                    log_validation(step, result)
-                    if data.objective_steps != 1:  # the objective's lead: a rollout
-                        result = forecast(
-                            peft_model, data.scored, scored_idx, batch_size=eval_batch,
-                            device=device, state=False,
-                        )  # fmt: skip
-                    objective = subset_objective(result.tp, data, scored_idx)
-                    intermediate.append((step, objective))
+                if k % trial.eval_every == 0 and k < trial.steps:
+                    objective = checks.run(peft_model, k, curves)
                     if report:
-                        report(step, objective)
+                        report(k, objective)
         loop_seconds = time.perf_counter() - loop_started
         metrics, forecasts = verify(
-            peft_model, data, batch_size=eval_batch, device=device, bootstrap=bootstrap,
+            peft_model, data, batch_size=checks.batch_size, device=device, bootstrap=bootstrap,
             precision=trial.precision, loss=spec,
         )  # fmt: skip
-        log_validation(trial.steps, forecasts)
+        curves.validation(trial.steps, forecasts)
     return TrialResult(
-        train_loss=train_loss,
-        val_loss=val_loss,
-        val_terms=val_terms,
-        intermediate=intermediate,
+        train_loss=curves.train_loss,
+        val_loss=curves.val_loss,
+        val_terms=curves.val_terms,
+        intermediate=curves.intermediate,
         metrics=metrics,
         peak_memory_mb=memory.megabytes,
         peak_reserved_mb=memory.reserved / 2**20 if memory.reserved is not None else None,
@@ -503,3 +335,105 @@ def fit(
         parts=parts,
         forecasts=forecasts,
     )
+
+
+def _optimiser(trial: TrialConfig, peft_model, model, parts: TrainableParts):
+    """AdamW over the trained parameters, its schedule, and the parameters clipped.
+
+    tp's head starts from zero and must learn the most: a larger step for it; its input
+    embedding writes into Aurora's latent state: a step of its own (none: output-only).
+    """
+    embedding = model.get_parameter(INPUT_EMBEDDING)
+    head = [model.get_parameter(k) for k in parts.new_variable]
+    head = [p for p in head if p is not embedding]
+    new_ids = {id(p) for p in (*head, embedding)}
+    rest = [p for p in peft_model.parameters() if p.requires_grad and id(p) not in new_ids]
+    groups = [{"params": rest}, {"params": head, "lr": new_variable_lr(trial)}]
+    if embedding.requires_grad:
+        groups.append({"params": [embedding], "lr": input_lr(trial)})
+    optimiser = torch.optim.AdamW(groups, lr=trial.learning_rate, weight_decay=trial.weight_decay)
+    # LambdaLR calls the factor once at construction (step 0), then after each step
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lambda k: learning_rate_factor(k + 1, trial.steps)
+    )
+    return optimiser, schedule, [p for group in groups for p in group["params"]]
+
+
+@dataclass
+class _Step:
+    """One optimiser step: forward (after the rollout's gradient-free steps), Aurora's loss,
+    backward (scaled under fp16), gradients clipped, AdamW, the schedule."""
+
+    trial: TrialConfig
+    spec: LossSpec
+    model: Any
+    optimiser: torch.optim.Optimizer
+    schedule: Any
+    trained: list
+    device: torch.device
+
+    def __post_init__(self) -> None:
+        self.scaler = torch.amp.GradScaler("cuda") if self.trial.precision == "fp16" else None
+
+    def __call__(self, step: int, batch, target) -> float:
+        # the raw output: tp is not clamped at 0 while training (model.clamped)
+        batch = pushforward(self.model, batch.to(self.device), self.trial.rollout_steps)
+        loss = combine(self.spec, loss_terms(self.spec, self.model(batch), target))
+        self.optimiser.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimiser)
+            torch.nn.utils.clip_grad_norm_(self.trained, MAX_GRAD_NORM)
+            self.scaler.step(self.optimiser)
+            self.scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.trained, MAX_GRAD_NORM)
+            self.optimiser.step()
+        self.schedule.step()
+        value = float(loss.detach())
+        if not np.isfinite(value):
+            raise FloatingPointError(f"training loss became {value} at step {step}")
+        return value
+
+
+@dataclass
+class _Curves:
+    """The loss curves and the pruner's values, by step."""
+
+    spec: LossSpec
+    train_loss: list[tuple[int, float]] = field(default_factory=list)
+    val_loss: list[tuple[int, float]] = field(default_factory=list)
+    val_terms: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    intermediate: list[tuple[int, float]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.val_terms = {k: [] for k in self.spec.variables}
+
+    def validation(self, step: int, result) -> None:
+        """The validation loss and each variable's term of an evaluation's result."""
+        self.val_loss.append((step, float(combine(self.spec, result.loss_terms))))
+        for k, v in result.loss_terms.items():
+            self.val_terms[k].append((step, v))
+
+
+class _PrunerChecks:
+    """The intermediate evaluations: the validation loss on a fixed subset of the 6-hour
+    samples, and the objective at the study's lead on a fixed subset, so that every trial's
+    intermediate values are comparable."""
+
+    def __init__(self, trial, data: TrialData, spec: LossSpec, batch_size: int, device) -> None:
+        self.data, self.spec, self.batch_size, self.device = data, spec, batch_size, device
+        self.val_idx = eval_indices(len(data.validation), trial.val_samples)
+        self.scored_idx = eval_indices(len(data.scored), trial.val_samples)
+
+    def run(self, model, step: int, curves: _Curves) -> float:
+        """Evaluate at `step`, log it on `curves`; the objective on the subset."""
+        run = dict(batch_size=self.batch_size, device=self.device, state=False)
+        result = forecast(model, self.data.validation, self.val_idx, loss=self.spec, **run)
+        curves.validation(step, result)
+        if self.data.objective_steps != 1:  # the objective's lead: a rollout
+            result = forecast(model, self.data.scored, self.scored_idx, **run)
+        objective = subset_objective(result.tp, self.data, self.scored_idx)
+        curves.intermediate.append((step, objective))
+        return objective

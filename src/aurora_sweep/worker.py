@@ -280,7 +280,7 @@ class _Session:
 
     spec: WorkerSpec
     config: Any
-    data: Any  # train.TrialData
+    data: Any  # study_data.TrialData
     device: Any  # torch.device
     checkpoint: Path
 
@@ -291,9 +291,10 @@ class _Session:
 
         from aurora_sweep.config import load_config
         from aurora_sweep.data import open_cube
+        from aurora_sweep.devices import default_device
         from aurora_sweep.evaluation import check_objective_defined
         from aurora_sweep.model import resolve_checkpoint
-        from aurora_sweep.train import TrialData, default_device
+        from aurora_sweep.study_data import TrialData
 
         config = load_config(spec.config_path, workdir=spec.workdir)
         device = default_device()

@@ -1,0 +1,122 @@
+"""What every trial of a study shares, prepared once per worker: the train and evaluation
+splits, tp's statistics, the climatology and SEEPS climates, the samples of each lead scored,
+the base model's forgetting reference and the baselines' scores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from aurora_sweep.config import Period, StudyConfig
+from aurora_sweep.dataset import (
+    Samples,
+    TpStats,
+    climatology,
+    complete_train_tp,
+    fits_in_memory,
+    in_period,
+    tp_stats,
+)
+from aurora_sweep.errors import AuroraSweepError
+from aurora_sweep.recipe import LEADS
+from aurora_sweep.seeps import DRY_MM_BY_LEAD, SeepsClimate, seeps_climate
+
+#: The start times (UTC) the 12- and 24-hour scores are made from: WeatherBench 2 scores its
+#: forecasts from the 00 and 12 UTC initialisations (the 6-hour scores use every start).
+LONG_LEAD_INITS = (0, 12)
+
+
+@dataclass
+class TrialData:
+    """What every trial of a study shares: the splits, tp's statistics and the baselines."""
+
+    train: Samples
+    validation: Samples  # the evaluation split (validation during the search)
+    tp: TpStats
+    climatology: np.ndarray  # (month, hour, lat, lon), mm per 6 h
+    seeps: SeepsClimate
+    objective: str
+    #: the untouched base model's MSE per variable on the evaluation split (forgetting ratios),
+    #: by precision, then by lead ('6h', '12h', '24h'): a trial is compared with the base run in
+    #: its own precision, at each lead it is scored at
+    base_mse: dict[str, dict[str, dict[str, float]]] | None = None
+    #: the evaluation split's samples and SEEPS climate at each lead scored, by model steps
+    #: (1: `validation` and `seeps`); a lead the split is too short for is left out
+    leads: dict[int, Samples] = field(default_factory=dict)
+    lead_seeps: dict[int, SeepsClimate] = field(default_factory=dict)
+    #: the lead the objective is scored at (model steps)
+    objective_steps: int = 1
+    #: training samples by rollout length, made when a trial first asks
+    _train_by_steps: dict[int, Samples] = field(default_factory=dict, repr=False)
+    #: the baselines' scores at each lead, computed with the first trial's (`metrics.tp_scores`)
+    baseline_scores: dict[int, dict] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.leads = self.leads or {1: self.validation}
+        self.lead_seeps = self.lead_seeps or {1: self.seeps}
+
+    def train_for(self, steps: int) -> Samples:
+        """The train split's samples for a rollout of `steps` model steps."""
+        if steps not in self._train_by_steps:
+            samples = self.train.at_lead(steps)
+            if samples is None:
+                raise AuroraSweepError(
+                    f"the train split holds no {LEADS[steps]} sample ({steps} consecutive 6-hour "
+                    "steps after two input times): use shorter [search] rollout_steps"
+                )
+            self._train_by_steps[steps] = samples
+        return self._train_by_steps[steps]
+
+    @classmethod
+    def prepare(cls, cube, config: StudyConfig, *, eval_split: str = "validation") -> TrialData:
+        # in memory when it fits (read once, shared by both splits), else read from the store
+        in_memory = fits_in_memory(cube.nbytes)
+        if in_memory:
+            cube = cube.load()
+        train = Samples(cube, config.data, "train", in_memory=in_memory)
+        period = config.data.train
+        # the train split's tp, read once for its statistics and both climatologies
+        tp = train.cube[["tp"]].sel(time=in_period(train.cube["time"].values, period)).load()
+        validation = Samples(cube, config.data, eval_split, in_memory=in_memory)
+        # the longer leads from the 00 and 12 UTC starts, as WeatherBench 2 scores them
+        leads = {k: validation.at_lead(k, init_hours=LONG_LEAD_INITS) for k in LEADS if k > 1}
+        leads = {1: validation, **leads}
+        leads = {k: v for k, v in leads.items() if v is not None}
+        if config.lead_steps not in leads:
+            raise AuroraSweepError(
+                f"the {eval_split} split holds no {LEADS[config.lead_steps]} sample to score the "
+                "objective at: use a shorter [study] lead, or a split with runs of consecutive days"
+            )
+        lead_seeps = {k: train_seeps_climate(tp, period, steps=k) for k in leads}
+        return cls(
+            train=train,
+            validation=validation,
+            tp=tp_stats(tp, period),
+            climatology=climatology(tp, period),
+            seeps=lead_seeps[1],
+            objective=config.objective,
+            leads=leads,
+            lead_seeps=lead_seeps,
+            objective_steps=config.lead_steps,
+        )
+
+    @property
+    def scored(self) -> Samples:
+        """The evaluation samples at the objective's lead."""
+        return self.leads[self.objective_steps]
+
+
+def train_seeps_climate(cube, train: Period, steps: int = 1) -> SeepsClimate:
+    """SEEPS's dry probability and light/heavy threshold by month and hour of day, from the
+    train split's totals over `steps` 6-hour windows (with that lead's dry threshold)."""
+    values, times = complete_train_tp(cube, train)
+    if steps > 1:  # totals over `steps` consecutive 6-hour windows, at the last one's time
+        ends = np.arange(steps - 1, len(times))
+        span = times.values[ends] - times.values[ends - steps + 1]
+        ends = ends[span == np.timedelta64(6 * (steps - 1), "h")]
+        values = np.stack([values[ends - k] for k in range(steps)]).sum(axis=0)
+        times = times[ends]
+    dry = DRY_MM_BY_LEAD[6 * steps]
+    return seeps_climate(values, times.month.values, times.hour.values, dry_threshold=dry)
