@@ -4,12 +4,7 @@ tp summed into 6-hour totals, in memory-mapped scratch arrays written once."""
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import shutil
-import socket
-import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +24,8 @@ from aurora_sweep.era5.plan import (
     model_times,
 )
 from aurora_sweep.era5.read import CorruptFileError, open_pieces
+from aurora_sweep.era5.scratch import make_dir, scratch_folder
 from aurora_sweep.errors import AuroraSweepError
-from aurora_sweep.processes import alive, this_process
 
 log = logging.getLogger(__name__)
 _EPS = 1e-6
@@ -173,7 +168,7 @@ def _expand(paths: Sequence[Path]) -> list[Path]:
     return sorted(set(out))
 
 
-def _progress(enabled: bool):
+def progress_bar(enabled: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(
@@ -200,56 +195,9 @@ def import_files(paths: Sequence[Path], data: DataConfig, *, progress: bool = Tr
     with contextlib.ExitStack() as stack:
         pieces = _scan(files, data, stack)
         plan = _select(pieces, data)
-        scratch = _scratch(_mkdir(data.store.parent), stack)
+        scratch = scratch_folder(make_dir(data.store.parent), stack)
         cube = _fill(pieces, plan, data, scratch, progress=progress)
         return store.write_store(cube, data.store)
-
-
-SCRATCH_PREFIX = ".import-"
-SCRATCH_OWNER = "owner.json"
-
-
-def _scratch(parent: Path, stack: contextlib.ExitStack) -> Path:
-    """A scratch folder for one import, removed when it ends; a killed import's is removed by
-    the next one (its owner file names the process, so a running import's is left alone)."""
-    remove_stale_scratch(parent)
-    path = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=parent)))
-    (path / SCRATCH_OWNER).write_text(json.dumps(this_process()))
-    return path
-
-
-def _owner_alive(folder: Path) -> bool:
-    """Whether the import that made `folder` may still run: its process lives on this host, or
-    it ran on another host (which cannot be asked) within the last day."""
-    try:
-        owner = json.loads((folder / SCRATCH_OWNER).read_text())
-    except (OSError, ValueError):
-        return time.time() - folder.stat().st_mtime < 60  # being created this moment
-    if owner.get("host") != socket.gethostname():
-        return time.time() - folder.stat().st_mtime < 86400
-    return alive(owner.get("pid"), owner.get("pid_started"))
-
-
-def remove_stale_scratch(parent: Path) -> list[tuple[Path, int]]:
-    """Remove the scratch folders that killed imports left in `parent` (each the size of the
-    store); returns what was removed and its size in bytes."""
-    removed = []
-    for folder in sorted(Path(parent).glob(f"{SCRATCH_PREFIX}*")):
-        if not folder.is_dir() or _owner_alive(folder):
-            continue
-        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-        shutil.rmtree(folder, ignore_errors=True)
-        removed.append((folder, size))
-        log.warning(
-            "removed %s (%.1f GB), the scratch of an import that was killed",
-            folder, size / 1e9,
-        )  # fmt: skip
-    return removed
-
-
-def _mkdir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def _scan(files: list[Path], data: DataConfig, stack: contextlib.ExitStack) -> list[_Piece]:
@@ -398,7 +346,7 @@ def _fill(
     tp_count = np.zeros(nt, dtype=np.int64)
 
     jobs = _jobs_by_piece(plan, t_pos)
-    with _progress(progress) as bar:
+    with progress_bar(progress) as bar:
         task = bar.add_task("importing ERA5", total=len(jobs))
         for p, per_var in sorted(jobs.items()):
             piece = pieces[p]

@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from aurora_sweep.config import DataConfig, StudyConfig
-from aurora_sweep.era5.assemble import _mkdir, _progress, import_files
+from aurora_sweep.era5.assemble import import_files, progress_bar
 from aurora_sweep.era5.plan import CDS_URL, FIELDS_PER_REQUEST, Request, plan_requests
 from aurora_sweep.era5.read import CorruptFileError, open_pieces
+from aurora_sweep.era5.scratch import make_dir
 from aurora_sweep.errors import AuroraSweepError
 
 MANIFEST = "manifest.json"
@@ -231,7 +232,7 @@ def download(
     failures (network, 5xx, long queues) are retried `retries` times with exponential backoff
     from `backoff` seconds; anything else stops the download with an `AuroraSweepError`.
     """
-    folder = _mkdir(download_folder(config.data))
+    folder = make_dir(download_folder(config.data))
     plan = plan_requests(config, max_fields=max_fields)
     chunks = load_manifest(folder)
     for stale in folder.glob("*.partial"):
@@ -318,7 +319,7 @@ def _fetch_all(
         thread.start()
     interrupted = False
     outstanding = len(todo)
-    with _progress(progress) as bar:
+    with progress_bar(progress) as bar:
         task = bar.add_task("CDS chunks", total=total, completed=total - len(todo))
         try:
             while outstanding:
