@@ -218,79 +218,80 @@ def tp_scores(
 ) -> dict[str, float]:
     """The tp scores of the model and of the persistence and climatology forecasts.
 
-    Keys: `tp_rmse`, `tp_mae`, `tp_bias`, `tp_seeps`, `tp_csi_{t}`, `tp_ets_{t}`, `tp_fbias_{t}`
-    (t in `CATEGORICAL_THRESHOLDS_MM`, written `f"{t:g}"`), `tp_fss_{t}_w{w}` (t in
-    `FSS_THRESHOLDS_MM`, w in `FSS_WINDOWS`), each for the model and with the suffixes
-    `_persistence` and `_climatology`; `tp_skill_persistence` and `tp_skill_climatology` on
-    `objective`; and, when `bootstrap` > 0, the 5 % and 95 % quantiles (`_q05`, `_q95`) of the
-    objective and of both skills over a paired block bootstrap of days (`block_bootstrap`; the same
-    resamples for the model and both references). The module docstring defines each score.
+    Keys: every score of the module docstring (`tp_rmse`, ..., `tp_fss_{t}_w{w}`) for the model and
+    with the suffixes `_persistence` and `_climatology`; `tp_skill_persistence` and
+    `tp_skill_climatology` on `objective`; when `bootstrap` > 0, the 5 % and 95 % quantiles
+    (`_q05`, `_q95`) of the objective and both skills over a paired block bootstrap of days.
 
     Args:
-        forecast: the model's forecast, mm per 6 h, (n, lat, lon).
-        observed: the observed totals, (n, lat, lon).
-        persistence: the persistence forecast (tp at the last input time), (n, lat, lon).
-        climatology: the climatology forecast, (n, lat, lon).
-        lat: latitudes in degrees, (lat,).
-        months: calendar month (1..12) of each sample's target time, (n,).
-        hours: valid hour (0, 6, 12 or 18 UTC) of each sample's target time, (n,).
+        forecast, persistence, climatology: the model's, persistence's (tp at the last input
+            time) and climatology's forecasts, mm per 6 h, (n, lat, lon).
+        observed, lat, months, hours, seeps: as for `objective_terms`.
         days: each sample's target day, datetime64[D], (n,).
-        seeps: the train split's SEEPS climate.
         objective: the score the skills and the bootstrap use, one of `OBJECTIVES`.
-        bootstrap: number of bootstrap resamples; 0 for none.
-        block_days: consecutive days per bootstrap block.
-        seed: the bootstrap's seed.
-        terms_out: when a dict, filled with `"num"` and `"den"`: the model's per-sample objective
-            terms over all n samples given, NaN for dropped ones (as `objective_terms`), to keep
-            for `paired_difference` without scoring again.
-        references: when a dict, the baselines' scores are read from it if there (keyed by
-            suffix) and kept in it otherwise: every trial of a study is scored against the same
-            persistence and climatology on the same samples, which need scoring once.
+        bootstrap, block_days, seed: the number of bootstrap resamples (0: none), the
+            consecutive days per block, and the bootstrap's seed.
+        terms_out: when a dict, filled with the model's per-sample `"num"` and `"den"` over all n
+            samples (as `objective_terms` gives them), for `paired_difference`.
+        references: when a dict, the baselines' scores are read from it (keyed by suffix) or kept
+            in it: every trial of a study meets the same baselines on the same samples.
     """
     check_objective(objective)
-    _check_inputs(
-        observed,
-        lat,
-        months,
-        hours,
-        seeps,
-        days=days,
-        forecast=forecast,
-        persistence=persistence,
-        climatology=climatology,
-    )
-    keep = _observed_samples(observed)
-    observed = _take(keep, observed)
-    months, hours = np.asarray(months)[keep], np.asarray(hours)[keep]
-    days = np.asarray(days)[keep]
     forecasts = {"": forecast, "_persistence": persistence, "_climatology": climatology}
+    named = {k.removeprefix("_") or "forecast": v for k, v in forecasts.items()}
+    _check_inputs(observed, lat, months, hours, seeps, days=days, **named)
+    keep = _observed_samples(observed)
+    kept = dict(observed=_take(keep, observed), lat=lat, seeps=seeps)
+    kept |= dict(months=np.asarray(months)[keep], hours=np.asarray(hours)[keep])
     out: dict[str, float] = {}
     terms: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for suffix, values in forecasts.items():
-        if suffix and references is not None and suffix in references:
-            scores_, terms[suffix] = references[suffix]  # the same baselines, scored before
-        else:
-            values = _take(keep, values)
-            scores_, terms[suffix] = _all_scores(
-                objective, values, observed, lat, months, hours, seeps
-            )
-            if suffix and references is not None:
-                references[suffix] = (scores_, terms[suffix])
+        scores_, terms[suffix] = _scores_of(objective, suffix, _take(keep, values), kept,
+                                            references)  # fmt: skip
         out.update({f"{name}{suffix}": v for name, v in scores_.items()})
     if terms_out is not None:
         terms_out["num"], terms_out["den"] = (_spread(keep, t) for t in terms[""])
     for ref in ("persistence", "climatology"):
         out[f"tp_skill_{ref}"] = skill(out[objective], out[f"{objective}_{ref}"])
     if bootstrap > 0:
-        resamples = block_bootstrap(days, n_resamples=bootstrap, block_days=block_days, seed=seed)
-        value = {
-            s: objective_from(objective, *(resampled_sums(t, resamples) for t in terms[s]))
-            for s in forecasts
-        }
-        out[f"{objective}_q05"], out[f"{objective}_q95"] = interval(value[""])
-        for ref in ("persistence", "climatology"):
-            skills = np.array([skill(m, r) for m, r in zip(value[""], value[f"_{ref}"])])
-            out[f"tp_skill_{ref}_q05"], out[f"tp_skill_{ref}_q95"] = interval(skills)
+        out |= _intervals(objective, terms, np.asarray(days)[keep], bootstrap, block_days, seed)
+    return out
+
+
+def _scores_of(
+    objective: str, suffix: str, values: np.ndarray, kept: dict, references: dict | None
+) -> tuple[dict[str, float], tuple[np.ndarray, np.ndarray]]:
+    """One forecast's scores and objective terms on the kept samples; a baseline's (`suffix`
+    not "") from `references` when scored before, and kept there otherwise."""
+    if suffix and references is not None and suffix in references:
+        return references[suffix]  # the same baselines, scored before
+    k = kept
+    result = _all_scores(objective, values, k["observed"], k["lat"], k["months"], k["hours"],
+                         k["seeps"])  # fmt: skip
+    if suffix and references is not None:
+        references[suffix] = result
+    return result
+
+
+def _intervals(
+    objective: str,
+    terms: dict[str, tuple[np.ndarray, np.ndarray]],
+    days: np.ndarray,
+    n_resamples: int,
+    block_days: int,
+    seed: int,
+) -> dict[str, float]:
+    """The 5 % and 95 % quantiles of the model's objective and of both skills over a block
+    bootstrap of `days`, from each forecast's per-sample terms (keyed by suffix, "" the model's)."""
+    resamples = block_bootstrap(days, n_resamples=n_resamples, block_days=block_days, seed=seed)
+    value = {
+        s: objective_from(objective, *(resampled_sums(t, resamples) for t in pair))
+        for s, pair in terms.items()
+    }
+    out = dict(zip((f"{objective}_q05", f"{objective}_q95"), interval(value[""])))
+    for ref in ("persistence", "climatology"):
+        skills = np.array([skill(m, r) for m, r in zip(value[""], value[f"_{ref}"])])
+        out[f"tp_skill_{ref}_q05"], out[f"tp_skill_{ref}_q95"] = interval(skills)
     return out
 
 
