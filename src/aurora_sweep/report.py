@@ -389,3 +389,27 @@ def lead_rows(scores: dict[str, float], objective: str) -> list[dict]:
             "worst forgetting": f"{worst[0]} ×{worst[1]:.2f}" if worst else "",
         })  # fmt: skip
     return rows
+
+
+def report_notes(references: Sequence[str], n_samples: int, split: str, times) -> list[str]:
+    """The report's notes: how the adapter compares with the study's references, what was
+    scored, and how each score and baseline is defined."""
+    return [
+        *(
+            f"Against the study's reference recipes (validation split): {line}"
+            for line in references
+        ),
+        f"{n_samples} samples of the {split} split ({times.min():%Y-%m-%d} to "
+        f"{times.max():%Y-%m-%d}); 6-hour totals in mm; scores latitude-weighted where it applies.",
+        "Intervals: 90 % paired block bootstrap over days (blocks of consecutive days keep the "
+        "day-to-day correlation). 'within noise': better than both baselines, but the interval "
+        "reaches one of them.",
+        "Persistence repeats the last observed 6-hour total; climatology is the train-split mean by "
+        "grid point, calendar month and time of day.",
+        "SEEPS: dry at most 0.1 mm (WeatherBench 2's threshold for 6-hour totals); dry "
+        "probability and light/heavy threshold per grid point, month and hour of day from the "
+        "train split (not WeatherBench 2's 30-year climate); points with a dry probability "
+        "outside 0.1..0.85 are left out.",
+        "Forgetting: RMSE of the fine-tuned model over that of the untouched base model on the "
+        "same samples, for the variables Aurora already predicted (> 1: worse than before).",
+    ]

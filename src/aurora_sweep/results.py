@@ -30,31 +30,10 @@ def export_best(
 ) -> Path:
     """Copy the best trial's adapter (or trial `number`'s, a Pareto front member say) from
     MLflow to `target` and write its model card. `trials`: the study's, when already read."""
-    import mlflow
-
     from aurora_sweep.export import META, write_model_card
 
     every = study_trials(config) if trials is None else trials
-    trials = ranked(every)
-    if number is None and not trials:
-        if completed(every):
-            raise AuroraSweepError(
-                f"no completed trial of study {config.name!r} keeps the model whole: each makes a "
-                f"variable Aurora already predicted worse than ×{config.max_forgetting:g} the base "
-                "model's RMSE ('aurora-sweep best' marks them ✗); export one anyway with --trial N, "
-                "or run more trials"
-            )
-        raise AuroraSweepError(f"study {config.name!r} has no completed trial to export yet")
-    if number is None:
-        best = trials[0]
-    else:  # asked for by number: any completed trial within the cap, infeasible or not
-        chosen = [t for t in completed(every) if t.number == number]
-        if not chosen:
-            raise AuroraSweepError(
-                f"trial {number} of study {config.name!r} is not a completed trial within the "
-                "memory cap: 'aurora-sweep best' lists those, 'best --pareto' the front"
-            )
-        best = chosen[0]
+    best = _trial_to_export(config, every, number)
     run_id = TrialRecord.of(best).mlflow_run_id
     if not run_id:
         raise AuroraSweepError(f"trial {best.number} has no MLflow run recorded")
@@ -64,24 +43,7 @@ def export_best(
             f"{target} exists and is not an adapter directory: choose an empty one"
         )
     client_for(config)  # says so at once when the tracking server does not answer
-    with tempfile.TemporaryDirectory(dir=target.parent if target.parent.exists() else None) as tmp:
-        try:
-            local = mlflow.artifacts.download_artifacts(
-                run_id=run_id, artifact_path="adapter", dst_path=tmp
-            )
-        except Exception as e:
-            raise AuroraSweepError(
-                f"cannot read trial {best.number}'s adapter from MLflow ({type(e).__name__}); "
-                + (
-                    f"check --tracking-uri {config.tracking_uri}"
-                    if config.tracking_uri
-                    else "run this from the directory that holds mlflow.db and mlruns/, "
-                    "or give the sweep's --tracking-uri"
-                )
-            ) from None
-        if target.exists():
-            shutil.rmtree(target)
-        shutil.move(local, target)
+    _download_adapter(config, run_id, best.number, target)
     # how the exported trial compares with the study's reference recipes, for the report
     meta_path = target / META
     meta = json.loads(meta_path.read_text())
@@ -89,6 +51,57 @@ def export_best(
     meta_path.write_text(json.dumps(meta, indent=2, default=str))
     write_model_card(target, study=config.name, number=best.number)
     return target
+
+
+def _trial_to_export(
+    config: StudyConfig, every: list[optuna.trial.FrozenTrial], number: int | None
+) -> optuna.trial.FrozenTrial:
+    """The best feasible trial, or trial `number` if it completed within the cap (feasible or
+    not); refused in one line when there is none."""
+    if number is not None:
+        chosen = [t for t in completed(every) if t.number == number]
+        if not chosen:
+            raise AuroraSweepError(
+                f"trial {number} of study {config.name!r} is not a completed trial within the "
+                "memory cap: 'aurora-sweep best' lists those, 'best --pareto' the front"
+            )
+        return chosen[0]
+    trials = ranked(every)
+    if trials:
+        return trials[0]
+    if completed(every):
+        raise AuroraSweepError(
+            f"no completed trial of study {config.name!r} keeps the model whole: each makes a "
+            f"variable Aurora already predicted worse than ×{config.max_forgetting:g} the base "
+            "model's RMSE ('aurora-sweep best' marks them ✗); export one anyway with --trial N, "
+            "or run more trials"
+        )
+    raise AuroraSweepError(f"study {config.name!r} has no completed trial to export yet")
+
+
+def _download_adapter(config: StudyConfig, run_id: str, number: int, target: Path) -> None:
+    """Trial `number`'s adapter from its MLflow run into `target` (replaced whole, through a
+    temporary folder beside it, so a failed download leaves the old one)."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory(dir=target.parent if target.parent.exists() else None) as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path="adapter", dst_path=tmp
+            )
+        except Exception as e:
+            hint = (
+                f"check --tracking-uri {config.tracking_uri}"
+                if config.tracking_uri
+                else "run this from the directory that holds mlflow.db and mlruns/, "
+                "or give the sweep's --tracking-uri"
+            )
+            raise AuroraSweepError(
+                f"cannot read trial {number}'s adapter from MLflow ({type(e).__name__}); {hint}"
+            ) from None
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.move(local, target)
 
 
 def prepare_evaluation(adapter: Path, *, split: str, checkpoint: Path | None = None):
@@ -195,10 +208,13 @@ def report_adapter(
     """Write one self-contained HTML page verifying an exported adapter on `split`."""
     import datetime as dt
 
-    from aurora_sweep import figures as fg
-    from aurora_sweep.dataset import climatology_forecast
-    from aurora_sweep.evaluation import case_maps_png
-    from aurora_sweep.report import forgetting_rows, lead_rows, report_rows, write_report
+    from aurora_sweep.report import (
+        forgetting_rows,
+        lead_rows,
+        report_notes,
+        report_rows,
+        write_report,
+    )
 
     if point is not None and not (-90 <= point[0] <= 90):
         raise AuroraSweepError(f"--point {point[0]:g},{point[1]:g}: latitude must be in -90..90")
@@ -206,8 +222,40 @@ def report_adapter(
         adapter, split=split, checkpoint=checkpoint
     )
     samples = data.validation
-    ij = nearest_point(samples, *point) if point is not None else None
+    ij = nearest_point(samples, *point) if point is not None else None  # refused before scoring
     scores, fc = verify_prepared(model, data, trial, device, bootstrap=bootstrap)
+    times = samples.target_times()[fc.indices]
+    recipe = {
+        **trial.to_dict(),
+        "base checkpoint": f"{meta['base']['checkpoint']} (sha256 {meta['base']['sha256'][:12]}…)",
+        "region": meta.get("data", {}).get("region", "?"),
+        "objective": data.objective,
+    }
+    objective = data.objective
+    return write_report(
+        Path(out),
+        title=f"{Path(adapter).resolve().name}: 6-hour precipitation from Aurora",
+        subtitle=(
+            f"{split} split, {objective} {scores[objective]:.4f}; base {trial.base}; "
+            f"levels {', '.join(map(str, trial.levels))} hPa; made {dt.date.today()}"
+        ),
+        recipe=recipe,
+        scores=report_rows(scores, objective),
+        forgetting=forgetting_rows(scores, data.base_mse[trial.precision]["6h"]),
+        leads=lead_rows(scores, objective),
+        figures=_report_figures(data, fc, meta, ij),
+        notes=report_notes(meta.get("references", []), len(samples), split, times),
+    )
+
+
+def _report_figures(data, fc, meta: dict, ij: tuple[int, int] | None) -> dict[str, bytes]:
+    """The report's pictures: case maps, reliability, the loss curves the adapter carries, and
+    the series at grid point `ij` (row, column) when one is asked for."""
+    from aurora_sweep import figures as fg
+    from aurora_sweep.dataset import climatology_forecast
+    from aurora_sweep.evaluation import case_maps_png
+
+    samples = data.validation
     times = samples.target_times()[fc.indices]
     observed = samples.observed(fc.indices)
     baselines = {
@@ -229,44 +277,4 @@ def report_adapter(
         pngs["loss_curves.png"] = fg.png_bytes(
             fg.loss_curves(history["train_loss"], history.get("val_loss", []))
         )
-    data_meta = meta.get("data", {})
-    recipe = {
-        **trial.to_dict(),
-        "base checkpoint": f"{meta['base']['checkpoint']} (sha256 {meta['base']['sha256'][:12]}…)",
-        "region": data_meta.get("region", "?"),
-        "objective": data.objective,
-    }
-    objective = data.objective
-    notes = [
-        *(
-            f"Against the study's reference recipes (validation split): {line}"
-            for line in meta.get("references", [])
-        ),
-        f"{len(samples)} samples of the {split} split ({times.min():%Y-%m-%d} to "
-        f"{times.max():%Y-%m-%d}); 6-hour totals in mm; scores latitude-weighted where it applies.",
-        "Intervals: 90 % paired block bootstrap over days (blocks of consecutive days keep the "
-        "day-to-day correlation). 'within noise': better than both baselines, but the interval "
-        "reaches one of them.",
-        "Persistence repeats the last observed 6-hour total; climatology is the train-split mean by "
-        "grid point, calendar month and time of day.",
-        "SEEPS: dry at most 0.1 mm (WeatherBench 2's threshold for 6-hour totals); dry "
-        "probability and light/heavy threshold per grid point, month and hour of day from the "
-        "train split (not WeatherBench 2's 30-year climate); points with a dry probability "
-        "outside 0.1..0.85 are left out.",
-        "Forgetting: RMSE of the fine-tuned model over that of the untouched base model on the "
-        "same samples, for the variables Aurora already predicted (> 1: worse than before).",
-    ]
-    return write_report(
-        Path(out),
-        title=f"{Path(adapter).resolve().name}: 6-hour precipitation from Aurora",
-        subtitle=(
-            f"{split} split, {objective} {scores[objective]:.4f}; base {trial.base}; "
-            f"levels {', '.join(map(str, trial.levels))} hPa; made {dt.date.today()}"
-        ),
-        recipe=recipe,
-        scores=report_rows(scores, objective),
-        forgetting=forgetting_rows(scores, data.base_mse[trial.precision]["6h"]),
-        leads=lead_rows(scores, objective),
-        figures=pngs,
-        notes=notes,
-    )
+    return pngs
