@@ -109,23 +109,11 @@ def run(
     Another process or machine joins the same study with the same --storage and --tracking-uri.
     """
     _quiet_libraries()
-    import dataclasses
-
-    from aurora_sweep.config import load_config, with_overrides
-    from aurora_sweep.settings import parse_memory
     from aurora_sweep.study import run_study
 
     console = _console(stderr=True)
     try:
-        study = load_config(config)
-        cap = parse_memory(gpu_memory_cap) if gpu_memory_cap is not None else None
-        study = with_overrides(
-            study, storage=storage, tracking_uri=tracking_uri, gpu_memory_cap=cap
-        )
-        if checkpoint is not None:
-            study = dataclasses.replace(
-                study, model=dataclasses.replace(study.model, checkpoint=checkpoint)
-            )
+        study = _run_config(config, storage, tracking_uri, gpu_memory_cap, checkpoint)
         summary = run_study(
             study, trials=trials, workers=workers, gpus=_gpus(gpus), console=console
         )
@@ -144,6 +132,27 @@ def run(
         console.print(f"MLflow: open {summary.ui_link}")
     else:
         console.print(f"MLflow: run `mlflow ui` here, then open {summary.ui_link}")
+
+
+def _run_config(
+    config: Path | None,
+    storage: str | None,
+    tracking_uri: str | None,
+    gpu_memory_cap: str | None,
+    checkpoint: Path | None,
+):
+    """The study config with `run`'s flags in force."""
+    import dataclasses
+
+    from aurora_sweep.config import load_config, with_overrides
+    from aurora_sweep.settings import parse_memory
+
+    study = load_config(config)
+    cap = parse_memory(gpu_memory_cap) if gpu_memory_cap is not None else None
+    study = with_overrides(study, storage=storage, tracking_uri=tracking_uri, gpu_memory_cap=cap)
+    if checkpoint is None:
+        return study
+    return dataclasses.replace(study, model=dataclasses.replace(study.model, checkpoint=checkpoint))
 
 
 def _best_line(config) -> str:

@@ -141,24 +141,14 @@ def forecast_leads(
     of one model step, as `forecast` makes them (with `loss`, its terms too).
     """
     one = leads[1]
-    longest = np.ones(len(one), dtype=int)  # per 6-hour sample: its longest lead scored
-    position = {k: np.searchsorted(one.index, s.index) for k, s in leads.items()}
-    for k, pos in position.items():
-        if not np.array_equal(one.index[pos], leads[k].index):
-            raise ValueError(f"the {k}-step samples are not 6-hour samples of the same split")
-        longest[pos] = np.maximum(longest[pos], k)
+    longest, slot = _lead_slots(leads)
     was_training = model.training
     model.eval()
     lat = one.cube["latitude"].values
-    shape = one.grid
-    tp = {k: np.zeros((len(s), *shape), np.float32) for k, s in leads.items()} if with_tp else {}
+    tp = {k: np.zeros((len(s), *one.grid), np.float32) for k, s in leads.items()} if with_tp else {}
     sums = {k: dict.fromkeys(state_names(one.levels), 0.0) for k in leads} if state else {}
     term_sums: dict[str, float] = {}
     names = (*SURF_VARS, *((TARGET_VAR,) if with_tp else ()), *ATMOS_VARS)
-    # where each 6-hour sample sits in each lead's sample list (-1: not scored at that lead)
-    slot = {k: np.full(len(one), -1) for k in leads}
-    for k, pos in position.items():
-        slot[k][pos] = np.arange(len(pos))
     with clamped(model) if with_tp else nullcontext():
         for m in sorted(set(longest)):
             group = np.flatnonzero(longest == m)
@@ -190,6 +180,21 @@ def forecast_leads(
         )
         for k, s in leads.items()
     }
+
+
+def _lead_slots(leads: dict[int, Samples]) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """Per 6-hour sample of `leads[1]`: its longest lead scored (model steps), and where it sits
+    in each lead's sample list (-1: not scored at that lead)."""
+    one = leads[1]
+    longest = np.ones(len(one), dtype=int)
+    slot = {k: np.full(len(one), -1) for k in leads}
+    for k, s in leads.items():
+        pos = np.searchsorted(one.index, s.index)
+        if not np.array_equal(one.index[np.minimum(pos, len(one) - 1)], s.index):
+            raise ValueError(f"the {k}-step samples are not 6-hour samples of the same split")
+        longest[pos] = np.maximum(longest[pos], k)
+        slot[k][pos] = np.arange(len(pos))
+    return longest, slot
 
 
 def _steps(model, batch, steps: int):

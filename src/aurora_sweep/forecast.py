@@ -70,8 +70,6 @@ def forecast_file(
 ) -> tuple[Path, int]:
     """Write the forecasts of `adapter` for init times from `start` to `end` (inclusive days)
     to `out`; returns the path and the number of forecasts."""
-    from aurora import rollout
-
     from aurora_sweep import __version__
     from aurora_sweep.data import open_cube
     from aurora_sweep.dataset import Samples
@@ -90,23 +88,8 @@ def forecast_file(
     samples = Samples(load_cube(open_cube(config), first, last), data, "test", target=False)
     device = default_device()
     model = load_finetuned(adapter, checkpoint=checkpoint, device=str(device))
-    aurora = unwrap(model)
-
+    tp, state = _roll_out(unwrap(model), samples, steps, batch_size, device)
     n = len(samples)
-    tp = np.zeros((n, *samples.grid), dtype=np.float32)
-    state = {k: np.zeros((n, *samples.grid), np.float32) for k in SURF_VARS}
-    state |= {k: np.zeros((n, len(samples.levels), *samples.grid), np.float32) for k in ATMOS_VARS}
-    with torch.no_grad():
-        for lo in range(0, n, batch_size):
-            idx = np.arange(lo, min(n, lo + batch_size))
-            batch = samples.inputs(idx)
-            for pred in rollout(aurora, batch.to(device), steps=steps):
-                tp[idx] += pred.surf_vars[TARGET_VAR][:, 0].float().cpu().numpy()
-            for k in SURF_VARS:
-                state[k][idx] = pred.surf_vars[k][:, 0].float().cpu().numpy()
-            for k in ATMOS_VARS:
-                state[k][idx] = pred.atmos_vars[k][:, 0].float().cpu().numpy()
-
     init = samples.times[samples.index]
     ds = to_dataset(
         tp=tp, state=state, init=init, steps=steps, samples=samples,
@@ -128,6 +111,27 @@ def forecast_file(
     ds.to_netcdf(partial, engine="netcdf4", encoding=_encoding(ds))
     partial.replace(out)
     return out, n
+
+
+def _roll_out(aurora, samples, steps: int, batch_size: int, device):
+    """Each sample's tp summed over the `steps` model steps, and the state at the last one."""
+    from aurora import rollout
+
+    n = len(samples)
+    tp = np.zeros((n, *samples.grid), dtype=np.float32)
+    state = {k: np.zeros((n, *samples.grid), np.float32) for k in SURF_VARS}
+    state |= {k: np.zeros((n, len(samples.levels), *samples.grid), np.float32) for k in ATMOS_VARS}
+    with torch.no_grad():
+        for lo in range(0, n, batch_size):
+            idx = np.arange(lo, min(n, lo + batch_size))
+            batch = samples.inputs(idx)
+            for pred in rollout(aurora, batch.to(device), steps=steps):
+                tp[idx] += pred.surf_vars[TARGET_VAR][:, 0].float().cpu().numpy()
+            for k in SURF_VARS:
+                state[k][idx] = pred.surf_vars[k][:, 0].float().cpu().numpy()
+            for k in ATMOS_VARS:
+                state[k][idx] = pred.atmos_vars[k][:, 0].float().cpu().numpy()
+    return tp, state
 
 
 def load_cube(cube: xr.Dataset, first: dt.date, last: dt.date) -> xr.Dataset:

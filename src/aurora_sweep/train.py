@@ -292,30 +292,7 @@ def fit(
         step = _Step(trial, spec, peft_model, *_optimiser(trial, peft_model, model, parts), device)
         curves = _Curves(spec)
         checks = _PrunerChecks(trial, data, spec, eval_batch_size(trial.batch_size, device), device)
-        rng = np.random.default_rng(trial.seed)
-        train = data.train_for(trial.rollout_steps)
-        peft_model.train()
-        # the batches in the order the seed gives, read ahead by a thread while the model trains
-        plan = [
-            rng.choice(len(train), size=min(trial.batch_size, len(train)), replace=False)
-            for _ in range(trial.steps)
-        ]
-        with Prefetcher(train.training_batch, plan) as batches:
-            waited, loop_started = 0.0, time.perf_counter()
-            for k in range(1, trial.steps + 1):
-                asked = time.perf_counter()
-                batch, target = batches.next()
-                waited += time.perf_counter() - asked
-                value = step(k, batch, target)
-                curves.train_loss.append((k, value))
-                if on_step:
-                    on_step(k, value)
-                # the last step is scored on the whole split below: the pruner cannot act on it
-                if k % trial.eval_every == 0 and k < trial.steps:
-                    objective = checks.run(peft_model, k, curves)
-                    if report:
-                        report(k, objective)
-        loop_seconds = time.perf_counter() - loop_started
+        wait_share = _train_loop(trial, data, peft_model, step, curves, checks, on_step, report)
         metrics, forecasts = verify(
             peft_model, data, batch_size=checks.batch_size, device=device, bootstrap=bootstrap,
             precision=trial.precision, loss=spec,
@@ -330,11 +307,50 @@ def fit(
         peak_memory_mb=memory.megabytes,
         peak_reserved_mb=memory.reserved / 2**20 if memory.reserved is not None else None,
         seconds=time.perf_counter() - started,
-        loader_wait_fraction=waited / loop_seconds if loop_seconds > 0 else 0.0,
+        loader_wait_fraction=wait_share,
         model=peft_model,
         parts=parts,
         forecasts=forecasts,
     )
+
+
+def _train_loop(
+    trial: TrialConfig,
+    data: TrialData,
+    model,
+    step: _Step,
+    curves: _Curves,
+    checks: _PrunerChecks,
+    on_step: Callable[[int, float], None] | None,
+    report: Callable[[int, float], None] | None,
+) -> float:
+    """The trial's optimiser steps, the pruner's checks between them; the share of the loop's
+    wall time spent waiting for a batch."""
+    rng = np.random.default_rng(trial.seed)
+    train = data.train_for(trial.rollout_steps)
+    model.train()
+    # the batches in the order the seed gives, read ahead by a thread while the model trains
+    plan = [
+        rng.choice(len(train), size=min(trial.batch_size, len(train)), replace=False)
+        for _ in range(trial.steps)
+    ]
+    with Prefetcher(train.training_batch, plan) as batches:
+        waited, loop_started = 0.0, time.perf_counter()
+        for k in range(1, trial.steps + 1):
+            asked = time.perf_counter()
+            batch, target = batches.next()
+            waited += time.perf_counter() - asked
+            value = step(k, batch, target)
+            curves.train_loss.append((k, value))
+            if on_step:
+                on_step(k, value)
+            # the last step is scored on the whole split after: the pruner cannot act on it
+            if k % trial.eval_every == 0 and k < trial.steps:
+                objective = checks.run(model, k, curves)
+                if report:
+                    report(k, objective)
+    loop_seconds = time.perf_counter() - loop_started
+    return waited / loop_seconds if loop_seconds > 0 else 0.0
 
 
 def _optimiser(trial: TrialConfig, peft_model, model, parts: TrainableParts):
