@@ -114,10 +114,20 @@ def _state(world: DemoWorld, hours: np.ndarray, w: dict, static: dict) -> dict[s
     Each wave is cos(kx*lon + ky*lat + phase(t)); sums of them are computed as a product of
     separable complex exponentials, so a year of hourly fields takes well under a second.
     """
-    lat, lon = world.lat.astype(np.float32), world.lon.astype(np.float32)
-    t = hours[:, None]  # phases are computed in float64 on (time, wave), fields in float32
     doy = 2 * np.pi * ((hours / 24) % 365.25) / 365.25
     season = (-np.cos(doy - 0.35)[:, None, None]).astype(np.float32)  # -1 mid-Jan, +1 mid-Jul
+    wave_sum = _wave_sum(world, hours, w, season)
+    state = _upper_air(world, wave_sum, season)
+    _surface(state, world, hours, wave_sum, static)
+    _rain(state, world, hours, w, static)
+    return {k: v.astype(np.float32) for k, v in state.items()}
+
+
+def _wave_sum(world: DemoWorld, hours: np.ndarray, w: dict, season: np.ndarray):
+    """wave_sum(tilt, factor): the sum of the travelling waves at every time, and its derivatives
+    along longitude and latitude (per degree), with troughs shifted east by `tilt` degrees."""
+    lat, lon = world.lat.astype(np.float32), world.lon.astype(np.float32)
+    t = hours[:, None]  # phases are computed in float64 on (time, wave), fields in float32
     amp = w["amp"] * (1 + 0.45 * np.sin(2 * np.pi * t / w["mod_period"] + w["mod_phase"]))
     amp = amp * (1.3 - 0.3 * season[:, 0])  # stronger waves in winter
     ey = np.exp(1j * np.outer(w["ky"], lat)).astype(np.complex64)  # (wave, lat)
@@ -133,7 +143,13 @@ def _state(world: DemoWorld, hours: np.ndarray, w: dict, static: dict) -> dict[s
         # derivatives in metres per degree
         return field(coef), field(coef * (1j * w["kx"])), field(coef * (1j * w["ky"]))
 
-    lat2 = lat[None, :, None]
+    return wave_sum
+
+
+def _upper_air(world: DemoWorld, wave_sum, season: np.ndarray) -> dict[str, np.ndarray]:
+    """z, u, v, t and q on every level, (time, level, lat, lon): geostrophic wind of the waves
+    over a jet, temperature following the height field, humidity from the meridional wind."""
+    lat2 = world.lat.astype(np.float32)[None, :, None]
     f = 2 * OMEGA * np.sin(np.deg2rad(lat2))
     coslat = np.cos(np.deg2rad(lat2))
     out: dict[str, list[np.ndarray]] = {k: [] for k in ("z", "u", "v", "t", "q")}
@@ -153,20 +169,33 @@ def _state(world: DemoWorld, hours: np.ndarray, w: dict, static: dict) -> dict[s
         q = rh * 0.622 * e_sat / (p * 100)
         for k, a in (("z", G * h_tot), ("u", u), ("v", v), ("t", temp), ("q", q)):
             out[k].append(a)
-    state = {k: np.stack(v, axis=1) for k, v in out.items()}
+    return {k: np.stack(v, axis=1) for k, v in out.items()}
 
+
+def _local_hour(world: DemoWorld, hours: np.ndarray) -> np.ndarray:
+    lon = world.lon.astype(np.float32)
+    return ((hours[:, None, None] % 24 + lon[None, None, :] / 15) % 24).astype(np.float32)
+
+
+def _surface(state: dict, world: DemoWorld, hours: np.ndarray, wave_sum, static: dict) -> None:
+    """2 m temperature, 10 m wind and mean sea-level pressure, from the lowest level."""
     low = int(np.argmax(world.levels))  # the lowest level drives the surface and the rain
-    u_low, v_low, t_low, q_low = (state[k][:, low] for k in ("u", "v", "t", "q"))
+    u_low, v_low, t_low = (state[k][:, low] for k in ("u", "v", "t"))
     hs, _, _ = wave_sum(-6.0, 0.8)
-    local_hour = (hours[:, None, None] % 24 + lon[None, None, :] / 15) % 24
-    local_hour = local_hour.astype(np.float32)
-    diurnal = 4.5 * np.cos(2 * np.pi * (local_hour - 15) / 24) * (0.4 + 0.6 * static["lsm"])
+    diurnal = 4.5 * np.cos(2 * np.pi * (_local_hour(world, hours) - 15) / 24)
+    diurnal = diurnal * (0.4 + 0.6 * static["lsm"])
     state["2t"] = t_low + 11 + diurnal - 0.0065 * static["height"]
     state["10u"] = 0.65 * u_low
     state["10v"] = 0.65 * v_low
     state["msl"] = 101_300 + 1.2 * G * hs
 
-    # Rain: moist southerly flow rising ahead of troughs, forced up slopes, plus travelling cells.
+
+def _rain(state: dict, world: DemoWorld, hours: np.ndarray, w: dict, static: dict) -> None:
+    """The rain rate: moist southerly flow rising ahead of troughs, forced up slopes, plus
+    travelling cells."""
+    lat2, lon = world.lat.astype(np.float32)[None, :, None], world.lon.astype(np.float32)
+    low = int(np.argmax(world.levels))
+    v_low, q_low = (state[k][:, low] for k in ("v", "q"))
     gy, gx = np.gradient(static["height"], world.grid * M_PER_DEG)
     slope_lift = (state["10u"] * gx - state["10v"] * gy) * 100  # cm/s of forced ascent
     lift = v_low / 10 + 0.6 * slope_lift - 0.3
@@ -179,10 +208,9 @@ def _state(world: DemoWorld, hours: np.ndarray, w: dict, static: dict) -> dict[s
         for k, s, ph in zip(w["cell_k"], w["cell_speed"], w["cell_phase"])
     )
     # afternoon convection over land: the 6-hourly cycle that persistence gets wrong
-    convection = 1 + 0.9 * np.cos(2 * np.pi * (local_hour - 16) / 24) * static["lsm"]
+    convection = 1 + 0.9 * np.cos(2 * np.pi * (_local_hour(world, hours) - 16) / 24) * static["lsm"]
     rate = 0.12 * (q_low * 1000) * np.maximum(lift, 0) ** 1.5 * (1 + 0.35 * cells / 3) * convection
     state["tp_rate"] = np.maximum(rate, 0)
-    return {k: v.astype(np.float32) for k, v in state.items()}
 
 
 def model_times(world: DemoWorld) -> pd.DatetimeIndex:
