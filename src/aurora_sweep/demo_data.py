@@ -282,61 +282,69 @@ def write_cds_files(out_dir: Path, world: DemoWorld = DemoWorld()) -> list[Path]
     waves, static = _waves(world), _static(world)
     times_all = model_times(world)
     paths = []
-    sl_vars = {"2t": "t2m", "10u": "u10", "10v": "v10", "msl": "msl"}
     for year in range(world.first_year, world.last_year + 1):
         times = times_all[times_all.year == year]
-        st = _state(world, _hours_since_epoch(times), waves, static)
-        dims3, dims4 = (
-            ("valid_time", "latitude", "longitude"),
-            ("valid_time", "pressure_level", "latitude", "longitude"),
-        )
-        pl = xr.Dataset(
-            {k: (dims4, st[k][:, ::-1].astype(np.float32)) for k in ("z", "u", "v", "t", "q")},
-            coords=_cds_coords(world, times, levels=True),
-            attrs=_attrs("instant"),
-        )
-        inst = xr.Dataset(
-            {cds: (dims3, st[k].astype(np.float32)) for k, cds in sl_vars.items()},
-            coords=_cds_coords(world, times, levels=False),
-            attrs=_attrs("instant"),
-        )
-        hours = tp_hours(times)
-        # the hourly accumulation ending at h: rate at the middle of the hour, in metres
-        rate = _state(world, _hours_since_epoch(hours) - 0.5, waves, static)["tp_rate"]
-        accum = xr.Dataset(
-            {"tp": (dims3, (rate / 1000).astype(np.float32))},
-            coords=_cds_coords(world, hours, levels=False),
-            attrs=_attrs("accum"),
-        )
-        for ds, units in ((pl, None), (inst, None), (accum, "m")):
-            if units:
-                ds["tp"].attrs.update(
-                    units="m", long_name="Total precipitation", GRIB_stepType="accum"
-                )
-        pl_path = out_dir / f"era5-pressure-levels_{year}.nc"
-        pl.to_netcdf(pl_path, encoding=_encoding(pl), engine="netcdf4")
-        zpath = out_dir / f"era5-single-levels_{year}.zip"
-        with zipfile.ZipFile(zpath.with_suffix(".partial"), "w") as zf:
-            for name, ds in (("instant", inst), ("accum", accum)):
-                member = out_dir / f".{year}-{name}.nc"
-                ds.to_netcdf(member, encoding=_encoding(ds), engine="netcdf4")
-                zf.write(member, f"data_stream-oper_stepType-{name}.nc")
-                member.unlink()
-        zpath.with_suffix(".partial").rename(zpath)
-        paths += [zpath, pl_path]
-
-    first = times_all[:1]
+        paths += _write_year(out_dir, year, *_year_datasets(world, times, waves, static))
     st_ds = xr.Dataset(
         {
             k: (("valid_time", "latitude", "longitude"), static[k][None].astype(np.float32))
             for k in ("z", "lsm", "slt")
         },
-        coords=_cds_coords(world, first, levels=False),
+        coords=_cds_coords(world, times_all[:1], levels=False),
         attrs=_attrs("instant"),
     )
     static_path = out_dir / "era5-static.nc"
     st_ds.to_netcdf(static_path, encoding=_encoding(st_ds), engine="netcdf4")
     return [*paths, static_path]
+
+
+def _year_datasets(
+    world: DemoWorld, times: pd.DatetimeIndex, waves: dict, static: dict
+) -> tuple[xr.Dataset, xr.Dataset, xr.Dataset]:
+    """One year as the CDS returns it: the pressure levels, the instantaneous single levels
+    and the hourly tp accumulations (each ending at its valid time)."""
+    st = _state(world, _hours_since_epoch(times), waves, static)
+    dims3 = ("valid_time", "latitude", "longitude")
+    dims4 = ("valid_time", "pressure_level", "latitude", "longitude")
+    pl = xr.Dataset(
+        {k: (dims4, st[k][:, ::-1].astype(np.float32)) for k in ("z", "u", "v", "t", "q")},
+        coords=_cds_coords(world, times, levels=True),
+        attrs=_attrs("instant"),
+    )
+    sl_vars = {"2t": "t2m", "10u": "u10", "10v": "v10", "msl": "msl"}
+    inst = xr.Dataset(
+        {cds: (dims3, st[k].astype(np.float32)) for k, cds in sl_vars.items()},
+        coords=_cds_coords(world, times, levels=False),
+        attrs=_attrs("instant"),
+    )
+    hours = tp_hours(times)
+    # the hourly accumulation ending at h: rate at the middle of the hour, in metres
+    rate = _state(world, _hours_since_epoch(hours) - 0.5, waves, static)["tp_rate"]
+    accum = xr.Dataset(
+        {"tp": (dims3, (rate / 1000).astype(np.float32))},
+        coords=_cds_coords(world, hours, levels=False),
+        attrs=_attrs("accum"),
+    )
+    accum["tp"].attrs.update(units="m", long_name="Total precipitation", GRIB_stepType="accum")
+    return pl, inst, accum
+
+
+def _write_year(
+    out_dir: Path, year: int, pl: xr.Dataset, inst: xr.Dataset, accum: xr.Dataset
+) -> list[Path]:
+    """The year's pressure-level NetCDF, and its single levels zipped as the CDS zips a
+    request mixing instantaneous and accumulated variables (written whole, then renamed)."""
+    pl_path = out_dir / f"era5-pressure-levels_{year}.nc"
+    pl.to_netcdf(pl_path, encoding=_encoding(pl), engine="netcdf4")
+    zpath = out_dir / f"era5-single-levels_{year}.zip"
+    with zipfile.ZipFile(zpath.with_suffix(".partial"), "w") as zf:
+        for name, ds in (("instant", inst), ("accum", accum)):
+            member = out_dir / f".{year}-{name}.nc"
+            ds.to_netcdf(member, encoding=_encoding(ds), engine="netcdf4")
+            zf.write(member, f"data_stream-oper_stepType-{name}.nc")
+            member.unlink()
+    zpath.with_suffix(".partial").rename(zpath)
+    return [zpath, pl_path]
 
 
 def demo_cube(world: DemoWorld = DemoWorld()) -> xr.Dataset:
