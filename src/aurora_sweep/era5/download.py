@@ -83,9 +83,26 @@ def classify_failure(exc: BaseException, request: Request) -> _Failure:
             " smaller with --max-fields (e.g. half the current value), or ask for fewer levels or"
             " a smaller region",
         )
+    unreachable = _unreachable(exc, text)
+    if unreachable is not None:
+        return unreachable
+    server = status is not None and 500 <= int(status) < 600
+    if server or any(s in low for s in ("queued too long", "queue", "503", "502", "500", "504",
+                                         "service unavailable", "try again")):  # fmt: skip
+        return _Failure(
+            True,
+            f"the CDS kept failing for {request.target} ({text}); finished chunks are kept, run"
+            " the download again later",
+        )
+    return _Failure(False, f"the CDS request for {request.target} failed: {text}")
+
+
+def _unreachable(exc: BaseException, text: str) -> _Failure | None:
+    """The failure of a CDS that cannot be reached (not retried: offline or a wrong url does not
+    mend by waiting, and the CDS client has retried a dropped connection --retries times)."""
+    low = text.lower()
     if any(s in low for s in ("name resolution", "name or service not known", "failed to resolve",
                               "nodename nor servname", "getaddrinfo failed")):  # fmt: skip
-        # offline, or a wrong url: waiting will not help
         return _Failure(
             False,
             f"cannot reach the CDS: the name {_host(text)} does not resolve. Check the internet "
@@ -96,23 +113,14 @@ def classify_failure(exc: BaseException, request: Request) -> _Failure:
         s in low for s in ("connection", "name or service", "temporary failure in name",
                            "max retries exceeded", "network is unreachable", "timed out")
     )  # fmt: skip
-    if network:
-        # not retried here: the CDS client has retried it --retries times already
-        return _Failure(
-            False,
-            f"cannot reach the CDS at {_host(text)} ({_cause(text)}): check the internet "
-            "connection, a proxy (HTTPS_PROXY) and the url in ~/.cdsapirc (or CDSAPI_URL), then "
-            "run the download again; finished chunks are kept",
-        )
-    server = status is not None and 500 <= int(status) < 600
-    if server or any(s in low for s in ("queued too long", "queue", "503", "502", "500", "504",
-                                         "service unavailable", "try again")):  # fmt: skip
-        return _Failure(
-            True,
-            f"the CDS kept failing for {request.target} ({text}); finished chunks are kept, run"
-            " the download again later",
-        )
-    return _Failure(False, f"the CDS request for {request.target} failed: {text}")
+    if not network:
+        return None
+    return _Failure(
+        False,
+        f"cannot reach the CDS at {_host(text)} ({_cause(text)}): check the internet "
+        "connection, a proxy (HTTPS_PROXY) and the url in ~/.cdsapirc (or CDSAPI_URL), then "
+        "run the download again; finished chunks are kept",
+    )
 
 
 def _host(text: str) -> str:
@@ -309,14 +317,7 @@ def _fetch_all(
         raise AuroraSweepError(classify_failure(e, todo[0]).message) from None
     fetcher = _Fetcher(folder, client_factory, retries=retries, backoff=backoff)
     fetcher.local.client = first  # the calling thread never fetches, but keeps it alive
-    for req in todo:
-        fetcher.jobs.put((req, 0))
-    threads = [
-        threading.Thread(target=fetcher.work, name=f"cds-{i}", daemon=True)
-        for i in range(max(1, min(max_workers, len(todo))))
-    ]
-    for thread in threads:
-        thread.start()
+    threads = fetcher.start(todo, max_workers)
     interrupted = False
     outstanding = len(todo)
     with progress_bar(progress) as bar:
@@ -337,13 +338,7 @@ def _fetch_all(
             fetcher.stop.set()
             raise DownloadInterrupted(total - outstanding, total, folder) from None
         finally:
-            fetcher.stop.set()
-            if not interrupted:  # a failure: give requests about to land a moment to settle
-                deadline = time.monotonic() + 5.0
-                for thread in threads:
-                    thread.join(timeout=max(0.0, deadline - time.monotonic()))
-            for stale in folder.glob("*.partial"):
-                stale.unlink(missing_ok=True)
+            fetcher.finish(threads, settle=not interrupted)
 
 
 class _Fetcher:
@@ -358,6 +353,29 @@ class _Fetcher:
         self.stop = threading.Event()
         self.jobs: queue.Queue[tuple[Request, int]] = queue.Queue()
         self.results: queue.Queue[tuple[Request, int | BaseException]] = queue.Queue()
+
+    def start(self, todo: list[Request], max_workers: int) -> list[threading.Thread]:
+        """Queue `todo` and start the worker threads (daemons, see `_fetch_all`)."""
+        for req in todo:
+            self.jobs.put((req, 0))
+        threads = [
+            threading.Thread(target=self.work, name=f"cds-{i}", daemon=True)
+            for i in range(max(1, min(max_workers, len(todo))))
+        ]
+        for thread in threads:
+            thread.start()
+        return threads
+
+    def finish(self, threads: list[threading.Thread], *, settle: bool) -> None:
+        """Stop the workers; after a failure (`settle`) give requests about to land a moment;
+        remove every `.partial` file."""
+        self.stop.set()
+        if settle:
+            deadline = time.monotonic() + 5.0
+            for thread in threads:
+                thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        for stale in self.folder.glob("*.partial"):
+            stale.unlink(missing_ok=True)
 
     def client(self) -> Any:
         if not hasattr(self.local, "client"):
