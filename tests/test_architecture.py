@@ -94,3 +94,20 @@ def test_ruff_finds_nothing_in_the_code_the_tests_or_the_benchmarks():
         cwd=root, capture_output=True, text=True,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_no_module_over_500_lines_and_no_function_over_60_outside_the_plotting_code():
+    """The shape issue 16 set: modules a reader can hold, functions that do one thing (figures.py
+    is plotting code, laid out panel by panel)."""
+    long_modules, long_functions = [], []
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "figures.py":
+            continue
+        text = path.read_text()
+        if text.count("\n") > 500:
+            long_modules.append(path.name)
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                if node.end_lineno - node.lineno + 1 > 60:
+                    long_functions.append(f"{path.name}:{node.name}")
+    assert long_modules == [] and long_functions == []

@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 
 import optuna
+import pytest
 
-from aurora_sweep.records import SCORES, TrialRecord, write_scores
+from aurora_sweep.processes import this_process
+from aurora_sweep.records import SCORES, TrialRecord, attrs, write_attrs, write_scores
 
 
 class FakeTrial:
@@ -69,3 +71,21 @@ def test_a_record_reads_a_real_optuna_trial():
     assert not record.on_gpu  # peak_reserved_mb counts as a measurement only inside the scores
     gpu = optuna.trial.create_trial(value=0.2, user_attrs={SCORES: {"peak_reserved_mb": 3.0}})
     assert TrialRecord.of(gpu).on_gpu
+
+
+def test_attributes_are_written_by_field_name_and_read_back_typed():
+    trial = FakeTrial()
+    write_attrs(trial, retry_of=0, interrupted=True, killed_by=None, **this_process())
+    assert "killed_by" not in trial.user_attrs  # None is left out
+    record = TrialRecord.of(trial)
+    assert record.retry_of == 0 and record.interrupted and record.killed_by is None
+    assert (record.host, record.pid, record.pid_started) == tuple(this_process().values())
+
+
+def test_a_misspelt_attribute_is_refused_where_it_is_written():
+    trial = FakeTrial()
+    with pytest.raises(KeyError, match="retried_of"):
+        write_attrs(trial, retried_of=2)
+    with pytest.raises(KeyError, match="scores"):  # written by write_scores only
+        attrs(scores={})
+    assert trial.user_attrs == {}

@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     import optuna
     from matplotlib.axes import Axes
 
+    from aurora_sweep.config import StudyConfig
+
 log = logging.getLogger(__name__)
 
 UNITS = "mm per 6 h"
@@ -612,3 +614,28 @@ def point_series(
     if series:
         ax.legend(loc="upper right", fontsize=8)
     return fig
+
+
+def log_study_figures(client, run_id: str, study: optuna.Study, config: StudyConfig) -> None:
+    """Log to the study's parent run Optuna's optimisation history and importances, and skill
+    against the study's cost with the Pareto front drawn."""
+    import matplotlib.pyplot as plt
+
+    from aurora_sweep.ranking import skill_and_cost
+
+    cost, points, on_gpu = skill_and_cost(config, study.get_trials(deepcopy=False))
+    if not points:
+        return
+    if cost == "peak_memory_mb":
+        axis = "peak GPU memory (MB)" if on_gpu else "peak resident memory of the trial (MB, CPU)"
+    else:  # a CPU study's figure shows the GPU memory each recipe is predicted to need
+        axis = {"predicted_peak_mb": "predicted peak GPU memory (MB)",
+                "trial_seconds": "trial wall time (s)"}[cost]  # fmt: skip
+    labels = {
+        "skill": f"skill vs climatology (1 − {config.objective}/climatology's)",
+        "memory": axis,
+    }
+    figure = "skill_vs_time.png" if cost == "trial_seconds" else "skill_vs_memory.png"
+    for name, fig in study_figures(study, points, name=figure, **labels).items():
+        client.log_figure(run_id, fig, f"study/{name}")
+        plt.close(fig)

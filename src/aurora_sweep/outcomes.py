@@ -18,7 +18,7 @@ import optuna
 
 from aurora_sweep.config import MIB, StudyConfig
 from aurora_sweep.recipe import LEADS, lead_suffix
-from aurora_sweep.records import worst_forgetting, write_scores
+from aurora_sweep.records import worst_forgetting, write_attrs, write_scores
 
 History = list[tuple[int, float]]
 
@@ -99,7 +99,7 @@ class Recorder:
 
     def failed(self, trial: _Trial, reason: str) -> TrialError:
         """Record why `trial` failed and say so; the error to raise (Optuna records FAIL)."""
-        trial.set_user_attr("error", reason[:1000])
+        write_attrs(trial, error=reason[:1000])
         self.say(f"trial {trial.number:3d}  failed: {reason}")
         return TrialError(reason)
 
@@ -107,9 +107,9 @@ class Recorder:
         """A trial over the memory cap (predicted or measured): a constraint the samplers avoid,
         pruned so that it counts towards the study's total. Returns the exception to raise."""
         over_mb = max(over_mb, 1.0)
-        trial.set_user_attr("memory_over_cap_mb", over_mb)
+        write_attrs(trial, memory_over_cap_mb=over_mb)
         trial.set_constraint("memory_over_cap_mb", over_mb)
-        trial.set_user_attr("infeasible", reason)
+        write_attrs(trial, infeasible=reason)
         run.set_tags({"infeasible": reason})
         run.log_metrics({"trial_seconds": seconds})
         self.say(f"trial {trial.number:3d}  infeasible: {reason}")
@@ -123,7 +123,7 @@ class Recorder:
         trial.set_constraint("forgetting_over_max", ratio - limit)
         if ratio > limit:
             reason = f"forgets {variable}: RMSE ×{ratio:.2f} the base model's (max ×{limit:g})"
-            trial.set_user_attr("infeasible", reason)
+            write_attrs(trial, infeasible=reason)
             run.set_tags({"infeasible": reason})
 
     def record(self, outcome: Outcome, trial: _Trial, run: _Run) -> dict[str, float]:
@@ -141,7 +141,7 @@ class Recorder:
                 f"{config.objective} {outcome.value:.4f} at step {outcome.step}"
             )
         if isinstance(outcome, OutOfMemory):
-            trial.set_user_attr("measured_peak_mb", outcome.peak_memory_mb)
+            write_attrs(trial, measured_peak_mb=outcome.peak_memory_mb)
             run.log_metrics({"peak_memory_mb": outcome.peak_memory_mb})
             cap = config.gpu_memory_cap
             limit = cap / MIB if cap else outcome.peak_memory_mb
@@ -185,5 +185,5 @@ class Recorder:
         })  # fmt: skip
         write_scores(trial, scalars, worst_variable)
         if outcome.objective_terms:
-            trial.set_user_attr("objective_terms", outcome.objective_terms)
+            write_attrs(trial, objective_terms=outcome.objective_terms)
         return scalars

@@ -293,3 +293,27 @@ def best_by_method(config: StudyConfig, trials: list[optuna.trial.FrozenTrial]) 
 
 def _skill(a: TrialRecord, reference: str) -> str:
     return f"{a.get(f'tp_skill_{reference}'):+.3f}"
+
+
+def skill_and_cost(
+    config: StudyConfig, trials: list[optuna.trial.FrozenTrial]
+) -> tuple[str, list[dict], bool]:
+    """The study's cost (peak memory unless it names another), and for each completed trial
+    within the cap that has it: its number, skill against climatology, cost, recipe and whether
+    it lies on the Pareto front; and whether any trial ran on a GPU."""
+    complete = ranked(trials)
+    cost = front_cost(config, complete)
+    records = {t.number: TrialRecord.of(t) for t in complete}
+    complete = [t for t in complete if records[t.number].value(cost) is not None]
+    front = {t.number for t in pareto_front(complete, cost)} if complete else set()
+    points = [
+        {
+            "number": t.number,
+            "skill": records[t.number].get("tp_skill_climatology"),
+            "peak_mb": records[t.number].value(cost),
+            "label": recipe(t),
+            "front": t.number in front,
+        }
+        for t in complete
+    ]
+    return cost, points, any(r.on_gpu for r in records.values())

@@ -1,7 +1,9 @@
 """What a trial leaves in Optuna's storage besides its parameters, values and constraints.
 
-`TrialRecord` owns every user-attribute key: the sweep writes through it and `results`, `cli`
-and the study figures read through it, so a key is named in one place. A trial's scores (every
+`TrialRecord` owns every user-attribute key: the sweep writes through `write_attrs` (a name that
+is not a field of the record raises at once, in the process that writes) and `results`, `cli`,
+the storage's recovery and the study figures read through `TrialRecord.of`, so a key is named in
+one place. A trial's scores (every
 tp score at every lead, the forgetting ratios, peak memory and seconds: about 250 numbers) are
 one attribute, `scores`, written in one storage transaction; one attribute per score took 0.6 s
 of each demo trial on SQLite. Studies written before keep one attribute per score, and read the
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
 #: every score and measurement of a finished trial, {name: value}
@@ -59,7 +61,10 @@ class TrialRecord:
     killed_by: str | None = None
     retry_of: int | None = None
     surplus: bool = False
+    #: the process that ran it (`processes.this_process`): a dead one's trial is reaped
+    host: str | None = None
     pid: int | None = None
+    pid_started: float | None = None
     mlflow_run_id: str | None = None
     mlflow_parent_run_id: str | None = None
     #: the objective's per-sample terms (metrics.encode_terms), for paired comparisons
@@ -96,7 +101,9 @@ class TrialRecord:
             killed_by=a.get("killed_by"),
             retry_of=a.get("retry_of"),
             surplus=bool(a.get("surplus", False)),
+            host=a.get("host"),
             pid=a.get("pid"),
+            pid_started=a.get("pid_started"),
             mlflow_run_id=a.get("mlflow_run_id"),
             mlflow_parent_run_id=a.get("mlflow_parent_run_id"),
             objective_terms=a.get("objective_terms"),
@@ -150,6 +157,25 @@ def worst_forgetting(scores: Mapping[str, float], suffix: str = "") -> tuple[str
         return None
     name = max(ratios, key=ratios.__getitem__)
     return name, ratios[name]
+
+
+#: the attributes `write_attrs` sets: the record's fields that are stored under their own name
+WRITABLE = frozenset(f.name for f in fields(TrialRecord)) - {"number", "scores", "worst_variable"}
+
+
+def attrs(**values: Any) -> dict[str, Any]:
+    """User attributes by `TrialRecord` field name, None left out (for `enqueue_trial`); a name
+    that is not a field raises KeyError."""
+    unknown = set(values) - WRITABLE
+    if unknown:
+        raise KeyError(f"not a TrialRecord attribute: {', '.join(sorted(unknown))}")
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def write_attrs(trial: _SetsAttrs, **values: Any) -> None:
+    """Set `trial`'s user attributes by `TrialRecord` field name (None left out)."""
+    for key, value in attrs(**values).items():
+        trial.set_user_attr(key, value)
 
 
 def write_scores(trial: _SetsAttrs, scores: Mapping[str, float], worst: Mapping[str, str]) -> None:

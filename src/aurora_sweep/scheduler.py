@@ -24,7 +24,7 @@ from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.outcomes import Complete, Recorder
 from aurora_sweep.processes import this_process
 from aurora_sweep.recipe import lead_suffix
-from aurora_sweep.records import BASE_MSE
+from aurora_sweep.records import BASE_MSE, TrialRecord, write_attrs
 from aurora_sweep.space import sample_trial
 from aurora_sweep.storage import FINISHED, reap_dead_trials, retry_once, sampler, worker_seed
 from aurora_sweep.worker import WorkerCrashed
@@ -96,7 +96,7 @@ class Sweep:
             try:
                 return self.run_trial(trial, worker)
             except KeyboardInterrupt:
-                trial.set_user_attr("interrupted", True)
+                write_attrs(trial, interrupted=True)
                 raise
 
         try:
@@ -162,7 +162,8 @@ class Sweep:
     def settle(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         """After each trial of this process: count failures in a row, and stop the run after
         `max_failures` of them (a study that cannot succeed must not spin)."""
-        if trial.state == optuna.trial.TrialState.FAIL and "error" in trial.user_attrs:
+        error = TrialRecord.of(trial).error
+        if trial.state == optuna.trial.TrialState.FAIL and error is not None:
             with self.lock:
                 self.failures_in_a_row += 1
                 if self.failures_in_a_row < self.config.max_failures or self.stop.is_set():
@@ -170,7 +171,7 @@ class Sweep:
                 self.errors.append(
                     AuroraSweepError(
                         f"{self.failures_in_a_row} trials failed in a row, the last (trial "
-                        f"{trial.number}) because {trial.user_attrs['error']}; fix that and run "
+                        f"{trial.number}) because {error}; fix that and run "
                         "again (finished trials are kept), or raise [study] max_failures"
                     )
                 )
@@ -197,18 +198,16 @@ class Sweep:
         recorder = Recorder(config, say=lambda line: self.console.print(line, highlight=False))
         if self.surplus(trial):
             # another process took the last slot in the same instant: give it back unused
-            trial.set_user_attr("surplus", True)
+            write_attrs(trial, surplus=True)
             raise Surplus(f"the study already holds or runs its {self.total} trials")
         tc = sample_trial(trial, config)
-        trial.set_user_attr("config", tc.to_dict())  # the whole recipe, sampled or not
-        for key, value in this_process().items():  # to tell later whether it was killed
-            trial.set_user_attr(key, value)
+        # the whole recipe, sampled or not; the process, to tell later whether it was killed
+        write_attrs(trial, config=tc.to_dict(), **this_process())
         with trial_run(
             self.client, self.experiment, parent=self.parent, number=trial.number,
             tags={"host": socket.gethostname(), "device": worker.info.get("device", "")},
         ) as run:  # fmt: skip
-            trial.set_user_attr("mlflow_run_id", run.run_id)
-            trial.set_user_attr("mlflow_parent_run_id", self.parent)
+            write_attrs(trial, mlflow_run_id=run.run_id, mlflow_parent_run_id=self.parent)
             run.log_params(tc.to_dict())
             estimate = self.predict(trial, tc, run, recorder)
             run.flush()  # the config is in MLflow while the trial trains
@@ -245,7 +244,7 @@ class Sweep:
         from aurora_sweep.memory import MIB, check_cap, estimate_peak
 
         estimate = estimate_peak(tc, grid=self.grid, levels=len(tc.levels), device="cuda")
-        trial.set_user_attr("predicted_peak_mb", estimate.megabytes)
+        write_attrs(trial, predicted_peak_mb=estimate.megabytes)
         run.log_metrics({"predicted_peak_mb": estimate.megabytes})
         cap = self.config.gpu_memory_cap
         over = check_cap(estimate, cap)
@@ -267,7 +266,7 @@ class Sweep:
             return Interrupted(self.signum)
         if e.signal is None:
             return recorder.failed(trial, f"{e}; starting a new worker")
-        trial.set_user_attr("killed_by", e.signal)
+        write_attrs(trial, killed_by=e.signal)
         retried = retry_once(self.study, self.study.get_trials(deepcopy=False)[trial.number])
         self.console.print(
             f"trial {trial.number:3d}  {e}"

@@ -15,6 +15,7 @@ import optuna
 from aurora_sweep.config import StudyConfig
 from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.recipe import FULL_LR, FULL_NEW_VARIABLE_LR, LORA_METHODS, TrialConfig
+from aurora_sweep.records import TrialRecord, attrs
 from aurora_sweep.settings import check_region_size
 
 
@@ -26,7 +27,7 @@ def sample_trial(trial: optuna.Trial, config: StudyConfig) -> TrialConfig:
     recipe, whole: bf16 backbone autocast, activation checkpointing, its learning rates.
     """
     s = config.search
-    reference = trial.user_attrs.get("reference")
+    reference = TrialRecord.of(trial).reference
     if reference == "full":  # Aurora's own recipe, as it is, whatever the space holds
         return reference_trial(config)
     method = trial.suggest_categorical("method", list(s.method))
@@ -112,7 +113,7 @@ def enqueue_references(study: optuna.Study, config: StudyConfig) -> list[str]:
     beats them: Aurora's full fine-tune and, when the space has LoRA, plain LoRA at defaults."""
     if not config.reference or study.get_trials(deepcopy=False):
         return []
-    study.enqueue_trial({}, user_attrs={"reference": "full"})
+    study.enqueue_trial({}, user_attrs=attrs(reference="full"))
     added = ["full"]
     s = config.search
     if "lora" in s.method:
@@ -128,7 +129,7 @@ def enqueue_references(study: optuna.Study, config: StudyConfig) -> list[str]:
         if s.learning_rate:  # the study's learning rate, brought inside the searched range
             low, high = s.learning_rate
             params["learning_rate"] = min(max(config.train.learning_rate, low), high)
-        study.enqueue_trial(params, user_attrs={"reference": "lora"})
+        study.enqueue_trial(params, user_attrs=attrs(reference="lora"))
         added.append("lora")
     return added
 

@@ -22,6 +22,7 @@ import optuna
 from aurora_sweep.config import StudyConfig
 from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.processes import alive
+from aurora_sweep.records import TrialRecord, attrs
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
@@ -182,14 +183,14 @@ def reap_dead_trials(study: optuna.Study, client) -> list[int]:
     host = socket.gethostname()
     reaped = []
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        a = t.user_attrs
-        if a.get("host") != host or alive(a.get("pid"), a.get("pid_started")):
+        record = TrialRecord.of(t)
+        if record.host != host or alive(record.pid, record.pid_started):
             continue
         try:
             study.tell(t.number, state=optuna.trial.TrialState.FAIL)
         except (ValueError, RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
             continue  # another process settled it a moment ago
-        end_runs(client, [a.get("mlflow_run_id")])
+        end_runs(client, [record.mlflow_run_id])
         retry_once(study, t)
         reaped.append(t.number)
     return reaped
@@ -200,20 +201,21 @@ def _retry_stale(study: optuna.Study, trial: optuna.trial.FrozenTrial, *, client
     end its MLflow run as KILLED and retry it once."""
     from aurora_sweep.tracking import end_runs
 
-    end_runs(client, [trial.user_attrs.get("mlflow_run_id")])
+    end_runs(client, [TrialRecord.of(trial).mlflow_run_id])
     retry_once(study, trial)
 
 
 def retry_once(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
     """Enqueue `trial` again with the same parameters, unless it is itself a retry or has been
     retried already: a trial that kills its process every time is not retried forever."""
-    reference = trial.user_attrs.get("reference")
-    if "retry_of" in trial.user_attrs or not (trial.params or reference):
+    record = TrialRecord.of(trial)
+    if record.retry_of is not None or not (trial.params or record.reference):
         return False
-    if any(t.user_attrs.get("retry_of") == trial.number for t in study.get_trials(deepcopy=False)):
+    if any(TrialRecord.of(t).retry_of == trial.number for t in study.get_trials(deepcopy=False)):
         return False
-    marks = {"retry_of": trial.number} | ({"reference": reference} if reference else {})
-    study.enqueue_trial(trial.params, user_attrs=marks)
+    study.enqueue_trial(
+        trial.params, user_attrs=attrs(retry_of=trial.number, reference=record.reference)
+    )
     return True
 
 
@@ -222,5 +224,5 @@ def retry_interrupted(study: optuna.Study) -> list[int]:
     return [
         t.number
         for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
-        if t.user_attrs.get("interrupted") and retry_once(study, t)
+        if TrialRecord.of(t).interrupted and retry_once(study, t)
     ]

@@ -131,6 +131,8 @@ def run_study(
                 console=console, grid=grid, total=trials,
             )  # fmt: skip
             sweep.run(pool)
+            from aurora_sweep.figures import log_study_figures  # matplotlib, at the end only
+
             log_study_figures(client, parent, study, config)
     finally:
         for worker in pool:
@@ -239,44 +241,3 @@ def _start_line(config: StudyConfig, done: int, trials: int, info, pool, devices
         f"{info['train']} train and {info['validation']} validation samples on {where}"
         + (f", cap {cap / MIB:.0f} MB" if cap else "")
     )
-
-
-def log_study_figures(client, run_id: str, study: optuna.Study, config: StudyConfig) -> None:
-    """Optuna's optimisation history and importances, and skill against the study's cost (peak
-    memory unless it names another) with the Pareto front drawn."""
-    from aurora_sweep.figures import study_figures
-    from aurora_sweep.ranking import front_cost, pareto_front, ranked, recipe
-
-    complete = ranked(study.get_trials(deepcopy=False))  # completed, within the cap
-    cost = front_cost(config, complete)
-    records = {t.number: TrialRecord.of(t) for t in complete}
-    complete = [t for t in complete if records[t.number].value(cost) is not None]
-    if not complete:
-        return
-    front = {t.number for t in pareto_front(complete, cost)}
-    points = [
-        {
-            "number": t.number,
-            "skill": records[t.number].get("tp_skill_climatology"),
-            "peak_mb": records[t.number].value(cost),
-            "label": recipe(t),
-            "front": t.number in front,
-        }
-        for t in complete
-    ]
-    import matplotlib.pyplot as plt
-
-    if cost == "peak_memory_mb":
-        on_gpu = any(r.on_gpu for r in records.values())
-        axis = "peak GPU memory (MB)" if on_gpu else "peak resident memory of the trial (MB, CPU)"
-    else:  # a CPU study's figure shows the GPU memory each recipe is predicted to need
-        axis = {"predicted_peak_mb": "predicted peak GPU memory (MB)",
-                "trial_seconds": "trial wall time (s)"}[cost]  # fmt: skip
-    labels = {
-        "skill": f"skill vs climatology (1 − {config.objective}/climatology's)",
-        "memory": axis,
-    }
-    figure = "skill_vs_time.png" if cost == "trial_seconds" else "skill_vs_memory.png"
-    for name, fig in study_figures(study, points, name=figure, **labels).items():
-        client.log_figure(run_id, fig, f"study/{name}")
-        plt.close(fig)
