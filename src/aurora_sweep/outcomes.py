@@ -34,7 +34,7 @@ class Complete:
     peak_memory_mb: float
     seconds: float
     val_terms: dict[str, History] = field(default_factory=dict)
-    objective_terms: str | None = None  # metrics.encode_terms, for paired comparisons
+    objective_terms: str | None = None  # bootstrap.encode_terms, for paired comparisons
     peak_reserved_mb: float | None = None  # CUDA only
     loader_wait_fraction: float | None = None
     #: the base model's scores by precision, then lead, as the worker has them (it scores the

@@ -67,7 +67,7 @@ class TrialRecord:
     pid_started: float | None = None
     mlflow_run_id: str | None = None
     mlflow_parent_run_id: str | None = None
-    #: the objective's per-sample terms (metrics.encode_terms), for paired comparisons
+    #: the objective's per-sample terms (bootstrap.encode_terms), for paired comparisons
     objective_terms: str | None = None
 
     @classmethod
