@@ -14,13 +14,14 @@ from aurora_sweep.evaluation import (
 )
 from aurora_sweep.model import DEMO_CHECKPOINT
 from aurora_sweep.recipe import TrialConfig
-from aurora_sweep.records import worst_forgetting
+from aurora_sweep.records import base_key, worst_forgetting
 from aurora_sweep.store import open_store
 from aurora_sweep.study_data import TrialData
 from aurora_sweep.train import build_trial_model
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 CPU = torch.device("cpu")
+DEMO_FP32 = base_key("demo", "fp32")  # the demo base's scores in fp32
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def prepared(tiny_store, tmp_path_factory):
     config = load_config(write_tiny_config(workdir, store=tiny_store), workdir=workdir)
     data = TrialData.prepare(open_store(tiny_store), config)
     data.base_mse = {
-        "fp32": base_state_mse(data, base="demo", checkpoint=DEMO_CHECKPOINT, device=CPU)
+        DEMO_FP32: base_state_mse(data, base="demo", checkpoint=DEMO_CHECKPOINT, device=CPU)
     }
     trial = TrialConfig(
         lora_rank=4, lora_targets="qkv+proj", unfrozen_blocks=0, batch_size=2, precision="fp32",
@@ -54,7 +55,7 @@ def test_a_fine_tune_that_has_not_trained_yet_forgot_nothing(prepared):
     result = forecast(
         model, data.validation, np.arange(len(data.validation)), batch_size=16, device=CPU
     )
-    ratios = forgetting_ratios(result.mse, data.base_mse["fp32"]["6h"])
+    ratios = forgetting_ratios(result.mse, data.base_mse[DEMO_FP32]["6h"])
     assert len(ratios) == len(state_names(data.validation.levels))
     assert all(v == pytest.approx(1.0, abs=1e-5) for v in ratios.values())
 
@@ -64,7 +65,7 @@ def test_a_damaged_layer_shows_up_as_forgetting(prepared):
     model, aurora, _ = build_trial_model(trial, data.tp, DEMO_CHECKPOINT)
     with torch.no_grad():
         aurora.decoder.surf_heads["2t"].weight.mul_(3.0)
-    metrics, _ = verify(model, data, batch_size=16, device=CPU, bootstrap=0)
+    metrics, _ = verify(model, data, batch_size=16, device=CPU, bootstrap=0, reference=DEMO_FP32)
     name, ratio = worst_forgetting(metrics)
     assert name == "2t" and ratio > 1.5
     assert metrics["forget_z500_ratio"] == pytest.approx(1.0, abs=1e-5)
@@ -97,9 +98,11 @@ def test_the_base_model_is_scored_in_the_trials_precision(prepared, tiny_config)
         for p in ("fp32", "bf16")
     }
     assert base["bf16"] != base["fp32"]
-    data.base_mse = base
+    data.base_mse = {base_key("demo", p): v for p, v in base.items()}
     model, *_ = build_trial_model(bf16, data.tp, DEMO_CHECKPOINT)
-    metrics, _ = verify(model, data, batch_size=16, device=CPU, bootstrap=0, precision="bf16")
+    metrics, _ = verify(
+        model, data, batch_size=16, device=CPU, bootstrap=0, reference=base_key("demo", "bf16")
+    )
     # not trained: the base model itself, when both run in bf16 (at 6 h; a rollout compounds
     # bf16 rounding, which differs a little between a batch with tp and one without)
     ratios = {k: v for k, v in metrics.items() if k.startswith("forget_") and k.endswith("_ratio")}
@@ -133,7 +136,7 @@ def test_scores_exist_at_every_lead_and_24h_seeps_uses_its_own_dry_threshold(pre
     assert set(data.leads) == {1, 2, 4}
     assert data.lead_seeps[4].dry_threshold == DRY_MM_BY_LEAD[24] == 0.25
     model, *_ = build_trial_model(trial, data.tp, DEMO_CHECKPOINT)
-    metrics, _ = verify(model, data, batch_size=32, device=CPU, bootstrap=0)
+    metrics, _ = verify(model, data, batch_size=32, device=CPU, bootstrap=0, reference=DEMO_FP32)
     for name in ("tp_seeps", "tp_rmse_persistence", "forget_10v_ratio", "tp_skill_climatology"):
         assert {name, f"{name}_12h", f"{name}_24h"} <= set(metrics)
     # rolled out untrained, the fine-tune is still the base model at 24 h

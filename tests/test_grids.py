@@ -18,7 +18,7 @@ from aurora_sweep.dataset import patch_crop
 from aurora_sweep.evaluation import base_state_mse
 from aurora_sweep.model import DEMO_CHECKPOINT, build_base
 from aurora_sweep.recipe import TrialConfig
-from aurora_sweep.records import TrialRecord
+from aurora_sweep.records import TrialRecord, base_key
 from aurora_sweep.store import open_store
 from aurora_sweep.study_data import TrialData
 from aurora_sweep.train import fit
@@ -45,7 +45,9 @@ def test_a_trial_runs_on_the_grid_of_every_shipped_study(path, tmp_path):
     data = TrialData.prepare(cube, config)
     # the tiny demo base on the study's full grid and levels: the shapes are what is tested here
     data.base_mse = {
-        "fp32": base_state_mse(data, base="demo", checkpoint=DEMO_CHECKPOINT, device=CPU)
+        base_key("demo", "fp32"): base_state_mse(
+            data, base="demo", checkpoint=DEMO_CHECKPOINT, device=CPU
+        )
     }
     trial = TrialConfig(
         lora_rank=2, lora_targets="qkv", unfrozen_blocks=0, batch_size=1, precision="fp32",

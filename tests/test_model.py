@@ -146,7 +146,10 @@ def test_training_changes_lora_and_tp_weights_and_leaves_every_frozen_weight_bit
 def test_offline_small_pretrained_without_a_cached_file_says_how_to_get_it(monkeypatch):
     import huggingface_hub
 
-    from aurora_sweep.model import SMALL_NAME, resolve_checkpoint
+    from aurora_sweep.bases import BASES
+    from aurora_sweep.model import resolve_checkpoint
+
+    SMALL_NAME = BASES["small-pretrained"].checkpoint_name
 
     def offline(*args, **kwargs):
         raise huggingface_hub.errors.LocalEntryNotFoundError("offline and not cached")

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from aurora_sweep.bases import arch_overrides
 from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.recipe import (
     BASE_MODELS,
@@ -75,11 +76,23 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The base model that trials adapt."""
+    """The base model that trials adapt (`[search] base` may name several, `bases.BASES`)."""
 
     base: str = "small-pretrained"
+    #: the checkpoint of `base`; other bases' in `checkpoints` (None: the packaged demo or the
+    #: pinned file in the Hugging Face cache)
     checkpoint: Path | None = None
+    checkpoints: dict[str, Path] = field(default_factory=dict)
+    #: constructor overrides per base (`[model.arch.<base>]`), as `bases.arch_overrides` keeps them
+    arch: dict[str, tuple] = field(default_factory=dict)
     new_variable: str = "tp"
+
+    def checkpoint_for(self, base: str) -> Path | None:
+        """The checkpoint file the study gives for `base`, if any."""
+        return self.checkpoints.get(base) or (self.checkpoint if base == self.base else None)
+
+    def arch_for(self, base: str) -> tuple:
+        return self.arch.get(base, ())
 
 
 @dataclass(frozen=True)
@@ -117,6 +130,8 @@ class SearchSpace:
     target_input_lr: tuple[float, ...] = (0.1,)
     #: model steps a training sample rolls out (the loss on the last, gradients through it)
     rollout_steps: tuple[int, ...] = (1,)
+    #: the bases trials adapt; empty: [model] base alone
+    base: tuple[str, ...] = ()
 
 
 def _default(cls: type, name: str) -> Any:
@@ -170,6 +185,11 @@ class StudyConfig:
     def cost(self) -> str | None:
         """The cost objective of a two-objective study, None for a single objective."""
         return self.objectives[1] if len(self.objectives) > 1 else None
+
+    @property
+    def bases(self) -> tuple[str, ...]:
+        """The bases trials adapt: `[search] base`, or `[model] base` alone."""
+        return self.search.base or (self.model.base,)
 
 
 def _choices(table: dict, key: str, kind: type, allowed: tuple = ()) -> tuple:
@@ -384,8 +404,33 @@ def _model_config(model: dict, workdir: Path) -> ModelConfig:
     return ModelConfig(
         base=base,
         checkpoint=(workdir / checkpoint) if checkpoint else None,
+        checkpoints={
+            k: workdir / as_text(v, f"[model.checkpoints] {k}")
+            for k, v in _per_base(model, "checkpoints").items()
+        },
+        arch={
+            k: arch_overrides(_table(v, f"[model.arch.{k}]"))
+            for k, v in _per_base(model, "arch").items()
+        },
         new_variable=new_variable,
     )
+
+
+def _per_base(model: dict, key: str) -> dict:
+    """A [model.<key>] table keyed by base name; an unknown base is refused by name."""
+    table = _table(model.get(key, {}), f"[model.{key}]")
+    for name in table:
+        if name not in BASE_MODELS:
+            raise AuroraSweepError(
+                f"[model.{key}] {name}: not a base; {nearest(name, BASE_MODELS)}"
+            )
+    return table
+
+
+def _table(value: Any, what: str) -> dict:
+    if not isinstance(value, dict):
+        raise AuroraSweepError(f"{what} must be a table, not {value!r}")
+    return value
 
 
 def _train_config(train: dict) -> TrainConfig:
@@ -422,6 +467,7 @@ def _search_space(search: dict) -> SearchSpace:
         loss=_choices(search, "loss", str, TP_LOSSES),
         target_input_lr=_choices(search, "target_input_lr", float),
         rollout_steps=_choices(search, "rollout_steps", int),
+        base=_choices(search, "base", str, BASE_MODELS) if "base" in search else (),
     )
     if any(r < 1 for r in space.lora_rank) or any(b < 1 for b in space.batch_size):
         raise AuroraSweepError("[search] lora_rank and batch_size choices must be at least 1")

@@ -276,6 +276,7 @@ def base_state_mse(
     batch_size: int | None = None,
     precision: str = "fp32",
     wrap_longitude: bool = False,
+    arch: tuple = (),
 ) -> dict[str, float]:
     """The untouched base model's MSE of every variable it predicts on the evaluation split at
     each lead scored, by lead ('6h', '12h', '24h'; `batch_size` samples a pass, default
@@ -289,7 +290,7 @@ def base_state_mse(
         set_precision,
     )
 
-    model = build_base(base, with_tp=False)
+    model = build_base(base, with_tp=False, arch=arch)
     load_base_checkpoint(model, checkpoint)
     set_precision(model, precision)
     set_longitude_wrap(model, wrap_longitude)
@@ -308,17 +309,19 @@ def verify(
     batch_size: int,
     device,
     bootstrap: int = 1000,
-    precision: str = "fp32",
+    reference: str | None = None,
     loss: LossSpec | None = None,
 ) -> tuple[dict[str, float], Forecasts]:
     """tp scores (with intervals) and forgetting ratios of `model` on `data`'s evaluation split
     at every lead scored (6-hour names plain, the others with `_12h`, `_24h`), against the base
-    model run in `precision`; with `loss`, the 6-hour validation loss's terms too.
+    model's scores `data.base_mse[reference]` (`records.base_key`: the trial's base in its
+    precision; None or absent: no forgetting ratios); with `loss`, the 6-hour validation loss's
+    terms too.
 
     Returns the scores and the 6-hour forecasts, which carry the objective's per-sample terms at
     the study's lead (for paired comparisons between trials).
     """
-    base = (data.base_mse or {}).get(precision) or {}
+    base = (data.base_mse or {}).get(reference) or {}
     metrics: dict[str, float] = {}
     six_hours: Forecasts | None = None
     with merged_adapter(model):

@@ -133,7 +133,7 @@ def load_finetuned(directory: str | Path, *, checkpoint: Path | None = None, dev
             f"(sha256 {meta['base']['sha256'][:12]}...); pass the right file with --checkpoint"
         )
     # a forecast's tp is clamped at 0 from the first step; the shifted windows as trained
-    model = build_base(trial.base, tp_stats=(tp.location, tp.scale), clamp=True)
+    model = build_base(trial.base, tp_stats=(tp.location, tp.scale), clamp=True, arch=trial.arch)
     load_base_checkpoint(model, path)
     set_longitude_wrap(model, trial.wrap_longitude)
     if trial.method in LORA_METHODS:

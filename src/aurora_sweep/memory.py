@@ -281,7 +281,7 @@ def estimate_peak(
         )
     arch = _architecture(
         trial.base, trial.lora_rank, trial.lora_targets, trial.unfrozen_blocks, grid, trial.method,
-        trial.target_input_lr > 0,
+        trial.target_input_lr > 0, trial.arch,
     )  # fmt: skip
     return estimate_from_architecture(
         arch,
@@ -303,13 +303,14 @@ def _architecture(
     grid: tuple[int, int],
     method: str = "lora",
     train_input: bool = True,
+    arch: tuple = (),
 ) -> Architecture:
     """`architecture` of a trial's model: the same for every trial with the same structure, so a
     sweep builds each structure on the meta device once."""
     shape = TrialConfig(
         lora_rank=lora_rank, lora_targets=lora_targets, unfrozen_blocks=unfrozen_blocks,
         batch_size=1, precision="fp32", learning_rate=0.0, activation_checkpointing=False,
-        base=base, levels=(), steps=1, eval_every=1, val_samples=0, weight_decay=0.0, seed=0,
+        base=base, arch=arch, levels=(), steps=1, eval_every=1, val_samples=0, weight_decay=0.0, seed=0,
         method=method, target_input_lr=1.0 if train_input else 0.0,
     )  # fmt: skip
     return architecture(build_meta_model(shape), grid=grid)

@@ -93,26 +93,26 @@ def build_meta_model(trial: TrialConfig) -> Aurora:
         unfrozen_blocks=trial.unfrozen_blocks, train_input=trial.target_input_lr > 0,
     )  # fmt: skip
     try:
-        model = copy.deepcopy(_meta_base(trial.base))
+        model = copy.deepcopy(_meta_base(trial.base, trial.arch))
         with meta_device():
             apply_method(model, **method)
     except (RuntimeError, NotImplementedError, ValueError):
         # a module that cannot be built on meta (DoRA reads its weights' norms): build it for
         # real (slower, same counts)
-        model = build_base(trial.base, tp_stats=(0.0, 1.0))
+        model = build_base(trial.base, tp_stats=(0.0, 1.0), arch=trial.arch)
         apply_method(model, **method)
     return model
 
 
 @functools.lru_cache(maxsize=8)
-def _meta_base(base: str) -> Aurora:
+def _meta_base(base: str, arch: tuple = ()) -> Aurora:
     """The base model with tp on the meta device, built once: its weight initialisation runs
     through torch's meta decompositions and took 0.6 s of each trial's estimate; a copy takes
     a few milliseconds."""
     from aurora_sweep.model import build_base
 
     with meta_device():
-        return build_base(base, tp_stats=(0.0, 1.0))
+        return build_base(base, tp_stats=(0.0, 1.0), arch=arch)
 
 
 def count_params(model: torch.nn.Module) -> ParamCounts:

@@ -17,8 +17,8 @@ A trained model's tp is not clamped at 0 on its first step (the loss must see th
 a wet point whose raw forecast is negative would get no gradient); `clamped` switches Aurora's
 clamp on for scoring and forecasts, and `load_finetuned` returns an adapter with it on.
 
-The demo base (a tiny Aurora pretrained on the demo data before 2022) and AuroraSmallPretrained
-differ only in their constructor arguments and where the checkpoint file comes from.
+The bases (`bases.BASES`: the demo, AuroraSmallPretrained, AuroraPretrained) differ only in
+their class, constructor arguments and where the checkpoint file comes from.
 """
 
 from __future__ import annotations
@@ -30,32 +30,17 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+import aurora
 import torch
-from aurora import Aurora, AuroraSmallPretrained
+from aurora import Aurora
 
+from aurora_sweep.bases import BASES, HF_REPO
 from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.recipe import LORA_METHODS, METHODS
 
 NEW_VAR = "tp"
 BASE_SURF_VARS = ("2t", "10u", "10v", "msl")
 DEMO_CHECKPOINT = Path(__file__).parent / "demo" / "aurora-demo-base.ckpt"
-#: Architecture of the demo base: Aurora's layout at a size that trains on a laptop CPU. Four
-#: latent levels under a window two levels deep, as in AuroraSmallPretrained: with one window
-#: across all latent levels, Aurora's window partition fails on some grids at batch size 1.
-DEMO_ARCH = dict(
-    encoder_depths=(1, 2, 1),
-    decoder_depths=(1, 2, 1),
-    encoder_num_heads=(2, 4, 8),
-    decoder_num_heads=(8, 4, 2),
-    embed_dim=48,
-    num_heads=4,
-    latent_levels=4,
-    window_size=(2, 4, 8),
-)
-#: The pinned Hugging Face checkpoint of AuroraSmallPretrained.
-SMALL_REPO = "microsoft/aurora"
-SMALL_NAME = AuroraSmallPretrained.default_checkpoint_name
-SMALL_REVISION = AuroraSmallPretrained.default_checkpoint_revision
 #: The name of tp's input patch embedding (in the encoder).
 INPUT_EMBEDDING = f"encoder.surf_token_embeds.weights.{NEW_VAR}"
 #: The prefix activation checkpointing puts in the names of the modules it wraps.
@@ -89,39 +74,45 @@ def build_base(
     with_tp: bool = True,
     tp_stats: tuple[float, float] | None = None,
     clamp: bool = False,
+    arch: tuple[tuple[str, object], ...] = (),
 ) -> Aurora:
-    """Construct the base architecture (weights not loaded yet).
+    """Construct the base architecture (weights not loaded yet): its class from `bases.BASES`,
+    with tp as an extra surface variable and the constructor overrides `arch` (`bases`).
 
     `clamp`: clamp tp at 0 on the first forecast step too (for forecasts; a model that trains
     must not, see `clamped`). Later rollout steps and tp inputs are always clamped.
     """
+    if base not in BASES:
+        raise AuroraSweepError(f"unknown base model {base!r}: use one of {', '.join(BASES)}")
+    spec = BASES[base]
     surf_vars = BASE_SURF_VARS + ((NEW_VAR,) if with_tp else ())
     surf_stats = {NEW_VAR: tp_stats} if with_tp and tp_stats is not None else None
     if with_tp and tp_stats is None:
         raise ValueError("a model with tp needs tp_stats=(location, scale)")
     # Aurora's own clamp of positive variables (in normalised units: tp's location must be 0)
     positive = dict(positive_surf_vars=(NEW_VAR,), clamp_at_first_step=clamp) if with_tp else {}
-    if base == "demo":
-        return Aurora(
-            surf_vars=surf_vars,
-            surf_stats=surf_stats,
-            use_lora=False,
-            timestep=timedelta(hours=6),
-            **positive,
-            **DEMO_ARCH,
-        )
-    if base == "small-pretrained":
-        return AuroraSmallPretrained(
-            surf_vars=surf_vars, surf_stats=surf_stats, use_lora=False, **positive
-        )
-    raise AuroraSweepError(f"unknown base model {base!r}: use 'demo' or 'small-pretrained'")
+    kwargs = dict(surf_vars=surf_vars, surf_stats=surf_stats, use_lora=False, **positive)
+    if spec.aurora_class == "Aurora":  # the demo: Aurora's own class at the demo's size
+        kwargs["timestep"] = timedelta(hours=6)
+    kwargs |= spec.arch | dict(arch)
+    try:
+        return getattr(aurora, spec.aurora_class)(**kwargs)
+    except (TypeError, ValueError, AssertionError) as e:
+        raise AuroraSweepError(
+            f"cannot build the {base} base with [model.arch.{base}] {dict(arch)} ({e}): give "
+            "arguments of its Aurora class, e.g. embed_dim = 128"
+        ) from None
 
 
 def resolve_checkpoint(base: str, checkpoint: Path | None) -> Path:
-    """The checkpoint file for `base`: a given path, the packaged demo, or the HF cache."""
+    """The checkpoint file for `base`: a given path, the packaged demo, or its pinned file in
+    the Hugging Face cache (downloaded when the machine can reach the hub)."""
     if checkpoint is not None:
         if not Path(checkpoint).is_file():
-            raise AuroraSweepError(f"no checkpoint file at {checkpoint}: check [model] checkpoint")
+            raise AuroraSweepError(
+                f"no checkpoint file at {checkpoint}: check [model] checkpoint (or "
+                f"[model.checkpoints] {base})"
+            )
         return Path(checkpoint)
     if base == "demo":
         if not DEMO_CHECKPOINT.is_file():
@@ -131,13 +122,15 @@ def resolve_checkpoint(base: str, checkpoint: Path | None) -> Path:
         return DEMO_CHECKPOINT
     from huggingface_hub import hf_hub_download
 
+    spec = BASES[base]
     try:
-        return Path(hf_hub_download(SMALL_REPO, SMALL_NAME, revision=SMALL_REVISION))
+        return Path(hf_hub_download(HF_REPO, spec.checkpoint_name, revision=spec.revision))
     except Exception as e:  # offline and not cached, or the hub refused
         raise AuroraSweepError(
-            f"cannot get {SMALL_NAME} from huggingface.co/{SMALL_REPO} ({type(e).__name__}): on a "
-            f"machine with internet run `huggingface-cli download {SMALL_REPO} {SMALL_NAME} "
-            f"--revision {SMALL_REVISION}` and copy the file here, then pass --checkpoint PATH"
+            f"cannot get {spec.checkpoint_name} from huggingface.co/{HF_REPO} "
+            f"({type(e).__name__}): on a machine with internet run `huggingface-cli download "
+            f"{HF_REPO} {spec.checkpoint_name} --revision {spec.revision}` and copy the file "
+            f"here, then give it as [model.checkpoints] {base} = PATH (or --checkpoint PATH)"
         ) from None
 
 

@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from aurora_sweep.bases import BASES, arch_overrides
 from aurora_sweep.errors import AuroraSweepError
 
 #: Aurora's fine-tuning guide: 3e-4 for the pretrained weights, 1e-3 for a new variable's
@@ -30,7 +31,7 @@ AURORA_LEVELS = (50, 100, 150, 200, 250, 300, 400, 500, 600, 700, 850, 925, 1000
 #: Linear layers of the Swin backbone that LoRA may target.
 LORA_MODULES = ("qkv", "proj", "fc1", "fc2")
 PRECISIONS = ("fp32", "bf16", "fp16")
-BASE_MODELS = ("demo", "small-pretrained")
+BASE_MODELS = tuple(BASES)  # bases.py says what each is
 #: What Optuna may minimise (mm per 6 h, or SEEPS's dimensionless error), see metrics.py.
 OBJECTIVES = ("tp_seeps", "tp_rmse")
 #: What a skill objective can be traded against in a two-objective study: the trial's measured
@@ -96,10 +97,13 @@ class TrialConfig:
     #: whether the shifted windows join the grid's east and west edges: a global grid only
     #: (adapters from before this setting were trained with Aurora's default, True)
     wrap_longitude: bool = True
+    #: constructor overrides of the base (`[model.arch.<base>]`, `bases.arch_overrides`)
+    arch: tuple[tuple[str, Any], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["levels"] = list(self.levels)
+        d["arch"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.arch}
         return d
 
     @classmethod
@@ -107,4 +111,5 @@ class TrialConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k in names}
         d["levels"] = tuple(int(v) for v in d["levels"])
+        d["arch"] = arch_overrides(d.get("arch") or {})
         return cls(**d)

@@ -19,14 +19,22 @@ from typing import Any, Protocol
 
 #: every score and measurement of a finished trial, {name: value}
 SCORES = "scores"
-#: the study's user attribute with the base model's MSE per variable, by precision, then lead
-BASE_MSE = "base_mse_by_precision"
+#: the study's user attribute with the base model's MSE per variable, by `base_key`, then lead
+#: (a study written when one base was searched keyed it by precision alone, under another name:
+#: its base scores are computed again, once)
+BASE_MSE = "base_mse_by_base"
 #: the variable with the worst forgetting ratio at a lead: FORGET_WORST + lead suffix
 FORGET_WORST = "forget_worst"
 #: attributes that hold numbers but are not scores (a study before SCORES stored both flat)
 _NOT_SCORES = frozenset(
     {"pid", "pid_started", "retry_of", "memory_over_cap_mb", "measured_peak_mb", "killed_by"}
 )
+
+
+def base_key(base: str, precision: str) -> str:
+    """The key of the untouched base model's scores, run in `precision`: a trial's forgetting is
+    measured against its own base in its own precision."""
+    return f"{base}/{precision}"
 
 
 class _HasAttrs(Protocol):

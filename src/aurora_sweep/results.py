@@ -17,7 +17,7 @@ import optuna
 from aurora_sweep.config import StudyConfig, load_config
 from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.ranking import against_references, completed, ranked, study_trials
-from aurora_sweep.records import TrialRecord
+from aurora_sweep.records import TrialRecord, base_key
 from aurora_sweep.tracking import client_for
 
 
@@ -128,14 +128,15 @@ def prepare_evaluation(adapter: Path, *, split: str, checkpoint: Path | None = N
     device = default_device()
     model = load_finetuned(adapter, checkpoint=checkpoint, device=str(device))
     path = resolve_checkpoint(trial.base, checkpoint)
-    data.base_mse = {  # by lead, in the trial's precision
-        trial.precision: base_state_mse(
+    data.base_mse = {  # by lead, the trial's base in its precision
+        base_key(trial.base, trial.precision): base_state_mse(
             data,
             base=trial.base,
             checkpoint=path,
             device=device,
             precision=trial.precision,
             wrap_longitude=trial.wrap_longitude,
+            arch=trial.arch,
         )  # fmt: skip
     }
     return model, data, trial, meta, device
@@ -149,7 +150,7 @@ def verify_prepared(model, data, trial, device, *, bootstrap: int):
     batch = eval_batch_size(trial.batch_size, device)
     return verify(
         model, data, batch_size=batch, device=device, bootstrap=bootstrap,
-        precision=trial.precision,
+        reference=base_key(trial.base, trial.precision),
     )  # fmt: skip
 
 
@@ -241,7 +242,9 @@ def report_adapter(
         ),
         recipe=recipe,
         scores=report_rows(scores, objective),
-        forgetting=forgetting_rows(scores, data.base_mse[trial.precision]["6h"]),
+        forgetting=forgetting_rows(
+            scores, data.base_mse[base_key(trial.base, trial.precision)]["6h"]
+        ),
         leads=lead_rows(scores, objective),
         figures=_report_figures(data, fc, meta, ij),
         notes=report_notes(meta.get("references", []), len(samples), split, times),

@@ -30,6 +30,8 @@ def sample_trial(trial: optuna.Trial, config: StudyConfig) -> TrialConfig:
     reference = TrialRecord.of(trial).reference
     if reference == "full":  # Aurora's own recipe, as it is, whatever the space holds
         return reference_trial(config)
+    bases = config.bases
+    base = trial.suggest_categorical("base", list(bases)) if len(bases) > 1 else bases[0]
     method = trial.suggest_categorical("method", list(s.method))
     lora = method in LORA_METHODS
     rank = trial.suggest_categorical("lora_rank", list(s.lora_rank)) if lora else 0
@@ -61,15 +63,18 @@ def sample_trial(trial: optuna.Trial, config: StudyConfig) -> TrialConfig:
         config, method=method, lora_rank=rank, lora_targets=targets, unfrozen_blocks=unfrozen,
         batch_size=batch_size, precision=precision, learning_rate=lr,
         activation_checkpointing=checkpointing, target_weight=target_weight, loss=loss,
-        target_input_lr=input_lr, rollout_steps=rollout,
+        target_input_lr=input_lr, rollout_steps=rollout, base=base,
     )  # fmt: skip
 
 
 def _trial_config(config: StudyConfig, **recipe: Any) -> TrialConfig:
-    """A trial's config: the sampled `recipe` and what the study fixes for every trial."""
+    """A trial's config: the sampled `recipe` (its base: [model] base unless sampled) and what
+    the study fixes for every trial."""
+    base = recipe.pop("base", config.model.base)
     return TrialConfig(
         **recipe,
-        base=config.model.base,
+        base=base,
+        arch=config.model.arch_for(base),
         levels=config.data.levels,
         steps=config.train.steps,
         eval_every=config.train.eval_every,
@@ -141,18 +146,20 @@ def check_search(config: StudyConfig) -> None:
 
     check_region_size(config.data.region, config.data.grid)
     s = config.search
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with meta_device():
-            depth = len(backbone_blocks(build_base(config.model.base, tp_stats=(0.0, 1.0))))
     asks = []
     if set(s.method) & set(LORA_METHODS):
         asks.append(("unfrozen_blocks", max(s.unfrozen_blocks)))
     if "blocks" in s.method:
         asks.append(("blocks", max(s.blocks)))
-    for key, n in asks:
-        if n > depth:
-            raise AuroraSweepError(
-                f"[search] {key} asks for {n} blocks but the {config.model.base} base model's "
-                f"backbone has {depth}: choose at most {depth}"
-            )
+    for base in config.bases:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with meta_device():
+                model = build_base(base, tp_stats=(0.0, 1.0), arch=config.model.arch_for(base))
+        depth = len(backbone_blocks(model))
+        for key, n in asks:
+            if n > depth:
+                raise AuroraSweepError(
+                    f"[search] {key} asks for {n} blocks but the {base} base model's "
+                    f"backbone has {depth}: choose at most {depth}"
+                )

@@ -151,7 +151,9 @@ def _finished_here(study: optuna.Study, known: set[int]) -> int:
 
 def _pretraining_overlap(config: StudyConfig) -> bool:
     """Whether the train period lies inside Aurora's pretraining (said as a warning)."""
-    overlap = config.data.train.start < AURORA_PRETRAINING_END and config.model.base != "demo"
+    overlap = config.data.train.start < AURORA_PRETRAINING_END and any(
+        b != "demo" for b in config.bases
+    )
     if overlap:
         warnings.warn(
             f"the train period starts {config.data.train.start}, inside Aurora's pretraining "
@@ -213,7 +215,8 @@ def _start_workers(config: StudyConfig, study: optuna.Study, devices: list, fit,
         cube = open_cube(config, console=console)
         grid = patch_crop(cube.sizes["latitude"], cube.sizes["longitude"])
         _, lon_shift = model_longitudes(cube["longitude"].values)
-        resolve_checkpoint(config.model.base, config.model.checkpoint)
+        for base in config.bases:  # a missing checkpoint is refused before any trial
+            resolve_checkpoint(base, config.model.checkpoint_for(base))
         info = first.start()
     except BaseException:
         first.close(at_once=True)

@@ -42,6 +42,7 @@ from aurora_sweep.model import (
     set_precision,
 )
 from aurora_sweep.recipe import FULL_NEW_VARIABLE_LR, TrialConfig
+from aurora_sweep.records import base_key
 from aurora_sweep.study_data import TrialData
 
 #: Learning-rate multiplier for the new variable's head.
@@ -239,7 +240,7 @@ class Prefetcher:
 def build_trial_model(trial: TrialConfig, tp: TpStats, checkpoint: Path):
     """Base model with tp, pretrained weights, LoRA, freezing and precision, as `trial` says."""
     torch.manual_seed(trial.seed)
-    model = build_base(trial.base, tp_stats=(tp.location, tp.scale))
+    model = build_base(trial.base, tp_stats=(tp.location, tp.scale), arch=trial.arch)
     load_base_checkpoint(model, checkpoint)
     init_new_variable(model, start=(tp.mean - tp.location) / tp.scale)
     peft_model, parts = apply_method(
@@ -295,7 +296,7 @@ def fit(
         wait_share = _train_loop(trial, data, peft_model, step, curves, checks, on_step, report)
         metrics, forecasts = verify(
             peft_model, data, batch_size=checks.batch_size, device=device, bootstrap=bootstrap,
-            precision=trial.precision, loss=spec,
+            reference=base_key(trial.base, trial.precision), loss=spec,
         )  # fmt: skip
         curves.validation(trial.steps, forecasts)
     return TrialResult(

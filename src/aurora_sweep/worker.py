@@ -27,7 +27,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -282,7 +282,7 @@ class _Session:
     config: Any
     data: Any  # study_data.TrialData
     device: Any  # torch.device
-    checkpoint: Path
+    checkpoints: dict[str, Path] = field(default_factory=dict)  # by base
 
     @classmethod
     def open(cls, spec: WorkerSpec) -> _Session:
@@ -293,7 +293,6 @@ class _Session:
         from aurora_sweep.data import open_cube
         from aurora_sweep.devices import default_device
         from aurora_sweep.evaluation import check_objective_defined
-        from aurora_sweep.model import resolve_checkpoint
         from aurora_sweep.study_data import TrialData
 
         config = load_config(spec.config_path, workdir=spec.workdir)
@@ -309,28 +308,39 @@ class _Session:
         check_objective_defined(data)
         for steps in config.search.rollout_steps:  # refused now, not trial after trial
             data.train_for(steps)
-        checkpoint = resolve_checkpoint(
-            config.model.base, spec.checkpoint or config.model.checkpoint
-        )
         data.base_mse = dict(spec.base_mse or {})
-        session = cls(spec, config, data, device, checkpoint)
-        session.base_scores(config.search.precision[0])
+        session = cls(spec, config, data, device)
+        session.base_scores(config.bases[0], config.search.precision[0])
         return session
+
+    def checkpoint_for(self, base: str) -> Path:
+        """`base`'s checkpoint file (`--checkpoint` stands for [model] base's), resolved once."""
+        from aurora_sweep.model import resolve_checkpoint
+
+        if base not in self.checkpoints:
+            given = self.config.model.checkpoint_for(base)
+            if base == self.config.model.base and self.spec.checkpoint:
+                given = self.spec.checkpoint
+            self.checkpoints[base] = resolve_checkpoint(base, given)
+        return self.checkpoints[base]
 
     def info(self) -> dict[str, Any]:
         return {"train": len(self.data.train), "validation": len(self.data.validation),
-                "device": str(self.device), "checkpoint": str(self.checkpoint),
+                "device": str(self.device),
+                "checkpoint": str(self.checkpoint_for(self.config.bases[0])),
                 "base_mse": self.data.base_mse}  # fmt: skip
 
-    def base_scores(self, precision: str) -> None:
+    def base_scores(self, base: str, precision: str) -> None:
         """The base model's scores in `precision`, once: when a trial first needs them."""
         from aurora_sweep.evaluation import base_state_mse
+        from aurora_sweep.records import base_key
 
-        if precision not in self.data.base_mse:
-            self.data.base_mse[precision] = base_state_mse(
-                self.data, base=self.config.model.base, checkpoint=self.checkpoint,
-                device=self.device, precision=precision,
-                wrap_longitude=self.config.data.wrap_longitude,
+        key = base_key(base, precision)
+        if key not in self.data.base_mse:
+            self.data.base_mse[key] = base_state_mse(
+                self.data, base=base, checkpoint=self.checkpoint_for(base), device=self.device,
+                precision=precision, wrap_longitude=self.config.data.wrap_longitude,
+                arch=self.config.model.arch_for(base),
             )  # fmt: skip
 
     def run(self, conn, trial, adapter_dir: Path) -> bool:
@@ -348,9 +358,13 @@ class _Session:
                 raise _Pruned(step, value)
 
         try:
-            self.base_scores(trial.precision)
+            self.base_scores(trial.base, trial.precision)
             result = (self.spec.fit or fit)(
-                trial, self.data, checkpoint=self.checkpoint, report=report, device=self.device
+                trial,
+                self.data,
+                checkpoint=self.checkpoint_for(trial.base),
+                report=report,
+                device=self.device,
             )
             conn.send(("outcome", self.complete(result, trial, adapter_dir)))
             del result
@@ -379,7 +393,8 @@ class _Session:
         config = self.config
         save_adapter(
             adapter_dir, model=result.model, parts=result.parts, trial=trial, tp=self.data.tp,
-            checkpoint=self.checkpoint, study_config=config.path, metrics=result.metrics,
+            checkpoint=self.checkpoint_for(trial.base), study_config=config.path,
+            metrics=result.metrics,
             history={"train_loss": result.train_loss, "val_loss": result.val_loss},
             extra=(self.spec.extra or {}) | {"objective": config.objective},
         )  # fmt: skip
