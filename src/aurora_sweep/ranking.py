@@ -275,15 +275,23 @@ def _paired_words(delta: tuple[float, float, float] | None) -> str:
 
 def best_by_method(config: StudyConfig, trials: list[optuna.trial.FrozenTrial]) -> list[str]:
     """One line per fine-tuning method tried: its best trial's objective, interval and peak
-    memory (predicted for a GPU, and measured), best method first."""
+    memory (predicted for a GPU, and measured), best method first; and, in a study that
+    searches several bases, one line per base."""
+    lines = _best_lines(config, trials, lambda a: a.method)
+    if len(config.bases) > 1:
+        lines += _best_lines(config, trials, lambda a: f"on {a.base or config.model.base}")
+    return lines
+
+
+def _best_lines(config: StudyConfig, trials, group) -> list[str]:
     best: dict[str, optuna.trial.FrozenTrial] = {}
-    for t in ranked(trials):  # best first: the first of each method is its best
-        best.setdefault(TrialRecord.of(t).method, t)
+    for t in ranked(trials):  # best first: the first of each group is its best
+        best.setdefault(group(TrialRecord.of(t)), t)
     lines = []
-    for method, t in best.items():
+    for name, t in best.items():
         a, ci = TrialRecord.of(t), interval(t, config.objective, lead_of(config))
         lines.append(
-            f"best {method}: trial {t.number}, {config.objective} {score(t):.4f}"
+            f"best {name}: trial {t.number}, {config.objective} {score(t):.4f}"
             + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
             + f", predicted GPU peak {a.get('predicted_peak_mb'):.0f} MB, "
             f"measured {a.get('peak_memory_mb'):.0f} MB ({recipe(t)})"

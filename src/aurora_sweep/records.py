@@ -147,6 +147,11 @@ class TrialRecord:
         return "peak_reserved_mb" in self.scores
 
     @property
+    def base(self) -> str | None:
+        """The base the trial adapted (None for a trial not yet sampled)."""
+        return (self.config or {}).get("base")
+
+    @property
     def method(self) -> str:
         return (self.config or {}).get("method") or self.reference or "lora"
 
