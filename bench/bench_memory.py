@@ -1,4 +1,4 @@
-"""Step time and peak memory of trial configs of AuroraSmallPretrained, predicted vs measured.
+"""Step time and peak memory of trial configs of a base model, predicted vs measured.
 
 A study trusts `memory.estimate_peak` to keep trials inside the GPU cap; this checks it. For one
 config per fine-tuning method (lora, rslora and dora at rank 8 on qkv+proj; head; blocks with the
@@ -21,6 +21,8 @@ inputs) and the process's resident-set growth (noisy: the CPU allocator keeps fr
     .venv/bin/python bench/bench_memory.py --device cpu --reduced    # a few minutes on 2 cores
     .venv/bin/python bench/bench_memory.py --device cuda              # the full grid on a GPU
     .venv/bin/python bench/bench_memory.py --reduced --methods-only --methods lora,head  # quick
+    .venv/bin/python bench/bench_memory.py --device cpu --reduced --methods-only \
+        --base pretrained --methods lora,rslora,dora,head,blocks   # AuroraPretrained, 1.3 B
 
 Writes bench/results/<device>-<date>.json and .md.
 """
@@ -51,6 +53,7 @@ from _common import (
 )  # noqa: E402
 
 from aurora_sweep import memory  # noqa: E402
+from aurora_sweep.bases import BASES  # noqa: E402
 from aurora_sweep.recipe import (  # noqa: E402
     LORA_METHODS,
     METHODS,
@@ -151,20 +154,27 @@ def configs(
     return out
 
 
-def trial_for(cfg: BenchConfig, levels: tuple[int, ...]) -> TrialConfig:
+def trial_for(
+    cfg: BenchConfig, levels: tuple[int, ...], base: str = "small-pretrained"
+) -> TrialConfig:
     return trial_config(
-        base="small-pretrained", method=cfg.method, lora_rank=cfg.rank, lora_targets=cfg.targets,
+        base=base, method=cfg.method, lora_rank=cfg.rank, lora_targets=cfg.targets,
         unfrozen_blocks=cfg.unfrozen, batch_size=cfg.batch, precision=cfg.precision,
         activation_checkpointing=cfg.checkpointing, levels=levels,
     )  # fmt: skip
 
 
 def predict(
-    cfg: BenchConfig, *, grid: tuple[int, int], levels: tuple[int, ...], device: str
+    cfg: BenchConfig,
+    *,
+    grid: tuple[int, int],
+    levels: tuple[int, ...],
+    device: str,
+    base: str = "small-pretrained",
 ) -> memory.MemoryEstimate:
     """What a study would predict for this config (`memory.estimate_peak`)."""
     return memory.estimate_peak(
-        trial_for(cfg, levels), grid=grid, levels=len(levels), device=device
+        trial_for(cfg, levels, base), grid=grid, levels=len(levels), device=device
     )
 
 
@@ -175,8 +185,9 @@ def measure(
     levels: tuple[int, ...],
     device: torch.device,
     steps: int,
+    base: str = "small-pretrained",
 ) -> dict:
-    peft_model, _ = build_random_trial_model(trial_for(cfg, levels))
+    peft_model, _ = build_random_trial_model(trial_for(cfg, levels, base))
     peft_model.to(device)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(params, lr=1e-5)
@@ -291,6 +302,12 @@ def main() -> None:
         action="store_true",
         help="one row per method only, not the grid of LoRA ranks, targets, batch sizes, ...",
     )
+    parser.add_argument(
+        "--base",
+        choices=[b for b in BASES if b != "demo"],
+        default="small-pretrained",
+        help="the base model's architecture, full size, random weights (bases.py)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -305,8 +322,8 @@ def main() -> None:
 
     rows = []
     for cfg in configs(args.reduced, args.methods, grid=not args.methods_only):
-        est = predict(cfg, grid=grid, levels=levels, device=device.type)
-        m = measure(cfg, grid=grid, levels=levels, device=device, steps=steps)
+        est = predict(cfg, grid=grid, levels=levels, device=device.type, base=args.base)
+        m = measure(cfg, grid=grid, levels=levels, device=device, steps=steps, base=args.base)
         row = (
             dataclasses.asdict(cfg)
             | m
@@ -331,7 +348,8 @@ def main() -> None:
             )
 
     slug = device_slug(device)
-    stem = f"{slug}-{dt.date.today()}{'-reduced' if args.reduced else ''}"
+    tag = "" if args.base == "small-pretrained" else f"-{args.base}"
+    stem = f"{slug}{tag}-{dt.date.today()}{'-reduced' if args.reduced else ''}"
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {
         "command": " ".join(["python", *sys.argv]),
@@ -344,11 +362,14 @@ def main() -> None:
         "levels": list(levels),
         "timed_steps": steps,
         "methods": list(args.methods),
+        "base": args.base,
+        "aurora_class": BASES[args.base].aurora_class,
         "threads": torch.get_num_threads(),
     }
     (args.out / f"{stem}.json").write_text(json.dumps(meta | {"configs": rows}, indent=1))
     header = (
-        f"# Peak memory of AuroraSmallPretrained trial configs ({slug}, {dt.date.today()})\n\n"
+        f"# Peak memory of {BASES[args.base].aurora_class} trial configs ({slug}, "
+        f"{dt.date.today()})\n\n"
         f"`{meta['command']}` - grid {grid[0]}x{grid[1]}, levels {list(levels)}, torch {meta['torch']}, "
         f"aurora {meta['microsoft-aurora']}; median of {steps} timed steps after one warm-up."
     )
