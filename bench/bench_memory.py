@@ -37,7 +37,9 @@ import platform
 import re
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from importlib.metadata import version
+from multiprocessing import get_context
 from pathlib import Path
 
 import psutil
@@ -323,7 +325,11 @@ def main() -> None:
     rows = []
     for cfg in configs(args.reduced, args.methods, grid=not args.methods_only):
         est = predict(cfg, grid=grid, levels=levels, device=device.type, base=args.base)
-        m = measure(cfg, grid=grid, levels=levels, device=device, steps=steps, base=args.base)
+        # each config in a process of its own: a 1.3 B model's 5 GB must not outlive its row
+        with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+            m = pool.submit(
+                measure, cfg, grid=grid, levels=levels, device=device, steps=steps, base=args.base
+            ).result()
         row = (
             dataclasses.asdict(cfg)
             | m

@@ -23,6 +23,7 @@ from aurora_sweep.recipe import (
     LEADS,
     LORA_MODULES,
     METHODS,
+    OPTIMIZERS,
     PRECISIONS,
     TP_LOSSES,
     lead_suffix,
@@ -132,6 +133,9 @@ class SearchSpace:
     rollout_steps: tuple[int, ...] = (1,)
     #: the bases trials adapt; empty: [model] base alone
     base: tuple[str, ...] = ()
+    #: micro-batches per optimiser step (gradient accumulation), and the optimiser
+    accumulate: tuple[int, ...] = (1,)
+    optimizer: tuple[str, ...] = ("adamw",)
 
 
 def _default(cls: type, name: str) -> Any:
@@ -468,9 +472,13 @@ def _search_space(search: dict) -> SearchSpace:
         target_input_lr=_choices(search, "target_input_lr", float),
         rollout_steps=_choices(search, "rollout_steps", int),
         base=_choices(search, "base", str, BASE_MODELS) if "base" in search else (),
+        accumulate=_choices(search, "accumulate", int),
+        optimizer=_choices(search, "optimizer", str, OPTIMIZERS),
     )
-    if any(r < 1 for r in space.lora_rank) or any(b < 1 for b in space.batch_size):
-        raise AuroraSweepError("[search] lora_rank and batch_size choices must be at least 1")
+    if any(n < 1 for n in (*space.lora_rank, *space.batch_size, *space.accumulate)):
+        raise AuroraSweepError(
+            "[search] lora_rank, batch_size and accumulate choices must be at least 1"
+        )
     if any(n < 0 for n in space.unfrozen_blocks):
         raise AuroraSweepError("[search] unfrozen_blocks choices must be 0 or more")
     if any(w <= 0 for w in space.target_weight):

@@ -7,7 +7,8 @@ first and records a config over the cap as infeasible without running it.
 The peak of one training step is the sum of its parts:
 
 - weights: every parameter, fp32 (Aurora's autocast keeps parameters in fp32);
-- gradients and optimizer: fp32 gradients and AdamW's two fp32 moments per trainable parameter;
+- gradients and optimizer: fp32 gradients and AdamW's two fp32 moments per trainable parameter
+  (Adafactor: a row and a column of second moments per trained matrix);
 - activations: tensors autograd saves for backward during the forward pass, on the gradient's
   path only. When tp's input patch embedding trains, the path starts in the encoder and runs
   through every block, whatever is frozen: each keeps what it needs to pass gradients to its
@@ -234,13 +235,15 @@ def estimate_from_architecture(
     precision: str,
     checkpointing: bool,
     device: str = "cuda",
+    optimizer: str = "adamw",
 ) -> MemoryEstimate:
     """`estimate_peak` for an architecture already read (reuse it across a grid of configs)."""
     p = arch.params
     parts = {
         "weights": FP32 * p.total,
         "gradients": FP32 * p.trainable,
-        "optimizer": 2 * FP32 * p.trainable,
+        # AdamW: two fp32 moments per trained value; Adafactor: its factored second moments
+        "optimizer": FP32 * (2 * p.trainable if optimizer == "adamw" else p.factored),
         "inputs": input_bytes(grid=grid, levels=levels, batch_size=batch_size),
         "activations": activation_bytes(
             arch,
@@ -291,6 +294,7 @@ def estimate_peak(
         precision=trial.precision,
         checkpointing=trial.activation_checkpointing,
         device=device,
+        optimizer=trial.optimizer,
     )
 
 

@@ -36,6 +36,9 @@ class ParamCounts:
     total: int
     trainable: int
     backbone: int
+    #: Adafactor's state of the trainable ones: a row and a column of second moments per matrix
+    #: (prod(shape[:-1]) + prod(shape[:-2]) * shape[-1] values), the whole tensor for a vector
+    factored: int = 0
 
 
 @dataclass(frozen=True)
@@ -121,7 +124,14 @@ def count_params(model: torch.nn.Module) -> ParamCounts:
         total=sum(p.numel() for _, p in params),
         trainable=sum(p.numel() for _, p in params if p.requires_grad),
         backbone=sum(p.numel() for n, p in params if n.startswith("backbone.")),
+        factored=sum(_factored(p.shape) for _, p in params if p.requires_grad),
     )
+
+
+def _factored(shape: torch.Size) -> int:
+    if len(shape) < 2:
+        return math.prod(shape)
+    return math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1]
 
 
 def _padded(res: tuple[int, int, int], window: tuple[int, int, int]) -> int:

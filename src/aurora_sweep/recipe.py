@@ -59,6 +59,9 @@ def parse_lead(text: Any, where: str = "lead") -> int:
     )
 
 
+#: The optimisers a trial may train with: AdamW (two fp32 moments per trained value) or torch's
+#: Adafactor (factored second moments: a row and a column per matrix, no first moment).
+OPTIMIZERS = ("adamw", "adafactor")
 #: The new variable's error in the loss: absolute (Aurora's) or squared.
 TP_LOSSES = ("mae", "mse")
 #: The fewest grid points a side of a region may have: Aurora cuts the grid into 4×4 patches and
@@ -99,6 +102,10 @@ class TrialConfig:
     wrap_longitude: bool = True
     #: constructor overrides of the base (`[model.arch.<base>]`, `bases.arch_overrides`)
     arch: tuple[tuple[str, Any], ...] = ()
+    #: micro-batches of `batch_size` whose gradients add up to one optimiser step (the
+    #: effective batch is batch_size x accumulate; `steps` counts optimiser steps)
+    accumulate: int = 1
+    optimizer: str = "adamw"
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -31,7 +31,7 @@ def sample_trial(trial: optuna.Trial, config: StudyConfig) -> TrialConfig:
     if reference == "full":  # Aurora's own recipe, as it is, whatever the space holds
         return reference_trial(config)
     bases = config.bases
-    base = trial.suggest_categorical("base", list(bases)) if len(bases) > 1 else bases[0]
+    base = _maybe(trial, "base", bases)
     method = trial.suggest_categorical("method", list(s.method))
     lora = method in LORA_METHODS
     rank = trial.suggest_categorical("lora_rank", list(s.lora_rank)) if lora else 0
@@ -47,6 +47,10 @@ def sample_trial(trial: optuna.Trial, config: StudyConfig) -> TrialConfig:
     loss = trial.suggest_categorical("loss", list(s.loss))
     input_lr = trial.suggest_categorical("target_input_lr", list(s.target_input_lr))
     rollout = trial.suggest_categorical("rollout_steps", list(s.rollout_steps))
+    # the levers added later are sampled only when searched, so that a study that does not
+    # search them draws the same trials as before
+    accumulate = _maybe(trial, "accumulate", s.accumulate)
+    optimizer = _maybe(trial, "optimizer", s.optimizer)
     if method == "full":
         precision, checkpointing, lr = _full_precision(config), True, FULL_LR
     else:
@@ -63,8 +67,14 @@ def sample_trial(trial: optuna.Trial, config: StudyConfig) -> TrialConfig:
         config, method=method, lora_rank=rank, lora_targets=targets, unfrozen_blocks=unfrozen,
         batch_size=batch_size, precision=precision, learning_rate=lr,
         activation_checkpointing=checkpointing, target_weight=target_weight, loss=loss,
-        target_input_lr=input_lr, rollout_steps=rollout, base=base,
+        target_input_lr=input_lr, rollout_steps=rollout, base=base, accumulate=accumulate,
+        optimizer=optimizer,
     )  # fmt: skip
+
+
+def _maybe(trial: optuna.Trial, name: str, choices: tuple) -> Any:
+    """The choice for `name`: sampled when there are several, else the only one."""
+    return trial.suggest_categorical(name, list(choices)) if len(choices) > 1 else choices[0]
 
 
 def _trial_config(config: StudyConfig, **recipe: Any) -> TrialConfig:

@@ -43,6 +43,7 @@ from aurora_sweep.model import (
 )
 from aurora_sweep.recipe import FULL_NEW_VARIABLE_LR, TrialConfig
 from aurora_sweep.records import base_key
+from aurora_sweep.store import TARGET_VAR
 from aurora_sweep.study_data import TrialData
 
 #: Learning-rate multiplier for the new variable's head.
@@ -330,18 +331,25 @@ def _train_loop(
     rng = np.random.default_rng(trial.seed)
     train = data.train_for(trial.rollout_steps)
     model.train()
-    # the batches in the order the seed gives, read ahead by a thread while the model trains
+    # the batches in the order the seed gives, read ahead by a thread while the model trains:
+    # an optimiser step's samples drawn together, in `accumulate` micro-batches
+    n = trial.accumulate
     plan = [
-        rng.choice(len(train), size=min(trial.batch_size, len(train)), replace=False)
+        micro
         for _ in range(trial.steps)
+        for micro in np.array_split(
+            rng.choice(len(train), size=min(trial.batch_size * n, len(train)), replace=False), n
+        )
+        if len(micro)
     ]
     with Prefetcher(train.training_batch, plan) as batches:
-        waited, loop_started = 0.0, time.perf_counter()
+        waited, loop_started, read = 0.0, time.perf_counter(), 0
         for k in range(1, trial.steps + 1):
             asked = time.perf_counter()
-            batch, target = batches.next()
+            micro = [batches.next() for _ in range(min(n, len(plan) - read))]
+            read += len(micro)
             waited += time.perf_counter() - asked
-            value = step(k, batch, target)
+            value = step(k, micro)
             curves.train_loss.append((k, value))
             if on_step:
                 on_step(k, value)
@@ -355,7 +363,8 @@ def _train_loop(
 
 
 def _optimiser(trial: TrialConfig, peft_model, model, parts: TrainableParts):
-    """AdamW over the trained parameters, its schedule, and the parameters clipped.
+    """The trial's optimiser (AdamW or Adafactor) over the trained parameters, its schedule,
+    and the parameters clipped.
 
     tp's head starts from zero and must learn the most: a larger step for it; its input
     embedding writes into Aurora's latent state: a step of its own (none: output-only).
@@ -368,7 +377,8 @@ def _optimiser(trial: TrialConfig, peft_model, model, parts: TrainableParts):
     groups = [{"params": rest}, {"params": head, "lr": new_variable_lr(trial)}]
     if embedding.requires_grad:
         groups.append({"params": [embedding], "lr": input_lr(trial)})
-    optimiser = torch.optim.AdamW(groups, lr=trial.learning_rate, weight_decay=trial.weight_decay)
+    kind = {"adamw": torch.optim.AdamW, "adafactor": torch.optim.Adafactor}[trial.optimizer]
+    optimiser = kind(groups, lr=trial.learning_rate, weight_decay=trial.weight_decay)
     # LambdaLR calls the factor once at construction (step 0), then after each step
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimiser, lambda k: learning_rate_factor(k + 1, trial.steps)
@@ -378,8 +388,9 @@ def _optimiser(trial: TrialConfig, peft_model, model, parts: TrainableParts):
 
 @dataclass
 class _Step:
-    """One optimiser step: forward (after the rollout's gradient-free steps), Aurora's loss,
-    backward (scaled under fp16), gradients clipped, AdamW, the schedule."""
+    """One optimiser step over its micro-batches: for each, forward (after the rollout's
+    gradient-free steps), Aurora's loss over the number of micro-batches, backward (scaled
+    under fp16), gradients adding up; then clipped, the optimiser, the schedule."""
 
     trial: TrialConfig
     spec: LossSpec
@@ -392,23 +403,27 @@ class _Step:
     def __post_init__(self) -> None:
         self.scaler = torch.amp.GradScaler("cuda") if self.trial.precision == "fp16" else None
 
-    def __call__(self, step: int, batch, target) -> float:
-        # the raw output: tp is not clamped at 0 while training (model.clamped)
-        batch = pushforward(self.model, batch.to(self.device), self.trial.rollout_steps)
-        loss = combine(self.spec, loss_terms(self.spec, self.model(batch), target))
+    def __call__(self, step: int, micro: list) -> float:
         self.optimiser.zero_grad(set_to_none=True)
+        value = 0.0
+        samples = sum(len(target[TARGET_VAR]) for _, target in micro)
+        for batch, target in micro:
+            # the raw output: tp is not clamped at 0 while training (model.clamped)
+            batch = pushforward(self.model, batch.to(self.device), self.trial.rollout_steps)
+            loss = combine(self.spec, loss_terms(self.spec, self.model(batch), target))
+            # weighted by its share of the step's samples: the mean one batch of them would have
+            loss = loss * (len(target[TARGET_VAR]) / samples)
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            value += float(loss.detach())
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimiser)
             torch.nn.utils.clip_grad_norm_(self.trained, MAX_GRAD_NORM)
             self.scaler.step(self.optimiser)
             self.scaler.update()
         else:
-            loss.backward()
             torch.nn.utils.clip_grad_norm_(self.trained, MAX_GRAD_NORM)
             self.optimiser.step()
         self.schedule.step()
-        value = float(loss.detach())
         if not np.isfinite(value):
             raise FloatingPointError(f"training loss became {value} at step {step}")
         return value

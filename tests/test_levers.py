@@ -1,0 +1,81 @@
+"""Memory levers of a small GPU: gradient accumulation and a lighter optimiser."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from aurora_sweep import memory
+from aurora_sweep.dataset import Samples, tp_stats
+from aurora_sweep.loss import LossSpec
+from aurora_sweep.meta import build_meta_model, count_params
+from aurora_sweep.model import DEMO_CHECKPOINT
+from aurora_sweep.store import open_store
+from aurora_sweep.train import _optimiser, _Step, build_trial_model
+from synthetic import tiny_lora_trial
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+CPU = torch.device("cpu")
+
+
+def _stepped(trial, train, stats, micro_batches):
+    """The model after one `_Step` over `micro_batches` (lists of sample indices), with plain
+    SGD so that the update is the accumulated gradient itself."""
+    peft_model, model, parts = build_trial_model(trial, stats, DEMO_CHECKPOINT)
+    _, schedule, trained = _optimiser(trial, peft_model, model, parts)
+    sgd = torch.optim.SGD(trained, lr=1.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(sgd, lambda k: 1.0)
+    spec = LossSpec(levels=trial.levels, lat=train.cube["latitude"].values, tp_scale=stats.scale)
+    step = _Step(trial, spec, peft_model, sgd, schedule, trained, CPU)
+    before = [p.detach().clone() for p in trained]
+    peft_model.train()
+    loss = step(1, [train.training_batch(idx) for idx in micro_batches])
+    return loss, [p.detach() - b for p, b in zip(trained, before)]
+
+
+def test_four_accumulated_micro_batches_of_one_make_the_step_of_a_batch_of_four(tiny_config):
+    train = Samples(open_store(tiny_config.data.store), tiny_config.data, "train")
+    stats = tp_stats(train.cube, tiny_config.data.train)
+    samples = [3, 11, 20, 31]
+    one, one_update = _stepped(tiny_lora_trial(batch_size=4), train, stats, [samples])
+    four, four_update = _stepped(
+        tiny_lora_trial(batch_size=1, accumulate=4), train, stats, [[s] for s in samples]
+    )
+    assert four == pytest.approx(one, rel=1e-5)
+    moved = [u for u in one_update if u.abs().max() > 0]
+    assert moved, "the step changed nothing"
+    for a, b in zip(one_update, four_update):
+        scale = max(a.abs().max().item(), 1e-12)
+        assert (a - b).abs().max().item() <= 1e-4 * scale
+
+
+def test_adafactor_keeps_the_factored_state_the_estimate_counts(tiny_config):
+    train = Samples(open_store(tiny_config.data.store), tiny_config.data, "train")
+    stats = tp_stats(train.cube, tiny_config.data.train)
+    trial = tiny_lora_trial(optimizer="adafactor", unfrozen_blocks=1)
+    peft_model, model, parts = build_trial_model(trial, stats, DEMO_CHECKPOINT)
+    optimiser, _, trained = _optimiser(trial, peft_model, model, parts)
+    assert isinstance(optimiser, torch.optim.Adafactor)
+    batch, target = train.training_batch([3, 4])
+    peft_model(batch).surf_vars["tp"].float().pow(2).mean().backward()
+    optimiser.step()
+    state = sum(v.numel() for s in optimiser.state.values() for k, v in s.items() if k != "step")
+    assert count_params(peft_model).factored == count_params(build_meta_model(trial)).factored
+    assert count_params(peft_model).factored == state
+    grid = tuple(train.grid)
+    adam = memory.estimate_peak(tiny_lora_trial(unfrozen_blocks=1), grid=grid, levels=3)
+    light = memory.estimate_peak(trial, grid=grid, levels=3)
+    assert light.parts["optimizer"] == 4 * state < adam.parts["optimizer"]
+
+
+def test_a_trial_trains_with_accumulation_and_adafactor(tiny_config):
+    from aurora_sweep.study_data import TrialData
+    from aurora_sweep.train import fit
+
+    data = TrialData.prepare(open_store(tiny_config.data.store), tiny_config)
+    trial = tiny_lora_trial(batch_size=1, accumulate=2, optimizer="adafactor", steps=2)
+    result = fit(trial, data, checkpoint=DEMO_CHECKPOINT, device=CPU, bootstrap=0)
+    assert [s for s, _ in result.train_loss] == [1, 2]
+    assert all(np.isfinite(v) for _, v in result.train_loss)
+    assert np.isfinite(result.metrics[tiny_config.objective])
