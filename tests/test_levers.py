@@ -79,3 +79,54 @@ def test_a_trial_trains_with_accumulation_and_adafactor(tiny_config):
     assert [s for s, _ in result.train_loss] == [1, 2]
     assert all(np.isfinite(v) for _, v in result.train_loss)
     assert np.isfinite(result.metrics[tiny_config.objective])
+
+
+def test_a_tile_never_crosses_the_regions_edge_and_covers_all_of_it():
+    from aurora_sweep.tiles import tile_origins, tile_side
+
+    grid = (36, 52)
+    assert tile_side(0, grid) == grid
+    assert tile_side(30, grid) == (28, 28)  # whole patches
+    assert tile_side(5, grid) == (12, 12) and tile_side(96, grid) == grid
+    side = tile_side(16, grid)
+    corners = tile_origins(np.random.default_rng(0), grid, side, 3000)
+    assert (corners >= 0).all()
+    assert (corners[:, 0] + side[0] <= grid[0]).all() and (corners[:, 1] + side[1] <= grid[1]).all()
+    seen = np.zeros(grid, dtype=int)
+    for i, j in corners:
+        seen[i : i + side[0], j : j + side[1]] += 1
+    assert seen.min() > 0  # the corners and edges too
+
+
+def test_a_tile_cuts_every_variable_the_statics_and_the_coordinates_alike(tiny_config):
+    from aurora_sweep.tiles import crop_sample
+
+    train = Samples(open_store(tiny_config.data.store), tiny_config.data, "train")
+    batch, target = train.training_batch([3, 4])
+    assert train.grid == (16, 16)  # the tiny study: 16 x 16 points at 1 degree
+    tile, truth = crop_sample(batch, target, (4, 2), (12, 12))
+    assert all(v.shape[-2:] == (12, 12) for v in tile.surf_vars.values())
+    assert all(v.shape[-2:] == (12, 12) for v in tile.atmos_vars.values())
+    assert all(v.shape == (12, 12) for v in tile.static_vars.values())
+    assert all(v.shape[-2:] == (12, 12) for v in truth.values())
+    assert torch.equal(tile.metadata.lat, batch.metadata.lat[4:16])
+    assert torch.equal(tile.metadata.lon, batch.metadata.lon[2:14])
+    assert torch.equal(tile.surf_vars["tp"], batch.surf_vars["tp"][..., 4:16, 2:14])
+    assert torch.equal(tile.static_vars["lsm"], batch.static_vars["lsm"][4:16, 2:14])
+    assert torch.equal(truth["z"], target["z"][..., 4:16, 2:14])
+
+
+def test_a_trial_trains_on_tiles_and_its_estimate_follows_the_tile(tiny_config):
+    from aurora_sweep.study_data import TrialData
+    from aurora_sweep.train import fit
+
+    data = TrialData.prepare(open_store(tiny_config.data.store), tiny_config)
+    trial = tiny_lora_trial(tile=12, steps=2)
+    result = fit(trial, data, checkpoint=DEMO_CHECKPOINT, device=CPU, bootstrap=0)
+    assert all(np.isfinite(v) for _, v in result.train_loss)
+    # validation and scores stay on the whole region
+    assert result.forecasts.tp.shape[1:] == data.validation.grid
+    grid = data.train.grid
+    whole = memory.estimate_peak(tiny_lora_trial(), grid=grid, levels=3)
+    tiled = memory.estimate_peak(trial, grid=grid, levels=3)
+    assert tiled.parts["activations"] < whole.parts["activations"]

@@ -23,6 +23,7 @@ from aurora_sweep.recipe import (
     LEADS,
     LORA_MODULES,
     METHODS,
+    MIN_GRID_POINTS,
     OPTIMIZERS,
     PRECISIONS,
     TP_LOSSES,
@@ -136,6 +137,8 @@ class SearchSpace:
     #: micro-batches per optimiser step (gradient accumulation), and the optimiser
     accumulate: tuple[int, ...] = (1,)
     optimizer: tuple[str, ...] = ("adamw",)
+    #: points a side of the random square each training step takes (0: the whole region)
+    tile: tuple[int, ...] = (0,)
 
 
 def _default(cls: type, name: str) -> Any:
@@ -474,6 +477,7 @@ def _search_space(search: dict) -> SearchSpace:
         base=_choices(search, "base", str, BASE_MODELS) if "base" in search else (),
         accumulate=_choices(search, "accumulate", int),
         optimizer=_choices(search, "optimizer", str, OPTIMIZERS),
+        tile=_choices(search, "tile", int),
     )
     if any(n < 1 for n in (*space.lora_rank, *space.batch_size, *space.accumulate)):
         raise AuroraSweepError(
@@ -490,6 +494,11 @@ def _search_space(search: dict) -> SearchSpace:
         )
     if any(f < 0 for f in space.target_input_lr):
         raise AuroraSweepError("[search] target_input_lr choices must be 0 (output-only) or more")
+    if any(0 < t < MIN_GRID_POINTS or t < 0 for t in space.tile):
+        raise AuroraSweepError(
+            f"[search] tile {list(space.tile)}: give 0 (the whole region) or at least "
+            f"{MIN_GRID_POINTS} points a side (Aurora's backbone halves the patch grid twice)"
+        )
     if any(n < 1 for n in space.blocks):
         raise AuroraSweepError("[search] blocks (for the blocks method) must be 1 or more")
     return space

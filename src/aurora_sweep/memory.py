@@ -282,6 +282,10 @@ def estimate_peak(
             f"grid {grid[0]}x{grid[1]}: Aurora needs a width that is a multiple of 4 and a height "
             "that is a multiple of 4 or one more; crop the region first"
         )
+    if trial.tile:  # a step sees the tile only (`tiles`)
+        from aurora_sweep.tiles import tile_side
+
+        grid = tile_side(trial.tile, grid)
     arch = _architecture(
         trial.base, trial.lora_rank, trial.lora_targets, trial.unfrozen_blocks, grid, trial.method,
         trial.target_input_lr > 0, trial.arch,

@@ -106,6 +106,8 @@ class TrialConfig:
     #: effective batch is batch_size x accumulate; `steps` counts optimiser steps)
     accumulate: int = 1
     optimizer: str = "adamw"
+    #: points a side of the square each step trains on (`tiles`); 0: the whole region
+    tile: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

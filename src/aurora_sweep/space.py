@@ -51,6 +51,7 @@ def sample_trial(trial: optuna.Trial, config: StudyConfig) -> TrialConfig:
     # search them draws the same trials as before
     accumulate = _maybe(trial, "accumulate", s.accumulate)
     optimizer = _maybe(trial, "optimizer", s.optimizer)
+    tile = _maybe(trial, "tile", s.tile)
     if method == "full":
         precision, checkpointing, lr = _full_precision(config), True, FULL_LR
     else:
@@ -68,7 +69,7 @@ def sample_trial(trial: optuna.Trial, config: StudyConfig) -> TrialConfig:
         batch_size=batch_size, precision=precision, learning_rate=lr,
         activation_checkpointing=checkpointing, target_weight=target_weight, loss=loss,
         target_input_lr=input_lr, rollout_steps=rollout, base=base, accumulate=accumulate,
-        optimizer=optimizer,
+        optimizer=optimizer, tile=tile,
     )  # fmt: skip
 
 

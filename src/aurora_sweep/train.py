@@ -45,6 +45,7 @@ from aurora_sweep.recipe import FULL_NEW_VARIABLE_LR, TrialConfig
 from aurora_sweep.records import base_key
 from aurora_sweep.store import TARGET_VAR
 from aurora_sweep.study_data import TrialData
+from aurora_sweep.tiles import crop_sample, tile_origins, tile_side
 
 #: Learning-rate multiplier for the new variable's head.
 NEW_VARIABLE_LR_FACTOR = 5.0
@@ -342,12 +343,21 @@ def _train_loop(
         )
         if len(micro)
     ]
-    with Prefetcher(train.training_batch, plan) as batches:
-        waited, loop_started, read = 0.0, time.perf_counter(), 0
+    read = train.training_batch
+    if trial.tile:  # each micro-batch on a tile of its own, drawn from a stream of its own
+        side = tile_side(trial.tile, train.grid)
+        corners = tile_origins(np.random.default_rng([trial.seed, 1]), train.grid, side, len(plan))
+        plan = list(zip(plan, map(tuple, corners)))
+
+        def read(item):
+            return crop_sample(*train.training_batch(item[0]), item[1], side)
+
+    with Prefetcher(read, plan) as batches:
+        waited, loop_started, taken = 0.0, time.perf_counter(), 0
         for k in range(1, trial.steps + 1):
             asked = time.perf_counter()
-            micro = [batches.next() for _ in range(min(n, len(plan) - read))]
-            read += len(micro)
+            micro = [batches.next() for _ in range(min(n, len(plan) - taken))]
+            taken += len(micro)
             waited += time.perf_counter() - asked
             value = step(k, micro)
             curves.train_loss.append((k, value))
@@ -410,7 +420,10 @@ class _Step:
         for batch, target in micro:
             # the raw output: tp is not clamped at 0 while training (model.clamped)
             batch = pushforward(self.model, batch.to(self.device), self.trial.rollout_steps)
-            loss = combine(self.spec, loss_terms(self.spec, self.model(batch), target))
+            spec = self.spec
+            if self.trial.tile:  # the tile's own latitudes weigh its rows
+                spec = dataclasses.replace(spec, lat=batch.metadata.lat.cpu().numpy())
+            loss = combine(spec, loss_terms(spec, self.model(batch), target))
             # weighted by its share of the step's samples: the mean one batch of them would have
             loss = loss * (len(target[TARGET_VAR]) / samples)
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
