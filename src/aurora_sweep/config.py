@@ -23,7 +23,6 @@ from aurora_sweep.recipe import (
     LEADS,
     LORA_MODULES,
     METHODS,
-    MIN_GRID_POINTS,
     OPTIMIZERS,
     PRECISIONS,
     TP_LOSSES,
@@ -36,13 +35,16 @@ from aurora_sweep.settings import (
     as_bool,
     as_number,
     as_period,
+    as_table,
     as_text,
     as_whole,
     check_region,
+    check_space,
     data_levels,
     lr_range,
     nearest,
     parse_memory,
+    per_base_table,
     storage_url,
     study_objectives,
     tracking_url,
@@ -413,31 +415,14 @@ def _model_config(model: dict, workdir: Path) -> ModelConfig:
         checkpoint=(workdir / checkpoint) if checkpoint else None,
         checkpoints={
             k: workdir / as_text(v, f"[model.checkpoints] {k}")
-            for k, v in _per_base(model, "checkpoints").items()
+            for k, v in per_base_table(model, "checkpoints").items()
         },
         arch={
-            k: arch_overrides(_table(v, f"[model.arch.{k}]"))
-            for k, v in _per_base(model, "arch").items()
+            k: arch_overrides(as_table(v, f"[model.arch.{k}]"))
+            for k, v in per_base_table(model, "arch").items()
         },
         new_variable=new_variable,
     )
-
-
-def _per_base(model: dict, key: str) -> dict:
-    """A [model.<key>] table keyed by base name; an unknown base is refused by name."""
-    table = _table(model.get(key, {}), f"[model.{key}]")
-    for name in table:
-        if name not in BASE_MODELS:
-            raise AuroraSweepError(
-                f"[model.{key}] {name}: not a base; {nearest(name, BASE_MODELS)}"
-            )
-    return table
-
-
-def _table(value: Any, what: str) -> dict:
-    if not isinstance(value, dict):
-        raise AuroraSweepError(f"{what} must be a table, not {value!r}")
-    return value
 
 
 def _train_config(train: dict) -> TrainConfig:
@@ -479,28 +464,7 @@ def _search_space(search: dict) -> SearchSpace:
         optimizer=_choices(search, "optimizer", str, OPTIMIZERS),
         tile=_choices(search, "tile", int),
     )
-    if any(n < 1 for n in (*space.lora_rank, *space.batch_size, *space.accumulate)):
-        raise AuroraSweepError(
-            "[search] lora_rank, batch_size and accumulate choices must be at least 1"
-        )
-    if any(n < 0 for n in space.unfrozen_blocks):
-        raise AuroraSweepError("[search] unfrozen_blocks choices must be 0 or more")
-    if any(w <= 0 for w in space.target_weight):
-        raise AuroraSweepError("[search] target_weight choices must be above 0")
-    if any(r not in LEADS for r in space.rollout_steps):
-        raise AuroraSweepError(
-            f"[search] rollout_steps {list(space.rollout_steps)}: choose among 1, 2 and 4 "
-            "(6, 12 and 24 hours)"
-        )
-    if any(f < 0 for f in space.target_input_lr):
-        raise AuroraSweepError("[search] target_input_lr choices must be 0 (output-only) or more")
-    if any(0 < t < MIN_GRID_POINTS or t < 0 for t in space.tile):
-        raise AuroraSweepError(
-            f"[search] tile {list(space.tile)}: give 0 (the whole region) or at least "
-            f"{MIN_GRID_POINTS} points a side (Aurora's backbone halves the patch grid twice)"
-        )
-    if any(n < 1 for n in space.blocks):
-        raise AuroraSweepError("[search] blocks (for the blocks method) must be 1 or more")
+    check_space(space)
     return space
 
 

@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from aurora_sweep.errors import AuroraSweepError
-from aurora_sweep.recipe import AURORA_LEVELS, COSTS, MIN_GRID_POINTS, OBJECTIVES
+from aurora_sweep.recipe import (
+    AURORA_LEVELS,
+    BASE_MODELS,
+    COSTS,
+    LEADS,
+    MIN_GRID_POINTS,
+    OBJECTIVES,
+)
 
 
 @dataclass(frozen=True)
@@ -259,3 +266,46 @@ def study_objectives(study: dict) -> tuple[str, tuple[str, ...]]:
             "keep only objectives"
         )
     return listed[0], tuple(listed)
+
+
+def per_base_table(model: dict, key: str) -> dict:
+    """A [model.<key>] table keyed by base name; an unknown base is refused by name."""
+    table = as_table(model.get(key, {}), f"[model.{key}]")
+    for name in table:
+        if name not in BASE_MODELS:
+            raise AuroraSweepError(
+                f"[model.{key}] {name}: not a base; {nearest(name, BASE_MODELS)}"
+            )
+    return table
+
+
+def as_table(value: Any, what: str) -> dict:
+    if not isinstance(value, dict):
+        raise AuroraSweepError(f"{what} must be a table, not {value!r}")
+    return value
+
+
+def check_space(space: Any) -> None:
+    """Refuse [search] choices out of their bounds (the kinds were checked as they were read)."""
+    if any(n < 1 for n in (*space.lora_rank, *space.batch_size, *space.accumulate)):
+        raise AuroraSweepError(
+            "[search] lora_rank, batch_size and accumulate choices must be at least 1"
+        )
+    if any(n < 0 for n in space.unfrozen_blocks):
+        raise AuroraSweepError("[search] unfrozen_blocks choices must be 0 or more")
+    if any(w <= 0 for w in space.target_weight):
+        raise AuroraSweepError("[search] target_weight choices must be above 0")
+    if any(r not in LEADS for r in space.rollout_steps):
+        raise AuroraSweepError(
+            f"[search] rollout_steps {list(space.rollout_steps)}: choose among 1, 2 and 4 "
+            "(6, 12 and 24 hours)"
+        )
+    if any(f < 0 for f in space.target_input_lr):
+        raise AuroraSweepError("[search] target_input_lr choices must be 0 (output-only) or more")
+    if any(0 < t < MIN_GRID_POINTS or t < 0 for t in space.tile):
+        raise AuroraSweepError(
+            f"[search] tile {list(space.tile)}: give 0 (the whole region) or at least "
+            f"{MIN_GRID_POINTS} points a side (Aurora's backbone halves the patch grid twice)"
+        )
+    if any(n < 1 for n in space.blocks):
+        raise AuroraSweepError("[search] blocks (for the blocks method) must be 1 or more")
