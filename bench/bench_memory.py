@@ -61,6 +61,7 @@ from aurora_sweep.recipe import (  # noqa: E402
     METHODS,
     TrialConfig,  # noqa: E402
 )
+from aurora_sweep.tiles import tile_side  # noqa: E402
 from aurora_sweep.train import PeakMemory  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,6 +80,8 @@ class BenchConfig:
     batch: int = 1
     precision: str = "bf16"
     checkpointing: bool = False
+    tile: int = 0  # points a side each step trains on (0: the whole grid)
+    accumulate: int = 1  # micro-batches of `batch` per optimiser step
 
 
 def method_configs(precision: str) -> list[BenchConfig]:
@@ -145,6 +148,20 @@ def lora_grid(reduced: bool) -> list[BenchConfig]:
     return grid
 
 
+def lever_configs() -> list[BenchConfig]:
+    """The small-GPU levers against their alternatives, LoRA r8 on qkv+proj in fp32 (bf16 is
+    emulated on a CPU): the whole region against tiles of 96 and 64 points; one batch of 4
+    against 4 accumulated micro-batches of 1 (both checkpointed, so that a batch of 4 fits)."""
+    lora = dict(precision="fp32")
+    return [
+        BenchConfig("whole region", **lora),
+        BenchConfig("tile 96", tile=96, **lora),
+        BenchConfig("tile 64", tile=64, **lora),
+        BenchConfig("batch 4 ckpt", batch=4, checkpointing=True, **lora),
+        BenchConfig("batch 1 x accumulate 4 ckpt", accumulate=4, checkpointing=True, **lora),
+    ]
+
+
 def configs(
     reduced: bool, methods: tuple[str, ...] = METHODS, grid: bool = True
 ) -> list[BenchConfig]:
@@ -162,7 +179,8 @@ def trial_for(
     return trial_config(
         base=base, method=cfg.method, lora_rank=cfg.rank, lora_targets=cfg.targets,
         unfrozen_blocks=cfg.unfrozen, batch_size=cfg.batch, precision=cfg.precision,
-        activation_checkpointing=cfg.checkpointing, levels=levels,
+        activation_checkpointing=cfg.checkpointing, levels=levels, tile=cfg.tile,
+        accumulate=cfg.accumulate,
     )  # fmt: skip
 
 
@@ -193,15 +211,17 @@ def measure(
     peft_model.to(device)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(params, lr=1e-5)
+    grid = tile_side(cfg.tile, grid)  # a tiled step sees its tile only
     batch = memory.synthetic_batch(batch_size=cfg.batch, grid=grid, levels=levels).to(device)
     n_params = sum(p.numel() for p in peft_model.parameters())
     n_train = sum(p.numel() for p in params)
 
     def step() -> None:
-        pred = peft_model(batch)
-        loss = pred.surf_vars["tp"].float().pow(2).mean()
         optimiser.zero_grad(set_to_none=True)
-        loss.backward()
+        for _ in range(cfg.accumulate):  # micro-batches' gradients add up, as in a trial
+            pred = peft_model(batch)
+            loss = pred.surf_vars["tp"].float().pow(2).mean() / cfg.accumulate
+            loss.backward()
         optimiser.step()
 
     out: dict = {"params": n_params, "trainable": n_train}
@@ -310,6 +330,11 @@ def main() -> None:
         default="small-pretrained",
         help="the base model's architecture, full size, random weights (bases.py)",
     )
+    parser.add_argument(
+        "--levers",
+        action="store_true",
+        help="tiles of 96 and 64 against the whole region, batch 4 against 4 x accumulated 1",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -323,7 +348,12 @@ def main() -> None:
     steps = args.steps or (2 if args.reduced else 5)
 
     rows = []
-    for cfg in configs(args.reduced, args.methods, grid=not args.methods_only):
+    todo = (
+        lever_configs()
+        if args.levers
+        else configs(args.reduced, args.methods, not args.methods_only)
+    )
+    for cfg in todo:
         est = predict(cfg, grid=grid, levels=levels, device=device.type, base=args.base)
         # each config in a process of its own: a 1.3 B model's 5 GB must not outlive its row
         with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
@@ -354,7 +384,9 @@ def main() -> None:
             )
 
     slug = device_slug(device)
-    tag = "" if args.base == "small-pretrained" else f"-{args.base}"
+    tag = ("" if args.base == "small-pretrained" else f"-{args.base}") + (
+        "-levers" if args.levers else ""
+    )
     stem = f"{slug}{tag}-{dt.date.today()}{'-reduced' if args.reduced else ''}"
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {
