@@ -259,7 +259,7 @@ def measure(
     else:
         out["rss_peak_delta_bytes"] = peak.peak - rss0
     out["step_seconds"] = sorted(times)[len(times) // 2]
-    out["samples_per_second"] = cfg.batch / out["step_seconds"]
+    out["samples_per_second"] = cfg.batch * cfg.accumulate / out["step_seconds"]
     return out
 
 

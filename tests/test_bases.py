@@ -70,6 +70,11 @@ def test_a_study_names_its_bases_checkpoints_and_widths(tmp_path):
     config = load_config(tmp_path / "s.toml", workdir=tmp_path)
     assert config.model.checkpoint_for("pretrained") == tmp_path / "pretrained.ckpt"
     assert dict(config.model.arch_for("pretrained"))["encoder_depths"] == (1, 2, 1)
+    (tmp_path / "s.toml").write_text(
+        text.replace('base = "small-pretrained"\n', 'base = "demo"\n', 1)
+    )
+    with pytest.raises(AuroraSweepError, match=r"leaves out \[model\] base 'demo'"):
+        load_config(tmp_path / "s.toml", workdir=tmp_path)
     (tmp_path / "s.toml").write_text(text + '\n[model.checkpoints]\nlarge = "x.ckpt"\n')
     with pytest.raises(AuroraSweepError, match=r"\[model\.checkpoints\] large: not a base"):
         load_config(tmp_path / "s.toml", workdir=tmp_path)

@@ -327,6 +327,16 @@ def _build(raw: dict, path: Path, workdir: Path) -> StudyConfig:
         if key in study:
             as_text(study[key], f"[study] {key}")
     cap = resources.get("gpu_memory_cap")
+    model, search = (
+        _model_config(raw.get("model", {}), workdir),
+        _search_space(raw.get("search", {})),
+    )
+    if search.base and model.base not in search.base:
+        raise AuroraSweepError(
+            f"[search] base {list(search.base)} leaves out [model] base {model.base!r}, whose "
+            "recipes the study's references run and whose file [model] checkpoint names: add it "
+            "to [search] base, or set [model] base to one of them"
+        )
     return StudyConfig(
         name=name,
         path=path.resolve(),
@@ -337,9 +347,9 @@ def _build(raw: dict, path: Path, workdir: Path) -> StudyConfig:
         gpu_memory_cap=parse_memory(cap) if cap is not None else None,
         sampler_seed=as_whole(study.get("seed", 0), "[study] seed"),
         data=_data_config(raw["data"], name, workdir),
-        model=_model_config(raw.get("model", {}), workdir),
+        model=model,
         train=_train_config(raw.get("train", {})),
-        search=_search_space(raw.get("search", {})),
+        search=search,
         workdir=workdir,
         **_study_settings(study),
     )
