@@ -68,6 +68,7 @@ def test_the_cycle_finder_finds_a_cycle():
 @pytest.mark.parametrize(
     "module",
     [
+        "bases",
         "recipe",
         "settings",
         "config",
