@@ -96,7 +96,7 @@ def build_meta_model(trial: TrialConfig) -> Aurora:
         unfrozen_blocks=trial.unfrozen_blocks, train_input=trial.target_input_lr > 0,
     )  # fmt: skip
     try:
-        model = copy.deepcopy(_meta_base(trial.base, trial.arch))
+        model = copy.deepcopy(meta_base(trial.base, trial.arch))
         with meta_device():
             apply_method(model, **method)
     except (RuntimeError, NotImplementedError, ValueError):
@@ -108,7 +108,7 @@ def build_meta_model(trial: TrialConfig) -> Aurora:
 
 
 @functools.lru_cache(maxsize=8)
-def _meta_base(base: str, arch: tuple = ()) -> Aurora:
+def meta_base(base: str, arch: tuple = ()) -> Aurora:
     """The base model with tp on the meta device, built once: its weight initialisation runs
     through torch's meta decompositions and took 0.6 s of each trial's estimate; a copy takes
     a few milliseconds."""

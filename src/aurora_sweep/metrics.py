@@ -246,8 +246,7 @@ def tp_scores(
     out: dict[str, float] = {}
     terms: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for suffix, values in forecasts.items():
-        scores_, terms[suffix] = _scores_of(objective, suffix, _take(keep, values), kept,
-                                            references)  # fmt: skip
+        scores_, terms[suffix] = _scores_of(objective, suffix, values, keep, kept, references)
         out.update({f"{name}{suffix}": v for name, v in scores_.items()})
     if terms_out is not None:
         terms_out["num"], terms_out["den"] = (_spread(keep, t) for t in terms[""])
@@ -259,15 +258,21 @@ def tp_scores(
 
 
 def _scores_of(
-    objective: str, suffix: str, values: np.ndarray, kept: dict, references: dict | None
+    objective: str,
+    suffix: str,
+    values: np.ndarray,
+    keep: np.ndarray,
+    kept: dict,
+    references: dict | None,
 ) -> tuple[dict[str, float], tuple[np.ndarray, np.ndarray]]:
-    """One forecast's scores and objective terms on the kept samples; a baseline's (`suffix`
-    not "") from `references` when scored before, and kept there otherwise."""
+    """One forecast's scores and objective terms on the `keep` samples (`kept`: the inputs
+    already cut to them); a baseline's (`suffix` not "") from `references` when scored before,
+    and kept there otherwise."""
     if suffix and references is not None and suffix in references:
-        return references[suffix]  # the same baselines, scored before
+        return references[suffix]  # the same baselines, scored before: nothing to cut
     k = kept
-    result = _all_scores(objective, values, k["observed"], k["lat"], k["months"], k["hours"],
-                         k["seeps"])  # fmt: skip
+    result = _all_scores(objective, _take(keep, values), k["observed"], k["lat"], k["months"],
+                         k["hours"], k["seeps"])  # fmt: skip
     if suffix and references is not None:
         references[suffix] = result
     return result

@@ -88,7 +88,7 @@ class TrialConfig:
     val_samples: int
     weight_decay: float
     seed: int
-    #: the fine-tuning recipe (`model.METHODS`); adapters from before methods existed are LoRA
+    #: the fine-tuning recipe (`METHODS`); adapters from before methods existed are LoRA
     method: str = "lora"
     #: the new variable's weight in Aurora's loss, and its error ("mae" or "mse")
     target_weight: float = 1.0

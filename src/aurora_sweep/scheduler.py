@@ -162,8 +162,9 @@ class Sweep:
     def settle(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         """After each trial of this process: count failures in a row, and stop the run after
         `max_failures` of them (a study that cannot succeed must not spin)."""
-        error = TrialRecord.of(trial).error
-        if trial.state == optuna.trial.TrialState.FAIL and error is not None:
+        failed = trial.state == optuna.trial.TrialState.FAIL
+        error = TrialRecord.of(trial).error if failed else None
+        if error is not None:
             with self.lock:
                 self.failures_in_a_row += 1
                 if self.failures_in_a_row < self.config.max_failures or self.stop.is_set():

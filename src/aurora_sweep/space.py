@@ -152,8 +152,8 @@ def enqueue_references(study: optuna.Study, config: StudyConfig) -> list[str]:
 
 def check_search(config: StudyConfig) -> None:
     """Refuse, before anything is recorded, a search the base model cannot run."""
-    from aurora_sweep.meta import meta_device
-    from aurora_sweep.model import backbone_blocks, build_base
+    from aurora_sweep.meta import meta_base
+    from aurora_sweep.model import backbone_blocks
 
     check_region_size(config.data.region, config.data.grid)
     s = config.search
@@ -165,8 +165,8 @@ def check_search(config: StudyConfig) -> None:
     for base in config.bases:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with meta_device():
-                model = build_base(base, tp_stats=(0.0, 1.0), arch=config.model.arch_for(base))
+            # the base the memory estimate copies for every trial, built once for both
+            model = meta_base(base, config.model.arch_for(base))
         depth = len(backbone_blocks(model))
         for key, n in asks:
             if n > depth:
