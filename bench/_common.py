@@ -12,6 +12,7 @@ import warnings
 
 import torch
 
+from aurora_sweep.memory import cpu_live_peak_bytes  # noqa: F401 - the benches' import
 from aurora_sweep.model import apply_method, build_base, init_new_variable, set_precision
 from aurora_sweep.recipe import TrialConfig
 
@@ -59,25 +60,6 @@ def build_random_trial_model(trial: TrialConfig):
         unfrozen_blocks=trial.unfrozen_blocks, train_input=trial.target_input_lr > 0,
     )  # fmt: skip
     set_precision(model, trial.precision)
-    if trial.activation_checkpointing:
-        model.configure_activation_checkpointing()
+    if trial.checkpointed:
+        model.configure_activation_checkpointing(trial.checkpointed)
     return trained, model
-
-
-def cpu_live_peak_bytes(fn) -> int:
-    """Peak growth of live CPU tensor memory while `fn()` runs (torch profiler memory events).
-
-    Counts every allocation torch makes (activations, recomputation under checkpointing,
-    gradients, temporaries) and every free, in order; the CPU analogue of
-    `torch.cuda.max_memory_allocated` minus what was allocated before.
-    """
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    live = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak

@@ -21,6 +21,8 @@ inputs) and the process's resident-set growth (noisy: the CPU allocator keeps fr
     .venv/bin/python bench/bench_memory.py --device cpu --reduced    # a few minutes on 2 cores
     .venv/bin/python bench/bench_memory.py --device cuda              # the full grid on a GPU
     .venv/bin/python bench/bench_memory.py --reduced --methods-only --methods lora,head  # quick
+    .venv/bin/python bench/bench_memory.py --device cpu --levers --steps 1   # tiles, accumulation
+    .venv/bin/python bench/bench_memory.py --device cpu --checkpoint-sets --steps 2  # "auto"
     .venv/bin/python bench/bench_memory.py --device cpu --reduced --methods-only \
         --base pretrained --methods lora,rslora,dora,head,blocks   # AuroraPretrained, 1.3 B
 
@@ -56,12 +58,15 @@ from _common import (
 
 from aurora_sweep import memory  # noqa: E402
 from aurora_sweep.bases import BASES  # noqa: E402
+from aurora_sweep.loss import combine, loss_terms  # noqa: E402
 from aurora_sweep.recipe import (  # noqa: E402
+    AUTO_CHECKPOINTING,
     LORA_METHODS,
     METHODS,
     TrialConfig,  # noqa: E402
 )
 from aurora_sweep.tiles import tile_side  # noqa: E402
+from aurora_sweep.trace import synthetic_sample  # noqa: E402
 from aurora_sweep.train import PeakMemory  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,6 +87,7 @@ class BenchConfig:
     checkpointing: bool = False
     tile: int = 0  # points a side each step trains on (0: the whole grid)
     accumulate: int = 1  # micro-batches of `batch` per optimiser step
+    modules: tuple[str, ...] = ()  # the module classes checkpointed (): Aurora's whole set
 
 
 def method_configs(precision: str) -> list[BenchConfig]:
@@ -162,6 +168,17 @@ def lever_configs() -> list[BenchConfig]:
     ]
 
 
+def checkpointing_configs() -> list[BenchConfig]:
+    """What "auto" checkpointing chooses from (`recipe.AUTO_CHECKPOINTING`, least recomputation
+    first), LoRA r8 on qkv+proj, fp32, batch 1: peak against step time."""
+    names = ["no checkpointing", "ckpt: blocks", "ckpt: blocks + encoder/decoder",
+             "ckpt: Aurora's whole set"]  # fmt: skip
+    return [
+        BenchConfig(name, precision="fp32", checkpointing=bool(modules), modules=modules)
+        for name, modules in zip(names, AUTO_CHECKPOINTING, strict=True)
+    ]
+
+
 def configs(
     reduced: bool, methods: tuple[str, ...] = METHODS, grid: bool = True
 ) -> list[BenchConfig]:
@@ -180,7 +197,7 @@ def trial_for(
         base=base, method=cfg.method, lora_rank=cfg.rank, lora_targets=cfg.targets,
         unfrozen_blocks=cfg.unfrozen, batch_size=cfg.batch, precision=cfg.precision,
         activation_checkpointing=cfg.checkpointing, levels=levels, tile=cfg.tile,
-        accumulate=cfg.accumulate,
+        accumulate=cfg.accumulate, checkpoint_modules=cfg.modules,
     )  # fmt: skip
 
 
@@ -191,10 +208,11 @@ def predict(
     levels: tuple[int, ...],
     device: str,
     base: str = "small-pretrained",
+    how: str = "fitted",
 ) -> memory.MemoryEstimate:
     """What a study would predict for this config (`memory.estimate_peak`)."""
     return memory.estimate_peak(
-        trial_for(cfg, levels, base), grid=grid, levels=len(levels), device=device
+        trial_for(cfg, levels, base), grid=grid, levels=len(levels), device=device, how=how
     )
 
 
@@ -212,15 +230,17 @@ def measure(
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(params, lr=1e-5)
     grid = tile_side(cfg.tile, grid)  # a tiled step sees its tile only
-    batch = memory.synthetic_batch(batch_size=cfg.batch, grid=grid, levels=levels).to(device)
+    # a trial's step: Aurora's loss over every variable (`trace` traces the same step)
+    batch, target, spec = synthetic_sample(trial_for(cfg, levels, base), grid, len(levels))
+    batch = batch.to(device)
+    target = {k: v.to(device) for k, v in target.items()}
     n_params = sum(p.numel() for p in peft_model.parameters())
     n_train = sum(p.numel() for p in params)
 
     def step() -> None:
         optimiser.zero_grad(set_to_none=True)
         for _ in range(cfg.accumulate):  # micro-batches' gradients add up, as in a trial
-            pred = peft_model(batch)
-            loss = pred.surf_vars["tp"].float().pow(2).mean() / cfg.accumulate
+            loss = combine(spec, loss_terms(spec, peft_model(batch), target)) / cfg.accumulate
             loss.backward()
         optimiser.step()
 
@@ -271,15 +291,19 @@ def device_slug(device: torch.device) -> str:
 
 def markdown(rows: list[dict], header: str) -> str:
     cpu = "saved_activation_bytes" in rows[0]
-    cols = ["config", "method", "trainable", "step s", "samples/s", "predicted MiB"]
-    cols += ["measured MiB", "rel. error"]
+    cols = ["config", "method", "trainable", "step s", "samples/s", "measured MiB"]
+    cols += ["fitted MiB", "fitted error", "traced MiB", "traced error"]
     cols += ["saved act. MiB", "RSS delta MiB"] if cpu else ["reserved MiB"]
     lines = [header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cells = [
             r["name"], r["method"], f"{r['trainable'] / 1e6:.2f} M",
             f"{r['step_seconds']:.2f}", f"{r['samples_per_second']:.2f}",
-            f"{r['predicted_bytes'] / MIB:.0f}", f"{r['measured_bytes'] / MIB:.0f}", f"{r['relative_error']:+.1%}",
+            f"{r['measured_bytes'] / MIB:.0f}",
+            f"{r['predicted_bytes'] / MIB:.0f}", f"{r['relative_error']:+.1%}",
+            f"{r['traced_bytes'] / MIB:.0f}"
+            + ("" if r["traced_method"] == "traced" else " (trace failed: fitted)"),
+            f"{r['traced_error']:+.1%}",
         ]  # fmt: skip
         if cpu:
             cells += [
@@ -335,6 +359,11 @@ def main() -> None:
         action="store_true",
         help="tiles of 96 and 64 against the whole region, batch 4 against 4 x accumulated 1",
     )
+    parser.add_argument(
+        "--checkpoint-sets",
+        action="store_true",
+        help='what "auto" checkpointing chooses from: peak and step time of each set',
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -348,13 +377,17 @@ def main() -> None:
     steps = args.steps or (2 if args.reduced else 5)
 
     rows = []
-    todo = (
-        lever_configs()
-        if args.levers
-        else configs(args.reduced, args.methods, not args.methods_only)
-    )
+    if args.levers:
+        todo = lever_configs()
+    elif args.checkpoint_sets:
+        todo = checkpointing_configs()
+    else:
+        todo = configs(args.reduced, args.methods, not args.methods_only)
     for cfg in todo:
         est = predict(cfg, grid=grid, levels=levels, device=device.type, base=args.base)
+        traced = predict(
+            cfg, grid=grid, levels=levels, device=device.type, base=args.base, how="traced"
+        )
         # each config in a process of its own: a 1.3 B model's 5 GB must not outlive its row
         with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
             m = pool.submit(
@@ -368,12 +401,16 @@ def main() -> None:
                 "predicted_parts": est.parts,
                 # the estimate counts trainable parameters on its own (meta) build
                 "predicted_trainable": est.parts["gradients"] // memory.FP32,
+                "traced_bytes": traced.total_bytes,
+                "traced_method": traced.method,
+                "traced_parts": traced.parts,
             }
         )
         row["relative_error"] = est.total_bytes / m["measured_bytes"] - 1
+        row["traced_error"] = traced.total_bytes / m["measured_bytes"] - 1
         rows.append(row)
         print(
-            f"{cfg.name:40s} {m['trainable'] / 1e6:7.2f} M trained  {m['step_seconds']:6.2f} s  predicted {est.megabytes:8.0f} MiB  measured {m['measured_bytes'] / MIB:8.0f} MiB  ({row['relative_error']:+.1%})",
+            f"{cfg.name:40s} {m['trainable'] / 1e6:7.2f} M trained  {m['step_seconds']:6.2f} s  predicted {est.megabytes:8.0f} MiB  measured {m['measured_bytes'] / MIB:8.0f} MiB  ({row['relative_error']:+.1%})  traced {traced.megabytes:8.0f} MiB ({row['traced_error']:+.1%})",
             flush=True,
         )
         if row["predicted_trainable"] != m["trainable"]:
@@ -385,7 +422,7 @@ def main() -> None:
 
     slug = device_slug(device)
     tag = ("" if args.base == "small-pretrained" else f"-{args.base}") + (
-        "-levers" if args.levers else ""
+        "-levers" if args.levers else "-checkpointing" if args.checkpoint_sets else ""
     )
     stem = f"{slug}{tag}-{dt.date.today()}{'-reduced' if args.reduced else ''}"
     args.out.mkdir(parents=True, exist_ok=True)
@@ -414,7 +451,10 @@ def main() -> None:
     if device.type == "cpu":
         header += (
             "\n\nOn a CPU, measured = weights + AdamW state + last step's gradients + inputs + the "
-            "peak growth of live tensor memory during one step (torch profiler allocation events). "
+            "peak growth of live tensor memory during one step (torch profiler allocation events), "
+            "the step a trial takes (Aurora's loss over every variable). Fitted: "
+            '`memory.estimate_peak(how="fitted")`; traced: the same step run on fake tensors '
+            '(`how="traced"`, `aurora_sweep.trace`). '
             "Saved act.: bytes saved for backward in one forward (with checkpointing only the "
             "checkpoint inputs). RSS delta: the process's resident-set growth over the timed steps "
             "(the CPU allocator keeps and reuses freed memory)."

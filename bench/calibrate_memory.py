@@ -28,7 +28,7 @@ from scipy.optimize import nnls
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import build_random_trial_model, trial_config  # noqa: E402
 
-from aurora_sweep import memory, meta  # noqa: E402
+from aurora_sweep import memory, meta, trace  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LEVELS = (250, 500, 700, 850)
@@ -87,7 +87,7 @@ def measure(cfg: dict) -> int:
         levels=LEVELS[: cfg["levels"]],
     )
     peft_model, _ = build_random_trial_model(trial)
-    batch = memory.synthetic_batch(
+    batch = trace.synthetic_batch(
         batch_size=trial.batch_size, grid=tuple(cfg["grid"]), levels=trial.levels
     )
     with memory.saved_tensor_bytes(peft_model) as saved:

@@ -130,3 +130,62 @@ def test_a_trial_trains_on_tiles_and_its_estimate_follows_the_tile(tiny_config):
     whole = memory.estimate_peak(tiny_lora_trial(), grid=grid, levels=3)
     tiled = memory.estimate_peak(trial, grid=grid, levels=3)
     assert tiled.parts["activations"] < whole.parts["activations"]
+
+
+@pytest.mark.slow
+def test_a_capped_study_finds_feasible_recipes_through_tiles_and_auto_checkpointing(
+    tiny_config, monkeypatch
+):
+    """Every whole-region recipe without checkpointing is over the cap: the study trains the
+    tiled one and the "auto" one, which checkpoints only what the cap needs, and `best
+    --pareto` lists them."""
+    import dataclasses
+
+    import optuna
+    from typer.testing import CliRunner
+
+    from aurora_sweep.cli import app
+    from aurora_sweep.dataset import patch_crop
+    from aurora_sweep.recipe import AUTO_CHECKPOINTING
+    from aurora_sweep.records import TrialRecord
+    from aurora_sweep.space import sample_trial
+    from aurora_sweep.storage import open_study
+    from aurora_sweep.study import run_study
+
+    search = dataclasses.replace(
+        tiny_config.search, lora_rank=(2,), lora_targets=("qkv+proj",), unfrozen_blocks=(0,),
+        precision=("fp32",), activation_checkpointing=(False, "auto"), tile=(0, 12),
+    )  # fmt: skip
+    config = dataclasses.replace(tiny_config, search=search)
+    cube = open_store(config.data.store)
+    grid = patch_crop(cube.sizes["latitude"], cube.sizes["longitude"])
+    probe = sample_trial(optuna.create_study().ask(), config)
+    whole = dataclasses.replace(probe, activation_checkpointing=False, tile=0)
+    cap = memory.estimate_peak(whole, grid=grid, levels=3, how="traced").total_bytes - 1
+    config = dataclasses.replace(config, gpu_memory_cap=cap)
+    study = open_study(config, create=True)
+    for ckpt, tile in [(False, 0), (False, 12), ("auto", 0)]:
+        study.enqueue_trial({"activation_checkpointing": ckpt, "tile": tile})
+    run_study(config, trials=3)
+    trials = open_study(config, create=False).trials
+    by = {(t.params["activation_checkpointing"], t.params["tile"]): t for t in trials}
+    assert by[False, 0].state == optuna.trial.TrialState.PRUNED  # over the cap, never trained
+    assert TrialRecord.of(by[False, 0]).memory_over_cap_mb > 0
+    for key in [(False, 12), ("auto", 0)]:
+        assert by[key].state == optuna.trial.TrialState.COMPLETE
+        assert TrialRecord.of(by[key]).predicted_peak_mb * memory.MIB <= cap
+    planned = TrialRecord.of(by["auto", 0]).config
+    assert planned["activation_checkpointing"] is True
+    assert tuple(planned["checkpoint_modules"]) == AUTO_CHECKPOINTING[1]  # the blocks suffice
+
+    path = config.path.parent / "capped.toml"
+    text = config.path.read_text().replace("[search]", "[resources]\n"
+                                           f"gpu_memory_cap = {cap}\n\n[search]")  # fmt: skip
+    text = text.replace("activation_checkpointing = [false, true]",
+                        'activation_checkpointing = [false, "auto"]\ntile = [0, 12]')  # fmt: skip
+    path.write_text(text)
+    monkeypatch.chdir(config.workdir)
+    result = CliRunner().invoke(app, ["best", "--config", str(path), "--pareto"])
+    assert result.exit_code == 0, result.output
+    assert "Pareto front" in result.output
+    assert "ckpt:blocks" in result.output and "tile12" in result.output  # both feasible ones

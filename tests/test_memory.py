@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from aurora_sweep import memory
+from aurora_sweep import memory, trace
 from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.meta import Architecture, architecture, build_meta_model, count_params
 from aurora_sweep.model import apply_lora, apply_method, build_base, set_precision, set_trainable
@@ -126,7 +126,7 @@ def measured_activations(t: TrialConfig, grid: tuple[int, int]) -> int:
         unfrozen_blocks=t.unfrozen_blocks, train_input=t.target_input_lr > 0,
     )  # fmt: skip
     set_precision(model, t.precision)
-    batch = memory.synthetic_batch(batch_size=t.batch_size, grid=grid, levels=t.levels)
+    batch = trace.synthetic_batch(batch_size=t.batch_size, grid=grid, levels=t.levels)
     with memory.saved_tensor_bytes(trained) as saved:
         trained(batch)
     return saved["bytes"]

@@ -21,7 +21,6 @@ from aurora_sweep.recipe import (
     BASE_MODELS,
     DATA_SOURCES,
     LEADS,
-    LORA_MODULES,
     METHODS,
     OPTIMIZERS,
     PRECISIONS,
@@ -40,8 +39,12 @@ from aurora_sweep.settings import (
     as_whole,
     check_region,
     check_space,
+    checkpointing_choices,
+    choices,
     data_levels,
+    lora_target_choices,
     lr_range,
+    memory_estimate,
     nearest,
     parse_memory,
     per_base_table,
@@ -125,7 +128,8 @@ class SearchSpace:
     batch_size: tuple[int, ...] = (1,)
     precision: tuple[str, ...] = ("bf16",)
     learning_rate: tuple[float, float] | None = None  # None: [train] learning_rate, fixed
-    activation_checkpointing: tuple[bool, ...] = (False,)
+    #: true, false or "auto" (the least recomputation that fits the cap, `memory`)
+    activation_checkpointing: tuple[bool | str, ...] = (False,)
     #: the new variable's weight in Aurora's loss (`loss.py`), and its error
     target_weight: tuple[float, ...] = (1.0,)
     loss: tuple[str, ...] = ("mae",)
@@ -180,6 +184,9 @@ class StudyConfig:
     max_failures: int = 5
     #: The lead the objective is scored at, in model steps of 6 h (1: 6 h, 2: 12 h, 4: 24 h).
     lead_steps: int = 1
+    #: How a trial's peak is predicted (`memory.estimate_peak`): "traced" runs its step on
+    #: fake tensors, "fitted" adds up coefficients; "auto" traces where a cap decides what runs.
+    memory_estimate: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.objectives:
@@ -196,51 +203,22 @@ class StudyConfig:
         return self.objectives[1] if len(self.objectives) > 1 else None
 
     @property
+    def estimate_how(self) -> str:
+        """`memory.estimate_peak`'s `how` for this study's trials."""
+        if self.memory_estimate == "auto":
+            return "traced" if self.gpu_memory_cap else "fitted"
+        return self.memory_estimate
+
+    @property
     def bases(self) -> tuple[str, ...]:
         """The bases trials adapt: `[search] base`, or `[model] base` alone."""
         return self.search.base or (self.model.base,)
 
 
 def _choices(table: dict, key: str, kind: type, allowed: tuple = ()) -> tuple:
-    """A [search] list of choices of `kind` (each among `allowed`), SearchSpace's default
-    when the file does not give it."""
-    value = table.get(key, list(_default(SearchSpace, key)))
-    if not isinstance(value, list):
-        value = [value]
-    if not value:
-        raise AuroraSweepError(f"[search] {key}: give at least one choice")
-    for v in value:
-        if kind is int and (isinstance(v, bool) or not isinstance(v, int)):
-            raise AuroraSweepError(f"[search] {key}: {v!r} is not an integer")
-        if kind is bool and not isinstance(v, bool):
-            raise AuroraSweepError(f"[search] {key}: {v!r} is not true or false")
-        if kind is str and not isinstance(v, str):
-            raise AuroraSweepError(f"[search] {key}: {v!r} is not a string")
-        if kind is float and (isinstance(v, bool) or not isinstance(v, int | float)):
-            raise AuroraSweepError(f"[search] {key}: {v!r} is not a number")
-        if allowed and v not in allowed:
-            raise AuroraSweepError(
-                f"[search] {key}: {v!r} is not one of {', '.join(map(str, allowed))}"
-            )
-    return tuple(float(v) for v in value) if kind is float else tuple(value)
-
-
-def _lora_targets(table: dict) -> tuple[str, ...]:
-    value = table.get("lora_targets", list(_default(SearchSpace, "lora_targets")))
-    if not isinstance(value, list) or not value:
-        raise AuroraSweepError(
-            "[search] lora_targets: give a list such as ['qkv+proj', 'qkv+proj+fc1+fc2']"
-        )
-    out = []
-    for v in value:
-        parts = v.split("+") if isinstance(v, str) else v
-        if not parts or any(p not in LORA_MODULES for p in parts):
-            raise AuroraSweepError(
-                f"[search] lora_targets: {v!r} names a module outside {', '.join(LORA_MODULES)};"
-                " join several with '+', e.g. 'qkv+proj'"
-            )
-        out.append("+".join(p for p in LORA_MODULES if p in parts))
-    return tuple(out)
+    """A [search] list of choices (`settings.choices`), SearchSpace's default when the file
+    does not give it."""
+    return choices(table.get(key, list(_default(SearchSpace, key))), key, kind, allowed)
 
 
 def load_config(path: str | Path | None = None, *, workdir: Path | None = None) -> StudyConfig:
@@ -276,7 +254,7 @@ SCHEMA: dict[str, tuple[str, ...]] = {
     "model": tuple(f.name for f in fields(ModelConfig)),
     "train": tuple(f.name for f in fields(TrainConfig)),
     "search": tuple(f.name for f in fields(SearchSpace)),
-    "resources": ("gpu_memory_cap",),
+    "resources": ("gpu_memory_cap", "memory_estimate"),
 }  # fmt: skip
 REGION_KEYS = ("north", "south", "west", "east")
 
@@ -345,6 +323,7 @@ def _build(raw: dict, path: Path, workdir: Path) -> StudyConfig:
         storage=storage_url(study.get("storage") or f"sqlite:///{name}.optuna.db", workdir),
         tracking_uri=tracking_url(study.get("tracking_uri"), workdir),
         gpu_memory_cap=parse_memory(cap) if cap is not None else None,
+        memory_estimate=memory_estimate(resources),
         sampler_seed=as_whole(study.get("seed", 0), "[study] seed"),
         data=_data_config(raw["data"], name, workdir),
         model=model,
@@ -459,12 +438,18 @@ def _search_space(search: dict) -> SearchSpace:
         method=_choices(search, "method", str, METHODS),
         blocks=_choices(search, "blocks", int),
         lora_rank=_choices(search, "lora_rank", int),
-        lora_targets=_lora_targets(search),
+        lora_targets=lora_target_choices(
+            search.get("lora_targets", list(_default(SearchSpace, "lora_targets")))
+        ),
         unfrozen_blocks=_choices(search, "unfrozen_blocks", int),
         batch_size=_choices(search, "batch_size", int),
         precision=_choices(search, "precision", str, PRECISIONS),
         learning_rate=lr_range(search.get("learning_rate")),
-        activation_checkpointing=_choices(search, "activation_checkpointing", bool),
+        activation_checkpointing=checkpointing_choices(
+            search.get(
+                "activation_checkpointing", list(_default(SearchSpace, "activation_checkpointing"))
+            )
+        ),
         target_weight=_choices(search, "target_weight", float),
         loss=_choices(search, "loss", str, TP_LOSSES),
         target_input_lr=_choices(search, "target_input_lr", float),

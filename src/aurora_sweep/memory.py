@@ -34,9 +34,9 @@ saved-tensor measurements (see `saved_tensor_bytes` and bench/calibrate_memory.p
 
 from __future__ import annotations
 
-import datetime as dt
+import dataclasses
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -53,10 +53,10 @@ from aurora_sweep.meta import (
     architecture,
     build_meta_model,
 )
-from aurora_sweep.recipe import TrialConfig
+from aurora_sweep.recipe import AURORA_CHECKPOINTING, AUTO_CHECKPOINTING, TrialConfig
 
 if TYPE_CHECKING:
-    from aurora import Batch
+    pass
 
 FP32 = 4
 # the variables of a trial's batch, under Aurora's names
@@ -115,6 +115,10 @@ class MemoryEstimate:
 
     total_bytes: int
     parts: dict[str, int]
+    #: "traced" (`trace`: the trial's step run on fake tensors) or "fitted" (the coefficients
+    #: below); `note` says why a trace fell back to the fit
+    method: str = "fitted"
+    note: str = ""
 
     @property
     def megabytes(self) -> float:
@@ -236,6 +240,7 @@ def estimate_from_architecture(
     checkpointing: bool,
     device: str = "cuda",
     optimizer: str = "adamw",
+    note: str = "",
 ) -> MemoryEstimate:
     """`estimate_peak` for an architecture already read (reuse it across a grid of configs)."""
     p = arch.params
@@ -258,24 +263,42 @@ def estimate_from_architecture(
     # denominator) after backward has freed the activations: it raises the peak only where it is
     # larger than them (a full fine-tune; measured on the CPU, bench/bench_memory.py)
     parts["optimizer_step"] = max(0, FP32 * p.trainable - parts["activations"])
+    return _with_overhead(parts, device, method="fitted", note=note)
+
+
+def _with_overhead(parts: dict[str, int], device: str, *, method: str, note: str = ""):
+    """The estimate of tensor bytes `parts`, with the CUDA workspace and allocator slack."""
+    parts = dict(parts)
     overhead = 0
     if device.startswith("cuda"):
         overhead = CUDA_WORKSPACE_BYTES + int(CUDA_ALLOCATOR_SLACK * sum(parts.values()))
     parts["overhead"] = overhead
-    return MemoryEstimate(total_bytes=sum(parts.values()), parts=parts)
+    return MemoryEstimate(sum(parts.values()), parts, method=method, note=note)
+
+
+#: How `estimate_peak` predicts: by tracing the step, or from the fitted coefficients.
+ESTIMATES = ("traced", "fitted")
 
 
 def estimate_peak(
-    trial: TrialConfig, *, grid: tuple[int, int], levels: int, device: str = "cuda"
+    trial: TrialConfig,
+    *,
+    grid: tuple[int, int],
+    levels: int,
+    device: str = "cuda",
+    how: str = "fitted",
 ) -> MemoryEstimate:
     """Predicted peak memory of one training step of `trial` on `grid` with `levels` levels.
 
     Args:
         trial: the trial's configuration (base, LoRA, freezing, batch size, precision,
-            checkpointing).
+            checkpointing, tile, accumulation, optimiser).
         grid: (lat, lon) points of a sample before Aurora's patch crop.
         levels: number of pressure levels.
         device: "cuda" adds the CUDA workspace and allocator slack; "cpu" does not.
+        how: "traced" runs the step on fake tensors (`trace`: exact for any base and recipe,
+            seconds per structure), falling back to the fit where the trace fails; "fitted"
+            adds up the coefficients (milliseconds).
     """
     if grid[1] % 4 or grid[0] % 4 > 1:
         raise AuroraSweepError(
@@ -286,6 +309,15 @@ def estimate_peak(
         from aurora_sweep.tiles import tile_side
 
         grid = tile_side(trial.tile, grid)
+    note = ""
+    if how == "traced":
+        from aurora_sweep.trace import TraceFailed, traced_peak
+
+        try:
+            traced = traced_peak(trial, grid=grid, levels=levels, device=device)
+            return _with_overhead(traced.parts, device, method="traced")
+        except TraceFailed as e:
+            note = f"the trace failed ({e}); fitted instead"
     arch = _architecture(
         trial.base, trial.lora_rank, trial.lora_targets, trial.unfrozen_blocks, grid, trial.method,
         trial.target_input_lr > 0, trial.arch,
@@ -296,9 +328,10 @@ def estimate_peak(
         levels=levels,
         batch_size=trial.batch_size,
         precision=trial.precision,
-        checkpointing=trial.activation_checkpointing,
+        checkpointing=bool(trial.checkpointed),  # the fit knows Aurora's whole set only
         device=device,
         optimizer=trial.optimizer,
+        note=note,
     )
 
 
@@ -322,6 +355,36 @@ def _architecture(
         method=method, target_input_lr=1.0 if train_input else 0.0,
     )  # fmt: skip
     return architecture(build_meta_model(shape), grid=grid)
+
+
+def plan_checkpointing(
+    trial: TrialConfig,
+    *,
+    grid: tuple[int, int],
+    levels: int,
+    cap_bytes: int | None,
+    how: str = "fitted",
+    device: str = "cuda",
+) -> tuple[TrialConfig, MemoryEstimate]:
+    """`trial` with "auto" checkpointing made concrete, and its estimate; any other trial as it
+    is, with its estimate.
+
+    "auto" takes the first set of `AUTO_CHECKPOINTING` (least recomputation first) whose
+    estimate fits the cap: none without a cap. When none fits, Aurora's whole set, the least
+    memory, which the cap then refuses. The fitted estimate knows only no checkpointing and
+    Aurora's whole set, so only a traced one chooses the sets between them.
+    """
+    if trial.activation_checkpointing != "auto":
+        return trial, estimate_peak(trial, grid=grid, levels=levels, device=device, how=how)
+    candidates = AUTO_CHECKPOINTING if how == "traced" else ((), AURORA_CHECKPOINTING)
+    for modules in candidates:
+        planned = dataclasses.replace(
+            trial, activation_checkpointing=bool(modules), checkpoint_modules=modules
+        )
+        estimate = estimate_peak(planned, grid=grid, levels=levels, device=device, how=how)
+        if cap_bytes is None or estimate.total_bytes <= cap_bytes:
+            break
+    return planned, estimate
 
 
 def check_cap(estimate: MemoryEstimate, cap_bytes: int | None) -> float:
@@ -350,29 +413,6 @@ def cuda_memory_fraction(cap_bytes: int, device_total_bytes: int) -> float:
     return cap_bytes / device_total_bytes
 
 
-def synthetic_batch(*, batch_size: int, grid: tuple[int, int], levels: tuple[int, ...]) -> Batch:
-    """A random batch of the given shape, for measuring memory (values do not matter)."""
-    from aurora import Batch, Metadata
-
-    gen = torch.Generator().manual_seed(0)
-    h, w = grid
-
-    def noise(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen)
-
-    return Batch(
-        surf_vars={k: noise(batch_size, 2, h, w) for k in SURF_VARS},
-        static_vars={k: noise(h, w) for k in STATIC_VARS},
-        atmos_vars={k: noise(batch_size, 2, len(levels), h, w) for k in ATMOS_VARS},
-        metadata=Metadata(
-            lat=torch.linspace(70.0, 70.0 - 0.25 * (h - 1), h, dtype=torch.float64),
-            lon=torch.arange(w, dtype=torch.float64) * 0.25,
-            time=(dt.datetime(2022, 1, 1, 6),) * batch_size,
-            atmos_levels=tuple(levels),
-        ),
-    )
-
-
 @contextmanager
 def saved_tensor_bytes(model: torch.nn.Module) -> Iterator[dict[str, int]]:
     """Count the bytes autograd saves for backward inside the block (activation memory).
@@ -397,3 +437,20 @@ def saved_tensor_bytes(model: torch.nn.Module) -> Iterator[dict[str, int]]:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         yield result
     result["bytes"] = sum(storages.values())
+
+
+def cpu_live_peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak of live CPU tensor memory while `fn()` runs, over what was alive before (torch
+    profiler memory events): every allocation torch makes (activations, recomputation under
+    checkpointing, gradients, temporaries) and every free, in order; the CPU analogue of
+    `torch.cuda.max_memory_allocated` minus what was allocated before."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak

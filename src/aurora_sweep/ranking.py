@@ -221,9 +221,28 @@ def recipe(trial: optuna.trial.FrozenTrial) -> str:
         f"b{c['batch_size']}" if "batch_size" in c else "",
         str(c.get("precision", "")),
         f"lr{c['learning_rate']:.1e}" if "learning_rate" in c else "",
-        "ckpt" if c.get("activation_checkpointing") else "",
+        _checkpointing_word(c),
+        f"tile{c['tile']}" if c.get("tile") else "",
+        f"x{c['accumulate']}" if c.get("accumulate", 1) > 1 else "",
+        "adafactor" if c.get("optimizer") == "adafactor" else "",
     ]
     return " ".join(w for w in words if w)
+
+
+def _checkpointing_word(c: dict) -> str:
+    """'ckpt' for Aurora's whole set, 'ckpt:blocks' or 'ckpt:blocks+io' for the lighter sets
+    "auto" may choose, 'ckpt-auto' for a trial not yet planned."""
+    from aurora_sweep.recipe import AURORA_CHECKPOINTING, AUTO_CHECKPOINTING
+
+    on = c.get("activation_checkpointing")
+    if on == "auto":
+        return "ckpt-auto"
+    if on is not True:
+        return ""
+    names = {(): "ckpt", AURORA_CHECKPOINTING: "ckpt", AUTO_CHECKPOINTING[1]: "ckpt:blocks",
+             AUTO_CHECKPOINTING[2]: "ckpt:blocks+io"}  # fmt: skip
+    modules = tuple(c.get("checkpoint_modules") or ())
+    return names.get(modules, "ckpt:" + "+".join(modules))
 
 
 def against_references(config: StudyConfig, trials: list[optuna.trial.FrozenTrial]) -> list[str]:

@@ -68,6 +68,24 @@ TP_LOSSES = ("mae", "mse")
 #: its backbone halves the patch grid twice, which needs at least 2 rows (and columns) of patches
 #: before the last halving: 3 patches, 12 points (after cropping to whole patches).
 MIN_GRID_POINTS = 12
+#: The Aurora modules `configure_activation_checkpointing` wraps by default: every unit, nested
+#: (the backbone, its layers and their blocks, the encoder and decoder), the least memory and
+#: the most recomputation (each block's forward runs four times in a step).
+AURORA_CHECKPOINTING = (
+    "Basic3DDecoderLayer", "Basic3DEncoderLayer", "LinearPatchReconstruction",
+    "Perceiver3DDecoder", "Perceiver3DEncoder", "Swin3DTransformerBackbone",
+    "Swin3DTransformerBlock",
+)  # fmt: skip
+#: What `activation_checkpointing = "auto"` chooses from, least recomputation first: nothing;
+#: every Swin block (its forward runs twice); the blocks, the encoder and the decoder; Aurora's
+#: whole set. The first that fits the cap is the trial's.
+AUTO_CHECKPOINTING = (
+    (),
+    ("Swin3DTransformerBlock",),
+    ("LinearPatchReconstruction", "Perceiver3DDecoder", "Perceiver3DEncoder",
+     "Swin3DTransformerBlock"),
+    AURORA_CHECKPOINTING,
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -80,7 +98,7 @@ class TrialConfig:
     batch_size: int
     precision: str
     learning_rate: float
-    activation_checkpointing: bool
+    activation_checkpointing: bool | str  # True, False, or "auto" until the trial is planned
     base: str
     levels: tuple[int, ...]
     steps: int
@@ -108,6 +126,16 @@ class TrialConfig:
     optimizer: str = "adamw"
     #: points a side of the square each step trains on (`tiles`); 0: the whole region
     tile: int = 0
+    #: the Aurora module classes checkpointed when `activation_checkpointing` is on; () is
+    #: Aurora's whole set. "auto" (sampled) becomes True or False and a set before the trial runs
+    checkpoint_modules: tuple[str, ...] = ()
+
+    @property
+    def checkpointed(self) -> tuple[str, ...]:
+        """The module classes this trial checkpoints (none without checkpointing)."""
+        if self.activation_checkpointing is not True:
+            return ()
+        return self.checkpoint_modules or AURORA_CHECKPOINTING
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -121,4 +149,5 @@ class TrialConfig:
         d = {k: v for k, v in d.items() if k in names}
         d["levels"] = tuple(int(v) for v in d["levels"])
         d["arch"] = arch_overrides(d.get("arch") or {})
+        d["checkpoint_modules"] = tuple(d.get("checkpoint_modules") or ())
         return cls(**d)

@@ -201,16 +201,18 @@ class Sweep:
             # another process took the last slot in the same instant: give it back unused
             write_attrs(trial, surplus=True)
             raise Surplus(f"the study already holds or runs its {self.total} trials")
-        tc = sample_trial(trial, config)
-        # the whole recipe, sampled or not; the process, to tell later whether it was killed
-        write_attrs(trial, config=tc.to_dict(), **this_process())
+        # the process, to tell later whether it was killed; then the whole recipe, sampled or
+        # not, with its checkpointing planned
+        write_attrs(trial, **this_process())
+        tc, estimate = self.plan(sample_trial(trial, config))
+        write_attrs(trial, config=tc.to_dict())
         with trial_run(
             self.client, self.experiment, parent=self.parent, number=trial.number,
             tags={"host": socket.gethostname(), "device": worker.info.get("device", "")},
         ) as run:  # fmt: skip
             write_attrs(trial, mlflow_run_id=run.run_id, mlflow_parent_run_id=self.parent)
             run.log_params(tc.to_dict())
-            estimate = self.predict(trial, tc, run, recorder)
+            self.predict(trial, estimate, run, recorder)
             run.flush()  # the config is in MLflow while the trial trains
 
             def report(step: int, value: float) -> bool:
@@ -239,14 +241,26 @@ class Sweep:
             return value, scalars.get(config.cost, estimate.megabytes)
         return value
 
-    def predict(self, trial: optuna.Trial, tc, run, recorder: Recorder):
-        """The trial's predicted peak GPU memory, recorded; a prediction over the cap makes the
-        trial infeasible before it runs (raised)."""
-        from aurora_sweep.memory import MIB, check_cap, estimate_peak
+    def plan(self, tc):
+        """The trial's recipe with "auto" checkpointing made concrete (`memory`), and its
+        predicted peak GPU memory."""
+        from aurora_sweep.memory import plan_checkpointing
 
-        estimate = estimate_peak(tc, grid=self.grid, levels=len(tc.levels), device="cuda")
+        return plan_checkpointing(
+            tc, grid=self.grid, levels=len(tc.levels), cap_bytes=self.config.gpu_memory_cap,
+            how=self.config.estimate_how,
+        )  # fmt: skip
+
+    def predict(self, trial: optuna.Trial, estimate, run, recorder: Recorder) -> None:
+        """Record the trial's predicted peak GPU memory; a prediction over the cap makes the
+        trial infeasible before it runs (raised)."""
+        from aurora_sweep.memory import MIB, check_cap
+
         write_attrs(trial, predicted_peak_mb=estimate.megabytes)
         run.log_metrics({"predicted_peak_mb": estimate.megabytes})
+        run.log_params({"memory_estimate": estimate.method})
+        if estimate.note:
+            self.console.print(f"trial {trial.number:3d}  memory estimate: {estimate.note}")
         cap = self.config.gpu_memory_cap
         over = check_cap(estimate, cap)
         if over > 0:
@@ -255,7 +269,6 @@ class Sweep:
                 f"predicted peak {estimate.megabytes:.0f} MB exceeds the cap {cap / MIB:.0f} MB",
                 over, 0.0,
             )  # fmt: skip
-        return estimate
 
     def crashed(self, trial: optuna.Trial, e: WorkerCrashed, recorder: Recorder) -> BaseException:
         """The worker died under `trial`: a signal to this process group is an interrupt; a

@@ -22,6 +22,7 @@ from aurora_sweep.recipe import (
     BASE_MODELS,
     COSTS,
     LEADS,
+    LORA_MODULES,
     MIN_GRID_POINTS,
     OBJECTIVES,
 )
@@ -309,3 +310,69 @@ def check_space(space: Any) -> None:
         )
     if any(n < 1 for n in space.blocks):
         raise AuroraSweepError("[search] blocks (for the blocks method) must be 1 or more")
+
+
+def memory_estimate(resources: dict) -> str:
+    """[resources] memory_estimate: "auto", "traced" or "fitted" (`memory.estimate_peak`)."""
+    how = as_text(resources.get("memory_estimate", "auto"), "[resources] memory_estimate")
+    if how not in ("auto", "traced", "fitted"):
+        raise AuroraSweepError(
+            f'[resources] memory_estimate = {how!r}: use "auto" (trace where a cap is set), '
+            '"traced" or "fitted"'
+        )
+    return how
+
+
+def checkpointing_choices(value: Any) -> tuple[bool | str, ...]:
+    """[search] activation_checkpointing: true, false or "auto" (the least recomputation that
+    fits the cap, `memory.plan_checkpointing`), one or a list."""
+    value = value if isinstance(value, list) else [value]
+    if not value:
+        raise AuroraSweepError("[search] activation_checkpointing: give at least one choice")
+    for v in value:
+        if not isinstance(v, bool) and v != "auto":
+            raise AuroraSweepError(
+                f'[search] activation_checkpointing: {v!r} is not true, false or "auto"'
+            )
+    return tuple(value)
+
+
+def choices(value: Any, key: str, kind: type, allowed: tuple = ()) -> tuple:
+    """A [search] setting's choices: one value or a list, each of `kind` and among `allowed`."""
+    if not isinstance(value, list):
+        value = [value]
+    if not value:
+        raise AuroraSweepError(f"[search] {key}: give at least one choice")
+    for v in value:
+        if kind is int and (isinstance(v, bool) or not isinstance(v, int)):
+            raise AuroraSweepError(f"[search] {key}: {v!r} is not an integer")
+        if kind is bool and not isinstance(v, bool):
+            raise AuroraSweepError(f"[search] {key}: {v!r} is not true or false")
+        if kind is str and not isinstance(v, str):
+            raise AuroraSweepError(f"[search] {key}: {v!r} is not a string")
+        if kind is float and (isinstance(v, bool) or not isinstance(v, int | float)):
+            raise AuroraSweepError(f"[search] {key}: {v!r} is not a number")
+        if allowed and v not in allowed:
+            raise AuroraSweepError(
+                f"[search] {key}: {v!r} is not one of {', '.join(map(str, allowed))}"
+            )
+    return tuple(float(v) for v in value) if kind is float else tuple(value)
+
+
+def lora_target_choices(value: Any) -> tuple[str, ...]:
+    """[search] lora_targets: modules joined by '+', each among `recipe.LORA_MODULES`, put in
+    one order."""
+    if not isinstance(value, list) or not value:
+        raise AuroraSweepError(
+            "[search] lora_targets: give a list such as ['qkv+proj', 'qkv+proj+fc1+fc2']"
+        )
+    out = []
+    for v in value:
+        parts = v.split("+") if isinstance(v, str) else v
+        if not parts or any(p not in LORA_MODULES for p in parts):
+            raise AuroraSweepError(
+                f"[search] lora_targets: {v!r} names a module outside {', '.join(LORA_MODULES)};"
+                " join several with '+', e.g. 'qkv+proj'"
+            )
+        out.append("+".join(p for p in LORA_MODULES if p in parts))
+    return tuple(out)

@@ -289,8 +289,8 @@ def fit(
     spec = loss_spec(trial, data)
     with PeakMemory(device) as memory:
         peft_model, model, parts = build_trial_model(trial, data.tp, checkpoint)
-        if trial.activation_checkpointing:
-            model.configure_activation_checkpointing()
+        if trial.checkpointed:
+            model.configure_activation_checkpointing(trial.checkpointed)
         peft_model.to(device)
         step = _Step(trial, spec, peft_model, *_optimiser(trial, peft_model, model, parts), device)
         curves = _Curves(spec)
