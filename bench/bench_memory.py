@@ -12,7 +12,7 @@ parameters, measured and predicted peak memory.
 
 Measured peak: on CUDA `max_memory_allocated` / `max_memory_reserved` after
 `reset_peak_memory_stats`. On a CPU there is no allocator peak: it is what is alive when a step
-starts (weights, AdamW state, the last step's gradients, the batch) plus the peak growth of live
+starts (weights, AdamW state, the batch) plus the peak growth of live
 tensor memory during one step, from the torch profiler's allocation events (activations,
 recomputation under checkpointing, gradients, temporaries). Also reported: the bytes saved for
 backward in one forward (exact and the same on a GPU; with checkpointing only the checkpoint
@@ -254,10 +254,13 @@ def measure(
         rss0 = psutil.Process().memory_info().rss
     step()  # warm-up; allocates AdamW state
     if device.type == "cpu":
-        # weights, AdamW state, last step's gradients and the batch are alive when a step starts
+        # the profiler sees no free of what was allocated before it started: the last step's
+        # gradients go before it starts, so that the step's own are counted once
+        optimiser.zero_grad(set_to_none=True)
+        # weights, AdamW state and the batch are alive when a step starts
         at_start = (
             4 * n_params
-            + 12 * n_train
+            + 8 * n_train
             + memory.input_bytes(grid=grid, levels=len(levels), batch_size=cfg.batch)
         )
         out["step_live_peak_bytes"] = cpu_live_peak_bytes(step)
@@ -450,8 +453,9 @@ def main() -> None:
     )
     if device.type == "cpu":
         header += (
-            "\n\nOn a CPU, measured = weights + AdamW state + last step's gradients + inputs + the "
-            "peak growth of live tensor memory during one step (torch profiler allocation events), "
+            "\n\nOn a CPU, measured = weights + AdamW state + inputs + the peak growth of live "
+            "tensor memory during one step (torch profiler allocation events, from a step whose "
+            "gradients start freed), "
             "the step a trial takes (Aurora's loss over every variable). Fitted: "
             '`memory.estimate_peak(how="fitted")`; traced: the same step run on fake tensors '
             '(`how="traced"`, `aurora_sweep.trace`). '
