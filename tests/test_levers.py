@@ -156,7 +156,8 @@ def test_a_capped_study_finds_feasible_recipes_through_tiles_and_auto_checkpoint
         tiny_config.search, lora_rank=(2,), lora_targets=("qkv+proj",), unfrozen_blocks=(0,),
         precision=("fp32",), activation_checkpointing=(False, "auto"), tile=(0, 12),
     )  # fmt: skip
-    config = dataclasses.replace(tiny_config, search=search)
+    train = dataclasses.replace(tiny_config.train, steps=2, eval_every=2)
+    config = dataclasses.replace(tiny_config, search=search, train=train)
     cube = open_store(config.data.store)
     grid = patch_crop(cube.sizes["latitude"], cube.sizes["longitude"])
     probe = sample_trial(optuna.create_study().ask(), config)
