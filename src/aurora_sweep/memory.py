@@ -20,8 +20,9 @@ The peak of one training step is the sum of its parts:
   the weights of the blocks on the path. With activation checkpointing a forward keeps only
   module inputs; the peak comes in backward, when one checkpointed unit at a time is
   recomputed;
-- optimizer step: AdamW's temporaries, one fp32 value per trainable parameter, which matter only
-  when they outgrow the (by then freed) activations, as in a full fine-tune;
+- optimizer step: on CUDA, the foreach step's temporaries, one fp32 value per trainable
+  parameter, which matter only when they outgrow the (by then freed) activations, as in a full
+  fine-tune (the CPU's per-tensor step has none worth counting);
 - overhead: on CUDA, the cuBLAS workspace and the caching allocator's slack.
 
 A trial that trains on rollouts (`rollout_steps` > 1) runs its first steps without gradients
@@ -259,10 +260,12 @@ def estimate_from_architecture(
             checkpointing=checkpointing,
         ),
     }
-    # AdamW's foreach step allocates about one fp32 temporary per trainable parameter (the
-    # denominator) after backward has freed the activations: it raises the peak only where it is
-    # larger than them (a full fine-tune; measured on the CPU, bench/bench_memory.py)
-    parts["optimizer_step"] = max(0, FP32 * p.trainable - parts["activations"])
+    # on CUDA the optimiser's foreach step (its default there) allocates about one fp32
+    # temporary per trainable parameter after backward has freed the activations: it raises the
+    # peak only where it is larger than them (a full fine-tune; the traced step on fake CUDA
+    # shows it). The CPU's per-tensor loop allocates one tensor's worth at a time
+    cuda = device.startswith("cuda")
+    parts["optimizer_step"] = max(0, FP32 * p.trainable - parts["activations"]) if cuda else 0
     return _with_overhead(parts, device, method="fitted", note=note)
 
 
