@@ -115,7 +115,10 @@ def test_two_processes_on_postgresql_reach_exactly_the_total_with_distinct_confi
     trials = _load(name, postgres_url).trials
     assert sum(t.state in FINISHED for t in trials) == 3  # the study-wide total, not 3 each
     assert len(set(_configs(trials))) == len(_configs(trials))  # no config proposed twice
-    assert {t.user_attrs["pid"] for t in trials} == {p.pid for p in runs}  # both took part
+    # both took part (a trial asked for in the same instant as the other's last one is given
+    # back unused, as surplus, before it is sampled or claimed by a process)
+    took_part = {t.user_attrs["pid"] for t in trials if not t.user_attrs.get("surplus")}
+    assert took_part == {p.pid for p in runs}
     statuses = _mlflow_statuses(mlflow_server, name)
     parents = {t.user_attrs["mlflow_parent_run_id"] for t in trials}
     assert len(parents) == 1  # one study run, whichever process came first
