@@ -215,10 +215,14 @@ class StudyConfig:
         return self.search.base or (self.model.base,)
 
 
+def _given(table: dict, key: str) -> Any:
+    """A [search] setting as the file gives it, SearchSpace's default when it does not."""
+    return table.get(key, list(_default(SearchSpace, key)))
+
+
 def _choices(table: dict, key: str, kind: type, allowed: tuple = ()) -> tuple:
-    """A [search] list of choices (`settings.choices`), SearchSpace's default when the file
-    does not give it."""
-    return choices(table.get(key, list(_default(SearchSpace, key))), key, kind, allowed)
+    """A [search] list of choices (`settings.choices`)."""
+    return choices(_given(table, key), key, kind, allowed)
 
 
 def load_config(path: str | Path | None = None, *, workdir: Path | None = None) -> StudyConfig:
@@ -438,18 +442,12 @@ def _search_space(search: dict) -> SearchSpace:
         method=_choices(search, "method", str, METHODS),
         blocks=_choices(search, "blocks", int),
         lora_rank=_choices(search, "lora_rank", int),
-        lora_targets=lora_target_choices(
-            search.get("lora_targets", list(_default(SearchSpace, "lora_targets")))
-        ),
+        lora_targets=lora_target_choices(_given(search, "lora_targets")),
         unfrozen_blocks=_choices(search, "unfrozen_blocks", int),
         batch_size=_choices(search, "batch_size", int),
         precision=_choices(search, "precision", str, PRECISIONS),
         learning_rate=lr_range(search.get("learning_rate")),
-        activation_checkpointing=checkpointing_choices(
-            search.get(
-                "activation_checkpointing", list(_default(SearchSpace, "activation_checkpointing"))
-            )
-        ),
+        activation_checkpointing=checkpointing_choices(_given(search, "activation_checkpointing")),
         target_weight=_choices(search, "target_weight", float),
         loss=_choices(search, "loss", str, TP_LOSSES),
         target_input_lr=_choices(search, "target_input_lr", float),

@@ -40,7 +40,7 @@ import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -55,9 +55,6 @@ from aurora_sweep.meta import (
     build_meta_model,
 )
 from aurora_sweep.recipe import AURORA_CHECKPOINTING, AUTO_CHECKPOINTING, TrialConfig
-
-if TYPE_CHECKING:
-    pass
 
 FP32 = 4
 # the variables of a trial's batch, under Aurora's names
@@ -277,10 +274,6 @@ def _with_overhead(parts: dict[str, int], device: str, *, method: str, note: str
         overhead = CUDA_WORKSPACE_BYTES + int(CUDA_ALLOCATOR_SLACK * sum(parts.values()))
     parts["overhead"] = overhead
     return MemoryEstimate(sum(parts.values()), parts, method=method, note=note)
-
-
-#: How `estimate_peak` predicts: by tracing the step, or from the fitted coefficients.
-ESTIMATES = ("traced", "fitted")
 
 
 def estimate_peak(
