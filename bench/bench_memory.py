@@ -88,6 +88,7 @@ class BenchConfig:
     tile: int = 0  # points a side each step trains on (0: the whole grid)
     accumulate: int = 1  # micro-batches of `batch` per optimiser step
     modules: tuple[str, ...] = ()  # the module classes checkpointed (): Aurora's whole set
+    levels: tuple[int, ...] = ()  # the pressure levels trained on (): the bench's
 
 
 def method_configs(precision: str) -> list[BenchConfig]:
@@ -157,12 +158,15 @@ def lora_grid(reduced: bool) -> list[BenchConfig]:
 def lever_configs() -> list[BenchConfig]:
     """The small-GPU levers against their alternatives, LoRA r8 on qkv+proj in fp32 (bf16 is
     emulated on a CPU): the whole region against tiles of 96 and 64 points; one batch of 4
-    against 4 accumulated micro-batches of 1 (both checkpointed, so that a batch of 4 fits)."""
+    against 4 accumulated micro-batches of 1 (both checkpointed, so that a batch of 4 fits);
+    all the bench's levels against one and two of them."""
     lora = dict(precision="fp32")
     return [
         BenchConfig("whole region", **lora),
         BenchConfig("tile 96", tile=96, **lora),
         BenchConfig("tile 64", tile=64, **lora),
+        BenchConfig("levels 500, 850", levels=(500, 850), **lora),
+        BenchConfig("level 500", levels=(500,), **lora),
         BenchConfig("batch 4 ckpt", batch=4, checkpointing=True, **lora),
         BenchConfig("batch 1 x accumulate 4 ckpt", accumulate=4, checkpointing=True, **lora),
     ]
@@ -387,14 +391,15 @@ def main() -> None:
     else:
         todo = configs(args.reduced, args.methods, not args.methods_only)
     for cfg in todo:
-        est = predict(cfg, grid=grid, levels=levels, device=device.type, base=args.base)
+        on = cfg.levels or levels
+        est = predict(cfg, grid=grid, levels=on, device=device.type, base=args.base)
         traced = predict(
-            cfg, grid=grid, levels=levels, device=device.type, base=args.base, how="traced"
+            cfg, grid=grid, levels=on, device=device.type, base=args.base, how="traced"
         )
         # each config in a process of its own: a 1.3 B model's 5 GB must not outlive its row
         with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
             m = pool.submit(
-                measure, cfg, grid=grid, levels=levels, device=device, steps=steps, base=args.base
+                measure, cfg, grid=grid, levels=on, device=device, steps=steps, base=args.base
             ).result()
         row = (
             dataclasses.asdict(cfg)

@@ -136,9 +136,10 @@ def test_a_trial_trains_on_tiles_and_its_estimate_follows_the_tile(tiny_config):
 def test_a_capped_study_finds_feasible_recipes_through_tiles_and_auto_checkpointing(
     tiny_config, monkeypatch
 ):
-    """Every whole-region recipe without checkpointing is over the cap: the study trains the
-    tiled one and the "auto" one, which checkpoints only what the cap needs, and `best
-    --pareto` lists them."""
+    """Every whole-region recipe on all three levels without checkpointing is over the cap: the
+    study trains the tiled one, the "auto" one, which checkpoints only what the cap needs, and
+    the one on a single level (scored against the base on that level), and `best --pareto`
+    lists them."""
     import dataclasses
 
     import optuna
@@ -155,27 +156,40 @@ def test_a_capped_study_finds_feasible_recipes_through_tiles_and_auto_checkpoint
     search = dataclasses.replace(
         tiny_config.search, lora_rank=(2,), lora_targets=("qkv+proj",), unfrozen_blocks=(0,),
         precision=("fp32",), activation_checkpointing=(False, "auto"), tile=(0, 12),
+        levels=((500,), (500, 700, 850)),
     )  # fmt: skip
     train = dataclasses.replace(tiny_config.train, steps=2, eval_every=2)
     config = dataclasses.replace(tiny_config, search=search, train=train)
     cube = open_store(config.data.store)
     grid = patch_crop(cube.sizes["latitude"], cube.sizes["longitude"])
     probe = sample_trial(optuna.create_study().ask(), config)
-    whole = dataclasses.replace(probe, activation_checkpointing=False, tile=0)
+    whole = dataclasses.replace(
+        probe, activation_checkpointing=False, tile=0, levels=(500, 700, 850)
+    )
     cap = memory.estimate_peak(whole, grid=grid, levels=3, how="traced").total_bytes - 1
     config = dataclasses.replace(config, gpu_memory_cap=cap)
     study = open_study(config, create=True)
-    for ckpt, tile in [(False, 0), (False, 12), ("auto", 0)]:
-        study.enqueue_trial({"activation_checkpointing": ckpt, "tile": tile})
-    run_study(config, trials=3)
+    three = "500,700,850"
+    for ckpt, tile, levels in [(False, 0, three), (False, 12, three), ("auto", 0, three),
+                               (False, 0, "500")]:  # fmt: skip
+        study.enqueue_trial({"activation_checkpointing": ckpt, "tile": tile, "levels": levels})
+    run_study(config, trials=4)
     trials = open_study(config, create=False).trials
-    by = {(t.params["activation_checkpointing"], t.params["tile"]): t for t in trials}
-    assert by[False, 0].state == optuna.trial.TrialState.PRUNED  # over the cap, never trained
-    assert TrialRecord.of(by[False, 0]).memory_over_cap_mb > 0
-    for key in [(False, 12), ("auto", 0)]:
+    by = {
+        (t.params["activation_checkpointing"], t.params["tile"], t.params["levels"]): t
+        for t in trials
+    }
+    assert by[False, 0, three].state == optuna.trial.TrialState.PRUNED  # over the cap, untrained
+    assert TrialRecord.of(by[False, 0, three]).memory_over_cap_mb > 0
+    for key in [(False, 12, three), ("auto", 0, three), (False, 0, "500")]:
         assert by[key].state == optuna.trial.TrialState.COMPLETE
         assert TrialRecord.of(by[key]).predicted_peak_mb * memory.MIB <= cap
-    planned = TrialRecord.of(by["auto", 0]).config
+    # the one-level trial is compared with the base run on that level
+    forgets = {k for k in TrialRecord.of(by[False, 0, "500"]).scores if k.startswith("forget_")}
+    assert "forget_z500_ratio" in forgets and not any("850" in k for k in forgets)
+    assert "forget_z850_ratio" in TrialRecord.of(by[False, 12, three]).scores
+    assert "demo/fp32/500hPa" in open_study(config, create=False).user_attrs["base_mse_by_base"]
+    planned = TrialRecord.of(by["auto", 0, three]).config
     assert planned["activation_checkpointing"] is True
     assert tuple(planned["checkpoint_modules"]) == AUTO_CHECKPOINTING[1]  # the blocks suffice
 
@@ -183,7 +197,8 @@ def test_a_capped_study_finds_feasible_recipes_through_tiles_and_auto_checkpoint
     text = config.path.read_text().replace("[search]", "[resources]\n"
                                            f"gpu_memory_cap = {cap}\n\n[search]")  # fmt: skip
     text = text.replace("activation_checkpointing = [false, true]",
-                        'activation_checkpointing = [false, "auto"]\ntile = [0, 12]')  # fmt: skip
+                        'activation_checkpointing = [false, "auto"]\ntile = [0, 12]\n'
+                        "levels = [[500], [500, 700, 850]]")  # fmt: skip
     path.write_text(text)
     monkeypatch.chdir(config.workdir)
     result = CliRunner().invoke(app, ["best", "--config", str(path), "--pareto"])
@@ -193,4 +208,6 @@ def test_a_capped_study_finds_feasible_recipes_through_tiles_and_auto_checkpoint
     assert "ckpt:blocks" in result.output or "tile12" in result.output
     listed = CliRunner().invoke(app, ["best", "--config", str(path)])
     assert listed.exit_code == 0, listed.output
-    assert "ckpt:blocks" in listed.output and "tile12" in listed.output  # both feasible ones
+    # every feasible one
+    assert "ckpt:blocks" in listed.output and "tile12" in listed.output
+    assert "500hPa" in listed.output

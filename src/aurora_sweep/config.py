@@ -42,6 +42,7 @@ from aurora_sweep.settings import (
     checkpointing_choices,
     choices,
     data_levels,
+    level_choices,
     lora_target_choices,
     lr_range,
     memory_estimate,
@@ -145,6 +146,9 @@ class SearchSpace:
     optimizer: tuple[str, ...] = ("adamw",)
     #: points a side of the random square each training step takes (0: the whole region)
     tile: tuple[int, ...] = (0,)
+    #: the subsets of [data] levels trials train on (`settings.level_choices`); empty: [data]
+    #: levels alone
+    levels: tuple[tuple[int, ...], ...] = ()
 
 
 def _default(cls: type, name: str) -> Any:
@@ -213,6 +217,11 @@ class StudyConfig:
     def bases(self) -> tuple[str, ...]:
         """The bases trials adapt: `[search] base`, or `[model] base` alone."""
         return self.search.base or (self.model.base,)
+
+    @property
+    def level_choices(self) -> tuple[tuple[int, ...], ...]:
+        """The pressure levels trials may train on: `[search] levels`, or [data] levels."""
+        return self.search.levels or (self.data.levels,)
 
 
 def _given(table: dict, key: str) -> Any:
@@ -319,6 +328,10 @@ def _build(raw: dict, path: Path, workdir: Path) -> StudyConfig:
             "recipes the study's references run and whose file [model] checkpoint names: add it "
             "to [search] base, or set [model] base to one of them"
         )
+    data = _data_config(raw["data"], name, workdir)
+    search = dataclasses.replace(
+        search, levels=level_choices(raw.get("search", {}).get("levels"), data.levels)
+    )
     return StudyConfig(
         name=name,
         path=path.resolve(),
@@ -329,7 +342,7 @@ def _build(raw: dict, path: Path, workdir: Path) -> StudyConfig:
         gpu_memory_cap=parse_memory(cap) if cap is not None else None,
         memory_estimate=memory_estimate(resources),
         sampler_seed=as_whole(study.get("seed", 0), "[study] seed"),
-        data=_data_config(raw["data"], name, workdir),
+        data=data,
         model=model,
         train=_train_config(raw.get("train", {})),
         search=search,

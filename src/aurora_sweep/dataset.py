@@ -267,6 +267,9 @@ class Samples:
             self._reader = StoreReader(cube)
         self.cube = cube.load() if in_memory else cube
         self._memory: dict[str, np.ndarray] | None = None  # the cube's arrays, once asked for
+        #: positions of `levels` on the level axis of the cube's arrays (None: all of them);
+        #: set by `with_levels` for a subset read from memory
+        self._level_pick: list[int] | None = None
         self.split = split
         self.levels = tuple(int(v) for v in self.cube["level"].values)
         #: model steps of 6 h from the last input to the target: the lead time
@@ -313,6 +316,37 @@ class Samples:
         other.index = index
         return other if other.index.size else None
 
+    def with_levels(self, levels: Sequence[int]) -> Samples:
+        """The same samples on a subset of this one's pressure levels (in this one's order),
+        sharing its data in memory or its store reader: a trial that trains on fewer levels
+        reads, and holds, only those."""
+        levels = tuple(int(v) for v in levels)
+        if levels == self.levels:
+            return self
+        outside = [lv for lv in levels if lv not in self.levels]
+        if outside or not levels:
+            raise AuroraSweepError(
+                f"levels {list(levels)} hPa: the samples hold only {list(self.levels)}"
+            )
+        pick = [self.levels.index(lv) for lv in levels]
+        other = copy.copy(self)
+        other.levels = levels
+        # the cube without its atmospheric variables: they are read through `read` alone, so
+        # nothing can take the cube's level axis for the subset's
+        other.cube = self.cube.drop_dims("level", errors="ignore")
+        # positions in the arrays the data is read from (the cube's level axis, unchanged)
+        other._level_pick = [self._level_pos(i) for i in pick]
+        if self._reader is not None:
+            other._reader = copy.copy(self._reader)
+            other._reader.level_pos = [self._reader.level_pos[i] for i in pick]
+            other._level_pick = None  # the reader reads the subset itself
+        else:
+            other._memory = self._arrays()  # shared, not copied
+        return other
+
+    def _level_pos(self, i: int) -> int:
+        return self._level_pick[i] if self._level_pick is not None else i
+
     def target_times(self) -> pd.DatetimeIndex:
         """Each sample's valid time: `steps` model steps after its last input."""
         return self.times[self.index + self.steps]
@@ -320,11 +354,6 @@ class Samples:
     def target_days(self) -> np.ndarray:
         """Each sample's target day (datetime64[D]): the bootstrap's blocks."""
         return self.target_times().values.astype("datetime64[D]")
-
-    def _window(self, indices: Sequence[int]) -> xr.Dataset:
-        t = self.index[np.asarray(indices)]
-        pos = np.stack([t - 1, t, t + 1], axis=1).reshape(-1)
-        return self.cube.isel(time=pos)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -342,12 +371,21 @@ class Samples:
         positions = np.asarray(positions).reshape(-1)
         if self._reader is not None:
             return self._reader.read(self.times[positions], names)
+        arrays, pick = self._arrays(), self._level_pick
+        return {
+            k: arrays[k][np.ix_(positions, pick)] if pick is not None and k in ATMOS_VARS
+            else arrays[k][positions]
+            for k in names
+        }  # fmt: skip
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        """The cube's arrays in memory, made once (views of the loaded cube, no copy)."""
         if self._memory is None:
             self._memory = {
                 k: np.asarray(self.cube[k].values, dtype=np.float32)
                 for k in (*SURF_VARS, TARGET_VAR, *ATMOS_VARS)
             }
-        return {k: self._memory[k][positions] for k in names}
+        return self._memory
 
     def batch(self, indices: Sequence[int]) -> tuple[Batch, torch.Tensor]:
         """Inputs for samples `indices` and the target tp (mm), shaped (B, lat, lon)."""

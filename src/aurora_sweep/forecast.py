@@ -84,7 +84,9 @@ def forecast_file(
     adapter = Path(adapter)
     meta = read_meta(adapter)
     config = load_config(adapter / "study.toml")
-    data = dataclasses.replace(config.data, test=Period(first, last))
+    # the levels the trial trained on, of the study's store
+    levels = tuple(int(v) for v in meta["trial"]["levels"])
+    data = dataclasses.replace(config.data, test=Period(first, last), levels=levels)
     samples = Samples(load_cube(open_cube(config), first, last), data, "test", target=False)
     device = default_device()
     model = load_finetuned(adapter, checkpoint=checkpoint, device=str(device))

@@ -225,8 +225,16 @@ def recipe(trial: optuna.trial.FrozenTrial) -> str:
         f"tile{c['tile']}" if c.get("tile") else "",
         f"x{c['accumulate']}" if c.get("accumulate", 1) > 1 else "",
         "adafactor" if c.get("optimizer") == "adafactor" else "",
+        # the levels, where the study searches them
+        _levels_word(c.get("levels", trial.params["levels"])) if "levels" in trial.params else "",
     ]
     return " ".join(w for w in words if w)
+
+
+def _levels_word(levels: list | str) -> str:
+    """'500+850hPa' for the levels a trial trained on (a list, or Optuna's '500,850')."""
+    values = levels.split(",") if isinstance(levels, str) else levels
+    return "+".join(str(v) for v in values) + "hPa"
 
 
 def _checkpointing_word(c: dict) -> str:

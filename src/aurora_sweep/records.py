@@ -31,10 +31,12 @@ _NOT_SCORES = frozenset(
 )
 
 
-def base_key(base: str, precision: str) -> str:
-    """The key of the untouched base model's scores, run in `precision`: a trial's forgetting is
-    measured against its own base in its own precision."""
-    return f"{base}/{precision}"
+def base_key(base: str, precision: str, levels: tuple[int, ...] = ()) -> str:
+    """The key of the untouched base model's scores, run in `precision` (on `levels` when a
+    trial trains on a subset of the study's): a trial's forgetting is measured against its own
+    base in its own precision on its own levels."""
+    key = f"{base}/{precision}"
+    return f"{key}/{','.join(map(str, levels))}hPa" if levels else key
 
 
 class _HasAttrs(Protocol):

@@ -7,6 +7,7 @@ again.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -17,7 +18,7 @@ import optuna
 from aurora_sweep.config import StudyConfig, load_config
 from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.ranking import against_references, completed, ranked, study_trials
-from aurora_sweep.records import TrialRecord, base_key
+from aurora_sweep.records import TrialRecord
 from aurora_sweep.tracking import client_for
 
 
@@ -124,12 +125,17 @@ def prepare_evaluation(adapter: Path, *, split: str, checkpoint: Path | None = N
     meta = read_meta(adapter)
     config = load_config(adapter / "study.toml")
     trial = TrialConfig.from_dict(meta["trial"])
-    data = TrialData.prepare(open_cube(config), config, eval_split=split)
+    cube = open_cube(config)
+    # the data on the levels the trial trained on (the store is the study's, all its levels)
+    on_levels = dataclasses.replace(
+        config, data=dataclasses.replace(config.data, levels=trial.levels)
+    )
+    data = TrialData.prepare(cube, on_levels, eval_split=split)
     device = default_device()
     model = load_finetuned(adapter, checkpoint=checkpoint, device=str(device))
     path = resolve_checkpoint(trial.base, checkpoint)
-    data.base_mse = {  # by lead, the trial's base in its precision
-        base_key(trial.base, trial.precision): base_state_mse(
+    data.base_mse = {  # by lead, the trial's base in its precision on its levels
+        reference_key(data, trial): base_state_mse(
             data,
             base=trial.base,
             checkpoint=path,
@@ -150,8 +156,13 @@ def verify_prepared(model, data, trial, device, *, bootstrap: int):
     batch = eval_batch_size(trial.batch_size, device)
     return verify(
         model, data, batch_size=batch, device=device, bootstrap=bootstrap,
-        reference=base_key(trial.base, trial.precision),
+        reference=reference_key(data, trial),
     )  # fmt: skip
+
+
+def reference_key(data, trial) -> str:
+    """The key of the base model's scores `trial` is compared with in `data.base_mse`."""
+    return data.reference_key(trial.base, trial.precision, trial.levels)
 
 
 def evaluate_adapter(
@@ -242,9 +253,7 @@ def report_adapter(
         ),
         recipe=recipe,
         scores=report_rows(scores, objective),
-        forgetting=forgetting_rows(
-            scores, data.base_mse[base_key(trial.base, trial.precision)]["6h"]
-        ),
+        forgetting=forgetting_rows(scores, data.base_mse[reference_key(data, trial)]["6h"]),
         leads=lead_rows(scores, objective),
         figures=_report_figures(data, fc, meta, ij),
         notes=report_notes(meta.get("references", []), len(samples), split, times),

@@ -312,6 +312,40 @@ def check_space(space: Any) -> None:
         raise AuroraSweepError("[search] blocks (for the blocks method) must be 1 or more")
 
 
+def level_choices(value: Any, study_levels: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    """[search] levels: the subsets of [data] levels trials may train on, each in [data] levels'
+    order (a list of lists, or one list for a single subset); none given: [data] levels."""
+    if value is None:
+        return (study_levels,)
+    example = "[search] levels must be lists of pressure levels, such as [[500], [500, 850]]"
+    if not isinstance(value, list) or not value:
+        raise AuroraSweepError(f"{example}, not {value!r}")
+    subsets = value if all(isinstance(v, list) for v in value) else [value]
+    out: list[tuple[int, ...]] = []
+    for subset in subsets:
+        if not isinstance(subset, list) or not subset:
+            raise AuroraSweepError(f"{example}, not {value!r}")
+        levels = [as_whole(v, "[search] levels") for v in subset]
+        outside = [lv for lv in levels if lv not in study_levels]
+        if outside:
+            raise AuroraSweepError(
+                f"[search] levels {subset}: {', '.join(map(str, outside))} hPa not in [data] "
+                f"levels {list(study_levels)}; a trial trains on a subset of the store's levels"
+            )
+        if len(set(levels)) != len(levels):
+            raise AuroraSweepError(f"[search] levels {subset}: a level is listed twice")
+        ordered = tuple(lv for lv in study_levels if lv in levels)
+        if ordered in out:
+            raise AuroraSweepError(f"[search] levels: {subset} is listed twice")
+        out.append(ordered)
+    return tuple(out)
+
+
+def levels_text(levels: tuple[int, ...]) -> str:
+    """A subset of levels as the study records it (an Optuna choice): '500,850'."""
+    return ",".join(map(str, levels))
+
+
 def memory_estimate(resources: dict) -> str:
     """[resources] memory_estimate: "auto", "traced" or "fitted" (`memory.estimate_peak`)."""
     how = as_text(resources.get("memory_estimate", "auto"), "[resources] memory_estimate")

@@ -16,7 +16,7 @@ from aurora_sweep.config import StudyConfig
 from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.recipe import FULL_LR, FULL_NEW_VARIABLE_LR, LORA_METHODS, TrialConfig
 from aurora_sweep.records import TrialRecord, attrs
-from aurora_sweep.settings import check_region_size
+from aurora_sweep.settings import check_region_size, levels_text
 
 
 def sample_trial(trial: optuna.Trial, config: StudyConfig) -> TrialConfig:
@@ -52,6 +52,7 @@ def sample_trial(trial: optuna.Trial, config: StudyConfig) -> TrialConfig:
     accumulate = _maybe(trial, "accumulate", s.accumulate)
     optimizer = _maybe(trial, "optimizer", s.optimizer)
     tile = _maybe(trial, "tile", s.tile)
+    levels = _levels(trial, config)
     if method == "full":
         precision, checkpointing, lr = _full_precision(config), True, FULL_LR
     else:
@@ -69,7 +70,7 @@ def sample_trial(trial: optuna.Trial, config: StudyConfig) -> TrialConfig:
         batch_size=batch_size, precision=precision, learning_rate=lr,
         activation_checkpointing=checkpointing, target_weight=target_weight, loss=loss,
         target_input_lr=input_lr, rollout_steps=rollout, base=base, accumulate=accumulate,
-        optimizer=optimizer, tile=tile,
+        optimizer=optimizer, tile=tile, levels=levels,
     )  # fmt: skip
 
 
@@ -78,15 +79,31 @@ def _maybe(trial: optuna.Trial, name: str, choices: tuple) -> Any:
     return trial.suggest_categorical(name, list(choices)) if len(choices) > 1 else choices[0]
 
 
+def _levels(trial: optuna.Trial, config: StudyConfig) -> tuple[int, ...]:
+    """The pressure levels a trial trains on: sampled from `[search] levels` when it offers
+    several (as '500,850': Optuna's choices are numbers or strings), else the only choice."""
+    choices = config.level_choices
+    if len(choices) == 1:
+        return choices[0]
+    picked = trial.suggest_categorical("levels", [levels_text(c) for c in choices])
+    return tuple(int(v) for v in picked.split(","))
+
+
+def widest_levels(config: StudyConfig) -> tuple[int, ...]:
+    """The searched subset with the most levels (the first of the widest): the references'."""
+    return max(config.level_choices, key=len)
+
+
 def _trial_config(config: StudyConfig, **recipe: Any) -> TrialConfig:
-    """A trial's config: the sampled `recipe` (its base: [model] base unless sampled) and what
-    the study fixes for every trial."""
+    """A trial's config: the sampled `recipe` (its base: [model] base unless sampled; its
+    levels: the widest searched unless sampled) and what the study fixes for every trial."""
     base = recipe.pop("base", config.model.base)
+    levels = recipe.pop("levels", None) or widest_levels(config)
     return TrialConfig(
         **recipe,
         base=base,
         arch=config.model.arch_for(base),
-        levels=config.data.levels,
+        levels=levels,
         steps=config.train.steps,
         eval_every=config.train.eval_every,
         val_samples=config.train.val_samples,
@@ -142,6 +159,8 @@ def enqueue_references(study: optuna.Study, config: StudyConfig) -> list[str]:
             **_reference_loss(config), "target_input_lr": s.target_input_lr[0],
             "rollout_steps": min(s.rollout_steps),
         }  # fmt: skip
+        if len(config.level_choices) > 1:  # Aurora's own use: every level of the search
+            params["levels"] = levels_text(widest_levels(config))
         if s.learning_rate:  # the study's learning rate, brought inside the searched range
             low, high = s.learning_rate
             params["learning_rate"] = min(max(config.train.learning_rate, low), high)

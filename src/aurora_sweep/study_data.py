@@ -5,6 +5,7 @@ the base model's forgetting reference and the baselines' scores.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,6 +22,7 @@ from aurora_sweep.dataset import (
 )
 from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.recipe import LEADS
+from aurora_sweep.records import base_key
 from aurora_sweep.seeps import DRY_MM_BY_LEAD, SeepsClimate, seeps_climate
 
 #: The start times (UTC) the 12- and 24-hour scores are made from: WeatherBench 2 scores its
@@ -52,10 +54,51 @@ class TrialData:
     _train_by_steps: dict[int, Samples] = field(default_factory=dict, repr=False)
     #: the baselines' scores at each lead, computed with the first trial's (`metrics.tp_scores`)
     baseline_scores: dict[int, dict] = field(default_factory=dict, repr=False)
+    #: the levels the study's data holds ([data] levels), and this data on subsets of them
+    study_levels: tuple[int, ...] = ()
+    _by_levels: dict[tuple[int, ...], TrialData] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.leads = self.leads or {1: self.validation}
         self.lead_seeps = self.lead_seeps or {1: self.seeps}
+        self.study_levels = self.study_levels or self.train.levels
+
+    @property
+    def levels(self) -> tuple[int, ...]:
+        """The pressure levels this data's samples hold."""
+        return self.train.levels
+
+    def for_levels(self, levels: tuple[int, ...]) -> TrialData:
+        """The same data on a subset of its pressure levels, for a trial that trains on them:
+        its samples read only those levels (`Samples.with_levels`); tp's statistics, the
+        climates and the baselines' scores are the same; the base model's scores (`base_mse`,
+        one dict for every subset, by `reference_key`) are shared."""
+        levels = tuple(levels)
+        if levels == self.levels:
+            return self
+        if levels not in self._by_levels:
+            view = copy.copy(self)
+            view.train = self.train.with_levels(levels)
+            view.validation = self.validation.with_levels(levels)
+            view.leads = {
+                k: view.validation if v is self.validation else v.with_levels(levels)
+                for k, v in self.leads.items()
+            }
+            view._train_by_steps = {
+                k: v.with_levels(levels) for k, v in self._train_by_steps.items()
+            }
+            view._by_levels = {}
+            view.study_levels = self.study_levels
+            self._by_levels[levels] = view
+        view = self._by_levels[levels]
+        view.base_mse, view.baseline_scores = self.base_mse, self.baseline_scores  # shared
+        return view
+
+    def reference_key(self, base: str, precision: str, levels: tuple[int, ...]) -> str:
+        """The key of the base model's scores a trial of `base` in `precision` on `levels` is
+        compared with (`records.base_key`): the base run on the same levels, since Aurora's
+        encoder reads the levels together."""
+        return base_key(base, precision, () if tuple(levels) == self.study_levels else levels)
 
     def train_for(self, steps: int) -> Samples:
         """The train split's samples for a rollout of `steps` model steps."""

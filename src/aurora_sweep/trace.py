@@ -167,7 +167,7 @@ def _structure(trial: TrialConfig) -> TrialConfig:
     in them share a trace."""
     return dataclasses.replace(
         trial, learning_rate=1e-4, steps=1, eval_every=1, val_samples=0, weight_decay=0.0,
-        seed=0, target_weight=1.0, wrap_longitude=True,
+        seed=0, target_weight=1.0, wrap_longitude=True, levels=(),  # their number is the key's
         target_input_lr=1.0 if trial.target_input_lr > 0 else 0.0,
         activation_checkpointing=bool(trial.checkpointed), checkpoint_modules=trial.checkpointed,
     )  # fmt: skip

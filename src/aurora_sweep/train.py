@@ -42,7 +42,6 @@ from aurora_sweep.model import (
     set_precision,
 )
 from aurora_sweep.recipe import FULL_NEW_VARIABLE_LR, TrialConfig
-from aurora_sweep.records import base_key
 from aurora_sweep.store import TARGET_VAR
 from aurora_sweep.study_data import TrialData
 from aurora_sweep.tiles import crop_sample, tile_origins, tile_side
@@ -286,6 +285,7 @@ def fit(
     """Fine-tune one trial. `report(step, objective)` may raise `optuna.TrialPruned`."""
     device = device or default_device()
     started = time.perf_counter()
+    data = data.for_levels(trial.levels)  # the pressure levels the trial trains on
     spec = loss_spec(trial, data)
     with PeakMemory(device) as memory:
         peft_model, model, parts = build_trial_model(trial, data.tp, checkpoint)
@@ -298,7 +298,7 @@ def fit(
         wait_share = _train_loop(trial, data, peft_model, step, curves, checks, on_step, report)
         metrics, forecasts = verify(
             peft_model, data, batch_size=checks.batch_size, device=device, bootstrap=bootstrap,
-            reference=base_key(trial.base, trial.precision), loss=spec,
+            reference=data.reference_key(trial.base, trial.precision, trial.levels), loss=spec,
         )  # fmt: skip
         curves.validation(trial.steps, forecasts)
     return TrialResult(

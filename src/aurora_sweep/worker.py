@@ -310,7 +310,7 @@ class _Session:
             data.train_for(steps)
         data.base_mse = dict(spec.base_mse or {})
         session = cls(spec, config, data, device)
-        session.base_scores(config.bases[0], config.search.precision[0])
+        session.base_scores(config.bases[0], config.search.precision[0], config.level_choices[0])
         return session
 
     def checkpoint_for(self, base: str) -> Path:
@@ -330,15 +330,16 @@ class _Session:
                 "checkpoint": str(self.checkpoint_for(self.config.bases[0])),
                 "base_mse": self.data.base_mse}  # fmt: skip
 
-    def base_scores(self, base: str, precision: str) -> None:
-        """The base model's scores in `precision`, once: when a trial first needs them."""
+    def base_scores(self, base: str, precision: str, levels: tuple[int, ...]) -> None:
+        """The base model's scores in `precision` on `levels`, once: when a trial first needs
+        them."""
         from aurora_sweep.evaluation import base_state_mse
-        from aurora_sweep.records import base_key
 
-        key = base_key(base, precision)
+        key = self.data.reference_key(base, precision, levels)
         if key not in self.data.base_mse:
             self.data.base_mse[key] = base_state_mse(
-                self.data, base=base, checkpoint=self.checkpoint_for(base), device=self.device,
+                self.data.for_levels(levels), base=base, checkpoint=self.checkpoint_for(base),
+                device=self.device,
                 precision=precision, wrap_longitude=self.config.data.wrap_longitude,
                 arch=self.config.model.arch_for(base),
             )  # fmt: skip
@@ -358,7 +359,7 @@ class _Session:
                 raise _Pruned(step, value)
 
         try:
-            self.base_scores(trial.base, trial.precision)
+            self.base_scores(trial.base, trial.precision, trial.levels)
             result = (self.spec.fit or fit)(
                 trial,
                 self.data,
