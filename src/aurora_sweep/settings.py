@@ -314,9 +314,9 @@ def check_space(space: Any) -> None:
 
 def level_choices(value: Any, study_levels: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
     """[search] levels: the subsets of [data] levels trials may train on, each in [data] levels'
-    order (a list of lists, or one list for a single subset); none given: [data] levels."""
+    order (a list of lists, or one list for a single subset); none given: () ([data] levels)."""
     if value is None:
-        return (study_levels,)
+        return ()
     example = "[search] levels must be lists of pressure levels, such as [[500], [500, 850]]"
     if not isinstance(value, list) or not value:
         raise AuroraSweepError(f"{example}, not {value!r}")
