@@ -233,6 +233,18 @@ def forecast_times(cube: xr.Dataset, period: Period) -> np.ndarray:
     return t[ok & complete[t - 1] & complete[t]]
 
 
+def _model_cube(cube: xr.Dataset, levels: Sequence[int]) -> xr.Dataset:
+    """The cube on the grid Aurora forecasts (`patch_crop`) and on `levels`, in their order:
+    labels come from the selection itself, so the level axis of every tensor and
+    `atmos_levels` always name the same levels."""
+    missing = [lv for lv in levels if lv not in cube["level"].values]
+    if missing:
+        raise AuroraSweepError(f"the data store has no level(s) {missing} hPa; rebuild it")
+    rows, cols = patch_crop(cube.sizes["latitude"], cube.sizes["longitude"])
+    cube = cube.isel(latitude=slice(0, rows), longitude=slice(0, cols))
+    return cube.sel(level=list(levels))
+
+
 class Samples:
     """The samples of one split, as `aurora.Batch`es with tp's next value as the target (with
     `target=False`: every time of the split a forecast can start from, for `inputs`)."""
@@ -250,14 +262,7 @@ class Samples:
         periods = {"train": data.train, "validation": data.validation, "test": data.test}
         if split not in periods:
             raise AuroraSweepError(f"unknown split {split!r}: use train, validation or test")
-        missing = [lv for lv in data.levels if lv not in cube["level"].values]
-        if missing:
-            raise AuroraSweepError(f"the data store has no level(s) {missing} hPa; rebuild it")
-        rows, cols = patch_crop(cube.sizes["latitude"], cube.sizes["longitude"])
-        cube = cube.isel(latitude=slice(0, rows), longitude=slice(0, cols))
-        # the study's levels in the study's order; labels come from the selection itself, so the
-        # level axis of every tensor and `atmos_levels` always name the same levels
-        cube = cube.sel(level=list(data.levels))
+        cube = _model_cube(cube, data.levels)
         # in memory when it fits (in_memory None: decided by the memory free now), else read
         # sample by sample straight from the store
         self._reader: StoreReader | None = None
