@@ -34,7 +34,14 @@ SHORT = {
     "v_component_of_wind": "v",
     "temperature": "t",
     "specific_humidity": "q",
-}
+    # Aurora 1.5's other surface inputs
+    "2m_dewpoint_temperature": "d2m", "total_column_water_vapour": "tcwv",
+    "total_cloud_cover": "tcc", "100m_u_component_of_wind": "u100",
+    "100m_v_component_of_wind": "v100", "surface_pressure": "sp", "low_cloud_cover": "lcc",
+    "medium_cloud_cover": "mcc", "high_cloud_cover": "hcc", "skin_temperature": "skt",
+    "soil_temperature_level_1": "stl1", "volumetric_soil_water_layer_1": "swvl1",
+    "sea_ice_cover": "siconc", "snow_depth": "sd",
+}  # fmt: skip
 EPOCH = np.datetime64("1970-01-01T00:00:00", "s")
 
 
@@ -53,7 +60,10 @@ def field_value(name: str, times: np.ndarray, level: float | None = None) -> np.
     if name == "tp":
         return tp_metres(times)
     base = {"t2m": 280.0, "u10": 1.0, "v10": 2.0, "msl": 100000.0, "z": 50000.0, "u": 3.0,
-            "v": 4.0, "t": 250.0, "q": 0.001, "lsm": 0.5, "slt": 2.0}[name]  # fmt: skip
+            "v": 4.0, "t": 250.0, "q": 0.001, "lsm": 0.5, "slt": 2.0, "d2m": 275.0,
+            "tcwv": 20.0, "tcc": 0.5, "u100": 5.0, "v100": 6.0, "sp": 95000.0, "lcc": 0.3,
+            "mcc": 0.2, "hcc": 0.1, "skt": 281.0, "stl1": 279.0, "swvl1": 0.3, "siconc": 0.0,
+            "sd": 0.01}[name]  # fmt: skip
     return base + (level or 0) * 0.01 + (h % 1000) * 1e-3
 
 
@@ -223,12 +233,15 @@ def study_config(
     start: dt.date = dt.date(2022, 1, 1),
     days: int = 3,
     name: str = "t",
+    study: str = "",
 ) -> StudyConfig:
-    """A small study config written to TOML and loaded the way users load theirs."""
+    """A small study config written to TOML and loaded the way users load theirs (`study`:
+    more lines of its [study] table)."""
     d = [start + dt.timedelta(days=i) for i in range(days)]
     text = f"""
 [study]
 name = "{name}"
+{study}
 [data]
 source = "era5"
 store = "data/{name}/store.zarr"

@@ -55,6 +55,9 @@ from aurora_sweep.settings import (
 )
 
 MIB = 2**20  # bytes in a MiB: memory is reported in MB of 2**20 bytes
+#: What a trial's precipitation is compared with (`[study] baselines`): persistence and
+#: climatology are always scored; "aurora-1.5" is Aurora 1.5's own, with no training.
+BASELINES = ("persistence", "climatology", "aurora-1.5")
 
 
 PACKAGE_DIR = Path(__file__).parent
@@ -74,6 +77,8 @@ class DataConfig:
     train: Period
     validation: Period
     test: Period
+    #: whether the store holds Aurora 1.5's inputs too (a study that uses it)
+    v15_inputs: bool = False
 
     @property
     def wrap_longitude(self) -> bool:
@@ -191,6 +196,9 @@ class StudyConfig:
     #: How a trial's peak is predicted (`memory.estimate_peak`): "traced" runs its step on
     #: fake tensors, "fitted" adds up coefficients; "auto" traces where a cap decides what runs.
     memory_estimate: str = "auto"
+    #: What every trial is compared with, besides the base model: persistence and climatology
+    #: (always), and "aurora-1.5", Aurora 1.5's own precipitation with no training
+    baselines: tuple[str, ...] = ("persistence", "climatology")
 
     def __post_init__(self) -> None:
         if not self.objectives:
@@ -261,7 +269,7 @@ def load_config(path: str | Path | None = None, *, workdir: Path | None = None) 
 #: Every section and setting a study file may hold; anything else is refused by name.
 SCHEMA: dict[str, tuple[str, ...]] = {
     "study": ("name", "objective", "objectives", "storage", "tracking_uri", "heartbeat_seconds",
-              "seed", "reference", "max_forgetting", "max_failures", "lead"),
+              "seed", "reference", "max_forgetting", "max_failures", "lead", "baselines"),
     "data": ("source", "store", "region", "levels", "grid", "period", "train", "validation",
              "test"),
     "model": tuple(f.name for f in fields(ModelConfig)),
@@ -328,7 +336,9 @@ def _build(raw: dict, path: Path, workdir: Path) -> StudyConfig:
             "recipes the study's references run and whose file [model] checkpoint names: add it "
             "to [search] base, or set [model] base to one of them"
         )
+    settings = _study_settings(study)
     data = _data_config(raw["data"], name, workdir)
+    data = dataclasses.replace(data, v15_inputs="aurora-1.5" in settings["baselines"])
     search = dataclasses.replace(
         search, levels=level_choices(raw.get("search", {}).get("levels"), data.levels)
     )
@@ -347,7 +357,7 @@ def _build(raw: dict, path: Path, workdir: Path) -> StudyConfig:
         train=_train_config(raw.get("train", {})),
         search=search,
         workdir=workdir,
-        **_study_settings(study),
+        **settings,
     )
 
 
@@ -366,6 +376,8 @@ def _study_settings(study: dict) -> dict[str, Any]:
         max_failures=as_whole(given("max_failures"), "[study] max_failures", minimum=1),
         lead_steps=parse_lead(study.get("lead", LEADS[_default(StudyConfig, "lead_steps")]),
                               "[study] lead"),
+        baselines=choices(study.get("baselines", ["persistence", "climatology"]), "baselines",
+                          str, BASELINES, "study"),
     )  # fmt: skip
 
 

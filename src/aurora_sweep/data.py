@@ -16,7 +16,7 @@ from rich.console import Console
 from aurora_sweep.config import DataConfig, StudyConfig
 from aurora_sweep.dataset import in_period
 from aurora_sweep.errors import AuroraSweepError
-from aurora_sweep.store import open_store
+from aurora_sweep.store import V15_SURF_VARS, open_store
 
 
 def build_demo_store(config: StudyConfig, *, console: Console | None = None) -> None:
@@ -83,6 +83,13 @@ def store_mismatch(cube: xr.Dataset, data: DataConfig) -> str | None:
             f"covers {_describe(lat, lon)}, not the study's region "
             f"{_describe(np.array([r.south, r.north]), np.array([r.west, r.east]))}"
         )
+    if data.v15_inputs:
+        lacks = [v for v in V15_SURF_VARS if v not in cube]
+        if lacks:
+            return (
+                f"lacks Aurora 1.5's inputs ({', '.join(lacks[:4])}{' ...' if len(lacks) > 4 else ''}"
+                '), which [study] baselines = ["aurora-1.5"] needs'
+            )
     levels = [int(v) for v in cube["level"].values]
     missing = [lv for lv in data.levels if lv not in levels]
     if missing:

@@ -48,6 +48,8 @@ class DemoWorld:
     last_year: int = 2025
     n_waves: int = 6
     seed: int = 20240601
+    #: write Aurora 1.5's other surface inputs too (`store.V15_SURF_VARS`)
+    v15: bool = False
 
     @property
     def lat(self) -> np.ndarray:
@@ -72,6 +74,7 @@ def world_for(data) -> DemoWorld:
         levels=tuple(sorted(data.levels)),
         first_year=data.period.start.year,
         last_year=data.period.end.year,
+        v15=data.v15_inputs,
     )
 
 
@@ -213,6 +216,40 @@ def _rain(state: dict, world: DemoWorld, hours: np.ndarray, w: dict, static: dic
     state["tp_rate"] = np.maximum(rate, 0)
 
 
+#: Aurora 1.5's other surface inputs: store name -> the CDS's NetCDF short name.
+V15_SHORT = {
+    "2d": "d2m", "tcwv": "tcwv", "tcc": "tcc", "100u": "u100", "100v": "v100", "sp": "sp",
+    "lcc": "lcc", "mcc": "mcc", "hcc": "hcc", "skt": "skt", "stl1": "stl1", "swvl1": "swvl1",
+    "ci": "siconc", "sd": "sd",
+}  # fmt: skip
+
+
+def _v15_surface(state: dict, world: DemoWorld, static: dict) -> dict[str, np.ndarray]:
+    """Aurora 1.5's other surface inputs, in ERA5's units, from the demo's own fields: dew
+    point and water vapour from the low-level humidity, cloud from the rain rate, 100 m wind
+    above the 10 m wind, surface pressure from sea-level pressure and height, soil water on
+    land, sea ice NaN over land and 0 at sea (ERA5's mask), snow where it is below freezing."""
+    low = int(np.argmax(world.levels))
+    q_low, t2, lsm = state["q"][:, low], state["2t"], static["lsm"]
+    cloud = np.tanh(2 * state["tp_rate"])
+    return {
+        "2d": t2 - 3 - 4 * (1 - np.clip(q_low * 200, 0, 1)),
+        "tcwv": 2500 * q_low,
+        "tcc": np.clip(0.2 + 0.8 * cloud, 0, 1),
+        "lcc": np.clip(0.1 + 0.7 * cloud, 0, 1),
+        "mcc": np.clip(0.05 + 0.6 * cloud, 0, 1),
+        "hcc": np.clip(0.1 + 0.4 * cloud, 0, 1),
+        "100u": 1.25 * state["10u"],
+        "100v": 1.25 * state["10v"],
+        "sp": state["msl"] - 12.0 * static["height"],
+        "skt": t2 + 1.0,
+        "stl1": t2 + 0.5,
+        "swvl1": lsm * (0.25 + 0.1 * cloud),
+        "ci": np.broadcast_to(np.where(lsm > 0.5, np.nan, 0.0), t2.shape),
+        "sd": np.maximum(273.15 - t2, 0) * 1e-3 * lsm,
+    }
+
+
 def model_times(world: DemoWorld) -> pd.DatetimeIndex:
     """The 6-hourly times the demo holds: 00/06/12/18 UTC on `DEMO_DAYS` of every month."""
     days = pd.date_range(f"{world.first_year}-01-01", f"{world.last_year}-12-31", freq="D")
@@ -312,6 +349,9 @@ def _year_datasets(
         attrs=_attrs("instant"),
     )
     sl_vars = {"2t": "t2m", "10u": "u10", "10v": "v10", "msl": "msl"}
+    if world.v15:
+        st |= _v15_surface(st, world, static)
+        sl_vars |= V15_SHORT
     inst = xr.Dataset(
         {cds: (dims3, st[k].astype(np.float32)) for k, cds in sl_vars.items()},
         coords=_cds_coords(world, times, levels=False),

@@ -371,25 +371,27 @@ def checkpointing_choices(value: Any) -> tuple[bool | str, ...]:
     return tuple(value)
 
 
-def choices(value: Any, key: str, kind: type, allowed: tuple = ()) -> tuple:
-    """A [search] setting's choices: one value or a list, each of `kind` and among `allowed`."""
+def choices(
+    value: Any, key: str, kind: type, allowed: tuple = (), section: str = "search"
+) -> tuple:
+    """A [search] (or other `section`) setting's choices: one value or a list, each of `kind`
+    and among `allowed`."""
+    where = f"[{section}] {key}"
     if not isinstance(value, list):
         value = [value]
     if not value:
-        raise AuroraSweepError(f"[search] {key}: give at least one choice")
+        raise AuroraSweepError(f"{where}: give at least one choice")
     for v in value:
         if kind is int and (isinstance(v, bool) or not isinstance(v, int)):
-            raise AuroraSweepError(f"[search] {key}: {v!r} is not an integer")
+            raise AuroraSweepError(f"{where}: {v!r} is not an integer")
         if kind is bool and not isinstance(v, bool):
-            raise AuroraSweepError(f"[search] {key}: {v!r} is not true or false")
+            raise AuroraSweepError(f"{where}: {v!r} is not true or false")
         if kind is str and not isinstance(v, str):
-            raise AuroraSweepError(f"[search] {key}: {v!r} is not a string")
+            raise AuroraSweepError(f"{where}: {v!r} is not a string")
         if kind is float and (isinstance(v, bool) or not isinstance(v, int | float)):
-            raise AuroraSweepError(f"[search] {key}: {v!r} is not a number")
+            raise AuroraSweepError(f"{where}: {v!r} is not a number")
         if allowed and v not in allowed:
-            raise AuroraSweepError(
-                f"[search] {key}: {v!r} is not one of {', '.join(map(str, allowed))}"
-            )
+            raise AuroraSweepError(f"{where}: {v!r} is not one of {', '.join(map(str, allowed))}")
     return tuple(float(v) for v in value) if kind is float else tuple(value)
 
 

@@ -12,7 +12,11 @@ in one layout that `dataset.py` reads without knowing where they came from:
 - atmospheric variables `z` (m²/s²), `u`, `v` (m/s), `t` (K), `q` (kg/kg) on
   (time, level, latitude, longitude);
 - static variables `static_z` (m²/s²), `static_lsm` (0-1), `static_slt` (category) on
-  (latitude, longitude).
+  (latitude, longitude);
+- for a study that uses Aurora 1.5 (`[study] baselines` with "aurora-1.5"), its other surface
+  inputs on (time, latitude, longitude): `2d`, `skt`, `stl1` (K), `tcwv` (kg m-2), `tcc`, `lcc`,
+  `mcc`, `hcc`, `ci` (0-1), `100u`, `100v` (m/s), `sp` (Pa), `swvl1` (m3 m-3), `sd` (m of water
+  equivalent).
 
 Names follow Aurora's, so a sample is a rename away from an `aurora.Batch`.
 """
@@ -33,6 +37,22 @@ STATIC_VARS = ("static_z", "static_lsm", "static_slt")
 TARGET_VAR = "tp"
 #: Names Aurora uses for the static variables.
 AURORA_STATIC = {"static_z": "z", "static_lsm": "lsm", "static_slt": "slt"}
+#: The surface variables Aurora 1.5 reads besides SURF_VARS (instantaneous, at the model
+#: times), in a store made for a study that uses it; `sd` is Aurora 1.5's `scaled_sd` (metres
+#: of water equivalent: the model log-transforms it itself) and `ci` is NaN over land, as ERA5
+#: has it (the batch puts 0 there, as Aurora's example does).
+V15_SURF_VARS = (
+    "2d", "tcwv", "tcc", "100u", "100v", "sp", "lcc", "mcc", "hcc", "skt", "stl1", "swvl1",
+    "ci", "sd",
+)  # fmt: skip
+#: Store names that Aurora 1.5 calls otherwise.
+AURORA_V15_NAMES = {"sd": "scaled_sd"}
+
+
+def surface_vars(v15: bool) -> tuple[str, ...]:
+    """The instantaneous surface variables of a store: Aurora's four, and Aurora 1.5's
+    fourteen more for a study that uses it."""
+    return SURF_VARS + (V15_SURF_VARS if v15 else ())
 
 
 def check_cube(ds: xr.Dataset, *, where: str = "the data") -> None:

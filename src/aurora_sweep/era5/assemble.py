@@ -274,10 +274,10 @@ def _select(pieces: list[_Piece], data: DataConfig) -> _Plan:
                 for lv in p.ds["level"].values.tolist():
                     if lv in levels:
                         _choose(sources, (v, lv), n, p)
-            elif v in (*store.SURF_VARS, store.TARGET_VAR):
+            elif v in (*store.surface_vars(data.v15_inputs), store.TARGET_VAR):
                 _choose(sources, (v, None), n, p)
 
-    needed = [(v, None) for v in store.SURF_VARS] + [
+    needed = [(v, None) for v in store.surface_vars(data.v15_inputs)] + [
         (v, lv) for v in store.ATMOS_VARS for lv in levels
     ]
     missing = [k for k in needed + [("tp", None)] if k not in sources]
@@ -339,7 +339,8 @@ def _fill(
         arr[...] = np.nan
         return arr
 
-    out = {v: scratch_array(v, (nt, ny, nx)) for v in store.SURF_VARS}
+    surface = store.surface_vars(data.v15_inputs)
+    out = {v: scratch_array(v, (nt, ny, nx)) for v in surface}
     out |= {v: scratch_array(v, (nt, nl, ny, nx)) for v in store.ATMOS_VARS}
     tp_sum = scratch_array("tp", (nt, ny, nx))
     tp_sum[...] = 0.0
@@ -358,7 +359,7 @@ def _fill(
                     for row, (_, k, _) in zip(block, entries, strict=True):
                         tp_sum[k] += row
                         tp_count[k] += 1
-                elif v in store.SURF_VARS:
+                elif v in surface:
                     src = np.array([e[0] for e in entries])
                     dst = np.array([e[1] for e in entries])
                     out[v][dst] = _read(
@@ -404,9 +405,9 @@ def _cube(plan: _Plan, out: dict, tp: np.ndarray, static: dict) -> xr.Dataset:
         "longitude": plan.lon.astype(np.float64),
     }
     surf = ("time", "latitude", "longitude")
-    variables = {v: (surf, out[v]) for v in store.SURF_VARS}
+    atmos = ("time", "level", "latitude", "longitude")
+    variables = {v: (atmos if v in store.ATMOS_VARS else surf, a) for v, a in out.items()}
     variables[store.TARGET_VAR] = (surf, tp)
-    variables |= {v: (("time", "level", "latitude", "longitude"), out[v]) for v in store.ATMOS_VARS}
     variables |= {v: (("latitude", "longitude"), static[v]) for v in store.STATIC_VARS}
     cube = xr.Dataset(variables, coords=coords)
     for v in cube.data_vars:

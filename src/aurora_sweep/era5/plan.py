@@ -30,6 +30,24 @@ SURFACE_REQUEST = {
     "10m_v_component_of_wind": "10v",
     "mean_sea_level_pressure": "msl",
 }
+#: Aurora 1.5's other instantaneous surface inputs, asked with SURFACE_REQUEST when a study
+#: uses it (microsoft/aurora's Aurora 1.5 example names the same CDS variables).
+V15_SURFACE_REQUEST = {
+    "2m_dewpoint_temperature": "2d",
+    "total_column_water_vapour": "tcwv",
+    "total_cloud_cover": "tcc",
+    "100m_u_component_of_wind": "100u",
+    "100m_v_component_of_wind": "100v",
+    "surface_pressure": "sp",
+    "low_cloud_cover": "lcc",
+    "medium_cloud_cover": "mcc",
+    "high_cloud_cover": "hcc",
+    "skin_temperature": "skt",
+    "soil_temperature_level_1": "stl1",
+    "volumetric_soil_water_layer_1": "swvl1",
+    "sea_ice_cover": "ci",
+    "snow_depth": "sd",
+}
 ATMOS_REQUEST = {
     "geopotential": "z",
     "u_component_of_wind": "u",
@@ -54,10 +72,14 @@ SINGLE_LEVEL_NAMES = {
     "z": "static_z",
     "lsm": "static_lsm",
     "slt": "static_slt",
-}
+    # Aurora 1.5's surface inputs: the CDS's short names
+    "d2m": "2d", "tcwv": "tcwv", "tcc": "tcc", "u100": "100u", "v100": "100v", "sp": "sp",
+    "lcc": "lcc", "mcc": "mcc", "hcc": "hcc", "skt": "skt", "stl1": "stl1", "swvl1": "swvl1",
+    "siconc": "ci", "sd": "sd",
+}  # fmt: skip
 #: Where each store variable comes from, for error messages.
 ORIGIN = {
-    **{v: (SINGLE_LEVELS, k) for k, v in SURFACE_REQUEST.items()},
+    **{v: (SINGLE_LEVELS, k) for k, v in (SURFACE_REQUEST | V15_SURFACE_REQUEST).items()},
     **{v: (PRESSURE_LEVELS, k) for k, v in ATMOS_REQUEST.items()},
     **{v: (SINGLE_LEVELS, k) for k, v in STATIC_REQUEST.items()},
     "tp": (SINGLE_LEVELS, "total_precipitation"),
@@ -66,6 +88,9 @@ UNITS = {
     "2t": "K", "10u": "m s-1", "10v": "m s-1", "msl": "Pa", "tp": "mm",
     "z": "m2 s-2", "u": "m s-1", "v": "m s-1", "t": "K", "q": "kg kg-1",
     "static_z": "m2 s-2", "static_lsm": "1", "static_slt": "1",
+    "2d": "K", "tcwv": "kg m-2", "tcc": "1", "100u": "m s-1", "100v": "m s-1", "sp": "Pa",
+    "lcc": "1", "mcc": "1", "hcc": "1", "skt": "K", "stl1": "K", "swvl1": "m3 m-3", "ci": "1",
+    "sd": "m of water equivalent",
 }  # fmt: skip
 
 #: Fields (variable x level x time step) per request; the CDS refuses much larger ones.
@@ -141,6 +166,11 @@ def _dated(base: dict, year: int, month: int, days: Sequence[int]) -> dict:
     }
 
 
+def surface_request(data: DataConfig) -> list[str]:
+    """The CDS names of the instantaneous surface variables the store needs."""
+    return list(SURFACE_REQUEST) + (list(V15_SURFACE_REQUEST) if data.v15_inputs else [])
+
+
 def plan_requests(config: StudyConfig, *, max_fields: int = FIELDS_PER_REQUEST) -> list[Request]:
     """The CDS requests that together hold everything the store needs.
 
@@ -161,7 +191,7 @@ def plan_requests(config: StudyConfig, *, max_fields: int = FIELDS_PER_REQUEST) 
             "static.nc",
         )
     ]
-    surface = _base_request(data, list(SURFACE_REQUEST), MODEL_HOURS)
+    surface = _base_request(data, surface_request(data), MODEL_HOURS)
     rain = _base_request(data, list(TP_REQUEST), range(24))
     atmos = {**_base_request(data, list(ATMOS_REQUEST), MODEL_HOURS)}
     atmos["pressure_level"] = [str(lv) for lv in levels]
@@ -206,7 +236,8 @@ def estimate_download(config: StudyConfig) -> DownloadEstimate:
     points = nlat * nlon
     fields = sum(r.fields for r in plan)
     n_times = len(model_times(data.period))
-    store_fields = n_times * (len(store.SURF_VARS) + 1 + len(store.ATMOS_VARS) * len(data.levels))
+    surface = len(store.surface_vars(data.v15_inputs)) + 1
+    store_fields = n_times * (surface + len(store.ATMOS_VARS) * len(data.levels))
     return DownloadEstimate(
         len(plan), fields, points, fields * points * 4, store_fields * points * 4
     )
