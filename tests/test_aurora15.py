@@ -83,3 +83,99 @@ def test_a_checkpoint_of_another_model_is_refused_in_one_line(checkpoint, tmp_pa
         load_v15(bad, SMALL)
     with pytest.raises(AuroraSweepError, match="cannot build Aurora 1.5"):
         build_v15((("embed_dim", "wide"),))
+
+
+# ------------------------------------------------------------------------------------------
+# Static fields and batches from a store
+
+
+def _global_statics(names) -> dict[str, np.ndarray]:
+    """A test's static file: each field its global row index * 10000 + column index."""
+    rows, cols = np.meshgrid(np.arange(721), np.arange(1440), indexing="ij")
+    return {k: (rows * 10000 + cols + i * 1e8).astype(np.float32) for i, k in enumerate(names)}
+
+
+@pytest.fixture(scope="module")
+def static_file(tmp_path_factory, checkpoint):
+    import pickle
+
+    names = load_v15(checkpoint, SMALL).static_vars
+    path = tmp_path_factory.mktemp("static") / "aurora-0.25-v1.5-static.pickle"
+    path.write_bytes(pickle.dumps(_global_statics(names)))
+    return path, names
+
+
+def test_the_static_fields_are_cut_at_the_stores_points_across_0(static_file):
+    from aurora_sweep.aurora15 import crop_statics, read_statics
+
+    path, names = static_file
+    statics = read_statics(path, names)
+    assert len(statics) == 36 and statics["slt_3"].shape == (721, 1440)
+    cut = crop_statics(statics, np.array([50.0, 49.75]), np.array([-0.5, -0.25, 0.0, 0.25]))
+    # 50°N is row 160; 0.5°W is column 1438 of the 0..359.75 grid, 0.25°E column 1
+    np.testing.assert_array_equal(cut["lsm"][0] % 1e8, [1601438, 1601439, 1600000, 1600001])
+    np.testing.assert_array_equal(cut["lsm"][1] - cut["lsm"][0], [10000] * 4)
+    with pytest.raises(AuroraSweepError, match="not on Aurora 1.5's 0.25° grid"):
+        crop_statics(statics, np.array([50.1]), np.array([0.0]))
+
+
+def test_a_static_file_that_is_not_aurora15s_is_refused_without_running_it(tmp_path):
+    import os
+    import pickle
+
+    from aurora_sweep.aurora15 import read_statics
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "ran"),))
+
+    evil = tmp_path / "evil.pickle"
+    evil.write_bytes(pickle.dumps({"lsm": Payload()}))
+    with pytest.raises(AuroraSweepError, match="is not Aurora 1.5's static pickle"):
+        read_statics(evil, ("lsm",))
+    assert not (tmp_path / "ran").exists()
+    partial = tmp_path / "partial.pickle"
+    partial.write_bytes(pickle.dumps({"lsm": np.zeros((721, 1440), np.float32)}))
+    with pytest.raises(AuroraSweepError, match="lacks the static field"):
+        read_statics(partial, ("lsm", "slt_0"))
+
+
+@pytest.fixture(scope="module")
+def v15_samples(tmp_path_factory):
+    """The tiny demo study's validation samples, from a store with Aurora 1.5's inputs."""
+    from aurora_sweep.config import load_config
+    from aurora_sweep.data import open_cube
+    from aurora_sweep.dataset import Samples
+    from conftest import write_tiny_config
+
+    root = tmp_path_factory.mktemp("v15-store")
+    path = write_tiny_config(root)
+    path.write_text(path.read_text().replace(
+        "[data]", 'baselines = ["persistence", "climatology", "aurora-1.5"]\n\n[data]', 1))  # fmt: skip
+    config = load_config(path, workdir=root)
+    return Samples(open_cube(config), config.data, "validation")
+
+
+def test_aurora15_forecasts_precipitation_from_a_stores_batch(checkpoint, static_file, v15_samples):
+    from aurora.insolation import insolation
+
+    from aurora_sweep.aurora15 import crop_statics, read_statics, v15_batch
+
+    model = load_v15(checkpoint, SMALL)
+    path, names = static_file
+    samples = v15_samples
+    lat, lon = samples.cube["latitude"].values, samples.cube["longitude"].values
+    cut = crop_statics(read_statics(path, names), lat, lon)
+    statics = {k: torch.from_numpy((v % 1e4) / 1e4) for k, v in cut.items()}  # values of 0..1
+    batch = v15_batch(samples, [0, 3], statics)
+    assert set(batch.surf_vars) == set(input_variables(model)) and len(batch.surf_vars) == 19
+    assert set(batch.static_vars) == set(model.static_vars)
+    t = samples.index[[0, 3]]
+    np.testing.assert_array_equal(batch.surf_vars["scaled_sd"][:, 1], samples.read(t, ["sd"])["sd"])
+    assert torch.isfinite(batch.surf_vars["ci"]).all()  # sea ice NaN over land -> 0
+    sun = insolation([samples.times[t[1]].to_pydatetime()], lat, lon, enforce_2d=True)[0]
+    np.testing.assert_allclose(batch.surf_vars["insolation"][1, 1].numpy(), sun, rtol=1e-6)
+    assert batch.metadata.atmos_levels == (500, 700, 850)
+    total, last = hourly_totals(model, batch, 1)
+    assert total.shape == (2, *samples.grid) and torch.isfinite(total).all()
+    assert last.metadata.time[0] == samples.times[t[0]].to_pydatetime() + dt.timedelta(hours=6)

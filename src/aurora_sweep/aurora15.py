@@ -16,17 +16,28 @@ loop (tested) in a sixth of the passes.
 from __future__ import annotations
 
 import dataclasses
+import pickle
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from aurora_sweep.bases import Base
+from aurora_sweep.bases import HF_REPO, Base
+from aurora_sweep.errors import AuroraSweepError
+from aurora_sweep.store import AURORA_V15_NAMES, SURF_VARS, V15_SURF_VARS
 
 #: The checkpoint microsoft/aurora publishes for Aurora 1.5 (pinned as the other bases are).
 V15 = Base(
     "v1.5", "AuroraV1p5", "aurora-0.25-v1.5.ckpt", "a96afd7ee6d65e3bd2d476f3be798a25a56f2296",
     summary="Aurora 1.5, 1.3 B parameters, 26 surface variables with hourly precipitation",
 )  # fmt: skip
+#: Its 36 static fields on the global 0.25° grid (721 latitudes from 90° to -90°, 1440
+#: longitudes from 0°), as microsoft/aurora publishes them beside the checkpoint: its example
+#: loads them from this file rather than building them from the CDS (soil and vegetation types
+#: one-hot, orography as the model was trained on), and so does aurora-sweep.
+STATIC_FILE = "aurora-0.25-v1.5-static.pickle"
+GLOBAL_SHAPE = (721, 1440)
+GLOBAL_STEP = 0.25
 #: Its hourly precipitation (m over the hour before the valid time), and the hours of a step.
 HOURLY_TP = "scaled_tp_1h"
 STEP_HOURS = 6
@@ -37,8 +48,6 @@ def build_v15(arch: tuple[tuple[str, object], ...] = ()) -> torch.nn.Module:
     """AuroraV1p5 with its own variables and defaults, and the constructor overrides `arch`
     (a reduced width for tests: `[model.arch.v1.5]`)."""
     import aurora
-
-    from aurora_sweep.errors import AuroraSweepError
 
     try:
         return aurora.AuroraV1p5(**dict(arch))
@@ -114,3 +123,120 @@ def hourly_totals(model, batch, steps: int = 1, *, hours_per_pass: int = STEP_HO
             last = _rows(pred, (len(hours) - 1) * b, len(hours) * b)  # the pass's last hour
         batch = _advance_batch(batch, model.apply_rollout_input_clipping(last))
     return total.cpu() * MM_PER_M, last
+
+
+# --------------------------------------------------------------------------------------------
+# Static fields and batches
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """An unpickler that builds numpy arrays and nothing else: a downloaded pickle runs no code."""
+
+    ALLOWED = {
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"), ("builtins", "dict"),
+    }  # fmt: skip
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not a numpy array")
+        return super().find_class(module, name)
+
+
+def read_statics(path: Path, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Aurora 1.5's global static fields from `path` (`STATIC_FILE`), each of `names`
+    (the model's `static_vars`) a (721, 1440) float32 array."""
+    try:
+        with open(path, "rb") as f:
+            table = _ArraysOnly(f).load()
+    except FileNotFoundError:
+        raise AuroraSweepError(f"no Aurora 1.5 static file at {path}") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+        raise AuroraSweepError(
+            f"{path} is not Aurora 1.5's static pickle ({e}): download {STATIC_FILE} from "
+            f"huggingface.co/{HF_REPO} again"
+        ) from None
+    if not isinstance(table, dict):
+        raise AuroraSweepError(f"{path} does not hold a table of static fields")
+    missing = [k for k in names if k not in table]
+    if missing:
+        raise AuroraSweepError(
+            f"{path} lacks the static field(s) {', '.join(missing[:4])}: it is not the static "
+            f"file of Aurora 1.5 ({STATIC_FILE})"
+        )
+    bad = [k for k in names if np.shape(table[k]) != GLOBAL_SHAPE]
+    if bad:
+        raise AuroraSweepError(
+            f"{path}: {bad[0]} is {np.shape(table[bad[0]])}, not the global 0.25° grid "
+            f"{GLOBAL_SHAPE}"
+        )
+    return {k: np.asarray(table[k], dtype=np.float32) for k in names}
+
+
+def crop_statics(
+    statics: dict[str, np.ndarray], lat: np.ndarray, lon: np.ndarray
+) -> dict[str, np.ndarray]:
+    """The global fields at a store's grid points (latitudes, longitudes in degrees, any
+    frame): each point must lie on the 0.25° grid."""
+    rows = (90.0 - np.asarray(lat, dtype=float)) / GLOBAL_STEP
+    cols = np.mod(np.asarray(lon, dtype=float), 360.0) / GLOBAL_STEP
+    for what, idx in (("latitude", rows), ("longitude", cols)):
+        if np.abs(idx - np.round(idx)).max(initial=0) > 1e-6:
+            raise AuroraSweepError(
+                f"the store's {what}s are not on Aurora 1.5's 0.25° grid: use a [data] grid "
+                "that is a multiple of 0.25° between whole-degree edges"
+            )
+    r, c = np.round(rows).astype(int), np.round(cols).astype(int) % GLOBAL_SHAPE[1]
+    return {k: v[np.ix_(r, c)] for k, v in statics.items()}
+
+
+def v15_batch(samples, indices, statics: dict[str, torch.Tensor]):
+    """The two input times of `samples` (`dataset.Samples` of a store with Aurora 1.5's inputs)
+    at `indices`, as the batch Aurora 1.5 reads: its 18 surface inputs under its names (NaN,
+    sea ice over land, as 0, as its example does), the prescribed insolation at each input
+    time, its static fields (`crop_statics`, as tensors) and the pressure levels."""
+    from aurora import Batch, Metadata
+    from aurora.insolation import insolation
+
+    from aurora_sweep.store import ATMOS_VARS
+
+    t = samples.index[np.asarray(indices)]
+    names = (*SURF_VARS, *V15_SURF_VARS)
+    arrays = samples.read(np.stack([t - 1, t], axis=1), (*names, *ATMOS_VARS))
+    shaped = {k: a.reshape(len(t), 2, *a.shape[1:]) for k, a in arrays.items()}
+    surf = {AURORA_V15_NAMES.get(k, k): np.nan_to_num(shaped[k], nan=0.0) for k in names}
+    lat = samples.cube["latitude"].values.astype(np.float32)
+    lon = np.mod(samples.cube["longitude"].values, 360.0).astype(np.float32)  # true longitudes
+    when = [samples.times[i].to_pydatetime() for i in np.stack([t - 1, t], axis=1).reshape(-1)]
+    sun = np.asarray(insolation(when, lat, lon, enforce_2d=True), dtype=np.float32)
+    surf["insolation"] = sun.reshape(len(t), 2, len(lat), len(lon))
+    return Batch(
+        surf_vars={k: torch.from_numpy(v) for k, v in surf.items()},
+        static_vars=statics,
+        atmos_vars={k: torch.from_numpy(shaped[k]) for k in ATMOS_VARS},
+        metadata=Metadata(  # the model's longitudes, as `Samples` gives them
+            lat=samples.lat,
+            lon=samples.lon,
+            atmos_levels=samples.levels,
+            time=tuple(samples.times[i].to_pydatetime() for i in t),
+        ),  # fmt: skip
+    )
+
+
+def resolve_statics(path: Path | None) -> Path:
+    """The static file: a given path, or the pinned one in the Hugging Face cache."""
+    if path is not None:
+        if not Path(path).is_file():
+            raise AuroraSweepError(f"no Aurora 1.5 static file at {path}")
+        return Path(path)
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(HF_REPO, STATIC_FILE, revision=V15.revision))
+    except Exception as e:  # offline and not cached, or the hub refused
+        raise AuroraSweepError(
+            f"cannot get {STATIC_FILE} from huggingface.co/{HF_REPO} ({type(e).__name__}): on a "
+            f"machine with internet run `huggingface-cli download {HF_REPO} {STATIC_FILE} "
+            f"--revision {V15.revision}` and give the file as [model] v15_static = PATH"
+        ) from None

@@ -34,7 +34,14 @@ from aurora import Batch, Metadata
 from aurora_sweep.config import DataConfig, Period
 from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.recipe import MIN_GRID_POINTS
-from aurora_sweep.store import ATMOS_VARS, AURORA_STATIC, STATIC_VARS, SURF_VARS, TARGET_VAR
+from aurora_sweep.store import (
+    ATMOS_VARS,
+    AURORA_STATIC,
+    STATIC_VARS,
+    SURF_VARS,
+    TARGET_VAR,
+    V15_SURF_VARS,
+)
 
 PATCH = 4
 STEP = np.timedelta64(6, "h")
@@ -75,7 +82,8 @@ class StoreReader:
         self.cols = _offset_slice(lon, cube["longitude"].values, "longitude")
         levels = [int(v) for v in store["level"].values]
         self.level_pos = [levels.index(int(v)) for v in cube["level"].values]
-        self.arrays = {name: group[name] for name in (*SURF_VARS, TARGET_VAR, *ATMOS_VARS)}
+        names = [n for n in (*SURF_VARS, *V15_SURF_VARS, TARGET_VAR, *ATMOS_VARS) if n in group]
+        self.arrays = {name: group[name] for name in names}
         self.meta = {name: self._raw_layout(name) for name in self.arrays}
 
     def _raw_layout(self, name: str) -> dict | None:
@@ -384,11 +392,13 @@ class Samples:
         }  # fmt: skip
 
     def _arrays(self) -> dict[str, np.ndarray]:
-        """The cube's arrays in memory, made once (views of the loaded cube, no copy)."""
+        """The cube's arrays in memory, made once (views of the loaded cube, no copy);
+        Aurora 1.5's surface inputs where the store has them."""
         if self._memory is None:
+            names = [k for k in (*SURF_VARS, *V15_SURF_VARS) if k in self.cube]
             self._memory = {
                 k: np.asarray(self.cube[k].values, dtype=np.float32)
-                for k in (*SURF_VARS, TARGET_VAR, *ATMOS_VARS)
+                for k in (*names, TARGET_VAR, *ATMOS_VARS)
             }
         return self._memory
 
