@@ -28,6 +28,8 @@ LEVELS = (500, 850)
 def checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     model = build_v15(SMALL)
+    with torch.no_grad():  # a random head's log-space output overflows exp: keep it near 0
+        model.decoder.surf_heads[HOURLY_TP].weight.mul_(0.01)
     path = tmp_path_factory.mktemp("v15") / "aurora-v1.5-small.ckpt"
     torch.save(model.state_dict(), path)
     return path
@@ -89,10 +91,16 @@ def test_a_checkpoint_of_another_model_is_refused_in_one_line(checkpoint, tmp_pa
 # Static fields and batches from a store
 
 
-def _global_statics(names) -> dict[str, np.ndarray]:
-    """A test's static file: each field its global row index * 10000 + column index."""
+def _global_statics(names, coded: bool = False) -> dict[str, np.ndarray]:
+    """A test's static fields: smooth values of 0..1, or (`coded`) each point's global row
+    index * 10000 + column index."""
     rows, cols = np.meshgrid(np.arange(721), np.arange(1440), indexing="ij")
-    return {k: (rows * 10000 + cols + i * 1e8).astype(np.float32) for i, k in enumerate(names)}
+    if coded:
+        return {k: (rows * 10000 + cols + i * 1e8).astype(np.float32) for i, k in enumerate(names)}
+    return {
+        k: (0.5 + 0.5 * np.sin(rows / 40 + cols / 90 + i)).astype(np.float32)
+        for i, k in enumerate(names)
+    }
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +117,8 @@ def test_the_static_fields_are_cut_at_the_stores_points_across_0(static_file):
     from aurora_sweep.aurora15 import crop_statics, read_statics
 
     path, names = static_file
-    statics = read_statics(path, names)
-    assert len(statics) == 36 and statics["slt_3"].shape == (721, 1440)
+    assert len(read_statics(path, names)) == 36
+    statics = _global_statics(names, coded=True)
     cut = crop_statics(statics, np.array([50.0, 49.75]), np.array([-0.5, -0.25, 0.0, 0.25]))
     # 50°N is row 160; 0.5°W is column 1438 of the 0..359.75 grid, 0.25°E column 1
     np.testing.assert_array_equal(cut["lsm"][0] % 1e8, [1601438, 1601439, 1600000, 1600001])
@@ -141,11 +149,13 @@ def test_a_static_file_that_is_not_aurora15s_is_refused_without_running_it(tmp_p
 
 
 @pytest.fixture(scope="module")
-def v15_samples(tmp_path_factory):
-    """The tiny demo study's validation samples, from a store with Aurora 1.5's inputs."""
+def v15_study(tmp_path_factory, checkpoint, static_file):
+    """The tiny demo study with the "aurora-1.5" baseline (its store holds Aurora 1.5's
+    inputs), Aurora 1.5 from this test's checkpoint and static file."""
+    import dataclasses
+
     from aurora_sweep.config import load_config
     from aurora_sweep.data import open_cube
-    from aurora_sweep.dataset import Samples
     from conftest import write_tiny_config
 
     root = tmp_path_factory.mktemp("v15-store")
@@ -153,7 +163,22 @@ def v15_samples(tmp_path_factory):
     path.write_text(path.read_text().replace(
         "[data]", 'baselines = ["persistence", "climatology", "aurora-1.5"]\n\n[data]', 1))  # fmt: skip
     config = load_config(path, workdir=root)
-    return Samples(open_cube(config), config.data, "validation")
+    model = dataclasses.replace(
+        config.model, checkpoints={"v1.5": checkpoint}, arch={"v1.5": SMALL},
+        v15_static=static_file[0],
+    )  # fmt: skip
+    config = dataclasses.replace(config, model=model)
+    open_cube(config)
+    return config
+
+
+@pytest.fixture(scope="module")
+def v15_samples(v15_study):
+    """The tiny demo study's validation samples, from a store with Aurora 1.5's inputs."""
+    from aurora_sweep.data import open_cube
+    from aurora_sweep.dataset import Samples
+
+    return Samples(open_cube(v15_study), v15_study.data, "validation")
 
 
 def test_aurora15_forecasts_precipitation_from_a_stores_batch(checkpoint, static_file, v15_samples):
@@ -166,7 +191,7 @@ def test_aurora15_forecasts_precipitation_from_a_stores_batch(checkpoint, static
     samples = v15_samples
     lat, lon = samples.cube["latitude"].values, samples.cube["longitude"].values
     cut = crop_statics(read_statics(path, names), lat, lon)
-    statics = {k: torch.from_numpy((v % 1e4) / 1e4) for k, v in cut.items()}  # values of 0..1
+    statics = {k: torch.from_numpy(v) for k, v in cut.items()}
     batch = v15_batch(samples, [0, 3], statics)
     assert set(batch.surf_vars) == set(input_variables(model)) and len(batch.surf_vars) == 19
     assert set(batch.static_vars) == set(model.static_vars)
@@ -178,4 +203,42 @@ def test_aurora15_forecasts_precipitation_from_a_stores_batch(checkpoint, static
     assert batch.metadata.atmos_levels == (500, 700, 850)
     total, last = hourly_totals(model, batch, 1)
     assert total.shape == (2, *samples.grid) and torch.isfinite(total).all()
+    assert np.allclose(batch.static_vars["slt_2"].numpy(), cut["slt_2"])
     assert last.metadata.time[0] == samples.times[t[0]].to_pydatetime() + dt.timedelta(hours=6)
+
+
+def test_every_trial_meets_aurora15s_own_precipitation_at_every_lead(
+    checkpoint, static_file, v15_study
+):
+    """The zero-shot baseline scored beside persistence and climatology: its scores are those
+    of its totals scored as a forecast, and a trial's skill against it follows."""
+    import dataclasses
+
+    from aurora_sweep.aurora15 import add_zero_shot, zero_shot_totals
+    from aurora_sweep.data import open_cube
+    from aurora_sweep.evaluation import lead_scores
+    from aurora_sweep.study_data import TrialData
+
+    config = v15_study
+    data = TrialData.prepare(open_cube(config), config)
+    data.leads = {k: v for k, v in data.leads.items() if k in (1, 4)}  # 6 and 24 h
+    add_zero_shot(data, config, "cpu")
+    assert set(data.aurora15) == {1, 4}
+    assert all(np.isfinite(v).all() and v.max() > 0 for v in data.aurora15.values())
+    one = data.leads[4]
+    again = zero_shot_totals({4: one}, checkpoint=checkpoint, static_file=static_file[0],
+                             arch=SMALL)[4]  # fmt: skip
+    np.testing.assert_array_equal(data.aurora15[4], again)
+    persistence = one.persistence(np.arange(len(one)))
+    scores = lead_scores(data, one, persistence, bootstrap=20)
+    as_forecast = lead_scores(
+        dataclasses.replace(data, aurora15={}, baseline_scores={}), one, data.aurora15[4],
+        bootstrap=0,
+    )  # fmt: skip
+    assert np.isfinite(scores["tp_seeps_aurora15"])
+    assert scores["tp_seeps_aurora15"] == pytest.approx(as_forecast["tp_seeps"])
+    assert scores["tp_rmse_aurora15"] == pytest.approx(as_forecast["tp_rmse"])
+    # the "trial" here is persistence itself: no skill against it, some against Aurora 1.5
+    assert scores["tp_skill_persistence"] == pytest.approx(0.0)
+    assert scores["tp_skill_aurora15_q05"] <= scores["tp_skill_aurora15"]
+    assert scores["tp_skill_aurora15"] <= scores["tp_skill_aurora15_q95"]

@@ -22,15 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from aurora_sweep.bases import HF_REPO, Base
+from aurora_sweep.bases import BASELINE_MODELS, HF_REPO
 from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.store import AURORA_V15_NAMES, SURF_VARS, V15_SURF_VARS
 
-#: The checkpoint microsoft/aurora publishes for Aurora 1.5 (pinned as the other bases are).
-V15 = Base(
-    "v1.5", "AuroraV1p5", "aurora-0.25-v1.5.ckpt", "a96afd7ee6d65e3bd2d476f3be798a25a56f2296",
-    summary="Aurora 1.5, 1.3 B parameters, 26 surface variables with hourly precipitation",
-)  # fmt: skip
+#: The checkpoint microsoft/aurora publishes for Aurora 1.5 (pinned as the bases are).
+V15 = BASELINE_MODELS["v1.5"]
 #: Its 36 static fields on the global 0.25° grid (721 latitudes from 90° to -90°, 1440
 #: longitudes from 0°), as microsoft/aurora publishes them beside the checkpoint: its example
 #: loads them from this file rather than building them from the CDS (soil and vegetation types
@@ -240,3 +237,50 @@ def resolve_statics(path: Path | None) -> Path:
             f"machine with internet run `huggingface-cli download {HF_REPO} {STATIC_FILE} "
             f"--revision {V15.revision}` and give the file as [model] v15_static = PATH"
         ) from None
+
+
+# --------------------------------------------------------------------------------------------
+# The zero-shot baseline
+
+
+def zero_shot_totals(
+    leads: dict,
+    *,
+    checkpoint: Path,
+    static_file: Path,
+    arch: tuple = (),
+    device: str = "cpu",
+    batch_size: int = 1,
+) -> dict[int, np.ndarray]:
+    """Aurora 1.5's precipitation, untrained, over each lead's samples (`leads`: model steps ->
+    `dataset.Samples` of a store with its inputs): mm over the lead, (n, lat, lon) per lead,
+    in the samples' order."""
+    model = load_v15(checkpoint, arch, device)
+    first = next(iter(leads.values()))
+    lat, lon = first.cube["latitude"].values, first.cube["longitude"].values
+    cut = crop_statics(read_statics(static_file, tuple(model.static_vars)), lat, lon)
+    statics = {k: torch.from_numpy(v) for k, v in cut.items()}
+    out = {}
+    for steps, samples in leads.items():
+        totals = np.zeros((len(samples), *samples.grid), np.float32)
+        for lo in range(0, len(samples), batch_size):
+            idx = np.arange(lo, min(len(samples), lo + batch_size))
+            totals[idx] = hourly_totals(model, v15_batch(samples, idx, statics), steps)[0].numpy()
+        out[steps] = totals
+    return out
+
+
+def add_zero_shot(data, config, device) -> None:
+    """`data.aurora15` (`study_data.TrialData`): Aurora 1.5's totals on the evaluation split
+    at every lead scored, when the study's baselines ask for them."""
+    from aurora_sweep.model import resolve_checkpoint
+
+    if "aurora-1.5" not in config.baselines:
+        return
+    data.aurora15 = zero_shot_totals(
+        data.leads,
+        checkpoint=resolve_checkpoint("v1.5", config.model.checkpoint_for("v1.5")),
+        static_file=resolve_statics(config.model.v15_static),
+        arch=config.model.arch_for("v1.5"),
+        device=str(device),
+    )

@@ -66,6 +66,17 @@ BASES: dict[str, Base] = {
 }  # fmt: skip
 
 
+#: Models a study runs as they are, beside the bases it adapts: Aurora 1.5, whose own hourly
+#: precipitation is the `[study] baselines` "aurora-1.5" (`aurora15.py`). Their checkpoints and
+#: constructor overrides are given as a base's are ([model.checkpoints], [model.arch.<name>]).
+BASELINE_MODELS: dict[str, Base] = {
+    "v1.5": Base(
+        "v1.5", "AuroraV1p5", "aurora-0.25-v1.5.ckpt", "a96afd7ee6d65e3bd2d476f3be798a25a56f2296",
+        summary="Aurora 1.5, 1.3 B parameters, 26 surface variables with hourly precipitation",
+    ),
+}  # fmt: skip
+
+
 def arch_overrides(values: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
     """Constructor overrides as a sorted, hashable tuple (TOML lists become tuples), the form
     `TrialConfig.arch` keeps."""

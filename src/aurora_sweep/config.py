@@ -99,6 +99,9 @@ class ModelConfig:
     #: constructor overrides per base (`[model.arch.<base>]`), as `bases.arch_overrides` keeps them
     arch: dict[str, tuple] = field(default_factory=dict)
     new_variable: str = "tp"
+    #: Aurora 1.5's static fields (`aurora15.STATIC_FILE`; None: the pinned file in the
+    #: Hugging Face cache), for the "aurora-1.5" baseline
+    v15_static: Path | None = None
 
     def checkpoint_for(self, base: str) -> Path | None:
         """The checkpoint file the study gives for `base`, if any."""
@@ -440,6 +443,9 @@ def _model_config(model: dict, workdir: Path) -> ModelConfig:
             for k, v in per_base_table(model, "arch").items()
         },
         new_variable=new_variable,
+        v15_static=(workdir / as_text(model["v15_static"], "[model] v15_static"))
+        if "v15_static" in model
+        else None,
     )
 
 

@@ -349,9 +349,11 @@ def lead_scores(
     data, samples: Samples, tp: np.ndarray, *, bootstrap: int, terms_out: dict | None = None
 ) -> dict[str, float]:
     """Every tp score of a forecast `tp` of all of `samples` (totals over their lead), against
-    persistence and climatology over the same lead, with that lead's SEEPS climate."""
+    persistence and climatology over the same lead (and Aurora 1.5's own, `data.aurora15`,
+    where the study has it), with that lead's SEEPS climate."""
     times = samples.target_times()
     idx = np.arange(len(samples))
+    zero_shot = getattr(data, "aurora15", None)
     return tp_scores(
         forecast=tp,
         observed=samples.observed(idx),
@@ -366,6 +368,7 @@ def lead_scores(
         bootstrap=bootstrap,
         terms_out=terms_out,
         references=data.baseline_scores.setdefault(samples.steps, {}),
+        others={"aurora15": zero_shot[samples.steps]} if zero_shot else None,
     )
 
 

@@ -215,8 +215,10 @@ def tp_scores(
     seed: int = 0,
     terms_out: dict | None = None,
     references: dict | None = None,
+    others: dict[str, np.ndarray] | None = None,
 ) -> dict[str, float]:
-    """The tp scores of the model and of the persistence and climatology forecasts.
+    """The tp scores of the model and of the persistence and climatology forecasts (and of
+    `others`, such as Aurora 1.5's own: {"aurora15": forecast}).
 
     Keys: every score of the module docstring (`tp_rmse`, ..., `tp_fss_{t}_w{w}`) for the model and
     with the suffixes `_persistence` and `_climatology`; `tp_skill_persistence` and
@@ -235,9 +237,12 @@ def tp_scores(
             samples (as `objective_terms` gives them), for `paired_difference`.
         references: when a dict, the baselines' scores are read from it (keyed by suffix) or kept
             in it: every trial of a study meets the same baselines on the same samples.
+        others: more baselines by name, mm over the lead like `forecast`: scored with the
+            suffix `_<name>`, with a skill `tp_skill_<name>` and its interval.
     """
     check_objective(objective)
     forecasts = {"": forecast, "_persistence": persistence, "_climatology": climatology}
+    forecasts |= {f"_{name}": v for name, v in (others or {}).items()}
     named = {k.removeprefix("_") or "forecast": v for k, v in forecasts.items()}
     _check_inputs(observed, lat, months, hours, seeps, days=days, **named)
     keep = _observed_samples(observed)
@@ -250,7 +255,8 @@ def tp_scores(
         out.update({f"{name}{suffix}": v for name, v in scores_.items()})
     if terms_out is not None:
         terms_out["num"], terms_out["den"] = (_spread(keep, t) for t in terms[""])
-    for ref in ("persistence", "climatology"):
+    refs = [k.removeprefix("_") for k in forecasts if k]
+    for ref in refs:
         out[f"tp_skill_{ref}"] = skill(out[objective], out[f"{objective}_{ref}"])
     if bootstrap > 0:
         out |= _intervals(objective, terms, np.asarray(days)[keep], bootstrap, block_days, seed)
@@ -286,7 +292,7 @@ def _intervals(
     block_days: int,
     seed: int,
 ) -> dict[str, float]:
-    """The 5 % and 95 % quantiles of the model's objective and of both skills over a block
+    """The 5 % and 95 % quantiles of the model's objective and of each skill over a block
     bootstrap of `days`, from each forecast's per-sample terms (keyed by suffix, "" the model's)."""
     resamples = block_bootstrap(days, n_resamples=n_resamples, block_days=block_days, seed=seed)
     value = {
@@ -294,7 +300,7 @@ def _intervals(
         for s, pair in terms.items()
     }
     out = dict(zip((f"{objective}_q05", f"{objective}_q95"), interval(value[""])))
-    for ref in ("persistence", "climatology"):
+    for ref in (s.removeprefix("_") for s in terms if s):
         skills = np.array([skill(m, r) for m, r in zip(value[""], value[f"_{ref}"])])
         out[f"tp_skill_{ref}_q05"], out[f"tp_skill_{ref}_q95"] = interval(skills)
     return out

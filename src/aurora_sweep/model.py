@@ -34,7 +34,7 @@ import aurora
 import torch
 from aurora import Aurora
 
-from aurora_sweep.bases import BASES, HF_REPO
+from aurora_sweep.bases import BASELINE_MODELS, BASES, HF_REPO
 from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.recipe import LORA_METHODS, METHODS
 
@@ -122,7 +122,7 @@ def resolve_checkpoint(base: str, checkpoint: Path | None) -> Path:
         return DEMO_CHECKPOINT
     from huggingface_hub import hf_hub_download
 
-    spec = BASES[base]
+    spec = (BASES | BASELINE_MODELS)[base]
     try:
         return Path(hf_hub_download(HF_REPO, spec.checkpoint_name, revision=spec.revision))
     except Exception as e:  # offline and not cached, or the hub refused

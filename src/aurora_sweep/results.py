@@ -7,7 +7,6 @@ again.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import tempfile
@@ -111,6 +110,7 @@ def prepare_evaluation(adapter: Path, *, split: str, checkpoint: Path | None = N
     The same splits and baselines as the trial had (the model carries its own tp statistics),
     and the base model's scores on `split` for the forgetting ratios.
     """
+    from aurora_sweep.aurora15 import add_zero_shot
     from aurora_sweep.data import open_cube
     from aurora_sweep.devices import default_device
     from aurora_sweep.evaluation import base_state_mse
@@ -125,13 +125,10 @@ def prepare_evaluation(adapter: Path, *, split: str, checkpoint: Path | None = N
     meta = read_meta(adapter)
     config = load_config(adapter / "study.toml")
     trial = TrialConfig.from_dict(meta["trial"])
-    cube = open_cube(config)
-    # the data on the levels the trial trained on (the store is the study's, all its levels)
-    on_levels = dataclasses.replace(
-        config, data=dataclasses.replace(config.data, levels=trial.levels)
-    )
-    data = TrialData.prepare(cube, on_levels, eval_split=split)
     device = default_device()
+    data = TrialData.prepare(open_cube(config), config, eval_split=split)
+    add_zero_shot(data, config, device)  # on the study's levels, as every trial met it
+    data = data.for_levels(trial.levels)  # the levels the trial trained on
     model = load_finetuned(adapter, checkpoint=checkpoint, device=str(device))
     path = resolve_checkpoint(trial.base, checkpoint)
     data.base_mse = {  # by lead, the trial's base in its precision on its levels

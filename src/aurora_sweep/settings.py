@@ -270,13 +270,15 @@ def study_objectives(study: dict) -> tuple[str, tuple[str, ...]]:
 
 
 def per_base_table(model: dict, key: str) -> dict:
-    """A [model.<key>] table keyed by base name; an unknown base is refused by name."""
+    """A [model.<key>] table keyed by base name (or "v1.5", the baseline model); an unknown
+    name is refused by name."""
+    from aurora_sweep.bases import BASELINE_MODELS
+
     table = as_table(model.get(key, {}), f"[model.{key}]")
+    known = (*BASE_MODELS, *BASELINE_MODELS)
     for name in table:
-        if name not in BASE_MODELS:
-            raise AuroraSweepError(
-                f"[model.{key}] {name}: not a base; {nearest(name, BASE_MODELS)}"
-            )
+        if name not in known:
+            raise AuroraSweepError(f"[model.{key}] {name}: not a base; {nearest(name, known)}")
     return table
 
 

@@ -54,6 +54,9 @@ class TrialData:
     _train_by_steps: dict[int, Samples] = field(default_factory=dict, repr=False)
     #: the baselines' scores at each lead, computed with the first trial's (`metrics.tp_scores`)
     baseline_scores: dict[int, dict] = field(default_factory=dict, repr=False)
+    #: Aurora 1.5's own totals (mm over the lead) on each lead's samples, by model steps, for
+    #: the "aurora-1.5" baseline (`aurora15.add_zero_shot`); empty: not a baseline here
+    aurora15: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
     #: the levels the study's data holds ([data] levels), and this data on subsets of them
     study_levels: tuple[int, ...] = ()
     _by_levels: dict[tuple[int, ...], TrialData] = field(default_factory=dict, repr=False)
@@ -92,6 +95,7 @@ class TrialData:
             self._by_levels[levels] = view
         view = self._by_levels[levels]
         view.base_mse, view.baseline_scores = self.base_mse, self.baseline_scores  # shared
+        view.aurora15 = self.aurora15
         return view
 
     def reference_key(self, base: str, precision: str, levels: tuple[int, ...]) -> str:

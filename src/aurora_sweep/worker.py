@@ -289,6 +289,7 @@ class _Session:
         """Load the study's data and score the base model in the first precision searched."""
         import torch
 
+        from aurora_sweep.aurora15 import add_zero_shot
         from aurora_sweep.config import load_config
         from aurora_sweep.data import open_cube
         from aurora_sweep.devices import default_device
@@ -305,6 +306,7 @@ class _Session:
                 cuda_memory_fraction(spec.memory_cap, total), device
             )
         data = TrialData.prepare(open_cube(config), config)
+        add_zero_shot(data, config, device)  # Aurora 1.5's own totals, where a baseline
         check_objective_defined(data)
         for steps in config.search.rollout_steps:  # refused now, not trial after trial
             data.train_for(steps)
