@@ -250,11 +250,11 @@ def zero_shot_totals(
     static_file: Path,
     arch: tuple = (),
     device: str = "cpu",
-    batch_size: int = 1,
+    batch_size: int = 2,
 ) -> dict[int, np.ndarray]:
     """Aurora 1.5's precipitation, untrained, over each lead's samples (`leads`: model steps ->
     `dataset.Samples` of a store with its inputs): mm over the lead, (n, lat, lon) per lead,
-    in the samples' order."""
+    in the samples' order; `batch_size` samples a pass, each of its six hours a row."""
     model = load_v15(checkpoint, arch, device)
     first = next(iter(leads.values()))
     lat, lon = first.cube["latitude"].values, first.cube["longitude"].values

@@ -196,6 +196,11 @@ def _best_line(config) -> str:
         + (f" (90 % interval {ci[0]:.4f}–{ci[1]:.4f})" if ci else "")
         + f"; skill vs persistence {a.get('tp_skill_persistence' + sfx):+.3f}, "
         f"vs climatology {a.get('tp_skill_climatology' + sfx):+.3f}"
+        + (
+            f", vs Aurora 1.5 untrained {a.get('tp_skill_aurora15' + sfx):+.3f}"
+            if a.value("tp_skill_aurora15" + sfx) is not None
+            else ""
+        )
         + (f"; worst forgetting {forgot[0]} ×{forgot[1]:.2f}" if forgot else "")
         + front
     )

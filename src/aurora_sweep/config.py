@@ -55,8 +55,7 @@ from aurora_sweep.settings import (
 )
 
 MIB = 2**20  # bytes in a MiB: memory is reported in MB of 2**20 bytes
-#: What a trial's precipitation is compared with (`[study] baselines`): persistence and
-#: climatology are always scored; "aurora-1.5" is Aurora 1.5's own, with no training.
+#: `[study] baselines`: persistence and climatology (always scored), Aurora 1.5 untrained.
 BASELINES = ("persistence", "climatology", "aurora-1.5")
 
 
@@ -199,8 +198,7 @@ class StudyConfig:
     #: How a trial's peak is predicted (`memory.estimate_peak`): "traced" runs its step on
     #: fake tensors, "fitted" adds up coefficients; "auto" traces where a cap decides what runs.
     memory_estimate: str = "auto"
-    #: What every trial is compared with, besides the base model: persistence and climatology
-    #: (always), and "aurora-1.5", Aurora 1.5's own precipitation with no training
+    #: What every trial's tp is compared with (`BASELINES`)
     baselines: tuple[str, ...] = ("persistence", "climatology")
 
     def __post_init__(self) -> None:
@@ -443,7 +441,7 @@ def _model_config(model: dict, workdir: Path) -> ModelConfig:
             for k, v in per_base_table(model, "arch").items()
         },
         new_variable=new_variable,
-        v15_static=(workdir / as_text(model["v15_static"], "[model] v15_static"))
+        v15_static=workdir / as_text(model["v15_static"], "[model] v15_static")
         if "v15_static" in model
         else None,
     )

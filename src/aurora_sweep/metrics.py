@@ -217,13 +217,12 @@ def tp_scores(
     references: dict | None = None,
     others: dict[str, np.ndarray] | None = None,
 ) -> dict[str, float]:
-    """The tp scores of the model and of the persistence and climatology forecasts (and of
-    `others`, such as Aurora 1.5's own: {"aurora15": forecast}).
+    """The tp scores of the model and of the persistence, climatology and `others` forecasts.
 
     Keys: every score of the module docstring (`tp_rmse`, ..., `tp_fss_{t}_w{w}`) for the model and
-    with the suffixes `_persistence` and `_climatology`; `tp_skill_persistence` and
-    `tp_skill_climatology` on `objective`; when `bootstrap` > 0, the 5 % and 95 % quantiles
-    (`_q05`, `_q95`) of the objective and both skills over a paired block bootstrap of days.
+    with each baseline's suffix (`_persistence`, ...); `tp_skill_<baseline>` on `objective`; when
+    `bootstrap` > 0, the 5 % and 95 % quantiles (`_q05`, `_q95`) of the objective and each skill
+    over a paired block bootstrap of days.
 
     Args:
         forecast, persistence, climatology: the model's, persistence's (tp at the last input
@@ -236,9 +235,8 @@ def tp_scores(
         terms_out: when a dict, filled with the model's per-sample `"num"` and `"den"` over all n
             samples (as `objective_terms` gives them), for `paired_difference`.
         references: when a dict, the baselines' scores are read from it (keyed by suffix) or kept
-            in it: every trial of a study meets the same baselines on the same samples.
-        others: more baselines by name, mm over the lead like `forecast`: scored with the
-            suffix `_<name>`, with a skill `tp_skill_<name>` and its interval.
+            in it: every trial meets the same baselines on the same samples.
+        others: more baselines by name, as `forecast` (Aurora 1.5's: {"aurora15": ...}).
     """
     check_objective(objective)
     forecasts = {"": forecast, "_persistence": persistence, "_climatology": climatology}
@@ -255,8 +253,7 @@ def tp_scores(
         out.update({f"{name}{suffix}": v for name, v in scores_.items()})
     if terms_out is not None:
         terms_out["num"], terms_out["den"] = (_spread(keep, t) for t in terms[""])
-    refs = [k.removeprefix("_") for k in forecasts if k]
-    for ref in refs:
+    for ref in (k.removeprefix("_") for k in forecasts if k):
         out[f"tp_skill_{ref}"] = skill(out[objective], out[f"{objective}_{ref}"])
     if bootstrap > 0:
         out |= _intervals(objective, terms, np.asarray(days)[keep], bootstrap, block_days, seed)

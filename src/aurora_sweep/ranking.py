@@ -179,8 +179,10 @@ def top_trials_table(
         f"feasible trial with its 90 % interval, ≈: it contains 0; ✗: forgets more than "
         f"×{config.max_forgetting:g}, never the answer; *: a reference recipe)"
     )
+    zero_shot = "aurora-1.5" in config.baselines
     cols = ("trial", objective, "90 % interval", "Δ best", "≈", "skill pers.", "skill clim.",
-            "worst forgetting", "recipe", "peak MB", "s")  # fmt: skip
+            *(("skill A1.5",) if zero_shot else ()), "worst forgetting", "recipe", "peak MB",
+            "s")  # fmt: skip
     for c in cols:
         table.add_column(c, justify="left" if c in ("recipe", "worst forgetting") else "right")
     shown = listed[:top]
@@ -198,9 +200,17 @@ def top_trials_table(
             str(t.number), f"{score(t):.4f}", f"{ci[0]:.4f}–{ci[1]:.4f}" if ci else "-",
             "" if same else f"{delta[0]:+.4f} [{delta[1]:+.4f}, {delta[2]:+.4f}]",
             "" if same or distinguishable(delta) else "≈", _skill(a, "persistence" + sfx),
-            _skill(a, "climatology" + sfx), worst, recipe(t),
+            _skill(a, "climatology" + sfx),
+            *((_skill(a, "aurora15" + sfx),) if zero_shot else ()), worst, recipe(t),
             f"{a.get('peak_memory_mb'):.0f}", f"{a.get('trial_seconds'):.1f}",
         )  # fmt: skip
+    if zero_shot and shown:  # the baseline itself: the same samples for every trial
+        value = TrialRecord.of(shown[0]).value(f"{objective}_aurora15{sfx}")
+        if value is not None:
+            table.add_row(
+                "A1.5", f"{value:.4f}", "-", "", "", "", "", "", "-",
+                "Aurora 1.5 untrained (zero-shot baseline)", "", "",
+            )  # fmt: skip
     return table
 
 

@@ -83,7 +83,7 @@ def write_store(ds: xr.Dataset, path: Path) -> Path:
     for name, var in ds.data_vars.items():
         # uncompressed, four times per chunk: a time of a variable is a contiguous run of raw
         # float32 in its chunk file, read with one readinto per level and nothing to
-        # decompress (`dataset.StoreReader`); see bench/bench_loader.py for the layouts measured
+        # decompress (`reader.StoreReader`); see bench/bench_loader.py for the layouts measured
         chunks = tuple(min(4, n) if d == "time" else n for d, n in zip(var.dims, var.shape))
         encoding[name] = {"chunks": chunks, "compressors": None}
     ds.to_zarr(tmp, mode="w", encoding=encoding, consolidated=True, zarr_format=2)
