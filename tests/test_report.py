@@ -131,3 +131,21 @@ def test_a_forgetting_row_worse_at_a_later_lead_only_is_highlighted_and_leads_ge
     page = render_report(**report_args(forgetting=rows, leads=leads))
     assert "By lead time" in page and "ratio at 24h" in page
     assert page.count("<tr class='worse'>") == 1  # 10v: fine at 6 h, ×1.4 at 24 h
+
+
+def test_the_zero_shot_aurora15_baseline_has_its_columns_where_the_study_scored_it():
+    from aurora_sweep.report import lead_rows, report_rows
+
+    scores = {"tp_seeps": 0.3, "tp_seeps_q05": 0.28, "tp_seeps_q95": 0.32,
+              "tp_seeps_persistence": 0.5, "tp_seeps_climatology": 0.9,
+              "tp_skill_persistence": 0.4, "tp_skill_climatology": 0.667}  # fmt: skip
+    plain = render_report(**report_args(leads=lead_rows(scores, "tp_seeps")))
+    assert "Aurora 1.5" not in plain
+    scores |= {"tp_seeps_aurora15": 0.4, "tp_skill_aurora15": 0.25}
+    rows = report_rows(scores, "tp_seeps")
+    assert [r["score"] for r in rows if r["score"].startswith("tp_skill")][
+        -1
+    ] == "tp_skill_aurora15"
+    page = render_report(**report_args(leads=lead_rows(scores, "tp_seeps")))
+    leads = table(page, "leads")
+    assert "<th>Aurora 1.5</th>" in leads and "<td>0.4000</td>" in leads and "+0.250" in leads

@@ -203,8 +203,10 @@ def _leads_section(leads: Sequence[Mapping[str, object]]) -> list[str]:
     """The objective against both baselines, skill and worst forgetting at each lead."""
     if not leads:
         return []
-    cols = ("lead", "objective", "90 % interval", "persistence", "climatology",
-            "skill vs persistence", "skill vs climatology", "worst forgetting")  # fmt: skip
+    zero_shot = ("Aurora 1.5", "skill vs Aurora 1.5") if "Aurora 1.5" in leads[0] else ()
+    cols = ("lead", "objective", "90 % interval", "persistence", "climatology", *zero_shot[:1],
+            "skill vs persistence", "skill vs climatology", *zero_shot[1:],
+            "worst forgetting")  # fmt: skip
     out = [
         "<h2>By lead time</h2>",
         "<table class='leads'>",
@@ -217,7 +219,13 @@ def _leads_section(leads: Sequence[Mapping[str, object]]) -> list[str]:
         "</table>",
         "<p class='legend'>tp totals over the lead (mm); beyond 6 h the model is rolled out, each "
         "forecast fed back as its next input; persistence is the observed total over the lead's "
-        "length ending at the start, climatology the train-split mean of the same windows.</p>",
+        "length ending at the start, climatology the train-split mean of the same windows"
+        + (
+            "; Aurora 1.5 its own hourly precipitation summed over the lead, untrained"
+            if zero_shot
+            else ""
+        )
+        + ".</p>",
     ]
 
 
@@ -337,8 +345,10 @@ def report_rows(scores: dict[str, float], objective: str) -> list[dict]:
             "higher_is_better": bool(higher), "target": target,
         }  # fmt: skip
         rows.append(row)
-    for ref in ("persistence", "climatology"):
+    for ref in ("persistence", "climatology", "aurora15"):
         name = f"tp_skill_{ref}"
+        if name not in scores:  # Aurora 1.5 untrained: where the study has that baseline
+            continue
         rows.append({
             "score": name, "label": f"skill vs {ref} (1 − {objective}/{objective}_{ref})",
             "model": scores[name], "q05": scores.get(f"{name}_q05"),
@@ -388,6 +398,9 @@ def lead_rows(scores: dict[str, float], objective: str) -> list[dict]:
             "skill vs climatology": f"{scores['tp_skill_climatology' + sfx]:+.3f}",
             "worst forgetting": f"{worst[0]} ×{worst[1]:.2f}" if worst else "",
         })  # fmt: skip
+        if f"{objective}_aurora15{sfx}" in scores:  # the zero-shot Aurora 1.5 baseline
+            rows[-1]["Aurora 1.5"] = f"{scores[f'{objective}_aurora15{sfx}']:.4f}"
+            rows[-1]["skill vs Aurora 1.5"] = f"{scores['tp_skill_aurora15' + sfx]:+.3f}"
     return rows
 
 
