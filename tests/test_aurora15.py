@@ -5,6 +5,7 @@ fields `aurora.rollout` gives with `fine_lead_times` 1..6 (each clamped at 0).""
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -243,7 +244,11 @@ def test_a_study_with_the_aurora15_baseline_scores_it_and_best_shows_it(
     tmp_path, checkpoint, static_file, v15_study, monkeypatch
 ):
     """A study whose store holds Aurora 1.5's inputs runs a trial; the trial carries Aurora
-    1.5's scores and its skill against them, and `best` prints the zero-shot row."""
+    1.5's scores and its skill against them, and `best` prints the zero-shot row. Aurora 1.5
+    runs once per study: resumed without its checkpoint, the study scores the next trial
+    against the same baseline."""
+    import shutil
+
     from typer.testing import CliRunner
 
     from aurora_sweep.cli import _best_line, app
@@ -255,10 +260,11 @@ def test_a_study_with_the_aurora15_baseline_scores_it_and_best_shows_it(
     arch = "\n".join(
         f"{k} = {str(list(v)) if isinstance(v, tuple) else str(v).lower()}" for k, v in SMALL
     )
+    own = shutil.copy(checkpoint, tmp_path / "v15.ckpt")
     text = v15_study.path.read_text().replace(
         '[model]\nbase = "demo"',
         f'[model]\nbase = "demo"\nv15_static = "{static_file[0]}"\n\n'
-        f'[model.checkpoints]\n"v1.5" = "{checkpoint}"\n\n[model.arch."v1.5"]\n{arch}',
+        f'[model.checkpoints]\n"v1.5" = "{own}"\n\n[model.arch."v1.5"]\n{arch}',
     ).replace(
         'store = "data/tiny/store.zarr"', f'store = "{v15_study.data.store}"'
     ).replace('"2023-04-30"]  # four months', '"2023-01-31"]  # one month')  # fmt: skip
@@ -272,6 +278,14 @@ def test_a_study_with_the_aurora15_baseline_scores_it_and_best_shows_it(
     for name in ("tp_seeps_aurora15", "tp_skill_aurora15", "tp_seeps_aurora15_24h",
                  "tp_skill_aurora15_q05"):  # fmt: skip
         assert np.isfinite(scores[name]), name
+    kept = open_study(config, create=False).user_attrs["aurora15_by_lead"]
+    assert set(kept) == {"1", "2", "4"}
+    assert kept["1"]["scores"]["tp_seeps"] == pytest.approx(scores["tp_seeps_aurora15"])
+    Path(own).unlink()  # a resumed study does not run Aurora 1.5 again
+    run_study(config, trials=2)
+    second = TrialRecord.of(open_study(config, create=False).trials[1]).scores
+    assert second["tp_seeps_aurora15_24h"] == pytest.approx(scores["tp_seeps_aurora15_24h"])
+    assert second["tp_seeps_24h"] != scores["tp_seeps_24h"]  # another trial, the same baseline
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, ["best", "--config", str(path)])
     assert result.exit_code == 0, result.output

@@ -270,12 +270,16 @@ def zero_shot_totals(
     return out
 
 
-def add_zero_shot(data, config, device) -> None:
+def add_zero_shot(data, config, device, known: dict | None = None) -> None:
     """`data.aurora15` (`study_data.TrialData`): Aurora 1.5's totals on the evaluation split
-    at every lead scored, when the study's baselines ask for them."""
+    at every lead scored, when the study's baselines ask for them; or, given the scores a
+    first worker made of them (`known`, `references_of`), those scores and no run at all."""
     from aurora_sweep.model import resolve_checkpoint
 
     if "aurora-1.5" not in config.baselines:
+        return
+    if known:
+        restore_references(data, known)
         return
     data.aurora15 = zero_shot_totals(
         data.leads,
@@ -284,3 +288,31 @@ def add_zero_shot(data, config, device) -> None:
         arch=config.model.arch_for("v1.5"),
         device=str(device),
     )
+
+
+def references_of(data) -> dict[str, dict]:
+    """The zero-shot baseline's scores and per-sample objective terms at each lead, made once
+    (JSON: the study keeps them, `records.AURORA15`, and later workers reuse them instead of
+    running Aurora 1.5 again); empty when `data` has no zero-shot totals."""
+    from aurora_sweep.evaluation import ZERO_SHOT, lead_scores
+
+    out = {}
+    for steps, samples in data.leads.items():
+        if steps not in data.aurora15:
+            continue
+        refs = data.baseline_scores.setdefault(steps, {})
+        if ZERO_SHOT not in refs:  # its scores, made as a trial's baselines are
+            lead_scores(data, samples, data.aurora15[steps], bootstrap=0)
+        scores, (num, den) = refs[ZERO_SHOT]
+        out[str(steps)] = {"scores": scores, "num": np.asarray(num).tolist(),
+                           "den": np.asarray(den).tolist()}  # fmt: skip
+    return out
+
+
+def restore_references(data, known: dict[str, dict]) -> None:
+    """The zero-shot baseline's scores from `references_of`, as `lead_scores` keeps them."""
+    from aurora_sweep.evaluation import ZERO_SHOT
+
+    for steps, entry in known.items():
+        terms = (np.asarray(entry["num"], float), np.asarray(entry["den"], float))
+        data.baseline_scores.setdefault(int(steps), {})[ZERO_SHOT] = (dict(entry["scores"]), terms)

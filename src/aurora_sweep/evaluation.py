@@ -29,6 +29,9 @@ from aurora_sweep.recipe import LEADS, lead_suffix
 from aurora_sweep.seeps import SEEPS_P_DRY_RANGE
 from aurora_sweep.store import ATMOS_VARS, SURF_VARS, TARGET_VAR
 
+#: The key of the zero-shot Aurora 1.5 baseline among a lead's baseline scores.
+ZERO_SHOT = "_aurora15"
+
 
 def eval_batch_size(train_batch: int, device: torch.device) -> int:
     """Samples per forecast pass when scoring.
@@ -353,7 +356,10 @@ def lead_scores(
     where the study has it), with that lead's SEEPS climate."""
     times = samples.target_times()
     idx = np.arange(len(samples))
-    zero_shot = getattr(data, "aurora15", None)
+    references = data.baseline_scores.setdefault(samples.steps, {})
+    zero_shot = (getattr(data, "aurora15", None) or {}).get(samples.steps)
+    # Aurora 1.5's totals, or its scores made once per study (`aurora15.references_of`)
+    others = {"aurora15": zero_shot} if zero_shot is not None or ZERO_SHOT in references else None
     return tp_scores(
         forecast=tp,
         observed=samples.observed(idx),
@@ -367,8 +373,8 @@ def lead_scores(
         objective=data.objective,
         bootstrap=bootstrap,
         terms_out=terms_out,
-        references=data.baseline_scores.setdefault(samples.steps, {}),
-        others={"aurora15": zero_shot[samples.steps]} if zero_shot else None,
+        references=references,
+        others=others,
     )
 
 

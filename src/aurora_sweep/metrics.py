@@ -236,12 +236,14 @@ def tp_scores(
             samples (as `objective_terms` gives them), for `paired_difference`.
         references: when a dict, the baselines' scores are read from it (keyed by suffix) or kept
             in it: every trial meets the same baselines on the same samples.
-        others: more baselines by name, as `forecast` (Aurora 1.5's: {"aurora15": ...}).
+        others: more baselines by name, as `forecast` (Aurora 1.5's: {"aurora15": ...}), or
+            None for one whose scores `references` already holds.
     """
     check_objective(objective)
     forecasts = {"": forecast, "_persistence": persistence, "_climatology": climatology}
     forecasts |= {f"_{name}": v for name, v in (others or {}).items()}
-    named = {k.removeprefix("_") or "forecast": v for k, v in forecasts.items()}
+    # a baseline given as None is one scored before, in `references`
+    named = {k.removeprefix("_") or "forecast": v for k, v in forecasts.items() if v is not None}
     _check_inputs(observed, lat, months, hours, seeps, days=days, **named)
     keep = _observed_samples(observed)
     kept = dict(observed=_take(keep, observed), lat=lat, seeps=seeps)
@@ -273,6 +275,8 @@ def _scores_of(
     and kept there otherwise."""
     if suffix and references is not None and suffix in references:
         return references[suffix]  # the same baselines, scored before: nothing to cut
+    if values is None:
+        raise ValueError(f"the baseline {suffix[1:]} has neither a forecast nor scores")
     k = kept
     result = _all_scores(objective, _take(keep, values), k["observed"], k["lat"], k["months"],
                          k["hours"], k["seeps"])  # fmt: skip

@@ -23,6 +23,9 @@ SCORES = "scores"
 #: (a study written when one base was searched keyed it by precision alone, under another name:
 #: its base scores are computed again, once)
 BASE_MSE = "base_mse_by_base"
+#: the study's user attribute with the zero-shot Aurora 1.5 baseline's scores by lead, made by
+#: the first worker (`aurora15.references_of`)
+AURORA15 = "aurora15_by_lead"
 #: the variable with the worst forgetting ratio at a lead: FORGET_WORST + lead suffix
 FORGET_WORST = "forget_worst"
 #: attributes that hold numbers but are not scores (a study before SCORES stored both flat)

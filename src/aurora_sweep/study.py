@@ -27,7 +27,7 @@ from rich.console import Console
 
 from aurora_sweep.config import MIB, StudyConfig
 from aurora_sweep.devices import plan_devices
-from aurora_sweep.records import BASE_MSE, TrialRecord
+from aurora_sweep.records import AURORA15, BASE_MSE, TrialRecord
 from aurora_sweep.scheduler import Sweep
 from aurora_sweep.space import check_search, enqueue_references
 from aurora_sweep.storage import (
@@ -207,7 +207,8 @@ def _start_workers(config: StudyConfig, study: optuna.Study, devices: list, fit,
     spec = WorkerSpec(
         config_path=config.path, workdir=config.workdir, checkpoint=config.model.checkpoint,
         memory_cap=config.gpu_memory_cap, extra={"data": _adapter_data(config)},
-        fit=fit, base_mse=study.user_attrs.get(BASE_MSE), **devices[0],
+        fit=fit, base_mse=study.user_attrs.get(BASE_MSE),
+        aurora15=study.user_attrs.get(AURORA15), **devices[0],
     )  # fmt: skip
     first = TrialWorker(spec)
     first.launch()  # it imports torch, Aurora and peft while the data are made or opened
@@ -223,8 +224,12 @@ def _start_workers(config: StudyConfig, study: optuna.Study, devices: list, fit,
         raise
     if BASE_MSE not in study.user_attrs:  # the base model's scores: once per study
         study.set_user_attr(BASE_MSE, info["base_mse"])
+    if info.get("aurora15") and AURORA15 not in study.user_attrs:  # Aurora 1.5's, too
+        study.set_user_attr(AURORA15, info["aurora15"])
     # the other workers, and a replacement (after an OOM or a crash), reuse them
-    first.spec = dataclasses.replace(spec, base_mse=info["base_mse"])
+    first.spec = dataclasses.replace(
+        spec, base_mse=info["base_mse"], aurora15=info.get("aurora15") or None
+    )
     pool = [first] + [TrialWorker(dataclasses.replace(first.spec, **d)) for d in devices[1:]]
     return pool, info, grid, lon_shift
 

@@ -10,7 +10,7 @@ trial starts in a fresh process with nothing left over.
 Each completed trial leaves its adapter in `adapter_dir` and its figures (PNG) in the folder
 `figures` beside it.
 
-Messages, parent -> worker: `("start", base_mse)` first (a worker may be launched before the data
+Messages, parent -> worker: `("start", base_mse, aurora15)` first (a worker may be launched before the data
 exist, and imports torch meanwhile), `("trial", trial_dict, adapter_dir)`, `("continue" | "prune")` in
 answer to a report, `("stop",)`. Worker -> parent: `("ready", info)`, `("report", step, value)`,
 and one `("outcome", outcome)` per trial, an `outcomes.Complete`, `Pruned`, `OutOfMemory` or
@@ -49,6 +49,9 @@ class WorkerSpec:
     #: as far as the study already has it (each precision computed once, by the first worker
     #: whose trial needs it: a trial is compared with the base run in its own precision).
     base_mse: dict[str, dict[str, dict[str, float]]] | None = None
+    #: The zero-shot Aurora 1.5 baseline's scores by lead, once the study has them
+    #: (`aurora15.references_of`): a worker given them does not run Aurora 1.5
+    aurora15: dict[str, dict] | None = None
     #: The training function, sent to the worker by reference (`train.fit` when None): the
     #: seam through which tests make a trial run out of memory or kill its worker.
     fit: Callable[..., Any] | None = None
@@ -105,7 +108,7 @@ class TrialWorker:
             self.launch()
         assert self.conn is not None
         try:
-            self.conn.send(("start", self.spec.base_mse))
+            self.conn.send(("start", self.spec.base_mse, self.spec.aurora15))
         except (BrokenPipeError, OSError):
             pass  # it died while importing: _receive reports how
         kind, payload = self._receive(timeout=None)
@@ -260,7 +263,7 @@ def serve(conn, spec: WorkerSpec) -> None:
     if message[0] != "start":
         return
     try:
-        session = _Session.open(dataclasses.replace(spec, base_mse=message[1]))
+        session = _Session.open(dataclasses.replace(spec, base_mse=message[1], aurora15=message[2]))
     except AuroraSweepError as e:
         conn.send(("error", {"message": str(e)}))
         return
@@ -306,7 +309,7 @@ class _Session:
                 cuda_memory_fraction(spec.memory_cap, total), device
             )
         data = TrialData.prepare(open_cube(config), config)
-        add_zero_shot(data, config, device)  # Aurora 1.5's own totals, where a baseline
+        add_zero_shot(data, config, device, spec.aurora15)  # where Aurora 1.5 is a baseline
         check_objective_defined(data)
         for steps in config.search.rollout_steps:  # refused now, not trial after trial
             data.train_for(steps)
@@ -327,10 +330,13 @@ class _Session:
         return self.checkpoints[base]
 
     def info(self) -> dict[str, Any]:
+        from aurora_sweep.aurora15 import references_of
+
         return {"train": len(self.data.train), "validation": len(self.data.validation),
                 "device": str(self.device),
                 "checkpoint": str(self.checkpoint_for(self.config.bases[0])),
-                "base_mse": self.data.base_mse}  # fmt: skip
+                "base_mse": self.data.base_mse,
+                "aurora15": self.spec.aurora15 or references_of(self.data)}  # fmt: skip
 
     def base_scores(self, base: str, precision: str, levels: tuple[int, ...]) -> None:
         """The base model's scores in `precision` on `levels`, once: when a trial first needs
