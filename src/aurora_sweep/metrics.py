@@ -236,13 +236,11 @@ def tp_scores(
             samples (as `objective_terms` gives them), for `paired_difference`.
         references: when a dict, the baselines' scores are read from it (keyed by suffix) or kept
             in it: every trial meets the same baselines on the same samples.
-        others: more baselines by name, as `forecast` (Aurora 1.5's: {"aurora15": ...}), or
-            None for one whose scores `references` already holds.
+        others: more baselines by name as `forecast` ({"aurora15": ...}; None: in references).
     """
     check_objective(objective)
     forecasts = {"": forecast, "_persistence": persistence, "_climatology": climatology}
     forecasts |= {f"_{name}": v for name, v in (others or {}).items()}
-    # a baseline given as None is one scored before, in `references`
     named = {k.removeprefix("_") or "forecast": v for k, v in forecasts.items() if v is not None}
     _check_inputs(observed, lat, months, hours, seeps, days=days, **named)
     keep = _observed_samples(observed)
@@ -293,8 +291,7 @@ def _intervals(
     block_days: int,
     seed: int,
 ) -> dict[str, float]:
-    """The 5 % and 95 % quantiles of the model's objective and of each skill over a block
-    bootstrap of `days`, from each forecast's per-sample terms (keyed by suffix, "" the model's)."""
+    """The 5/95 % quantiles of the objective and each skill over a block bootstrap of `days`."""
     resamples = block_bootstrap(days, n_resamples=n_resamples, block_days=block_days, seed=seed)
     value = {
         s: objective_from(objective, *(resampled_sums(t, resamples) for t in pair))
