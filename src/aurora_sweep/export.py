@@ -231,6 +231,12 @@ def write_model_card(directory: Path, *, study: str, number: int) -> Path:
         scale=meta["tp_stats"]["scale"],
         dir=Path(directory).name,
     )
+    if any("_aurora15" in k for k in meta["metrics"]):
+        card += (
+            "\n## Against Aurora 1.5 untrained\n\n`*_aurora15` scores Aurora 1.5's own "
+            "precipitation (its hourly `scaled_tp_1h` summed over the lead, no training) on the "
+            "same samples; `tp_skill_aurora15` above 0 beats it.\n"
+        )
     if meta.get("references"):
         card += "\n## Against the study's reference recipes (validation split)\n\n" + "".join(
             f"- {line}\n" for line in meta["references"]
