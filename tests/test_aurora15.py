@@ -273,3 +273,16 @@ def test_a_study_with_the_aurora15_baseline_scores_it_and_best_shows_it(
     card = (tmp_path / "out" / "README.md").read_text()
     assert "Against Aurora 1.5 untrained" in card and "| tp_skill_aurora15 |" in card
     assert "vs Aurora 1.5 untrained" in _best_line(config)  # the line `run` ends with
+
+
+def test_the_demo_world_writes_aurora15s_inputs_for_a_study_that_uses_it(v15_study):
+    from aurora_sweep import store
+    from aurora_sweep.data import open_cube
+
+    cube = open_cube(v15_study)
+    assert all(v in cube for v in store.V15_SURF_VARS)
+    land = cube["static_lsm"].values > 0.5
+    ci = cube["ci"].isel(time=0).values
+    assert np.isnan(ci[land]).all() and (ci[~land] == 0).all()  # ERA5's sea-ice mask
+    assert float(cube["sd"].min()) >= 0 and float(cube["tcc"].max()) <= 1
+    assert (cube["2d"] <= cube["2t"]).all()  # the dew point is never above the temperature

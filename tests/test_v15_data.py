@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 from aurora_sweep import era5, store
-from aurora_sweep.config import load_config
-from aurora_sweep.data import open_cube, store_mismatch
+from aurora_sweep.data import store_mismatch
 from aurora_sweep.errors import AuroraSweepError
 from era5_fixtures import field_value, study_config, write_study_files
 
@@ -66,18 +65,3 @@ def test_files_without_aurora15s_inputs_are_refused_in_one_line(tmp_path):
 def test_a_bad_baseline_is_refused_in_one_line(tmp_path):
     with pytest.raises(AuroraSweepError, match=r"\[study\] baselines: 'aurora-2' is not one of"):
         study_config(tmp_path, study='baselines = ["aurora-2"]')
-
-
-def test_the_demo_world_writes_aurora15s_inputs_for_a_study_that_uses_it(tmp_path):
-    from conftest import write_tiny_config
-
-    path = write_tiny_config(tmp_path)
-    path.write_text(path.read_text().replace("[data]", V15 + "\n\n[data]", 1))
-    config = load_config(path, workdir=tmp_path)
-    cube = open_cube(config)
-    assert all(v in cube for v in store.V15_SURF_VARS)
-    land = cube["static_lsm"].values > 0.5
-    ci = cube["ci"].isel(time=0).values
-    assert np.isnan(ci[land]).all() and (ci[~land] == 0).all()  # ERA5's sea-ice mask
-    assert float(cube["sd"].min()) >= 0 and float(cube["tcc"].max()) <= 1
-    assert (cube["2d"] <= cube["2t"]).all()  # the dew point is never above the temperature
