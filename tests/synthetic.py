@@ -107,3 +107,26 @@ def tiny_lora_trial(**changes):
         wrap_longitude=False,
     )  # fmt: skip
     return TrialConfig(**(recipe | changes))
+
+
+def trained_tiny_adapter(root: Path, tiny_store: Path, trial):
+    """An adapter of `trial` on the tiny study (its train split on the trial's levels), trained
+    for two steps and saved under `root / "adapter"`; the adapter's path and the study config."""
+    from aurora_sweep.config import load_config
+    from aurora_sweep.dataset import Samples, tp_stats
+    from aurora_sweep.export import save_adapter
+    from aurora_sweep.model import DEMO_CHECKPOINT
+    from aurora_sweep.store import open_store
+    from aurora_sweep.train import build_trial_model
+    from conftest import write_tiny_config
+
+    config = load_config(write_tiny_config(root, store=tiny_store), workdir=root)
+    train = Samples(open_store(tiny_store), config.data, "train").with_levels(trial.levels)
+    stats = tp_stats(train.cube, config.data.train)
+    peft_model, _, parts = build_trial_model(trial, stats, DEMO_CHECKPOINT)
+    train_steps(peft_model, train, steps=2, offset=3)
+    save_adapter(
+        root / "adapter", model=peft_model, parts=parts, trial=trial, tp=stats,
+        checkpoint=DEMO_CHECKPOINT, study_config=config.path, metrics={},
+    )  # fmt: skip
+    return root / "adapter", config

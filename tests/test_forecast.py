@@ -11,12 +11,10 @@ import xarray as xr
 from typer.testing import CliRunner
 
 from aurora_sweep.cli import app
-from aurora_sweep.dataset import Samples, tp_stats
-from aurora_sweep.export import load_finetuned, save_adapter
-from aurora_sweep.model import DEMO_CHECKPOINT
+from aurora_sweep.dataset import Samples
+from aurora_sweep.export import load_finetuned
 from aurora_sweep.store import open_store
-from aurora_sweep.train import build_trial_model
-from synthetic import tiny_lora_trial, train_steps
+from synthetic import tiny_lora_trial, trained_tiny_adapter
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -24,21 +22,7 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory, tiny_store):
     """A LoRA adapter of the tiny study, trained for two steps."""
-    from aurora_sweep.config import load_config
-    from conftest import write_tiny_config
-
-    root = tmp_path_factory.mktemp("forecast")
-    config = load_config(write_tiny_config(root, store=tiny_store), workdir=root)
-    train = Samples(open_store(tiny_store), config.data, "train")
-    trial = tiny_lora_trial()
-    stats = tp_stats(train.cube, config.data.train)
-    peft_model, _, parts = build_trial_model(trial, stats, DEMO_CHECKPOINT)
-    train_steps(peft_model, train, steps=2, offset=3)
-    save_adapter(
-        root / "adapter", model=peft_model, parts=parts, trial=trial, tp=stats,
-        checkpoint=DEMO_CHECKPOINT, study_config=config.path, metrics={},
-    )  # fmt: skip
-    return root / "adapter", config
+    return trained_tiny_adapter(tmp_path_factory.mktemp("forecast"), tiny_store, tiny_lora_trial())
 
 
 def _first_test_day(config) -> str:

@@ -15,16 +15,14 @@ from typer.testing import CliRunner
 from aurora_sweep import memory
 from aurora_sweep.cli import app
 from aurora_sweep.config import load_config
-from aurora_sweep.dataset import Samples, tp_stats
+from aurora_sweep.dataset import Samples
 from aurora_sweep.errors import AuroraSweepError
-from aurora_sweep.export import load_finetuned, save_adapter
-from aurora_sweep.model import DEMO_CHECKPOINT
+from aurora_sweep.export import load_finetuned
 from aurora_sweep.records import base_key
 from aurora_sweep.space import enqueue_references, reference_trial, sample_trial
 from aurora_sweep.store import open_store
-from aurora_sweep.train import build_trial_model
 from conftest import write_tiny_config
-from synthetic import tiny_lora_trial, train_steps
+from synthetic import tiny_lora_trial, trained_tiny_adapter
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -139,17 +137,7 @@ def test_the_estimate_follows_the_levels_and_one_trace_serves_same_sized_subsets
 def one_level_adapter(tmp_path_factory, tiny_store):
     """A LoRA adapter of the tiny study trained on 850 hPa alone, two steps."""
     root = tmp_path_factory.mktemp("levels")
-    config = load_config(write_tiny_config(root, store=tiny_store), workdir=root)
-    train = Samples(open_store(tiny_store), config.data, "train").with_levels((850,))
-    trial = tiny_lora_trial(levels=(850,))
-    stats = tp_stats(train.cube, config.data.train)
-    peft_model, _, parts = build_trial_model(trial, stats, DEMO_CHECKPOINT)
-    train_steps(peft_model, train, steps=2, offset=3)
-    save_adapter(
-        root / "adapter", model=peft_model, parts=parts, trial=trial, tp=stats,
-        checkpoint=DEMO_CHECKPOINT, study_config=config.path, metrics={},
-    )  # fmt: skip
-    return root / "adapter", config
+    return trained_tiny_adapter(root, tiny_store, tiny_lora_trial(levels=(850,)))
 
 
 def test_a_one_level_adapter_forecasts_on_its_level(one_level_adapter, tmp_path):
