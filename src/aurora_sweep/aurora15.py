@@ -227,16 +227,9 @@ def resolve_statics(path: Path | None) -> Path:
         if not Path(path).is_file():
             raise AuroraSweepError(f"no Aurora 1.5 static file at {path}")
         return Path(path)
-    from huggingface_hub import hf_hub_download
+    from aurora_sweep.model import hub_file
 
-    try:
-        return Path(hf_hub_download(HF_REPO, STATIC_FILE, revision=V15.revision))
-    except Exception as e:  # offline and not cached, or the hub refused
-        raise AuroraSweepError(
-            f"cannot get {STATIC_FILE} from huggingface.co/{HF_REPO} ({type(e).__name__}): on a "
-            f"machine with internet run `huggingface-cli download {HF_REPO} {STATIC_FILE} "
-            f"--revision {V15.revision}` and give the file as [model] v15_static = PATH"
-        ) from None
+    return hub_file(STATIC_FILE, V15.revision, "give the file as [model] v15_static = PATH")
 
 
 # --------------------------------------------------------------------------------------------

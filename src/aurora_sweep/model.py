@@ -120,17 +120,27 @@ def resolve_checkpoint(base: str, checkpoint: Path | None) -> Path:
                 f"the demo base checkpoint {DEMO_CHECKPOINT} is missing: reinstall aurora-sweep"
             )
         return DEMO_CHECKPOINT
+    spec = (BASES | BASELINE_MODELS)[base]
+    return hub_file(
+        spec.checkpoint_name, spec.revision,
+        f"copy the file here, then give it as [model.checkpoints] {base} = PATH (or "
+        "--checkpoint PATH)",
+    )  # fmt: skip
+
+
+def hub_file(name: str, revision: str, given_as: str) -> Path:
+    """microsoft/aurora's file `name` at `revision`, from the Hugging Face cache (downloaded when
+    the machine can reach the hub); refused in one line saying how to fetch it elsewhere and
+    give it (`given_as`)."""
     from huggingface_hub import hf_hub_download
 
-    spec = (BASES | BASELINE_MODELS)[base]
     try:
-        return Path(hf_hub_download(HF_REPO, spec.checkpoint_name, revision=spec.revision))
+        return Path(hf_hub_download(HF_REPO, name, revision=revision))
     except Exception as e:  # offline and not cached, or the hub refused
         raise AuroraSweepError(
-            f"cannot get {spec.checkpoint_name} from huggingface.co/{HF_REPO} "
-            f"({type(e).__name__}): on a machine with internet run `huggingface-cli download "
-            f"{HF_REPO} {spec.checkpoint_name} --revision {spec.revision}` and copy the file "
-            f"here, then give it as [model.checkpoints] {base} = PATH (or --checkpoint PATH)"
+            f"cannot get {name} from huggingface.co/{HF_REPO} ({type(e).__name__}): on a "
+            f"machine with internet run `huggingface-cli download {HF_REPO} {name} --revision "
+            f"{revision}` and {given_as}"
         ) from None
 
 
