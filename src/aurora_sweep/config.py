@@ -377,8 +377,8 @@ def _study_settings(study: dict) -> dict[str, Any]:
         max_failures=as_whole(given("max_failures"), "[study] max_failures", minimum=1),
         lead_steps=parse_lead(study.get("lead", LEADS[_default(StudyConfig, "lead_steps")]),
                               "[study] lead"),
-        baselines=choices(study.get("baselines", ["persistence", "climatology"]), "baselines",
-                          str, BASELINES, "study"),
+        baselines=choices(study.get("baselines", list(_default(StudyConfig, "baselines"))),
+                          "baselines", str, BASELINES, "study"),
     )  # fmt: skip
 
 

@@ -252,18 +252,14 @@ class Samples:
         # the cube without its atmospheric variables: they are read through `read` alone, so
         # nothing can take the cube's level axis for the subset's
         other.cube = self.cube.drop_dims("level", errors="ignore")
-        # positions in the arrays the data is read from (the cube's level axis, unchanged)
-        other._level_pick = [self._level_pos(i) for i in pick]
-        if self._reader is not None:
+        if self._reader is not None:  # the reader reads the subset itself
             other._reader = copy.copy(self._reader)
             other._reader.level_pos = [self._reader.level_pos[i] for i in pick]
-            other._level_pick = None  # the reader reads the subset itself
-        else:
-            other._memory = self._arrays()  # shared, not copied
+        else:  # positions on the level axis of the arrays in memory, shared, not copied
+            held = self._level_pick or list(range(len(self.levels)))
+            other._level_pick = [held[i] for i in pick]
+            other._memory = self._arrays()
         return other
-
-    def _level_pos(self, i: int) -> int:
-        return self._level_pick[i] if self._level_pick is not None else i
 
     def target_times(self) -> pd.DatetimeIndex:
         """Each sample's valid time: `steps` model steps after its last input."""

@@ -13,6 +13,7 @@ from rich.table import Table
 from aurora_sweep.bootstrap import decode_terms, paired_difference
 from aurora_sweep.config import StudyConfig
 from aurora_sweep.records import TrialRecord
+from aurora_sweep.settings import text_levels
 from aurora_sweep.storage import open_study
 
 
@@ -243,7 +244,7 @@ def recipe(trial: optuna.trial.FrozenTrial) -> str:
 
 def _levels_word(levels: list | str) -> str:
     """'500+850hPa' for the levels a trial trained on (a list, or Optuna's '500,850')."""
-    values = levels.split(",") if isinstance(levels, str) else levels
+    values = text_levels(levels) if isinstance(levels, str) else levels
     return "+".join(str(v) for v in values) + "hPa"
 
 

@@ -348,6 +348,11 @@ def levels_text(levels: tuple[int, ...]) -> str:
     return ",".join(map(str, levels))
 
 
+def text_levels(text: str) -> tuple[int, ...]:
+    """The levels of `levels_text`'s '500,850'."""
+    return tuple(int(v) for v in text.split(","))
+
+
 def memory_estimate(resources: dict) -> str:
     """[resources] memory_estimate: "auto", "traced" or "fitted" (`memory.estimate_peak`)."""
     how = as_text(resources.get("memory_estimate", "auto"), "[resources] memory_estimate")

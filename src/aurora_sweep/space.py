@@ -16,7 +16,7 @@ from aurora_sweep.config import StudyConfig
 from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.recipe import FULL_LR, FULL_NEW_VARIABLE_LR, LORA_METHODS, TrialConfig
 from aurora_sweep.records import TrialRecord, attrs
-from aurora_sweep.settings import check_region_size, levels_text
+from aurora_sweep.settings import check_region_size, levels_text, text_levels
 
 
 def sample_trial(trial: optuna.Trial, config: StudyConfig) -> TrialConfig:
@@ -85,8 +85,7 @@ def _levels(trial: optuna.Trial, config: StudyConfig) -> tuple[int, ...]:
     choices = config.level_choices
     if len(choices) == 1:
         return choices[0]
-    picked = trial.suggest_categorical("levels", [levels_text(c) for c in choices])
-    return tuple(int(v) for v in picked.split(","))
+    return text_levels(trial.suggest_categorical("levels", [levels_text(c) for c in choices]))
 
 
 def widest_levels(config: StudyConfig) -> tuple[int, ...]:

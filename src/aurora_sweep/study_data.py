@@ -91,7 +91,6 @@ class TrialData:
                 k: v.with_levels(levels) for k, v in self._train_by_steps.items()
             }
             view._by_levels = {}
-            view.study_levels = self.study_levels
             self._by_levels[levels] = view
         view = self._by_levels[levels]
         view.base_mse, view.baseline_scores = self.base_mse, self.baseline_scores  # shared

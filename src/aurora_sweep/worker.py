@@ -286,13 +286,15 @@ class _Session:
     data: Any  # study_data.TrialData
     device: Any  # torch.device
     checkpoints: dict[str, Path] = field(default_factory=dict)  # by base
+    #: the zero-shot Aurora 1.5 baseline's scores by lead (`aurora15.references_of`), if any
+    zero_shot: dict[str, dict] = field(default_factory=dict)
 
     @classmethod
     def open(cls, spec: WorkerSpec) -> _Session:
         """Load the study's data and score the base model in the first precision searched."""
         import torch
 
-        from aurora_sweep.aurora15 import add_zero_shot
+        from aurora_sweep.aurora15 import add_zero_shot, references_of
         from aurora_sweep.config import load_config
         from aurora_sweep.data import open_cube
         from aurora_sweep.devices import default_device
@@ -314,7 +316,7 @@ class _Session:
         for steps in config.search.rollout_steps:  # refused now, not trial after trial
             data.train_for(steps)
         data.base_mse = dict(spec.base_mse or {})
-        session = cls(spec, config, data, device)
+        session = cls(spec, config, data, device, zero_shot=spec.aurora15 or references_of(data))
         session.base_scores(config.bases[0], config.search.precision[0], config.level_choices[0])
         return session
 
@@ -330,13 +332,11 @@ class _Session:
         return self.checkpoints[base]
 
     def info(self) -> dict[str, Any]:
-        from aurora_sweep.aurora15 import references_of
-
         return {"train": len(self.data.train), "validation": len(self.data.validation),
                 "device": str(self.device),
                 "checkpoint": str(self.checkpoint_for(self.config.bases[0])),
                 "base_mse": self.data.base_mse,
-                "aurora15": self.spec.aurora15 or references_of(self.data)}  # fmt: skip
+                "aurora15": self.zero_shot}  # fmt: skip
 
     def base_scores(self, base: str, precision: str, levels: tuple[int, ...]) -> None:
         """The base model's scores in `precision` on `levels`, once: when a trial first needs
