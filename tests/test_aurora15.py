@@ -286,3 +286,54 @@ def test_the_demo_world_writes_aurora15s_inputs_for_a_study_that_uses_it(v15_stu
     assert np.isnan(ci[land]).all() and (ci[~land] == 0).all()  # ERA5's sea-ice mask
     assert float(cube["sd"].min()) >= 0 and float(cube["tcc"].max()) <= 1
     assert (cube["2d"] <= cube["2t"]).all()  # the dew point is never above the temperature
+
+
+# ------------------------------------------------------------------------------------------
+# Aurora 1.5 as a base a trial fine-tunes
+
+
+def _v15_base(checkpoint, clamp: bool = True):
+    from aurora_sweep.model import build_base, load_base_checkpoint
+
+    model = build_base("v1.5", clamp=clamp, arch=SMALL)
+    load_base_checkpoint(model, checkpoint)
+    return model.eval()
+
+
+def test_the_v15_base_steps_six_hours_as_its_hourly_rollout_does(
+    checkpoint, static_file, v15_samples
+):
+    """Its forward pass from a store's batch is Aurora 1.5's hourly rollout from the same
+    inputs: tp the six hours summed (clamped, in mm), the state its 6-hour prediction under the
+    store's names; a 2-step rollout of it equals `hourly_totals` over two steps."""
+    from aurora import rollout as aurora_rollout
+
+    from aurora_sweep.aurora15 import region_statics, v15_batch
+
+    path, names = static_file
+    statics = region_statics(path, v15_samples, tuple(names))
+    samples = v15_samples.for_v15(statics)
+    model = _v15_base(checkpoint)
+    batch = samples.inputs([0, 3])
+    assert set(batch.surf_vars) == {*samples.surface, "tp"} and "sd" in batch.surf_vars
+    with torch.no_grad():
+        pred = model(batch)
+    reference, last = hourly_totals(load_v15(checkpoint, SMALL), v15_batch(v15_samples, [0, 3],
+                                    statics), 1)  # fmt: skip
+    np.testing.assert_allclose(pred.surf_vars["tp"][:, 0].numpy(), reference.numpy(), rtol=1e-4,
+                               atol=1e-6)  # fmt: skip
+    assert set(pred.surf_vars) == set(batch.surf_vars)  # the store's names, tp among them
+    np.testing.assert_allclose(pred.surf_vars["sd"].numpy(), last.surf_vars["scaled_sd"].numpy(),
+                               rtol=1e-5, atol=1e-7)  # fmt: skip
+    np.testing.assert_allclose(pred.atmos_vars["t"].numpy(), last.atmos_vars["t"].numpy(),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    with torch.no_grad():
+        two = list(aurora_rollout(model, batch, steps=2))
+        total2, _ = hourly_totals(load_v15(checkpoint, SMALL),
+                                  v15_batch(v15_samples, [0, 3], statics), 2)  # fmt: skip
+    summed = (two[0].surf_vars["tp"] + two[1].surf_vars["tp"])[:, 0]
+    np.testing.assert_allclose(summed.numpy(), total2.numpy(), rtol=1e-3, atol=1e-5)
+    # in training the hours are not clamped: the loss sees them raw
+    raw = _v15_base(checkpoint, clamp=False)
+    with torch.no_grad():
+        assert (raw(batch).surf_vars["tp"] <= pred.surf_vars["tp"] + 1e-6).all()

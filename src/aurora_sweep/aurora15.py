@@ -15,7 +15,6 @@ loop (tested) in a sixth of the passes.
 
 from __future__ import annotations
 
-import dataclasses
 import pickle
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import torch
 
 from aurora_sweep.bases import BASELINE_MODELS, HF_REPO
 from aurora_sweep.errors import AuroraSweepError
+from aurora_sweep.hourly import HOURLY_TP, MM_PER_M, STEP_HOURS, rows, stack_hours
 from aurora_sweep.store import AURORA_V15_NAMES, SURF_VARS, V15_SURF_VARS
 
 #: The checkpoint microsoft/aurora publishes for Aurora 1.5 (pinned as the bases are).
@@ -35,10 +35,6 @@ V15 = BASELINE_MODELS["v1.5"]
 STATIC_FILE = "aurora-0.25-v1.5-static.pickle"
 GLOBAL_SHAPE = (721, 1440)
 GLOBAL_STEP = 0.25
-#: Its hourly precipitation (m over the hour before the valid time), and the hours of a step.
-HOURLY_TP = "scaled_tp_1h"
-STEP_HOURS = 6
-MM_PER_M = 1000.0
 
 
 def build_v15(arch: tuple[tuple[str, object], ...] = ()) -> torch.nn.Module:
@@ -68,31 +64,6 @@ def input_variables(model) -> tuple[str, ...]:
     return tuple(v for v in model.surf_vars if v not in model.output_only_surf_vars)
 
 
-def _stack_hours(batch, hours: list[int]):
-    """`batch` repeated once per hour of `hours` along the batch axis (hour-major), with each
-    row's lead time in hours."""
-    n = len(hours)
-    b = next(iter(batch.surf_vars.values())).shape[0]
-    stacked = dataclasses.replace(
-        batch,
-        surf_vars={k: v.repeat(n, *[1] * (v.dim() - 1)) for k, v in batch.surf_vars.items()},
-        atmos_vars={k: v.repeat(n, *[1] * (v.dim() - 1)) for k, v in batch.atmos_vars.items()},
-        metadata=dataclasses.replace(batch.metadata, time=tuple(batch.metadata.time) * n),
-    )
-    lead = torch.tensor([float(h) for h in hours for _ in range(b)])
-    return stacked, lead
-
-
-def _rows(pred, start: int, stop: int):
-    """Rows `start:stop` of a prediction (one hour's samples of a stacked pass)."""
-    return dataclasses.replace(
-        pred,
-        surf_vars={k: v[start:stop] for k, v in pred.surf_vars.items()},
-        atmos_vars={k: v[start:stop] for k, v in pred.atmos_vars.items()},
-        metadata=dataclasses.replace(pred.metadata, time=tuple(pred.metadata.time[start:stop])),
-    )
-
-
 @torch.no_grad()
 def hourly_totals(model, batch, steps: int = 1, *, hours_per_pass: int = STEP_HOURS):
     """Aurora 1.5's precipitation over `steps` 6-hour steps from `batch`, in mm (B, lat, lon),
@@ -112,12 +83,12 @@ def hourly_totals(model, batch, steps: int = 1, *, hours_per_pass: int = STEP_HO
         last = None
         for first in range(1, STEP_HOURS + 1, hours_per_pass):
             hours = list(range(first, min(first + hours_per_pass, STEP_HOURS + 1)))
-            stacked, lead = _stack_hours(batch, hours)
+            stacked, lead = stack_hours(batch, hours)
             pred = model(stacked, lead_times=lead)
             tp = pred.surf_vars[HOURLY_TP][:, 0].float().clamp(min=0)
             part = tp.reshape(len(hours), b, *tp.shape[1:]).sum(dim=0)
             total = part if total is None else total + part
-            last = _rows(pred, (len(hours) - 1) * b, len(hours) * b)  # the pass's last hour
+            last = rows(pred, (len(hours) - 1) * b, len(hours) * b)  # the pass's last hour
         batch = _advance_batch(batch, model.apply_rollout_input_clipping(last))
     return total.cpu() * MM_PER_M, last
 
@@ -221,6 +192,35 @@ def v15_batch(samples, indices, statics: dict[str, torch.Tensor]):
     )
 
 
+def region_statics(path: Path, samples, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Aurora 1.5's static fields `names` from the file at `path`, cut at the grid of
+    `samples` (`dataset.Samples`)."""
+    lat, lon = samples.cube["latitude"].values, samples.cube["longitude"].values
+    cut = crop_statics(read_statics(path, names), lat, lon)
+    return {k: torch.from_numpy(v) for k, v in cut.items()}
+
+
+def static_names(arch: tuple = ()) -> tuple[str, ...]:
+    """The static fields Aurora 1.5 reads: its own, or those `arch` gives it."""
+    import inspect
+
+    import aurora
+
+    default = inspect.signature(aurora.AuroraV1p5).parameters["static_vars"].default
+    return tuple(dict(arch).get("static_vars") or default)
+
+
+def add_region_statics(data, config) -> None:
+    """`data.v15_statics` (`study_data.TrialData`): Aurora 1.5's static fields at the study's
+    grid, when a base the study adapts reads them (`bases.reads_v15_inputs`)."""
+    from aurora_sweep.bases import reads_v15_inputs
+
+    if not any(map(reads_v15_inputs, config.bases)):
+        return
+    path = resolve_statics(config.model.v15_static)
+    data.v15_statics = region_statics(path, data.train, static_names(config.model.arch_for("v1.5")))
+
+
 def resolve_statics(path: Path | None) -> Path:
     """The static file: a given path, or the pinned one in the Hugging Face cache."""
     if path is not None:
@@ -249,10 +249,7 @@ def zero_shot_totals(
     `dataset.Samples` of a store with its inputs): mm over the lead, (n, lat, lon) per lead,
     in the samples' order; `batch_size` samples a pass, each of its six hours a row."""
     model = load_v15(checkpoint, arch, device)
-    first = next(iter(leads.values()))
-    lat, lon = first.cube["latitude"].values, first.cube["longitude"].values
-    cut = crop_statics(read_statics(static_file, tuple(model.static_vars)), lat, lon)
-    statics = {k: torch.from_numpy(v) for k, v in cut.items()}
+    statics = region_statics(static_file, next(iter(leads.values())), tuple(model.static_vars))
     out = {}
     for steps, samples in leads.items():
         totals = np.zeros((len(samples), *samples.grid), np.float32)

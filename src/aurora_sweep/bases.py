@@ -11,6 +11,10 @@ module: the config, the search space and the memory estimate read it without imp
   microsoft/aurora documents as meant for debugging.
 - `pretrained`: AuroraPretrained, the 1.3 B-parameter model of the paper (embed_dim 512, encoder
   depths 6/10/8) with the same variables as the small one.
+- `v1.5`: Aurora 1.5 (AuroraV1p5, 1.3 B parameters, 26 surface variables), which predicts hourly
+  precipitation itself: a trial adapts that output (`own_precipitation`), summed over a step's
+  hours (`hourly.SixHourAurora15`), instead of adding a 6-hour tp. It reads 14 more surface
+  variables and 36 static fields, so a study with it imports them (`DataConfig.v15_inputs`).
 
 A base is built with its own constructor defaults, then `arch` overrides from the study
 (`[model.arch.<base>]`): a test or a quick pipeline check can run a base's class at reduced width
@@ -39,6 +43,9 @@ class Base:
     #: constructor arguments aurora-sweep sets beyond the class's own defaults
     arch: dict[str, Any] = field(default_factory=dict)
     summary: str = ""
+    #: the base's own hourly precipitation output, which a trial adapts (summed over a step's
+    #: hours); None: the base has none, and a trial adds tp as a new variable
+    own_precipitation: str | None = None
 
 
 BASES: dict[str, Base] = {
@@ -63,18 +70,24 @@ BASES: dict[str, Base] = {
         "0be7e57c685dac86b78c4a19a3ab149d13c6a3dd",
         summary="AuroraPretrained, the paper's 1.3 B-parameter model",
     ),
+    "v1.5": Base(
+        "v1.5", "AuroraV1p5", "aurora-0.25-v1.5.ckpt", "a96afd7ee6d65e3bd2d476f3be798a25a56f2296",
+        summary="Aurora 1.5, 1.3 B parameters, 26 surface variables with hourly precipitation",
+        own_precipitation="scaled_tp_1h",
+    ),
 }  # fmt: skip
 
 
 #: Models a study runs as they are, beside the bases it adapts: Aurora 1.5, whose own hourly
-#: precipitation is the `[study] baselines` "aurora-1.5" (`aurora15.py`). Their checkpoints and
-#: constructor overrides are given as a base's are ([model.checkpoints], [model.arch.<name>]).
-BASELINE_MODELS: dict[str, Base] = {
-    "v1.5": Base(
-        "v1.5", "AuroraV1p5", "aurora-0.25-v1.5.ckpt", "a96afd7ee6d65e3bd2d476f3be798a25a56f2296",
-        summary="Aurora 1.5, 1.3 B parameters, 26 surface variables with hourly precipitation",
-    ),
-}  # fmt: skip
+#: precipitation untrained is the `[study] baselines` "aurora-1.5" (`aurora15.py`). Their
+#: checkpoints and constructor overrides are given as a base's are ([model.checkpoints],
+#: [model.arch.<name>]).
+BASELINE_MODELS: dict[str, Base] = {"v1.5": BASES["v1.5"]}
+
+
+def reads_v15_inputs(base: str) -> bool:
+    """Whether `base` reads Aurora 1.5's inputs (its extra surface variables and statics)."""
+    return BASES[base].own_precipitation is not None
 
 
 def arch_overrides(values: dict[str, Any]) -> tuple[tuple[str, Any], ...]:

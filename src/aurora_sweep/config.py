@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from aurora_sweep.bases import arch_overrides
+from aurora_sweep.bases import arch_overrides, reads_v15_inputs
 from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.recipe import (
     BASE_MODELS,
@@ -98,8 +98,7 @@ class ModelConfig:
     #: constructor overrides per base (`[model.arch.<base>]`), as `bases.arch_overrides` keeps them
     arch: dict[str, tuple] = field(default_factory=dict)
     new_variable: str = "tp"
-    #: Aurora 1.5's static fields (`aurora15.STATIC_FILE`; None: the pinned file in the
-    #: Hugging Face cache), for the "aurora-1.5" baseline
+    #: Aurora 1.5's static fields (`aurora15.STATIC_FILE`; None: the pinned file on the hub)
     v15_static: Path | None = None
 
     def checkpoint_for(self, base: str) -> Path | None:
@@ -339,7 +338,8 @@ def _build(raw: dict, path: Path, workdir: Path) -> StudyConfig:
         )
     settings = _study_settings(study)
     data = _data_config(raw["data"], name, workdir)
-    data = dataclasses.replace(data, v15_inputs="aurora-1.5" in settings["baselines"])
+    uses_v15 = any(map(reads_v15_inputs, search.base or (model.base,)))
+    data = dataclasses.replace(data, v15_inputs=uses_v15 or "aurora-1.5" in settings["baselines"])
     search = dataclasses.replace(
         search, levels=level_choices(raw.get("search", {}).get("levels"), data.levels)
     )

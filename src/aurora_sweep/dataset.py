@@ -40,6 +40,7 @@ from aurora_sweep.store import (
     SURF_VARS,
     TARGET_VAR,
     V15_SURF_VARS,
+    surface_vars,
 )
 
 PATCH = 4
@@ -212,6 +213,8 @@ class Samples:
             )
         self.lon = torch.tensor(lon)
         self.times = pd.DatetimeIndex(cube["time"].values)
+        #: the instantaneous surface variables a batch carries and a forecast is scored on
+        self.surface: tuple[str, ...] = SURF_VARS
         self.static = {
             AURORA_STATIC[k]: torch.from_numpy(cube[k].values.astype(np.float32))
             for k in STATIC_VARS
@@ -261,6 +264,28 @@ class Samples:
             other._memory = self._arrays()
         return other
 
+    def for_v15(self, statics: dict[str, torch.Tensor]) -> Samples:
+        """The same samples as a base with its own precipitation reads them
+        (`hourly.SixHourAurora15`): Aurora 1.5's fourteen more surface inputs beside Aurora's
+        four, its static fields `statics` (cut at this grid, `aurora15.region_statics`) for
+        Aurora's, and the true longitudes where Aurora sees the box shifted; sharing this one's
+        data in memory or its store reader."""
+        from aurora_sweep.hourly import TRUE_LON
+
+        missing = [k for k in V15_SURF_VARS if k not in self.cube]
+        if missing:
+            raise AuroraSweepError(
+                f"the data store lacks Aurora 1.5's input(s) {', '.join(missing[:4])}: rebuild it "
+                "for this study, which uses Aurora 1.5"
+            )
+        other = copy.copy(self)
+        other.surface = surface_vars(True)
+        other.static = dict(statics)
+        if self.lon_shift:
+            lon = torch.tensor(self.cube["longitude"].values, dtype=torch.float32)
+            other.static[TRUE_LON] = lon.expand(len(self.lat), -1).clone()
+        return other
+
     def target_times(self) -> pd.DatetimeIndex:
         """Each sample's valid time: `steps` model steps after its last input."""
         return self.times[self.index + self.steps]
@@ -281,16 +306,22 @@ class Samples:
 
     def read(self, positions: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
         """`names` at the cube's time `positions`, float32 numpy arrays (one copy each): from
-        memory, or straight from the store for a cube too large for it."""
+        memory, or straight from the store for a cube too large for it; Aurora 1.5's inputs
+        without NaN."""
         positions = np.asarray(positions).reshape(-1)
         if self._reader is not None:
-            return self._reader.read(self.times[positions], names)
-        arrays, pick = self._arrays(), self._level_pick
-        return {
-            k: arrays[k][np.ix_(positions, pick)] if pick is not None and k in ATMOS_VARS
-            else arrays[k][positions]
-            for k in names
-        }  # fmt: skip
+            out = self._reader.read(self.times[positions], names)
+        else:
+            arrays, pick = self._arrays(), self._level_pick
+            out = {
+                k: arrays[k][np.ix_(positions, pick)] if pick is not None and k in ATMOS_VARS
+                else arrays[k][positions]
+                for k in names
+            }  # fmt: skip
+        for k in V15_SURF_VARS:  # sea ice is NaN over land in ERA5: 0, as Aurora 1.5 reads it
+            if k in out:
+                np.nan_to_num(out[k], copy=False, nan=0.0)
+        return out
 
     def _arrays(self) -> dict[str, np.ndarray]:
         """The cube's arrays in memory, made once (views of the loaded cube, no copy);
@@ -314,14 +345,14 @@ class Samples:
         for the last step of a rollout): surface variables and tp, the 6-hour total ending then
         (B, lat, lon), atmospheric ones (B, level, lat, lon)."""
         t = self.index[np.asarray(indices)]
-        target = self.read(t + self.steps, (*SURF_VARS, TARGET_VAR, *ATMOS_VARS))
+        target = self.read(t + self.steps, (*self.surface, TARGET_VAR, *ATMOS_VARS))
         return self.inputs(indices), {k: torch.from_numpy(v) for k, v in target.items()}
 
     def inputs(self, indices: Sequence[int]) -> Batch:
         """The two input times of samples `indices` (for a forecast, with or without a target),
         read once into the arrays the batch holds: no copy after the read."""
         t = self.index[np.asarray(indices)]
-        arrays = self.read(np.stack([t - 1, t], axis=1), (*SURF_VARS, TARGET_VAR, *ATMOS_VARS))
+        arrays = self.read(np.stack([t - 1, t], axis=1), (*self.surface, TARGET_VAR, *ATMOS_VARS))
         return self._inputs(
             indices, {k: a.reshape(len(t), 2, *a.shape[1:]) for k, a in arrays.items()}
         )
@@ -329,7 +360,7 @@ class Samples:
     def _inputs(self, indices: Sequence[int], arrays: dict[str, np.ndarray]) -> Batch:
         t = self.index[np.asarray(indices)]
         return Batch(
-            surf_vars={k: torch.from_numpy(arrays[k]) for k in (*SURF_VARS, TARGET_VAR)},
+            surf_vars={k: torch.from_numpy(arrays[k]) for k in (*self.surface, TARGET_VAR)},
             static_vars=self.static,
             atmos_vars={k: torch.from_numpy(arrays[k]) for k in ATMOS_VARS},
             metadata=Metadata(
@@ -359,7 +390,7 @@ class Samples:
     def observed_state(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
         """Every variable Aurora already predicts, at the valid time: surface (n, lat, lon),
         atmospheric (n, level, lat, lon) with levels in `self.levels` order."""
-        return self.read(self.index[np.asarray(indices)] + self.steps, (*SURF_VARS, *ATMOS_VARS))
+        return self.read(self.index[np.asarray(indices)] + self.steps, (*self.surface, *ATMOS_VARS))
 
 
 def complete_train_tp(cube: xr.Dataset, train: Period) -> tuple[np.ndarray, pd.DatetimeIndex]:

@@ -43,9 +43,10 @@ def eval_batch_size(train_batch: int, device: torch.device) -> int:
     return 32 if device.type == "cpu" else min(32, 4 * train_batch)
 
 
-def state_names(levels: tuple[int, ...]) -> list[str]:
-    """Names of the variables Aurora already predicts: '2t', ..., 'z500', 't850', ..."""
-    return [*SURF_VARS, *(f"{v}{lv}" for v in ATMOS_VARS for lv in levels)]
+def state_names(levels: tuple[int, ...], surface: tuple[str, ...] = SURF_VARS) -> list[str]:
+    """Names of the variables Aurora already predicts: '2t', ..., 'z500', 't850', ... (with
+    Aurora 1.5's other surface inputs where the samples carry them, `Samples.surface`)."""
+    return [*surface, *(f"{v}{lv}" for v in ATMOS_VARS for lv in levels)]
 
 
 @dataclass
@@ -97,9 +98,9 @@ def forecast(
     model.eval()
     lat = samples.cube["latitude"].values
     tp_out: list[np.ndarray] = []
-    sums = dict.fromkeys(state_names(samples.levels), 0.0) if state else {}
+    sums = dict.fromkeys(state_names(samples.levels, samples.surface), 0.0) if state else {}
     term_sums: dict[str, float] = {}
-    names = (*SURF_VARS, *((TARGET_VAR,) if with_tp else ()), *ATMOS_VARS)
+    names = (*samples.surface, *((TARGET_VAR,) if with_tp else ()), *ATMOS_VARS)
     if loss is not None and samples.steps != 1:
         raise ValueError("the validation loss is that of one model step")
     with clamped(model) if with_tp else nullcontext():
@@ -149,9 +150,10 @@ def forecast_leads(
     model.eval()
     lat = one.cube["latitude"].values
     tp = {k: np.zeros((len(s), *one.grid), np.float32) for k, s in leads.items()} if with_tp else {}
-    sums = {k: dict.fromkeys(state_names(one.levels), 0.0) for k in leads} if state else {}
+    surface = one.surface
+    sums = {k: dict.fromkeys(state_names(one.levels, surface), 0.0) for k in leads} if state else {}
     term_sums: dict[str, float] = {}
-    names = (*SURF_VARS, *((TARGET_VAR,) if with_tp else ()), *ATMOS_VARS)
+    names = (*surface, *((TARGET_VAR,) if with_tp else ()), *ATMOS_VARS)
     with clamped(model) if with_tp else nullcontext():
         for m in sorted(set(longest)):
             group = np.flatnonzero(longest == m)
@@ -247,12 +249,13 @@ def _score_step(
         for k, v in loss_terms(loss, pred, truth).items():
             terms[k] = terms.get(k, 0.0) + float(v) * len(idx)
     if state is not None:
-        _add_state_mse(state, pred, observed, samples.levels, lat, len(idx))
+        _add_state_mse(state, pred, observed, samples, lat, len(idx))
 
 
-def _add_state_mse(sums, pred, observed, levels, lat, n: int) -> None:
+def _add_state_mse(sums, pred, observed, samples: Samples, lat, n: int) -> None:
     """Add `n` samples' latitude-weighted MSE of every state variable to `sums`."""
-    for k in SURF_VARS:
+    levels = samples.levels
+    for k in samples.surface:
         fc = pred.surf_vars[k][:, 0].float().cpu().numpy()
         sums[k] += float(lat_weighted_mse(fc, observed[k], lat)) * n
     for k in ATMOS_VARS:

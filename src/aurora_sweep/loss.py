@@ -9,6 +9,11 @@ variable joins the surface sum with a weight of its own (`[search] target_weight
 `[search] loss` says, an absolute ("mae") or squared ("mse") error. The dataset weight γ is
 dropped: a study trains on one dataset.
 
+A base that reads more surface variables (Aurora 1.5's fourteen more inputs, `LossSpec.surface`)
+is trained on them too, each with a weight of 1 (Aurora 1.5's own weights are not published),
+in its normalised units: a log-transformed variable (`scaled_sd`, the store's `sd`) in its log
+space, as Aurora 1.5 normalises it.
+
 In symbols, with w(i) = cos(lat_i) / mean(cos lat) and errors in each variable's normalised
 units (Aurora's scales; tp's from the train split):
 
@@ -25,12 +30,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from aurora.normalisation import level_to_str, scales
+from aurora.normalisation import level_to_str, log_transform, scales
 
-from aurora_sweep.store import ATMOS_VARS, SURF_VARS, TARGET_VAR
+from aurora_sweep.store import ATMOS_VARS, AURORA_V15_NAMES, SURF_VARS, TARGET_VAR
 
 #: Aurora's per-variable weights (surface, then atmospheric).
 SURFACE_WEIGHTS = {"2t": 3.0, "msl": 1.5, "10u": 0.77, "10v": 0.66}
+#: The weight of a surface variable Aurora's loss does not name (Aurora 1.5's other inputs).
+OTHER_SURFACE_WEIGHT = 1.0
 ATMOS_WEIGHTS = {"z": 2.8, "q": 0.78, "t": 1.7, "u": 0.87, "v": 0.6}
 ALPHA, BETA = 0.25, 1.0
 #: Observed tp at most this (mm) is dry: a censored value (`censored_error`). ERA5's dry points
@@ -47,6 +54,9 @@ class LossSpec:
     tp_scale: float  # tp's normalisation scale, mm per 6 h
     target_weight: float = 1.0
     tp_loss: str = "mae"
+    #: the instantaneous surface variables the model predicts (store names): Aurora's four, or
+    #: with Aurora 1.5's fourteen more inputs (`dataset.Samples.surface`)
+    surface: tuple[str, ...] = SURF_VARS
 
     def latitude_weights(self, device, dtype=torch.float32) -> torch.Tensor:
         """cos(latitude) over its mean, shaped (lat, 1) to broadcast over longitudes."""
@@ -61,7 +71,7 @@ class LossSpec:
     @property
     def variables(self) -> tuple[str, ...]:
         """The variables the loss covers, in the order `loss_terms` returns them."""
-        return (*SURF_VARS, TARGET_VAR, *ATMOS_VARS)
+        return (*self.surface, TARGET_VAR, *ATMOS_VARS)
 
 
 def loss_terms(
@@ -78,8 +88,8 @@ def loss_terms(
     device = prediction.surf_vars[TARGET_VAR].device
     w = spec.latitude_weights(device)
     terms = {}
-    for name in SURF_VARS:
-        err = (prediction.surf_vars[name][:, 0].float() - target[name].to(device)) / scales[name]
+    for name in spec.surface:
+        err = surface_error(name, prediction.surf_vars[name][:, 0].float(), target[name].to(device))
         terms[name] = (err.abs() * w).mean()
     err = censored_error(
         prediction.surf_vars[TARGET_VAR][:, 0].float(), target[TARGET_VAR].to(device)
@@ -92,6 +102,15 @@ def loss_terms(
         )
         terms[name] = (err.abs() * w).mean()
     return terms
+
+
+def surface_error(name: str, forecast: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """A surface variable's error in the units Aurora normalises it in (store name `name`):
+    over its scale, after the log transform for Aurora 1.5's `scaled_*` variables."""
+    aurora_name = AURORA_V15_NAMES.get(name, name)
+    if aurora_name.startswith("scaled_"):  # its floor, -1e-3, would be log(0)
+        forecast, truth = log_transform(forecast.clamp(min=0)), log_transform(truth.clamp(min=0))
+    return (forecast - truth) / scales[aurora_name]
 
 
 def censored_error(raw: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
@@ -111,8 +130,8 @@ def censored_error(raw: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
 
 def combine(spec: LossSpec, terms: Mapping[str, torch.Tensor | float]):
     """Aurora's weighted sum of the per-variable terms."""
-    surface = sum(SURFACE_WEIGHTS[k] * terms[k] for k in SURF_VARS)
+    surface = sum(SURFACE_WEIGHTS.get(k, OTHER_SURFACE_WEIGHT) * terms[k] for k in spec.surface)
     surface = surface + spec.target_weight * terms[TARGET_VAR]
     atmos = sum(ATMOS_WEIGHTS[k] * terms[k] for k in ATMOS_VARS)
-    n_vars = len(SURF_VARS) + 1 + len(ATMOS_VARS)
+    n_vars = len(spec.surface) + 1 + len(ATMOS_VARS)
     return (ALPHA * surface + BETA * atmos) / n_vars

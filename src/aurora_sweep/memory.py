@@ -45,8 +45,10 @@ from typing import Any
 import torch
 
 from aurora_sweep import store
+from aurora_sweep.bases import BASES
 from aurora_sweep.config import MIB
 from aurora_sweep.errors import AuroraSweepError
+from aurora_sweep.hourly import STEP_HOURS
 from aurora_sweep.meta import (
     LINEAR_INPUTS,
     Architecture,
@@ -239,8 +241,11 @@ def estimate_from_architecture(
     device: str = "cuda",
     optimizer: str = "adamw",
     note: str = "",
+    passes: int = 1,
 ) -> MemoryEstimate:
-    """`estimate_peak` for an architecture already read (reuse it across a grid of configs)."""
+    """`estimate_peak` for an architecture already read (reuse it across a grid of configs);
+    `passes`: forward passes a sample takes in one step (Aurora 1.5's six hours, stacked along
+    the batch: six times the activations)."""
     p = arch.params
     parts = {
         "weights": FP32 * p.total,
@@ -252,7 +257,7 @@ def estimate_from_architecture(
             arch,
             grid=grid,
             levels=levels,
-            batch_size=batch_size,
+            batch_size=batch_size * passes,
             precision=precision,
             checkpointing=checkpointing,
         ),
@@ -328,6 +333,7 @@ def estimate_peak(
         device=device,
         optimizer=trial.optimizer,
         note=note,
+        passes=STEP_HOURS if BASES[trial.base].own_precipitation else 1,
     )
 
 

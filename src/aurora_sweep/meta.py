@@ -144,7 +144,7 @@ def _padded(res: tuple[int, int, int], window: tuple[int, int, int]) -> int:
 def architecture(model: Aurora, *, grid: tuple[int, int]) -> Architecture:
     """Block shapes of `model` for an input of `grid` (lat, lon) points, after Aurora's crop,
     and where the gradient's path starts (see the module docstring)."""
-    from aurora_sweep.model import INPUT_EMBEDDING, WRAPPED, backbone_blocks, new_variable_keys
+    from aurora_sweep.model import WRAPPED, backbone_blocks, input_embedding, target_keys
 
     patch = model.patch_size
     h, w = grid[0] // patch, grid[1] // patch
@@ -152,9 +152,9 @@ def architecture(model: Aurora, *, grid: tuple[int, int]) -> Architecture:
     enc_res, _ = backbone.get_encoder_specs((model.encoder.latent_levels, h, w))
     n = len(backbone.encoder_layers)
     layer_res = enc_res + [enc_res[n - 1 - i] for i in range(len(backbone.decoder_layers))]
-    new_keys = {k.replace(WRAPPED, "") for k in new_variable_keys(model)}
+    new_keys = {k.replace(WRAPPED, "") for k in target_keys(model)}
     trains = {name.replace(WRAPPED, ""): p.requires_grad for name, p in model.named_parameters()}
-    input_trains = trains[INPUT_EMBEDDING]
+    input_trains = trains[input_embedding(model)]
     own = [(k, t) for k, t in trains.items() if k not in new_keys]
     encoder_trains = any(t for k, t in own if k.startswith("encoder."))
     decoder_trains = any(t for k, t in own if k.startswith("decoder."))

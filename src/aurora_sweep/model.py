@@ -18,7 +18,9 @@ a wet point whose raw forecast is negative would get no gradient); `clamped` swi
 clamp on for scoring and forecasts, and `load_finetuned` returns an adapter with it on.
 
 The bases (`bases.BASES`: the demo, AuroraSmallPretrained, AuroraPretrained) differ only in
-their class, constructor arguments and where the checkpoint file comes from.
+their class, constructor arguments and where the checkpoint file comes from. Aurora 1.5 predicts
+precipitation itself: its trials adapt that output (`target_var`, `hourly.SixHourAurora15`)
+instead of a new tp, so nothing is added to it and nothing of it starts from zero.
 """
 
 from __future__ import annotations
@@ -41,8 +43,6 @@ from aurora_sweep.recipe import LORA_METHODS, METHODS
 NEW_VAR = "tp"
 BASE_SURF_VARS = ("2t", "10u", "10v", "msl")
 DEMO_CHECKPOINT = Path(__file__).parent / "demo" / "aurora-demo-base.ckpt"
-#: The name of tp's input patch embedding (in the encoder).
-INPUT_EMBEDDING = f"encoder.surf_token_embeds.weights.{NEW_VAR}"
 #: The prefix activation checkpointing puts in the names of the modules it wraps.
 WRAPPED = "_checkpoint_wrapped_module."
 #: LoRA's alpha, the same for every variant and rank (as in the LoRA and rsLoRA papers, which
@@ -85,6 +85,8 @@ def build_base(
     if base not in BASES:
         raise AuroraSweepError(f"unknown base model {base!r}: use one of {', '.join(BASES)}")
     spec = BASES[base]
+    if spec.own_precipitation:
+        return _build_own_precipitation(base, clamp=clamp, arch=arch)
     surf_vars = BASE_SURF_VARS + ((NEW_VAR,) if with_tp else ())
     surf_stats = {NEW_VAR: tp_stats} if with_tp and tp_stats is not None else None
     if with_tp and tp_stats is None:
@@ -102,6 +104,45 @@ def build_base(
             f"cannot build the {base} base with [model.arch.{base}] {dict(arch)} ({e}): give "
             "arguments of its Aurora class, e.g. embed_dim = 128"
         ) from None
+
+
+def _build_own_precipitation(base: str, *, clamp: bool, arch: tuple) -> Aurora:
+    """A base that predicts precipitation itself (Aurora 1.5), as a 6-hour step whose tp is the
+    sum of its hourly output (`hourly.SixHourAurora15`): with its own variables and clipping,
+    its hours clamped at 0 as tp is (by the model itself: Aurora's `positive_surf_vars` would
+    drop the output-only variables from its output), and no autocast until `set_precision`
+    says so (its own default is fp16 everywhere; a trial's precision is the backbone's, as for
+    every base)."""
+    from aurora_sweep.hourly import SixHourAurora15
+
+    spec = BASES[base]
+    kwargs = dict(
+        clamp_at_first_step=clamp, autocast=False, use_lora=False,
+    ) | spec.arch | dict(arch)  # fmt: skip
+    try:
+        return SixHourAurora15(**kwargs)
+    except (TypeError, ValueError, AssertionError) as e:
+        raise AuroraSweepError(
+            f"cannot build the {base} base with [model.arch.{base}] {dict(arch)} ({e}): give "
+            "arguments of its Aurora class, e.g. embed_dim = 128"
+        ) from None
+
+
+def target_var(model: Aurora) -> str:
+    """The surface variable a trial trains: tp, added to the base, or the base's own hourly
+    precipitation (Aurora 1.5's `scaled_tp_1h`)."""
+    return getattr(model, "target", NEW_VAR)
+
+
+def input_embedding(model: Aurora) -> str:
+    """The name of the target variable's input patch embedding (in the encoder)."""
+    return f"encoder.surf_token_embeds.weights.{target_var(model)}"
+
+
+def target_keys(model: Aurora) -> set[str]:
+    """Parameter names of the target variable's own embedding and head."""
+    name = target_var(model)
+    return {k for k, _ in model.named_parameters() if k.endswith(f".{name}") or f".{name}." in k}
 
 
 def resolve_checkpoint(base: str, checkpoint: Path | None) -> Path:
@@ -150,7 +191,7 @@ def clamped(model) -> Iterator[None]:
     `clamp_at_first_step`, which its docstring keeps for inference), restored afterwards."""
     aurora = unwrap(model)
     before = aurora.clamp_at_first_step
-    aurora.clamp_at_first_step = bool(aurora.positive_surf_vars)
+    aurora.clamp_at_first_step = True
     try:
         yield
     finally:
@@ -216,10 +257,9 @@ def file_sha256(path: Path) -> str:
 
 
 def new_variable_keys(model: Aurora) -> set[str]:
-    """Parameter names that exist only because `tp` was added."""
-    return {
-        k for k, _ in model.named_parameters() if k.endswith(f".{NEW_VAR}") or f".{NEW_VAR}." in k
-    }
+    """Parameter names that exist only because `tp` was added (none in a base with its own
+    precipitation)."""
+    return target_keys(model) if NEW_VAR in model.surf_vars else set()
 
 
 def load_base_checkpoint(model: Aurora, path: Path) -> None:
@@ -264,6 +304,8 @@ def init_new_variable(model: Aurora, *, start: float = 0.0) -> None:
     predicts `start` (normalised units: the train-split mean over the scale) everywhere; training
     moves it from there, instead of from random weights that would first have to be unlearned.
     """
+    if NEW_VAR not in model.surf_vars:  # a base's own precipitation head stays as pretrained
+        return
     with torch.no_grad():
         for key in new_variable_keys(model):
             model.get_parameter(key).zero_()
@@ -340,7 +382,9 @@ def set_trainable(
     With every variable in the loss the whole decoder is on the loss's path, so `head` trains
     what gets a gradient. `train_input=False` leaves tp's input embedding at zero (still listed
     in `new_variable`, which is saved): tp is then output-only, as in Aurora 1.5, and the
-    backbone sees exactly the inputs it was pretrained on.
+    backbone sees exactly the inputs it was pretrained on. For Aurora 1.5 `new_variable` is its
+    own hourly precipitation's embedding and head, the embedding never trained (its input is
+    always zero: output-only).
     """
     if method in ("head", "full"):
         unfrozen_blocks = 0
@@ -350,7 +394,9 @@ def set_trainable(
             f"unfrozen_blocks = {unfrozen_blocks} but the backbone has only {len(blocks)} blocks"
         )
     unfrozen = {name for name, _ in blocks[len(blocks) - unfrozen_blocks :]}
-    new_keys = new_variable_keys(model)
+    new_keys = target_keys(model)
+    embedding = input_embedding(model)
+    train_input = train_input and target_var(model) not in model.output_only_surf_vars
     lora, new_var, block_params, modules = [], [], [], []
     for name, p in model.named_parameters():
         plain = name.replace(WRAPPED, "")
@@ -358,7 +404,7 @@ def set_trainable(
             p.requires_grad_(True)
             lora.append(name)
         elif name in new_keys:
-            p.requires_grad_(train_input or plain != INPUT_EMBEDDING)
+            p.requires_grad_(train_input or plain != embedding)
             new_var.append(name)
         elif any(name.startswith(b + ".") for b in unfrozen):
             p.requires_grad_(True)

@@ -270,12 +270,10 @@ def study_objectives(study: dict) -> tuple[str, tuple[str, ...]]:
 
 
 def per_base_table(model: dict, key: str) -> dict:
-    """A [model.<key>] table keyed by base name (or "v1.5", the baseline model); an unknown
-    name is refused by name."""
-    from aurora_sweep.bases import BASELINE_MODELS
-
+    """A [model.<key>] table keyed by base name (Aurora 1.5, "v1.5", is one, and the
+    baseline model too); an unknown name is refused by name."""
     table = as_table(model.get(key, {}), f"[model.{key}]")
-    known = (*BASE_MODELS, *BASELINE_MODELS)
+    known = BASE_MODELS
     for name in table:
         if name not in known:
             raise AuroraSweepError(f"[model.{key}] {name}: not a base; {nearest(name, known)}")

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from aurora_sweep.bases import reads_v15_inputs
 from aurora_sweep.config import Period, StudyConfig
 from aurora_sweep.dataset import (
     Samples,
@@ -57,9 +58,13 @@ class TrialData:
     #: Aurora 1.5's own totals (mm over the lead) on each lead's samples, by model steps, for
     #: the "aurora-1.5" baseline (`aurora15.add_zero_shot`); empty: not a baseline here
     aurora15: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+    #: Aurora 1.5's static fields at the evaluation grid (name -> (lat, lon) tensor), for the
+    #: trials of a base that reads its inputs (`aurora15.add_region_statics`); None: none here
+    v15_statics: dict | None = field(default=None, repr=False)
     #: the levels the study's data holds ([data] levels), and this data on subsets of them
+    #: (keyed by the levels) and as Aurora 1.5 reads it (keyed "v1.5")
     study_levels: tuple[int, ...] = ()
-    _by_levels: dict[tuple[int, ...], TrialData] = field(default_factory=dict, repr=False)
+    _by_levels: dict[tuple[int, ...] | str, TrialData] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.leads = self.leads or {1: self.validation}
@@ -79,20 +84,33 @@ class TrialData:
         levels = tuple(levels)
         if levels == self.levels:
             return self
-        if levels not in self._by_levels:
+        return self._view(levels, lambda s: s.with_levels(levels))
+
+    def for_trial(self, base: str, levels: tuple[int, ...]) -> TrialData:
+        """The data a trial of `base` on `levels` trains and is scored on: `for_levels`, and
+        for a base that reads Aurora 1.5's inputs, its samples with them (`Samples.for_v15`)."""
+        data = self.for_levels(levels)
+        if not reads_v15_inputs(base):
+            return data
+        if self.v15_statics is None:
+            raise AuroraSweepError(f"the {base} base needs Aurora 1.5's static fields: none loaded")
+        return data._view("v1.5", lambda s: s.for_v15(self.v15_statics))
+
+    def _view(self, key, make) -> TrialData:
+        """This data with every split's samples made by `make` (once per `key`), sharing the
+        base model's and the baselines' scores."""
+        if key not in self._by_levels:
             view = copy.copy(self)
-            view.train = self.train.with_levels(levels)
-            view.validation = self.validation.with_levels(levels)
+            view.train = make(self.train)
+            view.validation = make(self.validation)
             view.leads = {
-                k: view.validation if v is self.validation else v.with_levels(levels)
+                k: view.validation if v is self.validation else make(v)
                 for k, v in self.leads.items()
             }
-            view._train_by_steps = {
-                k: v.with_levels(levels) for k, v in self._train_by_steps.items()
-            }
+            view._train_by_steps = {k: make(v) for k, v in self._train_by_steps.items()}
             view._by_levels = {}
-            self._by_levels[levels] = view
-        view = self._by_levels[levels]
+            self._by_levels[key] = view
+        view = self._by_levels[key]
         view.base_mse, view.baseline_scores = self.base_mse, self.baseline_scores  # shared
         view.aurora15 = self.aurora15
         return view

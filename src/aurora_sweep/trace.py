@@ -38,8 +38,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from aurora_sweep.bases import reads_v15_inputs
 from aurora_sweep.recipe import TrialConfig
-from aurora_sweep.store import ATMOS_VARS, AURORA_STATIC, SURF_VARS, TARGET_VAR
+from aurora_sweep.store import ATMOS_VARS, AURORA_STATIC, TARGET_VAR, surface_vars
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -267,18 +268,29 @@ def synthetic_sample(trial: TrialConfig, grid: tuple[int, int], levels: int):
     from aurora_sweep.loss import LossSpec
 
     level_values = tuple(range(100, 100 + 50 * levels, 50))
-    batch = synthetic_batch(batch_size=trial.batch_size, grid=grid, levels=level_values)
+    v15 = reads_v15_inputs(trial.base)
+    batch = synthetic_batch(
+        batch_size=trial.batch_size, grid=grid, levels=level_values, v15=v15, arch=trial.arch
+    )
     b, (h, w) = trial.batch_size, grid
-    target = {k: torch.zeros(b, h, w) for k in (*SURF_VARS, TARGET_VAR)}
+    target = {k: torch.zeros(b, h, w) for k in (*surface_vars(v15), TARGET_VAR)}
     target |= {k: torch.zeros(b, levels, h, w) for k in ATMOS_VARS}
     spec = LossSpec(levels=(500,) * levels, lat=np.linspace(70, 30, h), tp_scale=1.0,
-                    tp_loss=trial.loss)  # fmt: skip
+                    tp_loss=trial.loss, surface=surface_vars(v15))  # fmt: skip
     return batch, target, spec
 
 
-def synthetic_batch(*, batch_size: int, grid: tuple[int, int], levels: tuple[int, ...]) -> Batch:
+def synthetic_batch(
+    *,
+    batch_size: int,
+    grid: tuple[int, int],
+    levels: tuple[int, ...],
+    v15: bool = False,
+    arch: tuple = (),
+) -> Batch:
     """A random batch of the given shape, for measuring memory (values do not matter): tp among
-    the surface variables, Aurora's static fields."""
+    the surface variables, Aurora's static fields; with `v15`, Aurora 1.5's inputs and static
+    fields (those `arch` gives it, or its own)."""
     from aurora import Batch, Metadata
 
     gen = torch.Generator().manual_seed(0)
@@ -287,9 +299,15 @@ def synthetic_batch(*, batch_size: int, grid: tuple[int, int], levels: tuple[int
     def noise(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen)
 
+    if v15:
+        from aurora_sweep.aurora15 import static_names
+
+        statics = static_names(arch)
+    else:
+        statics = tuple(AURORA_STATIC.values())
     return Batch(
-        surf_vars={k: noise(batch_size, 2, h, w) for k in (*SURF_VARS, TARGET_VAR)},
-        static_vars={k: noise(h, w) for k in AURORA_STATIC.values()},
+        surf_vars={k: noise(batch_size, 2, h, w) for k in (*surface_vars(v15), TARGET_VAR)},
+        static_vars={k: noise(h, w) for k in statics},
         atmos_vars={k: noise(batch_size, 2, len(levels), h, w) for k in ATMOS_VARS},
         metadata=Metadata(
             lat=torch.linspace(70.0, 70.0 - 0.25 * (h - 1), h, dtype=torch.float64),

@@ -25,6 +25,7 @@ import numpy as np
 import psutil
 import torch
 
+from aurora_sweep.bases import BASES
 from aurora_sweep.dataset import (
     TpStats,
 )
@@ -32,11 +33,11 @@ from aurora_sweep.devices import default_device
 from aurora_sweep.evaluation import eval_batch_size, forecast, subset_objective, verify
 from aurora_sweep.loss import LossSpec, combine, loss_terms
 from aurora_sweep.model import (
-    INPUT_EMBEDDING,
     TrainableParts,
     apply_method,
     build_base,
     init_new_variable,
+    input_embedding,
     load_base_checkpoint,
     set_longitude_wrap,
     set_precision,
@@ -100,7 +101,7 @@ def loss_spec(trial: TrialConfig, data: TrialData) -> LossSpec:
     """The trial's loss settings on the grid it trains on."""
     return LossSpec(
         levels=trial.levels, lat=data.train.cube["latitude"].values, tp_scale=data.tp.scale,
-        target_weight=trial.target_weight, tp_loss=trial.loss,
+        target_weight=trial.target_weight, tp_loss=trial.loss, surface=data.train.surface,
     )  # fmt: skip
 
 
@@ -259,7 +260,10 @@ def input_lr(trial: TrialConfig) -> float:
 
 
 def new_variable_lr(trial: TrialConfig) -> float:
-    """tp's embedding and head start from zero and must learn the most: a larger step."""
+    """tp's embedding and head start from zero and must learn the most: a larger step. A base's
+    own precipitation head (Aurora 1.5's) is pretrained: the trial's rate."""
+    if BASES[trial.base].own_precipitation:
+        return trial.learning_rate
     if trial.method == "full":
         return FULL_NEW_VARIABLE_LR
     return trial.learning_rate * NEW_VARIABLE_LR_FACTOR
@@ -285,7 +289,7 @@ def fit(
     """Fine-tune one trial. `report(step, objective)` may raise `optuna.TrialPruned`."""
     device = device or default_device()
     started = time.perf_counter()
-    data = data.for_levels(trial.levels)  # the pressure levels the trial trains on
+    data = data.for_trial(trial.base, trial.levels)  # its pressure levels, its base's inputs
     spec = loss_spec(trial, data)
     with PeakMemory(device) as memory:
         peft_model, model, parts = build_trial_model(trial, data.tp, checkpoint)
@@ -379,7 +383,7 @@ def _optimiser(trial: TrialConfig, peft_model, model, parts: TrainableParts):
     tp's head starts from zero and must learn the most: a larger step for it; its input
     embedding writes into Aurora's latent state: a step of its own (none: output-only).
     """
-    embedding = model.get_parameter(INPUT_EMBEDDING)
+    embedding = model.get_parameter(input_embedding(model))
     head = [model.get_parameter(k) for k in parts.new_variable]
     head = [p for p in head if p is not embedding]
     new_ids = {id(p) for p in (*head, embedding)}

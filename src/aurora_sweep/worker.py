@@ -294,7 +294,7 @@ class _Session:
         """Load the study's data and score the base model in the first precision searched."""
         import torch
 
-        from aurora_sweep.aurora15 import add_zero_shot, references_of
+        from aurora_sweep.aurora15 import add_region_statics, add_zero_shot, references_of
         from aurora_sweep.config import load_config
         from aurora_sweep.data import open_cube
         from aurora_sweep.devices import default_device
@@ -311,6 +311,7 @@ class _Session:
                 cuda_memory_fraction(spec.memory_cap, total), device
             )
         data = TrialData.prepare(open_cube(config), config)
+        add_region_statics(data, config)  # where Aurora 1.5 is a base
         add_zero_shot(data, config, device, spec.aurora15)  # where Aurora 1.5 is a baseline
         check_objective_defined(data)
         for steps in config.search.rollout_steps:  # refused now, not trial after trial
@@ -346,7 +347,7 @@ class _Session:
         key = self.data.reference_key(base, precision, levels)
         if key not in self.data.base_mse:
             self.data.base_mse[key] = base_state_mse(
-                self.data.for_levels(levels), base=base, checkpoint=self.checkpoint_for(base),
+                self.data.for_trial(base, levels), base=base, checkpoint=self.checkpoint_for(base),
                 device=self.device,
                 precision=precision, wrap_longitude=self.config.data.wrap_longitude,
                 arch=self.config.model.arch_for(base),
