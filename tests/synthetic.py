@@ -17,6 +17,16 @@ from aurora_sweep.store import write_store
 SURFACE = {"2t": (285.0, 8.0), "10u": (0.0, 5.0), "10v": (0.0, 5.0), "msl": (101300.0, 900.0)}
 ATMOS = {"z": (50000.0, 2000.0), "u": (5.0, 10.0), "v": (0.0, 8.0), "t": (260.0, 10.0),
          "q": (2e-3, 1e-3)}  # fmt: skip
+#: Aurora 1.5's other surface inputs (`store.V15_SURF_VARS`): mean and spread, clipped to
+#: their physical range where they have one
+V15_SURFACE = {
+    "2d": (278.0, 6.0), "tcwv": (15.0, 5.0), "tcc": (0.6, 0.3), "100u": (0.0, 7.0),
+    "100v": (0.0, 6.0), "sp": (97000.0, 2000.0), "lcc": (0.4, 0.3), "mcc": (0.3, 0.3),
+    "hcc": (0.3, 0.3), "skt": (283.0, 8.0), "stl1": (284.0, 6.0), "swvl1": (0.25, 0.08),
+    "ci": (0.1, 0.1), "sd": (0.01, 0.02),
+}  # fmt: skip
+BOUNDED = {"tcwv": (0, None), "tcc": (0, 1), "lcc": (0, 1), "mcc": (0, 1), "hcc": (0, 1),
+           "swvl1": (0, 0.7), "ci": (0, 1), "sd": (0, None)}  # fmt: skip
 
 
 def day_times(days: list[str]) -> np.ndarray:
@@ -35,8 +45,10 @@ def make_cube(
     levels: tuple[int, ...],
     times: np.ndarray,
     seed: int = 0,
+    v15: bool = False,
 ) -> xr.Dataset:
-    """A canonical cube on the given coordinates (lat descending, lon ascending, levels hPa)."""
+    """A canonical cube on the given coordinates (lat descending, lon ascending, levels hPa);
+    with `v15`, Aurora 1.5's other surface inputs too (sea ice NaN over land, as in ERA5)."""
     rng = np.random.default_rng(seed)
     nt, ny, nx = len(times), len(lat), len(lon)
 
@@ -59,6 +71,11 @@ def make_cube(
     lsm = (np.add.outer(np.arange(ny), np.arange(nx)) > (ny + nx) / 2).astype(np.float32)
     data["static_lsm"] = (("latitude", "longitude"), lsm)
     data["static_slt"] = (("latitude", "longitude"), np.ones((ny, nx), np.float32))
+    for k, (m, sd) in V15_SURFACE.items() if v15 else ():
+        values = np.clip(field(m, sd, nt, ny, nx), *BOUNDED.get(k, (None, None)))
+        if k == "ci":
+            values = np.where(lsm > 0.5, np.nan, values).astype(np.float32)
+        data[k] = (("time", "latitude", "longitude"), values)
     return xr.Dataset(
         data,
         coords={"time": times, "level": np.array(levels), "latitude": lat, "longitude": lon},
@@ -74,10 +91,33 @@ def region_axes(data) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_region_store(data, path: Path, *, days: list[str], seed: int = 0) -> Path:
-    """A store covering `data`'s region, levels and grid on `days`."""
+    """A store covering `data`'s region, levels and grid on `days` (with Aurora 1.5's inputs
+    where the study asks for them)."""
     lat, lon = region_axes(data)
-    cube = make_cube(lat=lat, lon=lon, levels=data.levels, times=day_times(days), seed=seed)
+    cube = make_cube(
+        lat=lat, lon=lon, levels=data.levels, times=day_times(days), seed=seed, v15=data.v15_inputs
+    )
     return write_store(cube, path)
+
+
+def global_statics(names, coded: bool = False) -> dict[str, np.ndarray]:
+    """Aurora 1.5's static fields `names` on the global 0.25° grid: smooth values of 0..1, or
+    (`coded`) each point's global row index * 10000 + column index."""
+    rows, cols = np.meshgrid(np.arange(721), np.arange(1440), indexing="ij")
+    if coded:
+        return {k: (rows * 10000 + cols + i * 1e8).astype(np.float32) for i, k in enumerate(names)}
+    return {
+        k: (0.5 + 0.5 * np.sin(rows / 40 + cols / 90 + i)).astype(np.float32)
+        for i, k in enumerate(names)
+    }
+
+
+def write_v15_statics(path: Path, names) -> Path:
+    """A static file in the layout of Aurora 1.5's (`aurora15.STATIC_FILE`)."""
+    import pickle
+
+    Path(path).write_bytes(pickle.dumps(global_statics(names)))
+    return Path(path)
 
 
 def train_steps(model, samples, *, steps: int, offset: int, lr: float = 1e-2):

@@ -14,6 +14,7 @@ from aurora import Batch, Metadata, rollout
 
 from aurora_sweep.aurora15 import HOURLY_TP, build_v15, hourly_totals, input_variables, load_v15
 from aurora_sweep.errors import AuroraSweepError
+from synthetic import global_statics, write_v15_statics
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 #: AuroraV1p5's class at the demo base's width, fp32 on the CPU
@@ -92,26 +93,12 @@ def test_a_checkpoint_of_another_model_is_refused_in_one_line(checkpoint, tmp_pa
 # Static fields and batches from a store
 
 
-def _global_statics(names, coded: bool = False) -> dict[str, np.ndarray]:
-    """A test's static fields: smooth values of 0..1, or (`coded`) each point's global row
-    index * 10000 + column index."""
-    rows, cols = np.meshgrid(np.arange(721), np.arange(1440), indexing="ij")
-    if coded:
-        return {k: (rows * 10000 + cols + i * 1e8).astype(np.float32) for i, k in enumerate(names)}
-    return {
-        k: (0.5 + 0.5 * np.sin(rows / 40 + cols / 90 + i)).astype(np.float32)
-        for i, k in enumerate(names)
-    }
-
-
 @pytest.fixture(scope="module")
 def static_file(tmp_path_factory, checkpoint):
-    import pickle
 
     names = load_v15(checkpoint, SMALL).static_vars
     path = tmp_path_factory.mktemp("static") / "aurora-0.25-v1.5-static.pickle"
-    path.write_bytes(pickle.dumps(_global_statics(names)))
-    return path, names
+    return write_v15_statics(path, names), names
 
 
 def test_the_static_fields_are_cut_at_the_stores_points_across_0(static_file):
@@ -119,7 +106,7 @@ def test_the_static_fields_are_cut_at_the_stores_points_across_0(static_file):
 
     path, names = static_file
     assert len(read_statics(path, names)) == 36
-    statics = _global_statics(names, coded=True)
+    statics = global_statics(names, coded=True)
     cut = crop_statics(statics, np.array([50.0, 49.75]), np.array([-0.5, -0.25, 0.0, 0.25]))
     # 50°N is row 160; 0.5°W is column 1438 of the 0..359.75 grid, 0.25°E column 1
     np.testing.assert_array_equal(cut["lsm"][0] % 1e8, [1601438, 1601439, 1600000, 1600001])
@@ -337,3 +324,75 @@ def test_the_v15_base_steps_six_hours_as_its_hourly_rollout_does(
     raw = _v15_base(checkpoint, clamp=False)
     with torch.no_grad():
         assert (raw(batch).surf_vars["tp"] <= pred.surf_vars["tp"] + 1e-6).all()
+
+
+@pytest.fixture(scope="module")
+def v15_trained(v15_study, checkpoint, static_file, tmp_path_factory):
+    """A LoRA trial of the v1.5 base fine-tuned for two steps on the tiny study (`train.fit`),
+    its adapter saved: (data, trial, result, adapter directory)."""
+    from aurora_sweep.aurora15 import region_statics
+    from aurora_sweep.data import open_cube
+    from aurora_sweep.evaluation import base_state_mse
+    from aurora_sweep.export import save_adapter
+    from aurora_sweep.study_data import TrialData
+    from aurora_sweep.train import fit
+    from synthetic import tiny_lora_trial
+
+    data = TrialData.prepare(open_cube(v15_study), v15_study)
+    data.v15_statics = region_statics(static_file[0], data.train, tuple(static_file[1]))
+    trial = tiny_lora_trial(base="v1.5", arch=SMALL, learning_rate=1e-3, unfrozen_blocks=1)
+    key = data.reference_key("v1.5", "fp32", trial.levels)
+    data.base_mse = {key: base_state_mse(data.for_trial("v1.5", trial.levels), base="v1.5",
+                                         checkpoint=checkpoint, device="cpu", arch=SMALL)}  # fmt: skip
+    result = fit(trial, data, checkpoint=checkpoint, bootstrap=0)
+    adapter = tmp_path_factory.mktemp("v15-adapter") / "adapter"
+    save_adapter(
+        adapter, model=result.model, parts=result.parts, trial=trial, tp=data.tp,
+        checkpoint=checkpoint, study_config=v15_study.path, metrics=result.metrics,
+    )  # fmt: skip
+    return data, trial, result, adapter
+
+
+def test_a_v15_trial_trains_its_own_precipitation_and_keeps_the_rest_of_aurora15(
+    v15_trained, checkpoint
+):
+    """Two steps of `fit` on the v1.5 base: the loss covers its 14 more surface inputs, the
+    scores and the forgetting ratios every lead, its own precipitation head and the LoRA
+    weights trained while the frozen weights (its input embedding of precipitation among them)
+    are bit for bit the checkpoint's."""
+    data, trial, result, _ = v15_trained
+    m = result.metrics
+    assert {"sd", "ci", "tcwv", "tp", "2t", "z"} <= set(result.val_terms)
+    for name in ("tp_seeps", "tp_rmse_24h", "forget_sd_ratio", "forget_ci_ratio_24h",
+                 "forget_2t_ratio_12h", "forget_z500_ratio"):  # fmt: skip
+        assert np.isfinite(m[name]), name
+    parts = result.parts
+    assert any(k.startswith("decoder.surf_heads.scaled_tp_1h") for k in parts.new_variable)
+    pretrained = torch.load(checkpoint, weights_only=True)
+    from aurora_sweep.model import WRAPPED, unwrap
+
+    named = {k.replace(WRAPPED, ""): p for k, p in unwrap(result.model).named_parameters()}
+    trained = {k for k, p in named.items() if p.requires_grad}
+    assert "encoder.surf_token_embeds.weights.scaled_tp_1h" not in trained
+    head = "decoder.surf_heads.scaled_tp_1h.weight"
+    assert head in trained and not torch.equal(named[head].detach(), pretrained[head])
+    for k, p in named.items():
+        if k in pretrained and k not in trained and "base_layer" not in k:
+            assert torch.equal(p.detach(), pretrained[k]), k
+
+
+def test_a_v15_adapter_loads_and_forecasts_as_it_was_trained(v15_trained, checkpoint):
+    """The exported adapter, loaded, gives the trial's own forecast (tp and state)."""
+    from aurora_sweep.evaluation import forecast
+    from aurora_sweep.export import load_finetuned
+
+    data, trial, result, adapter = v15_trained
+    samples = data.for_trial("v1.5", trial.levels).validation
+    loaded = load_finetuned(adapter, checkpoint=checkpoint)
+    idx = np.arange(3)
+    a = forecast(loaded, samples, idx, batch_size=3, device="cpu")
+    b = forecast(result.model, samples, idx, batch_size=3, device="cpu")
+    np.testing.assert_allclose(a.tp, b.tp, rtol=1e-4, atol=1e-5)
+    assert (a.tp >= 0).all() and set(a.mse) == set(b.mse) and "sd" in a.mse
+    for k in a.mse:
+        assert a.mse[k] == pytest.approx(b.mse[k], rel=1e-4), k

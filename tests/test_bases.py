@@ -28,6 +28,9 @@ REDUCED = {
     "pretrained": dict(embed_dim=32, num_heads=2, encoder_depths=[1, 2, 1],
                        decoder_depths=[1, 2, 1], encoder_num_heads=[1, 2, 4],
                        decoder_num_heads=[4, 2, 1]),
+    "v1.5": dict(embed_dim=32, num_heads=2, encoder_depths=[1, 1, 1],
+                 decoder_depths=[1, 1, 1], encoder_num_heads=[1, 2, 4],
+                 decoder_num_heads=[4, 2, 1]),
 }  # fmt: skip
 
 
@@ -64,7 +67,8 @@ def test_a_study_names_its_bases_checkpoints_and_widths(tmp_path):
     text = STUDY.format(arch="", checkpoints="")
     (tmp_path / "s.toml").write_text(text)
     config = load_config(tmp_path / "s.toml", workdir=tmp_path)
-    assert config.bases == ("small-pretrained", "pretrained")
+    assert config.bases == ("small-pretrained", "pretrained", "v1.5")
+    assert config.data.v15_inputs  # Aurora 1.5 reads its own inputs: the store holds them
     assert config.model.checkpoint_for("pretrained") is None
     (tmp_path / "s.toml").write_text(_with_bases(text))
     config = load_config(tmp_path / "s.toml", workdir=tmp_path)
@@ -80,10 +84,36 @@ def test_a_study_names_its_bases_checkpoints_and_widths(tmp_path):
         load_config(tmp_path / "s.toml", workdir=tmp_path)
 
 
+def test_a_study_of_several_bases_tries_each_first_and_runs_its_references_on_model_base(
+    tmp_path,
+):
+    from aurora_sweep.records import TrialRecord
+    from aurora_sweep.space import enqueue_references, sample_trial
+
+    (tmp_path / "s.toml").write_text(STUDY.format(arch="", checkpoints=""))
+    config = load_config(tmp_path / "s.toml", workdir=tmp_path)
+    study = optuna.create_study()
+    assert enqueue_references(study, config) == ["small-pretrained", "pretrained", "v1.5"]
+    assert enqueue_references(study, config) == []  # once, on a new study
+    firsts = [sample_trial(study.ask(), config).base for _ in range(3)]
+    assert firsts == ["small-pretrained", "pretrained", "v1.5"]
+    (tmp_path / "s.toml").write_text(
+        STUDY.format(arch="", checkpoints="").replace("reference = false", "reference = true")
+    )
+    config = load_config(tmp_path / "s.toml", workdir=tmp_path)
+    study = optuna.create_study()
+    assert enqueue_references(study, config) == ["full", "lora", "pretrained", "v1.5"]
+    trials = [study.ask() for _ in range(4)]
+    picked = [(TrialRecord.of(t).reference, sample_trial(t, config).base) for t in trials]
+    assert picked == [("full", "small-pretrained"), ("lora", "small-pretrained"),
+                      (None, "pretrained"), (None, "v1.5")]  # fmt: skip
+
+
 STUDY = """
 [study]
 name = "bases"
 reference = false
+baselines = ["persistence", "climatology", "aurora-1.5"]
 
 [data]
 source = "era5"
@@ -102,7 +132,7 @@ eval_every = 1
 val_samples = 2
 
 [search]
-base = ["small-pretrained", "pretrained"]
+base = ["small-pretrained", "pretrained", "v1.5"]
 lora_rank = [2]
 batch_size = [1]
 precision = ["fp32"]
@@ -110,27 +140,37 @@ precision = ["fp32"]
 
 
 def _with_bases(text: str) -> str:
-    checkpoints = "\n".join(f'[model.checkpoints]\n{b} = "{b}.ckpt"' for b in ["pretrained"])
+    checkpoints = '[model.checkpoints]\npretrained = "pretrained.ckpt"\n"v1.5" = "v1.5.ckpt"\n'
     arch = "".join(
-        f"\n[model.arch.{b}]\n" + "\n".join(f"{k} = {v}" for k, v in kw.items()) + "\n"
+        f'\n[model.arch."{b}"]\n' + "\n".join(f"{k} = {v}" for k, v in kw.items()) + "\n"
         for b, kw in REDUCED.items()
     )
     text = text.replace(
         'base = "small-pretrained"\n\n',
-        f'base = "small-pretrained"\ncheckpoint = "small-pretrained.ckpt"\n{checkpoints}\n',
+        'base = "small-pretrained"\ncheckpoint = "small-pretrained.ckpt"\n'
+        f'v15_static = "statics.pickle"\n{checkpoints}\n',
     )
     return text + arch
 
 
 @pytest.mark.slow
-def test_a_study_searches_two_bases_and_exports_one_that_forecasts(tmp_path, monkeypatch):
-    """Both pretrained classes at reduced width, from checkpoints written here: trials of each,
-    each scored against its own base, `best` line per base, and an exported trial of the larger
-    base forecasts a NetCDF file."""
+def test_a_study_searches_three_bases_and_exports_aurora15_that_forecasts(tmp_path, monkeypatch):
+    """AuroraSmallPretrained, AuroraPretrained and Aurora 1.5 at reduced width, from checkpoints
+    written here, on a 0.25° store with every variable Aurora 1.5 reads: trials of each, each
+    scored against its own base, `best` line per base and the zero-shot Aurora 1.5 row, and an
+    exported Aurora 1.5 trial (its own precipitation adapted) forecasts a NetCDF file."""
+    from aurora_sweep.aurora15 import static_names
+    from synthetic import write_v15_statics
+
     monkeypatch.chdir(tmp_path)
     for base, kw in REDUCED.items():
+        torch.manual_seed(0)
         model = build_base(base, with_tp=False, arch=arch_overrides(kw))
+        if base == "v1.5":  # a random head's log-space output overflows exp: keep it near 0
+            with torch.no_grad():
+                model.decoder.surf_heads["scaled_tp_1h"].weight.mul_(0.01)
         torch.save(model.state_dict(), tmp_path / f"{base}.ckpt")
+    write_v15_statics(tmp_path / "statics.pickle", static_names())
     (tmp_path / "study.toml").write_text(_with_bases(STUDY.format(arch="", checkpoints="")))
     config = load_config(tmp_path / "study.toml", workdir=tmp_path)
     write_region_store(
@@ -142,24 +182,33 @@ def test_a_study_searches_two_bases_and_exports_one_that_forecasts(tmp_path, mon
     study = optuna.load_study(study_name="bases", storage=config.storage)
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     bases = {TrialRecord.of(t).base for t in done}
-    assert bases == {"small-pretrained", "pretrained"}, [t.params for t in study.trials]
+    assert bases == {"small-pretrained", "pretrained", "v1.5"}, [t.params for t in study.trials]
     for t in done:
-        assert np.isfinite(t.value) and "forget_z500_ratio" in TrialRecord.of(t).scores
+        scores = TrialRecord.of(t).scores
+        assert np.isfinite(t.value) and "forget_z500_ratio" in scores
+        assert np.isfinite(scores["tp_skill_aurora15"])
+        # Aurora 1.5's trials are held to its other inputs too
+        assert ("forget_tcwv_ratio" in scores) == (TrialRecord.of(t).base == "v1.5")
     assert {base_key(b, "fp32") for b in bases} <= set(study.user_attrs[BASE_MSE])
 
     shown = runner.invoke(app, ["best", "-c", "study.toml"])
     assert shown.exit_code == 0, shown.output
-    assert "best on small-pretrained: trial" in shown.output
-    assert "best on pretrained: trial" in shown.output
-    larger = min((t for t in done if TrialRecord.of(t).base == "pretrained"), key=lambda t: t.value)
+    for base in ("small-pretrained", "pretrained", "v1.5"):
+        assert f"best on {base}: trial" in shown.output
+    assert "A1.5" in shown.output
+    v15 = min((t for t in done if TrialRecord.of(t).base == "v1.5"), key=lambda t: t.value)
     exported = runner.invoke(
-        app, ["best", "-c", "study.toml", "--export", "adapter", "--trial", str(larger.number)]
+        app, ["best", "-c", "study.toml", "--export", "adapter", "--trial", str(v15.number)]
     )
     assert exported.exit_code == 0, exported.output
+    assert (
+        "own hourly precipitation (scaled_tp_1h" in (tmp_path / "adapter" / "README.md").read_text()
+    )
     forecast = runner.invoke(app, [
-        "forecast", "adapter", "--start", "2025-01-03", "--end", "2025-01-03",
-        "--checkpoint", "pretrained.ckpt", "--out", "fc.nc",
+        "forecast", "adapter", "--start", "2025-01-03", "--end", "2025-01-03", "--lead", "12h",
+        "--checkpoint", "v1.5.ckpt", "--out", "fc.nc",
     ])  # fmt: skip
     assert forecast.exit_code == 0, forecast.output
     with xr.open_dataset(tmp_path / "fc.nc", engine="netcdf4") as ds:
         assert np.isfinite(ds["tp"].values).all() and ds["tp"].sizes["time"] >= 1
+        assert (ds["tp"].values >= 0).all() and "Aurora (v1.5 base)" in ds.attrs["source"]

@@ -210,6 +210,18 @@ def static_names(arch: tuple = ()) -> tuple[str, ...]:
     return tuple(dict(arch).get("static_vars") or default)
 
 
+def for_base(samples, base: str, config):
+    """`samples` as a trial of `base` reads them: with Aurora 1.5's inputs and its static
+    fields (`Samples.for_v15`) where the base reads them, else as they are."""
+    from aurora_sweep.bases import reads_v15_inputs
+
+    if not reads_v15_inputs(base):
+        return samples
+    path = resolve_statics(config.model.v15_static)
+    arch = config.model.arch_for(base)
+    return samples.for_v15(region_statics(path, samples, static_names(arch)))
+
+
 def add_region_statics(data, config) -> None:
     """`data.v15_statics` (`study_data.TrialData`): Aurora 1.5's static fields at the study's
     grid, when a base the study adapts reads them (`bases.reads_v15_inputs`)."""

@@ -96,3 +96,17 @@ def arch_overrides(values: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
     return tuple(
         sorted((k, tuple(v) if isinstance(v, list | tuple) else v) for k, v in values.items())
     )
+
+
+def target_description(base: str) -> str:
+    """What a fine-tune of `base` adapts for tp, in a sentence (report and model card)."""
+    own = BASES[base].own_precipitation
+    if own:
+        return (
+            f"The fine-tune adapts the base's own hourly precipitation ({own}, output-only): tp "
+            "is the sum of its six hours after each input time, in mm; no new variable was added."
+        )
+    return (
+        "tp is a new output variable of the base: its patch embedding and decoder head were "
+        "added and trained from zero (the head's bias at the train-split mean)."
+    )

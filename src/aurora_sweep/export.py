@@ -25,6 +25,7 @@ from typing import Any
 
 from safetensors.torch import load_file, save_file
 
+from aurora_sweep.bases import target_description
 from aurora_sweep.dataset import TpStats
 from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.model import (
@@ -163,7 +164,7 @@ MODEL_CARD = """\
 
 Fine-tuned by aurora-sweep from the base model **{base}** (checkpoint `{ckpt}`, sha256 `{sha}`)
 to forecast the 6-hour total precipitation (mm) ending 6 h after its last input time, over the
-region {region} at {grid}° on pressure levels {levels} hPa.
+region {region} at {grid}° on pressure levels {levels} hPa. {adapted}
 
 ## Recipe (trial {number} of study `{study}`)
 
@@ -230,6 +231,7 @@ def write_model_card(directory: Path, *, study: str, number: int) -> Path:
         loc=meta["tp_stats"]["location"],
         scale=meta["tp_stats"]["scale"],
         dir=Path(directory).name,
+        adapted=target_description(base["name"]),
     )
     if any("_aurora15" in k for k in meta["metrics"]):
         card += (

@@ -71,6 +71,7 @@ def forecast_file(
     """Write the forecasts of `adapter` for init times from `start` to `end` (inclusive days)
     to `out`; returns the path and the number of forecasts."""
     from aurora_sweep import __version__
+    from aurora_sweep.aurora15 import for_base
     from aurora_sweep.data import open_cube
     from aurora_sweep.dataset import Samples
     from aurora_sweep.devices import default_device
@@ -88,6 +89,7 @@ def forecast_file(
     levels = tuple(int(v) for v in meta["trial"]["levels"])
     data = dataclasses.replace(config.data, test=Period(first, last), levels=levels)
     samples = Samples(load_cube(open_cube(config), first, last), data, "test", target=False)
+    samples = for_base(samples, meta["trial"]["base"], config)
     device = default_device()
     model = load_finetuned(adapter, checkpoint=checkpoint, device=str(device))
     tp, state = _roll_out(unwrap(model), samples, steps, batch_size, device)

@@ -404,10 +404,14 @@ def lead_rows(scores: dict[str, float], objective: str) -> list[dict]:
     return rows
 
 
-def report_notes(references: Sequence[str], n_samples: int, split: str, times) -> list[str]:
+def report_notes(
+    references: Sequence[str], n_samples: int, split: str, times, adapted: str = ""
+) -> list[str]:
     """The report's notes: how the adapter compares with the study's references, what was
-    scored, and how each score and baseline is defined."""
+    adapted (`adapted`, `bases.target_description`), what was scored, and how each score and
+    baseline is defined."""
     return [
+        *([adapted] if adapted else []),
         *(
             f"Against the study's reference recipes (validation split): {line}"
             for line in references

@@ -110,7 +110,7 @@ def prepare_evaluation(adapter: Path, *, split: str, checkpoint: Path | None = N
     The same splits and baselines as the trial had (the model carries its own tp statistics),
     and the base model's scores on `split` for the forgetting ratios.
     """
-    from aurora_sweep.aurora15 import add_zero_shot
+    from aurora_sweep.aurora15 import add_region_statics, add_zero_shot
     from aurora_sweep.data import open_cube
     from aurora_sweep.devices import default_device
     from aurora_sweep.evaluation import base_state_mse
@@ -128,7 +128,8 @@ def prepare_evaluation(adapter: Path, *, split: str, checkpoint: Path | None = N
     device = default_device()
     data = TrialData.prepare(open_cube(config), config, eval_split=split)
     add_zero_shot(data, config, device)  # on the study's levels, as every trial met it
-    data = data.for_levels(trial.levels)  # the levels the trial trained on
+    add_region_statics(data, config)  # where the adapter's base reads Aurora 1.5's inputs
+    data = data.for_trial(trial.base, trial.levels)  # its levels and its base's inputs
     model = load_finetuned(adapter, checkpoint=checkpoint, device=str(device))
     path = resolve_checkpoint(trial.base, checkpoint)
     data.base_mse = {  # by lead, the trial's base in its precision on its levels
@@ -217,6 +218,7 @@ def report_adapter(
     """Write one self-contained HTML page verifying an exported adapter on `split`."""
     import datetime as dt
 
+    from aurora_sweep.bases import target_description
     from aurora_sweep.report import (
         forgetting_rows,
         lead_rows,
@@ -253,7 +255,9 @@ def report_adapter(
         forgetting=forgetting_rows(scores, data.base_mse[reference_key(data, trial)]["6h"]),
         leads=lead_rows(scores, objective),
         figures=_report_figures(data, fc, meta, ij),
-        notes=report_notes(meta.get("references", []), len(samples), split, times),
+        notes=report_notes(
+            meta.get("references", []), len(samples), split, times, target_description(trial.base)
+        ),  # fmt: skip
     )
 
 

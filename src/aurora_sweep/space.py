@@ -142,9 +142,20 @@ def reference_trial(config: StudyConfig) -> TrialConfig:
 
 def enqueue_references(study: optuna.Study, config: StudyConfig) -> list[str]:
     """A new study starts with the reference recipes, so that it can say how far its best trial
-    beats them: Aurora's full fine-tune and, when the space has LoRA, plain LoRA at defaults."""
-    if not config.reference or study.get_trials(deepcopy=False):
+    beats them: Aurora's full fine-tune and, when the space has LoRA, plain LoRA at defaults;
+    then, where it searches several bases, one trial of each base the references do not run
+    (its other settings sampled), so that every base is tried before the sampler picks."""
+    if study.get_trials(deepcopy=False):
         return []
+    added = _enqueue_reference_recipes(study, config) if config.reference else []
+    for base in config.bases if len(config.bases) > 1 else ():
+        if not (config.reference and base == config.model.base):
+            study.enqueue_trial({"base": base})
+            added.append(base)
+    return added
+
+
+def _enqueue_reference_recipes(study: optuna.Study, config: StudyConfig) -> list[str]:
     study.enqueue_trial({}, user_attrs=attrs(reference="full"))
     added = ["full"]
     s = config.search
@@ -158,6 +169,8 @@ def enqueue_references(study: optuna.Study, config: StudyConfig) -> list[str]:
             **_reference_loss(config), "target_input_lr": s.target_input_lr[0],
             "rollout_steps": min(s.rollout_steps),
         }  # fmt: skip
+        if len(config.bases) > 1:  # the references run on [model] base
+            params["base"] = config.model.base
         if len(config.level_choices) > 1:  # Aurora's own use: every level of the search
             params["levels"] = levels_text(widest_levels(config))
         if s.learning_rate:  # the study's learning rate, brought inside the searched range
