@@ -103,12 +103,19 @@ def test_the_base_model_is_scored_in_the_trials_precision(prepared, tiny_config)
     metrics, _ = verify(
         model, data, batch_size=16, device=CPU, bootstrap=0, reference=base_key("demo", "bf16")
     )
-    # not trained: the base model itself, when both run in bf16 (at 6 h; a rollout compounds
-    # bf16 rounding, which differs a little between a batch with tp and one without)
-    ratios = {k: v for k, v in metrics.items() if k.startswith("forget_") and k.endswith("_ratio")}
-    assert ratios and all(v == pytest.approx(1.0, abs=1e-6) for v in ratios.values()), ratios
-    late = {k: v for k, v in metrics.items() if k.startswith("forget_") and k.endswith("_24h")}
-    assert late and all(v == pytest.approx(1.0, abs=1e-2) for v in late.values()), late
+    # not trained: the base model itself when both run in bf16, up to bf16's rounding of sums
+    # that differ a little between a batch with tp (an all-zero variable) and one without;
+    # against the base run in fp32 the same model is ten times further from it
+    def worst(metrics, suffix):
+        ratios = [v for k, v in metrics.items() if k.startswith("forget_") and k.endswith(suffix)]
+        assert ratios
+        return max(abs(v - 1) for v in ratios)
+
+    assert worst(metrics, "_ratio") < 5e-4 and worst(metrics, "_24h") < 1e-2
+    against_fp32, _ = verify(
+        model, data, batch_size=16, device=CPU, bootstrap=0, reference=base_key("demo", "fp32")
+    )
+    assert worst(against_fp32, "_ratio") > 5 * worst(metrics, "_ratio")
 
 
 def test_an_objective_the_data_cannot_define_is_refused_before_any_trial(prepared):
