@@ -1,6 +1,7 @@
 """Aurora 1.5's own precipitation: built from a checkpoint this test writes (AuroraV1p5 at
-reduced width, random weights), its 6-, 12- and 24-hour totals equal the hand sum of the hourly
-fields `aurora.rollout` gives with `fine_lead_times` 1..6 (each clamped at 0)."""
+reduced width, random weights), the `v1.5` base's 6-, 12- and 24-hour totals equal the hand sum
+of the hourly fields `aurora.rollout` gives with `fine_lead_times` 1..6 (each clamped at 0); the
+base fine-tuned, exported and loaded; the untrained model as a study's baseline."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from aurora import Batch, Metadata, rollout
+from aurora import AuroraV1p5, Batch, Metadata, rollout
+from aurora.insolation import insolation
 
-from aurora_sweep.aurora15 import HOURLY_TP, build_v15, hourly_totals, input_variables, load_v15
 from aurora_sweep.errors import AuroraSweepError
+from aurora_sweep.hourly import HOURLY_TP, TRUE_LON
+from aurora_sweep.model import build_base, load_base_checkpoint
 from synthetic import global_statics, write_v15_statics
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -29,7 +32,7 @@ LEVELS = (500, 850)
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     torch.manual_seed(0)
-    model = build_v15(SMALL)
+    model = AuroraV1p5(**dict(SMALL))
     with torch.no_grad():  # a random head's log-space output overflows exp: keep it near 0
         model.decoder.surf_heads[HOURLY_TP].weight.mul_(0.01)
     path = tmp_path_factory.mktemp("v15") / "aurora-v1.5-small.ckpt"
@@ -37,15 +40,32 @@ def checkpoint(tmp_path_factory):
     return path
 
 
-def _batch(model, n: int = 2, grid: tuple[int, int] = (16, 24)) -> Batch:
+def _plain(checkpoint):
+    """Aurora 1.5 itself (microsoft-aurora's class) with the test's weights."""
+    model = AuroraV1p5(**dict(SMALL))
+    load_base_checkpoint(model, checkpoint)
+    return model.eval()
+
+
+def _v15_base(checkpoint, clamp: bool = True):
+    model = build_base("v1.5", clamp=clamp, arch=SMALL)
+    load_base_checkpoint(model, checkpoint)
+    return model.eval()
+
+
+def _store_batch(model, n: int = 2, grid: tuple[int, int] = (16, 24)) -> Batch:
+    """A batch as a store gives it: Aurora 1.5's inputs under the store's names (`sd`), tp
+    among them, no insolation."""
     g = torch.Generator().manual_seed(1)
     h, w = grid
 
     def field(*shape):
         return torch.rand(*shape, generator=g)
 
-    surf = {k: field(n, 2, h, w) for k in input_variables(model)}
-    surf["scaled_sd"] = 0.01 * surf["scaled_sd"]  # metres of snow water: small and positive
+    names = [k for k in model.surf_vars if k not in (*model.output_only_surf_vars, "insolation")]
+    surf = {("sd" if k == "scaled_sd" else k): field(n, 2, h, w) for k in names}
+    surf["sd"] = 0.01 * surf["sd"]  # metres of snow water: small and positive
+    surf["tp"] = 5 * field(n, 2, h, w)  # an input Aurora 1.5 does not read
     return Batch(
         surf_vars=surf,
         static_vars={k: field(h, w) for k in model.static_vars},
@@ -59,23 +79,59 @@ def _batch(model, n: int = 2, grid: tuple[int, int] = (16, 24)) -> Batch:
     )
 
 
-@pytest.mark.parametrize(("steps", "per_pass"), [(1, 6), (2, 2), (4, 3)])
-def test_aurora15_totals_are_the_sum_of_its_hourly_precipitation(checkpoint, steps, per_pass):
-    model = load_v15(checkpoint, SMALL)
-    batch = _batch(model)
-    total, last = hourly_totals(model, batch, steps, hours_per_pass=per_pass)
+def _as_aurora15_reads_it(batch: Batch) -> Batch:
+    """The same inputs as Aurora 1.5's own batch: its names, no tp, the insolation at both
+    input times from `aurora.insolation`."""
+    import dataclasses
+
+    surf = {("scaled_sd" if k == "sd" else k): v for k, v in batch.surf_vars.items() if k != "tp"}
+    lat, lon = batch.metadata.lat.numpy(), batch.metadata.lon.numpy()
+    sun = [
+        [insolation([t - dt.timedelta(hours=6 * (1 - j))], lat, lon, enforce_2d=True)[0]
+         for j in range(2)]
+        for t in batch.metadata.time
+    ]  # fmt: skip
+    surf["insolation"] = torch.tensor(np.array(sun), dtype=torch.float32)
+    return dataclasses.replace(batch, surf_vars=surf)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_the_v15_base_rolls_out_as_the_sum_of_aurora15s_hourly_precipitation(checkpoint, steps):
+    """Each 6-hour step of the `v1.5` base is Aurora 1.5's hourly rollout from the same inputs:
+    tp the six hours summed (each clamped at 0, in mm), the state its 6-hour prediction under
+    the store's names."""
+    model, plain = _v15_base(checkpoint), _plain(checkpoint)
+    batch = _store_batch(model)
     with torch.no_grad():
-        preds = list(rollout(model, batch, steps, fine_lead_times=[1, 2, 3, 4, 5, 6]))
-    by_hand = sum(p.surf_vars[HOURLY_TP][:, 0].clamp(min=0) for p in preds) * 1000.0
-    assert len(preds) == 6 * steps
+        preds = list(rollout(model, batch, steps))
+        hourly = list(
+            rollout(plain, _as_aurora15_reads_it(batch), steps, fine_lead_times=[1, 2, 3, 4, 5, 6])
+        )
+    total = sum(p.surf_vars["tp"][:, 0] for p in preds)
+    by_hand = sum(p.surf_vars[HOURLY_TP][:, 0].clamp(min=0) for p in hourly) * 1000.0
+    assert len(preds) == steps and len(hourly) == 6 * steps
     assert total.shape == by_hand.shape == (2, 16, 24)
-    np.testing.assert_allclose(total.numpy(), by_hand.numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(total.numpy(), by_hand.numpy(), rtol=1e-3, atol=1e-5)
     assert (total >= 0).all() and total.abs().max() > 0
-    # the state at the end is the rollout's last (6-hour) prediction
-    np.testing.assert_allclose(
-        last.surf_vars["2t"].numpy(), preds[-1].surf_vars["2t"].numpy(), rtol=1e-4, atol=1e-5
-    )
-    assert last.metadata.time == preds[-1].metadata.time
+    last, reference = preds[-1], hourly[-1]
+    assert set(last.surf_vars) == set(batch.surf_vars)  # the store's names, tp among them
+    for k in ("2t", "tcwv"):
+        np.testing.assert_allclose(last.surf_vars[k].numpy(), reference.surf_vars[k].numpy(),
+                                   rtol=1e-4, atol=1e-4)  # fmt: skip
+    np.testing.assert_allclose(last.surf_vars["sd"].numpy(),
+                               reference.surf_vars["scaled_sd"].numpy(), rtol=1e-4, atol=1e-6)  # fmt: skip
+    assert last.metadata.time == reference.metadata.time
+
+
+def test_in_training_the_hours_are_not_clamped(checkpoint):
+    clamped, raw = _v15_base(checkpoint), _v15_base(checkpoint, clamp=False)
+    with torch.no_grad():  # hours around 0 mm, in its log space
+        for model in (clamped, raw):
+            model.decoder.surf_heads[HOURLY_TP].bias.fill_(-0.4)
+    batch = _store_batch(clamped)
+    with torch.no_grad():
+        a, b = clamped(batch).surf_vars["tp"], raw(batch).surf_vars["tp"]
+    assert (b <= a + 1e-6).all() and (b < a - 1e-6).any()  # some raw hours are below 0
 
 
 def test_a_checkpoint_of_another_model_is_refused_in_one_line(checkpoint, tmp_path):
@@ -84,9 +140,9 @@ def test_a_checkpoint_of_another_model_is_refused_in_one_line(checkpoint, tmp_pa
     del state["decoder.surf_heads.scaled_tp_1h.weight"]
     torch.save(state, bad)
     with pytest.raises(AuroraSweepError, match="does not match the base model: missing"):
-        load_v15(bad, SMALL)
-    with pytest.raises(AuroraSweepError, match="cannot build Aurora 1.5"):
-        build_v15((("embed_dim", "wide"),))
+        load_base_checkpoint(build_base("v1.5", arch=SMALL), bad)
+    with pytest.raises(AuroraSweepError, match=r"cannot build the v1.5 base"):
+        build_base("v1.5", arch=(("embed_dim", "wide"),))
 
 
 # ------------------------------------------------------------------------------------------
@@ -96,7 +152,9 @@ def test_a_checkpoint_of_another_model_is_refused_in_one_line(checkpoint, tmp_pa
 @pytest.fixture(scope="module")
 def static_file(tmp_path_factory, checkpoint):
 
-    names = load_v15(checkpoint, SMALL).static_vars
+    from aurora_sweep.aurora15 import static_names
+
+    names = static_names(SMALL)
     path = tmp_path_factory.mktemp("static") / "aurora-0.25-v1.5-static.pickle"
     return write_v15_statics(path, names), names
 
@@ -169,30 +227,46 @@ def v15_samples(v15_study):
     return Samples(open_cube(v15_study), v15_study.data, "validation")
 
 
-def test_aurora15_forecasts_precipitation_from_a_stores_batch(checkpoint, static_file, v15_samples):
-    from aurora.insolation import insolation
+def test_the_v15_base_reads_a_stores_samples_with_aurora15s_inputs(
+    checkpoint, static_file, v15_samples
+):
+    """`Samples.for_v15`: the store's 18 surface inputs (no NaN: sea ice over land is 0), the
+    static fields cut at its points; the model adds the insolation at both input times, at the
+    true longitudes where Aurora sees the box shifted, and forecasts tp from it."""
+    import dataclasses
 
-    from aurora_sweep.aurora15 import crop_statics, read_statics, v15_batch
+    from aurora_sweep.aurora15 import crop_statics, read_statics, region_statics
 
-    model = load_v15(checkpoint, SMALL)
     path, names = static_file
-    samples = v15_samples
-    lat, lon = samples.cube["latitude"].values, samples.cube["longitude"].values
-    cut = crop_statics(read_statics(path, names), lat, lon)
-    statics = {k: torch.from_numpy(v) for k, v in cut.items()}
-    batch = v15_batch(samples, [0, 3], statics)
-    assert set(batch.surf_vars) == set(input_variables(model)) and len(batch.surf_vars) == 19
-    assert set(batch.static_vars) == set(model.static_vars)
-    t = samples.index[[0, 3]]
-    np.testing.assert_array_equal(batch.surf_vars["scaled_sd"][:, 1], samples.read(t, ["sd"])["sd"])
+    samples = v15_samples.for_v15(region_statics(path, v15_samples, tuple(names)))
+    model = _v15_base(checkpoint)
+    batch = samples.inputs([0, 3])
+    assert set(batch.surf_vars) == {*samples.surface, "tp"} and len(samples.surface) == 18
+    t = v15_samples.index[[0, 3]]
+    np.testing.assert_array_equal(batch.surf_vars["sd"][:, 1], v15_samples.read(t, ["sd"])["sd"])
     assert torch.isfinite(batch.surf_vars["ci"]).all()  # sea ice NaN over land -> 0
-    sun = insolation([samples.times[t[1]].to_pydatetime()], lat, lon, enforce_2d=True)[0]
-    np.testing.assert_allclose(batch.surf_vars["insolation"][1, 1].numpy(), sun, rtol=1e-6)
-    assert batch.metadata.atmos_levels == (500, 700, 850)
-    total, last = hourly_totals(model, batch, 1)
-    assert total.shape == (2, *samples.grid) and torch.isfinite(total).all()
+    lat, lon = v15_samples.cube["latitude"].values, v15_samples.cube["longitude"].values
+    cut = crop_statics(read_statics(path, names), lat, lon)
+    assert set(batch.static_vars) == set(names)
     assert np.allclose(batch.static_vars["slt_2"].numpy(), cut["slt_2"])
-    assert last.metadata.time[0] == samples.times[t[0]].to_pydatetime() + dt.timedelta(hours=6)
+    inputs = model._inputs(batch)
+    sun = insolation([v15_samples.times[t[1]].to_pydatetime()], lat, lon, enforce_2d=True)[0]
+    np.testing.assert_allclose(inputs.surf_vars["insolation"][1, 1].numpy(), sun, rtol=1e-5)
+    # a box Aurora sees shifted east by 12°: the insolation is still that of its true place
+    shifted = dataclasses.replace(
+        batch,
+        static_vars={**batch.static_vars, TRUE_LON: torch.tensor(lon).expand(len(lat), -1)},
+        metadata=dataclasses.replace(batch.metadata, lon=batch.metadata.lon + 12.0),
+    )
+    np.testing.assert_allclose(
+        model._inputs(shifted).surf_vars["insolation"].numpy(),
+        inputs.surf_vars["insolation"].numpy(), rtol=1e-6,
+    )  # fmt: skip
+    with torch.no_grad():
+        pred = model(batch)
+    assert pred.surf_vars["tp"].shape == (2, 1, *samples.grid)
+    assert torch.isfinite(pred.surf_vars["tp"]).all()
+    assert pred.metadata.time[0] == v15_samples.times[t[0]].to_pydatetime() + dt.timedelta(hours=6)
 
 
 def test_a_study_with_the_aurora15_baseline_scores_it_and_best_shows_it(
@@ -277,53 +351,6 @@ def test_the_demo_world_writes_aurora15s_inputs_for_a_study_that_uses_it(v15_stu
 
 # ------------------------------------------------------------------------------------------
 # Aurora 1.5 as a base a trial fine-tunes
-
-
-def _v15_base(checkpoint, clamp: bool = True):
-    from aurora_sweep.model import build_base, load_base_checkpoint
-
-    model = build_base("v1.5", clamp=clamp, arch=SMALL)
-    load_base_checkpoint(model, checkpoint)
-    return model.eval()
-
-
-def test_the_v15_base_steps_six_hours_as_its_hourly_rollout_does(
-    checkpoint, static_file, v15_samples
-):
-    """Its forward pass from a store's batch is Aurora 1.5's hourly rollout from the same
-    inputs: tp the six hours summed (clamped, in mm), the state its 6-hour prediction under the
-    store's names; a 2-step rollout of it equals `hourly_totals` over two steps."""
-    from aurora import rollout as aurora_rollout
-
-    from aurora_sweep.aurora15 import region_statics, v15_batch
-
-    path, names = static_file
-    statics = region_statics(path, v15_samples, tuple(names))
-    samples = v15_samples.for_v15(statics)
-    model = _v15_base(checkpoint)
-    batch = samples.inputs([0, 3])
-    assert set(batch.surf_vars) == {*samples.surface, "tp"} and "sd" in batch.surf_vars
-    with torch.no_grad():
-        pred = model(batch)
-    reference, last = hourly_totals(load_v15(checkpoint, SMALL), v15_batch(v15_samples, [0, 3],
-                                    statics), 1)  # fmt: skip
-    np.testing.assert_allclose(pred.surf_vars["tp"][:, 0].numpy(), reference.numpy(), rtol=1e-4,
-                               atol=1e-6)  # fmt: skip
-    assert set(pred.surf_vars) == set(batch.surf_vars)  # the store's names, tp among them
-    np.testing.assert_allclose(pred.surf_vars["sd"].numpy(), last.surf_vars["scaled_sd"].numpy(),
-                               rtol=1e-5, atol=1e-7)  # fmt: skip
-    np.testing.assert_allclose(pred.atmos_vars["t"].numpy(), last.atmos_vars["t"].numpy(),
-                               rtol=1e-5, atol=1e-5)  # fmt: skip
-    with torch.no_grad():
-        two = list(aurora_rollout(model, batch, steps=2))
-        total2, _ = hourly_totals(load_v15(checkpoint, SMALL),
-                                  v15_batch(v15_samples, [0, 3], statics), 2)  # fmt: skip
-    summed = (two[0].surf_vars["tp"] + two[1].surf_vars["tp"])[:, 0]
-    np.testing.assert_allclose(summed.numpy(), total2.numpy(), rtol=1e-3, atol=1e-5)
-    # in training the hours are not clamped: the loss sees them raw
-    raw = _v15_base(checkpoint, clamp=False)
-    with torch.no_grad():
-        assert (raw(batch).surf_vars["tp"] <= pred.surf_vars["tp"] + 1e-6).all()
 
 
 @pytest.fixture(scope="module")

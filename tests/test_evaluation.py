@@ -103,6 +103,7 @@ def test_the_base_model_is_scored_in_the_trials_precision(prepared, tiny_config)
     metrics, _ = verify(
         model, data, batch_size=16, device=CPU, bootstrap=0, reference=base_key("demo", "bf16")
     )
+
     # not trained: the base model itself when both run in bf16, up to bf16's rounding of sums
     # that differ a little between a batch with tp (an all-zero variable) and one without;
     # against the base run in fp32 the same model is ten times further from it

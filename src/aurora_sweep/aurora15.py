@@ -1,4 +1,4 @@
-"""Aurora 1.5 (`aurora.AuroraV1p5`): the model, and its own precipitation over a study's lead.
+"""Aurora 1.5 (`aurora.AuroraV1p5`): its static fields, and its own precipitation untrained.
 
 Aurora 1.5 predicts hourly precipitation itself (`scaled_tp_1h`, an output-only surface variable:
 metres of water over the hour before the valid time, log-transformed inside the model and
@@ -6,11 +6,13 @@ returned physical). With its variable lead time, one initial state gives the hou
 it (`aurora.rollout(..., fine_lead_times=[1, ..., 6])`; only the 6-hour prediction advances the
 state), so its 6-hour total is the sum of the six hourly fields, and a 12- or 24-hour total the
 sum over the steps of the rollout. That total, with no training at all, is the precipitation a
-user gets for free from Aurora 1.5: the baseline a fine-tune must beat.
+user gets for free from Aurora 1.5: the baseline a fine-tune must beat (`zero_shot_totals`).
 
-`hourly_totals` computes it with the hours of a step stacked along the batch (one forward pass
-of 6 × B samples, `hours_per_pass` to split it), which equals `aurora.rollout`'s hour-by-hour
-loop (tested) in a sixth of the passes.
+It is the `v1.5` base's own forward pass (`hourly.SixHourAurora15`: the hours of a step stacked
+along the batch, equal to `aurora.rollout`'s hour-by-hour loop, tested) run untrained with Aurora
+1.5's own precision defaults, so the baseline and a fine-tune of Aurora 1.5 are one model.
+Its 36 static fields come from the file microsoft/aurora publishes (`read_statics`, cut at a
+store's points by `crop_statics`).
 """
 
 from __future__ import annotations
@@ -23,8 +25,6 @@ import torch
 
 from aurora_sweep.bases import BASELINE_MODELS, HF_REPO
 from aurora_sweep.errors import AuroraSweepError
-from aurora_sweep.hourly import HOURLY_TP, MM_PER_M, STEP_HOURS, rows, stack_hours
-from aurora_sweep.store import AURORA_V15_NAMES, SURF_VARS, V15_SURF_VARS
 
 #: The checkpoint microsoft/aurora publishes for Aurora 1.5 (pinned as the bases are).
 V15 = BASELINE_MODELS["v1.5"]
@@ -35,62 +35,6 @@ V15 = BASELINE_MODELS["v1.5"]
 STATIC_FILE = "aurora-0.25-v1.5-static.pickle"
 GLOBAL_SHAPE = (721, 1440)
 GLOBAL_STEP = 0.25
-
-
-def build_v15(arch: tuple[tuple[str, object], ...] = ()) -> torch.nn.Module:
-    """AuroraV1p5 with its own variables and defaults, and the constructor overrides `arch`
-    (a reduced width for tests: `[model.arch.v1.5]`)."""
-    import aurora
-
-    try:
-        return aurora.AuroraV1p5(**dict(arch))
-    except (TypeError, ValueError, AssertionError) as e:
-        raise AuroraSweepError(
-            f"cannot build Aurora 1.5 with {dict(arch)} ({e}): give arguments of AuroraV1p5"
-        ) from None
-
-
-def load_v15(checkpoint: Path, arch: tuple = (), device: str = "cpu") -> torch.nn.Module:
-    """Aurora 1.5 with the weights of `checkpoint` (every key must match), in eval mode."""
-    from aurora_sweep.model import load_base_checkpoint
-
-    model = build_v15(arch)
-    load_base_checkpoint(model, checkpoint)
-    return model.to(device).eval()
-
-
-def input_variables(model) -> tuple[str, ...]:
-    """The surface variables a batch for `model` carries: all but the output-only ones."""
-    return tuple(v for v in model.surf_vars if v not in model.output_only_surf_vars)
-
-
-@torch.no_grad()
-def hourly_totals(model, batch, steps: int = 1, *, hours_per_pass: int = STEP_HOURS):
-    """Aurora 1.5's precipitation over `steps` 6-hour steps from `batch`, in mm (B, lat, lon),
-    and its prediction at the last step (the state, for the other variables' scores).
-
-    Each step's six hourly fields come from the same state (`fine_lead_times` 1..6), each
-    clamped at 0 (the log transform's inverse, 1e-3 (e^y - 1), reaches -1 mm an hour); the
-    6-hour prediction, clipped as `aurora.rollout` clips it, is the next step's input.
-    """
-    from aurora.rollout import _advance_batch
-
-    p = next(model.parameters())
-    batch = batch.type(p.dtype).crop(model.patch_size).to(p.device)
-    b = next(iter(batch.surf_vars.values())).shape[0]
-    total = None
-    for _ in range(steps):
-        last = None
-        for first in range(1, STEP_HOURS + 1, hours_per_pass):
-            hours = list(range(first, min(first + hours_per_pass, STEP_HOURS + 1)))
-            stacked, lead = stack_hours(batch, hours)
-            pred = model(stacked, lead_times=lead)
-            tp = pred.surf_vars[HOURLY_TP][:, 0].float().clamp(min=0)
-            part = tp.reshape(len(hours), b, *tp.shape[1:]).sum(dim=0)
-            total = part if total is None else total + part
-            last = rows(pred, (len(hours) - 1) * b, len(hours) * b)  # the pass's last hour
-        batch = _advance_batch(batch, model.apply_rollout_input_clipping(last))
-    return total.cpu() * MM_PER_M, last
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,39 +103,6 @@ def crop_statics(
     return {k: v[np.ix_(r, c)] for k, v in statics.items()}
 
 
-def v15_batch(samples, indices, statics: dict[str, torch.Tensor]):
-    """The two input times of `samples` (`dataset.Samples` of a store with Aurora 1.5's inputs)
-    at `indices`, as the batch Aurora 1.5 reads: its 18 surface inputs under its names (NaN,
-    sea ice over land, as 0, as its example does), the prescribed insolation at each input
-    time, its static fields (`crop_statics`, as tensors) and the pressure levels."""
-    from aurora import Batch, Metadata
-    from aurora.insolation import insolation
-
-    from aurora_sweep.store import ATMOS_VARS
-
-    t = samples.index[np.asarray(indices)]
-    names = (*SURF_VARS, *V15_SURF_VARS)
-    arrays = samples.read(np.stack([t - 1, t], axis=1), (*names, *ATMOS_VARS))
-    shaped = {k: a.reshape(len(t), 2, *a.shape[1:]) for k, a in arrays.items()}
-    surf = {AURORA_V15_NAMES.get(k, k): np.nan_to_num(shaped[k], nan=0.0) for k in names}
-    lat = samples.cube["latitude"].values.astype(np.float32)
-    lon = np.mod(samples.cube["longitude"].values, 360.0).astype(np.float32)  # true longitudes
-    when = [samples.times[i].to_pydatetime() for i in np.stack([t - 1, t], axis=1).reshape(-1)]
-    sun = np.asarray(insolation(when, lat, lon, enforce_2d=True), dtype=np.float32)
-    surf["insolation"] = sun.reshape(len(t), 2, len(lat), len(lon))
-    return Batch(
-        surf_vars={k: torch.from_numpy(v) for k, v in surf.items()},
-        static_vars=statics,
-        atmos_vars={k: torch.from_numpy(shaped[k]) for k in ATMOS_VARS},
-        metadata=Metadata(  # the model's longitudes, as `Samples` gives them
-            lat=samples.lat,
-            lon=samples.lon,
-            atmos_levels=samples.levels,
-            time=tuple(samples.times[i].to_pydatetime() for i in t),
-        ),  # fmt: skip
-    )
-
-
 def region_statics(path: Path, samples, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """Aurora 1.5's static fields `names` from the file at `path`, cut at the grid of
     `samples` (`dataset.Samples`)."""
@@ -258,18 +169,20 @@ def zero_shot_totals(
     batch_size: int = 2,
 ) -> dict[int, np.ndarray]:
     """Aurora 1.5's precipitation, untrained, over each lead's samples (`leads`: model steps ->
-    `dataset.Samples` of a store with its inputs): mm over the lead, (n, lat, lon) per lead,
-    in the samples' order; `batch_size` samples a pass, each of its six hours a row."""
-    model = load_v15(checkpoint, arch, device)
-    statics = region_statics(static_file, next(iter(leads.values())), tuple(model.static_vars))
-    out = {}
-    for steps, samples in leads.items():
-        totals = np.zeros((len(samples), *samples.grid), np.float32)
-        for lo in range(0, len(samples), batch_size):
-            idx = np.arange(lo, min(len(samples), lo + batch_size))
-            totals[idx] = hourly_totals(model, v15_batch(samples, idx, statics), steps)[0].numpy()
-        out[steps] = totals
-    return out
+    `dataset.Samples` of one split, of a store with its inputs): mm over the lead, (n, lat, lon)
+    per lead, in the samples' order, from one rollout per sample (`evaluation.forecast_leads`);
+    `batch_size` samples a pass, each of its six hours a row. Run as Aurora 1.5 runs by default
+    (fp16 autocast, its edges joined), unless `arch` says otherwise."""
+    from aurora_sweep.evaluation import forecast_leads
+    from aurora_sweep.model import build_base, load_base_checkpoint
+
+    model = build_base("v1.5", clamp=True, arch=(("autocast", True), *arch))
+    load_base_checkpoint(model, checkpoint)
+    model.to(device)
+    statics = region_statics(static_file, leads[1], static_names(arch))
+    v15 = {steps: samples.for_v15(statics) for steps, samples in leads.items()}
+    done = forecast_leads(model, v15, batch_size=batch_size, device=device, state=False)
+    return {steps: result.tp for steps, result in done.items()}
 
 
 def add_zero_shot(data, config, device, known: dict | None = None) -> None:

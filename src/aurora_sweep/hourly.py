@@ -44,7 +44,7 @@ TRUE_LON = "true_longitude"
 STORE_NAMES = {v: k for k, v in AURORA_V15_NAMES.items()}
 
 
-def stack_hours(batch: Batch, hours: list[int]) -> tuple[Batch, torch.Tensor]:
+def _stack_hours(batch: Batch, hours: list[int]) -> tuple[Batch, torch.Tensor]:
     """`batch` repeated once per hour of `hours` along the batch axis (hour-major), with each
     row's lead time in hours."""
     n = len(hours)
@@ -59,7 +59,7 @@ def stack_hours(batch: Batch, hours: list[int]) -> tuple[Batch, torch.Tensor]:
     return stacked, lead
 
 
-def rows(pred: Batch, start: int, stop: int) -> Batch:
+def _rows(pred: Batch, start: int, stop: int) -> Batch:
     """Rows `start:stop` of a prediction (one hour's samples of a stacked pass)."""
     return dataclasses.replace(
         pred,
@@ -90,9 +90,9 @@ class SixHourAurora15(AuroraV1p5):
     """Aurora 1.5 whose forward pass is one 6-hour step of a study: tp (mm over the step, the
     sum of its hourly `scaled_tp_1h`) and the state at +6 h, from a store-named batch.
 
-    With `clamp_at_first_step` (forecasts, `model.clamped`) each hour is clamped at 0 before the
-    sum, as `aurora15.hourly_totals` does; in training the loss sees the raw hours (each at
-    least -1 mm, the log transform's floor).
+    With `clamp_at_first_step` (forecasts, `model.clamped`, and the zero-shot baseline,
+    `aurora15.zero_shot_totals`) each hour is clamped at 0 before the sum; in training the loss
+    sees the raw hours (each at least -1 mm, the log transform's floor).
     """
 
     #: the output a trial trains (`model.target_var`)
@@ -111,13 +111,13 @@ class SixHourAurora15(AuroraV1p5):
         batch = batch.crop(patch_size=self.patch_size)
         b = next(iter(batch.surf_vars.values())).shape[0]
         hours = list(range(1, STEP_HOURS + 1))
-        stacked, lead = stack_hours(self._inputs(batch), hours)
+        stacked, lead = _stack_hours(self._inputs(batch), hours)
         pred = super().forward(stacked, lead_times=lead)
         hourly = pred.surf_vars[HOURLY_TP][:, 0]
         if self.clamp_at_first_step or pred.metadata.rollout_step > 1:  # as Aurora clamps tp
             hourly = hourly.clamp(min=0)
         total = hourly.reshape(STEP_HOURS, b, *hourly.shape[1:]).sum(dim=0) * MM_PER_M
-        last = rows(pred, (STEP_HOURS - 1) * b, STEP_HOURS * b)
+        last = _rows(pred, (STEP_HOURS - 1) * b, STEP_HOURS * b)
         dropped = (*self.output_only_surf_vars, "insolation")
         surf = {STORE_NAMES.get(k, k): v for k, v in last.surf_vars.items() if k not in dropped}
         surf[TARGET_VAR] = total[:, None]
