@@ -64,7 +64,7 @@ class TrialData:
     #: the levels the study's data holds ([data] levels), and this data on subsets of them
     #: (keyed by the levels) and as Aurora 1.5 reads it (keyed "v1.5")
     study_levels: tuple[int, ...] = ()
-    _by_levels: dict[tuple[int, ...] | str, TrialData] = field(default_factory=dict, repr=False)
+    _views: dict[tuple[int, ...] | str, TrialData] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.leads = self.leads or {1: self.validation}
@@ -99,7 +99,7 @@ class TrialData:
     def _view(self, key, make) -> TrialData:
         """This data with every split's samples made by `make` (once per `key`), sharing the
         base model's and the baselines' scores."""
-        if key not in self._by_levels:
+        if key not in self._views:
             view = copy.copy(self)
             view.train = make(self.train)
             view.validation = make(self.validation)
@@ -108,9 +108,9 @@ class TrialData:
                 for k, v in self.leads.items()
             }
             view._train_by_steps = {k: make(v) for k, v in self._train_by_steps.items()}
-            view._by_levels = {}
-            self._by_levels[key] = view
-        view = self._by_levels[key]
+            view._views = {}
+            self._views[key] = view
+        view = self._views[key]
         view.base_mse, view.baseline_scores = self.base_mse, self.baseline_scores  # shared
         view.aurora15 = self.aurora15
         return view
