@@ -69,6 +69,7 @@ def test_the_cycle_finder_finds_a_cycle():
     "module",
     [
         "bases",
+        "targets",
         "recipe",
         "settings",
         "config",

@@ -19,7 +19,7 @@ from aurora_sweep.era5.plan import (
     ORIGIN,
     PRESSURE_LEVELS,
     SINGLE_LEVELS,
-    TP_HOURS,
+    TARGET,
     UNITS,
     model_times,
 )
@@ -307,9 +307,12 @@ def _select(pieces: list[_Piece], data: DataConfig) -> _Plan:
 
     tp_hours = np.fromiter(sources[("tp", None)], dtype=np.int64)
     tp_labels = sorted({pieces[p].label for _, p, _ in sources[("tp", None)].values()})
-    check_hourly(tp_hours, label=", ".join(tp_labels[:3]) + (" ..." if len(tp_labels) > 3 else ""))
+    if TARGET.hourly:  # its step's value is made of every hour of the step
+        check_hourly(
+            tp_hours, label=", ".join(tp_labels[:3]) + (" ..." if len(tp_labels) > 3 else "")
+        )
     complete = np.all(
-        np.isin(times[:, None] - 3600 * np.arange(TP_HOURS)[None, :], tp_hours), axis=1
+        np.isin(times[:, None] - 3600 * np.array(TARGET.hours)[None, :], tp_hours), axis=1
     )
     if not complete.any():
         raise AuroraSweepError(
@@ -371,7 +374,7 @@ def _fill(
 
     tp = tp_sum  # in place: metres summed -> mm, NaN where an hour is missing
     for k in range(nt):
-        tp[k] = tp[k] * 1000.0 if tp_count[k] == TP_HOURS else np.nan
+        tp[k] = TARGET.finish(tp[k], int(tp_count[k]))
     return _cube(plan, out, tp, _statics(pieces, plan))
 
 
@@ -381,7 +384,7 @@ def _jobs_by_piece(plan: _Plan, t_pos: dict) -> dict[int, dict[str, list[tuple]]
     jobs: dict[int, dict[str, list[tuple[int, int, int | None]]]] = {}
     for (v, lv), slot in plan.sources.items():
         for t, (_, p, i) in slot.items():
-            k = t_pos.get(_model_step_ending(t) if v == store.TARGET_VAR else t)
+            k = t_pos.get(TARGET.step_of(t) if v == store.TARGET_VAR else t)
             if k is not None:
                 jobs.setdefault(p, {}).setdefault(v, []).append((i, k, lv))
     return jobs
@@ -412,7 +415,7 @@ def _cube(plan: _Plan, out: dict, tp: np.ndarray, static: dict) -> xr.Dataset:
     cube = xr.Dataset(variables, coords=coords)
     for v in cube.data_vars:
         cube[v].attrs["units"] = UNITS[v]
-    cube["tp"].attrs["long_name"] = "total precipitation over the 6 hours ending at time"
+    cube[TARGET.name].attrs["long_name"] = TARGET.long_name
     cube.attrs = {"source": "ERA5 (Copernicus Climate Change Service), via aurora_sweep.era5"}
     return cube
 
@@ -444,9 +447,3 @@ def _fill_levels(
         )
         for j, lv in enumerate(lvs):
             target[dst, l_pos[lv]] = block[:, j]
-
-
-def _model_step_ending(t: int) -> int:
-    """The model time T whose 6-hour window (T-6h, T] holds the hourly value at `t`."""
-    step = 6 * 3600
-    return -(-t // step) * step

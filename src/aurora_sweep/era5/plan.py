@@ -15,13 +15,14 @@ import pandas as pd
 
 from aurora_sweep import store
 from aurora_sweep.config import DataConfig, Period, Region, StudyConfig
+from aurora_sweep.targets import TARGETS
 
 CDS_URL = "https://cds.climate.copernicus.eu/api"
 SINGLE_LEVELS = "reanalysis-era5-single-levels"
 PRESSURE_LEVELS = "reanalysis-era5-pressure-levels"
 MODEL_HOURS = (0, 6, 12, 18)
-#: How many hourly tp values make one model step's total.
-TP_HOURS = 6
+#: The study's target (`targets.TARGETS`): what the CDS is asked for, how its hours make a step.
+TARGET = TARGETS[store.TARGET_VAR]
 
 #: CDS request name -> store name, per request kind.
 SURFACE_REQUEST = {
@@ -60,7 +61,7 @@ STATIC_REQUEST = {
     "land_sea_mask": "static_lsm",
     "soil_type": "static_slt",
 }
-TP_REQUEST = {"total_precipitation": "tp"}
+TP_REQUEST = {cds: TARGET.name for cds, _ in TARGET.sources}
 
 #: CDS NetCDF short name -> store name, for variables without a level dimension.
 SINGLE_LEVEL_NAMES = {
@@ -82,10 +83,10 @@ ORIGIN = {
     **{v: (SINGLE_LEVELS, k) for k, v in (SURFACE_REQUEST | V15_SURFACE_REQUEST).items()},
     **{v: (PRESSURE_LEVELS, k) for k, v in ATMOS_REQUEST.items()},
     **{v: (SINGLE_LEVELS, k) for k, v in STATIC_REQUEST.items()},
-    "tp": (SINGLE_LEVELS, "total_precipitation"),
+    TARGET.name: (SINGLE_LEVELS, " + ".join(cds for cds, _ in TARGET.sources)),
 }
 UNITS = {
-    "2t": "K", "10u": "m s-1", "10v": "m s-1", "msl": "Pa", "tp": "mm",
+    "2t": "K", "10u": "m s-1", "10v": "m s-1", "msl": "Pa", TARGET.name: TARGET.units,
     "z": "m2 s-2", "u": "m s-1", "v": "m s-1", "t": "K", "q": "kg kg-1",
     "static_z": "m2 s-2", "static_lsm": "1", "static_slt": "1",
     "2d": "K", "tcwv": "kg m-2", "tcc": "1", "100u": "m s-1", "100v": "m s-1", "sp": "Pa",

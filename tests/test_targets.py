@@ -1,0 +1,78 @@
+"""The targets' time semantics, known answers on hand-made hourly values: a 6-hour total is the
+sum of the six hours ending at the model time, a mean rate their mean per hour, an
+instantaneous value the field at the model time itself; a step missing a field is NaN."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from aurora_sweep.targets import ACCUMULATED, INSTANTANEOUS, MEAN_RATE, TARGETS
+
+T = 1_700_006_400  # a model time (18 UTC), seconds since 1970
+HOUR = 3600
+
+
+def _steps(target, fields: dict[tuple[str, int], float]) -> dict[int, float]:
+    """Each model time's value from hourly fields {(short name, valid time): value}, entered
+    as the import enters them (`step_of`, then `finish`)."""
+    sums: dict[int, float] = {}
+    counts: dict[int, int] = {}
+    for (_, t), value in fields.items():
+        step = target.step_of(t)
+        if step is not None:
+            sums[step] = sums.get(step, 0.0) + value
+            counts[step] = counts.get(step, 0) + 1
+    return {k: float(target.finish(np.array(sums[k]), counts[k])) for k in sums}
+
+
+def _hourly(short: str, first: int, last: int) -> dict[tuple[str, int], float]:
+    """Hour h (valid at T + h hours) holds h + 10 (in the file's units)."""
+    return {(short, T + h * HOUR): h + 10.0 for h in range(first, last + 1)}
+
+
+def test_a_6_hour_total_is_the_sum_of_the_six_hours_ending_at_the_model_time():
+    tp = TARGETS["tp"]
+    assert tp.kind == ACCUMULATED and tp.cell_methods == "time: sum"
+    values = _steps(tp, _hourly("tp", -5, 6))  # (T - 6 h, T] and (T, T + 6 h]
+    assert values[T] == pytest.approx(1000 * sum(h + 10 for h in range(-5, 1)))  # mm
+    assert values[T + 6 * HOUR] == pytest.approx(1000 * sum(h + 10 for h in range(1, 7)))
+
+
+def test_a_mean_rate_is_the_mean_of_the_same_six_hours_per_hour():
+    pr = TARGETS["pr"]
+    assert pr.kind == MEAN_RATE and pr.units == "mm h-1" and pr.cell_methods == "time: mean"
+    values = _steps(pr, _hourly("tp", -5, 0))
+    assert values[T] == pytest.approx(1000 * np.mean([h + 10 for h in range(-5, 1)]))
+    # the same hours as tp's total, over six hours
+    assert values[T] == pytest.approx(_steps(TARGETS["tp"], _hourly("tp", -5, 0))[T] / 6)
+
+
+def test_an_instantaneous_value_is_the_fields_at_the_model_time_itself():
+    rain = TARGETS["rain_rate"]
+    assert rain.kind == INSTANTANEOUS and rain.cell_methods == "time: point"
+    fields = _hourly("crr", -5, 6) | _hourly("lsrr", -5, 6)
+    values = _steps(rain, fields)
+    assert set(values) == {T, T + 6 * HOUR}  # the hours between enter no step
+    # convective + large-scale, kg m-2 s-1 -> mm h-1, at T: hour 0 holds 10 in both
+    assert values[T] == pytest.approx(3600 * (10.0 + 10.0))
+    soil = TARGETS["swvl1"]
+    assert _steps(soil, _hourly("swvl1", -1, 1)) == {T: pytest.approx(10.0)}
+    assert (soil.lower, soil.upper) == (0.0, 0.766)
+
+
+def test_a_step_missing_one_of_its_fields_is_nan():
+    tp_fields = _hourly("tp", -5, 0)
+    del tp_fields[("tp", T - 2 * HOUR)]
+    assert np.isnan(_steps(TARGETS["tp"], tp_fields)[T])
+    rain = _hourly("crr", 0, 0)  # the large-scale rain rate is missing
+    assert np.isnan(_steps(TARGETS["rain_rate"], rain)[T])
+
+
+def test_every_target_says_what_the_cds_calls_it_and_what_it_means():
+    assert set(TARGETS) == {"tp", "pr", "rain_rate", "ro", "sf", "swvl1"}
+    for name, t in TARGETS.items():
+        assert t.name == name and t.sources and t.units and t.standard_name and t.long_name
+        assert all(cds and short for cds, short in t.sources)
+        assert t.seeps <= t.precipitation_like  # SEEPS only where precipitation scores apply
+    assert [t.name for t in TARGETS.values() if t.seeps] == ["tp", "pr"]
