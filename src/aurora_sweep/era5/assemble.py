@@ -280,7 +280,7 @@ def _select(pieces: list[_Piece], data: DataConfig) -> _Plan:
     needed = [(v, None) for v in store.surface_vars(data.v15_inputs)] + [
         (v, lv) for v in store.ATMOS_VARS for lv in levels
     ]
-    missing = [k for k in needed + [("tp", None)] if k not in sources]
+    missing = [k for k in needed + [(store.TARGET_VAR, None)] if k not in sources]
     missing += [(v, None) for v in store.STATIC_VARS if v not in statics]
     if missing:
         what = ", ".join(f"{v} at {lv} hPa" if lv is not None else v for v, lv in missing[:6]) + (
@@ -305,8 +305,16 @@ def _select(pieces: list[_Piece], data: DataConfig) -> _Plan:
                 f" {_iso(have.min())} to {_iso(have.max())}"
             )
 
-    tp_hours = np.fromiter(sources[("tp", None)], dtype=np.int64)
-    tp_labels = sorted({pieces[p].label for _, p, _ in sources[("tp", None)].values()})
+    _check_target_hours(pieces, sources, times)
+    lat, lon = pieces[0].ds.attrs["_grid"]
+    return _Plan(times, levels, lat, lon, sources, statics)
+
+
+def _check_target_hours(pieces: list[_Piece], sources: dict, times: np.ndarray) -> None:
+    """Refuse target fields that cannot make a step's value: not hourly where the step needs
+    every hour, or no model time with all the fields it needs."""
+    tp_hours = np.fromiter(sources[(store.TARGET_VAR, None)], dtype=np.int64)
+    tp_labels = sorted({pieces[p].label for _, p, _ in sources[(store.TARGET_VAR, None)].values()})
     if TARGET.hourly:  # its step's value is made of every hour of the step
         check_hourly(
             tp_hours, label=", ".join(tp_labels[:3]) + (" ..." if len(tp_labels) > 3 else "")
@@ -320,8 +328,6 @@ def _select(pieces: list[_Piece], data: DataConfig) -> _Plan:
             f" tp values ending at it (the files hold tp from {_iso(tp_hours.min())} to"
             f" {_iso(tp_hours.max())}); include the 5 hours before the first model time"
         )
-    lat, lon = pieces[0].ds.attrs["_grid"]
-    return _Plan(times, levels, lat, lon, sources, statics)
 
 
 def _iso(seconds: int) -> str:
