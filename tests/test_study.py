@@ -1,6 +1,7 @@
 """The study end to end on the tiny demo: Optuna + MLflow + export + evaluate."""
 
 import json
+import re
 import warnings
 
 import optuna
@@ -151,10 +152,18 @@ def test_exported_adapter_reproduces_the_trials_validation_score(finished_study,
     assert scores["tp_rmse"] == pytest.approx(stored["tp_rmse"], rel=1e-4)
     assert scores["forget_z500_ratio"] == pytest.approx(stored["forget_z500_ratio"], rel=1e-4)
     assert scores["tp_seeps_24h"] == pytest.approx(stored["tp_seeps_24h"], rel=1e-4)
+    for sfx in ("", "_12h", "_24h"):  # the worst forgetting, as the trial recorded it
+        ratios = [v for k, v in scores.items() if re.fullmatch(rf"forget_\w+?_ratio{sfx}", k)
+                  and not k.startswith("forget_worst")]  # fmt: skip
+        assert scores[f"forget_worst_ratio{sfx}"] == max(ratios)
+        assert scores[f"forget_worst_ratio{sfx}"] == pytest.approx(
+            stored[f"forget_worst_ratio{sfx}"]
+        )
     test_scores = evaluate_adapter(out, split="test", bootstrap=0, lead="24h")
     # one lead's scores under the 6-hour names
     assert test_scores["split"] == "test" and test_scores["lead"] == "24h"
     assert "tp_seeps" in test_scores and not any(k.endswith("_24h") for k in test_scores)
+    assert "forget_worst_ratio" in test_scores
     assert test_scores["tp_seeps"] != scores["tp_seeps_24h"]  # another split
 
 

@@ -172,7 +172,9 @@ def evaluate_adapter(
     lead: str | None = None,
 ) -> dict:
     """Score an exported adapter on the whole of `split` with its study's data: every lead's
-    scores, or with `lead` ('12h', '24h') that lead's alone under the 6-hour names."""
+    scores (with the worst forgetting ratio of each, `forget_worst_ratio`), or with `lead`
+    ('12h', '24h') that lead's alone under the 6-hour names."""
+    from aurora_sweep.outcomes import worst_forgetting
     from aurora_sweep.recipe import LEADS, lead_suffix, parse_lead
 
     steps = parse_lead(lead, "--lead") if lead is not None else None
@@ -180,6 +182,10 @@ def evaluate_adapter(
     if steps is not None and steps not in data.leads:
         raise AuroraSweepError(f"the {split} split holds no {lead} sample to score")
     scores, _ = verify_prepared(model, data, trial, device, bootstrap=bootstrap)
+    for k in LEADS:  # the worst forgetting at each lead, as a trial records it
+        worst = worst_forgetting(scores, lead_suffix(k))
+        if worst is not None:
+            scores[f"forget_worst_ratio{lead_suffix(k)}"] = worst[1]
     if steps is None:
         return {**scores, "split": split, "samples": len(data.validation)}
     sfx = lead_suffix(steps)
