@@ -189,6 +189,86 @@ def test_tp_without_the_hours_before_the_first_model_time_gives_nan_there(tmp_pa
 
 
 # ------------------------------------------------------------------------------------------
+# The other targets: each kind's time semantics through the import (`targets.TARGETS`)
+
+
+def _target_import(tmp_path, target: str, parts: dict[str, np.ndarray], hours: np.ndarray):
+    """The store of a 3-day study whose [model] target is `target`, imported from the study's
+    instantaneous files and hand-made files of `parts` (short name -> value per hour, in
+    ERA5's units, at `hours`)."""
+    import dataclasses
+
+    config = study_config(tmp_path, days=3)
+    data = dataclasses.replace(config.data, target=target)
+    files = _instant_files(config, tmp_path / "in")
+    lat, lon = _grid(config)
+    for short, values in parts.items():
+        ds = cds_dataset({short: _field(values, lat.size, lon.size)}, times=hours, lat=lat, lon=lon)
+        files.append(write_netcdf(ds, tmp_path / "in" / f"{short}.nc"))
+    return store.open_store(era5.import_files(files, data, progress=False))
+
+
+def test_runoff_is_the_sum_of_the_six_hours_ending_at_the_model_time(tmp_path):
+    hours = _times("2021-12-31T19:00", 5 + 24 * 3)
+    mm = np.arange(1, hours.size + 1, dtype=np.float64)  # 1, 2, 3 ... mm of water an hour
+    cube = _target_import(tmp_path, "ro", {"ro": mm / 1000}, hours)
+    got = cube["ro"].isel(latitude=0, longitude=0).values
+    assert got[0] == pytest.approx(1 + 2 + 3 + 4 + 5 + 6, rel=1e-5)  # 19 .. 00 UTC
+    assert got[1] == pytest.approx(7 + 8 + 9 + 10 + 11 + 12, rel=1e-5)
+    assert cube["ro"].attrs["units"] == "kg m-2" and "tp" not in cube
+
+
+def test_a_mean_precipitation_rate_is_the_mean_of_the_six_hours_per_hour(tmp_path):
+    hours = _times("2021-12-31T19:00", 5 + 24 * 3)
+    mm = np.arange(1, hours.size + 1, dtype=np.float64)
+    cube = _target_import(tmp_path, "pr", {"tp": mm / 1000}, hours)
+    got = cube["pr"].isel(latitude=0, longitude=0).values
+    assert got[0] == pytest.approx((1 + 2 + 3 + 4 + 5 + 6) / 6, rel=1e-5)  # mm h-1
+    assert got[2] == pytest.approx((13 + 14 + 15 + 16 + 17 + 18) / 6, rel=1e-5)
+    assert cube["pr"].attrs["units"] == "mm h-1"
+
+
+def test_a_rain_rate_is_the_convective_and_large_scale_rates_at_the_model_time(tmp_path):
+    hours = _times("2022-01-01T00:00", 24 * 3)  # hourly files: only the model times count
+    h = np.arange(hours.size, dtype=np.float64)
+    cube = _target_import(tmp_path, "rain_rate", {"crr": 1e-4 * h, "lsrr": 1e-5 * h}, hours)
+    got = cube["rain_rate"].isel(latitude=0, longitude=0)
+    for k, t in enumerate(got["time"].values[:4]):
+        i = int((t - hours[0]) // np.timedelta64(1, "h"))  # hour i of the files
+        assert got.values[k] == pytest.approx(3600 * (1e-4 + 1e-5) * i, rel=1e-5, abs=1e-6)
+
+
+def test_snowfall_sampled_every_6_hours_is_refused_in_one_line(tmp_path):
+    six = _times("2021-12-31T18:00", 4 * 4, step_h=6)
+    with pytest.raises(
+        AuroraSweepError, match=r"sf is sampled every 0 days 06:00:00, not every"
+    ) as e:
+        _target_import(tmp_path, "sf", {"sf": np.ones(six.size) * 1e-3}, six)
+    assert "request snowfall at every hour" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_plan_asks_for_each_target_as_its_time_semantics_need(tmp_path):
+    import dataclasses
+
+    config = study_config(tmp_path, start=dt.date(2022, 1, 1), days=3)
+    for target, hourly, names in (("ro", True, ["runoff"]), ("pr", True, ["total_precipitation"]),
+                                  ("rain_rate", False, ["convective_rain_rate",
+                                                        "large_scale_rain_rate"])):  # fmt: skip
+        study = dataclasses.replace(config, data=dataclasses.replace(config.data, target=target))
+        plan = era5.plan_requests(study)
+        asked = [r for r in plan if set(names) <= set(r.request["variable"])]
+        assert asked, target
+        if hourly:  # every hour, from the day before, in files of its own
+            assert [r.target for r in asked] == [f"{target}-2021-12.nc", f"{target}-2022-01.nc"]
+            assert len(asked[0].request["time"]) == 24
+        else:  # with the surface variables, at the model times
+            assert all(r.target.startswith("sfc-") for r in asked)
+            assert asked[0].request["time"] == ["00:00", "06:00", "12:00", "18:00"]
+        assert not any("total_precipitation" in r.request["variable"] for r in plan
+                       if target != "pr")  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------
 # Layouts, regions, levels, expver
 
 

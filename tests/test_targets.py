@@ -76,3 +76,27 @@ def test_every_target_says_what_the_cds_calls_it_and_what_it_means():
         assert all(cds and short for cds, short in t.sources)
         assert t.seeps <= t.precipitation_like  # SEEPS only where precipitation scores apply
     assert [t.name for t in TARGETS.values() if t.seeps] == ["tp", "pr"]
+
+
+def test_a_study_names_its_target_and_one_it_cannot_train_yet_is_refused_in_one_line(tmp_path):
+    from aurora_sweep.config import load_config
+    from aurora_sweep.errors import AuroraSweepError
+    from aurora_sweep.space import check_search
+    from conftest import write_tiny_config
+
+    path = write_tiny_config(tmp_path)
+    text = path.read_text()
+    assert load_config(path, workdir=tmp_path).data.target == "tp"  # the default
+    path.write_text(text.replace("[model]\n", '[model]\ntarget = "ro"\n', 1))
+    config = load_config(path, workdir=tmp_path)
+    assert config.data.target == "ro"
+    with pytest.raises(AuroraSweepError, match=r"target 'ro'.*data import.*not there yet"):
+        check_search(config)  # `run` refuses it before anything is recorded
+    path.write_text(text.replace("[model]\n", '[model]\ntarget = "rainrate"\n', 1))
+    with pytest.raises(AuroraSweepError, match=r"not a target; did you mean rain_rate\?"):
+        load_config(path, workdir=tmp_path)
+    path.write_text(
+        text.replace('[model]\nbase = "demo"', '[model]\nbase = "v1.5"\ntarget = "swvl1"')
+    )
+    with pytest.raises(AuroraSweepError, match="one of Aurora 1.5's inputs"):
+        load_config(path, workdir=tmp_path)

@@ -51,6 +51,7 @@ from aurora_sweep.settings import (
     per_base_table,
     storage_url,
     study_objectives,
+    target_name,
     tracking_url,
 )
 
@@ -78,6 +79,7 @@ class DataConfig:
     test: Period
     #: whether the store holds Aurora 1.5's inputs too (a study that uses it)
     v15_inputs: bool = False
+    target: str = "tp"  #: what the study predicts, in the store ([model] target, `targets`)
 
     @property
     def wrap_longitude(self) -> bool:
@@ -97,7 +99,6 @@ class ModelConfig:
     checkpoints: dict[str, Path] = field(default_factory=dict)
     #: constructor overrides per base (`[model.arch.<base>]`), as `bases.arch_overrides` keeps them
     arch: dict[str, tuple] = field(default_factory=dict)
-    new_variable: str = "tp"
     #: Aurora 1.5's static fields (`aurora15.STATIC_FILE`; None: the pinned file on the hub)
     v15_static: Path | None = None
 
@@ -272,7 +273,7 @@ SCHEMA: dict[str, tuple[str, ...]] = {
               "seed", "reference", "max_forgetting", "max_failures", "lead", "baselines"),
     "data": ("source", "store", "region", "levels", "grid", "period", "train", "validation",
              "test"),
-    "model": tuple(f.name for f in fields(ModelConfig)),
+    "model": (*(f.name for f in fields(ModelConfig)), "target"),
     "train": tuple(f.name for f in fields(TrainConfig)),
     "search": tuple(f.name for f in fields(SearchSpace)),
     "resources": ("gpu_memory_cap", "memory_estimate"),
@@ -339,7 +340,10 @@ def _build(raw: dict, path: Path, workdir: Path) -> StudyConfig:
     settings = _study_settings(study)
     data = _data_config(raw["data"], name, workdir)
     uses_v15 = any(map(reads_v15_inputs, search.base or (model.base,)))
-    data = dataclasses.replace(data, v15_inputs=uses_v15 or "aurora-1.5" in settings["baselines"])
+    data = dataclasses.replace(
+        data, v15_inputs=uses_v15 or "aurora-1.5" in settings["baselines"],
+        target=target_name(raw.get("model", {}).get("target", "tp"), uses_v15),
+    )  # fmt: skip
     search = dataclasses.replace(
         search, levels=level_choices(raw.get("search", {}).get("levels"), data.levels)
     )
@@ -426,9 +430,6 @@ def _model_config(model: dict, workdir: Path) -> ModelConfig:
     checkpoint = model.get("checkpoint")
     if checkpoint is not None:
         as_text(checkpoint, "[model] checkpoint")
-    new_variable = model.get("new_variable", _default(ModelConfig, "new_variable"))
-    if new_variable != "tp":
-        raise AuroraSweepError("[model] new_variable: only 'tp' is supported")
     return ModelConfig(
         base=base,
         checkpoint=(workdir / checkpoint) if checkpoint else None,
@@ -440,7 +441,6 @@ def _model_config(model: dict, workdir: Path) -> ModelConfig:
             k: arch_overrides(as_table(v, f"[model.arch.{k}]"))
             for k, v in per_base_table(model, "arch").items()
         },
-        new_variable=new_variable,
         v15_static=workdir / as_text(model["v15_static"], "[model] v15_static")
         if "v15_static" in model
         else None,

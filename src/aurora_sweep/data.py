@@ -83,6 +83,8 @@ def store_mismatch(cube: xr.Dataset, data: DataConfig) -> str | None:
             f"covers {_describe(lat, lon)}, not the study's region "
             f"{_describe(np.array([r.south, r.north]), np.array([r.west, r.east]))}"
         )
+    if data.target not in cube:
+        return f"holds no {data.target}, the study's [model] target: import it again"
     if data.v15_inputs:
         lacks = [v for v in V15_SURF_VARS if v not in cube]
         if lacks:

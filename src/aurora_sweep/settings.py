@@ -417,3 +417,18 @@ def lora_target_choices(value: Any) -> tuple[str, ...]:
             )
         out.append("+".join(p for p in LORA_MODULES if p in parts))
     return tuple(out)
+
+
+def target_name(value: Any, uses_v15: bool) -> str:
+    """`[model] target`: a variable of `targets.TARGETS`. Aurora 1.5 reads swvl1 as an input,
+    so a study with it cannot predict swvl1 as a new variable."""
+    from aurora_sweep.targets import TARGETS
+
+    name = as_text(value, "[model] target")
+    if name not in TARGETS:
+        raise AuroraSweepError(f"[model] target {name!r}: not a target; {nearest(name, TARGETS)}")
+    if name == "swvl1" and uses_v15:
+        raise AuroraSweepError(
+            "[model] target 'swvl1' is one of Aurora 1.5's inputs: predict it with the other bases"
+        )
+    return name

@@ -7,7 +7,8 @@ in one layout that `dataset.py` reads without knowing where they came from:
   ascending), `latitude` (float64, strictly decreasing), `longitude` (float64, strictly
   increasing; a box crossing 0° keeps its western part negative, e.g. -12..40);
 - surface variables `2t` (K), `10u`, `10v` (m/s), `msl` (Pa) on (time, latitude, longitude);
-- `tp` (mm) on (time, latitude, longitude): the total over the 6 hours ending at `time`, NaN where
+- the study's target (`targets.TARGETS`, tp by default) on (time, latitude, longitude), under its
+  own name and in its units: `tp` (mm) is the total over the 6 hours ending at `time`, NaN where
   not every hourly value was available;
 - atmospheric variables `z` (m²/s²), `u`, `v` (m/s), `t` (K), `q` (kg/kg) on
   (time, level, latitude, longitude);
@@ -30,6 +31,7 @@ import numpy as np
 import xarray as xr
 
 from aurora_sweep.errors import AuroraSweepError
+from aurora_sweep.targets import TARGETS
 
 SURF_VARS = ("2t", "10u", "10v", "msl")
 ATMOS_VARS = ("z", "u", "v", "t", "q")
@@ -57,7 +59,9 @@ def surface_vars(v15: bool) -> tuple[str, ...]:
 
 def check_cube(ds: xr.Dataset, *, where: str = "the data") -> None:
     """Raise if `ds` is not in the canonical layout."""
-    missing = [v for v in (*SURF_VARS, TARGET_VAR, *ATMOS_VARS, *STATIC_VARS) if v not in ds]
+    missing = [v for v in (*SURF_VARS, *ATMOS_VARS, *STATIC_VARS) if v not in ds]
+    if not any(t in ds for t in TARGETS):
+        missing.append(f"a target variable ({', '.join(TARGETS)})")
     if missing:
         raise AuroraSweepError(f"{where} lacks {', '.join(missing)}")
     lat, lon = ds["latitude"].values, ds["longitude"].values

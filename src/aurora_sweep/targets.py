@@ -81,6 +81,9 @@ class Target:
         return total * (self.factor / per_hour)
 
 
+#: The targets a study trains and scores today; the others are downloaded and imported only.
+TRAINED = ("tp",)
+
 #: m of water -> mm (= kg m-2); kg m-2 s-1 (= mm s-1 of water) -> mm h-1
 _MM, _MM_PER_HOUR = 1000.0, 3600.0
 

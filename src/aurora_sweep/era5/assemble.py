@@ -19,13 +19,14 @@ from aurora_sweep.era5.plan import (
     ORIGIN,
     PRESSURE_LEVELS,
     SINGLE_LEVELS,
-    TARGET,
+    TARGET_SOURCES,
     UNITS,
     model_times,
 )
 from aurora_sweep.era5.read import CorruptFileError, open_pieces
 from aurora_sweep.era5.scratch import make_dir, scratch_folder
 from aurora_sweep.errors import AuroraSweepError
+from aurora_sweep.targets import TARGETS, Target
 
 log = logging.getLogger(__name__)
 _EPS = 1e-6
@@ -124,22 +125,24 @@ def _read(var: xr.DataArray, **indices: np.ndarray) -> np.ndarray:
         picks, block.shape, strict=True)])]  # fmt: skip
 
 
-def check_hourly(hours: np.ndarray, *, label: str) -> None:
-    """Refuse a tp series that is not hourly: 6-hourly samples do not sum to 6-hour totals."""
+def check_hourly(hours: np.ndarray, *, label: str, name: str = "tp") -> None:
+    """Refuse an accumulated series (`name`, tp by default) that is not hourly: 6-hourly
+    samples of ERA5's 1-hour accumulations do not sum to 6-hour totals."""
     hours = np.unique(hours)
     steps = np.diff(hours)
+    ask = f"request {TARGET_SOURCES.get(name, name)} at every hour (00:00..23:00)"
     if steps.size == 0:
         raise AuroraSweepError(
-            f"{label}: tp has a single time step; a 6-hour total needs the six hourly values"
-            " ending at each model time: request total_precipitation at every hour (00:00..23:00)"
+            f"{label}: {name} has a single time step; a 6-hour total needs the six hourly values"
+            f" ending at each model time: {ask}"
         )
     values, counts = np.unique(steps, return_counts=True)
     common = int(values[np.argmax(counts)])
     if common != 3600:
         raise AuroraSweepError(
-            f"{label}: tp is sampled every {pd.Timedelta(seconds=common)}, not every hour. ERA5 tp"
-            " is the 1-hour accumulation ending at valid_time, so these samples do not add up to"
-            " 6-hour totals: request total_precipitation at every hour (00:00..23:00)"
+            f"{label}: {name} is sampled every {pd.Timedelta(seconds=common)}, not every hour. "
+            f"ERA5 {name} is the 1-hour accumulation ending at valid_time, so these samples do "
+            f"not add up to 6-hour totals: {ask}"
         )
 
 
@@ -260,10 +263,18 @@ class _Plan:
     lon: np.ndarray
     sources: dict[tuple, dict[int, tuple[int, int, int]]]  # (var, level) -> time -> (rank, p, i)
     statics: dict[str, int]  # var -> piece number
+    target: Target  # the study's target: its ERA5 variables are summed into it, step by step
+
+    @property
+    def target_parts(self) -> tuple[str, ...]:
+        """The short names of the ERA5 variables the target is made of."""
+        return tuple(short for _, short in self.target.sources)
 
 
 def _select(pieces: list[_Piece], data: DataConfig) -> _Plan:
     levels = sorted(data.levels)
+    target = TARGETS[data.target]
+    parts = [(short, None) for _, short in target.sources]
     sources: dict[tuple, dict[int, tuple[int, int, int]]] = {}
     statics: dict[str, int] = {}
     for n, p in enumerate(pieces):
@@ -274,13 +285,13 @@ def _select(pieces: list[_Piece], data: DataConfig) -> _Plan:
                 for lv in p.ds["level"].values.tolist():
                     if lv in levels:
                         _choose(sources, (v, lv), n, p)
-            elif v in (*store.surface_vars(data.v15_inputs), store.TARGET_VAR):
+            elif (v, None) in parts or v in store.surface_vars(data.v15_inputs):
                 _choose(sources, (v, None), n, p)
 
     needed = [(v, None) for v in store.surface_vars(data.v15_inputs)] + [
         (v, lv) for v in store.ATMOS_VARS for lv in levels
     ]
-    missing = [k for k in needed + [(store.TARGET_VAR, None)] if k not in sources]
+    missing = [k for k in needed + parts if k not in sources]
     missing += [(v, None) for v in store.STATIC_VARS if v not in statics]
     if missing:
         what = ", ".join(f"{v} at {lv} hPa" if lv is not None else v for v, lv in missing[:6]) + (
@@ -305,28 +316,32 @@ def _select(pieces: list[_Piece], data: DataConfig) -> _Plan:
                 f" {_iso(have.min())} to {_iso(have.max())}"
             )
 
-    _check_target_hours(pieces, sources, times)
+    for part, _ in parts:
+        _check_target_hours(pieces, sources[(part, None)], times, target, part)
     lat, lon = pieces[0].ds.attrs["_grid"]
-    return _Plan(times, levels, lat, lon, sources, statics)
+    return _Plan(times, levels, lat, lon, sources, statics, target)
 
 
-def _check_target_hours(pieces: list[_Piece], sources: dict, times: np.ndarray) -> None:
-    """Refuse target fields that cannot make a step's value: not hourly where the step needs
-    every hour, or no model time with all the fields it needs."""
-    tp_hours = np.fromiter(sources[(store.TARGET_VAR, None)], dtype=np.int64)
-    tp_labels = sorted({pieces[p].label for _, p, _ in sources[(store.TARGET_VAR, None)].values()})
-    if TARGET.hourly:  # its step's value is made of every hour of the step
+def _check_target_hours(
+    pieces: list[_Piece], slots: dict, times: np.ndarray, target: Target, part: str
+) -> None:
+    """Refuse the fields of `part` (one of the ERA5 variables `target` is made of) where they
+    cannot make a step's value: not hourly where the step needs every hour, or no model time
+    with all the fields it needs."""
+    hours = np.fromiter(slots, dtype=np.int64)
+    labels = sorted({pieces[p].label for _, p, _ in slots.values()})
+    if target.hourly:  # its step's value is made of every hour of the step
         check_hourly(
-            tp_hours, label=", ".join(tp_labels[:3]) + (" ..." if len(tp_labels) > 3 else "")
+            hours, label=", ".join(labels[:3]) + (" ..." if len(labels) > 3 else ""), name=part
         )
-    complete = np.all(
-        np.isin(times[:, None] - 3600 * np.array(TARGET.hours)[None, :], tp_hours), axis=1
-    )
+    complete = np.all(np.isin(times[:, None] - 3600 * np.array(target.hours)[None, :], hours), 1)
     if not complete.any():
+        needs = "all six hourly" if target.hourly else "the"
         raise AuroraSweepError(
-            f"no model time between {_iso(times.min())} and {_iso(times.max())} has all six hourly"
-            f" tp values ending at it (the files hold tp from {_iso(tp_hours.min())} to"
-            f" {_iso(tp_hours.max())}); include the 5 hours before the first model time"
+            f"no model time between {_iso(times.min())} and {_iso(times.max())} has {needs}"
+            f" {part} values {'ending at' if target.hourly else 'at'} it (the files hold {part}"
+            f" from {_iso(hours.min())} to {_iso(hours.max())})"
+            + ("; include the 5 hours before the first model time" if target.hourly else "")
         )
 
 
@@ -351,9 +366,9 @@ def _fill(
     surface = store.surface_vars(data.v15_inputs)
     out = {v: scratch_array(v, (nt, ny, nx)) for v in surface}
     out |= {v: scratch_array(v, (nt, nl, ny, nx)) for v in store.ATMOS_VARS}
-    tp_sum = scratch_array("tp", (nt, ny, nx))
-    tp_sum[...] = 0.0
-    tp_count = np.zeros(nt, dtype=np.int64)
+    total = scratch_array(plan.target.name, (nt, ny, nx))
+    total[...] = 0.0
+    count = np.zeros(nt, dtype=np.int64)
 
     jobs = _jobs_by_piece(plan, t_pos)
     with progress_bar(progress) as bar:
@@ -362,12 +377,12 @@ def _fill(
             piece = pieces[p]
             for v, entries in per_var.items():
                 var = piece.ds[v]
-                if v == store.TARGET_VAR:
+                if v in plan.target_parts:  # summed into the target, step by step
                     src = np.array([e[0] for e in entries])
                     block = _read(var, time=src, latitude=piece.lat_idx, longitude=piece.lon_idx)
                     for row, (_, k, _) in zip(block, entries, strict=True):
-                        tp_sum[k] += row
-                        tp_count[k] += 1
+                        total[k] += row
+                        count[k] += 1
                 elif v in surface:
                     src = np.array([e[0] for e in entries])
                     dst = np.array([e[1] for e in entries])
@@ -378,10 +393,9 @@ def _fill(
                     _fill_levels(out[v], var, piece, entries, l_pos)
             bar.advance(task)
 
-    tp = tp_sum  # in place: metres summed -> mm, NaN where an hour is missing
-    for k in range(nt):
-        tp[k] = TARGET.finish(tp[k], int(tp_count[k]))
-    return _cube(plan, out, tp, _statics(pieces, plan))
+    for k in range(nt):  # in place: the target's units, NaN where a field is missing
+        total[k] = plan.target.finish(total[k], int(count[k]))
+    return _cube(plan, out, total, _statics(pieces, plan))
 
 
 def _jobs_by_piece(plan: _Plan, t_pos: dict) -> dict[int, dict[str, list[tuple]]]:
@@ -390,7 +404,7 @@ def _jobs_by_piece(plan: _Plan, t_pos: dict) -> dict[int, dict[str, list[tuple]]
     jobs: dict[int, dict[str, list[tuple[int, int, int | None]]]] = {}
     for (v, lv), slot in plan.sources.items():
         for t, (_, p, i) in slot.items():
-            k = t_pos.get(TARGET.step_of(t) if v == store.TARGET_VAR else t)
+            k = t_pos.get(plan.target.step_of(t) if v in plan.target_parts else t)
             if k is not None:
                 jobs.setdefault(p, {}).setdefault(v, []).append((i, k, lv))
     return jobs
@@ -405,7 +419,7 @@ def _statics(pieces: list[_Piece], plan: _Plan) -> dict[str, np.ndarray]:
     return static
 
 
-def _cube(plan: _Plan, out: dict, tp: np.ndarray, static: dict) -> xr.Dataset:
+def _cube(plan: _Plan, out: dict, target: np.ndarray, static: dict) -> xr.Dataset:
     """The canonical cube of the filled arrays, with units."""
     coords = {
         "time": plan.times.astype("datetime64[s]").astype("datetime64[ns]"),
@@ -416,12 +430,12 @@ def _cube(plan: _Plan, out: dict, tp: np.ndarray, static: dict) -> xr.Dataset:
     surf = ("time", "latitude", "longitude")
     atmos = ("time", "level", "latitude", "longitude")
     variables = {v: (atmos if v in store.ATMOS_VARS else surf, a) for v, a in out.items()}
-    variables[store.TARGET_VAR] = (surf, tp)
+    variables[plan.target.name] = (surf, target)
     variables |= {v: (("latitude", "longitude"), static[v]) for v in store.STATIC_VARS}
     cube = xr.Dataset(variables, coords=coords)
     for v in cube.data_vars:
-        cube[v].attrs["units"] = UNITS[v]
-    cube[TARGET.name].attrs["long_name"] = TARGET.long_name
+        cube[v].attrs["units"] = plan.target.units if v == plan.target.name else UNITS[v]
+    cube[plan.target.name].attrs["long_name"] = plan.target.long_name
     cube.attrs = {"source": "ERA5 (Copernicus Climate Change Service), via aurora_sweep.era5"}
     return cube
 

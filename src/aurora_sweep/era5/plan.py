@@ -21,8 +21,6 @@ CDS_URL = "https://cds.climate.copernicus.eu/api"
 SINGLE_LEVELS = "reanalysis-era5-single-levels"
 PRESSURE_LEVELS = "reanalysis-era5-pressure-levels"
 MODEL_HOURS = (0, 6, 12, 18)
-#: The study's target (`targets.TARGETS`): what the CDS is asked for, how its hours make a step.
-TARGET = TARGETS[store.TARGET_VAR]
 
 #: CDS request name -> store name, per request kind.
 SURFACE_REQUEST = {
@@ -61,7 +59,11 @@ STATIC_REQUEST = {
     "land_sea_mask": "static_lsm",
     "soil_type": "static_slt",
 }
-TP_REQUEST = {cds: TARGET.name for cds, _ in TARGET.sources}
+#: The CDS request names of tp, the default target (`targets.TARGETS` holds every target's).
+TP_REQUEST = {cds: "tp" for cds, _ in TARGETS["tp"].sources}
+#: The ERA5 variables any target is made of, under their NetCDF short names in the store
+#: (an import reads the study's target's and sums them into it).
+TARGET_SOURCES = {short: cds for t in TARGETS.values() for cds, short in t.sources}
 
 #: CDS NetCDF short name -> store name, for variables without a level dimension.
 SINGLE_LEVEL_NAMES = {
@@ -77,16 +79,17 @@ SINGLE_LEVEL_NAMES = {
     "d2m": "2d", "tcwv": "tcwv", "tcc": "tcc", "u100": "100u", "v100": "100v", "sp": "sp",
     "lcc": "lcc", "mcc": "mcc", "hcc": "hcc", "skt": "skt", "stl1": "stl1", "swvl1": "swvl1",
     "siconc": "ci", "sd": "sd",
+    **{short: short for short in TARGET_SOURCES},  # what the targets are made of
 }  # fmt: skip
 #: Where each store variable comes from, for error messages.
 ORIGIN = {
     **{v: (SINGLE_LEVELS, k) for k, v in (SURFACE_REQUEST | V15_SURFACE_REQUEST).items()},
     **{v: (PRESSURE_LEVELS, k) for k, v in ATMOS_REQUEST.items()},
     **{v: (SINGLE_LEVELS, k) for k, v in STATIC_REQUEST.items()},
-    TARGET.name: (SINGLE_LEVELS, " + ".join(cds for cds, _ in TARGET.sources)),
+    **{short: (SINGLE_LEVELS, cds) for short, cds in TARGET_SOURCES.items()},
 }
 UNITS = {
-    "2t": "K", "10u": "m s-1", "10v": "m s-1", "msl": "Pa", TARGET.name: TARGET.units,
+    "2t": "K", "10u": "m s-1", "10v": "m s-1", "msl": "Pa",
     "z": "m2 s-2", "u": "m s-1", "v": "m s-1", "t": "K", "q": "kg kg-1",
     "static_z": "m2 s-2", "static_lsm": "1", "static_slt": "1",
     "2d": "K", "tcwv": "kg m-2", "tcc": "1", "100u": "m s-1", "100v": "m s-1", "sp": "Pa",
@@ -168,15 +171,20 @@ def _dated(base: dict, year: int, month: int, days: Sequence[int]) -> dict:
 
 
 def surface_request(data: DataConfig) -> list[str]:
-    """The CDS names of the instantaneous surface variables the store needs."""
-    return list(SURFACE_REQUEST) + (list(V15_SURFACE_REQUEST) if data.v15_inputs else [])
+    """The CDS names of the instantaneous surface variables the store needs (an instantaneous
+    target's among them: it is asked at the model hours only)."""
+    target = TARGETS[data.target]
+    names = list(SURFACE_REQUEST) + (list(V15_SURFACE_REQUEST) if data.v15_inputs else [])
+    return names + [cds for cds, _ in target.sources if not target.hourly and cds not in names]
 
 
 def plan_requests(config: StudyConfig, *, max_fields: int = FIELDS_PER_REQUEST) -> list[Request]:
     """The CDS requests that together hold everything the store needs.
 
-    Per month: the surface variables at the model hours, `tp` at every hour (starting the day
-    before the period, whose last five hours the first 6-hour total needs), and the pressure-level
+    Per month: the surface variables at the model hours, the target at every hour where a step's
+    value needs every hour (`targets.Target.hourly`: starting the day before the period, whose
+    last five hours the first 6-hour total needs; else with the surface variables), and the
+    pressure-level
     variables, split into day ranges when a month would exceed `max_fields` fields. The static
     fields come once, from the period's first day.
     """
@@ -192,13 +200,16 @@ def plan_requests(config: StudyConfig, *, max_fields: int = FIELDS_PER_REQUEST) 
             "static.nc",
         )
     ]
+    target = TARGETS[data.target]
     surface = _base_request(data, surface_request(data), MODEL_HOURS)
-    rain = _base_request(data, list(TP_REQUEST), range(24))
+    rain = _base_request(data, [cds for cds, _ in target.sources], range(24))
     atmos = {**_base_request(data, list(ATMOS_REQUEST), MODEL_HOURS)}
     atmos["pressure_level"] = [str(lv) for lv in levels]
 
-    for y, m, days in _months(start - dt.timedelta(days=1), end):
-        out.append(Request(SINGLE_LEVELS, _dated(rain, y, m, days), f"tp-{y}-{m:02d}.nc"))
+    for y, m, days in _months(start - dt.timedelta(days=1), end) if target.hourly else ():
+        out.append(
+            Request(SINGLE_LEVELS, _dated(rain, y, m, days), f"{target.name}-{y}-{m:02d}.nc")
+        )
     for y, m, days in _months(start, end):
         out.append(Request(SINGLE_LEVELS, _dated(surface, y, m, days), f"sfc-{y}-{m:02d}.nc"))
         per_day = len(ATMOS_REQUEST) * len(levels) * len(MODEL_HOURS)
