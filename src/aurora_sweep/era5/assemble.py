@@ -366,7 +366,7 @@ def _fill(
     surface = store.surface_vars(data.v15_inputs)
     out = {v: scratch_array(v, (nt, ny, nx)) for v in surface}
     out |= {v: scratch_array(v, (nt, nl, ny, nx)) for v in store.ATMOS_VARS}
-    total = scratch_array(plan.target.name, (nt, ny, nx))
+    total = scratch_array(f"target-{plan.target.name}", (nt, ny, nx))  # swvl1 is an input too
     total[...] = 0.0
     count = np.zeros(nt, dtype=np.int64)
 
