@@ -89,3 +89,48 @@ def test_rain_falls_where_moist_air_moves_north():
     tp = cube["tp"].values.ravel()
     assert np.corrcoef(v850, tp)[0, 1] > 0.3
     assert (tp == 0).mean() > 0.3  # dry most of the time, like real precipitation
+
+
+@pytest.fixture(scope="module")
+def tp_week(tmp_path_factory):
+    """The tiny demo world's tp over one week of 2022, as the other targets' reference."""
+    return _target_store(tmp_path_factory.mktemp("tp-week"), "tp")
+
+
+def _target_store(root, target: str):
+    from aurora_sweep.config import load_config
+    from aurora_sweep.data import open_cube
+    from conftest import write_tiny_config
+
+    path = write_tiny_config(root)
+    text = path.read_text().replace("[model]\n", f'[model]\ntarget = "{target}"\n', 1)
+    for key, span in (("period", '["2022-01-01", "2022-01-07"]'),
+                      ("train", '["2022-01-01", "2022-01-03"]'),
+                      ("validation", '["2022-01-04", "2022-01-05"]'),
+                      ("test", '["2022-01-06", "2022-01-07"]')):  # fmt: skip
+        text = "\n".join(
+            f"{key} = {span}" if line.startswith(f"{key} = [") else line
+            for line in text.splitlines()
+        )
+    path.write_text(text)
+    return open_cube(load_config(path, workdir=root))
+
+
+@pytest.mark.parametrize("target", ["pr", "ro", "sf", "rain_rate", "swvl1"])
+def test_the_demo_world_writes_every_target_and_the_import_makes_its_store(
+    tmp_path, tp_week, target
+):
+    """A demo study of each target gets a store of it, within its bounds; pr is the same hours
+    as tp over six hours, the known relation between two kinds of one variable."""
+    from aurora_sweep.targets import TARGETS
+
+    cube = _target_store(tmp_path, target)
+    spec = TARGETS[target]
+    values = cube[target].values
+    assert target in cube and "tp" not in cube and cube[target].attrs["units"] == spec.units
+    ok = np.isfinite(values)
+    assert ok[1:].all() and values[ok].min() >= spec.lower
+    assert spec.upper is None or values[ok].max() <= spec.upper
+    assert values[ok].max() > 0  # something falls, runs off or soaks in
+    if target == "pr":
+        np.testing.assert_allclose(values[ok], tp_week["tp"].values[ok] / 6, rtol=1e-5, atol=1e-6)

@@ -50,6 +50,8 @@ class DemoWorld:
     seed: int = 20240601
     #: write Aurora 1.5's other surface inputs too (`store.V15_SURF_VARS`)
     v15: bool = False
+    #: the study's target (`targets.TARGETS`): its ERA5 variables are written too
+    target: str = "tp"
 
     @property
     def lat(self) -> np.ndarray:
@@ -75,6 +77,7 @@ def world_for(data) -> DemoWorld:
         first_year=data.period.start.year,
         last_year=data.period.end.year,
         v15=data.v15_inputs,
+        target=data.target,
     )
 
 
@@ -216,6 +219,25 @@ def _rain(state: dict, world: DemoWorld, hours: np.ndarray, w: dict, static: dic
     state["tp_rate"] = np.maximum(rate, 0)
 
 
+def _target_fields(world: DemoWorld, st: dict, static: dict, *, instant: bool) -> dict:
+    """The ERA5 variables of a target other than tp, from the demo's rain: instantaneous ones
+    (`instant`: rain rates in kg m-2 s-1, the top soil layer's water) or hourly accumulations
+    (m of water over the hour: runoff over land, snowfall where it is below freezing). Empty
+    where the study's target is made of tp or of other kind of fields."""
+    from aurora_sweep.targets import TARGETS
+
+    target = TARGETS[world.target]
+    if target.hourly == instant or world.target in ("tp", "pr"):
+        return {}
+    rate, lsm, cold = st["tp_rate"], static["lsm"], st["2t"] < 273.15  # rate in mm h-1
+    fields = {
+        "crr": 0.6 * np.where(cold, 0.0, rate) / 3600, "lsrr": 0.4 * np.where(cold, 0.0, rate) / 3600,
+        "swvl1": lsm * (0.25 + 0.1 * np.tanh(2 * rate)),
+        "ro": lsm * (0.4 * rate + 0.01) / 1000, "sf": np.where(cold, rate, 0.0) / 1000,
+    }  # fmt: skip
+    return {short: fields[short] for _, short in target.sources}
+
+
 #: Aurora 1.5's other surface inputs: store name -> the CDS's NetCDF short name.
 V15_SHORT = {
     "2d": "d2m", "tcwv": "tcwv", "tcc": "tcc", "100u": "u100", "100v": "v100", "sp": "sp",
@@ -352,6 +374,9 @@ def _year_datasets(
     if world.v15:
         st |= _v15_surface(st, world, static)
         sl_vars |= V15_SHORT
+    instant = _target_fields(world, st, static, instant=True)  # at the model times
+    st |= instant
+    sl_vars |= {k: k for k in instant}
     inst = xr.Dataset(
         {cds: (dims3, st[k].astype(np.float32)) for k, cds in sl_vars.items()},
         coords=_cds_coords(world, times, levels=False),
@@ -359,13 +384,17 @@ def _year_datasets(
     )
     hours = tp_hours(times)
     # the hourly accumulation ending at h: rate at the middle of the hour, in metres
-    rate = _state(world, _hours_since_epoch(hours) - 0.5, waves, static)["tp_rate"]
+    hourly = _state(world, _hours_since_epoch(hours) - 0.5, waves, static)
+    rate = hourly["tp_rate"]
     accum = xr.Dataset(
         {"tp": (dims3, (rate / 1000).astype(np.float32))},
         coords=_cds_coords(world, hours, levels=False),
         attrs=_attrs("accum"),
     )
     accum["tp"].attrs.update(units="m", long_name="Total precipitation", GRIB_stepType="accum")
+    for k, v in _target_fields(world, hourly, static, instant=False).items():
+        accum[k] = (dims3, v.astype(np.float32))
+        accum[k].attrs.update(units="m", GRIB_stepType="accum")
     return pl, inst, accum
 
 
