@@ -25,6 +25,11 @@ inputs) and the process's resident-set growth (noisy: the CPU allocator keeps fr
     .venv/bin/python bench/bench_memory.py --device cpu --checkpoint-sets --steps 2  # "auto"
     .venv/bin/python bench/bench_memory.py --device cpu --reduced --methods-only \
         --base pretrained --methods lora,rslora,dora,head,blocks   # AuroraPretrained, 1.3 B
+    MALLOC_MMAP_THRESHOLD_=131072 .venv/bin/python bench/bench_memory.py --device cpu --reduced \
+        --methods-only --base v1.5 --methods lora,rslora,dora,head,blocks   # Aurora 1.5, 1.3 B
+
+(Aurora 1.5's six passes a step need the threshold on a 24 GB machine: without it glibc keeps the
+freed memory of the earlier rows and the DoRA row's process runs out.)
 
 Writes bench/results/<device>-<date>.json and .md.
 """
