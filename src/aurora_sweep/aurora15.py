@@ -121,6 +121,13 @@ def static_names(arch: tuple = ()) -> tuple[str, ...]:
     return tuple(dict(arch).get("static_vars") or default)
 
 
+def study_statics(samples, config, base: str = "v1.5") -> dict[str, torch.Tensor]:
+    """The static fields `base` (Aurora 1.5) reads at the grid of `samples`, from the file the
+    study gives ([model] v15_static) or the pinned one."""
+    path = resolve_statics(config.model.v15_static)
+    return region_statics(path, samples, static_names(config.model.arch_for(base)))
+
+
 def for_base(samples, base: str, config):
     """`samples` as a trial of `base` reads them: with Aurora 1.5's inputs and its static
     fields (`Samples.for_v15`) where the base reads them, else as they are."""
@@ -128,9 +135,7 @@ def for_base(samples, base: str, config):
 
     if not reads_v15_inputs(base):
         return samples
-    path = resolve_statics(config.model.v15_static)
-    arch = config.model.arch_for(base)
-    return samples.for_v15(region_statics(path, samples, static_names(arch)))
+    return samples.for_v15(study_statics(samples, config, base))
 
 
 def add_region_statics(data, config) -> None:
@@ -138,10 +143,8 @@ def add_region_statics(data, config) -> None:
     grid, when a base the study adapts reads them (`bases.reads_v15_inputs`)."""
     from aurora_sweep.bases import reads_v15_inputs
 
-    if not any(map(reads_v15_inputs, config.bases)):
-        return
-    path = resolve_statics(config.model.v15_static)
-    data.v15_statics = region_statics(path, data.train, static_names(config.model.arch_for("v1.5")))
+    if any(map(reads_v15_inputs, config.bases)):
+        data.v15_statics = study_statics(data.train, config)
 
 
 def resolve_statics(path: Path | None) -> Path:

@@ -59,8 +59,6 @@ STATIC_REQUEST = {
     "land_sea_mask": "static_lsm",
     "soil_type": "static_slt",
 }
-#: The CDS request names of tp, the default target (`targets.TARGETS` holds every target's).
-TP_REQUEST = {cds: "tp" for cds, _ in TARGETS["tp"].sources}
 #: The ERA5 variables any target is made of, under their NetCDF short names in the store
 #: (an import reads the study's target's and sums them into it).
 TARGET_SOURCES = {short: cds for t in TARGETS.values() for cds, short in t.sources}
@@ -184,9 +182,8 @@ def plan_requests(config: StudyConfig, *, max_fields: int = FIELDS_PER_REQUEST) 
     Per month: the surface variables at the model hours, the target at every hour where a step's
     value needs every hour (`targets.Target.hourly`: starting the day before the period, whose
     last five hours the first 6-hour total needs; else with the surface variables), and the
-    pressure-level
-    variables, split into day ranges when a month would exceed `max_fields` fields. The static
-    fields come once, from the period's first day.
+    pressure-level variables, split into day ranges when a month would exceed `max_fields`
+    fields. The static fields come once, from the period's first day.
     """
     data = config.data
     start, end = data.period.start, data.period.end
