@@ -53,7 +53,7 @@ def build_random_trial_model(trial: TrialConfig):
     torch.manual_seed(trial.seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = build_base(trial.base, tp_stats=(0.0, 1.0), arch=trial.arch)
+        model = build_base(trial.base, stats=(0.0, 1.0), arch=trial.arch)
     init_new_variable(model)
     trained, _ = apply_method(
         model, method=trial.method, rank=trial.lora_rank, targets=trial.lora_targets,

@@ -53,7 +53,7 @@ def main() -> None:
         grid=world.grid, period=pre, train=pre, validation=pre, test=pre,
     )  # fmt: skip
     samples = Samples(cube, data, "train")
-    model = build_base("demo", with_tp=False)
+    model = build_base("demo", with_target=False)
     print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
           f"{len(samples)} pretraining samples from {args.first_year}-2021")  # fmt: skip
     optimiser = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)

@@ -153,7 +153,7 @@ def trained_tiny_adapter(root: Path, tiny_store: Path, trial):
     """An adapter of `trial` on the tiny study (its train split on the trial's levels), trained
     for two steps and saved under `root / "adapter"`; the adapter's path and the study config."""
     from aurora_sweep.config import load_config
-    from aurora_sweep.dataset import Samples, tp_stats
+    from aurora_sweep.dataset import Samples, target_stats
     from aurora_sweep.export import save_adapter
     from aurora_sweep.model import DEMO_CHECKPOINT
     from aurora_sweep.store import open_store
@@ -162,11 +162,11 @@ def trained_tiny_adapter(root: Path, tiny_store: Path, trial):
 
     config = load_config(write_tiny_config(root, store=tiny_store), workdir=root)
     train = Samples(open_store(tiny_store), config.data, "train").with_levels(trial.levels)
-    stats = tp_stats(train.cube, config.data.train)
+    stats = target_stats(train.cube, config.data.train, "tp")
     peft_model, _, parts = build_trial_model(trial, stats, DEMO_CHECKPOINT)
     train_steps(peft_model, train, steps=2, offset=3)
     save_adapter(
-        root / "adapter", model=peft_model, parts=parts, trial=trial, tp=stats,
+        root / "adapter", model=peft_model, parts=parts, trial=trial, stats=stats,
         checkpoint=DEMO_CHECKPOINT, study_config=config.path, metrics={},
     )  # fmt: skip
     return root / "adapter", config

@@ -374,7 +374,7 @@ def v15_trained(v15_study, checkpoint, static_file, tmp_path_factory):
     result = fit(trial, data, checkpoint=checkpoint, bootstrap=0)
     adapter = tmp_path_factory.mktemp("v15-adapter") / "adapter"
     save_adapter(
-        adapter, model=result.model, parts=result.parts, trial=trial, tp=data.tp,
+        adapter, model=result.model, parts=result.parts, trial=trial, stats=data.stats,
         checkpoint=checkpoint, study_config=v15_study.path, metrics=result.metrics,
     )  # fmt: skip
     return data, trial, result, adapter
@@ -419,7 +419,7 @@ def test_a_v15_adapter_loads_and_forecasts_as_it_was_trained(v15_trained, checkp
     idx = np.arange(3)
     a = forecast(loaded, samples, idx, batch_size=3, device="cpu")
     b = forecast(result.model, samples, idx, batch_size=3, device="cpu")
-    np.testing.assert_allclose(a.tp, b.tp, rtol=1e-4, atol=1e-5)
-    assert (a.tp >= 0).all() and set(a.mse) == set(b.mse) and "sd" in a.mse
+    np.testing.assert_allclose(a.values, b.values, rtol=1e-4, atol=1e-5)
+    assert (a.values >= 0).all() and set(a.mse) == set(b.mse) and "sd" in a.mse
     for k in a.mse:
         assert a.mse[k] == pytest.approx(b.mse[k], rel=1e-4), k

@@ -52,15 +52,15 @@ def test_a_base_is_its_aurora_class_with_the_studys_overrides():
     import aurora
 
     with meta_device():
-        full = build_base("pretrained", tp_stats=(0.0, 1.0))
+        full = build_base("pretrained", stats=(0.0, 1.0))
         reduced = build_base(
-            "pretrained", tp_stats=(0.0, 1.0), arch=arch_overrides(REDUCED["pretrained"])
+            "pretrained", stats=(0.0, 1.0), arch=arch_overrides(REDUCED["pretrained"])
         )
     assert type(full) is type(reduced) is aurora.AuroraPretrained
     assert full.backbone.embed_dim == 512 and len(backbone_blocks(full)) == 48
     assert reduced.backbone.embed_dim == 32 and len(backbone_blocks(reduced)) == 8
     with pytest.raises(AuroraSweepError, match=r"\[model\.arch\.pretrained\].*embed_dims"):
-        build_base("pretrained", tp_stats=(0.0, 1.0), arch=(("embed_dims", 32),))
+        build_base("pretrained", stats=(0.0, 1.0), arch=(("embed_dims", 32),))
 
 
 def test_a_study_names_its_bases_checkpoints_and_widths(tmp_path):
@@ -165,7 +165,7 @@ def test_a_study_searches_three_bases_and_exports_aurora15_that_forecasts(tmp_pa
     monkeypatch.chdir(tmp_path)
     for base, kw in REDUCED.items():
         torch.manual_seed(0)
-        model = build_base(base, with_tp=False, arch=arch_overrides(kw))
+        model = build_base(base, with_target=False, arch=arch_overrides(kw))
         if base == "v1.5":  # a random head's log-space output overflows exp: keep it near 0
             with torch.no_grad():
                 model.decoder.surf_heads["scaled_tp_1h"].weight.mul_(0.01)

@@ -16,10 +16,11 @@ from aurora_sweep.dataset import (
     model_longitudes,
     patch_crop,
     sample_times,
-    tp_stats,
+    target_stats,
 )
 from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.store import open_store
+from aurora_sweep.targets import TARGETS
 
 
 def test_western_hemisphere_longitudes_move_by_exactly_360():
@@ -74,20 +75,20 @@ def test_samples_need_both_neighbours_exactly_six_hours_away():
             "2022-01-02T12",
         ]
     )
-    idx = sample_times(cube, Period(dt.date(2022, 1, 1), dt.date(2022, 1, 2)))
+    idx = sample_times(cube, Period(dt.date(2022, 1, 1), dt.date(2022, 1, 2)), "tp")
     assert list(idx) == [1, 4]
 
 
 def test_a_sample_whose_target_falls_outside_the_split_is_dropped():
     cube = _cube(["2022-12-31T06", "2022-12-31T12", "2022-12-31T18", "2023-01-01T00"])
-    idx = sample_times(cube, Period(dt.date(2022, 1, 1), dt.date(2022, 12, 31)))
+    idx = sample_times(cube, Period(dt.date(2022, 1, 1), dt.date(2022, 12, 31)), "tp")
     assert list(idx) == [1]  # the sample at 18 UTC would read its target from 2023
 
 
 def test_samples_with_missing_tp_are_dropped():
     cube = _cube(["2022-01-01T00", "2022-01-01T06", "2022-01-01T12", "2022-01-01T18"])
     cube["tp"][0] = np.nan
-    idx = sample_times(cube, Period(dt.date(2022, 1, 1), dt.date(2022, 1, 1)))
+    idx = sample_times(cube, Period(dt.date(2022, 1, 1), dt.date(2022, 1, 1)), "tp")
     assert list(idx) == [2]
 
 
@@ -107,7 +108,7 @@ def test_batch_holds_two_input_times_and_the_next_tp_as_target(tiny_config):
 
 def test_tp_statistics_come_from_the_train_split_only(tiny_config):
     cube = open_store(tiny_config.data.store)
-    stats = tp_stats(cube, tiny_config.data.train)
+    stats = target_stats(cube, tiny_config.data.train, "tp")
     train_only = cube["tp"].sel(time=slice("2022-01-01", "2022-12-31T23"))
     assert stats.mean == pytest.approx(float(train_only.mean()), rel=1e-5)
     assert stats.mean != pytest.approx(float(cube["tp"].mean()), rel=1e-3)
@@ -179,10 +180,10 @@ def _monthly_cube(values_by_month: dict[int, float], days: int) -> xr.Dataset:
 def test_climatology_has_a_seasonal_and_a_daily_cycle():
     cube = _monthly_cube({m: 10.0 * m for m in range(1, 13)}, days=5)  # 5 samples per (month, hour)
     assert MIN_CLIMATOLOGY_SAMPLES > 5
-    clim = climatology(cube, Period(dt.date(2022, 1, 1), dt.date(2022, 12, 31)))
+    clim = climatology(cube, Period(dt.date(2022, 1, 1), dt.date(2022, 12, 31)), "tp")
     assert clim.shape == (12, 4, 2, 3)
     times = pd.DatetimeIndex(["2022-03-02T06", "2022-07-04T18"])
-    fc = climatology_forecast(clim, times)
+    fc = climatology_forecast(clim, times, TARGETS["tp"])
     # with 5 samples a (month, hour) borrows its neighbours: March from Feb..Apr averages to March
     assert fc[0, 0, 0] == pytest.approx(30.0 + 1)
     assert fc[1, 0, 0] == pytest.approx(70.0 + 3)
@@ -190,7 +191,7 @@ def test_climatology_has_a_seasonal_and_a_daily_cycle():
 
 def test_climatology_uses_the_month_alone_when_it_has_enough_samples():
     cube = _monthly_cube({1: 0.0, 2: 100.0, 12: 50.0}, days=MIN_CLIMATOLOGY_SAMPLES)
-    clim = climatology(cube, Period(dt.date(2022, 1, 1), dt.date(2022, 12, 31)))
+    clim = climatology(cube, Period(dt.date(2022, 1, 1), dt.date(2022, 12, 31)), "tp")
     assert clim[1, 0, 0, 0] == pytest.approx(100.0)  # February: its own samples only
     assert clim[0, 2, 0, 0] == pytest.approx(2.0)  # January at 12 UTC
 
@@ -198,7 +199,7 @@ def test_climatology_uses_the_month_alone_when_it_has_enough_samples():
 def test_climatology_of_a_month_with_too_few_samples_borrows_its_neighbours():
     cube = _monthly_cube({1: 0.0, 2: 100.0, 12: 50.0}, days=MIN_CLIMATOLOGY_SAMPLES)
     cube = cube.sel(time=~((cube["time"].dt.month == 1) & (cube["time"].dt.day > 2)))
-    clim = climatology(cube, Period(dt.date(2022, 1, 1), dt.date(2022, 12, 31)))
+    clim = climatology(cube, Period(dt.date(2022, 1, 1), dt.date(2022, 12, 31)), "tp")
     # January keeps 2 samples per hour: it widens to December..February
     n = MIN_CLIMATOLOGY_SAMPLES
     expected = (2 * 0.0 + n * 100.0 + n * 50.0) / (2 + 2 * n)
@@ -332,10 +333,10 @@ def test_a_24h_sample_needs_every_step_from_its_persistence_window_to_its_target
     cube = _cube(times)
     period = Period(dt.date(2022, 1, 1), dt.date(2022, 1, 3))
     # t-3 .. t+4: persistence's four totals ending at t, inputs t-1 and t, four targets
-    assert list(sample_times(cube, period, steps=4)) == [3, 4]
-    assert list(sample_times(cube, period, steps=2)) == list(range(1, 7))
+    assert list(sample_times(cube, period, "tp", steps=4)) == [3, 4]
+    assert list(sample_times(cube, period, "tp", steps=2)) == list(range(1, 7))
     gap = _cube(times[:5] + times[6:])  # 30 h missing
-    assert list(sample_times(gap, period, steps=4)) == []
+    assert list(sample_times(gap, period, "tp", steps=4)) == []
 
 
 def test_a_longer_lead_adds_up_its_totals_and_its_persistence(tiny_config):
@@ -357,6 +358,8 @@ def test_a_24h_climatology_adds_the_four_windows_it_covers():
     clim = np.zeros((12, 4, 1, 1))
     clim[0, :, 0, 0] = [1.0, 2.0, 3.0, 4.0]  # January by hour slot
     times = pd.DatetimeIndex(["2022-01-02T06"])
-    assert climatology_forecast(clim, times)[0, 0, 0] == 2.0
-    assert climatology_forecast(clim, times, steps=4)[0, 0, 0] == 10.0
-    assert climatology_forecast(clim, times, steps=2)[0, 0, 0] == 3.0  # 06 and 00 UTC
+    assert climatology_forecast(clim, times, TARGETS["tp"])[0, 0, 0] == 2.0
+    assert climatology_forecast(clim, times, TARGETS["tp"], steps=4)[0, 0, 0] == 10.0
+    assert (
+        climatology_forecast(clim, times, TARGETS["tp"], steps=2)[0, 0, 0] == 3.0
+    )  # 06 and 00 UTC

@@ -51,7 +51,7 @@ def test_state_names_cover_surface_variables_and_every_level():
 def test_a_fine_tune_that_has_not_trained_yet_forgot_nothing(prepared):
     # LoRA's B and tp's embedding start at zero: the other variables are exactly the base model's
     data, trial = prepared
-    model, *_ = build_trial_model(trial, data.tp, DEMO_CHECKPOINT)
+    model, *_ = build_trial_model(trial, data.stats, DEMO_CHECKPOINT)
     result = forecast(
         model, data.validation, np.arange(len(data.validation)), batch_size=16, device=CPU
     )
@@ -62,7 +62,7 @@ def test_a_fine_tune_that_has_not_trained_yet_forgot_nothing(prepared):
 
 def test_a_damaged_layer_shows_up_as_forgetting(prepared):
     data, trial = prepared
-    model, aurora, _ = build_trial_model(trial, data.tp, DEMO_CHECKPOINT)
+    model, aurora, _ = build_trial_model(trial, data.stats, DEMO_CHECKPOINT)
     with torch.no_grad():
         aurora.decoder.surf_heads["2t"].weight.mul_(3.0)
     metrics, _ = verify(model, data, batch_size=16, device=CPU, bootstrap=0, reference=DEMO_FP32)
@@ -73,10 +73,10 @@ def test_a_damaged_layer_shows_up_as_forgetting(prepared):
 
 def test_the_pruners_value_is_the_completed_trials_objective_on_a_subset(prepared):
     data, trial = prepared
-    model, *_ = build_trial_model(trial, data.tp, DEMO_CHECKPOINT)
+    model, *_ = build_trial_model(trial, data.stats, DEMO_CHECKPOINT)
     idx = np.arange(len(data.validation))
     metrics, result = verify(model, data, batch_size=16, device=CPU, bootstrap=0)
-    assert subset_objective(result.tp, data, idx) == pytest.approx(metrics[data.objective])
+    assert subset_objective(result.values, data, idx) == pytest.approx(metrics[data.objective])
 
 
 def test_the_base_model_is_scored_in_the_trials_precision(prepared, tiny_config):
@@ -99,7 +99,7 @@ def test_the_base_model_is_scored_in_the_trials_precision(prepared, tiny_config)
     }
     assert base["bf16"] != base["fp32"]
     data.base_mse = {base_key("demo", p): v for p, v in base.items()}
-    model, *_ = build_trial_model(bf16, data.tp, DEMO_CHECKPOINT)
+    model, *_ = build_trial_model(bf16, data.stats, DEMO_CHECKPOINT)
     metrics, _ = verify(
         model, data, batch_size=16, device=CPU, bootstrap=0, reference=base_key("demo", "bf16")
     )
@@ -143,7 +143,7 @@ def test_scores_exist_at_every_lead_and_24h_seeps_uses_its_own_dry_threshold(pre
     data, trial = prepared
     assert set(data.leads) == {1, 2, 4}
     assert data.lead_seeps[4].dry_threshold == DRY_MM_BY_LEAD[24] == 0.25
-    model, *_ = build_trial_model(trial, data.tp, DEMO_CHECKPOINT)
+    model, *_ = build_trial_model(trial, data.stats, DEMO_CHECKPOINT)
     metrics, _ = verify(model, data, batch_size=32, device=CPU, bootstrap=0, reference=DEMO_FP32)
     for name in ("tp_seeps", "tp_rmse_persistence", "forget_10v_ratio", "tp_skill_climatology"):
         assert {name, f"{name}_12h", f"{name}_24h"} <= set(metrics)
@@ -159,14 +159,14 @@ def test_a_rollout_sums_tp_over_its_steps_and_trains_through_the_last_only(prepa
     from aurora_sweep.train import pushforward
 
     data, trial = prepared
-    model, aurora, _ = build_trial_model(trial, data.tp, DEMO_CHECKPOINT)
+    model, aurora, _ = build_trial_model(trial, data.stats, DEMO_CHECKPOINT)
     with torch.no_grad():
         aurora.decoder.surf_heads["tp"].bias.fill_(0.5)  # a wet forecast at every step
     batch = data.validation.inputs([0, 1])
     with torch.no_grad(), clamped(model):
         first = model(batch)
-        _, one = run_steps(model, batch, 1)
-        _, two = run_steps(model, batch, 2)
+        _, one = run_steps(model, batch, 1, data.validation.variable)
+        _, two = run_steps(model, batch, 2, data.validation.variable)
     np.testing.assert_allclose(one.numpy(), first.surf_vars["tp"][:, 0].numpy())
     assert (two > one).all()  # two 6-hour totals, each positive
     advanced = pushforward(model, batch, 2)

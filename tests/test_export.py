@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from aurora_sweep.dataset import Samples, tp_stats
+from aurora_sweep.dataset import Samples, target_stats
 from aurora_sweep.export import adapter_tensors, load_finetuned, save_adapter
 from aurora_sweep.model import DEMO_CHECKPOINT, clamped
 from aurora_sweep.store import open_store
@@ -21,14 +21,14 @@ def test_a_saved_adapter_forecasts_what_the_trained_model_forecast(
     cube = open_store(tiny_config.data.store)
     train = Samples(cube, tiny_config.data, "train")
     trial = tiny_lora_trial(unfrozen_blocks=1, activation_checkpointing=checkpointing)
-    stats = tp_stats(train.cube, tiny_config.data.train)
+    stats = target_stats(train.cube, tiny_config.data.train, "tp")
     peft_model, model, parts = build_trial_model(trial, stats, DEMO_CHECKPOINT)
     if checkpointing:
         model.configure_activation_checkpointing()
     train_steps(peft_model, train, steps=2, offset=5)
     assert len(adapter_tensors(peft_model)) == len(parts.lora)
     save_adapter(
-        tmp_path / "adapter", model=peft_model, parts=parts, trial=trial, tp=stats,
+        tmp_path / "adapter", model=peft_model, parts=parts, trial=trial, stats=stats,
         checkpoint=DEMO_CHECKPOINT, study_config=tiny_config.path, metrics={},
     )  # fmt: skip
     batch, _ = train.batch([7, 8])
@@ -64,21 +64,21 @@ def test_an_adapter_of_any_method_loads_with_plain_peft_and_its_trained_weights(
         unfrozen_blocks=2 if method == "blocks" else 0, activation_checkpointing=checkpointing,
         method=method,
     )  # fmt: skip
-    stats = tp_stats(train.cube, tiny_config.data.train)
+    stats = target_stats(train.cube, tiny_config.data.train, "tp")
     trained, model, parts = build_trial_model(trial, stats, DEMO_CHECKPOINT)
     if checkpointing:
         model.configure_activation_checkpointing()
     train_steps(trained, train, steps=2, offset=5)
     directory = tmp_path / "adapter"
     save_adapter(
-        directory, model=trained, parts=parts, trial=trial, tp=stats,
+        directory, model=trained, parts=parts, trial=trial, stats=stats,
         checkpoint=DEMO_CHECKPOINT, study_config=tiny_config.path, metrics={},
     )  # fmt: skip
     assert (directory / "adapter_config.json").exists() == lora
     batch, _ = train.batch([7, 8])
     trained.eval()
     # as aurora_sweep.json describes it: tp clamped as in a forecast, windows as trained
-    base = build_base("demo", tp_stats=(stats.location, stats.scale), clamp=True)
+    base = build_base("demo", stats=(stats.location, stats.scale), clamp=True)
     load_base_checkpoint(base, DEMO_CHECKPOINT)
     set_longitude_wrap(base, trial.wrap_longitude)
     plain = PeftModel.from_pretrained(base, directory) if lora else base

@@ -56,7 +56,7 @@ def test_a_trial_runs_on_the_grid_of_every_shipped_study(path, tmp_path):
     )  # fmt: skip
     result = fit(trial, data, checkpoint=DEMO_CHECKPOINT, device=CPU, bootstrap=20)
     n = len(data.validation)
-    assert result.forecasts.tp.shape == (n, rows, cols)
+    assert result.forecasts.values.shape == (n, rows, cols)
     assert data.validation.observed(np.arange(n)).shape == (n, rows, cols)
     assert np.isfinite(result.metrics[config.objective])
     assert {f"forget_{v}{lv}_ratio" for v in "zuvtq" for lv in d.levels} <= set(result.metrics)
@@ -98,7 +98,9 @@ def test_small_pretrained_runs_a_trial_on_a_025_degree_box_with_4k_plus_1_rows(
 ):
     """As a new user would: a local checkpoint, one pressure level out of a store with two."""
     monkeypatch.chdir(tmp_path)
-    torch.save(build_base("small-pretrained", with_tp=False).state_dict(), tmp_path / "small.ckpt")
+    torch.save(
+        build_base("small-pretrained", with_target=False).state_dict(), tmp_path / "small.ckpt"
+    )
     (tmp_path / "study.toml").write_text(SMALL_STUDY.format(levels="[500, 850]"))
     store_config = load_config(tmp_path / "study.toml", workdir=tmp_path)
     write_region_store(
@@ -144,7 +146,7 @@ def test_every_grid_patch_crop_accepts_forwards_through_the_demo_base():
     `patch_crop` trims to them."""
     from aurora_sweep.model import load_base_checkpoint
 
-    model = build_base("demo", tp_stats=(0.0, 1.0))
+    model = build_base("demo", stats=(0.0, 1.0))
     load_base_checkpoint(model, DEMO_CHECKPOINT)
     model.eval()
     failed = []

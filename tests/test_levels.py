@@ -96,7 +96,7 @@ def test_trial_data_on_levels_shares_the_climates_and_the_base_scores(tiny_confi
     assert view is data.for_levels((700,))  # made once
     assert view.levels == view.train.levels == view.scored.levels == (700,)
     assert view.train_for(2).levels == (700,)
-    assert view.tp is data.tp and view.climatology is data.climatology
+    assert view.stats is data.stats and view.climatology is data.climatology
     data.base_mse = {"x": {}}
     assert data.for_levels((700,)).base_mse is data.base_mse  # one dict, kept in step
     assert data.reference_key("demo", "fp32", (500, 700, 850)) == base_key("demo", "fp32")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from aurora_sweep import memory
-from aurora_sweep.dataset import Samples, tp_stats
+from aurora_sweep.dataset import Samples, target_stats
 from aurora_sweep.loss import LossSpec
 from aurora_sweep.meta import build_meta_model, count_params
 from aurora_sweep.model import DEMO_CHECKPOINT
@@ -26,7 +26,9 @@ def _stepped(trial, train, stats, micro_batches):
     _, schedule, trained = _optimiser(trial, peft_model, model, parts)
     sgd = torch.optim.SGD(trained, lr=1.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(sgd, lambda k: 1.0)
-    spec = LossSpec(levels=trial.levels, lat=train.cube["latitude"].values, tp_scale=stats.scale)
+    spec = LossSpec(
+        levels=trial.levels, lat=train.cube["latitude"].values, target_scale=stats.scale
+    )
     step = _Step(trial, spec, peft_model, sgd, schedule, trained, CPU)
     before = [p.detach().clone() for p in trained]
     peft_model.train()
@@ -36,7 +38,7 @@ def _stepped(trial, train, stats, micro_batches):
 
 def test_four_accumulated_micro_batches_of_one_make_the_step_of_a_batch_of_four(tiny_config):
     train = Samples(open_store(tiny_config.data.store), tiny_config.data, "train")
-    stats = tp_stats(train.cube, tiny_config.data.train)
+    stats = target_stats(train.cube, tiny_config.data.train, "tp")
     samples = [3, 11, 20, 31]
     one, one_update = _stepped(tiny_lora_trial(batch_size=4), train, stats, [samples])
     four, four_update = _stepped(
@@ -52,7 +54,7 @@ def test_four_accumulated_micro_batches_of_one_make_the_step_of_a_batch_of_four(
 
 def test_adafactor_keeps_the_factored_state_the_estimate_counts(tiny_config):
     train = Samples(open_store(tiny_config.data.store), tiny_config.data, "train")
-    stats = tp_stats(train.cube, tiny_config.data.train)
+    stats = target_stats(train.cube, tiny_config.data.train, "tp")
     trial = tiny_lora_trial(optimizer="adafactor", unfrozen_blocks=1)
     peft_model, model, parts = build_trial_model(trial, stats, DEMO_CHECKPOINT)
     optimiser, _, trained = _optimiser(trial, peft_model, model, parts)
@@ -125,7 +127,7 @@ def test_a_trial_trains_on_tiles_and_its_estimate_follows_the_tile(tiny_config):
     result = fit(trial, data, checkpoint=DEMO_CHECKPOINT, device=CPU, bootstrap=0)
     assert all(np.isfinite(v) for _, v in result.train_loss)
     # validation and scores stay on the whole region
-    assert result.forecasts.tp.shape[1:] == data.validation.grid
+    assert result.forecasts.values.shape[1:] == data.validation.grid
     grid = data.train.grid
     whole = memory.estimate_peak(tiny_lora_trial(), grid=grid, levels=3)
     tiled = memory.estimate_peak(trial, grid=grid, levels=3)

@@ -46,7 +46,7 @@ def _prediction(surf, atmos, lat):
 
 
 def _spec(lat, **changes):
-    return LossSpec(levels=LEVELS, lat=np.asarray(lat), tp_scale=2.0, **changes)
+    return LossSpec(levels=LEVELS, lat=np.asarray(lat), target_scale=2.0, **changes)
 
 
 def test_each_term_is_the_latitude_weighted_mean_absolute_error_in_normalised_units():
@@ -103,7 +103,7 @@ def test_mse_squares_only_tps_error():
     surf["tp"] += 4.0  # 2 in tp's normalised units (scale 2 mm)
     surf["2t"] += 2 * scales["2t"]
     for loss, expected in (("mae", 2.0), ("mse", 4.0)):
-        terms = loss_terms(_spec(lat, tp_loss=loss), _prediction(surf, atmos, lat), truth)
+        terms = loss_terms(_spec(lat, target_loss=loss), _prediction(surf, atmos, lat), truth)
         assert terms["tp"].item() == pytest.approx(expected)
         assert terms["2t"].item() == pytest.approx(2.0)
 

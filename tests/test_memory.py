@@ -64,7 +64,7 @@ def test_cpu_estimate_has_no_cuda_overhead():
 
 
 def test_meta_parameter_counts_equal_the_real_module():
-    model = build_base("demo", tp_stats=(0.0, 1.0))
+    model = build_base("demo", stats=(0.0, 1.0))
     apply_lora(model, rank=8, targets="qkv+proj")
     set_trainable(model, unfrozen_blocks=1)
     real = count_params(model)
@@ -120,7 +120,7 @@ def test_lora_rank_adds_rank_times_in_plus_out_per_targeted_linear():
 
 def measured_activations(t: TrialConfig, grid: tuple[int, int]) -> int:
     torch.manual_seed(0)
-    model = build_base(t.base, tp_stats=(0.0, 1.0))
+    model = build_base(t.base, stats=(0.0, 1.0))
     trained, _ = apply_method(
         model, method=t.method, rank=t.lora_rank, targets=t.lora_targets,
         unfrozen_blocks=t.unfrozen_blocks, train_input=t.target_input_lr > 0,

@@ -6,17 +6,19 @@ from scores.functions import create_latitude_weights
 
 from aurora_sweep.bootstrap import block_bootstrap, paired_difference
 from aurora_sweep.metrics import (
-    CATEGORICAL_THRESHOLDS_MM,
-    FSS_THRESHOLDS_MM,
     FSS_WINDOWS,
     lat_weighted_mse,
     lat_weighted_rmse,
     objective_terms,
     objective_value,
+    scores,
     skill,
-    tp_scores,
 )
 from aurora_sweep.seeps import SeepsClimate, seeps_climate
+from aurora_sweep.targets import TARGETS
+
+CATEGORICAL_THRESHOLDS_MM = TARGETS["tp"].thresholds
+FSS_THRESHOLDS_MM = TARGETS["tp"].fss_thresholds
 
 LAT = np.array([60.0, 0.0])
 HOURS = [0, 6, 12, 18]  # the valid hours of 6-hour totals, UTC
@@ -47,12 +49,12 @@ def _scores(
     hours=None,
     **kw,
 ):
-    """tp_scores with every sample in January at 00 UTC (unless `hours`), one sample a day, a flat
+    """scores of tp with every sample in January at 00 UTC (unless `hours`), one sample a day, a flat
     climate unless given."""
     n = len(observed)
     shape = np.shape(observed)[1:]
     lat = _lat(shape[0]) if lat is None else lat
-    return tp_scores(
+    return scores(
         forecast=forecast,
         observed=observed,
         persistence=observed if persistence is None else persistence,
@@ -62,7 +64,7 @@ def _scores(
         hours=np.zeros(n, dtype=int) if hours is None else hours,
         days=DAY0 + np.arange(n),
         seeps=seeps or _climate(np.full(shape, 0.5), np.full(shape, 2.0)),
-        **{"bootstrap": 0, **kw},
+        **{"bootstrap": 0, "objective": "tp_rmse", **kw},
     )
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from aurora_sweep.dataset import Samples, tp_stats
+from aurora_sweep.dataset import Samples, target_stats
 from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.model import (
     DEMO_CHECKPOINT,
@@ -25,7 +25,7 @@ STATS = (1.0, 2.0)
 
 
 def test_demo_checkpoint_loads_with_only_the_tp_keys_missing():
-    model = build_base("demo", tp_stats=STATS)
+    model = build_base("demo", stats=STATS)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     load_base_checkpoint(model, DEMO_CHECKPOINT)
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
@@ -43,7 +43,7 @@ def test_a_checkpoint_missing_another_key_is_refused(tmp_path):
     del d["backbone.encoder_layers.0.blocks.0.attn.qkv.weight"]
     torch.save(d, tmp_path / "broken.ckpt")
     with pytest.raises(AuroraSweepError, match="missing"):
-        load_base_checkpoint(build_base("demo", tp_stats=STATS), tmp_path / "broken.ckpt")
+        load_base_checkpoint(build_base("demo", stats=STATS), tmp_path / "broken.ckpt")
 
 
 def test_a_checkpoint_with_extra_keys_is_refused(tmp_path):
@@ -51,28 +51,28 @@ def test_a_checkpoint_with_extra_keys_is_refused(tmp_path):
     d["decoder.surf_heads.sst.weight"] = torch.zeros(3)
     torch.save(d, tmp_path / "extra.ckpt")
     with pytest.raises(AuroraSweepError, match="unexpected"):
-        load_base_checkpoint(build_base("demo", tp_stats=STATS), tmp_path / "extra.ckpt")
+        load_base_checkpoint(build_base("demo", stats=STATS), tmp_path / "extra.ckpt")
 
 
 def test_a_checkpoint_of_another_architecture_is_refused(tmp_path):
-    small = build_base("demo", with_tp=False)
+    small = build_base("demo", with_target=False)
     d = {
         k: torch.zeros(*v.shape[:-1], v.shape[-1] + 1) if v.ndim else v
         for k, v in small.state_dict().items()
     }
     torch.save(d, tmp_path / "wide.ckpt")
     with pytest.raises(AuroraSweepError, match="does not fit"):
-        load_base_checkpoint(build_base("demo", tp_stats=STATS), tmp_path / "wide.ckpt")
+        load_base_checkpoint(build_base("demo", stats=STATS), tmp_path / "wide.ckpt")
 
 
 def test_a_file_that_is_no_checkpoint_is_refused(tmp_path):
     (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
     with pytest.raises(AuroraSweepError, match="not a readable"):
-        load_base_checkpoint(build_base("demo", tp_stats=STATS), tmp_path / "junk.ckpt")
+        load_base_checkpoint(build_base("demo", stats=STATS), tmp_path / "junk.ckpt")
 
 
 def test_lora_goes_only_into_the_backbone_linears_it_names():
-    model = build_base("demo", tp_stats=STATS)
+    model = build_base("demo", stats=STATS)
     peft_model = apply_lora(model, rank=4, targets="qkv+fc2")
     wrapped = {n.rsplit(".lora_A", 1)[0] for n, _ in peft_model.named_parameters() if "lora_A" in n}
     assert wrapped and all(".backbone." in n for n in wrapped)
@@ -81,7 +81,7 @@ def test_lora_goes_only_into_the_backbone_linears_it_names():
 
 
 def test_unfreezing_takes_the_last_blocks_in_forward_order():
-    model = build_base("demo", tp_stats=STATS)
+    model = build_base("demo", stats=STATS)
     apply_lora(model, rank=2, targets="qkv")
     parts = set_trainable(model, unfrozen_blocks=2)
     last_two = [name for name, _ in backbone_blocks(model)[-2:]]
@@ -94,7 +94,7 @@ def test_unfreezing_takes_the_last_blocks_in_forward_order():
 
 
 def test_too_many_unfrozen_blocks_is_a_clear_error():
-    model = build_base("demo", tp_stats=STATS)
+    model = build_base("demo", stats=STATS)
     with pytest.raises(AuroraSweepError, match="only"):
         set_trainable(model, unfrozen_blocks=99)
 
@@ -105,7 +105,7 @@ def test_fp16_on_a_cpu_is_refused_with_advice():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     with pytest.raises(AuroraSweepError, match="bf16"):
-        set_precision(build_base("demo", tp_stats=STATS), "fp16")
+        set_precision(build_base("demo", stats=STATS), "fp16")
 
 
 @pytest.mark.parametrize("unfrozen", [0, 1])
@@ -121,7 +121,7 @@ def test_training_changes_lora_and_tp_weights_and_leaves_every_frozen_weight_bit
         eval_every=3, val_samples=4, weight_decay=0.0, seed=0,
     )  # fmt: skip
     peft_model, model, parts = build_trial_model(
-        trial, tp_stats(train.cube, tiny_config.data.train), DEMO_CHECKPOINT
+        trial, target_stats(train.cube, tiny_config.data.train, "tp"), DEMO_CHECKPOINT
     )
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     loss = train_steps(peft_model, train, steps=3, offset=10)
@@ -169,9 +169,9 @@ def test_a_local_checkpoint_path_that_does_not_exist_is_refused(tmp_path):
 
 def test_small_pretrained_loads_a_checkpoint_in_aurora_format_with_tp_added(tmp_path):
     """The real model's loading path, with a checkpoint file made here (no download)."""
-    source = build_base("small-pretrained", with_tp=False)
+    source = build_base("small-pretrained", with_target=False)
     torch.save({f"net.{k}": v for k, v in source.state_dict().items()}, tmp_path / "small.ckpt")
-    model = build_base("small-pretrained", tp_stats=STATS)
+    model = build_base("small-pretrained", stats=STATS)
     load_base_checkpoint(model, tmp_path / "small.ckpt")
     name = "backbone.encoder_layers.0.blocks.0.attn.qkv.weight"
     assert torch.equal(model.get_parameter(name), source.get_parameter(name))
@@ -183,7 +183,7 @@ def test_tp_forecasts_are_never_negative_even_from_a_head_that_says_so(tiny_conf
 
     cube = open_store(tiny_config.data.store)
     samples = Samples(cube, tiny_config.data, "validation")
-    model = build_base("demo", tp_stats=(0.0, 2.0))
+    model = build_base("demo", stats=(0.0, 2.0))
     load_base_checkpoint(model, DEMO_CHECKPOINT)
     init_new_variable(model, start=-3.0)  # every raw tp output is -6 mm
     with torch.no_grad():
@@ -207,7 +207,7 @@ def test_the_trained_model_is_unclamped_and_scoring_and_loaded_adapters_clamp(
     cube = open_store(tiny_config.data.store)
     samples = Samples(cube, tiny_config.data, "validation")
     peft_model, model, _ = build_trial_model(
-        tiny_lora_trial(), tp_stats(samples.cube, tiny_config.data.train), DEMO_CHECKPOINT
+        tiny_lora_trial(), target_stats(samples.cube, tiny_config.data.train, "tp"), DEMO_CHECKPOINT
     )
     assert not model.clamp_at_first_step
     seen = []
@@ -258,7 +258,7 @@ def test_every_lora_variant_scales_by_the_same_alpha():
     scaling = {}
     for variant in ("lora", "rslora"):
         for rank in (4, 16):
-            model = build_base("demo", tp_stats=STATS)
+            model = build_base("demo", stats=STATS)
             peft_model = apply_lora(model, rank=rank, targets="qkv", variant=variant)
             layer = next(m for n, m in peft_model.named_modules() if n.endswith("qkv"))
             scaling[variant, rank] = layer.scaling["default"]
@@ -281,13 +281,13 @@ def test_every_trainable_tensor_gets_a_gradient_from_the_loss(tiny_config, metho
     trial = tiny_lora_trial(
         method=method, lora_rank=4 if lora else 0, unfrozen_blocks=2 if method == "blocks" else 0
     )
-    stats = tp_stats(train.cube, tiny_config.data.train)
+    stats = target_stats(train.cube, tiny_config.data.train, "tp")
     peft_model, model, parts = build_trial_model(trial, stats, DEMO_CHECKPOINT)
 
     class Data:  # what loss_spec reads
-        tp = stats
+        pass
 
-    Data.train = train
+    Data.train, Data.stats = train, stats
     batch, target = train.training_batch([0, 1])
     spec = loss_spec(trial, Data)
     combine(spec, loss_terms(spec, peft_model(batch), target)).backward()
@@ -305,7 +305,7 @@ def test_an_output_only_target_leaves_its_input_embedding_at_zero(tiny_config):
 
     cube = open_store(tiny_config.data.store)
     train = Samples(cube, tiny_config.data, "train")
-    stats = tp_stats(train.cube, tiny_config.data.train)
+    stats = target_stats(train.cube, tiny_config.data.train, "tp")
     _, model, parts = build_trial_model(
         tiny_lora_trial(target_input_lr=0.0), stats, DEMO_CHECKPOINT
     )
@@ -331,7 +331,7 @@ def test_every_method_trains_what_it_says_and_nothing_else(tiny_config, method, 
         weight_decay=0.0, seed=0, method=method,
     )  # fmt: skip
     peft_model, model, parts = build_trial_model(
-        trial, tp_stats(train.cube, tiny_config.data.train), DEMO_CHECKPOINT
+        trial, target_stats(train.cube, tiny_config.data.train, "tp"), DEMO_CHECKPOINT
     )
     assert bool(parts.lora) == lora
     if method == "head":
@@ -372,7 +372,7 @@ def test_scoring_merges_the_adapter_and_gives_back_the_same_forecast_and_weights
     samples = Samples(cube, tiny_config.data, "validation")
     trial = tiny_lora_trial(method=method, unfrozen_blocks=unfrozen)
     peft_model, model, parts = build_trial_model(
-        trial, tp_stats(train.cube, tiny_config.data.train), DEMO_CHECKPOINT
+        trial, target_stats(train.cube, tiny_config.data.train, "tp"), DEMO_CHECKPOINT
     )
     train_steps(peft_model, train, steps=2, offset=10)  # adapters away from their start
     layers = [m for m in peft_model.modules() if isinstance(m, BaseTunerLayer)]
@@ -383,7 +383,7 @@ def test_scoring_merges_the_adapter_and_gives_back_the_same_forecast_and_weights
         assert layers and all(m.merged for m in layers)
         merged = evaluation.forecast(peft_model, samples, idx, batch_size=3, device="cpu")
     assert not any(m.merged for m in layers)
-    np.testing.assert_allclose(merged.tp, plain.tp, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(merged.values, plain.values, rtol=1e-4, atol=1e-4)
     for v in plain.mse:
         assert merged.mse[v] == pytest.approx(plain.mse[v], rel=1e-4)
     adapter = set(parts.lora)
@@ -397,7 +397,7 @@ def test_scoring_merges_the_adapter_and_gives_back_the_same_forecast_and_weights
 def test_a_model_without_adapters_scores_as_it_is(tiny_config):
     from aurora_sweep.model import merged_adapter
 
-    model = build_base("demo", tp_stats=STATS)
+    model = build_base("demo", stats=STATS)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with merged_adapter(model):
         pass

@@ -211,7 +211,9 @@ def test_adapter_loads_with_plain_peft_onto_the_base_model(finished_study, tmp_p
     config, *_ = finished_study
     out = export_best(config, tmp_path / "adapter")
     meta = json.loads((out / "aurora_sweep.json").read_text())
-    base = build_base("demo", tp_stats=(meta["tp_stats"]["location"], meta["tp_stats"]["scale"]))
+    base = build_base(
+        "demo", stats=(meta["target_stats"]["location"], meta["target_stats"]["scale"])
+    )
     load_base_checkpoint(base, DEMO_CHECKPOINT)
     peft_model = PeftModel.from_pretrained(base, out)
     assert any("lora_A" in n for n, _ in peft_model.named_parameters())

@@ -78,25 +78,42 @@ def test_every_target_says_what_the_cds_calls_it_and_what_it_means():
     assert [t.name for t in TARGETS.values() if t.seeps] == ["tp", "pr"]
 
 
-def test_a_study_names_its_target_and_one_it_cannot_train_yet_is_refused_in_one_line(tmp_path):
+def test_a_study_names_its_target_its_objective_follows_and_mismatches_are_refused(tmp_path):
     from aurora_sweep.config import load_config
     from aurora_sweep.errors import AuroraSweepError
-    from aurora_sweep.space import check_search
+    from aurora_sweep.targets import skill_name
     from conftest import write_tiny_config
 
     path = write_tiny_config(tmp_path)
     text = path.read_text()
-    assert load_config(path, workdir=tmp_path).data.target == "tp"  # the default
+    config = load_config(path, workdir=tmp_path)
+    assert (config.data.target, config.objective) == ("tp", "tp_seeps")  # the defaults
     path.write_text(text.replace("[model]\n", '[model]\ntarget = "ro"\n', 1))
     config = load_config(path, workdir=tmp_path)
-    assert config.data.target == "ro"
-    with pytest.raises(AuroraSweepError, match=r"target 'ro'.*data import.*not there yet"):
-        check_search(config)  # `run` refuses it before anything is recorded
+    # runoff has no SEEPS: its natural objective is its RMSE, and the skills are named for it
+    assert (config.data.target, config.objective) == ("ro", "ro_rmse")
+    assert skill_name(config.objective, "persistence") == "ro_skill_persistence"
+    rain = text.replace("[model]\n", '[model]\ntarget = "rain_rate"\n', 1)
+    assert load_config(_write(path, rain), workdir=tmp_path).objective_metric == "rain_rate_rmse"
+    pr = text.replace("[model]\n", '[model]\ntarget = "pr"\n', 1)
+    assert load_config(_write(path, pr), workdir=tmp_path).objective == "pr_seeps"
+    wrong = text.replace("[study]\n", '[study]\nobjective = "tp_seeps"\n', 1)
+    _write(path, wrong.replace("[model]\n", '[model]\ntarget = "ro"\n', 1))
+    with pytest.raises(AuroraSweepError, match=r"'tp_seeps' is not one of ro_rmse.*target ro"):
+        load_config(path, workdir=tmp_path)
     path.write_text(text.replace("[model]\n", '[model]\ntarget = "rainrate"\n', 1))
     with pytest.raises(AuroraSweepError, match=r"not a target; did you mean rain_rate\?"):
         load_config(path, workdir=tmp_path)
-    path.write_text(
-        text.replace('[model]\nbase = "demo"', '[model]\nbase = "v1.5"\ntarget = "swvl1"')
-    )
-    with pytest.raises(AuroraSweepError, match="one of Aurora 1.5's inputs"):
-        load_config(path, workdir=tmp_path)
+    v15 = text.replace('[model]\nbase = "demo"', '[model]\nbase = "v1.5"\ntarget = "swvl1"')
+    with pytest.raises(AuroraSweepError, match="v1.5 base forecasts Aurora 1.5's own.*swvl1"):
+        load_config(_write(path, v15), workdir=tmp_path)
+    v15 = text.replace('[model]\nbase = "demo"', '[model]\nbase = "v1.5"\ntarget = "ro"')
+    with pytest.raises(AuroraSweepError, match="predict tp or pr with it"):
+        load_config(_write(path, v15), workdir=tmp_path)
+    v15 = text.replace('[model]\nbase = "demo"', '[model]\nbase = "v1.5"\ntarget = "pr"')
+    assert load_config(_write(path, v15), workdir=tmp_path).data.target == "pr"
+
+
+def _write(path, text: str):
+    path.write_text(text)
+    return path

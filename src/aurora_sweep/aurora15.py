@@ -172,20 +172,22 @@ def zero_shot_totals(
     batch_size: int = 2,
 ) -> dict[int, np.ndarray]:
     """Aurora 1.5's precipitation, untrained, over each lead's samples (`leads`: model steps ->
-    `dataset.Samples` of one split, of a store with its inputs): mm over the lead, (n, lat, lon)
+    `dataset.Samples` of one split, of a store with its inputs): the study's target over the
+    lead (tp's total in mm or pr's mean rate in mm h-1), (n, lat, lon)
     per lead, in the samples' order, from one rollout per sample (`evaluation.forecast_leads`);
     `batch_size` samples a pass, each of its six hours a row. Run as Aurora 1.5 runs by default
     (fp16 autocast, its edges joined), unless `arch` says otherwise."""
     from aurora_sweep.evaluation import forecast_leads
     from aurora_sweep.model import build_base, load_base_checkpoint
 
-    model = build_base("v1.5", clamp=True, arch=(("autocast", True), *arch))
+    target = leads[1].variable.name
+    model = build_base("v1.5", target=target, clamp=True, arch=(("autocast", True), *arch))
     load_base_checkpoint(model, checkpoint)
     model.to(device)
     statics = region_statics(static_file, leads[1], static_names(arch))
     v15 = {steps: samples.for_v15(statics) for steps, samples in leads.items()}
     done = forecast_leads(model, v15, batch_size=batch_size, device=device, state=False)
-    return {steps: result.tp for steps, result in done.items()}
+    return {steps: result.values for steps, result in done.items()}
 
 
 def add_zero_shot(data, config, device, known: dict | None = None) -> None:

@@ -98,15 +98,17 @@ def arch_overrides(values: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
     )
 
 
-def target_description(base: str) -> str:
-    """What a fine-tune of `base` adapts for tp, in a sentence (report and model card)."""
+def target_description(base: str, target: str) -> str:
+    """What a fine-tune of `base` adapts to predict `target` (a name of `targets.TARGETS`), in
+    a sentence (report and model card)."""
     own = BASES[base].own_precipitation
     if own:
+        combined = "mean of its six hours (mm h-1)" if target == "pr" else "sum of its six hours"
         return (
-            f"The fine-tune adapts the base's own hourly precipitation ({own}, output-only): tp "
-            "is the sum of its six hours after each input time, in mm; no new variable was added."
+            f"The fine-tune adapts the base's own hourly precipitation ({own}, output-only): "
+            f"{target} is the {combined} after each input time; no new variable was added."
         )
     return (
-        "tp is a new output variable of the base: its patch embedding and decoder head were "
-        "added and trained from zero (the head's bias at the train-split mean)."
+        f"{target} is a new output variable of the base: its patch embedding and decoder head "
+        "were added and trained from zero (the head's bias at the train-split mean)."
     )

@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from aurora_sweep.recipe import OBJECTIVES
+from aurora_sweep.recipe import OBJECTIVE_SCORES
 
 
 def block_bootstrap(
@@ -86,7 +86,7 @@ def paired_difference(
     NaN term are dropped from both.
 
     Args:
-        objective: one of `OBJECTIVES`, the objective the terms are of.
+        objective: `<target>_<score>` (`check_objective`), the objective the terms are of.
         a: A's per-sample (numerator, denominator), as `objective_terms` gives them, (n,) each.
         b: B's, over the same samples in the same order.
         days: each sample's target day, datetime64[D], (n,).
@@ -152,7 +152,7 @@ def objective_from(
     """The objective from summed terms: sqrt of the mean squared error, or the SEEPS weighted mean."""
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio = np.divide(num, den)
-    value = np.sqrt(ratio) if objective == "tp_rmse" else ratio
+    value = np.sqrt(ratio) if objective.endswith("rmse") else ratio
     return float(value) if np.ndim(value) == 0 else value
 
 
@@ -171,5 +171,10 @@ def interval(values: np.ndarray) -> tuple[float, float]:
 
 
 def check_objective(objective: str) -> None:
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}: use one of {', '.join(OBJECTIVES)}")
+    """An objective is `<target>_<score>` with a score of `OBJECTIVE_SCORES` (`tp_seeps`)."""
+    score = objective.rsplit("_", 1)[-1]
+    if "_" not in objective or score not in OBJECTIVE_SCORES:
+        raise ValueError(
+            f"unknown objective {objective!r}: use <target>_<score> with a score among "
+            f"{', '.join(OBJECTIVE_SCORES)}"
+        )

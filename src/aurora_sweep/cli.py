@@ -15,9 +15,11 @@ import typer
 
 from aurora_sweep.cli_data import data_app, fail
 from aurora_sweep.errors import AuroraSweepError
+from aurora_sweep.targets import skill_name
 
 app = typer.Typer(
-    help="Search parameter-efficient fine-tuning recipes for Aurora (tp) inside a GPU memory cap.",
+    help="Search parameter-efficient fine-tuning recipes for Aurora (tp, pr, rain_rate, runoff, "
+    "snowfall or soil moisture) inside a GPU memory cap.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
@@ -183,6 +185,8 @@ def _best_line(config) -> str:
     sfx = lead_of(config)
     ci = interval(b, config.objective, sfx)
     forgot = a.worst_forgetting(sfx)
+    skill = {ref: skill_name(config.objective, ref) + sfx for ref in ("persistence", "climatology",
+                                                                    "aurora15")}  # fmt: skip
     front = ""
     if config.cost:
         members = pareto_front(trials, front_cost(config, trials))
@@ -194,11 +198,11 @@ def _best_line(config) -> str:
     return (
         f"best: trial {b.number}, {config.objective_metric} {score(b):.4f}"
         + (f" (90 % interval {ci[0]:.4f}–{ci[1]:.4f})" if ci else "")
-        + f"; skill vs persistence {a.get('tp_skill_persistence' + sfx):+.3f}, "
-        f"vs climatology {a.get('tp_skill_climatology' + sfx):+.3f}"
+        + f"; skill vs persistence {a.get(skill['persistence']):+.3f}, "
+        f"vs climatology {a.get(skill['climatology']):+.3f}"
         + (
-            f", vs Aurora 1.5 untrained {a.get('tp_skill_aurora15' + sfx):+.3f}"
-            if a.value("tp_skill_aurora15" + sfx) is not None
+            f", vs Aurora 1.5 untrained {a.get(skill['aurora15']):+.3f}"
+            if a.value(skill["aurora15"]) is not None
             else ""
         )
         + (f"; worst forgetting {forgot[0]} ×{forgot[1]:.2f}" if forgot else "")
@@ -295,13 +299,16 @@ def forecast(
     start: str = typer.Option(..., "--start", help="First initialisation day, YYYY-MM-DD."),
     end: str = typer.Option(..., "--end", help="Last initialisation day, YYYY-MM-DD."),
     lead: str = typer.Option(
-        "6h", "--lead", help="6h, or 12h, 24h ... (Aurora's rollout; tp accumulated)."
-    ),
+        "6h",
+        "--lead",
+        help="6h, or 12h, 24h ... (Aurora's rollout; the target over the lead, as its kind is).",
+    ),  # fmt: skip
     out: Path = typer.Option(Path("forecast.nc"), "--out", help="The NetCDF file to write."),
     checkpoint: Path | None = typer.Option(None, help="Local base checkpoint file."),
 ) -> None:
     """Forecast with an exported adapter from every store time in a date range, into a CF-1.8
-    NetCDF file (tp in mm over the lead time, and the variables Aurora already predicts)."""
+    NetCDF file (the study's target over the lead time, under its name and units, and the
+    variables Aurora already predicts)."""
     _quiet_libraries()
     from aurora_sweep.forecast import forecast_file
 

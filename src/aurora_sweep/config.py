@@ -54,6 +54,7 @@ from aurora_sweep.settings import (
     target_name,
     tracking_url,
 )
+from aurora_sweep.targets import DEFAULT as DEFAULT_TARGET
 
 MIB = 2**20  # bytes in a MiB: memory is reported in MB of 2**20 bytes
 #: `[study] baselines`: persistence and climatology (always scored), Aurora 1.5 untrained.
@@ -79,7 +80,7 @@ class DataConfig:
     test: Period
     #: whether the store holds Aurora 1.5's inputs too (a study that uses it)
     v15_inputs: bool = False
-    target: str = "tp"  #: what the study predicts, in the store ([model] target, `targets`)
+    target: str = DEFAULT_TARGET  #: what the study predicts ([model] target, `targets`)
 
     @property
     def wrap_longitude(self) -> bool:
@@ -322,7 +323,6 @@ def _build(raw: dict, path: Path, workdir: Path) -> StudyConfig:
     name = as_text(study["name"], "[study] name") if "name" in study else path.stem
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         raise AuroraSweepError(f"[study] name {name!r}: use letters, digits, '.', '_' and '-'")
-    objective, objectives = study_objectives(study)
     for key in ("storage", "tracking_uri"):
         if key in study:
             as_text(study[key], f"[study] {key}")
@@ -340,10 +340,11 @@ def _build(raw: dict, path: Path, workdir: Path) -> StudyConfig:
     settings = _study_settings(study)
     data = _data_config(raw["data"], name, workdir)
     uses_v15 = any(map(reads_v15_inputs, search.base or (model.base,)))
-    data = dataclasses.replace(
-        data, v15_inputs=uses_v15 or "aurora-1.5" in settings["baselines"],
-        target=target_name(raw.get("model", {}).get("target", "tp"), uses_v15),
-    )  # fmt: skip
+    target = target_name(raw.get("model", {}).get("target", DEFAULT_TARGET),
+                         search.base or (model.base,), settings["baselines"])  # fmt: skip
+    v15_inputs = uses_v15 or "aurora-1.5" in settings["baselines"]
+    data = dataclasses.replace(data, v15_inputs=v15_inputs, target=target)
+    objective, objectives = study_objectives(study, target)
     search = dataclasses.replace(
         search, levels=level_choices(raw.get("search", {}).get("levels"), data.levels)
     )
@@ -374,9 +375,8 @@ def _study_settings(study: dict) -> dict[str, Any]:
 
     return dict(
         reference=as_bool(given("reference"), "[study] reference"),
-        heartbeat_seconds=as_whole(
-            given("heartbeat_seconds"), "[study] heartbeat_seconds", minimum=1
-        ),
+        heartbeat_seconds=as_whole(given("heartbeat_seconds"), "[study] heartbeat_seconds",
+                                   minimum=1),
         max_forgetting=as_number(given("max_forgetting"), "[study] max_forgetting", minimum=1.0),
         max_failures=as_whole(given("max_failures"), "[study] max_failures", minimum=1),
         lead_steps=parse_lead(study.get("lead", LEADS[_default(StudyConfig, "lead_steps")]),

@@ -38,10 +38,10 @@ from aurora_sweep.store import (
     AURORA_STATIC,
     STATIC_VARS,
     SURF_VARS,
-    TARGET_VAR,
     V15_SURF_VARS,
     surface_vars,
 )
+from aurora_sweep.targets import DEFAULT, TARGETS, Target
 
 PATCH = 4
 STEP = np.timedelta64(6, "h")
@@ -94,17 +94,18 @@ def in_period(times: np.ndarray, period: Period) -> np.ndarray:
     return (times >= start) & (times < end)
 
 
-def sample_times(cube: xr.Dataset, period: Period, steps: int = 1) -> np.ndarray:
+def sample_times(cube: xr.Dataset, period: Period, target: str, steps: int = 1) -> np.ndarray:
     """Indices t of the cube's time axis whose sample lies wholly in `period`, 6 h apart and
-    complete: the inputs t-1 and t, the targets t+1 .. t+steps (a lead of `steps` model steps),
-    and the 6-hour totals t-steps+1 .. t that persistence adds up over the same length."""
+    complete (the `target` variable there): the inputs t-1 and t, the targets t+1 .. t+steps (a
+    lead of `steps` model steps), and the steps t-steps+1 .. t that persistence takes over the
+    same length."""
     times = cube["time"].values
     back = max(1, steps - 1)
     if times.size < back + steps + 1:
         return np.zeros(0, dtype=int)
     t = np.arange(back, times.size - steps)
     inside = in_period(times, period)
-    complete = np.isfinite(cube[TARGET_VAR].isel(latitude=0, longitude=0).values)
+    complete = np.isfinite(cube[target].isel(latitude=0, longitude=0).values)
     ok = inside[t - back] & inside[t + steps]
     for k in range(-back, steps + 1):
         ok &= complete[t + k]
@@ -114,28 +115,30 @@ def sample_times(cube: xr.Dataset, period: Period, steps: int = 1) -> np.ndarray
 
 
 @dataclass(frozen=True)
-class TpStats:
-    """tp's normalisation (mm per 6 h), from the train split only.
+class TargetStats:
+    """The target's normalisation (in its units), from the train split only.
 
     The location is 0, not the mean: Aurora clamps a positive variable (`positive_surf_vars`) at 0
-    in normalised units, which means tp >= 0 only when tp's location is 0. The mean is kept to
-    start the new tp head at the train-split mean.
+    in normalised units, which means a value >= 0 (every target's lower bound) only when the
+    location is 0. The mean is kept to start the new head at the train-split mean.
     """
 
     location: float
     scale: float
     mean: float = 0.0
+    #: the target they are of (`targets.TARGETS`)
+    target: str = DEFAULT
 
 
-def tp_stats(cube: xr.Dataset, train: Period) -> TpStats:
-    tp = cube[TARGET_VAR].sel(time=in_period(cube["time"].values, train))
-    if tp.sizes["time"] == 0:
+def target_stats(cube: xr.Dataset, train: Period, target: str) -> TargetStats:
+    values = cube[target].sel(time=in_period(cube["time"].values, train))
+    if values.sizes["time"] == 0:
         raise AuroraSweepError(f"no data in the train period {train.start}..{train.end}")
-    mean, std = float(tp.mean()), float(tp.std())
-    return TpStats(location=0.0, scale=max(std, 1e-3), mean=mean)
+    mean, std = float(values.mean()), float(values.std())
+    return TargetStats(location=0.0, scale=max(std, 1e-3), mean=mean, target=target)
 
 
-def forecast_times(cube: xr.Dataset, period: Period) -> np.ndarray:
+def forecast_times(cube: xr.Dataset, period: Period, target: str) -> np.ndarray:
     """Indices t of the cube's time axis in `period` whose inputs (t-1, t) are there: the times a
     forecast can start from, whether or not the store has what follows them."""
     times = cube["time"].values
@@ -143,7 +146,7 @@ def forecast_times(cube: xr.Dataset, period: Period) -> np.ndarray:
         return np.zeros(0, dtype=int)
     t = np.arange(1, times.size)
     ok = (times[t] - times[t - 1] == STEP) & in_period(times, period)[t]
-    complete = np.isfinite(cube[TARGET_VAR].isel(latitude=0, longitude=0).values)
+    complete = np.isfinite(cube[target].isel(latitude=0, longitude=0).values)
     return t[ok & complete[t - 1] & complete[t]]
 
 
@@ -160,8 +163,9 @@ def _model_cube(cube: xr.Dataset, levels: Sequence[int]) -> xr.Dataset:
 
 
 class Samples:
-    """The samples of one split, as `aurora.Batch`es with tp's next value as the target (with
-    `target=False`: every time of the split a forecast can start from, for `inputs`)."""
+    """The samples of one split, as `aurora.Batch`es with the study's target (`data.target`,
+    `variable`) at the next time as the truth (with `target=False`: every time of the split a
+    forecast can start from, for `inputs`)."""
 
     def __init__(
         self,
@@ -190,11 +194,15 @@ class Samples:
         #: set by `with_levels` for a subset read from memory
         self._level_pick: list[int] | None = None
         self.split = split
+        #: what the study predicts: its name in the store and the batch, and how it is combined
+        #: over a lead (`targets.Target.accumulate`)
+        self.variable: Target = TARGETS[data.target]
         self.levels = tuple(int(v) for v in self.cube["level"].values)
         #: model steps of 6 h from the last input to the target: the lead time
         self.steps = steps
         p = self.period = periods[split]
-        self.index = sample_times(cube, p, steps) if target else forecast_times(cube, p)
+        name = self.variable.name
+        self.index = sample_times(cube, p, name, steps) if target else forecast_times(cube, p, name)
         if self.index.size == 0:
             p = periods[split]
             if not target:
@@ -231,7 +239,7 @@ class Samples:
             return self
         other = copy.copy(self)
         other.steps = steps
-        index = sample_times(self.cube, self.period, steps)
+        index = sample_times(self.cube, self.period, self.variable.name, steps)
         if init_hours is not None:
             index = index[np.isin(self.times[index].hour, list(init_hours))]
         other.index = index
@@ -330,29 +338,31 @@ class Samples:
             names = [k for k in (*SURF_VARS, *V15_SURF_VARS) if k in self.cube]
             self._memory = {
                 k: np.asarray(self.cube[k].values, dtype=np.float32)
-                for k in (*names, TARGET_VAR, *ATMOS_VARS)
+                for k in (*names, self.variable.name, *ATMOS_VARS)
             }
         return self._memory
 
     def batch(self, indices: Sequence[int]) -> tuple[Batch, torch.Tensor]:
-        """Inputs for samples `indices` and the target tp (mm), shaped (B, lat, lon)."""
+        """Inputs for samples `indices` and the target at the next time, shaped (B, lat, lon)."""
         t = self.index[np.asarray(indices)]
-        target = self.read(t + 1, (TARGET_VAR,))[TARGET_VAR]
+        name = self.variable.name
+        target = self.read(t + 1, (name,))[name]
         return self.inputs(indices), torch.from_numpy(target)
 
     def training_batch(self, indices: Sequence[int]) -> tuple[Batch, dict[str, torch.Tensor]]:
         """Inputs for samples `indices` and every variable at the valid time (the loss's truth
-        for the last step of a rollout): surface variables and tp, the 6-hour total ending then
-        (B, lat, lon), atmospheric ones (B, level, lat, lon)."""
+        for the last step of a rollout): surface variables and the target's value of the step
+        ending then (B, lat, lon), atmospheric ones (B, level, lat, lon)."""
         t = self.index[np.asarray(indices)]
-        target = self.read(t + self.steps, (*self.surface, TARGET_VAR, *ATMOS_VARS))
+        target = self.read(t + self.steps, (*self.surface, self.variable.name, *ATMOS_VARS))
         return self.inputs(indices), {k: torch.from_numpy(v) for k, v in target.items()}
 
     def inputs(self, indices: Sequence[int]) -> Batch:
         """The two input times of samples `indices` (for a forecast, with or without a target),
         read once into the arrays the batch holds: no copy after the read."""
         t = self.index[np.asarray(indices)]
-        arrays = self.read(np.stack([t - 1, t], axis=1), (*self.surface, TARGET_VAR, *ATMOS_VARS))
+        names = (*self.surface, self.variable.name, *ATMOS_VARS)
+        arrays = self.read(np.stack([t - 1, t], axis=1), names)
         return self._inputs(
             indices, {k: a.reshape(len(t), 2, *a.shape[1:]) for k, a in arrays.items()}
         )
@@ -360,7 +370,7 @@ class Samples:
     def _inputs(self, indices: Sequence[int], arrays: dict[str, np.ndarray]) -> Batch:
         t = self.index[np.asarray(indices)]
         return Batch(
-            surf_vars={k: torch.from_numpy(arrays[k]) for k in (*self.surface, TARGET_VAR)},
+            surf_vars={k: torch.from_numpy(arrays[k]) for k in (*self.surface, self.variable.name)},
             static_vars=self.static,
             atmos_vars={k: torch.from_numpy(arrays[k]) for k in ATMOS_VARS},
             metadata=Metadata(
@@ -371,21 +381,25 @@ class Samples:
             ),
         )
 
-    def _tp_total(self, indices: Sequence[int], offsets: range) -> np.ndarray:
+    def _over_lead(self, indices: Sequence[int], offsets: range) -> np.ndarray:
+        """The target over the steps `offsets` from each sample's last input time, combined as
+        its kind is (`targets.Target.over_lead`: summed, averaged, or the last)."""
         t = self.index[np.asarray(indices)]
-        if len(offsets) == 1:
-            return self.read(t + offsets[0], (TARGET_VAR,))[TARGET_VAR]
-        parts = self.read(np.stack([t + k for k in offsets], axis=1), (TARGET_VAR,))[TARGET_VAR]
-        return parts.reshape(len(t), len(offsets), *parts.shape[1:]).sum(axis=1)
+        name, target = self.variable.name, self.variable
+        if len(offsets) == 1 or not target.hourly:
+            return self.read(t + offsets[-1], (name,))[name]
+        parts = self.read(np.stack([t + k for k in offsets], axis=1), (name,))[name]
+        return target.over_lead(parts.reshape(len(t), len(offsets), *parts.shape[1:]))
 
     def persistence(self, indices: Sequence[int]) -> np.ndarray:
-        """The total over the lead's length ending at the last input time: the persistence
-        forecast of the target (at 6 h, the last observed 6-hour total)."""
-        return self._tp_total(indices, range(1 - self.steps, 1))
+        """The target over the lead's length ending at the last input time: the persistence
+        forecast (at 6 h, the last observed 6-hour value)."""
+        return self._over_lead(indices, range(1 - self.steps, 1))
 
     def observed(self, indices: Sequence[int]) -> np.ndarray:
-        """The observed tp total over the lead (mm): the 6-hour totals of every step summed."""
-        return self._tp_total(indices, range(1, self.steps + 1))
+        """The observed target over the lead, in its units: the steps' values summed (an
+        accumulation), averaged (a mean rate), or the one at the valid time (instantaneous)."""
+        return self._over_lead(indices, range(1, self.steps + 1))
 
     def observed_state(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
         """Every variable Aurora already predicts, at the valid time: surface (n, lat, lon),
@@ -393,34 +407,37 @@ class Samples:
         return self.read(self.index[np.asarray(indices)] + self.steps, (*self.surface, *ATMOS_VARS))
 
 
-def complete_train_tp(cube: xr.Dataset, train: Period) -> tuple[np.ndarray, pd.DatetimeIndex]:
-    """tp (mm, float64) at the train split's times whose field is complete, and those times."""
-    tp = cube[TARGET_VAR].sel(time=in_period(cube["time"].values, train))
-    values = np.asarray(tp.values, dtype=np.float64)
+def complete_train(
+    cube: xr.Dataset, train: Period, target: str
+) -> tuple[np.ndarray, pd.DatetimeIndex]:
+    """The `target` (float64, its units) at the train split's times whose field is complete,
+    and those times."""
+    field = cube[target].sel(time=in_period(cube["time"].values, train))
+    values = np.asarray(field.values, dtype=np.float64)
     ok = np.isfinite(values).all(axis=(1, 2))
-    return values[ok], pd.DatetimeIndex(tp["time"].values)[ok]
+    return values[ok], pd.DatetimeIndex(field["time"].values)[ok]
 
 
 #: A (month, hour) with fewer train samples than this borrows the neighbouring months.
 MIN_CLIMATOLOGY_SAMPLES = 8
 
 
-def climatology(cube: xr.Dataset, train: Period) -> np.ndarray:
-    """Mean tp by calendar month, hour of day and grid point over the train split, mm per 6 h.
+def climatology(cube: xr.Dataset, train: Period, target: str) -> np.ndarray:
+    """Mean `target` by calendar month, hour of day and grid point over the train split.
 
     Shaped (12, 4, lat, lon) for months 1..12 and hours 0, 6, 12, 18 UTC: the climatology
     forecast with its seasonal and daily cycles. Where a (month, hour) has fewer than
     `MIN_CLIMATOLOGY_SAMPLES` train samples, the window widens to the month before and after,
     then to the whole train split at that hour.
     """
-    values, times = complete_train_tp(cube, train)
+    values, times = complete_train(cube, train, target)
     months, hours = times.month.values, times.hour.values
     out = np.full((12, 4, *values.shape[1:]), np.nan)
     for h in range(4):
         at_hour = hours == 6 * h
         if not at_hour.any():
             raise AuroraSweepError(
-                f"the train period has no tp at {6 * h:02d} UTC: the climatology needs all four "
+                f"the train period has no {target} at {6 * h:02d} UTC: the climatology needs all four "
                 "6-hourly model times"
             )
         for m in range(1, 13):
@@ -432,11 +449,14 @@ def climatology(cube: xr.Dataset, train: Period) -> np.ndarray:
     return out
 
 
-def climatology_forecast(clim: np.ndarray, times: pd.DatetimeIndex, steps: int = 1) -> np.ndarray:
-    """The climatology (12, 4, lat, lon) of the total over `steps` 6-hour windows ending at each
-    valid time: (n, lat, lon), the sum of each window's month-and-hour mean."""
-    total = clim[times.month.values - 1, times.hour.values // 6]
-    for k in range(1, steps):
-        earlier = times - pd.Timedelta(hours=6 * k)
-        total = total + clim[earlier.month.values - 1, earlier.hour.values // 6]
+def climatology_forecast(
+    clim: np.ndarray, times: pd.DatetimeIndex, target: Target, steps: int = 1
+) -> np.ndarray:
+    """The climatology (12, 4, lat, lon) of the target over `steps` 6-hour windows ending at
+    each valid time: (n, lat, lon), the windows' month-and-hour means combined as the target
+    is over a lead (summed, averaged, or the valid time's alone)."""
+    total = None
+    for k, back in enumerate(range(steps - 1, -1, -1), start=1):  # earliest window first
+        at = times - pd.Timedelta(hours=6 * back)
+        total = target.accumulate(total, clim[at.month.values - 1, at.hour.values // 6], k)
     return total

@@ -1,8 +1,9 @@
-"""Forecast a split and verify it: tp against both baselines, and what the fine-tune broke.
+"""Forecast a split and verify it: the target against the baselines, and what the fine-tune broke.
 
-A fine-tune for tp is only useful if its tp beats persistence and climatology in the scores
-precipitation people use, and if it did not ruin what Aurora already predicted. One forward pass
-over the evaluation samples gives both: the tp forecast, scored by `metrics.tp_scores`, and the
+A fine-tune for a target (tp, runoff, ...) is only useful if its forecast beats persistence and
+climatology in the scores its users read, and if it did not ruin what Aurora already predicted.
+One forward pass over the evaluation samples gives both: the target's forecast (over the lead, as
+its kind combines steps), scored by `metrics.scores`, and the
 latitude-weighted RMSE of every other variable (2t, 10u, 10v, msl, and z, u, v, t, q at the
 study's levels). The untouched base model's RMSE on the same samples is computed once per study;
 their ratio is the forgetting ratio (> 1: worse than before the fine-tune).
@@ -23,11 +24,11 @@ import torch
 from aurora_sweep.dataset import Samples, climatology_forecast
 from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.loss import LossSpec, loss_terms
-from aurora_sweep.metrics import lat_weighted_mse, objective_value, tp_scores
+from aurora_sweep.metrics import lat_weighted_mse, objective_value, scores
 from aurora_sweep.model import clamped, merged_adapter
 from aurora_sweep.recipe import LEADS, lead_suffix
 from aurora_sweep.seeps import SEEPS_P_DRY_RANGE
-from aurora_sweep.store import ATMOS_VARS, SURF_VARS, TARGET_VAR
+from aurora_sweep.store import ATMOS_VARS, SURF_VARS
 
 #: The key of the zero-shot Aurora 1.5 baseline among a lead's baseline scores.
 ZERO_SHOT = "_aurora15"
@@ -51,11 +52,12 @@ def state_names(levels: tuple[int, ...], surface: tuple[str, ...] = SURF_VARS) -
 
 @dataclass
 class Forecasts:
-    """A model's forecasts of `indices`: tp in mm (n, lat, lon), the other variables' MSE, and
-    (when asked) each variable's term of the training loss, averaged over the samples."""
+    """A model's forecasts of `indices`: the target over the lead in its units (n, lat, lon), the
+    other variables' MSE, and (when asked) each variable's term of the training loss, averaged
+    over the samples."""
 
     indices: np.ndarray
-    tp: np.ndarray | None
+    values: np.ndarray | None
     mse: dict[str, float]
     loss_terms: dict[str, float] = dataclasses.field(default_factory=dict)
     #: the objective's per-sample (numerator, denominator) at the study's lead and each sample's
@@ -64,9 +66,9 @@ class Forecasts:
     objective_days: np.ndarray | None = None
 
 
-def _without_tp(batch):
+def _without_target(batch, name: str):
     return dataclasses.replace(
-        batch, surf_vars={k: v for k, v in batch.surf_vars.items() if k != TARGET_VAR}
+        batch, surf_vars={k: v for k, v in batch.surf_vars.items() if k != name}
     )
 
 
@@ -78,48 +80,50 @@ def forecast(
     *,
     batch_size: int,
     device,
-    with_tp: bool = True,
+    with_target: bool = True,
     state: bool = True,
     loss: LossSpec | None = None,
 ) -> Forecasts:
-    """Run `model` over `indices` in batches, tp clamped at 0 as in a forecast.
+    """Run `model` over `indices` in batches, the target clamped at 0 as in a forecast.
 
     Args:
-        model: a fine-tuned model (with tp) or, with `with_tp=False`, the base model.
+        model: a fine-tuned model (with the target) or, with `with_target=False`, the base.
         samples: the split the indices point into.
         indices: sample indices.
         batch_size: samples per forward pass.
         device: where the model lives.
-        with_tp: the model predicts tp (the base model does not and must not be given it).
+        with_target: the model predicts the target (the base does not and must not be given it).
         state: also score the variables Aurora already predicts (latitude-weighted MSE).
         loss: also average each variable's term of this training loss (the validation loss).
     """
     was_training = model.training
     model.eval()
     lat = samples.cube["latitude"].values
-    tp_out: list[np.ndarray] = []
+    out: list[np.ndarray] = []
     sums = dict.fromkeys(state_names(samples.levels, samples.surface), 0.0) if state else {}
     term_sums: dict[str, float] = {}
-    names = (*samples.surface, *((TARGET_VAR,) if with_tp else ()), *ATMOS_VARS)
+    target = samples.variable
+    names = (*samples.surface, *((target.name,) if with_target else ()), *ATMOS_VARS)
     if loss is not None and samples.steps != 1:
         raise ValueError("the validation loss is that of one model step")
-    with clamped(model) if with_tp else nullcontext():
+    with clamped(model) if with_target else nullcontext():
         for start in range(0, len(indices), batch_size):
             idx = indices[start : start + batch_size]
             batch = samples.inputs(idx)
-            batch = (batch if with_tp else _without_tp(batch)).to(device)
-            pred, tp = run_steps(model, batch, samples.steps)
-            if with_tp:
-                tp_out.append(tp.float().cpu().numpy())
+            batch = (batch if with_target else _without_target(batch, target.name)).to(device)
+            pred, values = run_steps(model, batch, samples.steps, target)
+            if with_target:
+                out.append(values.float().cpu().numpy())
             _score_step(
                 samples, idx, samples.steps, pred, names, lat,
-                state=sums if state else None, loss=loss if with_tp else None, terms=term_sums,
+                state=sums if state else None, loss=loss if with_target else None,
+                terms=term_sums,
             )  # fmt: skip
     if was_training:
         model.train()
     return Forecasts(
         indices=np.asarray(indices),
-        tp=np.concatenate(tp_out) if with_tp else None,
+        values=np.concatenate(out) if with_target else None,
         mse={k: v / len(indices) for k, v in sums.items()},
         loss_terms={k: v / len(indices) for k, v in term_sums.items()},
     )
@@ -132,7 +136,7 @@ def forecast_leads(
     *,
     batch_size: int,
     device,
-    with_tp: bool = True,
+    with_target: bool = True,
     state: bool = True,
     loss: LossSpec | None = None,
 ) -> dict[int, Forecasts]:
@@ -149,37 +153,37 @@ def forecast_leads(
     was_training = model.training
     model.eval()
     lat = one.cube["latitude"].values
-    tp = {k: np.zeros((len(s), *one.grid), np.float32) for k, s in leads.items()} if with_tp else {}
-    surface = one.surface
+    values = {k: np.zeros((len(s), *one.grid), np.float32) for k, s in leads.items()}
+    values = values if with_target else {}
+    surface, target = one.surface, one.variable
     sums = {k: dict.fromkeys(state_names(one.levels, surface), 0.0) for k in leads} if state else {}
     term_sums: dict[str, float] = {}
-    names = (*surface, *((TARGET_VAR,) if with_tp else ()), *ATMOS_VARS)
-    with clamped(model) if with_tp else nullcontext():
+    names = (*surface, *((target.name,) if with_target else ()), *ATMOS_VARS)
+    with clamped(model) if with_target else nullcontext():
         for m in sorted(set(longest)):
             group = np.flatnonzero(longest == m)
             for start in range(0, len(group), batch_size):
                 idx = group[start : start + batch_size]
                 batch = one.inputs(idx)
-                batch = (batch if with_tp else _without_tp(batch)).to(device)
+                batch = (batch if with_target else _without_target(batch, target.name)).to(device)
                 total = None
                 for step, pred in enumerate(_steps(model, batch, m), start=1):
-                    if with_tp:
-                        out = pred.surf_vars[TARGET_VAR][:, 0]
-                        total = out if total is None else total + out
+                    if with_target:
+                        total = target.accumulate(total, pred.surf_vars[target.name][:, 0], step)
                     if step not in leads:
                         continue
-                    if with_tp:
-                        tp[step][slot[step][idx]] = total.float().cpu().numpy()
+                    if with_target:
+                        values[step][slot[step][idx]] = total.float().cpu().numpy()
                     _score_step(
                         one, idx, step, pred, names, lat, state=sums[step] if state else None,
-                        loss=loss if with_tp and step == 1 else None, terms=term_sums,
+                        loss=loss if with_target and step == 1 else None, terms=term_sums,
                     )  # fmt: skip
     if was_training:
         model.train()
     return {
         k: Forecasts(
             indices=np.arange(len(s)),
-            tp=tp[k] if with_tp else None,
+            values=values[k] if with_target else None,
             mse={v: x / len(s) for v, x in sums[k].items()} if state else {},
             loss_terms={v: x / len(s) for v, x in term_sums.items()} if k == 1 else {},
         )
@@ -215,14 +219,15 @@ def _steps(model, batch, steps: int):
     yield from rollout(unwrap(model), batch, steps=steps)
 
 
-def run_steps(model, batch, steps: int):
+def run_steps(model, batch, steps: int, target):
     """The model's prediction after `steps` steps of 6 h (each fed back as the next input, as
-    Aurora's `rollout` does) and tp summed over them, (B, lat, lon) (None without tp)."""
+    Aurora's `rollout` does) and `target` (`targets.Target`) over them, combined as its kind
+    says, (B, lat, lon) (None when the model does not predict it)."""
     total = None
-    for pred in _steps(model, batch, steps):
-        tp = pred.surf_vars.get(TARGET_VAR)
-        if tp is not None:
-            total = tp[:, 0] if total is None else total + tp[:, 0]
+    for step, pred in enumerate(_steps(model, batch, steps), start=1):
+        value = pred.surf_vars.get(target.name)
+        if value is not None:
+            total = target.accumulate(total, value[:, 0], step)
     return pred, total
 
 
@@ -296,14 +301,14 @@ def base_state_mse(
         set_precision,
     )
 
-    model = build_base(base, with_tp=False, arch=arch)
+    model = build_base(base, with_target=False, arch=arch)
     load_base_checkpoint(model, checkpoint)
     set_precision(model, precision)
     set_longitude_wrap(model, wrap_longitude)
     model.to(device)
     results = forecast_leads(
         model, data.leads, batch_size=batch_size or eval_batch_size(1, torch.device(device)),
-        device=device, with_tp=False,
+        device=device, with_target=False,
     )  # fmt: skip
     return {LEADS[steps]: result.mse for steps, result in results.items()}
 
@@ -318,7 +323,7 @@ def verify(
     reference: str | None = None,
     loss: LossSpec | None = None,
 ) -> tuple[dict[str, float], Forecasts]:
-    """tp scores (with intervals) and forgetting ratios of `model` on `data`'s evaluation split
+    """The target's scores (with intervals) and forgetting ratios of `model` on `data`'s evaluation split
     at every lead scored (6-hour names plain, the others with `_12h`, `_24h`), against the base
     model's scores `data.base_mse[reference]` (`records.base_key`: the trial's base in its
     precision; None or absent: no forgetting ratios); with `loss`, the 6-hour validation loss's
@@ -338,7 +343,7 @@ def verify(
         base_at = base.get(LEADS[steps])
         result = results[steps]
         terms: dict[str, np.ndarray] = {}
-        scores = lead_scores(data, samples, result.tp, bootstrap=bootstrap, terms_out=terms)
+        scores = lead_scores(data, samples, result.values, bootstrap=bootstrap, terms_out=terms)
         if base_at is not None:
             scores |= forgetting_ratios(result.mse, base_at)
         metrics |= {k + lead_suffix(steps): v for k, v in scores.items()}
@@ -352,9 +357,9 @@ def verify(
 
 
 def lead_scores(
-    data, samples: Samples, tp: np.ndarray, *, bootstrap: int, terms_out: dict | None = None
+    data, samples: Samples, values: np.ndarray, *, bootstrap: int, terms_out: dict | None = None
 ) -> dict[str, float]:
-    """Every tp score of a forecast `tp` of all of `samples` (totals over their lead), against
+    """Every score of a forecast `values` of all of `samples` (over their lead), against
     persistence and climatology over the same lead (and Aurora 1.5's own, `data.aurora15`,
     where the study has it), with that lead's SEEPS climate."""
     times = samples.target_times()
@@ -363,17 +368,18 @@ def lead_scores(
     zero_shot = (getattr(data, "aurora15", None) or {}).get(samples.steps)
     # Aurora 1.5's totals, or its scores made once per study (`aurora15.references_of`)
     others = {"aurora15": zero_shot} if zero_shot is not None or ZERO_SHOT in references else None
-    return tp_scores(
-        forecast=tp,
+    return scores(
+        forecast=values,
         observed=samples.observed(idx),
         persistence=samples.persistence(idx),
-        climatology=climatology_forecast(data.climatology, times, samples.steps),
+        climatology=climatology_forecast(data.climatology, times, samples.variable, samples.steps),
         lat=samples.cube["latitude"].values,
         months=times.month.values,
         hours=times.hour.values,
         days=times.values.astype("datetime64[D]"),
         seeps=data.lead_seeps[samples.steps],
         objective=data.objective,
+        target=samples.variable,
         bootstrap=bootstrap,
         terms_out=terms_out,
         references=references,
@@ -389,7 +395,7 @@ def check_objective_defined(data) -> None:
     always wet there leaves nothing to score, every trial's objective would be NaN and a study
     would never finish a trial.
     """
-    if data.objective != "tp_seeps":
+    if not data.objective.endswith("_seeps"):
         return
     times = data.scored.target_times()
     seeps = data.lead_seeps[data.objective_steps]
@@ -403,21 +409,22 @@ def check_objective_defined(data) -> None:
         seen = p_dry[np.isfinite(p_dry)]
         span = f"{seen.min():.2f}..{seen.max():.2f}" if seen.size else "undefined"
         raise AuroraSweepError(
-            f"tp_seeps is undefined on the {data.validation.split} split: at every grid point the "
-            f"train split's dry fraction (here {span}) lies outside {low}..{high} in the months "
-            "and hours scored, so SEEPS leaves nothing to score; use [study] objective = "
-            '"tp_rmse", or a region and period with both dry and wet 6-hour totals'
+            f"{data.objective} is undefined on the {data.validation.split} split: at every grid "
+            f"point the train split's dry fraction (here {span}) lies outside {low}..{high} in "
+            "the months and hours scored, so SEEPS leaves nothing to score; use [study] objective"
+            f' = "{data.validation.variable.metric("rmse")}", or a region and period with both '
+            "dry and wet 6-hour values"
         )
 
 
-def subset_objective(tp: np.ndarray, data, indices: np.ndarray) -> float:
+def subset_objective(values: np.ndarray, data, indices: np.ndarray) -> float:
     """The study's objective for a forecast of the evaluation samples `indices` at the
     objective's lead (for pruning)."""
     samples: Samples = data.scored
     times = samples.target_times()[indices]
     return objective_value(
         data.objective,
-        forecast=tp,
+        forecast=values,
         observed=samples.observed(indices),
         lat=samples.cube["latitude"].values,
         months=times.month.values,
@@ -427,7 +434,7 @@ def subset_objective(tp: np.ndarray, data, indices: np.ndarray) -> float:
 
 
 def case_indices(samples: Samples, indices: np.ndarray) -> dict[str, int]:
-    """Positions in `indices` of a wet, a median and a dry case (by weighted area-mean tp)."""
+    """Positions in `indices` of a wet, a median and a dry case (by weighted area-mean target)."""
     from aurora_sweep.figures import pick_cases
 
     return pick_cases(samples.observed(indices), samples.cube["latitude"].values)
@@ -445,14 +452,15 @@ def case_maps_png(samples: Samples, result: Forecasts) -> bytes:
             "label": label,
             "time": f"{times[i]:%Y-%m-%d %H UTC}",
             "observed": observed[i],
-            "forecast": result.tp[i],
+            "forecast": result.values[i],
             "persistence": persistence[i],
         }
         for label, i in case_indices(samples, idx).items()
     ]
     lon = samples.cube["longitude"].values
     lsm = samples.cube["static_lsm"].values
-    return png_bytes(case_maps(cases=cases, lat=samples.cube["latitude"].values, lon=lon, lsm=lsm))
+    lat = samples.cube["latitude"].values
+    return png_bytes(case_maps(cases=cases, lat=lat, lon=lon, lsm=lsm, target=samples.variable))
 
 
 def trial_figures(result, data) -> dict[str, bytes]:

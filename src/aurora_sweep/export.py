@@ -5,10 +5,10 @@ Layout of an adapter directory:
 - `adapter_config.json`, `adapter_model.safetensors`: the peft adapter (LoRA, rsLoRA or DoRA),
   loadable with `peft.PeftModel.from_pretrained` onto the base model built from
   `aurora_sweep.json`; absent for the methods without LoRA (`head`, `blocks`, `full`);
-- `trained_weights.safetensors`: what peft does not hold: tp's patch embedding and decoder head
+- `trained_weights.safetensors`: what peft does not hold: the target's patch embedding and decoder head
   (Aurora keeps them in a ParameterDict), any fully trained backbone blocks, and the decoder
   (`head`) or every weight (`full`); load it with `load_state_dict(..., strict=False)`;
-- `aurora_sweep.json`: the trial's config, tp's normalisation, the base checkpoint's name and
+- `aurora_sweep.json`: the trial's config, the target and its normalisation, the base checkpoint's name and
   sha256, the data region/levels/splits, the trial's metrics and loss curves;
 - `study.toml`: the study config the trial ran under (for `evaluate`);
 - `README.md`: a model card (written by `export_best`).
@@ -26,7 +26,7 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 
 from aurora_sweep.bases import target_description
-from aurora_sweep.dataset import TpStats
+from aurora_sweep.dataset import TargetStats
 from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.model import (
     LORA_METHODS,
@@ -41,6 +41,7 @@ from aurora_sweep.model import (
     unwrap,
 )
 from aurora_sweep.recipe import TrialConfig
+from aurora_sweep.targets import DEFAULT, TARGETS
 
 META = "aurora_sweep.json"
 WEIGHTS = "trained_weights.safetensors"
@@ -62,7 +63,7 @@ def save_adapter(
     model,
     parts: TrainableParts,
     trial: TrialConfig,
-    tp: TpStats,
+    stats: TargetStats,
     checkpoint: Path,
     study_config: Path,
     metrics: dict[str, float],
@@ -84,11 +85,12 @@ def save_adapter(
     shutil.copyfile(study_config, directory / "study.toml")
     meta = {
         "trial": trial.to_dict(),
-        "tp_stats": {
-            "location": tp.location,
-            "scale": tp.scale,
-            "mean": tp.mean,
-            "units": "mm per 6 h",
+        "target_stats": {
+            "target": stats.target,
+            "location": stats.location,
+            "scale": stats.scale,
+            "mean": stats.mean,
+            "units": TARGETS[stats.target].units,
         },  # fmt: skip
         "base": {
             "name": trial.base,
@@ -113,6 +115,15 @@ def read_meta(directory: Path) -> dict[str, Any]:
         raise AuroraSweepError(f"{path} is damaged ({e}); export the adapter again") from None
 
 
+def adapter_stats(meta: dict[str, Any]) -> TargetStats:
+    """The target and its normalisation an adapter was trained with (an adapter written before
+    targets other than tp keeps them under `tp_stats`)."""
+    saved = meta.get("target_stats") or {**meta["tp_stats"], "target": DEFAULT}
+    return TargetStats(
+        **{k: saved[k] for k in ("location", "scale", "mean", "target") if k in saved}
+    )
+
+
 def load_finetuned(directory: str | Path, *, checkpoint: Path | None = None, device: str = "cpu"):
     """The fine-tuned model from an adapter directory, in eval mode, ready to forecast.
 
@@ -126,15 +137,18 @@ def load_finetuned(directory: str | Path, *, checkpoint: Path | None = None, dev
     directory = Path(directory)
     meta = read_meta(directory)
     trial = TrialConfig.from_dict(meta["trial"])
-    tp = TpStats(**{k: meta["tp_stats"][k] for k in ("location", "scale")})
+    stats = adapter_stats(meta)
     path = resolve_checkpoint(trial.base, checkpoint)
     if file_sha256(path) != meta["base"]["sha256"]:
         raise AuroraSweepError(
             f"{path} is not the base checkpoint this adapter was trained on "
             f"(sha256 {meta['base']['sha256'][:12]}...); pass the right file with --checkpoint"
         )
-    # a forecast's tp is clamped at 0 from the first step; the shifted windows as trained
-    model = build_base(trial.base, tp_stats=(tp.location, tp.scale), clamp=True, arch=trial.arch)
+    # a forecast's target is clamped at 0 from the first step; the shifted windows as trained
+    model = build_base(
+        trial.base, target=stats.target, stats=(stats.location, stats.scale), clamp=True,
+        arch=trial.arch,
+    )  # fmt: skip
     load_base_checkpoint(model, path)
     set_longitude_wrap(model, trial.wrap_longitude)
     if trial.method in LORA_METHODS:
@@ -160,11 +174,11 @@ def load_finetuned(directory: str | Path, *, checkpoint: Path | None = None, dev
 
 
 MODEL_CARD = """\
-# {name}: Aurora fine-tuned for total precipitation (tp)
+# {name}: Aurora fine-tuned for {long} ({target})
 
 Fine-tuned by aurora-sweep from the base model **{base}** (checkpoint `{ckpt}`, sha256 `{sha}`)
-to forecast the 6-hour total precipitation (mm) ending 6 h after its last input time, over the
-region {region} at {grid}° on pressure levels {levels} hPa. {adapted}
+to forecast {target}, the {long} ({units}, CF `{standard}`, `{cell}`), 6 h after its last input
+time, over the region {region} at {grid}° on pressure levels {levels} hPa. {adapted}
 
 ## Recipe (trial {number} of study `{study}`)
 
@@ -172,38 +186,39 @@ region {region} at {grid}° on pressure levels {levels} hPa. {adapted}
 | --- | --- |
 {recipe}
 
-## Validation skill ({val} split, latitude-weighted, mm per 6 h)
+## Validation skill ({val} split, latitude-weighted, {units})
 
 | metric | value |
 | --- | --- |
 {metrics}
 
-`tp_skill_*` is 1 - objective/objective_reference ({objective}): above 0 beats the reference.
-`*_q05`/`*_q95` bound the 90 % block-bootstrap interval. Persistence repeats the last observed 6-h
-total; climatology is the train-split mean by grid point, calendar month and time of day.
-`forget_<var>_ratio` is the fine-tuned model's RMSE over the base model's (> 1: worse). For every
-score with its interval and the maps: `aurora-sweep report {dir}`.
+`{target}_skill_*` is 1 - objective/objective_reference ({objective}): above 0 beats the
+reference. `*_q05`/`*_q95` bound the 90 % block-bootstrap interval. Persistence repeats the last
+observed value over the lead; climatology is the train-split mean by grid point, calendar month
+and time of day. `forget_<var>_ratio` is the fine-tuned model's RMSE over the base model's (> 1:
+worse). For every score with its interval and the maps: `aurora-sweep report {dir}`.
 
 ## Data
 
 Training {train}; validation {valp}; test {test} (the test split was not used in the search).
-tp normalisation from the training split: location {loc:.4f}, scale {scale:.4f} mm.
+{target} normalisation from the training split: location {loc:.4f}, scale {scale:.4f} {units}.
 
 ## Use
 
 ```python
 from aurora_sweep import load_finetuned
 model = load_finetuned("{dir}")          # peft model around Aurora, eval mode
-prediction = model(batch)               # aurora.Batch with 2t, 10u, 10v, msl, tp inputs
-tp_mm = prediction.surf_vars["tp"]
+prediction = model(batch)               # aurora.Batch with 2t, 10u, 10v, msl, {target} inputs
+values = prediction.surf_vars["{target}"]   # {units}
 ```
 
-Or score it: `aurora-sweep evaluate {dir} --split test --json`.
+Or score it: `aurora-sweep evaluate {dir} --split test --json`; forecast NetCDF:
+`aurora-sweep forecast {dir} --init ...`.
 
 ## Files
 
 `adapter_config.json` + `adapter_model.safetensors` (peft LoRA), `trained_weights.safetensors`
-(tp embedding and head, unfrozen blocks), `aurora_sweep.json` (config, stats, metrics, base
+({target} embedding and head, unfrozen blocks), `aurora_sweep.json` (config, stats, metrics, base
 identity), `study.toml` (the study config).
 """
 
@@ -211,7 +226,14 @@ identity), `study.toml` (the study config).
 def write_model_card(directory: Path, *, study: str, number: int) -> Path:
     meta = read_meta(directory)
     trial, data, base = meta["trial"], meta.get("data", {}), meta["base"]
+    stats = adapter_stats(meta)
+    target = TARGETS[stats.target]
     card = MODEL_CARD.format(
+        target=target.name,
+        long=target.long_name,
+        units=target.units,
+        standard=target.standard_name,
+        cell=target.cell_methods,
         name=Path(directory).name,
         base=base["name"],
         ckpt=base["checkpoint"],
@@ -223,21 +245,21 @@ def write_model_card(directory: Path, *, study: str, number: int) -> Path:
         study=study,
         recipe="\n".join(f"| {k} | {v} |" for k, v in trial.items()),
         val="validation",
-        objective=meta.get("objective", "tp_rmse"),
+        objective=meta.get("objective", target.metric("rmse")),
         metrics="\n".join(f"| {k} | {v:.4f} |" for k, v in meta["metrics"].items()),
         train=data.get("train", "?"),
         valp=data.get("validation", "?"),
         test=data.get("test", "?"),
-        loc=meta["tp_stats"]["location"],
-        scale=meta["tp_stats"]["scale"],
+        loc=stats.location,
+        scale=stats.scale,
         dir=Path(directory).name,
-        adapted=target_description(base["name"]),
+        adapted=target_description(base["name"], target.name),
     )
     if any("_aurora15" in k for k in meta["metrics"]):
         card += (
             "\n## Against Aurora 1.5 untrained\n\n`*_aurora15` scores Aurora 1.5's own "
-            "precipitation (its hourly `scaled_tp_1h` summed over the lead, no training) on the "
-            "same samples; `tp_skill_aurora15` above 0 beats it.\n"
+            "precipitation (its hourly `scaled_tp_1h` over the lead, no training) on the "
+            f"same samples; `{target.metric('skill_aurora15')}` above 0 beats it.\n"
         )
     if meta.get("references"):
         card += "\n## Against the study's reference recipes (validation split)\n\n" + "".join(

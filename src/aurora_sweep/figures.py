@@ -8,7 +8,8 @@ they draw through pyplot and switch the global style to ggplot, so they are draw
 `rc_context` (the style does not leak into later figures) and unregistered from pyplot at once.
 
 Maps need no cartopy, which downloads its coastlines at first use and fails on offline machines:
-the coastline is the 0.5 contour of the store's land-sea mask. Precipitation is in mm per 6 h.
+the coastline is the 0.5 contour of the store's land-sea mask. Values are in the study's target's
+units (`targets.Target`; tp by default: mm per 6 h), on a class scale of its own.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from matplotlib.dates import ConciseDateFormatter
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
+from aurora_sweep.targets import DEFAULT, TARGETS, Target
+
 if TYPE_CHECKING:
     import optuna
     from matplotlib.axes import Axes
@@ -36,10 +39,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-UNITS = "mm per 6 h"
 DPI = 100
-#: Class edges of the shared precipitation scale (mm per 6 h); below 0.1 mm counts as dry.
+#: Class edges of the shared precipitation scale (mm per 6 h); below 0.1 mm counts as dry. Another
+#: precipitation-like target's are these times its first threshold over tp's (`_scale_levels`).
 PRECIP_LEVELS = (0.0, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
+_TP = TARGETS[DEFAULT]
 MAP_COLUMNS = ("observed", "forecast", "persistence")
 MISSING_COLOUR = "0.88"  # NaN points on maps
 COAST_COLOUR = "0.2"
@@ -170,12 +174,32 @@ def _lat_label(y: float, _pos: int | None = None) -> str:
     return f"{abs(y):g}°{'N' if y > 0 else 'S'}"
 
 
-def _precip_scale() -> tuple[Colormap, BoundaryNorm]:
-    """The sequential class scale shared by observed, forecast and persistence maps."""
+def _units(target: Target) -> str:
+    """The units a figure labels: tp's 'mm per 6 h', else the target's own."""
+    return "mm per 6 h" if target.name == DEFAULT else target.units
+
+
+def _scale_levels(target: Target, fields: Sequence[np.ndarray]) -> tuple[float, ...]:
+    """Class edges of the map scale: tp's classes (`PRECIP_LEVELS`) scaled to a precipitation-
+    like target's thresholds (pr's in mm h-1 are a fifth of tp's), or seven equal classes
+    over the observed range of a continuous one (swvl1)."""
+    if target.thresholds:
+        factor = target.thresholds[0] / _TP.thresholds[0]
+        return tuple(round(v * factor, 6) for v in PRECIP_LEVELS)
+    values = np.concatenate([np.ravel(f) for f in fields])
+    values = values[np.isfinite(values)]
+    low, high = np.percentile(values, [1, 99]) if values.size else (0.0, 1.0)
+    high = high if high > low else low + 1.0
+    return tuple(float(v) for v in np.linspace(low, high, len(PRECIP_LEVELS)))
+
+
+def _precip_scale(levels: Sequence[float] = PRECIP_LEVELS) -> tuple[Colormap, BoundaryNorm]:
+    """The sequential class scale shared by observed, forecast and persistence maps: white
+    below the first class (dry), the darkest blue above the last."""
     base = matplotlib.colormaps["YlGnBu"]
-    colours = ["white", *base(np.linspace(0.2, 0.85, len(PRECIP_LEVELS) - 2))]
+    colours = ["white", *base(np.linspace(0.2, 0.85, len(levels) - 2))]
     cmap = ListedColormap(colours).with_extremes(over=base(1.0), under="white", bad=MISSING_COLOUR)
-    return cmap, BoundaryNorm(PRECIP_LEVELS, cmap.N)
+    return cmap, BoundaryNorm(levels, cmap.N)
 
 
 def _symmetric_limit(errors: Sequence[np.ndarray]) -> float:
@@ -188,7 +212,12 @@ def _symmetric_limit(errors: Sequence[np.ndarray]) -> float:
 
 
 def case_maps(
-    *, cases: list[dict], lat: np.ndarray, lon: np.ndarray, lsm: np.ndarray | None
+    *,
+    cases: list[dict],
+    lat: np.ndarray,
+    lon: np.ndarray,
+    lsm: np.ndarray | None,
+    target: Target = _TP,
 ) -> Figure:
     """Maps of a few cases: observed, forecast, persistence and the forecast's error.
 
@@ -197,15 +226,17 @@ def case_maps(
     coastline is the 0.5 contour of the land-sea mask.
 
     Args:
-        cases: dicts with "label", "time" (text) and 2-D (lat, lon) fields in mm per 6 h under
-            "observed", "forecast" and "persistence".
+        cases: dicts with "label", "time" (text) and 2-D (lat, lon) fields of `target` (in its
+            units) under "observed", "forecast" and "persistence".
         lat: latitudes in degrees (any order; descending as stored).
         lon: longitudes in degrees, in 0..360 or -180..180; a box across Greenwich is drawn with
             west negative.
         lsm: (lat, lon) land-sea mask (1 land, 0 sea), or None for no coastline.
+        target: what the fields are (`targets.TARGETS`): the scale and the labels.
     """
     if not cases:
         raise ValueError("case_maps needs at least one case")
+    units = _units(target)
     lat = np.asarray(lat, dtype=np.float64)
     lon_plot, order = _plot_longitudes(lon)
     shape = (lat.size, lon_plot.size)
@@ -223,7 +254,8 @@ def case_maps(
     mask = None if lsm is None else grid(lsm, "lsm")
     errors = [row["forecast"] - row["observed"] for row in rows]
     limit = _symmetric_limit(errors)
-    precip_cmap, precip_norm = _precip_scale()
+    levels = _scale_levels(target, [row["observed"] for row in rows])
+    precip_cmap, precip_norm = _precip_scale(levels)
     error_cmap = matplotlib.colormaps["BrBG"].with_extremes(bad=MISSING_COLOUR)
     error_norm = Normalize(-limit, limit)
 
@@ -278,18 +310,18 @@ def case_maps(
         cax=fig.add_axes(rect(left + 0.2 * three, bar_y, 0.6 * three, 0.15)),
         orientation="horizontal",
         extend="max",
-        ticks=PRECIP_LEVELS,
-        format="{x:g}",
-        label=f"precipitation ({UNITS})",
+        ticks=levels,
+        format="{x:.3g}",
+        label=f"{target.name} ({units})",
     )
     fig.colorbar(
         error_mesh,
         cax=fig.add_axes(rect(left + 3 * (panel_w + gap) + 0.1, bar_y, panel_w - 0.2, 0.15)),
         orientation="horizontal",
         extend="both",
-        label=f"forecast − observed\n({UNITS})",
+        label=f"forecast − observed\n({units})",
     )
-    fig.suptitle(f"6-hour total precipitation ({UNITS})", y=1.0 - 0.2 / height, va="center")
+    fig.suptitle(f"{target.what} ({units})", y=1.0 - 0.2 / height, va="center")
     return fig
 
 
@@ -456,7 +488,8 @@ def _finite_pairs(forecast: np.ndarray, observed: np.ndarray) -> tuple[np.ndarra
 def reliability(
     forecast: np.ndarray | Mapping[str, np.ndarray],
     observed: np.ndarray,
-    thresholds: Sequence[float] = (0.1, 1.0, 5.0),
+    target: Target = _TP,
+    thresholds: Sequence[float] | None = None,
 ) -> Figure:
     """Reliability of rain occurrence by threshold, for one or several deterministic forecasts.
 
@@ -468,12 +501,14 @@ def reliability(
 
     Args:
         forecast: one forecast array, or a dict name -> array (model, persistence, climatology).
-        observed: observed amounts in mm per 6 h, the same shape as each forecast.
-        thresholds: event thresholds in mm per 6 h.
+        observed: observed amounts of `target`, the same shape as each forecast.
+        target: what is forecast (`targets.TARGETS`): its units and thresholds.
+        thresholds: event thresholds in the target's units (None: `target.thresholds`).
     """
     forecasts = dict(forecast) if isinstance(forecast, Mapping) else {"model": forecast}
     observed = np.asarray(observed, dtype=np.float64)
-    thresholds = tuple(float(t) for t in thresholds)
+    thresholds = tuple(float(t) for t in (target.thresholds if thresholds is None else thresholds))
+    units = _units(target)
     if not forecasts or not thresholds:
         raise ValueError("reliability needs at least one forecast and one threshold")
     pairs = {}
@@ -507,9 +542,9 @@ def reliability(
         ax.set(
             xscale="log",
             ylim=(-0.03, 1.03),
-            xlabel=f"forecast ({UNITS})",
-            ylabel=f"observed frequency of ≥ {threshold:g} mm",
-            title=f"tp ≥ {threshold:g} mm",
+            xlabel=f"forecast ({units})",
+            ylabel=f"observed frequency of ≥ {threshold:g} {target.units}",
+            title=f"{target.name} ≥ {threshold:g} {target.units}",
         )
         ax.grid(alpha=0.3)
         counts_ax.set_yscale("log")
@@ -520,13 +555,16 @@ def reliability(
         ax.set_zorder(counts_ax.get_zorder() + 1)  # lines above the faint counts
         ax.patch.set_visible(False)
 
-    _frequency_bias_panel(axes[-1], pairs, thresholds)
-    fig.suptitle("Reliability of rain occurrence by threshold")
+    _frequency_bias_panel(axes[-1], pairs, thresholds, target.units)
+    fig.suptitle(f"Reliability of {target.name} events by threshold")
     return fig
 
 
 def _frequency_bias_panel(
-    ax: Axes, pairs: Mapping[str, tuple[np.ndarray, np.ndarray]], thresholds: Sequence[float]
+    ax: Axes,
+    pairs: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    thresholds: Sequence[float],
+    units: str,
 ) -> None:
     """Forecast against observed frequency of occurrence, one point per threshold."""
     shown: list[float] = []
@@ -542,7 +580,7 @@ def _frequency_bias_panel(
             for t, x, y in zip(thresholds, obs_freq, fc_freq):
                 if x > 0 and y > 0:
                     ax.annotate(
-                        f"≥ {t:g} mm",
+                        f"≥ {t:g} {units}",
                         (x, y),
                         xytext=(5, -10),
                         textcoords="offset points",
@@ -571,8 +609,9 @@ def point_series(
     *,
     title: str,
     observed_key: str = "observed",
+    target: Target = _TP,
 ) -> Figure:
-    """Time series of 6-hour totals at one grid point.
+    """Time series of a target's 6-hour values (tp: totals) at one grid point.
 
     The observed series is drawn as grey stems (one per 6-hour total, visible at any time scale);
     the others (model, persistence, ...) as lines with a point at each end time, broken wherever
@@ -580,9 +619,10 @@ def point_series(
 
     Args:
         times: end times of the 6-hour periods (datetime64, datetimes or ISO strings) or steps.
-        series: name -> 1-D array of mm per 6 h, one value per time.
+        series: name -> 1-D array of the target (its units), one value per time.
         title: the panel title (say where the point is).
         observed_key: which entry of `series` is the observation.
+        target: what the series are (`targets.TARGETS`): the axis label.
     """
     t = np.asarray(times)
     if t.dtype.kind in "OUS":
@@ -609,7 +649,7 @@ def point_series(
     if t.dtype.kind == "M":
         ax.xaxis.set_major_formatter(ConciseDateFormatter(ax.xaxis.get_major_locator()))
     ax.set_ylim(bottom=0)
-    ax.set(ylabel=f"tp ({UNITS})", title=title)
+    ax.set(ylabel=f"{target.name} ({_units(target)})", title=title)
     ax.grid(alpha=0.3)
     if series:
         ax.legend(loc="upper right", fontsize=8)

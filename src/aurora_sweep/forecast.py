@@ -5,8 +5,11 @@
 For every time of the store in the date range that has the two input times Aurora needs (the
 time and the one 6 hours before), the fine-tuned model forecasts `--lead` ahead: one step for 6h,
 Aurora's rollout (each forecast fed back as the next input) for 12h, 24h or any multiple of 6 h.
-tp is accumulated over the lead: the file's `tp` is the total in mm over the `lead_time` hours
-ending at `valid_time`. The variables Aurora already predicts are written at `valid_time`.
+The study's target (`targets.TARGETS`) is written under its name and units, over the lead as its
+kind says: tp's (or runoff's, snowfall's) total over the `lead_time` hours ending at `valid_time`
+(`cell_methods` "lead_time: sum"), pr's mean rate over them ("lead_time: mean"), rain_rate's or
+swvl1's value at `valid_time` ("lead_time: point"). The variables Aurora already predicts are
+written at `valid_time`.
 """
 
 from __future__ import annotations
@@ -23,13 +26,12 @@ import xarray as xr
 
 from aurora_sweep.config import Period, load_config
 from aurora_sweep.errors import AuroraSweepError
-from aurora_sweep.store import ATMOS_VARS, SURF_VARS, TARGET_VAR
+from aurora_sweep.store import ATMOS_VARS, SURF_VARS
 
 STEP_HOURS = 6
-#: Store name -> (NetCDF name as ERA5's files have it, CF standard name, units, long name).
+#: Store name -> (NetCDF name as ERA5's files have it, CF standard name, units, long name); the
+#: target's come from `targets.Target.lead_attrs`.
 CF_VARS = {
-    "tp": ("tp", "lwe_thickness_of_precipitation_amount", "mm",
-           "total precipitation over the lead time, ending at valid_time"),
     "2t": ("t2m", "air_temperature", "K", "2 metre temperature"),
     "10u": ("u10", "eastward_wind", "m s-1", "10 metre U wind component"),
     "10v": ("v10", "northward_wind", "m s-1", "10 metre V wind component"),
@@ -92,13 +94,14 @@ def forecast_file(
     samples = for_base(samples, meta["trial"]["base"], config)
     device = default_device()
     model = load_finetuned(adapter, checkpoint=checkpoint, device=str(device))
-    tp, state = _roll_out(unwrap(model), samples, steps, batch_size, device)
+    values, state = _roll_out(unwrap(model), samples, steps, batch_size, device)
     n = len(samples)
     init = samples.times[samples.index]
     ds = to_dataset(
-        tp=tp, state=state, init=init, steps=steps, samples=samples,
+        values=values, state=state, init=init, steps=steps, samples=samples,
         attrs={
-            "title": f"{TARGET_VAR} forecasts of a fine-tuned Aurora ({meta['trial']['method']})",
+            "title": f"{samples.variable.name} forecasts of a fine-tuned Aurora "
+            f"({meta['trial']['method']})",
             "source": f"Aurora ({meta['base']['name']} base) fine-tuned by aurora-sweep in "
             f"study {config.name}",
             "adapter": str(adapter.resolve()),
@@ -118,24 +121,27 @@ def forecast_file(
 
 
 def _roll_out(aurora, samples, steps: int, batch_size: int, device):
-    """Each sample's tp summed over the `steps` model steps, and the state at the last one."""
+    """Each sample's target over the `steps` model steps (`targets.Target.accumulate`), and the
+    state at the last one."""
     from aurora import rollout
 
-    n = len(samples)
-    tp = np.zeros((n, *samples.grid), dtype=np.float32)
+    n, target = len(samples), samples.variable
+    values = np.zeros((n, *samples.grid), dtype=np.float32)
     state = {k: np.zeros((n, *samples.grid), np.float32) for k in SURF_VARS}
     state |= {k: np.zeros((n, len(samples.levels), *samples.grid), np.float32) for k in ATMOS_VARS}
     with torch.no_grad():
         for lo in range(0, n, batch_size):
             idx = np.arange(lo, min(n, lo + batch_size))
             batch = samples.inputs(idx)
-            for pred in rollout(aurora, batch.to(device), steps=steps):
-                tp[idx] += pred.surf_vars[TARGET_VAR][:, 0].float().cpu().numpy()
+            total = None
+            for step, pred in enumerate(rollout(aurora, batch.to(device), steps=steps), start=1):
+                total = target.accumulate(total, pred.surf_vars[target.name][:, 0].float(), step)
+            values[idx] = total.cpu().numpy()
             for k in SURF_VARS:
                 state[k][idx] = pred.surf_vars[k][:, 0].float().cpu().numpy()
             for k in ATMOS_VARS:
                 state[k][idx] = pred.atmos_vars[k][:, 0].float().cpu().numpy()
-    return tp, state
+    return values, state
 
 
 def load_cube(cube: xr.Dataset, first: dt.date, last: dt.date) -> xr.Dataset:
@@ -148,7 +154,7 @@ def load_cube(cube: xr.Dataset, first: dt.date, last: dt.date) -> xr.Dataset:
 
 def to_dataset(
     *,
-    tp: np.ndarray,
+    values: np.ndarray,
     state: dict[str, np.ndarray],
     init: pd.DatetimeIndex,
     steps: int,
@@ -176,16 +182,17 @@ def to_dataset(
                                          "long_name": "longitude"}),
     }  # fmt: skip
 
-    def cf(name: str, values: np.ndarray, dims: tuple[str, ...]) -> tuple[str, xr.DataArray]:
+    def cf(name: str, field: np.ndarray, dims: tuple[str, ...]) -> tuple[str, xr.DataArray]:
         short, standard, units, long = CF_VARS[name]
-        extra = {"cell_methods": "lead_time: sum"} if name == TARGET_VAR else {}
         return short, xr.DataArray(
-            values[:, None], dims=("time", "lead_time", *dims),
-            attrs={"standard_name": standard, "units": units, "long_name": long, **extra},
+            field[:, None], dims=("time", "lead_time", *dims),
+            attrs={"standard_name": standard, "units": units, "long_name": long},
         )  # fmt: skip
 
     grid = ("latitude", "longitude")
-    variables = dict([cf(TARGET_VAR, tp, grid)])
+    target = samples.variable
+    dims = ("time", "lead_time", *grid)
+    variables = {target.name: xr.DataArray(values[:, None], dims=dims, attrs=target.lead_attrs())}
     variables |= dict(cf(k, state[k], grid) for k in SURF_VARS)
     variables |= dict(cf(k, state[k], ("pressure_level", *grid)) for k in ATMOS_VARS)
     # xarray writes each variable's `coordinates` attribute (valid_time) itself

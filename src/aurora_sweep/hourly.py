@@ -2,11 +2,12 @@
 
 Aurora 1.5 (`aurora.AuroraV1p5`) already predicts precipitation: `scaled_tp_1h`, the metres of
 water over the hour before its valid time, one of its seven output-only surface variables, at
-any lead time in hours. A study's target is the total over a 6-hour step (`store.TARGET_VAR`, mm),
-so a trial on Aurora 1.5 adapts that head instead of adding a new variable: `SixHourAurora15`
+any lead time in hours. A study's target is tp, the total over a 6-hour step (mm), or pr, the mean
+rate over it (mm h-1, `targets.TARGETS`), so a trial on Aurora 1.5 adapts that head instead of adding a new variable: `SixHourAurora15`
 runs the hours 1..6 of a step from the same state in one pass (stacked along the batch, as
 `aurora.rollout(..., fine_lead_times=[1, ..., 6])` runs them one by one) and returns a
-prediction shaped like every other base's: `tp`, the sum of the six hours in mm, beside the
+prediction shaped like every other base's: the target (the six hours' sum in mm, or their mean
+in mm h-1) under its name, beside the
 state at +6 h under the store's names. The loss, rollouts, scores, forecasts and the memory trace
 then treat it as they treat any base; a step's activations are those of six forward passes,
 which the traced estimate sees because it runs this forward.
@@ -15,10 +16,10 @@ It reads a store's batch (`dataset.Samples.for_v15`): the surface variables unde
 names with Aurora 1.5's extra inputs, its 36 static fields cut at the region, and optionally the
 static field `TRUE_LON`, the true longitudes of a box Aurora sees shifted east (one crossing 0°).
 It adds what the store does not hold, the prescribed insolation at the two input times (at the
-true longitudes), and leaves tp out of the inputs: precipitation is output-only in Aurora 1.5,
+true longitudes), and leaves the target out of the inputs: precipitation is output-only in Aurora 1.5,
 as it was pretrained.
 
-A leaf beside `model`: it imports the `aurora` package and the store's names only.
+A leaf beside `model`: it imports the `aurora` package, the store's names and the targets only.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ import numpy as np
 import torch
 from aurora import AuroraV1p5, Batch
 
-from aurora_sweep.store import AURORA_V15_NAMES, TARGET_VAR
+from aurora_sweep.store import AURORA_V15_NAMES
+from aurora_sweep.targets import TARGETS
 
 #: Aurora 1.5's hourly precipitation (m over the hour before the valid time).
 HOURLY_TP = "scaled_tp_1h"
@@ -87,19 +89,24 @@ def insolation_at(times, lat: torch.Tensor, lon: torch.Tensor) -> torch.Tensor:
 
 
 class SixHourAurora15(AuroraV1p5):
-    """Aurora 1.5 whose forward pass is one 6-hour step of a study: tp (mm over the step, the
-    sum of its hourly `scaled_tp_1h`) and the state at +6 h, from a store-named batch.
+    """Aurora 1.5 whose forward pass is one 6-hour step of a study: its `target_name` (tp, mm
+    over the step: the sum of its hourly `scaled_tp_1h`; pr, mm h-1: their mean) and the state
+    at +6 h, from a store-named batch.
 
     With `clamp_at_first_step` (forecasts, `model.clamped`, and the zero-shot baseline,
     `aurora15.zero_shot_totals`) each hour is clamped at 0 before the sum; in training the loss
     sees the raw hours (each at least -1 mm, the log transform's floor).
     """
 
-    #: the output a trial trains (`model.target_var`)
-    target = HOURLY_TP
+    #: the output whose head a trial trains (`model.target_var`)
+    head = HOURLY_TP
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, *, target: str, **kwargs) -> None:
         super().__init__(**kwargs)
+        if not TARGETS[target].from_hourly_precipitation:
+            raise ValueError(f"Aurora 1.5's hourly precipitation does not make {target}")
+        #: the study's target: the hours' total or mean rate over the step, in its units
+        self.target_name = target
         # fed back in a rollout under the store's names: clip them as Aurora 1.5's
         for name, store in STORE_NAMES.items():
             if name in self.rollout_input_clipping:
@@ -117,19 +124,20 @@ class SixHourAurora15(AuroraV1p5):
         if self.clamp_at_first_step or pred.metadata.rollout_step > 1:  # as Aurora clamps tp
             hourly = hourly.clamp(min=0)
         total = hourly.reshape(STEP_HOURS, b, *hourly.shape[1:]).sum(dim=0) * MM_PER_M
+        total = TARGETS[self.target_name].per_lead(total, STEP_HOURS)
         last = _rows(pred, (STEP_HOURS - 1) * b, STEP_HOURS * b)
         dropped = (*self.output_only_surf_vars, "insolation")
         surf = {STORE_NAMES.get(k, k): v for k, v in last.surf_vars.items() if k not in dropped}
-        surf[TARGET_VAR] = total[:, None]
+        surf[self.target_name] = total[:, None]
         return dataclasses.replace(last, surf_vars=surf, static_vars=batch.static_vars)
 
     def _inputs(self, batch: Batch) -> Batch:
         """The batch Aurora 1.5 reads: its names, no NaN (sea ice over land, as its example
-        sets it), no tp, the insolation at both input times, its static fields only."""
+        sets it), not the target, the insolation at both input times, its static fields only."""
         surf = {
             AURORA_V15_NAMES.get(k, k): torch.nan_to_num(v, nan=0.0)
             for k, v in batch.surf_vars.items()
-            if k != TARGET_VAR
+            if k != self.target_name
         }
         static = dict(batch.static_vars)
         true_lon = static.pop(TRUE_LON, None)

@@ -1,7 +1,7 @@
 """The training loss: Aurora's own, over every variable it forecasts, plus the new one.
 
-A fine-tune for tp whose loss is tp alone lets the backbone drift away from everything else
-Aurora predicts, and a forecast rolled out to 24 h feeds that broken state back into the model.
+A fine-tune for a target (tp, runoff, ...) whose loss is the target alone lets the backbone drift
+away from everything else Aurora predicts, and a forecast rolled out to 24 h feeds that broken state back into the model.
 So trials train on Aurora's loss (Bodnar et al., Nature 2025, supplementary): the mean absolute
 error of normalised variables, latitude-weighted, surface variables weighted by α = 1/4 and
 atmospheric ones by β = 1 (their levels averaged), each variable with Aurora's weight. The new
@@ -15,7 +15,7 @@ in its normalised units: a log-transformed variable (`scaled_sd`, the store's `s
 space, as Aurora 1.5 normalises it.
 
 In symbols, with w(i) = cos(lat_i) / mean(cos lat) and errors in each variable's normalised
-units (Aurora's scales; tp's from the train split):
+units (Aurora's scales; the target's from the train split):
 
     L = 1/(V_S + V_A) * [ α Σ_k w_k mean_ij w(i)|ΔS_k| + β Σ_k w_k mean_cij w(i)|ΔA_k| ]
 
@@ -32,7 +32,8 @@ import numpy as np
 import torch
 from aurora.normalisation import level_to_str, log_transform, scales
 
-from aurora_sweep.store import ATMOS_VARS, AURORA_V15_NAMES, SURF_VARS, TARGET_VAR
+from aurora_sweep.store import ATMOS_VARS, AURORA_V15_NAMES, SURF_VARS
+from aurora_sweep.targets import DEFAULT, STEP_HOURS, TARGETS, Target
 
 #: Aurora's per-variable weights (surface, then atmospheric).
 SURFACE_WEIGHTS = {"2t": 3.0, "msl": 1.5, "10u": 0.77, "10v": 0.66}
@@ -40,8 +41,9 @@ SURFACE_WEIGHTS = {"2t": 3.0, "msl": 1.5, "10u": 0.77, "10v": 0.66}
 OTHER_SURFACE_WEIGHT = 1.0
 ATMOS_WEIGHTS = {"z": 2.8, "q": 0.78, "t": 1.7, "u": 0.87, "v": 0.6}
 ALPHA, BETA = 0.25, 1.0
-#: Observed tp at most this (mm) is dry: a censored value (`censored_error`). ERA5's dry points
-#: hold zeros and packing noise of a few thousandths of a mm; SEEPS's dry class ends at 0.1 mm.
+#: An observed precipitation-like target at most this (mm over a step, or its rate) is dry: a
+#: censored value (`censored_error`). ERA5's dry points hold zeros and packing noise of a few
+#: thousandths of a mm; SEEPS's dry class ends at 0.1 mm.
 DRY_CENSOR_MM = 0.01
 
 
@@ -51,12 +53,20 @@ class LossSpec:
 
     levels: tuple[int, ...]
     lat: np.ndarray  # latitudes of the grid trained on, degrees
-    tp_scale: float  # tp's normalisation scale, mm per 6 h
+    target_scale: float  # the target's normalisation scale, in its units
     target_weight: float = 1.0
-    tp_loss: str = "mae"
+    target_loss: str = "mae"
     #: the instantaneous surface variables the model predicts (store names): Aurora's four, or
     #: with Aurora 1.5's fourteen more inputs (`dataset.Samples.surface`)
     surface: tuple[str, ...] = SURF_VARS
+    target: Target = TARGETS[DEFAULT]
+
+    @property
+    def dry(self) -> float | None:
+        """At most this, an observed target is censored (`censored_error`); None: never (a
+        continuous target)."""
+        return self.target.per_lead(DRY_CENSOR_MM, STEP_HOURS) if self.target.lower == 0 and (
+            self.target.precipitation_like) else None  # fmt: skip
 
     def latitude_weights(self, device, dtype=torch.float32) -> torch.Tensor:
         """cos(latitude) over its mean, shaped (lat, 1) to broadcast over longitudes."""
@@ -71,7 +81,7 @@ class LossSpec:
     @property
     def variables(self) -> tuple[str, ...]:
         """The variables the loss covers, in the order `loss_terms` returns them."""
-        return (*self.surface, TARGET_VAR, *ATMOS_VARS)
+        return (*self.surface, self.target.name, *ATMOS_VARS)
 
 
 def loss_terms(
@@ -82,20 +92,20 @@ def loss_terms(
     Args:
         spec: the trial's loss settings.
         prediction: the model's output (`aurora.Batch`, one time step).
-        target: the truth at the target time: surface variables and tp (B, lat, lon),
+        target: the truth at the target time: surface variables and the target (B, lat, lon),
             atmospheric ones (B, level, lat, lon), in physical units as the store holds them.
     """
-    device = prediction.surf_vars[TARGET_VAR].device
+    name = spec.target.name
+    device = prediction.surf_vars[name].device
     w = spec.latitude_weights(device)
     terms = {}
-    for name in spec.surface:
-        err = surface_error(name, prediction.surf_vars[name][:, 0].float(), target[name].to(device))
-        terms[name] = (err.abs() * w).mean()
-    err = censored_error(
-        prediction.surf_vars[TARGET_VAR][:, 0].float(), target[TARGET_VAR].to(device)
-    )
-    err = err / spec.tp_scale
-    terms[TARGET_VAR] = ((err**2 if spec.tp_loss == "mse" else err.abs()) * w).mean()
+    for k in spec.surface:
+        err = surface_error(k, prediction.surf_vars[k][:, 0].float(), target[k].to(device))
+        terms[k] = (err.abs() * w).mean()
+    raw, observed = prediction.surf_vars[name][:, 0].float(), target[name].to(device)
+    err = censored_error(raw, observed, spec.dry) if spec.dry is not None else raw - observed
+    err = err / spec.target_scale
+    terms[name] = ((err**2 if spec.target_loss == "mse" else err.abs()) * w).mean()
     for name in ATMOS_VARS:
         err = (prediction.atmos_vars[name][:, 0].float() - target[name].to(device)) / (
             spec.atmos_scales(name, device)
@@ -113,25 +123,28 @@ def surface_error(name: str, forecast: torch.Tensor, truth: torch.Tensor) -> tor
     return (forecast - truth) / scales[aurora_name]
 
 
-def censored_error(raw: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
-    """The error of a raw (unclamped) tp forecast, with dry observations taken as censored.
+def censored_error(
+    raw: torch.Tensor, observed: torch.Tensor, dry: float = DRY_CENSOR_MM
+) -> torch.Tensor:
+    """The error of a raw (unclamped) forecast of a precipitation-like target (tp, runoff, a
+    rate), with dry observations taken as censored.
 
     tp is a censored quantity: an observed 0 says "no more than 0", which a raw output of -2
     meets as well as 0 does (the forecast, clamped at 0, is dry either way). So where the
-    observation is dry (at most `DRY_CENSOR_MM`) only a raw output above it is an error; where it
+    observation is dry (at most `dry`, `LossSpec.dry`) only a raw output above it is an error; where it
     is wet the raw output's whole shortfall is, even below 0. Unlike a loss on the clamped output
     (Aurora's `clamp_at_first_step` in training), no wet point is ever left without a gradient;
     unlike a plain loss on the raw output, the model is free to forecast "clearly dry" below 0,
     which is what lets a clamped forecast be exactly dry.
     """
     err = raw - observed
-    return torch.where(observed > DRY_CENSOR_MM, err, err.clamp(min=0))
+    return torch.where(observed > dry, err, err.clamp(min=0))
 
 
 def combine(spec: LossSpec, terms: Mapping[str, torch.Tensor | float]):
     """Aurora's weighted sum of the per-variable terms."""
     surface = sum(SURFACE_WEIGHTS.get(k, OTHER_SURFACE_WEIGHT) * terms[k] for k in spec.surface)
-    surface = surface + spec.target_weight * terms[TARGET_VAR]
+    surface = surface + spec.target_weight * terms[spec.target.name]
     atmos = sum(ATMOS_WEIGHTS[k] * terms[k] for k in ATMOS_VARS)
     n_vars = len(spec.surface) + 1 + len(ATMOS_VARS)
     return (ALPHA * surface + BETA * atmos) / n_vars

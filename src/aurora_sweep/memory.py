@@ -57,10 +57,11 @@ from aurora_sweep.meta import (
     build_meta_model,
 )
 from aurora_sweep.recipe import AURORA_CHECKPOINTING, AUTO_CHECKPOINTING, TrialConfig
+from aurora_sweep.targets import DEFAULT
 
 FP32 = 4
 # the variables of a trial's batch, under Aurora's names
-SURF_VARS = (*store.SURF_VARS, store.TARGET_VAR)
+SURF_VARS = (*store.SURF_VARS, DEFAULT)  # Aurora's four and the target (any: one variable)
 STATIC_VARS = tuple(store.AURORA_STATIC.values())
 ATMOS_VARS = store.ATMOS_VARS
 

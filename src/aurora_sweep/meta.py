@@ -102,20 +102,21 @@ def build_meta_model(trial: TrialConfig) -> Aurora:
     except (RuntimeError, NotImplementedError, ValueError):
         # a module that cannot be built on meta (DoRA reads its weights' norms): build it for
         # real (slower, same counts)
-        model = build_base(trial.base, tp_stats=(0.0, 1.0), arch=trial.arch)
+        model = build_base(trial.base, stats=(0.0, 1.0), arch=trial.arch)
         apply_method(model, **method)
     return model
 
 
 @functools.lru_cache(maxsize=8)
 def meta_base(base: str, arch: tuple = ()) -> Aurora:
-    """The base model with tp on the meta device, built once: its weight initialisation runs
+    """The base model with a target (the default's: its name changes no size) on the meta
+    device, built once: its weight initialisation runs
     through torch's meta decompositions and took 0.6 s of each trial's estimate; a copy takes
     a few milliseconds."""
     from aurora_sweep.model import build_base
 
     with meta_device():
-        return build_base(base, tp_stats=(0.0, 1.0), arch=arch)
+        return build_base(base, stats=(0.0, 1.0), arch=arch)
 
 
 def count_params(model: torch.nn.Module) -> ParamCounts:

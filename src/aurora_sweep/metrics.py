@@ -1,10 +1,17 @@
-"""Precipitation verification: the tp scores every trial and every evaluation reports.
+"""Verification: the scores of the target every trial and every evaluation reports.
 
 Why this module exists: a sweep ranks trials by one number and a report compares recipes, so the
 numbers must mean what they mean elsewhere in the field. Every score comes from `scores` (the
 Bureau of Meteorology's verification package, on xarray data); this module only chooses the
 scores' settings, feeds them samples in chunks (bounded memory), combines per-sample statistics
-(for pooling and for the bootstrap) and names the results. All values are mm per 6 h.
+(for pooling and for the bootstrap) and names the results `<target>_<score>`
+(`targets.Target.metric`). Values are in the target's units over the lead (below, for tp: mm).
+Which scores a target gets depends on its kind: a precipitation-like one (tp, pr, rain_rate,
+ro, sf) all of the below, SEEPS only where it is defined (tp, pr), thresholds in its own units
+(`Target.thresholds`); a continuous one (swvl1) RMSE, MAE, bias and the anomaly correlation
+`acc` against the train climatology (WeatherBench 2's ACC: each sample's latitude-weighted
+uncentred correlation of forecast and observed anomalies, averaged over samples; higher is
+better, NaN for the climatology itself).
 
 Inputs: arrays shaped (n, lat, lon) for n samples, `lat` in degrees, `months` (1..12), `hours`
 (0, 6, 12 or 18 UTC) and `days` (datetime64[D]) of each sample's *target* (valid) time.
@@ -42,7 +49,7 @@ The scores, for a forecast f against observations o (`w` = cos(latitude), from s
   latitude-weighted mean pooled over all samples and points.
 - `tp_csi_{t}`, `tp_ets_{t}`, `tp_fbias_{t}`: critical success index hits/(hits+misses+false
   alarms), equitable threat score (hits corrected for random hits) and frequency bias (forecast
-  events / observed events) for the event "tp >= t mm", t in `CATEGORICAL_THRESHOLDS_MM`. `>=` is
+  events / observed events) for the event "tp >= t mm", t in `Target.thresholds`. `>=` is
   the side of scores' `ThresholdEventOperator` default (`operator.ge`), which we pass explicitly.
   Counts are pooled over samples and points and NOT latitude-weighted: these are the usual
   grid-point contingency counts (scores' `transform` sums events; MET's grid-stat does the same by
@@ -56,7 +63,7 @@ The scores, for a forecast f against observations o (`w` = cos(latitude), from s
   (summed-area tables) over every sample at once: scores runs it sample by sample from Python,
   0.75 s of each demo trial; a test holds the two equal on fields with and without events.
 - `tp_skill_persistence`, `tp_skill_climatology`: 1 - objective/objective of the reference
-  (`skill`), on the chosen objective (`OBJECTIVES`).
+  (`skill`), on the chosen objective (`<target>_seeps` or `<target>_rmse`).
 
 Comparing trials: see `bootstrap`.
 
@@ -85,10 +92,10 @@ from aurora_sweep.bootstrap import (
     objective_from,
     resampled_sums,
 )
+from aurora_sweep.fields import anomaly_correlation, fss
 from aurora_sweep.seeps import N_HOUR_SLOTS, SeepsClimate, hour_slots, seeps_terms
+from aurora_sweep.targets import DEFAULT, TARGETS, Target
 
-CATEGORICAL_THRESHOLDS_MM = (0.1, 1.0, 5.0)
-FSS_THRESHOLDS_MM = (1.0, 5.0)
 FSS_WINDOWS = (5, 11)  # square windows, in grid points
 
 DIMS = ("sample", "latitude", "longitude")
@@ -130,18 +137,18 @@ def objective_value(
     lat: np.ndarray,
     months: np.ndarray,
     hours: np.ndarray,
-    seeps: SeepsClimate,
+    seeps: SeepsClimate | None,
 ) -> float:
-    """The objective alone, for one forecast: the same number `tp_scores` reports for it.
+    """The objective alone, for one forecast: the same number `scores` reports for it.
 
     Args:
-        objective: one of `OBJECTIVES`.
-        forecast: the model's forecast, mm per 6 h, (n, lat, lon).
+        objective: `<target>_<score>` (`bootstrap.check_objective`).
+        forecast: the model's forecast, in the target's units, (n, lat, lon).
         observed: the observed totals, (n, lat, lon).
         lat: latitudes in degrees, (lat,).
         months: calendar month (1..12) of each sample's target time, (n,).
         hours: valid hour (0, 6, 12 or 18 UTC) of each sample's target time, (n,).
-        seeps: the train split's SEEPS climate (used for `tp_seeps`).
+        seeps: the train split's SEEPS climate (used for `<target>_seeps`).
     """
     num, den = objective_terms(
         objective,
@@ -164,24 +171,18 @@ def objective_terms(
     lat: np.ndarray,
     months: np.ndarray,
     hours: np.ndarray,
-    seeps: SeepsClimate,
+    seeps: SeepsClimate | None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each sample's (numerator, denominator) of the objective, for pairing trials later.
 
     Summed over the samples whose observation is complete and passed to the objective's formula
-    (sqrt(num/den) for tp_rmse, num/den for tp_seeps) they give `objective_value`; over a bootstrap
+    (sqrt(num/den) for an RMSE, num/den for SEEPS) they give `objective_value`; over a bootstrap
     resample, the objective of that resample (`paired_difference`). Samples whose observation holds
     a NaN get NaN terms, so that every trial drops the same samples; a forecast holding a NaN or
     inf on any other sample has failed and gets NaN terms throughout.
 
     Args:
-        objective: one of `OBJECTIVES`.
-        forecast: the model's forecast, mm per 6 h, (n, lat, lon).
-        observed: the observed totals, (n, lat, lon).
-        lat: latitudes in degrees, (lat,).
-        months: calendar month (1..12) of each sample's target time, (n,).
-        hours: valid hour (0, 6, 12 or 18 UTC) of each sample's target time, (n,).
-        seeps: the train split's SEEPS climate (used for `tp_seeps`).
+        objective, forecast, observed, lat, months, hours, seeps: as for `objective_value`.
 
     Returns:
         Two float64 arrays of length n, in the order of the samples given.
@@ -198,7 +199,7 @@ def objective_terms(
     return _spread(keep, terms[0]), _spread(keep, terms[1])
 
 
-def tp_scores(
+def scores(
     *,
     forecast: np.ndarray,
     observed: np.ndarray,
@@ -208,8 +209,9 @@ def tp_scores(
     months: np.ndarray,
     hours: np.ndarray,
     days: np.ndarray,
-    seeps: SeepsClimate,
-    objective: str = "tp_rmse",
+    seeps: SeepsClimate | None,
+    objective: str,
+    target: Target = TARGETS[DEFAULT],
     bootstrap: int = 1000,
     block_days: int = 3,
     seed: int = 0,
@@ -217,21 +219,20 @@ def tp_scores(
     references: dict | None = None,
     others: dict[str, np.ndarray] | None = None,
 ) -> dict[str, float]:
-    """The tp scores of the model and of the persistence, climatology and `others` forecasts.
-
-    Keys: every score of the module docstring (`tp_rmse`, ..., `tp_fss_{t}_w{w}`) for the model and
-    with each baseline's suffix (`_persistence`, ...); `tp_skill_<baseline>` on `objective`; when
-    `bootstrap` > 0, the 5 % and 95 % quantiles (`_q05`, `_q95`) of the objective and each skill
-    over a paired block bootstrap of days.
+    """The target's scores of the model and of the persistence, climatology and `others`
+    forecasts: every score of the module docstring the target gets (`tp_rmse`, ...) for the
+    model and with each baseline's suffix (`_persistence`, ...); `<target>_skill_<baseline>` on
+    `objective`; with `bootstrap` > 0, the 5 % and 95 % quantiles (`_q05`, `_q95`) of the
+    objective and each skill over a paired block bootstrap of days.
 
     Args:
-        forecast, persistence, climatology: the model's, persistence's (tp at the last input
-            time) and climatology's forecasts, mm per 6 h, (n, lat, lon).
-        observed, lat, months, hours, seeps: as for `objective_terms`.
+        forecast, persistence, climatology: the model's, persistence's (the target over the
+            lead ending at the last input time) and climatology's forecasts, (n, lat, lon).
+        observed, lat, months, hours, seeps: as for `objective_value` (seeps None: no SEEPS).
         days: each sample's target day, datetime64[D], (n,).
-        objective: the score the skills and the bootstrap use, one of `OBJECTIVES`.
-        bootstrap, block_days, seed: the number of bootstrap resamples (0: none), the
-            consecutive days per block, and the bootstrap's seed.
+        objective, target: the score the skills and the bootstrap use (`<target>_<score>`),
+            and what is scored (`targets.TARGETS`: which scores, at which thresholds).
+        bootstrap, block_days, seed: bootstrap resamples (0: none), days a block, seed.
         terms_out: when a dict, filled with the model's per-sample `"num"` and `"den"` over all n
             samples (as `objective_terms` gives them), for `paired_difference`.
         references: when a dict, the baselines' scores are read from it (keyed by suffix) or kept
@@ -244,17 +245,17 @@ def tp_scores(
     named = {k.removeprefix("_") or "forecast": v for k, v in forecasts.items() if v is not None}
     _check_inputs(observed, lat, months, hours, seeps, days=days, **named)
     keep = _observed_samples(observed)
-    kept = dict(observed=_take(keep, observed), lat=lat, seeps=seeps)
-    kept |= dict(months=np.asarray(months)[keep], hours=np.asarray(hours)[keep])
-    out: dict[str, float] = {}
-    terms: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    kept = dict(observed=_take(keep, observed), lat=lat, seeps=seeps, target=target)
+    kept |= dict(months=np.asarray(months)[keep], hours=np.asarray(hours)[keep],
+                 climatology=None if climatology is None else _take(keep, climatology))  # fmt: skip
+    out, terms = {}, {}  # scores by name; each forecast's objective terms by suffix
     for suffix, values in forecasts.items():
         scores_, terms[suffix] = _scores_of(objective, suffix, values, keep, kept, references)
         out.update({f"{name}{suffix}": v for name, v in scores_.items()})
     if terms_out is not None:
         terms_out["num"], terms_out["den"] = (_spread(keep, t) for t in terms[""])
     for ref in (k.removeprefix("_") for k in forecasts if k):
-        out[f"tp_skill_{ref}"] = skill(out[objective], out[f"{objective}_{ref}"])
+        out[target.metric(f"skill_{ref}")] = skill(out[objective], out[f"{objective}_{ref}"])
     if bootstrap > 0:
         out |= _intervals(objective, terms, np.asarray(days)[keep], bootstrap, block_days, seed)
     return out
@@ -275,9 +276,7 @@ def _scores_of(
         return references[suffix]  # the same baselines, scored before: nothing to cut
     if values is None:
         raise ValueError(f"the baseline {suffix[1:]} has neither a forecast nor scores")
-    k = kept
-    result = _all_scores(objective, _take(keep, values), k["observed"], k["lat"], k["months"],
-                         k["hours"], k["seeps"])  # fmt: skip
+    result = _all_scores(objective, _take(keep, values), kept)
     if suffix and references is not None:
         references[suffix] = result
     return result
@@ -300,68 +299,66 @@ def _intervals(
     out = dict(zip((f"{objective}_q05", f"{objective}_q95"), interval(value[""])))
     for ref in (s.removeprefix("_") for s in terms if s):
         skills = np.array([skill(m, r) for m, r in zip(value[""], value[f"_{ref}"])])
-        out[f"tp_skill_{ref}_q05"], out[f"tp_skill_{ref}_q95"] = interval(skills)
+        name = f"{objective.rsplit('_', 1)[0]}_skill_{ref}"
+        out[f"{name}_q05"], out[f"{name}_q95"] = interval(skills)
     return out
 
 
 def _all_scores(
-    objective: str,
-    forecast: np.ndarray,
-    observed: np.ndarray,
-    lat: np.ndarray,
-    months: np.ndarray,
-    hours: np.ndarray,
-    seeps: SeepsClimate,
+    objective: str, forecast: np.ndarray, kept: dict
 ) -> tuple[dict[str, float], tuple[np.ndarray, np.ndarray]]:
-    """Every score of one forecast, and its objective's per-sample (numerator, denominator)."""
+    """Every score of one forecast of the `kept` samples (`scores`: the observations and the
+    rest cut to them), and its objective's per-sample (numerator, denominator)."""
+    observed, lat, target = kept["observed"], kept["lat"], kept["target"]
+    months, hours, seeps = kept["months"], kept["hours"], kept["seeps"]
     if len(observed) == 0 or not np.isfinite(forecast).all():
         nan = np.full(len(observed), np.nan)
-        return dict.fromkeys(_score_names(), float("nan")), (nan, nan)
-    rmse_terms = _objective_terms("tp_rmse", forecast, observed, lat, months, hours, seeps)
-    seeps_terms = _objective_terms("tp_seeps", forecast, observed, lat, months, hours, seeps)
+        return dict.fromkeys(_score_names(target), float("nan")), (nan, nan)
+    terms = {
+        score: _objective_terms(score, forecast, observed, lat, months, hours, seeps)
+        for score in target.scores
+    }
     n = len(observed)
     ab, err = np.zeros(n), np.zeros(n)
     counts = {
         t: dict.fromkeys(("tp_count", "tn_count", "fp_count", "fn_count"), 0.0)
-        for t in CATEGORICAL_THRESHOLDS_MM
+        for t in target.thresholds
     }
     weights = _weights(lat)
     for sl, fc, ob, _, _ in _chunks(forecast, observed, months, hours, seeps):
         ab[sl] = mae(fc, ob, preserve_dims="sample", weights=weights).values
         err[sl] = additive_bias(fc, ob, preserve_dims="sample", weights=weights).values
-        for t in CATEGORICAL_THRESHOLDS_MM:
+        for t in target.thresholds:
             table = ThresholdEventOperator(default_event_threshold=t, default_op_fn=operator.ge)
             chunk_counts = (
                 table.make_contingency_manager(fc, ob).transform(reduce_dims="all").counts
             )
             for key in counts[t]:
                 counts[t][key] += float(chunk_counts[key])
-    result = {
-        # every kept sample has the same total weight: the mean of per-sample means is pooled
-        "tp_rmse": objective_from("tp_rmse", *(t.sum() for t in rmse_terms)),
-        "tp_mae": float(ab.mean()),
-        "tp_bias": float(err.mean()),
-        "tp_seeps": objective_from("tp_seeps", *(t.sum() for t in seeps_terms)),
-    }
+    # every kept sample has the same total weight: the mean of per-sample means is pooled
+    result = {s: objective_from(s, *(t.sum() for t in pair)) for s, pair in terms.items()}
+    result |= {"mae": float(ab.mean()), "bias": float(err.mean())}
+    if not target.precipitation_like:
+        result["acc"] = anomaly_correlation(forecast, observed, kept["climatology"], lat)
     for t, c in counts.items():
         c = {k: xr.DataArray(v) for k, v in c.items()}
         c["total_count"] = sum(c.values())
         table = BasicContingencyManager(c)
-        result[f"tp_csi_{t:g}"] = float(table.critical_success_index())
-        result[f"tp_ets_{t:g}"] = float(table.equitable_threat_score())
-        result[f"tp_fbias_{t:g}"] = float(table.frequency_bias())
-    for t in FSS_THRESHOLDS_MM:
+        result[f"csi_{t:g}"] = float(table.critical_success_index())
+        result[f"ets_{t:g}"] = float(table.equitable_threat_score())
+        result[f"fbias_{t:g}"] = float(table.frequency_bias())
+    for t in target.fss_thresholds:
         for w in FSS_WINDOWS:
-            result[f"tp_fss_{t:g}_w{w}"] = fss(forecast, observed, t, w)
-    return result, rmse_terms if objective == "tp_rmse" else seeps_terms
+            result[f"fss_{t:g}_w{w}"] = fss(forecast, observed, t, w)
+    return {target.metric(k): v for k, v in result.items()}, terms[objective.rsplit("_", 1)[1]]
 
 
-def _score_names() -> list[str]:
-    names = ["tp_rmse", "tp_mae", "tp_bias", "tp_seeps"]
+def _score_names(target: Target) -> list[str]:
+    names = [*target.scores, "mae", "bias", *(() if target.precipitation_like else ("acc",))]
     for kind in ("csi", "ets", "fbias"):
-        names += [f"tp_{kind}_{t:g}" for t in CATEGORICAL_THRESHOLDS_MM]
-    names += [f"tp_fss_{t:g}_w{w}" for t in FSS_THRESHOLDS_MM for w in FSS_WINDOWS]
-    return names
+        names += [f"{kind}_{t:g}" for t in target.thresholds]
+    names += [f"fss_{t:g}_w{w}" for t in target.fss_thresholds for w in FSS_WINDOWS]
+    return [target.metric(k) for k in names]
 
 
 def _objective_terms(
@@ -371,49 +368,24 @@ def _objective_terms(
     lat: np.ndarray,
     months: np.ndarray,
     hours: np.ndarray,
-    seeps: SeepsClimate,
+    seeps: SeepsClimate | None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-sample (numerator, denominator) of the objective: summed over samples, they give it.
+    """Per-sample (numerator, denominator) of the objective (`<target>_<score>` or the score
+    alone): summed over samples, they give it.
 
-    tp_rmse: each sample's latitude-weighted MSE, and 1 (every kept sample weighs the same).
-    tp_seeps: each sample's latitude-weighted sum of SEEPS over its valid points, and their weight,
+    rmse: each sample's latitude-weighted MSE, and 1 (every kept sample weighs the same).
+    seeps: each sample's latitude-weighted sum of SEEPS over its valid points, and their weight,
     against the climate of its month and hour slot.
     """
     n = len(observed)
     num, den = np.zeros(n), np.ones(n)
     weights = _weights(lat)
     for sl, fc, ob, p_dry, light_heavy in _chunks(forecast, observed, months, hours, seeps):
-        if objective == "tp_rmse":
+        if objective.endswith("rmse"):
             num[sl] = mse(fc, ob, preserve_dims="sample", weights=weights).values
         else:
             num[sl], den[sl] = seeps_terms(fc, ob, p_dry, light_heavy, weights, seeps.dry_threshold)
     return num, den
-
-
-def fss(forecast: np.ndarray, observed: np.ndarray, threshold: float, window: int) -> float:
-    """Fractions skill score of the event "tp >= threshold" in `window` x `window` windows
-    wholly inside the region, pooled over the samples of (sample, lat, lon) fields as
-    `scores.spatial.fss_2d` pools them; NaN when no window fits."""
-    forecast, observed = np.asarray(forecast), np.asarray(observed)
-    if window > min(forecast.shape[1:]):
-        return float("nan")  # no window fits in the region
-    if len(forecast) == 0:
-        return 0.0
-
-    def window_counts(field: np.ndarray) -> np.ndarray:
-        with np.errstate(invalid="ignore"):
-            events = np.greater_equal(field, threshold)  # NaN: no event, as in scores
-        table = np.pad(events.cumsum(1, dtype=np.int32).cumsum(2), ((0, 0), (1, 0), (1, 0)))
-        w = window
-        return table[:, w:, w:] - table[:, w:, :-w] - table[:, :-w, w:] + table[:, :-w, :-w]
-
-    f, o = window_counts(forecast), window_counts(observed)
-    # each sample's mean over its windows, then the mean over samples (scores' aggregation)
-    fcst = (f * f).mean(axis=(1, 2)).mean()
-    obs = (o * o).mean(axis=(1, 2)).mean()
-    diff = ((o - f) ** 2).mean(axis=(1, 2)).mean()
-    denom = obs + fcst
-    return float(min(max(1.0 - diff / denom, 0.0), 1.0)) if denom > 0 else 0.0
 
 
 def _chunks(
@@ -421,17 +393,18 @@ def _chunks(
     observed: np.ndarray,
     months: np.ndarray,
     hours: np.ndarray,
-    seeps: SeepsClimate,
+    seeps: SeepsClimate | None,
 ) -> Iterator[tuple[slice, xr.DataArray, xr.DataArray, xr.DataArray, xr.DataArray]]:
-    """Chunks of consecutive samples as DataArrays, with each one's (month, hour) SEEPS climate."""
+    """Chunks of consecutive samples as DataArrays, with each one's (month, hour) SEEPS climate
+    (None without one)."""
     month_index = np.asarray(months, dtype=int) - 1
     slot = hour_slots(hours)
     step = max(1, CHUNK_POINTS // (observed.shape[1] * observed.shape[2]))
     for start in range(0, len(observed), step):
         sl = slice(start, start + step)
         clim = [
-            xr.DataArray(c[month_index[sl], slot[sl]], dims=DIMS)
-            for c in (seeps.p_dry, seeps.light_heavy)
+            xr.DataArray(c[month_index[sl], slot[sl]], dims=DIMS) if seeps else None
+            for c in ((seeps.p_dry, seeps.light_heavy) if seeps else (None, None))
         ]
         yield sl, _field(forecast[sl]), _field(observed[sl]), *clim
 
@@ -458,7 +431,7 @@ def _check_inputs(
     lat: np.ndarray,
     months: np.ndarray,
     hours: np.ndarray,
-    seeps: SeepsClimate,
+    seeps: SeepsClimate | None,
     days: np.ndarray | None = None,
     **forecasts: np.ndarray,
 ) -> None:
@@ -475,7 +448,8 @@ def _check_inputs(
             raise ValueError(
                 f"{name} must have one entry per sample ({shape[0]}); got {np.shape(values)}"
             )
-    for name, clim in {"p_dry": seeps.p_dry, "light_heavy": seeps.light_heavy}.items():
+    climate = {"p_dry": seeps.p_dry, "light_heavy": seeps.light_heavy} if seeps else {}
+    for name, clim in climate.items():
         if np.shape(clim) != (12, N_HOUR_SLOTS, *shape[1:]):
             raise ValueError(
                 f"the SEEPS climate's {name} is shaped {np.shape(clim)}, not (12 months, "

@@ -1,8 +1,9 @@
-"""Build the model a trial trains: base Aurora + tp + peft LoRA + freezing + precision.
+"""Build the model a trial trains: base Aurora + the target + peft LoRA + freezing + precision.
 
 One function per step, in the order a trial applies them:
 
-1. `build_base` constructs the architecture with `tp` as an extra surface variable and its
+1. `build_base` constructs the architecture with the study's target (`targets.TARGETS`: tp,
+   runoff, soil moisture, ...) as an extra surface variable under its name and its
    normalisation passed through `surf_stats` (never by editing Aurora's module globals);
 2. `load_base_checkpoint` loads the pretrained weights with `strict=False`, accepting only the
    missing keys that the new variable explains;
@@ -13,14 +14,15 @@ One function per step, in the order a trial applies them:
 6. `set_longitude_wrap` keeps a regional box's east and west edges apart in the shifted windows
    (Aurora's default joins them, which only a global grid wants).
 
-A trained model's tp is not clamped at 0 on its first step (the loss must see the raw output:
+A trained model's target is not clamped at 0 on its first step (the loss must see the raw output:
 a wet point whose raw forecast is negative would get no gradient); `clamped` switches Aurora's
 clamp on for scoring and forecasts, and `load_finetuned` returns an adapter with it on.
 
 The bases (`bases.BASES`: the demo, AuroraSmallPretrained, AuroraPretrained) differ only in
 their class, constructor arguments and where the checkpoint file comes from. Aurora 1.5 predicts
 precipitation itself: its trials adapt that output (`target_var`, `hourly.SixHourAurora15`)
-instead of a new tp, so nothing is added to it and nothing of it starts from zero.
+instead of a new variable (for tp its sum over a step, for pr its mean), so nothing is added to
+it and nothing of it starts from zero.
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ from aurora import Aurora
 from aurora_sweep.bases import BASELINE_MODELS, BASES, HF_REPO
 from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.recipe import LORA_METHODS, METHODS
+from aurora_sweep.targets import DEFAULT
 
-NEW_VAR = "tp"
 BASE_SURF_VARS = ("2t", "10u", "10v", "msl")
 DEMO_CHECKPOINT = Path(__file__).parent / "demo" / "aurora-demo-base.ckpt"
 #: The prefix activation checkpointing puts in the names of the modules it wraps.
@@ -71,34 +73,40 @@ class TrainableParts:
 def build_base(
     base: str,
     *,
-    with_tp: bool = True,
-    tp_stats: tuple[float, float] | None = None,
+    target: str = DEFAULT,
+    with_target: bool = True,
+    stats: tuple[float, float] | None = None,
     clamp: bool = False,
     arch: tuple[tuple[str, object], ...] = (),
 ) -> Aurora:
     """Construct the base architecture (weights not loaded yet): its class from `bases.BASES`,
-    with tp as an extra surface variable and the constructor overrides `arch` (`bases`).
+    with `target` (a name of `targets.TARGETS`) as an extra surface variable normalised by
+    `stats` = (location, scale), and the constructor overrides `arch` (`bases`). The model's
+    `target_name` says what it predicts (None with `with_target=False`).
 
-    `clamp`: clamp tp at 0 on the first forecast step too (for forecasts; a model that trains
-    must not, see `clamped`). Later rollout steps and tp inputs are always clamped.
+    `clamp`: clamp the target at 0 on the first forecast step too (for forecasts; a model that
+    trains must not, see `clamped`). Later rollout steps and the target's inputs are always
+    clamped.
     """
     if base not in BASES:
         raise AuroraSweepError(f"unknown base model {base!r}: use one of {', '.join(BASES)}")
     spec = BASES[base]
     if spec.own_precipitation:
-        return _build_own_precipitation(base, clamp=clamp, arch=arch)
-    surf_vars = BASE_SURF_VARS + ((NEW_VAR,) if with_tp else ())
-    surf_stats = {NEW_VAR: tp_stats} if with_tp and tp_stats is not None else None
-    if with_tp and tp_stats is None:
-        raise ValueError("a model with tp needs tp_stats=(location, scale)")
-    # Aurora's own clamp of positive variables (in normalised units: tp's location must be 0)
-    positive = dict(positive_surf_vars=(NEW_VAR,), clamp_at_first_step=clamp) if with_tp else {}
+        return _build_own_precipitation(base, target, clamp=clamp, arch=arch)
+    surf_vars = BASE_SURF_VARS + ((target,) if with_target else ())
+    surf_stats = {target: stats} if with_target and stats is not None else None
+    if with_target and stats is None:
+        raise ValueError(f"a model with {target} needs stats=(location, scale)")
+    # Aurora's own clamp of positive variables (in normalised units: the location must be 0)
+    positive = dict(positive_surf_vars=(target,), clamp_at_first_step=clamp) if with_target else {}
     kwargs = dict(surf_vars=surf_vars, surf_stats=surf_stats, use_lora=False, **positive)
     if spec.aurora_class == "Aurora":  # the demo: Aurora's own class at the demo's size
         kwargs["timestep"] = timedelta(hours=6)
     kwargs |= spec.arch | dict(arch)
     try:
-        return getattr(aurora, spec.aurora_class)(**kwargs)
+        model = getattr(aurora, spec.aurora_class)(**kwargs)
+        model.target_name = target if with_target else None
+        return model
     except (TypeError, ValueError, AssertionError) as e:
         raise AuroraSweepError(
             f"cannot build the {base} base with [model.arch.{base}] {dict(arch)} ({e}): give "
@@ -106,10 +114,10 @@ def build_base(
         ) from None
 
 
-def _build_own_precipitation(base: str, *, clamp: bool, arch: tuple) -> Aurora:
-    """A base that predicts precipitation itself (Aurora 1.5), as a 6-hour step whose tp is the
-    sum of its hourly output (`hourly.SixHourAurora15`): with its own variables and clipping,
-    its hours clamped at 0 as tp is (by the model itself: Aurora's `positive_surf_vars` would
+def _build_own_precipitation(base: str, target: str, *, clamp: bool, arch: tuple) -> Aurora:
+    """A base that predicts precipitation itself (Aurora 1.5), as a 6-hour step whose `target`
+    is the sum (tp) or mean (pr) of its hourly output (`hourly.SixHourAurora15`): with its own
+    variables and clipping, its hours clamped at 0 as an added target is (by the model itself: Aurora's `positive_surf_vars` would
     drop the output-only variables from its output), and no autocast until `set_precision`
     says so (its own default is fp16 everywhere; a trial's precision is the backbone's, as for
     every base)."""
@@ -120,7 +128,7 @@ def _build_own_precipitation(base: str, *, clamp: bool, arch: tuple) -> Aurora:
         clamp_at_first_step=clamp, autocast=False, use_lora=False,
     ) | spec.arch | dict(arch)  # fmt: skip
     try:
-        return SixHourAurora15(**kwargs)
+        return SixHourAurora15(target=target, **kwargs)
     except (TypeError, ValueError, AssertionError) as e:
         raise AuroraSweepError(
             f"cannot build the {base} base with [model.arch.{base}] {dict(arch)} ({e}): give "
@@ -129,9 +137,16 @@ def _build_own_precipitation(base: str, *, clamp: bool, arch: tuple) -> Aurora:
 
 
 def target_var(model: Aurora) -> str:
-    """The surface variable a trial trains: tp, added to the base, or the base's own hourly
-    precipitation (Aurora 1.5's `scaled_tp_1h`)."""
-    return getattr(model, "target", NEW_VAR)
+    """The surface variable whose head a trial trains: the target, added to the base, or the
+    base's own hourly precipitation (Aurora 1.5's `scaled_tp_1h`)."""
+    return getattr(model, "head", None) or model.target_name
+
+
+def added_target(model: Aurora) -> str | None:
+    """The target variable added to the base (None: the base predicts it itself, or the model
+    is the base alone)."""
+    name = getattr(model, "target_name", None)
+    return name if name in getattr(model, "surf_vars", ()) else None
 
 
 def input_embedding(model: Aurora) -> str:
@@ -187,7 +202,7 @@ def hub_file(name: str, revision: str, given_as: str) -> Path:
 
 @contextmanager
 def clamped(model) -> Iterator[None]:
-    """tp clamped at 0 on the first step while scoring or forecasting (Aurora's
+    """The target clamped at 0 on the first step while scoring or forecasting (Aurora's
     `clamp_at_first_step`, which its docstring keeps for inference), restored afterwards."""
     aurora = unwrap(model)
     before = aurora.clamp_at_first_step
@@ -257,9 +272,9 @@ def file_sha256(path: Path) -> str:
 
 
 def new_variable_keys(model: Aurora) -> set[str]:
-    """Parameter names that exist only because `tp` was added (none in a base with its own
-    precipitation)."""
-    return target_keys(model) if NEW_VAR in model.surf_vars else set()
+    """Parameter names that exist only because the target was added (none in a base with its
+    own precipitation)."""
+    return target_keys(model) if added_target(model) else set()
 
 
 def load_base_checkpoint(model: Aurora, path: Path) -> None:
@@ -298,18 +313,20 @@ def load_base_checkpoint(model: Aurora, path: Path) -> None:
 
 
 def init_new_variable(model: Aurora, *, start: float = 0.0) -> None:
-    """Start tp's patch embedding and head at zero, the head's bias at `start`.
+    """Start the target's patch embedding and head at zero, the head's bias at `start`.
 
-    The pretrained model then behaves exactly as before (tp adds nothing to the latent state) and
+    The pretrained model then behaves exactly as before (the target adds nothing to the latent
+    state) and
     predicts `start` (normalised units: the train-split mean over the scale) everywhere; training
     moves it from there, instead of from random weights that would first have to be unlearned.
     """
-    if NEW_VAR not in model.surf_vars:  # a base's own precipitation head stays as pretrained
+    name = added_target(model)
+    if name is None:  # a base's own precipitation head stays as pretrained
         return
     with torch.no_grad():
         for key in new_variable_keys(model):
             model.get_parameter(key).zero_()
-        model.decoder.surf_heads[NEW_VAR].bias.fill_(start)
+        model.decoder.surf_heads[name].bias.fill_(start)
 
 
 def lora_target_regex(targets: str) -> str:
@@ -350,8 +367,8 @@ def apply_method(
     train_input: bool = True,
 ) -> tuple[torch.nn.Module, TrainableParts]:
     """Make `model` trainable as `method` says: the model to train (a peft wrapper for the LoRA
-    methods, `model` itself otherwise) and the names of what trains (`train_input`: tp's input
-    patch embedding too; without it tp is output-only)."""
+    methods, `model` itself otherwise) and the names of what trains (`train_input`: the target's
+    input patch embedding too; without it the target is output-only)."""
     if method not in METHODS:
         raise AuroraSweepError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
     trained = model
@@ -376,12 +393,12 @@ def backbone_blocks(model: Aurora) -> list[tuple[str, torch.nn.Module]]:
 def set_trainable(
     model: Aurora, *, unfrozen_blocks: int, method: str = "lora", train_input: bool = True
 ) -> TrainableParts:
-    """Freeze all but LoRA, tp's embedding and head, and the last `unfrozen_blocks` blocks;
+    """Freeze all but LoRA, the target's embedding and head, and the last `unfrozen_blocks` blocks;
     with `method` "head", the decoder instead of blocks; with "full", nothing frozen.
 
     With every variable in the loss the whole decoder is on the loss's path, so `head` trains
-    what gets a gradient. `train_input=False` leaves tp's input embedding at zero (still listed
-    in `new_variable`, which is saved): tp is then output-only, as in Aurora 1.5, and the
+    what gets a gradient. `train_input=False` leaves the target's input embedding at zero (still listed
+    in `new_variable`, which is saved): the target is then output-only, as in Aurora 1.5, and the
     backbone sees exactly the inputs it was pretrained on. For Aurora 1.5 `new_variable` is its
     own hourly precipitation's embedding and head, the embedding never trained (its input is
     always zero: output-only).

@@ -15,6 +15,7 @@ from aurora_sweep.config import StudyConfig
 from aurora_sweep.records import TrialRecord
 from aurora_sweep.settings import text_levels
 from aurora_sweep.storage import open_study
+from aurora_sweep.targets import skill_name
 
 
 def study_trials(config: StudyConfig) -> list[optuna.trial.FrozenTrial]:
@@ -200,9 +201,9 @@ def top_trials_table(
         table.add_row(
             str(t.number), f"{score(t):.4f}", f"{ci[0]:.4f}–{ci[1]:.4f}" if ci else "-",
             "" if same else f"{delta[0]:+.4f} [{delta[1]:+.4f}, {delta[2]:+.4f}]",
-            "" if same or distinguishable(delta) else "≈", _skill(a, "persistence" + sfx),
-            _skill(a, "climatology" + sfx),
-            *((_skill(a, "aurora15" + sfx),) if zero_shot else ()), worst, recipe(t),
+            "" if same or distinguishable(delta) else "≈", _skill(a, objective, "persistence", sfx),
+            _skill(a, objective, "climatology", sfx),
+            *((_skill(a, objective, "aurora15", sfx),) if zero_shot else ()), worst, recipe(t),
             f"{a.get('peak_memory_mb'):.0f}", f"{a.get('trial_seconds'):.1f}",
         )  # fmt: skip
     if zero_shot and shown:  # the baseline itself: the same samples for every trial
@@ -337,8 +338,8 @@ def _best_lines(config: StudyConfig, trials, group) -> list[str]:
     return lines
 
 
-def _skill(a: TrialRecord, reference: str) -> str:
-    return f"{a.get(f'tp_skill_{reference}'):+.3f}"
+def _skill(a: TrialRecord, objective: str, reference: str, sfx: str) -> str:
+    return f"{a.get(skill_name(objective, reference) + sfx):+.3f}"
 
 
 def skill_and_cost(
@@ -355,7 +356,7 @@ def skill_and_cost(
     points = [
         {
             "number": t.number,
-            "skill": records[t.number].get("tp_skill_climatology"),
+            "skill": records[t.number].get(skill_name(config.objective, "climatology")),
             "peak_mb": records[t.number].value(cost),
             "label": recipe(t),
             "front": t.number in front,

@@ -12,7 +12,8 @@ import pandas as pd
 import xarray as xr
 
 from aurora_sweep.errors import AuroraSweepError
-from aurora_sweep.store import ATMOS_VARS, SURF_VARS, TARGET_VAR, V15_SURF_VARS
+from aurora_sweep.store import ATMOS_VARS, SURF_VARS, V15_SURF_VARS
+from aurora_sweep.targets import TARGETS
 
 
 class StoreReader:
@@ -37,7 +38,8 @@ class StoreReader:
         self.cols = _offset_slice(lon, cube["longitude"].values, "longitude")
         levels = [int(v) for v in store["level"].values]
         self.level_pos = [levels.index(int(v)) for v in cube["level"].values]
-        names = [n for n in (*SURF_VARS, *V15_SURF_VARS, TARGET_VAR, *ATMOS_VARS) if n in group]
+        known = dict.fromkeys((*SURF_VARS, *V15_SURF_VARS, *TARGETS, *ATMOS_VARS))
+        names = [n for n in known if n in group]
         self.arrays = {name: group[name] for name in names}
         self.meta = {name: self._raw_layout(name) for name in self.arrays}
 

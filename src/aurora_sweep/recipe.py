@@ -32,8 +32,9 @@ AURORA_LEVELS = (50, 100, 150, 200, 250, 300, 400, 500, 600, 700, 850, 925, 1000
 LORA_MODULES = ("qkv", "proj", "fc1", "fc2")
 PRECISIONS = ("fp32", "bf16", "fp16")
 BASE_MODELS = tuple(BASES)  # bases.py says what each is
-#: What Optuna may minimise (mm per 6 h, or SEEPS's dimensionless error), see metrics.py.
-OBJECTIVES = ("tp_seeps", "tp_rmse")
+#: The scores Optuna may minimise, as `<target>_<score>` (`targets.Target.objectives`): RMSE in
+#: the target's units, or SEEPS's dimensionless error; see metrics.py.
+OBJECTIVE_SCORES = ("seeps", "rmse")
 #: What a skill objective can be traded against in a two-objective study: the trial's measured
 #: peak memory (CUDA peak allocated; on a CPU the process's peak resident set), the peak GPU
 #: memory predicted before it ran, or its wall time.

@@ -18,6 +18,7 @@ from numbers import Integral, Real
 from pathlib import Path
 
 from aurora_sweep.records import worst_forgetting
+from aurora_sweep.targets import DEFAULT, TARGETS, Target, of_metric
 
 MISSING = "–"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -217,11 +218,12 @@ def _leads_section(leads: Sequence[Mapping[str, object]]) -> list[str]:
     return [
         *out,
         "</table>",
-        "<p class='legend'>tp totals over the lead (mm); beyond 6 h the model is rolled out, each "
-        "forecast fed back as its next input; persistence is the observed total over the lead's "
-        "length ending at the start, climatology the train-split mean of the same windows"
+        "<p class='legend'>The target over the lead (a total, a mean rate, or the value at the "
+        "valid time, as its kind is); beyond 6 h the model is rolled out, each forecast fed back "
+        "as its next input; persistence is the observed value over the lead's length ending at "
+        "the start, climatology the train-split mean of the same windows"
         + (
-            "; Aurora 1.5 its own hourly precipitation summed over the lead, untrained"
+            "; Aurora 1.5 its own hourly precipitation over the lead, untrained"
             if zero_shot
             else ""
         )
@@ -310,31 +312,34 @@ def write_report(path: Path, **kwargs: object) -> Path:
     return path
 
 
-def score_rows_spec() -> list[tuple[str, str, bool | None, float | None]]:
-    from aurora_sweep.metrics import CATEGORICAL_THRESHOLDS_MM, FSS_THRESHOLDS_MM, FSS_WINDOWS
+def score_rows_spec(target: Target) -> list[tuple[str, str, bool | None, float | None]]:
+    """The scores table's rows for `target`: (metric, label, higher is better, best value)."""
+    from aurora_sweep.metrics import FSS_WINDOWS
 
+    u, m = target.units, target.metric
     rows: list[tuple[str, str, bool | None, float | None]] = [
-        ("tp_seeps", "SEEPS (0 perfect, 1 ≈ climatology)", False, None),
-        ("tp_rmse", "RMSE (mm per 6 h)", False, None),
-        ("tp_mae", "MAE (mm per 6 h)", False, None),
-        ("tp_bias", "bias (mm per 6 h, 0 best)", None, 0.0),
+        (m("seeps"), "SEEPS (0 perfect, 1 ≈ climatology)", False, None),
+        (m("rmse"), f"RMSE ({u})", False, None),
+        (m("mae"), f"MAE ({u})", False, None),
+        (m("bias"), f"bias ({u}, 0 best)", None, 0.0),
+        (m("acc"), "anomaly correlation (1 perfect, 0 ≈ climatology)", True, None),
     ]
-    for t in CATEGORICAL_THRESHOLDS_MM:
+    for t in target.thresholds:
         rows += [
-            (f"tp_csi_{t:g}", f"CSI ≥ {t:g} mm", True, None),
-            (f"tp_ets_{t:g}", f"ETS ≥ {t:g} mm", True, None),
-            (f"tp_fbias_{t:g}", f"frequency bias ≥ {t:g} mm (1 best)", None, 1.0),
+            (m(f"csi_{t:g}"), f"CSI ≥ {t:g} {u}", True, None),
+            (m(f"ets_{t:g}"), f"ETS ≥ {t:g} {u}", True, None),
+            (m(f"fbias_{t:g}"), f"frequency bias ≥ {t:g} {u} (1 best)", None, 1.0),
         ]
-    for t in FSS_THRESHOLDS_MM:
+    for t in target.fss_thresholds:
         for w in FSS_WINDOWS:
-            rows.append((f"tp_fss_{t:g}_w{w}", f"FSS ≥ {t:g} mm, {w}×{w} points", True, None))
+            rows.append((m(f"fss_{t:g}_w{w}"), f"FSS ≥ {t:g} {u}, {w}×{w} points", True, None))
     return rows
 
 
 def report_rows(scores: dict[str, float], objective: str) -> list[dict]:
     """The scores table: each score for the model and both baselines, intervals where known."""
-    rows = []
-    for name, label, higher, target in score_rows_spec():
+    rows, spec = [], of_metric(objective)
+    for name, label, higher, target in score_rows_spec(spec):
         if name not in scores:
             continue
         row = {
@@ -346,7 +351,7 @@ def report_rows(scores: dict[str, float], objective: str) -> list[dict]:
         }  # fmt: skip
         rows.append(row)
     for ref in ("persistence", "climatology", "aurora15"):
-        name = f"tp_skill_{ref}"
+        name = spec.metric(f"skill_{ref}")
         if name not in scores:  # Aurora 1.5 untrained: where the study has that baseline
             continue
         rows.append({
@@ -382,7 +387,7 @@ def lead_rows(scores: dict[str, float], objective: str) -> list[dict]:
     skills and the worst forgetting ratio."""
     from aurora_sweep.recipe import LEADS, lead_suffix
 
-    rows = []
+    rows, skill = [], of_metric(objective).metric
     for steps, label in LEADS.items():
         sfx = lead_suffix(steps)
         if objective + sfx not in scores:
@@ -394,22 +399,33 @@ def lead_rows(scores: dict[str, float], objective: str) -> list[dict]:
             "90 % interval": f"{lo:.4f}–{hi:.4f}" if lo is not None and hi is not None else "",
             "persistence": f"{scores[f'{objective}_persistence{sfx}']:.4f}",
             "climatology": f"{scores[f'{objective}_climatology{sfx}']:.4f}",
-            "skill vs persistence": f"{scores['tp_skill_persistence' + sfx]:+.3f}",
-            "skill vs climatology": f"{scores['tp_skill_climatology' + sfx]:+.3f}",
+            "skill vs persistence": f"{scores[skill('skill_persistence') + sfx]:+.3f}",
+            "skill vs climatology": f"{scores[skill('skill_climatology') + sfx]:+.3f}",
             "worst forgetting": f"{worst[0]} ×{worst[1]:.2f}" if worst else "",
         })  # fmt: skip
         if f"{objective}_aurora15{sfx}" in scores:  # the zero-shot Aurora 1.5 baseline
             rows[-1]["Aurora 1.5"] = f"{scores[f'{objective}_aurora15{sfx}']:.4f}"
-            rows[-1]["skill vs Aurora 1.5"] = f"{scores['tp_skill_aurora15' + sfx]:+.3f}"
+            rows[-1]["skill vs Aurora 1.5"] = f"{scores[skill('skill_aurora15') + sfx]:+.3f}"
     return rows
 
 
 def report_notes(
-    references: Sequence[str], n_samples: int, split: str, times, adapted: str = ""
+    references: Sequence[str],
+    n_samples: int,
+    split: str,
+    times,
+    adapted: str = "",
+    target: Target = TARGETS[DEFAULT],
 ) -> list[str]:
     """The report's notes: how the adapter compares with the study's references, what was
-    adapted (`adapted`, `bases.target_description`), what was scored, and how each score and
-    baseline is defined."""
+    adapted (`adapted`, `bases.target_description`), what was scored (`target`), and how each
+    score and baseline is defined."""
+    seeps = [
+        f"SEEPS: dry at most {target.per_lead(0.1, 6):g} {target.units} (WeatherBench 2's 0.1 mm "
+        "for 6-hour totals); dry probability and light/heavy threshold per grid point, month and "
+        "hour of day from the train split (not WeatherBench 2's 30-year climate); points with a "
+        "dry probability outside 0.1..0.85 are left out."
+    ] if target.seeps else []  # fmt: skip
     return [
         *([adapted] if adapted else []),
         *(
@@ -417,16 +433,14 @@ def report_notes(
             for line in references
         ),
         f"{n_samples} samples of the {split} split ({times.min():%Y-%m-%d} to "
-        f"{times.max():%Y-%m-%d}); 6-hour totals in mm; scores latitude-weighted where it applies.",
+        f"{times.max():%Y-%m-%d}); {target.name}: {target.long_name}, in {target.units}; scores "
+        "latitude-weighted where it applies.",
         "Intervals: 90 % paired block bootstrap over days (blocks of consecutive days keep the "
         "day-to-day correlation). 'within noise': better than both baselines, but the interval "
         "reaches one of them.",
-        "Persistence repeats the last observed 6-hour total; climatology is the train-split mean by "
-        "grid point, calendar month and time of day.",
-        "SEEPS: dry at most 0.1 mm (WeatherBench 2's threshold for 6-hour totals); dry "
-        "probability and light/heavy threshold per grid point, month and hour of day from the "
-        "train split (not WeatherBench 2's 30-year climate); points with a dry probability "
-        "outside 0.1..0.85 are left out.",
+        "Persistence repeats the last observed 6-hour value; climatology is the train-split mean "
+        "by grid point, calendar month and time of day.",
+        *seeps,
         "Forgetting: RMSE of the fine-tuned model over that of the untouched base model on the "
         "same samples, for the variables Aurora already predicted (> 1: worse than before).",
     ]

@@ -251,7 +251,7 @@ def report_adapter(
     objective = data.objective
     return write_report(
         Path(out),
-        title=f"{Path(adapter).resolve().name}: 6-hour precipitation from Aurora",
+        title=f"{Path(adapter).resolve().name}: {samples.variable.what} from Aurora",
         subtitle=(
             f"{split} split, {objective} {scores[objective]:.4f}; base {trial.base}; "
             f"levels {', '.join(map(str, trial.levels))} hPa; made {dt.date.today()}"
@@ -262,7 +262,12 @@ def report_adapter(
         leads=lead_rows(scores, objective),
         figures=_report_figures(data, fc, meta, ij),
         notes=report_notes(
-            meta.get("references", []), len(samples), split, times, target_description(trial.base)
+            meta.get("references", []),
+            len(samples),
+            split,
+            times,
+            target_description(trial.base, samples.variable.name),
+            samples.variable,
         ),  # fmt: skip
     )
 
@@ -279,17 +284,23 @@ def _report_figures(data, fc, meta: dict, ij: tuple[int, int] | None) -> dict[st
     observed = samples.observed(fc.indices)
     baselines = {
         "persistence": samples.persistence(fc.indices),
-        "climatology": climatology_forecast(data.climatology, times),
+        "climatology": climatology_forecast(
+            data.climatology, times, samples.variable, samples.steps
+        ),
     }
     pngs = {"cases.png": case_maps_png(samples, fc)}
-    pngs["reliability.png"] = fg.png_bytes(fg.reliability({"model": fc.tp, **baselines}, observed))
+    if samples.variable.thresholds:  # events to be reliable about (none for soil moisture)
+        pngs["reliability.png"] = fg.png_bytes(
+            fg.reliability({"model": fc.values, **baselines}, observed, samples.variable)
+        )
     if ij is not None:
         i, j = ij
         lat, lon = samples.cube["latitude"].values[i], samples.cube["longitude"].values[j]
-        series = {"observed": observed[:, i, j], "forecast": fc.tp[:, i, j]}
+        series = {"observed": observed[:, i, j], "forecast": fc.values[:, i, j]}
         series |= {k: v[:, i, j] for k, v in baselines.items()}
+        where = f"grid point {lat:.2f}°N, {lon:.2f}°E"
         pngs["point_series.png"] = fg.png_bytes(
-            fg.point_series(times, series, title=f"grid point {lat:.2f}°N, {lon:.2f}°E")
+            fg.point_series(times, series, title=where, target=samples.variable)
         )
     history = meta.get("history") or {}
     if history.get("train_loss"):

@@ -27,6 +27,7 @@ from aurora_sweep.recipe import lead_suffix
 from aurora_sweep.records import BASE_MSE, TrialRecord, write_attrs
 from aurora_sweep.space import sample_trial
 from aurora_sweep.storage import FINISHED, reap_dead_trials, retry_once, sampler, worker_seed
+from aurora_sweep.targets import skill_name
 from aurora_sweep.worker import WorkerCrashed
 
 
@@ -319,12 +320,14 @@ def signals_as_interrupts() -> Iterator[None]:
 def _score_line(m: dict[str, float], config: StudyConfig) -> str:
     """One line of a trial's verdict at the study's lead: objective with its interval, skills."""
     objective, sfx = config.objective, lead_suffix(config.lead_steps)
+    persistence, climatology = (
+        skill_name(objective, r) + sfx for r in ("persistence", "climatology")
+    )
     lo, hi = m.get(f"{objective}_q05{sfx}"), m.get(f"{objective}_q95{sfx}")
     interval = f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else ""
     return (
         f"{config.objective_metric} {m[config.objective_metric]:.3f}{interval}  skill vs "
-        f"persistence {m['tp_skill_persistence' + sfx]:+.3f}, vs climatology "
-        f"{m['tp_skill_climatology' + sfx]:+.3f}"
+        f"persistence {m[persistence]:+.3f}, vs climatology {m[climatology]:+.3f}"
     )
 
 

@@ -24,7 +24,6 @@ from aurora_sweep.recipe import (
     LEADS,
     LORA_MODULES,
     MIN_GRID_POINTS,
-    OBJECTIVES,
 )
 
 
@@ -241,25 +240,30 @@ def lr_range(value: Any) -> tuple[float, float] | None:
     return (float(value[0]), float(value[1]))
 
 
-def study_objectives(study: dict) -> tuple[str, tuple[str, ...]]:
-    """`[study] objective`, or `objectives` = [objective] or [objective, cost]."""
+def study_objectives(study: dict, target: str) -> tuple[str, tuple[str, ...]]:
+    """`[study] objective`, or `objectives` = [objective] or [objective, cost]: one of the
+    target's (`targets.Target.objectives`), by default its natural one."""
+    from aurora_sweep.targets import TARGETS
+
+    allowed = TARGETS[target].objectives
     listed = study.get("objectives")
     if listed is None:
-        objective = study.get("objective", "tp_seeps")
-        if objective not in OBJECTIVES:
+        objective = study.get("objective", allowed[0])
+        if objective not in allowed:
             raise AuroraSweepError(
-                f"[study] objective {objective!r} is not one of {', '.join(OBJECTIVES)}"
+                f"[study] objective {objective!r} is not one of {', '.join(allowed)}, the "
+                f"scores of the target {target}"
             )
         return objective, (objective,)
     if (
         not isinstance(listed, list)
         or not 1 <= len(listed) <= 2
-        or listed[0] not in OBJECTIVES
+        or listed[0] not in allowed
         or (len(listed) == 2 and listed[1] not in COSTS)
     ):
         raise AuroraSweepError(
-            f"[study] objectives {listed!r}: give one of {', '.join(OBJECTIVES)}, optionally "
-            f'followed by one of {", ".join(COSTS)}, e.g. ["tp_seeps", "peak_memory_mb"]'
+            f"[study] objectives {listed!r}: give one of {', '.join(allowed)}, optionally "
+            f'followed by one of {", ".join(COSTS)}, e.g. ["{allowed[0]}", "peak_memory_mb"]'
         )
     if "objective" in study and study["objective"] != listed[0]:
         raise AuroraSweepError(
@@ -419,15 +423,27 @@ def lora_target_choices(value: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
-def target_name(value: Any, uses_v15: bool) -> str:
-    """`[model] target`: a variable of `targets.TARGETS`. Aurora 1.5 reads swvl1 as an input,
-    so a study with it cannot predict swvl1 as a new variable."""
+def target_name(value: Any, bases: tuple[str, ...], baselines: tuple[str, ...]) -> str:
+    """`[model] target`: a variable of `targets.TARGETS`. A base with its own precipitation
+    (Aurora 1.5) adapts it, and the Aurora 1.5 baseline forecasts it: both only for a target
+    made of it (tp, pr); Aurora 1.5 reads swvl1 as an input besides."""
+    from aurora_sweep.bases import BASES, reads_v15_inputs
     from aurora_sweep.targets import TARGETS
 
     name = as_text(value, "[model] target")
     if name not in TARGETS:
         raise AuroraSweepError(f"[model] target {name!r}: not a target; {nearest(name, TARGETS)}")
-    if name == "swvl1" and uses_v15:
+    if TARGETS[name].from_hourly_precipitation:
+        return name
+    own = [b for b in bases if BASES[b].own_precipitation]
+    if own or "aurora-1.5" in baselines:
+        use = f"the {own[0]} base" if own else 'the baseline "aurora-1.5"'
+        also = ", and reads swvl1 as an input" if name == "swvl1" else ""
+        raise AuroraSweepError(
+            f"[model] target {name!r}: {use} forecasts Aurora 1.5's own precipitation{also}; "
+            "predict tp or pr with it, or leave it out of the study"
+        )
+    if name == "swvl1" and any(map(reads_v15_inputs, bases)):
         raise AuroraSweepError(
             "[model] target 'swvl1' is one of Aurora 1.5's inputs: predict it with the other bases"
         )

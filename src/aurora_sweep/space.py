@@ -17,7 +17,6 @@ from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.recipe import FULL_LR, FULL_NEW_VARIABLE_LR, LORA_METHODS, TrialConfig
 from aurora_sweep.records import TrialRecord, attrs
 from aurora_sweep.settings import check_region_size, levels_text, text_levels
-from aurora_sweep.targets import TRAINED
 
 
 def sample_trial(trial: optuna.Trial, config: StudyConfig) -> TrialConfig:
@@ -188,11 +187,6 @@ def check_search(config: StudyConfig) -> None:
     from aurora_sweep.model import backbone_blocks
 
     check_region_size(config.data.region, config.data.grid)
-    if config.data.target not in TRAINED:
-        raise AuroraSweepError(
-            f"[model] target {config.data.target!r}: `aurora-sweep data download` and `data "
-            "import` make its store, but training and scoring it are not there yet: use tp"
-        )
     s = config.search
     asks = []
     if set(s.method) & set(LORA_METHODS):

@@ -36,7 +36,6 @@ from aurora_sweep.targets import TARGETS
 SURF_VARS = ("2t", "10u", "10v", "msl")
 ATMOS_VARS = ("z", "u", "v", "t", "q")
 STATIC_VARS = ("static_z", "static_lsm", "static_slt")
-TARGET_VAR = "tp"
 #: Names Aurora uses for the static variables.
 AURORA_STATIC = {"static_z": "z", "static_lsm": "lsm", "static_slt": "slt"}
 #: The surface variables Aurora 1.5 reads besides SURF_VARS (instantaneous, at the model

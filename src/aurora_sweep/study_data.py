@@ -1,5 +1,5 @@
 """What every trial of a study shares, prepared once per worker: the train and evaluation
-splits, tp's statistics, the climatology and SEEPS climates, the samples of each lead scored,
+splits, the target's statistics, the climatology and SEEPS climates, the samples of each lead scored,
 the base model's forgetting reference and the baselines' scores.
 """
 
@@ -14,17 +14,18 @@ from aurora_sweep.bases import reads_v15_inputs
 from aurora_sweep.config import Period, StudyConfig
 from aurora_sweep.dataset import (
     Samples,
-    TpStats,
+    TargetStats,
     climatology,
-    complete_train_tp,
+    complete_train,
     fits_in_memory,
     in_period,
-    tp_stats,
+    target_stats,
 )
 from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.recipe import LEADS
 from aurora_sweep.records import base_key
 from aurora_sweep.seeps import DRY_MM_BY_LEAD, SeepsClimate, seeps_climate
+from aurora_sweep.targets import TARGETS
 
 #: The start times (UTC) the 12- and 24-hour scores are made from: WeatherBench 2 scores its
 #: forecasts from the 00 and 12 UTC initialisations (the 6-hour scores use every start).
@@ -33,13 +34,14 @@ LONG_LEAD_INITS = (0, 12)
 
 @dataclass
 class TrialData:
-    """What every trial of a study shares: the splits, tp's statistics and the baselines."""
+    """What every trial of a study shares: the splits, the target's statistics and the
+    baselines."""
 
     train: Samples
     validation: Samples  # the evaluation split (validation during the search)
-    tp: TpStats
-    climatology: np.ndarray  # (month, hour, lat, lon), mm per 6 h
-    seeps: SeepsClimate
+    stats: TargetStats
+    climatology: np.ndarray  # (month, hour, lat, lon), in the target's units
+    seeps: SeepsClimate | None  # None: SEEPS is not defined for the target
     objective: str
     #: the untouched base model's MSE per variable on the evaluation split (forgetting ratios),
     #: by precision, then by lead ('6h', '12h', '24h'): a trial is compared with the base run in
@@ -48,12 +50,12 @@ class TrialData:
     #: the evaluation split's samples and SEEPS climate at each lead scored, by model steps
     #: (1: `validation` and `seeps`); a lead the split is too short for is left out
     leads: dict[int, Samples] = field(default_factory=dict)
-    lead_seeps: dict[int, SeepsClimate] = field(default_factory=dict)
+    lead_seeps: dict[int, SeepsClimate | None] = field(default_factory=dict)
     #: the lead the objective is scored at (model steps)
     objective_steps: int = 1
     #: training samples by rollout length, made when a trial first asks
     _train_by_steps: dict[int, Samples] = field(default_factory=dict, repr=False)
-    #: the baselines' scores at each lead, computed with the first trial's (`metrics.tp_scores`)
+    #: the baselines' scores at each lead, computed with the first trial's (`metrics.scores`)
     baseline_scores: dict[int, dict] = field(default_factory=dict, repr=False)
     #: Aurora 1.5's own totals (mm over the lead) on each lead's samples, by model steps, for
     #: the "aurora-1.5" baseline (`aurora15.add_zero_shot`); empty: not a baseline here
@@ -78,7 +80,7 @@ class TrialData:
 
     def for_levels(self, levels: tuple[int, ...]) -> TrialData:
         """The same data on a subset of its pressure levels, for a trial that trains on them:
-        its samples read only those levels (`Samples.with_levels`); tp's statistics, the
+        its samples read only those levels (`Samples.with_levels`); the target's statistics, the
         climates and the baselines' scores are the same; the base model's scores (`base_mse`,
         one dict for every subset, by `reference_key`) are shared."""
         levels = tuple(levels)
@@ -141,8 +143,10 @@ class TrialData:
             cube = cube.load()
         train = Samples(cube, config.data, "train", in_memory=in_memory)
         period = config.data.train
-        # the train split's tp, read once for its statistics and both climatologies
-        tp = train.cube[["tp"]].sel(time=in_period(train.cube["time"].values, period)).load()
+        # the train split's target, read once for its statistics and both climatologies
+        name = config.data.target
+        train_values = train.cube[[name]].sel(time=in_period(train.cube["time"].values, period))
+        train_values = train_values.load()
         validation = Samples(cube, config.data, eval_split, in_memory=in_memory)
         # the longer leads from the 00 and 12 UTC starts, as WeatherBench 2 scores them
         leads = {k: validation.at_lead(k, init_hours=LONG_LEAD_INITS) for k in LEADS if k > 1}
@@ -153,12 +157,12 @@ class TrialData:
                 f"the {eval_split} split holds no {LEADS[config.lead_steps]} sample to score the "
                 "objective at: use a shorter [study] lead, or a split with runs of consecutive days"
             )
-        lead_seeps = {k: train_seeps_climate(tp, period, steps=k) for k in leads}
+        lead_seeps = {k: train_seeps_climate(train_values, period, name, k) for k in leads}
         return cls(
             train=train,
             validation=validation,
-            tp=tp_stats(tp, period),
-            climatology=climatology(tp, period),
+            stats=target_stats(train_values, period, name),
+            climatology=climatology(train_values, period, name),
             seeps=lead_seeps[1],
             objective=config.objective,
             leads=leads,
@@ -172,15 +176,19 @@ class TrialData:
         return self.leads[self.objective_steps]
 
 
-def train_seeps_climate(cube, train: Period, steps: int = 1) -> SeepsClimate:
+def train_seeps_climate(cube, train: Period, target: str, steps: int = 1) -> SeepsClimate | None:
     """SEEPS's dry probability and light/heavy threshold by month and hour of day, from the
-    train split's totals over `steps` 6-hour windows (with that lead's dry threshold)."""
-    values, times = complete_train_tp(cube, train)
-    if steps > 1:  # totals over `steps` consecutive 6-hour windows, at the last one's time
+    train split's `target` over `steps` 6-hour windows (totals, or mean rates for pr), with that
+    lead's dry threshold in the target's units; None for a target SEEPS is not defined for."""
+    spec = TARGETS[target]
+    if not spec.seeps:
+        return None
+    values, times = complete_train(cube, train, target)
+    if steps > 1:  # over `steps` consecutive 6-hour windows, at the last one's time
         ends = np.arange(steps - 1, len(times))
         span = times.values[ends] - times.values[ends - steps + 1]
         ends = ends[span == np.timedelta64(6 * (steps - 1), "h")]
-        values = np.stack([values[ends - k] for k in range(steps)]).sum(axis=0)
+        values = spec.over_lead(np.stack([values[ends - k] for k in range(steps - 1, -1, -1)], 1))
         times = times[ends]
-    dry = DRY_MM_BY_LEAD[6 * steps]
+    dry = spec.per_lead(DRY_MM_BY_LEAD[6 * steps], 6 * steps)
     return seeps_climate(values, times.month.values, times.hour.values, dry_threshold=dry)

@@ -14,7 +14,14 @@ target says how ERA5's hourly fields become one value per 6-hour model step (`ki
 
 A target made of several ERA5 variables (rain_rate: convective + large-scale rain rate) is their
 sum. `factor` turns ERA5's units into the ones users read (m of water -> mm, kg m-2 s-1 ->
-mm h-1). A leaf module: no torch, no xarray.
+mm h-1).
+
+Over a lead of several steps the same kinds hold (`accumulate`): a 24-hour forecast of tp is the
+total over the 24 hours, of pr the mean rate over them, of rain_rate the rate at the valid time.
+Scores are named `<target>_<score>` (`metric`): precipitation-like targets get the categorical and
+spatial scores at thresholds in their own units (`thresholds`, `fss_thresholds`), SEEPS where it
+is defined (tp, pr); a continuous one (swvl1) gets RMSE, MAE, bias and the anomaly correlation.
+A leaf module: no torch, no xarray.
 """
 
 from __future__ import annotations
@@ -49,6 +56,12 @@ class Target:
     precipitation_like: bool
     #: SEEPS is defined for it (precipitation amounts and rates)
     seeps: bool
+    #: the categorical scores' event thresholds ("value >= t"), in `units`
+    thresholds: tuple[float, ...] = ()
+    #: the fractions skill score's event thresholds, in `units`
+    fss_thresholds: tuple[float, ...] = ()
+    #: Aurora 1.5 predicts it from its own hourly precipitation (tp: the sum, pr: the mean)
+    from_hourly_precipitation: bool = False
 
     @property
     def hourly(self) -> bool:
@@ -64,6 +77,57 @@ class Target:
     def cell_methods(self) -> str:
         """CF's cell_methods of a value over (or at) the step's end."""
         return {ACCUMULATED: "time: sum", MEAN_RATE: "time: mean"}.get(self.kind, "time: point")
+
+    @property
+    def scores(self) -> tuple[str, ...]:
+        """The objectives a study of it can minimise (the first is its natural one)."""
+        return ("seeps", "rmse") if self.seeps else ("rmse",)
+
+    @property
+    def objectives(self) -> tuple[str, ...]:
+        """`scores` as metric names: ('tp_seeps', 'tp_rmse')."""
+        return tuple(self.metric(s) for s in self.scores)
+
+    def metric(self, score: str) -> str:
+        """The name a score of it is logged under: `<target>_<score>`."""
+        return f"{self.name}_{score}"
+
+    def per_lead(self, amount: float, hours: int) -> float:
+        """An amount over `hours` (mm) in this target's units over a lead of that length: itself
+        for a total, over the hours for a mean rate."""
+        return amount / hours if self.kind == MEAN_RATE else amount
+
+    def accumulate(self, total, value, step: int):
+        """The value over a lead of `step` model steps, from that of `step - 1` steps (`total`,
+        None at the first) and the `step`-th step's own `value`: the sum of an accumulation,
+        the running mean of a rate, the last value of an instantaneous field. NumPy arrays and
+        torch tensors alike."""
+        if total is None or self.kind == INSTANTANEOUS:
+            return value
+        if self.kind == MEAN_RATE:
+            return total + (value - total) / step
+        return total + value
+
+    def over_lead(self, parts: np.ndarray) -> np.ndarray:
+        """The value over a lead from its steps' values `parts` (n, steps, ...), earliest first."""
+        total = None
+        for k in range(parts.shape[1]):
+            total = self.accumulate(total, parts[:, k], k + 1)
+        return total
+
+    @property
+    def what(self) -> str:
+        """The long name without its time ("total precipitation", "runoff")."""
+        return self.long_name.split(" over the 6 hours")[0].removesuffix(" at time")
+
+    def lead_attrs(self) -> dict[str, str]:
+        """CF attributes of a forecast of it over a lead ending at `valid_time` (the forecast
+        NetCDF's dims `time` x `lead_time`)."""
+        span = "at valid_time" if self.kind == INSTANTANEOUS else (
+            "over the lead time, ending at valid_time")  # fmt: skip
+        return {"standard_name": self.standard_name, "units": self.units,
+                "long_name": f"{self.what} {span}",
+                "cell_methods": self.cell_methods.replace("time:", "lead_time:")}  # fmt: skip
 
     def step_of(self, seconds: int) -> int | None:
         """The model time (seconds since 1970) whose value the hourly field valid at `seconds`
@@ -81,8 +145,8 @@ class Target:
         return total * (self.factor / per_hour)
 
 
-#: The targets a study trains and scores today; the others are downloaded and imported only.
-TRAINED = ("tp",)
+#: What a study predicts unless `[model] target` says otherwise.
+DEFAULT = "tp"
 
 #: m of water -> mm (= kg m-2); kg m-2 s-1 (= mm s-1 of water) -> mm h-1
 _MM, _MM_PER_HOUR = 1000.0, 3600.0
@@ -92,26 +156,29 @@ TARGETS: dict[str, Target] = {
         "tp", (("total_precipitation", "tp"),), ACCUMULATED, _MM, "mm", 0.0, None,
         "lwe_thickness_of_precipitation_amount",
         "total precipitation over the 6 hours ending at time", True, True,
+        (0.1, 1.0, 5.0), (1.0, 5.0), True,
     ),
     "pr": Target(
         "pr", (("total_precipitation", "tp"),), MEAN_RATE, _MM, "mm h-1", 0.0, None,
         "lwe_precipitation_rate", "mean precipitation rate over the 6 hours ending at time",
-        True, True,
+        True, True, (0.02, 0.2, 1.0), (0.2, 1.0), True,
     ),
     "rain_rate": Target(
         "rain_rate", (("convective_rain_rate", "crr"), ("large_scale_rain_rate", "lsrr")),
         INSTANTANEOUS, _MM_PER_HOUR, "mm h-1", 0.0, None, "rainfall_rate",
-        "rain rate (convective + large-scale) at time", True, False,
+        "rain rate (convective + large-scale) at time", True, False, (0.1, 1.0, 4.0),
+        (1.0, 4.0),
     ),
     "ro": Target(
         "ro", (("runoff", "ro"),), ACCUMULATED, _MM, "kg m-2", 0.0, None,
         "runoff_amount", "runoff over the 6 hours ending at time (kg m-2 = mm of water)", True,
-        False,
+        False, (0.1, 1.0, 5.0), (1.0, 5.0),
     ),
     "sf": Target(
         "sf", (("snowfall", "sf"),), ACCUMULATED, _MM, "mm", 0.0, None,
         "lwe_thickness_of_snowfall_amount",
         "snowfall over the 6 hours ending at time (mm of water equivalent)", True, False,
+        (0.1, 1.0, 5.0), (1.0, 5.0),
     ),
     # the upper bound: the largest porosity of ERA5's soil types (HTESSEL's organic soil)
     "swvl1": Target(
@@ -120,3 +187,16 @@ TARGETS: dict[str, Target] = {
         "volumetric soil water in the top layer (0-7 cm) at time", False, False,
     ),
 }  # fmt: skip
+
+
+def of_metric(name: str) -> Target:
+    """The target a metric or objective name (`tp_seeps`, `rain_rate_rmse_24h`) is of."""
+    for target in sorted(TARGETS.values(), key=lambda t: -len(t.name)):
+        if name.startswith(target.name + "_"):
+            return target
+    raise ValueError(f"{name!r} names no target's score")
+
+
+def skill_name(objective: str, reference: str) -> str:
+    """The name of the skill against `reference` on `objective` (`tp_skill_persistence`)."""
+    return of_metric(objective).metric(f"skill_{reference}")

@@ -40,7 +40,8 @@ from torch.utils._pytree import tree_leaves
 
 from aurora_sweep.bases import reads_v15_inputs
 from aurora_sweep.recipe import TrialConfig
-from aurora_sweep.store import ATMOS_VARS, AURORA_STATIC, TARGET_VAR, surface_vars
+from aurora_sweep.store import ATMOS_VARS, AURORA_STATIC, surface_vars
+from aurora_sweep.targets import DEFAULT
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -273,10 +274,10 @@ def synthetic_sample(trial: TrialConfig, grid: tuple[int, int], levels: int):
         batch_size=trial.batch_size, grid=grid, levels=level_values, v15=v15, arch=trial.arch
     )
     b, (h, w) = trial.batch_size, grid
-    target = {k: torch.zeros(b, h, w) for k in (*surface_vars(v15), TARGET_VAR)}
+    target = {k: torch.zeros(b, h, w) for k in (*surface_vars(v15), DEFAULT)}
     target |= {k: torch.zeros(b, levels, h, w) for k in ATMOS_VARS}
-    spec = LossSpec(levels=(500,) * levels, lat=np.linspace(70, 30, h), tp_scale=1.0,
-                    tp_loss=trial.loss, surface=surface_vars(v15))  # fmt: skip
+    spec = LossSpec(levels=(500,) * levels, lat=np.linspace(70, 30, h), target_scale=1.0,
+                    target_loss=trial.loss, surface=surface_vars(v15))  # fmt: skip
     return batch, target, spec
 
 
@@ -288,8 +289,8 @@ def synthetic_batch(
     v15: bool = False,
     arch: tuple = (),
 ) -> Batch:
-    """A random batch of the given shape, for measuring memory (values do not matter): tp among
-    the surface variables, Aurora's static fields; with `v15`, Aurora 1.5's inputs and static
+    """A random batch of the given shape, for measuring memory (values do not matter): a target (the
+    default's name: the memory is that of any) among the surface variables, Aurora's static fields; with `v15`, Aurora 1.5's inputs and static
     fields (those `arch` gives it, or its own)."""
     from aurora import Batch, Metadata
 
@@ -306,7 +307,7 @@ def synthetic_batch(
     else:
         statics = tuple(AURORA_STATIC.values())
     return Batch(
-        surf_vars={k: noise(batch_size, 2, h, w) for k in (*surface_vars(v15), TARGET_VAR)},
+        surf_vars={k: noise(batch_size, 2, h, w) for k in (*surface_vars(v15), DEFAULT)},
         static_vars={k: noise(h, w) for k in statics},
         atmos_vars={k: noise(batch_size, 2, len(levels), h, w) for k in ATMOS_VARS},
         metadata=Metadata(

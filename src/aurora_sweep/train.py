@@ -27,7 +27,7 @@ import torch
 
 from aurora_sweep.bases import BASES
 from aurora_sweep.dataset import (
-    TpStats,
+    TargetStats,
 )
 from aurora_sweep.devices import default_device
 from aurora_sweep.evaluation import eval_batch_size, forecast, subset_objective, verify
@@ -43,7 +43,6 @@ from aurora_sweep.model import (
     set_precision,
 )
 from aurora_sweep.recipe import FULL_NEW_VARIABLE_LR, TrialConfig
-from aurora_sweep.store import TARGET_VAR
 from aurora_sweep.study_data import TrialData
 from aurora_sweep.tiles import crop_sample, tile_origins, tile_side
 
@@ -100,8 +99,9 @@ def learning_rate_factor(step: int, steps: int) -> float:
 def loss_spec(trial: TrialConfig, data: TrialData) -> LossSpec:
     """The trial's loss settings on the grid it trains on."""
     return LossSpec(
-        levels=trial.levels, lat=data.train.cube["latitude"].values, tp_scale=data.tp.scale,
-        target_weight=trial.target_weight, tp_loss=trial.loss, surface=data.train.surface,
+        levels=trial.levels, lat=data.train.cube["latitude"].values,
+        target_scale=data.stats.scale, target_weight=trial.target_weight,
+        target_loss=trial.loss, surface=data.train.surface, target=data.train.variable,
     )  # fmt: skip
 
 
@@ -239,12 +239,15 @@ class Prefetcher:
         self.close()
 
 
-def build_trial_model(trial: TrialConfig, tp: TpStats, checkpoint: Path):
-    """Base model with tp, pretrained weights, LoRA, freezing and precision, as `trial` says."""
+def build_trial_model(trial: TrialConfig, stats: TargetStats, checkpoint: Path):
+    """Base model with the target (`stats.target`), pretrained weights, LoRA, freezing and
+    precision, as `trial` says."""
     torch.manual_seed(trial.seed)
-    model = build_base(trial.base, tp_stats=(tp.location, tp.scale), arch=trial.arch)
+    model = build_base(
+        trial.base, target=stats.target, stats=(stats.location, stats.scale), arch=trial.arch
+    )
     load_base_checkpoint(model, checkpoint)
-    init_new_variable(model, start=(tp.mean - tp.location) / tp.scale)
+    init_new_variable(model, start=(stats.mean - stats.location) / stats.scale)
     peft_model, parts = apply_method(
         model, method=trial.method, rank=trial.lora_rank, targets=trial.lora_targets,
         unfrozen_blocks=trial.unfrozen_blocks, train_input=trial.target_input_lr > 0,
@@ -255,12 +258,12 @@ def build_trial_model(trial: TrialConfig, tp: TpStats, checkpoint: Path):
 
 
 def input_lr(trial: TrialConfig) -> float:
-    """The learning rate of tp's input embedding: `target_input_lr` times the trial's rate."""
+    """The learning rate of the target's input embedding: `target_input_lr` times the trial's rate."""
     return trial.learning_rate * trial.target_input_lr
 
 
 def new_variable_lr(trial: TrialConfig) -> float:
-    """tp's embedding and head start from zero and must learn the most: a larger step. A base's
+    """The target's embedding and head start from zero and must learn the most: a larger step. A base's
     own precipitation head (Aurora 1.5's) is pretrained: the trial's rate."""
     if BASES[trial.base].own_precipitation:
         return trial.learning_rate
@@ -292,7 +295,7 @@ def fit(
     data = data.for_trial(trial.base, trial.levels)  # its pressure levels, its base's inputs
     spec = loss_spec(trial, data)
     with PeakMemory(device) as memory:
-        peft_model, model, parts = build_trial_model(trial, data.tp, checkpoint)
+        peft_model, model, parts = build_trial_model(trial, data.stats, checkpoint)
         if trial.checkpointed:
             model.configure_activation_checkpointing(trial.checkpointed)
         peft_model.to(device)
@@ -380,7 +383,7 @@ def _optimiser(trial: TrialConfig, peft_model, model, parts: TrainableParts):
     """The trial's optimiser (AdamW or Adafactor) over the trained parameters, its schedule,
     and the parameters clipped.
 
-    tp's head starts from zero and must learn the most: a larger step for it; its input
+    The target's head starts from zero and must learn the most: a larger step for it; its input
     embedding writes into Aurora's latent state: a step of its own (none: output-only).
     """
     embedding = model.get_parameter(input_embedding(model))
@@ -420,16 +423,17 @@ class _Step:
     def __call__(self, step: int, micro: list) -> float:
         self.optimiser.zero_grad(set_to_none=True)
         value = 0.0
-        samples = sum(len(target[TARGET_VAR]) for _, target in micro)
+        name = self.spec.target.name
+        samples = sum(len(target[name]) for _, target in micro)
         for batch, target in micro:
-            # the raw output: tp is not clamped at 0 while training (model.clamped)
+            # the raw output: the target is not clamped at 0 while training (model.clamped)
             batch = pushforward(self.model, batch.to(self.device), self.trial.rollout_steps)
             spec = self.spec
             if self.trial.tile:  # the tile's own latitudes weigh its rows
                 spec = dataclasses.replace(spec, lat=batch.metadata.lat.cpu().numpy())
             loss = combine(spec, loss_terms(spec, self.model(batch), target))
             # weighted by its share of the step's samples: the mean one batch of them would have
-            loss = loss * (len(target[TARGET_VAR]) / samples)
+            loss = loss * (len(target[name]) / samples)
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             value += float(loss.detach())
         if self.scaler is not None:
@@ -483,6 +487,6 @@ class _PrunerChecks:
         curves.validation(step, result)
         if self.data.objective_steps != 1:  # the objective's lead: a rollout
             result = forecast(model, self.data.scored, self.scored_idx, **run)
-        objective = subset_objective(result.tp, self.data, self.scored_idx)
+        objective = subset_objective(result.values, self.data, self.scored_idx)
         curves.intermediate.append((step, objective))
         return objective

@@ -402,7 +402,7 @@ class _Session:
 
         config = self.config
         save_adapter(
-            adapter_dir, model=result.model, parts=result.parts, trial=trial, tp=self.data.tp,
+            adapter_dir, model=result.model, parts=result.parts, trial=trial, stats=self.data.stats,
             checkpoint=self.checkpoint_for(trial.base), study_config=config.path,
             metrics=result.metrics,
             history={"train_loss": result.train_loss, "val_loss": result.val_loss},

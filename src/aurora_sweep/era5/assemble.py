@@ -26,7 +26,7 @@ from aurora_sweep.era5.plan import (
 from aurora_sweep.era5.read import CorruptFileError, open_pieces
 from aurora_sweep.era5.scratch import make_dir, scratch_folder
 from aurora_sweep.errors import AuroraSweepError
-from aurora_sweep.targets import TARGETS, Target
+from aurora_sweep.targets import DEFAULT, TARGETS, Target
 
 log = logging.getLogger(__name__)
 _EPS = 1e-6
@@ -125,8 +125,8 @@ def _read(var: xr.DataArray, **indices: np.ndarray) -> np.ndarray:
         picks, block.shape, strict=True)])]  # fmt: skip
 
 
-def check_hourly(hours: np.ndarray, *, label: str, name: str = "tp") -> None:
-    """Refuse an accumulated series (`name`, tp by default) that is not hourly: 6-hourly
+def check_hourly(hours: np.ndarray, *, label: str, name: str = DEFAULT) -> None:
+    """Refuse an accumulated series (`name`, the default target's by default) that is not hourly: 6-hourly
     samples of ERA5's 1-hour accumulations do not sum to 6-hour totals."""
     hours = np.unique(hours)
     steps = np.diff(hours)

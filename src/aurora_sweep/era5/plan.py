@@ -69,7 +69,6 @@ SINGLE_LEVEL_NAMES = {
     "u10": "10u",
     "v10": "10v",
     "msl": "msl",
-    "tp": "tp",
     "z": "static_z",
     "lsm": "static_lsm",
     "slt": "static_slt",
