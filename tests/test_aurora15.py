@@ -5,6 +5,7 @@ base fine-tuned, exported and loaded; the untrained model as a study's baseline.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from pathlib import Path
 
@@ -121,6 +122,24 @@ def test_the_v15_base_rolls_out_as_the_sum_of_aurora15s_hourly_precipitation(che
     np.testing.assert_allclose(last.surf_vars["sd"].numpy(),
                                reference.surf_vars["scaled_sd"].numpy(), rtol=1e-4, atol=1e-6)  # fmt: skip
     assert last.metadata.time == reference.metadata.time
+
+
+def test_the_v15_bases_pr_is_the_mean_rate_of_the_hours_whose_sum_is_its_tp(checkpoint):
+    """With `[model] target = "pr"` the same six hours make the step's mean rate (mm h-1)."""
+    tp_model = _v15_base(checkpoint)
+    pr_model = build_base("v1.5", target="pr", clamp=True, arch=SMALL)
+    load_base_checkpoint(pr_model, checkpoint)
+    batch = _store_batch(tp_model)
+    rate_batch = dataclasses.replace(
+        batch, surf_vars={("pr" if k == "tp" else k): v for k, v in batch.surf_vars.items()}
+    )
+    with torch.no_grad():
+        tp = tp_model(batch).surf_vars["tp"]
+        pred = pr_model.eval()(rate_batch)
+    assert "pr" in pred.surf_vars and "tp" not in pred.surf_vars
+    np.testing.assert_allclose(pred.surf_vars["pr"].numpy(), tp.numpy() / 6, rtol=1e-5, atol=1e-7)
+    with pytest.raises(AuroraSweepError, match="predict tp or pr with it, not ro"):
+        build_base("v1.5", target="ro", arch=SMALL)  # runoff is not Aurora 1.5's precipitation
 
 
 def test_in_training_the_hours_are_not_clamped(checkpoint):

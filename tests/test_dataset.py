@@ -363,3 +363,35 @@ def test_a_24h_climatology_adds_the_four_windows_it_covers():
     assert (
         climatology_forecast(clim, times, TARGETS["tp"], steps=2)[0, 0, 0] == 3.0
     )  # 06 and 00 UTC
+
+
+@pytest.mark.parametrize("target", ["pr", "rain_rate"])
+def test_a_longer_lead_combines_its_steps_as_the_target_is_over_time(tiny_config, target):
+    """A mean rate over 24 h is the mean of its four steps (persistence too); an instantaneous
+    value is the one at the valid time (persistence: at the last input time), not a sum."""
+    import dataclasses
+
+    cube = open_store(tiny_config.data.store).rename({"tp": target})
+    data = dataclasses.replace(tiny_config.data, target=target)
+    day = Samples(cube, data, "validation").at_lead(4)
+    i = 5
+    t = day.index[i]
+    v = cube[target].isel(latitude=slice(0, 16), longitude=slice(0, 16)).values
+    if target == "pr":
+        observed, persistence = v[t + 1 : t + 5].mean(axis=0), v[t - 3 : t + 1].mean(axis=0)
+    else:
+        observed, persistence = v[t + 4], v[t]
+    np.testing.assert_allclose(day.observed([i])[0], observed, rtol=1e-6)
+    np.testing.assert_allclose(day.persistence([i])[0], persistence, rtol=1e-6)
+    batch, target_now = day.batch([i])
+    assert target in batch.surf_vars and "tp" not in batch.surf_vars
+
+
+def test_a_longer_leads_climatology_is_the_mean_rate_or_the_valid_times_value():
+    clim = np.zeros((12, 4, 1, 1))
+    clim[0, :, 0, 0] = [1.0, 2.0, 3.0, 4.0]  # January by hour slot
+    times = pd.DatetimeIndex(["2022-01-02T06"])
+    # windows ending 12, 18 (day before), 00 and 06 UTC
+    assert climatology_forecast(clim, times, TARGETS["pr"], steps=4)[0, 0, 0] == 2.5
+    assert climatology_forecast(clim, times, TARGETS["rain_rate"], steps=4)[0, 0, 0] == 2.0
+    assert climatology_forecast(clim, times, TARGETS["ro"], steps=4)[0, 0, 0] == 10.0

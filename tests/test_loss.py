@@ -116,3 +116,22 @@ def test_the_learning_rate_warms_up_then_decays_along_a_cosine():
     assert all(a >= b for a, b in zip(factors[10:], factors[11:]))  # then only falls
     assert factors[-1] == pytest.approx(FINAL_LR_FACTOR)
     assert learning_rate_factor(1, 1) == 1.0  # a one-step fine-tune trains at the peak
+
+
+def test_a_targets_dry_limit_is_in_its_units_and_soil_moisture_is_not_censored():
+    from aurora_sweep.targets import TARGETS
+
+    lat = np.zeros(4)
+    assert _spec(lat).dry == 0.01  # tp: mm per step
+    assert _spec(lat, target=TARGETS["pr"]).dry == pytest.approx(0.01 / 6)  # mm h-1
+    swvl1 = _spec(lat, target=TARGETS["swvl1"])
+    assert swvl1.dry is None and swvl1.variables[len(SURF_VARS)] == "swvl1"
+    surf, atmos = _state()
+    surf["swvl1"] = surf.pop("tp") - 0.2  # a raw forecast below a dry (0) truth
+    truth = {**{k: torch.zeros_like(v) for k, v in surf.items()}, **atmos}
+    terms = loss_terms(swvl1, _prediction(surf, atmos, lat), truth)
+    # soil moisture is not censored: the whole error counts, over the target's scale
+    assert terms["swvl1"].item() == pytest.approx(0.2 / 2.0, rel=1e-6)
+    surf["tp"] = surf.pop("swvl1")
+    truth["tp"] = truth.pop("swvl1")
+    assert loss_terms(_spec(lat), _prediction(surf, atmos, lat), truth)["tp"].item() == 0.0

@@ -43,7 +43,7 @@ def _scores(
     observed,
     *,
     lat=None,
-    seeps=None,
+    seeps=False,
     persistence=None,
     climatology=None,
     hours=None,
@@ -63,7 +63,7 @@ def _scores(
         months=np.ones(n, dtype=int),
         hours=np.zeros(n, dtype=int) if hours is None else hours,
         days=DAY0 + np.arange(n),
-        seeps=seeps or _climate(np.full(shape, 0.5), np.full(shape, 2.0)),
+        seeps=_climate(np.full(shape, 0.5), np.full(shape, 2.0)) if seeps is False else seeps,
         **{"bootstrap": 0, "objective": "tp_rmse", **kw},
     )
 
@@ -501,3 +501,53 @@ def test_fss_is_zero_without_events_and_nan_when_no_window_fits():
     assert np.isnan(fss(dry, dry, 1.0, 9))  # 9 > 8 latitudes
     wet = np.full((3, 8, 9), 2.0)
     assert fss(wet, wet, 1.0, 3) == 1.0 and fss(dry, wet, 1.0, 3) == 0.0
+
+
+# --- targets other than tp ------------------------------------------------------------------
+
+
+def test_pr_is_scored_as_tp_over_six_hours_with_seeps_unchanged_and_thresholds_its_own():
+    """pr is tp / 6 h: its SEEPS (dry limit a sixth of tp's, climate from pr itself) equals tp's,
+    its RMSE is a sixth, and its events are counted at its own thresholds in mm h-1."""
+    rng = np.random.default_rng(4)
+    train = rng.gamma(0.4, 3.0, (200, 3, 4)) * (rng.random((200, 3, 4)) > 0.4)
+    months, hours = np.ones(200, dtype=int), np.zeros(200, dtype=int)
+    data = _rain_days(40, seed=5)
+    data["forecast"] = np.clip(data["forecast"], 0, None)
+    data["persistence"] = np.roll(data["observed"], 1, axis=0)  # yesterday's
+    tp = _scores(**data, seeps=seeps_climate(train, months, hours), objective="tp_seeps")
+    rate = {k: v / 6 for k, v in data.items()}
+    climate = seeps_climate(train / 6, months, hours, dry_threshold=0.1 / 6)
+    pr = _scores(**rate, seeps=climate, objective="pr_seeps", target=TARGETS["pr"])
+    assert pr["pr_seeps"] == pytest.approx(tp["tp_seeps"], rel=1e-9)
+    assert pr["pr_rmse"] == pytest.approx(tp["tp_rmse"] / 6, rel=1e-9)
+    assert pr["pr_skill_persistence"] == pytest.approx(tp["tp_skill_persistence"], abs=1e-9)
+    assert {"pr_csi_0.02", "pr_csi_1", "pr_fss_0.2_w5"} <= set(pr)
+    assert not any(k.startswith("tp_") for k in pr)
+
+
+def test_soil_moisture_gets_continuous_scores_and_the_anomaly_correlation():
+    from aurora_sweep.fields import anomaly_correlation
+
+    rng = np.random.default_rng(6)
+    clim = np.broadcast_to(0.3 + 0.05 * rng.random((1, 3, 4)), (30, 3, 4))
+    observed = clim + 0.02 * rng.standard_normal((30, 3, 4))
+    forecast = clim + 0.5 * (observed - clim) + 0.01 * rng.standard_normal((30, 3, 4))
+    s = _scores(forecast, observed, climatology=clim, seeps=None, objective="swvl1_rmse",
+                target=TARGETS["swvl1"])  # fmt: skip
+    assert set(s) >= {"swvl1_rmse", "swvl1_mae", "swvl1_bias", "swvl1_acc", "swvl1_acc_persistence"}
+    assert not any("seeps" in k or "csi" in k or "fss" in k for k in s)
+    assert np.isnan(s["swvl1_acc_climatology"])  # its anomalies are zero: undefined
+    # WeatherBench 2's ACC, by hand: per sample, weighted uncentred correlation of anomalies
+    w = np.cos(np.deg2rad(_lat(3)))[:, None]
+    fa, oa = forecast - clim, observed - clim
+    acc = [
+        (w * f * o).sum() / np.sqrt((w * f * f).sum() * (w * o * o).sum()) for f, o in zip(fa, oa)
+    ]
+    assert s["swvl1_acc"] == pytest.approx(np.mean(acc), rel=1e-12)
+    assert 0.5 < s["swvl1_acc"] < 1
+    assert anomaly_correlation(observed, observed, clim, _lat(3)) == pytest.approx(1.0)
+    assert anomaly_correlation(2 * clim - observed, observed, clim, _lat(3)) == pytest.approx(-1.0)
+    assert s["swvl1_skill_climatology"] == pytest.approx(
+        1 - s["swvl1_rmse"] / s["swvl1_rmse_climatology"]
+    )

@@ -117,3 +117,40 @@ def test_a_study_names_its_target_its_objective_follows_and_mismatches_are_refus
 def _write(path, text: str):
     path.write_text(text)
     return path
+
+
+def test_each_kind_combines_a_leads_steps_its_own_way_in_numpy_and_torch():
+    import torch
+
+    parts = np.array([[[1.0], [2.0], [6.0]]])  # one sample, three steps, one point
+    assert TARGETS["tp"].over_lead(parts)[0, 0] == 9.0  # a total
+    assert TARGETS["pr"].over_lead(parts)[0, 0] == 3.0  # a mean rate
+    assert TARGETS["rain_rate"].over_lead(parts)[0, 0] == 6.0  # the value at the valid time
+    total = None
+    for step, value in enumerate((1.0, 2.0, 6.0), start=1):  # as a rollout adds its steps
+        total = TARGETS["pr"].accumulate(total, torch.tensor([value]), step)
+    assert float(total) == pytest.approx(3.0)
+    assert TARGETS["pr"].per_lead(0.25, 24) == pytest.approx(0.25 / 24)
+    assert TARGETS["tp"].per_lead(0.25, 24) == 0.25
+
+
+def test_a_forecasts_cf_attributes_follow_the_targets_kind():
+    assert TARGETS["tp"].lead_attrs() == {
+        "standard_name": "lwe_thickness_of_precipitation_amount", "units": "mm",
+        "long_name": "total precipitation over the lead time, ending at valid_time",
+        "cell_methods": "lead_time: sum",
+    }  # fmt: skip
+    assert TARGETS["pr"].lead_attrs()["cell_methods"] == "lead_time: mean"
+    swvl1 = TARGETS["swvl1"].lead_attrs()
+    assert swvl1["cell_methods"] == "lead_time: point" and swvl1["units"] == "m3 m-3"
+    assert swvl1["long_name"].endswith("(0-7 cm) at valid_time")
+
+
+def test_a_metric_names_its_target_even_one_with_an_underscore():
+    from aurora_sweep.targets import of_metric, skill_name
+
+    assert of_metric("rain_rate_rmse_24h").name == "rain_rate"
+    assert of_metric("tp_seeps").name == "tp" and of_metric("ro_rmse").name == "ro"
+    assert skill_name("swvl1_rmse", "climatology") == "swvl1_skill_climatology"
+    with pytest.raises(ValueError, match="names no target"):
+        of_metric("peak_memory_mb")

@@ -41,7 +41,7 @@ from aurora import Aurora
 from aurora_sweep.bases import BASELINE_MODELS, BASES, HF_REPO
 from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.recipe import LORA_METHODS, METHODS
-from aurora_sweep.targets import DEFAULT
+from aurora_sweep.targets import DEFAULT, TARGETS
 
 BASE_SURF_VARS = ("2t", "10u", "10v", "msl")
 DEMO_CHECKPOINT = Path(__file__).parent / "demo" / "aurora-demo-base.ckpt"
@@ -123,6 +123,10 @@ def _build_own_precipitation(base: str, target: str, *, clamp: bool, arch: tuple
     every base)."""
     from aurora_sweep.hourly import SixHourAurora15
 
+    if not TARGETS[target].from_hourly_precipitation:
+        raise AuroraSweepError(
+            f"the {base} base forecasts its own precipitation: predict tp or pr with it, not {target}"
+        )
     spec = BASES[base]
     kwargs = dict(
         clamp_at_first_step=clamp, autocast=False, use_lora=False,
