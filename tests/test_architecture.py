@@ -113,3 +113,14 @@ def test_no_module_over_500_lines_and_no_function_over_60_outside_the_plotting_c
                 if node.end_lineno - node.lineno + 1 > 60:
                     long_functions.append(f"{path.name}:{node.name}")
     assert long_modules == [] and long_functions == []
+
+
+def test_only_the_targets_registry_and_the_demo_name_tp():
+    """Every layer reads the study's target from `targets` (issue 18): a `"tp"` literal anywhere
+    else is a layer that would silently treat another target as tp."""
+    naming = sorted(
+        path.name
+        for path in PACKAGE.rglob("*")
+        if path.is_file() and path.suffix in (".py", ".toml") and '"tp"' in path.read_text()
+    )
+    assert naming == ["demo_data.py", "targets.py"]
