@@ -118,9 +118,10 @@ def sample_times(cube: xr.Dataset, period: Period, target: str, steps: int = 1) 
 class TargetStats:
     """The target's normalisation (in its units), from the train split only.
 
-    The location is 0, not the mean: Aurora clamps a positive variable (`positive_surf_vars`) at 0
-    in normalised units, which means a value >= 0 (every target's lower bound) only when the
-    location is 0. The mean is kept to start the new head at the train-split mean.
+    For a bounded target the location is its lower bound (0 for every target so far), not the
+    mean: Aurora clamps a positive variable (`positive_surf_vars`) at 0 in normalised units,
+    which is the bound only when the location is the bound (`targets.Target.lower`). The mean
+    is kept to start the new head at the train-split mean.
     """
 
     location: float
@@ -135,7 +136,9 @@ def target_stats(cube: xr.Dataset, train: Period, target: str) -> TargetStats:
     if values.sizes["time"] == 0:
         raise AuroraSweepError(f"no data in the train period {train.start}..{train.end}")
     mean, std = float(values.mean()), float(values.std())
-    return TargetStats(location=0.0, scale=max(std, 1e-3), mean=mean, target=target)
+    lower = TARGETS[target].lower
+    location = lower if lower is not None else mean
+    return TargetStats(location=location, scale=max(std, 1e-3), mean=mean, target=target)
 
 
 def forecast_times(cube: xr.Dataset, period: Period, target: str) -> np.ndarray:

@@ -97,8 +97,10 @@ def build_base(
     surf_stats = {target: stats} if with_target and stats is not None else None
     if with_target and stats is None:
         raise ValueError(f"a model with {target} needs stats=(location, scale)")
-    # Aurora's own clamp of positive variables (in normalised units: the location must be 0)
-    positive = dict(positive_surf_vars=(target,), clamp_at_first_step=clamp) if with_target else {}
+    # Aurora's own clamp of positive variables, at 0 in normalised units: a bounded target's
+    # location is its lower bound (`dataset.TargetStats`)
+    bounded = with_target and TARGETS[target].lower is not None
+    positive = dict(positive_surf_vars=(target,), clamp_at_first_step=clamp) if bounded else {}
     kwargs = dict(surf_vars=surf_vars, surf_stats=surf_stats, use_lora=False, **positive)
     if spec.aurora_class == "Aurora":  # the demo: Aurora's own class at the demo's size
         kwargs["timestep"] = timedelta(hours=6)

@@ -47,7 +47,10 @@ class Target:
     #: from ERA5's units to `units`
     factor: float
     units: str
-    #: the physical bounds of a value (None: unbounded)
+    #: the physical bounds of a value (None: unbounded). Aurora's normalisation of the target
+    #: follows: its location is the lower bound, where Aurora's clamp of a positive variable
+    #: (at 0 in normalised units) then sits; without one, the train mean and no clamp. The scale
+    #: is the train split's standard deviation either way (`dataset.target_stats`).
     lower: float | None
     upper: float | None
     standard_name: str
