@@ -154,3 +154,28 @@ def test_a_metric_names_its_target_even_one_with_an_underscore():
     assert skill_name("swvl1_rmse", "climatology") == "swvl1_skill_climatology"
     with pytest.raises(ValueError, match="names no target"):
         of_metric("peak_memory_mb")
+
+
+def test_a_targets_normalisation_is_centred_where_its_row_says():
+    """Precipitation-like targets from their bound (0: Aurora's clamp then sits there), soil
+    moisture about its train mean with no clamp, as Aurora normalises its own variables."""
+    import datetime as dt
+
+    import pandas as pd
+    import xarray as xr
+
+    from aurora_sweep.config import Period
+    from aurora_sweep.dataset import target_stats
+    from aurora_sweep.model import build_base
+
+    times = pd.date_range("2022-01-01", periods=8, freq="6h")
+    values = np.linspace(0.2, 0.4, 8)[:, None, None] * np.ones((8, 2, 2))
+    train = Period(dt.date(2022, 1, 1), dt.date(2022, 1, 2))
+    for name, location in (("swvl1", 0.3), ("ro", 0.0)):
+        cube = xr.Dataset({name: (("time", "latitude", "longitude"), values)}, {"time": times})
+        stats = target_stats(cube, train, name)
+        assert stats.location == pytest.approx(location) and stats.mean == pytest.approx(0.3)
+        assert stats.scale == pytest.approx(values.std())
+        model = build_base("demo", target=name, stats=(stats.location, stats.scale))
+        assert model.target_name == name and name in model.surf_vars
+        assert (name in model.positive_surf_vars) == (name == "ro")

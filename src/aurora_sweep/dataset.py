@@ -41,7 +41,7 @@ from aurora_sweep.store import (
     V15_SURF_VARS,
     surface_vars,
 )
-from aurora_sweep.targets import DEFAULT, TARGETS, Target
+from aurora_sweep.targets import BOUND, DEFAULT, TARGETS, Target
 
 PATCH = 4
 STEP = np.timedelta64(6, "h")
@@ -118,10 +118,10 @@ def sample_times(cube: xr.Dataset, period: Period, target: str, steps: int = 1) 
 class TargetStats:
     """The target's normalisation (in its units), from the train split only.
 
-    For a bounded target the location is its lower bound (0 for every target so far), not the
-    mean: Aurora clamps a positive variable (`positive_surf_vars`) at 0 in normalised units,
-    which is the bound only when the location is the bound (`targets.Target.lower`). The mean
-    is kept to start the new head at the train-split mean.
+    The location is the target's lower bound or its train mean, as its row says
+    (`targets.Target.location`): Aurora clamps a positive variable (`positive_surf_vars`) at 0
+    in normalised units, which is the bound only when the location is the bound. The mean is
+    kept to start the new head at the train-split mean.
     """
 
     location: float
@@ -136,8 +136,8 @@ def target_stats(cube: xr.Dataset, train: Period, target: str) -> TargetStats:
     if values.sizes["time"] == 0:
         raise AuroraSweepError(f"no data in the train period {train.start}..{train.end}")
     mean, std = float(values.mean()), float(values.std())
-    lower = TARGETS[target].lower
-    location = lower if lower is not None else mean
+    spec = TARGETS[target]
+    location = spec.lower if spec.location == BOUND and spec.lower is not None else mean
     return TargetStats(location=location, scale=max(std, 1e-3), mean=mean, target=target)
 
 

@@ -41,7 +41,7 @@ from aurora import Aurora
 from aurora_sweep.bases import BASELINE_MODELS, BASES, HF_REPO
 from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.recipe import LORA_METHODS, METHODS
-from aurora_sweep.targets import DEFAULT, TARGETS
+from aurora_sweep.targets import BOUND, DEFAULT, TARGETS
 
 BASE_SURF_VARS = ("2t", "10u", "10v", "msl")
 DEMO_CHECKPOINT = Path(__file__).parent / "demo" / "aurora-demo-base.ckpt"
@@ -97,9 +97,9 @@ def build_base(
     surf_stats = {target: stats} if with_target and stats is not None else None
     if with_target and stats is None:
         raise ValueError(f"a model with {target} needs stats=(location, scale)")
-    # Aurora's own clamp of positive variables, at 0 in normalised units: a bounded target's
-    # location is its lower bound (`dataset.TargetStats`)
-    bounded = with_target and TARGETS[target].lower is not None
+    # Aurora's own clamp of positive variables, at 0 in normalised units: where the target's
+    # location is its lower bound (`targets.Target.location`, `dataset.TargetStats`)
+    bounded = with_target and TARGETS[target].location == BOUND
     positive = dict(positive_surf_vars=(target,), clamp_at_first_step=clamp) if bounded else {}
     kwargs = dict(surf_vars=surf_vars, surf_stats=surf_stats, use_lora=False, **positive)
     if spec.aurora_class == "Aurora":  # the demo: Aurora's own class at the demo's size

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 
 ACCUMULATED, MEAN_RATE, INSTANTANEOUS = "accumulated", "mean_rate", "instantaneous"
+#: Where the normalisation of a target is centred (`Target.location`).
+BOUND, MEAN = "bound", "mean"
 #: Hours in a model step, and seconds.
 STEP_HOURS = 6
 STEP_SECONDS = STEP_HOURS * 3600
@@ -47,10 +49,7 @@ class Target:
     #: from ERA5's units to `units`
     factor: float
     units: str
-    #: the physical bounds of a value (None: unbounded). Aurora's normalisation of the target
-    #: follows: its location is the lower bound, where Aurora's clamp of a positive variable
-    #: (at 0 in normalised units) then sits; without one, the train mean and no clamp. The scale
-    #: is the train split's standard deviation either way (`dataset.target_stats`).
+    #: the physical bounds of a value (None: unbounded)
     lower: float | None
     upper: float | None
     standard_name: str
@@ -65,6 +64,14 @@ class Target:
     fss_thresholds: tuple[float, ...] = ()
     #: Aurora 1.5 predicts it from its own hourly precipitation (tp: the sum, pr: the mean)
     from_hourly_precipitation: bool = False
+    #: Aurora's normalisation of it (`dataset.target_stats`; the scale is the train split's
+    #: standard deviation either way): "bound", the location at the lower bound, where Aurora's
+    #: clamp of a positive variable (at 0 in normalised units) then sits: precipitation-like
+    #: targets, dry much of the time, whose forecast must be exactly dry there; "mean", the
+    #: train mean and no clamp, as Aurora normalises its own variables: soil moisture, whose
+    #: anomalies are a tenth of its level (from its bound, a step of the new head would be
+    #: ten times coarser) and which the bound never reaches
+    location: str = BOUND
 
     @property
     def hourly(self) -> bool:
@@ -188,6 +195,7 @@ TARGETS: dict[str, Target] = {
         "swvl1", (("volumetric_soil_water_layer_1", "swvl1"),), INSTANTANEOUS, 1.0, "m3 m-3",
         0.0, 0.766, "volume_fraction_of_condensed_water_in_soil",
         "volumetric soil water in the top layer (0-7 cm) at time", False, False,
+        location=MEAN,
     ),
 }  # fmt: skip
 
