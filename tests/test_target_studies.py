@@ -96,7 +96,8 @@ def test_a_study_of_each_target_trains_scores_exports_forecasts_and_reports(tmp_
         "accumulated": "lead_time: sum", "mean_rate": "lead_time: mean",
         "instantaneous": "lead_time: point",
     }[spec.kind]  # fmt: skip
-    assert np.isfinite(values).all() and values.min() >= spec.lower  # clamped as forecasts are
+    assert np.isfinite(values).all() and values.min() >= spec.lower  # within its bounds
+    assert spec.upper is None or values.max() <= spec.upper
 
     page = report_adapter(adapter, split="validation", out=tmp_path / "r.html", bootstrap=20)
     html = page.read_text()

@@ -131,6 +131,9 @@ def test_each_kind_combines_a_leads_steps_its_own_way_in_numpy_and_torch():
         total = TARGETS["pr"].accumulate(total, torch.tensor([value]), step)
     assert float(total) == pytest.approx(3.0)
     assert TARGETS["pr"].per_lead(0.25, 24) == pytest.approx(0.25 / 24)
+    raw = np.array([-0.1, 0.3, 0.9])
+    np.testing.assert_array_equal(TARGETS["swvl1"].within_bounds(raw), [0.0, 0.3, 0.766])
+    assert TARGETS["ro"].within_bounds(torch.tensor([-1.0, 50.0])).tolist() == [0.0, 50.0]
     assert TARGETS["tp"].per_lead(0.25, 24) == 0.25
 
 

@@ -169,7 +169,8 @@ def forecast_leads(
                 total = None
                 for step, pred in enumerate(_steps(model, batch, m), start=1):
                     if with_target:
-                        total = target.accumulate(total, pred.surf_vars[target.name][:, 0], step)
+                        value = target.within_bounds(pred.surf_vars[target.name][:, 0])
+                        total = target.accumulate(total, value, step)
                     if step not in leads:
                         continue
                     if with_target:
@@ -227,7 +228,7 @@ def run_steps(model, batch, steps: int, target):
     for step, pred in enumerate(_steps(model, batch, steps), start=1):
         value = pred.surf_vars.get(target.name)
         if value is not None:
-            total = target.accumulate(total, value[:, 0], step)
+            total = target.accumulate(total, target.within_bounds(value[:, 0]), step)
     return pred, total
 
 

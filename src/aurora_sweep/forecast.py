@@ -135,7 +135,8 @@ def _roll_out(aurora, samples, steps: int, batch_size: int, device):
             batch = samples.inputs(idx)
             total = None
             for step, pred in enumerate(rollout(aurora, batch.to(device), steps=steps), start=1):
-                total = target.accumulate(total, pred.surf_vars[target.name][:, 0].float(), step)
+                value = target.within_bounds(pred.surf_vars[target.name][:, 0].float())
+                total = target.accumulate(total, value, step)
             values[idx] = total.cpu().numpy()
             for k in SURF_VARS:
                 state[k][idx] = pred.surf_vars[k][:, 0].float().cpu().numpy()

@@ -118,6 +118,14 @@ class Target:
             return total + (value - total) / step
         return total + value
 
+    def within_bounds(self, values):
+        """`values` (a NumPy array or a torch tensor) clipped to the target's bounds, as every
+        forecast and score takes a model's output (a bounded target normalised from its bound
+        is also clamped by Aurora itself; soil moisture, centred on its mean, only here)."""
+        if self.lower is None and self.upper is None:
+            return values
+        return values.clip(self.lower, self.upper)
+
     def over_lead(self, parts: np.ndarray) -> np.ndarray:
         """The value over a lead from its steps' values `parts` (n, steps, ...), earliest first."""
         total = None
