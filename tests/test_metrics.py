@@ -551,3 +551,29 @@ def test_soil_moisture_gets_continuous_scores_and_the_anomaly_correlation():
     assert s["swvl1_skill_climatology"] == pytest.approx(
         1 - s["swvl1_rmse"] / s["swvl1_rmse_climatology"]
     )
+
+
+def test_a_land_only_target_is_scored_on_land_whatever_the_sea_holds():
+    """Runoff and soil moisture are land fields: a forecast's sea points, however wrong, and an
+    observation NaN or 0 there change none of their scores."""
+    rng = np.random.default_rng(8)
+    observed = rng.gamma(0.5, 2.0, (20, 3, 4))
+    forecast = observed + rng.normal(0.0, 0.5, observed.shape).clip(-observed)
+    land = np.zeros((3, 4), dtype=bool)
+    land[:, 2:] = True
+    kw = dict(objective="ro_rmse", target=TARGETS["ro"], land=land)
+    s = _scores(forecast, observed, **kw)
+    wrong_at_sea = np.where(land, forecast, 100.0)
+    assert _scores(wrong_at_sea, observed, **kw)["ro_rmse"] == pytest.approx(s["ro_rmse"])
+    w = np.broadcast_to(np.cos(np.deg2rad(_lat(3)))[:, None], (3, 4))[land]
+    per_sample = [
+        (w * (f[land] - o[land]) ** 2).sum() / w.sum() for f, o in zip(forecast, observed)
+    ]
+    assert s["ro_rmse"] == pytest.approx(np.sqrt(np.mean(per_sample)), rel=1e-9)
+    events = (forecast[:, land] >= 1) & (observed[:, land] >= 1)
+    hits_everywhere = _scores(forecast, observed, objective="ro_rmse", target=TARGETS["ro"])
+    assert s["ro_csi_1"] != hits_everywhere["ro_csi_1"] and events.any()
+    value = objective_value("ro_rmse", forecast=wrong_at_sea, observed=observed, lat=_lat(3),
+                            months=np.ones(20, int), hours=np.zeros(20, int), seeps=None,
+                            land=land)  # fmt: skip
+    assert value == pytest.approx(s["ro_rmse"])

@@ -43,6 +43,7 @@ def _study_config(root, target: str):
 @pytest.mark.slow
 @pytest.mark.parametrize("target", ["pr", "rain_rate", "ro", "sf", "swvl1"])
 def test_a_study_of_each_target_trains_scores_exports_forecasts_and_reports(tmp_path, target):
+    from aurora_sweep.dataset import land_mask
     from aurora_sweep.forecast import forecast_file
     from aurora_sweep.ranking import ranked_trials
     from aurora_sweep.records import TrialRecord
@@ -96,6 +97,11 @@ def test_a_study_of_each_target_trains_scores_exports_forecasts_and_reports(tmp_
         "accumulated": "lead_time: sum", "mean_rate": "lead_time: mean",
         "instantaneous": "lead_time: point",
     }[spec.kind]  # fmt: skip
+    land = land_mask(xr.open_zarr(config.data.store)).ravel()
+    values = values.reshape(*values.shape[:2], -1)
+    if spec.land_only:  # runoff and soil moisture: NaN at sea, where they are not defined
+        assert np.isnan(values[..., ~land]).all()
+        values = values[..., land]
     assert np.isfinite(values).all() and values.min() >= spec.lower  # within its bounds
     assert spec.upper is None or values.max() <= spec.upper
 

@@ -175,7 +175,10 @@ def test_a_targets_normalisation_is_centred_where_its_row_says():
     values = np.linspace(0.2, 0.4, 8)[:, None, None] * np.ones((8, 2, 2))
     train = Period(dt.date(2022, 1, 1), dt.date(2022, 1, 2))
     for name, location in (("swvl1", 0.3), ("ro", 0.0)):
-        cube = xr.Dataset({name: (("time", "latitude", "longitude"), values)}, {"time": times})
+        cube = xr.Dataset(
+            {name: (("time", "latitude", "longitude"), values),
+             "static_lsm": (("latitude", "longitude"), np.ones((2, 2)))}, {"time": times},
+        )  # fmt: skip
         stats = target_stats(cube, train, name)
         assert stats.location == pytest.approx(location) and stats.mean == pytest.approx(0.3)
         assert stats.scale == pytest.approx(values.std())

@@ -105,13 +105,33 @@ def sample_times(cube: xr.Dataset, period: Period, target: str, steps: int = 1) 
         return np.zeros(0, dtype=int)
     t = np.arange(back, times.size - steps)
     inside = in_period(times, period)
-    complete = np.isfinite(cube[target].isel(latitude=0, longitude=0).values)
+    complete = _complete(cube, target)
     ok = inside[t - back] & inside[t + steps]
     for k in range(-back, steps + 1):
         ok &= complete[t + k]
         if k > -back:
             ok &= times[t + k] - times[t + k - 1] == STEP
     return t[ok]
+
+
+def land_mask(cube: xr.Dataset) -> np.ndarray:
+    """The land points (`static_lsm` >= 0.5), where a land-only target is defined and scored."""
+    return np.asarray(cube["static_lsm"].values) >= 0.5
+
+
+def _complete(cube: xr.Dataset, target: str) -> np.ndarray:
+    """Per time, whether the target's field is there: probed at the first grid point, a
+    land-only target's (`targets.Target.land_only`) at the first land point."""
+    i = j = 0
+    if TARGETS[target].land_only:
+        land = np.argwhere(land_mask(cube))
+        if not land.size:
+            raise AuroraSweepError(
+                f"the region has no land point, and {target} is defined over land only: choose a "
+                "region with land"
+            )
+        i, j = land[0]
+    return np.isfinite(cube[target].isel(latitude=i, longitude=j).values)
 
 
 @dataclass(frozen=True)
@@ -133,6 +153,8 @@ class TargetStats:
 
 def target_stats(cube: xr.Dataset, train: Period, target: str) -> TargetStats:
     values = cube[target].sel(time=in_period(cube["time"].values, train))
+    if TARGETS[target].land_only:  # over land alone
+        values = values.where(land_mask(cube))
     if values.sizes["time"] == 0:
         raise AuroraSweepError(f"no data in the train period {train.start}..{train.end}")
     mean, std = float(values.mean()), float(values.std())
@@ -149,7 +171,7 @@ def forecast_times(cube: xr.Dataset, period: Period, target: str) -> np.ndarray:
         return np.zeros(0, dtype=int)
     t = np.arange(1, times.size)
     ok = (times[t] - times[t - 1] == STEP) & in_period(times, period)[t]
-    complete = np.isfinite(cube[target].isel(latitude=0, longitude=0).values)
+    complete = _complete(cube, target)
     return t[ok & complete[t - 1] & complete[t]]
 
 
@@ -311,6 +333,12 @@ class Samples:
         return self.cube.sizes["latitude"], self.cube.sizes["longitude"]
 
     @property
+    def scored_points(self) -> np.ndarray | None:
+        """The grid points the target is scored on: land for a land-only target, else None
+        (every point)."""
+        return land_mask(self.cube) if self.variable.land_only else None
+
+    @property
     def lazy(self) -> bool:
         """True when samples are read from the store as they are asked for."""
         return self._reader is not None
@@ -329,7 +357,8 @@ class Samples:
                 else arrays[k][positions]
                 for k in names
             }  # fmt: skip
-        for k in V15_SURF_VARS:  # sea ice is NaN over land in ERA5: 0, as Aurora 1.5 reads it
+        # sea ice NaN over land: 0, as Aurora 1.5 reads it; a land-only target's at sea too
+        for k in (*V15_SURF_VARS, *((self.variable.name,) if self.variable.land_only else ())):
             if k in out:
                 np.nan_to_num(out[k], copy=False, nan=0.0)
         return out
@@ -417,7 +446,12 @@ def complete_train(
     and those times."""
     field = cube[target].sel(time=in_period(cube["time"].values, train))
     values = np.asarray(field.values, dtype=np.float64)
-    ok = np.isfinite(values).all(axis=(1, 2))
+    if TARGETS[target].land_only:  # complete over land; 0 at sea, where it is not scored
+        land = land_mask(cube)
+        ok = np.isfinite(values[:, land]).all(axis=1)
+        values = np.nan_to_num(values)
+    else:
+        ok = np.isfinite(values).all(axis=(1, 2))
     return values[ok], pd.DatetimeIndex(field["time"].values)[ok]
 
 

@@ -381,6 +381,7 @@ def lead_scores(
         seeps=data.lead_seeps[samples.steps],
         objective=data.objective,
         target=samples.variable,
+        land=samples.scored_points,
         bootstrap=bootstrap,
         terms_out=terms_out,
         references=references,
@@ -431,6 +432,7 @@ def subset_objective(values: np.ndarray, data, indices: np.ndarray) -> float:
         months=times.month.values,
         hours=times.hour.values,
         seeps=data.lead_seeps[samples.steps],
+        land=samples.scored_points,
     )
 
 
@@ -448,12 +450,16 @@ def case_maps_png(samples: Samples, result: Forecasts) -> bytes:
     idx = result.indices
     times = samples.target_times()[idx]
     observed, persistence = samples.observed(idx), samples.persistence(idx)
+    forecast, points = result.values, samples.scored_points
+    if points is not None:  # a land-only target: its sea, where it is not scored, drawn grey
+        observed, persistence, forecast = (np.where(points, v, np.nan)
+                                           for v in (observed, persistence, forecast))  # fmt: skip
     cases = [
         {
             "label": label,
             "time": f"{times[i]:%Y-%m-%d %H UTC}",
             "observed": observed[i],
-            "forecast": result.values[i],
+            "forecast": forecast[i],
             "persistence": persistence[i],
         }
         for label, i in case_indices(samples, idx).items()

@@ -174,7 +174,7 @@ def load_finetuned(directory: str | Path, *, checkpoint: Path | None = None, dev
 
 
 MODEL_CARD = """\
-# {name}: Aurora fine-tuned for {long} ({target})
+# {name}: Aurora fine-tuned for {what} ({target})
 
 Fine-tuned by aurora-sweep from the base model **{base}** (checkpoint `{ckpt}`, sha256 `{sha}`)
 to forecast {target}, the {long} ({units}, CF `{standard}`, `{cell}`), 6 h after its last input
@@ -231,6 +231,7 @@ def write_model_card(directory: Path, *, study: str, number: int) -> Path:
     card = MODEL_CARD.format(
         target=target.name,
         long=target.long_name,
+        what=target.what,
         units=target.units,
         standard=target.standard_name,
         cell=target.cell_methods,

@@ -52,8 +52,9 @@ def anomaly_correlation(
     if len(f) == 0:
         return float("nan")
     w = np.cos(np.deg2rad(np.asarray(lat, np.float64)))[None, :, None]
-    num = (w * f * o).sum(axis=(1, 2))
-    den = np.sqrt((w * f * f).sum(axis=(1, 2)) * (w * o * o).sum(axis=(1, 2)))
+    # NaN points (a land-only target's sea) left out
+    num = np.nansum(w * f * o, axis=(1, 2))
+    den = np.sqrt(np.nansum(w * f * f, axis=(1, 2)) * np.nansum(w * o * o, axis=(1, 2)))
     with np.errstate(invalid="ignore", divide="ignore"):
         per_sample = np.where(den > 0, num / den, np.nan)
     return float(per_sample.mean())

@@ -95,6 +95,8 @@ def forecast_file(
     device = default_device()
     model = load_finetuned(adapter, checkpoint=checkpoint, device=str(device))
     values, state = _roll_out(unwrap(model), samples, steps, batch_size, device)
+    if samples.scored_points is not None:  # a land-only target: undefined at sea
+        values = np.where(samples.scored_points, values, np.nan).astype(np.float32)
     n = len(samples)
     init = samples.times[samples.index]
     ds = to_dataset(

@@ -138,6 +138,7 @@ def objective_value(
     months: np.ndarray,
     hours: np.ndarray,
     seeps: SeepsClimate | None,
+    land: np.ndarray | None = None,
 ) -> float:
     """The objective alone, for one forecast: the same number `scores` reports for it.
 
@@ -148,7 +149,8 @@ def objective_value(
         lat: latitudes in degrees, (lat,).
         months: calendar month (1..12) of each sample's target time, (n,).
         hours: valid hour (0, 6, 12 or 18 UTC) of each sample's target time, (n,).
-        seeps: the train split's SEEPS climate (used for `<target>_seeps`).
+        seeps: the train split's SEEPS climate (used for `<target>_seeps`; None: no SEEPS).
+        land: the (lat, lon) points scored (a land-only target's); None: every point.
     """
     num, den = objective_terms(
         objective,
@@ -158,6 +160,7 @@ def objective_value(
         months=months,
         hours=hours,
         seeps=seeps,
+        land=land,
     )
     keep = _observed_samples(observed)
     return objective_from(objective, num[keep].sum(), den[keep].sum())
@@ -172,6 +175,7 @@ def objective_terms(
     months: np.ndarray,
     hours: np.ndarray,
     seeps: SeepsClimate | None,
+    land: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each sample's (numerator, denominator) of the objective, for pairing trials later.
 
@@ -182,7 +186,8 @@ def objective_terms(
     inf on any other sample has failed and gets NaN terms throughout.
 
     Args:
-        objective, forecast, observed, lat, months, hours, seeps: as for `objective_value`.
+        objective, forecast, observed, lat, months, hours, seeps, land: as for
+            `objective_value`.
 
     Returns:
         Two float64 arrays of length n, in the order of the samples given.
@@ -195,6 +200,7 @@ def objective_terms(
     if not np.isfinite(forecast).all():
         nan = np.full(len(keep), np.nan)
         return nan, nan.copy()
+    forecast, observed = _on(land, forecast), _on(land, observed)
     terms = _objective_terms(objective, forecast, observed, lat, months, hours, seeps)
     return _spread(keep, terms[0]), _spread(keep, terms[1])
 
@@ -212,6 +218,7 @@ def scores(
     seeps: SeepsClimate | None,
     objective: str,
     target: Target = TARGETS[DEFAULT],
+    land: np.ndarray | None = None,
     bootstrap: int = 1000,
     block_days: int = 3,
     seed: int = 0,
@@ -226,17 +233,15 @@ def scores(
     objective and each skill over a paired block bootstrap of days.
 
     Args:
-        forecast, persistence, climatology: the model's, persistence's (the target over the
-            lead ending at the last input time) and climatology's forecasts, (n, lat, lon).
-        observed, lat, months, hours, seeps: as for `objective_value` (seeps None: no SEEPS).
+        forecast, persistence, climatology: the model's, persistence's and climatology's
+            forecasts (n, lat, lon).
+        observed, lat, months, hours, seeps, land: as for `objective_value`.
         days: each sample's target day, datetime64[D], (n,).
-        objective, target: the score the skills and the bootstrap use (`<target>_<score>`),
-            and what is scored (`targets.TARGETS`: which scores, at which thresholds).
+        objective, target: what the skills and bootstrap use; what is scored (`targets`).
         bootstrap, block_days, seed: bootstrap resamples (0: none), days a block, seed.
-        terms_out: when a dict, filled with the model's per-sample `"num"` and `"den"` over all n
-            samples (as `objective_terms` gives them), for `paired_difference`.
-        references: when a dict, the baselines' scores are read from it (keyed by suffix) or kept
-            in it: every trial meets the same baselines on the same samples.
+        terms_out: a dict to fill with the model's per-sample `"num"` and `"den"`.
+        references: when a dict, the baselines' scores by suffix, read or kept: every trial
+            meets the same baselines on the same samples.
         others: more baselines by name as `forecast` ({"aurora15": ...}; None: in references).
     """
     check_objective(objective)
@@ -245,7 +250,7 @@ def scores(
     named = {k.removeprefix("_") or "forecast": v for k, v in forecasts.items() if v is not None}
     _check_inputs(observed, lat, months, hours, seeps, days=days, **named)
     keep = _observed_samples(observed)
-    kept = dict(observed=_take(keep, observed), lat=lat, seeps=seeps, target=target)
+    kept = dict(observed=_take(keep, observed), lat=lat, seeps=seeps, target=target, land=land)
     kept |= dict(months=np.asarray(months)[keep], hours=np.asarray(hours)[keep],
                  climatology=None if climatology is None else _take(keep, climatology))  # fmt: skip
     out, terms = {}, {}  # scores by name; each forecast's objective terms by suffix
@@ -314,6 +319,8 @@ def _all_scores(
     if len(observed) == 0 or not np.isfinite(forecast).all():
         nan = np.full(len(observed), np.nan)
         return dict.fromkeys(_score_names(target), float("nan")), (nan, nan)
+    # a land-only target: NaN at sea, which every score below leaves out
+    forecast, observed = _on(kept["land"], forecast), _on(kept["land"], observed)
     terms = {
         score: _objective_terms(score, forecast, observed, lat, months, hours, seeps)
         for score in target.scores
@@ -339,7 +346,8 @@ def _all_scores(
     result = {s: objective_from(s, *(t.sum() for t in pair)) for s, pair in terms.items()}
     result |= {"mae": float(ab.mean()), "bias": float(err.mean())}
     if not target.precipitation_like:
-        result["acc"] = anomaly_correlation(forecast, observed, kept["climatology"], lat)
+        clim = _on(kept["land"], kept["climatology"])
+        result["acc"] = anomaly_correlation(forecast, observed, clim, lat)
     for t, c in counts.items():
         c = {k: xr.DataArray(v) for k, v in c.items()}
         c["total_count"] = sum(c.values())
@@ -407,6 +415,11 @@ def _chunks(
             for c in ((seeps.p_dry, seeps.light_heavy) if seeps else (None, None))
         ]
         yield sl, _field(forecast[sl]), _field(observed[sl]), *clim
+
+
+def _on(points: np.ndarray | None, values: np.ndarray) -> np.ndarray:
+    """`values` (n, lat, lon) on the (lat, lon) `points` alone, NaN elsewhere (None: all)."""
+    return values if points is None else np.where(points, values, np.nan)
 
 
 def _observed_samples(observed: np.ndarray) -> np.ndarray:

@@ -145,7 +145,8 @@ class TrialData:
         period = config.data.train
         # the train split's target, read once for its statistics and both climatologies
         name = config.data.target
-        train_values = train.cube[[name]].sel(time=in_period(train.cube["time"].values, period))
+        picked = train.cube[[name, "static_lsm"]]  # the land mask: a land-only target's points
+        train_values = picked.sel(time=in_period(train.cube["time"].values, period))
         train_values = train_values.load()
         validation = Samples(cube, config.data, eval_split, in_memory=in_memory)
         # the longer leads from the 00 and 12 UTC starts, as WeatherBench 2 scores them

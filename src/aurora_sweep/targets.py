@@ -72,6 +72,9 @@ class Target:
     #: anomalies are a tenth of its level (from its bound, a step of the new head would be
     #: ten times coarser) and which the bound never reaches
     location: str = BOUND
+    #: defined over land only (ERA5's land-surface fields): scored on land points (`static_lsm`
+    #: >= 0.5), written NaN at sea in forecasts; at sea a store may hold 0 or NaN
+    land_only: bool = False
 
     @property
     def hourly(self) -> bool:
@@ -190,7 +193,7 @@ TARGETS: dict[str, Target] = {
     "ro": Target(
         "ro", (("runoff", "ro"),), ACCUMULATED, _MM, "kg m-2", 0.0, None,
         "runoff_amount", "runoff over the 6 hours ending at time (kg m-2 = mm of water)", True,
-        False, (0.1, 1.0, 5.0), (1.0, 5.0),
+        False, (0.1, 1.0, 5.0), (1.0, 5.0), land_only=True,
     ),
     "sf": Target(
         "sf", (("snowfall", "sf"),), ACCUMULATED, _MM, "mm", 0.0, None,
@@ -203,7 +206,7 @@ TARGETS: dict[str, Target] = {
         "swvl1", (("volumetric_soil_water_layer_1", "swvl1"),), INSTANTANEOUS, 1.0, "m3 m-3",
         0.0, 0.766, "volume_fraction_of_condensed_water_in_soil",
         "volumetric soil water in the top layer (0-7 cm) at time", False, False,
-        location=MEAN,
+        location=MEAN, land_only=True,
     ),
 }  # fmt: skip
 
