@@ -15,7 +15,8 @@ def _write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-BASE = DEMO_CONFIG.read_text()
+# the demo study with its objective written out, as the refusals below rewrite it
+BASE = DEMO_CONFIG.read_text().replace('# objective = "tp_seeps"', 'objective = "tp_seeps"', 1)
 
 
 def test_embedded_demo_is_the_default_study(tmp_path):
@@ -28,7 +29,7 @@ def test_embedded_demo_is_the_default_study(tmp_path):
 
 
 def test_repo_sweep_demo_is_the_packaged_demo():
-    assert (REPO / "sweep" / "demo.toml").read_text() == BASE
+    assert (REPO / "sweep" / "demo.toml").read_text() == DEMO_CONFIG.read_text()
 
 
 def test_lora_targets_are_normalised_to_module_order(tmp_path):

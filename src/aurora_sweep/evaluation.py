@@ -437,10 +437,13 @@ def subset_objective(values: np.ndarray, data, indices: np.ndarray) -> float:
 
 
 def case_indices(samples: Samples, indices: np.ndarray) -> dict[str, int]:
-    """Positions in `indices` of a wet, a median and a dry case (by weighted area-mean target)."""
+    """Positions in `indices` of a wet, a median and a dry case (by weighted area-mean target,
+    over the points it is scored on)."""
     from aurora_sweep.figures import pick_cases
 
-    return pick_cases(samples.observed(indices), samples.cube["latitude"].values)
+    observed, points = samples.observed(indices), samples.scored_points
+    observed = observed if points is None else np.where(points, observed, np.nan)
+    return pick_cases(observed, samples.cube["latitude"].values)
 
 
 def case_maps_png(samples: Samples, result: Forecasts) -> bytes:

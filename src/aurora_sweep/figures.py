@@ -123,7 +123,7 @@ def pick_cases(observed: np.ndarray, lat: np.ndarray) -> dict[str, int]:
     samples with a finite mean.
 
     Args:
-        observed: (sample, lat, lon) observed tp in mm.
+        observed: (sample, lat, lon) observed target (tp in mm); NaN points left out.
         lat: latitudes in degrees, one per row of a field.
     """
     observed = np.asarray(observed, dtype=np.float64)
