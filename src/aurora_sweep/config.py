@@ -143,7 +143,7 @@ class SearchSpace:
     target_weight: tuple[float, ...] = (1.0,)
     loss: tuple[str, ...] = ("mae",)
     #: the learning rate of the new variable's input embedding, over the trial's rate: how much
-    #: tp may write into Aurora's latent state (0: tp is output-only)
+    #: the target may write into Aurora's latent state (0: output-only)
     target_input_lr: tuple[float, ...] = (0.1,)
     #: model steps a training sample rolls out (the loss on the last, gradients through it)
     rollout_steps: tuple[int, ...] = (1,)
@@ -199,7 +199,7 @@ class StudyConfig:
     #: How a trial's peak is predicted (`memory.estimate_peak`): "traced" runs its step on
     #: fake tensors, "fitted" adds up coefficients; "auto" traces where a cap decides what runs.
     memory_estimate: str = "auto"
-    #: What every trial's tp is compared with (`BASELINES`)
+    #: What every trial's target is compared with (`BASELINES`)
     baselines: tuple[str, ...] = ("persistence", "climatology")
 
     def __post_init__(self) -> None:

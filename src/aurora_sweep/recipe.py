@@ -21,7 +21,7 @@ FULL_LR, FULL_NEW_VARIABLE_LR = 3e-4, 1e-3
 
 #: The fine-tuning methods a study can search, each a complete recipe: LoRA and two of its peft
 #: variants (rank-stabilised scaling, weight-decomposed DoRA), each optionally with the last N
-#: blocks trained too; `head`: the backbone frozen, only tp's embedding and head and the
+#: blocks trained too; `head`: the backbone frozen, only the target's embedding and head and the
 #: decoder trained; `blocks`: the last N backbone blocks fully trained, no LoRA; `full`: every
 #: parameter trained, Aurora's own fine-tuning recipe (the reference).
 METHODS = ("lora", "rslora", "dora", "head", "blocks", "full")
@@ -112,7 +112,7 @@ class TrialConfig:
     #: the new variable's weight in Aurora's loss, and its error ("mae" or "mse")
     target_weight: float = 1.0
     loss: str = "mae"
-    #: the learning rate of tp's input embedding over `learning_rate`; 0: tp is output-only
+    #: the learning rate of the target's input embedding over `learning_rate`; 0: output-only
     target_input_lr: float = 1.0
     #: model steps a training sample rolls out (the loss on the last one, `pushforward`)
     rollout_steps: int = 1

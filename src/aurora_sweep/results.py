@@ -107,7 +107,7 @@ def _download_adapter(config: StudyConfig, run_id: str, number: int, target: Pat
 def prepare_evaluation(adapter: Path, *, split: str, checkpoint: Path | None = None):
     """The adapter's model and its study's data with `split` as the evaluation split.
 
-    The same splits and baselines as the trial had (the model carries its own tp statistics),
+    The same splits and baselines as the trial had (the model carries its own target statistics),
     and the base model's scores on `split` for the forgetting ratios.
     """
     from aurora_sweep.aurora15 import add_region_statics, add_zero_shot

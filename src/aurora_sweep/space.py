@@ -130,7 +130,7 @@ def _full_precision(config: StudyConfig) -> str:
 
 def reference_trial(config: StudyConfig) -> TrialConfig:
     """Aurora's fine-tuning recipe: every weight trained, bf16 backbone autocast, activation
-    checkpointing, 3e-4 (1e-3 for tp's embedding and head), the smallest batch of the study."""
+    checkpointing, 3e-4 (1e-3 for the target's embedding and head), the smallest batch of the study."""
     return _trial_config(
         config, method="full", lora_rank=0, lora_targets="", unfrozen_blocks=0,
         batch_size=min(config.search.batch_size), precision=_full_precision(config),

@@ -76,7 +76,7 @@ def pushforward(model, batch, steps: int):
     with torch.no_grad():
         for pred in rollout(aurora, batch, steps=steps - 1):
             batch = _advance_batch(batch, aurora.apply_rollout_input_clipping(pred))
-    # Aurora clamps tp's output from its second rollout step on: the loss must see the raw one
+    # Aurora clamps the target's output from its second rollout step on: the loss must see the raw one
     return dataclasses.replace(batch, metadata=dataclasses.replace(batch.metadata, rollout_step=0))
 
 
