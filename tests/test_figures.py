@@ -109,6 +109,18 @@ def test_case_maps_has_twelve_maps_and_two_colorbars_for_three_cases():
     assert renders(fig)
 
 
+@pytest.mark.parametrize("n_cases", [1, 3])
+def test_case_maps_keeps_every_label_inside_the_figure(n_cases):
+    fig = case_maps(
+        cases=[a_case(str(i), i) for i in range(n_cases)], lat=LAT, lon=LON, lsm=land_sea_mask()
+    )
+    fig.canvas.draw()
+    drawn = fig.get_tightbbox(fig.canvas.get_renderer())  # inches, what was drawn
+    page = fig.bbox_inches
+    assert drawn.x0 >= page.x0 and drawn.y0 >= page.y0, (drawn, page)
+    assert drawn.x1 <= page.x1 and drawn.y1 <= page.y1, (drawn, page)
+
+
 def test_case_maps_draws_the_coastline_from_the_land_sea_mask_on_every_panel():
     fig = case_maps(cases=[a_case("wet", 0)], lat=LAT, lon=LON, lsm=land_sea_mask())
     maps = fig.axes[:4]

@@ -269,7 +269,7 @@ def case_maps(
     panel_h = float(np.clip(3.0 * shape_ratio, 1.2, 6.0))
     panel_w = float(np.clip(panel_h / shape_ratio, 1.5, 3.0))  # a tall box gets narrow panels
     left, right, gap, title, row_gap, top = 1.05, 0.25, 0.2, 0.25, 0.12, 0.5
-    bottom = 1.2  # the last row's tick labels, then the colorbars and their labels
+    bottom = 1.45  # the last row's tick labels, then the colorbars and their labels
     width = left + 4 * panel_w + 3 * gap + right
     height = top + len(cases) * (title + panel_h) + (len(cases) - 1) * row_gap + bottom
     fig = _new_figure(None, figsize=(width, height))
