@@ -214,6 +214,8 @@ def test_a_run_killed_with_sigkill_takes_its_worker_with_it_and_the_other_retrie
     _finish(b, tmp_path / "b.log")
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     _assert_settled(name, storage, tracking, _load(name, storage).trials[0])
+    # the worker that died with A left nothing for A's resource tracker to warn of
+    assert "leaked" not in (tmp_path / "a.log").read_text(), (tmp_path / "a.log").read_text()
 
 
 def os_kill_group(process: subprocess.Popen) -> None:

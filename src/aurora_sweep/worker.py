@@ -226,6 +226,27 @@ def cuda_visible(gpu: int, current: str | None) -> str:
     return visible[gpu]
 
 
+def blosc_thread_lock() -> bool:
+    """Give numcodecs' Blosc a thread lock in place of the semaphore it makes on first use.
+
+    numcodecs guards Blosc's global context with `multiprocessing.Lock()`, and the store's
+    coordinates are Blosc-compressed. In a spawned process that lock is a named semaphore which
+    the resource tracker (shared with the study process) must see unlinked: a worker killed
+    mid-trial (SIGKILL, the OOM killer, its parent gone) cannot, and the tracker then prints
+    "leaked semaphore objects" on the study's stderr after its last line. The context the lock
+    guards is this process's own, so a thread lock guards it as well. True when it was set (an
+    older or newer numcodecs without these names is left as it is).
+    """
+    try:
+        from numcodecs import blosc
+    except ImportError:
+        return False
+    if getattr(blosc, "_MUTEX_IS_INIT", None) is not False:
+        return False  # already made, or not the numcodecs this was written for
+    blosc._MUTEX, blosc._MUTEX_IS_INIT = threading.Lock(), True
+    return True
+
+
 def _exit_on_sigterm(signum: int, frame: object) -> None:
     # once: a second SIGTERM (the scheduler's and the study's) must not break the exit itself
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -256,6 +277,8 @@ def serve(conn, spec: WorkerSpec) -> None:
     import aurora_sweep.figures  # noqa: F401
     import aurora_sweep.train  # noqa: F401
     from aurora_sweep.recipe import TrialConfig
+
+    blosc_thread_lock()
 
     # the study process may still be making the data: wait for its word (and the base model's
     # scores it has by then)
