@@ -7,11 +7,12 @@ One function per step, in the order a trial applies them:
    normalisation passed through `surf_stats` (never by editing Aurora's module globals);
 2. `load_base_checkpoint` loads the pretrained weights with `strict=False`, accepting only the
    missing keys that the new variable explains;
-3. `apply_lora` injects peft LoRA into the Swin backbone's linears;
-4. `set_trainable` freezes everything but LoRA, the new variable's embedding and head, and the
-   last N backbone blocks;
-5. `set_precision` and `set_activation_checkpointing` choose the memory levers;
-6. `set_longitude_wrap` keeps a regional box's east and west edges apart in the shifted windows
+3. `apply_method` makes it trainable as the trial's method says: `apply_lora` injects peft
+   LoRA (or rsLoRA, DoRA) into the Swin backbone's linears, and `set_trainable` freezes
+   everything but LoRA, the new variable's embedding and head, and the last N backbone blocks;
+4. `set_precision` chooses the precision; activation checkpointing is Aurora's own
+   `configure_activation_checkpointing`, on the modules `memory.plan_checkpointing` picks;
+5. `set_longitude_wrap` keeps a regional box's east and west edges apart in the shifted windows
    (Aurora's default joins them, which only a global grid wants).
 
 A trained model's target is not clamped at 0 on its first step (the loss must see the raw output:
