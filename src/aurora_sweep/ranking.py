@@ -12,6 +12,7 @@ from rich.table import Table
 
 from aurora_sweep.bootstrap import decode_terms, paired_difference
 from aurora_sweep.config import StudyConfig
+from aurora_sweep.recipe import LORA_METHODS
 from aurora_sweep.records import TrialRecord
 from aurora_sweep.settings import text_levels
 from aurora_sweep.storage import open_study
@@ -222,7 +223,7 @@ def recipe(trial: optuna.trial.FrozenTrial) -> str:
     a = TrialRecord.of(trial)
     c = a.config or {"method": a.reference or "lora", **trial.params}
     method = c.get("method", "lora")
-    lora = method in ("lora", "rslora", "dora")
+    lora = method in LORA_METHODS
     words = [
         method
         + (str(c.get("unfrozen_blocks", "")) if method == "blocks" else "")
