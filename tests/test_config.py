@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -167,3 +168,43 @@ def test_a_study_that_names_only_its_data_gets_the_declared_defaults(tmp_path):
     assert config.lead_steps == 1 and config.reference and config.max_failures == 5
     assert config.data.source == "era5" and config.data.levels == (500, 700, 850)
     assert config.data.train.start.year == 2022 and config.data.test.end.year == 2025
+
+
+@pytest.mark.parametrize(
+    ("base", "splits", "said"),
+    [
+        ("small-pretrained", {}, None),
+        ("demo", {"train": "2021-01-01"}, None),  # the demo base's pretraining is the demo world's
+        (
+            "small-pretrained",
+            {"train": "2021-01-01"},
+            "train from 2021-01-01: .*not a test of adapt",
+        ),
+        (
+            "small-pretrained",
+            {"validation": "2021-01-01", "test": "2021-07-01"},
+            "validation from 2021-01-01, test from 2021-07-01: .*validation and test scores are "
+            "of data the base has learnt",
+        ),
+    ],
+)
+def test_a_split_inside_auroras_pretraining_is_warned_of_by_name(tmp_path, base, splits, said):
+    import warnings
+
+    from aurora_sweep.study import _pretraining_overlap
+
+    text = BASE.replace('base = "demo"', f'base = "{base}"', 1)
+    ends = {"train": "2023-12-31", "validation": "2021-06-30", "test": "2021-12-31"}
+    for name, start in splits.items():
+        line = next(x for x in text.splitlines() if x.startswith(f"{name} = ["))
+        text = text.replace(line, f'{name} = ["{start}", "{ends[name]}"]', 1)
+    config = load_config(_write(tmp_path, text))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _pretraining_overlap(config) == (said is not None)
+    messages = [str(w.message) for w in caught]
+    if said is None:
+        assert not messages
+    else:
+        (message,) = messages
+        assert re.search(said, message) and "from 2022 on" in message, message

@@ -150,17 +150,30 @@ def _finished_here(study: optuna.Study, known: set[int]) -> int:
 
 
 def _pretraining_overlap(config: StudyConfig) -> bool:
-    """Whether the train period lies inside Aurora's pretraining (said as a warning)."""
-    overlap = config.data.train.start < AURORA_PRETRAINING_END and any(
-        b != "demo" for b in config.bases
-    )
-    if overlap:
+    """Whether a split lies inside Aurora's pretraining (said as a warning).
+
+    A train period there adapts the model to data it has seen; a validation or test period
+    there is worse: the recipe is chosen, or its skill reported, on data the base has learnt.
+    """
+    if all(b == "demo" for b in config.bases):
+        return False  # the demo base was pretrained on the demo world before 2022, on purpose
+    splits = {"train": config.data.train, "validation": config.data.validation}
+    splits["test"] = config.data.test
+    inside = [name for name, p in splits.items() if p.start < AURORA_PRETRAINING_END]
+    if inside:
+        days = ", ".join(f"{name} from {splits[name].start}" for name in inside)
+        scored = [n for n in inside if n != "train"]
+        why = (
+            f"the {' and '.join(scored)} scores are of data the base has learnt"
+            if scored
+            else "skill there is not a test of adaptation"
+        )
         warnings.warn(
-            f"the train period starts {config.data.train.start}, inside Aurora's pretraining "
-            "period (ERA5 up to 2021): skill there is not a test of adaptation",
+            f"{days}: inside Aurora's pretraining period (ERA5 up to 2021), so {why}; "
+            "use periods from 2022 on ([data] train, validation, test)",
             stacklevel=3,
         )
-    return overlap
+    return bool(inside)
 
 
 def _parent_tags(
