@@ -114,6 +114,21 @@ def test_a_study_names_its_target_its_objective_follows_and_mismatches_are_refus
     assert load_config(_write(path, v15), workdir=tmp_path).data.target == "pr"
 
 
+def test_a_study_keeps_its_target_another_is_refused_in_one_line(tmp_path):
+    from aurora_sweep.config import load_config
+    from aurora_sweep.errors import AuroraSweepError
+    from aurora_sweep.storage import open_study
+    from conftest import write_tiny_config
+
+    path = write_tiny_config(tmp_path)
+    text = path.read_text()
+    assert open_study(load_config(path, workdir=tmp_path)).metric_names == ["tp_seeps"]
+    _write(path, text.replace("[model]\n", '[model]\ntarget = "swvl1"\n', 1))
+    with pytest.raises(AuroraSweepError, match=r"minimises tp_seeps, not swvl1_rmse: give the "
+                       r"study a new \[study\] name, or put .*\[model\] target back"):  # fmt: skip
+        open_study(load_config(path, workdir=tmp_path))
+
+
 def _write(path, text: str):
     path.write_text(text)
     return path

@@ -100,7 +100,7 @@ def _same_objectives(study: optuna.Study, config: StudyConfig) -> optuna.Study:
         raise AuroraSweepError(
             f"study {config.name!r} in {storage_label(config.storage)} minimises "
             f"{', '.join(made)}, not {', '.join(names)}: give the study a new [study] name, "
-            "or put the objectives back"
+            "or put [study] objective and [model] target back"
         )
     if study.metric_names is None:
         with warnings.catch_warnings():
