@@ -218,6 +218,21 @@ def test_point_series_draws_the_observation_as_stems_and_the_others_as_lines():
     assert renders(fig)
 
 
+def test_point_series_draws_soil_moisture_observed_as_a_line_on_an_axis_fitting_its_range():
+    from aurora_sweep.targets import TARGETS
+
+    days = np.array(["2024-01-01T06", "2024-01-01T12", "2024-02-01T06", "2024-02-01T12"])
+    series = {"observed": np.array([0.30, 0.31, 0.29, 0.30]), "model": np.full(4, 0.305)}
+    fig = point_series(days, series, title="soil", target=TARGETS["swvl1"])
+    (ax,) = fig.axes
+    assert not ax.collections  # no stems from 0
+    observed = ax.lines[0]
+    assert observed.get_label() == "observed"
+    assert np.isnan(np.asarray(observed.get_ydata(), dtype=float)[2])  # broken at the gap
+    assert ax.get_ylim()[0] > 0.2  # the axis fits 0.29..0.31, not 0..0.31
+    assert "m3 m-3" in ax.get_ylabel()
+
+
 def test_point_series_breaks_its_lines_where_the_samples_have_a_gap():
     days = np.array(["2024-01-01T06", "2024-01-01T12", "2024-02-01T06", "2024-02-01T12"])
     series = {"observed": np.ones(4), "model": np.arange(4.0)}

@@ -613,9 +613,11 @@ def point_series(
 ) -> Figure:
     """Time series of a target's 6-hour values (tp: totals) at one grid point.
 
-    The observed series is drawn as grey stems (one per 6-hour total, visible at any time scale);
-    the others (model, persistence, ...) as lines with a point at each end time, broken wherever
-    the samples have a gap (a split need not be continuous), so no line bridges missing days.
+    A precipitation-like target's observed series is drawn as grey stems from 0 (one per 6-hour
+    total, visible at any time scale); a continuous one's (soil moisture) as a thick grey line,
+    on an axis that fits its range rather than starting at 0. The others (model, persistence,
+    ...) are lines with a point at each end time. Every line breaks wherever the samples have a
+    gap (a split need not be continuous), so none bridges missing days.
 
     Args:
         times: end times of the 6-hour periods (datetime64, datetimes or ISO strings) or steps.
@@ -638,17 +640,20 @@ def point_series(
         values = np.asarray(values, dtype=np.float64)
         if values.shape != t.shape:
             raise ValueError(f"series {name!r} has shape {values.shape}, times {t.shape}")
-        if name == observed_key:
+        # NaN at each gap's first point breaks a line there; markers keep every value
+        broken = np.where(gaps, np.nan, values)
+        if name == observed_key and target.precipitation_like:
             ax.vlines(t, 0, values, color="0.55", lw=1.6, alpha=0.8, label=name)
+        elif name == observed_key:
+            ax.plot(t, broken, lw=2.5, color="0.6", label=name)
         else:
-            # NaN at each gap's first point breaks the line there; markers keep every value
-            broken = np.where(gaps, np.nan, values)
             ax.plot(t, broken, lw=1.0, color=f"C{colour}", label=name)
             ax.plot(t, values, ls="none", marker=".", ms=3, color=f"C{colour}")
             colour += 1
     if t.dtype.kind == "M":
         ax.xaxis.set_major_formatter(ConciseDateFormatter(ax.xaxis.get_major_locator()))
-    ax.set_ylim(bottom=0)
+    if target.precipitation_like:
+        ax.set_ylim(bottom=0)
     ax.set(ylabel=f"{target.name} ({_units(target)})", title=title)
     ax.grid(alpha=0.3)
     if series:
