@@ -109,3 +109,4 @@ def test_a_study_of_each_target_trains_scores_exports_forecasts_and_reports(tmp_
     html = page.read_text()
     assert f"{target}_rmse" in html and spec.units in html and "tp_" not in html
     assert ("reliability.png" in html) == spec.precipitation_like
+    assert f"{spec.what}, {spec.each_step}, in {spec.units}" in html  # what one value is

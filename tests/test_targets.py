@@ -162,6 +162,9 @@ def test_a_forecasts_cf_attributes_follow_the_targets_kind():
     swvl1 = TARGETS["swvl1"].lead_attrs()
     assert swvl1["cell_methods"] == "lead_time: point" and swvl1["units"] == "m3 m-3"
     assert swvl1["long_name"].endswith("(0-7 cm) at valid_time")
+    assert TARGETS["swvl1"].each_step == "the value at each time"
+    assert TARGETS["pr"].each_step == "the mean rate over the 6 hours ending at each time"
+    assert TARGETS["ro"].each_step == "the total over the 6 hours ending at each time"
 
 
 def test_a_metric_names_its_target_even_one_with_an_underscore():

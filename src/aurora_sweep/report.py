@@ -433,13 +433,14 @@ def report_notes(
             for line in references
         ),
         f"{n_samples} samples of the {split} split ({times.min():%Y-%m-%d} to "
-        f"{times.max():%Y-%m-%d}); {target.name}: {target.long_name}, in {target.units}; scores "
-        "latitude-weighted where it applies.",
+        f"{times.max():%Y-%m-%d}); {target.name}: {target.what}, {target.each_step}, in "
+        f"{target.units}; scores latitude-weighted where it applies.",
         "Intervals: 90 % paired block bootstrap over days (blocks of consecutive days keep the "
         "day-to-day correlation). 'within noise': better than both baselines, but the interval "
         "reaches one of them.",
-        "Persistence repeats the last observed 6-hour value; climatology is the train-split mean "
-        "by grid point, calendar month and time of day.",
+        "Persistence repeats what was observed when the forecast starts (the value then, or "
+        "over the lead's length ending then); climatology is the train-split mean by grid point, "
+        "calendar month and time of day.",
         *seeps,
         "Forgetting: RMSE of the fine-tuned model over that of the untouched base model on the "
         "same samples, for the variables Aurora already predicted (> 1: worse than before).",

@@ -141,6 +141,14 @@ class Target:
         """The long name without its time ("total precipitation", "runoff")."""
         return self.long_name.split(" over the 6 hours")[0].removesuffix(" at time")
 
+    @property
+    def each_step(self) -> str:
+        """What one of its 6-hourly values is, in words."""
+        return {
+            ACCUMULATED: "the total over the 6 hours ending at each time",
+            MEAN_RATE: "the mean rate over the 6 hours ending at each time",
+        }.get(self.kind, "the value at each time")
+
     def lead_attrs(self) -> dict[str, str]:
         """CF attributes of a forecast of it over a lead ending at `valid_time` (the forecast
         NetCDF's dims `time` x `lead_time`)."""
