@@ -80,6 +80,9 @@ def test_a_study_of_each_target_trains_scores_exports_forecasts_and_reports(tmp_
     assert meta["target_stats"]["units"] == spec.units
     card = (adapter / "README.md").read_text()
     assert f"({target})" in card and spec.units in card and f'surf_vars["{target}"]' in card
+    assert f"the {spec.what}: {spec.each_step} ({spec.units}" in card and "nan" not in card
+    if target == "swvl1":  # the climatology's anomaly is 0: its correlation is undefined
+        assert "| swvl1_acc_climatology | – |" in card
     again = evaluate_adapter(adapter, split="validation", bootstrap=0)
     assert again[config.objective] == pytest.approx(best.value, rel=1e-4)
 

@@ -19,6 +19,7 @@ Layout of an adapter directory:
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -177,7 +178,7 @@ MODEL_CARD = """\
 # {name}: Aurora fine-tuned for {what} ({target})
 
 Fine-tuned by aurora-sweep from the base model **{base}** (checkpoint `{ckpt}`, sha256 `{sha}`)
-to forecast {target}, the {long} ({units}, CF `{standard}`, `{cell}`), 6 h after its last input
+to forecast {target}, the {what}: {each} ({units}, CF `{standard}`, `{cell}`), 6 h after its last input
 time, over the region {region} at {grid}° on pressure levels {levels} hPa. {adapted}
 
 ## Recipe (trial {number} of study `{study}`)
@@ -196,7 +197,8 @@ time, over the region {region} at {grid}° on pressure levels {levels} hPa. {ada
 reference. `*_q05`/`*_q95` bound the 90 % block-bootstrap interval. Persistence repeats the last
 observed value over the lead; climatology is the train-split mean by grid point, calendar month
 and time of day. `forget_<var>_ratio` is the fine-tuned model's RMSE over the base model's (> 1:
-worse). For every score with its interval and the maps: `aurora-sweep report {dir}`.
+worse). `–`: undefined on these data (no event at a threshold; climatology's anomaly
+correlation). For every score with its interval and the maps: `aurora-sweep report {dir}`.
 
 ## Data
 
@@ -230,7 +232,7 @@ def write_model_card(directory: Path, *, study: str, number: int) -> Path:
     target = TARGETS[stats.target]
     card = MODEL_CARD.format(
         target=target.name,
-        long=target.long_name,
+        each=target.each_step,
         what=target.what,
         units=target.units,
         standard=target.standard_name,
@@ -247,7 +249,10 @@ def write_model_card(directory: Path, *, study: str, number: int) -> Path:
         recipe="\n".join(f"| {k} | {v} |" for k, v in trial.items()),
         val="validation",
         objective=meta.get("objective", target.metric("rmse")),
-        metrics="\n".join(f"| {k} | {v:.4f} |" for k, v in meta["metrics"].items()),
+        metrics="\n".join(
+            f"| {k} | {v:.4f} |" if math.isfinite(v) else f"| {k} | – |"
+            for k, v in meta["metrics"].items()
+        ),
         train=data.get("train", "?"),
         valp=data.get("validation", "?"),
         test=data.get("test", "?"),
