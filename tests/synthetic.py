@@ -46,9 +46,11 @@ def make_cube(
     times: np.ndarray,
     seed: int = 0,
     v15: bool = False,
+    target: str = "tp",
 ) -> xr.Dataset:
     """A canonical cube on the given coordinates (lat descending, lon ascending, levels hPa);
-    with `v15`, Aurora 1.5's other surface inputs too (sea ice NaN over land, as in ERA5)."""
+    with `v15`, Aurora 1.5's other surface inputs too (sea ice NaN over land, as in ERA5); tp
+    and, when the study predicts another `target`, that one too (0 at sea for a land field)."""
     rng = np.random.default_rng(seed)
     nt, ny, nx = len(times), len(lat), len(lon)
 
@@ -71,6 +73,8 @@ def make_cube(
     lsm = (np.add.outer(np.arange(ny), np.arange(nx)) > (ny + nx) / 2).astype(np.float32)
     data["static_lsm"] = (("latitude", "longitude"), lsm)
     data["static_slt"] = (("latitude", "longitude"), np.ones((ny, nx), np.float32))
+    if target != "tp":
+        data[target] = (("time", "latitude", "longitude"), _target_field(target, tp, lsm, rng))
     for k, (m, sd) in V15_SURFACE.items() if v15 else ():
         values = np.clip(field(m, sd, nt, ny, nx), *BOUNDED.get(k, (None, None)))
         if k == "ci":
@@ -80,6 +84,21 @@ def make_cube(
         data,
         coords={"time": times, "level": np.array(levels), "latitude": lat, "longitude": lon},
     )
+
+
+def _target_field(name: str, tp: np.ndarray, lsm: np.ndarray, rng) -> np.ndarray:
+    """Values of another target: tp's wet pattern in its units, or soil moisture in 0.1..0.45;
+    0 at sea for a land field."""
+    from aurora_sweep.targets import TARGETS
+
+    spec = TARGETS[name]
+    if spec.precipitation_like:
+        values = tp * spec.per_lead(1.0, 6)  # a mean rate is a sixth of the 6-hour total
+    else:
+        values = rng.uniform(0.1, 0.45, tp.shape)
+    if spec.land_only:
+        values = np.where(lsm > 0.5, values, 0.0)
+    return values.astype(np.float32)
 
 
 def region_axes(data) -> tuple[np.ndarray, np.ndarray]:
@@ -95,8 +114,9 @@ def write_region_store(data, path: Path, *, days: list[str], seed: int = 0) -> P
     where the study asks for them)."""
     lat, lon = region_axes(data)
     cube = make_cube(
-        lat=lat, lon=lon, levels=data.levels, times=day_times(days), seed=seed, v15=data.v15_inputs
-    )
+        lat=lat, lon=lon, levels=data.levels, times=day_times(days), seed=seed,
+        v15=data.v15_inputs, target=data.target,
+    )  # fmt: skip
     return write_store(cube, path)
 
 

@@ -738,12 +738,20 @@ def test_cli_import_of_six_hourly_tp_fails_with_one_line(tmp_path, monkeypatch):
 # Study configs shipped with the project
 
 
-@pytest.mark.parametrize("name", ["europe-tp", "north-america-tp"])
+@pytest.mark.parametrize("name", ["europe-tp", "north-america-tp", "europe-ro"])
 def test_shipped_study_configs_load(name):
     config = load_config(REPO / "sweep" / f"{name}.toml", workdir=REPO)
     assert config.data.source == "era5" and config.model.base == "small-pretrained"
     assert config.data.grid == 0.25
-    assert len(era5.plan_requests(config)) > 100
+    requests = era5.plan_requests(config)
+    assert len(requests) > 100
+    # the target's own hourly files (runoff: ERA5's "runoff", every hour)
+    target = config.data.target
+    assert config.objective == f"{target}_{'seeps' if target == 'tp' else 'rmse'}"
+    if target == "ro":
+        hourly = [r.request for r in requests if r.target.startswith("ro-")]
+        assert len(hourly) == 49 and {v for r in hourly for v in r["variable"]} == {"runoff"}
+        assert all(len(r["time"]) == 24 for r in hourly)
 
 
 def test_europe_config_crosses_zero_and_north_america_is_west_of_it():

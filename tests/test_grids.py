@@ -4,6 +4,7 @@ Regions between whole degrees at 0.25° have 4k+1 rows; Aurora forecasts 4k of t
 run trials on exactly those shapes, so a forecast and its target can never disagree by a row.
 """
 
+import datetime as dt
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from aurora_sweep.recipe import TrialConfig
 from aurora_sweep.records import TrialRecord, base_key
 from aurora_sweep.store import open_store
 from aurora_sweep.study_data import TrialData
+from aurora_sweep.targets import TARGETS
 from aurora_sweep.train import fit
 from synthetic import write_region_store
 
@@ -30,7 +32,7 @@ CPU = torch.device("cpu")
 
 
 def test_every_shipped_study_is_found():
-    assert {p.stem for p in SHIPPED} >= {"demo", "europe-tp", "north-america-tp"}
+    assert {p.stem for p in SHIPPED} >= {"demo", "europe-tp", "north-america-tp", "europe-ro"}
 
 
 @pytest.mark.slow
@@ -38,7 +40,9 @@ def test_every_shipped_study_is_found():
 def test_a_trial_runs_on_the_grid_of_every_shipped_study(path, tmp_path):
     config = load_config(path, workdir=tmp_path)
     d = config.data
-    days = [str(d.train.start), str(d.validation.start), str(d.test.start)]
+    # two days a split: a 24-hour lead's sample spans 42 hours (three steps of history)
+    starts = (d.train.start, d.validation.start, d.test.start)
+    days = [str(day + dt.timedelta(days=k)) for day in starts for k in (0, 1)]
     write_region_store(d, d.store, days=days)
     cube = open_store(d.store)
     rows, cols = patch_crop(cube.sizes["latitude"], cube.sizes["longitude"])
@@ -59,6 +63,9 @@ def test_a_trial_runs_on_the_grid_of_every_shipped_study(path, tmp_path):
     assert result.forecasts.values.shape == (n, rows, cols)
     assert data.validation.observed(np.arange(n)).shape == (n, rows, cols)
     assert np.isfinite(result.metrics[config.objective])
+    land = data.validation.scored_points  # runoff: scored on land only
+    assert (land is not None) == TARGETS[d.target].land_only
+    assert land is None or 0 < land.sum() < land.size
     assert {f"forget_{v}{lv}_ratio" for v in "zuvtq" for lv in d.levels} <= set(result.metrics)
     assert all(np.isfinite(v) for k, v in result.metrics.items() if k.startswith("forget_"))
 
