@@ -7,12 +7,10 @@ import pytest
 import torch
 import xarray as xr
 
+from aurora_sweep.climatology import MIN_CLIMATOLOGY_SAMPLES, climatology, climatology_forecast
 from aurora_sweep.config import Period, load_config
 from aurora_sweep.dataset import (
-    MIN_CLIMATOLOGY_SAMPLES,
     Samples,
-    climatology,
-    climatology_forecast,
     model_longitudes,
     patch_crop,
     sample_times,

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from aurora_sweep.dataset import Samples, climatology_forecast
+from aurora_sweep.climatology import climatology_forecast
+from aurora_sweep.dataset import Samples
 from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.loss import LossSpec, loss_terms
 from aurora_sweep.metrics import lat_weighted_mse, objective_value, scores

@@ -276,7 +276,7 @@ def _report_figures(data, fc, meta: dict, ij: tuple[int, int] | None) -> dict[st
     """The report's pictures: case maps, reliability, the loss curves the adapter carries, and
     the series at grid point `ij` (row, column) when one is asked for."""
     from aurora_sweep import figures as fg
-    from aurora_sweep.dataset import climatology_forecast
+    from aurora_sweep.climatology import climatology_forecast
     from aurora_sweep.evaluation import case_maps_png
 
     samples = data.validation

@@ -11,16 +11,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from aurora_sweep.bases import reads_v15_inputs
+from aurora_sweep.climatology import climatology, complete_train
 from aurora_sweep.config import Period, StudyConfig
-from aurora_sweep.dataset import (
-    Samples,
-    TargetStats,
-    climatology,
-    complete_train,
-    fits_in_memory,
-    in_period,
-    target_stats,
-)
+from aurora_sweep.dataset import Samples, TargetStats, fits_in_memory, in_period, target_stats
 from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.recipe import LEADS
 from aurora_sweep.records import base_key
