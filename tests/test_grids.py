@@ -66,6 +66,11 @@ def test_a_trial_runs_on_the_grid_of_every_shipped_study(path, tmp_path):
     land = data.validation.scored_points  # runoff: scored on land only
     assert (land is not None) == TARGETS[d.target].land_only
     assert land is None or 0 < land.sum() < land.size
+    if land is not None:  # the loss's truth is NaN at sea (left out); the inputs read 0 there
+        batch, truth = data.train.training_batch([0])
+        values = truth[d.target].numpy()[0]
+        assert np.isnan(values[~land]).all() and np.isfinite(values[land]).all()
+        assert torch.isfinite(batch.surf_vars[d.target]).all()
     assert {f"forget_{v}{lv}_ratio" for v in "zuvtq" for lv in d.levels} <= set(result.metrics)
     assert all(np.isfinite(v) for k, v in result.metrics.items() if k.startswith("forget_"))
 

@@ -135,3 +135,26 @@ def test_a_targets_dry_limit_is_in_its_units_and_soil_moisture_is_not_censored()
     surf["tp"] = surf.pop("swvl1")
     truth["tp"] = truth.pop("swvl1")
     assert loss_terms(_spec(lat), _prediction(surf, atmos, lat), truth)["tp"].item() == 0.0
+
+
+@pytest.mark.parametrize("name", ["swvl1", "ro"])
+def test_a_land_targets_term_leaves_the_sea_out_of_its_mean_and_its_gradient(name):
+    from aurora_sweep.targets import TARGETS
+
+    lat = np.array([60.0, 30.0, 0.0, -30.0])
+    spec = _spec(lat, target=TARGETS[name])
+    surf, atmos = _state()
+    surf[name] = surf.pop("tp") + 0.5  # an error of 0.5 everywhere
+    surf[name][:, :, 4:] += 100.0  # and a wild one at sea, the eastern half
+    surf[name].requires_grad_(True)
+    truth = {**{k: torch.zeros_like(v) for k, v in surf.items()}, **atmos}
+    truth[name][:, :, 4:] = float("nan")  # `Samples.as_truth`: undefined at sea
+    term = loss_terms(spec, _prediction(surf, atmos, lat), truth)[name]
+    # the latitude-weighted mean over land alone: 0.5 over the scale 2 at every land point
+    assert term.item() == pytest.approx(0.25, rel=1e-6)
+    term.backward()
+    grad = surf[name].grad
+    assert (grad[:, :, 4:] == 0).all() and (grad[:, :, :4] != 0).all()
+    # a tile all at sea has no land to be judged on: 0, not NaN
+    truth[name][:] = float("nan")
+    assert loss_terms(spec, _prediction(surf, atmos, lat), truth)[name].item() == 0.0

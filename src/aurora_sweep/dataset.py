@@ -385,9 +385,18 @@ class Samples:
         """Inputs for samples `indices` and every variable at the valid time (the loss's truth
         for the last step of a rollout): surface variables and the target's value of the step
         ending then (B, lat, lon), atmospheric ones (B, level, lat, lon)."""
-        t = self.index[np.asarray(indices)]
-        target = self.read(t + self.steps, (*self.surface, self.variable.name, *ATMOS_VARS))
-        return self.inputs(indices), {k: torch.from_numpy(v) for k, v in target.items()}
+        names = (*self.surface, self.variable.name, *ATMOS_VARS)
+        truth = self.as_truth(self.read(self.index[np.asarray(indices)] + self.steps, names))
+        return self.inputs(indices), truth
+
+    def as_truth(self, arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        """Arrays `read` gave, as the loss's truth (tensors): a land-only target NaN at sea,
+        where it is undefined and the loss leaves it out (an input reads 0 there)."""
+        out = {k: torch.from_numpy(v) for k, v in arrays.items()}
+        name, land = self.variable.name, self.scored_points
+        if land is not None and name in out:
+            out[name] = out[name].masked_fill(torch.from_numpy(~land), float("nan"))
+        return out
 
     def inputs(self, indices: Sequence[int]) -> Batch:
         """The two input times of samples `indices` (for a forecast, with or without a target),

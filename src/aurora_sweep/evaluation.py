@@ -252,7 +252,7 @@ def _score_step(
         return
     observed = samples.read(samples.index[idx] + step, names)
     if loss is not None:
-        truth = {k: torch.from_numpy(v) for k, v in observed.items()}
+        truth = samples.as_truth(observed)  # the target's own array is not changed
         for k, v in loss_terms(loss, pred, truth).items():
             terms[k] = terms.get(k, 0.0) + float(v) * len(idx)
     if state is not None:

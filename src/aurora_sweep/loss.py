@@ -102,16 +102,33 @@ def loss_terms(
     for k in spec.surface:
         err = surface_error(k, prediction.surf_vars[k][:, 0].float(), target[k].to(device))
         terms[k] = (err.abs() * w).mean()
-    raw, observed = prediction.surf_vars[name][:, 0].float(), target[name].to(device)
-    err = censored_error(raw, observed, spec.dry) if spec.dry is not None else raw - observed
-    err = err / spec.target_scale
-    terms[name] = ((err**2 if spec.target_loss == "mse" else err.abs()) * w).mean()
+    terms[name] = target_term(spec, prediction.surf_vars[name][:, 0].float(), target[name], w)
     for name in ATMOS_VARS:
         err = (prediction.atmos_vars[name][:, 0].float() - target[name].to(device)) / (
             spec.atmos_scales(name, device)
         )
         terms[name] = (err.abs() * w).mean()
     return terms
+
+
+def target_term(
+    spec: LossSpec, raw: torch.Tensor, observed: torch.Tensor, w: torch.Tensor
+) -> torch.Tensor:
+    """The target's latitude-weighted mean error (absolute or squared, in its normalised units)
+    of the raw output `raw` (B, lat, lon). A land-only target's truth is NaN at sea
+    (`dataset.Samples.truth`): those points are left out of the mean, so the model is neither
+    trained nor judged on values the target does not have there."""
+    observed = observed.to(raw.device)
+    defined = torch.isfinite(observed) if spec.target.land_only else None
+    if defined is not None:
+        observed = torch.where(defined, observed, torch.zeros_like(observed))
+    err = censored_error(raw, observed, spec.dry) if spec.dry is not None else raw - observed
+    err = err / spec.target_scale
+    err = err**2 if spec.target_loss == "mse" else err.abs()
+    if defined is None:
+        return (err * w).mean()
+    weights = w * defined  # (B, lat, lon): a tile all at sea gives 0, not NaN
+    return (err * weights).sum() / weights.sum().clamp(min=1e-12)
 
 
 def surface_error(name: str, forecast: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
