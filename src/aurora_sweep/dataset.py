@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import functools
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -332,10 +333,10 @@ class Samples:
         """(rows, columns) of the grid the model forecasts."""
         return self.cube.sizes["latitude"], self.cube.sizes["longitude"]
 
-    @property
+    @functools.cached_property
     def scored_points(self) -> np.ndarray | None:
         """The grid points the target is scored on: land for a land-only target, else None
-        (every point)."""
+        (every point). Read once: every training batch's truth asks for it (`as_truth`)."""
         return land_mask(self.cube) if self.variable.land_only else None
 
     @property
