@@ -94,7 +94,7 @@ from aurora_sweep.bootstrap import (
 )
 from aurora_sweep.fields import anomaly_correlation, fss
 from aurora_sweep.seeps import N_HOUR_SLOTS, SeepsClimate, hour_slots, seeps_terms
-from aurora_sweep.targets import DEFAULT, TARGETS, Target
+from aurora_sweep.targets import DEFAULT, TARGETS, Target, skill_name
 
 FSS_WINDOWS = (5, 11)  # square windows, in grid points
 
@@ -304,7 +304,7 @@ def _intervals(
     out = dict(zip((f"{objective}_q05", f"{objective}_q95"), interval(value[""])))
     for ref in (s.removeprefix("_") for s in terms if s):
         skills = np.array([skill(m, r) for m, r in zip(value[""], value[f"_{ref}"])])
-        name = f"{objective.rsplit('_', 1)[0]}_skill_{ref}"
+        name = skill_name(objective, ref)
         out[f"{name}_q05"], out[f"{name}_q95"] = interval(skills)
     return out
 

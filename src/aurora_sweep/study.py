@@ -157,8 +157,8 @@ def _pretraining_overlap(config: StudyConfig) -> bool:
     """
     if all(b == "demo" for b in config.bases):
         return False  # the demo base was pretrained on the demo world before 2022, on purpose
-    splits = {"train": config.data.train, "validation": config.data.validation}
-    splits["test"] = config.data.test
+    d = config.data
+    splits = {"train": d.train, "validation": d.validation, "test": d.test}
     inside = [name for name, p in splits.items() if p.start < AURORA_PRETRAINING_END]
     if inside:
         days = ", ".join(f"{name} from {splits[name].start}" for name in inside)
