@@ -1,23 +1,23 @@
 """Aurora 1.5 as a base a trial fine-tunes: its own hourly precipitation, summed to a step's total.
 
-Aurora 1.5 (`aurora.AuroraV1p5`) already predicts precipitation: `scaled_tp_1h`, the metres of
-water over the hour before its valid time, one of its seven output-only surface variables, at
-any lead time in hours. A study's target is tp, the total over a 6-hour step (mm), or pr, the mean
-rate over it (mm h-1, `targets.TARGETS`), so a trial on Aurora 1.5 adapts that head instead of adding a new variable: `SixHourAurora15`
-runs the hours 1..6 of a step from the same state in one pass (stacked along the batch, as
-`aurora.rollout(..., fine_lead_times=[1, ..., 6])` runs them one by one) and returns a
-prediction shaped like every other base's: the target (the six hours' sum in mm, or their mean
-in mm h-1) under its name, beside the
-state at +6 h under the store's names. The loss, rollouts, scores, forecasts and the memory trace
-then treat it as they treat any base; a step's activations are those of six forward passes,
-which the traced estimate sees because it runs this forward.
+Aurora 1.5 (`aurora.AuroraV1p5`) already predicts precipitation: `scaled_tp_1h`, the metres of water
+over the hour before its valid time, one of its seven output-only surface variables, at any lead
+time in hours. A study's target is tp, the total over a 6-hour step (mm), or pr, the mean rate over
+it (mm h-1, `targets.TARGETS`), so a trial on Aurora 1.5 adapts that head instead of adding a new
+variable: `SixHourAurora15` runs the hours 1..6 of a step from the same state in one pass (stacked
+along the batch, as `aurora.rollout(..., fine_lead_times=[1, ..., 6])` runs them one by one) and
+returns a prediction shaped like every other base's: the target (the six hours' sum in mm, or their
+mean in mm h-1) under its name, beside the state at +6 h under the store's names. The loss,
+rollouts, scores, forecasts and the memory trace then treat it as they treat any base; a step's
+activations are those of six forward passes, which the traced estimate sees because it runs this
+forward.
 
-It reads a store's batch (`dataset.Samples.for_v15`): the surface variables under the store's
-names with Aurora 1.5's extra inputs, its 36 static fields cut at the region, and optionally the
-static field `TRUE_LON`, the true longitudes of a box Aurora sees shifted east (one crossing 0°).
-It adds what the store does not hold, the prescribed insolation at the two input times (at the
-true longitudes), and leaves the target out of the inputs: precipitation is output-only in Aurora 1.5,
-as it was pretrained.
+It reads a store's batch (`dataset.Samples.for_v15`): the surface variables under the store's names
+with Aurora 1.5's extra inputs, its 36 static fields cut at the region, and optionally the static
+field `TRUE_LON`, the true longitudes of a box Aurora sees shifted east (one crossing 0°). It adds
+what the store does not hold, the prescribed insolation at the two input times (at the true
+longitudes), and leaves the target out of the inputs: precipitation is output-only in Aurora 1.5, as
+it was pretrained.
 
 A leaf beside `model`: it imports the `aurora` package, the store's names and the targets only.
 """

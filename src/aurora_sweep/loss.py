@@ -1,11 +1,11 @@
 """The training loss: Aurora's own, over every variable it forecasts, plus the new one.
 
 A fine-tune for a target (tp, runoff, ...) whose loss is the target alone lets the backbone drift
-away from everything else Aurora predicts, and a forecast rolled out to 24 h feeds that broken state back into the model.
-So trials train on Aurora's loss (Bodnar et al., Nature 2025, supplementary): the mean absolute
-error of normalised variables, latitude-weighted, surface variables weighted by α = 1/4 and
-atmospheric ones by β = 1 (their levels averaged), each variable with Aurora's weight. The new
-variable joins the surface sum with a weight of its own (`[search] target_weight`) and, as
+away from everything else Aurora predicts, and a forecast rolled out to 24 h feeds that broken state
+back into the model. So trials train on Aurora's loss (Bodnar et al., Nature 2025, supplementary):
+the mean absolute error of normalised variables, latitude-weighted, surface variables weighted by
+α = 1/4 and atmospheric ones by β = 1 (their levels averaged), each variable with Aurora's weight.
+The new variable joins the surface sum with a weight of its own (`[search] target_weight`) and, as
 `[search] loss` says, an absolute ("mae") or squared ("mse") error. The dataset weight γ is
 dropped: a study trains on one dataset.
 
@@ -116,7 +116,7 @@ def target_term(
 ) -> torch.Tensor:
     """The target's latitude-weighted mean error (absolute or squared, in its normalised units)
     of the raw output `raw` (B, lat, lon). A land-only target's truth is NaN at sea
-    (`dataset.Samples.truth`): those points are left out of the mean, so the model is neither
+    (`dataset.Samples.as_truth`): those points are left out of the mean, so the model is neither
     trained nor judged on values the target does not have there."""
     observed = observed.to(raw.device)
     defined = torch.isfinite(observed) if spec.target.land_only else None
@@ -148,11 +148,11 @@ def censored_error(
 
     tp is a censored quantity: an observed 0 says "no more than 0", which a raw output of -2
     meets as well as 0 does (the forecast, clamped at 0, is dry either way). So where the
-    observation is dry (at most `dry`, `LossSpec.dry`) only a raw output above it is an error; where it
-    is wet the raw output's whole shortfall is, even below 0. Unlike a loss on the clamped output
-    (Aurora's `clamp_at_first_step` in training), no wet point is ever left without a gradient;
-    unlike a plain loss on the raw output, the model is free to forecast "clearly dry" below 0,
-    which is what lets a clamped forecast be exactly dry.
+    observation is dry (at most `dry`, `LossSpec.dry`) only a raw output above it is an error;
+    where it is wet the raw output's whole shortfall is, even below 0. Unlike a loss on the
+    clamped output (Aurora's `clamp_at_first_step` in training), no wet point is ever left
+    without a gradient; unlike a plain loss on the raw output, the model is free to forecast
+    "clearly dry" below 0, which is what lets a clamped forecast be exactly dry.
     """
     err = raw - observed
     return torch.where(observed > dry, err, err.clamp(min=0))

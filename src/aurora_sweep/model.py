@@ -118,17 +118,18 @@ def build_base(
 
 
 def _build_own_precipitation(base: str, target: str, *, clamp: bool, arch: tuple) -> Aurora:
-    """A base that predicts precipitation itself (Aurora 1.5), as a 6-hour step whose `target`
-    is the sum (tp) or mean (pr) of its hourly output (`hourly.SixHourAurora15`): with its own
-    variables and clipping, its hours clamped at 0 as an added target is (by the model itself: Aurora's `positive_surf_vars` would
-    drop the output-only variables from its output), and no autocast until `set_precision`
-    says so (its own default is fp16 everywhere; a trial's precision is the backbone's, as for
-    every base)."""
+    """A base that predicts precipitation itself (Aurora 1.5), as a 6-hour step whose `target` is
+    the sum (tp) or mean (pr) of its hourly output (`hourly.SixHourAurora15`): with its own
+    variables and clipping, its hours clamped at 0 as an added target is (by the model itself:
+    Aurora's `positive_surf_vars` would drop the output-only variables from its output), and no
+    autocast until `set_precision` says so (its own default is fp16 everywhere; a trial's precision
+    is the backbone's, as for every base)."""
     from aurora_sweep.hourly import SixHourAurora15
 
     if not TARGETS[target].from_hourly_precipitation:
         raise AuroraSweepError(
-            f"the {base} base forecasts its own precipitation: predict tp or pr with it, not {target}"
+            f"the {base} base forecasts its own precipitation: predict tp or pr with it, "
+            f"not {target}"
         )
     spec = BASES[base]
     kwargs = dict(
@@ -400,15 +401,15 @@ def backbone_blocks(model: Aurora) -> list[tuple[str, torch.nn.Module]]:
 def set_trainable(
     model: Aurora, *, unfrozen_blocks: int, method: str = "lora", train_input: bool = True
 ) -> TrainableParts:
-    """Freeze all but LoRA, the target's embedding and head, and the last `unfrozen_blocks` blocks;
-    with `method` "head", the decoder instead of blocks; with "full", nothing frozen.
+    """Freeze all but LoRA, the target's embedding and head, and the last `unfrozen_blocks`
+    blocks; with `method` "head", the decoder instead of blocks; with "full", nothing frozen.
 
     With every variable in the loss the whole decoder is on the loss's path, so `head` trains
-    what gets a gradient. `train_input=False` leaves the target's input embedding at zero (still listed
-    in `new_variable`, which is saved): the target is then output-only, as in Aurora 1.5, and the
-    backbone sees exactly the inputs it was pretrained on. For Aurora 1.5 `new_variable` is its
-    own hourly precipitation's embedding and head, the embedding never trained (its input is
-    always zero: output-only).
+    what gets a gradient. `train_input=False` leaves the target's input embedding at zero (still
+    listed in `new_variable`, which is saved): the target is then output-only, as in Aurora 1.5,
+    and the backbone sees exactly the inputs it was pretrained on. For Aurora 1.5 `new_variable`
+    is its own hourly precipitation's embedding and head, the embedding never trained (its input
+    is always zero: output-only).
     """
     if method in ("head", "full"):
         unfrozen_blocks = 0

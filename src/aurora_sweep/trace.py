@@ -289,9 +289,10 @@ def synthetic_batch(
     v15: bool = False,
     arch: tuple = (),
 ) -> Batch:
-    """A random batch of the given shape, for measuring memory (values do not matter): a target (the
-    default's name: the memory is that of any) among the surface variables, Aurora's static fields; with `v15`, Aurora 1.5's inputs and static
-    fields (those `arch` gives it, or its own)."""
+    """A random batch of the given shape, for measuring memory (values do not matter): a target
+    (the default's name: the memory is that of any) among the surface variables, Aurora's static
+    fields; with `v15`, Aurora 1.5's inputs and static fields (those `arch` gives it, or its
+    own)."""
     from aurora import Batch, Metadata
 
     gen = torch.Generator().manual_seed(0)
