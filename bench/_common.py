@@ -12,9 +12,9 @@ import warnings
 
 import torch
 
-from aurora_sweep.memory import cpu_live_peak_bytes  # noqa: F401 - the benches' import
-from aurora_sweep.model import apply_method, build_base, init_new_variable, set_precision
-from aurora_sweep.recipe import TrialConfig
+from aurora_sweep.config.recipe import TrialConfig
+from aurora_sweep.memory.estimate import cpu_live_peak_bytes  # noqa: F401 - the benches' import
+from aurora_sweep.model.build import apply_method, build_base, init_new_variable, set_precision
 
 EUROPE_GRID = (149, 208)
 EUROPE_LEVELS = (250, 500, 700, 850)

@@ -34,8 +34,8 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from aurora_sweep import store
-from aurora_sweep.config import Period, load_config
+from aurora_sweep.config.study import Period, load_config
+from aurora_sweep.data import store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,7 +93,7 @@ def readers(raw: xr.Dataset, lz4: xr.Dataset, data) -> list[tuple[str, int, obje
     baseline."""
     import warnings
 
-    from aurora_sweep.dataset import Samples
+    from aurora_sweep.data.samples import Samples
 
     def before(indices):
         return [lz4.isel(time=[t, t + 1, t + 2]).load() for t in indices]

@@ -61,18 +61,18 @@ from _common import (
     trial_config,
 )  # noqa: E402
 
-from aurora_sweep import memory  # noqa: E402
-from aurora_sweep.bases import BASES  # noqa: E402
-from aurora_sweep.loss import combine, loss_terms  # noqa: E402
-from aurora_sweep.recipe import (  # noqa: E402
+from aurora_sweep.config.bases import BASES  # noqa: E402
+from aurora_sweep.config.recipe import (  # noqa: E402
     AUTO_CHECKPOINTING,
     LORA_METHODS,
     METHODS,
     TrialConfig,  # noqa: E402
 )
-from aurora_sweep.tiles import tile_side  # noqa: E402
-from aurora_sweep.trace import synthetic_sample  # noqa: E402
-from aurora_sweep.train import PeakMemory  # noqa: E402
+from aurora_sweep.memory import estimate as memory  # noqa: E402
+from aurora_sweep.memory.traced import synthetic_sample  # noqa: E402
+from aurora_sweep.model.loss import combine, loss_terms  # noqa: E402
+from aurora_sweep.train.fit import PeakMemory  # noqa: E402
+from aurora_sweep.train.tiles import tile_side  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 2**20
@@ -468,7 +468,7 @@ def main() -> None:
             "gradients start freed), "
             "the step a trial takes (Aurora's loss over every variable). Fitted: "
             '`memory.estimate_peak(how="fitted")`; traced: the same step run on fake tensors '
-            '(`how="traced"`, `aurora_sweep.trace`). '
+            '(`how="traced"`, `aurora_sweep.memory.traced`). '
             "Saved act.: bytes saved for backward in one forward (with checkpointing only the "
             "checkpoint inputs). RSS delta: the process's resident-set growth over the timed steps "
             "(the CPU allocator keeps and reuses freed memory)."

@@ -73,7 +73,7 @@ class StubWorker:
         self.info = {"device": "stub"}
 
     def run(self, trial: dict, adapter_dir: Path, report):
-        from aurora_sweep.outcomes import Complete
+        from aurora_sweep.sweep.outcomes import Complete
 
         adapter_dir.mkdir(parents=True)
         (adapter_dir / "adapter_model.safetensors").write_bytes(os.urandom(2 * 2**20))
@@ -108,11 +108,11 @@ def child(args: argparse.Namespace) -> None:
     warnings.filterwarnings("ignore")
     from rich.console import Console
 
-    import aurora_sweep.memory as memory
-    from aurora_sweep.config import load_config, with_overrides
-    from aurora_sweep.scheduler import Sweep
-    from aurora_sweep.storage import open_study, reap_dead_trials, retry_interrupted
-    from aurora_sweep.tracking import client_for, experiment_id, study_run
+    import aurora_sweep.memory.estimate as memory
+    from aurora_sweep.config.study import load_config, with_overrides
+    from aurora_sweep.sweep.scheduler import Sweep
+    from aurora_sweep.sweep.storage import open_study, reap_dead_trials, retry_interrupted
+    from aurora_sweep.sweep.tracking import client_for, experiment_id, study_run
 
     # the memory estimate is not storage or tracking: a constant, so it costs nothing here
     memory.estimate_peak = lambda *a, **k: memory.MemoryEstimate(total_bytes=0, parts={})

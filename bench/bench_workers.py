@@ -35,8 +35,8 @@ def main() -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
-    from aurora_sweep.config import load_config
-    from aurora_sweep.data import open_cube
+    from aurora_sweep.config.study import load_config
+    from aurora_sweep.data.cube import open_cube
 
     work = Path(tempfile.mkdtemp(prefix="bench-workers-"))
     prep = work / "prep"

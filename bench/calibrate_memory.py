@@ -28,7 +28,9 @@ from scipy.optimize import nnls
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import build_random_trial_model, trial_config  # noqa: E402
 
-from aurora_sweep import memory, meta, trace  # noqa: E402
+from aurora_sweep.memory import estimate as memory  # noqa: E402
+from aurora_sweep.memory import meta_model as meta
+from aurora_sweep.memory import traced as trace
 
 ROOT = Path(__file__).resolve().parents[1]
 LEVELS = (250, 500, 700, 850)

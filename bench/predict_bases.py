@@ -7,7 +7,7 @@ one training step over Europe at 0.25 deg (148 x 208 points after Aurora's crop,
 bf16 autocast and activation checkpointing, each method as a study samples it (LoRA variants at
 rank 8 on qkv+proj; blocks: the last 2; full: Aurora's own recipe). No GPU is needed: the models
 are built on the meta device. Two predictions per row: traced (the step run on fake tensors,
-`aurora_sweep.trace`, what a capped study uses) and fitted (the coefficients). The CUDA context
+`aurora_sweep.memory.traced`, what a capped study uses) and fitted (the coefficients). The CUDA context
 itself (a few hundred MB, outside PyTorch's allocator) is in neither: the GPU must hold it too.
 
     .venv/bin/python bench/predict_bases.py     # a few minutes (the traces)
@@ -28,8 +28,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import EUROPE_LEVELS, trial_config  # noqa: E402
 
-from aurora_sweep import memory  # noqa: E402
-from aurora_sweep.bases import BASES  # noqa: E402
+from aurora_sweep.config.bases import BASES  # noqa: E402
+from aurora_sweep.memory import estimate as memory  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = (148, 208)

@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from aurora_sweep.config import DataConfig, Period, Region
-from aurora_sweep.dataset import Samples
-from aurora_sweep.demo_data import DemoWorld, demo_cube
-from aurora_sweep.model import DEMO_CHECKPOINT, build_base, file_sha256
-from aurora_sweep.store import ATMOS_VARS, SURF_VARS
+from aurora_sweep.config.study import DataConfig, Period, Region
+from aurora_sweep.data.demo import DemoWorld, demo_cube
+from aurora_sweep.data.samples import Samples
+from aurora_sweep.data.store import ATMOS_VARS, SURF_VARS
+from aurora_sweep.model.build import DEMO_CHECKPOINT, build_base, file_sha256
 
 
 def main() -> None:

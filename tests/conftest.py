@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from aurora_sweep.config import StudyConfig, load_config
+from aurora_sweep.config.study import StudyConfig, load_config
 from servers import mlflow_server, postgres_server, postgres_url  # noqa: F401
 
 TINY_STUDY = """
@@ -82,7 +82,7 @@ def write_tiny_config(directory: Path, *, steps: int = 4, store: Path | None = N
 @pytest.fixture(scope="session")
 def tiny_store(tmp_path_factory) -> Path:
     """The tiny demo study's store, generated in the CDS layout and imported once per session."""
-    from aurora_sweep.data import open_cube
+    from aurora_sweep.data.cube import open_cube
 
     root = tmp_path_factory.mktemp("tiny-store")
     config = load_config(write_tiny_config(root), workdir=root)

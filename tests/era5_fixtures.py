@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from aurora_sweep.config import StudyConfig, load_config
+from aurora_sweep.config.study import StudyConfig, load_config
 
 #: CDS request names -> NetCDF short names.
 SHORT = {
@@ -182,7 +182,7 @@ class FakeCDS:
         flaky: int = 0,
         truncate: Sequence[str] = (),
     ):
-        from aurora_sweep.era5 import plan_requests
+        from aurora_sweep.data.era5 import plan_requests
 
         self.fail_after = fail_after
         self.fail_with = fail_with or ConnectionError("Connection aborted: remote end closed")
@@ -201,7 +201,7 @@ class FakeCDS:
         return self
 
     def retrieve(self, dataset: str, request: dict, target: str) -> str:
-        from aurora_sweep.era5 import Request
+        from aurora_sweep.data.era5 import Request
 
         name = Path(target).name.removesuffix(".partial")
         with self.lock:
@@ -265,7 +265,7 @@ def write_study_files(
     edit: Callable[[str, xr.Dataset], xr.Dataset] | None = None,
 ) -> list[Path]:
     """Every planned request's file written straight into `folder` (no download)."""
-    from aurora_sweep.era5 import plan_requests
+    from aurora_sweep.data.era5 import plan_requests
 
     folder.mkdir(parents=True, exist_ok=True)
     out = []

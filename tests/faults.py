@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from aurora_sweep.train import fit
+from aurora_sweep.train.fit import fit
 
 
 def _first_call(marker: str) -> bool:

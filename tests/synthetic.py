@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from aurora_sweep.store import write_store
+from aurora_sweep.data.store import write_store
 
 SURFACE = {"2t": (285.0, 8.0), "10u": (0.0, 5.0), "10v": (0.0, 5.0), "msl": (101300.0, 900.0)}
 ATMOS = {"z": (50000.0, 2000.0), "u": (5.0, 10.0), "v": (0.0, 8.0), "t": (260.0, 10.0),
@@ -89,7 +89,7 @@ def make_cube(
 def _target_field(name: str, tp: np.ndarray, lsm: np.ndarray, rng) -> np.ndarray:
     """Values of another target: tp's wet pattern in its units, or soil moisture in 0.1..0.45;
     0 at sea for a land field."""
-    from aurora_sweep.targets import TARGETS
+    from aurora_sweep.config.targets import TARGETS
 
     spec = TARGETS[name]
     if spec.precipitation_like:
@@ -158,7 +158,7 @@ def train_steps(model, samples, *, steps: int, offset: int, lr: float = 1e-2):
 def tiny_lora_trial(**changes):
     """A small LoRA recipe on the demo base and the tiny study's levels, for tests that train a
     model by hand (`changes` replace any field)."""
-    from aurora_sweep.recipe import TrialConfig
+    from aurora_sweep.config.recipe import TrialConfig
 
     recipe = dict(
         lora_rank=2, lora_targets="qkv+proj", unfrozen_blocks=0, batch_size=2, precision="fp32",
@@ -172,12 +172,12 @@ def tiny_lora_trial(**changes):
 def trained_tiny_adapter(root: Path, tiny_store: Path, trial):
     """An adapter of `trial` on the tiny study (its train split on the trial's levels), trained
     for two steps and saved under `root / "adapter"`; the adapter's path and the study config."""
-    from aurora_sweep.config import load_config
-    from aurora_sweep.dataset import Samples, target_stats
-    from aurora_sweep.export import save_adapter
-    from aurora_sweep.model import DEMO_CHECKPOINT
-    from aurora_sweep.store import open_store
-    from aurora_sweep.train import build_trial_model
+    from aurora_sweep.config.study import load_config
+    from aurora_sweep.data.samples import Samples, target_stats
+    from aurora_sweep.data.store import open_store
+    from aurora_sweep.model.adapter import save_adapter
+    from aurora_sweep.model.build import DEMO_CHECKPOINT
+    from aurora_sweep.train.fit import build_trial_model
     from conftest import write_tiny_config
 
     config = load_config(write_tiny_config(root, store=tiny_store), workdir=root)

@@ -16,8 +16,8 @@ from aurora import AuroraV1p5, Batch, Metadata, rollout
 from aurora.insolation import insolation
 
 from aurora_sweep.errors import AuroraSweepError
-from aurora_sweep.hourly import HOURLY_TP, TRUE_LON
-from aurora_sweep.model import build_base, load_base_checkpoint
+from aurora_sweep.model.aurora15 import HOURLY_TP, TRUE_LON
+from aurora_sweep.model.build import build_base, load_base_checkpoint
 from synthetic import global_statics, write_v15_statics
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -171,7 +171,7 @@ def test_a_checkpoint_of_another_model_is_refused_in_one_line(checkpoint, tmp_pa
 @pytest.fixture(scope="module")
 def static_file(tmp_path_factory, checkpoint):
 
-    from aurora_sweep.aurora15 import static_names
+    from aurora_sweep.verify.zero_shot import static_names
 
     names = static_names(SMALL)
     path = tmp_path_factory.mktemp("static") / "aurora-0.25-v1.5-static.pickle"
@@ -179,7 +179,7 @@ def static_file(tmp_path_factory, checkpoint):
 
 
 def test_the_static_fields_are_cut_at_the_stores_points_across_0(static_file):
-    from aurora_sweep.aurora15 import crop_statics, read_statics
+    from aurora_sweep.verify.zero_shot import crop_statics, read_statics
 
     path, names = static_file
     assert len(read_statics(path, names)) == 36
@@ -196,7 +196,7 @@ def test_a_static_file_that_is_not_aurora15s_is_refused_without_running_it(tmp_p
     import os
     import pickle
 
-    from aurora_sweep.aurora15 import read_statics
+    from aurora_sweep.verify.zero_shot import read_statics
 
     class Payload:
         def __reduce__(self):
@@ -219,8 +219,8 @@ def v15_study(tmp_path_factory, checkpoint, static_file):
     inputs), Aurora 1.5 from this test's checkpoint and static file."""
     import dataclasses
 
-    from aurora_sweep.config import load_config
-    from aurora_sweep.data import open_cube
+    from aurora_sweep.config.study import load_config
+    from aurora_sweep.data.cube import open_cube
     from conftest import write_tiny_config
 
     root = tmp_path_factory.mktemp("v15-store")
@@ -240,8 +240,8 @@ def v15_study(tmp_path_factory, checkpoint, static_file):
 @pytest.fixture(scope="module")
 def v15_samples(v15_study):
     """The tiny demo study's validation samples, from a store with Aurora 1.5's inputs."""
-    from aurora_sweep.data import open_cube
-    from aurora_sweep.dataset import Samples
+    from aurora_sweep.data.cube import open_cube
+    from aurora_sweep.data.samples import Samples
 
     return Samples(open_cube(v15_study), v15_study.data, "validation")
 
@@ -254,7 +254,7 @@ def test_the_v15_base_reads_a_stores_samples_with_aurora15s_inputs(
     true longitudes where Aurora sees the box shifted, and forecasts tp from it."""
     import dataclasses
 
-    from aurora_sweep.aurora15 import crop_statics, read_statics, region_statics
+    from aurora_sweep.verify.zero_shot import crop_statics, read_statics, region_statics
 
     path, names = static_file
     samples = v15_samples.for_v15(region_statics(path, v15_samples, tuple(names)))
@@ -299,15 +299,15 @@ def test_a_study_with_the_aurora15_baseline_scores_it_and_best_shows_it(
 
     from typer.testing import CliRunner
 
-    from aurora_sweep.aurora15 import add_zero_shot
     from aurora_sweep.cli import _best_line, app
-    from aurora_sweep.config import load_config
-    from aurora_sweep.data import open_cube
-    from aurora_sweep.evaluation import lead_scores
-    from aurora_sweep.records import TrialRecord
-    from aurora_sweep.storage import open_study
-    from aurora_sweep.study import run_study
-    from aurora_sweep.study_data import TrialData
+    from aurora_sweep.config.study import load_config
+    from aurora_sweep.data.cube import open_cube
+    from aurora_sweep.data.trial_data import TrialData
+    from aurora_sweep.sweep.records import TrialRecord
+    from aurora_sweep.sweep.run import run_study
+    from aurora_sweep.sweep.storage import open_study
+    from aurora_sweep.verify.scoring import lead_scores
+    from aurora_sweep.verify.zero_shot import add_zero_shot
 
     arch = "\n".join(
         f"{k} = {str(list(v)) if isinstance(v, tuple) else str(v).lower()}" for k, v in SMALL
@@ -356,8 +356,8 @@ def test_a_study_with_the_aurora15_baseline_scores_it_and_best_shows_it(
 
 
 def test_the_demo_world_writes_aurora15s_inputs_for_a_study_that_uses_it(v15_study):
-    from aurora_sweep import store
-    from aurora_sweep.data import open_cube
+    from aurora_sweep.data import store
+    from aurora_sweep.data.cube import open_cube
 
     cube = open_cube(v15_study)
     assert all(v in cube for v in store.V15_SURF_VARS)
@@ -376,12 +376,12 @@ def test_the_demo_world_writes_aurora15s_inputs_for_a_study_that_uses_it(v15_stu
 def v15_trained(v15_study, checkpoint, static_file, tmp_path_factory):
     """A LoRA trial of the v1.5 base fine-tuned for two steps on the tiny study (`train.fit`),
     its adapter saved: (data, trial, result, adapter directory)."""
-    from aurora_sweep.aurora15 import region_statics
-    from aurora_sweep.data import open_cube
-    from aurora_sweep.evaluation import base_state_mse
-    from aurora_sweep.export import save_adapter
-    from aurora_sweep.study_data import TrialData
-    from aurora_sweep.train import fit
+    from aurora_sweep.data.cube import open_cube
+    from aurora_sweep.data.trial_data import TrialData
+    from aurora_sweep.model.adapter import save_adapter
+    from aurora_sweep.train.fit import fit
+    from aurora_sweep.verify.scoring import base_state_mse
+    from aurora_sweep.verify.zero_shot import region_statics
     from synthetic import tiny_lora_trial
 
     data = TrialData.prepare(open_cube(v15_study), v15_study)
@@ -415,7 +415,7 @@ def test_a_v15_trial_trains_its_own_precipitation_and_keeps_the_rest_of_aurora15
     parts = result.parts
     assert any(k.startswith("decoder.surf_heads.scaled_tp_1h") for k in parts.new_variable)
     pretrained = torch.load(checkpoint, weights_only=True)
-    from aurora_sweep.model import WRAPPED, unwrap
+    from aurora_sweep.model.build import WRAPPED, unwrap
 
     named = {k.replace(WRAPPED, ""): p for k, p in unwrap(result.model).named_parameters()}
     trained = {k for k, p in named.items() if p.requires_grad}
@@ -429,8 +429,8 @@ def test_a_v15_trial_trains_its_own_precipitation_and_keeps_the_rest_of_aurora15
 
 def test_a_v15_adapter_loads_and_forecasts_as_it_was_trained(v15_trained, checkpoint):
     """The exported adapter, loaded, gives the trial's own forecast (tp and state)."""
-    from aurora_sweep.evaluation import forecast
-    from aurora_sweep.export import load_finetuned
+    from aurora_sweep.model.adapter import load_finetuned
+    from aurora_sweep.verify.scoring import forecast
 
     data, trial, result, adapter = v15_trained
     samples = data.for_trial("v1.5", trial.levels).validation

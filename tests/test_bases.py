@@ -10,13 +10,13 @@ import torch
 import xarray as xr
 from typer.testing import CliRunner
 
-from aurora_sweep.bases import BASES, HF_REPO, arch_overrides
 from aurora_sweep.cli import app
-from aurora_sweep.config import load_config
+from aurora_sweep.config.bases import BASES, HF_REPO, arch_overrides
+from aurora_sweep.config.study import load_config
 from aurora_sweep.errors import AuroraSweepError
-from aurora_sweep.meta import meta_device
-from aurora_sweep.model import backbone_blocks, build_base
-from aurora_sweep.records import BASE_MSE, TrialRecord, base_key
+from aurora_sweep.memory.meta_model import meta_device
+from aurora_sweep.model.build import backbone_blocks, build_base
+from aurora_sweep.sweep.records import BASE_MSE, TrialRecord, base_key
 from synthetic import write_region_store
 
 #: Both pretrained classes at a width that trains in seconds on a CPU: the full classes, their
@@ -87,8 +87,8 @@ def test_a_study_names_its_bases_checkpoints_and_widths(tmp_path):
 def test_a_study_of_several_bases_tries_each_first_and_runs_its_references_on_model_base(
     tmp_path,
 ):
-    from aurora_sweep.records import TrialRecord
-    from aurora_sweep.space import enqueue_references, sample_trial
+    from aurora_sweep.sweep.records import TrialRecord
+    from aurora_sweep.sweep.space import enqueue_references, sample_trial
 
     (tmp_path / "s.toml").write_text(STUDY.format(arch="", checkpoints=""))
     config = load_config(tmp_path / "s.toml", workdir=tmp_path)
@@ -159,7 +159,7 @@ def test_a_study_searches_three_bases_and_exports_aurora15_that_forecasts(tmp_pa
     written here, on a 0.25° store with every variable Aurora 1.5 reads: trials of each, each
     scored against its own base, `best` line per base and the zero-shot Aurora 1.5 row, and an
     exported Aurora 1.5 trial (its own precipitation adapted) forecasts a NetCDF file."""
-    from aurora_sweep.aurora15 import static_names
+    from aurora_sweep.verify.zero_shot import static_names
     from synthetic import write_v15_statics
 
     monkeypatch.chdir(tmp_path)

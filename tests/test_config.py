@@ -3,9 +3,9 @@ from pathlib import Path
 
 import pytest
 
-from aurora_sweep.config import DEMO_CONFIG, load_config
+from aurora_sweep.config.settings import parse_memory
+from aurora_sweep.config.study import DEMO_CONFIG, load_config
 from aurora_sweep.errors import AuroraSweepError
-from aurora_sweep.settings import parse_memory
 
 REPO = Path(__file__).parents[1]
 
@@ -117,7 +117,7 @@ def test_two_objectives_make_a_skill_and_cost_study(tmp_path):
 
 
 def test_a_box_too_small_for_the_backbone_is_refused_before_any_trial(tmp_path):
-    from aurora_sweep.space import check_search
+    from aurora_sweep.sweep.space import check_search
 
     # 11 rows at 1°: too few for Aurora's backbone; 12 are enough
     small = BASE.replace("north = 62.0, south = 31.0", "north = 41.0, south = 31.0")
@@ -156,7 +156,7 @@ def test_memory_size_without_number_is_refused():
 
 
 def test_a_study_that_names_only_its_data_gets_the_declared_defaults(tmp_path):
-    from aurora_sweep.config import ModelConfig, SearchSpace, StudyConfig, TrainConfig
+    from aurora_sweep.config.study import ModelConfig, SearchSpace, StudyConfig, TrainConfig
 
     text = "[data]\nregion = { north = 62.0, south = 31.0, west = 4.0, east = 51.0 }\n"
     config = load_config(_write(tmp_path, text), workdir=tmp_path)
@@ -191,7 +191,7 @@ def test_a_study_that_names_only_its_data_gets_the_declared_defaults(tmp_path):
 def test_a_split_inside_auroras_pretraining_is_warned_of_by_name(tmp_path, base, splits, said):
     import warnings
 
-    from aurora_sweep.study import _pretraining_overlap
+    from aurora_sweep.sweep.run import _pretraining_overlap
 
     text = BASE.replace('base = "demo"', f'base = "{base}"', 1)
     ends = {"train": "2023-12-31", "validation": "2021-06-30", "test": "2021-12-31"}

@@ -7,18 +7,18 @@ import pytest
 import torch
 import xarray as xr
 
-from aurora_sweep.climatology import MIN_CLIMATOLOGY_SAMPLES, climatology, climatology_forecast
-from aurora_sweep.config import Period, load_config
-from aurora_sweep.dataset import (
+from aurora_sweep.config.study import Period, load_config
+from aurora_sweep.config.targets import TARGETS
+from aurora_sweep.data.climates import MIN_CLIMATOLOGY_SAMPLES, climatology, climatology_forecast
+from aurora_sweep.data.samples import (
     Samples,
     model_longitudes,
     patch_crop,
     sample_times,
     target_stats,
 )
+from aurora_sweep.data.store import open_store
 from aurora_sweep.errors import AuroraSweepError
-from aurora_sweep.store import open_store
-from aurora_sweep.targets import TARGETS
 
 
 def test_western_hemisphere_longitudes_move_by_exactly_360():
@@ -224,8 +224,8 @@ def test_climatology_of_a_month_with_too_few_samples_borrows_its_neighbours():
 def test_a_store_built_for_another_study_is_refused_not_reused(
     tmp_path, tiny_store, old, new, message
 ):
-    from aurora_sweep.config import load_config
-    from aurora_sweep.data import open_cube
+    from aurora_sweep.config.study import load_config
+    from aurora_sweep.data.cube import open_cube
     from conftest import write_tiny_config
 
     path = write_tiny_config(tmp_path, store=tiny_store)
@@ -244,8 +244,8 @@ def test_a_store_built_for_another_study_is_refused_not_reused(
 def test_a_demo_store_made_for_another_region_is_remade(tmp_path, tiny_store):
     import shutil
 
-    from aurora_sweep.config import load_config
-    from aurora_sweep.data import open_cube
+    from aurora_sweep.config.study import load_config
+    from aurora_sweep.data.cube import open_cube
     from conftest import write_tiny_config
 
     store = tmp_path / "store.zarr"
@@ -304,7 +304,7 @@ def test_a_store_in_another_layout_is_read_through_zarr(tiny_config, tmp_path):
 def test_the_prefetcher_hands_out_batches_in_plan_order_and_raises_the_readers_error():
     import threading
 
-    from aurora_sweep.train import Prefetcher
+    from aurora_sweep.train.fit import Prefetcher
 
     with Prefetcher(lambda i: i * 10, [3, 1, 2]) as batches:
         assert [batches.next() for _ in range(3)] == [30, 10, 20]

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from aurora_sweep import demo_data
-from aurora_sweep.store import open_store
+from aurora_sweep.data import demo as demo_data
+from aurora_sweep.data.store import open_store
 
 SMALL = demo_data.DemoWorld(north=50.0, west=10.0, rows=8, cols=8, first_year=2024, last_year=2024)
 
@@ -59,8 +59,8 @@ def test_tp_is_hourly_in_metres_with_the_hours_before_each_model_time(cds_files)
 def test_imported_demo_equals_the_generator_cube(cds_files, tmp_path):
     import datetime as dt
 
-    from aurora_sweep import era5
-    from aurora_sweep.config import DataConfig, Period, Region
+    from aurora_sweep.config.study import DataConfig, Period, Region
+    from aurora_sweep.data import era5
 
     year = Period(dt.date(2024, 1, 1), dt.date(2024, 12, 31))
     data = DataConfig(
@@ -98,8 +98,8 @@ def tp_week(tmp_path_factory):
 
 
 def _target_store(root, target: str):
-    from aurora_sweep.config import load_config
-    from aurora_sweep.data import open_cube
+    from aurora_sweep.config.study import load_config
+    from aurora_sweep.data.cube import open_cube
     from conftest import write_tiny_config
 
     path = write_tiny_config(root)
@@ -122,7 +122,7 @@ def test_the_demo_world_writes_every_target_and_the_import_makes_its_store(
 ):
     """A demo study of each target gets a store of it, within its bounds; pr is the same hours
     as tp over six hours, the known relation between two kinds of one variable."""
-    from aurora_sweep.targets import TARGETS
+    from aurora_sweep.config.targets import TARGETS
 
     cube = _target_store(tmp_path, target)
     spec = TARGETS[target]

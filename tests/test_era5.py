@@ -22,11 +22,11 @@ import requests
 import xarray as xr
 from typer.testing import CliRunner
 
-from aurora_sweep import era5, store
-from aurora_sweep.cli_data import data_app
-from aurora_sweep.config import Region, load_config
+from aurora_sweep.cli.data import data_app
+from aurora_sweep.config.recipe import AURORA_LEVELS
+from aurora_sweep.config.study import Region, load_config
+from aurora_sweep.data import era5, store
 from aurora_sweep.errors import AuroraSweepError
-from aurora_sweep.recipe import AURORA_LEVELS
 from era5_fixtures import (
     FakeCDS,
     cds_dataset,
@@ -666,7 +666,7 @@ def test_a_cds_host_that_does_not_resolve_is_named(monkeypatch):
     import socket as socket_module
 
     module = importlib.import_module(
-        "aurora_sweep.era5.download"
+        "aurora_sweep.data.era5.download"
     )  # `era5.download` is the function
 
     def no_dns(*args, **kwargs):

@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from aurora_sweep.evaluation import (
+from aurora_sweep.config.recipe import TrialConfig
+from aurora_sweep.data.store import open_store
+from aurora_sweep.data.trial_data import TrialData
+from aurora_sweep.model.build import DEMO_CHECKPOINT
+from aurora_sweep.sweep.records import base_key, worst_forgetting
+from aurora_sweep.train.fit import build_trial_model
+from aurora_sweep.verify.scoring import (
     base_state_mse,
     forecast,
     forgetting_ratios,
@@ -12,12 +18,6 @@ from aurora_sweep.evaluation import (
     subset_objective,
     verify,
 )
-from aurora_sweep.model import DEMO_CHECKPOINT
-from aurora_sweep.recipe import TrialConfig
-from aurora_sweep.records import base_key, worst_forgetting
-from aurora_sweep.store import open_store
-from aurora_sweep.study_data import TrialData
-from aurora_sweep.train import build_trial_model
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 CPU = torch.device("cpu")
@@ -26,7 +26,7 @@ DEMO_FP32 = base_key("demo", "fp32")  # the demo base's scores in fp32
 
 @pytest.fixture(scope="module")
 def prepared(tiny_store, tmp_path_factory):
-    from aurora_sweep.config import load_config
+    from aurora_sweep.config.study import load_config
     from conftest import write_tiny_config
 
     workdir = tmp_path_factory.mktemp("evaluation")
@@ -83,7 +83,7 @@ def test_the_base_model_is_scored_in_the_trials_precision(prepared, tiny_config)
     import dataclasses
     import datetime as dt
 
-    from aurora_sweep.config import Period
+    from aurora_sweep.config.study import Period
 
     _, trial = prepared
     # one week of validation: bf16 is emulated on a CPU, and every lead rolls out
@@ -123,8 +123,8 @@ def test_an_objective_the_data_cannot_define_is_refused_before_any_trial(prepare
     import dataclasses
 
     from aurora_sweep.errors import AuroraSweepError
-    from aurora_sweep.evaluation import check_objective_defined
-    from aurora_sweep.seeps import SeepsClimate
+    from aurora_sweep.verify.scoring import check_objective_defined
+    from aurora_sweep.verify.seeps import SeepsClimate
 
     data, _ = prepared
     check_objective_defined(data)  # the tiny demo has both dry and wet 6-hour totals
@@ -138,7 +138,7 @@ def test_an_objective_the_data_cannot_define_is_refused_before_any_trial(prepare
 
 
 def test_scores_exist_at_every_lead_and_24h_seeps_uses_its_own_dry_threshold(prepared):
-    from aurora_sweep.seeps import DRY_MM_BY_LEAD
+    from aurora_sweep.verify.seeps import DRY_MM_BY_LEAD
 
     data, trial = prepared
     assert set(data.leads) == {1, 2, 4}
@@ -154,9 +154,9 @@ def test_scores_exist_at_every_lead_and_24h_seeps_uses_its_own_dry_threshold(pre
 
 
 def test_a_rollout_sums_tp_over_its_steps_and_trains_through_the_last_only(prepared):
-    from aurora_sweep.evaluation import run_steps
-    from aurora_sweep.model import clamped
-    from aurora_sweep.train import pushforward
+    from aurora_sweep.model.build import clamped
+    from aurora_sweep.train.fit import pushforward
+    from aurora_sweep.verify.scoring import run_steps
 
     data, trial = prepared
     model, aurora, _ = build_trial_model(trial, data.stats, DEMO_CHECKPOINT)
@@ -180,7 +180,7 @@ def test_a_rollout_sums_tp_over_its_steps_and_trains_through_the_last_only(prepa
 def test_a_trial_clips_its_gradients_and_warms_up_its_learning_rate(prepared, monkeypatch):
     import dataclasses
 
-    from aurora_sweep import train
+    from aurora_sweep.train import fit as train
 
     data, trial = prepared
     norms, rates = [], []

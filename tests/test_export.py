@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from aurora_sweep.dataset import Samples, target_stats
-from aurora_sweep.export import adapter_tensors, load_finetuned, save_adapter
-from aurora_sweep.model import DEMO_CHECKPOINT, clamped
-from aurora_sweep.store import open_store
-from aurora_sweep.train import build_trial_model
+from aurora_sweep.data.samples import Samples, target_stats
+from aurora_sweep.data.store import open_store
+from aurora_sweep.model.adapter import adapter_tensors, load_finetuned, save_adapter
+from aurora_sweep.model.build import DEMO_CHECKPOINT, clamped
+from aurora_sweep.train.fit import build_trial_model
 from synthetic import tiny_lora_trial, train_steps
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -54,7 +54,7 @@ def test_an_adapter_of_any_method_loads_with_plain_peft_and_its_trained_weights(
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from aurora_sweep.model import build_base, load_base_checkpoint, set_longitude_wrap
+    from aurora_sweep.model.build import build_base, load_base_checkpoint, set_longitude_wrap
 
     cube = open_store(tiny_config.data.store)
     train = Samples(cube, tiny_config.data, "train")

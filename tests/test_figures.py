@@ -5,7 +5,7 @@ import pytest
 from matplotlib.contour import ContourSet
 from matplotlib.figure import Figure
 
-from aurora_sweep.figures import (
+from aurora_sweep.verify.plots import (
     case_maps,
     loss_curves,
     pick_cases,
@@ -219,7 +219,7 @@ def test_point_series_draws_the_observation_as_stems_and_the_others_as_lines():
 
 
 def test_point_series_draws_soil_moisture_observed_as_a_line_on_an_axis_fitting_its_range():
-    from aurora_sweep.targets import TARGETS
+    from aurora_sweep.config.targets import TARGETS
 
     days = np.array(["2024-01-01T06", "2024-01-01T12", "2024-02-01T06", "2024-02-01T12"])
     series = {"observed": np.array([0.30, 0.31, 0.29, 0.30]), "model": np.full(4, 0.305)}

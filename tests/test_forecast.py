@@ -11,9 +11,9 @@ import xarray as xr
 from typer.testing import CliRunner
 
 from aurora_sweep.cli import app
-from aurora_sweep.dataset import Samples
-from aurora_sweep.export import load_finetuned
-from aurora_sweep.store import open_store
+from aurora_sweep.data.samples import Samples
+from aurora_sweep.data.store import open_store
+from aurora_sweep.model.adapter import load_finetuned
 from synthetic import tiny_lora_trial, trained_tiny_adapter
 
 pytestmark = pytest.mark.filterwarnings("ignore")

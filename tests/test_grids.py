@@ -14,16 +14,16 @@ import torch
 from typer.testing import CliRunner
 
 from aurora_sweep.cli import app
-from aurora_sweep.config import load_config
-from aurora_sweep.dataset import patch_crop
-from aurora_sweep.evaluation import base_state_mse
-from aurora_sweep.model import DEMO_CHECKPOINT, build_base
-from aurora_sweep.recipe import TrialConfig
-from aurora_sweep.records import TrialRecord, base_key
-from aurora_sweep.store import open_store
-from aurora_sweep.study_data import TrialData
-from aurora_sweep.targets import TARGETS
-from aurora_sweep.train import fit
+from aurora_sweep.config.recipe import TrialConfig
+from aurora_sweep.config.study import load_config
+from aurora_sweep.config.targets import TARGETS
+from aurora_sweep.data.samples import patch_crop
+from aurora_sweep.data.store import open_store
+from aurora_sweep.data.trial_data import TrialData
+from aurora_sweep.model.build import DEMO_CHECKPOINT, build_base
+from aurora_sweep.sweep.records import TrialRecord, base_key
+from aurora_sweep.train.fit import fit
+from aurora_sweep.verify.scoring import base_state_mse
 from synthetic import write_region_store
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -156,7 +156,7 @@ def test_every_grid_patch_crop_accepts_forwards_through_the_demo_base():
     """Rows 12–64 by columns 12–128 in steps of 4, at batch size 1 (where a window partition
     across all latent levels once failed on Aurora's `view`), and the 4k+1 shapes that
     `patch_crop` trims to them."""
-    from aurora_sweep.model import load_base_checkpoint
+    from aurora_sweep.model.build import load_base_checkpoint
 
     model = build_base("demo", stats=(0.0, 1.0))
     load_base_checkpoint(model, DEMO_CHECKPOINT)

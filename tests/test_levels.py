@@ -12,15 +12,15 @@ import torch
 import xarray as xr
 from typer.testing import CliRunner
 
-from aurora_sweep import memory
 from aurora_sweep.cli import app
-from aurora_sweep.config import load_config
-from aurora_sweep.dataset import Samples
+from aurora_sweep.config.study import load_config
+from aurora_sweep.data.samples import Samples
+from aurora_sweep.data.store import open_store
 from aurora_sweep.errors import AuroraSweepError
-from aurora_sweep.export import load_finetuned
-from aurora_sweep.records import base_key
-from aurora_sweep.space import enqueue_references, reference_trial, sample_trial
-from aurora_sweep.store import open_store
+from aurora_sweep.memory import estimate as memory
+from aurora_sweep.model.adapter import load_finetuned
+from aurora_sweep.sweep.records import base_key
+from aurora_sweep.sweep.space import enqueue_references, reference_trial, sample_trial
 from conftest import write_tiny_config
 from synthetic import tiny_lora_trial, trained_tiny_adapter
 
@@ -88,7 +88,7 @@ def test_samples_on_a_subset_read_what_samples_of_those_levels_read(tiny_config,
 
 
 def test_trial_data_on_levels_shares_the_climates_and_the_base_scores(tiny_config):
-    from aurora_sweep.study_data import TrialData
+    from aurora_sweep.data.trial_data import TrialData
 
     data = TrialData.prepare(open_store(tiny_config.data.store), tiny_config)
     assert data.for_levels((500, 700, 850)) is data
@@ -122,7 +122,7 @@ def test_a_study_samples_levels_and_its_references_train_on_the_widest(tmp_path,
 
 
 def test_the_estimate_follows_the_levels_and_one_trace_serves_same_sized_subsets():
-    from aurora_sweep import trace
+    from aurora_sweep.memory import traced as trace
 
     grid = (16, 16)
     one = memory.estimate_peak(tiny_lora_trial(levels=(500,)), grid=grid, levels=1, how="traced")
@@ -157,7 +157,7 @@ def test_a_one_level_adapter_forecasts_on_its_level(one_level_adapter, tmp_path)
 
 
 def test_a_one_level_adapter_is_scored_against_the_base_on_its_level(one_level_adapter):
-    from aurora_sweep.results import evaluate_adapter
+    from aurora_sweep.report.evaluate import evaluate_adapter
 
     path, _ = one_level_adapter
     scores = evaluate_adapter(path, split="validation", bootstrap=0, lead="6h")

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from aurora_sweep import memory
-from aurora_sweep.dataset import Samples, target_stats
-from aurora_sweep.loss import LossSpec
-from aurora_sweep.meta import build_meta_model, count_params
-from aurora_sweep.model import DEMO_CHECKPOINT
-from aurora_sweep.store import open_store
-from aurora_sweep.train import _optimiser, _Step, build_trial_model
+from aurora_sweep.data.samples import Samples, target_stats
+from aurora_sweep.data.store import open_store
+from aurora_sweep.memory import estimate as memory
+from aurora_sweep.memory.meta_model import build_meta_model, count_params
+from aurora_sweep.model.build import DEMO_CHECKPOINT
+from aurora_sweep.model.loss import LossSpec
+from aurora_sweep.train.fit import _optimiser, _Step, build_trial_model
 from synthetic import tiny_lora_trial
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -72,8 +72,8 @@ def test_adafactor_keeps_the_factored_state_the_estimate_counts(tiny_config):
 
 
 def test_a_trial_trains_with_accumulation_and_adafactor(tiny_config):
-    from aurora_sweep.study_data import TrialData
-    from aurora_sweep.train import fit
+    from aurora_sweep.data.trial_data import TrialData
+    from aurora_sweep.train.fit import fit
 
     data = TrialData.prepare(open_store(tiny_config.data.store), tiny_config)
     trial = tiny_lora_trial(batch_size=1, accumulate=2, optimizer="adafactor", steps=2)
@@ -84,7 +84,7 @@ def test_a_trial_trains_with_accumulation_and_adafactor(tiny_config):
 
 
 def test_a_tile_never_crosses_the_regions_edge_and_covers_all_of_it():
-    from aurora_sweep.tiles import tile_origins, tile_side
+    from aurora_sweep.train.tiles import tile_origins, tile_side
 
     grid = (36, 52)
     assert tile_side(0, grid) == grid
@@ -101,7 +101,7 @@ def test_a_tile_never_crosses_the_regions_edge_and_covers_all_of_it():
 
 
 def test_a_tile_cuts_every_variable_the_statics_and_the_coordinates_alike(tiny_config):
-    from aurora_sweep.tiles import crop_sample
+    from aurora_sweep.train.tiles import crop_sample
 
     train = Samples(open_store(tiny_config.data.store), tiny_config.data, "train")
     batch, target = train.training_batch([3, 4])
@@ -119,8 +119,8 @@ def test_a_tile_cuts_every_variable_the_statics_and_the_coordinates_alike(tiny_c
 
 
 def test_a_trial_trains_on_tiles_and_its_estimate_follows_the_tile(tiny_config):
-    from aurora_sweep.study_data import TrialData
-    from aurora_sweep.train import fit
+    from aurora_sweep.data.trial_data import TrialData
+    from aurora_sweep.train.fit import fit
 
     data = TrialData.prepare(open_store(tiny_config.data.store), tiny_config)
     trial = tiny_lora_trial(tile=12, steps=2)
@@ -148,12 +148,12 @@ def test_a_capped_study_finds_feasible_recipes_through_tiles_and_auto_checkpoint
     from typer.testing import CliRunner
 
     from aurora_sweep.cli import app
-    from aurora_sweep.dataset import patch_crop
-    from aurora_sweep.recipe import AUTO_CHECKPOINTING
-    from aurora_sweep.records import TrialRecord
-    from aurora_sweep.space import sample_trial
-    from aurora_sweep.storage import open_study
-    from aurora_sweep.study import run_study
+    from aurora_sweep.config.recipe import AUTO_CHECKPOINTING
+    from aurora_sweep.data.samples import patch_crop
+    from aurora_sweep.sweep.records import TrialRecord
+    from aurora_sweep.sweep.run import run_study
+    from aurora_sweep.sweep.space import sample_trial
+    from aurora_sweep.sweep.storage import open_study
 
     search = dataclasses.replace(
         tiny_config.search, lora_rank=(2,), lora_targets=("qkv+proj",), unfrozen_blocks=(0,),

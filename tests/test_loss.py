@@ -8,7 +8,8 @@ import torch
 from aurora import Batch, Metadata
 from aurora.normalisation import scales
 
-from aurora_sweep.loss import (
+from aurora_sweep.data.store import ATMOS_VARS, SURF_VARS
+from aurora_sweep.model.loss import (
     ALPHA,
     ATMOS_WEIGHTS,
     BETA,
@@ -18,8 +19,7 @@ from aurora_sweep.loss import (
     combine,
     loss_terms,
 )
-from aurora_sweep.store import ATMOS_VARS, SURF_VARS
-from aurora_sweep.train import FINAL_LR_FACTOR, learning_rate_factor
+from aurora_sweep.train.fit import FINAL_LR_FACTOR, learning_rate_factor
 
 LEVELS = (500, 850)
 
@@ -119,7 +119,7 @@ def test_the_learning_rate_warms_up_then_decays_along_a_cosine():
 
 
 def test_a_targets_dry_limit_is_in_its_units_and_soil_moisture_is_not_censored():
-    from aurora_sweep.targets import TARGETS
+    from aurora_sweep.config.targets import TARGETS
 
     lat = np.zeros(4)
     assert _spec(lat).dry == 0.01  # tp: mm per step
@@ -139,7 +139,7 @@ def test_a_targets_dry_limit_is_in_its_units_and_soil_moisture_is_not_censored()
 
 @pytest.mark.parametrize("name", ["swvl1", "ro"])
 def test_a_land_targets_term_leaves_the_sea_out_of_its_mean_and_its_gradient(name):
-    from aurora_sweep.targets import TARGETS
+    from aurora_sweep.config.targets import TARGETS
 
     lat = np.array([60.0, 30.0, 0.0, -30.0])
     spec = _spec(lat, target=TARGETS[name])

@@ -8,11 +8,23 @@ import sys
 import pytest
 import torch
 
-from aurora_sweep import memory, trace
+from aurora_sweep.config.recipe import TrialConfig
 from aurora_sweep.errors import AuroraSweepError
-from aurora_sweep.meta import Architecture, architecture, build_meta_model, count_params
-from aurora_sweep.model import apply_lora, apply_method, build_base, set_precision, set_trainable
-from aurora_sweep.recipe import TrialConfig
+from aurora_sweep.memory import estimate as memory
+from aurora_sweep.memory import traced as trace
+from aurora_sweep.memory.meta_model import (
+    Architecture,
+    architecture,
+    build_meta_model,
+    count_params,
+)
+from aurora_sweep.model.build import (
+    apply_lora,
+    apply_method,
+    build_base,
+    set_precision,
+    set_trainable,
+)
 
 TRIAL = TrialConfig(
     lora_rank=8,
@@ -222,8 +234,8 @@ def test_dora_is_predicted_to_save_more_than_lora_for_its_magnitude_scaling():
     output features of every DoRA-wrapped linear (bench_memory measured +12 % at r8 qkv+proj)."""
     import dataclasses
 
-    from aurora_sweep.memory import estimate_peak
-    from aurora_sweep.recipe import TrialConfig
+    from aurora_sweep.config.recipe import TrialConfig
+    from aurora_sweep.memory.estimate import estimate_peak
 
     lora = TrialConfig(
         lora_rank=8, lora_targets="qkv+proj", unfrozen_blocks=0, batch_size=1, precision="fp32",
@@ -248,7 +260,7 @@ def _spike(mb: int) -> None:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM is Linux's")
 def test_cpu_peak_memory_reads_the_kernel_peak_without_a_sampling_thread():
-    from aurora_sweep.train import PeakMemory
+    from aurora_sweep.train.fit import PeakMemory
 
     with PeakMemory(torch.device("cpu")) as peak:
         assert peak._thread is None  # no thread wakes every 20 ms to take the GIL
@@ -258,7 +270,7 @@ def test_cpu_peak_memory_reads_the_kernel_peak_without_a_sampling_thread():
 
 
 def test_cpu_peak_memory_samples_where_the_kernel_peak_cannot_be_reset(tmp_path, monkeypatch):
-    from aurora_sweep.train import PeakMemory
+    from aurora_sweep.train.fit import PeakMemory
 
     monkeypatch.setattr(PeakMemory, "CLEAR_REFS", tmp_path / "absent" / "clear_refs")
     with PeakMemory(torch.device("cpu")) as peak:

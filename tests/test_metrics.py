@@ -4,8 +4,9 @@ import xarray as xr
 from scores.categorical import seeps as scores_seeps
 from scores.functions import create_latitude_weights
 
-from aurora_sweep.bootstrap import block_bootstrap, paired_difference
-from aurora_sweep.metrics import (
+from aurora_sweep.config.targets import TARGETS
+from aurora_sweep.verify.bootstrap import block_bootstrap, paired_difference
+from aurora_sweep.verify.metrics import (
     FSS_WINDOWS,
     lat_weighted_mse,
     lat_weighted_rmse,
@@ -14,8 +15,7 @@ from aurora_sweep.metrics import (
     scores,
     skill,
 )
-from aurora_sweep.seeps import SeepsClimate, seeps_climate
-from aurora_sweep.targets import TARGETS
+from aurora_sweep.verify.seeps import SeepsClimate, seeps_climate
 
 CATEGORICAL_THRESHOLDS_MM = TARGETS["tp"].thresholds
 FSS_THRESHOLDS_MM = TARGETS["tp"].fss_thresholds
@@ -477,7 +477,7 @@ def test_fss_equals_scores_fss_2d_pooled_over_samples(window, threshold):
     import xarray as xr
     from scores.spatial import fss_2d
 
-    from aurora_sweep.metrics import fss
+    from aurora_sweep.verify.metrics import fss
 
     rng = np.random.default_rng(int(window * 10 + threshold))
     shape = (7, 17, 23)  # not the demo's grid; the last window spans every latitude
@@ -494,7 +494,7 @@ def test_fss_equals_scores_fss_2d_pooled_over_samples(window, threshold):
 
 
 def test_fss_is_zero_without_events_and_nan_when_no_window_fits():
-    from aurora_sweep.metrics import fss
+    from aurora_sweep.verify.metrics import fss
 
     dry = np.zeros((3, 8, 9))
     assert fss(dry, dry, 1.0, 3) == 0.0  # scores' convention: neither field has an event
@@ -527,7 +527,7 @@ def test_pr_is_scored_as_tp_over_six_hours_with_seeps_unchanged_and_thresholds_i
 
 
 def test_soil_moisture_gets_continuous_scores_and_the_anomaly_correlation():
-    from aurora_sweep.fields import anomaly_correlation
+    from aurora_sweep.verify.spatial import anomaly_correlation
 
     rng = np.random.default_rng(6)
     clim = np.broadcast_to(0.3 + 0.05 * rng.random((1, 3, 4)), (30, 3, 4))

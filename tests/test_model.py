@@ -4,9 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from aurora_sweep.dataset import Samples, target_stats
+from aurora_sweep.config.recipe import TrialConfig
+from aurora_sweep.data.samples import Samples, target_stats
+from aurora_sweep.data.store import open_store
 from aurora_sweep.errors import AuroraSweepError
-from aurora_sweep.model import (
+from aurora_sweep.model.build import (
     DEMO_CHECKPOINT,
     apply_lora,
     backbone_blocks,
@@ -15,9 +17,7 @@ from aurora_sweep.model import (
     new_variable_keys,
     set_trainable,
 )
-from aurora_sweep.recipe import TrialConfig
-from aurora_sweep.store import open_store
-from aurora_sweep.train import build_trial_model
+from aurora_sweep.train.fit import build_trial_model
 from synthetic import train_steps
 
 warnings.filterwarnings("ignore", message="The normalisation statics")
@@ -100,7 +100,7 @@ def test_too_many_unfrozen_blocks_is_a_clear_error():
 
 
 def test_fp16_on_a_cpu_is_refused_with_advice():
-    from aurora_sweep.model import set_precision
+    from aurora_sweep.model.build import set_precision
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
@@ -146,8 +146,8 @@ def test_training_changes_lora_and_tp_weights_and_leaves_every_frozen_weight_bit
 def test_offline_small_pretrained_without_a_cached_file_says_how_to_get_it(monkeypatch):
     import huggingface_hub
 
-    from aurora_sweep.bases import BASES
-    from aurora_sweep.model import resolve_checkpoint
+    from aurora_sweep.config.bases import BASES
+    from aurora_sweep.model.build import resolve_checkpoint
 
     SMALL_NAME = BASES["small-pretrained"].checkpoint_name
 
@@ -161,7 +161,7 @@ def test_offline_small_pretrained_without_a_cached_file_says_how_to_get_it(monke
 
 
 def test_a_local_checkpoint_path_that_does_not_exist_is_refused(tmp_path):
-    from aurora_sweep.model import resolve_checkpoint
+    from aurora_sweep.model.build import resolve_checkpoint
 
     with pytest.raises(AuroraSweepError, match="no checkpoint file"):
         resolve_checkpoint("small-pretrained", tmp_path / "aurora.ckpt")
@@ -179,7 +179,7 @@ def test_small_pretrained_loads_a_checkpoint_in_aurora_format_with_tp_added(tmp_
 
 
 def test_tp_forecasts_are_never_negative_even_from_a_head_that_says_so(tiny_config):
-    from aurora_sweep.model import clamped, init_new_variable
+    from aurora_sweep.model.build import clamped, init_new_variable
 
     cube = open_store(tiny_config.data.store)
     samples = Samples(cube, tiny_config.data, "validation")
@@ -201,7 +201,7 @@ def test_tp_forecasts_are_never_negative_even_from_a_head_that_says_so(tiny_conf
 def test_the_trained_model_is_unclamped_and_scoring_and_loaded_adapters_clamp(
     tiny_config, monkeypatch
 ):
-    from aurora_sweep import evaluation
+    from aurora_sweep.verify import scoring as evaluation
     from synthetic import tiny_lora_trial
 
     cube = open_store(tiny_config.data.store)
@@ -225,7 +225,7 @@ def test_a_regional_model_keeps_its_east_and_west_edges_apart():
     """A shifted-window block: the easternmost tokens reach the westernmost only when wrapped."""
     from aurora.model.swin3d import Swin3DTransformerBlock
 
-    from aurora_sweep.model import set_longitude_wrap
+    from aurora_sweep.model.build import set_longitude_wrap
 
     torch.manual_seed(0)
     block = Swin3DTransformerBlock(
@@ -253,7 +253,7 @@ def test_a_regional_model_keeps_its_east_and_west_edges_apart():
 
 
 def test_every_lora_variant_scales_by_the_same_alpha():
-    from aurora_sweep.model import LORA_ALPHA
+    from aurora_sweep.model.build import LORA_ALPHA
 
     scaling = {}
     for variant in ("lora", "rslora"):
@@ -271,8 +271,8 @@ def test_every_lora_variant_scales_by_the_same_alpha():
 def test_every_trainable_tensor_gets_a_gradient_from_the_loss(tiny_config, method):
     """What a method marks trainable (and the memory estimate counts) is exactly what the loss
     reaches: with every variable in the loss, `head` trains the whole decoder."""
-    from aurora_sweep.loss import combine, loss_terms
-    from aurora_sweep.train import loss_spec
+    from aurora_sweep.model.loss import combine, loss_terms
+    from aurora_sweep.train.fit import loss_spec
     from synthetic import tiny_lora_trial
 
     cube = open_store(tiny_config.data.store)
@@ -363,8 +363,8 @@ def test_scoring_merges_the_adapter_and_gives_back_the_same_forecast_and_weights
 ):
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from aurora_sweep import evaluation
-    from aurora_sweep.model import merged_adapter
+    from aurora_sweep.model.build import merged_adapter
+    from aurora_sweep.verify import scoring as evaluation
     from synthetic import tiny_lora_trial
 
     cube = open_store(tiny_config.data.store)
@@ -395,7 +395,7 @@ def test_scoring_merges_the_adapter_and_gives_back_the_same_forecast_and_weights
 
 
 def test_a_model_without_adapters_scores_as_it_is(tiny_config):
-    from aurora_sweep.model import merged_adapter
+    from aurora_sweep.model.build import merged_adapter
 
     model = build_base("demo", stats=STATS)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

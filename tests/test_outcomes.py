@@ -8,9 +8,9 @@ import math
 import optuna
 import pytest
 
-from aurora_sweep.config import load_config
-from aurora_sweep.outcomes import Complete, Failed, OutOfMemory, Pruned, Recorder, TrialError
-from aurora_sweep.records import TrialRecord
+from aurora_sweep.config.study import load_config
+from aurora_sweep.sweep.outcomes import Complete, Failed, OutOfMemory, Pruned, Recorder, TrialError
+from aurora_sweep.sweep.records import TrialRecord
 
 
 class FakeTrial:

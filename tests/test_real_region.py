@@ -8,10 +8,10 @@ import pytest
 from typer.testing import CliRunner
 
 from aurora_sweep.cli import app
-from aurora_sweep.config import load_config
-from aurora_sweep.demo_data import DemoWorld, write_cds_files
-from aurora_sweep.records import TrialRecord
-from aurora_sweep.store import open_store
+from aurora_sweep.config.study import load_config
+from aurora_sweep.data.demo import DemoWorld, write_cds_files
+from aurora_sweep.data.store import open_store
+from aurora_sweep.sweep.records import TrialRecord
 
 STUDY = """
 [study]
@@ -67,7 +67,7 @@ def test_a_box_crossing_greenwich_imports_and_runs_end_to_end(tmp_path, monkeypa
     assert np.isfinite(trial.value) and "tp_skill_climatology" in TrialRecord.of(trial).scores
     from mlflow.tracking import MlflowClient
 
-    from aurora_sweep.tracking import tracking_uri
+    from aurora_sweep.sweep.tracking import tracking_uri
 
     client = MlflowClient(tracking_uri(config))
     parent = client.get_run(

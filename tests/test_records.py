@@ -8,7 +8,7 @@ import optuna
 import pytest
 
 from aurora_sweep.processes import this_process
-from aurora_sweep.records import SCORES, TrialRecord, attrs, write_attrs, write_scores
+from aurora_sweep.sweep.records import SCORES, TrialRecord, attrs, write_attrs, write_scores
 
 
 class FakeTrial:

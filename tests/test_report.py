@@ -2,7 +2,7 @@ import re
 
 import pytest
 
-from aurora_sweep.report import render_report, write_report
+from aurora_sweep.report.html import render_report, write_report
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 16  # only the signature is checked
 
@@ -116,7 +116,7 @@ def test_write_report_writes_utf8(tmp_path):
 
 
 def test_a_forgetting_row_worse_at_a_later_lead_only_is_highlighted_and_leads_get_a_table():
-    from aurora_sweep.report import forgetting_rows, lead_rows
+    from aurora_sweep.report.html import forgetting_rows, lead_rows
 
     scores = {"forget_10v_ratio": 1.02, "forget_10v_ratio_24h": 1.4, "forget_2t_ratio": 0.9}
     rows = forgetting_rows(scores, {"10v": 4.0, "2t": 1.0})
@@ -134,7 +134,7 @@ def test_a_forgetting_row_worse_at_a_later_lead_only_is_highlighted_and_leads_ge
 
 
 def test_the_zero_shot_aurora15_baseline_has_its_columns_where_the_study_scored_it():
-    from aurora_sweep.report import lead_rows, report_rows
+    from aurora_sweep.report.html import lead_rows, report_rows
 
     scores = {"tp_seeps": 0.3, "tp_seeps_q05": 0.28, "tp_seeps_q95": 0.32,
               "tp_seeps_persistence": 0.5, "tp_seeps_climatology": 0.9,

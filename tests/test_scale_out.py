@@ -29,8 +29,8 @@ import dataclasses, functools, json, sys
 from pathlib import Path
 sys.path.insert(0, {str(TESTS)!r})
 import faults
-from aurora_sweep.config import load_config, with_overrides
-from aurora_sweep.study import run_study
+from aurora_sweep.config.study import load_config, with_overrides
+from aurora_sweep.sweep.run import run_study
 
 if __name__ == "__main__":
     a = json.loads(sys.argv[1])

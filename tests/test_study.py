@@ -9,12 +9,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from aurora_sweep import load_finetuned
-from aurora_sweep.ranking import ranked_trials
-from aurora_sweep.records import TrialRecord
-from aurora_sweep.results import evaluate_adapter, export_best
-from aurora_sweep.storage import open_study
-from aurora_sweep.study import run_study
-from aurora_sweep.tracking import tracking_uri
+from aurora_sweep.report.best import ranked_trials
+from aurora_sweep.report.evaluate import evaluate_adapter, export_best
+from aurora_sweep.sweep.records import TrialRecord
+from aurora_sweep.sweep.run import run_study
+from aurora_sweep.sweep.storage import open_study
+from aurora_sweep.sweep.tracking import tracking_uri
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 METRICS = {
@@ -34,7 +34,7 @@ PARAMS = {"lora_rank", "lora_targets", "unfrozen_blocks", "batch_size", "precisi
 @pytest.fixture(scope="module")
 def finished_study(tmp_path_factory, tiny_store):
     """2 trials, then a second invocation asking for 4."""
-    from aurora_sweep.config import load_config
+    from aurora_sweep.config.study import load_config
     from conftest import write_tiny_config
 
     workdir = tmp_path_factory.mktemp("study")
@@ -98,7 +98,7 @@ def test_pruned_and_completed_trials_store_the_objective_in_the_same_units(finis
 @pytest.mark.slow
 def test_the_base_models_scores_are_computed_once_per_study(finished_study):
     config, *_ = finished_study
-    from aurora_sweep.records import BASE_MSE, TrialRecord, base_key
+    from aurora_sweep.sweep.records import BASE_MSE, TrialRecord, base_key
 
     study = open_study(config, create=False)
     by_precision = study.user_attrs[BASE_MSE]
@@ -114,7 +114,7 @@ def test_the_base_models_scores_are_computed_once_per_study(finished_study):
 
 @pytest.mark.slow
 def test_best_compares_each_trial_with_the_best_by_a_paired_difference(finished_study):
-    from aurora_sweep.ranking import distinguishable, paired_to, score
+    from aurora_sweep.report.best import distinguishable, paired_to, score
 
     config, *_ = finished_study
     trials = ranked_trials(config)
@@ -206,7 +206,7 @@ def test_report_refuses_a_point_outside_the_region(finished_study, tmp_path):
 def test_adapter_loads_with_plain_peft_onto_the_base_model(finished_study, tmp_path):
     from peft import PeftModel
 
-    from aurora_sweep.model import DEMO_CHECKPOINT, build_base, load_base_checkpoint
+    from aurora_sweep.model.build import DEMO_CHECKPOINT, build_base, load_base_checkpoint
 
     config, *_ = finished_study
     out = export_best(config, tmp_path / "adapter")
@@ -319,9 +319,9 @@ def test_the_space_is_conditional_on_the_method():
     """No LoRA rank or targets for the methods without LoRA; `blocks` has its own count."""
     import dataclasses
 
-    from aurora_sweep.config import load_config
-    from aurora_sweep.space import sample_trial
-    from aurora_sweep.storage import sampler
+    from aurora_sweep.config.study import load_config
+    from aurora_sweep.sweep.space import sample_trial
+    from aurora_sweep.sweep.storage import sampler
 
     config = load_config(None)
     config = dataclasses.replace(
@@ -348,7 +348,7 @@ def test_the_space_is_conditional_on_the_method():
 
 @pytest.mark.slow
 def test_a_new_study_starts_with_the_reference_recipes(tmp_path, tiny_store):
-    from aurora_sweep.config import load_config
+    from aurora_sweep.config.study import load_config
     from conftest import write_tiny_config
 
     path = write_tiny_config(tmp_path, steps=2, store=tiny_store)
@@ -365,7 +365,7 @@ def test_a_new_study_starts_with_the_reference_recipes(tmp_path, tiny_store):
     assert client.get_run(lora.user_attrs["mlflow_run_id"]).data.params["method"] == "lora"
     assert all(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
                for t in (full, lora))  # fmt: skip
-    from aurora_sweep.space import enqueue_references
+    from aurora_sweep.sweep.space import enqueue_references
 
     assert enqueue_references(summary.study, config) == []  # a resumed study gets none again
     # the export carries the comparison with the references, for its model card and report
@@ -376,7 +376,7 @@ def test_a_new_study_starts_with_the_reference_recipes(tmp_path, tiny_store):
 
 
 def test_the_pareto_front_keeps_the_trials_nothing_beats_in_both():
-    from aurora_sweep.ranking import pareto_front
+    from aurora_sweep.report.best import pareto_front
 
     def trial(number, value, mb):
         t = optuna.trial.create_trial(value=value, user_attrs={"peak_memory_mb": mb})
@@ -403,8 +403,8 @@ def test_a_skill_and_memory_study_answers_with_its_pareto_front(tmp_path, tiny_s
     from typer.testing import CliRunner
 
     from aurora_sweep.cli import app
-    from aurora_sweep.config import load_config
-    from aurora_sweep.ranking import pareto_front
+    from aurora_sweep.config.study import load_config
+    from aurora_sweep.report.best import pareto_front
     from conftest import write_tiny_config
 
     monkeypatch.chdir(tmp_path)  # the CLI's working directory holds the study and mlruns/
@@ -454,7 +454,7 @@ def test_a_skill_and_memory_study_answers_with_its_pareto_front(tmp_path, tiny_s
 
 
 def test_the_pruner_never_judges_a_trial_on_its_first_evaluation(tiny_config):
-    from aurora_sweep.storage import study_pruner
+    from aurora_sweep.sweep.storage import study_pruner
 
     every = tiny_config.train.eval_every
     study = optuna.create_study(pruner=study_pruner(tiny_config))
@@ -474,8 +474,8 @@ def test_a_trial_that_forgets_is_never_the_best_unless_asked_for(tiny_config, tm
     from optuna.distributions import FloatDistribution
 
     from aurora_sweep.errors import AuroraSweepError
-    from aurora_sweep.ranking import completed, forgets, ranked
-    from aurora_sweep.results import export_best
+    from aurora_sweep.report.best import completed, forgets, ranked
+    from aurora_sweep.report.evaluate import export_best
 
     def trial(number, value, over):
         t = optuna.trial.create_trial(

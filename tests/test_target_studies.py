@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from aurora_sweep.targets import TARGETS
+from aurora_sweep.config.targets import TARGETS
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -24,7 +24,7 @@ SPANS = {
 
 
 def _study_config(root, target: str):
-    from aurora_sweep.config import load_config
+    from aurora_sweep.config.study import load_config
     from conftest import write_tiny_config
 
     text = write_tiny_config(root, steps=2).read_text()
@@ -43,12 +43,12 @@ def _study_config(root, target: str):
 @pytest.mark.slow
 @pytest.mark.parametrize("target", ["pr", "rain_rate", "ro", "sf", "swvl1"])
 def test_a_study_of_each_target_trains_scores_exports_forecasts_and_reports(tmp_path, target):
-    from aurora_sweep.dataset import land_mask
-    from aurora_sweep.forecast import forecast_file
-    from aurora_sweep.ranking import ranked_trials
-    from aurora_sweep.records import TrialRecord
-    from aurora_sweep.results import evaluate_adapter, export_best, report_adapter
-    from aurora_sweep.study import run_study
+    from aurora_sweep.data.samples import land_mask
+    from aurora_sweep.report.best import ranked_trials
+    from aurora_sweep.report.evaluate import evaluate_adapter, export_best, report_adapter
+    from aurora_sweep.report.forecast import forecast_file
+    from aurora_sweep.sweep.records import TrialRecord
+    from aurora_sweep.sweep.run import run_study
 
     spec = TARGETS[target]
     config = _study_config(tmp_path, target)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from aurora_sweep.targets import ACCUMULATED, INSTANTANEOUS, MEAN_RATE, TARGETS
+from aurora_sweep.config.targets import ACCUMULATED, INSTANTANEOUS, MEAN_RATE, TARGETS
 
 T = 1_700_006_400  # a model time (18 UTC), seconds since 1970
 HOUR = 3600
@@ -79,9 +79,9 @@ def test_every_target_says_what_the_cds_calls_it_and_what_it_means():
 
 
 def test_a_study_names_its_target_its_objective_follows_and_mismatches_are_refused(tmp_path):
-    from aurora_sweep.config import load_config
+    from aurora_sweep.config.study import load_config
+    from aurora_sweep.config.targets import skill_name
     from aurora_sweep.errors import AuroraSweepError
-    from aurora_sweep.targets import skill_name
     from conftest import write_tiny_config
 
     path = write_tiny_config(tmp_path)
@@ -115,9 +115,9 @@ def test_a_study_names_its_target_its_objective_follows_and_mismatches_are_refus
 
 
 def test_a_study_keeps_its_target_another_is_refused_in_one_line(tmp_path):
-    from aurora_sweep.config import load_config
+    from aurora_sweep.config.study import load_config
     from aurora_sweep.errors import AuroraSweepError
-    from aurora_sweep.storage import open_study
+    from aurora_sweep.sweep.storage import open_study
     from conftest import write_tiny_config
 
     path = write_tiny_config(tmp_path)
@@ -168,7 +168,7 @@ def test_a_forecasts_cf_attributes_follow_the_targets_kind():
 
 
 def test_a_metric_names_its_target_even_one_with_an_underscore():
-    from aurora_sweep.targets import of_metric, skill_name
+    from aurora_sweep.config.targets import of_metric, skill_name
 
     assert of_metric("rain_rate_rmse_24h").name == "rain_rate"
     assert of_metric("tp_seeps").name == "tp" and of_metric("ro_rmse").name == "ro"
@@ -185,9 +185,9 @@ def test_a_targets_normalisation_is_centred_where_its_row_says():
     import pandas as pd
     import xarray as xr
 
-    from aurora_sweep.config import Period
-    from aurora_sweep.dataset import target_stats
-    from aurora_sweep.model import build_base
+    from aurora_sweep.config.study import Period
+    from aurora_sweep.data.samples import target_stats
+    from aurora_sweep.model.build import build_base
 
     times = pd.date_range("2022-01-01", periods=8, freq="6h")
     values = np.linspace(0.2, 0.4, 8)[:, None, None] * np.ones((8, 2, 2))

@@ -6,9 +6,10 @@ import dataclasses
 
 import pytest
 
-from aurora_sweep import memory, trace
-from aurora_sweep.config import load_config
-from aurora_sweep.meta import build_meta_model
+from aurora_sweep.config.study import load_config
+from aurora_sweep.memory import estimate as memory
+from aurora_sweep.memory import traced as trace
+from aurora_sweep.memory.meta_model import build_meta_model
 from synthetic import tiny_lora_trial
 
 GRID = (40, 64)  # not the demo's 32 x 48: padded windows in both directions
@@ -118,7 +119,7 @@ def test_the_study_traces_where_a_cap_decides(tmp_path):
 
 
 def test_auto_checkpointing_takes_the_least_recomputation_that_fits():
-    from aurora_sweep.recipe import AURORA_CHECKPOINTING, AUTO_CHECKPOINTING
+    from aurora_sweep.config.recipe import AURORA_CHECKPOINTING, AUTO_CHECKPOINTING
 
     auto = tiny_lora_trial(activation_checkpointing="auto", batch_size=1)
     kw = dict(grid=GRID, levels=3, how="traced")

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from aurora_sweep import era5, store
-from aurora_sweep.data import store_mismatch
+from aurora_sweep.data import era5, store
+from aurora_sweep.data.cube import store_mismatch
 from aurora_sweep.errors import AuroraSweepError
 from era5_fixtures import field_value, study_config, write_study_files
 

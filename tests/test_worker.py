@@ -16,8 +16,8 @@ def test_sigterm_ends_the_trial_and_every_mlflow_run_in_one_line(tmp_path, tiny_
     import optuna
     from mlflow.tracking import MlflowClient
 
-    from aurora_sweep.config import load_config
-    from aurora_sweep.tracking import tracking_uri
+    from aurora_sweep.config.study import load_config
+    from aurora_sweep.sweep.tracking import tracking_uri
     from conftest import write_tiny_config
 
     path = write_tiny_config(tmp_path, steps=100000, store=tiny_store)  # still training when hit
@@ -47,7 +47,7 @@ def test_sigterm_ends_the_trial_and_every_mlflow_run_in_one_line(tmp_path, tiny_
 
 def test_a_workers_gpu_is_numbered_within_what_the_scheduler_made_visible():
     from aurora_sweep.errors import AuroraSweepError
-    from aurora_sweep.worker import cuda_visible
+    from aurora_sweep.sweep.worker import cuda_visible
 
     assert cuda_visible(1, None) == "1"
     assert cuda_visible(0, "") == "0"
@@ -75,7 +75,7 @@ def test_cpu_workers_split_the_cores_a_scheduler_granted_not_the_machines(monkey
 def test_a_worker_launched_early_and_never_started_stops_when_asked(tmp_path):
     """The study launches its first worker before it makes or opens the data; when the data
     refuse, the worker, still waiting for its start, ends at once and cleanly."""
-    from aurora_sweep.worker import TrialWorker, WorkerSpec
+    from aurora_sweep.sweep.worker import TrialWorker, WorkerSpec
 
     spec = WorkerSpec(
         config_path=tmp_path / "never-read.toml", workdir=tmp_path, checkpoint=None,

@@ -1,0 +1,6 @@
+"""The study's vocabulary, read and checked once: the targets (`targets`), the bases (`bases`),
+a trial's recipe and the words it is written in (`recipe`), each value's check (`settings`) and
+the study's TOML file (`study`).
+
+Imports only the shared leaves (`errors`, `devices`, `processes`); never torch.
+"""

@@ -1,0 +1,264 @@
+"""The search: an Optuna study whose trials are fine-tunes, each tracked as an MLflow run.
+
+`run_study` opens (or resumes) the study in its storage, runs trials until the study holds the
+requested total, and records each one as a child run under one parent run per invocation. A
+trial that fails is recorded and the study goes on. The objective is the study's `objective`
+(SEEPS or RMSE of tp) on the whole validation split; the pruner sees the same score on a fixed
+subset. The test split is never touched here.
+
+The jobs have rooms of their own: the search space and reference recipes (`space`), the storage
+and the recovery of dead trials (`storage`), the devices (`devices`), the scheduler's threads,
+signals and slots (`scheduler`), and what a trial keeps in the storage (`records`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import functools
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from rich.console import Console
+
+from aurora_sweep.config.study import MIB, StudyConfig
+from aurora_sweep.devices import plan_devices
+from aurora_sweep.sweep.records import AURORA15, BASE_MSE, TrialRecord
+from aurora_sweep.sweep.scheduler import Sweep
+from aurora_sweep.sweep.space import check_search, enqueue_references
+from aurora_sweep.sweep.storage import (
+    FINISHED,
+    _retry_stale,
+    open_study,
+    reap_dead_trials,
+    retry_interrupted,
+    storage_label,
+)
+
+AURORA_PRETRAINING_END = dt.date(2022, 1, 1)
+
+
+UI = "http://127.0.0.1:5000"
+
+
+@dataclass
+class StudySummary:
+    study: optuna.Study
+    new_trials: int
+    experiment_id: str
+    parent_run_id: str
+    tracking_uri: str = ""
+
+    @property
+    def ui_link(self) -> str:
+        ui = self.tracking_uri if self.tracking_uri.startswith("http") else UI
+        return f"{ui.rstrip('/')}/#/experiments/{self.experiment_id}/runs"
+
+
+def _data_tags(config: StudyConfig) -> dict[str, str]:
+    d = config.data
+    r = d.region
+    return {
+        "data.source": d.source,
+        "data.region": f"{r.north}N..{r.south}N, {r.west}E..{r.east}E",
+        "data.levels": ",".join(map(str, d.levels)),
+        "data.train": f"{d.train.start}..{d.train.end}",
+        "data.validation": f"{d.validation.start}..{d.validation.end}",
+    }
+
+
+def _adapter_data(config: StudyConfig) -> dict[str, Any]:
+    """The data description each adapter carries (region, levels, splits, grid)."""
+    tags = {k.removeprefix("data."): v for k, v in _data_tags(config).items()}
+    return tags | {
+        "grid": config.data.grid,
+        "test": f"{config.data.test.start}..{config.data.test.end}",
+    }
+
+
+def run_study(
+    config: StudyConfig,
+    *,
+    trials: int,
+    workers: int = 1,
+    gpus: list[int] | None = None,
+    console: Console | None = None,
+    fit: Callable[..., Any] | None = None,
+) -> StudySummary:
+    """Run (or resume) `config`'s study until it holds `trials` finished trials.
+
+    `trials` is the study-wide total of completed and pruned trials, whoever runs them: this
+    process's `workers` and any other process on the same storage. `fit` replaces `train.fit`
+    inside the trial workers (a picklable top-level function; tests use it to simulate
+    out-of-memory errors and crashes).
+    """
+    from aurora_sweep.sweep.tracking import client_for, experiment_id, study_run
+
+    console = console or Console(stderr=True)
+    overlap = _pretraining_overlap(config)
+    devices = plan_devices(workers, gpus)
+    # failures are reported in one line each below; Optuna's own warning repeats the traceback
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    check_search(config)
+    client = client_for(config)
+    study = _open_and_recover(config, client, console)
+    done = len(study.get_trials(deepcopy=False, states=FINISHED))
+    local = config.tracking_uri is None or config.tracking_uri.startswith("sqlite")
+    experiment = experiment_id(
+        client, config.name, artifacts=(config.workdir / "mlruns") if local else None
+    )
+    summary = StudySummary(study, 0, experiment, "", tracking_uri=config.tracking_uri or "")
+    if done >= trials:
+        console.print(f"study {config.name!r} already holds {done} trials; nothing to add")
+        return summary
+
+    known = {t.number for t in study.get_trials(deepcopy=False)}
+    pool, info, grid, lon_shift = _start_workers(config, study, devices, fit, console)
+    tags = _parent_tags(config, overlap=overlap, device=info["device"], lon_shift=lon_shift)
+    try:
+        with study_run(
+            client, experiment, study=config.name,
+            name=f"{config.name} {dt.datetime.now():%Y-%m-%d %H:%M}", tags=tags,
+        ) as parent:  # fmt: skip
+            summary.parent_run_id = parent
+            console.print(_start_line(config, done, trials, info, pool, devices), highlight=False)
+            sweep = Sweep(
+                config=config, study=study, client=client, experiment=experiment, parent=parent,
+                console=console, grid=grid, total=trials,
+            )  # fmt: skip
+            sweep.run(pool)
+            from aurora_sweep.verify.plots import log_study_figures  # matplotlib, at the end only
+
+            log_study_figures(client, parent, study, config)
+    finally:
+        for worker in pool:
+            worker.close(at_once=True)
+    summary.new_trials = _finished_here(study, known)
+    return summary
+
+
+def _finished_here(study: optuna.Study, known: set[int]) -> int:
+    """The trials this process finished that were not in the study when it started."""
+    return sum(
+        t.number not in known and TrialRecord.of(t).pid == os.getpid()
+        for t in study.get_trials(deepcopy=False, states=FINISHED)
+    )
+
+
+def _pretraining_overlap(config: StudyConfig) -> bool:
+    """Whether a split lies inside Aurora's pretraining (said as a warning).
+
+    A train period there adapts the model to data it has seen; a validation or test period
+    there is worse: the recipe is chosen, or its skill reported, on data the base has learnt.
+    """
+    if all(b == "demo" for b in config.bases):
+        return False  # the demo base was pretrained on the demo world before 2022, on purpose
+    d = config.data
+    splits = {"train": d.train, "validation": d.validation, "test": d.test}
+    inside = [name for name, p in splits.items() if p.start < AURORA_PRETRAINING_END]
+    if inside:
+        days = ", ".join(f"{name} from {splits[name].start}" for name in inside)
+        scored = [n for n in inside if n != "train"]
+        why = (
+            f"the {' and '.join(scored)} scores are of data the base has learnt"
+            if scored
+            else "skill there is not a test of adaptation"
+        )
+        warnings.warn(
+            f"{days}: inside Aurora's pretraining period (ERA5 up to 2021), so {why}; "
+            "use periods from 2022 on ([data] train, validation, test)",
+            stacklevel=3,
+        )
+    return bool(inside)
+
+
+def _parent_tags(
+    config: StudyConfig, *, overlap: bool, device: str, lon_shift: float
+) -> dict[str, str]:
+    """The tags of the parent MLflow run of one `run`."""
+    cap = config.gpu_memory_cap
+    return {
+        "optuna.study": config.name, "optuna.storage": storage_label(config.storage),
+        "aurora_sweep.pretraining_overlap": str(overlap).lower(), "device": device,
+        "gpu_memory_cap_mb": str(cap / MIB if cap else None),
+        # a box crossing 0° is shifted east for Aurora (its longitudes must lie in [0, 360))
+        "data.lon_shift_deg": str(lon_shift), **_data_tags(config),
+    }  # fmt: skip
+
+
+def _open_and_recover(config: StudyConfig, client, console: Console) -> optuna.Study:
+    """The study, opened or created (with its reference trials), the trials a killed process
+    left running failed and queued again, and the interrupted ones queued again."""
+    study = open_study(
+        config,
+        on_stale=functools.partial(_retry_stale, client=client),
+        on_create=functools.partial(enqueue_references, config=config),
+    )
+    reaped = reap_dead_trials(study, client)
+    if reaped:
+        console.print(
+            f"trial(s) {', '.join(map(str, reaped))} were left running by a process that no longer "
+            "exists (killed): recorded as failed, their MLflow runs ended as KILLED; retrying them"
+        )
+    retry_interrupted(study)
+    return study
+
+
+def _start_workers(config: StudyConfig, study: optuna.Study, devices: list, fit, console):
+    """The trial workers, the first started: (pool, what the first said when ready, the model
+    grid, the longitude shift). Everything that can refuse (data, checkpoint) happens here,
+    before the first MLflow run."""
+    from aurora_sweep.data.cube import open_cube
+    from aurora_sweep.data.samples import model_longitudes, patch_crop
+    from aurora_sweep.model.build import resolve_checkpoint
+    from aurora_sweep.sweep.worker import TrialWorker, WorkerSpec
+
+    spec = WorkerSpec(
+        config_path=config.path, workdir=config.workdir, checkpoint=config.model.checkpoint,
+        memory_cap=config.gpu_memory_cap, extra={"data": _adapter_data(config)},
+        fit=fit, base_mse=study.user_attrs.get(BASE_MSE),
+        aurora15=study.user_attrs.get(AURORA15), **devices[0],
+    )  # fmt: skip
+    first = TrialWorker(spec)
+    first.launch()  # it imports torch, Aurora and peft while the data are made or opened
+    try:
+        cube = open_cube(config, console=console)
+        grid = patch_crop(cube.sizes["latitude"], cube.sizes["longitude"])
+        _, lon_shift = model_longitudes(cube["longitude"].values)
+        for base in config.bases:  # a missing checkpoint is refused before any trial
+            resolve_checkpoint(base, config.model.checkpoint_for(base))
+        info = first.start()
+    except BaseException:
+        first.close(at_once=True)
+        raise
+    if BASE_MSE not in study.user_attrs:  # the base model's scores: once per study
+        study.set_user_attr(BASE_MSE, info["base_mse"])
+    if info.get("aurora15") and AURORA15 not in study.user_attrs:  # Aurora 1.5's, too
+        study.set_user_attr(AURORA15, info["aurora15"])
+    # the other workers, and a replacement (after an OOM or a crash), reuse them
+    first.spec = dataclasses.replace(
+        spec, base_mse=info["base_mse"], aurora15=info.get("aurora15") or None
+    )
+    pool = [first] + [TrialWorker(dataclasses.replace(first.spec, **d)) for d in devices[1:]]
+    return pool, info, grid, lon_shift
+
+
+def _start_line(config: StudyConfig, done: int, trials: int, info, pool, devices) -> str:
+    """What the run says before its first trial: the study, its data and where it trains."""
+    where = (
+        f"{len(pool)} workers on GPUs {','.join(str(d['gpu']) for d in devices)}"
+        if devices[0]["gpu"] is not None and len(pool) > 1
+        else f"{len(pool)} workers, {devices[0]['threads']} CPU thread(s) each"
+        if len(pool) > 1
+        else info["device"]
+    )
+    cap = config.gpu_memory_cap
+    return (
+        f"study {config.name!r}: {done} trials so far, {trials} wanted; "
+        f"{info['train']} train and {info['validation']} validation samples on {where}"
+        + (f", cap {cap / MIB:.0f} MB" if cap else "")
+    )

@@ -1,0 +1,335 @@
+"""The scheduler of one `run`: a thread per trial worker claims a slot under the study's total,
+runs a trial in its worker, and records the outcome in Optuna and MLflow; signals become
+interrupts that stop every trial and leave each recorded as interrupted (retried by the next run).
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import tempfile
+import threading
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from rich.console import Console
+
+from aurora_sweep.config.recipe import lead_suffix
+from aurora_sweep.config.study import StudyConfig
+from aurora_sweep.config.targets import skill_name
+from aurora_sweep.errors import AuroraSweepError
+from aurora_sweep.processes import this_process
+from aurora_sweep.sweep.outcomes import Complete, Recorder
+from aurora_sweep.sweep.records import BASE_MSE, TrialRecord, write_attrs
+from aurora_sweep.sweep.space import sample_trial
+from aurora_sweep.sweep.storage import FINISHED, reap_dead_trials, retry_once, sampler, worker_seed
+from aurora_sweep.sweep.worker import WorkerCrashed
+
+
+@dataclass
+class Sweep:
+    """What the worker threads of one `run` share: the study, MLflow, and the trial budget."""
+
+    config: StudyConfig
+    study: optuna.Study
+    client: Any
+    experiment: str
+    parent: str
+    console: Console
+    grid: tuple[int, int]
+    total: int
+    stop: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    asking: threading.Lock = field(default_factory=threading.Lock)  # see `claim`
+    signum: int = signal.SIGINT
+    errors: list[BaseException] = field(default_factory=list)
+    running: int = 0  # worker threads not ended yet
+    failures_in_a_row: int = 0  # trials of this process that failed, since the last finished
+    ended: threading.Event = field(default_factory=threading.Event)  # all of them have
+
+    def run(self, pool: list) -> None:
+        """Run `pool`'s workers, one thread each, until the study holds the total."""
+        threads = [
+            threading.Thread(target=self.work, args=(w, i), name=f"trial-worker-{i}", daemon=True)
+            for i, w in enumerate(pool)
+        ]
+        self.running = len(threads)
+        # wait on an event, not Thread.join: a signal that interrupts join() can leave the
+        # thread marked as ended while it is still settling its trial
+        try:
+            with signals_as_interrupts():
+                for t in threads:
+                    t.start()
+                while not self.ended.wait(0.5):
+                    pass
+        except KeyboardInterrupt as e:
+            # stop every trial now: each thread records its trial as interrupted
+            self.signum = getattr(e, "signum", signal.SIGINT)
+            self.stop.set()
+            for w in pool:
+                w.interrupt()
+            self.ended.wait(timeout=60)
+            raise Interrupted(self.signum) from None
+        if self.errors:
+            raise self.errors[0]
+
+    def work(self, worker, index: int) -> None:
+        """One worker's loop (a thread): claim a trial, run it, until the total is reached."""
+        study = optuna.load_study(
+            study_name=self.config.name, storage=self.study._storage,
+            sampler=sampler(worker_seed(self.config, self.study, index)),
+            pruner=self.study.pruner,
+        )  # fmt: skip
+        held = {"asking": False}  # this thread holds `asking`: its trial does not exist yet
+
+        def release() -> None:
+            if held["asking"]:
+                held["asking"] = False
+                self.asking.release()
+
+        def objective(trial: optuna.Trial) -> float | tuple[float, float]:
+            release()  # the trial exists (RUNNING): the next claim here counts it
+            try:
+                return self.run_trial(trial, worker)
+            except KeyboardInterrupt:
+                write_attrs(trial, interrupted=True)
+                raise
+
+        try:
+            while self.claim():
+                held["asking"] = True
+                try:
+                    # the model lives in the worker process: a full collection of this
+                    # process's heap after every trial (Optuna's gc_after_trial) freed nothing
+                    # and took 0.5 s a trial
+                    study.optimize(
+                        objective, n_trials=1, catch=(Exception,), gc_after_trial=False,
+                        callbacks=[self.settle],
+                    )  # fmt: skip
+                finally:
+                    release()
+        except KeyboardInterrupt:
+            pass  # the trial is recorded as interrupted; `run` re-raises in the main thread
+        except BaseException as e:
+            self.errors.append(e)
+            self.stop.set()
+        finally:
+            release()
+            worker.close(at_once=self.stop.is_set())
+            with self.lock:
+                self.running -= 1
+                if self.running == 0:
+                    self.ended.set()
+
+    def claim(self) -> bool:
+        """True when this worker may start a trial: the study's finished and running trials,
+        here and in any other process, leave room under the total. When the rest are running,
+        wait for them (one may fail and need replacing) rather than overshoot.
+
+        On True the caller holds `asking` until its trial exists: the threads of one process
+        create trials one at a time, so two never count the same free slot, nor take the same
+        waiting (retried) trial, which SQLite's transactions would let them do.
+        """
+        while not self.stop.is_set():
+            self.asking.acquire()
+            states = [t.state for t in self.study.get_trials(deepcopy=False)]
+            finished = sum(state in FINISHED for state in states)
+            if finished >= self.total:
+                self.asking.release()
+                return False
+            if finished + states.count(optuna.trial.TrialState.RUNNING) < self.total:
+                return True
+            self.asking.release()
+            self.stop.wait(2.0)
+            with self.lock, warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # fail_stale_trials is marked experimental
+                optuna.storages.fail_stale_trials(self.study)
+                reap_dead_trials(self.study, self.client)
+        return False
+
+    def keep_base_scores(self, by_precision: dict[str, dict[str, float]]) -> None:
+        """Add the base model's scores in a precision no trial had used yet to the study's
+        (a worker scores the base in a trial's precision when the first such trial comes)."""
+        with self.lock:
+            known = self.study.user_attrs.get(BASE_MSE, {})
+            if set(by_precision) - set(known):
+                self.study.set_user_attr(BASE_MSE, known | by_precision)
+
+    def settle(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        """After each trial of this process: count failures in a row, and stop the run after
+        `max_failures` of them (a study that cannot succeed must not spin)."""
+        failed = trial.state == optuna.trial.TrialState.FAIL
+        error = TrialRecord.of(trial).error if failed else None
+        if error is not None:
+            with self.lock:
+                self.failures_in_a_row += 1
+                if self.failures_in_a_row < self.config.max_failures or self.stop.is_set():
+                    return
+                self.errors.append(
+                    AuroraSweepError(
+                        f"{self.failures_in_a_row} trials failed in a row, the last (trial "
+                        f"{trial.number}) because {error}; fix that and run "
+                        "again (finished trials are kept), or raise [study] max_failures"
+                    )
+                )
+                self.stop.set()
+        elif trial.state in FINISHED:
+            with self.lock:
+                self.failures_in_a_row = 0
+
+    def surplus(self, trial: optuna.Trial) -> bool:
+        """True when the trials finished and those started before this one fill the total (two
+        processes claimed the last slot at once: the later trial, by number, steps back)."""
+        finished = ahead = 0
+        for t in self.study.get_trials(deepcopy=False):
+            finished += t.state in FINISHED
+            ahead += t.state == optuna.trial.TrialState.RUNNING and t.number < trial.number
+        return finished + ahead >= self.total
+
+    def run_trial(self, trial: optuna.Trial, worker) -> float | tuple[float, float]:
+        """Sample `trial`, check its predicted memory against the cap, run it in `worker` and
+        record how it ended (`outcomes.Recorder`)."""
+        from aurora_sweep.sweep.tracking import trial_run
+
+        config = self.config
+        recorder = Recorder(config, say=lambda line: self.console.print(line, highlight=False))
+        if self.surplus(trial):
+            # another process took the last slot in the same instant: give it back unused
+            write_attrs(trial, surplus=True)
+            raise Surplus(f"the study already holds or runs its {self.total} trials")
+        # the process, to tell later whether it was killed; then the whole recipe, sampled or
+        # not, with its checkpointing planned
+        write_attrs(trial, **this_process())
+        tc, estimate = self.plan(sample_trial(trial, config))
+        write_attrs(trial, config=tc.to_dict())
+        with trial_run(
+            self.client, self.experiment, parent=self.parent, number=trial.number,
+            tags={"host": socket.gethostname(), "device": worker.info.get("device", "")},
+        ) as run:  # fmt: skip
+            write_attrs(trial, mlflow_run_id=run.run_id, mlflow_parent_run_id=self.parent)
+            run.log_params(tc.to_dict())
+            self.predict(trial, estimate, run, recorder)
+            run.flush()  # the config is in MLflow while the trial trains
+
+            def report(step: int, value: float) -> bool:
+                if config.cost:  # Optuna prunes single-objective studies only
+                    return False
+                trial.report(value, step)
+                return trial.should_prune()
+
+            with tempfile.TemporaryDirectory() as tmp:
+                adapter = Path(tmp) / "adapter"
+                try:
+                    outcome = worker.run(tc.to_dict(), adapter, report)
+                except WorkerCrashed as e:
+                    raise self.crashed(trial, e, recorder) from None
+                scalars = recorder.record(outcome, trial, run)
+                assert isinstance(outcome, Complete)
+                self.keep_base_scores(outcome.base_mse)
+                run.log_artifacts(adapter.parent)  # adapter/ and figures/, in one call
+        self.console.print(
+            f"trial {trial.number:3d}  {_score_line(outcome.metrics, config)}  "
+            f"({outcome.seconds:.1f} s, {outcome.peak_memory_mb:.0f} MB, predicted GPU "
+            f"{estimate.megabytes:.0f} MB)", highlight=False,
+        )  # fmt: skip
+        value = outcome.metrics[config.objective_metric]
+        if config.cost:
+            return value, scalars.get(config.cost, estimate.megabytes)
+        return value
+
+    def plan(self, tc):
+        """The trial's recipe with "auto" checkpointing made concrete (`memory`), and its
+        predicted peak GPU memory."""
+        from aurora_sweep.memory.estimate import plan_checkpointing
+
+        return plan_checkpointing(
+            tc, grid=self.grid, levels=len(tc.levels), cap_bytes=self.config.gpu_memory_cap,
+            how=self.config.estimate_how,
+        )  # fmt: skip
+
+    def predict(self, trial: optuna.Trial, estimate, run, recorder: Recorder) -> None:
+        """Record the trial's predicted peak GPU memory; a prediction over the cap makes the
+        trial infeasible before it runs (raised)."""
+        from aurora_sweep.memory.estimate import MIB, check_cap
+
+        write_attrs(trial, predicted_peak_mb=estimate.megabytes)
+        run.log_metrics({"predicted_peak_mb": estimate.megabytes})
+        run.log_params({"memory_estimate": estimate.method})
+        if estimate.note:
+            self.console.print(f"trial {trial.number:3d}  memory estimate: {estimate.note}")
+        cap = self.config.gpu_memory_cap
+        over = check_cap(estimate, cap)
+        if over > 0:
+            raise recorder.infeasible(
+                trial, run,
+                f"predicted peak {estimate.megabytes:.0f} MB exceeds the cap {cap / MIB:.0f} MB",
+                over, 0.0,
+            )  # fmt: skip
+
+    def crashed(self, trial: optuna.Trial, e: WorkerCrashed, recorder: Recorder) -> BaseException:
+        """The worker died under `trial`: a signal to this process group is an interrupt; a
+        crash of its own is the config's fault (not retried); a kill from outside (the OOM
+        killer, kill -9) is retried once, elsewhere. Returns the exception to raise."""
+        from aurora_sweep.sweep.tracking import Killed
+
+        if self.stop.wait(2.0):  # the signal also reached this process: `run` is stopping
+            return Interrupted(self.signum)
+        if e.signal is None:
+            return recorder.failed(trial, f"{e}; starting a new worker")
+        write_attrs(trial, killed_by=e.signal)
+        retried = retry_once(self.study, self.study.get_trials(deepcopy=False)[trial.number])
+        self.console.print(
+            f"trial {trial.number:3d}  {e}"
+            + ("; retrying it once in a new worker" if retried else "")
+        )
+        return Killed(str(e))
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived (Ctrl-C, a scheduler's preemption); `signum` says which."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def signals_as_interrupts() -> Iterator[None]:
+    """SIGINT and SIGTERM raise `Interrupted` in the main thread, so the study can end its trial
+    and every MLflow run it opened before the process exits. A no-op outside the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _score_line(m: dict[str, float], config: StudyConfig) -> str:
+    """One line of a trial's verdict at the study's lead: objective with its interval, skills."""
+    objective, sfx = config.objective, lead_suffix(config.lead_steps)
+    persistence, climatology = (
+        skill_name(objective, r) + sfx for r in ("persistence", "climatology")
+    )
+    lo, hi = m.get(f"{objective}_q05{sfx}"), m.get(f"{objective}_q95{sfx}")
+    interval = f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else ""
+    return (
+        f"{config.objective_metric} {m[config.objective_metric]:.3f}{interval}  skill vs "
+        f"persistence {m[persistence]:+.3f}, vs climatology {m[climatology]:+.3f}"
+    )
+
+
+class Surplus(RuntimeError):
+    """A trial started when the study's total was already taken (recorded FAIL, never run)."""

@@ -1,0 +1,452 @@
+"""Run trials in a worker process: memory capped, released between trials, replaced on a crash.
+
+A sweep is hours of trials in a row. Running each in the study's own process would let one
+trial's CUDA allocations, fragmentation or a crash leak into the next. So trials run in a
+separate process that pays the import of torch + aurora + peft and the data load once, trains
+trial after trial with `torch.cuda.set_per_process_memory_fraction` set from the cap, and reports
+back over a pipe. After an out-of-memory error, or if the process dies, it is replaced; the next
+trial starts in a fresh process with nothing left over.
+
+Each completed trial leaves its adapter in `adapter_dir` and its figures (PNG) in the folder
+`figures` beside it.
+
+Messages, parent -> worker: `("start", base_mse, aurora15)` first (a worker may be launched before the data
+exist, and imports torch meanwhile), `("trial", trial_dict, adapter_dir)`, `("continue" | "prune")` in
+answer to a report, `("stop",)`. Worker -> parent: `("ready", info)`, `("report", step, value)`,
+and one `("outcome", outcome)` per trial, an `outcomes.Complete`, `Pruned`, `OutOfMemory` or
+`Failed`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing as mp
+import os
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aurora_sweep.errors import AuroraSweepError
+from aurora_sweep.sweep import outcomes
+from aurora_sweep.sweep.outcomes import Complete, Failed, OutOfMemory, Pruned
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a worker needs to rebuild the study's data and model on its side."""
+
+    config_path: Path
+    workdir: Path
+    checkpoint: Path | None
+    memory_cap: int | None
+    extra: dict[str, Any] | None = None  # saved with each adapter (the data description)
+    #: The base model's MSE per variable on the validation split by precision, then by lead,
+    #: as far as the study already has it (each precision computed once, by the first worker
+    #: whose trial needs it: a trial is compared with the base run in its own precision).
+    base_mse: dict[str, dict[str, dict[str, float]]] | None = None
+    #: The zero-shot Aurora 1.5 baseline's scores by lead, once the study has them
+    #: (`aurora15.references_of`): a worker given them does not run Aurora 1.5
+    aurora15: dict[str, dict] | None = None
+    #: The training function, sent to the worker by reference (`train.fit` when None): the
+    #: seam through which tests make a trial run out of memory or kill its worker.
+    fit: Callable[..., Any] | None = None
+    #: The GPU this worker trains on (CUDA_VISIBLE_DEVICES), None for the default device.
+    gpu: int | None = None
+    #: CPU threads for torch when training on the CPU (the cores split between workers).
+    threads: int | None = None
+
+
+class WorkerCrashed(RuntimeError):
+    """The worker process died while running a trial."""
+
+    def __init__(self, exitcode: int | None) -> None:
+        import signal
+
+        self.exitcode = exitcode
+        #: The signal that killed it from outside (SIGKILL: the OOM killer, `kill -9`), if any.
+        self.signal = (
+            signal.Signals(-exitcode).name if exitcode is not None and exitcode < 0 else None
+        )
+        super().__init__(
+            f"the trial worker was killed by {self.signal}"
+            if self.signal
+            else f"the trial worker died (exit code {exitcode})"
+        )
+
+
+class TrialWorker:
+    """A worker process that runs one trial at a time; restarts itself when it has to."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        # spawn, not fork: a forked child of a process that has run torch can hang in OpenMP
+        self.context = mp.get_context("spawn")
+        self.process: mp.process.BaseProcess | None = None
+        self.conn = None
+        self.info: dict[str, Any] = {}
+        self.starts = 0
+
+    def launch(self) -> None:
+        """Start the process, which imports torch, Aurora and peft (seconds) and then waits for
+        `start`: the study process can make the data meanwhile."""
+        parent, child = self.context.Pipe()
+        self.process = self.context.Process(target=serve, args=(child, self.spec), daemon=True)
+        self.process.start()
+        child.close()
+        self.conn = parent
+        self.starts += 1
+
+    def start(self) -> dict[str, Any]:
+        """Have the worker (launched now if it was not) load the data and the base model's
+        scores; what it says when ready."""
+        if self.process is None or self.conn is None:
+            self.launch()
+        assert self.conn is not None
+        try:
+            self.conn.send(("start", self.spec.base_mse, self.spec.aurora15))
+        except (BrokenPipeError, OSError):
+            pass  # it died while importing: _receive reports how
+        kind, payload = self._receive(timeout=None)
+        if kind == "error":
+            self.close()
+            raise AuroraSweepError(payload["message"])
+        self.info = payload
+        return payload
+
+    def _receive(self, timeout: float | None) -> tuple:
+        assert self.conn is not None and self.process is not None
+        waited = 0.0
+        while not self.conn.poll(0.2):
+            waited += 0.2
+            if not self.process.is_alive():
+                code = self.process.exitcode
+                self.close()
+                raise WorkerCrashed(code)
+            if timeout is not None and waited > timeout:
+                raise TimeoutError("the trial worker did not answer")
+        try:
+            return self.conn.recv()
+        except (EOFError, ConnectionResetError):
+            self.process.join(timeout=10)  # reap it, to report how it ended
+            code = self.process.exitcode
+            self.close()
+            raise WorkerCrashed(code) from None
+
+    def run(
+        self, trial: dict[str, Any], adapter_dir: Path, report: Callable[[int, float], bool]
+    ) -> outcomes.Outcome:
+        """Run one trial; `report(step, value)` returns True to prune it."""
+        if self.process is None or not self.process.is_alive():
+            self.start()
+        assert self.conn is not None
+        self.conn.send(("trial", trial, str(adapter_dir)))
+        while True:
+            kind, *rest = self._receive(timeout=None)
+            if kind == "report":
+                step, value = rest
+                self.conn.send(("prune",) if report(step, value) else ("continue",))
+                continue
+            (outcome,) = rest
+            if getattr(outcome, "restart", False):
+                self.close()  # the next trial gets a fresh process and a clean allocator
+            return outcome
+
+    def interrupt(self) -> None:
+        """Stop the running trial now (from another thread): the worker process exits and the
+        thread waiting on it sees it gone."""
+        process = self.process
+        if process is not None and process.is_alive():
+            process.terminate()  # SIGTERM: the worker exits normally, mid-trial
+
+    def close(self, *, at_once: bool = False) -> None:
+        """Stop the worker: ask it to finish (it does so between trials), or kill it at once."""
+        if (
+            not at_once
+            and self.conn is not None
+            and self.process is not None
+            and self.process.is_alive()
+        ):
+            try:
+                self.conn.send(("stop",))
+                self.process.join(timeout=30)  # one launched a moment ago is still importing
+            except (BrokenPipeError, OSError):
+                pass
+        if self.process is not None and self.process.is_alive() and at_once:
+            self.process.terminate()  # SIGTERM: the worker exits normally, mid-trial
+            self.process.join(timeout=10)
+        if self.process is not None and self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        self.process, self.conn = None, None
+
+    def __enter__(self) -> TrialWorker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def exit_with_parent(poll_seconds: float = 0.5) -> None:
+    """End this process as soon as its parent is gone.
+
+    A `run` killed with SIGKILL (a scheduler's time limit, the OOM killer) cannot stop its
+    worker, which would go on training for nobody until its next message to the dead parent.
+    A daemon thread notices the parent's death (this process is re-parented) and exits at once.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_seconds)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def cuda_visible(gpu: int, current: str | None) -> str:
+    """CUDA_VISIBLE_DEVICES for a worker on GPU `gpu`, numbered as the study process sees them.
+
+    A scheduler (SLURM, Kubernetes) may already restrict the process to some GPUs, say "2,3":
+    GPU 1 is then physical GPU 3, and the worker must keep that restriction, not replace it.
+    """
+    if current is None or not current.strip():
+        return str(gpu)
+    visible = [d.strip() for d in current.split(",") if d.strip()]
+    if gpu >= len(visible):
+        raise AuroraSweepError(
+            f"GPU {gpu} is not among the {len(visible)} visible ones (CUDA_VISIBLE_DEVICES="
+            f"{current}): number --gpus from 0 as this process sees them"
+        )
+    return visible[gpu]
+
+
+def blosc_thread_lock() -> bool:
+    """Give numcodecs' Blosc a thread lock in place of the semaphore it makes on first use.
+
+    numcodecs guards Blosc's global context with `multiprocessing.Lock()`, and the store's
+    coordinates are Blosc-compressed. In a spawned process that lock is a named semaphore which
+    the resource tracker (shared with the study process) must see unlinked: a worker killed
+    mid-trial (SIGKILL, the OOM killer, its parent gone) cannot, and the tracker then prints
+    "leaked semaphore objects" on the study's stderr after its last line. The context the lock
+    guards is this process's own, so a thread lock guards it as well. True when it was set (an
+    older or newer numcodecs without these names is left as it is).
+    """
+    try:
+        from numcodecs import blosc
+    except ImportError:
+        return False
+    if getattr(blosc, "_MUTEX_IS_INIT", None) is not False:
+        return False  # already made, or not the numcodecs this was written for
+    blosc._MUTEX, blosc._MUTEX_IS_INIT = threading.Lock(), True
+    return True
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    # once: a second SIGTERM (the scheduler's and the study's) must not break the exit itself
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise SystemExit(128 + signum)
+
+
+def serve(conn, spec: WorkerSpec) -> None:
+    """The worker's main loop (runs in the child process)."""
+    exit_with_parent()
+    # Ctrl-C reaches the whole process group: the study process handles it and stops this one,
+    # with SIGTERM, which ends the trial by a normal exit (finalisers run, nothing is leaked)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    if spec.gpu is not None:  # before CUDA starts: this worker sees its GPU as cuda:0
+        os.environ["CUDA_VISIBLE_DEVICES"] = cuda_visible(
+            spec.gpu, os.environ.get("CUDA_VISIBLE_DEVICES")
+        )
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import torch
+
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    # what the first trials import (seconds), while the study process makes the data
+    import peft  # noqa: F401
+
+    import aurora_sweep.train.fit  # noqa: F401
+    import aurora_sweep.verify.plots  # noqa: F401
+    from aurora_sweep.config.recipe import TrialConfig
+
+    blosc_thread_lock()
+
+    # the study process may still be making the data: wait for its word (and the base model's
+    # scores it has by then)
+    message = conn.recv()
+    if message[0] != "start":
+        return
+    try:
+        session = _Session.open(dataclasses.replace(spec, base_mse=message[1], aurora15=message[2]))
+    except AuroraSweepError as e:
+        conn.send(("error", {"message": str(e)}))
+        return
+    conn.send(("ready", session.info()))
+    while True:
+        message = conn.recv()
+        if message[0] == "stop":
+            return
+        _, trial_dict, adapter_dir = message
+        if not session.run(conn, TrialConfig.from_dict(trial_dict), Path(adapter_dir)):
+            return  # a fresh process replaces this one: nothing leaks into the next trial
+
+
+@dataclass
+class _Session:
+    """What a worker keeps from trial to trial: the study's data, device and base checkpoint."""
+
+    spec: WorkerSpec
+    config: Any
+    data: Any  # study_data.TrialData
+    device: Any  # torch.device
+    checkpoints: dict[str, Path] = field(default_factory=dict)  # by base
+    #: the zero-shot Aurora 1.5 baseline's scores by lead (`aurora15.references_of`), if any
+    zero_shot: dict[str, dict] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, spec: WorkerSpec) -> _Session:
+        """Load the study's data and score the base model in the first precision searched."""
+        import torch
+
+        from aurora_sweep.config.study import load_config
+        from aurora_sweep.data.cube import open_cube
+        from aurora_sweep.data.trial_data import TrialData
+        from aurora_sweep.devices import default_device
+        from aurora_sweep.verify.scoring import check_objective_defined
+        from aurora_sweep.verify.zero_shot import add_region_statics, add_zero_shot, references_of
+
+        config = load_config(spec.config_path, workdir=spec.workdir)
+        device = default_device()
+        if device.type == "cuda" and spec.memory_cap:
+            from aurora_sweep.memory.estimate import cuda_memory_fraction
+
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(
+                cuda_memory_fraction(spec.memory_cap, total), device
+            )
+        data = TrialData.prepare(open_cube(config), config)
+        add_region_statics(data, config)  # where Aurora 1.5 is a base
+        add_zero_shot(data, config, device, spec.aurora15)  # where Aurora 1.5 is a baseline
+        check_objective_defined(data)
+        for steps in config.search.rollout_steps:  # refused now, not trial after trial
+            data.train_for(steps)
+        data.base_mse = dict(spec.base_mse or {})
+        session = cls(spec, config, data, device, zero_shot=spec.aurora15 or references_of(data))
+        session.base_scores(config.bases[0], config.search.precision[0], config.level_choices[0])
+        return session
+
+    def checkpoint_for(self, base: str) -> Path:
+        """`base`'s checkpoint file (`--checkpoint` stands for [model] base's), resolved once."""
+        from aurora_sweep.model.build import resolve_checkpoint
+
+        if base not in self.checkpoints:
+            given = self.config.model.checkpoint_for(base)
+            if base == self.config.model.base and self.spec.checkpoint:
+                given = self.spec.checkpoint
+            self.checkpoints[base] = resolve_checkpoint(base, given)
+        return self.checkpoints[base]
+
+    def info(self) -> dict[str, Any]:
+        return {"train": len(self.data.train), "validation": len(self.data.validation),
+                "device": str(self.device),
+                "checkpoint": str(self.checkpoint_for(self.config.bases[0])),
+                "base_mse": self.data.base_mse,
+                "aurora15": self.zero_shot}  # fmt: skip
+
+    def base_scores(self, base: str, precision: str, levels: tuple[int, ...]) -> None:
+        """The base model's scores in `precision` on `levels`, once: when a trial first needs
+        them."""
+        from aurora_sweep.verify.scoring import base_state_mse
+
+        key = self.data.reference_key(base, precision, levels)
+        if key not in self.data.base_mse:
+            self.data.base_mse[key] = base_state_mse(
+                self.data.for_trial(base, levels), base=base, checkpoint=self.checkpoint_for(base),
+                device=self.device,
+                precision=precision, wrap_longitude=self.config.data.wrap_longitude,
+                arch=self.config.model.arch_for(base),
+            )  # fmt: skip
+
+    def run(self, conn, trial, adapter_dir: Path) -> bool:
+        """Run one trial and send its outcome; False when this process must end (out of
+        memory: the allocator may hold on to what the failed trial took)."""
+        import torch
+
+        from aurora_sweep.train.fit import fit
+
+        started = time.perf_counter()
+
+        def report(step: int, value: float) -> None:
+            conn.send(("report", step, value))
+            if conn.recv()[0] == "prune":
+                raise _Pruned(step, value)
+
+        try:
+            self.base_scores(trial.base, trial.precision, trial.levels)
+            result = (self.spec.fit or fit)(
+                trial,
+                self.data,
+                checkpoint=self.checkpoint_for(trial.base),
+                report=report,
+                device=self.device,
+            )
+            conn.send(("outcome", self.complete(result, trial, adapter_dir)))
+            del result
+        except _Pruned as p:
+            conn.send(("outcome", Pruned(p.step, p.value, time.perf_counter() - started)))
+        except torch.OutOfMemoryError as e:
+            cuda = self.device.type == "cuda"
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**20 if cuda else 0.0
+            seconds = time.perf_counter() - started
+            conn.send(("outcome", OutOfMemory(str(e).splitlines()[0], peak, seconds)))
+            return False
+        except Exception as e:
+            conn.send(("outcome", Failed(
+                f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-4000:]
+            )))  # fmt: skip
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return True
+
+    def complete(self, result, trial, adapter_dir: Path) -> Complete:
+        """Save a finished trial's adapter and figures beside it; its outcome."""
+        from aurora_sweep.model.adapter import save_adapter
+        from aurora_sweep.verify.bootstrap import encode_terms
+        from aurora_sweep.verify.scoring import trial_figures
+
+        config = self.config
+        save_adapter(
+            adapter_dir, model=result.model, parts=result.parts, trial=trial, stats=self.data.stats,
+            checkpoint=self.checkpoint_for(trial.base), study_config=config.path,
+            metrics=result.metrics,
+            history={"train_loss": result.train_loss, "val_loss": result.val_loss},
+            extra=(self.spec.extra or {}) | {"objective": config.objective},
+        )  # fmt: skip
+        figures = adapter_dir.parent / "figures"
+        figures.mkdir(parents=True, exist_ok=True)
+        for name, png in trial_figures(result, self.data).items():
+            (figures / name).write_bytes(png)
+        terms = result.forecasts.objective_terms
+        return Complete(
+            metrics=result.metrics, train_loss=result.train_loss, val_loss=result.val_loss,
+            intermediate=result.intermediate, peak_memory_mb=result.peak_memory_mb,
+            seconds=result.seconds, val_terms=result.val_terms,
+            objective_terms=encode_terms(*terms, result.forecasts.objective_days),
+            peak_reserved_mb=result.peak_reserved_mb,
+            loader_wait_fraction=result.loader_wait_fraction, base_mse=self.data.base_mse,
+        )  # fmt: skip
+
+
+class _Pruned(Exception):
+    def __init__(self, step: int, value: float) -> None:
+        super().__init__(f"pruned at step {step}")
+        self.step, self.value = step, value

@@ -1,0 +1,492 @@
+"""One trial: build the model from a `TrialConfig`, fine-tune it, score it.
+
+The loop is written out: sample a batch, forward, Aurora's loss over every variable (`loss`),
+backward, gradients clipped, AdamW step, learning rate warmed up then decayed along a cosine.
+Every `eval_every` steps the model forecasts a fixed subset of the validation split
+(`val_samples` samples): the validation loss (the same loss, and each variable's term) is
+logged, and the study's objective on that subset, in its own units, is reported to the pruner,
+so a pruned trial's stored value means what a completed trial's does. At the end the model
+forecasts the whole validation split and is scored against persistence and climatology
+(`evaluation.verify`); the last validation loss is the one of that whole split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import torch
+
+from aurora_sweep.config.bases import BASES
+from aurora_sweep.config.recipe import FULL_NEW_VARIABLE_LR, TrialConfig
+from aurora_sweep.data.samples import (
+    TargetStats,
+)
+from aurora_sweep.data.trial_data import TrialData
+from aurora_sweep.devices import default_device
+from aurora_sweep.model.build import (
+    TrainableParts,
+    apply_method,
+    build_base,
+    init_new_variable,
+    input_embedding,
+    load_base_checkpoint,
+    set_longitude_wrap,
+    set_precision,
+)
+from aurora_sweep.model.loss import LossSpec, combine, loss_terms
+from aurora_sweep.train.tiles import crop_sample, tile_origins, tile_side
+from aurora_sweep.verify.scoring import eval_batch_size, forecast, subset_objective, verify
+
+#: Learning-rate multiplier for the new variable's head.
+NEW_VARIABLE_LR_FACTOR = 5.0
+#: The learning-rate schedule: a linear warm-up over this share of the steps (at least one),
+#: then a cosine decay to `FINAL_LR_FACTOR` of the peak at the last step.
+WARMUP_SHARE, FINAL_LR_FACTOR = 0.1, 0.1
+#: Gradients are clipped to this global norm (over every trained tensor).
+MAX_GRAD_NORM = 1.0
+
+
+def pushforward(model, batch, steps: int):
+    """The input of the last step of a `steps`-step rollout from `batch`: the first `steps` - 1
+    steps run without gradients, each forecast fed back as the next input (Aurora's rollout).
+
+    This is the scheme Aurora's maintainers describe for their rollout fine-tuning (a replay of
+    the model's own forecasts, gradients through the last step only): the model learns to
+    forecast from the states it will itself produce at longer leads, at the memory of one
+    training step. Gradients through every step would multiply the activations kept by the
+    number of steps, which is what the small GPUs we serve cannot afford.
+    """
+    if steps == 1:
+        return batch
+    from aurora import rollout
+    from aurora.rollout import _advance_batch  # how `rollout` feeds a forecast back
+
+    from aurora_sweep.model.build import unwrap
+
+    aurora = unwrap(model)
+    with torch.no_grad():
+        for pred in rollout(aurora, batch, steps=steps - 1):
+            batch = _advance_batch(batch, aurora.apply_rollout_input_clipping(pred))
+    # Aurora clamps the target's output from its second rollout step on: the loss must see the raw one
+    return dataclasses.replace(batch, metadata=dataclasses.replace(batch.metadata, rollout_step=0))
+
+
+def learning_rate_factor(step: int, steps: int) -> float:
+    """The share of the peak learning rate at `step` (1-based) of `steps`: a linear warm-up over
+    the first `WARMUP_SHARE` of the steps, then a cosine decay to `FINAL_LR_FACTOR` at the last.
+
+    A constant rate lets fast starters win the pruner's early comparisons; Aurora's fine-tuning
+    guide samples a constant rate, so warm-up and decay are our choice (a common one).
+    """
+    warmup = max(1, round(WARMUP_SHARE * steps))
+    if step <= warmup:
+        return step / warmup
+    if steps <= warmup:
+        return 1.0
+    progress = (step - warmup) / (steps - warmup)
+    return FINAL_LR_FACTOR + (1 - FINAL_LR_FACTOR) * 0.5 * (1 + np.cos(np.pi * progress))
+
+
+def loss_spec(trial: TrialConfig, data: TrialData) -> LossSpec:
+    """The trial's loss settings on the grid it trains on."""
+    return LossSpec(
+        levels=trial.levels, lat=data.train.cube["latitude"].values,
+        target_scale=data.stats.scale, target_weight=trial.target_weight,
+        target_loss=trial.loss, surface=data.train.surface, target=data.train.variable,
+    )  # fmt: skip
+
+
+@dataclass
+class TrialResult:
+    """What one fine-tune produced."""
+
+    train_loss: list[tuple[int, float]]
+    val_loss: list[tuple[int, float]]
+    #: each variable's term of the validation loss, by step (`val_loss_<var>` in MLflow)
+    val_terms: dict[str, list[tuple[int, float]]]
+    intermediate: list[tuple[int, float]]  # the objective on the pruner's subset, by step
+    metrics: dict[str, float]
+    peak_memory_mb: float
+    peak_reserved_mb: float | None
+    seconds: float
+    #: the share of the training loop's wall time spent waiting for a batch
+    loader_wait_fraction: float
+    model: Any = field(repr=False)
+    parts: TrainableParts = field(repr=False)
+    forecasts: Any = field(default=None, repr=False)  # evaluation.Forecasts of the eval split
+
+
+class PeakMemory:
+    """Peak memory of a trial: CUDA peak allocated, or on a CPU the peak resident set size.
+
+    On Linux the kernel keeps the process's peak RSS (VmHWM), and writing 5 to
+    /proc/self/clear_refs resets it: the trial's peak is read once at the end, exactly, with no
+    thread. Elsewhere (or where that file cannot be written) a thread samples the RSS every
+    20 ms; its wake-ups take the GIL from the training loop (8 % of a demo trial's time).
+    """
+
+    CLEAR_REFS = Path("/proc/self/clear_refs")
+    STATUS = Path("/proc/self/status")
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak = 0
+        self.reserved: int | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._kernel_peak = False
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        proc = psutil.Process()
+        self.peak = proc.memory_info().rss
+        self._kernel_peak = self._reset_kernel_peak()
+        if not self._kernel_peak:
+
+            def sample() -> None:
+                while not self._stop.wait(0.02):
+                    self.peak = max(self.peak, proc.memory_info().rss)
+
+            self._thread = threading.Thread(target=sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+            self.reserved = torch.cuda.max_memory_reserved(self.device)
+            return
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+        kernel = self._read_kernel_peak() if self._kernel_peak else None
+        self.peak = max(self.peak, kernel or 0, psutil.Process().memory_info().rss)
+
+    def _reset_kernel_peak(self) -> bool:
+        try:
+            self.CLEAR_REFS.write_text("5")
+        except OSError:  # not Linux, or a kernel or sandbox that refuses it
+            return False
+        return self._read_kernel_peak() is not None
+
+    def _read_kernel_peak(self) -> int | None:
+        try:
+            for line in self.STATUS.read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+        except (OSError, ValueError, IndexError):
+            return None
+        return None
+
+    @property
+    def megabytes(self) -> float:
+        return self.peak / 2**20
+
+
+class Prefetcher:
+    """Makes `read(indices)` for each entry of `plan`, in order, a few ahead of the consumer in a
+    thread: reading from the store (file reads and copies, which release the GIL) overlaps the
+    training step. An error in the reader is raised by `next`."""
+
+    def __init__(self, read: Callable[[Any], Any], plan: list, depth: int = 2) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(read, plan), name="prefetch", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, read: Callable[[Any], Any], plan: list) -> None:
+        for item in plan:
+            try:
+                value = (True, read(item))
+            except BaseException as e:  # noqa: BLE001 - raised in the consumer
+                value = (False, e)
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(value, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if self._stop.is_set() or not value[0]:
+                return
+
+    def next(self) -> Any:
+        ok, value = self._queue.get()
+        if not ok:
+            raise value
+        return value
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> Prefetcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def build_trial_model(trial: TrialConfig, stats: TargetStats, checkpoint: Path):
+    """Base model with the target (`stats.target`), pretrained weights, LoRA, freezing and
+    precision, as `trial` says."""
+    torch.manual_seed(trial.seed)
+    model = build_base(
+        trial.base, target=stats.target, stats=(stats.location, stats.scale), arch=trial.arch
+    )
+    load_base_checkpoint(model, checkpoint)
+    init_new_variable(model, start=(stats.mean - stats.location) / stats.scale)
+    peft_model, parts = apply_method(
+        model, method=trial.method, rank=trial.lora_rank, targets=trial.lora_targets,
+        unfrozen_blocks=trial.unfrozen_blocks, train_input=trial.target_input_lr > 0,
+    )  # fmt: skip
+    set_precision(model, trial.precision)
+    set_longitude_wrap(model, trial.wrap_longitude)
+    return peft_model, model, parts
+
+
+def input_lr(trial: TrialConfig) -> float:
+    """The learning rate of the target's input embedding: `target_input_lr` times the trial's rate."""
+    return trial.learning_rate * trial.target_input_lr
+
+
+def new_variable_lr(trial: TrialConfig) -> float:
+    """The target's embedding and head start from zero and must learn the most: a larger step. A base's
+    own precipitation head (Aurora 1.5's) is pretrained: the trial's rate."""
+    if BASES[trial.base].own_precipitation:
+        return trial.learning_rate
+    if trial.method == "full":
+        return FULL_NEW_VARIABLE_LR
+    return trial.learning_rate * NEW_VARIABLE_LR_FACTOR
+
+
+def eval_indices(n: int, limit: int) -> np.ndarray:
+    """Evenly spaced sample indices: the same subset every time for the same n and limit."""
+    if limit <= 0 or limit >= n:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, limit).round().astype(int))
+
+
+def fit(
+    trial: TrialConfig,
+    data: TrialData,
+    *,
+    checkpoint: Path,
+    report: Callable[[int, float], None] | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+    device: torch.device | None = None,
+    bootstrap: int = 1000,
+) -> TrialResult:
+    """Fine-tune one trial. `report(step, objective)` may raise `optuna.TrialPruned`."""
+    device = device or default_device()
+    started = time.perf_counter()
+    data = data.for_trial(trial.base, trial.levels)  # its pressure levels, its base's inputs
+    spec = loss_spec(trial, data)
+    with PeakMemory(device) as memory:
+        peft_model, model, parts = build_trial_model(trial, data.stats, checkpoint)
+        if trial.checkpointed:
+            model.configure_activation_checkpointing(trial.checkpointed)
+        peft_model.to(device)
+        step = _Step(trial, spec, peft_model, *_optimiser(trial, peft_model, model, parts), device)
+        curves = _Curves(spec)
+        checks = _PrunerChecks(trial, data, spec, eval_batch_size(trial.batch_size, device), device)
+        wait_share = _train_loop(trial, data, peft_model, step, curves, checks, on_step, report)
+        metrics, forecasts = verify(
+            peft_model, data, batch_size=checks.batch_size, device=device, bootstrap=bootstrap,
+            reference=data.reference_key(trial.base, trial.precision, trial.levels), loss=spec,
+        )  # fmt: skip
+        curves.validation(trial.steps, forecasts)
+    return TrialResult(
+        train_loss=curves.train_loss,
+        val_loss=curves.val_loss,
+        val_terms=curves.val_terms,
+        intermediate=curves.intermediate,
+        metrics=metrics,
+        peak_memory_mb=memory.megabytes,
+        peak_reserved_mb=memory.reserved / 2**20 if memory.reserved is not None else None,
+        seconds=time.perf_counter() - started,
+        loader_wait_fraction=wait_share,
+        model=peft_model,
+        parts=parts,
+        forecasts=forecasts,
+    )
+
+
+def _train_loop(
+    trial: TrialConfig,
+    data: TrialData,
+    model,
+    step: _Step,
+    curves: _Curves,
+    checks: _PrunerChecks,
+    on_step: Callable[[int, float], None] | None,
+    report: Callable[[int, float], None] | None,
+) -> float:
+    """The trial's optimiser steps, the pruner's checks between them; the share of the loop's
+    wall time spent waiting for a batch."""
+    rng = np.random.default_rng(trial.seed)
+    train = data.train_for(trial.rollout_steps)
+    model.train()
+    # the batches in the order the seed gives, read ahead by a thread while the model trains:
+    # an optimiser step's samples drawn together, in `accumulate` micro-batches
+    n = trial.accumulate
+    plan = [
+        micro
+        for _ in range(trial.steps)
+        for micro in np.array_split(
+            rng.choice(len(train), size=min(trial.batch_size * n, len(train)), replace=False), n
+        )
+        if len(micro)
+    ]
+    read = train.training_batch
+    if trial.tile:  # each micro-batch on a tile of its own, drawn from a stream of its own
+        side = tile_side(trial.tile, train.grid)
+        corners = tile_origins(np.random.default_rng([trial.seed, 1]), train.grid, side, len(plan))
+        plan = list(zip(plan, map(tuple, corners)))
+
+        def read(item):
+            return crop_sample(*train.training_batch(item[0]), item[1], side)
+
+    with Prefetcher(read, plan) as batches:
+        waited, loop_started, taken = 0.0, time.perf_counter(), 0
+        for k in range(1, trial.steps + 1):
+            asked = time.perf_counter()
+            micro = [batches.next() for _ in range(min(n, len(plan) - taken))]
+            taken += len(micro)
+            waited += time.perf_counter() - asked
+            value = step(k, micro)
+            curves.train_loss.append((k, value))
+            if on_step:
+                on_step(k, value)
+            # the last step is scored on the whole split after: the pruner cannot act on it
+            if k % trial.eval_every == 0 and k < trial.steps:
+                objective = checks.run(model, k, curves)
+                if report:
+                    report(k, objective)
+    loop_seconds = time.perf_counter() - loop_started
+    return waited / loop_seconds if loop_seconds > 0 else 0.0
+
+
+def _optimiser(trial: TrialConfig, peft_model, model, parts: TrainableParts):
+    """The trial's optimiser (AdamW or Adafactor) over the trained parameters, its schedule,
+    and the parameters clipped.
+
+    The target's head starts from zero and must learn the most: a larger step for it; its input
+    embedding writes into Aurora's latent state: a step of its own (none: output-only).
+    """
+    embedding = model.get_parameter(input_embedding(model))
+    head = [model.get_parameter(k) for k in parts.new_variable]
+    head = [p for p in head if p is not embedding]
+    new_ids = {id(p) for p in (*head, embedding)}
+    rest = [p for p in peft_model.parameters() if p.requires_grad and id(p) not in new_ids]
+    groups = [{"params": rest}, {"params": head, "lr": new_variable_lr(trial)}]
+    if embedding.requires_grad:
+        groups.append({"params": [embedding], "lr": input_lr(trial)})
+    kind = {"adamw": torch.optim.AdamW, "adafactor": torch.optim.Adafactor}[trial.optimizer]
+    optimiser = kind(groups, lr=trial.learning_rate, weight_decay=trial.weight_decay)
+    # LambdaLR calls the factor once at construction (step 0), then after each step
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lambda k: learning_rate_factor(k + 1, trial.steps)
+    )
+    return optimiser, schedule, [p for group in groups for p in group["params"]]
+
+
+@dataclass
+class _Step:
+    """One optimiser step over its micro-batches: for each, forward (after the rollout's
+    gradient-free steps), Aurora's loss over the number of micro-batches, backward (scaled
+    under fp16), gradients adding up; then clipped, the optimiser, the schedule."""
+
+    trial: TrialConfig
+    spec: LossSpec
+    model: Any
+    optimiser: torch.optim.Optimizer
+    schedule: Any
+    trained: list
+    device: torch.device
+
+    def __post_init__(self) -> None:
+        self.scaler = torch.amp.GradScaler("cuda") if self.trial.precision == "fp16" else None
+
+    def __call__(self, step: int, micro: list) -> float:
+        self.optimiser.zero_grad(set_to_none=True)
+        value = 0.0
+        name = self.spec.target.name
+        samples = sum(len(target[name]) for _, target in micro)
+        for batch, target in micro:
+            # the raw output: the target is not clamped at 0 while training (model.clamped)
+            batch = pushforward(self.model, batch.to(self.device), self.trial.rollout_steps)
+            spec = self.spec
+            if self.trial.tile:  # the tile's own latitudes weigh its rows
+                spec = dataclasses.replace(spec, lat=batch.metadata.lat.cpu().numpy())
+            loss = combine(spec, loss_terms(spec, self.model(batch), target))
+            # weighted by its share of the step's samples: the mean one batch of them would have
+            loss = loss * (len(target[name]) / samples)
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            value += float(loss.detach())
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimiser)
+            torch.nn.utils.clip_grad_norm_(self.trained, MAX_GRAD_NORM)
+            self.scaler.step(self.optimiser)
+            self.scaler.update()
+        else:
+            torch.nn.utils.clip_grad_norm_(self.trained, MAX_GRAD_NORM)
+            self.optimiser.step()
+        self.schedule.step()
+        if not np.isfinite(value):
+            raise FloatingPointError(f"training loss became {value} at step {step}")
+        return value
+
+
+@dataclass
+class _Curves:
+    """The loss curves and the pruner's values, by step."""
+
+    spec: LossSpec
+    train_loss: list[tuple[int, float]] = field(default_factory=list)
+    val_loss: list[tuple[int, float]] = field(default_factory=list)
+    val_terms: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    intermediate: list[tuple[int, float]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.val_terms = {k: [] for k in self.spec.variables}
+
+    def validation(self, step: int, result) -> None:
+        """The validation loss and each variable's term of an evaluation's result."""
+        self.val_loss.append((step, float(combine(self.spec, result.loss_terms))))
+        for k, v in result.loss_terms.items():
+            self.val_terms[k].append((step, v))
+
+
+class _PrunerChecks:
+    """The intermediate evaluations: the validation loss on a fixed subset of the 6-hour
+    samples, and the objective at the study's lead on a fixed subset, so that every trial's
+    intermediate values are comparable."""
+
+    def __init__(self, trial, data: TrialData, spec: LossSpec, batch_size: int, device) -> None:
+        self.data, self.spec, self.batch_size, self.device = data, spec, batch_size, device
+        self.val_idx = eval_indices(len(data.validation), trial.val_samples)
+        self.scored_idx = eval_indices(len(data.scored), trial.val_samples)
+
+    def run(self, model, step: int, curves: _Curves) -> float:
+        """Evaluate at `step`, log it on `curves`; the objective on the subset."""
+        run = dict(batch_size=self.batch_size, device=self.device, state=False)
+        result = forecast(model, self.data.validation, self.val_idx, loss=self.spec, **run)
+        curves.validation(step, result)
+        if self.data.objective_steps != 1:  # the objective's lead: a rollout
+            result = forecast(model, self.data.scored, self.scored_idx, **run)
+        objective = subset_objective(result.values, self.data, self.scored_idx)
+        curves.intermediate.append((step, objective))
+        return objective

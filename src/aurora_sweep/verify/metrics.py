@@ -1,0 +1,486 @@
+"""Verification: the scores of the target every trial and every evaluation reports.
+
+Why this module exists: a sweep ranks trials by one number and a report compares recipes, so the
+numbers must mean what they mean elsewhere in the field. Every score comes from `scores` (the
+Bureau of Meteorology's verification package, on xarray data); this module only chooses the
+scores' settings, feeds them samples in chunks (bounded memory), combines per-sample statistics
+(for pooling and for the bootstrap) and names the results `<target>_<score>`
+(`targets.Target.metric`). Values are in the target's units over the lead (below, for tp: mm).
+Which scores a target gets depends on its kind: a precipitation-like one (tp, pr, rain_rate,
+ro, sf) all of the below, SEEPS only where it is defined (tp, pr), thresholds in its own units
+(`Target.thresholds`); a continuous one (swvl1) RMSE, MAE, bias and the anomaly correlation
+`acc` against the train climatology (WeatherBench 2's ACC: each sample's latitude-weighted
+uncentred correlation of forecast and observed anomalies, averaged over samples; higher is
+better, NaN for the climatology itself).
+
+Inputs: arrays shaped (n, lat, lon) for n samples, `lat` in degrees, `months` (1..12), `hours`
+(0, 6, 12 or 18 UTC) and `days` (datetime64[D]) of each sample's *target* (valid) time.
+
+The scores, for a forecast f against observations o (`w` = cos(latitude), from scores'
+`create_latitude_weights`; "pooled" = over all samples and grid points together):
+
+- `tp_rmse`, `tp_mae`, `tp_bias`: latitude-weighted pooled root mean squared error, mean absolute
+  error and mean error f - o (scores' `mse`, `mae`, `additive_bias`, per sample, then averaged:
+  every kept sample has the same total weight, so that average is the pooled weighted mean).
+- `tp_seeps`: the Stable Equitable Error in Probability Space (Rodwell et al. 2010) as WeatherBench 2
+  uses it for 6-hour totals, via `scores.categorical.seeps`. Each value falls in a category: dry
+  (<= `DRY_MM` = 0.1 mm; scores' default of 0.2 mm is for other accumulations), light (> 0.1 mm and
+  <= the point's light/heavy threshold), heavy (> that threshold). With p1 the point's climatological
+  dry fraction and p3 = (1 - p1)/3 its heavy fraction, the error for forecast category (row) and
+  observed category (column) is
+
+      1/2 * [[0,                    1/(1-p1),   1/p3 + 1/(1-p1)],
+             [1/p1,                 0,          1/p3           ],
+             [1/p1 + 1/(1-p3),      1/(1-p3),   0              ]]
+
+  p1 and the threshold (the 2/3 quantile of wet totals) come from `SeepsClimate`, per grid point,
+  calendar month and hour slot (valid hour // 6: 00, 06, 12, 18 UTC) of the target time, from the
+  train split's 6-hour totals: 6-h totals have a diurnal cycle (afternoon convection) that a climate
+  pooling the four valid times of a month would erase. A (month, hour) cell with fewer than
+  `MIN_SEEPS_SAMPLES` totals widens to the month before, the month and the month after at the same
+  hour (December and January wrap), and if that is still too few, to the month with all hours
+  pooled (`seeps_climate`). Points whose p1 lies outside [0.1, 0.85] (scores keeps both ends) or
+  have no climate are masked; the score is the latitude-weighted mean over the remaining points of
+  all samples (0 perfect, about 1 for a climatological forecast; lower is better).
+  How this differs from WeatherBench 2: WB2 takes its climate from ERA5 1990-2019, the wet
+  threshold per day of year (a 61-day window) and hour, and p1 as the annual mean per grid point,
+  and averages SEEPS over space per time and then over time. Here the climate comes from the
+  study's own train split, p1 and the threshold both per month and hour, and the score is one
+  latitude-weighted mean pooled over all samples and points.
+- `tp_csi_{t}`, `tp_ets_{t}`, `tp_fbias_{t}`: critical success index hits/(hits+misses+false
+  alarms), equitable threat score (hits corrected for random hits) and frequency bias (forecast
+  events / observed events) for the event "tp >= t mm", t in `Target.thresholds`. `>=` is
+  the side of scores' `ThresholdEventOperator` default (`operator.ge`), which we pass explicitly.
+  Counts are pooled over samples and points and NOT latitude-weighted: these are the usual
+  grid-point contingency counts (scores' `transform` sums events; MET's grid-stat does the same by
+  default), and they live in grid space like the FSS next to them.
+- `tp_fss_{t}_w{w}`: fractions skill score (Roberts and Lean 2008) of the event "tp >= t mm" in
+  square windows of w x w grid points, as `scores.spatial.fss_2d` computes it with
+  `np.greater_equal` (its default is `>`, which we override to match the categorical scores) and
+  its default inner border (windows wholly inside the region); pooled over samples the way scores
+  aggregates (means of the window fraction terms, then one ratio). scores gives 0 when neither
+  field has an event; a window larger than the region gives NaN here. `fss` is scores' algorithm
+  (summed-area tables) over every sample at once: scores runs it sample by sample from Python,
+  0.75 s of each demo trial; a test holds the two equal on fields with and without events.
+- `tp_skill_persistence`, `tp_skill_climatology`: 1 - objective/objective of the reference
+  (`skill`), on the chosen objective (`<target>_seeps` or `<target>_rmse`).
+
+Comparing trials: see `bootstrap`.
+
+Missing data: samples whose observed field holds any NaN are dropped from every score, for the
+model and both references alike (the comparison stays paired); scores would otherwise skip NaN in
+the continuous scores and SEEPS but count them as "no event" in the FSS. A forecast holding a NaN
+or inf on a kept sample has failed: all its scores (and skills) are NaN rather than scores of the
+points where it happened to be finite.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterator
+
+import numpy as np
+import xarray as xr
+from scores.categorical import BasicContingencyManager, ThresholdEventOperator
+from scores.continuous import additive_bias, mae, mse, rmse
+from scores.functions import create_latitude_weights
+
+from aurora_sweep.config.targets import DEFAULT, TARGETS, Target, skill_name
+from aurora_sweep.verify.bootstrap import (
+    block_bootstrap,
+    check_objective,
+    interval,
+    objective_from,
+    resampled_sums,
+)
+from aurora_sweep.verify.seeps import N_HOUR_SLOTS, SeepsClimate, hour_slots, seeps_terms
+from aurora_sweep.verify.spatial import anomaly_correlation, fss
+
+FSS_WINDOWS = (5, 11)  # square windows, in grid points
+
+DIMS = ("sample", "latitude", "longitude")
+SPATIAL = ("latitude", "longitude")
+# Grid points scored at once (samples x lat x lon): scores builds a dozen full-size temporaries per
+# call, so 2**21 points (64 samples at 0.25 deg over Europe) keep that near 200 MB for any n.
+CHUNK_POINTS = 2**21
+
+
+def lat_weighted_rmse(forecast: np.ndarray, observed: np.ndarray, lat: np.ndarray) -> float:
+    """RMSE over samples and grid points, each point weighted by cos(latitude)."""
+    return float(rmse(_field(forecast), _field(observed), weights=_weights(lat)))
+
+
+def lat_weighted_mse(forecast: np.ndarray, observed: np.ndarray, lat: np.ndarray) -> np.ndarray:
+    """The squares of `lat_weighted_rmse` in NumPy, one per leading index after the first:
+    (n, lat, lon) gives a scalar, (n, level, lat, lon) one MSE per level.
+
+    The forgetting ratios need an MSE for every variable and level of every batch scored; through
+    `scores` (xarray) that was a third of a demo trial's verification. The weights are the same
+    `create_latitude_weights` values, so the two agree to rounding (tests/test_metrics.py).
+    """
+    w = _weights(lat).values[:, None]  # (lat, 1)
+    err = (np.asarray(forecast, np.float64) - np.asarray(observed, np.float64)) ** 2
+    axes = (0, -2, -1)
+    return (err * w).sum(axis=axes) / (w.sum() * err.shape[0] * err.shape[-1])
+
+
+def skill(score: float, reference: float) -> float:
+    """1 - score/reference: 1 is perfect, 0 is no better than the reference."""
+    return 1.0 - score / reference if reference > 0 else float("nan")
+
+
+def objective_value(
+    objective: str,
+    *,
+    forecast: np.ndarray,
+    observed: np.ndarray,
+    lat: np.ndarray,
+    months: np.ndarray,
+    hours: np.ndarray,
+    seeps: SeepsClimate | None,
+    land: np.ndarray | None = None,
+) -> float:
+    """The objective alone, for one forecast: the same number `scores` reports for it.
+
+    Args:
+        objective: `<target>_<score>` (`bootstrap.check_objective`).
+        forecast: the model's forecast, in the target's units, (n, lat, lon).
+        observed: the observed totals, (n, lat, lon).
+        lat: latitudes in degrees, (lat,).
+        months: calendar month (1..12) of each sample's target time, (n,).
+        hours: valid hour (0, 6, 12 or 18 UTC) of each sample's target time, (n,).
+        seeps: the train split's SEEPS climate (used for `<target>_seeps`; None: no SEEPS).
+        land: the (lat, lon) points scored (a land-only target's); None: every point.
+    """
+    num, den = objective_terms(
+        objective,
+        forecast=forecast,
+        observed=observed,
+        lat=lat,
+        months=months,
+        hours=hours,
+        seeps=seeps,
+        land=land,
+    )
+    keep = _observed_samples(observed)
+    return objective_from(objective, num[keep].sum(), den[keep].sum())
+
+
+def objective_terms(
+    objective: str,
+    *,
+    forecast: np.ndarray,
+    observed: np.ndarray,
+    lat: np.ndarray,
+    months: np.ndarray,
+    hours: np.ndarray,
+    seeps: SeepsClimate | None,
+    land: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each sample's (numerator, denominator) of the objective, for pairing trials later.
+
+    Summed over the samples whose observation is complete and passed to the objective's formula
+    (sqrt(num/den) for an RMSE, num/den for SEEPS) they give `objective_value`; over a bootstrap
+    resample, the objective of that resample (`paired_difference`). Samples whose observation holds
+    a NaN get NaN terms, so that every trial drops the same samples; a forecast holding a NaN or
+    inf on any other sample has failed and gets NaN terms throughout.
+
+    Args:
+        objective, forecast, observed, lat, months, hours, seeps, land: as for
+            `objective_value`.
+
+    Returns:
+        Two float64 arrays of length n, in the order of the samples given.
+    """
+    check_objective(objective)
+    _check_inputs(observed, lat, months, hours, seeps, forecast=forecast)
+    keep = _observed_samples(observed)
+    forecast, observed = _take(keep, forecast), _take(keep, observed)
+    months, hours = np.asarray(months)[keep], np.asarray(hours)[keep]
+    if not np.isfinite(forecast).all():
+        nan = np.full(len(keep), np.nan)
+        return nan, nan.copy()
+    forecast, observed = _on(land, forecast), _on(land, observed)
+    terms = _objective_terms(objective, forecast, observed, lat, months, hours, seeps)
+    return _spread(keep, terms[0]), _spread(keep, terms[1])
+
+
+def scores(
+    *,
+    forecast: np.ndarray,
+    observed: np.ndarray,
+    persistence: np.ndarray,
+    climatology: np.ndarray,
+    lat: np.ndarray,
+    months: np.ndarray,
+    hours: np.ndarray,
+    days: np.ndarray,
+    seeps: SeepsClimate | None,
+    objective: str,
+    target: Target = TARGETS[DEFAULT],
+    land: np.ndarray | None = None,
+    bootstrap: int = 1000,
+    block_days: int = 3,
+    seed: int = 0,
+    terms_out: dict | None = None,
+    references: dict | None = None,
+    others: dict[str, np.ndarray] | None = None,
+) -> dict[str, float]:
+    """The target's scores of the model and of the persistence, climatology and `others`
+    forecasts: every score of the module docstring the target gets (`tp_rmse`, ...) for the
+    model and with each baseline's suffix (`_persistence`, ...); `<target>_skill_<baseline>` on
+    `objective`; with `bootstrap` > 0, the 5 % and 95 % quantiles (`_q05`, `_q95`) of the
+    objective and each skill over a paired block bootstrap of days.
+
+    Args:
+        forecast, persistence, climatology: the model's, persistence's and climatology's
+            forecasts (n, lat, lon).
+        observed, lat, months, hours, seeps, land: as for `objective_value`.
+        days: each sample's target day, datetime64[D], (n,).
+        objective, target: what the skills and bootstrap use; what is scored (`targets`).
+        bootstrap, block_days, seed: bootstrap resamples (0: none), days a block, seed.
+        terms_out: a dict to fill with the model's per-sample `"num"` and `"den"`.
+        references: when a dict, the baselines' scores by suffix, read or kept: every trial
+            meets the same baselines on the same samples.
+        others: more baselines by name as `forecast` ({"aurora15": ...}; None: in references).
+    """
+    check_objective(objective)
+    forecasts = {"": forecast, "_persistence": persistence, "_climatology": climatology}
+    forecasts |= {f"_{name}": v for name, v in (others or {}).items()}
+    named = {k.removeprefix("_") or "forecast": v for k, v in forecasts.items() if v is not None}
+    _check_inputs(observed, lat, months, hours, seeps, days=days, **named)
+    keep = _observed_samples(observed)
+    kept = dict(observed=_take(keep, observed), lat=lat, seeps=seeps, target=target, land=land)
+    kept |= dict(months=np.asarray(months)[keep], hours=np.asarray(hours)[keep],
+                 climatology=None if climatology is None else _take(keep, climatology))  # fmt: skip
+    out, terms = {}, {}  # scores by name; each forecast's objective terms by suffix
+    for suffix, values in forecasts.items():
+        scores_, terms[suffix] = _scores_of(objective, suffix, values, keep, kept, references)
+        out.update({f"{name}{suffix}": v for name, v in scores_.items()})
+    if terms_out is not None:
+        terms_out["num"], terms_out["den"] = (_spread(keep, t) for t in terms[""])
+    for ref in (k.removeprefix("_") for k in forecasts if k):
+        out[target.metric(f"skill_{ref}")] = skill(out[objective], out[f"{objective}_{ref}"])
+    if bootstrap > 0:
+        out |= _intervals(objective, terms, np.asarray(days)[keep], bootstrap, block_days, seed)
+    return out
+
+
+def _scores_of(
+    objective: str,
+    suffix: str,
+    values: np.ndarray,
+    keep: np.ndarray,
+    kept: dict,
+    references: dict | None,
+) -> tuple[dict[str, float], tuple[np.ndarray, np.ndarray]]:
+    """One forecast's scores and objective terms on the `keep` samples (`kept`: the inputs
+    already cut to them); a baseline's (`suffix` not "") from `references` when scored before,
+    and kept there otherwise."""
+    if suffix and references is not None and suffix in references:
+        return references[suffix]  # the same baselines, scored before: nothing to cut
+    if values is None:
+        raise ValueError(f"the baseline {suffix[1:]} has neither a forecast nor scores")
+    result = _all_scores(objective, _take(keep, values), kept)
+    if suffix and references is not None:
+        references[suffix] = result
+    return result
+
+
+def _intervals(
+    objective: str,
+    terms: dict[str, tuple[np.ndarray, np.ndarray]],
+    days: np.ndarray,
+    n_resamples: int,
+    block_days: int,
+    seed: int,
+) -> dict[str, float]:
+    """The 5/95 % quantiles of the objective and each skill over a block bootstrap of `days`."""
+    resamples = block_bootstrap(days, n_resamples=n_resamples, block_days=block_days, seed=seed)
+    value = {
+        s: objective_from(objective, *(resampled_sums(t, resamples) for t in pair))
+        for s, pair in terms.items()
+    }
+    out = dict(zip((f"{objective}_q05", f"{objective}_q95"), interval(value[""])))
+    for ref in (s.removeprefix("_") for s in terms if s):
+        skills = np.array([skill(m, r) for m, r in zip(value[""], value[f"_{ref}"])])
+        name = skill_name(objective, ref)
+        out[f"{name}_q05"], out[f"{name}_q95"] = interval(skills)
+    return out
+
+
+def _all_scores(
+    objective: str, forecast: np.ndarray, kept: dict
+) -> tuple[dict[str, float], tuple[np.ndarray, np.ndarray]]:
+    """Every score of one forecast of the `kept` samples (`scores`: the observations and the
+    rest cut to them), and its objective's per-sample (numerator, denominator)."""
+    observed, lat, target = kept["observed"], kept["lat"], kept["target"]
+    months, hours, seeps = kept["months"], kept["hours"], kept["seeps"]
+    if len(observed) == 0 or not np.isfinite(forecast).all():
+        nan = np.full(len(observed), np.nan)
+        return dict.fromkeys(_score_names(target), float("nan")), (nan, nan)
+    # a land-only target: NaN at sea, which every score below leaves out
+    forecast, observed = _on(kept["land"], forecast), _on(kept["land"], observed)
+    terms = {
+        score: _objective_terms(score, forecast, observed, lat, months, hours, seeps)
+        for score in target.scores
+    }
+    n = len(observed)
+    ab, err = np.zeros(n), np.zeros(n)
+    counts = {
+        t: dict.fromkeys(("tp_count", "tn_count", "fp_count", "fn_count"), 0.0)
+        for t in target.thresholds
+    }
+    weights = _weights(lat)
+    for sl, fc, ob, _, _ in _chunks(forecast, observed, months, hours, seeps):
+        ab[sl] = mae(fc, ob, preserve_dims="sample", weights=weights).values
+        err[sl] = additive_bias(fc, ob, preserve_dims="sample", weights=weights).values
+        for t in target.thresholds:
+            table = ThresholdEventOperator(default_event_threshold=t, default_op_fn=operator.ge)
+            chunk_counts = (
+                table.make_contingency_manager(fc, ob).transform(reduce_dims="all").counts
+            )
+            for key in counts[t]:
+                counts[t][key] += float(chunk_counts[key])
+    # every kept sample has the same total weight: the mean of per-sample means is pooled
+    result = {s: objective_from(s, *(t.sum() for t in pair)) for s, pair in terms.items()}
+    result |= {"mae": float(ab.mean()), "bias": float(err.mean())}
+    if not target.precipitation_like:
+        clim = _on(kept["land"], kept["climatology"])
+        result["acc"] = anomaly_correlation(forecast, observed, clim, lat)
+    for t, c in counts.items():
+        c = {k: xr.DataArray(v) for k, v in c.items()}
+        c["total_count"] = sum(c.values())
+        table = BasicContingencyManager(c)
+        result[f"csi_{t:g}"] = float(table.critical_success_index())
+        result[f"ets_{t:g}"] = float(table.equitable_threat_score())
+        result[f"fbias_{t:g}"] = float(table.frequency_bias())
+    for t in target.fss_thresholds:
+        for w in FSS_WINDOWS:
+            result[f"fss_{t:g}_w{w}"] = fss(forecast, observed, t, w)
+    return {target.metric(k): v for k, v in result.items()}, terms[objective.rsplit("_", 1)[1]]
+
+
+def _score_names(target: Target) -> list[str]:
+    names = [*target.scores, "mae", "bias", *(() if target.precipitation_like else ("acc",))]
+    for kind in ("csi", "ets", "fbias"):
+        names += [f"{kind}_{t:g}" for t in target.thresholds]
+    names += [f"fss_{t:g}_w{w}" for t in target.fss_thresholds for w in FSS_WINDOWS]
+    return [target.metric(k) for k in names]
+
+
+def _objective_terms(
+    objective: str,
+    forecast: np.ndarray,
+    observed: np.ndarray,
+    lat: np.ndarray,
+    months: np.ndarray,
+    hours: np.ndarray,
+    seeps: SeepsClimate | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sample (numerator, denominator) of the objective (`<target>_<score>` or the score
+    alone): summed over samples, they give it.
+
+    rmse: each sample's latitude-weighted MSE, and 1 (every kept sample weighs the same).
+    seeps: each sample's latitude-weighted sum of SEEPS over its valid points, and their weight,
+    against the climate of its month and hour slot.
+    """
+    n = len(observed)
+    num, den = np.zeros(n), np.ones(n)
+    weights = _weights(lat)
+    for sl, fc, ob, p_dry, light_heavy in _chunks(forecast, observed, months, hours, seeps):
+        if objective.endswith("rmse"):
+            num[sl] = mse(fc, ob, preserve_dims="sample", weights=weights).values
+        else:
+            num[sl], den[sl] = seeps_terms(fc, ob, p_dry, light_heavy, weights, seeps.dry_threshold)
+    return num, den
+
+
+def _chunks(
+    forecast: np.ndarray,
+    observed: np.ndarray,
+    months: np.ndarray,
+    hours: np.ndarray,
+    seeps: SeepsClimate | None,
+) -> Iterator[tuple[slice, xr.DataArray, xr.DataArray, xr.DataArray, xr.DataArray]]:
+    """Chunks of consecutive samples as DataArrays, with each one's (month, hour) SEEPS climate
+    (None without one)."""
+    month_index = np.asarray(months, dtype=int) - 1
+    slot = hour_slots(hours)
+    step = max(1, CHUNK_POINTS // (observed.shape[1] * observed.shape[2]))
+    for start in range(0, len(observed), step):
+        sl = slice(start, start + step)
+        clim = [
+            xr.DataArray(c[month_index[sl], slot[sl]], dims=DIMS) if seeps else None
+            for c in ((seeps.p_dry, seeps.light_heavy) if seeps else (None, None))
+        ]
+        yield sl, _field(forecast[sl]), _field(observed[sl]), *clim
+
+
+def _on(points: np.ndarray | None, values: np.ndarray) -> np.ndarray:
+    """`values` (n, lat, lon) on the (lat, lon) `points` alone, NaN elsewhere (None: all)."""
+    return values if points is None else np.where(points, values, np.nan)
+
+
+def _observed_samples(observed: np.ndarray) -> np.ndarray:
+    """Mask of the samples whose observed field is complete (NaN-free)."""
+    return ~np.isnan(np.asarray(observed)).any(axis=(1, 2))
+
+
+def _take(keep: np.ndarray, values: np.ndarray) -> np.ndarray:
+    values = np.asarray(values)
+    return values if keep.all() else values[keep]  # no copy of a year of fields in the usual case
+
+
+def _spread(keep: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Values of the kept samples back in place among all samples, NaN for the dropped ones."""
+    out = np.full(keep.shape, np.nan)
+    out[keep] = values
+    return out
+
+
+def _check_inputs(
+    observed: np.ndarray,
+    lat: np.ndarray,
+    months: np.ndarray,
+    hours: np.ndarray,
+    seeps: SeepsClimate | None,
+    days: np.ndarray | None = None,
+    **forecasts: np.ndarray,
+) -> None:
+    shape = np.shape(observed)
+    if len(shape) != 3 or shape[1] != np.size(lat):
+        raise ValueError(
+            f"observed must be (n, lat, lon) with lat of length {np.size(lat)}; got {shape}"
+        )
+    for name, values in forecasts.items():
+        if np.shape(values) != shape:
+            raise ValueError(f"{name} is shaped {np.shape(values)}, observed {shape}")
+    for name, values in {"months": months, "hours": hours, "days": days}.items():
+        if values is not None and np.shape(values) != shape[:1]:
+            raise ValueError(
+                f"{name} must have one entry per sample ({shape[0]}); got {np.shape(values)}"
+            )
+    climate = {"p_dry": seeps.p_dry, "light_heavy": seeps.light_heavy} if seeps else {}
+    for name, clim in climate.items():
+        if np.shape(clim) != (12, N_HOUR_SLOTS, *shape[1:]):
+            raise ValueError(
+                f"the SEEPS climate's {name} is shaped {np.shape(clim)}, not (12 months, "
+                f"{N_HOUR_SLOTS} hour slots, {shape[1]}, {shape[2]}): build it with "
+                "seeps_climate(tp, months, hours) on the grid that is scored"
+            )
+    if shape[0] and not np.isin(months, np.arange(1, 13)).all():
+        raise ValueError("months must be calendar months 1..12 (of each sample's target time)")
+    hour_slots(hours)
+
+
+def _weights(lat: np.ndarray) -> xr.DataArray:
+    return create_latitude_weights(xr.DataArray(np.asarray(lat, dtype=np.float64), dims="latitude"))
+
+
+def _field(values: np.ndarray) -> xr.DataArray:
+    """(n, lat, lon) values as a DataArray; float64 so that sums of squares keep their digits.
+
+    No coordinates: arrays here share one grid, and indexes would make xarray align every operation.
+    """
+    return xr.DataArray(np.asarray(values, dtype=np.float64), dims=DIMS)

@@ -1,0 +1,484 @@
+"""Forecast a split and verify it: the target against the baselines, and what the fine-tune broke.
+
+A fine-tune for a target (tp, runoff, ...) is only useful if its forecast beats persistence and
+climatology in the scores its users read, and if it did not ruin what Aurora already predicted.
+One forward pass over the evaluation samples gives both: the target's forecast (over the lead, as
+its kind combines steps), scored by `metrics.scores`, and the
+latitude-weighted RMSE of every other variable (2t, 10u, 10v, msl, and z, u, v, t, q at the
+study's levels). The untouched base model's RMSE on the same samples is computed once per study;
+their ratio is the forgetting ratio (> 1: worse than before the fine-tune).
+
+Everything here is on the grid the model forecasts (see `dataset.patch_crop`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from aurora_sweep.config.recipe import LEADS, lead_suffix
+from aurora_sweep.data.climates import climatology_forecast
+from aurora_sweep.data.samples import Samples
+from aurora_sweep.data.store import ATMOS_VARS, SURF_VARS
+from aurora_sweep.errors import AuroraSweepError
+from aurora_sweep.model.build import clamped, merged_adapter
+from aurora_sweep.model.loss import LossSpec, loss_terms
+from aurora_sweep.verify.metrics import lat_weighted_mse, objective_value, scores
+from aurora_sweep.verify.seeps import SEEPS_P_DRY_RANGE
+
+#: The key of the zero-shot Aurora 1.5 baseline among a lead's baseline scores.
+ZERO_SHOT = "_aurora15"
+
+
+def eval_batch_size(train_batch: int, device: torch.device) -> int:
+    """Samples per forecast pass when scoring.
+
+    A forward pass without gradients keeps a layer or two alive, not every activation, so on a GPU
+    four times the training batch stays well inside the trial's own (capped) training peak. A CPU
+    has no cap and runs large batches much faster (2.4x from 8 to 32 samples for the demo model).
+    """
+    return 32 if device.type == "cpu" else min(32, 4 * train_batch)
+
+
+def state_names(levels: tuple[int, ...], surface: tuple[str, ...] = SURF_VARS) -> list[str]:
+    """Names of the variables Aurora already predicts: '2t', ..., 'z500', 't850', ... (with
+    Aurora 1.5's other surface inputs where the samples carry them, `Samples.surface`)."""
+    return [*surface, *(f"{v}{lv}" for v in ATMOS_VARS for lv in levels)]
+
+
+@dataclass
+class Forecasts:
+    """A model's forecasts of `indices`: the target over the lead in its units (n, lat, lon), the
+    other variables' MSE, and (when asked) each variable's term of the training loss, averaged
+    over the samples."""
+
+    indices: np.ndarray
+    values: np.ndarray | None
+    mse: dict[str, float]
+    loss_terms: dict[str, float] = dataclasses.field(default_factory=dict)
+    #: the objective's per-sample (numerator, denominator) at the study's lead and each sample's
+    #: valid day, set by `verify` (paired comparisons)
+    objective_terms: tuple[np.ndarray, np.ndarray] | None = None
+    objective_days: np.ndarray | None = None
+
+
+def _without_target(batch, name: str):
+    return dataclasses.replace(
+        batch, surf_vars={k: v for k, v in batch.surf_vars.items() if k != name}
+    )
+
+
+@torch.no_grad()
+def forecast(
+    model,
+    samples: Samples,
+    indices: np.ndarray,
+    *,
+    batch_size: int,
+    device,
+    with_target: bool = True,
+    state: bool = True,
+    loss: LossSpec | None = None,
+) -> Forecasts:
+    """Run `model` over `indices` in batches, the target clamped at 0 as in a forecast.
+
+    Args:
+        model: a fine-tuned model (with the target) or, with `with_target=False`, the base.
+        samples: the split the indices point into.
+        indices: sample indices.
+        batch_size: samples per forward pass.
+        device: where the model lives.
+        with_target: the model predicts the target (the base does not and must not be given it).
+        state: also score the variables Aurora already predicts (latitude-weighted MSE).
+        loss: also average each variable's term of this training loss (the validation loss).
+    """
+    was_training = model.training
+    model.eval()
+    lat = samples.cube["latitude"].values
+    out: list[np.ndarray] = []
+    sums = dict.fromkeys(state_names(samples.levels, samples.surface), 0.0) if state else {}
+    term_sums: dict[str, float] = {}
+    target = samples.variable
+    names = (*samples.surface, *((target.name,) if with_target else ()), *ATMOS_VARS)
+    if loss is not None and samples.steps != 1:
+        raise ValueError("the validation loss is that of one model step")
+    with clamped(model) if with_target else nullcontext():
+        for start in range(0, len(indices), batch_size):
+            idx = indices[start : start + batch_size]
+            batch = samples.inputs(idx)
+            batch = (batch if with_target else _without_target(batch, target.name)).to(device)
+            pred, values = run_steps(model, batch, samples.steps, target)
+            if with_target:
+                out.append(values.float().cpu().numpy())
+            _score_step(
+                samples, idx, samples.steps, pred, names, lat,
+                state=sums if state else None, loss=loss if with_target else None,
+                terms=term_sums,
+            )  # fmt: skip
+    if was_training:
+        model.train()
+    return Forecasts(
+        indices=np.asarray(indices),
+        values=np.concatenate(out) if with_target else None,
+        mse={k: v / len(indices) for k, v in sums.items()},
+        loss_terms={k: v / len(indices) for k, v in term_sums.items()},
+    )
+
+
+@torch.no_grad()
+def forecast_leads(
+    model,
+    leads: dict[int, Samples],
+    *,
+    batch_size: int,
+    device,
+    with_target: bool = True,
+    state: bool = True,
+    loss: LossSpec | None = None,
+) -> dict[int, Forecasts]:
+    """`forecast` of every sample of each lead's split (`leads`: model steps -> the samples at
+    that lead, all views of one split), from one rollout per sample.
+
+    A sample scored at 24 h is also a 6 h and a 12 h sample: it is rolled out once, as far as
+    its longest lead, and its forecast is read off at every step a lead ends on; the 12- and
+    24-hour scores then cost one rollout, not a rollout per lead. The 6-hour forecasts are those
+    of one model step, as `forecast` makes them (with `loss`, its terms too).
+    """
+    one = leads[1]
+    longest, slot = _lead_slots(leads)
+    was_training = model.training
+    model.eval()
+    lat = one.cube["latitude"].values
+    values = {k: np.zeros((len(s), *one.grid), np.float32) for k, s in leads.items()}
+    values = values if with_target else {}
+    surface, target = one.surface, one.variable
+    sums = {k: dict.fromkeys(state_names(one.levels, surface), 0.0) for k in leads} if state else {}
+    term_sums: dict[str, float] = {}
+    names = (*surface, *((target.name,) if with_target else ()), *ATMOS_VARS)
+    with clamped(model) if with_target else nullcontext():
+        for m in sorted(set(longest)):
+            group = np.flatnonzero(longest == m)
+            for start in range(0, len(group), batch_size):
+                idx = group[start : start + batch_size]
+                batch = one.inputs(idx)
+                batch = (batch if with_target else _without_target(batch, target.name)).to(device)
+                total = None
+                for step, pred in enumerate(_steps(model, batch, m), start=1):
+                    if with_target:
+                        value = target.within_bounds(pred.surf_vars[target.name][:, 0])
+                        total = target.accumulate(total, value, step)
+                    if step not in leads:
+                        continue
+                    if with_target:
+                        values[step][slot[step][idx]] = total.float().cpu().numpy()
+                    _score_step(
+                        one, idx, step, pred, names, lat, state=sums[step] if state else None,
+                        loss=loss if with_target and step == 1 else None, terms=term_sums,
+                    )  # fmt: skip
+    if was_training:
+        model.train()
+    return {
+        k: Forecasts(
+            indices=np.arange(len(s)),
+            values=values[k] if with_target else None,
+            mse={v: x / len(s) for v, x in sums[k].items()} if state else {},
+            loss_terms={v: x / len(s) for v, x in term_sums.items()} if k == 1 else {},
+        )
+        for k, s in leads.items()
+    }
+
+
+def _lead_slots(leads: dict[int, Samples]) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """Per 6-hour sample of `leads[1]`: its longest lead scored (model steps), and where it sits
+    in each lead's sample list (-1: not scored at that lead)."""
+    one = leads[1]
+    longest = np.ones(len(one), dtype=int)
+    slot = {k: np.full(len(one), -1) for k in leads}
+    for k, s in leads.items():
+        pos = np.searchsorted(one.index, s.index)
+        if not np.array_equal(one.index[np.minimum(pos, len(one) - 1)], s.index):
+            raise ValueError(f"the {k}-step samples are not 6-hour samples of the same split")
+        longest[pos] = np.maximum(longest[pos], k)
+        slot[k][pos] = np.arange(len(pos))
+    return longest, slot
+
+
+def _steps(model, batch, steps: int):
+    """The model's predictions at each of `steps` steps of 6 h: one forward for one step, else
+    Aurora's rollout (each forecast fed back as the next input)."""
+    if steps == 1:
+        yield model(batch)
+        return
+    from aurora import rollout
+
+    from aurora_sweep.model.build import unwrap
+
+    yield from rollout(unwrap(model), batch, steps=steps)
+
+
+def run_steps(model, batch, steps: int, target):
+    """The model's prediction after `steps` steps of 6 h (each fed back as the next input, as
+    Aurora's `rollout` does) and `target` (`targets.Target`) over them, combined as its kind
+    says, (B, lat, lon) (None when the model does not predict it)."""
+    total = None
+    for step, pred in enumerate(_steps(model, batch, steps), start=1):
+        value = pred.surf_vars.get(target.name)
+        if value is not None:
+            total = target.accumulate(total, target.within_bounds(value[:, 0]), step)
+    return pred, total
+
+
+def _score_step(
+    samples: Samples,
+    idx: np.ndarray,
+    step: int,
+    pred,
+    names: tuple[str, ...],
+    lat: np.ndarray,
+    *,
+    state: dict[str, float] | None,
+    loss: LossSpec | None,
+    terms: dict[str, float],
+) -> None:
+    """Add the prediction `step` model steps after samples `idx` to the running sums: every
+    state variable's MSE into `state`, and each variable's loss term into `terms` (with
+    `loss`), both against the truth read from the store at that step."""
+    if state is None and loss is None:
+        return
+    observed = samples.read(samples.index[idx] + step, names)
+    if loss is not None:
+        truth = samples.as_truth(observed)  # the target's own array is not changed
+        for k, v in loss_terms(loss, pred, truth).items():
+            terms[k] = terms.get(k, 0.0) + float(v) * len(idx)
+    if state is not None:
+        _add_state_mse(state, pred, observed, samples, lat, len(idx))
+
+
+def _add_state_mse(sums, pred, observed, samples: Samples, lat, n: int) -> None:
+    """Add `n` samples' latitude-weighted MSE of every state variable to `sums`."""
+    levels = samples.levels
+    for k in samples.surface:
+        fc = pred.surf_vars[k][:, 0].float().cpu().numpy()
+        sums[k] += float(lat_weighted_mse(fc, observed[k], lat)) * n
+    for k in ATMOS_VARS:
+        fc = pred.atmos_vars[k][:, 0].float().cpu().numpy()
+        for lv, mse in zip(levels, lat_weighted_mse(fc, observed[k], lat)):
+            sums[f"{k}{lv}"] += float(mse) * n
+
+
+def forgetting_ratios(finetuned: dict[str, float], base: dict[str, float]) -> dict[str, float]:
+    """RMSE of the fine-tuned model over that of the base model, per variable (> 1: worse)."""
+    return {
+        f"forget_{k}_ratio": float(np.sqrt(finetuned[k] / base[k])) if base[k] > 0 else float("nan")
+        for k in finetuned
+        if k in base
+    }
+
+
+def base_state_mse(
+    data,
+    *,
+    base: str,
+    checkpoint: Path,
+    device,
+    batch_size: int | None = None,
+    precision: str = "fp32",
+    wrap_longitude: bool = False,
+    arch: tuple = (),
+) -> dict[str, float]:
+    """The untouched base model's MSE of every variable it predicts on the evaluation split at
+    each lead scored, by lead ('6h', '12h', '24h'; `batch_size` samples a pass, default
+    `eval_batch_size` for a batch of one), run in the
+    `precision` and with the longitude wrap of the trials it is compared with: a forgetting
+    ratio then measures the fine-tune, not a change of precision or of windows."""
+    from aurora_sweep.model.build import (
+        build_base,
+        load_base_checkpoint,
+        set_longitude_wrap,
+        set_precision,
+    )
+
+    model = build_base(base, with_target=False, arch=arch)
+    load_base_checkpoint(model, checkpoint)
+    set_precision(model, precision)
+    set_longitude_wrap(model, wrap_longitude)
+    model.to(device)
+    results = forecast_leads(
+        model, data.leads, batch_size=batch_size or eval_batch_size(1, torch.device(device)),
+        device=device, with_target=False,
+    )  # fmt: skip
+    return {LEADS[steps]: result.mse for steps, result in results.items()}
+
+
+def verify(
+    model,
+    data,
+    *,
+    batch_size: int,
+    device,
+    bootstrap: int = 1000,
+    reference: str | None = None,
+    loss: LossSpec | None = None,
+) -> tuple[dict[str, float], Forecasts]:
+    """The target's scores (with intervals) and forgetting ratios of `model` on `data`'s evaluation split
+    at every lead scored (6-hour names plain, the others with `_12h`, `_24h`), against the base
+    model's scores `data.base_mse[reference]` (`records.base_key`: the trial's base in its
+    precision; None or absent: no forgetting ratios); with `loss`, the 6-hour validation loss's
+    terms too.
+
+    Returns the scores and the 6-hour forecasts, which carry the objective's per-sample terms at
+    the study's lead (for paired comparisons between trials).
+    """
+    base = (data.base_mse or {}).get(reference) or {}
+    metrics: dict[str, float] = {}
+    six_hours: Forecasts | None = None
+    with merged_adapter(model):
+        results = forecast_leads(
+            model, data.leads, batch_size=batch_size, device=device, state=bool(base), loss=loss
+        )
+    for steps, samples in data.leads.items():
+        base_at = base.get(LEADS[steps])
+        result = results[steps]
+        terms: dict[str, np.ndarray] = {}
+        scores = lead_scores(data, samples, result.values, bootstrap=bootstrap, terms_out=terms)
+        if base_at is not None:
+            scores |= forgetting_ratios(result.mse, base_at)
+        metrics |= {k + lead_suffix(steps): v for k, v in scores.items()}
+        if steps == data.objective_steps:
+            objective = ((terms["num"], terms["den"]), samples.target_days())
+        if steps == 1:
+            six_hours = result
+    assert six_hours is not None
+    six_hours.objective_terms, six_hours.objective_days = objective
+    return metrics, six_hours
+
+
+def lead_scores(
+    data, samples: Samples, values: np.ndarray, *, bootstrap: int, terms_out: dict | None = None
+) -> dict[str, float]:
+    """Every score of a forecast `values` of all of `samples` (over their lead), against
+    persistence and climatology over the same lead (and Aurora 1.5's own, `data.aurora15`,
+    where the study has it), with that lead's SEEPS climate."""
+    times = samples.target_times()
+    idx = np.arange(len(samples))
+    references = data.baseline_scores.setdefault(samples.steps, {})
+    zero_shot = (getattr(data, "aurora15", None) or {}).get(samples.steps)
+    # Aurora 1.5's totals, or its scores made once per study (`aurora15.references_of`)
+    others = {"aurora15": zero_shot} if zero_shot is not None or ZERO_SHOT in references else None
+    return scores(
+        forecast=values,
+        observed=samples.observed(idx),
+        persistence=samples.persistence(idx),
+        climatology=climatology_forecast(data.climatology, times, samples.variable, samples.steps),
+        lat=samples.cube["latitude"].values,
+        months=times.month.values,
+        hours=times.hour.values,
+        days=times.values.astype("datetime64[D]"),
+        seeps=data.lead_seeps[samples.steps],
+        objective=data.objective,
+        target=samples.variable,
+        land=samples.scored_points,
+        bootstrap=bootstrap,
+        terms_out=terms_out,
+        references=references,
+        others=others,
+    )
+
+
+def check_objective_defined(data) -> None:
+    """Refuse, before the first trial, an objective the evaluation split cannot define.
+
+    SEEPS scores only grid points whose climatological dry fraction lies within 0.1..0.85 (in
+    the month and hour of each target): a region and period where every point is always dry or
+    always wet there leaves nothing to score, every trial's objective would be NaN and a study
+    would never finish a trial.
+    """
+    if not data.objective.endswith("_seeps"):
+        return
+    times = data.scored.target_times()
+    seeps = data.lead_seeps[data.objective_steps]
+    p_dry = seeps.p_dry[times.month.values - 1, times.hour.values // 6]
+    low, high = SEEPS_P_DRY_RANGE
+    with np.errstate(invalid="ignore"):
+        scored = (p_dry >= low) & (p_dry <= high) & np.isfinite(seeps.light_heavy[
+            times.month.values - 1, times.hour.values // 6
+        ])  # fmt: skip
+    if not scored.any():
+        seen = p_dry[np.isfinite(p_dry)]
+        span = f"{seen.min():.2f}..{seen.max():.2f}" if seen.size else "undefined"
+        raise AuroraSweepError(
+            f"{data.objective} is undefined on the {data.validation.split} split: at every grid "
+            f"point the train split's dry fraction (here {span}) lies outside {low}..{high} in "
+            "the months and hours scored, so SEEPS leaves nothing to score; use [study] objective"
+            f' = "{data.validation.variable.metric("rmse")}", or a region and period with both '
+            "dry and wet 6-hour values"
+        )
+
+
+def subset_objective(values: np.ndarray, data, indices: np.ndarray) -> float:
+    """The study's objective for a forecast of the evaluation samples `indices` at the
+    objective's lead (for pruning)."""
+    samples: Samples = data.scored
+    times = samples.target_times()[indices]
+    return objective_value(
+        data.objective,
+        forecast=values,
+        observed=samples.observed(indices),
+        lat=samples.cube["latitude"].values,
+        months=times.month.values,
+        hours=times.hour.values,
+        seeps=data.lead_seeps[samples.steps],
+        land=samples.scored_points,
+    )
+
+
+def case_indices(samples: Samples, indices: np.ndarray) -> dict[str, int]:
+    """Positions in `indices` of a wet, a median and a dry case (by weighted area-mean target,
+    over the points it is scored on)."""
+    from aurora_sweep.verify.plots import pick_cases
+
+    observed, points = samples.observed(indices), samples.scored_points
+    observed = observed if points is None else np.where(points, observed, np.nan)
+    return pick_cases(observed, samples.cube["latitude"].values)
+
+
+def case_maps_png(samples: Samples, result: Forecasts) -> bytes:
+    """Observed, forecast, persistence and error maps of three fixed cases, as a PNG."""
+    from aurora_sweep.verify.plots import case_maps, png_bytes
+
+    idx = result.indices
+    times = samples.target_times()[idx]
+    observed, persistence = samples.observed(idx), samples.persistence(idx)
+    forecast, points = result.values, samples.scored_points
+    if points is not None:  # a land-only target: its sea, where it is not scored, drawn grey
+        observed, persistence, forecast = (np.where(points, v, np.nan)
+                                           for v in (observed, persistence, forecast))  # fmt: skip
+    cases = [
+        {
+            "label": label,
+            "time": f"{times[i]:%Y-%m-%d %H UTC}",
+            "observed": observed[i],
+            "forecast": forecast[i],
+            "persistence": persistence[i],
+        }
+        for label, i in case_indices(samples, idx).items()
+    ]
+    lon = samples.cube["longitude"].values
+    lsm = samples.cube["static_lsm"].values
+    lat = samples.cube["latitude"].values
+    return png_bytes(case_maps(cases=cases, lat=lat, lon=lon, lsm=lsm, target=samples.variable))
+
+
+def trial_figures(result, data) -> dict[str, bytes]:
+    """The PNG figures each completed trial logs: loss curves and the three case maps."""
+    from aurora_sweep.verify.plots import loss_curves, png_bytes
+
+    return {
+        "loss_curves.png": png_bytes(loss_curves(result.train_loss, result.val_loss)),
+        "cases.png": case_maps_png(data.validation, result.forecasts),
+    }
