@@ -32,7 +32,8 @@ from aurora_sweep.config.study import DataConfig, Period, Region
 from aurora_sweep.data.demo import DemoWorld, demo_cube
 from aurora_sweep.data.samples import Samples
 from aurora_sweep.data.store import ATMOS_VARS, SURF_VARS
-from aurora_sweep.model.build import DEMO_CHECKPOINT, build_base, file_sha256
+from aurora_sweep.model.build import build_base
+from aurora_sweep.model.files import DEMO_CHECKPOINT, file_sha256
 
 
 def main() -> None:

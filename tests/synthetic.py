@@ -176,7 +176,7 @@ def trained_tiny_adapter(root: Path, tiny_store: Path, trial):
     from aurora_sweep.data.samples import Samples, target_stats
     from aurora_sweep.data.store import open_store
     from aurora_sweep.model.adapter import save_adapter
-    from aurora_sweep.model.build import DEMO_CHECKPOINT
+    from aurora_sweep.model.files import DEMO_CHECKPOINT
     from aurora_sweep.train.fit import build_trial_model
     from conftest import write_tiny_config
 

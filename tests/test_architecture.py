@@ -65,6 +65,55 @@ def test_the_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c", "a"]]
 
 
+#: The stages, lowest first: a module may import its own stage and those before it, never a
+#: later one. The shared leaves (`errors`, `devices`, `processes`) import no stage; the package's
+#: own `__init__` (`aurora_sweep.load_finetuned`) may import any.
+LAYERS = "leaves config data model verify train memory sweep report cli".split()
+
+
+def layer(module: str) -> str | None:
+    """The stage `module` belongs to (None for the package itself)."""
+    parts = module.split(".")
+    if len(parts) == 1:
+        return None
+    return parts[1] if parts[1] in LAYERS else "leaves"
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Every import, at module level or inside a function, of a later stage than the importer's."""
+    up = []
+    for module, imported in sorted(graph.items()):
+        for other in sorted(imported):
+            if None in (layer(module), layer(other)):
+                continue
+            if LAYERS.index(layer(other)) > LAYERS.index(layer(module)):
+                up.append(f"{module} -> {other}")
+    return up
+
+
+def test_every_module_lives_in_a_stage_and_no_module_imports_a_later_stage():
+    graph = import_graph()
+    stray = [m for m in graph if m.count(".") == 1 and layer(m) == "leaves"]
+    assert sorted(stray) == [
+        "aurora_sweep.devices",
+        "aurora_sweep.errors",
+        "aurora_sweep.processes",
+    ]
+    assert upward_imports(graph) == []
+
+
+def test_the_layer_check_finds_an_import_of_a_later_stage():
+    graph = {
+        "aurora_sweep.data.samples": {"aurora_sweep.config.targets", "aurora_sweep.model.build"},
+        "aurora_sweep.errors": {"aurora_sweep.config.targets"},
+        "aurora_sweep": {"aurora_sweep.report.best"},
+    }
+    assert upward_imports(graph) == [
+        "aurora_sweep.data.samples -> aurora_sweep.model.build",
+        "aurora_sweep.errors -> aurora_sweep.config.targets",
+    ]
+
+
 @pytest.mark.parametrize(
     "module",
     [

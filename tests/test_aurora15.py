@@ -15,8 +15,9 @@ import torch
 from aurora import AuroraV1p5, Batch, Metadata, rollout
 from aurora.insolation import insolation
 
+from aurora_sweep.data.store import TRUE_LON
 from aurora_sweep.errors import AuroraSweepError
-from aurora_sweep.model.aurora15 import HOURLY_TP, TRUE_LON
+from aurora_sweep.model.aurora15 import HOURLY_TP
 from aurora_sweep.model.build import build_base, load_base_checkpoint
 from synthetic import global_statics, write_v15_statics
 
@@ -171,7 +172,7 @@ def test_a_checkpoint_of_another_model_is_refused_in_one_line(checkpoint, tmp_pa
 @pytest.fixture(scope="module")
 def static_file(tmp_path_factory, checkpoint):
 
-    from aurora_sweep.verify.zero_shot import static_names
+    from aurora_sweep.model.aurora15 import static_names
 
     names = static_names(SMALL)
     path = tmp_path_factory.mktemp("static") / "aurora-0.25-v1.5-static.pickle"
@@ -179,7 +180,7 @@ def static_file(tmp_path_factory, checkpoint):
 
 
 def test_the_static_fields_are_cut_at_the_stores_points_across_0(static_file):
-    from aurora_sweep.verify.zero_shot import crop_statics, read_statics
+    from aurora_sweep.model.aurora15 import crop_statics, read_statics
 
     path, names = static_file
     assert len(read_statics(path, names)) == 36
@@ -196,7 +197,7 @@ def test_a_static_file_that_is_not_aurora15s_is_refused_without_running_it(tmp_p
     import os
     import pickle
 
-    from aurora_sweep.verify.zero_shot import read_statics
+    from aurora_sweep.model.aurora15 import read_statics
 
     class Payload:
         def __reduce__(self):
@@ -254,7 +255,7 @@ def test_the_v15_base_reads_a_stores_samples_with_aurora15s_inputs(
     true longitudes where Aurora sees the box shifted, and forecasts tp from it."""
     import dataclasses
 
-    from aurora_sweep.verify.zero_shot import crop_statics, read_statics, region_statics
+    from aurora_sweep.model.aurora15 import crop_statics, read_statics, region_statics
 
     path, names = static_file
     samples = v15_samples.for_v15(region_statics(path, v15_samples, tuple(names)))
@@ -379,9 +380,9 @@ def v15_trained(v15_study, checkpoint, static_file, tmp_path_factory):
     from aurora_sweep.data.cube import open_cube
     from aurora_sweep.data.trial_data import TrialData
     from aurora_sweep.model.adapter import save_adapter
+    from aurora_sweep.model.aurora15 import region_statics
     from aurora_sweep.train.fit import fit
     from aurora_sweep.verify.scoring import base_state_mse
-    from aurora_sweep.verify.zero_shot import region_statics
     from synthetic import tiny_lora_trial
 
     data = TrialData.prepare(open_cube(v15_study), v15_study)

@@ -12,11 +12,12 @@ from typer.testing import CliRunner
 
 from aurora_sweep.cli import app
 from aurora_sweep.config.bases import BASES, HF_REPO, arch_overrides
+from aurora_sweep.config.recipe import base_key
 from aurora_sweep.config.study import load_config
 from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.memory.meta_model import meta_device
 from aurora_sweep.model.build import backbone_blocks, build_base
-from aurora_sweep.sweep.records import BASE_MSE, TrialRecord, base_key
+from aurora_sweep.sweep.records import BASE_MSE, TrialRecord
 from synthetic import write_region_store
 
 #: Both pretrained classes at a width that trains in seconds on a CPU: the full classes, their
@@ -159,7 +160,7 @@ def test_a_study_searches_three_bases_and_exports_aurora15_that_forecasts(tmp_pa
     written here, on a 0.25° store with every variable Aurora 1.5 reads: trials of each, each
     scored against its own base, `best` line per base and the zero-shot Aurora 1.5 row, and an
     exported Aurora 1.5 trial (its own precipitation adapted) forecasts a NetCDF file."""
-    from aurora_sweep.verify.zero_shot import static_names
+    from aurora_sweep.model.aurora15 import static_names
     from synthetic import write_v15_statics
 
     monkeypatch.chdir(tmp_path)

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from aurora_sweep.config.recipe import TrialConfig
+from aurora_sweep.config.recipe import TrialConfig, base_key
 from aurora_sweep.data.store import open_store
 from aurora_sweep.data.trial_data import TrialData
-from aurora_sweep.model.build import DEMO_CHECKPOINT
-from aurora_sweep.sweep.records import base_key, worst_forgetting
+from aurora_sweep.model.files import DEMO_CHECKPOINT
+from aurora_sweep.sweep.records import worst_forgetting
 from aurora_sweep.train.fit import build_trial_model
 from aurora_sweep.verify.scoring import (
     base_state_mse,
@@ -122,9 +122,9 @@ def test_the_base_model_is_scored_in_the_trials_precision(prepared, tiny_config)
 def test_an_objective_the_data_cannot_define_is_refused_before_any_trial(prepared):
     import dataclasses
 
+    from aurora_sweep.data.climates import SeepsClimate
     from aurora_sweep.errors import AuroraSweepError
     from aurora_sweep.verify.scoring import check_objective_defined
-    from aurora_sweep.verify.seeps import SeepsClimate
 
     data, _ = prepared
     check_objective_defined(data)  # the tiny demo has both dry and wet 6-hour totals
@@ -138,7 +138,7 @@ def test_an_objective_the_data_cannot_define_is_refused_before_any_trial(prepare
 
 
 def test_scores_exist_at_every_lead_and_24h_seeps_uses_its_own_dry_threshold(prepared):
-    from aurora_sweep.verify.seeps import DRY_MM_BY_LEAD
+    from aurora_sweep.data.climates import DRY_MM_BY_LEAD
 
     data, trial = prepared
     assert set(data.leads) == {1, 2, 4}

@@ -7,7 +7,8 @@ import torch
 from aurora_sweep.data.samples import Samples, target_stats
 from aurora_sweep.data.store import open_store
 from aurora_sweep.model.adapter import adapter_tensors, load_finetuned, save_adapter
-from aurora_sweep.model.build import DEMO_CHECKPOINT, clamped
+from aurora_sweep.model.build import clamped
+from aurora_sweep.model.files import DEMO_CHECKPOINT
 from aurora_sweep.train.fit import build_trial_model
 from synthetic import tiny_lora_trial, train_steps
 

@@ -5,6 +5,7 @@ import pytest
 from matplotlib.contour import ContourSet
 from matplotlib.figure import Figure
 
+from aurora_sweep.report.study_plots import skill_vs_memory, study_figures
 from aurora_sweep.verify.plots import (
     case_maps,
     loss_curves,
@@ -12,8 +13,6 @@ from aurora_sweep.verify.plots import (
     png_bytes,
     point_series,
     reliability,
-    skill_vs_memory,
-    study_figures,
 )
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -14,14 +14,15 @@ import torch
 from typer.testing import CliRunner
 
 from aurora_sweep.cli import app
-from aurora_sweep.config.recipe import TrialConfig
+from aurora_sweep.config.recipe import TrialConfig, base_key
 from aurora_sweep.config.study import load_config
 from aurora_sweep.config.targets import TARGETS
 from aurora_sweep.data.samples import patch_crop
 from aurora_sweep.data.store import open_store
 from aurora_sweep.data.trial_data import TrialData
-from aurora_sweep.model.build import DEMO_CHECKPOINT, build_base
-from aurora_sweep.sweep.records import TrialRecord, base_key
+from aurora_sweep.model.build import build_base
+from aurora_sweep.model.files import DEMO_CHECKPOINT
+from aurora_sweep.sweep.records import TrialRecord
 from aurora_sweep.train.fit import fit
 from aurora_sweep.verify.scoring import base_state_mse
 from synthetic import write_region_store

@@ -13,13 +13,13 @@ import xarray as xr
 from typer.testing import CliRunner
 
 from aurora_sweep.cli import app
+from aurora_sweep.config.recipe import base_key
 from aurora_sweep.config.study import load_config
 from aurora_sweep.data.samples import Samples
 from aurora_sweep.data.store import open_store
 from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.memory import estimate as memory
 from aurora_sweep.model.adapter import load_finetuned
-from aurora_sweep.sweep.records import base_key
 from aurora_sweep.sweep.space import enqueue_references, reference_trial, sample_trial
 from conftest import write_tiny_config
 from synthetic import tiny_lora_trial, trained_tiny_adapter

@@ -10,7 +10,7 @@ from aurora_sweep.data.samples import Samples, target_stats
 from aurora_sweep.data.store import open_store
 from aurora_sweep.memory import estimate as memory
 from aurora_sweep.memory.meta_model import build_meta_model, count_params
-from aurora_sweep.model.build import DEMO_CHECKPOINT
+from aurora_sweep.model.files import DEMO_CHECKPOINT
 from aurora_sweep.model.loss import LossSpec
 from aurora_sweep.train.fit import _optimiser, _Step, build_trial_model
 from synthetic import tiny_lora_trial

@@ -5,6 +5,7 @@ from scores.categorical import seeps as scores_seeps
 from scores.functions import create_latitude_weights
 
 from aurora_sweep.config.targets import TARGETS
+from aurora_sweep.data.climates import SeepsClimate, seeps_climate
 from aurora_sweep.verify.bootstrap import block_bootstrap, paired_difference
 from aurora_sweep.verify.metrics import (
     FSS_WINDOWS,
@@ -15,7 +16,6 @@ from aurora_sweep.verify.metrics import (
     scores,
     skill,
 )
-from aurora_sweep.verify.seeps import SeepsClimate, seeps_climate
 
 CATEGORICAL_THRESHOLDS_MM = TARGETS["tp"].thresholds
 FSS_THRESHOLDS_MM = TARGETS["tp"].fss_thresholds

@@ -9,7 +9,6 @@ from aurora_sweep.data.samples import Samples, target_stats
 from aurora_sweep.data.store import open_store
 from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.model.build import (
-    DEMO_CHECKPOINT,
     apply_lora,
     backbone_blocks,
     build_base,
@@ -17,6 +16,7 @@ from aurora_sweep.model.build import (
     new_variable_keys,
     set_trainable,
 )
+from aurora_sweep.model.files import DEMO_CHECKPOINT
 from aurora_sweep.train.fit import build_trial_model
 from synthetic import train_steps
 
@@ -147,7 +147,7 @@ def test_offline_small_pretrained_without_a_cached_file_says_how_to_get_it(monke
     import huggingface_hub
 
     from aurora_sweep.config.bases import BASES
-    from aurora_sweep.model.build import resolve_checkpoint
+    from aurora_sweep.model.files import resolve_checkpoint
 
     SMALL_NAME = BASES["small-pretrained"].checkpoint_name
 
@@ -161,7 +161,7 @@ def test_offline_small_pretrained_without_a_cached_file_says_how_to_get_it(monke
 
 
 def test_a_local_checkpoint_path_that_does_not_exist_is_refused(tmp_path):
-    from aurora_sweep.model.build import resolve_checkpoint
+    from aurora_sweep.model.files import resolve_checkpoint
 
     with pytest.raises(AuroraSweepError, match="no checkpoint file"):
         resolve_checkpoint("small-pretrained", tmp_path / "aurora.ckpt")

@@ -129,11 +129,23 @@ def run(
             highlight=False,
         )
         raise typer.Exit(128 + signum) from None
+    _log_study_figures(study, summary)
     console.print(_best_line(study))
     if study.tracking_uri and study.tracking_uri.startswith("http"):
         console.print(f"MLflow: open {summary.ui_link}")
     else:
         console.print(f"MLflow: run `mlflow ui` here, then open {summary.ui_link}")
+
+
+def _log_study_figures(config, summary) -> None:
+    """The study's figures, on the parent run of the sweep that just ended (none if it ran no
+    trial)."""
+    if not summary.parent_run_id:
+        return
+    from aurora_sweep.report.study_plots import log_study_figures  # matplotlib, at the end only
+    from aurora_sweep.sweep.tracking import client_for
+
+    log_study_figures(client_for(config), summary.parent_run_id, summary.study, config)
 
 
 def _run_config(
@@ -354,4 +366,3 @@ def report(
     except AuroraSweepError as e:
         fail(e)
     _console().print(f"wrote {path}")
-

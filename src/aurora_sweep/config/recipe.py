@@ -89,6 +89,14 @@ AUTO_CHECKPOINTING = (
 )  # fmt: skip
 
 
+def base_key(base: str, precision: str, levels: tuple[int, ...] = ()) -> str:
+    """The key of the untouched base model's scores, run in `precision` (on `levels` when a
+    trial trains on a subset of the study's): a trial's forgetting is measured against its own
+    base in its own precision on its own levels."""
+    key = f"{base}/{precision}"
+    return f"{key}/{','.join(map(str, levels))}hPa" if levels else key
+
+
 @dataclass(frozen=True)
 class TrialConfig:
     """A trial's whole configuration: sampled by Optuna, logged to MLflow, written on export."""

@@ -23,6 +23,7 @@ def build_demo_store(config: StudyConfig, *, console: Console | None = None) -> 
     """Generate the demo's CDS-layout files and import them into the study's store."""
     from aurora_sweep.data import demo as demo_data
     from aurora_sweep.data import era5
+
     console = console or Console(stderr=True)
     cds_dir = config.data.store.parent / "cds"
     console.print(f"generating the demo data (CDS layout) in {cds_dir} ...")

@@ -38,6 +38,7 @@ from aurora_sweep.data.store import (
     AURORA_STATIC,
     STATIC_VARS,
     SURF_VARS,
+    TRUE_LON,
     V15_SURF_VARS,
     surface_vars,
 )
@@ -304,8 +305,6 @@ class Samples:
         four, its static fields `statics` (cut at this grid, `aurora15.region_statics`) for
         Aurora's, and the true longitudes where Aurora sees the box shifted; sharing this one's
         data in memory or its store reader."""
-        from aurora_sweep.model.aurora15 import TRUE_LON
-
         missing = [k for k in V15_SURF_VARS if k not in self.cube]
         if missing:
             raise AuroraSweepError(

@@ -49,6 +49,10 @@ V15_SURF_VARS = (
 #: Store names that Aurora 1.5 calls otherwise.
 AURORA_V15_NAMES = {"sd": "scaled_sd"}
 
+#: A static field a batch may carry: the true longitude of each column (degrees east), where
+#: the batch's metadata holds Aurora's shifted ones. Never given to the model itself.
+TRUE_LON = "true_longitude"
+
 
 def surface_vars(v15: bool) -> tuple[str, ...]:
     """The instantaneous surface variables of a store: Aurora's four, and Aurora 1.5's

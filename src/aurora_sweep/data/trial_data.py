@@ -11,14 +11,18 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from aurora_sweep.config.bases import reads_v15_inputs
-from aurora_sweep.config.recipe import LEADS
+from aurora_sweep.config.recipe import LEADS, base_key
 from aurora_sweep.config.study import Period, StudyConfig
 from aurora_sweep.config.targets import TARGETS
-from aurora_sweep.data.climates import climatology, complete_train
+from aurora_sweep.data.climates import (
+    DRY_MM_BY_LEAD,
+    SeepsClimate,
+    climatology,
+    complete_train,
+    seeps_climate,
+)
 from aurora_sweep.data.samples import Samples, TargetStats, fits_in_memory, in_period, target_stats
 from aurora_sweep.errors import AuroraSweepError
-from aurora_sweep.sweep.records import base_key
-from aurora_sweep.verify.seeps import DRY_MM_BY_LEAD, SeepsClimate, seeps_climate
 
 #: The start times (UTC) the 12- and 24-hour scores are made from: WeatherBench 2 scores its
 #: forecasts from the 00 and 12 UTC initialisations (the 6-hour scores use every start).
@@ -112,7 +116,7 @@ class TrialData:
 
     def reference_key(self, base: str, precision: str, levels: tuple[int, ...]) -> str:
         """The key of the base model's scores a trial of `base` in `precision` on `levels` is
-        compared with (`records.base_key`): the base run on the same levels, since Aurora's
+        compared with (`recipe.base_key`): the base run on the same levels, since Aurora's
         encoder reads the levels together."""
         return base_key(base, precision, () if tuple(levels) == self.study_levels else levels)
 

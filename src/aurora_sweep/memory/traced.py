@@ -302,7 +302,7 @@ def synthetic_batch(
         return torch.randn(*shape, generator=gen)
 
     if v15:
-        from aurora_sweep.verify.zero_shot import static_names
+        from aurora_sweep.model.aurora15 import static_names
 
         statics = static_names(arch)
     else:

@@ -36,13 +36,12 @@ from aurora_sweep.model.build import (
     WRAPPED,
     TrainableParts,
     build_base,
-    file_sha256,
     load_base_checkpoint,
-    resolve_checkpoint,
     set_longitude_wrap,
     set_precision,
     unwrap,
 )
+from aurora_sweep.model.files import file_sha256, resolve_checkpoint
 
 META = "aurora_sweep.json"
 WEIGHTS = "trained_weights.safetensors"

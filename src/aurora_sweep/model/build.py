@@ -28,7 +28,6 @@ it and nothing of it starts from zero.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,13 +38,12 @@ import aurora
 import torch
 from aurora import Aurora
 
-from aurora_sweep.config.bases import BASELINE_MODELS, BASES, HF_REPO
+from aurora_sweep.config.bases import BASES
 from aurora_sweep.config.recipe import LORA_METHODS, METHODS
 from aurora_sweep.config.targets import BOUND, DEFAULT, TARGETS
 from aurora_sweep.errors import AuroraSweepError
 
 BASE_SURF_VARS = ("2t", "10u", "10v", "msl")
-DEMO_CHECKPOINT = Path(__file__).parents[1] / "demo" / "aurora-demo-base.ckpt"
 #: The prefix activation checkpointing puts in the names of the modules it wraps.
 WRAPPED = "_checkpoint_wrapped_module."
 #: LoRA's alpha, the same for every variant and rank (as in the LoRA and rsLoRA papers, which
@@ -168,46 +166,6 @@ def target_keys(model: Aurora) -> set[str]:
     return {k for k, _ in model.named_parameters() if k.endswith(f".{name}") or f".{name}." in k}
 
 
-def resolve_checkpoint(base: str, checkpoint: Path | None) -> Path:
-    """The checkpoint file for `base`: a given path, the packaged demo, or its pinned file in
-    the Hugging Face cache (downloaded when the machine can reach the hub)."""
-    if checkpoint is not None:
-        if not Path(checkpoint).is_file():
-            raise AuroraSweepError(
-                f"no checkpoint file at {checkpoint}: check [model] checkpoint (or "
-                f"[model.checkpoints] {base})"
-            )
-        return Path(checkpoint)
-    if base == "demo":
-        if not DEMO_CHECKPOINT.is_file():
-            raise AuroraSweepError(
-                f"the demo base checkpoint {DEMO_CHECKPOINT} is missing: reinstall aurora-sweep"
-            )
-        return DEMO_CHECKPOINT
-    spec = (BASES | BASELINE_MODELS)[base]
-    return hub_file(
-        spec.checkpoint_name, spec.revision,
-        f"copy the file here, then give it as [model.checkpoints] {base} = PATH (or "
-        "--checkpoint PATH)",
-    )  # fmt: skip
-
-
-def hub_file(name: str, revision: str, given_as: str) -> Path:
-    """microsoft/aurora's file `name` at `revision`, from the Hugging Face cache (downloaded when
-    the machine can reach the hub); refused in one line saying how to fetch it elsewhere and
-    give it (`given_as`)."""
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return Path(hf_hub_download(HF_REPO, name, revision=revision))
-    except Exception as e:  # offline and not cached, or the hub refused
-        raise AuroraSweepError(
-            f"cannot get {name} from huggingface.co/{HF_REPO} ({type(e).__name__}): on a "
-            f"machine with internet run `huggingface-cli download {HF_REPO} {name} --revision "
-            f"{revision}` and {given_as}"
-        ) from None
-
-
 @contextmanager
 def clamped(model) -> Iterator[None]:
     """The target clamped at 0 on the first step while scoring or forecasting (Aurora's
@@ -269,14 +227,6 @@ def set_longitude_wrap(model: Aurora, wrap: bool) -> None:
         if isinstance(m, Swin3DTransformerBlock) and not getattr(m, "_aurora_sweep_no_wrap", 0):
             m.register_forward_pre_hook(_no_wrap, with_kwargs=True)
             m._aurora_sweep_no_wrap = True
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def new_variable_keys(model: Aurora) -> set[str]:

@@ -115,9 +115,10 @@ def prepare_evaluation(adapter: Path, *, split: str, checkpoint: Path | None = N
     from aurora_sweep.data.trial_data import TrialData
     from aurora_sweep.devices import default_device
     from aurora_sweep.model.adapter import load_finetuned, read_meta
-    from aurora_sweep.model.build import resolve_checkpoint
+    from aurora_sweep.model.aurora15 import add_region_statics
+    from aurora_sweep.model.files import resolve_checkpoint
     from aurora_sweep.verify.scoring import base_state_mse
-    from aurora_sweep.verify.zero_shot import add_region_statics, add_zero_shot
+    from aurora_sweep.verify.zero_shot import add_zero_shot
 
     if split not in ("validation", "test"):
         raise AuroraSweepError(f"--split {split!r}: use validation or test")

@@ -77,8 +77,8 @@ def forecast_file(
     from aurora_sweep.data.samples import Samples
     from aurora_sweep.devices import default_device
     from aurora_sweep.model.adapter import load_finetuned, read_meta
+    from aurora_sweep.model.aurora15 import for_base
     from aurora_sweep.model.build import unwrap
-    from aurora_sweep.verify.zero_shot import for_base
 
     steps = parse_lead(lead)
     first, last = _day(start, "--start"), _day(end, "--end")

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 #: every score and measurement of a finished trial, {name: value}
 SCORES = "scores"
-#: the study's user attribute with the base model's MSE per variable, by `base_key`, then lead
+#: the study's user attribute with the base model's MSE per variable, by `recipe.base_key`, then lead
 #: (a study written when one base was searched keyed it by precision alone, under another name:
 #: its base scores are computed again, once)
 BASE_MSE = "base_mse_by_base"
@@ -32,14 +32,6 @@ FORGET_WORST = "forget_worst"
 _NOT_SCORES = frozenset(
     {"pid", "pid_started", "retry_of", "memory_over_cap_mb", "measured_peak_mb", "killed_by"}
 )
-
-
-def base_key(base: str, precision: str, levels: tuple[int, ...] = ()) -> str:
-    """The key of the untouched base model's scores, run in `precision` (on `levels` when a
-    trial trains on a subset of the study's): a trial's forgetting is measured against its own
-    base in its own precision on its own levels."""
-    key = f"{base}/{precision}"
-    return f"{key}/{','.join(map(str, levels))}hPa" if levels else key
 
 
 class _HasAttrs(Protocol):

@@ -131,9 +131,6 @@ def run_study(
                 console=console, grid=grid, total=trials,
             )  # fmt: skip
             sweep.run(pool)
-            from aurora_sweep.verify.plots import log_study_figures  # matplotlib, at the end only
-
-            log_study_figures(client, parent, study, config)
     finally:
         for worker in pool:
             worker.close(at_once=True)
@@ -214,7 +211,7 @@ def _start_workers(config: StudyConfig, study: optuna.Study, devices: list, fit,
     before the first MLflow run."""
     from aurora_sweep.data.cube import open_cube
     from aurora_sweep.data.samples import model_longitudes, patch_crop
-    from aurora_sweep.model.build import resolve_checkpoint
+    from aurora_sweep.model.files import resolve_checkpoint
     from aurora_sweep.sweep.worker import TrialWorker, WorkerSpec
 
     spec = WorkerSpec(

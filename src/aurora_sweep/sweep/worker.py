@@ -321,8 +321,9 @@ class _Session:
         from aurora_sweep.data.cube import open_cube
         from aurora_sweep.data.trial_data import TrialData
         from aurora_sweep.devices import default_device
+        from aurora_sweep.model.aurora15 import add_region_statics
         from aurora_sweep.verify.scoring import check_objective_defined
-        from aurora_sweep.verify.zero_shot import add_region_statics, add_zero_shot, references_of
+        from aurora_sweep.verify.zero_shot import add_zero_shot, references_of
 
         config = load_config(spec.config_path, workdir=spec.workdir)
         device = default_device()
@@ -346,7 +347,7 @@ class _Session:
 
     def checkpoint_for(self, base: str) -> Path:
         """`base`'s checkpoint file (`--checkpoint` stands for [model] base's), resolved once."""
-        from aurora_sweep.model.build import resolve_checkpoint
+        from aurora_sweep.model.files import resolve_checkpoint
 
         if base not in self.checkpoints:
             given = self.config.model.checkpoint_for(base)

@@ -86,6 +86,7 @@ from scores.continuous import additive_bias, mae, mse, rmse
 from scores.functions import create_latitude_weights
 
 from aurora_sweep.config.targets import DEFAULT, TARGETS, Target, skill_name
+from aurora_sweep.data.climates import N_HOUR_SLOTS, SeepsClimate, hour_slots
 from aurora_sweep.verify.bootstrap import (
     block_bootstrap,
     check_objective,
@@ -93,7 +94,7 @@ from aurora_sweep.verify.bootstrap import (
     objective_from,
     resampled_sums,
 )
-from aurora_sweep.verify.seeps import N_HOUR_SLOTS, SeepsClimate, hour_slots, seeps_terms
+from aurora_sweep.verify.seeps import seeps_terms
 from aurora_sweep.verify.spatial import anomaly_correlation, fss
 
 FSS_WINDOWS = (5, 11)  # square windows, in grid points

@@ -18,7 +18,7 @@ import io
 import logging
 import sys
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import matplotlib
@@ -32,10 +32,8 @@ from matplotlib.ticker import FuncFormatter, NullFormatter
 from aurora_sweep.config.targets import DEFAULT, TARGETS, Target
 
 if TYPE_CHECKING:
-    import optuna
     from matplotlib.axes import Axes
 
-    from aurora_sweep.config.study import StudyConfig
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +47,14 @@ MISSING_COLOUR = "0.88"  # NaN points on maps
 COAST_COLOUR = "0.2"
 
 
-def _new_figure(layout: str | None = "constrained", **kwargs: Any) -> Figure:
+def new_figure(layout: str | None = "constrained", **kwargs: Any) -> Figure:
     """A figure on its own Agg canvas, unknown to pyplot, so it is freed when dropped."""
     fig = Figure(layout=layout, **kwargs)
     FigureCanvasAgg(fig)
     return fig
 
 
-def _note(ax: Axes, text: str) -> None:
+def note(ax: Axes, text: str) -> None:
     """Say in the middle of an empty panel why it is empty."""
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4")
 
@@ -86,7 +84,7 @@ def loss_curves(train_loss: list[tuple[int, float]], val_loss: list[tuple[int, f
         train_loss: (step, loss) pairs, one per logged training step.
         val_loss: (step, loss) pairs, one per validation.
     """
-    fig = _new_figure(figsize=(6.4, 4.0))
+    fig = new_figure(figsize=(6.4, 4.0))
     ax = fig.add_subplot()
     if train_loss:
         steps, values = zip(*train_loss)
@@ -100,7 +98,7 @@ def loss_curves(train_loss: list[tuple[int, float]], val_loss: list[tuple[int, f
     if finite:
         ax.legend()
     else:
-        _note(ax, "no loss recorded")
+        note(ax, "no loss recorded")
     ax.set(xlabel="step", ylabel="normalised MSE", title="Loss")
     ax.grid(alpha=0.3)
     return fig
@@ -272,7 +270,7 @@ def case_maps(
     bottom = 1.45  # the last row's tick labels, then the colorbars and their labels
     width = left + 4 * panel_w + 3 * gap + right
     height = top + len(cases) * (title + panel_h) + (len(cases) - 1) * row_gap + bottom
-    fig = _new_figure(None, figsize=(width, height))
+    fig = new_figure(None, figsize=(width, height))
 
     def rect(x: float, y: float, w: float, h: float) -> tuple[float, float, float, float]:
         """A rectangle given in inches from the top left, in figure fractions."""
@@ -339,145 +337,11 @@ def _decorate_map(
     ax.tick_params(labelsize=7)
 
 
-def _finite(value: object) -> bool:
+def finite(value: object) -> bool:
     try:
         return bool(np.isfinite(float(value)))  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return False
-
-
-def skill_vs_memory(
-    trials: list[dict], *, skill: str = "skill", memory: str = "peak memory (MB)"
-) -> Figure:
-    """Skill against peak memory (or another cost), one point per trial, the most skilful
-    highlighted and the Pareto front drawn: the trials no other beats in both, each labelled
-    with its recipe, so the figure says how much skill each extra megabyte buys.
-
-    Args:
-        trials: dicts with "number", "skill", "peak_mb", "label" (the recipe in a few words,
-            such as "dora r8 qkv+proj bf16") and optionally "front" (True for a Pareto front
-            member); trials without a finite skill or memory are left out.
-        skill: what the skill is, for the y axis.
-        memory: what the memory is, for the x axis.
-    """
-    fig = _new_figure(figsize=(6.4, 4.4))
-    ax = fig.add_subplot()
-    points = [t for t in trials if _finite(t.get("skill")) and _finite(t.get("peak_mb"))]
-    if points:
-        x = [float(t["peak_mb"]) for t in points]
-        y = [float(t["skill"]) for t in points]
-        ax.scatter(x, y, s=28, color="C0", alpha=0.8, label="trial", zorder=2)
-        for t, xi, yi in zip(points, x, y):
-            ax.annotate(
-                str(t["number"]), (xi, yi), xytext=(4, 3), textcoords="offset points", fontsize=7
-            )
-        front = sorted((t for t in points if t.get("front")), key=lambda t: float(t["peak_mb"]))
-        if front:
-            ax.step(
-                [float(t["peak_mb"]) for t in front], [float(t["skill"]) for t in front],
-                where="post", color="C2", linewidth=1.2, zorder=1,
-                label=f"Pareto front ({len(front)} trials)",
-            )  # fmt: skip
-            for t in front:
-                ax.annotate(
-                    t.get("label", ""), (float(t["peak_mb"]), float(t["skill"])),
-                    xytext=(4, -9), textcoords="offset points", fontsize=6, color="C2",
-                )  # fmt: skip
-        best = max(points, key=lambda t: float(t["skill"]))
-        ax.scatter(
-            [float(best["peak_mb"])],
-            [float(best["skill"])],
-            s=160,
-            marker="*",
-            color="C3",
-            zorder=3,
-            label=f"best: #{best['number']} {best.get('label', '')}".rstrip(),
-        )
-        ax.legend(loc="best", fontsize=8)
-    else:
-        _note(ax, "no trial with both a skill and a peak memory")
-    ax.set(xlabel=memory, ylabel=f"{skill} (higher is better)", title="Skill and memory")
-    ax.grid(alpha=0.3)
-    return fig
-
-
-def _optuna_figure(plot: Callable[..., Axes], study: optuna.Study, **kwargs: Any) -> Figure | None:
-    """Draw one of Optuna's matplotlib plots without leaving anything behind in pyplot.
-
-    Optuna draws through pyplot and calls `plt.style.use("ggplot")`: the rc_context puts the
-    global style back, and every figure it opened is closed in pyplot (the one returned stays
-    renderable, now on its own Agg canvas). Returns None when Optuna cannot draw the study.
-    """
-    import matplotlib.pyplot as plt
-
-    before = set(plt.get_fignums())
-    fig = None
-    with matplotlib.rc_context(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # ExperimentalWarning and small-study notices
-        try:
-            fig = plot(study, **kwargs).figure
-        except Exception as error:  # a figure is never worth failing a sweep for
-            log.info("Optuna could not draw %s: %s", plot.__name__, error)
-        finally:
-            for number in set(plt.get_fignums()) - before:
-                plt.close(number)
-    if fig is not None:
-        FigureCanvasAgg(fig)  # detach from the closed pyplot manager, whatever its backend
-        if fig.get_layout_engine() is None:
-            fig.set_layout_engine("tight")  # the importances' long parameter names get cut off
-    return fig
-
-
-def _importances_computable(complete: Sequence[optuna.trial.FrozenTrial]) -> bool:
-    """Importances need two complete trials and a parameter, shared by all, that varied."""
-    if len(complete) < 2:
-        return False
-    shared = set.intersection(*(set(t.params) for t in complete))
-    return any(len({repr(t.params[name]) for t in complete}) > 1 for name in shared)
-
-
-def study_figures(
-    study: optuna.Study,
-    trials_for_memory: list[dict],
-    *,
-    name: str = "skill_vs_memory.png",
-    **labels: str,
-) -> dict[str, Figure]:
-    """The study-level figures, keyed by file name; what cannot be drawn yet is left out.
-
-    Args:
-        study: the Optuna study (single- or multi-objective; the first objective is plotted).
-        trials_for_memory: dicts for `skill_vs_memory`.
-        name: the file name of the `skill_vs_memory` figure.
-        labels: `skill` and `memory` axis labels for `skill_vs_memory`.
-    """
-    from optuna.trial import TrialState
-    from optuna.visualization import matplotlib as optuna_plots
-
-    # Optuna leaves out trials whose value is inf or NaN and then draws an empty plot.
-    complete = [
-        t
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if t.values and _finite(t.values[0])
-    ]
-    names = study.metric_names
-    target_name = names[0] if names else "Objective Value"
-    kwargs: dict[str, Any] = {"target_name": target_name}
-    if len(study.directions) > 1:
-        kwargs["target"] = lambda trial: trial.values[0]
-
-    figures: dict[str, Figure] = {}
-    if complete:
-        fig = _optuna_figure(optuna_plots.plot_optimization_history, study, **kwargs)
-        if fig is not None:
-            figures["optimization_history.png"] = fig
-    if _importances_computable(complete):
-        fig = _optuna_figure(optuna_plots.plot_param_importances, study, **kwargs)
-        if fig is not None:
-            figures["param_importances.png"] = fig
-    if any(_finite(t.get("skill")) and _finite(t.get("peak_mb")) for t in trials_for_memory):
-        figures[name] = skill_vs_memory(trials_for_memory, **labels)
-    return figures
 
 
 def _finite_pairs(forecast: np.ndarray, observed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -525,7 +389,7 @@ def reliability(
     edges = np.concatenate([[0.0], np.geomspace(0.01, top, 16)])
     centres = np.concatenate([[0.005], np.sqrt(edges[1:-1] * edges[2:])])  # dry bin drawn at 0.005
 
-    fig = _new_figure(figsize=(3.8 * (len(thresholds) + 1), 3.9))
+    fig = new_figure(figsize=(3.8 * (len(thresholds) + 1), 3.9))
     axes = fig.subplots(1, len(thresholds) + 1, squeeze=False)[0]
     for ax, threshold in zip(axes, thresholds):
         counts_ax = ax.twinx()
@@ -633,7 +497,7 @@ def point_series(
     if t.size > 1:
         steps = np.diff(t)
         gaps[1:] = steps > np.min(steps)  # a step longer than the regular one starts a new piece
-    fig = _new_figure(figsize=(8.0, 3.6))
+    fig = new_figure(figsize=(8.0, 3.6))
     ax = fig.add_subplot()
     colour = 0
     for name, values in series.items():
@@ -659,28 +523,3 @@ def point_series(
     if series:
         ax.legend(loc="upper right", fontsize=8)
     return fig
-
-
-def log_study_figures(client, run_id: str, study: optuna.Study, config: StudyConfig) -> None:
-    """Log to the study's parent run Optuna's optimisation history and importances, and skill
-    against the study's cost with the Pareto front drawn."""
-    import matplotlib.pyplot as plt
-
-    from aurora_sweep.report.best import skill_and_cost
-
-    cost, points, on_gpu = skill_and_cost(config, study.get_trials(deepcopy=False))
-    if not points:
-        return
-    if cost == "peak_memory_mb":
-        axis = "peak GPU memory (MB)" if on_gpu else "peak resident memory of the trial (MB, CPU)"
-    else:  # a CPU study's figure shows the GPU memory each recipe is predicted to need
-        axis = {"predicted_peak_mb": "predicted peak GPU memory (MB)",
-                "trial_seconds": "trial wall time (s)"}[cost]  # fmt: skip
-    labels = {
-        "skill": f"skill vs climatology (1 − {config.objective}/climatology's)",
-        "memory": axis,
-    }
-    figure = "skill_vs_time.png" if cost == "trial_seconds" else "skill_vs_memory.png"
-    for name, fig in study_figures(study, points, name=figure, **labels).items():
-        client.log_figure(run_id, fig, f"study/{name}")
-        plt.close(fig)

@@ -22,14 +22,13 @@ import numpy as np
 import torch
 
 from aurora_sweep.config.recipe import LEADS, lead_suffix
-from aurora_sweep.data.climates import climatology_forecast
+from aurora_sweep.data.climates import SEEPS_P_DRY_RANGE, climatology_forecast
 from aurora_sweep.data.samples import Samples
 from aurora_sweep.data.store import ATMOS_VARS, SURF_VARS
 from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.model.build import clamped, merged_adapter
 from aurora_sweep.model.loss import LossSpec, loss_terms
 from aurora_sweep.verify.metrics import lat_weighted_mse, objective_value, scores
-from aurora_sweep.verify.seeps import SEEPS_P_DRY_RANGE
 
 #: The key of the zero-shot Aurora 1.5 baseline among a lead's baseline scores.
 ZERO_SHOT = "_aurora15"
@@ -327,7 +326,7 @@ def verify(
 ) -> tuple[dict[str, float], Forecasts]:
     """The target's scores (with intervals) and forgetting ratios of `model` on `data`'s evaluation split
     at every lead scored (6-hour names plain, the others with `_12h`, `_24h`), against the base
-    model's scores `data.base_mse[reference]` (`records.base_key`: the trial's base in its
+    model's scores `data.base_mse[reference]` (`recipe.base_key`: the trial's base in its
     precision; None or absent: no forgetting ratios); with `loss`, the 6-hour validation loss's
     terms too.
 
