@@ -197,8 +197,10 @@ def _best_line(config) -> str:
     sfx = lead_of(config)
     ci = interval(b, config.objective, sfx)
     forgot = a.worst_forgetting(sfx)
-    skill = {ref: skill_name(config.objective, ref) + sfx for ref in ("persistence", "climatology",
-                                                                    "aurora15")}  # fmt: skip
+    skill = {
+        ref: skill_name(config.objective, ref) + sfx
+        for ref in ("persistence", "climatology", "aurora15")
+    }
     front = ""
     if config.cost:
         members = pareto_front(trials, front_cost(config, trials))
@@ -314,7 +316,7 @@ def forecast(
         "6h",
         "--lead",
         help="6h, or 12h, 24h ... (Aurora's rollout; the target over the lead, as its kind is).",
-    ),  # fmt: skip
+    ),
     out: Path = typer.Option(Path("forecast.nc"), "--out", help="The NetCDF file to write."),
     checkpoint: Path | None = typer.Option(None, help="Local base checkpoint file."),
 ) -> None:

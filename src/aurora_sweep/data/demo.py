@@ -231,10 +231,12 @@ def _target_fields(world: DemoWorld, st: dict, static: dict, *, instant: bool) -
         return {}
     rate, lsm, cold = st["tp_rate"], static["lsm"], st["2t"] < 273.15  # rate in mm h-1
     fields = {
-        "crr": 0.6 * np.where(cold, 0.0, rate) / 3600, "lsrr": 0.4 * np.where(cold, 0.0, rate) / 3600,
+        "crr": 0.6 * np.where(cold, 0.0, rate) / 3600,
+        "lsrr": 0.4 * np.where(cold, 0.0, rate) / 3600,
         "swvl1": lsm * (0.25 + 0.1 * np.tanh(2 * rate)),
-        "ro": lsm * (0.4 * rate + 0.01) / 1000, "sf": np.where(cold, rate, 0.0) / 1000,
-    }  # fmt: skip
+        "ro": lsm * (0.4 * rate + 0.01) / 1000,
+        "sf": np.where(cold, rate, 0.0) / 1000,
+    }
     return {short: fields[short] for _, short in target.sources}
 
 

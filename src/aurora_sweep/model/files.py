@@ -38,10 +38,11 @@ def resolve_checkpoint(base: str, checkpoint: Path | None) -> Path:
         return DEMO_CHECKPOINT
     spec = (BASES | BASELINE_MODELS)[base]
     return hub_file(
-        spec.checkpoint_name, spec.revision,
+        spec.checkpoint_name,
+        spec.revision,
         f"copy the file here, then give it as [model.checkpoints] {base} = PATH (or "
         "--checkpoint PATH)",
-    )  # fmt: skip
+    )
 
 
 def hub_file(name: str, revision: str, given_as: str) -> Path:

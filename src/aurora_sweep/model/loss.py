@@ -65,8 +65,11 @@ class LossSpec:
     def dry(self) -> float | None:
         """At most this, an observed target is censored (`censored_error`); None: never (a
         continuous target)."""
-        return self.target.per_lead(DRY_CENSOR_MM, STEP_HOURS) if self.target.lower == 0 and (
-            self.target.precipitation_like) else None  # fmt: skip
+        return (
+            self.target.per_lead(DRY_CENSOR_MM, STEP_HOURS)
+            if self.target.lower == 0 and (self.target.precipitation_like)
+            else None
+        )
 
     def latitude_weights(self, device, dtype=torch.float32) -> torch.Tensor:
         """cos(latitude) over its mean, shaped (lat, 1) to broadcast over longitudes."""

@@ -205,9 +205,18 @@ def _leads_section(leads: Sequence[Mapping[str, object]]) -> list[str]:
     if not leads:
         return []
     zero_shot = ("Aurora 1.5", "skill vs Aurora 1.5") if "Aurora 1.5" in leads[0] else ()
-    cols = ("lead", "objective", "90 % interval", "persistence", "climatology", *zero_shot[:1],
-            "skill vs persistence", "skill vs climatology", *zero_shot[1:],
-            "worst forgetting")  # fmt: skip
+    cols = (
+        "lead",
+        "objective",
+        "90 % interval",
+        "persistence",
+        "climatology",
+        *zero_shot[:1],
+        "skill vs persistence",
+        "skill vs climatology",
+        *zero_shot[1:],
+        "worst forgetting",
+    )
     out = [
         "<h2>By lead time</h2>",
         "<table class='leads'>",
@@ -343,23 +352,34 @@ def report_rows(scores: dict[str, float], objective: str) -> list[dict]:
         if name not in scores:
             continue
         row = {
-            "score": name, "label": label, "model": scores[name],
-            "q05": scores.get(f"{name}_q05"), "q95": scores.get(f"{name}_q95"),
+            "score": name,
+            "label": label,
+            "model": scores[name],
+            "q05": scores.get(f"{name}_q05"),
+            "q95": scores.get(f"{name}_q95"),
             "persistence": scores.get(f"{name}_persistence"),
             "climatology": scores.get(f"{name}_climatology"),
-            "higher_is_better": bool(higher), "target": target,
-        }  # fmt: skip
+            "higher_is_better": bool(higher),
+            "target": target,
+        }
         rows.append(row)
     for ref in ("persistence", "climatology", "aurora15"):
         name = spec.metric(f"skill_{ref}")
         if name not in scores:  # Aurora 1.5 untrained: where the study has that baseline
             continue
-        rows.append({
-            "score": name, "label": f"skill vs {ref} (1 − {objective}/{objective}_{ref})",
-            "model": scores[name], "q05": scores.get(f"{name}_q05"),
-            "q95": scores.get(f"{name}_q95"), "persistence": None, "climatology": None,
-            "higher_is_better": True, "target": None,
-        })  # fmt: skip
+        rows.append(
+            {
+                "score": name,
+                "label": f"skill vs {ref} (1 − {objective}/{objective}_{ref})",
+                "model": scores[name],
+                "q05": scores.get(f"{name}_q05"),
+                "q95": scores.get(f"{name}_q95"),
+                "persistence": None,
+                "climatology": None,
+                "higher_is_better": True,
+                "target": None,
+            }
+        )
     return rows
 
 
@@ -394,15 +414,18 @@ def lead_rows(scores: dict[str, float], objective: str) -> list[dict]:
             continue
         lo, hi = scores.get(f"{objective}_q05{sfx}"), scores.get(f"{objective}_q95{sfx}")
         worst = worst_forgetting(scores, sfx)
-        rows.append({
-            "lead": label, "objective": f"{scores[objective + sfx]:.4f}",
-            "90 % interval": f"{lo:.4f}–{hi:.4f}" if lo is not None and hi is not None else "",
-            "persistence": f"{scores[f'{objective}_persistence{sfx}']:.4f}",
-            "climatology": f"{scores[f'{objective}_climatology{sfx}']:.4f}",
-            "skill vs persistence": f"{scores[skill('skill_persistence') + sfx]:+.3f}",
-            "skill vs climatology": f"{scores[skill('skill_climatology') + sfx]:+.3f}",
-            "worst forgetting": f"{worst[0]} ×{worst[1]:.2f}" if worst else "",
-        })  # fmt: skip
+        rows.append(
+            {
+                "lead": label,
+                "objective": f"{scores[objective + sfx]:.4f}",
+                "90 % interval": f"{lo:.4f}–{hi:.4f}" if lo is not None and hi is not None else "",
+                "persistence": f"{scores[f'{objective}_persistence{sfx}']:.4f}",
+                "climatology": f"{scores[f'{objective}_climatology{sfx}']:.4f}",
+                "skill vs persistence": f"{scores[skill('skill_persistence') + sfx]:+.3f}",
+                "skill vs climatology": f"{scores[skill('skill_climatology') + sfx]:+.3f}",
+                "worst forgetting": f"{worst[0]} ×{worst[1]:.2f}" if worst else "",
+            }
+        )
         if f"{objective}_aurora15{sfx}" in scores:  # the zero-shot Aurora 1.5 baseline
             rows[-1]["Aurora 1.5"] = f"{scores[f'{objective}_aurora15{sfx}']:.4f}"
             rows[-1]["skill vs Aurora 1.5"] = f"{scores[skill('skill_aurora15') + sfx]:+.3f}"
@@ -420,12 +443,16 @@ def report_notes(
     """The report's notes: how the adapter compares with the study's references, what was
     adapted (`adapted`, `bases.target_description`), what was scored (`target`), and how each
     score and baseline is defined."""
-    seeps = [
-        f"SEEPS: dry at most {target.per_lead(0.1, 6):g} {target.units} (WeatherBench 2's 0.1 mm "
-        "for 6-hour totals); dry probability and light/heavy threshold per grid point, month and "
-        "hour of day from the train split (not WeatherBench 2's 30-year climate); points with a "
-        "dry probability outside 0.1..0.85 are left out."
-    ] if target.seeps else []  # fmt: skip
+    seeps = (
+        [
+            f"SEEPS: dry at most {target.per_lead(0.1, 6):g} {target.units} (WeatherBench 2's 0.1 mm "
+            "for 6-hour totals); dry probability and light/heavy threshold per grid point, month and "
+            "hour of day from the train split (not WeatherBench 2's 30-year climate); points with a "
+            "dry probability outside 0.1..0.85 are left out."
+        ]
+        if target.seeps
+        else []
+    )
     return [
         *([adapted] if adapted else []),
         *(

@@ -53,18 +53,7 @@ def skill_vs_memory(
             ax.annotate(
                 str(t["number"]), (xi, yi), xytext=(4, 3), textcoords="offset points", fontsize=7
             )
-        front = sorted((t for t in points if t.get("front")), key=lambda t: float(t["peak_mb"]))
-        if front:
-            ax.step(
-                [float(t["peak_mb"]) for t in front], [float(t["skill"]) for t in front],
-                where="post", color="C2", linewidth=1.2, zorder=1,
-                label=f"Pareto front ({len(front)} trials)",
-            )  # fmt: skip
-            for t in front:
-                ax.annotate(
-                    t.get("label", ""), (float(t["peak_mb"]), float(t["skill"])),
-                    xytext=(4, -9), textcoords="offset points", fontsize=6, color="C2",
-                )  # fmt: skip
+        _pareto_front(ax, [t for t in points if t.get("front")])
         best = max(points, key=lambda t: float(t["skill"]))
         ax.scatter(
             [float(best["peak_mb"])],
@@ -81,6 +70,19 @@ def skill_vs_memory(
     ax.set(xlabel=memory, ylabel=f"{skill} (higher is better)", title="Skill and memory")
     ax.grid(alpha=0.3)
     return fig
+
+
+def _pareto_front(ax: Axes, front: list[dict]) -> None:
+    """The Pareto front's trials joined as a step line, each labelled with its recipe."""
+    if not front:
+        return
+    front = sorted(front, key=lambda t: float(t["peak_mb"]))
+    x, y = [float(t["peak_mb"]) for t in front], [float(t["skill"]) for t in front]
+    label = f"Pareto front ({len(front)} trials)"
+    ax.step(x, y, where="post", color="C2", linewidth=1.2, zorder=1, label=label)
+    for t, xi, yi in zip(front, x, y):
+        style = {"textcoords": "offset points", "fontsize": 6, "color": "C2"}
+        ax.annotate(t.get("label", ""), (xi, yi), xytext=(4, -9), **style)
 
 
 def _optuna_figure(plot: Callable[..., Axes], study: optuna.Study, **kwargs: Any) -> Figure | None:
@@ -175,8 +177,10 @@ def log_study_figures(client, run_id: str, study: optuna.Study, config: StudyCon
     if cost == "peak_memory_mb":
         axis = "peak GPU memory (MB)" if on_gpu else "peak resident memory of the trial (MB, CPU)"
     else:  # a CPU study's figure shows the GPU memory each recipe is predicted to need
-        axis = {"predicted_peak_mb": "predicted peak GPU memory (MB)",
-                "trial_seconds": "trial wall time (s)"}[cost]  # fmt: skip
+        axis = {
+            "predicted_peak_mb": "predicted peak GPU memory (MB)",
+            "trial_seconds": "trial wall time (s)",
+        }[cost]
     labels = {
         "skill": f"skill vs climatology (1 − {config.objective}/climatology's)",
         "memory": axis,

@@ -68,9 +68,12 @@ def open_study(
             if create:
                 try:
                     study = optuna.create_study(
-                        study_name=config.name, storage=storage, sampler=tpe, pruner=pruner,
+                        study_name=config.name,
+                        storage=storage,
+                        sampler=tpe,
+                        pruner=pruner,
                         directions=["minimize"] * len(config.objectives),
-                    )  # fmt: skip
+                    )
                     created = True
                 except optuna.exceptions.DuplicatedStudyError:
                     pass  # it exists: load it

@@ -121,8 +121,14 @@ def _read(var: xr.DataArray, **indices: np.ndarray) -> np.ndarray:
         block = np.asarray(var.isel(boxes).values)
     except (OSError, RuntimeError, ValueError) as e:
         raise CorruptFileError(Path(var.attrs.get("_label", "a file")), str(e)) from None
-    return block[np.ix_(*[p if isinstance(p, np.ndarray) else np.arange(n) for p, n in zip(
-        picks, block.shape, strict=True)])]  # fmt: skip
+    return block[
+        np.ix_(
+            *[
+                p if isinstance(p, np.ndarray) else np.arange(n)
+                for p, n in zip(picks, block.shape, strict=True)
+            ]
+        )
+    ]
 
 
 def check_hourly(hours: np.ndarray, *, label: str, name: str = DEFAULT) -> None:
@@ -414,8 +420,9 @@ def _statics(pieces: list[_Piece], plan: _Plan) -> dict[str, np.ndarray]:
     static = {}
     for v, p in plan.statics.items():
         piece = pieces[p]
-        static[v] = _read(piece.ds[v], time=np.array([0]), latitude=piece.lat_idx,
-                          longitude=piece.lon_idx)[0]  # fmt: skip
+        static[v] = _read(
+            piece.ds[v], time=np.array([0]), latitude=piece.lat_idx, longitude=piece.lon_idx
+        )[0]
     return static
 
 

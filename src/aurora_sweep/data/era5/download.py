@@ -41,8 +41,11 @@ CREDENTIALS_HELP = (
 
 def _redact(text: str) -> str:
     """Hide anything that looks like a CDS personal access token."""
-    text = re.sub(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
-                  "<key>", text)  # fmt: skip
+    text = re.sub(
+        r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
+        "<key>",
+        text,
+    )
     return re.sub(r"\b\d{3,8}:[0-9a-fA-F-]{20,}", "<key>", text)
 
 
@@ -87,8 +90,19 @@ def classify_failure(exc: BaseException, request: Request) -> _Failure:
     if unreachable is not None:
         return unreachable
     server = status is not None and 500 <= int(status) < 600
-    if server or any(s in low for s in ("queued too long", "queue", "503", "502", "500", "504",
-                                         "service unavailable", "try again")):  # fmt: skip
+    if server or any(
+        s in low
+        for s in (
+            "queued too long",
+            "queue",
+            "503",
+            "502",
+            "500",
+            "504",
+            "service unavailable",
+            "try again",
+        )
+    ):
         return _Failure(
             True,
             f"the CDS kept failing for {request.target} ({text}); finished chunks are kept, run"
@@ -101,8 +115,16 @@ def _unreachable(exc: BaseException, text: str) -> _Failure | None:
     """The failure of a CDS that cannot be reached (not retried: offline or a wrong url does not
     mend by waiting, and the CDS client has retried a dropped connection --retries times)."""
     low = text.lower()
-    if any(s in low for s in ("name resolution", "name or service not known", "failed to resolve",
-                              "nodename nor servname", "getaddrinfo failed")):  # fmt: skip
+    if any(
+        s in low
+        for s in (
+            "name resolution",
+            "name or service not known",
+            "failed to resolve",
+            "nodename nor servname",
+            "getaddrinfo failed",
+        )
+    ):
         return _Failure(
             False,
             f"cannot reach the CDS: the name {_host(text)} does not resolve. Check the internet "
@@ -110,9 +132,16 @@ def _unreachable(exc: BaseException, text: str) -> _Failure | None:
             "finished chunks are kept, run the download again",
         )
     network = isinstance(exc, ConnectionError | TimeoutError) or any(
-        s in low for s in ("connection", "name or service", "temporary failure in name",
-                           "max retries exceeded", "network is unreachable", "timed out")
-    )  # fmt: skip
+        s in low
+        for s in (
+            "connection",
+            "name or service",
+            "temporary failure in name",
+            "max retries exceeded",
+            "network is unreachable",
+            "timed out",
+        )
+    )
     if not network:
         return None
     return _Failure(
@@ -183,9 +212,15 @@ def _default_client(*, retries: int = 5, sleep: float = 10.0) -> Any:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"ecmwf\.datastores")
     logging.getLogger("multiurl").setLevel(logging.ERROR)
     return cdsapi.Client(
-        quiet=True, progress=False, retry_max=retries + 1, sleep_max=sleep, timeout=30,
-        info_callback=quiet, warning_callback=quiet, error_callback=quiet,
-    )  # fmt: skip
+        quiet=True,
+        progress=False,
+        retry_max=retries + 1,
+        sleep_max=sleep,
+        timeout=30,
+        info_callback=quiet,
+        warning_callback=quiet,
+        error_callback=quiet,
+    )
 
 
 def load_manifest(folder: Path) -> dict[str, dict]:

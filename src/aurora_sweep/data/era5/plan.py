@@ -212,9 +212,11 @@ def plan_requests(config: StudyConfig, *, max_fields: int = FIELDS_PER_REQUEST) 
         parts = min(len(days), max(1, math.ceil(per_day * len(days) / max_fields)))
         for chunk in np.array_split(np.array(days), parts):
             days_part = [int(d) for d in chunk]
-            name = f"pl-{y}-{m:02d}.nc" if parts == 1 else (
-                f"pl-{y}-{m:02d}-d{days_part[0]:02d}-{days_part[-1]:02d}.nc"
-            )  # fmt: skip
+            name = (
+                f"pl-{y}-{m:02d}.nc"
+                if parts == 1
+                else (f"pl-{y}-{m:02d}-d{days_part[0]:02d}-{days_part[-1]:02d}.nc")
+            )
             out.append(Request(PRESSURE_LEVELS, _dated(atmos, y, m, days_part), name))
     return out
 
