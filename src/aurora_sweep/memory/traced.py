@@ -168,11 +168,20 @@ def _structure(trial: TrialConfig) -> TrialConfig:
     """The fields a step's memory does not depend on, set to one value: trials that differ only
     in them share a trace."""
     return dataclasses.replace(
-        trial, learning_rate=1e-4, steps=1, eval_every=1, val_samples=0, weight_decay=0.0,
-        seed=0, target_weight=1.0, wrap_longitude=True, levels=(),  # their number is the key's
+        trial,
+        learning_rate=1e-4,
+        steps=1,
+        eval_every=1,
+        val_samples=0,
+        weight_decay=0.0,
+        seed=0,
+        target_weight=1.0,
+        wrap_longitude=True,
+        levels=(),  # their number is the key's
         target_input_lr=1.0 if trial.target_input_lr > 0 else 0.0,
-        activation_checkpointing=bool(trial.checkpointed), checkpoint_modules=trial.checkpointed,
-    )  # fmt: skip
+        activation_checkpointing=bool(trial.checkpointed),
+        checkpoint_modules=trial.checkpointed,
+    )
 
 
 @functools.lru_cache(maxsize=256)
@@ -231,15 +240,16 @@ def _run_step(
     micro-batches, the gradients of the ones before."""
     from aurora_sweep.model.build import set_precision
     from aurora_sweep.model.loss import combine, loss_terms
-    from aurora_sweep.train.fit import MAX_GRAD_NORM, pushforward
+    from aurora_sweep.train.fit import MAX_GRAD_NORM, new_optimiser, pushforward
 
     _fake_parameters(model)
     set_precision(model, "bf16" if trial.precision == "fp16" else trial.precision)
     if trial.checkpointed:
         model.configure_activation_checkpointing(trial.checkpointed)
     params = [p for p in model.parameters() if p.requires_grad]
-    kind = {"adamw": torch.optim.AdamW, "adafactor": torch.optim.Adafactor}[trial.optimizer]
-    optimiser = kind(params, lr=1e-4, **({"foreach": True} if cuda else {}))
+    optimiser = new_optimiser(
+        trial.optimizer, params, lr=1e-4, **({"foreach": True} if cuda else {})
+    )
     counter.tag = "optimizer"
     for p in params:
         p.grad = torch.zeros_like(p)
@@ -276,8 +286,13 @@ def synthetic_sample(trial: TrialConfig, grid: tuple[int, int], levels: int):
     b, (h, w) = trial.batch_size, grid
     target = {k: torch.zeros(b, h, w) for k in (*surface_vars(v15), DEFAULT)}
     target |= {k: torch.zeros(b, levels, h, w) for k in ATMOS_VARS}
-    spec = LossSpec(levels=(500,) * levels, lat=np.linspace(70, 30, h), target_scale=1.0,
-                    target_loss=trial.loss, surface=surface_vars(v15))  # fmt: skip
+    spec = LossSpec(
+        levels=(500,) * levels,
+        lat=np.linspace(70, 30, h),
+        target_scale=1.0,
+        target_loss=trial.loss,
+        surface=surface_vars(v15),
+    )
     return batch, target, spec
 
 

@@ -379,6 +379,24 @@ def _train_loop(
     return waited / loop_seconds if loop_seconds > 0 else 0.0
 
 
+#: Adafactor's floor under its relative step: torch's Adafactor moves a tensor by
+#: max(eps2, RMS of the tensor) × lr × its normalised update, and its default eps2 of 1e-3 moves
+#: a zero-initialised tensor (LoRA's B, the new variable's head and embedding) 1,000× less than
+#: AdamW at the same learning rate, and a pretrained one of RMS 0.02 50× less. At 1, every tensor
+#: of RMS up to 1 moves by lr × its normalised update, as under AdamW (whose first step is
+#: lr × sign(gradient)): a sweep compares the two optimisers' memory, not their step sizes.
+ADAFACTOR_STEP_FLOOR = 1.0
+
+
+def new_optimiser(kind: str, params, *, lr: float, weight_decay: float = 0.0, **options):
+    """AdamW or Adafactor (`kind`) over `params` (tensors or parameter groups), with steps of the
+    same size at the same learning rate (`ADAFACTOR_STEP_FLOOR`)."""
+    if kind == "adafactor":
+        eps = (None, ADAFACTOR_STEP_FLOOR)
+        return torch.optim.Adafactor(params, lr=lr, weight_decay=weight_decay, eps=eps, **options)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **options)
+
+
 def _optimiser(trial: TrialConfig, peft_model, model, parts: TrainableParts):
     """The trial's optimiser (AdamW or Adafactor) over the trained parameters, its schedule,
     and the parameters clipped.
@@ -394,8 +412,9 @@ def _optimiser(trial: TrialConfig, peft_model, model, parts: TrainableParts):
     groups = [{"params": rest}, {"params": head, "lr": new_variable_lr(trial)}]
     if embedding.requires_grad:
         groups.append({"params": [embedding], "lr": input_lr(trial)})
-    kind = {"adamw": torch.optim.AdamW, "adafactor": torch.optim.Adafactor}[trial.optimizer]
-    optimiser = kind(groups, lr=trial.learning_rate, weight_decay=trial.weight_decay)
+    optimiser = new_optimiser(
+        trial.optimizer, groups, lr=trial.learning_rate, weight_decay=trial.weight_decay
+    )
     # LambdaLR calls the factor once at construction (step 0), then after each step
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimiser, lambda k: learning_rate_factor(k + 1, trial.steps)
