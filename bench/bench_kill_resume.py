@@ -35,7 +35,7 @@ def main() -> None:
     import optuna
     from mlflow.tracking import MlflowClient
 
-    from aurora_sweep.config.study import load_config
+    from aurora_sweep.config.study_file import load_config
 
     work = Path(tempfile.mkdtemp(prefix="bench-kill-"))
     demo = load_config(None, workdir=work)

@@ -34,7 +34,8 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from aurora_sweep.config.study import Period, load_config
+from aurora_sweep.config.study import Period
+from aurora_sweep.config.study_file import load_config
 from aurora_sweep.data import store
 
 ROOT = Path(__file__).resolve().parents[1]

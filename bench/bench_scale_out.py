@@ -109,7 +109,8 @@ def child(args: argparse.Namespace) -> None:
     from rich.console import Console
 
     import aurora_sweep.memory.estimate as memory
-    from aurora_sweep.config.study import load_config, with_overrides
+    from aurora_sweep.config.study import with_overrides
+    from aurora_sweep.config.study_file import load_config
     from aurora_sweep.sweep.scheduler import Sweep
     from aurora_sweep.sweep.storage import open_study, reap_dead_trials, retry_interrupted
     from aurora_sweep.sweep.tracking import client_for, experiment_id, study_run

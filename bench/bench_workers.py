@@ -35,7 +35,7 @@ def main() -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
-    from aurora_sweep.config.study import load_config
+    from aurora_sweep.config.study_file import load_config
     from aurora_sweep.data.cube import open_cube
 
     work = Path(tempfile.mkdtemp(prefix="bench-workers-"))

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from aurora_sweep.config.study import StudyConfig, load_config
+from aurora_sweep.config.study import StudyConfig
+from aurora_sweep.config.study_file import load_config
 from servers import mlflow_server, postgres_server, postgres_url  # noqa: F401
 
 TINY_STUDY = """

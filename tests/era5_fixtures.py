@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from aurora_sweep.config.study import StudyConfig, load_config
+from aurora_sweep.config.study import StudyConfig
+from aurora_sweep.config.study_file import load_config
 
 #: CDS request names -> NetCDF short names.
 SHORT = {

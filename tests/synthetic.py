@@ -172,7 +172,7 @@ def tiny_lora_trial(**changes):
 def trained_tiny_adapter(root: Path, tiny_store: Path, trial):
     """An adapter of `trial` on the tiny study (its train split on the trial's levels), trained
     for two steps and saved under `root / "adapter"`; the adapter's path and the study config."""
-    from aurora_sweep.config.study import load_config
+    from aurora_sweep.config.study_file import load_config
     from aurora_sweep.data.samples import Samples, target_stats
     from aurora_sweep.data.store import open_store
     from aurora_sweep.model.adapter import save_adapter

@@ -122,6 +122,7 @@ def test_the_layer_check_finds_an_import_of_a_later_stage():
         "config.recipe",
         "config.settings",
         "config.study",
+        "config.study_file",
         "sweep.records",
         "sweep.outcomes",
         "sweep.space",

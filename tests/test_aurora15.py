@@ -220,7 +220,7 @@ def v15_study(tmp_path_factory, checkpoint, static_file):
     inputs), Aurora 1.5 from this test's checkpoint and static file."""
     import dataclasses
 
-    from aurora_sweep.config.study import load_config
+    from aurora_sweep.config.study_file import load_config
     from aurora_sweep.data.cube import open_cube
     from conftest import write_tiny_config
 
@@ -301,7 +301,7 @@ def test_a_study_with_the_aurora15_baseline_scores_it_and_best_shows_it(
     from typer.testing import CliRunner
 
     from aurora_sweep.cli import _best_line, app
-    from aurora_sweep.config.study import load_config
+    from aurora_sweep.config.study_file import load_config
     from aurora_sweep.data.cube import open_cube
     from aurora_sweep.data.trial_data import TrialData
     from aurora_sweep.sweep.records import TrialRecord

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from aurora_sweep.cli import app
 from aurora_sweep.config.bases import BASES, HF_REPO, arch_overrides
 from aurora_sweep.config.recipe import base_key
-from aurora_sweep.config.study import load_config
+from aurora_sweep.config.study_file import load_config
 from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.memory.meta_model import meta_device
 from aurora_sweep.model.build import backbone_blocks, build_base

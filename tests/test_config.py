@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 
 from aurora_sweep.config.settings import parse_memory
-from aurora_sweep.config.study import DEMO_CONFIG, load_config
+from aurora_sweep.config.study import DEMO_CONFIG
+from aurora_sweep.config.study_file import load_config
 from aurora_sweep.errors import AuroraSweepError
 
 REPO = Path(__file__).parents[1]
@@ -124,6 +125,34 @@ def test_a_box_too_small_for_the_backbone_is_refused_before_any_trial(tmp_path):
     with pytest.raises(AuroraSweepError, match="at least 12x12.*11° on each side"):
         check_search(load_config(_write(tmp_path, small)))
     check_search(load_config(_write(tmp_path, small.replace("north = 41.0", "north = 42.0"))))
+
+
+def test_a_tile_the_size_of_the_box_and_tiles_no_trial_can_use_are_refused(tmp_path):
+    from aurora_sweep.sweep.space import check_search
+
+    search = "rollout_steps = [1, 2]"
+    assert search in BASE
+    # the demo's box is 32 x 48 points: a tile of 400 would be all of it
+    with pytest.raises(AuroraSweepError, match=r"tile 400: the box is \d+x\d+ points"):
+        check_search(load_config(_write(tmp_path, BASE.replace(search, f"{search}\ntile = [400]"))))
+    only_rollouts = BASE.replace(search, "rollout_steps = [2]\ntile = [16]")
+    with pytest.raises(AuroraSweepError, match="a rollout trains on the whole region"):
+        check_search(load_config(_write(tmp_path, only_rollouts)))
+    check_search(load_config(_write(tmp_path, BASE.replace(search, f"{search}\ntile = [16]"))))
+
+
+def test_a_trial_with_rollouts_trains_on_the_whole_region(tmp_path):
+    import optuna
+
+    from aurora_sweep.sweep.space import sample_trial
+
+    search = "rollout_steps = [1, 2]"
+    config = load_config(_write(tmp_path, BASE.replace(search, f"{search}\ntile = [0, 16]")))
+    study = optuna.create_study()
+    for rollout in (1, 2):
+        study.enqueue_trial({"rollout_steps": rollout, "tile": 16})
+    tiles = [sample_trial(study.ask(), config).tile for _ in range(2)]
+    assert tiles == [16, 0]
 
 
 def test_broken_toml_is_one_clear_error(tmp_path):

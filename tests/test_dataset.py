@@ -7,7 +7,8 @@ import pytest
 import torch
 import xarray as xr
 
-from aurora_sweep.config.study import Period, load_config
+from aurora_sweep.config.study import Period
+from aurora_sweep.config.study_file import load_config
 from aurora_sweep.config.targets import TARGETS
 from aurora_sweep.data.climates import MIN_CLIMATOLOGY_SAMPLES, climatology, climatology_forecast
 from aurora_sweep.data.samples import (
@@ -224,7 +225,7 @@ def test_climatology_of_a_month_with_too_few_samples_borrows_its_neighbours():
 def test_a_store_built_for_another_study_is_refused_not_reused(
     tmp_path, tiny_store, old, new, message
 ):
-    from aurora_sweep.config.study import load_config
+    from aurora_sweep.config.study_file import load_config
     from aurora_sweep.data.cube import open_cube
     from conftest import write_tiny_config
 
@@ -244,7 +245,7 @@ def test_a_store_built_for_another_study_is_refused_not_reused(
 def test_a_demo_store_made_for_another_region_is_remade(tmp_path, tiny_store):
     import shutil
 
-    from aurora_sweep.config.study import load_config
+    from aurora_sweep.config.study_file import load_config
     from aurora_sweep.data.cube import open_cube
     from conftest import write_tiny_config
 

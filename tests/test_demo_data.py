@@ -98,7 +98,7 @@ def tp_week(tmp_path_factory):
 
 
 def _target_store(root, target: str):
-    from aurora_sweep.config.study import load_config
+    from aurora_sweep.config.study_file import load_config
     from aurora_sweep.data.cube import open_cube
     from conftest import write_tiny_config
 

@@ -24,7 +24,8 @@ from typer.testing import CliRunner
 
 from aurora_sweep.cli.data import data_app
 from aurora_sweep.config.recipe import AURORA_LEVELS
-from aurora_sweep.config.study import Region, load_config
+from aurora_sweep.config.study import Region
+from aurora_sweep.config.study_file import load_config
 from aurora_sweep.data import era5, store
 from aurora_sweep.errors import AuroraSweepError
 from era5_fixtures import (

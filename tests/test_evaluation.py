@@ -26,7 +26,7 @@ DEMO_FP32 = base_key("demo", "fp32")  # the demo base's scores in fp32
 
 @pytest.fixture(scope="module")
 def prepared(tiny_store, tmp_path_factory):
-    from aurora_sweep.config.study import load_config
+    from aurora_sweep.config.study_file import load_config
     from conftest import write_tiny_config
 
     workdir = tmp_path_factory.mktemp("evaluation")
@@ -181,6 +181,7 @@ def test_a_trial_clips_its_gradients_and_warms_up_its_learning_rate(prepared, mo
     import dataclasses
 
     from aurora_sweep.train import fit as train
+    from aurora_sweep.train.optimiser import FINAL_LR_FACTOR
 
     data, trial = prepared
     norms, rates = [], []
@@ -203,4 +204,4 @@ def test_a_trial_clips_its_gradients_and_warms_up_its_learning_rate(prepared, mo
     assert norms == [train.MAX_GRAD_NORM] * 20
     lrs = [r[0] for r in rates]  # the pretrained weights' group, step by step
     assert lrs[0] == pytest.approx(0.5e-3) and lrs[1] == pytest.approx(1e-3)  # two warm-up steps
-    assert lrs[-1] == pytest.approx(1e-3 * train.FINAL_LR_FACTOR) and lrs[2] > lrs[-1]
+    assert lrs[-1] == pytest.approx(1e-3 * FINAL_LR_FACTOR) and lrs[2] > lrs[-1]

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from aurora_sweep.cli import app
 from aurora_sweep.config.recipe import TrialConfig, base_key
-from aurora_sweep.config.study import load_config
+from aurora_sweep.config.study_file import load_config
 from aurora_sweep.config.targets import TARGETS
 from aurora_sweep.data.samples import patch_crop
 from aurora_sweep.data.store import open_store

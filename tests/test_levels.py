@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from aurora_sweep.cli import app
 from aurora_sweep.config.recipe import base_key
-from aurora_sweep.config.study import load_config
+from aurora_sweep.config.study_file import load_config
 from aurora_sweep.data.samples import Samples
 from aurora_sweep.data.store import open_store
 from aurora_sweep.errors import AuroraSweepError

@@ -12,7 +12,8 @@ from aurora_sweep.memory import estimate as memory
 from aurora_sweep.memory.meta_model import build_meta_model, count_params
 from aurora_sweep.model.files import DEMO_CHECKPOINT
 from aurora_sweep.model.loss import LossSpec
-from aurora_sweep.train.fit import _optimiser, _Step, build_trial_model
+from aurora_sweep.train.fit import _Step, build_trial_model
+from aurora_sweep.train.optimiser import trial_optimiser
 from synthetic import tiny_lora_trial
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -23,7 +24,7 @@ def _stepped(trial, train, stats, micro_batches):
     """The model after one `_Step` over `micro_batches` (lists of sample indices), with plain
     SGD so that the update is the accumulated gradient itself."""
     peft_model, model, parts = build_trial_model(trial, stats, DEMO_CHECKPOINT)
-    _, schedule, trained = _optimiser(trial, peft_model, model, parts)
+    _, schedule, trained = trial_optimiser(trial, peft_model, model, parts)
     sgd = torch.optim.SGD(trained, lr=1.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(sgd, lambda k: 1.0)
     spec = LossSpec(
@@ -57,7 +58,7 @@ def test_adafactor_keeps_the_factored_state_the_estimate_counts(tiny_config):
     stats = target_stats(train.cube, tiny_config.data.train, "tp")
     trial = tiny_lora_trial(optimizer="adafactor", unfrozen_blocks=1)
     peft_model, model, parts = build_trial_model(trial, stats, DEMO_CHECKPOINT)
-    optimiser, _, trained = _optimiser(trial, peft_model, model, parts)
+    optimiser, _, trained = trial_optimiser(trial, peft_model, model, parts)
     assert isinstance(optimiser, torch.optim.Adafactor)
     batch, target = train.training_batch([3, 4])
     peft_model(batch).surf_vars["tp"].float().pow(2).mean().backward()
@@ -76,7 +77,7 @@ def test_adafactor_and_adamw_take_steps_of_the_same_size_from_the_same_gradient(
     """One step at lr 1e-3 from the same gradient: a zero-initialised tensor (LoRA's B) and a
     pretrained one (RMS 0.02) move by comparable amounts under both optimisers (torch's default
     Adafactor moves them 1,000× and 50× less)."""
-    from aurora_sweep.train.fit import new_optimiser
+    from aurora_sweep.train.optimiser import new_optimiser
 
     gradient = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
     start = rms * torch.randn(64, 64, generator=torch.Generator().manual_seed(1))
@@ -100,7 +101,7 @@ def test_a_lora_trial_moves_lora_b_alike_under_adamw_and_adafactor(tiny_config):
     for kind in ("adamw", "adafactor"):
         trial = tiny_lora_trial(optimizer=kind, learning_rate=1e-3)
         peft_model, model, parts = build_trial_model(trial, stats, DEMO_CHECKPOINT)
-        optimiser, _, _ = _optimiser(trial, peft_model, model, parts)
+        optimiser, _, _ = trial_optimiser(trial, peft_model, model, parts)
         lora_b = [p for n, p in peft_model.named_parameters() if "lora_B" in n]
         assert lora_b and all(p.abs().max() == 0 for p in lora_b)
         torch.manual_seed(0)
@@ -124,21 +125,45 @@ def test_a_trial_trains_with_accumulation_and_adafactor(tiny_config):
     assert np.isfinite(result.metrics[tiny_config.objective])
 
 
-def test_a_tile_never_crosses_the_regions_edge_and_covers_all_of_it():
-    from aurora_sweep.train.tiles import tile_origins, tile_side
+def test_a_tile_never_crosses_the_regions_edge_and_is_whole_patches_of_at_least_12():
+    from aurora_sweep.train.tiles import tile_draws, tile_side
 
-    grid = (36, 52)
+    grid = (37, 52)  # a height of 4k + 1, as Aurora takes
     assert tile_side(0, grid) == grid
     assert tile_side(30, grid) == (28, 28)  # whole patches
     assert tile_side(5, grid) == (12, 12) and tile_side(96, grid) == grid
     side = tile_side(16, grid)
-    corners = tile_origins(np.random.default_rng(0), grid, side, 3000)
-    assert (corners >= 0).all()
-    assert (corners[:, 0] + side[0] <= grid[0]).all() and (corners[:, 1] + side[1] <= grid[1]).all()
-    seen = np.zeros(grid, dtype=int)
-    for i, j in corners:
-        seen[i : i + side[0], j : j + side[1]] += 1
-    assert seen.min() > 0  # the corners and edges too
+    for (i, j), (h, w) in tile_draws(np.random.default_rng(0), grid, side, 500):
+        assert 0 <= i and i + h <= grid[0] and 0 <= j and j + w <= grid[1]
+        assert 12 <= h <= side[0] + 1 and 12 <= w <= side[1]
+        assert w % 4 == 0 and h % 4 in (0, 1)
+
+
+@pytest.mark.parametrize("tile", [64, 96])
+def test_tiles_cover_every_point_of_the_europe_grid_equally_often(tile):
+    """The shipped Europe study's grid (148 x 208 points): over many draws, the region's edges
+    and corners are trained on as often as its middle (uniform corners gave an edge row 64x
+    and a corner 4,096x fewer visits at tile 64)."""
+    from aurora_sweep.train.tiles import tile_draws, tile_side
+
+    grid = (148, 208)
+    seen = np.zeros(grid)
+    for (i, j), (h, w) in tile_draws(np.random.default_rng(0), grid, tile_side(tile, grid), 20000):
+        seen[i : i + h, j : j + w] += 1
+    assert seen.max() / seen.min() <= 1.25
+
+
+def test_a_tiles_rows_are_weighed_as_the_scores_weigh_them():
+    """cos(latitude) over the region's mean, not renormalised inside the tile."""
+    from aurora_sweep.model.loss import LossSpec
+
+    lat = np.linspace(70.0, 30.0, 41)
+    region = LossSpec(levels=(500,), lat=lat, target_scale=1.0)
+    whole = region.latitude_weights("cpu")[:, 0]
+    region_cos = float(np.cos(np.deg2rad(lat)).mean())
+    tile = LossSpec(levels=(500,), lat=lat[:12], target_scale=1.0, region_cos=region_cos)
+    assert torch.allclose(tile.latitude_weights("cpu")[:, 0], whole[:12])
+    assert tile.latitude_weights("cpu").mean() < 0.9  # the north's rows weigh less than 1
 
 
 def test_a_tile_cuts_every_variable_the_statics_and_the_coordinates_alike(tiny_config):

@@ -19,7 +19,7 @@ from aurora_sweep.model.loss import (
     combine,
     loss_terms,
 )
-from aurora_sweep.train.fit import FINAL_LR_FACTOR, learning_rate_factor
+from aurora_sweep.train.optimiser import FINAL_LR_FACTOR, learning_rate_factor
 
 LEVELS = (500, 850)
 

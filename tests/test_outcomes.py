@@ -8,7 +8,7 @@ import math
 import optuna
 import pytest
 
-from aurora_sweep.config.study import load_config
+from aurora_sweep.config.study_file import load_config
 from aurora_sweep.sweep.outcomes import Complete, Failed, OutOfMemory, Pruned, Recorder, TrialError
 from aurora_sweep.sweep.records import TrialRecord
 

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from aurora_sweep.cli import app
-from aurora_sweep.config.study import load_config
+from aurora_sweep.config.study_file import load_config
 from aurora_sweep.data.demo import DemoWorld, write_cds_files
 from aurora_sweep.data.store import open_store
 from aurora_sweep.sweep.records import TrialRecord

@@ -29,7 +29,8 @@ import dataclasses, functools, json, sys
 from pathlib import Path
 sys.path.insert(0, {str(TESTS)!r})
 import faults
-from aurora_sweep.config.study import load_config, with_overrides
+from aurora_sweep.config.study import with_overrides
+from aurora_sweep.config.study_file import load_config
 from aurora_sweep.sweep.run import run_study
 
 if __name__ == "__main__":

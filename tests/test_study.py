@@ -34,7 +34,7 @@ PARAMS = {"lora_rank", "lora_targets", "unfrozen_blocks", "batch_size", "precisi
 @pytest.fixture(scope="module")
 def finished_study(tmp_path_factory, tiny_store):
     """2 trials, then a second invocation asking for 4."""
-    from aurora_sweep.config.study import load_config
+    from aurora_sweep.config.study_file import load_config
     from conftest import write_tiny_config
 
     workdir = tmp_path_factory.mktemp("study")
@@ -318,7 +318,7 @@ def test_the_space_is_conditional_on_the_method():
     """No LoRA rank or targets for the methods without LoRA; `blocks` has its own count."""
     import dataclasses
 
-    from aurora_sweep.config.study import load_config
+    from aurora_sweep.config.study_file import load_config
     from aurora_sweep.sweep.space import sample_trial
     from aurora_sweep.sweep.storage import sampler
 
@@ -347,7 +347,7 @@ def test_the_space_is_conditional_on_the_method():
 
 @pytest.mark.slow
 def test_a_new_study_starts_with_the_reference_recipes(tmp_path, tiny_store):
-    from aurora_sweep.config.study import load_config
+    from aurora_sweep.config.study_file import load_config
     from conftest import write_tiny_config
 
     path = write_tiny_config(tmp_path, steps=2, store=tiny_store)
@@ -402,7 +402,7 @@ def test_a_skill_and_memory_study_answers_with_its_pareto_front(tmp_path, tiny_s
     from typer.testing import CliRunner
 
     from aurora_sweep.cli import app
-    from aurora_sweep.config.study import load_config
+    from aurora_sweep.config.study_file import load_config
     from aurora_sweep.report.best import pareto_front
     from conftest import write_tiny_config
 

@@ -24,7 +24,7 @@ SPANS = {
 
 
 def _study_config(root, target: str):
-    from aurora_sweep.config.study import load_config
+    from aurora_sweep.config.study_file import load_config
     from conftest import write_tiny_config
 
     text = write_tiny_config(root, steps=2).read_text()

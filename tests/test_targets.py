@@ -79,7 +79,7 @@ def test_every_target_says_what_the_cds_calls_it_and_what_it_means():
 
 
 def test_a_study_names_its_target_its_objective_follows_and_mismatches_are_refused(tmp_path):
-    from aurora_sweep.config.study import load_config
+    from aurora_sweep.config.study_file import load_config
     from aurora_sweep.config.targets import skill_name
     from aurora_sweep.errors import AuroraSweepError
     from conftest import write_tiny_config
@@ -115,7 +115,7 @@ def test_a_study_names_its_target_its_objective_follows_and_mismatches_are_refus
 
 
 def test_a_study_keeps_its_target_another_is_refused_in_one_line(tmp_path):
-    from aurora_sweep.config.study import load_config
+    from aurora_sweep.config.study_file import load_config
     from aurora_sweep.errors import AuroraSweepError
     from aurora_sweep.sweep.storage import open_study
     from conftest import write_tiny_config

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from aurora_sweep.config.study import load_config
+from aurora_sweep.config.study_file import load_config
 from aurora_sweep.memory import estimate as memory
 from aurora_sweep.memory import traced as trace
 from aurora_sweep.memory.meta_model import build_meta_model

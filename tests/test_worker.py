@@ -16,7 +16,7 @@ def test_sigterm_ends_the_trial_and_every_mlflow_run_in_one_line(tmp_path, tiny_
     import optuna
     from mlflow.tracking import MlflowClient
 
-    from aurora_sweep.config.study import load_config
+    from aurora_sweep.config.study_file import load_config
     from aurora_sweep.sweep.tracking import tracking_uri
     from conftest import write_tiny_config
 

@@ -159,7 +159,8 @@ def _run_config(
     import dataclasses
 
     from aurora_sweep.config.settings import parse_memory
-    from aurora_sweep.config.study import load_config, with_overrides
+    from aurora_sweep.config.study import with_overrides
+    from aurora_sweep.config.study_file import load_config
 
     study = load_config(config)
     cap = parse_memory(gpu_memory_cap) if gpu_memory_cap is not None else None
@@ -246,7 +247,8 @@ def best(
     """List the best trials (or the Pareto front); with --export, write the best one's adapter
     (or --trial N's) and model card."""
     _quiet_libraries()
-    from aurora_sweep.config.study import load_config, with_overrides
+    from aurora_sweep.config.study import with_overrides
+    from aurora_sweep.config.study_file import load_config
     from aurora_sweep.report.best import (
         against_references,
         best_by_method,

@@ -53,7 +53,7 @@ def download_command(
     """Download the study's ERA5 from the CDS (resumable), then build the store."""
     from rich.console import Console
 
-    from aurora_sweep.config.study import load_config
+    from aurora_sweep.config.study_file import load_config
     from aurora_sweep.data import era5
 
     try:
@@ -88,7 +88,7 @@ def import_command(
     """Build the store from CDS files you already have."""
     from rich.console import Console
 
-    from aurora_sweep.config.study import load_config
+    from aurora_sweep.config.study_file import load_config
     from aurora_sweep.data import era5
 
     try:

@@ -116,11 +116,17 @@ def check_region(region: Region) -> None:
         )
 
 
+def region_shape(region: Region, grid: float) -> tuple[int, int]:
+    """The box's (rows, columns) of grid points at `grid` degrees."""
+    rows = int((region.north - region.south) / grid + 1e-9) + 1
+    cols = int(((region.east - region.west) % 360) / grid + 1e-9) + 1
+    return rows, cols
+
+
 def check_region_size(region: Region, grid: float) -> None:
     """Refuse a box too small for Aurora at this grid spacing (`run` asks before any trial; the
     data commands take any box, a store can serve several studies)."""
-    rows = int((region.north - region.south) / grid + 1e-9) + 1
-    cols = int(((region.east - region.west) % 360) / grid + 1e-9) + 1
+    rows, cols = region_shape(region, grid)
     if rows < MIN_GRID_POINTS or cols < MIN_GRID_POINTS:
         side = (MIN_GRID_POINTS - 1) * grid
         raise AuroraSweepError(

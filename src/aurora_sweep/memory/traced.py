@@ -240,7 +240,8 @@ def _run_step(
     micro-batches, the gradients of the ones before."""
     from aurora_sweep.model.build import set_precision
     from aurora_sweep.model.loss import combine, loss_terms
-    from aurora_sweep.train.fit import MAX_GRAD_NORM, new_optimiser, pushforward
+    from aurora_sweep.train.fit import MAX_GRAD_NORM, pushforward
+    from aurora_sweep.train.optimiser import new_optimiser
 
     _fake_parameters(model)
     set_precision(model, "bf16" if trial.precision == "fp16" else trial.precision)

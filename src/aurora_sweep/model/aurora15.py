@@ -88,8 +88,11 @@ def insolation_at(times, lat: torch.Tensor, lon: torch.Tensor) -> torch.Tensor:
 
     lat_np = lat.detach().cpu().numpy().astype(np.float32)
     lon_np = np.mod(lon.detach().cpu().numpy(), 360.0).astype(np.float32)
-    return torch.from_numpy(np.asarray(insolation(list(times), lat_np, lon_np, enforce_2d=True),
-                                       dtype=np.float32).reshape(shape))  # fmt: skip
+    return torch.from_numpy(
+        np.asarray(
+            insolation(list(times), lat_np, lon_np, enforce_2d=True), dtype=np.float32
+        ).reshape(shape)
+    )
 
 
 class SixHourAurora15(AuroraV1p5):

@@ -14,7 +14,7 @@ is trained on them too, each with a weight of 1 (Aurora 1.5's own weights are no
 in its normalised units: a log-transformed variable (`scaled_sd`, the store's `sd`) in its log
 space, as Aurora 1.5 normalises it.
 
-In symbols, with w(i) = cos(lat_i) / mean(cos lat) and errors in each variable's normalised
+In symbols, with w(i) = cos(lat_i) / mean(cos lat) over the region (a tile's rows too) and errors in each variable's normalised
 units (Aurora's scales; the target's from the train split):
 
     L = 1/(V_S + V_A) * [ α Σ_k w_k mean_ij w(i)|ΔS_k| + β Σ_k w_k mean_cij w(i)|ΔA_k| ]
@@ -60,6 +60,9 @@ class LossSpec:
     #: with Aurora 1.5's fourteen more inputs (`dataset.Samples.surface`)
     surface: tuple[str, ...] = SURF_VARS
     target: Target = TARGETS[DEFAULT]
+    #: the mean cos(latitude) of the whole region, when `lat` are a tile's: the tile's rows are
+    #: weighed as the scores weigh them, not renormalised to a mean of 1 inside the tile
+    region_cos: float | None = None
 
     @property
     def dry(self) -> float | None:
@@ -72,9 +75,10 @@ class LossSpec:
         )
 
     def latitude_weights(self, device, dtype=torch.float32) -> torch.Tensor:
-        """cos(latitude) over its mean, shaped (lat, 1) to broadcast over longitudes."""
+        """cos(latitude) over its mean over the region, shaped (lat, 1) to broadcast over
+        longitudes."""
         w = np.cos(np.deg2rad(np.asarray(self.lat, dtype=np.float64)))
-        return torch.tensor(w / w.mean(), device=device, dtype=dtype)[:, None]
+        return torch.tensor(w / (self.region_cos or w.mean()), device=device, dtype=dtype)[:, None]
 
     def atmos_scales(self, name: str, device) -> torch.Tensor:
         """Aurora's scale of `name` at each of the study's levels, shaped (level, 1, 1)."""

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import optuna
 
-from aurora_sweep.config.study import StudyConfig, load_config
+from aurora_sweep.config.study import StudyConfig
+from aurora_sweep.config.study_file import load_config
 from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.report.best import against_references, completed, ranked, study_trials
 from aurora_sweep.sweep.records import TrialRecord

@@ -24,7 +24,8 @@ import pandas as pd
 import torch
 import xarray as xr
 
-from aurora_sweep.config.study import Period, load_config
+from aurora_sweep.config.study import Period
+from aurora_sweep.config.study_file import load_config
 from aurora_sweep.data.store import ATMOS_VARS, SURF_VARS
 from aurora_sweep.errors import AuroraSweepError
 

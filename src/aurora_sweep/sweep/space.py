@@ -13,7 +13,7 @@ from typing import Any
 import optuna
 
 from aurora_sweep.config.recipe import FULL_LR, FULL_NEW_VARIABLE_LR, LORA_METHODS, TrialConfig
-from aurora_sweep.config.settings import check_region_size, levels_text, text_levels
+from aurora_sweep.config.settings import check_region_size, levels_text, region_shape, text_levels
 from aurora_sweep.config.study import StudyConfig
 from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.sweep.records import TrialRecord, attrs
@@ -51,7 +51,8 @@ def sample_trial(trial: optuna.Trial, config: StudyConfig) -> TrialConfig:
     # search them draws the same trials as before
     accumulate = _maybe(trial, "accumulate", s.accumulate)
     optimizer = _maybe(trial, "optimizer", s.optimizer)
-    tile = _maybe(trial, "tile", s.tile)
+    # a rollout trains on the whole region: a tile cannot know what its steps carry in (`tiles`)
+    tile = _maybe(trial, "tile", s.tile) if rollout == 1 else 0
     levels = _levels(trial, config)
     if method == "full":
         precision, checkpointing, lr = _full_precision(config), True, FULL_LR
@@ -187,6 +188,7 @@ def check_search(config: StudyConfig) -> None:
     from aurora_sweep.model.build import backbone_blocks
 
     check_region_size(config.data.region, config.data.grid)
+    check_tiles(config)
     s = config.search
     asks = []
     if set(s.method) & set(LORA_METHODS):
@@ -205,3 +207,22 @@ def check_search(config: StudyConfig) -> None:
                     f"[search] {key} asks for {n} blocks but the {base} base model's "
                     f"backbone has {depth}: choose at most {depth}"
                 )
+
+
+def check_tiles(config: StudyConfig) -> None:
+    """Refuse a tile that is the whole box or more, and tiles that no trial could train on (a
+    trial with rollouts trains on the whole region, `tiles`)."""
+    rows, cols = region_shape(config.data.region, config.data.grid)
+    tiles, rollouts = config.search.tile, config.search.rollout_steps
+    for tile in tiles:
+        if tile >= rows and tile >= cols:
+            raise AuroraSweepError(
+                f"[search] tile {tile}: the box is {rows}x{cols} points, so the tile is all of "
+                "it; give 0 for the whole region, or a tile smaller than the box"
+            )
+    if 0 not in tiles and 1 not in rollouts:
+        raise AuroraSweepError(
+            f"[search] tile {list(tiles)} with rollout_steps {list(rollouts)}: a rollout trains "
+            "on the whole region (a tile cannot know what its steps carry in from outside it); "
+            "add 0 to [search] tile or 1 to [search] rollout_steps"
+        )

@@ -317,7 +317,7 @@ class _Session:
         """Load the study's data and score the base model in the first precision searched."""
         import torch
 
-        from aurora_sweep.config.study import load_config
+        from aurora_sweep.config.study_file import load_config
         from aurora_sweep.data.cube import open_cube
         from aurora_sweep.data.trial_data import TrialData
         from aurora_sweep.devices import default_device

@@ -25,8 +25,7 @@ import numpy as np
 import psutil
 import torch
 
-from aurora_sweep.config.bases import BASES
-from aurora_sweep.config.recipe import FULL_NEW_VARIABLE_LR, TrialConfig
+from aurora_sweep.config.recipe import TrialConfig
 from aurora_sweep.data.samples import (
     TargetStats,
 )
@@ -37,20 +36,15 @@ from aurora_sweep.model.build import (
     apply_method,
     build_base,
     init_new_variable,
-    input_embedding,
     load_base_checkpoint,
     set_longitude_wrap,
     set_precision,
 )
 from aurora_sweep.model.loss import LossSpec, combine, loss_terms
-from aurora_sweep.train.tiles import crop_sample, tile_origins, tile_side
+from aurora_sweep.train.optimiser import trial_optimiser
+from aurora_sweep.train.tiles import crop_sample, tile_draws, tile_side
 from aurora_sweep.verify.scoring import eval_batch_size, forecast, subset_objective, verify
 
-#: Learning-rate multiplier for the new variable's head.
-NEW_VARIABLE_LR_FACTOR = 5.0
-#: The learning-rate schedule: a linear warm-up over this share of the steps (at least one),
-#: then a cosine decay to `FINAL_LR_FACTOR` of the peak at the last step.
-WARMUP_SHARE, FINAL_LR_FACTOR = 0.1, 0.1
 #: Gradients are clipped to this global norm (over every trained tensor).
 MAX_GRAD_NORM = 1.0
 
@@ -80,29 +74,17 @@ def pushforward(model, batch, steps: int):
     return dataclasses.replace(batch, metadata=dataclasses.replace(batch.metadata, rollout_step=0))
 
 
-def learning_rate_factor(step: int, steps: int) -> float:
-    """The share of the peak learning rate at `step` (1-based) of `steps`: a linear warm-up over
-    the first `WARMUP_SHARE` of the steps, then a cosine decay to `FINAL_LR_FACTOR` at the last.
-
-    A constant rate lets fast starters win the pruner's early comparisons; Aurora's fine-tuning
-    guide samples a constant rate, so warm-up and decay are our choice (a common one).
-    """
-    warmup = max(1, round(WARMUP_SHARE * steps))
-    if step <= warmup:
-        return step / warmup
-    if steps <= warmup:
-        return 1.0
-    progress = (step - warmup) / (steps - warmup)
-    return FINAL_LR_FACTOR + (1 - FINAL_LR_FACTOR) * 0.5 * (1 + np.cos(np.pi * progress))
-
-
 def loss_spec(trial: TrialConfig, data: TrialData) -> LossSpec:
     """The trial's loss settings on the grid it trains on."""
     return LossSpec(
-        levels=trial.levels, lat=data.train.cube["latitude"].values,
-        target_scale=data.stats.scale, target_weight=trial.target_weight,
-        target_loss=trial.loss, surface=data.train.surface, target=data.train.variable,
-    )  # fmt: skip
+        levels=trial.levels,
+        lat=data.train.cube["latitude"].values,
+        target_scale=data.stats.scale,
+        target_weight=trial.target_weight,
+        target_loss=trial.loss,
+        surface=data.train.surface,
+        target=data.train.variable,
+    )
 
 
 @dataclass
@@ -249,27 +231,16 @@ def build_trial_model(trial: TrialConfig, stats: TargetStats, checkpoint: Path):
     load_base_checkpoint(model, checkpoint)
     init_new_variable(model, start=(stats.mean - stats.location) / stats.scale)
     peft_model, parts = apply_method(
-        model, method=trial.method, rank=trial.lora_rank, targets=trial.lora_targets,
-        unfrozen_blocks=trial.unfrozen_blocks, train_input=trial.target_input_lr > 0,
-    )  # fmt: skip
+        model,
+        method=trial.method,
+        rank=trial.lora_rank,
+        targets=trial.lora_targets,
+        unfrozen_blocks=trial.unfrozen_blocks,
+        train_input=trial.target_input_lr > 0,
+    )
     set_precision(model, trial.precision)
     set_longitude_wrap(model, trial.wrap_longitude)
     return peft_model, model, parts
-
-
-def input_lr(trial: TrialConfig) -> float:
-    """The learning rate of the target's input embedding: `target_input_lr` times the trial's rate."""
-    return trial.learning_rate * trial.target_input_lr
-
-
-def new_variable_lr(trial: TrialConfig) -> float:
-    """The target's embedding and head start from zero and must learn the most: a larger step. A base's
-    own precipitation head (Aurora 1.5's) is pretrained: the trial's rate."""
-    if BASES[trial.base].own_precipitation:
-        return trial.learning_rate
-    if trial.method == "full":
-        return FULL_NEW_VARIABLE_LR
-    return trial.learning_rate * NEW_VARIABLE_LR_FACTOR
 
 
 def eval_indices(n: int, limit: int) -> np.ndarray:
@@ -299,14 +270,21 @@ def fit(
         if trial.checkpointed:
             model.configure_activation_checkpointing(trial.checkpointed)
         peft_model.to(device)
-        step = _Step(trial, spec, peft_model, *_optimiser(trial, peft_model, model, parts), device)
+        step = _Step(
+            trial, spec, peft_model, *trial_optimiser(trial, peft_model, model, parts), device
+        )
         curves = _Curves(spec)
         checks = _PrunerChecks(trial, data, spec, eval_batch_size(trial.batch_size, device), device)
         wait_share = _train_loop(trial, data, peft_model, step, curves, checks, on_step, report)
         metrics, forecasts = verify(
-            peft_model, data, batch_size=checks.batch_size, device=device, bootstrap=bootstrap,
-            reference=data.reference_key(trial.base, trial.precision, trial.levels), loss=spec,
-        )  # fmt: skip
+            peft_model,
+            data,
+            batch_size=checks.batch_size,
+            device=device,
+            bootstrap=bootstrap,
+            reference=data.reference_key(trial.base, trial.precision, trial.levels),
+            loss=spec,
+        )
         curves.validation(trial.steps, forecasts)
     return TrialResult(
         train_loss=curves.train_loss,
@@ -353,11 +331,16 @@ def _train_loop(
     read = train.training_batch
     if trial.tile:  # each micro-batch on a tile of its own, drawn from a stream of its own
         side = tile_side(trial.tile, train.grid)
-        corners = tile_origins(np.random.default_rng([trial.seed, 1]), train.grid, side, len(plan))
-        plan = list(zip(plan, map(tuple, corners)))
+        plan = list(
+            zip(
+                plan,
+                tile_draws(np.random.default_rng([trial.seed, 1]), train.grid, side, len(plan)),
+            )
+        )
 
         def read(item):
-            return crop_sample(*train.training_batch(item[0]), item[1], side)
+            micro, (origin, shape) = item
+            return crop_sample(*train.training_batch(micro), origin, shape)
 
     with Prefetcher(read, plan) as batches:
         waited, loop_started, taken = 0.0, time.perf_counter(), 0
@@ -379,49 +362,6 @@ def _train_loop(
     return waited / loop_seconds if loop_seconds > 0 else 0.0
 
 
-#: Adafactor's floor under its relative step: torch's Adafactor moves a tensor by
-#: max(eps2, RMS of the tensor) × lr × its normalised update, and its default eps2 of 1e-3 moves
-#: a zero-initialised tensor (LoRA's B, the new variable's head and embedding) 1,000× less than
-#: AdamW at the same learning rate, and a pretrained one of RMS 0.02 50× less. At 1, every tensor
-#: of RMS up to 1 moves by lr × its normalised update, as under AdamW (whose first step is
-#: lr × sign(gradient)): a sweep compares the two optimisers' memory, not their step sizes.
-ADAFACTOR_STEP_FLOOR = 1.0
-
-
-def new_optimiser(kind: str, params, *, lr: float, weight_decay: float = 0.0, **options):
-    """AdamW or Adafactor (`kind`) over `params` (tensors or parameter groups), with steps of the
-    same size at the same learning rate (`ADAFACTOR_STEP_FLOOR`)."""
-    if kind == "adafactor":
-        eps = (None, ADAFACTOR_STEP_FLOOR)
-        return torch.optim.Adafactor(params, lr=lr, weight_decay=weight_decay, eps=eps, **options)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **options)
-
-
-def _optimiser(trial: TrialConfig, peft_model, model, parts: TrainableParts):
-    """The trial's optimiser (AdamW or Adafactor) over the trained parameters, its schedule,
-    and the parameters clipped.
-
-    The target's head starts from zero and must learn the most: a larger step for it; its input
-    embedding writes into Aurora's latent state: a step of its own (none: output-only).
-    """
-    embedding = model.get_parameter(input_embedding(model))
-    head = [model.get_parameter(k) for k in parts.new_variable]
-    head = [p for p in head if p is not embedding]
-    new_ids = {id(p) for p in (*head, embedding)}
-    rest = [p for p in peft_model.parameters() if p.requires_grad and id(p) not in new_ids]
-    groups = [{"params": rest}, {"params": head, "lr": new_variable_lr(trial)}]
-    if embedding.requires_grad:
-        groups.append({"params": [embedding], "lr": input_lr(trial)})
-    optimiser = new_optimiser(
-        trial.optimizer, groups, lr=trial.learning_rate, weight_decay=trial.weight_decay
-    )
-    # LambdaLR calls the factor once at construction (step 0), then after each step
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimiser, lambda k: learning_rate_factor(k + 1, trial.steps)
-    )
-    return optimiser, schedule, [p for group in groups for p in group["params"]]
-
-
 @dataclass
 class _Step:
     """One optimiser step over its micro-batches: for each, forward (after the rollout's
@@ -438,6 +378,7 @@ class _Step:
 
     def __post_init__(self) -> None:
         self.scaler = torch.amp.GradScaler("cuda") if self.trial.precision == "fp16" else None
+        self.region_cos = float(np.cos(np.deg2rad(np.asarray(self.spec.lat, float))).mean())
 
     def __call__(self, step: int, micro: list) -> float:
         self.optimiser.zero_grad(set_to_none=True)
@@ -448,8 +389,9 @@ class _Step:
             # the raw output: the target is not clamped at 0 while training (model.clamped)
             batch = pushforward(self.model, batch.to(self.device), self.trial.rollout_steps)
             spec = self.spec
-            if self.trial.tile:  # the tile's own latitudes weigh its rows
-                spec = dataclasses.replace(spec, lat=batch.metadata.lat.cpu().numpy())
+            if self.trial.tile:  # the tile's rows, weighed as the scores weigh them
+                lat = batch.metadata.lat.cpu().numpy()
+                spec = dataclasses.replace(spec, lat=lat, region_cos=self.region_cos)
             loss = combine(spec, loss_terms(spec, self.model(batch), target))
             # weighted by its share of the step's samples: the mean one batch of them would have
             loss = loss * (len(target[name]) / samples)

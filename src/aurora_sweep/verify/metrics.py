@@ -53,7 +53,11 @@ The scores, for a forecast f against observations o (`w` = cos(latitude), from s
   the side of scores' `ThresholdEventOperator` default (`operator.ge`), which we pass explicitly.
   Counts are pooled over samples and points and NOT latitude-weighted: these are the usual
   grid-point contingency counts (scores' `transform` sums events; MET's grid-stat does the same by
-  default), and they live in grid space like the FSS next to them.
+  default), and they live in grid space like the FSS next to them. Pooled, not per time and
+  averaged: a small region's 6-hour window often holds no event at the higher thresholds, where
+  a per-time CSI or ETS is undefined. Pooling over points of different climates credits a
+  forecast for knowing where it rains more often (Hamill and Juras 2006), so these compare
+  recipes of one study, not published values.
 - `tp_fss_{t}_w{w}`: fractions skill score (Roberts and Lean 2008) of the event "tp >= t mm" in
   square windows of w x w grid points, as `scores.spatial.fss_2d` computes it with
   `np.greater_equal` (its default is `>`, which we override to match the categorical scores) and
