@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from aurora_sweep.config.objective import Objective
 from aurora_sweep.config.recipe import TrialConfig, base_key
 from aurora_sweep.data.store import open_store
 from aurora_sweep.data.trial_data import TrialData
@@ -76,7 +77,7 @@ def test_the_pruners_value_is_the_completed_trials_objective_on_a_subset(prepare
     model, *_ = build_trial_model(trial, data.stats, DEMO_CHECKPOINT)
     idx = np.arange(len(data.validation))
     metrics, result = verify(model, data, batch_size=16, device=CPU, bootstrap=0)
-    assert subset_objective(result.values, data, idx) == pytest.approx(metrics[data.objective])
+    assert subset_objective(result.values, data, idx) == pytest.approx(metrics[data.objective.name])
 
 
 def test_the_base_model_is_scored_in_the_trials_precision(prepared, tiny_config):
@@ -134,7 +135,7 @@ def test_an_objective_the_data_cannot_define_is_refused_before_any_trial(prepare
     dry = dataclasses.replace(data, seeps=always_dry, lead_seeps={1: always_dry})
     with pytest.raises(AuroraSweepError, match='tp_seeps is undefined.*"tp_rmse"'):
         check_objective_defined(dry)
-    check_objective_defined(dataclasses.replace(dry, objective="tp_rmse"))
+    check_objective_defined(dataclasses.replace(dry, objective=Objective.parse("tp_rmse")))
 
 
 def test_scores_exist_at_every_lead_and_24h_seeps_uses_its_own_dry_threshold(prepared):

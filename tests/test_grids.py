@@ -63,7 +63,7 @@ def test_a_trial_runs_on_the_grid_of_every_shipped_study(path, tmp_path):
     n = len(data.validation)
     assert result.forecasts.values.shape == (n, rows, cols)
     assert data.validation.observed(np.arange(n)).shape == (n, rows, cols)
-    assert np.isfinite(result.metrics[config.objective])
+    assert np.isfinite(result.metrics[config.objective.name])
     land = data.validation.scored_points  # runoff: scored on land only
     assert (land is not None) == TARGETS[d.target].land_only
     assert land is None or 0 < land.sum() < land.size

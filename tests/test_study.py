@@ -112,11 +112,12 @@ def test_the_base_models_scores_are_computed_once_per_study(finished_study):
 
 @pytest.mark.slow
 def test_best_compares_each_trial_with_the_best_by_a_paired_difference(finished_study):
+    from aurora_sweep.config.objective import Objective
     from aurora_sweep.report.best import distinguishable, paired_to, score
 
     config, *_ = finished_study
     trials = ranked_trials(config)
-    deltas = paired_to(trials[0], trials, "tp_seeps")
+    deltas = paired_to(trials[0], trials, Objective.parse("tp_seeps"))
     assert deltas[0] == (0.0, 0.0, 0.0) and not distinguishable(deltas[0])
     for t, (delta, lo, hi) in zip(trials, deltas):
         # the per-sample terms kept with each trial give back its objective's difference

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from aurora_sweep.config.bases import reads_v15_inputs
+from aurora_sweep.config.objective import Objective
 from aurora_sweep.config.recipe import LEADS, base_key
 from aurora_sweep.config.study import Period, StudyConfig
 from aurora_sweep.config.targets import TARGETS
@@ -39,7 +40,7 @@ class TrialData:
     stats: TargetStats
     climatology: np.ndarray  # (month, hour, lat, lon), in the target's units
     seeps: SeepsClimate | None  # None: SEEPS is not defined for the target
-    objective: str
+    objective: Objective  # at 6 h; its lead is `objective_steps`
     #: the untouched base model's MSE per variable on the evaluation split (forgetting ratios),
     #: by precision, then by lead ('6h', '12h', '24h'): a trial is compared with the base run in
     #: its own precision, at each lead it is scored at

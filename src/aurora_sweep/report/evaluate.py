@@ -175,6 +175,7 @@ def evaluate_adapter(
     """Score an exported adapter on the whole of `split` with its study's data: every lead's
     scores (with the worst forgetting ratio of each, `forget_worst_ratio`), or with `lead`
     ('12h', '24h') that lead's alone under the 6-hour names."""
+    from aurora_sweep.config.objective import forget_name, split_lead
     from aurora_sweep.config.recipe import LEADS, lead_suffix, parse_lead
     from aurora_sweep.sweep.outcomes import worst_forgetting
 
@@ -186,13 +187,11 @@ def evaluate_adapter(
     for k in LEADS:  # the worst forgetting at each lead, as a trial records it
         worst = worst_forgetting(scores, lead_suffix(k))
         if worst is not None:
-            scores[f"forget_worst_ratio{lead_suffix(k)}"] = worst[1]
+            scores[forget_name("worst", lead_suffix(k))] = worst[1]
     if steps is None:
         return {**scores, "split": split, "samples": len(data.validation)}
-    sfx = lead_suffix(steps)
-    longer = tuple(lead_suffix(k) for k in LEADS if k > 1)
-    names = [k for k in scores if not k.endswith(longer)]
-    picked = {k: scores[k + sfx] for k in names if k + sfx in scores}
+    named = {k: split_lead(k) for k in scores}
+    picked = {name: scores[k] for k, (name, at) in named.items() if at == steps}
     return {**picked, "split": split, "lead": lead, "samples": len(data.leads[steps])}
 
 
@@ -247,14 +246,14 @@ def report_adapter(
         **trial.to_dict(),
         "base checkpoint": f"{meta['base']['checkpoint']} (sha256 {meta['base']['sha256'][:12]}…)",
         "region": meta.get("data", {}).get("region", "?"),
-        "objective": data.objective,
+        "objective": data.objective.name,
     }
     objective = data.objective
     return write_report(
         Path(out),
         title=f"{Path(adapter).resolve().name}: {samples.variable.what} from Aurora",
         subtitle=(
-            f"{split} split, {objective} {scores[objective]:.4f}; base {trial.base}; "
+            f"{split} split, {objective} {scores[objective.name]:.4f}; base {trial.base}; "
             f"levels {', '.join(map(str, trial.levels))} hPa; made {dt.date.today()}"
         ),
         recipe=recipe,

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import optuna
 
+from aurora_sweep.config.objective import forget_name
 from aurora_sweep.config.recipe import LEADS, lead_suffix
 from aurora_sweep.config.study import MIB, StudyConfig
 from aurora_sweep.sweep.records import worst_forgetting, write_attrs, write_scores
@@ -173,14 +174,14 @@ class Recorder:
             suffix = lead_suffix(steps)
             worst = worst_forgetting(outcome.metrics, suffix)
             if worst is not None:
-                scalars["forget_worst_ratio" + suffix] = worst[1]
+                scalars[forget_name("worst", suffix)] = worst[1]
                 worst_variable[suffix] = worst[0]
                 if steps == config.lead_steps:  # the constraint: at the study's lead
                     self.check_forgetting(trial, run, *worst)
         run.log_history({
             "train_loss": outcome.train_loss, "val_loss": outcome.val_loss,
             **{f"val_loss_{k}": v for k, v in outcome.val_terms.items()},
-            f"val_{config.objective}_subset": outcome.intermediate,
+            f"val_{config.objective.name}_subset": outcome.intermediate,
             **{k: [(0, v)] for k, v in scalars.items()},
         })  # fmt: skip
         write_scores(trial, scalars, worst_variable)

@@ -430,7 +430,7 @@ class _Session:
             checkpoint=self.checkpoint_for(trial.base), study_config=config.path,
             metrics=result.metrics,
             history={"train_loss": result.train_loss, "val_loss": result.val_loss},
-            extra=(self.spec.extra or {}) | {"objective": config.objective},
+            extra=(self.spec.extra or {}) | {"objective": config.objective.name},
         )  # fmt: skip
         figures = adapter_dir.parent / "figures"
         figures.mkdir(parents=True, exist_ok=True)
