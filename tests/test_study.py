@@ -95,15 +95,16 @@ def test_pruned_and_completed_trials_store_the_objective_in_the_same_units(finis
 @pytest.mark.slow
 def test_the_base_models_scores_are_computed_once_per_study(finished_study):
     config, *_ = finished_study
-    from aurora_sweep.config.recipe import base_key
+    from aurora_sweep.config.recipe import BaseKey
     from aurora_sweep.sweep.records import BASE_MSE, TrialRecord
 
     study = open_study(config, create=False)
     by_precision = study.user_attrs[BASE_MSE]
     # the precisions the trials ran in (on their base), each scored once
     recipes = [r.config for r in map(TrialRecord.of, study.trials) if r.config]
-    used = {base_key(c["base"], c["precision"]) for c in recipes}
-    assert set(by_precision) == used | {base_key(config.bases[0], config.search.precision[0])}
+    used = {str(BaseKey(c["base"], c["precision"])) for c in recipes}
+    first = BaseKey(config.bases[0], config.search.precision[0])
+    assert set(by_precision) == used | {str(first)}
     for by_lead in by_precision.values():
         assert set(by_lead) == {"6h", "12h", "24h"}  # the base model at every lead scored
         for base in by_lead.values():

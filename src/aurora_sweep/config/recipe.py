@@ -98,12 +98,20 @@ AUTO_CHECKPOINTING = (
 )  # fmt: skip
 
 
-def base_key(base: str, precision: str, levels: tuple[int, ...] = ()) -> str:
-    """The key of the untouched base model's scores, run in `precision` (on `levels` when a
-    trial trains on a subset of the study's): a trial's forgetting is measured against its own
-    base in its own precision on its own levels."""
-    key = f"{base}/{precision}"
-    return f"{key}/{','.join(map(str, levels))}hPa" if levels else key
+@dataclass(frozen=True)
+class BaseKey:
+    """Which untouched base model's scores a trial is compared with: `base` run in `precision`
+    (on `levels` when a trial trains on a subset of the study's): a trial's forgetting is
+    measured against its own base in its own precision on its own levels. `str()` is the key
+    those scores are stored under (`demo/fp32`, `demo/fp32/500,700hPa`)."""
+
+    base: str
+    precision: Precision
+    levels: tuple[int, ...] = ()
+
+    def __str__(self) -> str:
+        key = f"{self.base}/{self.precision}"
+        return f"{key}/{','.join(map(str, self.levels))}hPa" if self.levels else key
 
 
 @dataclass(frozen=True)

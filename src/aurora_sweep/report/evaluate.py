@@ -14,6 +14,7 @@ from pathlib import Path
 
 import optuna
 
+from aurora_sweep.config.recipe import BaseKey
 from aurora_sweep.config.study import StudyConfig, load_config
 from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.report.best import against_references, completed, ranked, study_trials
@@ -134,7 +135,7 @@ def prepare_evaluation(adapter: Path, *, split: str, checkpoint: Path | None = N
     model = load_finetuned(adapter, checkpoint=checkpoint, device=str(device))
     path = resolve_checkpoint(trial.base, checkpoint)
     data.base_mse = {  # by lead, the trial's base in its precision on its levels
-        reference_key(data, trial): base_state_mse(
+        str(reference_key(data, trial)): base_state_mse(
             data,
             base=trial.base,
             checkpoint=path,
@@ -159,7 +160,7 @@ def verify_prepared(model, data, trial, device, *, bootstrap: int):
     )  # fmt: skip
 
 
-def reference_key(data, trial) -> str:
+def reference_key(data, trial) -> BaseKey:
     """The key of the base model's scores `trial` is compared with in `data.base_mse`."""
     return data.reference_key(trial.base, trial.precision, trial.levels)
 
@@ -258,7 +259,7 @@ def report_adapter(
         ),
         recipe=recipe,
         scores=report_rows(scores, objective),
-        forgetting=forgetting_rows(scores, data.base_mse[reference_key(data, trial)]["6h"]),
+        forgetting=forgetting_rows(scores, data.base_mse[str(reference_key(data, trial))]["6h"]),
         leads=lead_rows(scores, objective),
         figures=_report_figures(data, fc, meta, ij),
         notes=report_notes(

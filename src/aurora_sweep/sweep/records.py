@@ -21,7 +21,7 @@ from aurora_sweep.config.objective import Objective, forget_name, forgotten
 
 #: every score and measurement of a finished trial, {name: value}
 SCORES = "scores"
-#: the study's user attribute with the base model's MSE per variable, by `recipe.base_key`, then lead
+#: the study's user attribute with the base model's MSE per variable, by `recipe.BaseKey`, then lead
 #: (a study written when one base was searched keyed it by precision alone, under another name:
 #: its base scores are computed again, once)
 BASE_MSE = "base_mse_by_base"

@@ -368,7 +368,7 @@ class _Session:
         them."""
         from aurora_sweep.verify.scoring import base_state_mse
 
-        key = self.data.reference_key(base, precision, levels)
+        key = str(self.data.reference_key(base, precision, levels))
         if key not in self.data.base_mse:
             self.data.base_mse[key] = base_state_mse(
                 self.data.for_trial(base, levels), base=base, checkpoint=self.checkpoint_for(base),

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from aurora_sweep.config.objective import at_lead, forget_name
-from aurora_sweep.config.recipe import LEADS
+from aurora_sweep.config.recipe import LEADS, BaseKey
 from aurora_sweep.data.climates import SEEPS_P_DRY_RANGE, climatology_forecast
 from aurora_sweep.data.samples import Samples
 from aurora_sweep.data.store import ATMOS_VARS, SURF_VARS
@@ -322,19 +322,19 @@ def verify(
     batch_size: int,
     device,
     bootstrap: int = 1000,
-    reference: str | None = None,
+    reference: BaseKey | None = None,
     loss: LossSpec | None = None,
 ) -> tuple[dict[str, float], Forecasts]:
     """The target's scores (with intervals) and forgetting ratios of `model` on `data`'s evaluation split
     at every lead scored (6-hour names plain, the others with `_12h`, `_24h`), against the base
-    model's scores `data.base_mse[reference]` (`recipe.base_key`: the trial's base in its
+    model's scores `data.base_mse[str(reference)]` (`recipe.BaseKey`: the trial's base in its
     precision; None or absent: no forgetting ratios); with `loss`, the 6-hour validation loss's
     terms too.
 
     Returns the scores and the 6-hour forecasts, which carry the objective's per-sample terms at
     the study's lead (for paired comparisons between trials).
     """
-    base = (data.base_mse or {}).get(reference) or {}
+    base = (data.base_mse or {}).get(str(reference)) or {} if reference else {}
     metrics: dict[str, float] = {}
     six_hours: Forecasts | None = None
     with merged_adapter(model):
