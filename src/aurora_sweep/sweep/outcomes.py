@@ -1,7 +1,10 @@
-"""How a trial ended, and what that means for Optuna and MLflow.
+"""How a trial ended, and what that means for Optuna and MLflow; and what the study process
+and a trial worker say to each other over their pipe.
 
 The worker sends one outcome per trial over its pipe, a dataclass: `Complete`, `Pruned`,
-`OutOfMemory` or `Failed`. `record(outcome, trial, run, ...)` is the one place that turns an
+`OutOfMemory` or `Failed`. The pipe's other messages are dataclasses too (`Start`, `RunTrial`,
+`Verdict`, `Stop` to the worker; `Ready`, `StartFailed`, `Report` from it), so that either side
+reads fields, not positions in a tuple. `record(outcome, trial, run, ...)` is the one place that turns an
 outcome into the trial's Optuna state (a value, `TrialPruned`, `TrialError`), its user attributes
 (through `records`) and its MLflow metrics, tags and history. It needs no worker, no database and
 no torch: its tests pass a fake trial and a fake run.
@@ -72,6 +75,68 @@ class Failed:
 
 
 Outcome = Complete | Pruned | OutOfMemory | Failed
+
+#: the study's base-model scores: by `recipe.BaseKey` (as text), then lead, then variable
+BaseScores = dict[str, dict[str, dict[str, float]]]
+
+
+@dataclass(frozen=True)
+class Start:
+    """To a worker, first (it may be launched before the data exist): make or open the data,
+    with the base model's and Aurora 1.5's scores the study already has."""
+
+    base_mse: BaseScores | None
+    aurora15: dict[str, dict] | None
+
+
+@dataclass(frozen=True)
+class Ready:
+    """From a worker that has its data: what it holds and where it trains, and the base model's
+    and Aurora 1.5's scores as it has them now (the study keeps them for later workers)."""
+
+    train: int
+    validation: int
+    device: str
+    checkpoint: str
+    base_mse: BaseScores
+    aurora15: dict[str, dict]
+
+
+@dataclass(frozen=True)
+class StartFailed:
+    """From a worker that could not make its data or model (a config's fault: said as is)."""
+
+    message: str
+
+
+@dataclass(frozen=True)
+class RunTrial:
+    """To a worker: run this trial (`TrialConfig.to_dict`), leaving its adapter in
+    `adapter_dir`."""
+
+    trial: dict[str, Any]
+    adapter_dir: str
+
+
+@dataclass(frozen=True)
+class Report:
+    """From a worker: the trial's objective on the pruner's subset at `step`; it waits for a
+    `Verdict`."""
+
+    step: int
+    value: float
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """To a worker, in answer to a `Report`: stop the trial (prune) or go on."""
+
+    prune: bool
+
+
+@dataclass(frozen=True)
+class Stop:
+    """To a worker between trials: exit."""
 
 
 class TrialError(RuntimeError):
