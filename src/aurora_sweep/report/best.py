@@ -11,7 +11,7 @@ import optuna
 from rich.table import Table
 
 from aurora_sweep.config.objective import Objective
-from aurora_sweep.config.recipe import LORA_METHODS
+from aurora_sweep.config.recipe import LORA_METHODS, lead_suffix
 from aurora_sweep.config.settings import text_levels
 from aurora_sweep.config.study import StudyConfig
 from aurora_sweep.sweep.records import TrialRecord
@@ -99,21 +99,31 @@ def pareto_table(config: StudyConfig, trials: list[optuna.trial.FrozenTrial]) ->
         f"({len(front)} trials; none is both more skilful and cheaper; *: a reference recipe)"
     )
     predicted = cost != "predicted_peak_mb"  # also show the prediction beside another cost
-    for c in ("trial", objective.name, "90 % interval", f"Δ {objective}", cost, f"Δ {cost}",
-              *(["predicted GPU MB"] if predicted else []), "recipe"):  # fmt: skip
+    for c in (
+        "trial",
+        objective.name,
+        "90 % interval",
+        f"Δ {objective}",
+        cost,
+        f"Δ {cost}",
+        *(["predicted GPU MB"] if predicted else []),
+        "recipe",
+    ):
         table.add_column(c, justify="left" if c == "recipe" else "right")
     previous = None
     for t in front:
         a, ci = TrialRecord.of(t), interval(t, scored(config))
         spent = a.get(cost)
         table.add_row(
-            str(t.number), f"{score(t):.4f}", f"{ci[0]:.4f}–{ci[1]:.4f}" if ci else "-",
+            str(t.number),
+            f"{score(t):.4f}",
+            f"{ci[0]:.4f}–{ci[1]:.4f}" if ci else "-",
             f"{score(t) - score(previous):+.4f}" if previous else "",
             f"{spent:.1f}" if cost == "trial_seconds" else f"{spent:.0f}",
             f"{spent - TrialRecord.of(previous).get(cost):+.1f}" if previous else "",
             *([f"{a.get('predicted_peak_mb'):.0f}"] if predicted else []),
             recipe(t),
-        )  # fmt: skip
+        )
         previous = t
     return table
 
@@ -131,8 +141,6 @@ def scored(config: StudyConfig) -> Objective:
 
 def lead_of(config: StudyConfig) -> str:
     """The suffix of the study's lead in metric names ('' for 6 h, '_12h', '_24h')."""
-    from aurora_sweep.config.recipe import lead_suffix
-
     return lead_suffix(config.lead_steps)
 
 
@@ -188,37 +196,66 @@ def top_trials_table(
         f"×{config.max_forgetting:g}, never the answer; *: a reference recipe)"
     )
     zero_shot = "aurora-1.5" in config.baselines
-    cols = ("trial", objective.name, "90 % interval", "Δ best", "≈", "skill pers.", "skill clim.",
-            *(("skill A1.5",) if zero_shot else ()), "worst forgetting", "recipe", "peak MB",
-            "s")  # fmt: skip
+    cols = (
+        "trial",
+        objective.name,
+        "90 % interval",
+        "Δ best",
+        "≈",
+        "skill pers.",
+        "skill clim.",
+        *(("skill A1.5",) if zero_shot else ()),
+        "worst forgetting",
+        "recipe",
+        "peak MB",
+        "s",
+    )
     for c in cols:
         table.add_column(c, justify="left" if c in ("recipe", "worst forgetting") else "right")
     shown = listed[:top]
     deltas = paired_to(best, shown, objective) if best else [None] * len(shown)
-    sfx, at = lead_of(config), scored(config)
+    at = scored(config)
     for t, delta in zip(shown, deltas):
-        a = TrialRecord.of(t)
-        ci = a.interval(at)
-        forgot = a.worst_forgetting(sfx)
-        worst = f"{forgot[0]} ×{forgot[1]:.2f}" if forgot else "-"
-        if forgets(t):
-            worst = f"✗ {worst}"
         same = t is best or delta is None
-        table.add_row(
-            str(t.number), f"{score(t):.4f}", f"{ci[0]:.4f}–{ci[1]:.4f}" if ci else "-",
-            "" if same else f"{delta[0]:+.4f} [{delta[1]:+.4f}, {delta[2]:+.4f}]",
-            "" if same or distinguishable(delta) else "≈", _skill(a, at, "persistence"),
-            _skill(a, at, "climatology"), *((_skill(a, at, "aurora15"),) if zero_shot else ()), worst, recipe(t),
-            f"{a.get('peak_memory_mb'):.0f}", f"{a.get('trial_seconds'):.1f}",
-        )  # fmt: skip
+        table.add_row(*_top_row(t, None if same else delta, at, zero_shot=zero_shot))
     if zero_shot and shown:  # the baseline itself: the same samples for every trial
         value = TrialRecord.of(shown[0]).value(at.of("aurora15"))
         if value is not None:
-            table.add_row(
-                "A1.5", f"{value:.4f}", "-", "", "", "", "", "", "-",
-                "Aurora 1.5 untrained (zero-shot baseline)", "", "",
-            )  # fmt: skip
+            what = "Aurora 1.5 untrained (zero-shot baseline)"
+            table.add_row("A1.5", f"{value:.4f}", "-", *[""] * 5, "-", what, "", "")
     return table
+
+
+def _top_row(
+    t: optuna.trial.FrozenTrial,
+    delta: tuple[float, float, float] | None,
+    objective: Objective,
+    *,
+    zero_shot: bool,
+) -> tuple[str, ...]:
+    """A trial's row of `top_trials_table`: its `objective` (at the study's lead) with its
+    interval, its paired difference to the best (`delta`; None: the best itself, or not
+    comparable), its skills, worst forgetting, recipe and costs."""
+    a = TrialRecord.of(t)
+    ci = a.interval(objective)
+    forgot = a.worst_forgetting(lead_suffix(objective.lead))
+    worst = f"{forgot[0]} ×{forgot[1]:.2f}" if forgot else "-"
+    if forgets(t):
+        worst = f"✗ {worst}"
+    return (
+        str(t.number),
+        f"{score(t):.4f}",
+        f"{ci[0]:.4f}–{ci[1]:.4f}" if ci else "-",
+        "" if delta is None else f"{delta[0]:+.4f} [{delta[1]:+.4f}, {delta[2]:+.4f}]",
+        "" if delta is None or distinguishable(delta) else "≈",
+        _skill(a, objective, "persistence"),
+        _skill(a, objective, "climatology"),
+        *((_skill(a, objective, "aurora15"),) if zero_shot else ()),
+        worst,
+        recipe(t),
+        f"{a.get('peak_memory_mb'):.0f}",
+        f"{a.get('trial_seconds'):.1f}",
+    )
 
 
 def recipe(trial: optuna.trial.FrozenTrial) -> str:

@@ -225,11 +225,15 @@ class Recorder:
         value = outcome.metrics.get(config.objective_metric, float("nan"))
         if not math.isfinite(value):
             raise self.failed(
-                trial, f"its objective {config.objective_metric} is {value} (the forecast or the "
+                trial,
+                f"its objective {config.objective_metric} is {value} (the forecast or the "
                 "scores are not finite)",
-            )  # fmt: skip
-        scalars = {**outcome.metrics, "peak_memory_mb": outcome.peak_memory_mb,
-                   "trial_seconds": outcome.seconds}  # fmt: skip
+            )
+        scalars = {
+            **outcome.metrics,
+            "peak_memory_mb": outcome.peak_memory_mb,
+            "trial_seconds": outcome.seconds,
+        }
         if outcome.peak_reserved_mb is not None:
             scalars["peak_reserved_mb"] = outcome.peak_reserved_mb
         if outcome.loader_wait_fraction is not None:
@@ -243,12 +247,15 @@ class Recorder:
                 worst_variable[suffix] = worst[0]
                 if steps == config.lead_steps:  # the constraint: at the study's lead
                     self.check_forgetting(trial, run, *worst)
-        run.log_history({
-            "train_loss": outcome.train_loss, "val_loss": outcome.val_loss,
-            **{f"val_loss_{k}": v for k, v in outcome.val_terms.items()},
-            f"val_{config.objective.name}_subset": outcome.intermediate,
-            **{k: [(0, v)] for k, v in scalars.items()},
-        })  # fmt: skip
+        run.log_history(
+            {
+                "train_loss": outcome.train_loss,
+                "val_loss": outcome.val_loss,
+                **{f"val_loss_{k}": v for k, v in outcome.val_terms.items()},
+                f"val_{config.objective.name}_subset": outcome.intermediate,
+                **{k: [(0, v)] for k, v in scalars.items()},
+            }
+        )
         write_scores(trial, scalars, worst_variable)
         if outcome.objective_terms:
             write_attrs(trial, objective_terms=outcome.objective_terms)

@@ -206,9 +206,15 @@ class Sweep:
         tc, estimate = self.plan(sample_trial(trial, config))
         write_attrs(trial, config=tc.to_dict())
         with trial_run(
-            self.client, self.experiment, parent=self.parent, number=trial.number,
-            tags={"host": socket.gethostname(), "device": worker.info.device if worker.info else ""},
-        ) as run:  # fmt: skip
+            self.client,
+            self.experiment,
+            parent=self.parent,
+            number=trial.number,
+            tags={
+                "host": socket.gethostname(),
+                "device": worker.info.device if worker.info else "",
+            },
+        ) as run:
             write_attrs(trial, mlflow_run_id=run.run_id, mlflow_parent_run_id=self.parent)
             run.log_params(tc.to_dict())
             self.predict(trial, estimate, run, recorder)

@@ -250,19 +250,27 @@ def scores(
     _check_inputs(observed, lat, months, hours, seeps, days=days, **named)
     keep = _observed_samples(observed)
     kept = dict(observed=_take(keep, observed), lat=lat, seeps=seeps, target=target, land=land)
-    kept |= dict(months=np.asarray(months)[keep], hours=np.asarray(hours)[keep],
-                 climatology=None if climatology is None else _take(keep, climatology))  # fmt: skip
+    kept |= dict(
+        months=np.asarray(months)[keep],
+        hours=np.asarray(hours)[keep],
+        climatology=None if climatology is None else _take(keep, climatology),
+    )
     out, terms = {}, {}  # scores by name; each forecast's objective terms by suffix
     for suffix, values in forecasts.items():
         scores_, terms[suffix] = _scores_of(objective, suffix, values, keep, kept, references)
         out.update({f"{name}{suffix}": v for name, v in scores_.items()})
     if terms_out is not None:
         terms_out["num"], terms_out["den"] = (_spread(keep, t) for t in terms[""])
-    for ref in (k.removeprefix("_") for k in forecasts if k):
-        out[objective.skill(ref)] = skill(out[objective.name], out[objective.of(ref)])
+    out |= _skills(objective, out, [k.removeprefix("_") for k in forecasts if k])
     if bootstrap > 0:
         out |= _intervals(objective, terms, np.asarray(days)[keep], bootstrap, block_days, seed)
     return out
+
+
+def _skills(objective: Objective, out: dict[str, float], references: list[str]) -> dict[str, float]:
+    """The model's skill on `objective` against each of `references`, from its scores `out`."""
+    model = out[objective.name]
+    return {objective.skill(ref): skill(model, out[objective.of(ref)]) for ref in references}
 
 
 def _scores_of(
