@@ -69,8 +69,10 @@ class StubWorker:
     and figures of realistic size, reports two intermediate values, returns plausible scores."""
 
     def __init__(self, seconds: float) -> None:
+        from aurora_sweep.sweep.outcomes import Ready
+
         self.seconds = seconds
-        self.info = {"device": "stub"}
+        self.info = Ready(0, 0, device="stub", checkpoint="", base_mse={}, aurora15={})
 
     def run(self, trial: dict, adapter_dir: Path, report):
         from aurora_sweep.sweep.outcomes import Complete

@@ -118,6 +118,7 @@ def test_the_layer_check_finds_an_import_of_a_later_stage():
     "module",
     [
         "config.bases",
+        "config.objective",
         "config.targets",
         "config.recipe",
         "config.settings",

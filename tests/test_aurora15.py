@@ -389,7 +389,7 @@ def v15_trained(v15_study, checkpoint, static_file, tmp_path_factory):
     data.v15_statics = region_statics(static_file[0], data.train, tuple(static_file[1]))
     trial = tiny_lora_trial(base="v1.5", arch=SMALL, learning_rate=1e-3, unfrozen_blocks=1)
     key = data.reference_key("v1.5", "fp32", trial.levels)
-    data.base_mse = {key: base_state_mse(data.for_trial("v1.5", trial.levels), base="v1.5",
+    data.base_mse = {str(key): base_state_mse(data.for_trial("v1.5", trial.levels), base="v1.5",
                                          checkpoint=checkpoint, device="cpu", arch=SMALL)}  # fmt: skip
     result = fit(trial, data, checkpoint=checkpoint, bootstrap=0)
     adapter = tmp_path_factory.mktemp("v15-adapter") / "adapter"

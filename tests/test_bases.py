@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from aurora_sweep.cli import app
 from aurora_sweep.config.bases import BASES, HF_REPO, arch_overrides
-from aurora_sweep.config.recipe import base_key
+from aurora_sweep.config.recipe import BaseKey
 from aurora_sweep.config.study_file import load_config
 from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.memory.meta_model import meta_device
@@ -190,7 +190,7 @@ def test_a_study_searches_three_bases_and_exports_aurora15_that_forecasts(tmp_pa
         assert np.isfinite(scores["tp_skill_aurora15"])
         # Aurora 1.5's trials are held to its other inputs too
         assert ("forget_tcwv_ratio" in scores) == (TrialRecord.of(t).base == "v1.5")
-    assert {base_key(b, "fp32") for b in bases} <= set(study.user_attrs[BASE_MSE])
+    assert {str(BaseKey(b, "fp32")) for b in bases} <= set(study.user_attrs[BASE_MSE])
 
     shown = runner.invoke(app, ["best", "-c", "study.toml"])
     assert shown.exit_code == 0, shown.output

@@ -111,7 +111,7 @@ def test_bad_settings_are_refused_with_a_message_naming_them(tmp_path, old, new,
 def test_two_objectives_make_a_skill_and_cost_study(tmp_path):
     text = BASE.replace('objective = "tp_seeps"', 'objectives = ["tp_rmse", "peak_memory_mb"]')
     config = load_config(_write(tmp_path, text))
-    assert config.objective == "tp_rmse" and config.cost == "peak_memory_mb"
+    assert config.objective.name == "tp_rmse" and config.cost == "peak_memory_mb"
     assert config.objectives == ("tp_rmse", "peak_memory_mb")
     single = load_config(_write(tmp_path, BASE))
     assert single.objectives == ("tp_seeps",) and single.cost is None

@@ -748,7 +748,7 @@ def test_shipped_study_configs_load(name):
     assert len(requests) > 100
     # the target's own hourly files (runoff: ERA5's "runoff", every hour)
     target = config.data.target
-    assert config.objective == f"{target}_{'seeps' if target == 'tp' else 'rmse'}"
+    assert config.objective.name == f"{target}_{'seeps' if target == 'tp' else 'rmse'}"
     if target == "ro":
         hourly = [r.request for r in requests if r.target.startswith("ro-")]
         assert len(hourly) == 49 and {v for r in hourly for v in r["variable"]} == {"runoff"}

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from aurora_sweep.config.recipe import TrialConfig, base_key
+from aurora_sweep.config.objective import Objective
+from aurora_sweep.config.recipe import BaseKey, TrialConfig
 from aurora_sweep.data.store import open_store
 from aurora_sweep.data.trial_data import TrialData
 from aurora_sweep.model.files import DEMO_CHECKPOINT
@@ -21,7 +22,7 @@ from aurora_sweep.verify.scoring import (
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 CPU = torch.device("cpu")
-DEMO_FP32 = base_key("demo", "fp32")  # the demo base's scores in fp32
+DEMO_FP32 = BaseKey("demo", "fp32")  # the demo base's scores in fp32
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def prepared(tiny_store, tmp_path_factory):
     config = load_config(write_tiny_config(workdir, store=tiny_store), workdir=workdir)
     data = TrialData.prepare(open_store(tiny_store), config)
     data.base_mse = {
-        DEMO_FP32: base_state_mse(data, base="demo", checkpoint=DEMO_CHECKPOINT, device=CPU)
+        str(DEMO_FP32): base_state_mse(data, base="demo", checkpoint=DEMO_CHECKPOINT, device=CPU)
     }
     trial = TrialConfig(
         lora_rank=4, lora_targets="qkv+proj", unfrozen_blocks=0, batch_size=2, precision="fp32",
@@ -55,7 +56,7 @@ def test_a_fine_tune_that_has_not_trained_yet_forgot_nothing(prepared):
     result = forecast(
         model, data.validation, np.arange(len(data.validation)), batch_size=16, device=CPU
     )
-    ratios = forgetting_ratios(result.mse, data.base_mse[DEMO_FP32]["6h"])
+    ratios = forgetting_ratios(result.mse, data.base_mse[str(DEMO_FP32)]["6h"])
     assert len(ratios) == len(state_names(data.validation.levels))
     assert all(v == pytest.approx(1.0, abs=1e-5) for v in ratios.values())
 
@@ -76,7 +77,7 @@ def test_the_pruners_value_is_the_completed_trials_objective_on_a_subset(prepare
     model, *_ = build_trial_model(trial, data.stats, DEMO_CHECKPOINT)
     idx = np.arange(len(data.validation))
     metrics, result = verify(model, data, batch_size=16, device=CPU, bootstrap=0)
-    assert subset_objective(result.values, data, idx) == pytest.approx(metrics[data.objective])
+    assert subset_objective(result.values, data, idx) == pytest.approx(metrics[data.objective.name])
 
 
 def test_the_base_model_is_scored_in_the_trials_precision(prepared, tiny_config):
@@ -98,10 +99,10 @@ def test_the_base_model_is_scored_in_the_trials_precision(prepared, tiny_config)
         for p in ("fp32", "bf16")
     }
     assert base["bf16"] != base["fp32"]
-    data.base_mse = {base_key("demo", p): v for p, v in base.items()}
+    data.base_mse = {str(BaseKey("demo", p)): v for p, v in base.items()}
     model, *_ = build_trial_model(bf16, data.stats, DEMO_CHECKPOINT)
     metrics, _ = verify(
-        model, data, batch_size=16, device=CPU, bootstrap=0, reference=base_key("demo", "bf16")
+        model, data, batch_size=16, device=CPU, bootstrap=0, reference=BaseKey("demo", "bf16")
     )
 
     # not trained: the base model itself when both run in bf16, up to bf16's rounding of sums
@@ -114,7 +115,7 @@ def test_the_base_model_is_scored_in_the_trials_precision(prepared, tiny_config)
 
     assert worst(metrics, "_ratio") < 5e-4 and worst(metrics, "_24h") < 1e-2
     against_fp32, _ = verify(
-        model, data, batch_size=16, device=CPU, bootstrap=0, reference=base_key("demo", "fp32")
+        model, data, batch_size=16, device=CPU, bootstrap=0, reference=BaseKey("demo", "fp32")
     )
     assert worst(against_fp32, "_ratio") > 5 * worst(metrics, "_ratio")
 
@@ -134,7 +135,7 @@ def test_an_objective_the_data_cannot_define_is_refused_before_any_trial(prepare
     dry = dataclasses.replace(data, seeps=always_dry, lead_seeps={1: always_dry})
     with pytest.raises(AuroraSweepError, match='tp_seeps is undefined.*"tp_rmse"'):
         check_objective_defined(dry)
-    check_objective_defined(dataclasses.replace(dry, objective="tp_rmse"))
+    check_objective_defined(dataclasses.replace(dry, objective=Objective.parse("tp_rmse")))
 
 
 def test_scores_exist_at_every_lead_and_24h_seeps_uses_its_own_dry_threshold(prepared):

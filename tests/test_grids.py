@@ -14,7 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from aurora_sweep.cli import app
-from aurora_sweep.config.recipe import TrialConfig, base_key
+from aurora_sweep.config.recipe import BaseKey, TrialConfig
 from aurora_sweep.config.study_file import load_config
 from aurora_sweep.config.targets import TARGETS
 from aurora_sweep.data.samples import patch_crop
@@ -50,7 +50,7 @@ def test_a_trial_runs_on_the_grid_of_every_shipped_study(path, tmp_path):
     data = TrialData.prepare(cube, config)
     # the tiny demo base on the study's full grid and levels: the shapes are what is tested here
     data.base_mse = {
-        base_key("demo", "fp32"): base_state_mse(
+        str(BaseKey("demo", "fp32")): base_state_mse(
             data, base="demo", checkpoint=DEMO_CHECKPOINT, device=CPU
         )
     }
@@ -63,7 +63,7 @@ def test_a_trial_runs_on_the_grid_of_every_shipped_study(path, tmp_path):
     n = len(data.validation)
     assert result.forecasts.values.shape == (n, rows, cols)
     assert data.validation.observed(np.arange(n)).shape == (n, rows, cols)
-    assert np.isfinite(result.metrics[config.objective])
+    assert np.isfinite(result.metrics[config.objective.name])
     land = data.validation.scored_points  # runoff: scored on land only
     assert (land is not None) == TARGETS[d.target].land_only
     assert land is None or 0 < land.sum() < land.size

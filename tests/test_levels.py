@@ -13,7 +13,7 @@ import xarray as xr
 from typer.testing import CliRunner
 
 from aurora_sweep.cli import app
-from aurora_sweep.config.recipe import base_key
+from aurora_sweep.config.recipe import BaseKey
 from aurora_sweep.config.study_file import load_config
 from aurora_sweep.data.samples import Samples
 from aurora_sweep.data.store import open_store
@@ -99,8 +99,9 @@ def test_trial_data_on_levels_shares_the_climates_and_the_base_scores(tiny_confi
     assert view.stats is data.stats and view.climatology is data.climatology
     data.base_mse = {"x": {}}
     assert data.for_levels((700,)).base_mse is data.base_mse  # one dict, kept in step
-    assert data.reference_key("demo", "fp32", (500, 700, 850)) == base_key("demo", "fp32")
-    assert view.reference_key("demo", "fp32", (700,)) == "demo/fp32/700hPa"
+    assert data.reference_key("demo", "fp32", (500, 700, 850)) == BaseKey("demo", "fp32")
+    assert str(view.reference_key("demo", "fp32", (700,))) == "demo/fp32/700hPa"
+    assert str(BaseKey("demo", "bf16", (500, 700))) == "demo/bf16/500,700hPa"
 
 
 def test_a_study_samples_levels_and_its_references_train_on_the_widest(tmp_path, tiny_store):

@@ -122,7 +122,7 @@ def test_a_trial_trains_with_accumulation_and_adafactor(tiny_config):
     result = fit(trial, data, checkpoint=DEMO_CHECKPOINT, device=CPU, bootstrap=0)
     assert [s for s, _ in result.train_loss] == [1, 2]
     assert all(np.isfinite(v) for _, v in result.train_loss)
-    assert np.isfinite(result.metrics[tiny_config.objective])
+    assert np.isfinite(result.metrics[tiny_config.objective.name])
 
 
 def test_a_tile_never_crosses_the_regions_edge_and_is_whole_patches_of_at_least_12():

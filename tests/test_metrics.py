@@ -4,6 +4,7 @@ import xarray as xr
 from scores.categorical import seeps as scores_seeps
 from scores.functions import create_latitude_weights
 
+from aurora_sweep.config.objective import Objective
 from aurora_sweep.config.targets import TARGETS
 from aurora_sweep.data.climates import SeepsClimate, seeps_climate
 from aurora_sweep.verify.bootstrap import block_bootstrap, paired_difference
@@ -64,7 +65,7 @@ def _scores(
         hours=np.zeros(n, dtype=int) if hours is None else hours,
         days=DAY0 + np.arange(n),
         seeps=_climate(np.full(shape, 0.5), np.full(shape, 2.0)) if seeps is False else seeps,
-        **{"bootstrap": 0, "objective": "tp_rmse", **kw},
+        **{"bootstrap": 0, **kw, "objective": Objective.parse(kw.get("objective", "tp_rmse"))},
     )
 
 
@@ -116,7 +117,7 @@ def test_seeps_matches_the_hand_computed_error_matrix():
     s = _scores(forecast, observed, lat=lat, seeps=climate)
     assert s["tp_seeps"] == pytest.approx(expected)
     value = objective_value(
-        "tp_seeps",
+        Objective.parse("tp_seeps"),
         forecast=forecast,
         observed=observed,
         lat=lat,
@@ -249,7 +250,12 @@ def test_objective_value_is_the_number_tp_scores_reports():
         s = _scores(**data, seeps=climate, objective=objective)
         months = np.ones(9, dtype=int)
         value = objective_value(
-            objective, **data, lat=_lat(3), months=months, hours=hours, seeps=climate
+            Objective.parse(objective),
+            **data,
+            lat=_lat(3),
+            months=months,
+            hours=hours,
+            seeps=climate,
         )
         assert value == s[objective]
 
@@ -379,7 +385,7 @@ def test_a_climate_without_hour_slots_is_refused():
 def _terms(objective: str, forecast, observed, climate=None) -> tuple[np.ndarray, np.ndarray]:
     n, n_lat, n_lon = np.shape(observed)
     return objective_terms(
-        objective,
+        Objective.parse(objective),
         forecast=forecast,
         observed=observed,
         lat=_lat(n_lat),
@@ -402,7 +408,12 @@ def test_objective_terms_sum_to_objective_value_and_are_nan_for_missing_observat
         assert np.isfinite(num[kept]).all() and np.isfinite(den[kept]).all()
         total = num[kept].sum() / den[kept].sum()
         value = objective_value(
-            objective, **data, lat=_lat(3), months=np.ones(8, dtype=int), hours=hours, seeps=climate
+            Objective.parse(objective),
+            **data,
+            lat=_lat(3),
+            months=np.ones(8, dtype=int),
+            hours=hours,
+            seeps=climate,
         )
         assert value == (np.sqrt(total) if objective == "tp_rmse" else total)
 
@@ -428,14 +439,15 @@ def test_tp_scores_hands_out_the_objective_terms_over_all_samples():
 def test_paired_difference_of_identical_terms_is_exactly_zero():
     data = _rain_days(10, seed=11)
     terms = _terms("tp_seeps", **data)
-    assert paired_difference("tp_seeps", terms, terms, DAY0 + np.arange(10)) == (0.0, 0.0, 0.0)
+    seeps = Objective.parse("tp_seeps")
+    assert paired_difference(seeps, terms, terms, DAY0 + np.arange(10)) == (0.0, 0.0, 0.0)
 
 
 def test_paired_difference_of_a_forecast_shifted_up_lies_entirely_above_zero():
     data = _rain_days(30, seed=12)
     b = _terms("tp_rmse", **data)
     a = _terms("tp_rmse", data["forecast"] + 1.0, data["observed"])
-    difference, q05, q95 = paired_difference("tp_rmse", a, b, DAY0 + np.arange(30))
+    difference, q05, q95 = paired_difference(Objective.parse("tp_rmse"), a, b, DAY0 + np.arange(30))
     assert 0 < q05 <= difference <= q95
 
 
@@ -452,7 +464,7 @@ def test_paired_interval_is_narrower_than_one_from_independent_resamples():
     a = _terms("tp_rmse", observed + shared + rng.normal(0.0, 0.1, observed.shape), observed)
     b = _terms("tp_rmse", observed + shared + rng.normal(0.0, 0.1, observed.shape), observed)
     days = DAY0 + np.arange(40)
-    _, q05, q95 = paired_difference("tp_rmse", a, b, days, n_resamples=300)
+    _, q05, q95 = paired_difference(Objective.parse("tp_rmse"), a, b, days, n_resamples=300)
     independent = _rmse_resampled(a, days, seed=1) - _rmse_resampled(b, days, seed=2)
     i05, i95 = np.quantile(independent, [0.05, 0.95])
     assert q95 - q05 < (i95 - i05) / 5
@@ -462,13 +474,19 @@ def test_paired_difference_drops_samples_where_either_side_is_nan():
     a = (np.array([1.0, np.nan, 4.0]), np.ones(3))
     b = (np.array([1.0, 9.0, np.nan]), np.ones(3))
     days = DAY0 + np.arange(3)
-    assert paired_difference("tp_seeps", a, b, days, n_resamples=5) == (0.0, 0.0, 0.0)
+    assert paired_difference(Objective.parse("tp_seeps"), a, b, days, n_resamples=5) == (
+        0.0,
+        0.0,
+        0.0,
+    )
 
 
 def test_paired_difference_refuses_terms_of_unequal_length():
     a = (np.ones(3), np.ones(3))
     with pytest.raises(ValueError, match="same samples"):
-        paired_difference("tp_rmse", a, (np.ones(2), np.ones(2)), DAY0 + np.arange(3))
+        paired_difference(
+            Objective.parse("tp_rmse"), a, (np.ones(2), np.ones(2)), DAY0 + np.arange(3)
+        )
 
 
 @pytest.mark.parametrize("window", [1, 5, 11, 17])
@@ -573,7 +591,7 @@ def test_a_land_only_target_is_scored_on_land_whatever_the_sea_holds():
     events = (forecast[:, land] >= 1) & (observed[:, land] >= 1)
     hits_everywhere = _scores(forecast, observed, objective="ro_rmse", target=TARGETS["ro"])
     assert s["ro_csi_1"] != hits_everywhere["ro_csi_1"] and events.any()
-    value = objective_value("ro_rmse", forecast=wrong_at_sea, observed=observed, lat=_lat(3),
+    value = objective_value(Objective.parse("ro_rmse"), forecast=wrong_at_sea, observed=observed, lat=_lat(3),
                             months=np.ones(20, int), hours=np.zeros(20, int), seeps=None,
                             land=land)  # fmt: skip
     assert value == pytest.approx(s["ro_rmse"])

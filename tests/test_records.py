@@ -7,8 +7,11 @@ import math
 import optuna
 import pytest
 
+from aurora_sweep.config.objective import Objective
 from aurora_sweep.processes import this_process
 from aurora_sweep.sweep.records import SCORES, TrialRecord, attrs, write_attrs, write_scores
+
+SEEPS = Objective.parse("tp_seeps")
 
 
 class FakeTrial:
@@ -34,8 +37,8 @@ def test_scores_are_written_in_one_attribute_and_read_back():
     assert trial.writes == 3  # the scores, and the worst variable at each of two leads
     record = TrialRecord.of(trial)
     assert record.scores == SCORED and record.method == "dora"
-    assert record.interval("tp_seeps") == (0.18, 0.22)
-    assert record.interval("tp_seeps", "_24h") is None  # no interval at 24 h was stored
+    assert record.interval(SEEPS) == (0.18, 0.22)
+    assert record.interval(SEEPS.at(4)) is None  # no interval at 24 h was stored
     assert record.worst_forgetting() == ("10v", 1.04)
     assert record.worst_forgetting("_24h") == ("2t", 1.08)
     assert record.worst_forgetting("_12h") is None
@@ -59,7 +62,7 @@ def test_a_trial_without_scores_has_an_empty_record():
     record = TrialRecord.of(FakeTrial(number=7, reference="full", memory_over_cap_mb=12.5))
     assert record.number == 7 and record.scores == {} and record.reference == "full"
     assert record.method == "full" and record.memory_over_cap_mb == 12.5
-    assert record.interval("tp_seeps") is None and not record.on_gpu
+    assert record.interval(SEEPS) is None and not record.on_gpu
 
 
 def test_a_record_reads_a_real_optuna_trial():

@@ -2,8 +2,10 @@ import re
 
 import pytest
 
+from aurora_sweep.config.objective import Objective
 from aurora_sweep.report.html import render_report, write_report
 
+SEEPS = Objective.parse("tp_seeps")
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 16  # only the signature is checked
 
 
@@ -125,7 +127,7 @@ def test_a_forgetting_row_worse_at_a_later_lead_only_is_highlighted_and_leads_ge
     for sfx in ("", "_24h"):
         per_lead |= {f"tp_seeps_persistence{sfx}": 0.5, f"tp_seeps_climatology{sfx}": 1.0,
                      f"tp_skill_persistence{sfx}": 0.6, f"tp_skill_climatology{sfx}": 0.8}  # fmt: skip
-    leads = lead_rows(per_lead | scores, "tp_seeps")
+    leads = lead_rows(per_lead | scores, SEEPS)
     assert [r["lead"] for r in leads] == ["6h", "24h"]
     assert leads[1]["worst forgetting"] == "10v ×1.40"
     page = render_report(**report_args(forgetting=rows, leads=leads))
@@ -139,13 +141,13 @@ def test_the_zero_shot_aurora15_baseline_has_its_columns_where_the_study_scored_
     scores = {"tp_seeps": 0.3, "tp_seeps_q05": 0.28, "tp_seeps_q95": 0.32,
               "tp_seeps_persistence": 0.5, "tp_seeps_climatology": 0.9,
               "tp_skill_persistence": 0.4, "tp_skill_climatology": 0.667}  # fmt: skip
-    plain = render_report(**report_args(leads=lead_rows(scores, "tp_seeps")))
+    plain = render_report(**report_args(leads=lead_rows(scores, SEEPS)))
     assert "Aurora 1.5" not in plain
     scores |= {"tp_seeps_aurora15": 0.4, "tp_skill_aurora15": 0.25}
-    rows = report_rows(scores, "tp_seeps")
+    rows = report_rows(scores, SEEPS)
     assert [r["score"] for r in rows if r["score"].startswith("tp_skill")][
         -1
     ] == "tp_skill_aurora15"
-    page = render_report(**report_args(leads=lead_rows(scores, "tp_seeps")))
+    page = render_report(**report_args(leads=lead_rows(scores, SEEPS)))
     leads = table(page, "leads")
     assert "<th>Aurora 1.5</th>" in leads and "<td>0.4000</td>" in leads and "+0.250" in leads

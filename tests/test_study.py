@@ -95,15 +95,16 @@ def test_pruned_and_completed_trials_store_the_objective_in_the_same_units(finis
 @pytest.mark.slow
 def test_the_base_models_scores_are_computed_once_per_study(finished_study):
     config, *_ = finished_study
-    from aurora_sweep.config.recipe import base_key
+    from aurora_sweep.config.recipe import BaseKey
     from aurora_sweep.sweep.records import BASE_MSE, TrialRecord
 
     study = open_study(config, create=False)
     by_precision = study.user_attrs[BASE_MSE]
     # the precisions the trials ran in (on their base), each scored once
     recipes = [r.config for r in map(TrialRecord.of, study.trials) if r.config]
-    used = {base_key(c["base"], c["precision"]) for c in recipes}
-    assert set(by_precision) == used | {base_key(config.bases[0], config.search.precision[0])}
+    used = {str(BaseKey(c["base"], c["precision"])) for c in recipes}
+    first = BaseKey(config.bases[0], config.search.precision[0])
+    assert set(by_precision) == used | {str(first)}
     for by_lead in by_precision.values():
         assert set(by_lead) == {"6h", "12h", "24h"}  # the base model at every lead scored
         for base in by_lead.values():
@@ -112,11 +113,12 @@ def test_the_base_models_scores_are_computed_once_per_study(finished_study):
 
 @pytest.mark.slow
 def test_best_compares_each_trial_with_the_best_by_a_paired_difference(finished_study):
+    from aurora_sweep.config.objective import Objective
     from aurora_sweep.report.best import distinguishable, paired_to, score
 
     config, *_ = finished_study
     trials = ranked_trials(config)
-    deltas = paired_to(trials[0], trials, "tp_seeps")
+    deltas = paired_to(trials[0], trials, Objective.parse("tp_seeps"))
     assert deltas[0] == (0.0, 0.0, 0.0) and not distinguishable(deltas[0])
     for t, (delta, lo, hi) in zip(trials, deltas):
         # the per-sample terms kept with each trial give back its objective's difference

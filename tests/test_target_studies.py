@@ -52,7 +52,7 @@ def test_a_study_of_each_target_trains_scores_exports_forecasts_and_reports(tmp_
 
     spec = TARGETS[target]
     config = _study_config(tmp_path, target)
-    assert config.objective == spec.objectives[0]  # its natural objective
+    assert config.objective.name == spec.objectives[0]  # its natural objective
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         run_study(config, trials=2)
@@ -84,7 +84,7 @@ def test_a_study_of_each_target_trains_scores_exports_forecasts_and_reports(tmp_
     if target == "swvl1":  # the climatology's anomaly is 0: its correlation is undefined
         assert "| swvl1_acc_climatology | – |" in card
     again = evaluate_adapter(adapter, split="validation", bootstrap=0)
-    assert again[config.objective] == pytest.approx(best.value, rel=1e-4)
+    assert again[config.objective.name] == pytest.approx(best.value, rel=1e-4)
 
     nc, n = forecast_file(
         adapter, start="2022-02-02", end="2022-02-02", lead="12h", out=tmp_path / "f.nc"

@@ -80,23 +80,22 @@ def test_every_target_says_what_the_cds_calls_it_and_what_it_means():
 
 def test_a_study_names_its_target_its_objective_follows_and_mismatches_are_refused(tmp_path):
     from aurora_sweep.config.study_file import load_config
-    from aurora_sweep.config.targets import skill_name
     from aurora_sweep.errors import AuroraSweepError
     from conftest import write_tiny_config
 
     path = write_tiny_config(tmp_path)
     text = path.read_text()
     config = load_config(path, workdir=tmp_path)
-    assert (config.data.target, config.objective) == ("tp", "tp_seeps")  # the defaults
+    assert (config.data.target, config.objective.name) == ("tp", "tp_seeps")  # the defaults
     path.write_text(text.replace("[model]\n", '[model]\ntarget = "ro"\n', 1))
     config = load_config(path, workdir=tmp_path)
     # runoff has no SEEPS: its natural objective is its RMSE, and the skills are named for it
-    assert (config.data.target, config.objective) == ("ro", "ro_rmse")
-    assert skill_name(config.objective, "persistence") == "ro_skill_persistence"
+    assert (config.data.target, config.objective.name) == ("ro", "ro_rmse")
+    assert config.objective.skill("persistence") == "ro_skill_persistence"
     rain = text.replace("[model]\n", '[model]\ntarget = "rain_rate"\n', 1)
     assert load_config(_write(path, rain), workdir=tmp_path).objective_metric == "rain_rate_rmse"
     pr = text.replace("[model]\n", '[model]\ntarget = "pr"\n', 1)
-    assert load_config(_write(path, pr), workdir=tmp_path).objective == "pr_seeps"
+    assert load_config(_write(path, pr), workdir=tmp_path).objective.name == "pr_seeps"
     wrong = text.replace("[study]\n", '[study]\nobjective = "tp_seeps"\n', 1)
     _write(path, wrong.replace("[model]\n", '[model]\ntarget = "ro"\n', 1))
     with pytest.raises(AuroraSweepError, match=r"'tp_seeps' is not one of ro_rmse.*target ro"):
@@ -168,13 +167,22 @@ def test_a_forecasts_cf_attributes_follow_the_targets_kind():
 
 
 def test_a_metric_names_its_target_even_one_with_an_underscore():
-    from aurora_sweep.config.targets import of_metric, skill_name
+    from aurora_sweep.config.objective import Objective
+    from aurora_sweep.config.targets import of_metric
 
     assert of_metric("rain_rate_rmse_24h").name == "rain_rate"
     assert of_metric("tp_seeps").name == "tp" and of_metric("ro_rmse").name == "ro"
-    assert skill_name("swvl1_rmse", "climatology") == "swvl1_skill_climatology"
+    rain = Objective.parse("rain_rate_rmse_24h")
+    assert (rain.target, rain.score, rain.lead, rain.name) == ("rain_rate", "rmse", 4, str(rain))
+    assert Objective.parse("swvl1_rmse").skill("climatology") == "swvl1_skill_climatology"
+    assert rain.at(1).of("q05") == "rain_rate_rmse_q05" and rain.skill("persistence", "q95") == (
+        "rain_rate_skill_persistence_q95_24h"
+    )
     with pytest.raises(ValueError, match="names no target"):
         of_metric("peak_memory_mb")
+    for wrong in ("peak_memory_mb", "tp_crps", "tp_seeps_36h", "seeps"):
+        with pytest.raises(ValueError, match="names no target's objective"):
+            Objective.parse(wrong)
 
 
 def test_a_targets_normalisation_is_centred_where_its_row_says():

@@ -14,7 +14,6 @@ from pathlib import Path
 import typer
 
 from aurora_sweep.cli.data import data_app, fail
-from aurora_sweep.config.targets import skill_name
 from aurora_sweep.errors import AuroraSweepError
 
 app = typer.Typer(
@@ -179,6 +178,7 @@ def _best_line(config) -> str:
         pareto_front,
         ranked,
         score,
+        scored,
         study_trials,
     )
     from aurora_sweep.sweep.records import TrialRecord
@@ -195,13 +195,10 @@ def _best_line(config) -> str:
             )
         return "no completed trial within the memory cap yet"
     b, a = trials[0], TrialRecord.of(trials[0])
-    sfx = lead_of(config)
-    ci = interval(b, config.objective, sfx)
-    forgot = a.worst_forgetting(sfx)
-    skill = {
-        ref: skill_name(config.objective, ref) + sfx
-        for ref in ("persistence", "climatology", "aurora15")
-    }
+    at = scored(config)
+    ci = interval(b, at)
+    forgot = a.worst_forgetting(lead_of(config))
+    skill = {ref: at.skill(ref) for ref in ("persistence", "climatology", "aurora15")}
     front = ""
     if config.cost:
         members = pareto_front(trials, front_cost(config, trials))

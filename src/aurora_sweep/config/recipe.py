@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 from aurora_sweep.config.bases import BASES, arch_overrides
 from aurora_sweep.errors import AuroraSweepError
@@ -24,22 +24,29 @@ FULL_LR, FULL_NEW_VARIABLE_LR = 3e-4, 1e-3
 #: blocks trained too; `head`: the backbone frozen, only the target's embedding and head and the
 #: decoder trained; `blocks`: the last N backbone blocks fully trained, no LoRA; `full`: every
 #: parameter trained, Aurora's own fine-tuning recipe (the reference).
-METHODS = ("lora", "rslora", "dora", "head", "blocks", "full")
-LORA_METHODS = ("lora", "rslora", "dora")
+LoraMethod = Literal["lora", "rslora", "dora"]
+Method = Literal[LoraMethod, "head", "blocks", "full"]
+METHODS: tuple[Method, ...] = get_args(Method)
+LORA_METHODS: tuple[LoraMethod, ...] = get_args(LoraMethod)
 #: Pressure levels (hPa) that Aurora was trained on.
 AURORA_LEVELS = (50, 100, 150, 200, 250, 300, 400, 500, 600, 700, 850, 925, 1000)
 #: Linear layers of the Swin backbone that LoRA may target.
-LORA_MODULES = ("qkv", "proj", "fc1", "fc2")
-PRECISIONS = ("fp32", "bf16", "fp16")
+LoraModule = Literal["qkv", "proj", "fc1", "fc2"]
+LORA_MODULES: tuple[LoraModule, ...] = get_args(LoraModule)
+Precision = Literal["fp32", "bf16", "fp16"]
+PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 BASE_MODELS = tuple(BASES)  # bases.py says what each is
 #: The scores Optuna may minimise, as `<target>_<score>` (`targets.Target.objectives`): RMSE in
 #: the target's units, or SEEPS's dimensionless error; see metrics.py.
-OBJECTIVE_SCORES = ("seeps", "rmse")
+ObjectiveScore = Literal["seeps", "rmse"]
+OBJECTIVE_SCORES: tuple[ObjectiveScore, ...] = get_args(ObjectiveScore)
 #: What a skill objective can be traded against in a two-objective study: the trial's measured
 #: peak memory (CUDA peak allocated; on a CPU the process's peak resident set), the peak GPU
 #: memory predicted before it ran, or its wall time.
-COSTS = ("peak_memory_mb", "predicted_peak_mb", "trial_seconds")
-DATA_SOURCES = ("demo", "era5")
+Cost = Literal["peak_memory_mb", "predicted_peak_mb", "trial_seconds"]
+COSTS: tuple[Cost, ...] = get_args(Cost)
+DataSource = Literal["demo", "era5"]
+DATA_SOURCES: tuple[DataSource, ...] = get_args(DataSource)
 #: The leads every completed trial is scored at, in model steps of 6 h, and their names: the
 #: 6-hour scores keep their plain names, the others gain `_12h` or `_24h`.
 LEADS = {1: "6h", 2: "12h", 4: "24h"}
@@ -62,9 +69,11 @@ def parse_lead(text: Any, where: str = "lead") -> int:
 
 #: The optimisers a trial may train with: AdamW (two fp32 moments per trained value) or torch's
 #: Adafactor (factored second moments: a row and a column per matrix, no first moment).
-OPTIMIZERS = ("adamw", "adafactor")
+Optimizer = Literal["adamw", "adafactor"]
+OPTIMIZERS: tuple[Optimizer, ...] = get_args(Optimizer)
 #: The new variable's error in the loss: absolute (Aurora's) or squared.
-TP_LOSSES = ("mae", "mse")
+Loss = Literal["mae", "mse"]
+TP_LOSSES: tuple[Loss, ...] = get_args(Loss)
 #: The fewest grid points a side of a region may have: Aurora cuts the grid into 4×4 patches and
 #: its backbone halves the patch grid twice, which needs at least 2 rows (and columns) of patches
 #: before the last halving: 3 patches, 12 points (after cropping to whole patches).
@@ -89,12 +98,20 @@ AUTO_CHECKPOINTING = (
 )  # fmt: skip
 
 
-def base_key(base: str, precision: str, levels: tuple[int, ...] = ()) -> str:
-    """The key of the untouched base model's scores, run in `precision` (on `levels` when a
-    trial trains on a subset of the study's): a trial's forgetting is measured against its own
-    base in its own precision on its own levels."""
-    key = f"{base}/{precision}"
-    return f"{key}/{','.join(map(str, levels))}hPa" if levels else key
+@dataclass(frozen=True)
+class BaseKey:
+    """Which untouched base model's scores a trial is compared with: `base` run in `precision`
+    (on `levels` when a trial trains on a subset of the study's): a trial's forgetting is
+    measured against its own base in its own precision on its own levels. `str()` is the key
+    those scores are stored under (`demo/fp32`, `demo/fp32/500,700hPa`)."""
+
+    base: str
+    precision: Precision
+    levels: tuple[int, ...] = ()
+
+    def __str__(self) -> str:
+        key = f"{self.base}/{self.precision}"
+        return f"{key}/{','.join(map(str, self.levels))}hPa" if self.levels else key
 
 
 @dataclass(frozen=True)
@@ -105,7 +122,7 @@ class TrialConfig:
     lora_targets: str
     unfrozen_blocks: int
     batch_size: int
-    precision: str
+    precision: Precision
     learning_rate: float
     activation_checkpointing: bool | str  # True, False, or "auto" until the trial is planned
     base: str
@@ -116,10 +133,10 @@ class TrialConfig:
     weight_decay: float
     seed: int
     #: the fine-tuning recipe (`METHODS`); adapters from before methods existed are LoRA
-    method: str = "lora"
+    method: Method = "lora"
     #: the new variable's weight in Aurora's loss, and its error ("mae" or "mse")
     target_weight: float = 1.0
-    loss: str = "mae"
+    loss: Loss = "mae"
     #: the learning rate of the target's input embedding over `learning_rate`; 0: output-only
     target_input_lr: float = 1.0
     #: model steps a training sample rolls out (the loss on the last one, `pushforward`)
@@ -132,7 +149,7 @@ class TrialConfig:
     #: micro-batches of `batch_size` whose gradients add up to one optimiser step (the
     #: effective batch is batch_size x accumulate; `steps` counts optimiser steps)
     accumulate: int = 1
-    optimizer: str = "adamw"
+    optimizer: Optimizer = "adamw"
     #: points a side of the square each step trains on (`tiles`); 0: the whole region
     tile: int = 0
     #: the Aurora module classes checkpointed when `activation_checkpointing` is on; () is

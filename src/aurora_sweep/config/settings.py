@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from aurora_sweep.config.objective import Objective
 from aurora_sweep.config.recipe import (
     AURORA_LEVELS,
     BASE_MODELS,
@@ -246,9 +247,10 @@ def lr_range(value: Any) -> tuple[float, float] | None:
     return (float(value[0]), float(value[1]))
 
 
-def study_objectives(study: dict, target: str) -> tuple[str, tuple[str, ...]]:
+def study_objectives(study: dict, target: str) -> tuple[Objective, tuple[str, ...]]:
     """`[study] objective`, or `objectives` = [objective] or [objective, cost]: one of the
-    target's (`targets.Target.objectives`), by default its natural one."""
+    target's (`targets.Target.objectives`), by default its natural one; the objective parsed,
+    and every objective's name (Optuna's)."""
     from aurora_sweep.config.targets import TARGETS
 
     allowed = TARGETS[target].objectives
@@ -260,7 +262,7 @@ def study_objectives(study: dict, target: str) -> tuple[str, tuple[str, ...]]:
                 f"[study] objective {objective!r} is not one of {', '.join(allowed)}, the "
                 f"scores of the target {target}"
             )
-        return objective, (objective,)
+        return Objective.parse(objective), (objective,)
     if (
         not isinstance(listed, list)
         or not 1 <= len(listed) <= 2
@@ -276,7 +278,7 @@ def study_objectives(study: dict, target: str) -> tuple[str, tuple[str, ...]]:
             f"[study] objective {study['objective']!r} and objectives {listed!r} disagree: "
             "keep only objectives"
         )
-    return listed[0], tuple(listed)
+    return Objective.parse(listed[0]), tuple(listed)
 
 
 def per_base_table(model: dict, key: str) -> dict:

@@ -13,9 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aurora_sweep.config.recipe import (
-    lead_suffix,
-)
+from aurora_sweep.config.objective import Objective
 from aurora_sweep.config.settings import (
     Period,
     Region,
@@ -138,7 +136,7 @@ class StudyConfig:
 
     name: str
     path: Path
-    objective: str
+    objective: Objective  # at 6 h; the study's lead is `lead_steps`
     storage: str
     tracking_uri: str | None
     gpu_memory_cap: int | None
@@ -172,12 +170,12 @@ class StudyConfig:
 
     def __post_init__(self) -> None:
         if not self.objectives:
-            object.__setattr__(self, "objectives", (self.objective,))
+            object.__setattr__(self, "objectives", (self.objective.name,))
 
     @property
     def objective_metric(self) -> str:
         """The metric Optuna minimises: the objective at the study's lead (`tp_seeps_24h`)."""
-        return self.objective + lead_suffix(self.lead_steps)
+        return self.objective.at(self.lead_steps).name
 
     @property
     def cost(self) -> str | None:

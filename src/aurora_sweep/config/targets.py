@@ -225,8 +225,3 @@ def of_metric(name: str) -> Target:
         if name.startswith(target.name + "_"):
             return target
     raise ValueError(f"{name!r} names no target's score")
-
-
-def skill_name(objective: str, reference: str) -> str:
-    """The name of the skill against `reference` on `objective` (`tp_skill_persistence`)."""
-    return of_metric(objective).metric(f"skill_{reference}")

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from aurora_sweep.config.bases import reads_v15_inputs
-from aurora_sweep.config.recipe import LEADS, base_key
+from aurora_sweep.config.objective import Objective
+from aurora_sweep.config.recipe import LEADS, BaseKey
 from aurora_sweep.config.study import Period, StudyConfig
 from aurora_sweep.config.targets import TARGETS
 from aurora_sweep.data.climates import (
@@ -39,7 +40,7 @@ class TrialData:
     stats: TargetStats
     climatology: np.ndarray  # (month, hour, lat, lon), in the target's units
     seeps: SeepsClimate | None  # None: SEEPS is not defined for the target
-    objective: str
+    objective: Objective  # at 6 h; its lead is `objective_steps`
     #: the untouched base model's MSE per variable on the evaluation split (forgetting ratios),
     #: by precision, then by lead ('6h', '12h', '24h'): a trial is compared with the base run in
     #: its own precision, at each lead it is scored at
@@ -114,11 +115,11 @@ class TrialData:
         view.aurora15 = self.aurora15
         return view
 
-    def reference_key(self, base: str, precision: str, levels: tuple[int, ...]) -> str:
+    def reference_key(self, base: str, precision: str, levels: tuple[int, ...]) -> BaseKey:
         """The key of the base model's scores a trial of `base` in `precision` on `levels` is
-        compared with (`recipe.base_key`): the base run on the same levels, since Aurora's
+        compared with (`recipe.BaseKey`): the base run on the same levels, since Aurora's
         encoder reads the levels together."""
-        return base_key(base, precision, () if tuple(levels) == self.study_levels else levels)
+        return BaseKey(base, precision, () if tuple(levels) == self.study_levels else levels)
 
     def train_for(self, steps: int) -> Samples:
         """The train split's samples for a rollout of `steps` model steps."""

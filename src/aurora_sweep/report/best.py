@@ -10,10 +10,10 @@ from __future__ import annotations
 import optuna
 from rich.table import Table
 
-from aurora_sweep.config.recipe import LORA_METHODS
+from aurora_sweep.config.objective import Objective
+from aurora_sweep.config.recipe import LORA_METHODS, lead_suffix
 from aurora_sweep.config.settings import text_levels
 from aurora_sweep.config.study import StudyConfig
-from aurora_sweep.config.targets import skill_name
 from aurora_sweep.sweep.records import TrialRecord
 from aurora_sweep.sweep.storage import open_study
 from aurora_sweep.verify.bootstrap import decode_terms, paired_difference
@@ -99,42 +99,55 @@ def pareto_table(config: StudyConfig, trials: list[optuna.trial.FrozenTrial]) ->
         f"({len(front)} trials; none is both more skilful and cheaper; *: a reference recipe)"
     )
     predicted = cost != "predicted_peak_mb"  # also show the prediction beside another cost
-    for c in ("trial", objective, "90 % interval", f"Δ {objective}", cost, f"Δ {cost}",
-              *(["predicted GPU MB"] if predicted else []), "recipe"):  # fmt: skip
+    for c in (
+        "trial",
+        objective.name,
+        "90 % interval",
+        f"Δ {objective}",
+        cost,
+        f"Δ {cost}",
+        *(["predicted GPU MB"] if predicted else []),
+        "recipe",
+    ):
         table.add_column(c, justify="left" if c == "recipe" else "right")
     previous = None
     for t in front:
-        a, ci = TrialRecord.of(t), interval(t, objective, lead_of(config))
+        a, ci = TrialRecord.of(t), interval(t, scored(config))
         spent = a.get(cost)
         table.add_row(
-            str(t.number), f"{score(t):.4f}", f"{ci[0]:.4f}–{ci[1]:.4f}" if ci else "-",
+            str(t.number),
+            f"{score(t):.4f}",
+            f"{ci[0]:.4f}–{ci[1]:.4f}" if ci else "-",
             f"{score(t) - score(previous):+.4f}" if previous else "",
             f"{spent:.1f}" if cost == "trial_seconds" else f"{spent:.0f}",
             f"{spent - TrialRecord.of(previous).get(cost):+.1f}" if previous else "",
             *([f"{a.get('predicted_peak_mb'):.0f}"] if predicted else []),
             recipe(t),
-        )  # fmt: skip
+        )
         previous = t
     return table
 
 
-def interval(
-    trial: optuna.trial.FrozenTrial, objective: str, suffix: str = ""
-) -> tuple[float, float] | None:
-    """The 90 % bootstrap interval of a trial's objective (at the lead `suffix` names: '' for
-    6 h, '_24h'), when it was computed."""
-    return TrialRecord.of(trial).interval(objective, suffix)
+def interval(trial: optuna.trial.FrozenTrial, objective: Objective) -> tuple[float, float] | None:
+    """The 90 % bootstrap interval of a trial's `objective` (at its lead), when it was
+    computed."""
+    return TrialRecord.of(trial).interval(objective)
+
+
+def scored(config: StudyConfig) -> Objective:
+    """The study's objective at the study's lead (`tp_seeps_24h`)."""
+    return config.objective.at(config.lead_steps)
 
 
 def lead_of(config: StudyConfig) -> str:
     """The suffix of the study's lead in metric names ('' for 6 h, '_12h', '_24h')."""
-    from aurora_sweep.config.recipe import lead_suffix
-
     return lead_suffix(config.lead_steps)
 
 
 def paired_to(
-    reference: optuna.trial.FrozenTrial, trials: list[optuna.trial.FrozenTrial], objective: str
+    reference: optuna.trial.FrozenTrial,
+    trials: list[optuna.trial.FrozenTrial],
+    objective: Objective,
 ) -> list[tuple[float, float, float] | None]:
     """For each of `trials`: its objective minus `reference`'s, with the 90 % paired block
     bootstrap interval of that difference (None where either lacks per-sample terms).
@@ -183,38 +196,66 @@ def top_trials_table(
         f"×{config.max_forgetting:g}, never the answer; *: a reference recipe)"
     )
     zero_shot = "aurora-1.5" in config.baselines
-    cols = ("trial", objective, "90 % interval", "Δ best", "≈", "skill pers.", "skill clim.",
-            *(("skill A1.5",) if zero_shot else ()), "worst forgetting", "recipe", "peak MB",
-            "s")  # fmt: skip
+    cols = (
+        "trial",
+        objective.name,
+        "90 % interval",
+        "Δ best",
+        "≈",
+        "skill pers.",
+        "skill clim.",
+        *(("skill A1.5",) if zero_shot else ()),
+        "worst forgetting",
+        "recipe",
+        "peak MB",
+        "s",
+    )
     for c in cols:
         table.add_column(c, justify="left" if c in ("recipe", "worst forgetting") else "right")
     shown = listed[:top]
     deltas = paired_to(best, shown, objective) if best else [None] * len(shown)
-    sfx = lead_of(config)
+    at = scored(config)
     for t, delta in zip(shown, deltas):
-        a = TrialRecord.of(t)
-        ci = a.interval(objective, sfx)
-        forgot = a.worst_forgetting(sfx)
-        worst = f"{forgot[0]} ×{forgot[1]:.2f}" if forgot else "-"
-        if forgets(t):
-            worst = f"✗ {worst}"
         same = t is best or delta is None
-        table.add_row(
-            str(t.number), f"{score(t):.4f}", f"{ci[0]:.4f}–{ci[1]:.4f}" if ci else "-",
-            "" if same else f"{delta[0]:+.4f} [{delta[1]:+.4f}, {delta[2]:+.4f}]",
-            "" if same or distinguishable(delta) else "≈", _skill(a, objective, "persistence", sfx),
-            _skill(a, objective, "climatology", sfx),
-            *((_skill(a, objective, "aurora15", sfx),) if zero_shot else ()), worst, recipe(t),
-            f"{a.get('peak_memory_mb'):.0f}", f"{a.get('trial_seconds'):.1f}",
-        )  # fmt: skip
+        table.add_row(*_top_row(t, None if same else delta, at, zero_shot=zero_shot))
     if zero_shot and shown:  # the baseline itself: the same samples for every trial
-        value = TrialRecord.of(shown[0]).value(f"{objective}_aurora15{sfx}")
+        value = TrialRecord.of(shown[0]).value(at.of("aurora15"))
         if value is not None:
-            table.add_row(
-                "A1.5", f"{value:.4f}", "-", "", "", "", "", "", "-",
-                "Aurora 1.5 untrained (zero-shot baseline)", "", "",
-            )  # fmt: skip
+            what = "Aurora 1.5 untrained (zero-shot baseline)"
+            table.add_row("A1.5", f"{value:.4f}", "-", *[""] * 5, "-", what, "", "")
     return table
+
+
+def _top_row(
+    t: optuna.trial.FrozenTrial,
+    delta: tuple[float, float, float] | None,
+    objective: Objective,
+    *,
+    zero_shot: bool,
+) -> tuple[str, ...]:
+    """A trial's row of `top_trials_table`: its `objective` (at the study's lead) with its
+    interval, its paired difference to the best (`delta`; None: the best itself, or not
+    comparable), its skills, worst forgetting, recipe and costs."""
+    a = TrialRecord.of(t)
+    ci = a.interval(objective)
+    forgot = a.worst_forgetting(lead_suffix(objective.lead))
+    worst = f"{forgot[0]} ×{forgot[1]:.2f}" if forgot else "-"
+    if forgets(t):
+        worst = f"✗ {worst}"
+    return (
+        str(t.number),
+        f"{score(t):.4f}",
+        f"{ci[0]:.4f}–{ci[1]:.4f}" if ci else "-",
+        "" if delta is None else f"{delta[0]:+.4f} [{delta[1]:+.4f}, {delta[2]:+.4f}]",
+        "" if delta is None or distinguishable(delta) else "≈",
+        _skill(a, objective, "persistence"),
+        _skill(a, objective, "climatology"),
+        *((_skill(a, objective, "aurora15"),) if zero_shot else ()),
+        worst,
+        recipe(t),
+        f"{a.get('peak_memory_mb'):.0f}",
+        f"{a.get('trial_seconds'):.1f}",
+    )
 
 
 def recipe(trial: optuna.trial.FrozenTrial) -> str:
@@ -281,7 +322,7 @@ def against_references(config: StudyConfig, trials: list[optuna.trial.FrozenTria
         if a.infeasible:
             lines.append(f"reference {what} (trial {t.number}): infeasible, {a.infeasible}")
         elif t.state.name == "COMPLETE" and t.values:
-            ci = interval(t, objective, lead_of(config))
+            ci = interval(t, scored(config))
             verdict = ""
             if best is not None and best.number != t.number:
                 (delta,) = paired_to(t, [best], objective)
@@ -329,7 +370,7 @@ def _best_lines(config: StudyConfig, trials, group) -> list[str]:
         best.setdefault(group(TrialRecord.of(t)), t)
     lines = []
     for name, t in best.items():
-        a, ci = TrialRecord.of(t), interval(t, config.objective, lead_of(config))
+        a, ci = TrialRecord.of(t), interval(t, scored(config))
         lines.append(
             f"best {name}: trial {t.number}, {config.objective} {score(t):.4f}"
             + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
@@ -339,8 +380,8 @@ def _best_lines(config: StudyConfig, trials, group) -> list[str]:
     return lines
 
 
-def _skill(a: TrialRecord, objective: str, reference: str, sfx: str) -> str:
-    return f"{a.get(skill_name(objective, reference) + sfx):+.3f}"
+def _skill(a: TrialRecord, objective: Objective, reference: str) -> str:
+    return f"{a.get(objective.skill(reference)):+.3f}"
 
 
 def skill_and_cost(
@@ -357,7 +398,7 @@ def skill_and_cost(
     points = [
         {
             "number": t.number,
-            "skill": records[t.number].get(skill_name(config.objective, "climatology")),
+            "skill": records[t.number].get(config.objective.skill("climatology")),
             "peak_mb": records[t.number].value(cost),
             "label": recipe(t),
             "front": t.number in front,

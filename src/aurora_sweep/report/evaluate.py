@@ -14,6 +14,7 @@ from pathlib import Path
 
 import optuna
 
+from aurora_sweep.config.recipe import BaseKey
 from aurora_sweep.config.study import StudyConfig
 from aurora_sweep.config.study_file import load_config
 from aurora_sweep.errors import AuroraSweepError
@@ -135,7 +136,7 @@ def prepare_evaluation(adapter: Path, *, split: str, checkpoint: Path | None = N
     model = load_finetuned(adapter, checkpoint=checkpoint, device=str(device))
     path = resolve_checkpoint(trial.base, checkpoint)
     data.base_mse = {  # by lead, the trial's base in its precision on its levels
-        reference_key(data, trial): base_state_mse(
+        str(reference_key(data, trial)): base_state_mse(
             data,
             base=trial.base,
             checkpoint=path,
@@ -160,7 +161,7 @@ def verify_prepared(model, data, trial, device, *, bootstrap: int):
     )  # fmt: skip
 
 
-def reference_key(data, trial) -> str:
+def reference_key(data, trial) -> BaseKey:
     """The key of the base model's scores `trial` is compared with in `data.base_mse`."""
     return data.reference_key(trial.base, trial.precision, trial.levels)
 
@@ -176,6 +177,7 @@ def evaluate_adapter(
     """Score an exported adapter on the whole of `split` with its study's data: every lead's
     scores (with the worst forgetting ratio of each, `forget_worst_ratio`), or with `lead`
     ('12h', '24h') that lead's alone under the 6-hour names."""
+    from aurora_sweep.config.objective import forget_name, split_lead
     from aurora_sweep.config.recipe import LEADS, lead_suffix, parse_lead
     from aurora_sweep.sweep.outcomes import worst_forgetting
 
@@ -187,13 +189,11 @@ def evaluate_adapter(
     for k in LEADS:  # the worst forgetting at each lead, as a trial records it
         worst = worst_forgetting(scores, lead_suffix(k))
         if worst is not None:
-            scores[f"forget_worst_ratio{lead_suffix(k)}"] = worst[1]
+            scores[forget_name("worst", lead_suffix(k))] = worst[1]
     if steps is None:
         return {**scores, "split": split, "samples": len(data.validation)}
-    sfx = lead_suffix(steps)
-    longer = tuple(lead_suffix(k) for k in LEADS if k > 1)
-    names = [k for k in scores if not k.endswith(longer)]
-    picked = {k: scores[k + sfx] for k in names if k + sfx in scores}
+    named = {k: split_lead(k) for k in scores}
+    picked = {name: scores[k] for k, (name, at) in named.items() if at == steps}
     return {**picked, "split": split, "lead": lead, "samples": len(data.leads[steps])}
 
 
@@ -248,19 +248,19 @@ def report_adapter(
         **trial.to_dict(),
         "base checkpoint": f"{meta['base']['checkpoint']} (sha256 {meta['base']['sha256'][:12]}…)",
         "region": meta.get("data", {}).get("region", "?"),
-        "objective": data.objective,
+        "objective": data.objective.name,
     }
     objective = data.objective
     return write_report(
         Path(out),
         title=f"{Path(adapter).resolve().name}: {samples.variable.what} from Aurora",
         subtitle=(
-            f"{split} split, {objective} {scores[objective]:.4f}; base {trial.base}; "
+            f"{split} split, {objective} {scores[objective.name]:.4f}; base {trial.base}; "
             f"levels {', '.join(map(str, trial.levels))} hPa; made {dt.date.today()}"
         ),
         recipe=recipe,
         scores=report_rows(scores, objective),
-        forgetting=forgetting_rows(scores, data.base_mse[reference_key(data, trial)]["6h"]),
+        forgetting=forgetting_rows(scores, data.base_mse[str(reference_key(data, trial))]["6h"]),
         leads=lead_rows(scores, objective),
         figures=_report_figures(data, fc, meta, ij),
         notes=report_notes(

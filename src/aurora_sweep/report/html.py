@@ -17,7 +17,8 @@ from collections.abc import Mapping, Sequence
 from numbers import Integral, Real
 from pathlib import Path
 
-from aurora_sweep.config.targets import DEFAULT, TARGETS, Target, of_metric
+from aurora_sweep.config.objective import Objective, forget_name
+from aurora_sweep.config.targets import DEFAULT, TARGETS, Target
 from aurora_sweep.sweep.records import worst_forgetting
 
 MISSING = "–"
@@ -345,10 +346,10 @@ def score_rows_spec(target: Target) -> list[tuple[str, str, bool | None, float |
     return rows
 
 
-def report_rows(scores: dict[str, float], objective: str) -> list[dict]:
+def report_rows(scores: dict[str, float], objective: Objective) -> list[dict]:
     """The scores table: each score for the model and both baselines, intervals where known."""
-    rows, spec = [], of_metric(objective)
-    for name, label, higher, target in score_rows_spec(spec):
+    rows = []
+    for name, label, higher, target in score_rows_spec(objective.variable):
         if name not in scores:
             continue
         row = {
@@ -364,16 +365,16 @@ def report_rows(scores: dict[str, float], objective: str) -> list[dict]:
         }
         rows.append(row)
     for ref in ("persistence", "climatology", "aurora15"):
-        name = spec.metric(f"skill_{ref}")
+        name = objective.skill(ref)
         if name not in scores:  # Aurora 1.5 untrained: where the study has that baseline
             continue
         rows.append(
             {
                 "score": name,
-                "label": f"skill vs {ref} (1 − {objective}/{objective}_{ref})",
+                "label": f"skill vs {ref} (1 − {objective}/{objective.of(ref)})",
                 "model": scores[name],
-                "q05": scores.get(f"{name}_q05"),
-                "q95": scores.get(f"{name}_q95"),
+                "q05": scores.get(objective.skill(ref, "q05")),
+                "q95": scores.get(objective.skill(ref, "q95")),
                 "persistence": None,
                 "climatology": None,
                 "higher_is_better": True,
@@ -386,49 +387,50 @@ def report_rows(scores: dict[str, float], objective: str) -> list[dict]:
 def forgetting_rows(scores: dict[str, float], base_mse: dict[str, float]) -> list[dict]:
     """Per variable: base RMSE, fine-tuned RMSE and their ratio at 6 h (> 1: the fine-tune made
     it worse), and the ratio at each longer lead scored (`ratio_12h`, `ratio_24h`)."""
-    from aurora_sweep.config.recipe import LEADS
+    from aurora_sweep.config.recipe import LEADS, lead_suffix
 
     rows = []
     for name, mse in base_mse.items():
-        ratio = scores.get(f"forget_{name}_ratio")
+        ratio = scores.get(forget_name(name))
         if ratio is None:
             continue
         base = float(mse) ** 0.5
         row = {"variable": name, "base_rmse": base, "finetuned_rmse": base * ratio, "ratio": ratio}
-        for label in list(LEADS.values())[1:]:
-            if f"forget_{name}_ratio_{label}" in scores:
-                row[f"ratio_{label}"] = scores[f"forget_{name}_ratio_{label}"]
+        for steps, label in list(LEADS.items())[1:]:
+            later = forget_name(name, lead_suffix(steps))
+            if later in scores:
+                row[f"ratio_{label}"] = scores[later]
         rows.append(row)
     return rows
 
 
-def lead_rows(scores: dict[str, float], objective: str) -> list[dict]:
+def lead_rows(scores: dict[str, float], objective: Objective) -> list[dict]:
     """One row per lead scored: the objective with its interval, both baselines' objective, the
     skills and the worst forgetting ratio."""
     from aurora_sweep.config.recipe import LEADS, lead_suffix
 
-    rows, skill = [], of_metric(objective).metric
+    rows = []
     for steps, label in LEADS.items():
-        sfx = lead_suffix(steps)
-        if objective + sfx not in scores:
+        at = objective.at(steps)
+        if at.name not in scores:
             continue
-        lo, hi = scores.get(f"{objective}_q05{sfx}"), scores.get(f"{objective}_q95{sfx}")
-        worst = worst_forgetting(scores, sfx)
+        lo, hi = scores.get(at.of("q05")), scores.get(at.of("q95"))
+        worst = worst_forgetting(scores, lead_suffix(steps))
         rows.append(
             {
                 "lead": label,
-                "objective": f"{scores[objective + sfx]:.4f}",
+                "objective": f"{scores[at.name]:.4f}",
                 "90 % interval": f"{lo:.4f}–{hi:.4f}" if lo is not None and hi is not None else "",
-                "persistence": f"{scores[f'{objective}_persistence{sfx}']:.4f}",
-                "climatology": f"{scores[f'{objective}_climatology{sfx}']:.4f}",
-                "skill vs persistence": f"{scores[skill('skill_persistence') + sfx]:+.3f}",
-                "skill vs climatology": f"{scores[skill('skill_climatology') + sfx]:+.3f}",
+                "persistence": f"{scores[at.of('persistence')]:.4f}",
+                "climatology": f"{scores[at.of('climatology')]:.4f}",
+                "skill vs persistence": f"{scores[at.skill('persistence')]:+.3f}",
+                "skill vs climatology": f"{scores[at.skill('climatology')]:+.3f}",
                 "worst forgetting": f"{worst[0]} ×{worst[1]:.2f}" if worst else "",
             }
         )
-        if f"{objective}_aurora15{sfx}" in scores:  # the zero-shot Aurora 1.5 baseline
-            rows[-1]["Aurora 1.5"] = f"{scores[f'{objective}_aurora15{sfx}']:.4f}"
-            rows[-1]["skill vs Aurora 1.5"] = f"{scores[skill('skill_aurora15') + sfx]:+.3f}"
+        if at.of("aurora15") in scores:  # the zero-shot Aurora 1.5 baseline
+            rows[-1]["Aurora 1.5"] = f"{scores[at.of('aurora15')]:.4f}"
+            rows[-1]["skill vs Aurora 1.5"] = f"{scores[at.skill('aurora15')]:+.3f}"
     return rows
 
 

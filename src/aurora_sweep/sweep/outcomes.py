@@ -1,7 +1,10 @@
-"""How a trial ended, and what that means for Optuna and MLflow.
+"""How a trial ended, and what that means for Optuna and MLflow; and what the study process
+and a trial worker say to each other over their pipe.
 
 The worker sends one outcome per trial over its pipe, a dataclass: `Complete`, `Pruned`,
-`OutOfMemory` or `Failed`. `record(outcome, trial, run, ...)` is the one place that turns an
+`OutOfMemory` or `Failed`. The pipe's other messages are dataclasses too (`Start`, `RunTrial`,
+`Verdict`, `Stop` to the worker; `Ready`, `StartFailed`, `Report` from it), so that either side
+reads fields, not positions in a tuple. `record(outcome, trial, run, ...)` is the one place that turns an
 outcome into the trial's Optuna state (a value, `TrialPruned`, `TrialError`), its user attributes
 (through `records`) and its MLflow metrics, tags and history. It needs no worker, no database and
 no torch: its tests pass a fake trial and a fake run.
@@ -16,6 +19,7 @@ from typing import Any, Protocol
 
 import optuna
 
+from aurora_sweep.config.objective import forget_name
 from aurora_sweep.config.recipe import LEADS, lead_suffix
 from aurora_sweep.config.study import MIB, StudyConfig
 from aurora_sweep.sweep.records import worst_forgetting, write_attrs, write_scores
@@ -71,6 +75,68 @@ class Failed:
 
 
 Outcome = Complete | Pruned | OutOfMemory | Failed
+
+#: the study's base-model scores: by `recipe.BaseKey` (as text), then lead, then variable
+BaseScores = dict[str, dict[str, dict[str, float]]]
+
+
+@dataclass(frozen=True)
+class Start:
+    """To a worker, first (it may be launched before the data exist): make or open the data,
+    with the base model's and Aurora 1.5's scores the study already has."""
+
+    base_mse: BaseScores | None
+    aurora15: dict[str, dict] | None
+
+
+@dataclass(frozen=True)
+class Ready:
+    """From a worker that has its data: what it holds and where it trains, and the base model's
+    and Aurora 1.5's scores as it has them now (the study keeps them for later workers)."""
+
+    train: int
+    validation: int
+    device: str
+    checkpoint: str
+    base_mse: BaseScores
+    aurora15: dict[str, dict]
+
+
+@dataclass(frozen=True)
+class StartFailed:
+    """From a worker that could not make its data or model (a config's fault: said as is)."""
+
+    message: str
+
+
+@dataclass(frozen=True)
+class RunTrial:
+    """To a worker: run this trial (`TrialConfig.to_dict`), leaving its adapter in
+    `adapter_dir`."""
+
+    trial: dict[str, Any]
+    adapter_dir: str
+
+
+@dataclass(frozen=True)
+class Report:
+    """From a worker: the trial's objective on the pruner's subset at `step`; it waits for a
+    `Verdict`."""
+
+    step: int
+    value: float
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """To a worker, in answer to a `Report`: stop the trial (prune) or go on."""
+
+    prune: bool
+
+
+@dataclass(frozen=True)
+class Stop:
+    """To a worker between trials: exit."""
 
 
 class TrialError(RuntimeError):
@@ -159,11 +225,15 @@ class Recorder:
         value = outcome.metrics.get(config.objective_metric, float("nan"))
         if not math.isfinite(value):
             raise self.failed(
-                trial, f"its objective {config.objective_metric} is {value} (the forecast or the "
+                trial,
+                f"its objective {config.objective_metric} is {value} (the forecast or the "
                 "scores are not finite)",
-            )  # fmt: skip
-        scalars = {**outcome.metrics, "peak_memory_mb": outcome.peak_memory_mb,
-                   "trial_seconds": outcome.seconds}  # fmt: skip
+            )
+        scalars = {
+            **outcome.metrics,
+            "peak_memory_mb": outcome.peak_memory_mb,
+            "trial_seconds": outcome.seconds,
+        }
         if outcome.peak_reserved_mb is not None:
             scalars["peak_reserved_mb"] = outcome.peak_reserved_mb
         if outcome.loader_wait_fraction is not None:
@@ -173,16 +243,19 @@ class Recorder:
             suffix = lead_suffix(steps)
             worst = worst_forgetting(outcome.metrics, suffix)
             if worst is not None:
-                scalars["forget_worst_ratio" + suffix] = worst[1]
+                scalars[forget_name("worst", suffix)] = worst[1]
                 worst_variable[suffix] = worst[0]
                 if steps == config.lead_steps:  # the constraint: at the study's lead
                     self.check_forgetting(trial, run, *worst)
-        run.log_history({
-            "train_loss": outcome.train_loss, "val_loss": outcome.val_loss,
-            **{f"val_loss_{k}": v for k, v in outcome.val_terms.items()},
-            f"val_{config.objective}_subset": outcome.intermediate,
-            **{k: [(0, v)] for k, v in scalars.items()},
-        })  # fmt: skip
+        run.log_history(
+            {
+                "train_loss": outcome.train_loss,
+                "val_loss": outcome.val_loss,
+                **{f"val_loss_{k}": v for k, v in outcome.val_terms.items()},
+                f"val_{config.objective.name}_subset": outcome.intermediate,
+                **{k: [(0, v)] for k, v in scalars.items()},
+            }
+        )
         write_scores(trial, scalars, worst_variable)
         if outcome.objective_terms:
             write_attrs(trial, objective_terms=outcome.objective_terms)

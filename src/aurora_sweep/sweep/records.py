@@ -17,9 +17,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
+from aurora_sweep.config.objective import Objective, forget_name, forgotten
+
 #: every score and measurement of a finished trial, {name: value}
 SCORES = "scores"
-#: the study's user attribute with the base model's MSE per variable, by `recipe.base_key`, then lead
+#: the study's user attribute with the base model's MSE per variable, by `recipe.BaseKey`, then lead
 #: (a study written when one base was searched keyed it by precision alone, under another name:
 #: its base scores are computed again, once)
 BASE_MSE = "base_mse_by_base"
@@ -127,14 +129,14 @@ class TrialRecord:
         value = self.value(name)
         return default if value is None else value
 
-    def interval(self, objective: str, suffix: str = "") -> tuple[float, float] | None:
-        """The 90 % bootstrap interval of `objective` at the lead `suffix` names."""
-        lo, hi = self.value(f"{objective}_q05{suffix}"), self.value(f"{objective}_q95{suffix}")
+    def interval(self, objective: Objective) -> tuple[float, float] | None:
+        """The 90 % bootstrap interval of `objective` (at its lead)."""
+        lo, hi = self.value(objective.of("q05")), self.value(objective.of("q95"))
         return (lo, hi) if lo is not None and hi is not None else None
 
     def worst_forgetting(self, suffix: str = "") -> tuple[str, float] | None:
         """(variable, ratio) of the worst forgetting at the lead `suffix` names."""
-        ratio = self.value("forget_worst_ratio" + suffix)
+        ratio = self.value(forget_name("worst", suffix))
         variable = self.worst_variable.get(suffix)
         return (variable, ratio) if variable is not None and ratio is not None else None
 
@@ -156,13 +158,8 @@ class TrialRecord:
 def worst_forgetting(scores: Mapping[str, float], suffix: str = "") -> tuple[str, float] | None:
     """The variable whose RMSE grew most at the lead `suffix` names ('': 6 h), and its ratio,
     from a trial's scores (`forget_<variable>_ratio<suffix>`)."""
-    end = "_ratio" + suffix
-    ratios = {
-        k.removeprefix("forget_").removesuffix(end): v
-        for k, v in scores.items()
-        if k.startswith("forget_") and k.endswith(end) and k != "forget_worst" + end
-        and math.isfinite(v)
-    }  # fmt: skip
+    named = ((forgotten(k, suffix), v) for k, v in scores.items())
+    ratios = {k: v for k, v in named if k not in (None, "worst") and math.isfinite(v)}
     if not ratios:
         return None
     name = max(ratios, key=ratios.__getitem__)

@@ -13,12 +13,13 @@ signals and slots (`scheduler`), and what a trial keeps in the storage (`records
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import functools
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,7 @@ from rich.console import Console
 
 from aurora_sweep.config.study import MIB, StudyConfig
 from aurora_sweep.devices import plan_devices
+from aurora_sweep.sweep.outcomes import Ready
 from aurora_sweep.sweep.records import AURORA15, BASE_MSE, TrialRecord
 from aurora_sweep.sweep.scheduler import Sweep
 from aurora_sweep.sweep.space import check_search, enqueue_references
@@ -38,6 +40,7 @@ from aurora_sweep.sweep.storage import (
     retry_interrupted,
     storage_label,
 )
+from aurora_sweep.sweep.worker import TrialWorker, WorkerSpec
 
 AURORA_PRETRAINING_END = dt.date(2022, 1, 1)
 
@@ -96,46 +99,70 @@ def run_study(
     inside the trial workers (a picklable top-level function; tests use it to simulate
     out-of-memory errors and crashes).
     """
-    from aurora_sweep.sweep.tracking import client_for, experiment_id, study_run
-
     console = console or Console(stderr=True)
     overlap = _pretraining_overlap(config)
     devices = plan_devices(workers, gpus)
-    # failures are reported in one line each below; Optuna's own warning repeats the traceback
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    check_search(config)
-    client = client_for(config)
-    study = _open_and_recover(config, client, console)
+    study, client, summary = _open(config, console)
     done = len(study.get_trials(deepcopy=False, states=FINISHED))
-    local = config.tracking_uri is None or config.tracking_uri.startswith("sqlite")
-    experiment = experiment_id(
-        client, config.name, artifacts=(config.workdir / "mlruns") if local else None
-    )
-    summary = StudySummary(study, 0, experiment, "", tracking_uri=config.tracking_uri or "")
     if done >= trials:
         console.print(f"study {config.name!r} already holds {done} trials; nothing to add")
         return summary
 
     known = {t.number for t in study.get_trials(deepcopy=False)}
-    pool, info, grid, lon_shift = _start_workers(config, study, devices, fit, console)
-    tags = _parent_tags(config, overlap=overlap, device=info["device"], lon_shift=lon_shift)
+    pool, ready, grid, lon_shift = _start_workers(config, study, devices, fit, console)
+    tags = _parent_tags(config, overlap=overlap, device=ready.device, lon_shift=lon_shift)
     try:
-        with study_run(
-            client, experiment, study=config.name,
-            name=f"{config.name} {dt.datetime.now():%Y-%m-%d %H:%M}", tags=tags,
-        ) as parent:  # fmt: skip
-            summary.parent_run_id = parent
-            console.print(_start_line(config, done, trials, info, pool, devices), highlight=False)
+        with _parent_run(config, client, summary, tags) as parent:
+            console.print(_start_line(config, done, trials, ready, pool, devices), highlight=False)
             sweep = Sweep(
-                config=config, study=study, client=client, experiment=experiment, parent=parent,
-                console=console, grid=grid, total=trials,
-            )  # fmt: skip
+                config=config,
+                study=study,
+                client=client,
+                experiment=summary.experiment_id,
+                parent=parent,
+                console=console,
+                grid=grid,
+                total=trials,
+            )
             sweep.run(pool)
     finally:
         for worker in pool:
             worker.close(at_once=True)
     summary.new_trials = _finished_here(study, known)
     return summary
+
+
+def _open(config: StudyConfig, console: Console) -> tuple[optuna.Study, Any, StudySummary]:
+    """The study, its search checked, opened and recovered (`_open_and_recover`); its MLflow
+    client; and a summary that names its experiment."""
+    from aurora_sweep.sweep.tracking import client_for, experiment_id
+
+    # failures are reported in one line each below; Optuna's own warning repeats the traceback
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    check_search(config)
+    client = client_for(config)
+    study = _open_and_recover(config, client, console)
+    local = config.tracking_uri is None or config.tracking_uri.startswith("sqlite")
+    experiment = experiment_id(
+        client, config.name, artifacts=(config.workdir / "mlruns") if local else None
+    )
+    summary = StudySummary(study, 0, experiment, "", tracking_uri=config.tracking_uri or "")
+    return study, client, summary
+
+
+@contextlib.contextmanager
+def _parent_run(
+    config: StudyConfig, client, summary: StudySummary, tags: dict[str, str]
+) -> Iterator[str]:
+    """This invocation's MLflow parent run, whose children are its trials; its id is kept in
+    `summary`."""
+    from aurora_sweep.sweep.tracking import study_run
+
+    name = f"{config.name} {dt.datetime.now():%Y-%m-%d %H:%M}"
+    experiment = summary.experiment_id
+    with study_run(client, experiment, study=config.name, name=name, tags=tags) as parent:
+        summary.parent_run_id = parent
+        yield parent
 
 
 def _finished_here(study: optuna.Study, known: set[int]) -> int:
@@ -179,12 +206,15 @@ def _parent_tags(
     """The tags of the parent MLflow run of one `run`."""
     cap = config.gpu_memory_cap
     return {
-        "optuna.study": config.name, "optuna.storage": storage_label(config.storage),
-        "aurora_sweep.pretraining_overlap": str(overlap).lower(), "device": device,
+        "optuna.study": config.name,
+        "optuna.storage": storage_label(config.storage),
+        "aurora_sweep.pretraining_overlap": str(overlap).lower(),
+        "device": device,
         "gpu_memory_cap_mb": str(cap / MIB if cap else None),
         # a box crossing 0° is shifted east for Aurora (its longitudes must lie in [0, 360))
-        "data.lon_shift_deg": str(lon_shift), **_data_tags(config),
-    }  # fmt: skip
+        "data.lon_shift_deg": str(lon_shift),
+        **_data_tags(config),
+    }
 
 
 def _open_and_recover(config: StudyConfig, client, console: Console) -> optuna.Study:
@@ -205,21 +235,27 @@ def _open_and_recover(config: StudyConfig, client, console: Console) -> optuna.S
     return study
 
 
-def _start_workers(config: StudyConfig, study: optuna.Study, devices: list, fit, console):
+def _start_workers(
+    config: StudyConfig, study: optuna.Study, devices: list, fit, console: Console
+) -> tuple[list[TrialWorker], Ready, tuple[int, int], float]:
     """The trial workers, the first started: (pool, what the first said when ready, the model
     grid, the longitude shift). Everything that can refuse (data, checkpoint) happens here,
     before the first MLflow run."""
     from aurora_sweep.data.cube import open_cube
     from aurora_sweep.data.samples import model_longitudes, patch_crop
     from aurora_sweep.model.files import resolve_checkpoint
-    from aurora_sweep.sweep.worker import TrialWorker, WorkerSpec
 
     spec = WorkerSpec(
-        config_path=config.path, workdir=config.workdir, checkpoint=config.model.checkpoint,
-        memory_cap=config.gpu_memory_cap, extra={"data": _adapter_data(config)},
-        fit=fit, base_mse=study.user_attrs.get(BASE_MSE),
-        aurora15=study.user_attrs.get(AURORA15), **devices[0],
-    )  # fmt: skip
+        config_path=config.path,
+        workdir=config.workdir,
+        checkpoint=config.model.checkpoint,
+        memory_cap=config.gpu_memory_cap,
+        extra={"data": _adapter_data(config)},
+        fit=fit,
+        base_mse=study.user_attrs.get(BASE_MSE),
+        aurora15=study.user_attrs.get(AURORA15),
+        **devices[0],
+    )
     first = TrialWorker(spec)
     first.launch()  # it imports torch, Aurora and peft while the data are made or opened
     try:
@@ -228,34 +264,40 @@ def _start_workers(config: StudyConfig, study: optuna.Study, devices: list, fit,
         _, lon_shift = model_longitudes(cube["longitude"].values)
         for base in config.bases:  # a missing checkpoint is refused before any trial
             resolve_checkpoint(base, config.model.checkpoint_for(base))
-        info = first.start()
+        ready = first.start()
     except BaseException:
         first.close(at_once=True)
         raise
-    if BASE_MSE not in study.user_attrs:  # the base model's scores: once per study
-        study.set_user_attr(BASE_MSE, info["base_mse"])
-    if info.get("aurora15") and AURORA15 not in study.user_attrs:  # Aurora 1.5's, too
-        study.set_user_attr(AURORA15, info["aurora15"])
+    _keep_base_scores(study, ready)
     # the other workers, and a replacement (after an OOM or a crash), reuse them
-    first.spec = dataclasses.replace(
-        spec, base_mse=info["base_mse"], aurora15=info.get("aurora15") or None
-    )
+    first.spec = dataclasses.replace(spec, base_mse=ready.base_mse, aurora15=ready.aurora15 or None)
     pool = [first] + [TrialWorker(dataclasses.replace(first.spec, **d)) for d in devices[1:]]
-    return pool, info, grid, lon_shift
+    return pool, ready, grid, lon_shift
 
 
-def _start_line(config: StudyConfig, done: int, trials: int, info, pool, devices) -> str:
+def _keep_base_scores(study: optuna.Study, ready: Ready) -> None:
+    """Keep in the study the base model's scores, and Aurora 1.5's, that its first worker made:
+    once per study."""
+    if BASE_MSE not in study.user_attrs:
+        study.set_user_attr(BASE_MSE, ready.base_mse)
+    if ready.aurora15 and AURORA15 not in study.user_attrs:
+        study.set_user_attr(AURORA15, ready.aurora15)
+
+
+def _start_line(
+    config: StudyConfig, done: int, trials: int, ready: Ready, pool: list, devices: list
+) -> str:
     """What the run says before its first trial: the study, its data and where it trains."""
     where = (
         f"{len(pool)} workers on GPUs {','.join(str(d['gpu']) for d in devices)}"
         if devices[0]["gpu"] is not None and len(pool) > 1
         else f"{len(pool)} workers, {devices[0]['threads']} CPU thread(s) each"
         if len(pool) > 1
-        else info["device"]
+        else ready.device
     )
     cap = config.gpu_memory_cap
     return (
         f"study {config.name!r}: {done} trials so far, {trials} wanted; "
-        f"{info['train']} train and {info['validation']} validation samples on {where}"
+        f"{ready.train} train and {ready.validation} validation samples on {where}"
         + (f", cap {cap / MIB:.0f} MB" if cap else "")
     )

@@ -19,9 +19,7 @@ from typing import Any
 import optuna
 from rich.console import Console
 
-from aurora_sweep.config.recipe import lead_suffix
 from aurora_sweep.config.study import StudyConfig
-from aurora_sweep.config.targets import skill_name
 from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.processes import this_process
 from aurora_sweep.sweep.outcomes import Complete, Recorder
@@ -208,9 +206,15 @@ class Sweep:
         tc, estimate = self.plan(sample_trial(trial, config))
         write_attrs(trial, config=tc.to_dict())
         with trial_run(
-            self.client, self.experiment, parent=self.parent, number=trial.number,
-            tags={"host": socket.gethostname(), "device": worker.info.get("device", "")},
-        ) as run:  # fmt: skip
+            self.client,
+            self.experiment,
+            parent=self.parent,
+            number=trial.number,
+            tags={
+                "host": socket.gethostname(),
+                "device": worker.info.device if worker.info else "",
+            },
+        ) as run:
             write_attrs(trial, mlflow_run_id=run.run_id, mlflow_parent_run_id=self.parent)
             run.log_params(tc.to_dict())
             self.predict(trial, estimate, run, recorder)
@@ -319,11 +323,9 @@ def signals_as_interrupts() -> Iterator[None]:
 
 def _score_line(m: dict[str, float], config: StudyConfig) -> str:
     """One line of a trial's verdict at the study's lead: objective with its interval, skills."""
-    objective, sfx = config.objective, lead_suffix(config.lead_steps)
-    persistence, climatology = (
-        skill_name(objective, r) + sfx for r in ("persistence", "climatology")
-    )
-    lo, hi = m.get(f"{objective}_q05{sfx}"), m.get(f"{objective}_q95{sfx}")
+    objective = config.objective.at(config.lead_steps)
+    persistence, climatology = (objective.skill(r) for r in ("persistence", "climatology"))
+    lo, hi = m.get(objective.of("q05")), m.get(objective.of("q95"))
     interval = f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else ""
     return (
         f"{config.objective_metric} {m[config.objective_metric]:.3f}{interval}  skill vs "

@@ -10,11 +10,10 @@ trial starts in a fresh process with nothing left over.
 Each completed trial leaves its adapter in `adapter_dir` and its figures (PNG) in the folder
 `figures` beside it.
 
-Messages, parent -> worker: `("start", base_mse, aurora15)` first (a worker may be launched before the data
-exist, and imports torch meanwhile), `("trial", trial_dict, adapter_dir)`, `("continue" | "prune")` in
-answer to a report, `("stop",)`. Worker -> parent: `("ready", info)`, `("report", step, value)`,
-and one `("outcome", outcome)` per trial, an `outcomes.Complete`, `Pruned`, `OutOfMemory` or
-`Failed`.
+Messages (dataclasses of `outcomes`), parent -> worker: `Start` first (a worker may be launched
+before the data exist, and imports torch meanwhile), `RunTrial`, a `Verdict` in answer to each
+report, `Stop`. Worker -> parent: `Ready` (or `StartFailed`), a `Report` at each evaluation, and
+one outcome per trial, an `outcomes.Complete`, `Pruned`, `OutOfMemory` or `Failed`.
 """
 
 from __future__ import annotations
@@ -33,7 +32,19 @@ from typing import Any
 
 from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.sweep import outcomes
-from aurora_sweep.sweep.outcomes import Complete, Failed, OutOfMemory, Pruned
+from aurora_sweep.sweep.outcomes import (
+    Complete,
+    Failed,
+    OutOfMemory,
+    Pruned,
+    Ready,
+    Report,
+    RunTrial,
+    Start,
+    StartFailed,
+    Stop,
+    Verdict,
+)
 
 
 @dataclass(frozen=True)
@@ -88,7 +99,8 @@ class TrialWorker:
         self.context = mp.get_context("spawn")
         self.process: mp.process.BaseProcess | None = None
         self.conn = None
-        self.info: dict[str, Any] = {}
+        #: what the worker said when it was last ready (None before)
+        self.info: Ready | None = None
         self.starts = 0
 
     def launch(self) -> None:
@@ -101,24 +113,24 @@ class TrialWorker:
         self.conn = parent
         self.starts += 1
 
-    def start(self) -> dict[str, Any]:
+    def start(self) -> Ready:
         """Have the worker (launched now if it was not) load the data and the base model's
         scores; what it says when ready."""
         if self.process is None or self.conn is None:
             self.launch()
         assert self.conn is not None
         try:
-            self.conn.send(("start", self.spec.base_mse, self.spec.aurora15))
+            self.conn.send(Start(self.spec.base_mse, self.spec.aurora15))
         except (BrokenPipeError, OSError):
             pass  # it died while importing: _receive reports how
-        kind, payload = self._receive(timeout=None)
-        if kind == "error":
+        message = self._receive(timeout=None)
+        if isinstance(message, StartFailed):
             self.close()
-            raise AuroraSweepError(payload["message"])
-        self.info = payload
-        return payload
+            raise AuroraSweepError(message.message)
+        self.info = message
+        return message
 
-    def _receive(self, timeout: float | None) -> tuple:
+    def _receive(self, timeout: float | None) -> Ready | StartFailed | Report | outcomes.Outcome:
         assert self.conn is not None and self.process is not None
         waited = 0.0
         while not self.conn.poll(0.2):
@@ -144,14 +156,13 @@ class TrialWorker:
         if self.process is None or not self.process.is_alive():
             self.start()
         assert self.conn is not None
-        self.conn.send(("trial", trial, str(adapter_dir)))
+        self.conn.send(RunTrial(trial, str(adapter_dir)))
         while True:
-            kind, *rest = self._receive(timeout=None)
-            if kind == "report":
-                step, value = rest
-                self.conn.send(("prune",) if report(step, value) else ("continue",))
+            message = self._receive(timeout=None)
+            if isinstance(message, Report):
+                self.conn.send(Verdict(prune=report(message.step, message.value)))
                 continue
-            (outcome,) = rest
+            outcome = message
             if getattr(outcome, "restart", False):
                 self.close()  # the next trial gets a fresh process and a clean allocator
             return outcome
@@ -172,7 +183,7 @@ class TrialWorker:
             and self.process.is_alive()
         ):
             try:
-                self.conn.send(("stop",))
+                self.conn.send(Stop())
                 self.process.join(timeout=30)  # one launched a moment ago is still importing
             except (BrokenPipeError, OSError):
                 pass
@@ -282,21 +293,22 @@ def serve(conn, spec: WorkerSpec) -> None:
 
     # the study process may still be making the data: wait for its word (and the base model's
     # scores it has by then)
-    message = conn.recv()
-    if message[0] != "start":
+    start = conn.recv()
+    if not isinstance(start, Start):
         return
     try:
-        session = _Session.open(dataclasses.replace(spec, base_mse=message[1], aurora15=message[2]))
+        given = dataclasses.replace(spec, base_mse=start.base_mse, aurora15=start.aurora15)
+        session = _Session.open(given)
     except AuroraSweepError as e:
-        conn.send(("error", {"message": str(e)}))
+        conn.send(StartFailed(str(e)))
         return
-    conn.send(("ready", session.info()))
+    conn.send(session.info())
     while True:
         message = conn.recv()
-        if message[0] == "stop":
+        if not isinstance(message, RunTrial):  # Stop
             return
-        _, trial_dict, adapter_dir = message
-        if not session.run(conn, TrialConfig.from_dict(trial_dict), Path(adapter_dir)):
+        trial = TrialConfig.from_dict(message.trial)
+        if not session.run(conn, trial, Path(message.adapter_dir)):
             return  # a fresh process replaces this one: nothing leaks into the next trial
 
 
@@ -356,26 +368,32 @@ class _Session:
             self.checkpoints[base] = resolve_checkpoint(base, given)
         return self.checkpoints[base]
 
-    def info(self) -> dict[str, Any]:
-        return {"train": len(self.data.train), "validation": len(self.data.validation),
-                "device": str(self.device),
-                "checkpoint": str(self.checkpoint_for(self.config.bases[0])),
-                "base_mse": self.data.base_mse,
-                "aurora15": self.zero_shot}  # fmt: skip
+    def info(self) -> Ready:
+        return Ready(
+            train=len(self.data.train),
+            validation=len(self.data.validation),
+            device=str(self.device),
+            checkpoint=str(self.checkpoint_for(self.config.bases[0])),
+            base_mse=self.data.base_mse,
+            aurora15=self.zero_shot,
+        )
 
     def base_scores(self, base: str, precision: str, levels: tuple[int, ...]) -> None:
         """The base model's scores in `precision` on `levels`, once: when a trial first needs
         them."""
         from aurora_sweep.verify.scoring import base_state_mse
 
-        key = self.data.reference_key(base, precision, levels)
+        key = str(self.data.reference_key(base, precision, levels))
         if key not in self.data.base_mse:
             self.data.base_mse[key] = base_state_mse(
-                self.data.for_trial(base, levels), base=base, checkpoint=self.checkpoint_for(base),
+                self.data.for_trial(base, levels),
+                base=base,
+                checkpoint=self.checkpoint_for(base),
                 device=self.device,
-                precision=precision, wrap_longitude=self.config.data.wrap_longitude,
+                precision=precision,
+                wrap_longitude=self.config.data.wrap_longitude,
                 arch=self.config.model.arch_for(base),
-            )  # fmt: skip
+            )
 
     def run(self, conn, trial, adapter_dir: Path) -> bool:
         """Run one trial and send its outcome; False when this process must end (out of
@@ -387,8 +405,9 @@ class _Session:
         started = time.perf_counter()
 
         def report(step: int, value: float) -> None:
-            conn.send(("report", step, value))
-            if conn.recv()[0] == "prune":
+            conn.send(Report(step, value))
+            verdict: Verdict = conn.recv()
+            if verdict.prune:
                 raise _Pruned(step, value)
 
         try:
@@ -400,20 +419,19 @@ class _Session:
                 report=report,
                 device=self.device,
             )
-            conn.send(("outcome", self.complete(result, trial, adapter_dir)))
+            conn.send(self.complete(result, trial, adapter_dir))
             del result
         except _Pruned as p:
-            conn.send(("outcome", Pruned(p.step, p.value, time.perf_counter() - started)))
+            conn.send(Pruned(p.step, p.value, time.perf_counter() - started))
         except torch.OutOfMemoryError as e:
             cuda = self.device.type == "cuda"
             peak = torch.cuda.max_memory_allocated(self.device) / 2**20 if cuda else 0.0
             seconds = time.perf_counter() - started
-            conn.send(("outcome", OutOfMemory(str(e).splitlines()[0], peak, seconds)))
+            conn.send(OutOfMemory(str(e).splitlines()[0], peak, seconds))
             return False
         except Exception as e:
-            conn.send(("outcome", Failed(
-                f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-4000:]
-            )))  # fmt: skip
+            failure = f"{type(e).__name__}: {e}"
+            conn.send(Failed(failure, traceback=traceback.format_exc()[-4000:]))
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         return True
@@ -426,25 +444,35 @@ class _Session:
 
         config = self.config
         save_adapter(
-            adapter_dir, model=result.model, parts=result.parts, trial=trial, stats=self.data.stats,
-            checkpoint=self.checkpoint_for(trial.base), study_config=config.path,
+            adapter_dir,
+            model=result.model,
+            parts=result.parts,
+            trial=trial,
+            stats=self.data.stats,
+            checkpoint=self.checkpoint_for(trial.base),
+            study_config=config.path,
             metrics=result.metrics,
             history={"train_loss": result.train_loss, "val_loss": result.val_loss},
-            extra=(self.spec.extra or {}) | {"objective": config.objective},
-        )  # fmt: skip
+            extra=(self.spec.extra or {}) | {"objective": config.objective.name},
+        )
         figures = adapter_dir.parent / "figures"
         figures.mkdir(parents=True, exist_ok=True)
         for name, png in trial_figures(result, self.data).items():
             (figures / name).write_bytes(png)
         terms = result.forecasts.objective_terms
         return Complete(
-            metrics=result.metrics, train_loss=result.train_loss, val_loss=result.val_loss,
-            intermediate=result.intermediate, peak_memory_mb=result.peak_memory_mb,
-            seconds=result.seconds, val_terms=result.val_terms,
+            metrics=result.metrics,
+            train_loss=result.train_loss,
+            val_loss=result.val_loss,
+            intermediate=result.intermediate,
+            peak_memory_mb=result.peak_memory_mb,
+            seconds=result.seconds,
+            val_terms=result.val_terms,
             objective_terms=encode_terms(*terms, result.forecasts.objective_days),
             peak_reserved_mb=result.peak_reserved_mb,
-            loader_wait_fraction=result.loader_wait_fraction, base_mse=self.data.base_mse,
-        )  # fmt: skip
+            loader_wait_fraction=result.loader_wait_fraction,
+            base_mse=self.data.base_mse,
+        )
 
 
 class _Pruned(Exception):

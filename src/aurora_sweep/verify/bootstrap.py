@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from aurora_sweep.config.recipe import OBJECTIVE_SCORES
+from aurora_sweep.config.objective import Objective
 
 
 def block_bootstrap(
@@ -69,7 +69,7 @@ def block_bootstrap(
 
 
 def paired_difference(
-    objective: str,
+    objective: Objective,
     a: tuple[np.ndarray, np.ndarray],
     b: tuple[np.ndarray, np.ndarray],
     days: np.ndarray,
@@ -86,7 +86,7 @@ def paired_difference(
     NaN term are dropped from both.
 
     Args:
-        objective: `<target>_<score>` (`check_objective`), the objective the terms are of.
+        objective: the objective the terms are of.
         a: A's per-sample (numerator, denominator), as `objective_terms` gives them, (n,) each.
         b: B's, over the same samples in the same order.
         days: each sample's target day, datetime64[D], (n,).
@@ -97,7 +97,6 @@ def paired_difference(
     Returns:
         The difference, and its 5 % and 95 % quantiles over the resamples.
     """
-    check_objective(objective)
     if n_resamples < 1:
         raise ValueError(f"need n_resamples >= 1 for an interval; got {n_resamples}")
     arrays = [np.asarray(x, dtype=np.float64) for x in (*a, *b)]
@@ -147,12 +146,12 @@ def decode_terms(packed: dict[str, str]) -> tuple[np.ndarray, np.ndarray, np.nda
 
 
 def objective_from(
-    objective: str, num: np.ndarray | float, den: np.ndarray | float
+    objective: Objective, num: np.ndarray | float, den: np.ndarray | float
 ) -> np.ndarray | float:
     """The objective from summed terms: sqrt of the mean squared error, or the SEEPS weighted mean."""
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio = np.divide(num, den)
-    value = np.sqrt(ratio) if objective.endswith("rmse") else ratio
+    value = np.sqrt(ratio) if objective.rmse else ratio
     return float(value) if np.ndim(value) == 0 else value
 
 
@@ -168,13 +167,3 @@ def resampled_sums(values: np.ndarray, resamples: list[np.ndarray]) -> np.ndarra
 def interval(values: np.ndarray) -> tuple[float, float]:
     q05, q95 = np.quantile(values, [0.05, 0.95])
     return float(q05), float(q95)
-
-
-def check_objective(objective: str) -> None:
-    """An objective is `<target>_<score>` with a score of `OBJECTIVE_SCORES` (`tp_seeps`)."""
-    score = objective.rsplit("_", 1)[-1]
-    if "_" not in objective or score not in OBJECTIVE_SCORES:
-        raise ValueError(
-            f"unknown objective {objective!r}: use <target>_<score> with a score among "
-            f"{', '.join(OBJECTIVE_SCORES)}"
-        )

@@ -89,11 +89,11 @@ from scores.categorical import BasicContingencyManager, ThresholdEventOperator
 from scores.continuous import additive_bias, mae, mse, rmse
 from scores.functions import create_latitude_weights
 
-from aurora_sweep.config.targets import DEFAULT, TARGETS, Target, skill_name
+from aurora_sweep.config.objective import Objective
+from aurora_sweep.config.targets import DEFAULT, TARGETS, Target
 from aurora_sweep.data.climates import N_HOUR_SLOTS, SeepsClimate, hour_slots
 from aurora_sweep.verify.bootstrap import (
     block_bootstrap,
-    check_objective,
     interval,
     objective_from,
     resampled_sums,
@@ -135,7 +135,7 @@ def skill(score: float, reference: float) -> float:
 
 
 def objective_value(
-    objective: str,
+    objective: Objective,
     *,
     forecast: np.ndarray,
     observed: np.ndarray,
@@ -148,7 +148,7 @@ def objective_value(
     """The objective alone, for one forecast: the same number `scores` reports for it.
 
     Args:
-        objective: `<target>_<score>` (`bootstrap.check_objective`).
+        objective: what is scored (`Objective.parse`).
         forecast: the model's forecast, in the target's units, (n, lat, lon).
         observed: the observed totals, (n, lat, lon).
         lat: latitudes in degrees, (lat,).
@@ -172,7 +172,7 @@ def objective_value(
 
 
 def objective_terms(
-    objective: str,
+    objective: Objective,
     *,
     forecast: np.ndarray,
     observed: np.ndarray,
@@ -197,7 +197,6 @@ def objective_terms(
     Returns:
         Two float64 arrays of length n, in the order of the samples given.
     """
-    check_objective(objective)
     _check_inputs(observed, lat, months, hours, seeps, forecast=forecast)
     keep = _observed_samples(observed)
     forecast, observed = _take(keep, forecast), _take(keep, observed)
@@ -221,7 +220,7 @@ def scores(
     hours: np.ndarray,
     days: np.ndarray,
     seeps: SeepsClimate | None,
-    objective: str,
+    objective: Objective,
     target: Target = TARGETS[DEFAULT],
     land: np.ndarray | None = None,
     bootstrap: int = 1000,
@@ -249,30 +248,37 @@ def scores(
             meets the same baselines on the same samples.
         others: more baselines by name as `forecast` ({"aurora15": ...}; None: in references).
     """
-    check_objective(objective)
     forecasts = {"": forecast, "_persistence": persistence, "_climatology": climatology}
     forecasts |= {f"_{name}": v for name, v in (others or {}).items()}
     named = {k.removeprefix("_") or "forecast": v for k, v in forecasts.items() if v is not None}
     _check_inputs(observed, lat, months, hours, seeps, days=days, **named)
     keep = _observed_samples(observed)
     kept = dict(observed=_take(keep, observed), lat=lat, seeps=seeps, target=target, land=land)
-    kept |= dict(months=np.asarray(months)[keep], hours=np.asarray(hours)[keep],
-                 climatology=None if climatology is None else _take(keep, climatology))  # fmt: skip
+    kept |= dict(
+        months=np.asarray(months)[keep],
+        hours=np.asarray(hours)[keep],
+        climatology=None if climatology is None else _take(keep, climatology),
+    )
     out, terms = {}, {}  # scores by name; each forecast's objective terms by suffix
     for suffix, values in forecasts.items():
         scores_, terms[suffix] = _scores_of(objective, suffix, values, keep, kept, references)
         out.update({f"{name}{suffix}": v for name, v in scores_.items()})
     if terms_out is not None:
         terms_out["num"], terms_out["den"] = (_spread(keep, t) for t in terms[""])
-    for ref in (k.removeprefix("_") for k in forecasts if k):
-        out[target.metric(f"skill_{ref}")] = skill(out[objective], out[f"{objective}_{ref}"])
+    out |= _skills(objective, out, [k.removeprefix("_") for k in forecasts if k])
     if bootstrap > 0:
         out |= _intervals(objective, terms, np.asarray(days)[keep], bootstrap, block_days, seed)
     return out
 
 
+def _skills(objective: Objective, out: dict[str, float], references: list[str]) -> dict[str, float]:
+    """The model's skill on `objective` against each of `references`, from its scores `out`."""
+    model = out[objective.name]
+    return {objective.skill(ref): skill(model, out[objective.of(ref)]) for ref in references}
+
+
 def _scores_of(
-    objective: str,
+    objective: Objective,
     suffix: str,
     values: np.ndarray,
     keep: np.ndarray,
@@ -293,7 +299,7 @@ def _scores_of(
 
 
 def _intervals(
-    objective: str,
+    objective: Objective,
     terms: dict[str, tuple[np.ndarray, np.ndarray]],
     days: np.ndarray,
     n_resamples: int,
@@ -306,16 +312,15 @@ def _intervals(
         s: objective_from(objective, *(resampled_sums(t, resamples) for t in pair))
         for s, pair in terms.items()
     }
-    out = dict(zip((f"{objective}_q05", f"{objective}_q95"), interval(value[""])))
+    out = dict(zip((objective.of("q05"), objective.of("q95")), interval(value[""])))
     for ref in (s.removeprefix("_") for s in terms if s):
         skills = np.array([skill(m, r) for m, r in zip(value[""], value[f"_{ref}"])])
-        name = skill_name(objective, ref)
-        out[f"{name}_q05"], out[f"{name}_q95"] = interval(skills)
+        out[objective.skill(ref, "q05")], out[objective.skill(ref, "q95")] = interval(skills)
     return out
 
 
 def _all_scores(
-    objective: str, forecast: np.ndarray, kept: dict
+    objective: Objective, forecast: np.ndarray, kept: dict
 ) -> tuple[dict[str, float], tuple[np.ndarray, np.ndarray]]:
     """Every score of one forecast of the `kept` samples (`scores`: the observations and the
     rest cut to them), and its objective's per-sample (numerator, denominator)."""
@@ -327,7 +332,9 @@ def _all_scores(
     # a land-only target: NaN at sea, which every score below leaves out
     forecast, observed = _on(kept["land"], forecast), _on(kept["land"], observed)
     terms = {
-        score: _objective_terms(score, forecast, observed, lat, months, hours, seeps)
+        score: _objective_terms(
+            Objective(target.name, score), forecast, observed, lat, months, hours, seeps
+        )
         for score in target.scores
     }
     n = len(observed)
@@ -348,7 +355,10 @@ def _all_scores(
             for key in counts[t]:
                 counts[t][key] += float(chunk_counts[key])
     # every kept sample has the same total weight: the mean of per-sample means is pooled
-    result = {s: objective_from(s, *(t.sum() for t in pair)) for s, pair in terms.items()}
+    result = {
+        s: objective_from(Objective(target.name, s), *(t.sum() for t in pair))
+        for s, pair in terms.items()
+    }
     result |= {"mae": float(ab.mean()), "bias": float(err.mean())}
     if not target.precipitation_like:
         clim = _on(kept["land"], kept["climatology"])
@@ -363,7 +373,7 @@ def _all_scores(
     for t in target.fss_thresholds:
         for w in FSS_WINDOWS:
             result[f"fss_{t:g}_w{w}"] = fss(forecast, observed, t, w)
-    return {target.metric(k): v for k, v in result.items()}, terms[objective.rsplit("_", 1)[1]]
+    return {target.metric(k): v for k, v in result.items()}, terms[objective.score]
 
 
 def _score_names(target: Target) -> list[str]:
@@ -375,7 +385,7 @@ def _score_names(target: Target) -> list[str]:
 
 
 def _objective_terms(
-    objective: str,
+    objective: Objective,
     forecast: np.ndarray,
     observed: np.ndarray,
     lat: np.ndarray,
@@ -383,8 +393,7 @@ def _objective_terms(
     hours: np.ndarray,
     seeps: SeepsClimate | None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-sample (numerator, denominator) of the objective (`<target>_<score>` or the score
-    alone): summed over samples, they give it.
+    """Per-sample (numerator, denominator) of the objective: summed over samples, they give it.
 
     rmse: each sample's latitude-weighted MSE, and 1 (every kept sample weighs the same).
     seeps: each sample's latitude-weighted sum of SEEPS over its valid points, and their weight,
@@ -394,7 +403,7 @@ def _objective_terms(
     num, den = np.zeros(n), np.ones(n)
     weights = _weights(lat)
     for sl, fc, ob, p_dry, light_heavy in _chunks(forecast, observed, months, hours, seeps):
-        if objective.endswith("rmse"):
+        if objective.rmse:
             num[sl] = mse(fc, ob, preserve_dims="sample", weights=weights).values
         else:
             num[sl], den[sl] = seeps_terms(fc, ob, p_dry, light_heavy, weights, seeps.dry_threshold)

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from aurora_sweep.config.recipe import LEADS, lead_suffix
+from aurora_sweep.config.objective import at_lead, forget_name
+from aurora_sweep.config.recipe import LEADS, BaseKey
 from aurora_sweep.data.climates import SEEPS_P_DRY_RANGE, climatology_forecast
 from aurora_sweep.data.samples import Samples
 from aurora_sweep.data.store import ATMOS_VARS, SURF_VARS
@@ -273,7 +274,7 @@ def _add_state_mse(sums, pred, observed, samples: Samples, lat, n: int) -> None:
 def forgetting_ratios(finetuned: dict[str, float], base: dict[str, float]) -> dict[str, float]:
     """RMSE of the fine-tuned model over that of the base model, per variable (> 1: worse)."""
     return {
-        f"forget_{k}_ratio": float(np.sqrt(finetuned[k] / base[k])) if base[k] > 0 else float("nan")
+        forget_name(k): float(np.sqrt(finetuned[k] / base[k])) if base[k] > 0 else float("nan")
         for k in finetuned
         if k in base
     }
@@ -321,19 +322,19 @@ def verify(
     batch_size: int,
     device,
     bootstrap: int = 1000,
-    reference: str | None = None,
+    reference: BaseKey | None = None,
     loss: LossSpec | None = None,
 ) -> tuple[dict[str, float], Forecasts]:
     """The target's scores (with intervals) and forgetting ratios of `model` on `data`'s evaluation split
     at every lead scored (6-hour names plain, the others with `_12h`, `_24h`), against the base
-    model's scores `data.base_mse[reference]` (`recipe.base_key`: the trial's base in its
+    model's scores `data.base_mse[str(reference)]` (`recipe.BaseKey`: the trial's base in its
     precision; None or absent: no forgetting ratios); with `loss`, the 6-hour validation loss's
     terms too.
 
     Returns the scores and the 6-hour forecasts, which carry the objective's per-sample terms at
     the study's lead (for paired comparisons between trials).
     """
-    base = (data.base_mse or {}).get(reference) or {}
+    base = (data.base_mse or {}).get(str(reference)) or {} if reference else {}
     metrics: dict[str, float] = {}
     six_hours: Forecasts | None = None
     with merged_adapter(model):
@@ -347,7 +348,7 @@ def verify(
         scores = lead_scores(data, samples, result.values, bootstrap=bootstrap, terms_out=terms)
         if base_at is not None:
             scores |= forgetting_ratios(result.mse, base_at)
-        metrics |= {k + lead_suffix(steps): v for k, v in scores.items()}
+        metrics |= {at_lead(k, steps): v for k, v in scores.items()}
         if steps == data.objective_steps:
             objective = ((terms["num"], terms["den"]), samples.target_days())
         if steps == 1:
@@ -397,7 +398,7 @@ def check_objective_defined(data) -> None:
     always wet there leaves nothing to score, every trial's objective would be NaN and a study
     would never finish a trial.
     """
-    if not data.objective.endswith("_seeps"):
+    if data.objective.score != "seeps":
         return
     times = data.scored.target_times()
     seeps = data.lead_seeps[data.objective_steps]
