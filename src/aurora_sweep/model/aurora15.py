@@ -262,12 +262,3 @@ def for_base(samples, base: str, config):
     if not reads_v15_inputs(base):
         return samples
     return samples.for_v15(study_statics(samples, config, base))
-
-
-def add_region_statics(data, config) -> None:
-    """`data.v15_statics` (`study_data.TrialData`): Aurora 1.5's static fields at the study's
-    grid, when a base the study adapts reads them (`bases.reads_v15_inputs`)."""
-    from aurora_sweep.config.bases import reads_v15_inputs
-
-    if any(map(reads_v15_inputs, config.bases)):
-        data.v15_statics = study_statics(data.train, config)

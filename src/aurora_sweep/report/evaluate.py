@@ -148,33 +148,27 @@ def prepare_evaluation(adapter: Path, *, split: str, checkpoint: Path | None = N
     The same splits and baselines as the trial had (the model carries its own target statistics),
     and the base model's scores on `split` for the forgetting ratios.
     """
-    from aurora_sweep.data.cube import open_cube
-    from aurora_sweep.data.trial_data import TrialData
     from aurora_sweep.model.adapter import open_adapter
-    from aurora_sweep.model.aurora15 import add_region_statics
-    from aurora_sweep.verify.scoring import base_state_mse
-    from aurora_sweep.verify.zero_shot import add_zero_shot
+    from aurora_sweep.verify.prepare import score_base, trial_data
 
     if split not in ("validation", "test"):
         raise AuroraSweepError(f"--split {split!r}: use validation or test")
     opened = open_adapter(adapter, checkpoint=checkpoint)
-    config, trial, device = opened.config, opened.meta.trial, opened.device
-    data = TrialData.prepare(open_cube(config), config, eval_split=split)
-    add_zero_shot(data, config, device)  # on the study's levels, as every trial met it
-    add_region_statics(data, config)  # where the adapter's base reads Aurora 1.5's inputs
-    data = data.for_trial(trial.base, trial.levels)  # its levels and its base's inputs
+    trial, device = opened.meta.trial, opened.device
+    data = trial_data(opened.config, device, split=split)  # the zero-shot on the study's levels
+    # by lead, the trial's base in its precision on its levels
+    score_base(
+        data,
+        base=trial.base,
+        precision=trial.precision,
+        levels=trial.levels,
+        checkpoint=opened.checkpoint,
+        device=device,
+        wrap_longitude=trial.wrap_longitude,
+        arch=trial.arch,
+    )
     model = opened.load_model()
-    data.base_mse = {  # by lead, the trial's base in its precision on its levels
-        data.reference_key(trial.base, trial.precision, trial.levels): base_state_mse(
-            data,
-            base=trial.base,
-            checkpoint=opened.checkpoint,
-            device=device,
-            precision=trial.precision,
-            wrap_longitude=trial.wrap_longitude,
-            arch=trial.arch,
-        )
-    }
+    data = data.for_trial(trial.base, trial.levels)  # its levels and its base's inputs
     return Evaluation(opened, model, data)
 
 
