@@ -29,6 +29,7 @@ from aurora_sweep.config.study import Period
 from aurora_sweep.data.samples import Samples
 from aurora_sweep.data.store import ATMOS_VARS, SURF_VARS
 from aurora_sweep.errors import AuroraSweepError
+from aurora_sweep.verify.rollout import accumulate, last_step
 
 if TYPE_CHECKING:
     from aurora_sweep.model.adapter import Adapter
@@ -142,23 +143,21 @@ def _attrs(adapter: Adapter, first: dt.date, last: dt.date, steps: int) -> dict[
 
 
 def _roll_out(aurora, samples, steps: int, batch_size: int, device):
-    """Each sample's target over the `steps` model steps (`targets.Target.accumulate`; undefined
-    at sea for a land-only target), and the state at the last one."""
+    """Each sample's target over the `steps` model steps, every lead through Aurora's `rollout`
+    (`verify.rollout.accumulate`; undefined at sea for a land-only target), and the state at
+    the last one."""
     from aurora import rollout
 
-    n, target = len(samples), samples.variable
+    n = len(samples)
     values = np.zeros((n, *samples.grid), dtype=np.float32)
     state = {k: np.zeros((n, *samples.grid), np.float32) for k in SURF_VARS}
     state |= {k: np.zeros((n, len(samples.levels), *samples.grid), np.float32) for k in ATMOS_VARS}
     with torch.no_grad():
         for lo in range(0, n, batch_size):
             idx = np.arange(lo, min(n, lo + batch_size))
-            batch = samples.inputs(idx)
-            total = None
-            for step, pred in enumerate(rollout(aurora, batch.to(device), steps=steps), start=1):
-                value = target.within_bounds(pred.surf_vars[target.name][:, 0].float())
-                total = target.accumulate(total, value, step)
-            values[idx] = total.cpu().numpy()
+            predictions = rollout(aurora, samples.inputs(idx).to(device), steps=steps)
+            pred, total = last_step(accumulate(predictions, samples.variable))
+            values[idx] = total.float().cpu().numpy()
             for k in SURF_VARS:
                 state[k][idx] = pred.surf_vars[k][:, 0].float().cpu().numpy()
             for k in ATMOS_VARS:
