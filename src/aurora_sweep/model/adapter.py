@@ -13,7 +13,9 @@ Layout of an adapter directory:
 - `study.toml`: the study config the trial ran under (for `evaluate`);
 - `README.md`: a model card (written by `export_best`).
 
-`load_finetuned(path)` rebuilds the model from these files.
+`load_finetuned(path)` rebuilds the model from these files; `read_meta` reads `aurora_sweep.json`
+(an `AdapterMeta`), and `open_adapter` opens the directory for `evaluate`, `report` and
+`forecast`: its metadata, its study config and the device, the model loaded when asked.
 """
 
 from __future__ import annotations

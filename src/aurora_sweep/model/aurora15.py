@@ -98,7 +98,7 @@ class SixHourAurora15(AuroraV1p5):
     at +6 h, from a store-named batch.
 
     With `clamp_at_first_step` (forecasts, `model.clamped`, and the zero-shot baseline,
-    `aurora15.zero_shot_totals`) each hour is clamped at 0 before the sum; in training the loss
+    `zero_shot.zero_shot_totals`) each hour is clamped at 0 before the sum; in training the loss
     sees the raw hours (each at least -1 mm, the log transform's floor).
     """
 

@@ -366,7 +366,7 @@ def lead_scores(
     idx = np.arange(len(samples))
     references = data.baseline_scores.setdefault(samples.steps, {})
     zero_shot = (getattr(data, "aurora15", None) or {}).get(samples.steps)
-    # Aurora 1.5's totals, or its scores made once per study (`aurora15.references_of`)
+    # Aurora 1.5's totals, or its scores made once per study (`zero_shot.references_of`)
     others = {"aurora15": zero_shot} if zero_shot is not None or ZERO_SHOT in references else None
     return scores(
         forecast=values,
