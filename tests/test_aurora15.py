@@ -302,13 +302,11 @@ def test_a_study_with_the_aurora15_baseline_scores_it_and_best_shows_it(
 
     from aurora_sweep.cli import _best_line, app
     from aurora_sweep.config.study_file import load_config
-    from aurora_sweep.data.cube import open_cube
-    from aurora_sweep.data.trial_data import TrialData
     from aurora_sweep.sweep.records import TrialRecord
     from aurora_sweep.sweep.run import run_study
     from aurora_sweep.sweep.storage import open_study
+    from aurora_sweep.verify.prepare import trial_data
     from aurora_sweep.verify.scoring import lead_scores
-    from aurora_sweep.verify.zero_shot import add_zero_shot
 
     arch = "\n".join(
         f"{k} = {str(list(v)) if isinstance(v, tuple) else str(v).lower()}" for k, v in SMALL
@@ -339,8 +337,7 @@ def test_a_study_with_the_aurora15_baseline_scores_it_and_best_shows_it(
     # a later worker given them does not run Aurora 1.5 (nor need its checkpoint) again, and
     # scores a forecast against the same baseline
     Path(own).unlink()
-    data = TrialData.prepare(open_cube(config), config)
-    add_zero_shot(data, config, "cpu", known=kept)
+    data = trial_data(config, "cpu", zero_shot=kept)
     assert data.aurora15 == {}
     one = data.leads[4]
     again = lead_scores(data, one, one.persistence(np.arange(len(one))), bootstrap=0)

@@ -157,7 +157,7 @@ def test_scores_exist_at_every_lead_and_24h_seeps_uses_its_own_dry_threshold(pre
 def test_a_rollout_sums_tp_over_its_steps_and_trains_through_the_last_only(prepared):
     from aurora_sweep.model.build import clamped
     from aurora_sweep.train.fit import pushforward
-    from aurora_sweep.verify.scoring import run_steps
+    from aurora_sweep.verify.rollout import run_steps
 
     data, trial = prepared
     model, aurora, _ = build_trial_model(trial, data.stats, DEMO_CHECKPOINT)

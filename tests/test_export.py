@@ -92,3 +92,26 @@ def test_an_adapter_of_any_method_loads_with_plain_peft_and_its_trained_weights(
             np.testing.assert_allclose(
                 loaded(batch).surf_vars["tp"].numpy(), expected, rtol=1e-5, atol=1e-6
             )
+
+
+def test_the_metadata_of_an_adapter_from_before_other_targets_reads_as_tp(tmp_path):
+    """An adapter written before targets other than tp keeps its statistics under `tp_stats`
+    (and no objective): `read_meta` gives them as tp's, with tp's RMSE as the objective."""
+    import json
+
+    from aurora_sweep.data.samples import TargetStats
+    from aurora_sweep.model.adapter import META, read_meta
+
+    trial = tiny_lora_trial()
+    old = {
+        "trial": {k: v for k, v in trial.to_dict().items() if k != "method"},
+        "tp_stats": {"location": 0.0, "scale": 2.5, "mean": 0.4},
+        "base": {"name": "demo", "checkpoint": "demo.ckpt", "sha256": "0" * 64},
+        "metrics": {"tp_rmse": 1.0},
+    }
+    (tmp_path / META).write_text(json.dumps(old))
+    meta = read_meta(tmp_path)
+    assert meta.stats == TargetStats(location=0.0, scale=2.5, mean=0.4, target="tp")
+    assert meta.trial == trial and meta.trial.method == "lora"
+    assert meta.base.sha256 == "0" * 64 and meta.objective == "tp_rmse"
+    assert meta.data == {} and meta.history == {} and meta.references == ()

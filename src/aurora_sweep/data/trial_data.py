@@ -42,9 +42,10 @@ class TrialData:
     seeps: SeepsClimate | None  # None: SEEPS is not defined for the target
     objective: Objective  # at 6 h; its lead is `objective_steps`
     #: the untouched base model's MSE per variable on the evaluation split (forgetting ratios),
-    #: by precision, then by lead ('6h', '12h', '24h'): a trial is compared with the base run in
-    #: its own precision, at each lead it is scored at
-    base_mse: dict[str, dict[str, dict[str, float]]] | None = None
+    #: by `reference_key`, then by lead ('6h', '12h', '24h'): a trial is compared with the base
+    #: run in its own precision, at each lead it is scored at; made when a trial first needs
+    #: them (`verify.prepare.score_base`)
+    base_mse: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     #: the evaluation split's samples and SEEPS climate at each lead scored, by model steps
     #: (1: `validation` and `seeps`); a lead the split is too short for is left out
     leads: dict[int, Samples] = field(default_factory=dict)
@@ -56,10 +57,11 @@ class TrialData:
     #: the baselines' scores at each lead, computed with the first trial's (`metrics.scores`)
     baseline_scores: dict[int, dict] = field(default_factory=dict, repr=False)
     #: Aurora 1.5's own totals (mm over the lead) on each lead's samples, by model steps, for
-    #: the "aurora-1.5" baseline (`aurora15.add_zero_shot`); empty: not a baseline here
+    #: the "aurora-1.5" baseline (`verify.prepare.trial_data`); empty: not a baseline here, or
+    #: its scores given (among `baseline_scores`)
     aurora15: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
     #: Aurora 1.5's static fields at the evaluation grid (name -> (lat, lon) tensor), for the
-    #: trials of a base that reads its inputs (`aurora15.add_region_statics`); None: none here
+    #: trials of a base that reads its inputs (`verify.prepare.trial_data`); None: none here
     v15_statics: dict | None = field(default=None, repr=False)
     #: the levels the study's data holds ([data] levels), and this data on subsets of them
     #: (keyed by the levels) and as Aurora 1.5 reads it (keyed "v1.5")
@@ -98,7 +100,7 @@ class TrialData:
 
     def _view(self, key, make) -> TrialData:
         """This data with every split's samples made by `make` (once per `key`), sharing the
-        base model's and the baselines' scores."""
+        rest: the base model's and the baselines' scores, Aurora 1.5's totals and fields."""
         if key not in self._views:
             view = copy.copy(self)
             view.train = make(self.train)
@@ -111,8 +113,7 @@ class TrialData:
             view._views = {}
             self._views[key] = view
         view = self._views[key]
-        view.base_mse, view.baseline_scores = self.base_mse, self.baseline_scores  # shared
-        view.aurora15 = self.aurora15
+        view.base_mse = self.base_mse  # the same dict, even where it was given after the view
         return view
 
     def reference_key(self, base: str, precision: str, levels: tuple[int, ...]) -> BaseKey:
@@ -135,6 +136,9 @@ class TrialData:
 
     @classmethod
     def prepare(cls, cube, config: StudyConfig, *, eval_split: str = "validation") -> TrialData:
+        """The splits of `cube`, the target's statistics and climates, and the samples of each
+        lead scored: the data alone. A study's trials get it whole, with Aurora 1.5's fields and
+        totals and the base model's scores, from `verify.prepare.trial_data`."""
         # in memory when it fits (read once, shared by both splits), else read from the store
         in_memory = fits_in_memory(cube.nbytes)
         if in_memory:

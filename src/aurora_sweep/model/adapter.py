@@ -13,7 +13,9 @@ Layout of an adapter directory:
 - `study.toml`: the study config the trial ran under (for `evaluate`);
 - `README.md`: a model card (written by `export_best`).
 
-`load_finetuned(path)` rebuilds the model from these files.
+`load_finetuned(path)` rebuilds the model from these files; `read_meta` reads `aurora_sweep.json`
+(an `AdapterMeta`), and `open_adapter` opens the directory for `evaluate`, `report` and
+`forecast`: its metadata, its study config and the device, the model loaded when asked.
 """
 
 from __future__ import annotations
@@ -21,13 +23,18 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_file, save_file
 
 from aurora_sweep.config.bases import target_description
 from aurora_sweep.config.recipe import TrialConfig
+from aurora_sweep.config.study import StudyConfig
+from aurora_sweep.config.study_file import load_config
 from aurora_sweep.config.targets import DEFAULT, TARGETS
 from aurora_sweep.data.samples import TargetStats
 from aurora_sweep.errors import AuroraSweepError
@@ -105,7 +112,59 @@ def save_adapter(
     return directory
 
 
-def read_meta(directory: Path) -> dict[str, Any]:
+@dataclass(frozen=True)
+class BaseCheckpoint:
+    """The base checkpoint an adapter was trained on."""
+
+    name: str  # the base (`bases.BASES`)
+    checkpoint: str  # the file's name
+    sha256: str
+
+
+@dataclass(frozen=True)
+class AdapterMeta:
+    """An adapter's `aurora_sweep.json`, read once (`read_meta`)."""
+
+    trial: TrialConfig
+    #: the target and its normalisation the adapter was trained with
+    stats: TargetStats
+    base: BaseCheckpoint
+    #: the trial's validation scores
+    metrics: dict[str, float]
+    #: the study's data: region, grid and the splits (empty when the adapter does not say)
+    data: dict[str, Any]
+    #: the loss curves (`train_loss`, `val_loss`; empty when the adapter does not carry them)
+    history: dict[str, list]
+    #: the study's objective (the target's RMSE for an adapter written before objectives)
+    objective: str
+    #: how the trial compares with the study's reference recipes (`export_best`)
+    references: tuple[str, ...] = ()
+
+    @classmethod
+    def from_dict(cls, meta: dict[str, Any]) -> AdapterMeta:
+        stats = _stats(meta)
+        return cls(
+            trial=TrialConfig.from_dict(meta["trial"]),
+            stats=stats,
+            base=BaseCheckpoint(**{k: meta["base"][k] for k in ("name", "checkpoint", "sha256")}),
+            metrics=meta.get("metrics", {}),
+            data=meta.get("data", {}),
+            history=meta.get("history") or {},
+            objective=meta.get("objective", TARGETS[stats.target].metric("rmse")),
+            references=tuple(meta.get("references") or ()),
+        )
+
+
+def _stats(meta: dict[str, Any]) -> TargetStats:
+    """The target and its normalisation an adapter was trained with (an adapter written before
+    targets other than tp keeps them under `tp_stats`)."""
+    saved = meta.get("target_stats") or {**meta["tp_stats"], "target": DEFAULT}
+    return TargetStats(
+        **{k: saved[k] for k in ("location", "scale", "mean", "target") if k in saved}
+    )
+
+
+def _read_json(directory: Path) -> dict[str, Any]:
     path = Path(directory) / META
     if not path.is_file():
         raise AuroraSweepError(f"{directory} is not an aurora-sweep adapter (no {META})")
@@ -115,13 +174,29 @@ def read_meta(directory: Path) -> dict[str, Any]:
         raise AuroraSweepError(f"{path} is damaged ({e}); export the adapter again") from None
 
 
-def adapter_stats(meta: dict[str, Any]) -> TargetStats:
-    """The target and its normalisation an adapter was trained with (an adapter written before
-    targets other than tp keeps them under `tp_stats`)."""
-    saved = meta.get("target_stats") or {**meta["tp_stats"], "target": DEFAULT}
-    return TargetStats(
-        **{k: saved[k] for k in ("location", "scale", "mean", "target") if k in saved}
-    )
+def read_meta(directory: Path) -> AdapterMeta:
+    """The metadata of the adapter in `directory`; refused in one line when there is none."""
+    return AdapterMeta.from_dict(_read_json(directory))
+
+
+def write_references(directory: Path, references: list[str]) -> None:
+    """Record in the adapter's metadata how its trial compares with the study's references."""
+    path = Path(directory) / META
+    meta = _read_json(directory)
+    meta["references"] = references
+    path.write_text(json.dumps(meta, indent=2, default=str))
+
+
+def base_checkpoint(meta: AdapterMeta, given: Path | None = None) -> Path:
+    """The base checkpoint file the adapter was trained on: `given`, else the packaged demo or
+    the Hugging Face cache's; refused when its sha256 is not the one the adapter records."""
+    path = resolve_checkpoint(meta.trial.base, given)
+    if file_sha256(path) != meta.base.sha256:
+        raise AuroraSweepError(
+            f"{path} is not the base checkpoint this adapter was trained on "
+            f"(sha256 {meta.base.sha256[:12]}...); pass the right file with --checkpoint"
+        )
+    return path
 
 
 def load_finetuned(directory: str | Path, *, checkpoint: Path | None = None, device: str = "cpu"):
@@ -132,34 +207,30 @@ def load_finetuned(directory: str | Path, *, checkpoint: Path | None = None, dev
         checkpoint: the base checkpoint file, when it is not the packaged demo or in the
             Hugging Face cache. Its sha256 must match the one the adapter was trained on.
     """
-    from peft import PeftModel
-
     directory = Path(directory)
     meta = read_meta(directory)
-    trial = TrialConfig.from_dict(meta["trial"])
-    stats = adapter_stats(meta)
-    path = resolve_checkpoint(trial.base, checkpoint)
-    if file_sha256(path) != meta["base"]["sha256"]:
-        raise AuroraSweepError(
-            f"{path} is not the base checkpoint this adapter was trained on "
-            f"(sha256 {meta['base']['sha256'][:12]}...); pass the right file with --checkpoint"
-        )
+    return _load_model(directory, meta, base_checkpoint(meta, checkpoint), device)
+
+
+def _load_model(directory: Path, meta: AdapterMeta, checkpoint: Path, device: str):
+    """`load_finetuned` of the adapter in `directory` with its metadata read and its base
+    checkpoint found."""
+    from peft import PeftModel
+
+    trial, stats = meta.trial, meta.stats
     # a forecast's target is clamped at 0 from the first step; the shifted windows as trained
     model = build_base(
-        trial.base, target=stats.target, stats=(stats.location, stats.scale), clamp=True,
+        trial.base,
+        target=stats.target,
+        stats=(stats.location, stats.scale),
+        clamp=True,
         arch=trial.arch,
-    )  # fmt: skip
-    load_base_checkpoint(model, path)
+    )
+    load_base_checkpoint(model, checkpoint)
     set_longitude_wrap(model, trial.wrap_longitude)
     if trial.method in LORA_METHODS:
         peft_model = PeftModel.from_pretrained(model, directory)
-        lora = [n for n, _ in peft_model.named_parameters() if "lora_" in n]
-        stored = load_file(directory / ADAPTER_FILE)
-        if len(stored) != len(lora):
-            raise AuroraSweepError(
-                f"{directory / ADAPTER_FILE} holds {len(stored)} LoRA tensors but the model has "
-                f"{len(lora)}: the adapter is incomplete; export it again"
-            )
+        _check_lora(directory, peft_model)
     else:  # head, blocks, full: every trained tensor is in trained_weights
         peft_model = model
     weights = load_file(directory / WEIGHTS)
@@ -171,6 +242,50 @@ def load_finetuned(directory: str | Path, *, checkpoint: Path | None = None, dev
     set_precision(unwrap(peft_model), trial.precision)
     peft_model.to(device).eval()
     return peft_model
+
+
+def _check_lora(directory: Path, peft_model) -> None:
+    """Refuse an adapter file that holds fewer LoRA tensors than the model has."""
+    lora = [n for n, _ in peft_model.named_parameters() if "lora_" in n]
+    stored = load_file(directory / ADAPTER_FILE)
+    if len(stored) != len(lora):
+        raise AuroraSweepError(
+            f"{directory / ADAPTER_FILE} holds {len(stored)} LoRA tensors but the model has "
+            f"{len(lora)}: the adapter is incomplete; export it again"
+        )
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """An exported adapter opened (`open_adapter`): its metadata, the study config its trial
+    ran under and the device it runs on. Its model is loaded when asked (`load_model`), so that
+    its caller may read the data first."""
+
+    path: Path
+    meta: AdapterMeta
+    config: StudyConfig
+    device: torch.device
+    given_checkpoint: Path | None = None
+
+    @cached_property
+    def checkpoint(self) -> Path:
+        """The base checkpoint it was trained on (`--checkpoint`, else found), its sha256 checked."""
+        return base_checkpoint(self.meta, self.given_checkpoint)
+
+    def load_model(self):
+        """The fine-tuned model on the adapter's device, in eval mode (`load_finetuned`)."""
+        return _load_model(self.path, self.meta, self.checkpoint, str(self.device))
+
+
+def open_adapter(directory: str | Path, *, checkpoint: Path | None = None) -> Adapter:
+    """The adapter in `directory` with its metadata and its study config (`study.toml`), to run
+    on the default device; `checkpoint`: the base checkpoint file, when it is not found."""
+    from aurora_sweep.devices import default_device
+
+    directory = Path(directory)
+    meta = read_meta(directory)
+    config = load_config(directory / "study.toml")
+    return Adapter(directory, meta, config, default_device(), checkpoint)
 
 
 MODEL_CARD = """\
@@ -226,8 +341,7 @@ identity), `study.toml` (the study config).
 
 def write_model_card(directory: Path, *, study: str, number: int) -> Path:
     meta = read_meta(directory)
-    trial, data, base = meta["trial"], meta.get("data", {}), meta["base"]
-    stats = adapter_stats(meta)
+    trial, data, base, stats = meta.trial, meta.data, meta.base, meta.stats
     target = TARGETS[stats.target]
     card = MODEL_CARD.format(
         target=target.name,
@@ -237,20 +351,20 @@ def write_model_card(directory: Path, *, study: str, number: int) -> Path:
         standard=target.standard_name,
         cell=target.cell_methods,
         name=Path(directory).name,
-        base=base["name"],
-        ckpt=base["checkpoint"],
-        sha=base["sha256"],
+        base=base.name,
+        ckpt=base.checkpoint,
+        sha=base.sha256,
         region=data.get("region", "?"),
         grid=data.get("grid", "?"),
-        levels=", ".join(map(str, trial["levels"])),
+        levels=", ".join(map(str, trial.levels)),
         number=number,
         study=study,
-        recipe="\n".join(f"| {k} | {v} |" for k, v in trial.items()),
+        recipe="\n".join(f"| {k} | {v} |" for k, v in trial.to_dict().items()),
         val="validation",
-        objective=meta.get("objective", target.metric("rmse")),
+        objective=meta.objective,
         metrics="\n".join(
             f"| {k} | {v:.4f} |" if math.isfinite(v) else f"| {k} | – |"
-            for k, v in meta["metrics"].items()
+            for k, v in meta.metrics.items()
         ),
         train=data.get("train", "?"),
         valp=data.get("validation", "?"),
@@ -258,17 +372,17 @@ def write_model_card(directory: Path, *, study: str, number: int) -> Path:
         loc=stats.location,
         scale=stats.scale,
         dir=Path(directory).name,
-        adapted=target_description(base["name"], target.name),
+        adapted=target_description(base.name, target.name),
     )
-    if any("_aurora15" in k for k in meta["metrics"]):
+    if any("_aurora15" in k for k in meta.metrics):
         card += (
             "\n## Against Aurora 1.5 untrained\n\n`*_aurora15` scores Aurora 1.5's own "
             "precipitation (its hourly `scaled_tp_1h` over the lead, no training) on the "
             f"same samples; `{target.metric('skill_aurora15')}` above 0 beats it.\n"
         )
-    if meta.get("references"):
+    if meta.references:
         card += "\n## Against the study's reference recipes (validation split)\n\n" + "".join(
-            f"- {line}\n" for line in meta["references"]
+            f"- {line}\n" for line in meta.references
         )
     path = Path(directory) / "README.md"
     path.write_text(card)

@@ -101,7 +101,7 @@ class SixHourAurora15(AuroraV1p5):
     at +6 h, from a store-named batch.
 
     With `clamp_at_first_step` (forecasts, `model.clamped`, and the zero-shot baseline,
-    `aurora15.zero_shot_totals`) each hour is clamped at 0 before the sum; in training the loss
+    `zero_shot.zero_shot_totals`) each hour is clamped at 0 before the sum; in training the loss
     sees the raw hours (each at least -1 mm, the log transform's floor).
     """
 
@@ -265,12 +265,3 @@ def for_base(samples, base: str, config):
     if not reads_v15_inputs(base):
         return samples
     return samples.for_v15(study_statics(samples, config, base))
-
-
-def add_region_statics(data, config) -> None:
-    """`data.v15_statics` (`study_data.TrialData`): Aurora 1.5's static fields at the study's
-    grid, when a base the study adapts reads them (`bases.reads_v15_inputs`)."""
-    from aurora_sweep.config.bases import reads_v15_inputs
-
-    if any(map(reads_v15_inputs, config.bases)):
-        data.v15_statics = study_statics(data.train, config)

@@ -7,20 +7,25 @@ again.
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import optuna
 
 from aurora_sweep.config.recipe import BaseKey
 from aurora_sweep.config.study import StudyConfig
-from aurora_sweep.config.study_file import load_config
 from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.report.best import against_references, completed, ranked, study_trials
 from aurora_sweep.sweep.records import TrialRecord
 from aurora_sweep.sweep.tracking import client_for
+
+if TYPE_CHECKING:
+    from aurora_sweep.config.recipe import TrialConfig
+    from aurora_sweep.data.trial_data import TrialData
+    from aurora_sweep.model.adapter import Adapter, AdapterMeta
 
 
 def export_best(
@@ -32,7 +37,7 @@ def export_best(
 ) -> Path:
     """Copy the best trial's adapter (or trial `number`'s, a Pareto front member say) from
     MLflow to `target` and write its model card. `trials`: the study's, when already read."""
-    from aurora_sweep.model.adapter import META, write_model_card
+    from aurora_sweep.model.adapter import META, write_model_card, write_references
 
     every = study_trials(config) if trials is None else trials
     best = _trial_to_export(config, every, number)
@@ -47,10 +52,7 @@ def export_best(
     client_for(config)  # says so at once when the tracking server does not answer
     _download_adapter(config, run_id, best.number, target)
     # how the exported trial compares with the study's reference recipes, for the report
-    meta_path = target / META
-    meta = json.loads(meta_path.read_text())
-    meta["references"] = against_references(config, every)
-    meta_path.write_text(json.dumps(meta, indent=2, default=str))
+    write_references(target, against_references(config, every))
     write_model_card(target, study=config.name, number=best.number)
     return target
 
@@ -106,64 +108,69 @@ def _download_adapter(config: StudyConfig, run_id: str, number: int, target: Pat
         shutil.move(local, target)
 
 
-def prepare_evaluation(adapter: Path, *, split: str, checkpoint: Path | None = None):
+@dataclass(frozen=True)
+class Evaluation:
+    """An exported adapter ready to score: the adapter, its model, and its study's data with
+    the split asked for as the evaluation split (`prepare_evaluation`)."""
+
+    adapter: Adapter
+    model: Any
+    data: TrialData
+
+    @property
+    def trial(self) -> TrialConfig:
+        return self.adapter.meta.trial
+
+    @property
+    def reference(self) -> BaseKey:
+        """Which base model's scores the trial is compared with (`data.base_mse`)."""
+        trial = self.trial
+        return self.data.reference_key(trial.base, trial.precision, trial.levels)
+
+    def verify(self, *, bootstrap: int):
+        """`scoring.verify` of the adapter on its whole evaluation split, batched as its trial
+        was scored (so the scores reproduce the trial's)."""
+        from aurora_sweep.verify.scoring import eval_batch_size, verify
+
+        device = self.adapter.device
+        return verify(
+            self.model,
+            self.data,
+            batch_size=eval_batch_size(self.trial.batch_size, device),
+            device=device,
+            bootstrap=bootstrap,
+            reference=self.reference,
+        )
+
+
+def prepare_evaluation(adapter: Path, *, split: str, checkpoint: Path | None = None) -> Evaluation:
     """The adapter's model and its study's data with `split` as the evaluation split.
 
     The same splits and baselines as the trial had (the model carries its own target statistics),
     and the base model's scores on `split` for the forgetting ratios.
     """
-    from aurora_sweep.config.recipe import TrialConfig
-    from aurora_sweep.data.cube import open_cube
-    from aurora_sweep.data.trial_data import TrialData
-    from aurora_sweep.devices import default_device
-    from aurora_sweep.model.adapter import load_finetuned, read_meta
-    from aurora_sweep.model.aurora15 import add_region_statics
-    from aurora_sweep.model.files import resolve_checkpoint
-    from aurora_sweep.verify.scoring import base_state_mse
-    from aurora_sweep.verify.zero_shot import add_zero_shot
+    from aurora_sweep.model.adapter import open_adapter
+    from aurora_sweep.verify.prepare import score_base, trial_data
 
     if split not in ("validation", "test"):
         raise AuroraSweepError(f"--split {split!r}: use validation or test")
-    adapter = Path(adapter)
-    meta = read_meta(adapter)
-    config = load_config(adapter / "study.toml")
-    trial = TrialConfig.from_dict(meta["trial"])
-    device = default_device()
-    data = TrialData.prepare(open_cube(config), config, eval_split=split)
-    add_zero_shot(data, config, device)  # on the study's levels, as every trial met it
-    add_region_statics(data, config)  # where the adapter's base reads Aurora 1.5's inputs
+    opened = open_adapter(adapter, checkpoint=checkpoint)
+    trial, device = opened.meta.trial, opened.device
+    data = trial_data(opened.config, device, split=split)  # the zero-shot on the study's levels
+    # by lead, the trial's base in its precision on its levels
+    score_base(
+        data,
+        base=trial.base,
+        precision=trial.precision,
+        levels=trial.levels,
+        checkpoint=opened.checkpoint,
+        device=device,
+        wrap_longitude=trial.wrap_longitude,
+        arch=trial.arch,
+    )
+    model = opened.load_model()
     data = data.for_trial(trial.base, trial.levels)  # its levels and its base's inputs
-    model = load_finetuned(adapter, checkpoint=checkpoint, device=str(device))
-    path = resolve_checkpoint(trial.base, checkpoint)
-    data.base_mse = {  # by lead, the trial's base in its precision on its levels
-        str(reference_key(data, trial)): base_state_mse(
-            data,
-            base=trial.base,
-            checkpoint=path,
-            device=device,
-            precision=trial.precision,
-            wrap_longitude=trial.wrap_longitude,
-            arch=trial.arch,
-        )  # fmt: skip
-    }
-    return model, data, trial, meta, device
-
-
-def verify_prepared(model, data, trial, device, *, bootstrap: int):
-    """`evaluation.verify` of a prepared adapter on its whole evaluation split, batched as its
-    trial was scored (so the scores reproduce the trial's)."""
-    from aurora_sweep.verify.scoring import eval_batch_size, verify
-
-    batch = eval_batch_size(trial.batch_size, device)
-    return verify(
-        model, data, batch_size=batch, device=device, bootstrap=bootstrap,
-        reference=reference_key(data, trial),
-    )  # fmt: skip
-
-
-def reference_key(data, trial) -> BaseKey:
-    """The key of the base model's scores `trial` is compared with in `data.base_mse`."""
-    return data.reference_key(trial.base, trial.precision, trial.levels)
+    return Evaluation(opened, model, data)
 
 
 def evaluate_adapter(
@@ -182,10 +189,11 @@ def evaluate_adapter(
     from aurora_sweep.sweep.outcomes import worst_forgetting
 
     steps = parse_lead(lead, "--lead") if lead is not None else None
-    model, data, trial, _, device = prepare_evaluation(adapter, split=split, checkpoint=checkpoint)
+    evaluation = prepare_evaluation(adapter, split=split, checkpoint=checkpoint)
+    data = evaluation.data
     if steps is not None and steps not in data.leads:
         raise AuroraSweepError(f"the {split} split holds no {lead} sample to score")
-    scores, _ = verify_prepared(model, data, trial, device, bootstrap=bootstrap)
+    scores, _ = evaluation.verify(bootstrap=bootstrap)
     for k in LEADS:  # the worst forgetting at each lead, as a trial records it
         worst = worst_forgetting(scores, lead_suffix(k))
         if worst is not None:
@@ -224,57 +232,58 @@ def report_adapter(
     bootstrap: int = 1000,
 ) -> Path:
     """Write one self-contained HTML page verifying an exported adapter on `split`."""
-    import datetime as dt
-
-    from aurora_sweep.config.bases import target_description
-    from aurora_sweep.report.html import (
-        forgetting_rows,
-        lead_rows,
-        report_notes,
-        report_rows,
-        write_report,
-    )
+    from aurora_sweep.report.html import write_report
 
     if point is not None and not (-90 <= point[0] <= 90):
         raise AuroraSweepError(f"--point {point[0]:g},{point[1]:g}: latitude must be in -90..90")
-    model, data, trial, meta, device = prepare_evaluation(
-        adapter, split=split, checkpoint=checkpoint
-    )
-    samples = data.validation
+    evaluation = prepare_evaluation(adapter, split=split, checkpoint=checkpoint)
+    samples = evaluation.data.validation
     ij = nearest_point(samples, *point) if point is not None else None  # refused before scoring
-    scores, fc = verify_prepared(model, data, trial, device, bootstrap=bootstrap)
-    times = samples.target_times()[fc.indices]
+    scores, fc = evaluation.verify(bootstrap=bootstrap)
+    figures = _report_figures(evaluation.data, fc, evaluation.adapter.meta, ij)
+    return write_report(Path(out), **_report_text(evaluation, split, scores, fc), figures=figures)
+
+
+def _report_text(evaluation: Evaluation, split: str, scores: dict, fc) -> dict[str, Any]:
+    """The report's words and tables: its title, what was scored, the recipe, the scores, the
+    forgetting ratios by variable and the notes (`html.render_report`'s arguments)."""
+    import datetime as dt
+
+    from aurora_sweep.config.bases import target_description
+    from aurora_sweep.report.html import forgetting_rows, lead_rows, report_notes, report_rows
+
+    data, meta, trial = evaluation.data, evaluation.adapter.meta, evaluation.trial
+    samples, objective = data.validation, data.objective
     recipe = {
         **trial.to_dict(),
-        "base checkpoint": f"{meta['base']['checkpoint']} (sha256 {meta['base']['sha256'][:12]}…)",
-        "region": meta.get("data", {}).get("region", "?"),
-        "objective": data.objective.name,
+        "base checkpoint": f"{meta.base.checkpoint} (sha256 {meta.base.sha256[:12]}…)",
+        "region": meta.data.get("region", "?"),
+        "objective": objective.name,
     }
-    objective = data.objective
-    return write_report(
-        Path(out),
-        title=f"{Path(adapter).resolve().name}: {samples.variable.what} from Aurora",
-        subtitle=(
+    return {
+        "title": f"{evaluation.adapter.path.resolve().name}: {samples.variable.what} from Aurora",
+        "subtitle": (
             f"{split} split, {objective} {scores[objective.name]:.4f}; base {trial.base}; "
             f"levels {', '.join(map(str, trial.levels))} hPa; made {dt.date.today()}"
         ),
-        recipe=recipe,
-        scores=report_rows(scores, objective),
-        forgetting=forgetting_rows(scores, data.base_mse[str(reference_key(data, trial))]["6h"]),
-        leads=lead_rows(scores, objective),
-        figures=_report_figures(data, fc, meta, ij),
-        notes=report_notes(
-            meta.get("references", []),
+        "recipe": recipe,
+        "scores": report_rows(scores, objective),
+        "forgetting": forgetting_rows(scores, data.base_mse[str(evaluation.reference)]["6h"]),
+        "leads": lead_rows(scores, objective),
+        "notes": report_notes(
+            meta.references,
             len(samples),
             split,
-            times,
+            samples.target_times()[fc.indices],
             target_description(trial.base, samples.variable.name),
             samples.variable,
-        ),  # fmt: skip
-    )
+        ),
+    }
 
 
-def _report_figures(data, fc, meta: dict, ij: tuple[int, int] | None) -> dict[str, bytes]:
+def _report_figures(
+    data: TrialData, fc, meta: AdapterMeta, ij: tuple[int, int] | None
+) -> dict[str, bytes]:
     """The report's pictures: case maps, reliability, the loss curves the adapter carries, and
     the series at grid point `ij` (row, column) when one is asked for."""
     from aurora_sweep.data.climates import climatology_forecast
@@ -304,7 +313,7 @@ def _report_figures(data, fc, meta: dict, ij: tuple[int, int] | None) -> dict[st
         pngs["point_series.png"] = fg.png_bytes(
             fg.point_series(times, series, title=where, target=samples.variable)
         )
-    history = meta.get("history") or {}
+    history = meta.history
     if history.get("train_loss"):
         pngs["loss_curves.png"] = fg.png_bytes(
             fg.loss_curves(history["train_loss"], history.get("val_loss", []))

@@ -18,6 +18,7 @@ import dataclasses
 import datetime as dt
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -25,9 +26,13 @@ import torch
 import xarray as xr
 
 from aurora_sweep.config.study import Period
-from aurora_sweep.config.study_file import load_config
+from aurora_sweep.data.samples import Samples
 from aurora_sweep.data.store import ATMOS_VARS, SURF_VARS
 from aurora_sweep.errors import AuroraSweepError
+from aurora_sweep.verify.rollout import accumulate, last_step
+
+if TYPE_CHECKING:
+    from aurora_sweep.model.adapter import Adapter
 
 STEP_HOURS = 6
 #: Store name -> (NetCDF name as ERA5's files have it, CF standard name, units, long name); the
@@ -73,78 +78,92 @@ def forecast_file(
 ) -> tuple[Path, int]:
     """Write the forecasts of `adapter` for init times from `start` to `end` (inclusive days)
     to `out`; returns the path and the number of forecasts."""
-    from aurora_sweep import __version__
-    from aurora_sweep.data.cube import open_cube
-    from aurora_sweep.data.samples import Samples
-    from aurora_sweep.devices import default_device
-    from aurora_sweep.model.adapter import load_finetuned, read_meta
-    from aurora_sweep.model.aurora15 import for_base
+    from aurora_sweep.model.adapter import open_adapter
     from aurora_sweep.model.build import unwrap
 
     steps = parse_lead(lead)
-    first, last = _day(start, "--start"), _day(end, "--end")
-    if last < first:
-        raise AuroraSweepError(f"--end {end} is before --start {start}")
-    adapter = Path(adapter)
-    meta = read_meta(adapter)
-    config = load_config(adapter / "study.toml")
-    # the levels the trial trained on, of the study's store
-    levels = tuple(int(v) for v in meta["trial"]["levels"])
-    data = dataclasses.replace(config.data, test=Period(first, last), levels=levels)
-    samples = Samples(load_cube(open_cube(config), first, last), data, "test", target=False)
-    samples = for_base(samples, meta["trial"]["base"], config)
-    device = default_device()
-    model = load_finetuned(adapter, checkpoint=checkpoint, device=str(device))
-    values, state = _roll_out(unwrap(model), samples, steps, batch_size, device)
-    if samples.scored_points is not None:  # a land-only target: undefined at sea
-        values = np.where(samples.scored_points, values, np.nan).astype(np.float32)
-    n = len(samples)
-    init = samples.times[samples.index]
+    first, last = _days(start, end)
+    opened = open_adapter(adapter, checkpoint=checkpoint)
+    samples = _init_samples(opened, first, last)
+    model = unwrap(opened.load_model())
+    values, state = _roll_out(model, samples, steps, batch_size, opened.device)
     ds = to_dataset(
-        values=values, state=state, init=init, steps=steps, samples=samples,
-        attrs={
-            "title": f"{samples.variable.name} forecasts of a fine-tuned Aurora "
-            f"({meta['trial']['method']})",
-            "source": f"Aurora ({meta['base']['name']} base) fine-tuned by aurora-sweep in "
-            f"study {config.name}",
-            "adapter": str(adapter.resolve()),
-            "base_checkpoint": meta["base"]["checkpoint"],
-            "base_checkpoint_sha256": meta["base"]["sha256"],
-            "software": f"aurora-sweep {__version__}",
-            "history": f"{dt.datetime.now(dt.UTC):%Y-%m-%dT%H:%M:%SZ} aurora-sweep forecast "
-            f"{adapter} --start {first} --end {last} --lead {steps * STEP_HOURS}h",
-        },
-    )  # fmt: skip
+        values=values,
+        state=state,
+        init=samples.times[samples.index],
+        steps=steps,
+        samples=samples,
+        attrs=_attrs(opened, first, last, steps),
+    )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
     ds.to_netcdf(partial, engine="netcdf4", encoding=_encoding(ds))
     partial.replace(out)
-    return out, n
+    return out, len(samples)
+
+
+def _days(start: str, end: str) -> tuple[dt.date, dt.date]:
+    """The first and last day of `--start` and `--end`."""
+    first, last = _day(start, "--start"), _day(end, "--end")
+    if last < first:
+        raise AuroraSweepError(f"--end {end} is before --start {start}")
+    return first, last
+
+
+def _init_samples(adapter: Adapter, first: dt.date, last: dt.date) -> Samples:
+    """The samples to forecast from: every time of the study's store from `first` to `last`
+    with its two inputs, on the levels the trial trained on and as its base reads them."""
+    from aurora_sweep.data.cube import open_cube
+    from aurora_sweep.model.aurora15 import for_base
+
+    config, trial = adapter.config, adapter.meta.trial
+    data = dataclasses.replace(config.data, test=Period(first, last), levels=trial.levels)
+    samples = Samples(load_cube(open_cube(config), first, last), data, "test", target=False)
+    return for_base(samples, trial.base, config)
+
+
+def _attrs(adapter: Adapter, first: dt.date, last: dt.date, steps: int) -> dict[str, str]:
+    """The file's global attributes: what made the forecasts, from what, and how."""
+    from aurora_sweep import __version__
+
+    meta, path = adapter.meta, adapter.path
+    return {
+        "title": f"{adapter.config.data.target} forecasts of a fine-tuned Aurora "
+        f"({meta.trial.method})",
+        "source": f"Aurora ({meta.base.name} base) fine-tuned by aurora-sweep in "
+        f"study {adapter.config.name}",
+        "adapter": str(path.resolve()),
+        "base_checkpoint": meta.base.checkpoint,
+        "base_checkpoint_sha256": meta.base.sha256,
+        "software": f"aurora-sweep {__version__}",
+        "history": f"{dt.datetime.now(dt.UTC):%Y-%m-%dT%H:%M:%SZ} aurora-sweep forecast "
+        f"{path} --start {first} --end {last} --lead {steps * STEP_HOURS}h",
+    }
 
 
 def _roll_out(aurora, samples, steps: int, batch_size: int, device):
-    """Each sample's target over the `steps` model steps (`targets.Target.accumulate`), and the
-    state at the last one."""
+    """Each sample's target over the `steps` model steps, every lead through Aurora's `rollout`
+    (`verify.rollout.accumulate`; undefined at sea for a land-only target), and the state at
+    the last one."""
     from aurora import rollout
 
-    n, target = len(samples), samples.variable
+    n = len(samples)
     values = np.zeros((n, *samples.grid), dtype=np.float32)
     state = {k: np.zeros((n, *samples.grid), np.float32) for k in SURF_VARS}
     state |= {k: np.zeros((n, len(samples.levels), *samples.grid), np.float32) for k in ATMOS_VARS}
     with torch.no_grad():
         for lo in range(0, n, batch_size):
             idx = np.arange(lo, min(n, lo + batch_size))
-            batch = samples.inputs(idx)
-            total = None
-            for step, pred in enumerate(rollout(aurora, batch.to(device), steps=steps), start=1):
-                value = target.within_bounds(pred.surf_vars[target.name][:, 0].float())
-                total = target.accumulate(total, value, step)
-            values[idx] = total.cpu().numpy()
+            predictions = rollout(aurora, samples.inputs(idx).to(device), steps=steps)
+            pred, total = last_step(accumulate(predictions, samples.variable))
+            values[idx] = total.float().cpu().numpy()
             for k in SURF_VARS:
                 state[k][idx] = pred.surf_vars[k][:, 0].float().cpu().numpy()
             for k in ATMOS_VARS:
                 state[k][idx] = pred.atmos_vars[k][:, 0].float().cpu().numpy()
+    if samples.scored_points is not None:  # a land-only target: undefined at sea
+        values = np.where(samples.scored_points, values, np.nan).astype(np.float32)
     return values, state
 
 

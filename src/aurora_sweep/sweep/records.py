@@ -26,7 +26,7 @@ SCORES = "scores"
 #: its base scores are computed again, once)
 BASE_MSE = "base_mse_by_base"
 #: the study's user attribute with the zero-shot Aurora 1.5 baseline's scores by lead, made by
-#: the first worker (`aurora15.references_of`)
+#: the first worker (`zero_shot.references_of`)
 AURORA15 = "aurora15_by_lead"
 #: the variable with the worst forgetting ratio at a lead: FORGET_WORST + lead suffix
 FORGET_WORST = "forget_worst"

@@ -28,7 +28,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.sweep import outcomes
@@ -46,6 +46,12 @@ from aurora_sweep.sweep.outcomes import (
     Verdict,
 )
 
+if TYPE_CHECKING:  # imported where they are used: a worker launched early imports torch first
+    import torch
+
+    from aurora_sweep.config.study import StudyConfig
+    from aurora_sweep.data.trial_data import TrialData
+
 
 @dataclass(frozen=True)
 class WorkerSpec:
@@ -61,7 +67,7 @@ class WorkerSpec:
     #: whose trial needs it: a trial is compared with the base run in its own precision).
     base_mse: dict[str, dict[str, dict[str, float]]] | None = None
     #: The zero-shot Aurora 1.5 baseline's scores by lead, once the study has them
-    #: (`aurora15.references_of`): a worker given them does not run Aurora 1.5
+    #: (`zero_shot.references_of`): a worker given them does not run Aurora 1.5
     aurora15: dict[str, dict] | None = None
     #: The training function, sent to the worker by reference (`train.fit` when None): the
     #: seam through which tests make a trial run out of memory or kill its worker.
@@ -312,47 +318,52 @@ def serve(conn, spec: WorkerSpec) -> None:
             return  # a fresh process replaces this one: nothing leaks into the next trial
 
 
+def _cap_memory(device: torch.device, memory_cap: int | None) -> None:
+    """Hold this process to the study's memory cap on a GPU (`cuda_memory_fraction`)."""
+    import torch
+
+    if device.type == "cuda" and memory_cap:
+        from aurora_sweep.memory.estimate import cuda_memory_fraction
+
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(cuda_memory_fraction(memory_cap, total), device)
+
+
+def _check_data(data: TrialData, config: StudyConfig) -> None:
+    """Refuse now, not trial after trial, an objective the evaluation split cannot define and a
+    rollout the train split is too short for."""
+    from aurora_sweep.verify.scoring import check_objective_defined
+
+    check_objective_defined(data)
+    for steps in config.search.rollout_steps:
+        data.train_for(steps)
+
+
 @dataclass
 class _Session:
     """What a worker keeps from trial to trial: the study's data, device and base checkpoint."""
 
     spec: WorkerSpec
-    config: Any
-    data: Any  # study_data.TrialData
-    device: Any  # torch.device
+    config: StudyConfig
+    data: TrialData
+    device: torch.device
     checkpoints: dict[str, Path] = field(default_factory=dict)  # by base
-    #: the zero-shot Aurora 1.5 baseline's scores by lead (`aurora15.references_of`), if any
+    #: the zero-shot Aurora 1.5 baseline's scores by lead (`zero_shot.references_of`), if any
     zero_shot: dict[str, dict] = field(default_factory=dict)
 
     @classmethod
     def open(cls, spec: WorkerSpec) -> _Session:
         """Load the study's data and score the base model in the first precision searched."""
-        import torch
-
         from aurora_sweep.config.study_file import load_config
-        from aurora_sweep.data.cube import open_cube
-        from aurora_sweep.data.trial_data import TrialData
         from aurora_sweep.devices import default_device
-        from aurora_sweep.model.aurora15 import add_region_statics
-        from aurora_sweep.verify.scoring import check_objective_defined
-        from aurora_sweep.verify.zero_shot import add_zero_shot, references_of
+        from aurora_sweep.verify.prepare import trial_data
+        from aurora_sweep.verify.zero_shot import references_of
 
         config = load_config(spec.config_path, workdir=spec.workdir)
         device = default_device()
-        if device.type == "cuda" and spec.memory_cap:
-            from aurora_sweep.memory.estimate import cuda_memory_fraction
-
-            total = torch.cuda.get_device_properties(device).total_memory
-            torch.cuda.set_per_process_memory_fraction(
-                cuda_memory_fraction(spec.memory_cap, total), device
-            )
-        data = TrialData.prepare(open_cube(config), config)
-        add_region_statics(data, config)  # where Aurora 1.5 is a base
-        add_zero_shot(data, config, device, spec.aurora15)  # where Aurora 1.5 is a baseline
-        check_objective_defined(data)
-        for steps in config.search.rollout_steps:  # refused now, not trial after trial
-            data.train_for(steps)
-        data.base_mse = dict(spec.base_mse or {})
+        _cap_memory(device, spec.memory_cap)
+        data = trial_data(config, device, zero_shot=spec.aurora15, base_mse=spec.base_mse)
+        _check_data(data, config)
         session = cls(spec, config, data, device, zero_shot=spec.aurora15 or references_of(data))
         session.base_scores(config.bases[0], config.search.precision[0], config.level_choices[0])
         return session
@@ -381,19 +392,18 @@ class _Session:
     def base_scores(self, base: str, precision: str, levels: tuple[int, ...]) -> None:
         """The base model's scores in `precision` on `levels`, once: when a trial first needs
         them."""
-        from aurora_sweep.verify.scoring import base_state_mse
+        from aurora_sweep.verify.prepare import score_base
 
-        key = str(self.data.reference_key(base, precision, levels))
-        if key not in self.data.base_mse:
-            self.data.base_mse[key] = base_state_mse(
-                self.data.for_trial(base, levels),
-                base=base,
-                checkpoint=self.checkpoint_for(base),
-                device=self.device,
-                precision=precision,
-                wrap_longitude=self.config.data.wrap_longitude,
-                arch=self.config.model.arch_for(base),
-            )
+        score_base(
+            self.data,
+            base=base,
+            precision=precision,
+            levels=levels,
+            checkpoint=self.checkpoint_for(base),
+            device=self.device,
+            wrap_longitude=self.config.data.wrap_longitude,
+            arch=self.config.model.arch_for(base),
+        )
 
     def run(self, conn, trial, adapter_dir: Path) -> bool:
         """Run one trial and send its outcome; False when this process must end (out of

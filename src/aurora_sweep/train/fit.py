@@ -7,7 +7,7 @@ Every `eval_every` steps the model forecasts a fixed subset of the validation sp
 logged, and the study's objective on that subset, in its own units, is reported to the pruner,
 so a pruned trial's stored value means what a completed trial's does. At the end the model
 forecasts the whole validation split and is scored against persistence and climatology
-(`evaluation.verify`); the last validation loss is the one of that whole split.
+(`scoring.verify`); the last validation loss is the one of that whole split.
 """
 
 from __future__ import annotations

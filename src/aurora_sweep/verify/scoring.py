@@ -14,7 +14,7 @@ Everything here is on the grid the model forecasts (see `dataset.patch_crop`).
 from __future__ import annotations
 
 import dataclasses
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +30,7 @@ from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.model.build import clamped, merged_adapter
 from aurora_sweep.model.loss import LossSpec, loss_terms
 from aurora_sweep.verify.metrics import lat_weighted_mse, objective_value, scores
+from aurora_sweep.verify.rollout import rollout, run_steps
 
 #: The key of the zero-shot Aurora 1.5 baseline among a lead's baseline scores.
 ZERO_SHOT = "_aurora15"
@@ -73,6 +74,35 @@ def _without_target(batch, name: str):
     )
 
 
+@contextmanager
+def _scoring(model, with_target: bool):
+    """`model` in eval mode for the block, its target clamped at 0 as in a forecast; then back in
+    training mode if it was."""
+    was_training = model.training
+    model.eval()
+    with clamped(model) if with_target else nullcontext():
+        yield
+    if was_training:
+        model.train()
+
+
+def _passes(samples: Samples, indices: np.ndarray, batch_size: int, device, with_target: bool):
+    """(positions, inputs on `device`) of each forward pass over `indices`, `batch_size` samples
+    a pass; without the target for a model that does not predict it (the base)."""
+    for start in range(0, len(indices), batch_size):
+        idx = indices[start : start + batch_size]
+        batch = samples.inputs(idx)
+        if not with_target:
+            batch = _without_target(batch, samples.variable.name)
+        yield idx, batch.to(device)
+
+
+def _truth_names(samples: Samples, with_target: bool) -> tuple[str, ...]:
+    """The variables read from the store to score a step against."""
+    target = (samples.variable.name,) if with_target else ()
+    return (*samples.surface, *target, *ATMOS_VARS)
+
+
 @torch.no_grad()
 def forecast(
     model,
@@ -97,31 +127,29 @@ def forecast(
         state: also score the variables Aurora already predicts (latitude-weighted MSE).
         loss: also average each variable's term of this training loss (the validation loss).
     """
-    was_training = model.training
-    model.eval()
+    if loss is not None and samples.steps != 1:
+        raise ValueError("the validation loss is that of one model step")
     lat = samples.cube["latitude"].values
     out: list[np.ndarray] = []
     sums = dict.fromkeys(state_names(samples.levels, samples.surface), 0.0) if state else {}
     term_sums: dict[str, float] = {}
-    target = samples.variable
-    names = (*samples.surface, *((target.name,) if with_target else ()), *ATMOS_VARS)
-    if loss is not None and samples.steps != 1:
-        raise ValueError("the validation loss is that of one model step")
-    with clamped(model) if with_target else nullcontext():
-        for start in range(0, len(indices), batch_size):
-            idx = indices[start : start + batch_size]
-            batch = samples.inputs(idx)
-            batch = (batch if with_target else _without_target(batch, target.name)).to(device)
-            pred, values = run_steps(model, batch, samples.steps, target)
+    names = _truth_names(samples, with_target)
+    with _scoring(model, with_target):
+        for idx, batch in _passes(samples, indices, batch_size, device, with_target):
+            pred, values = run_steps(model, batch, samples.steps, samples.variable)
             if with_target:
                 out.append(values.float().cpu().numpy())
             _score_step(
-                samples, idx, samples.steps, pred, names, lat,
-                state=sums if state else None, loss=loss if with_target else None,
+                samples,
+                idx,
+                samples.steps,
+                pred,
+                names,
+                lat,
+                state=sums if state else None,
+                loss=loss if with_target else None,
                 terms=term_sums,
-            )  # fmt: skip
-    if was_training:
-        model.train()
+            )
     return Forecasts(
         indices=np.asarray(indices),
         values=np.concatenate(out) if with_target else None,
@@ -151,37 +179,33 @@ def forecast_leads(
     """
     one = leads[1]
     longest, slot = _lead_slots(leads)
-    was_training = model.training
-    model.eval()
     lat = one.cube["latitude"].values
     values = {k: np.zeros((len(s), *one.grid), np.float32) for k, s in leads.items()}
     values = values if with_target else {}
-    surface, target = one.surface, one.variable
-    sums = {k: dict.fromkeys(state_names(one.levels, surface), 0.0) for k in leads} if state else {}
+    names = state_names(one.levels, one.surface)
+    sums = {k: dict.fromkeys(names, 0.0) for k in leads} if state else {}
     term_sums: dict[str, float] = {}
-    names = (*surface, *((target.name,) if with_target else ()), *ATMOS_VARS)
-    with clamped(model) if with_target else nullcontext():
+    truth = _truth_names(one, with_target)
+    with _scoring(model, with_target):
         for m in sorted(set(longest)):
             group = np.flatnonzero(longest == m)
-            for start in range(0, len(group), batch_size):
-                idx = group[start : start + batch_size]
-                batch = one.inputs(idx)
-                batch = (batch if with_target else _without_target(batch, target.name)).to(device)
-                total = None
-                for step, pred in enumerate(_steps(model, batch, m), start=1):
-                    if with_target:
-                        value = target.within_bounds(pred.surf_vars[target.name][:, 0])
-                        total = target.accumulate(total, value, step)
+            for idx, batch in _passes(one, group, batch_size, device, with_target):
+                for step, pred, total in rollout(model, batch, m, one.variable):
                     if step not in leads:
                         continue
                     if with_target:
                         values[step][slot[step][idx]] = total.float().cpu().numpy()
                     _score_step(
-                        one, idx, step, pred, names, lat, state=sums[step] if state else None,
-                        loss=loss if with_target and step == 1 else None, terms=term_sums,
-                    )  # fmt: skip
-    if was_training:
-        model.train()
+                        one,
+                        idx,
+                        step,
+                        pred,
+                        truth,
+                        lat,
+                        state=sums[step] if state else None,
+                        loss=loss if with_target and step == 1 else None,
+                        terms=term_sums,
+                    )
     return {
         k: Forecasts(
             indices=np.arange(len(s)),
@@ -206,31 +230,6 @@ def _lead_slots(leads: dict[int, Samples]) -> tuple[np.ndarray, dict[int, np.nda
         longest[pos] = np.maximum(longest[pos], k)
         slot[k][pos] = np.arange(len(pos))
     return longest, slot
-
-
-def _steps(model, batch, steps: int):
-    """The model's predictions at each of `steps` steps of 6 h: one forward for one step, else
-    Aurora's rollout (each forecast fed back as the next input)."""
-    if steps == 1:
-        yield model(batch)
-        return
-    from aurora import rollout
-
-    from aurora_sweep.model.build import unwrap
-
-    yield from rollout(unwrap(model), batch, steps=steps)
-
-
-def run_steps(model, batch, steps: int, target):
-    """The model's prediction after `steps` steps of 6 h (each fed back as the next input, as
-    Aurora's `rollout` does) and `target` (`targets.Target`) over them, combined as its kind
-    says, (B, lat, lon) (None when the model does not predict it)."""
-    total = None
-    for step, pred in enumerate(_steps(model, batch, steps), start=1):
-        value = pred.surf_vars.get(target.name)
-        if value is not None:
-            total = target.accumulate(total, target.within_bounds(value[:, 0]), step)
-    return pred, total
 
 
 def _score_step(
@@ -308,10 +307,10 @@ def base_state_mse(
     set_precision(model, precision)
     set_longitude_wrap(model, wrap_longitude)
     model.to(device)
+    batch_size = batch_size or eval_batch_size(1, torch.device(device))
     results = forecast_leads(
-        model, data.leads, batch_size=batch_size or eval_batch_size(1, torch.device(device)),
-        device=device, with_target=False,
-    )  # fmt: skip
+        model, data.leads, batch_size=batch_size, device=device, with_target=False
+    )
     return {LEADS[steps]: result.mse for steps, result in results.items()}
 
 
@@ -368,7 +367,7 @@ def lead_scores(
     idx = np.arange(len(samples))
     references = data.baseline_scores.setdefault(samples.steps, {})
     zero_shot = (getattr(data, "aurora15", None) or {}).get(samples.steps)
-    # Aurora 1.5's totals, or its scores made once per study (`aurora15.references_of`)
+    # Aurora 1.5's totals, or its scores made once per study (`zero_shot.references_of`)
     others = {"aurora15": zero_shot} if zero_shot is not None or ZERO_SHOT in references else None
     return scores(
         forecast=values,

@@ -37,7 +37,7 @@ def zero_shot_totals(
     """Aurora 1.5's precipitation, untrained, over each lead's samples (`leads`: model steps ->
     `dataset.Samples` of one split, of a store with its inputs): the study's target over the
     lead (tp's total in mm or pr's mean rate in mm h-1), (n, lat, lon)
-    per lead, in the samples' order, from one rollout per sample (`evaluation.forecast_leads`);
+    per lead, in the samples' order, from one rollout per sample (`scoring.forecast_leads`);
     `batch_size` samples a pass, each of its six hours a row. Run as Aurora 1.5 runs by default
     (fp16 autocast, its edges joined), unless `arch` says otherwise."""
     from aurora_sweep.model.build import build_base, load_base_checkpoint
@@ -53,19 +53,13 @@ def zero_shot_totals(
     return {steps: result.values for steps, result in done.items()}
 
 
-def add_zero_shot(data, config, device, known: dict | None = None) -> None:
-    """`data.aurora15` (`study_data.TrialData`): Aurora 1.5's totals on the evaluation split
-    at every lead scored, when the study's baselines ask for them; or, given the scores a
-    first worker made of them (`known`, `references_of`), those scores and no run at all."""
+def study_zero_shot(leads: dict, config, device) -> dict[int, np.ndarray]:
+    """`zero_shot_totals` of the study's Aurora 1.5: its checkpoint, static file and
+    architecture as the study gives them ([model])."""
     from aurora_sweep.model.files import resolve_checkpoint
 
-    if "aurora-1.5" not in config.baselines:
-        return
-    if known:
-        restore_references(data, known)
-        return
-    data.aurora15 = zero_shot_totals(
-        data.leads,
+    return zero_shot_totals(
+        leads,
         checkpoint=resolve_checkpoint("v1.5", config.model.checkpoint_for("v1.5")),
         static_file=resolve_statics(config.model.v15_static),
         arch=config.model.arch_for("v1.5"),
@@ -87,15 +81,21 @@ def references_of(data) -> dict[str, dict]:
         if ZERO_SHOT not in refs:  # its scores, made as a trial's baselines are
             lead_scores(data, samples, data.aurora15[steps], bootstrap=0)
         scores, (num, den) = refs[ZERO_SHOT]
-        out[str(steps)] = {"scores": scores, "num": np.asarray(num).tolist(),
-                           "den": np.asarray(den).tolist()}  # fmt: skip
+        out[str(steps)] = {
+            "scores": scores,
+            "num": np.asarray(num).tolist(),
+            "den": np.asarray(den).tolist(),
+        }
     return out
 
 
-def restore_references(data, known: dict[str, dict]) -> None:
-    """The zero-shot baseline's scores from `references_of`, as `lead_scores` keeps them."""
+def known_references(known: dict[str, dict]) -> dict[int, dict]:
+    """The zero-shot baseline's scores from `references_of`, by model steps, as `lead_scores`
+    keeps them among a lead's baseline scores (`TrialData.baseline_scores`)."""
     from aurora_sweep.verify.scoring import ZERO_SHOT
 
+    restored = {}
     for steps, entry in known.items():
         terms = (np.asarray(entry["num"], float), np.asarray(entry["den"], float))
-        data.baseline_scores.setdefault(int(steps), {})[ZERO_SHOT] = (dict(entry["scores"]), terms)
+        restored[int(steps)] = {ZERO_SHOT: (dict(entry["scores"]), terms)}
+    return restored
