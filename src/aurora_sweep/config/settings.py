@@ -76,9 +76,17 @@ def parse_memory(text: str | int) -> int:
             f"cannot read memory size {text!r}: write a number and a unit, e.g. '10GiB' or '8GB'"
         )
     units = {
-        None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-        "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40,
-    }  # fmt: skip
+        None: 1,
+        "B": 1,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "KiB": 2**10,
+        "MiB": 2**20,
+        "GiB": 2**30,
+        "TiB": 2**40,
+    }
     return int(float(m.group(1)) * units[m.group(2)])
 
 

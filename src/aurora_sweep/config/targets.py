@@ -152,11 +152,17 @@ class Target:
     def lead_attrs(self) -> dict[str, str]:
         """CF attributes of a forecast of it over a lead ending at `valid_time` (the forecast
         NetCDF's dims `time` x `lead_time`)."""
-        span = "at valid_time" if self.kind == INSTANTANEOUS else (
-            "over the lead time, ending at valid_time")  # fmt: skip
-        return {"standard_name": self.standard_name, "units": self.units,
-                "long_name": f"{self.what} {span}",
-                "cell_methods": self.cell_methods.replace("time:", "lead_time:")}  # fmt: skip
+        span = (
+            "at valid_time"
+            if self.kind == INSTANTANEOUS
+            else ("over the lead time, ending at valid_time")
+        )
+        return {
+            "standard_name": self.standard_name,
+            "units": self.units,
+            "long_name": f"{self.what} {span}",
+            "cell_methods": self.cell_methods.replace("time:", "lead_time:"),
+        }
 
     def step_of(self, seconds: int) -> int | None:
         """The model time (seconds since 1970) whose value the hourly field valid at `seconds`

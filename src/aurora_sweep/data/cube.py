@@ -77,8 +77,12 @@ def store_mismatch(cube: xr.Dataset, data: DataConfig) -> str | None:
     def apart(a: float, b: float) -> float:  # longitudes compared on the circle
         return abs((a - b + 180.0) % 360.0 - 180.0)
 
-    corners = (abs(lat.max() - r.north), abs(lat.min() - r.south),
-               apart(lon[0], r.west), apart(lon[-1], r.east))  # fmt: skip
+    corners = (
+        abs(lat.max() - r.north),
+        abs(lat.min() - r.south),
+        apart(lon[0], r.west),
+        apart(lon[-1], r.east),
+    )
     if max(corners) > g / 2:
         return (
             f"covers {_describe(lat, lon)}, not the study's region "

@@ -353,10 +353,11 @@ class Samples:
         else:
             arrays, pick = self._arrays(), self._level_pick
             out = {
-                k: arrays[k][np.ix_(positions, pick)] if pick is not None and k in ATMOS_VARS
+                k: arrays[k][np.ix_(positions, pick)]
+                if pick is not None and k in ATMOS_VARS
                 else arrays[k][positions]
                 for k in names
-            }  # fmt: skip
+            }
         # sea ice NaN over land: 0, as Aurora 1.5 reads it; a land-only target's at sea too
         for k in (*V15_SURF_VARS, *((self.variable.name,) if self.variable.land_only else ())):
             if k in out:

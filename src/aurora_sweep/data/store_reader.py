@@ -51,10 +51,13 @@ class StoreReader:
         except (OSError, ValueError):
             return None
         raw = (
-            meta.get("zarr_format") == 2 and meta.get("compressor") is None
-            and not meta.get("filters") and meta.get("order") == "C"
-            and meta.get("dtype") == "<f4" and meta["chunks"][1:] == meta["shape"][1:]
-        )  # fmt: skip
+            meta.get("zarr_format") == 2
+            and meta.get("compressor") is None
+            and not meta.get("filters")
+            and meta.get("order") == "C"
+            and meta.get("dtype") == "<f4"
+            and meta["chunks"][1:] == meta["shape"][1:]
+        )
         return meta if raw else None
 
     @property

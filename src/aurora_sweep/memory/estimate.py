@@ -321,9 +321,15 @@ def estimate_peak(
         except TraceFailed as e:
             note = f"the trace failed ({e}); fitted instead"
     arch = _architecture(
-        trial.base, trial.lora_rank, trial.lora_targets, trial.unfrozen_blocks, grid, trial.method,
-        trial.target_input_lr > 0, trial.arch,
-    )  # fmt: skip
+        trial.base,
+        trial.lora_rank,
+        trial.lora_targets,
+        trial.unfrozen_blocks,
+        grid,
+        trial.method,
+        trial.target_input_lr > 0,
+        trial.arch,
+    )
     return estimate_from_architecture(
         arch,
         grid=grid,
@@ -352,11 +358,24 @@ def _architecture(
     """`architecture` of a trial's model: the same for every trial with the same structure, so a
     sweep builds each structure on the meta device once."""
     shape = TrialConfig(
-        lora_rank=lora_rank, lora_targets=lora_targets, unfrozen_blocks=unfrozen_blocks,
-        batch_size=1, precision="fp32", learning_rate=0.0, activation_checkpointing=False,
-        base=base, arch=arch, levels=(), steps=1, eval_every=1, val_samples=0, weight_decay=0.0, seed=0,
-        method=method, target_input_lr=1.0 if train_input else 0.0,
-    )  # fmt: skip
+        lora_rank=lora_rank,
+        lora_targets=lora_targets,
+        unfrozen_blocks=unfrozen_blocks,
+        batch_size=1,
+        precision="fp32",
+        learning_rate=0.0,
+        activation_checkpointing=False,
+        base=base,
+        arch=arch,
+        levels=(),
+        steps=1,
+        eval_every=1,
+        val_samples=0,
+        weight_decay=0.0,
+        seed=0,
+        method=method,
+        target_input_lr=1.0 if train_input else 0.0,
+    )
     return architecture(build_meta_model(shape), grid=grid)
 
 

@@ -92,9 +92,12 @@ def build_meta_model(trial: TrialConfig) -> Aurora:
     from aurora_sweep.model.build import apply_method, build_base
 
     method = dict(
-        method=trial.method, rank=trial.lora_rank, targets=trial.lora_targets,
-        unfrozen_blocks=trial.unfrozen_blocks, train_input=trial.target_input_lr > 0,
-    )  # fmt: skip
+        method=trial.method,
+        rank=trial.lora_rank,
+        targets=trial.lora_targets,
+        unfrozen_blocks=trial.unfrozen_blocks,
+        train_input=trial.target_input_lr > 0,
+    )
     try:
         model = copy.deepcopy(meta_base(trial.base, trial.arch))
         with meta_device():

@@ -98,7 +98,7 @@ def save_adapter(
             "scale": stats.scale,
             "mean": stats.mean,
             "units": TARGETS[stats.target].units,
-        },  # fmt: skip
+        },
         "base": {
             "name": trial.base,
             "checkpoint": checkpoint.name,

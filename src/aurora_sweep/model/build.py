@@ -130,9 +130,15 @@ def _build_own_precipitation(base: str, target: str, *, clamp: bool, arch: tuple
             f"not {target}"
         )
     spec = BASES[base]
-    kwargs = dict(
-        clamp_at_first_step=clamp, autocast=False, use_lora=False,
-    ) | spec.arch | dict(arch)  # fmt: skip
+    kwargs = (
+        dict(
+            clamp_at_first_step=clamp,
+            autocast=False,
+            use_lora=False,
+        )
+        | spec.arch
+        | dict(arch)
+    )
     try:
         return SixHourAurora15(target=target, **kwargs)
     except (TypeError, ValueError, AssertionError) as e:

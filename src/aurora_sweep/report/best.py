@@ -301,8 +301,12 @@ def _checkpointing_word(c: dict) -> str:
         return "ckpt-auto"
     if on is not True:
         return ""
-    names = {(): "ckpt", AURORA_CHECKPOINTING: "ckpt", AUTO_CHECKPOINTING[1]: "ckpt:blocks",
-             AUTO_CHECKPOINTING[2]: "ckpt:blocks+io"}  # fmt: skip
+    names = {
+        (): "ckpt",
+        AURORA_CHECKPOINTING: "ckpt",
+        AUTO_CHECKPOINTING[1]: "ckpt:blocks",
+        AUTO_CHECKPOINTING[2]: "ckpt:blocks+io",
+    }
     modules = tuple(c.get("checkpoint_modules") or ())
     return names.get(modules, "ckpt:" + "+".join(modules))
 

@@ -187,39 +187,67 @@ def to_dataset(
     """The forecasts as a CF-1.8 dataset: dims (time, lead_time, [pressure_level,] latitude,
     longitude), `valid_time` = time + lead_time."""
     lead = np.array([steps * STEP_HOURS], dtype="timedelta64[h]").astype("timedelta64[ns]")
-    lat = samples.cube["latitude"].values.astype(np.float64)
-    lon = samples.cube["longitude"].values.astype(np.float64)
-    coords = {
-        "time": ("time", init.values.astype("datetime64[ns]"),
-                 {"standard_name": "forecast_reference_time", "long_name": "initialisation time"}),
-        "lead_time": ("lead_time", lead,
-                      {"standard_name": "forecast_period", "long_name": "lead time"}),
-        "valid_time": (("time", "lead_time"), init.values[:, None] + lead[None, :],
-                       {"standard_name": "time", "long_name": "time the forecast is valid for"}),
-        "pressure_level": ("pressure_level", np.asarray(samples.levels, dtype=np.float64),
-                           {"standard_name": "air_pressure", "units": "hPa", "positive": "down",
-                            "long_name": "pressure level"}),
-        "latitude": ("latitude", lat, {"standard_name": "latitude", "units": "degrees_north",
-                                       "long_name": "latitude"}),
-        "longitude": ("longitude", lon, {"standard_name": "longitude", "units": "degrees_east",
-                                         "long_name": "longitude"}),
-    }  # fmt: skip
-
-    def cf(name: str, field: np.ndarray, dims: tuple[str, ...]) -> tuple[str, xr.DataArray]:
-        short, standard, units, long = CF_VARS[name]
-        return short, xr.DataArray(
-            field[:, None], dims=("time", "lead_time", *dims),
-            attrs={"standard_name": standard, "units": units, "long_name": long},
-        )  # fmt: skip
-
     grid = ("latitude", "longitude")
     target = samples.variable
     dims = ("time", "lead_time", *grid)
     variables = {target.name: xr.DataArray(values[:, None], dims=dims, attrs=target.lead_attrs())}
-    variables |= dict(cf(k, state[k], grid) for k in SURF_VARS)
-    variables |= dict(cf(k, state[k], ("pressure_level", *grid)) for k in ATMOS_VARS)
+    variables |= dict(_cf(k, state[k], grid) for k in SURF_VARS)
+    variables |= dict(_cf(k, state[k], ("pressure_level", *grid)) for k in ATMOS_VARS)
     # xarray writes each variable's `coordinates` attribute (valid_time) itself
+    coords = _coords(init, lead, samples)
     return xr.Dataset(variables, coords=coords, attrs={"Conventions": "CF-1.8", **attrs})
+
+
+def _coords(init: pd.DatetimeIndex, lead: np.ndarray, samples) -> dict[str, tuple]:
+    """The dataset's CF coordinates: initialisation, lead and valid times, levels, the grid."""
+    times = init.values.astype("datetime64[ns]")
+    return {
+        "time": (
+            "time",
+            times,
+            {"standard_name": "forecast_reference_time", "long_name": "initialisation time"},
+        ),
+        "lead_time": (
+            "lead_time",
+            lead,
+            {"standard_name": "forecast_period", "long_name": "lead time"},
+        ),
+        "valid_time": (
+            ("time", "lead_time"),
+            init.values[:, None] + lead[None, :],
+            {"standard_name": "time", "long_name": "time the forecast is valid for"},
+        ),
+        "pressure_level": (
+            "pressure_level",
+            np.asarray(samples.levels, dtype=np.float64),
+            {
+                "standard_name": "air_pressure",
+                "units": "hPa",
+                "positive": "down",
+                "long_name": "pressure level",
+            },
+        ),
+        "latitude": (
+            "latitude",
+            samples.cube["latitude"].values.astype(np.float64),
+            {"standard_name": "latitude", "units": "degrees_north", "long_name": "latitude"},
+        ),
+        "longitude": (
+            "longitude",
+            samples.cube["longitude"].values.astype(np.float64),
+            {"standard_name": "longitude", "units": "degrees_east", "long_name": "longitude"},
+        ),
+    }
+
+
+def _cf(name: str, field: np.ndarray, dims: tuple[str, ...]) -> tuple[str, xr.DataArray]:
+    """A state variable under its CF short name, with its standard name, units and long name."""
+    short, standard, units, long = CF_VARS[name]
+    return short, xr.DataArray(
+        field[:, None],
+        dims=("time", "lead_time", *dims),
+        attrs={"standard_name": standard, "units": units, "long_name": long},
+    )
 
 
 def _encoding(ds: xr.Dataset) -> dict[str, dict]:
@@ -228,8 +256,11 @@ def _encoding(ds: xr.Dataset) -> dict[str, dict]:
         name: {"dtype": "float32", "zlib": True, "complevel": 4, "_FillValue": np.float32(np.nan)}
         for name in ds.data_vars
     }
-    enc["time"] = {"units": "hours since 1970-01-01 00:00:00", "calendar": "proleptic_gregorian",
-                   "dtype": "float64"}  # fmt: skip
+    enc["time"] = {
+        "units": "hours since 1970-01-01 00:00:00",
+        "calendar": "proleptic_gregorian",
+        "dtype": "float64",
+    }
     enc["valid_time"] = dict(enc["time"])
     enc["lead_time"] = {"units": "hours", "dtype": "float64"}
     for c in ("time", "valid_time", "lead_time"):

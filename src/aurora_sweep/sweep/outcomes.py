@@ -212,10 +212,12 @@ class Recorder:
             cap = config.gpu_memory_cap
             limit = cap / MIB if cap else outcome.peak_memory_mb
             raise self.infeasible(
-                trial, run,
+                trial,
+                run,
                 f"out of memory at {outcome.peak_memory_mb:.0f} MB ({outcome.message[:200]})",
-                outcome.peak_memory_mb - limit, outcome.seconds,
-            )  # fmt: skip
+                outcome.peak_memory_mb - limit,
+                outcome.seconds,
+            )
         if isinstance(outcome, Failed):
             raise self.failed(trial, outcome.message)
         return self._complete(outcome, trial, run)

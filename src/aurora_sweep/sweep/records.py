@@ -85,9 +85,11 @@ class TrialRecord:
             scores = {
                 k: float(v)
                 for k, v in a.items()
-                if isinstance(v, int | float) and not isinstance(v, bool) and k not in _NOT_SCORES
+                if isinstance(v, int | float)
+                and not isinstance(v, bool)
+                and k not in _NOT_SCORES
                 and k != "predicted_peak_mb"
-            }  # fmt: skip
+            }
         worst = {
             k[len(FORGET_WORST) :]: v
             for k, v in a.items()

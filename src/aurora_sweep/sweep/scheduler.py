@@ -79,10 +79,11 @@ class Sweep:
     def work(self, worker, index: int) -> None:
         """One worker's loop (a thread): claim a trial, run it, until the total is reached."""
         study = optuna.load_study(
-            study_name=self.config.name, storage=self.study._storage,
+            study_name=self.config.name,
+            storage=self.study._storage,
             sampler=sampler(worker_seed(self.config, self.study, index)),
             pruner=self.study.pruner,
-        )  # fmt: skip
+        )
         held = {"asking": False}  # this thread holds `asking`: its trial does not exist yet
 
         def release() -> None:
@@ -106,9 +107,12 @@ class Sweep:
                     # process's heap after every trial (Optuna's gc_after_trial) freed nothing
                     # and took 0.5 s a trial
                     study.optimize(
-                        objective, n_trials=1, catch=(Exception,), gc_after_trial=False,
+                        objective,
+                        n_trials=1,
+                        catch=(Exception,),
+                        gc_after_trial=False,
                         callbacks=[self.settle],
-                    )  # fmt: skip
+                    )
                 finally:
                     release()
         except KeyboardInterrupt:
@@ -239,8 +243,9 @@ class Sweep:
         self.console.print(
             f"trial {trial.number:3d}  {_score_line(outcome.metrics, config)}  "
             f"({outcome.seconds:.1f} s, {outcome.peak_memory_mb:.0f} MB, predicted GPU "
-            f"{estimate.megabytes:.0f} MB)", highlight=False,
-        )  # fmt: skip
+            f"{estimate.megabytes:.0f} MB)",
+            highlight=False,
+        )
         value = outcome.metrics[config.objective_metric]
         if config.cost:
             return value, scalars.get(config.cost, estimate.megabytes)
@@ -252,9 +257,12 @@ class Sweep:
         from aurora_sweep.memory.estimate import plan_checkpointing
 
         return plan_checkpointing(
-            tc, grid=self.grid, levels=len(tc.levels), cap_bytes=self.config.gpu_memory_cap,
+            tc,
+            grid=self.grid,
+            levels=len(tc.levels),
+            cap_bytes=self.config.gpu_memory_cap,
             how=self.config.estimate_how,
-        )  # fmt: skip
+        )
 
     def predict(self, trial: optuna.Trial, estimate, run, recorder: Recorder) -> None:
         """Record the trial's predicted peak GPU memory; a prediction over the cap makes the
@@ -270,10 +278,12 @@ class Sweep:
         over = check_cap(estimate, cap)
         if over > 0:
             raise recorder.infeasible(
-                trial, run,
+                trial,
+                run,
                 f"predicted peak {estimate.megabytes:.0f} MB exceeds the cap {cap / MIB:.0f} MB",
-                over, 0.0,
-            )  # fmt: skip
+                over,
+                0.0,
+            )
 
     def crashed(self, trial: optuna.Trial, e: WorkerCrashed, recorder: Recorder) -> BaseException:
         """The worker died under `trial`: a signal to this process group is an interrupt; a

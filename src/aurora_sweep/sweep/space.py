@@ -30,8 +30,28 @@ def sample_trial(trial: optuna.Trial, config: StudyConfig) -> TrialConfig:
     reference = TrialRecord.of(trial).reference
     if reference == "full":  # Aurora's own recipe, as it is, whatever the space holds
         return reference_trial(config)
-    bases = config.bases
-    base = _maybe(trial, "base", bases)
+    base = _maybe(trial, "base", config.bases)
+    chosen = _method(trial, s)  # method first: the rest of the space is conditional on it
+    chosen |= dict(
+        batch_size=trial.suggest_categorical("batch_size", list(s.batch_size)),
+        target_weight=trial.suggest_categorical("target_weight", list(s.target_weight)),
+        loss=trial.suggest_categorical("loss", list(s.loss)),
+        target_input_lr=trial.suggest_categorical("target_input_lr", list(s.target_input_lr)),
+        rollout_steps=trial.suggest_categorical("rollout_steps", list(s.rollout_steps)),
+        # the levers added later are sampled only when searched, so that a study that does not
+        # search them draws the same trials as before
+        accumulate=_maybe(trial, "accumulate", s.accumulate),
+        optimizer=_maybe(trial, "optimizer", s.optimizer),
+    )
+    # a rollout trains on the whole region: a tile cannot know what its steps carry in (`tiles`)
+    chosen["tile"] = _maybe(trial, "tile", s.tile) if chosen["rollout_steps"] == 1 else 0
+    chosen["levels"] = _levels(trial, config)
+    return _trial_config(config, base=base, **chosen, **_step(trial, config, chosen["method"]))
+
+
+def _method(trial: optuna.Trial, s) -> dict[str, Any]:
+    """The method, and what it trains: LoRA's rank, modules and unfrozen blocks, or the blocks
+    the `blocks` method trains."""
     method = trial.suggest_categorical("method", list(s.method))
     lora = method in LORA_METHODS
     rank = trial.suggest_categorical("lora_rank", list(s.lora_rank)) if lora else 0
@@ -42,18 +62,12 @@ def sample_trial(trial: optuna.Trial, config: StudyConfig) -> TrialConfig:
         unfrozen = trial.suggest_categorical("blocks", list(s.blocks))
     else:
         unfrozen = 0
-    batch_size = trial.suggest_categorical("batch_size", list(s.batch_size))
-    target_weight = trial.suggest_categorical("target_weight", list(s.target_weight))
-    loss = trial.suggest_categorical("loss", list(s.loss))
-    input_lr = trial.suggest_categorical("target_input_lr", list(s.target_input_lr))
-    rollout = trial.suggest_categorical("rollout_steps", list(s.rollout_steps))
-    # the levers added later are sampled only when searched, so that a study that does not
-    # search them draws the same trials as before
-    accumulate = _maybe(trial, "accumulate", s.accumulate)
-    optimizer = _maybe(trial, "optimizer", s.optimizer)
-    # a rollout trains on the whole region: a tile cannot know what its steps carry in (`tiles`)
-    tile = _maybe(trial, "tile", s.tile) if rollout == 1 else 0
-    levels = _levels(trial, config)
+    return dict(method=method, lora_rank=rank, lora_targets=targets, unfrozen_blocks=unfrozen)
+
+
+def _step(trial: optuna.Trial, config: StudyConfig, method: str) -> dict[str, Any]:
+    """Precision, activation checkpointing and learning rate: Aurora's own for `full`."""
+    s = config.search
     if method == "full":
         precision, checkpointing, lr = _full_precision(config), True, FULL_LR
     else:
@@ -66,13 +80,7 @@ def sample_trial(trial: optuna.Trial, config: StudyConfig) -> TrialConfig:
             if s.learning_rate
             else config.train.learning_rate
         )
-    return _trial_config(
-        config, method=method, lora_rank=rank, lora_targets=targets, unfrozen_blocks=unfrozen,
-        batch_size=batch_size, precision=precision, learning_rate=lr,
-        activation_checkpointing=checkpointing, target_weight=target_weight, loss=loss,
-        target_input_lr=input_lr, rollout_steps=rollout, base=base, accumulate=accumulate,
-        optimizer=optimizer, tile=tile, levels=levels,
-    )  # fmt: skip
+    return dict(precision=precision, activation_checkpointing=checkpointing, learning_rate=lr)
 
 
 def _maybe(trial: optuna.Trial, name: str, choices: tuple) -> Any:
@@ -133,12 +141,19 @@ def reference_trial(config: StudyConfig) -> TrialConfig:
     """Aurora's fine-tuning recipe: every weight trained, bf16 backbone autocast, activation
     checkpointing, 3e-4 (1e-3 for the target's embedding and head), the smallest batch of the study."""
     return _trial_config(
-        config, method="full", lora_rank=0, lora_targets="", unfrozen_blocks=0,
-        batch_size=min(config.search.batch_size), precision=_full_precision(config),
-        learning_rate=FULL_LR, activation_checkpointing=True, **_reference_loss(config),
+        config,
+        method="full",
+        lora_rank=0,
+        lora_targets="",
+        unfrozen_blocks=0,
+        batch_size=min(config.search.batch_size),
+        precision=_full_precision(config),
+        learning_rate=FULL_LR,
+        activation_checkpointing=True,
+        **_reference_loss(config),
         target_input_lr=FULL_NEW_VARIABLE_LR / FULL_LR,  # the guide's 1e-3 for the embedding
         rollout_steps=min(config.search.rollout_steps),
-    )  # fmt: skip
+    )
 
 
 def enqueue_references(study: optuna.Study, config: StudyConfig) -> list[str]:
@@ -163,13 +178,17 @@ def _enqueue_reference_recipes(study: optuna.Study, config: StudyConfig) -> list
     if "lora" in s.method:
         nearest = min(s.lora_rank, key=lambda r: abs(r - 8))
         params = {
-            "method": "lora", "lora_rank": nearest,
+            "method": "lora",
+            "lora_rank": nearest,
             "lora_targets": "qkv+proj" if "qkv+proj" in s.lora_targets else s.lora_targets[0],
-            "unfrozen_blocks": min(s.unfrozen_blocks), "batch_size": min(s.batch_size),
-            "precision": s.precision[0], "activation_checkpointing": s.activation_checkpointing[0],
-            **_reference_loss(config), "target_input_lr": s.target_input_lr[0],
+            "unfrozen_blocks": min(s.unfrozen_blocks),
+            "batch_size": min(s.batch_size),
+            "precision": s.precision[0],
+            "activation_checkpointing": s.activation_checkpointing[0],
+            **_reference_loss(config),
+            "target_input_lr": s.target_input_lr[0],
             "rollout_steps": min(s.rollout_steps),
-        }  # fmt: skip
+        }
         if len(config.bases) > 1:  # the references run on [model] base
             params["base"] = config.model.base
         if len(config.level_choices) > 1:  # Aurora's own use: every level of the search

@@ -404,9 +404,11 @@ def check_objective_defined(data) -> None:
     p_dry = seeps.p_dry[times.month.values - 1, times.hour.values // 6]
     low, high = SEEPS_P_DRY_RANGE
     with np.errstate(invalid="ignore"):
-        scored = (p_dry >= low) & (p_dry <= high) & np.isfinite(seeps.light_heavy[
-            times.month.values - 1, times.hour.values // 6
-        ])  # fmt: skip
+        scored = (
+            (p_dry >= low)
+            & (p_dry <= high)
+            & np.isfinite(seeps.light_heavy[times.month.values - 1, times.hour.values // 6])
+        )
     if not scored.any():
         seen = p_dry[np.isfinite(p_dry)]
         span = f"{seen.min():.2f}..{seen.max():.2f}" if seen.size else "undefined"
@@ -455,8 +457,9 @@ def case_maps_png(samples: Samples, result: Forecasts) -> bytes:
     observed, persistence = samples.observed(idx), samples.persistence(idx)
     forecast, points = result.values, samples.scored_points
     if points is not None:  # a land-only target: its sea, where it is not scored, drawn grey
-        observed, persistence, forecast = (np.where(points, v, np.nan)
-                                           for v in (observed, persistence, forecast))  # fmt: skip
+        observed, persistence, forecast = (
+            np.where(points, v, np.nan) for v in (observed, persistence, forecast)
+        )
     cases = [
         {
             "label": label,

@@ -56,8 +56,9 @@ def remove_stale_scratch(parent: Path) -> list[tuple[Path, int]]:
         removed.append((folder, size))
         log.warning(
             "removed %s (%.1f GB), the scratch of an import that was killed",
-            folder, size / 1e9,
-        )  # fmt: skip
+            folder,
+            size / 1e9,
+        )
     return removed
 
 
