@@ -242,6 +242,7 @@ def study_config(
     text = f"""
 [study]
 name = "{name}"
+finalists = 1
 {study}
 [data]
 source = "era5"

@@ -113,6 +113,7 @@ def test_a_study_of_several_bases_tries_each_first_and_runs_its_references_on_mo
 STUDY = """
 [study]
 name = "bases"
+finalists = 1
 reference = false
 baselines = ["persistence", "climatology", "aurora-1.5"]
 

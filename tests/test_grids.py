@@ -79,6 +79,7 @@ def test_a_trial_runs_on_the_grid_of_every_shipped_study(path, tmp_path):
 SMALL_STUDY = """
 [study]
 name = "small-025"
+finalists = 1
 reference = false  # one LoRA trial: the reference full fine-tune is not what this tests
 
 [data]

@@ -16,6 +16,7 @@ from aurora_sweep.sweep.records import TrialRecord
 STUDY = """
 [study]
 name = "across-greenwich"
+finalists = 1
 
 [data]
 source = "era5"

@@ -114,7 +114,8 @@ def test_the_base_models_scores_are_computed_once_per_study(finished_study):
 @pytest.mark.slow
 def test_best_compares_each_trial_with_the_best_by_a_paired_difference(finished_study):
     from aurora_sweep.config.objective import Objective
-    from aurora_sweep.report.best import distinguishable, paired_to, score
+    from aurora_sweep.report.best import distinguishable, paired_to
+    from aurora_sweep.sweep.records import score
 
     config, *_ = finished_study
     trials = ranked_trials(config)
@@ -480,8 +481,8 @@ def test_a_trial_that_forgets_is_never_the_best_unless_asked_for(tiny_config, tm
     from optuna.distributions import FloatDistribution
 
     from aurora_sweep.errors import AuroraSweepError
-    from aurora_sweep.report.best import completed, forgets, ranked
     from aurora_sweep.report.evaluate import export_best
+    from aurora_sweep.sweep.records import completed, forgets, ranked
 
     def trial(number, value, over):
         t = optuna.trial.create_trial(

@@ -171,17 +171,14 @@ def _run_config(
 
 def _best_line(config) -> str:
     from aurora_sweep.report.best import (
-        completed,
         front_cost,
         interval,
         lead_of,
         pareto_front,
-        ranked,
-        score,
         scored,
         study_trials,
     )
-    from aurora_sweep.sweep.records import TrialRecord
+    from aurora_sweep.sweep.records import TrialRecord, completed, ranked, score
 
     every = study_trials(config)
     trials = ranked(every)
@@ -250,10 +247,12 @@ def best(
         against_references,
         best_by_method,
         pareto_table,
+        recipe,
         study_trials,
         top_trials_table,
     )
     from aurora_sweep.report.evaluate import export_best
+    from aurora_sweep.report.finalists import finalist_lines
 
     console = _console()
     try:
@@ -263,7 +262,8 @@ def best(
         trials = study_trials(study)  # read once for every view below
         table = pareto_table(study, trials) if pareto else top_trials_table(study, trials, top=top)
         console.print(table)
-        for line in [*best_by_method(study, trials), *against_references(study, trials)]:
+        lines = [*best_by_method(study, trials), *against_references(study, trials)]
+        for line in [*lines, *finalist_lines(study, trials, recipe)]:
             console.print(line, highlight=False)
         if export is not None:
             path = export_best(study, export, number=trial, trials=trials)

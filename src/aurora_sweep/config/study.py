@@ -160,6 +160,10 @@ class StudyConfig:
     max_forgetting: float = 1.10
     #: `run` stops after this many failed trials in a row (a study that cannot succeed).
     max_failures: int = 5
+    #: After the search, the best distinct feasible recipes trained again (`sweep.finalists`),
+    #: each with this many seeds in all; either at 1: none.
+    finalists: int = 3
+    seeds: int = 3
     #: The lead the objective is scored at, in model steps of 6 h (1: 6 h, 2: 12 h, 4: 24 h).
     lead_steps: int = 1
     #: How a trial's peak is predicted (`memory.estimate_peak`): "traced" runs its step on

@@ -98,7 +98,8 @@ def load_config(path: str | Path | None = None, *, workdir: Path | None = None) 
 #: Every section and setting a study file may hold; anything else is refused by name.
 SCHEMA: dict[str, tuple[str, ...]] = {
     "study": ("name", "objective", "objectives", "storage", "tracking_uri", "heartbeat_seconds",
-              "seed", "reference", "max_forgetting", "max_failures", "lead", "baselines"),
+              "seed", "reference", "max_forgetting", "max_failures", "lead", "baselines",
+              "finalists", "seeds"),
     "data": ("source", "store", "region", "levels", "grid", "period", "train", "validation",
              "test"),
     "model": (*(f.name for f in fields(ModelConfig)), "target"),
@@ -210,6 +211,8 @@ def _study_settings(study: dict) -> dict[str, Any]:
         ),
         max_forgetting=as_number(given("max_forgetting"), "[study] max_forgetting", minimum=1.0),
         max_failures=as_whole(given("max_failures"), "[study] max_failures", minimum=1),
+        finalists=as_whole(given("finalists"), "[study] finalists", minimum=1),
+        seeds=as_whole(given("seeds"), "[study] seeds", minimum=1),
         lead_steps=parse_lead(
             study.get("lead", LEADS[default_of(StudyConfig, "lead_steps")]), "[study] lead"
         ),

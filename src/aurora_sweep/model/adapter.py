@@ -339,7 +339,7 @@ identity), `study.toml` (the study config).
 """
 
 
-def write_model_card(directory: Path, *, study: str, number: int) -> Path:
+def write_model_card(directory: Path, *, study: str, number: int, note: str = "") -> Path:
     meta = read_meta(directory)
     trial, data, base, stats = meta.trial, meta.data, meta.base, meta.stats
     target = TARGETS[stats.target]
@@ -380,6 +380,8 @@ def write_model_card(directory: Path, *, study: str, number: int) -> Path:
             "precipitation (its hourly `scaled_tp_1h` over the lead, no training) on the "
             f"same samples; `{target.metric('skill_aurora15')}` above 0 beats it.\n"
         )
+    if note:
+        card += f"\n## Seeds\n\n{note}\n"
     if meta.references:
         card += "\n## Against the study's reference recipes (validation split)\n\n" + "".join(
             f"- {line}\n" for line in meta.references

@@ -14,7 +14,7 @@ from aurora_sweep.config.objective import Objective
 from aurora_sweep.config.recipe import LORA_METHODS, lead_suffix
 from aurora_sweep.config.settings import text_levels
 from aurora_sweep.config.study import StudyConfig
-from aurora_sweep.sweep.records import TrialRecord
+from aurora_sweep.sweep.records import TrialRecord, completed, forgets, ranked, score
 from aurora_sweep.sweep.storage import open_study
 from aurora_sweep.verify.bootstrap import decode_terms, paired_difference
 
@@ -27,35 +27,6 @@ def study_trials(config: StudyConfig) -> list[optuna.trial.FrozenTrial]:
 def ranked_trials(config: StudyConfig) -> list[optuna.trial.FrozenTrial]:
     """Completed trials within the memory cap, best (lowest objective) first."""
     return ranked(study_trials(config))
-
-
-def ranked(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
-    """Of `trials`, the feasible ones, best (lowest objective) first: completed, within the
-    memory cap, and not forgetting more than the study allows (`forgets`)."""
-    return [t for t in completed(trials) if not forgets(t)]
-
-
-def completed(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
-    """Of `trials`, the completed ones within the memory cap (feasible or not), best first."""
-    done = [
-        t
-        for t in trials
-        if t.state == optuna.trial.TrialState.COMPLETE
-        and t.values
-        and TrialRecord.of(t).memory_over_cap_mb <= 0
-    ]
-    return sorted(done, key=score)
-
-
-def forgets(trial: optuna.trial.FrozenTrial) -> bool:
-    """True when the trial made a variable Aurora already predicted worse than the study's
-    `max_forgetting` allows (its Optuna constraint is violated)."""
-    return trial.constraints.get("forgetting_over_max", 0.0) > 0
-
-
-def score(trial: optuna.trial.FrozenTrial) -> float:
-    """A completed trial's objective (the first of a multi-objective study's values)."""
-    return trial.values[0]
 
 
 def front_cost(config: StudyConfig, trials: list[optuna.trial.FrozenTrial]) -> str:

@@ -18,8 +18,8 @@ import optuna
 from aurora_sweep.config.recipe import BaseKey
 from aurora_sweep.config.study import StudyConfig
 from aurora_sweep.errors import AuroraSweepError
-from aurora_sweep.report.best import against_references, completed, ranked, study_trials
-from aurora_sweep.sweep.records import TrialRecord
+from aurora_sweep.report.best import against_references, study_trials
+from aurora_sweep.sweep.records import TrialRecord, completed, ranked
 from aurora_sweep.sweep.tracking import client_for
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ def export_best(
     from aurora_sweep.model.adapter import META, write_model_card, write_references
 
     every = study_trials(config) if trials is None else trials
-    best = _trial_to_export(config, every, number)
+    best, seeds_note = _trial_to_export(config, every, number)
     run_id = TrialRecord.of(best).mlflow_run_id
     if not run_id:
         raise AuroraSweepError(f"trial {best.number} has no MLflow run recorded")
@@ -53,15 +53,39 @@ def export_best(
     _download_adapter(config, run_id, best.number, target)
     # how the exported trial compares with the study's reference recipes, for the report
     write_references(target, against_references(config, every))
-    write_model_card(target, study=config.name, number=best.number)
+    write_model_card(target, study=config.name, number=best.number, note=seeds_note)
     return target
 
 
 def _trial_to_export(
     config: StudyConfig, every: list[optuna.trial.FrozenTrial], number: int | None
+) -> tuple[optuna.trial.FrozenTrial, str]:
+    """The winning finalist's typical seed (`report.finalists`), else the best feasible trial,
+    or trial `number` if it completed within the cap (feasible or not), and what the model card
+    says of the seeds; refused in one line when there is none."""
+    from aurora_sweep.report.finalists import ranked_finalists
+
+    if number is None and (finalists := ranked_finalists(config, every)):
+        return finalists[0].typical, _seeds_note(finalists[0])
+    return _single_trial(config, every, number), ""
+
+
+def _seeds_note(winner) -> str:
+    """The model card's words on the winning recipe's seeds."""
+    chosen = winner.typical
+    seed = TrialRecord.of(chosen).seed
+    return (
+        f"This recipe won the study's finalists on its mean over {len(winner.values)} training "
+        f"seeds: {winner.mean:.4f} ± {winner.spread:.4f} (standard deviation over the seeds; "
+        f"each seed: {', '.join(f'{v:.4f}' for v in winner.values)}). This adapter is trial "
+        f"{chosen.number}, trained with seed {'the study' + chr(39) + 's' if seed is None else seed}"
+        ": the seed nearest the mean, a typical draw of the recipe rather than its luckiest."
+    )
+
+
+def _single_trial(
+    config: StudyConfig, every: list[optuna.trial.FrozenTrial], number: int | None
 ) -> optuna.trial.FrozenTrial:
-    """The best feasible trial, or trial `number` if it completed within the cap (feasible or
-    not); refused in one line when there is none."""
     if number is not None:
         chosen = [t for t in completed(every) if t.number == number]
         if not chosen:

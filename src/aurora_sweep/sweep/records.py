@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
+import optuna
+
 from aurora_sweep.config.objective import Objective, forget_name, forgotten
 
 #: every score and measurement of a finished trial, {name: value}
@@ -76,6 +78,10 @@ class TrialRecord:
     mlflow_parent_run_id: str | None = None
     #: the objective's per-sample terms (bootstrap.encode_terms), for paired comparisons
     objective_terms: str | None = None
+    #: a finalist's re-training with another seed: the finalist's trial number (`finalists`)
+    replica_of: int | None = None
+    #: the training seed a replica trains with (None: the study's `[train] seed`)
+    seed: int | None = None
 
     @classmethod
     def of(cls, trial: _HasAttrs) -> TrialRecord:
@@ -116,6 +122,8 @@ class TrialRecord:
             mlflow_run_id=a.get("mlflow_run_id"),
             mlflow_parent_run_id=a.get("mlflow_parent_run_id"),
             objective_terms=a.get("objective_terms"),
+            replica_of=a.get("replica_of"),
+            seed=a.get("seed"),
         )
 
     def value(self, name: str) -> float | None:
@@ -193,3 +201,37 @@ def write_scores(trial: _SetsAttrs, scores: Mapping[str, float], worst: Mapping[
     trial.set_user_attr(SCORES, {k: float(v) for k, v in scores.items()})
     for suffix, variable in worst.items():
         trial.set_user_attr(FORGET_WORST + suffix, variable)
+
+
+# The search's trials, ranked (what `best` shows and the finalists are chosen from)
+
+
+def ranked(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
+    """Of `trials`, the feasible ones, best (lowest objective) first: completed, within the
+    memory cap, and not forgetting more than the study allows (`forgets`)."""
+    return [t for t in completed(trials) if not forgets(t)]
+
+
+def completed(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
+    """Of `trials`, the completed ones within the memory cap (feasible or not), best first; a
+    finalist's replicas (its other seeds) are not trials of the search and are left out."""
+    done = [
+        t
+        for t in trials
+        if t.state == optuna.trial.TrialState.COMPLETE
+        and t.values
+        and TrialRecord.of(t).memory_over_cap_mb <= 0
+        and TrialRecord.of(t).replica_of is None
+    ]
+    return sorted(done, key=score)
+
+
+def forgets(trial: optuna.trial.FrozenTrial) -> bool:
+    """True when the trial made a variable Aurora already predicted worse than the study's
+    `max_forgetting` allows (its Optuna constraint is violated)."""
+    return trial.constraints.get("forgetting_over_max", 0.0) > 0
+
+
+def score(trial: optuna.trial.FrozenTrial) -> float:
+    """A completed trial's objective (the first of a multi-objective study's values)."""
+    return trial.values[0]

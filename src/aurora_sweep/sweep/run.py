@@ -28,6 +28,7 @@ from rich.console import Console
 
 from aurora_sweep.config.study import MIB, StudyConfig
 from aurora_sweep.devices import plan_devices
+from aurora_sweep.sweep.finalists import is_replica, replicas_to_run
 from aurora_sweep.sweep.outcomes import Ready
 from aurora_sweep.sweep.records import AURORA15, BASE_MSE, TrialRecord
 from aurora_sweep.sweep.scheduler import Sweep
@@ -103,8 +104,9 @@ def run_study(
     overlap = _pretraining_overlap(config)
     devices = plan_devices(workers, gpus)
     study, client, summary = _open(config, console)
-    done = len(study.get_trials(deepcopy=False, states=FINISHED))
-    if done >= trials:
+    searched = [t for t in study.get_trials(deepcopy=False, states=FINISHED) if not is_replica(t)]
+    done = len(searched)
+    if done >= trials and not replicas_to_run(study, config):
         console.print(f"study {config.name!r} already holds {done} trials; nothing to add")
         return summary
 

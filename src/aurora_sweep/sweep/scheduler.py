@@ -46,6 +46,8 @@ class Sweep:
     asking: threading.Lock = field(default_factory=threading.Lock)  # see `claim`
     signum: int = signal.SIGINT
     errors: list[BaseException] = field(default_factory=list)
+    #: True: the finalists' replicas run, `total` counts them; False: the search's trials
+    replicas: bool = False
     running: int = 0  # worker threads not ended yet
     failures_in_a_row: int = 0  # trials of this process that failed, since the last finished
     ended: threading.Event = field(default_factory=threading.Event)  # all of them have
@@ -139,10 +141,13 @@ class Sweep:
         """
         while not self.stop.is_set():
             self.asking.acquire()
-            states = [t.state for t in self.study.get_trials(deepcopy=False)]
+            phase = self.replicas  # what `finished` counts, for this pass
+            states = [t.state for t in self.study.get_trials(deepcopy=False) if self.counts(t)]
             finished = sum(state in FINISHED for state in states)
             if finished >= self.total:
                 self.asking.release()
+                if not phase and self.begin_finalists():
+                    continue
                 return False
             if finished + states.count(optuna.trial.TrialState.RUNNING) < self.total:
                 return True
@@ -153,6 +158,31 @@ class Sweep:
                 optuna.storages.fail_stale_trials(self.study)
                 reap_dead_trials(self.study, self.client)
         return False
+
+    def begin_finalists(self) -> bool:
+        """Once the search holds its total: enqueue the finalists' replicas (`finalists`) and
+        count them from now on, in every thread of this run; False when there are none."""
+        from aurora_sweep.sweep.finalists import enqueue_replicas, finalists
+
+        with self.lock:
+            if self.replicas:
+                return True  # another thread began them since this one counted
+            wanted = enqueue_replicas(self.study, self.config)
+            if not wanted:
+                return False
+            chosen = finalists(self.config, self.study.get_trials(deepcopy=False))
+            self.console.print(
+                f"finalists: trials {', '.join(str(t.number) for t in chosen)}, trained again "
+                f"with {self.config.seeds - 1} more seed(s) each ({wanted} replicas)",
+                highlight=False,
+            )
+            self.replicas, self.total = True, wanted
+            return True
+
+    def counts(self, trial: optuna.trial.FrozenTrial) -> bool:
+        """Whether `trial` counts towards `total`: a replica in the finalists' phase, a trial of
+        the search otherwise (`--trials` counts those alone)."""
+        return (TrialRecord.of(trial).replica_of is not None) == self.replicas
 
     def keep_base_scores(self, by_precision: dict[str, dict[str, float]]) -> None:
         """Add the base model's scores in a precision no trial had used yet to the study's
@@ -189,9 +219,26 @@ class Sweep:
         processes claimed the last slot at once: the later trial, by number, steps back)."""
         finished = ahead = 0
         for t in self.study.get_trials(deepcopy=False):
+            if not self.counts(t):
+                continue
             finished += t.state in FINISHED
             ahead += t.state == optuna.trial.TrialState.RUNNING and t.number < trial.number
         return finished + ahead >= self.total
+
+    def say_complete(self, trial: optuna.Trial, outcome: Complete, estimate) -> None:
+        """The completed trial's line: its score, time and memory (a replica: whose, which seed)."""
+        record = TrialRecord.of(trial)
+        replica = (
+            f"  (finalist {record.replica_of}, seed {record.seed})"
+            if record.replica_of is not None
+            else ""
+        )
+        self.console.print(
+            f"trial {trial.number:3d}  {_score_line(outcome.metrics, self.config)}  "
+            f"({outcome.seconds:.1f} s, {outcome.peak_memory_mb:.0f} MB, predicted GPU "
+            f"{estimate.megabytes:.0f} MB){replica}",
+            highlight=False,
+        )
 
     def run_trial(self, trial: optuna.Trial, worker) -> float | tuple[float, float]:
         """Sample `trial`, check its predicted memory against the cap, run it in `worker` and
@@ -240,12 +287,7 @@ class Sweep:
                 assert isinstance(outcome, Complete)
                 self.keep_base_scores(outcome.base_mse)
                 run.log_artifacts(adapter.parent)  # adapter/ and figures/, in one call
-        self.console.print(
-            f"trial {trial.number:3d}  {_score_line(outcome.metrics, config)}  "
-            f"({outcome.seconds:.1f} s, {outcome.peak_memory_mb:.0f} MB, predicted GPU "
-            f"{estimate.megabytes:.0f} MB)",
-            highlight=False,
-        )
+        self.say_complete(trial, outcome, estimate)
         value = outcome.metrics[config.objective_metric]
         if config.cost:
             return value, scalars.get(config.cost, estimate.megabytes)

@@ -27,8 +27,10 @@ def sample_trial(trial: optuna.Trial, config: StudyConfig) -> TrialConfig:
     recipe, whole: bf16 backbone autocast, activation checkpointing, its learning rates.
     """
     s = config.search
-    reference = TrialRecord.of(trial).reference
-    if reference == "full":  # Aurora's own recipe, as it is, whatever the space holds
+    record = TrialRecord.of(trial)
+    if record.replica_of is not None and record.config:  # a finalist's recipe, another seed
+        return TrialConfig.from_dict(record.config)
+    if record.reference == "full":  # Aurora's own recipe, as it is, whatever the space holds
         return reference_trial(config)
     base = _maybe(trial, "base", config.bases)
     chosen = _method(trial, s)  # method first: the rest of the space is conditional on it

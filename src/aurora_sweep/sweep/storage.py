@@ -212,13 +212,16 @@ def retry_once(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
     """Enqueue `trial` again with the same parameters, unless it is itself a retry or has been
     retried already: a trial that kills its process every time is not retried forever."""
     record = TrialRecord.of(trial)
-    if record.retry_of is not None or not (trial.params or record.reference):
+    replica = record.replica_of is not None
+    if record.retry_of is not None or not (trial.params or record.reference or replica):
         return False
     if any(TrialRecord.of(t).retry_of == trial.number for t in study.get_trials(deepcopy=False)):
         return False
-    study.enqueue_trial(
-        trial.params, user_attrs=attrs(retry_of=trial.number, reference=record.reference)
-    )
+    # a finalist's replica keeps what makes it one: its finalist, seed and recipe
+    again = attrs(retry_of=trial.number, reference=record.reference)
+    if replica:
+        again |= attrs(replica_of=record.replica_of, seed=record.seed, config=record.config)
+    study.enqueue_trial(trial.params, user_attrs=again)
     return True
 
 
