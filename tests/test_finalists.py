@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import warnings
 
 import numpy as np
 import optuna
@@ -173,31 +172,47 @@ def test_best_ranks_the_finalists_by_their_mean_and_exports_the_typical_seed(tin
 
 
 @pytest.mark.slow
-def test_a_study_runs_its_finalists_replicas_apart_from_its_trials(tiny_config):
+def test_a_study_runs_its_finalists_replicas_apart_from_its_trials(
+    tmp_path, tiny_store, monkeypatch
+):
     """`run --trials 3` with 2 finalists of 2 seeds: three trials of the search, then the two
-    replicas, each a child run of the study's run; run again, nothing is added."""
+    replicas, each a child run of the study's run; `best` ranks them and exports the winner with
+    a word on its seeds; run again, nothing is added."""
     from mlflow.tracking import MlflowClient
+    from typer.testing import CliRunner
 
-    from aurora_sweep.sweep.run import run_study
+    from aurora_sweep.cli import app
+    from aurora_sweep.config.study_file import load_config
+    from aurora_sweep.sweep.storage import open_study
     from aurora_sweep.sweep.tracking import tracking_uri
+    from conftest import write_tiny_config
 
-    config = _config(tiny_config, finalists=2, seeds=2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        summary = run_study(config, trials=3)
-    trials = summary.study.trials
+    monkeypatch.chdir(tmp_path)
+    path = write_tiny_config(tmp_path, store=tiny_store)
+    path.write_text(path.read_text().replace("finalists = 1 ", "finalists = 2\nseeds = 2 ", 1))
+    config = load_config(path, workdir=tmp_path)
+    assert (config.finalists, config.seeds) == (2, 2)
+    runner = CliRunner()
+    result = runner.invoke(app, ["run", "-c", str(path), "--trials", "3"])
+    assert result.exit_code == 0, result.output
+    assert "(finalist " in result.output and "recipe wins on its mean over 2 seeds" in result.output
+    trials = open_study(config, create=False).trials
     replicas = [t for t in trials if TrialRecord.of(t).replica_of is not None]
-    searched = [t for t in trials if TrialRecord.of(t).replica_of is None]
-    assert len(searched) == 3 and len(replicas) == 2
+    assert len(trials) == 5 and len(replicas) == 2
     chosen = finalists(config, trials)
     assert {TrialRecord.of(t).replica_of for t in replicas} == {t.number for t in chosen}
-    assert {TrialRecord.of(t).seed for t in replicas} == {1}
     for t in replicas:
         assert t.state == optuna.trial.TrialState.COMPLETE
-        assert TrialRecord.of(t).config["seed"] == 1
+        assert TrialRecord.of(t).seed == 1 and TrialRecord.of(t).config["seed"] == 1
     client = MlflowClient(tracking_uri(config))
-    runs = client.search_runs([summary.experiment_id])
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == summary.parent_run_id]
-    assert len(children) == 5
-    again = run_study(config, trials=3)
-    assert again.new_trials == 0 and len(again.study.trials) == 5
+    experiment = client.get_experiment_by_name(config.name).experiment_id
+    parents = {r.data.tags.get("mlflow.parentRunId") for r in client.search_runs([experiment])}
+    assert len(parents - {None}) == 1 and len(client.search_runs([experiment])) == 6
+
+    result = runner.invoke(app, ["best", "-c", str(path), "--export", str(tmp_path / "adapter")])
+    assert result.exit_code == 0, result.output
+    assert "finalists, each trained with 2 seeds" in result.output
+    assert "## Seeds" in (tmp_path / "adapter" / "README.md").read_text()
+    result = runner.invoke(app, ["run", "-c", str(path), "--trials", "3"])
+    assert result.exit_code == 0 and "nothing to add" in result.output
+    assert len(open_study(config, create=False).trials) == 5

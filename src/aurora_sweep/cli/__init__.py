@@ -130,6 +130,7 @@ def run(
         raise typer.Exit(128 + signum) from None
     _log_study_figures(study, summary)
     console.print(_best_line(study))
+    _say_finalists(study)
     if study.tracking_uri and study.tracking_uri.startswith("http"):
         console.print(f"MLflow: open {summary.ui_link}")
     else:
@@ -167,6 +168,26 @@ def _run_config(
     if checkpoint is None:
         return study
     return dataclasses.replace(study, model=dataclasses.replace(study.model, checkpoint=checkpoint))
+
+
+def _say_finalists(config) -> None:
+    """The finalists' winner by its mean over seeds, when the study has finalists."""
+    from aurora_sweep.report.best import study_trials
+    from aurora_sweep.report.finalists import ranked_finalists, runner_up_difference
+
+    ranked = ranked_finalists(config, study_trials(config))
+    if not ranked:
+        return
+    first = ranked[0]
+    line = (
+        f"finalists: trial {first.number}'s recipe wins on its mean over {len(first.values)} "
+        f"seeds, {first.mean:.4f} ± {first.spread:.4f}"
+    )
+    delta = runner_up_difference(config, ranked)
+    if delta is not None:
+        apart = delta[1] > 0 or delta[2] < 0
+        line += f" ({'apart from' if apart else 'not apart from'} trial {ranked[1].number}'s)"
+    _console(stderr=True).print(line + "; 'aurora-sweep best' lists them", highlight=False)
 
 
 def _best_line(config) -> str:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import optuna
 
 from aurora_sweep.config.recipe import BaseKey
@@ -73,13 +74,18 @@ def _trial_to_export(
 def _seeds_note(winner) -> str:
     """The model card's words on the winning recipe's seeds."""
     chosen = winner.typical
-    seed = TrialRecord.of(chosen).seed
+    seed = (TrialRecord.of(chosen).config or {}).get("seed")
+    gaps = sorted(abs(v - winner.mean) for v in winner.values)
+    why = (
+        "its seeds lie equally far from their mean, so this is the search's own trial"
+        if len(gaps) > 1 and np.isclose(gaps[0], gaps[1])
+        else "the seed nearest the mean: a typical draw of the recipe rather than its luckiest"
+    )
     return (
         f"This recipe won the study's finalists on its mean over {len(winner.values)} training "
         f"seeds: {winner.mean:.4f} ± {winner.spread:.4f} (standard deviation over the seeds; "
         f"each seed: {', '.join(f'{v:.4f}' for v in winner.values)}). This adapter is trial "
-        f"{chosen.number}, trained with seed {'the study' + chr(39) + 's' if seed is None else seed}"
-        ": the seed nearest the mean, a typical draw of the recipe rather than its luckiest."
+        f"{chosen.number}, trained with seed {seed}: {why}."
     )
 
 
