@@ -350,7 +350,36 @@ def test_a_study_with_the_aurora15_baseline_scores_it_and_best_shows_it(
     assert exported.exit_code == 0, exported.output
     card = (tmp_path / "out" / "README.md").read_text()
     assert "Against Aurora 1.5 untrained" in card and "| tp_skill_aurora15 |" in card
-    assert "vs Aurora 1.5 untrained" in _best_line(config)  # the line `run` ends with
+    line = _best_line(config)  # the line `run` ends with
+    assert "vs Aurora 1.5 untrained" in line and "fine-tuned on IFS analyses" in line
+
+
+@pytest.mark.parametrize("wrap", [False, True])
+def test_the_zero_shot_baseline_runs_the_region_as_the_trials_do(
+    checkpoint, static_file, v15_samples, monkeypatch, wrap
+):
+    """A regional box's east and west edges are not joined (Aurora's default joins them), in
+    the baseline as in every trial; a box round the globe keeps them joined."""
+    from aurora_sweep.verify import scoring
+    from aurora_sweep.verify.zero_shot import zero_shot_totals
+
+    seen = {}
+
+    def fake_forecast_leads(model, leads, **kwargs):
+        seen["model"] = model
+        return {}
+
+    monkeypatch.setattr(scoring, "forecast_leads", fake_forecast_leads)
+    zero_shot_totals(
+        {1: v15_samples},
+        checkpoint=checkpoint,
+        static_file=static_file[0],
+        arch=SMALL,
+        wrap_longitude=wrap,
+    )
+    blocks = [m for m in seen["model"].modules() if type(m).__name__ == "Swin3DTransformerBlock"]
+    assert blocks
+    assert all(getattr(m, "_aurora_sweep_no_wrap", False) != wrap for m in blocks)
 
 
 def test_the_demo_world_writes_aurora15s_inputs_for_a_study_that_uses_it(v15_study):

@@ -231,7 +231,8 @@ def _best_line(config) -> str:
         + f"; skill vs persistence {a.get(skill['persistence']):+.3f}, "
         f"vs climatology {a.get(skill['climatology']):+.3f}"
         + (
-            f", vs Aurora 1.5 untrained {a.get(skill['aurora15']):+.3f}"
+            f", vs Aurora 1.5 untrained {a.get(skill['aurora15']):+.3f} (fine-tuned on IFS "
+            "analyses, started here from ERA5)"
             if a.value(skill["aurora15"]) is not None
             else ""
         )

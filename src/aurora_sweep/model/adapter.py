@@ -378,7 +378,10 @@ def write_model_card(directory: Path, *, study: str, number: int, note: str = ""
         card += (
             "\n## Against Aurora 1.5 untrained\n\n`*_aurora15` scores Aurora 1.5's own "
             "precipitation (its hourly `scaled_tp_1h` over the lead, no training) on the "
-            f"same samples; `{target.metric('skill_aurora15')}` above 0 beats it.\n"
+            f"same samples; `{target.metric('skill_aurora15')}` above 0 beats it. Aurora 1.5 "
+            "was fine-tuned on IFS analyses and is started and scored here from ERA5, on this "
+            "region as the trials run (its east and west edges joined only for a box round "
+            "the globe), in its own precision.\n"
         )
     if note:
         card += f"\n## Seeds\n\n{note}\n"

@@ -233,7 +233,8 @@ def _leads_section(leads: Sequence[Mapping[str, object]]) -> list[str]:
         "as its next input; persistence is the observed value over the lead's length ending at "
         "the start, climatology the train-split mean of the same windows"
         + (
-            "; Aurora 1.5 its own hourly precipitation over the lead, untrained"
+            "; Aurora 1.5 its own hourly precipitation over the lead, untrained (it was "
+            "fine-tuned on IFS analyses and is started and scored here from ERA5)"
             if zero_shot
             else ""
         )

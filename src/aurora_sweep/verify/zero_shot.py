@@ -33,19 +33,23 @@ def zero_shot_totals(
     arch: tuple = (),
     device: str = "cpu",
     batch_size: int = 2,
+    wrap_longitude: bool = False,
 ) -> dict[int, np.ndarray]:
     """Aurora 1.5's precipitation, untrained, over each lead's samples (`leads`: model steps ->
     `dataset.Samples` of one split, of a store with its inputs): the study's target over the
     lead (tp's total in mm or pr's mean rate in mm h-1), (n, lat, lon)
     per lead, in the samples' order, from one rollout per sample (`scoring.forecast_leads`);
-    `batch_size` samples a pass, each of its six hours a row. Run as Aurora 1.5 runs by default
-    (fp16 autocast, its edges joined), unless `arch` says otherwise."""
-    from aurora_sweep.model.build import build_base, load_base_checkpoint
+    `batch_size` samples a pass, each of its six hours a row. Run in Aurora 1.5's own precision
+    (its backbone under autocast, as microsoft/aurora runs it) unless `arch` says otherwise, and
+    on the region as the trials run: its east and west edges joined only where the study's box
+    goes round the globe (`wrap_longitude`, the study's `DataConfig.wrap_longitude`)."""
+    from aurora_sweep.model.build import build_base, load_base_checkpoint, set_longitude_wrap
     from aurora_sweep.verify.scoring import forecast_leads
 
     target = leads[1].variable.name
     model = build_base("v1.5", target=target, clamp=True, arch=(("autocast", True), *arch))
     load_base_checkpoint(model, checkpoint)
+    set_longitude_wrap(model, wrap_longitude)
     model.to(device)
     statics = region_statics(static_file, leads[1], static_names(arch))
     v15 = {steps: samples.for_v15(statics) for steps, samples in leads.items()}
@@ -64,6 +68,7 @@ def study_zero_shot(leads: dict, config, device) -> dict[int, np.ndarray]:
         static_file=resolve_statics(config.model.v15_static),
         arch=config.model.arch_for("v1.5"),
         device=str(device),
+        wrap_longitude=config.data.wrap_longitude,
     )
 
 
