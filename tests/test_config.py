@@ -155,6 +155,20 @@ def test_a_trial_with_rollouts_trains_on_the_whole_region(tmp_path):
     assert tiles == [16, 0]
 
 
+def test_a_base_whose_training_period_is_not_published_is_warned_of_as_unknown(tmp_path):
+    import warnings
+
+    from aurora_sweep.sweep.run import _pretraining_overlap
+
+    config = load_config(_write(tmp_path, BASE.replace('base = "demo"', 'base = "v1.5"', 1)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _pretraining_overlap(config) is None
+    (message,) = [str(w.message) for w in caught]
+    assert "the v1.5 base's training period is not published" in message
+    assert "is unknown" in message
+
+
 def test_broken_toml_is_one_clear_error(tmp_path):
     with pytest.raises(AuroraSweepError, match="not valid TOML"):
         load_config(_write(tmp_path, "[study\nname="))
@@ -207,7 +221,8 @@ def test_a_study_that_names_only_its_data_gets_the_declared_defaults(tmp_path):
         (
             "small-pretrained",
             {"train": "2021-01-01"},
-            "train from 2021-01-01: .*not a test of adapt",
+            "train from 2021-01-01: inside the small-pretrained base's training period "
+            r"\(ERA5 up to 2021\).*not a test of adapt",
         ),
         (
             "small-pretrained",

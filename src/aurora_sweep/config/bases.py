@@ -23,6 +23,7 @@ from a checkpoint written for that width.
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +47,9 @@ class Base:
     #: the base's own hourly precipitation output, which a trial adapts (summed over a step's
     #: hours); None: the base has none, and a trial adds tp as a new variable
     own_precipitation: str | None = None
+    #: the first day after the data it was trained on (a split before it scores data the base
+    #: has learnt); None: not published
+    training_ends: dt.date | None = dt.date(2022, 1, 1)
 
 
 BASES: dict[str, Base] = {
@@ -74,6 +78,8 @@ BASES: dict[str, Base] = {
         "v1.5", "AuroraV1p5", "aurora-0.25-v1.5.ckpt", "a96afd7ee6d65e3bd2d476f3be798a25a56f2296",
         summary="Aurora 1.5, 1.3 B parameters, 26 surface variables with hourly precipitation",
         own_precipitation="scaled_tp_1h",
+        # microsoft/aurora's docs say it was fine-tuned on IFS analyses, not over which years
+        training_ends=None,
     ),
 }  # fmt: skip
 

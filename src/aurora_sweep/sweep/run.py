@@ -26,6 +26,7 @@ from typing import Any
 import optuna
 from rich.console import Console
 
+from aurora_sweep.config.bases import BASES
 from aurora_sweep.config.study import MIB, StudyConfig
 from aurora_sweep.devices import plan_devices
 from aurora_sweep.sweep.finalists import is_replica, replicas_to_run
@@ -42,9 +43,6 @@ from aurora_sweep.sweep.storage import (
     storage_label,
 )
 from aurora_sweep.sweep.worker import TrialWorker, WorkerSpec
-
-AURORA_PRETRAINING_END = dt.date(2022, 1, 1)
-
 
 UI = "http://127.0.0.1:5000"
 
@@ -175,42 +173,61 @@ def _finished_here(study: optuna.Study, known: set[int]) -> int:
     )
 
 
-def _pretraining_overlap(config: StudyConfig) -> bool:
-    """Whether a split lies inside Aurora's pretraining (said as a warning).
+def _pretraining_overlap(config: StudyConfig) -> bool | None:
+    """Whether a split lies inside the training period of a base the study adapts (said as a
+    warning, by base); None where a base's period is not published (said too).
 
     A train period there adapts the model to data it has seen; a validation or test period
     there is worse: the recipe is chosen, or its skill reported, on data the base has learnt.
     """
-    if all(b == "demo" for b in config.bases):
-        return False  # the demo base was pretrained on the demo world before 2022, on purpose
     d = config.data
     splits = {"train": d.train, "validation": d.validation, "test": d.test}
-    inside = [name for name, p in splits.items() if p.start < AURORA_PRETRAINING_END]
-    if inside:
-        days = ", ".join(f"{name} from {splits[name].start}" for name in inside)
-        scored = [n for n in inside if n != "train"]
-        why = (
-            f"the {' and '.join(scored)} scores are of data the base has learnt"
-            if scored
-            else "skill there is not a test of adaptation"
-        )
-        warnings.warn(
-            f"{days}: inside Aurora's pretraining period (ERA5 up to 2021), so {why}; "
-            "use periods from 2022 on ([data] train, validation, test)",
-            stacklevel=3,
-        )
-    return bool(inside)
+    found: list[bool | None] = []
+    for base in config.bases:
+        if base == "demo":
+            continue  # the demo base was pretrained on the demo world before 2022, on purpose
+        end = BASES[base].training_ends
+        if end is None:
+            warnings.warn(
+                f"the {base} base's training period is not published (microsoft/aurora's docs "
+                "say it was fine-tuned on IFS analyses, not over which years): whether [data] "
+                "train, validation and test lie inside it is unknown",
+                stacklevel=3,
+            )
+            found.append(None)
+            continue
+        inside = [name for name, p in splits.items() if p.start < end]
+        if inside:
+            warnings.warn(_overlap_words(base, end, inside, splits), stacklevel=3)
+        found.append(bool(inside))
+    return True if True in found else (None if None in found else False)
+
+
+def _overlap_words(base: str, end: dt.date, inside: list[str], splits: dict) -> str:
+    days = ", ".join(f"{name} from {splits[name].start}" for name in inside)
+    scored = [n for n in inside if n != "train"]
+    why = (
+        f"the {' and '.join(scored)} scores are of data the base has learnt"
+        if scored
+        else "skill there is not a test of adaptation"
+    )
+    era = f"up to {end.year - 1}" if (end.month, end.day) == (1, 1) else f"before {end}"
+    start = f"{end.year}" if (end.month, end.day) == (1, 1) else f"{end}"
+    return (
+        f"{days}: inside the {base} base's training period (ERA5 {era}), so {why}; use periods "
+        f"from {start} on ([data] train, validation, test)"
+    )
 
 
 def _parent_tags(
-    config: StudyConfig, *, overlap: bool, device: str, lon_shift: float
+    config: StudyConfig, *, overlap: bool | None, device: str, lon_shift: float
 ) -> dict[str, str]:
     """The tags of the parent MLflow run of one `run`."""
     cap = config.gpu_memory_cap
     return {
         "optuna.study": config.name,
         "optuna.storage": storage_label(config.storage),
-        "aurora_sweep.pretraining_overlap": str(overlap).lower(),
+        "aurora_sweep.pretraining_overlap": "unknown" if overlap is None else str(overlap).lower(),
         "device": device,
         "gpu_memory_cap_mb": str(cap / MIB if cap else None),
         # a box crossing 0° is shifted east for Aurora (its longitudes must lie in [0, 360))
