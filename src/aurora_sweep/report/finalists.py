@@ -9,12 +9,13 @@ nearest the winner's mean: a typical draw of the recipe, not its luckiest.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import optuna
 
 from aurora_sweep.config.study import StudyConfig
+from aurora_sweep.report.best import scored
 from aurora_sweep.sweep.finalists import finalists, seeds_of
 from aurora_sweep.sweep.records import TrialRecord, score
 from aurora_sweep.verify.bootstrap import decode_terms, over_seeds
@@ -28,6 +29,8 @@ class Finalist:
     values: list[float]
     mean: float
     interval: tuple[float, float] | None
+    #: each seed's per-sample objective terms and their days (`_terms`); None: not comparable
+    terms: tuple[list, np.ndarray] | None = field(default=None, repr=False)
 
     @property
     def number(self) -> int:
@@ -46,7 +49,7 @@ class Finalist:
 
 def ranked_finalists(config: StudyConfig, trials: list) -> list[Finalist]:
     """The study's finalists with at least two seeds done, best mean first."""
-    objective = config.objective.at(config.lead_steps)
+    objective = scored(config)
     out = []
     for finalist in finalists(config, trials):
         seeds = seeds_of(finalist, trials)
@@ -57,7 +60,7 @@ def ranked_finalists(config: StudyConfig, trials: list) -> list[Finalist]:
         ci = None
         if terms is not None:
             ci = tuple(over_seeds(objective, terms[0], terms[1])[1:])
-        out.append(Finalist(seeds, values, float(np.mean(values)), ci))
+        out.append(Finalist(seeds, values, float(np.mean(values)), ci, terms))
     return sorted(out, key=lambda f: (f.mean, f.number))
 
 
@@ -77,13 +80,12 @@ def runner_up_difference(config: StudyConfig, ranked: list[Finalist]):
     """The winner's mean minus the runner-up's, with its 90 % interval over days and seeds."""
     if len(ranked) < 2:
         return None
-    first, second = _terms(ranked[0].trials), _terms(ranked[1].trials)
+    first, second = ranked[0].terms, ranked[1].terms
     if first is None or second is None or len(first[1]) != len(second[1]):
         return None
     if not (first[1] == second[1]).all():
         return None
-    objective = config.objective.at(config.lead_steps)
-    return over_seeds(objective, first[0], first[1], second[0])
+    return over_seeds(scored(config), first[0], first[1], second[0])
 
 
 def finalist_lines(config: StudyConfig, trials: list, recipe) -> list[str]:

@@ -48,14 +48,24 @@ def replica_seeds(config: StudyConfig) -> list[int]:
     return [config.train.seed + k for k in range(1, config.seeds)]
 
 
+def wanted_replicas(config: StudyConfig, trials: list) -> list[tuple]:
+    """Every replica the finalists have: (finalist's trial, seed), best finalist first."""
+    return [(t, seed) for t in finalists(config, trials) for seed in replica_seeds(config)]
+
+
+def _replicas_in(trials: list, states) -> set[tuple[int, int]]:
+    """The (finalist, seed) of the replicas among `trials` in one of `states`."""
+    records = (TrialRecord.of(t) for t in trials if t.state in states)
+    return {(r.replica_of, r.seed) for r in records if r.replica_of is not None}
+
+
 def enqueue_replicas(study: optuna.Study, config: StudyConfig) -> int:
     """Enqueue every replica of the finalists that is not in the study yet (waiting, running or
     finished; a failed one is enqueued again), and return how many replicas the finalists have
     in all: the total the finalist phase of `run` runs to."""
     trials = study.get_trials(deepcopy=False)
-    records = [TrialRecord.of(t) for t in trials if t.state != optuna.trial.TrialState.FAIL]
-    present = {(r.replica_of, r.seed) for r in records if r.replica_of is not None}
-    wanted = [(t, seed) for t in finalists(config, trials) for seed in replica_seeds(config)]
+    present = _replicas_in(trials, set(optuna.trial.TrialState) - {optuna.trial.TrialState.FAIL})
+    wanted = wanted_replicas(config, trials)
     for finalist, seed in wanted:
         if (finalist.number, seed) in present:
             continue
@@ -84,10 +94,5 @@ def seeds_of(finalist: optuna.trial.FrozenTrial, trials: list[optuna.trial.Froze
 def replicas_to_run(study: optuna.Study, config: StudyConfig) -> int:
     """How many of the finalists' replicas the study does not hold finished yet."""
     trials = study.get_trials(deepcopy=False)
-    wanted = {(t.number, s) for t in finalists(config, trials) for s in replica_seeds(config)}
-    done = {
-        (r.replica_of, r.seed)
-        for t in trials
-        if t.state in FINISHED and (r := TrialRecord.of(t)).replica_of is not None
-    }
-    return len(wanted - done)
+    wanted = {(t.number, seed) for t, seed in wanted_replicas(config, trials)}
+    return len(wanted - _replicas_in(trials, FINISHED))

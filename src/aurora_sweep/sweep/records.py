@@ -220,8 +220,8 @@ def completed(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.Froze
         for t in trials
         if t.state == optuna.trial.TrialState.COMPLETE
         and t.values
-        and TrialRecord.of(t).memory_over_cap_mb <= 0
-        and TrialRecord.of(t).replica_of is None
+        and (record := TrialRecord.of(t)).memory_over_cap_mb <= 0
+        and record.replica_of is None
     ]
     return sorted(done, key=score)
 
