@@ -327,7 +327,7 @@ def test_a_study_with_the_aurora15_baseline_scores_it_and_best_shows_it(
     trial = open_study(config, create=False).trials[0]
     scores = TrialRecord.of(trial).scores
     for name in ("tp_seeps_aurora15", "tp_skill_aurora15", "tp_seeps_aurora15_24h",
-                 "tp_skill_aurora15_q05"):  # fmt: skip
+                 "tp_skill_aurora15_q05", "tp_seeps_aurora15_interior_24h"):  # fmt: skip
         assert np.isfinite(scores[name]), name
     assert scores["tp_skill_aurora15_q05"] <= scores["tp_skill_aurora15"]
     assert scores["tp_skill_aurora15"] <= scores["tp_skill_aurora15_q95"]
@@ -342,6 +342,9 @@ def test_a_study_with_the_aurora15_baseline_scores_it_and_best_shows_it(
     one = data.leads[4]
     again = lead_scores(data, one, one.persistence(np.arange(len(one))), bootstrap=0)
     assert again["tp_seeps_aurora15"] == pytest.approx(scores["tp_seeps_aurora15_24h"])
+    assert again["tp_seeps_aurora15_interior"] == pytest.approx(
+        scores["tp_seeps_aurora15_interior_24h"]
+    )
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, ["best", "--config", str(path)])
     assert result.exit_code == 0, result.output

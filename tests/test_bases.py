@@ -114,6 +114,7 @@ STUDY = """
 [study]
 name = "bases"
 finalists = 1
+edge_margin = 2.0  # 8 points of 0.25° in from each side: a 16x16 interior
 reference = false
 baselines = ["persistence", "climatology", "aurora-1.5"]
 

@@ -127,6 +127,26 @@ def test_a_box_too_small_for_the_backbone_is_refused_before_any_trial(tmp_path):
     check_search(load_config(_write(tmp_path, small.replace("north = 41.0", "north = 42.0"))))
 
 
+def test_a_box_too_small_for_its_edge_margin_is_refused_before_any_trial(tmp_path):
+    from aurora_sweep.sweep.space import check_search
+
+    # the demo's box is scored on 32x48 points at 1°: 16 points in from each side leave no row
+    margin = BASE.replace("seed = 0\n# a new", "seed = 0\nedge_margin = 16\n# a new")
+    with pytest.raises(AuroraSweepError, match=r"edge_margin = 16°: the box is scored on 32x48"):
+        check_search(load_config(_write(tmp_path, margin)))
+    config = load_config(_write(tmp_path, margin.replace("edge_margin = 16", "edge_margin = 15")))
+    check_search(config)
+    assert config.edge_margin == 15.0
+    assert load_config(_write(tmp_path, BASE)).edge_margin == 5.0  # the default
+    # an objective of the interior needs an interior; a negative margin is refused
+    inner = margin.replace('objective = "tp_seeps"', 'objective = "tp_rmse_interior"')
+    assert load_config(_write(tmp_path, inner)).objective.interior
+    with pytest.raises(AuroraSweepError, match="scores the box's interior, but .*edge_margin = 0"):
+        load_config(_write(tmp_path, inner.replace("edge_margin = 16", "edge_margin = 0")))
+    with pytest.raises(AuroraSweepError, match=r"\[study\] edge_margin must be at least 0"):
+        load_config(_write(tmp_path, margin.replace("edge_margin = 16", "edge_margin = -1")))
+
+
 def test_a_tile_the_size_of_the_box_and_tiles_no_trial_can_use_are_refused(tmp_path):
     from aurora_sweep.sweep.space import check_search
 

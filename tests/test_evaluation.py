@@ -78,6 +78,17 @@ def test_the_pruners_value_is_the_completed_trials_objective_on_a_subset(prepare
     idx = np.arange(len(data.validation))
     metrics, result = verify(model, data, batch_size=16, device=CPU, bootstrap=0)
     assert subset_objective(result.values, data, idx) == pytest.approx(metrics[data.objective.name])
+    # an objective of the interior: the pruner's value and the paired terms are the interior's
+    import dataclasses
+
+    assert data.interior is not None  # the tiny study's default edge margin
+    inner = dataclasses.replace(data, objective=data.objective.on(True), baseline_scores={})
+    metrics, result = verify(model, inner, batch_size=16, device=CPU, bootstrap=0)
+    value = metrics["tp_seeps_interior"]
+    assert subset_objective(result.values, inner, idx) == pytest.approx(value)
+    assert value != pytest.approx(metrics["tp_seeps"])
+    num, den = result.objective_terms
+    assert np.nansum(num) / np.nansum(den) == pytest.approx(value)
 
 
 def test_the_base_model_is_scored_in_the_trials_precision(prepared, tiny_config):
@@ -136,6 +147,17 @@ def test_an_objective_the_data_cannot_define_is_refused_before_any_trial(prepare
     with pytest.raises(AuroraSweepError, match='tp_seeps is undefined.*"tp_rmse"'):
         check_objective_defined(dry)
     check_objective_defined(dataclasses.replace(dry, objective=Objective.parse("tp_rmse")))
+    # dry only at the edge zone's points: the whole box's objective is defined, the interior's
+    # not (every interior point is always dry)
+    p_dry = data.seeps.p_dry.copy()
+    p_dry[..., data.interior[0], data.interior[1]] = 1.0
+    edges_wet = SeepsClimate(p_dry=p_dry, light_heavy=data.seeps.light_heavy)
+    interior_dry = dataclasses.replace(data, seeps=edges_wet, lead_seeps={1: edges_wet})
+    check_objective_defined(interior_dry)
+    with pytest.raises(AuroraSweepError, match="at every grid point of the interior"):
+        check_objective_defined(
+            dataclasses.replace(interior_dry, objective=Objective.parse("tp_seeps_interior"))
+        )
 
 
 def test_scores_exist_at_every_lead_and_24h_seeps_uses_its_own_dry_threshold(prepared):

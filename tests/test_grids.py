@@ -80,6 +80,7 @@ SMALL_STUDY = """
 [study]
 name = "small-025"
 finalists = 1
+edge_margin = 2.0  # 8 points of 0.25° in from each side: a 16x16 interior
 reference = false  # one LoRA trial: the reference full fine-tune is not what this tests
 
 [data]

@@ -595,3 +595,81 @@ def test_a_land_only_target_is_scored_on_land_whatever_the_sea_holds():
                             months=np.ones(20, int), hours=np.zeros(20, int), seeps=None,
                             land=land)  # fmt: skip
     assert value == pytest.approx(s["ro_rmse"])
+
+
+def _rain_box(n: int = 40, shape=(16, 20), seed: int = 3) -> dict:
+    """Rain on a box whose forecast is good inside and poor near its edges (a regional model's
+    edge zone), with a SEEPS climate that defines the score everywhere."""
+    rng = np.random.default_rng(seed)
+    observed = rng.gamma(0.4, 3.0, (n, *shape))
+    noise = np.full(shape, 4.0)
+    noise[3:-3, 3:-3] = 0.2
+    forecast = np.maximum(observed + rng.normal(0.0, 1.0, observed.shape) * noise, 0.0)
+    climate = _climate(np.full(shape, 0.5), np.full(shape, 2.0))
+    return {"forecast": forecast, "observed": observed, "seeps": climate}
+
+
+def test_interior_scores_are_every_score_on_the_interior_points_alone():
+    """With an interior window, each score of the model and of each baseline is the score of
+    the same arrays cut to the window, named `_interior`; the whole box's are unchanged."""
+    data = _rain_box()
+    window = (slice(3, 13), slice(3, 17))
+    lat = np.linspace(62.0, 47.0, 16)
+    persistence = np.roll(data["observed"], 1, axis=0)
+    climatology = np.broadcast_to(data["observed"].mean(axis=0), data["observed"].shape)
+    kw = dict(lat=lat, persistence=persistence, objective="tp_seeps", bootstrap=50)
+    kw |= dict(climatology=climatology)
+    both = _scores(**data, interior=window, **kw)
+    whole = _scores(**data, **kw)
+    inside = _scores(
+        data["forecast"][:, 3:13, 3:17],
+        data["observed"][:, 3:13, 3:17],
+        seeps=_climate(np.full((10, 14), 0.5), np.full((10, 14), 2.0)),
+        lat=lat[3:13],
+        persistence=persistence[:, 3:13, 3:17],
+        climatology=climatology[:, 3:13, 3:17],
+        **{k: v for k, v in kw.items() if k not in ("lat", "persistence", "climatology")},
+    )
+    assert {k: v for k, v in both.items() if not k.endswith("_interior")} == (
+        pytest.approx(whole, nan_ok=True)
+    )
+    assert {k.removesuffix("_interior"): v for k, v in both.items() if k.endswith("_interior")} == (
+        pytest.approx(inside, nan_ok=True)
+    )
+    # the names the objective gives for the interior are there
+    interior = Objective.parse("tp_seeps_interior")
+    for name in (interior.name, interior.of("persistence"), interior.skill("climatology"),
+                 interior.of("q05"), interior.skill("persistence", "q95")):  # fmt: skip
+        assert name in both
+    # the edge zone's poor forecast shows: the interior scores better than the whole box
+    assert both["tp_seeps_interior"] < both["tp_seeps"] - 0.05
+    assert both["tp_rmse_interior"] < 0.5 * both["tp_rmse"]
+
+
+def test_the_objective_terms_come_from_the_objectives_region():
+    data = _rain_box()
+    window = (slice(4, 12), slice(4, 16))
+    terms, inner = {}, {}
+    _scores(**data, interior=window, objective="tp_rmse", terms_out=terms)
+    _scores(**data, interior=window, objective="tp_rmse_interior", terms_out=inner)
+    cut = _scores(data["forecast"][:, 4:12, 4:16], data["observed"][:, 4:12, 4:16],
+                  seeps=False, lat=_lat(16)[4:12], objective="tp_rmse")  # fmt: skip
+    assert np.sqrt(terms["num"].mean()) == pytest.approx(
+        _scores(**data, objective="tp_rmse")["tp_rmse"]
+    )
+    assert np.sqrt(inner["num"].mean()) == pytest.approx(cut["tp_rmse"])
+    assert not np.allclose(terms["num"], inner["num"])
+
+
+def test_baselines_scored_once_are_kept_apart_for_the_whole_box_and_the_interior():
+    data = _rain_box()
+    window = (slice(4, 12), slice(4, 16))
+    references: dict = {}
+    first = _scores(**data, interior=window, references=references, persistence=data["forecast"])
+    assert {"_persistence", "_persistence_interior", "_climatology_interior"} <= set(references)
+    # a second trial reads the baselines back: the same numbers, whatever it forecasts
+    again = _scores(data["observed"], data["observed"], seeps=data["seeps"], interior=window,
+                    references=references)  # fmt: skip
+    for name in ("tp_rmse_persistence", "tp_rmse_persistence_interior"):
+        assert again[name] == first[name]
+    assert first["tp_rmse_persistence"] != first["tp_rmse_persistence_interior"]

@@ -118,7 +118,7 @@ def test_write_report_writes_utf8(tmp_path):
 
 
 def test_a_forgetting_row_worse_at_a_later_lead_only_is_highlighted_and_leads_get_a_table():
-    from aurora_sweep.report.html import forgetting_rows, lead_rows
+    from aurora_sweep.report.tables import forgetting_rows, lead_rows
 
     scores = {"forget_10v_ratio": 1.02, "forget_10v_ratio_24h": 1.4, "forget_2t_ratio": 0.9}
     rows = forgetting_rows(scores, {"10v": 4.0, "2t": 1.0})
@@ -136,7 +136,7 @@ def test_a_forgetting_row_worse_at_a_later_lead_only_is_highlighted_and_leads_ge
 
 
 def test_the_zero_shot_aurora15_baseline_has_its_columns_where_the_study_scored_it():
-    from aurora_sweep.report.html import lead_rows, report_rows
+    from aurora_sweep.report.tables import lead_rows, report_rows
 
     scores = {"tp_seeps": 0.3, "tp_seeps_q05": 0.28, "tp_seeps_q95": 0.32,
               "tp_seeps_persistence": 0.5, "tp_seeps_climatology": 0.9,
@@ -151,3 +151,37 @@ def test_the_zero_shot_aurora15_baseline_has_its_columns_where_the_study_scored_
     page = render_report(**report_args(leads=lead_rows(scores, SEEPS)))
     leads = table(page, "leads")
     assert "<th>Aurora 1.5</th>" in leads and "<td>0.4000</td>" in leads and "+0.250" in leads
+
+
+def test_each_lead_has_a_row_for_the_whole_box_and_one_for_its_interior():
+    from aurora_sweep.report.tables import lead_rows
+
+    scores = {"forget_2t_ratio": 1.01, "forget_2t_ratio_24h": 1.03}
+    for region, value in (("", 0.30), ("_interior", 0.25)):
+        for sfx in ("", "_24h"):
+            scores |= {f"tp_seeps{region}{sfx}": value + len(sfx) / 100,
+                       f"tp_seeps_persistence{region}{sfx}": 0.5,
+                       f"tp_seeps_climatology{region}{sfx}": 0.9,
+                       f"tp_skill_persistence{region}{sfx}": 0.4,
+                       f"tp_skill_climatology{region}{sfx}": 0.7}  # fmt: skip
+    rows = lead_rows(scores, SEEPS)
+    assert [(r["lead"], r["region"]) for r in rows] == [
+        ("6h", "whole box"), ("6h", "interior"), ("24h", "whole box"), ("24h", "interior")
+    ]  # fmt: skip
+    assert [r["objective"] for r in rows] == ["0.3000", "0.2500", "0.3400", "0.2900"]
+    # the forgetting ratios are the whole box's: not repeated on the interior's rows
+    assert rows[2]["worst forgetting"] == "2t ×1.03" and rows[3]["worst forgetting"] == ""
+    page = render_report(**report_args(leads=rows))
+    assert "<th>region</th>" in table(page, "leads") and "edge_margin" in page
+    # a study without an edge margin: no region column
+    whole = {k: v for k, v in scores.items() if "_interior" not in k}
+    assert "<th>region</th>" not in table(
+        render_report(**report_args(leads=lead_rows(whole, SEEPS))), "leads"
+    )
+
+
+def test_the_finalists_are_shown_when_the_study_had_them():
+    lines = ["finalists, each trained with 3 seeds (tp_seeps: ...):", "  1. trial 24: 0.2048 <x>"]
+    page = render_report(**report_args(finalists=lines))
+    assert "The study's finalists" in page and "1. trial 24: 0.2048 &lt;x&gt;" in page
+    assert "finalists" not in render_report(**report_args()).lower()

@@ -27,6 +27,10 @@ METRICS = {
     "val_loss_tp", "val_loss_2t", "val_loss_z",
     "tp_seeps_12h", "tp_seeps_24h", "tp_rmse_persistence_24h", "tp_skill_climatology_24h",
     "forget_10v_ratio_24h", "forget_worst_ratio_24h",
+    # on the box's interior (the default edge margin), for the model and the baselines
+    "tp_seeps_interior", "tp_seeps_persistence_interior", "tp_skill_climatology_interior",
+    "tp_seeps_q05_interior", "tp_rmse_interior_12h", "tp_seeps_climatology_interior_24h",
+    "tp_skill_persistence_interior_24h", "tp_fss_1_w5_interior",
 }  # fmt: skip
 PARAMS = {"lora_rank", "lora_targets", "unfrozen_blocks", "batch_size", "precision"}
 

@@ -178,9 +178,14 @@ def test_a_metric_names_its_target_even_one_with_an_underscore():
     assert rain.at(1).of("q05") == "rain_rate_rmse_q05" and rain.skill("persistence", "q95") == (
         "rain_rate_skill_persistence_q95_24h"
     )
+    inner = Objective.parse("rain_rate_rmse_interior_24h")
+    assert (inner.target, inner.score, inner.lead, inner.interior) == ("rain_rate", "rmse", 4, True)
+    assert inner.name == "rain_rate_rmse_interior_24h" and inner.on(False) == rain
+    assert inner.of("persistence") == "rain_rate_rmse_persistence_interior_24h"
+    assert inner.skill("climatology", "q05") == "rain_rate_skill_climatology_q05_interior_24h"
     with pytest.raises(ValueError, match="names no target"):
         of_metric("peak_memory_mb")
-    for wrong in ("peak_memory_mb", "tp_crps", "tp_seeps_36h", "seeps"):
+    for wrong in ("peak_memory_mb", "tp_crps", "tp_seeps_36h", "seeps", "tp_interior_seeps"):
         with pytest.raises(ValueError, match="names no target's objective"):
             Objective.parse(wrong)
 

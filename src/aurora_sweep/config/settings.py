@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import datetime as dt
 import difflib
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aurora_sweep.config.objective import Objective
+from aurora_sweep.config.objective import INTERIOR, Objective
 from aurora_sweep.config.recipe import (
     AURORA_LEVELS,
     BASE_MODELS,
@@ -146,6 +147,27 @@ def check_region_size(region: Region, grid: float) -> None:
         )
 
 
+#: (latitude, longitude) slices of a forecast grid: the box's interior
+Window = tuple[slice, slice]
+
+
+def interior_window(shape: tuple[int, int], grid: float, margin: float) -> Window | None:
+    """The interior of a forecast grid of `shape` (rows, columns) at `grid` degrees: the points
+    at least `margin` degrees in from every side (the edge zone a regional model is fed nothing
+    through left out); None for a margin of 0. A margin that leaves no point is refused."""
+    if margin <= 0:
+        return None
+    k = math.ceil(margin / grid - 1e-9)  # grid points left out on each side
+    rows, cols = shape
+    if 2 * k >= rows or 2 * k >= cols:
+        raise AuroraSweepError(
+            f"[study] edge_margin = {margin:g}°: the box is scored on {rows}x{cols} points at "
+            f"{grid:g}°, so {k} points in from each side leave no interior; give a smaller "
+            "edge_margin (0: no interior scores) or a larger box"
+        )
+    return slice(k, rows - k), slice(k, cols - k)
+
+
 def nearest(name: str, known: Sequence[str]) -> str:
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
     return f"did you mean {close[0]}?" if close else f"known: {', '.join(known)}"
@@ -261,7 +283,8 @@ def study_objectives(study: dict, target: str) -> tuple[Objective, tuple[str, ..
     and every objective's name (Optuna's)."""
     from aurora_sweep.config.targets import TARGETS
 
-    allowed = TARGETS[target].objectives
+    natural = TARGETS[target].objectives
+    allowed = (*natural, *(name + INTERIOR for name in natural))
     listed = study.get("objectives")
     if listed is None:
         objective = study.get("objective", allowed[0])

@@ -166,6 +166,10 @@ class StudyConfig:
     seeds: int = 3
     #: The lead the objective is scored at, in model steps of 6 h (1: 6 h, 2: 12 h, 4: 24 h).
     lead_steps: int = 1
+    #: Degrees in from each side of the box left out of the interior scores (`_interior`): a
+    #: regional model receives nothing through its edges, so its skill decays inward from them
+    #: with lead time (about 4° a 6-hour step, `training-and-verification` review); 0: none.
+    edge_margin: float = 5.0
     #: How a trial's peak is predicted (`memory.estimate_peak`): "traced" runs its step on
     #: fake tensors, "fitted" adds up coefficients; "auto" traces where a cap decides what runs.
     memory_estimate: str = "auto"

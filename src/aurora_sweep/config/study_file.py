@@ -99,7 +99,7 @@ def load_config(path: str | Path | None = None, *, workdir: Path | None = None) 
 SCHEMA: dict[str, tuple[str, ...]] = {
     "study": ("name", "objective", "objectives", "storage", "tracking_uri", "heartbeat_seconds",
               "seed", "reference", "max_forgetting", "max_failures", "lead", "baselines",
-              "finalists", "seeds"),
+              "finalists", "seeds", "edge_margin"),
     "data": ("source", "store", "region", "levels", "grid", "period", "train", "validation",
              "test"),
     "model": (*(f.name for f in fields(ModelConfig)), "target"),
@@ -176,6 +176,12 @@ def _build(raw: dict, path: Path, workdir: Path) -> StudyConfig:
     v15_inputs = uses_v15 or "aurora-1.5" in settings["baselines"]
     data = dataclasses.replace(data, v15_inputs=v15_inputs, target=target)
     objective, objectives = study_objectives(study, target)
+    if objective.interior and not settings["edge_margin"]:
+        raise AuroraSweepError(
+            f"[study] objective {objective.name!r} scores the box's interior, but [study] "
+            "edge_margin = 0 leaves no edge zone out: give edge_margin in degrees (e.g. 5), or "
+            f"the objective {objective.on(False).name!r}"
+        )
     search = dataclasses.replace(
         search, levels=level_choices(raw.get("search", {}).get("levels"), data.levels)
     )
@@ -213,6 +219,7 @@ def _study_settings(study: dict) -> dict[str, Any]:
         max_failures=as_whole(given("max_failures"), "[study] max_failures", minimum=1),
         finalists=as_whole(given("finalists"), "[study] finalists", minimum=1),
         seeds=as_whole(given("seeds"), "[study] seeds", minimum=1),
+        edge_margin=as_number(given("edge_margin"), "[study] edge_margin", minimum=0.0),
         lead_steps=parse_lead(
             study.get("lead", LEADS[default_of(StudyConfig, "lead_steps")]), "[study] lead"
         ),

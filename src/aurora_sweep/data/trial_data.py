@@ -13,6 +13,7 @@ import numpy as np
 from aurora_sweep.config.bases import reads_v15_inputs
 from aurora_sweep.config.objective import Objective
 from aurora_sweep.config.recipe import LEADS, BaseKey
+from aurora_sweep.config.settings import Window, interior_window
 from aurora_sweep.config.study import Period, StudyConfig
 from aurora_sweep.config.targets import TARGETS
 from aurora_sweep.data.climates import (
@@ -22,7 +23,13 @@ from aurora_sweep.data.climates import (
     complete_train,
     seeps_climate,
 )
-from aurora_sweep.data.samples import Samples, TargetStats, fits_in_memory, in_period, target_stats
+from aurora_sweep.data.samples import (
+    Samples,
+    TargetStats,
+    fits_in_memory,
+    in_period,
+    target_stats,
+)
 from aurora_sweep.errors import AuroraSweepError
 
 #: The start times (UTC) the 12- and 24-hour scores are made from: WeatherBench 2 scores its
@@ -52,6 +59,8 @@ class TrialData:
     lead_seeps: dict[int, SeepsClimate | None] = field(default_factory=dict)
     #: the lead the objective is scored at (model steps)
     objective_steps: int = 1
+    #: the forecast grid's interior, every score made on it too (`_interior`); None: none
+    interior: Window | None = None
     #: training samples by rollout length, made when a trial first asks
     _train_by_steps: dict[int, Samples] = field(default_factory=dict, repr=False)
     #: the baselines' scores at each lead, computed with the first trial's (`metrics.scores`)
@@ -161,6 +170,7 @@ class TrialData:
                 "objective at: use a shorter [study] lead, or a split with runs of consecutive days"
             )
         lead_seeps = {k: train_seeps_climate(train_values, period, name, k) for k in leads}
+        interior = interior_window(validation.grid, config.data.grid, config.edge_margin)
         return cls(
             train=train,
             validation=validation,
@@ -171,6 +181,7 @@ class TrialData:
             leads=leads,
             lead_seeps=lead_seeps,
             objective_steps=config.lead_steps,
+            interior=interior,
         )
 
     @property

@@ -139,6 +139,8 @@ class AdapterMeta:
     objective: str
     #: how the trial compares with the study's reference recipes (`export_best`)
     references: tuple[str, ...] = ()
+    #: the study's finalists, ranked by their mean over seeds (`best`'s lines), if it had any
+    finalists: tuple[str, ...] = ()
 
     @classmethod
     def from_dict(cls, meta: dict[str, Any]) -> AdapterMeta:
@@ -152,6 +154,7 @@ class AdapterMeta:
             history=meta.get("history") or {},
             objective=meta.get("objective", TARGETS[stats.target].metric("rmse")),
             references=tuple(meta.get("references") or ()),
+            finalists=tuple(meta.get("finalists") or ()),
         )
 
 
@@ -179,11 +182,15 @@ def read_meta(directory: Path) -> AdapterMeta:
     return AdapterMeta.from_dict(_read_json(directory))
 
 
-def write_references(directory: Path, references: list[str]) -> None:
-    """Record in the adapter's metadata how its trial compares with the study's references."""
+def write_references(
+    directory: Path, references: list[str], finalists: list[str] | tuple[str, ...] = ()
+) -> None:
+    """Record in the adapter's metadata how its trial compares with the study's references,
+    and what the study's finalists were (`report.finalists.finalist_lines`)."""
     path = Path(directory) / META
     meta = _read_json(directory)
     meta["references"] = references
+    meta["finalists"] = list(finalists)
     path.write_text(json.dumps(meta, indent=2, default=str))
 
 
@@ -385,6 +392,8 @@ def write_model_card(directory: Path, *, study: str, number: int, note: str = ""
         )
     if note:
         card += f"\n## Seeds\n\n{note}\n"
+    if meta.finalists:
+        card += "\n## The study's finalists\n\n```\n" + "\n".join(meta.finalists) + "\n```\n"
     if meta.references:
         card += "\n## Against the study's reference recipes (validation split)\n\n" + "".join(
             f"- {line}\n" for line in meta.references

@@ -39,6 +39,8 @@ def export_best(
     """Copy the best trial's adapter (or trial `number`'s, a Pareto front member say) from
     MLflow to `target` and write its model card. `trials`: the study's, when already read."""
     from aurora_sweep.model.adapter import META, write_model_card, write_references
+    from aurora_sweep.report.best import recipe
+    from aurora_sweep.report.finalists import finalist_lines
 
     every = study_trials(config) if trials is None else trials
     best, seeds_note = _trial_to_export(config, every, number)
@@ -53,7 +55,9 @@ def export_best(
     client_for(config)  # says so at once when the tracking server does not answer
     _download_adapter(config, run_id, best.number, target)
     # how the exported trial compares with the study's reference recipes, for the report
-    write_references(target, against_references(config, every))
+    write_references(
+        target, against_references(config, every), finalist_lines(config, every, recipe)
+    )
     write_model_card(target, study=config.name, number=best.number, note=seeds_note)
     return target
 
@@ -280,7 +284,7 @@ def _report_text(evaluation: Evaluation, split: str, scores: dict, fc) -> dict[s
     import datetime as dt
 
     from aurora_sweep.config.bases import target_description
-    from aurora_sweep.report.html import forgetting_rows, lead_rows, report_notes, report_rows
+    from aurora_sweep.report.tables import forgetting_rows, lead_rows, report_notes, report_rows
 
     data, meta, trial = evaluation.data, evaluation.adapter.meta, evaluation.trial
     samples, objective = data.validation, data.objective
@@ -300,6 +304,7 @@ def _report_text(evaluation: Evaluation, split: str, scores: dict, fc) -> dict[s
         "scores": report_rows(scores, objective),
         "forgetting": forgetting_rows(scores, data.base_mse[str(evaluation.reference)]["6h"]),
         "leads": lead_rows(scores, objective),
+        "finalists": meta.finalists,
         "notes": report_notes(
             meta.references,
             len(samples),
@@ -318,7 +323,7 @@ def _report_figures(
     the series at grid point `ij` (row, column) when one is asked for."""
     from aurora_sweep.data.climates import climatology_forecast
     from aurora_sweep.verify import plots as fg
-    from aurora_sweep.verify.scoring import case_maps_png
+    from aurora_sweep.verify.figures import case_maps_png
 
     samples = data.validation
     times = samples.target_times()[fc.indices]

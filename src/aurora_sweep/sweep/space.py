@@ -13,7 +13,13 @@ from typing import Any
 import optuna
 
 from aurora_sweep.config.recipe import FULL_LR, FULL_NEW_VARIABLE_LR, LORA_METHODS, TrialConfig
-from aurora_sweep.config.settings import check_region_size, levels_text, region_shape, text_levels
+from aurora_sweep.config.settings import (
+    check_region_size,
+    interior_window,
+    levels_text,
+    region_shape,
+    text_levels,
+)
 from aurora_sweep.config.study import StudyConfig
 from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.sweep.records import TrialRecord, attrs
@@ -205,10 +211,13 @@ def _enqueue_reference_recipes(study: optuna.Study, config: StudyConfig) -> list
 
 def check_search(config: StudyConfig) -> None:
     """Refuse, before anything is recorded, a search the base model cannot run."""
+    from aurora_sweep.data.samples import patch_crop
     from aurora_sweep.memory.meta_model import meta_base
     from aurora_sweep.model.build import backbone_blocks
 
     check_region_size(config.data.region, config.data.grid)
+    grid = config.data.grid
+    interior_window(patch_crop(*region_shape(config.data.region, grid)), grid, config.edge_margin)
     check_tiles(config)
     s = config.search
     asks = []

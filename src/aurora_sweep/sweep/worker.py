@@ -450,7 +450,7 @@ class _Session:
         """Save a finished trial's adapter and figures beside it; its outcome."""
         from aurora_sweep.model.adapter import save_adapter
         from aurora_sweep.verify.bootstrap import encode_terms
-        from aurora_sweep.verify.scoring import trial_figures
+        from aurora_sweep.verify.figures import trial_figures
 
         config = self.config
         save_adapter(

@@ -23,30 +23,8 @@ The scores, for a forecast f against observations o (`w` = cos(latitude), from s
   error and mean error f - o (scores' `mse`, `mae`, `additive_bias`, per sample, then averaged:
   every kept sample has the same total weight, so that average is the pooled weighted mean).
 - `tp_seeps`: the Stable Equitable Error in Probability Space (Rodwell et al. 2010) as WeatherBench 2
-  uses it for 6-hour totals, via `scores.categorical.seeps`. Each value falls in a category: dry
-  (<= `DRY_MM` = 0.1 mm; scores' default of 0.2 mm is for other accumulations), light (> 0.1 mm and
-  <= the point's light/heavy threshold), heavy (> that threshold). With p1 the point's climatological
-  dry fraction and p3 = (1 - p1)/3 its heavy fraction, the error for forecast category (row) and
-  observed category (column) is
-
-      1/2 * [[0,                    1/(1-p1),   1/p3 + 1/(1-p1)],
-             [1/p1,                 0,          1/p3           ],
-             [1/p1 + 1/(1-p3),      1/(1-p3),   0              ]]
-
-  p1 and the threshold (the 2/3 quantile of wet totals) come from `SeepsClimate`, per grid point,
-  calendar month and hour slot (valid hour // 6: 00, 06, 12, 18 UTC) of the target time, from the
-  train split's 6-hour totals: 6-h totals have a diurnal cycle (afternoon convection) that a climate
-  pooling the four valid times of a month would erase. A (month, hour) cell with fewer than
-  `MIN_SEEPS_SAMPLES` totals widens to the month before, the month and the month after at the same
-  hour (December and January wrap), and if that is still too few, to the month with all hours
-  pooled (`seeps_climate`). Points whose p1 lies outside [0.1, 0.85] (scores keeps both ends) or
-  have no climate are masked; the score is the latitude-weighted mean over the remaining points of
-  all samples (0 perfect, about 1 for a climatological forecast; lower is better).
-  How this differs from WeatherBench 2: WB2 takes its climate from ERA5 1990-2019, the wet
-  threshold per day of year (a 61-day window) and hour, and p1 as the annual mean per grid point,
-  and averages SEEPS over space per time and then over time. Here the climate comes from the
-  study's own train split, p1 and the threshold both per month and hour, and the score is one
-  latitude-weighted mean pooled over all samples and points.
+  uses it for 6-hour totals, via `scores.categorical.seeps`: `seeps` defines it and says how it
+  differs from WeatherBench 2's.
 - `tp_csi_{t}`, `tp_ets_{t}`, `tp_fbias_{t}`: critical success index hits/(hits+misses+false
   alarms), equitable threat score (hits corrected for random hits) and frequency bias (forecast
   events / observed events) for the event "tp >= t mm", t in `Target.thresholds`. `>=` is
@@ -71,6 +49,10 @@ The scores, for a forecast f against observations o (`w` = cos(latitude), from s
 
 Comparing trials: see `bootstrap`.
 
+The box's interior: with an edge margin (`interior`), every score above is made again on the
+points that far in from each side, for the model and every baseline, named with `_interior`
+before the lead's suffix (`tp_seeps_interior_24h`).
+
 Missing data: samples whose observed field holds any NaN are dropped from every score, for the
 model and both references alike (the comparison stays paired); scores would otherwise skip NaN in
 the continuous scores and SEEPS but count them as "no event" in the FSS. A forecast holding a NaN
@@ -89,15 +71,18 @@ from scores.categorical import BasicContingencyManager, ThresholdEventOperator
 from scores.continuous import additive_bias, mae, mse, rmse
 from scores.functions import create_latitude_weights
 
-from aurora_sweep.config.objective import Objective
+from aurora_sweep.config.objective import INTERIOR, Objective
+from aurora_sweep.config.settings import Window
 from aurora_sweep.config.targets import DEFAULT, TARGETS, Target
-from aurora_sweep.data.climates import N_HOUR_SLOTS, SeepsClimate, hour_slots
+from aurora_sweep.data.climates import SeepsClimate, hour_slots
 from aurora_sweep.verify.bootstrap import (
     block_bootstrap,
     interval,
     objective_from,
     resampled_sums,
 )
+from aurora_sweep.verify.inputs import check_inputs
+from aurora_sweep.verify.interior import cut, cut_lat, cut_seeps
 from aurora_sweep.verify.seeps import seeps_terms
 from aurora_sweep.verify.spatial import anomaly_correlation, fss
 
@@ -197,7 +182,7 @@ def objective_terms(
     Returns:
         Two float64 arrays of length n, in the order of the samples given.
     """
-    _check_inputs(observed, lat, months, hours, seeps, forecast=forecast)
+    check_inputs(observed, lat, months, hours, seeps, forecast=forecast)
     keep = _observed_samples(observed)
     forecast, observed = _take(keep, forecast), _take(keep, observed)
     months, hours = np.asarray(months)[keep], np.asarray(hours)[keep]
@@ -229,12 +214,15 @@ def scores(
     terms_out: dict | None = None,
     references: dict | None = None,
     others: dict[str, np.ndarray] | None = None,
+    interior: Window | None = None,
 ) -> dict[str, float]:
     """The target's scores of the model and of the persistence, climatology and `others`
     forecasts: every score of the module docstring the target gets (`tp_rmse`, ...) for the
     model and with each baseline's suffix (`_persistence`, ...); `<target>_skill_<baseline>` on
     `objective`; with `bootstrap` > 0, the 5 % and 95 % quantiles (`_q05`, `_q95`) of the
-    objective and each skill over a paired block bootstrap of days.
+    objective and each skill over a paired block bootstrap of days. With an `interior`, every
+    one of them again on its points alone, named with `_interior` last
+    (`tp_seeps_persistence_interior`, `tp_skill_climatology_interior`).
 
     Args:
         forecast, persistence, climatology: the model's, persistence's and climatology's
@@ -243,32 +231,65 @@ def scores(
         days: each sample's target day, datetime64[D], (n,).
         objective, target: what the skills and bootstrap use; what is scored (`targets`).
         bootstrap, block_days, seed: bootstrap resamples (0: none), days a block, seed.
-        terms_out: a dict to fill with the model's per-sample `"num"` and `"den"`.
-        references: when a dict, the baselines' scores by suffix, read or kept: every trial
-            meets the same baselines on the same samples.
+        terms_out: a dict to fill with the model's per-sample `"num"` and `"den"` (on the
+            objective's region); references: when a dict, the baselines' scores by suffix
+            (and region), read or kept: every trial meets the same baselines the same way.
         others: more baselines by name as `forecast` ({"aurora15": ...}; None: in references).
+        interior: the (lat, lon) slices of the box's interior (`samples.interior_window`).
     """
     forecasts = {"": forecast, "_persistence": persistence, "_climatology": climatology}
     forecasts |= {f"_{name}": v for name, v in (others or {}).items()}
     named = {k.removeprefix("_") or "forecast": v for k, v in forecasts.items() if v is not None}
-    _check_inputs(observed, lat, months, hours, seeps, days=days, **named)
-    keep = _observed_samples(observed)
-    kept = dict(observed=_take(keep, observed), lat=lat, seeps=seeps, target=target, land=land)
-    kept |= dict(
-        months=np.asarray(months)[keep],
-        hours=np.asarray(hours)[keep],
-        climatology=None if climatology is None else _take(keep, climatology),
-    )
-    out, terms = {}, {}  # scores by name; each forecast's objective terms by suffix
-    for suffix, values in forecasts.items():
-        scores_, terms[suffix] = _scores_of(objective, suffix, values, keep, kept, references)
-        out.update({f"{name}{suffix}": v for name, v in scores_.items()})
-    if terms_out is not None:
-        terms_out["num"], terms_out["den"] = (_spread(keep, t) for t in terms[""])
-    out |= _skills(objective, out, [k.removeprefix("_") for k in forecasts if k])
-    if bootstrap > 0:
-        out |= _intervals(objective, terms, np.asarray(days)[keep], bootstrap, block_days, seed)
+    check_inputs(observed, lat, months, hours, seeps, days=days, **named)
+    days = np.asarray(days)[keep := _observed_samples(observed)]
+    inputs = dict(observed=observed, lat=lat, seeps=seeps, climatology=climatology, land=land)
+    out: dict[str, float] = {}
+    for region, window in (("", None), (INTERIOR, interior))[: 2 if interior else 1]:
+        kept = _cut_inputs(keep, window, months=months, hours=hours, target=target, **inputs)
+        box = objective.on(bool(region))
+        terms = _region_scores(out, objective, forecasts, region, window, keep, kept, references)
+        if terms_out is not None and box.interior == objective.interior:
+            terms_out["num"], terms_out["den"] = (_spread(keep, t) for t in terms[""])
+        out |= _skills(box, out, [k.removeprefix("_") for k in forecasts if k])
+        if bootstrap > 0:
+            out |= _intervals(box, terms, days, bootstrap, block_days, seed)
     return out
+
+
+def _region_scores(
+    out: dict[str, float],
+    objective: Objective,
+    forecasts: dict[str, np.ndarray | None],
+    region: str,
+    window: Window | None,
+    keep: np.ndarray,
+    kept: dict,
+    references: dict | None,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Add every forecast's scores on `window`'s points to `out`, named with `region`'s suffix
+    ("", `_interior`); return each one's objective terms by its suffix."""
+    terms = {}
+    for suffix, values in forecasts.items():
+        values = None if values is None else cut(values, window)
+        key = suffix + region if suffix else None  # a baseline's key among `references`
+        scores_, terms[suffix] = _scores_of(objective, key, values, keep, kept, references)
+        out.update({f"{name}{suffix}{region}": v for name, v in scores_.items()})
+    return terms
+
+
+def _cut_inputs(keep: np.ndarray, window: Window | None, **inputs) -> dict:
+    """`scores`' inputs of the `keep` samples on the grid points of `window`."""
+    land, climatology = inputs["land"], inputs["climatology"]
+    return dict(
+        observed=cut(_take(keep, inputs["observed"]), window),
+        lat=cut_lat(inputs["lat"], window),
+        seeps=cut_seeps(inputs["seeps"], window),
+        target=inputs["target"],
+        land=None if land is None else cut(land, window),
+        months=np.asarray(inputs["months"])[keep],
+        hours=np.asarray(inputs["hours"])[keep],
+        climatology=None if climatology is None else cut(_take(keep, climatology), window),
+    )
 
 
 def _skills(objective: Objective, out: dict[str, float], references: list[str]) -> dict[str, float]:
@@ -279,22 +300,22 @@ def _skills(objective: Objective, out: dict[str, float], references: list[str]) 
 
 def _scores_of(
     objective: Objective,
-    suffix: str,
-    values: np.ndarray,
+    key: str | None,
+    values: np.ndarray | None,
     keep: np.ndarray,
     kept: dict,
     references: dict | None,
 ) -> tuple[dict[str, float], tuple[np.ndarray, np.ndarray]]:
     """One forecast's scores and objective terms on the `keep` samples (`kept`: the inputs
-    already cut to them); a baseline's (`suffix` not "") from `references` when scored before,
-    and kept there otherwise."""
-    if suffix and references is not None and suffix in references:
-        return references[suffix]  # the same baselines, scored before: nothing to cut
+    already cut to them); a baseline's (`key`: its suffix and region's, `_persistence_interior`;
+    None: the model's) from `references` when scored before, and kept there otherwise."""
+    if key and references is not None and key in references:
+        return references[key]  # the same baselines, scored before: nothing to cut
     if values is None:
-        raise ValueError(f"the baseline {suffix[1:]} has neither a forecast nor scores")
+        raise ValueError(f"the baseline {key} has neither a forecast nor scores")
     result = _all_scores(objective, _take(keep, values), kept)
-    if suffix and references is not None:
-        references[suffix] = result
+    if key and references is not None:
+        references[key] = result
     return result
 
 
@@ -451,41 +472,6 @@ def _spread(keep: np.ndarray, values: np.ndarray) -> np.ndarray:
     out = np.full(keep.shape, np.nan)
     out[keep] = values
     return out
-
-
-def _check_inputs(
-    observed: np.ndarray,
-    lat: np.ndarray,
-    months: np.ndarray,
-    hours: np.ndarray,
-    seeps: SeepsClimate | None,
-    days: np.ndarray | None = None,
-    **forecasts: np.ndarray,
-) -> None:
-    shape = np.shape(observed)
-    if len(shape) != 3 or shape[1] != np.size(lat):
-        raise ValueError(
-            f"observed must be (n, lat, lon) with lat of length {np.size(lat)}; got {shape}"
-        )
-    for name, values in forecasts.items():
-        if np.shape(values) != shape:
-            raise ValueError(f"{name} is shaped {np.shape(values)}, observed {shape}")
-    for name, values in {"months": months, "hours": hours, "days": days}.items():
-        if values is not None and np.shape(values) != shape[:1]:
-            raise ValueError(
-                f"{name} must have one entry per sample ({shape[0]}); got {np.shape(values)}"
-            )
-    climate = {"p_dry": seeps.p_dry, "light_heavy": seeps.light_heavy} if seeps else {}
-    for name, clim in climate.items():
-        if np.shape(clim) != (12, N_HOUR_SLOTS, *shape[1:]):
-            raise ValueError(
-                f"the SEEPS climate's {name} is shaped {np.shape(clim)}, not (12 months, "
-                f"{N_HOUR_SLOTS} hour slots, {shape[1]}, {shape[2]}): build it with "
-                "seeps_climate(tp, months, hours) on the grid that is scored"
-            )
-    if shape[0] and not np.isin(months, np.arange(1, 13)).all():
-        raise ValueError("months must be calendar months 1..12 (of each sample's target time)")
-    hour_slots(hours)
 
 
 def _weights(lat: np.ndarray) -> xr.DataArray:

@@ -29,6 +29,7 @@ from aurora_sweep.data.store import ATMOS_VARS, SURF_VARS
 from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.model.build import clamped, merged_adapter
 from aurora_sweep.model.loss import LossSpec, loss_terms
+from aurora_sweep.verify.interior import cut, cut_lat, cut_seeps, objective_window
 from aurora_sweep.verify.metrics import lat_weighted_mse, objective_value, scores
 from aurora_sweep.verify.rollout import rollout, run_steps
 
@@ -386,6 +387,7 @@ def lead_scores(
         terms_out=terms_out,
         references=references,
         others=others,
+        interior=getattr(data, "interior", None),
     )
 
 
@@ -400,7 +402,7 @@ def check_objective_defined(data) -> None:
     if data.objective.score != "seeps":
         return
     times = data.scored.target_times()
-    seeps = data.lead_seeps[data.objective_steps]
+    seeps = cut_seeps(data.lead_seeps[data.objective_steps], objective_window(data))
     p_dry = seeps.p_dry[times.month.values - 1, times.hour.values // 6]
     low, high = SEEPS_P_DRY_RANGE
     with np.errstate(invalid="ignore"):
@@ -414,7 +416,7 @@ def check_objective_defined(data) -> None:
         span = f"{seen.min():.2f}..{seen.max():.2f}" if seen.size else "undefined"
         raise AuroraSweepError(
             f"{data.objective} is undefined on the {data.validation.split} split: at every grid "
-            f"point the train split's dry fraction (here {span}) lies outside {low}..{high} in "
+            f"point {'of the interior ' if data.objective.interior else ''}the train split's dry fraction (here {span}) lies outside {low}..{high} in "
             "the months and hours scored, so SEEPS leaves nothing to score; use [study] objective"
             f' = "{data.validation.variable.metric("rmse")}", or a region and period with both '
             "dry and wet 6-hour values"
@@ -426,61 +428,15 @@ def subset_objective(values: np.ndarray, data, indices: np.ndarray) -> float:
     objective's lead (for pruning)."""
     samples: Samples = data.scored
     times = samples.target_times()[indices]
+    window = objective_window(data)
+    land = samples.scored_points
     return objective_value(
         data.objective,
-        forecast=values,
-        observed=samples.observed(indices),
-        lat=samples.cube["latitude"].values,
+        forecast=cut(values, window),
+        observed=cut(samples.observed(indices), window),
+        lat=cut_lat(samples.cube["latitude"].values, window),
         months=times.month.values,
         hours=times.hour.values,
-        seeps=data.lead_seeps[samples.steps],
-        land=samples.scored_points,
+        seeps=cut_seeps(data.lead_seeps[samples.steps], window),
+        land=None if land is None else cut(land, window),
     )
-
-
-def case_indices(samples: Samples, indices: np.ndarray) -> dict[str, int]:
-    """Positions in `indices` of a wet, a median and a dry case (by weighted area-mean target,
-    over the points it is scored on)."""
-    from aurora_sweep.verify.plots import pick_cases
-
-    observed, points = samples.observed(indices), samples.scored_points
-    observed = observed if points is None else np.where(points, observed, np.nan)
-    return pick_cases(observed, samples.cube["latitude"].values)
-
-
-def case_maps_png(samples: Samples, result: Forecasts) -> bytes:
-    """Observed, forecast, persistence and error maps of three fixed cases, as a PNG."""
-    from aurora_sweep.verify.plots import case_maps, png_bytes
-
-    idx = result.indices
-    times = samples.target_times()[idx]
-    observed, persistence = samples.observed(idx), samples.persistence(idx)
-    forecast, points = result.values, samples.scored_points
-    if points is not None:  # a land-only target: its sea, where it is not scored, drawn grey
-        observed, persistence, forecast = (
-            np.where(points, v, np.nan) for v in (observed, persistence, forecast)
-        )
-    cases = [
-        {
-            "label": label,
-            "time": f"{times[i]:%Y-%m-%d %H UTC}",
-            "observed": observed[i],
-            "forecast": forecast[i],
-            "persistence": persistence[i],
-        }
-        for label, i in case_indices(samples, idx).items()
-    ]
-    lon = samples.cube["longitude"].values
-    lsm = samples.cube["static_lsm"].values
-    lat = samples.cube["latitude"].values
-    return png_bytes(case_maps(cases=cases, lat=lat, lon=lon, lsm=lsm, target=samples.variable))
-
-
-def trial_figures(result, data) -> dict[str, bytes]:
-    """The PNG figures each completed trial logs: loss curves and the three case maps."""
-    from aurora_sweep.verify.plots import loss_curves, png_bytes
-
-    return {
-        "loss_curves.png": png_bytes(loss_curves(result.train_loss, result.val_loss)),
-        "cases.png": case_maps_png(data.validation, result.forecasts),
-    }

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from aurora_sweep.config.objective import INTERIOR
 from aurora_sweep.model.aurora15 import region_statics, static_names
 from aurora_sweep.model.files import resolve_statics
 
@@ -73,9 +74,10 @@ def study_zero_shot(leads: dict, config, device) -> dict[int, np.ndarray]:
 
 
 def references_of(data) -> dict[str, dict]:
-    """The zero-shot baseline's scores and per-sample objective terms at each lead, made once
-    (JSON: the study keeps them, `records.AURORA15`, and later workers reuse them instead of
-    running Aurora 1.5 again); empty when `data` has no zero-shot totals."""
+    """The zero-shot baseline's scores and per-sample objective terms at each lead (and on the
+    box's interior, "interior"), made once (JSON: the study keeps them, `records.AURORA15`, and
+    later workers reuse them instead of running Aurora 1.5 again); empty when `data` has no
+    zero-shot totals."""
     from aurora_sweep.verify.scoring import ZERO_SHOT, lead_scores
 
     out = {}
@@ -85,13 +87,15 @@ def references_of(data) -> dict[str, dict]:
         refs = data.baseline_scores.setdefault(steps, {})
         if ZERO_SHOT not in refs:  # its scores, made as a trial's baselines are
             lead_scores(data, samples, data.aurora15[steps], bootstrap=0)
-        scores, (num, den) = refs[ZERO_SHOT]
-        out[str(steps)] = {
-            "scores": scores,
-            "num": np.asarray(num).tolist(),
-            "den": np.asarray(den).tolist(),
-        }
+        out[str(steps)] = _entry(refs[ZERO_SHOT])
+        if ZERO_SHOT + INTERIOR in refs:
+            out[str(steps)]["interior"] = _entry(refs[ZERO_SHOT + INTERIOR])
     return out
+
+
+def _entry(scored: tuple[dict, tuple]) -> dict:
+    scores, (num, den) = scored
+    return {"scores": scores, "num": np.asarray(num).tolist(), "den": np.asarray(den).tolist()}
 
 
 def known_references(known: dict[str, dict]) -> dict[int, dict]:
@@ -99,8 +103,13 @@ def known_references(known: dict[str, dict]) -> dict[int, dict]:
     keeps them among a lead's baseline scores (`TrialData.baseline_scores`)."""
     from aurora_sweep.verify.scoring import ZERO_SHOT
 
-    restored = {}
-    for steps, entry in known.items():
+    def restored(entry: dict) -> tuple[dict, tuple]:
         terms = (np.asarray(entry["num"], float), np.asarray(entry["den"], float))
-        restored[int(steps)] = {ZERO_SHOT: (dict(entry["scores"]), terms)}
-    return restored
+        return dict(entry["scores"]), terms
+
+    out = {}
+    for steps, entry in known.items():
+        out[int(steps)] = {ZERO_SHOT: restored(entry)}
+        if "interior" in entry:
+            out[int(steps)][ZERO_SHOT + INTERIOR] = restored(entry["interior"])
+    return out
