@@ -131,13 +131,14 @@ def test_a_box_too_small_for_its_edge_margin_is_refused_before_any_trial(tmp_pat
     from aurora_sweep.sweep.space import check_search
 
     # the demo's box is scored on 32x48 points at 1°: 16 points in from each side leave no row
-    margin = BASE.replace("seed = 0\n# a new", "seed = 0\nedge_margin = 16\n# a new")
+    assert "edge_margin = 5.0" in BASE
+    margin = BASE.replace("edge_margin = 5.0", "edge_margin = 16")
     with pytest.raises(AuroraSweepError, match=r"edge_margin = 16°: the box is scored on 32x48"):
         check_search(load_config(_write(tmp_path, margin)))
     config = load_config(_write(tmp_path, margin.replace("edge_margin = 16", "edge_margin = 15")))
     check_search(config)
     assert config.edge_margin == 15.0
-    assert load_config(_write(tmp_path, BASE)).edge_margin == 5.0  # the default
+    assert load_config(_write(tmp_path, BASE.replace("edge_margin = 5.0", ""))).edge_margin == 5.0
     # an objective of the interior needs an interior; a negative margin is refused
     inner = margin.replace('objective = "tp_seeps"', 'objective = "tp_rmse_interior"')
     assert load_config(_write(tmp_path, inner)).objective.interior

@@ -31,6 +31,9 @@ METRICS = {
     "tp_seeps_interior", "tp_seeps_persistence_interior", "tp_skill_climatology_interior",
     "tp_seeps_q05_interior", "tp_rmse_interior_12h", "tp_seeps_climatology_interior_24h",
     "tp_skill_persistence_interior_24h", "tp_fss_1_w5_interior",
+    # where the trial's time went
+    "train_seconds", "check_seconds", "verify_seconds", "train_forwards", "check_forwards",
+    "verify_forwards",
 }  # fmt: skip
 PARAMS = {"lora_rank", "lora_targets", "unfrozen_blocks", "batch_size", "precision"}
 
@@ -75,6 +78,16 @@ def test_every_trial_is_a_child_run_with_its_params_and_metrics(finished_study):
     for run in completed:
         assert METRICS <= set(run.data.metrics)
         assert PARAMS <= set(run.data.params)
+        m, p = run.data.metrics, run.data.params
+        # the parts of the trial's time add up to at most its whole; training's forward passes
+        # are its steps' samples, each through its rollout's model steps
+        parts = m["train_seconds"] + m["check_seconds"] + m["verify_seconds"]
+        assert 0 < parts <= m["trial_seconds"] and m["verify_seconds"] > 0
+        rollout = int(p.get("rollout_steps", 1))
+        samples = int(p["batch_size"]) * int(p.get("accumulate", 1))
+        assert m["train_forwards"] == 4 * samples * rollout
+        # every 6-hour sample once, those scored at 24 h three model steps further
+        assert m["verify_forwards"] > m["check_forwards"] > 0
         history = client.get_metric_history(run.info.run_id, "train_loss")
         assert [m.step for m in history] == list(range(1, 5))
         artifacts = {f.path for f in client.list_artifacts(run.info.run_id, "adapter")}

@@ -164,7 +164,8 @@ def top_trials_table(
         title=f"study {config.name}: best {min(top, len(listed))} of {len(listed)} completed "
         f"trials by {objective} (validation; 90 % interval; Δ best: paired difference to the best "
         f"feasible trial with its 90 % interval, ≈: it contains 0; ✗: forgets more than "
-        f"×{config.max_forgetting:g}, never the answer; *: a reference recipe)"
+        f"×{config.max_forgetting:g}, never the answer; *: a reference recipe; verify: the "
+        "share of its seconds spent scoring it on the whole split)"
     )
     zero_shot = "aurora-1.5" in config.baselines
     cols = (
@@ -180,6 +181,7 @@ def top_trials_table(
         "recipe",
         "peak MB",
         "s",
+        "verify",
     )
     for c in cols:
         table.add_column(c, justify="left" if c in ("recipe", "worst forgetting") else "right")
@@ -193,7 +195,7 @@ def top_trials_table(
         value = TrialRecord.of(shown[0]).value(at.of("aurora15"))
         if value is not None:
             what = "Aurora 1.5 untrained (zero-shot baseline)"
-            table.add_row("A1.5", f"{value:.4f}", "-", *[""] * 5, "-", what, "", "")
+            table.add_row("A1.5", f"{value:.4f}", "-", *[""] * 5, "-", what, "", "", "")
     return table
 
 
@@ -226,7 +228,14 @@ def _top_row(
         recipe(t),
         f"{a.get('peak_memory_mb'):.0f}",
         f"{a.get('trial_seconds'):.1f}",
+        verify_share(a),
     )
+
+
+def verify_share(record: TrialRecord) -> str:
+    """The share of a trial's seconds spent verifying it ("-": not recorded)."""
+    spent, total = record.value("verify_seconds"), record.value("trial_seconds")
+    return f"{spent / total:.0%}" if spent is not None and total else "-"
 
 
 def recipe(trial: optuna.trial.FrozenTrial) -> str:

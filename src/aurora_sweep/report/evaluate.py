@@ -294,6 +294,8 @@ def _report_text(evaluation: Evaluation, split: str, scores: dict, fc) -> dict[s
         "region": meta.data.get("region", "?"),
         "objective": objective.name,
     }
+    if "verify_seconds" in meta.metrics:
+        recipe["where the trial's time went"] = time_split(meta.metrics)
     return {
         "title": f"{evaluation.adapter.path.resolve().name}: {samples.variable.what} from Aurora",
         "subtitle": (
@@ -314,6 +316,18 @@ def _report_text(evaluation: Evaluation, split: str, scores: dict, fc) -> dict[s
             samples.variable,
         ),
     }
+
+
+def time_split(metrics: dict[str, float]) -> str:
+    """A trial's seconds and forward passes (one sample through one model step) by what they
+    were spent on, from its metrics."""
+    parts = {"training": "train", "the pruner's checks": "check", "verifying": "verify"}
+    total = sum(metrics[f"{key}_seconds"] for key in parts.values())
+    return f"{total:.1f} s: " + "; ".join(
+        f"{what} {metrics[f'{key}_seconds']:.1f} s ({metrics[f'{key}_forwards']:.0f} "
+        "sample-steps forward)"
+        for what, key in parts.items()
+    )
 
 
 def _report_figures(

@@ -43,7 +43,13 @@ from aurora_sweep.model.build import (
 from aurora_sweep.model.loss import LossSpec, combine, loss_terms
 from aurora_sweep.train.optimiser import trial_optimiser
 from aurora_sweep.train.tiles import crop_sample, tile_draws, tile_side
-from aurora_sweep.verify.scoring import eval_batch_size, forecast, subset_objective, verify
+from aurora_sweep.verify.scoring import (
+    eval_batch_size,
+    forecast,
+    model_steps_scored,
+    subset_objective,
+    verify,
+)
 
 #: Gradients are clipped to this global norm (over every trained tensor).
 MAX_GRAD_NORM = 1.0
@@ -270,12 +276,12 @@ def fit(
         if trial.checkpointed:
             model.configure_activation_checkpointing(trial.checkpointed)
         peft_model.to(device)
-        step = _Step(
-            trial, spec, peft_model, *trial_optimiser(trial, peft_model, model, parts), device
-        )
-        curves = _Curves(spec)
+        trained = trial_optimiser(trial, peft_model, model, parts)
+        step, curves = _Step(trial, spec, peft_model, *trained, device), _Curves(spec)
         checks = _PrunerChecks(trial, data, spec, eval_batch_size(trial.batch_size, device), device)
+        loop_started = time.perf_counter()
         wait_share = _train_loop(trial, data, peft_model, step, curves, checks, on_step, report)
+        verify_started = time.perf_counter()
         metrics, forecasts = verify(
             peft_model,
             data,
@@ -286,6 +292,11 @@ def fit(
             loss=spec,
         )
         curves.validation(trial.steps, forecasts)
+        finished = time.perf_counter()
+    metrics |= {"train_seconds": verify_started - loop_started - checks.seconds}
+    metrics |= {"check_seconds": checks.seconds, "verify_seconds": finished - verify_started}
+    metrics |= {"train_forwards": step.forwards, "check_forwards": checks.forwards}
+    metrics |= {"verify_forwards": model_steps_scored(data.leads)}
     return TrialResult(
         train_loss=curves.train_loss,
         val_loss=curves.val_loss,
@@ -376,6 +387,9 @@ class _Step:
     trained: list
     device: torch.device
 
+    #: forward passes of one sample through one model step so far (a rollout's steps each)
+    forwards: int = 0
+
     def __post_init__(self) -> None:
         self.scaler = torch.amp.GradScaler("cuda") if self.trial.precision == "fp16" else None
         self.region_cos = float(np.cos(np.deg2rad(np.asarray(self.spec.lat, float))).mean())
@@ -397,6 +411,7 @@ class _Step:
             loss = loss * (len(target[name]) / samples)
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             value += float(loss.detach())
+            self.forwards += len(target[name]) * self.trial.rollout_steps
         if self.scaler is not None:
             self.scaler.unscale_(self.optimiser)
             torch.nn.utils.clip_grad_norm_(self.trained, MAX_GRAD_NORM)
@@ -440,9 +455,20 @@ class _PrunerChecks:
         self.data, self.spec, self.batch_size, self.device = data, spec, batch_size, device
         self.val_idx = eval_indices(len(data.validation), trial.val_samples)
         self.scored_idx = eval_indices(len(data.scored), trial.val_samples)
+        #: the checks' wall time and forward passes (one sample, one model step) so far
+        self.seconds, self.forwards = 0.0, 0
 
     def run(self, model, step: int, curves: _Curves) -> float:
         """Evaluate at `step`, log it on `curves`; the objective on the subset."""
+        started = time.perf_counter()
+        objective = self._run(model, step, curves)
+        self.seconds += time.perf_counter() - started
+        self.forwards += len(self.val_idx)
+        if self.data.objective_steps != 1:
+            self.forwards += len(self.scored_idx) * self.data.objective_steps
+        return objective
+
+    def _run(self, model, step: int, curves: _Curves) -> float:
         run = dict(batch_size=self.batch_size, device=self.device, state=False)
         result = forecast(model, self.data.validation, self.val_idx, loss=self.spec, **run)
         curves.validation(step, result)

@@ -218,6 +218,12 @@ def forecast_leads(
     }
 
 
+def model_steps_scored(leads: dict[int, Samples]) -> int:
+    """Forward passes (one sample, one model step) that scoring every lead of `leads` takes:
+    each sample rolled out once, as far as its longest lead (`forecast_leads`)."""
+    return int(_lead_slots(leads)[0].sum())
+
+
 def _lead_slots(leads: dict[int, Samples]) -> tuple[np.ndarray, dict[int, np.ndarray]]:
     """Per 6-hour sample of `leads[1]`: its longest lead scored (model steps), and where it sits
     in each lead's sample list (-1: not scored at that lead)."""
