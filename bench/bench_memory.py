@@ -71,7 +71,7 @@ from aurora_sweep.config.recipe import (  # noqa: E402
 from aurora_sweep.memory import estimate as memory  # noqa: E402
 from aurora_sweep.memory.traced import synthetic_sample  # noqa: E402
 from aurora_sweep.model.loss import combine, loss_terms  # noqa: E402
-from aurora_sweep.train.fit import PeakMemory  # noqa: E402
+from aurora_sweep.train.runtime import PeakMemory  # noqa: E402
 from aurora_sweep.train.tiles import tile_side  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -305,7 +305,7 @@ def test_a_store_in_another_layout_is_read_through_zarr(tiny_config, tmp_path):
 def test_the_prefetcher_hands_out_batches_in_plan_order_and_raises_the_readers_error():
     import threading
 
-    from aurora_sweep.train.fit import Prefetcher
+    from aurora_sweep.train.runtime import Prefetcher
 
     with Prefetcher(lambda i: i * 10, [3, 1, 2]) as batches:
         assert [batches.next() for _ in range(3)] == [30, 10, 20]

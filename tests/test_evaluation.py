@@ -11,12 +11,12 @@ from aurora_sweep.data.trial_data import TrialData
 from aurora_sweep.model.files import DEMO_CHECKPOINT
 from aurora_sweep.sweep.records import worst_forgetting
 from aurora_sweep.train.fit import build_trial_model
+from aurora_sweep.verify.objective import subset_objective
 from aurora_sweep.verify.scoring import (
     base_state_mse,
     forecast,
     forgetting_ratios,
     state_names,
-    subset_objective,
     verify,
 )
 
@@ -136,7 +136,7 @@ def test_an_objective_the_data_cannot_define_is_refused_before_any_trial(prepare
 
     from aurora_sweep.data.climates import SeepsClimate
     from aurora_sweep.errors import AuroraSweepError
-    from aurora_sweep.verify.scoring import check_objective_defined
+    from aurora_sweep.verify.objective import check_objective_defined
 
     data, _ = prepared
     check_objective_defined(data)  # the tiny demo has both dry and wet 6-hour totals
@@ -228,3 +228,40 @@ def test_a_trial_clips_its_gradients_and_warms_up_its_learning_rate(prepared, mo
     lrs = [r[0] for r in rates]  # the pretrained weights' group, step by step
     assert lrs[0] == pytest.approx(0.5e-3) and lrs[1] == pytest.approx(1e-3)  # two warm-up steps
     assert lrs[-1] == pytest.approx(1e-3 * FINAL_LR_FACTOR) and lrs[2] > lrs[-1]
+
+
+def test_scoring_in_blocks_scores_a_survivor_as_a_whole_and_stops_a_hopeless_one(prepared):
+    """Asked after every block and told to go on, the scores are those of one pass over the
+    split; told to stop, the scoring ends there with the objective over the days scored."""
+    from aurora_sweep.verify.bootstrap import objective_from
+    from aurora_sweep.verify.early_stop import ScoringStopped
+
+    data, trial = prepared
+    model, *_ = build_trial_model(trial, data.stats, DEMO_CHECKPOINT)
+    whole, fc = verify(model, data, batch_size=16, device=CPU, bootstrap=0)
+    asked = []
+
+    def go_on(positions, num, den):
+        asked.append((positions.copy(), num.copy(), den.copy()))
+        return False
+
+    blocked, fc2 = verify(model, data, batch_size=16, device=CPU, bootstrap=0, stop=go_on)
+    assert blocked == pytest.approx(whole, nan_ok=True)
+    assert np.array_equal(fc2.values, fc.values)
+    # asked after each block but the last, about more samples each time, never one twice, and
+    # the terms it was given are the whole pass's for those samples
+    sizes = [len(p) for p, _, _ in asked]
+    assert len(asked) >= 2 and sizes == sorted(sizes) and len(set(asked[-1][0])) == sizes[-1]
+    positions, num, den = asked[-1]
+    assert np.allclose(num, fc.objective_terms[0][positions], equal_nan=True)
+    assert np.allclose(den, fc.objective_terms[1][positions], equal_nan=True)
+
+    with pytest.raises(ScoringStopped) as stopped:
+        verify(model, data, batch_size=16, device=CPU, bootstrap=0, stop=lambda *a: True)
+    first = asked[0]
+    assert stopped.value.value == pytest.approx(
+        objective_from(data.objective, np.nansum(first[1]), np.nansum(first[2]))
+    )
+    days = data.scored.target_days()
+    assert stopped.value.days == len(np.unique(days[first[0]])) < stopped.value.of
+    assert stopped.value.of == len(np.unique(days))

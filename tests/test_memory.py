@@ -260,7 +260,7 @@ def _spike(mb: int) -> None:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM is Linux's")
 def test_cpu_peak_memory_reads_the_kernel_peak_without_a_sampling_thread():
-    from aurora_sweep.train.fit import PeakMemory
+    from aurora_sweep.train.runtime import PeakMemory
 
     with PeakMemory(torch.device("cpu")) as peak:
         assert peak._thread is None  # no thread wakes every 20 ms to take the GIL
@@ -270,7 +270,7 @@ def test_cpu_peak_memory_reads_the_kernel_peak_without_a_sampling_thread():
 
 
 def test_cpu_peak_memory_samples_where_the_kernel_peak_cannot_be_reset(tmp_path, monkeypatch):
-    from aurora_sweep.train.fit import PeakMemory
+    from aurora_sweep.train.runtime import PeakMemory
 
     monkeypatch.setattr(PeakMemory, "CLEAR_REFS", tmp_path / "absent" / "clear_refs")
     with PeakMemory(torch.device("cpu")) as peak:

@@ -47,7 +47,7 @@ def test_sigterm_ends_the_trial_and_every_mlflow_run_in_one_line(tmp_path, tiny_
 
 def test_a_workers_gpu_is_numbered_within_what_the_scheduler_made_visible():
     from aurora_sweep.errors import AuroraSweepError
-    from aurora_sweep.sweep.worker import cuda_visible
+    from aurora_sweep.sweep.process_setup import cuda_visible
 
     assert cuda_visible(1, None) == "1"
     assert cuda_visible(0, "") == "0"

@@ -170,6 +170,10 @@ class StudyConfig:
     #: regional model receives nothing through its edges, so its skill decays inward from them
     #: with lead time (about 4° a 6-hour step, `training-and-verification` review); 0: none.
     edge_margin: float = 5.0
+    #: A completed trial is scored in blocks of days; after each, one that cannot beat the best
+    #: feasible trial on the same days by a one-sided Wilcoxon test at this p-value stops there,
+    #: pruned with a partial score (`verify.early_stop`); 0: every trial scored whole.
+    scoring_pruner: float = 0.1
     #: How a trial's peak is predicted (`memory.estimate_peak`): "traced" runs its step on
     #: fake tensors, "fitted" adds up coefficients; "auto" traces where a cap decides what runs.
     memory_estimate: str = "auto"

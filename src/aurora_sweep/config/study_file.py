@@ -99,7 +99,7 @@ def load_config(path: str | Path | None = None, *, workdir: Path | None = None) 
 SCHEMA: dict[str, tuple[str, ...]] = {
     "study": ("name", "objective", "objectives", "storage", "tracking_uri", "heartbeat_seconds",
               "seed", "reference", "max_forgetting", "max_failures", "lead", "baselines",
-              "finalists", "seeds", "edge_margin"),
+              "finalists", "seeds", "edge_margin", "scoring_pruner"),
     "data": ("source", "store", "region", "levels", "grid", "period", "train", "validation",
              "test"),
     "model": (*(f.name for f in fields(ModelConfig)), "target"),
@@ -204,6 +204,14 @@ def _build(raw: dict, path: Path, workdir: Path) -> StudyConfig:
     )
 
 
+def as_p_value(value: Any, what: str) -> float:
+    """A p-value threshold from TOML: 0 (off) up to 1."""
+    p = as_number(value, what, minimum=0.0)
+    if p >= 1:
+        raise AuroraSweepError(f"{what} is a p-value: give one below 1 (0.1 is usual; 0: off)")
+    return p
+
+
 def _study_settings(study: dict) -> dict[str, Any]:
     """[study]'s settings with a default in StudyConfig."""
 
@@ -220,6 +228,7 @@ def _study_settings(study: dict) -> dict[str, Any]:
         finalists=as_whole(given("finalists"), "[study] finalists", minimum=1),
         seeds=as_whole(given("seeds"), "[study] seeds", minimum=1),
         edge_margin=as_number(given("edge_margin"), "[study] edge_margin", minimum=0.0),
+        scoring_pruner=as_p_value(given("scoring_pruner"), "[study] scoring_pruner"),
         lead_steps=parse_lead(
             study.get("lead", LEADS[default_of(StudyConfig, "lead_steps")]), "[study] lead"
         ),

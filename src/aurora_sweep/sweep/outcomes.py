@@ -56,6 +56,19 @@ class Pruned:
 
 
 @dataclass
+class ScoringStopped:
+    """The trial trained to its last step, but its scoring stopped after `days` of the split's
+    `of` days: on those it could not beat the best trial (`verify.early_stop`); `value` is its
+    objective over them, a partial score."""
+
+    value: float
+    days: int
+    of: int
+    seconds: float
+    metrics: dict[str, float] = field(default_factory=dict)  # where its time went
+
+
+@dataclass
 class OutOfMemory:
     """The device ran out of memory; the worker exits and a fresh one takes the next trial."""
 
@@ -74,7 +87,7 @@ class Failed:
     restart: bool = False
 
 
-Outcome = Complete | Pruned | OutOfMemory | Failed
+Outcome = Complete | Pruned | ScoringStopped | OutOfMemory | Failed
 
 #: the study's base-model scores: by `recipe.BaseKey` (as text), then lead, then variable
 BaseScores = dict[str, dict[str, dict[str, float]]]
@@ -125,6 +138,17 @@ class Report:
 
     step: int
     value: float
+
+
+@dataclass
+class Scored:
+    """From a worker scoring a trial block by block: the objective's per-sample terms of the
+    samples scored so far (`positions` among the objective lead's samples); it waits for a
+    `Verdict` (prune: stop scoring, the trial cannot win)."""
+
+    positions: list[int]
+    num: list[float]
+    den: list[float]
 
 
 @dataclass(frozen=True)
@@ -206,6 +230,8 @@ class Recorder:
             raise optuna.TrialPruned(
                 f"{config.objective} {outcome.value:.4f} at step {outcome.step}"
             )
+        if isinstance(outcome, ScoringStopped):
+            self.stopped(outcome, trial, run)
         if isinstance(outcome, OutOfMemory):
             write_attrs(trial, measured_peak_mb=outcome.peak_memory_mb)
             run.log_metrics({"peak_memory_mb": outcome.peak_memory_mb})
@@ -221,6 +247,22 @@ class Recorder:
         if isinstance(outcome, Failed):
             raise self.failed(trial, outcome.message)
         return self._complete(outcome, trial, run)
+
+    def stopped(self, outcome: ScoringStopped, trial: _Trial, run: _Run) -> None:
+        """A trial whose scoring stopped: pruned, its partial objective kept apart from a
+        completed trial's scores (`partial`) and labelled so wherever it is shown."""
+        config, name = self.config, self.config.objective_metric
+        write_attrs(trial, partial={"value": outcome.value, "days": outcome.days, "of": outcome.of})
+        partial = {f"{name}_partial": outcome.value, "scored_days": outcome.days}
+        run.log_metrics(partial | {"trial_seconds": outcome.seconds, **outcome.metrics})
+        self.say(
+            f"trial {trial.number:3d}  scoring stopped after {outcome.days} of {outcome.of} days: "
+            f"{name} {outcome.value:.4f} on those days (partial), worse than the best trial's "
+            "on the same days"
+        )
+        raise optuna.TrialPruned(
+            f"{config.objective} {outcome.value:.4f} over {outcome.days} of {outcome.of} days"
+        )
 
     def _complete(self, outcome: Complete, trial: _Trial, run: _Run) -> dict[str, float]:
         config = self.config

@@ -82,6 +82,11 @@ class TrialRecord:
     replica_of: int | None = None
     #: the training seed a replica trains with (None: the study's `[train] seed`)
     seed: int | None = None
+    #: a trial whose scoring stopped early (`verify.early_stop`): its objective over the days
+    #: scored ("value", "days", "of"), a partial score; and the test that stopped it
+    #: ("against": the best trial's number, "p", "days" compared)
+    partial: dict[str, float] | None = None
+    scoring_test: dict[str, float] | None = None
 
     @classmethod
     def of(cls, trial: _HasAttrs) -> TrialRecord:
@@ -124,6 +129,8 @@ class TrialRecord:
             objective_terms=a.get("objective_terms"),
             replica_of=a.get("replica_of"),
             seed=a.get("seed"),
+            partial=a.get("partial"),
+            scoring_test=a.get("scoring_test"),
         )
 
     def value(self, name: str) -> float | None:

@@ -23,7 +23,7 @@ from aurora_sweep.config.study import StudyConfig
 from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.processes import this_process
 from aurora_sweep.sweep.outcomes import Complete, Recorder
-from aurora_sweep.sweep.records import BASE_MSE, TrialRecord, write_attrs
+from aurora_sweep.sweep.records import BASE_MSE, TrialRecord, ranked, write_attrs
 from aurora_sweep.sweep.space import sample_trial
 from aurora_sweep.sweep.storage import FINISHED, reap_dead_trials, retry_once, sampler, worker_seed
 from aurora_sweep.sweep.worker import WorkerCrashed
@@ -277,10 +277,13 @@ class Sweep:
                 trial.report(value, step)
                 return trial.should_prune()
 
+            def scored(message) -> bool:
+                return stops_scoring(config, trial, message)
+
             with tempfile.TemporaryDirectory() as tmp:
                 adapter = Path(tmp) / "adapter"
                 try:
-                    outcome = worker.run(tc.to_dict(), adapter, report)
+                    outcome = worker.run(tc.to_dict(), adapter, report, scored)
                 except WorkerCrashed as e:
                     raise self.crashed(trial, e, recorder) from None
                 scalars = recorder.record(outcome, trial, run)
@@ -371,6 +374,41 @@ def signals_as_interrupts() -> Iterator[None]:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def stops_scoring(config: StudyConfig, trial: optuna.Trial, message) -> bool:
+    """Whether `trial`, scored so far on some samples (`outcomes.Scored`), cannot beat the
+    study's best feasible trial on the same samples (`early_stop.cannot_win`): then its
+    scoring stops. The reference recipes, the finalists' replicas and the trials of a
+    two-objective study (its Pareto front needs every trial's whole score) are always
+    scored whole."""
+    import numpy as np
+
+    from aurora_sweep.verify.bootstrap import decode_terms
+    from aurora_sweep.verify.early_stop import cannot_win
+
+    record = TrialRecord.of(trial)
+    if not config.scoring_pruner or config.cost or record.reference:
+        return False
+    if record.replica_of is not None:
+        return False
+    best = next(iter(ranked(trial.study.get_trials(deepcopy=False))), None)
+    packed = TrialRecord.of(best).objective_terms if best is not None else None
+    if packed is None:
+        return False
+    num, den, days = decode_terms(packed)
+    at = np.asarray(message.positions, dtype=int)
+    mine = (np.asarray(message.num, float), np.asarray(message.den, float))
+    stop, p, compared = cannot_win(
+        config.objective.at(config.lead_steps),
+        mine,
+        (num[at], den[at]),
+        days[at],
+        p_threshold=config.scoring_pruner,
+    )
+    if stop:
+        write_attrs(trial, scoring_test={"against": best.number, "p": p, "days": compared})
+    return stop
 
 
 def _score_line(m: dict[str, float], config: StudyConfig) -> str:

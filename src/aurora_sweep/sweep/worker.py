@@ -22,7 +22,6 @@ import dataclasses
 import multiprocessing as mp
 import os
 import signal
-import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -44,6 +43,12 @@ from aurora_sweep.sweep.outcomes import (
     StartFailed,
     Stop,
     Verdict,
+)
+from aurora_sweep.sweep.process_setup import (
+    blosc_thread_lock,
+    cuda_visible,
+    exit_on_sigterm,
+    exit_with_parent,
 )
 
 if TYPE_CHECKING:  # imported where they are used: a worker launched early imports torch first
@@ -156,9 +161,14 @@ class TrialWorker:
             raise WorkerCrashed(code) from None
 
     def run(
-        self, trial: dict[str, Any], adapter_dir: Path, report: Callable[[int, float], bool]
+        self,
+        trial: dict[str, Any],
+        adapter_dir: Path,
+        report: Callable[[int, float], bool],
+        scored: Callable[[outcomes.Scored], bool] = lambda _: False,
     ) -> outcomes.Outcome:
-        """Run one trial; `report(step, value)` returns True to prune it."""
+        """Run one trial; `report(step, value)` returns True to prune it, `scored(message)` True
+        to stop scoring it (`outcomes.Scored`)."""
         if self.process is None or not self.process.is_alive():
             self.start()
         assert self.conn is not None
@@ -167,6 +177,9 @@ class TrialWorker:
             message = self._receive(timeout=None)
             if isinstance(message, Report):
                 self.conn.send(Verdict(prune=report(message.step, message.value)))
+                continue
+            if isinstance(message, outcomes.Scored):
+                self.conn.send(Verdict(prune=scored(message)))
                 continue
             outcome = message
             if getattr(outcome, "restart", False):
@@ -208,75 +221,13 @@ class TrialWorker:
         self.close()
 
 
-def exit_with_parent(poll_seconds: float = 0.5) -> None:
-    """End this process as soon as its parent is gone.
-
-    A `run` killed with SIGKILL (a scheduler's time limit, the OOM killer) cannot stop its
-    worker, which would go on training for nobody until its next message to the dead parent.
-    A daemon thread notices the parent's death (this process is re-parented) and exits at once.
-    """
-    parent = os.getppid()
-
-    def watch() -> None:
-        while True:
-            time.sleep(poll_seconds)
-            if os.getppid() != parent:
-                os._exit(1)
-
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
-
-
-def cuda_visible(gpu: int, current: str | None) -> str:
-    """CUDA_VISIBLE_DEVICES for a worker on GPU `gpu`, numbered as the study process sees them.
-
-    A scheduler (SLURM, Kubernetes) may already restrict the process to some GPUs, say "2,3":
-    GPU 1 is then physical GPU 3, and the worker must keep that restriction, not replace it.
-    """
-    if current is None or not current.strip():
-        return str(gpu)
-    visible = [d.strip() for d in current.split(",") if d.strip()]
-    if gpu >= len(visible):
-        raise AuroraSweepError(
-            f"GPU {gpu} is not among the {len(visible)} visible ones (CUDA_VISIBLE_DEVICES="
-            f"{current}): number --gpus from 0 as this process sees them"
-        )
-    return visible[gpu]
-
-
-def blosc_thread_lock() -> bool:
-    """Give numcodecs' Blosc a thread lock in place of the semaphore it makes on first use.
-
-    numcodecs guards Blosc's global context with `multiprocessing.Lock()`, and the store's
-    coordinates are Blosc-compressed. In a spawned process that lock is a named semaphore which
-    the resource tracker (shared with the study process) must see unlinked: a worker killed
-    mid-trial (SIGKILL, the OOM killer, its parent gone) cannot, and the tracker then prints
-    "leaked semaphore objects" on the study's stderr after its last line. The context the lock
-    guards is this process's own, so a thread lock guards it as well. True when it was set (an
-    older or newer numcodecs without these names is left as it is).
-    """
-    try:
-        from numcodecs import blosc
-    except ImportError:
-        return False
-    if getattr(blosc, "_MUTEX_IS_INIT", None) is not False:
-        return False  # already made, or not the numcodecs this was written for
-    blosc._MUTEX, blosc._MUTEX_IS_INIT = threading.Lock(), True
-    return True
-
-
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    # once: a second SIGTERM (the scheduler's and the study's) must not break the exit itself
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise SystemExit(128 + signum)
-
-
 def serve(conn, spec: WorkerSpec) -> None:
     """The worker's main loop (runs in the child process)."""
     exit_with_parent()
     # Ctrl-C reaches the whole process group: the study process handles it and stops this one,
     # with SIGTERM, which ends the trial by a normal exit (finalisers run, nothing is leaked)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     if spec.gpu is not None:  # before CUDA starts: this worker sees its GPU as cuda:0
         os.environ["CUDA_VISIBLE_DEVICES"] = cuda_visible(
             spec.gpu, os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -332,7 +283,7 @@ def _cap_memory(device: torch.device, memory_cap: int | None) -> None:
 def _check_data(data: TrialData, config: StudyConfig) -> None:
     """Refuse now, not trial after trial, an objective the evaluation split cannot define and a
     rollout the train split is too short for."""
-    from aurora_sweep.verify.scoring import check_objective_defined
+    from aurora_sweep.verify.objective import check_objective_defined
 
     check_objective_defined(data)
     for steps in config.search.rollout_steps:
@@ -411,6 +362,7 @@ class _Session:
         import torch
 
         from aurora_sweep.train.fit import fit
+        from aurora_sweep.verify.early_stop import ScoringStopped
 
         started = time.perf_counter()
 
@@ -420,6 +372,10 @@ class _Session:
             if verdict.prune:
                 raise _Pruned(step, value)
 
+        def stop(positions, num, den) -> bool:
+            conn.send(outcomes.Scored(positions.tolist(), num.tolist(), den.tolist()))
+            return conn.recv().prune
+
         try:
             self.base_scores(trial.base, trial.precision, trial.levels)
             result = (self.spec.fit or fit)(
@@ -428,11 +384,15 @@ class _Session:
                 checkpoint=self.checkpoint_for(trial.base),
                 report=report,
                 device=self.device,
+                stop=stop,
             )
             conn.send(self.complete(result, trial, adapter_dir))
             del result
         except _Pruned as p:
             conn.send(Pruned(p.step, p.value, time.perf_counter() - started))
+        except ScoringStopped as s:
+            seconds = time.perf_counter() - started
+            conn.send(outcomes.ScoringStopped(s.value, s.days, s.of, seconds, s.metrics))
         except torch.OutOfMemoryError as e:
             cuda = self.device.type == "cuda"
             peak = torch.cuda.max_memory_allocated(self.device) / 2**20 if cuda else 0.0

@@ -13,8 +13,6 @@ forecasts the whole validation split and is scored against persistence and clima
 from __future__ import annotations
 
 import dataclasses
-import queue
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 import torch
 
 from aurora_sweep.config.recipe import TrialConfig
@@ -42,14 +39,11 @@ from aurora_sweep.model.build import (
 )
 from aurora_sweep.model.loss import LossSpec, combine, loss_terms
 from aurora_sweep.train.optimiser import trial_optimiser
+from aurora_sweep.train.runtime import PeakMemory, Prefetcher
 from aurora_sweep.train.tiles import crop_sample, tile_draws, tile_side
-from aurora_sweep.verify.scoring import (
-    eval_batch_size,
-    forecast,
-    model_steps_scored,
-    subset_objective,
-    verify,
-)
+from aurora_sweep.verify.early_stop import ScoringStopped
+from aurora_sweep.verify.objective import subset_objective
+from aurora_sweep.verify.scoring import eval_batch_size, forecast, model_steps_scored, verify
 
 #: Gradients are clipped to this global norm (over every trained tensor).
 MAX_GRAD_NORM = 1.0
@@ -113,120 +107,6 @@ class TrialResult:
     forecasts: Any = field(default=None, repr=False)  # evaluation.Forecasts of the eval split
 
 
-class PeakMemory:
-    """Peak memory of a trial: CUDA peak allocated, or on a CPU the peak resident set size.
-
-    On Linux the kernel keeps the process's peak RSS (VmHWM), and writing 5 to
-    /proc/self/clear_refs resets it: the trial's peak is read once at the end, exactly, with no
-    thread. Elsewhere (or where that file cannot be written) a thread samples the RSS every
-    20 ms; its wake-ups take the GIL from the training loop (8 % of a demo trial's time).
-    """
-
-    CLEAR_REFS = Path("/proc/self/clear_refs")
-    STATUS = Path("/proc/self/status")
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.peak = 0
-        self.reserved: int | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._kernel_peak = False
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            return self
-        proc = psutil.Process()
-        self.peak = proc.memory_info().rss
-        self._kernel_peak = self._reset_kernel_peak()
-        if not self._kernel_peak:
-
-            def sample() -> None:
-                while not self._stop.wait(0.02):
-                    self.peak = max(self.peak, proc.memory_info().rss)
-
-            self._thread = threading.Thread(target=sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.device.type == "cuda":
-            self.peak = torch.cuda.max_memory_allocated(self.device)
-            self.reserved = torch.cuda.max_memory_reserved(self.device)
-            return
-        self._stop.set()
-        if self._thread:
-            self._thread.join()
-        kernel = self._read_kernel_peak() if self._kernel_peak else None
-        self.peak = max(self.peak, kernel or 0, psutil.Process().memory_info().rss)
-
-    def _reset_kernel_peak(self) -> bool:
-        try:
-            self.CLEAR_REFS.write_text("5")
-        except OSError:  # not Linux, or a kernel or sandbox that refuses it
-            return False
-        return self._read_kernel_peak() is not None
-
-    def _read_kernel_peak(self) -> int | None:
-        try:
-            for line in self.STATUS.read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024  # kB
-        except (OSError, ValueError, IndexError):
-            return None
-        return None
-
-    @property
-    def megabytes(self) -> float:
-        return self.peak / 2**20
-
-
-class Prefetcher:
-    """Makes `read(indices)` for each entry of `plan`, in order, a few ahead of the consumer in a
-    thread: reading from the store (file reads and copies, which release the GIL) overlaps the
-    training step. An error in the reader is raised by `next`."""
-
-    def __init__(self, read: Callable[[Any], Any], plan: list, depth: int = 2) -> None:
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, args=(read, plan), name="prefetch", daemon=True
-        )
-        self._thread.start()
-
-    def _run(self, read: Callable[[Any], Any], plan: list) -> None:
-        for item in plan:
-            try:
-                value = (True, read(item))
-            except BaseException as e:  # noqa: BLE001 - raised in the consumer
-                value = (False, e)
-            while not self._stop.is_set():
-                try:
-                    self._queue.put(value, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            if self._stop.is_set() or not value[0]:
-                return
-
-    def next(self) -> Any:
-        ok, value = self._queue.get()
-        if not ok:
-            raise value
-        return value
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def __enter__(self) -> Prefetcher:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
 def build_trial_model(trial: TrialConfig, stats: TargetStats, checkpoint: Path):
     """Base model with the target (`stats.target`), pretrained weights, LoRA, freezing and
     precision, as `trial` says."""
@@ -265,8 +145,11 @@ def fit(
     on_step: Callable[[int, float], None] | None = None,
     device: torch.device | None = None,
     bootstrap: int = 1000,
+    stop: Callable[[np.ndarray, np.ndarray, np.ndarray], bool] | None = None,
 ) -> TrialResult:
-    """Fine-tune one trial. `report(step, objective)` may raise `optuna.TrialPruned`."""
+    """Fine-tune one trial. `report(step, objective)` may raise `optuna.TrialPruned`; `stop`
+    may end its scoring early (`verify`'s, raising `early_stop.ScoringStopped` with where the
+    trial's time went)."""
     device = device or default_device()
     started = time.perf_counter()
     data = data.for_trial(trial.base, trial.levels)  # its pressure levels, its base's inputs
@@ -281,22 +164,19 @@ def fit(
         checks = _PrunerChecks(trial, data, spec, eval_batch_size(trial.batch_size, device), device)
         loop_started = time.perf_counter()
         wait_share = _train_loop(trial, data, peft_model, step, curves, checks, on_step, report)
-        verify_started = time.perf_counter()
-        metrics, forecasts = verify(
+        metrics, forecasts = _verify_trial(
             peft_model,
+            trial,
             data,
-            batch_size=checks.batch_size,
+            spec,
+            checks,
+            since=loop_started,
+            trained=step.forwards,
             device=device,
             bootstrap=bootstrap,
-            reference=data.reference_key(trial.base, trial.precision, trial.levels),
-            loss=spec,
+            stop=stop,
         )
         curves.validation(trial.steps, forecasts)
-        finished = time.perf_counter()
-    metrics |= {"train_seconds": verify_started - loop_started - checks.seconds}
-    metrics |= {"check_seconds": checks.seconds, "verify_seconds": finished - verify_started}
-    metrics |= {"train_forwards": step.forwards, "check_forwards": checks.forwards}
-    metrics |= {"verify_forwards": model_steps_scored(data.leads)}
     return TrialResult(
         train_loss=curves.train_loss,
         val_loss=curves.val_loss,
@@ -311,6 +191,41 @@ def fit(
         parts=parts,
         forecasts=forecasts,
     )
+
+
+def _verify_trial(
+    model, trial, data, spec, checks, *, since, trained, device, bootstrap, stop
+) -> tuple[dict[str, float], Any]:
+    """`verify` the trained `model` (`stop`: in blocks, `verify`'s), its metrics with where the
+    trial's time went since its training loop began (`since`): seconds and forward passes
+    training (`trained`), in the pruner's `checks` and verifying; a stopped scoring's
+    `ScoringStopped` carries the seconds."""
+    started = time.perf_counter()
+
+    def spent() -> dict[str, float]:
+        seconds = {"train_seconds": started - since - checks.seconds}
+        return seconds | {
+            "check_seconds": checks.seconds,
+            "verify_seconds": time.perf_counter() - started,
+        }
+
+    try:
+        metrics, forecasts = verify(
+            model,
+            data,
+            batch_size=checks.batch_size,
+            device=device,
+            bootstrap=bootstrap,
+            reference=data.reference_key(trial.base, trial.precision, trial.levels),
+            loss=spec,
+            stop=stop,
+        )
+    except ScoringStopped as stopped:
+        stopped.metrics = spent()
+        raise
+    forwards = {"train_forwards": trained, "check_forwards": checks.forwards}
+    forwards |= {"verify_forwards": model_steps_scored(data.leads)}
+    return metrics | spent() | forwards, forecasts
 
 
 def _train_loop(

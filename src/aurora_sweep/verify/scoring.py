@@ -14,23 +14,26 @@ Everything here is on the grid the model forecasts (see `dataset.patch_crop`).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from aurora_sweep.config.objective import at_lead, forget_name
 from aurora_sweep.config.recipe import LEADS, BaseKey
-from aurora_sweep.data.climates import SEEPS_P_DRY_RANGE, climatology_forecast
+from aurora_sweep.data.climates import climatology_forecast
 from aurora_sweep.data.samples import Samples
 from aurora_sweep.data.store import ATMOS_VARS, SURF_VARS
-from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.model.build import clamped, merged_adapter
 from aurora_sweep.model.loss import LossSpec, loss_terms
-from aurora_sweep.verify.interior import cut, cut_lat, cut_seeps, objective_window
-from aurora_sweep.verify.metrics import lat_weighted_mse, objective_value, scores
+from aurora_sweep.verify.bootstrap import objective_from
+from aurora_sweep.verify.early_stop import ScoringStopped, scoring_blocks
+from aurora_sweep.verify.metrics import lat_weighted_mse, scores
+from aurora_sweep.verify.objective import subset_terms
 from aurora_sweep.verify.rollout import rollout, run_steps
 
 #: The key of the zero-shot Aurora 1.5 baseline among a lead's baseline scores.
@@ -159,7 +162,6 @@ def forecast(
     )
 
 
-@torch.no_grad()
 def forecast_leads(
     model,
     leads: dict[int, Samples],
@@ -171,51 +173,83 @@ def forecast_leads(
     loss: LossSpec | None = None,
 ) -> dict[int, Forecasts]:
     """`forecast` of every sample of each lead's split (`leads`: model steps -> the samples at
-    that lead, all views of one split), from one rollout per sample.
+    that lead, all views of one split), from one rollout per sample (`LeadRollouts`)."""
+    rollouts = LeadRollouts(model, leads, batch_size, device, with_target, state, loss)
+    rollouts.run(np.arange(len(leads[1])))
+    return rollouts.results()
+
+
+@dataclass
+class LeadRollouts:
+    """The forecasts of each lead's samples (`leads`: model steps -> the samples at that lead,
+    all views of one split), made block by block (`run`), from one rollout per sample.
 
     A sample scored at 24 h is also a 6 h and a 12 h sample: it is rolled out once, as far as
     its longest lead, and its forecast is read off at every step a lead ends on; the 12- and
     24-hour scores then cost one rollout, not a rollout per lead. The 6-hour forecasts are those
     of one model step, as `forecast` makes them (with `loss`, its terms too).
     """
-    one = leads[1]
-    longest, slot = _lead_slots(leads)
-    lat = one.cube["latitude"].values
-    values = {k: np.zeros((len(s), *one.grid), np.float32) for k, s in leads.items()}
-    values = values if with_target else {}
-    names = state_names(one.levels, one.surface)
-    sums = {k: dict.fromkeys(names, 0.0) for k in leads} if state else {}
-    term_sums: dict[str, float] = {}
-    truth = _truth_names(one, with_target)
-    with _scoring(model, with_target):
-        for m in sorted(set(longest)):
-            group = np.flatnonzero(longest == m)
-            for idx, batch in _passes(one, group, batch_size, device, with_target):
-                for step, pred, total in rollout(model, batch, m, one.variable):
-                    if step not in leads:
-                        continue
-                    if with_target:
-                        values[step][slot[step][idx]] = total.float().cpu().numpy()
-                    _score_step(
-                        one,
-                        idx,
-                        step,
-                        pred,
-                        truth,
-                        lat,
-                        state=sums[step] if state else None,
-                        loss=loss if with_target and step == 1 else None,
-                        terms=term_sums,
-                    )
-    return {
-        k: Forecasts(
-            indices=np.arange(len(s)),
-            values=values[k] if with_target else None,
-            mse={v: x / len(s) for v, x in sums[k].items()} if state else {},
-            loss_terms={v: x / len(s) for v, x in term_sums.items()} if k == 1 else {},
+
+    model: Any
+    leads: dict[int, Samples]
+    batch_size: int
+    device: Any
+    with_target: bool = True
+    state: bool = True
+    loss: LossSpec | None = None
+
+    def __post_init__(self) -> None:
+        one = self.leads[1]
+        self.longest, self.slot = _lead_slots(self.leads)
+        grid = one.grid
+        self.values = (
+            {k: np.zeros((len(s), *grid), np.float32) for k, s in self.leads.items()}
+            if self.with_target
+            else {}
         )
-        for k, s in leads.items()
-    }
+        names = state_names(one.levels, one.surface)
+        self.sums = {k: dict.fromkeys(names, 0.0) for k in self.leads} if self.state else {}
+        self.term_sums: dict[str, float] = {}
+
+    @torch.no_grad()
+    def run(self, positions: np.ndarray) -> None:
+        """Roll out the 6-hour samples at `positions` (each as far as its longest lead) and
+        keep their forecasts and scores' sums."""
+        one, leads = self.leads[1], self.leads
+        lat, truth = one.cube["latitude"].values, _truth_names(one, self.with_target)
+        with _scoring(self.model, self.with_target):
+            for m in sorted(set(self.longest[positions])):
+                group = positions[self.longest[positions] == m]
+                passes = _passes(one, group, self.batch_size, self.device, self.with_target)
+                for idx, batch in passes:
+                    for step, pred, total in rollout(self.model, batch, m, one.variable):
+                        if step not in leads:
+                            continue
+                        if self.with_target:
+                            self.values[step][self.slot[step][idx]] = total.float().cpu().numpy()
+                        _score_step(
+                            one,
+                            idx,
+                            step,
+                            pred,
+                            truth,
+                            lat,
+                            state=self.sums[step] if self.state else None,
+                            loss=self.loss if self.with_target and step == 1 else None,
+                            terms=self.term_sums,
+                        )
+
+    def results(self) -> dict[int, Forecasts]:
+        """Each lead's forecasts, once every sample has been run."""
+        return {
+            k: Forecasts(
+                indices=np.arange(len(s)),
+                values=self.values[k] if self.with_target else None,
+                mse={v: x / len(s) for v, x in self.sums[k].items()} if self.state else {},
+                loss_terms={v: x / len(s) for v, x in self.term_sums.items()} if k == 1 else {},
+            )
+            for k, s in self.leads.items()
+        }
 
 
 def model_steps_scored(leads: dict[int, Samples]) -> int:
@@ -330,12 +364,18 @@ def verify(
     bootstrap: int = 1000,
     reference: BaseKey | None = None,
     loss: LossSpec | None = None,
+    stop: Callable[[np.ndarray, np.ndarray, np.ndarray], bool] | None = None,
 ) -> tuple[dict[str, float], Forecasts]:
     """The target's scores (with intervals) and forgetting ratios of `model` on `data`'s evaluation split
     at every lead scored (6-hour names plain, the others with `_12h`, `_24h`), against the base
     model's scores `data.base_mse[str(reference)]` (`recipe.BaseKey`: the trial's base in its
     precision; None or absent: no forgetting ratios); with `loss`, the 6-hour validation loss's
     terms too.
+
+    With `stop`, the split is scored in blocks of days (`early_stop`), and after each block but
+    the last `stop(positions, num, den)` is given the objective's per-sample terms of the
+    samples scored so far (their positions among the objective lead's samples): True ends the
+    scoring there (`early_stop.ScoringStopped`).
 
     Returns the scores and the 6-hour forecasts, which carry the objective's per-sample terms at
     the study's lead (for paired comparisons between trials).
@@ -344,9 +384,9 @@ def verify(
     metrics: dict[str, float] = {}
     six_hours: Forecasts | None = None
     with merged_adapter(model):
-        results = forecast_leads(
-            model, data.leads, batch_size=batch_size, device=device, state=bool(base), loss=loss
-        )
+        rollouts = LeadRollouts(model, data.leads, batch_size, device, True, bool(base), loss)
+        _run_blocks(rollouts, data, stop)
+        results = rollouts.results()
     for steps, samples in data.leads.items():
         base_at = base.get(LEADS[steps])
         result = results[steps]
@@ -362,6 +402,32 @@ def verify(
     assert six_hours is not None
     six_hours.objective_terms, six_hours.objective_days = objective
     return metrics, six_hours
+
+
+def _run_blocks(rollouts: LeadRollouts, data, stop) -> None:
+    """Roll out every sample of `data`'s split; with `stop`, block by block, asking it after
+    each block but the last whether to go on."""
+    one = data.leads[1]
+    if stop is None:
+        rollouts.run(np.arange(len(one)))
+        return
+    blocks = scoring_blocks(one.target_days())
+    slot, lead = rollouts.slot[data.objective_steps], data.objective_steps
+    positions, num, den = np.zeros(0, int), np.zeros(0), np.zeros(0)
+    for block in blocks[:-1]:
+        rollouts.run(block)
+        scored = slot[block][slot[block] >= 0]
+        terms = subset_terms(rollouts.values[lead][scored], data, scored)
+        positions = np.concatenate([positions, scored])
+        num, den = np.concatenate([num, terms[0]]), np.concatenate([den, terms[1]])
+        if stop(positions, num, den):
+            days = data.scored.target_days()
+            raise ScoringStopped(
+                objective_from(data.objective, np.nansum(num), np.nansum(den)),
+                len(np.unique(days[positions])),
+                len(np.unique(days)),
+            )
+    rollouts.run(blocks[-1])
 
 
 def lead_scores(
@@ -394,55 +460,4 @@ def lead_scores(
         references=references,
         others=others,
         interior=getattr(data, "interior", None),
-    )
-
-
-def check_objective_defined(data) -> None:
-    """Refuse, before the first trial, an objective the evaluation split cannot define.
-
-    SEEPS scores only grid points whose climatological dry fraction lies within 0.1..0.85 (in
-    the month and hour of each target): a region and period where every point is always dry or
-    always wet there leaves nothing to score, every trial's objective would be NaN and a study
-    would never finish a trial.
-    """
-    if data.objective.score != "seeps":
-        return
-    times = data.scored.target_times()
-    seeps = cut_seeps(data.lead_seeps[data.objective_steps], objective_window(data))
-    p_dry = seeps.p_dry[times.month.values - 1, times.hour.values // 6]
-    low, high = SEEPS_P_DRY_RANGE
-    with np.errstate(invalid="ignore"):
-        scored = (
-            (p_dry >= low)
-            & (p_dry <= high)
-            & np.isfinite(seeps.light_heavy[times.month.values - 1, times.hour.values // 6])
-        )
-    if not scored.any():
-        seen = p_dry[np.isfinite(p_dry)]
-        span = f"{seen.min():.2f}..{seen.max():.2f}" if seen.size else "undefined"
-        raise AuroraSweepError(
-            f"{data.objective} is undefined on the {data.validation.split} split: at every grid "
-            f"point {'of the interior ' if data.objective.interior else ''}the train split's dry fraction (here {span}) lies outside {low}..{high} in "
-            "the months and hours scored, so SEEPS leaves nothing to score; use [study] objective"
-            f' = "{data.validation.variable.metric("rmse")}", or a region and period with both '
-            "dry and wet 6-hour values"
-        )
-
-
-def subset_objective(values: np.ndarray, data, indices: np.ndarray) -> float:
-    """The study's objective for a forecast of the evaluation samples `indices` at the
-    objective's lead (for pruning)."""
-    samples: Samples = data.scored
-    times = samples.target_times()[indices]
-    window = objective_window(data)
-    land = samples.scored_points
-    return objective_value(
-        data.objective,
-        forecast=cut(values, window),
-        observed=cut(samples.observed(indices), window),
-        lat=cut_lat(samples.cube["latitude"].values, window),
-        months=times.month.values,
-        hours=times.hour.values,
-        seeps=cut_seeps(data.lead_seeps[samples.steps], window),
-        land=None if land is None else cut(land, window),
     )

@@ -1,0 +1,90 @@
+"""Scoring that stops for a recipe that cannot win: the validation days in blocks, a paired test
+after each.
+
+Scoring a completed trial on the whole validation split at every lead costs about as much as
+training it, and most trials scored are not the study's answer. So a trial is scored block by
+block (`scoring_blocks`: the 6-hour samples grouped by their valid day, the days in one shuffled
+order every trial shares, cut into blocks), and after each block its per-day objective is
+compared, day by day, with the best feasible trial's on the same samples (`cannot_win`). The
+test is Optuna's `WilcoxonPruner`'s, with the days as its problem instances: a one-sided
+Wilcoxon signed-rank test of the daily differences (`zero_method="zsplit"`), and no stop while
+the trial's mean over those days is not worse than the best's. A trial that cannot win stops
+there and is recorded as pruned, with its objective over the days scored, labelled as partial.
+
+Every trial that goes on is scored on every day at every lead, so its scores are the same as
+without the test; the finalists' replicas and the reference recipes are always scored whole.
+
+A leaf: NumPy and SciPy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import stats
+
+from aurora_sweep.config.objective import Objective
+from aurora_sweep.verify.bootstrap import objective_from
+
+#: the blocks the validation days are cut into; a trial is tested after each but the last
+BLOCKS = 8
+#: days scored by both trials before the test may stop one (Wilcoxon's test on fewer days
+#: cannot reach p < 0.1 unless nearly every day agrees)
+MIN_DAYS = 8
+
+
+class ScoringStopped(Exception):
+    """A trial's scoring stopped after some blocks: it cannot win (`cannot_win`)."""
+
+    def __init__(self, value: float, days: int, of: int) -> None:
+        super().__init__(f"scoring stopped after {days} of {of} days")
+        #: the objective over the days scored (partial), and how many of how many days
+        self.value, self.days, self.of = value, days, of
+        #: where the trial's time went (`train.fit` sets it)
+        self.metrics: dict[str, float] = {}
+
+
+def scoring_blocks(days: np.ndarray, blocks: int = BLOCKS, seed: int = 0) -> list[np.ndarray]:
+    """Positions of `days` (each sample's day) grouped by day, the days in a fixed shuffled
+    order (`seed`), cut into at most `blocks` blocks of whole days; every position in one."""
+    days = np.asarray(days)
+    unique = np.unique(days)
+    order = np.random.default_rng(seed).permutation(len(unique))
+    cuts = np.array_split(unique[order], min(blocks, len(unique)))
+    return [np.flatnonzero(np.isin(days, cut)) for cut in cuts if len(cut)]
+
+
+def daily(objective: Objective, num: np.ndarray, den: np.ndarray, days: np.ndarray):
+    """The objective of each day (the days in order, `np.unique`) from per-sample terms; NaN
+    for a day whose terms hold a NaN (a missing observation, a failed forecast)."""
+    unique, inverse = np.unique(np.asarray(days), return_inverse=True)
+    sums = np.zeros((2, len(unique)))
+    np.add.at(sums[0], inverse, np.asarray(num, float))
+    np.add.at(sums[1], inverse, np.asarray(den, float))
+    values = np.array([objective_from(objective, n, d) for n, d in sums.T])
+    return unique, values
+
+
+def cannot_win(
+    objective: Objective,
+    trial: tuple[np.ndarray, np.ndarray],
+    best: tuple[np.ndarray, np.ndarray],
+    days: np.ndarray,
+    *,
+    p_threshold: float,
+    min_days: int = MIN_DAYS,
+) -> tuple[bool, float, int]:
+    """Whether a trial scored on some samples cannot beat the best trial: its per-sample
+    (numerator, denominator) `trial` and the best's `best` on the same samples, whose days are
+    `days`. Returns (stop, the test's p-value, the days compared)."""
+    _, mine = daily(objective, *trial, days)
+    _, theirs = daily(objective, *best, days)
+    both = np.isfinite(mine) & np.isfinite(theirs)
+    mine, theirs = mine[both], theirs[both]
+    if len(mine) < max(2, min_days):
+        return False, float("nan"), len(mine)
+    differences = mine - theirs
+    p = float(stats.wilcoxon(differences, alternative="greater", zero_method="zsplit").pvalue)
+    # Optuna's safety: never stop a trial whose mean over these days is not worse than the best's
+    if mine.mean() <= theirs.mean():
+        return False, p, len(mine)
+    return p < p_threshold, p, len(mine)

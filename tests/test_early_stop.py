@@ -1,0 +1,104 @@
+"""The scoring's paired test over days (`verify.early_stop`), on made-up per-sample terms."""
+
+import numpy as np
+import pytest
+
+from aurora_sweep.config.objective import Objective
+from aurora_sweep.verify.early_stop import cannot_win, daily, scoring_blocks
+
+SEEPS = Objective.parse("tp_seeps")
+
+
+def test_blocks_hold_every_sample_once_whole_days_in_one_shared_order():
+    days = np.repeat(np.arange("2024-01-01", "2024-03-01", dtype="datetime64[D]"), 4)
+    blocks = scoring_blocks(days)
+    together = np.concatenate(blocks)
+    assert sorted(together) == list(range(len(days)))  # each sample once
+    assert len(blocks) == 8
+    for block in blocks:  # whole days: a day's four samples in the same block
+        for day in np.unique(days[block]):
+            assert set(np.flatnonzero(days == day)) <= set(block)
+    # the same order for every trial; shuffled, not the calendar's
+    again = scoring_blocks(days)
+    assert all(np.array_equal(a, b) for a, b in zip(blocks, again))
+    assert not np.all(np.diff(days[together]) >= np.timedelta64(0, "D"))
+
+
+def _terms(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return values.copy(), np.ones_like(values)
+
+
+def test_a_trial_worse_on_most_days_cannot_win_and_a_close_one_goes_on():
+    rng = np.random.default_rng(0)
+    days = np.repeat(np.arange("2024-01-01", "2024-01-21", dtype="datetime64[D]"), 4)
+    best = rng.uniform(0.1, 0.3, len(days))
+    worse = best + 0.05 + rng.normal(0.0, 0.01, len(days))
+    stop, p, n = cannot_win(SEEPS, _terms(worse), _terms(best), days, p_threshold=0.1)
+    assert stop and p < 0.01 and n == 20
+    close = best + rng.normal(0.0, 0.05, len(days))  # a draw: as often better as worse
+    stop, p, _ = cannot_win(SEEPS, _terms(close), _terms(best), days, p_threshold=0.1)
+    assert not stop and p > 0.1
+
+
+def test_too_few_days_or_a_better_mean_never_stop_a_trial():
+    rng = np.random.default_rng(1)
+    days = np.repeat(np.arange("2024-01-01", "2024-01-05", dtype="datetime64[D]"), 4)
+    best = rng.uniform(0.1, 0.3, len(days))
+    stop, p, n = cannot_win(SEEPS, _terms(best + 0.1), _terms(best), days, p_threshold=0.1)
+    assert not stop and n == 4 and np.isnan(p)
+    # worse on most days by a little, far better on one: its mean is better, so it goes on
+    days = np.repeat(np.arange("2024-01-01", "2024-01-21", dtype="datetime64[D]"), 1)
+    best = np.full(20, 0.5)
+    mine = best + 0.01
+    mine[0] = 0.0
+    stop, p, _ = cannot_win(SEEPS, _terms(mine), _terms(best), days, p_threshold=0.1)
+    assert p < 0.1 and not stop
+
+
+def test_a_day_with_a_missing_observation_is_left_out_of_the_test():
+    days = np.repeat(np.arange("2024-01-01", "2024-01-11", dtype="datetime64[D]"), 2)
+    num, den = np.full(20, 0.3), np.ones(20)
+    num[0] = np.nan
+    unique, values = daily(SEEPS, num, den, days)
+    assert len(unique) == 10 and np.isnan(values[0]) and values[1:] == pytest.approx(0.3)
+    stop, _, n = cannot_win(SEEPS, (num + 0.1, den), (num, den), days, p_threshold=0.1)
+    assert n == 9 and stop
+
+
+def test_the_study_stops_scoring_a_worse_search_trial_but_never_a_reference_or_a_replica(
+    tiny_config,
+):
+    """`stops_scoring` pairs the trial's terms so far with the best feasible trial's on the
+    same samples; a reference recipe, a finalist's replica and a two-objective study's trials
+    are scored whole whatever they score."""
+    import dataclasses
+
+    import optuna
+
+    from aurora_sweep.sweep.outcomes import Scored
+    from aurora_sweep.sweep.records import TrialRecord
+    from aurora_sweep.sweep.scheduler import stops_scoring
+    from synthetic import tiny_lora_trial
+    from test_finalists import DAYS, _add
+
+    study = optuna.create_study()
+    _add(study, 0.30, tiny_lora_trial(lora_rank=8), forgets=True)  # better, but infeasible
+    best = _add(study, 0.20, tiny_lora_trial(lora_rank=2))
+    positions = np.arange(0, 80)  # the first 20 days' samples
+    worse = Scored(positions.tolist(), [0.26] * 80, [1.0] * 80)
+    level = Scored(positions.tolist(), [0.20] * 80, [1.0] * 80)
+    trial = study.ask()
+    assert stops_scoring(tiny_config, trial, worse)
+    test = TrialRecord.of(study.trials[-1]).scoring_test
+    assert test["against"] == best.number and test["p"] < 0.1 and test["days"] == 20
+    assert not stops_scoring(tiny_config, study.ask(), level)
+    for attrs in ({"reference": "lora"}, {"replica_of": best.number}):
+        other = study.ask()
+        for k, v in attrs.items():
+            other.set_user_attr(k, v)
+        assert not stops_scoring(tiny_config, other, worse)
+    off = dataclasses.replace(tiny_config, scoring_pruner=0.0)
+    assert not stops_scoring(off, study.ask(), worse)
+    pareto = dataclasses.replace(tiny_config, objectives=("tp_seeps", "peak_memory_mb"))
+    assert not stops_scoring(pareto, study.ask(), worse)
+    assert len(DAYS) >= 80
