@@ -102,3 +102,35 @@ def test_the_study_stops_scoring_a_worse_search_trial_but_never_a_reference_or_a
     pareto = dataclasses.replace(tiny_config, objectives=("tp_seeps", "peak_memory_mb"))
     assert not stops_scoring(pareto, study.ask(), worse)
     assert len(DAYS) >= 80
+
+
+def test_the_median_pruner_counts_the_trials_whose_scoring_stopped(tiny_config):
+    """A trial whose scoring stopped trained to its last step: its curve belongs among those
+    the median is taken over, or the median would be the best trials' alone."""
+    import optuna
+
+    from aurora_sweep.sweep.storage import study_pruner
+
+    def add(study, value, state, **attrs):
+        study.add_trial(
+            optuna.trial.create_trial(
+                state=state,
+                value=value if state == optuna.trial.TrialState.COMPLETE else None,
+                intermediate_values={2: value + 0.1, 4: value},
+                user_attrs=attrs,
+            )
+        )
+
+    study = optuna.create_study(pruner=study_pruner(tiny_config))
+    for _ in range(6):
+        add(study, 0.2, optuna.trial.TrialState.COMPLETE)
+        add(study, 0.5, optuna.trial.TrialState.PRUNED, partial={"value": 0.5, "days": 9, "of": 72})
+        add(study, 0.9, optuna.trial.TrialState.PRUNED)  # pruned while training: not counted
+    trial = study.ask()
+    trial.report(0.3, 4)
+    assert not trial.should_prune()  # the median of 0.2s and 0.5s is 0.35
+    plain = optuna.pruners.MedianPruner(n_startup_trials=6, n_warmup_steps=3)
+    assert plain.prune(study, study.trials[-1])  # over the completed alone, 0.2: pruned
+    worse = study.ask()
+    worse.report(0.4, 4)
+    assert worse.should_prune()

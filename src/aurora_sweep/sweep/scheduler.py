@@ -271,11 +271,14 @@ class Sweep:
             self.predict(trial, estimate, run, recorder)
             run.flush()  # the config is in MLflow while the trial trains
 
+            # a finalist's replica trains to its end: its seed is what it is there for
+            replica = TrialRecord.of(trial).replica_of is not None
+
             def report(step: int, value: float) -> bool:
                 if config.cost:  # Optuna prunes single-objective studies only
                     return False
                 trial.report(value, step)
-                return trial.should_prune()
+                return not replica and trial.should_prune()
 
             def scored(message) -> bool:
                 return stops_scoring(config, trial, message)

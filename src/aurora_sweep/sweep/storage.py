@@ -39,9 +39,35 @@ def study_pruner(config: StudyConfig) -> optuna.pruners.MedianPruner:
     """The median pruner, never at a trial's first evaluation: reports come every `eval_every`
     steps and the warm-up lasts past the first, so a trial is judged on at least two (a recipe
     that starts slowly, LoRA with its zero-initialised B say, is not cut for starting slowly)."""
-    return optuna.pruners.MedianPruner(
-        n_startup_trials=6, n_warmup_steps=config.train.eval_every + 1
-    )
+    return TrainedMedianPruner(n_startup_trials=6, n_warmup_steps=config.train.eval_every + 1)
+
+
+class TrainedMedianPruner(optuna.pruners.MedianPruner):
+    """Optuna's median pruner over every trial that trained to its last step: the completed
+    ones and those whose scoring stopped (`verify.early_stop`, pruned with a `partial` score).
+    Their curves are whole; left out, the median would be that of the trials good enough to
+    be scored whole, and every later trial would be judged against the best alone."""
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        return super().prune(_Trained(study), trial)
+
+
+class _Trained:
+    """A study whose completed trials include those whose scoring stopped."""
+
+    def __init__(self, study: optuna.Study) -> None:
+        self._study = study
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+    def get_trials(self, deepcopy: bool = True, states=None) -> list:
+        done = optuna.trial.TrialState.COMPLETE
+        if states is None or tuple(states) != (done,):
+            return self._study.get_trials(deepcopy=deepcopy, states=states)
+        pruned = optuna.trial.TrialState.PRUNED
+        trials = self._study.get_trials(deepcopy=deepcopy, states=(done, pruned))
+        return [t for t in trials if t.state == done or "partial" in t.user_attrs]
 
 
 def open_study(
