@@ -17,6 +17,7 @@ TINY_STUDY = """
 name = "tiny"
 seed = 0
 finalists = 1  # no re-training with more seeds: the finalists' tests turn it on
+scoring_pruner = 0  # every trial scored whole; the scoring pruner's own test turns it on
 reference = false   # the tests that need the reference recipes turn them on
 # four steps at up to 5e-3 with tp's input trained: plumbing, not recipes worth keeping; against
 # the demo base they forget past 1.1, and the tests that export need a feasible best. The

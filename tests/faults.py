@@ -62,3 +62,31 @@ def nan_objective(*args, **kwargs):
     result = fit(*args, **kwargs)
     result.metrics["tp_seeps"] = float("nan")
     return result
+
+
+def untrained_after_first(trial, *args, marker: str, **kwargs):
+    """The first trial trains for 48 steps at 5e-3; every later one at a learning rate that
+    leaves it as it started (its new variable's head at zero: a forecast worse than the
+    first's on nearly every day)."""
+    import dataclasses
+
+    if _first_call(marker):
+        trial = dataclasses.replace(trial, steps=48, eval_every=48, learning_rate=5e-3)
+    else:
+        trial = dataclasses.replace(trial, learning_rate=1e-12)
+    return fit(trial, *args, **kwargs)
+
+
+def killed_while_scoring(*args, marker: str, stop=None, **kwargs):
+    """Killed (SIGKILL, as the OOM killer or a scheduler kills) the first time, after its first
+    block of scoring; later calls train and score normally."""
+    import signal
+
+    first = _first_call(marker)
+
+    def scored(*terms):
+        if first:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return stop(*terms) if stop else False
+
+    return fit(*args, stop=scored, **kwargs)

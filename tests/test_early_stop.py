@@ -81,6 +81,7 @@ def test_the_study_stops_scoring_a_worse_search_trial_but_never_a_reference_or_a
     from synthetic import tiny_lora_trial
     from test_finalists import DAYS, _add
 
+    tiny_config = dataclasses.replace(tiny_config, scoring_pruner=0.1)
     study = optuna.create_study()
     _add(study, 0.30, tiny_lora_trial(lora_rank=8), forgets=True)  # better, but infeasible
     best = _add(study, 0.20, tiny_lora_trial(lora_rank=2))
@@ -134,3 +135,69 @@ def test_the_median_pruner_counts_the_trials_whose_scoring_stopped(tiny_config):
     worse = study.ask()
     worse.report(0.4, 4)
     assert worse.should_prune()
+
+
+def _fault(name: str, tmp_path):
+    import functools
+
+    import faults
+
+    return functools.partial(getattr(faults, name), marker=str(tmp_path / "marker"))
+
+
+@pytest.mark.slow
+def test_a_trial_worse_than_the_first_stops_scoring_and_is_pruned_with_a_partial_score(
+    tiny_config, tmp_path
+):
+    """Through the worker's pipe: the first trial is scored whole; the second (untrained) is
+    stopped after a block, pruned, its partial score kept apart and in MLflow."""
+    import dataclasses
+
+    import optuna
+    from mlflow import MlflowClient
+
+    from aurora_sweep.sweep.records import TrialRecord
+    from aurora_sweep.sweep.run import run_study
+    from aurora_sweep.sweep.tracking import tracking_uri
+
+    config = dataclasses.replace(tiny_config, scoring_pruner=0.1)
+    summary = run_study(config, trials=2, fit=_fault("untrained_after_first", tmp_path))
+    first, second = summary.study.trials
+    assert first.state == optuna.trial.TrialState.COMPLETE
+    assert second.state == optuna.trial.TrialState.PRUNED
+    record = TrialRecord.of(second)
+    assert record.partial["days"] < record.partial["of"] and record.scores == {}
+    assert record.scoring_test["against"] == 0 and record.scoring_test["p"] < 0.1
+    assert record.partial["value"] > first.value
+    run = MlflowClient(tracking_uri(config)).get_run(record.mlflow_run_id)
+    assert run.data.metrics["tp_seeps_partial"] == pytest.approx(record.partial["value"])
+    assert run.data.metrics["scored_days"] == record.partial["days"]
+    assert run.data.metrics["verify_seconds"] > 0 and "tp_seeps" not in run.data.metrics
+
+
+@pytest.mark.slow
+def test_a_trial_killed_while_scoring_is_retried_and_scores_every_sample_once(
+    tiny_config, tmp_path
+):
+    import dataclasses
+
+    import optuna
+
+    from aurora_sweep.sweep.records import TrialRecord
+    from aurora_sweep.sweep.run import run_study
+    from aurora_sweep.verify.bootstrap import decode_terms
+
+    config = dataclasses.replace(tiny_config, scoring_pruner=0.1)
+    summary = run_study(config, trials=1, fit=_fault("killed_while_scoring", tmp_path))
+    killed, retry = summary.study.trials
+    assert killed.state == optuna.trial.TrialState.FAIL
+    assert retry.state == optuna.trial.TrialState.COMPLETE
+    assert TrialRecord.of(retry).retry_of == killed.number
+    num, den, days = decode_terms(TrialRecord.of(retry).objective_terms)
+    # every sample of the split once: as many terms as samples, each day's samples all there
+    from aurora_sweep.data.cube import open_cube
+    from aurora_sweep.data.trial_data import TrialData
+
+    data = TrialData.prepare(open_cube(config), config)
+    assert len(num) == len(data.scored)
+    assert np.array_equal(days, data.scored.target_days())
