@@ -673,3 +673,31 @@ def test_baselines_scored_once_are_kept_apart_for_the_whole_box_and_the_interior
     for name in ("tp_rmse_persistence", "tp_rmse_persistence_interior"):
         assert again[name] == first[name]
     assert first["tp_rmse_persistence"] != first["tp_rmse_persistence_interior"]
+
+
+@pytest.mark.parametrize("threshold", [0.1, 1.0, 5.0])
+def test_contingency_counts_equal_scores_counts_with_missing_points(threshold):
+    """`spatial.contingency_counts` is scores' `ThresholdEventOperator` (>=) and
+    `transform(reduce_dims="all")`: a point where either field is NaN (a land-only target's
+    sea) is in no count; values exactly at the threshold are events."""
+    import operator
+
+    from scores.categorical import ThresholdEventOperator
+
+    from aurora_sweep.verify.spatial import contingency_counts
+
+    rng = np.random.default_rng(4)
+    forecast = rng.gamma(0.4, 3.0, (6, 9, 11)).round(1)
+    observed = rng.gamma(0.4, 3.0, (6, 9, 11)).round(1)
+    forecast[:, :2, :3] = np.nan  # sea in both
+    observed[0, 5, 5] = np.nan  # one missing observation
+    forecast[1, 6, 6] = threshold  # exactly at the threshold
+    table = ThresholdEventOperator(default_event_threshold=threshold, default_op_fn=operator.ge)
+    fc, ob = (
+        xr.DataArray(v, dims=("sample", "latitude", "longitude")) for v in (forecast, observed)
+    )
+    expected = table.make_contingency_manager(fc, ob).transform(reduce_dims="all").counts
+    counts = contingency_counts(forecast, observed, threshold)
+    for key, value in counts.items():
+        assert value == float(expected[key]), key
+    assert sum(counts.values()) == float(expected["total_count"])

@@ -28,7 +28,8 @@ The scores, for a forecast f against observations o (`w` = cos(latitude), from s
 - `tp_csi_{t}`, `tp_ets_{t}`, `tp_fbias_{t}`: critical success index hits/(hits+misses+false
   alarms), equitable threat score (hits corrected for random hits) and frequency bias (forecast
   events / observed events) for the event "tp >= t mm", t in `Target.thresholds`. `>=` is
-  the side of scores' `ThresholdEventOperator` default (`operator.ge`), which we pass explicitly.
+  the side of scores' `ThresholdEventOperator` default (`operator.ge`); `spatial.contingency_counts`
+  counts as scores does (a test holds them equal), in NumPy.
   Counts are pooled over samples and points and NOT latitude-weighted: these are the usual
   grid-point contingency counts (scores' `transform` sums events; MET's grid-stat does the same by
   default), and they live in grid space like the FSS next to them. Pooled, not per time and
@@ -62,12 +63,11 @@ points where it happened to be finite.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Iterator
 
 import numpy as np
 import xarray as xr
-from scores.categorical import BasicContingencyManager, ThresholdEventOperator
+from scores.categorical import BasicContingencyManager
 from scores.continuous import additive_bias, mae, mse, rmse
 from scores.functions import create_latitude_weights
 
@@ -84,7 +84,7 @@ from aurora_sweep.verify.bootstrap import (
 from aurora_sweep.verify.inputs import check_inputs
 from aurora_sweep.verify.interior import cut, cut_lat, cut_seeps
 from aurora_sweep.verify.seeps import seeps_terms
-from aurora_sweep.verify.spatial import anomaly_correlation, fss
+from aurora_sweep.verify.spatial import anomaly_correlation, contingency_counts, fss
 
 FSS_WINDOWS = (5, 11)  # square windows, in grid points
 
@@ -369,12 +369,8 @@ def _all_scores(
         ab[sl] = mae(fc, ob, preserve_dims="sample", weights=weights).values
         err[sl] = additive_bias(fc, ob, preserve_dims="sample", weights=weights).values
         for t in target.thresholds:
-            table = ThresholdEventOperator(default_event_threshold=t, default_op_fn=operator.ge)
-            chunk_counts = (
-                table.make_contingency_manager(fc, ob).transform(reduce_dims="all").counts
-            )
-            for key in counts[t]:
-                counts[t][key] += float(chunk_counts[key])
+            for key, v in contingency_counts(forecast[sl], observed[sl], t).items():
+                counts[t][key] += v
     # every kept sample has the same total weight: the mean of per-sample means is pooled
     result = {
         s: objective_from(Objective(target.name, s), *(t.sum() for t in pair))

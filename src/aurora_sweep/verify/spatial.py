@@ -1,5 +1,5 @@
-"""Scores of whole fields computed in NumPy: the fractions skill score and the anomaly
-correlation (`metrics` names and pools them).
+"""Scores of whole fields computed in NumPy: the contingency counts of an event, the fractions
+skill score and the anomaly correlation (`metrics` names and pools them).
 
 The FSS is `scores.spatial.fss_2d`'s algorithm (summed-area tables) over every sample at once;
 the anomaly correlation is WeatherBench 2's ACC. A leaf: NumPy only.
@@ -8,6 +8,29 @@ the anomaly correlation is WeatherBench 2's ACC. A leaf: NumPy only.
 from __future__ import annotations
 
 import numpy as np
+
+
+def contingency_counts(
+    forecast: np.ndarray, observed: np.ndarray, threshold: float
+) -> dict[str, float]:
+    """Hits, correct negatives, false alarms and misses of the event "value >= threshold" over
+    every point where both fields are defined, as `scores.categorical`'s `ThresholdEventOperator`
+    (`operator.ge`) and `transform(reduce_dims="all")` count them (a point where either is NaN
+    is in no count), keyed as scores keys them; NumPy over the arrays as they are (its xarray
+    tables took a third of a demo trial's scoring)."""
+    forecast, observed = np.asarray(forecast), np.asarray(observed)
+    defined = ~(np.isnan(forecast) | np.isnan(observed))
+    with np.errstate(invalid="ignore"):
+        f = np.greater_equal(forecast, threshold) & defined
+        o = np.greater_equal(observed, threshold) & defined
+    hits = int(np.count_nonzero(f & o))
+    forecast_events, observed_events = int(np.count_nonzero(f)), int(np.count_nonzero(o))
+    return {
+        "tp_count": float(hits),
+        "fp_count": float(forecast_events - hits),
+        "fn_count": float(observed_events - hits),
+        "tn_count": float(np.count_nonzero(defined) - forecast_events - observed_events + hits),
+    }
 
 
 def fss(forecast: np.ndarray, observed: np.ndarray, threshold: float, window: int) -> float:
