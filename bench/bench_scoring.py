@@ -39,16 +39,17 @@ from aurora_sweep.data.trial_data import TrialData
 from aurora_sweep.sweep.records import TrialRecord, completed, forgets, score
 from aurora_sweep.sweep.storage import open_study
 from aurora_sweep.verify.bootstrap import decode_terms, paired_difference
-from aurora_sweep.verify.early_stop import cannot_win, scoring_blocks
+from aurora_sweep.verify.early_stop import block_count, cannot_win, scoring_blocks
 from aurora_sweep.verify.scoring import _lead_slots
 
 RESULTS = Path(__file__).parent / "results"
 
 
-def replay(config, trials, data, p: float) -> dict:
+def replay(config, trials, data, p: float, batch_size: int) -> dict:
     """Which completed trials the pruner would stop, in the order they ended."""
     longest, slot = _lead_slots(data.leads)
-    blocks = scoring_blocks(data.leads[1].target_days())
+    one = data.leads[1]
+    blocks = scoring_blocks(one.target_days(), block_count(len(one), batch_size))
     lead, objective = data.objective_steps, config.objective.at(config.lead_steps)
     scored_whole, stopped = [], {}
     for t in sorted(completed(trials), key=lambda t: t.datetime_complete):
@@ -82,11 +83,17 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--config", type=Path, default=None)
     parser.add_argument("--p", type=float, default=0.1)
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=32,
+        help="samples a scoring pass (32: a CPU's, eval_batch_size)",
+    )
     args = parser.parse_args()
     config = load_config(args.config, workdir=args.workdir.resolve())
     trials = open_study(config, create=False).get_trials(deepcopy=False)
     data = TrialData.prepare(open_cube(config), config)
-    result = replay(config, trials, data, args.p)
+    result = replay(config, trials, data, args.p, args.batch)
     done = completed(trials)
     feasible = [t for t in done if not forgets(t)]
     full_winner = feasible[0]
@@ -98,7 +105,8 @@ def main() -> None:
     verify_total = sum(v for v in seconds.values() if v)
     saved = sum(s["forwards_saved"] * (seconds.get(n) or 0.0) for n, s in result["stopped"].items())
     summary = {
-        "command": f"bench/bench_scoring.py --workdir {args.workdir} --p {args.p}",
+        "command": f"bench/bench_scoring.py --workdir {args.workdir} --p {args.p} --batch {args.batch}",
+        "blocks": block_count(len(data.leads[1]), args.batch),
         "machine": f"{platform.node()} {platform.processor() or platform.machine()}",
         "date": dt.date.today().isoformat(),
         "completed_trials": len(done),

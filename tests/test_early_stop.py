@@ -24,6 +24,14 @@ def test_blocks_hold_every_sample_once_whole_days_in_one_shared_order():
     assert not np.all(np.diff(days[together]) >= np.timedelta64(0, "D"))
 
 
+def test_a_block_holds_at_least_two_scoring_passes_where_it_can():
+    from aurora_sweep.verify.early_stop import BLOCKS, block_count
+
+    assert block_count(1464, 32) == BLOCKS  # a year at 6 h, a CPU's passes
+    assert block_count(264, 32) == 4  # the demo's split
+    assert block_count(40, 32) == 2  # never fewer than two: one test at least
+
+
 def _terms(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return values.copy(), np.ones_like(values)
 

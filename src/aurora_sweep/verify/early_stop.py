@@ -25,8 +25,18 @@ from scipy import stats
 from aurora_sweep.config.objective import Objective
 from aurora_sweep.verify.bootstrap import objective_from
 
-#: the blocks the validation days are cut into; a trial is tested after each but the last
+#: the most blocks the validation days are cut into; a trial is tested after each but the last
 BLOCKS = 8
+
+
+def block_count(samples: int, batch_size: int) -> int:
+    """How many blocks a split of `samples` 6-hour samples is scored in, at `batch_size`
+    samples a forward pass: `BLOCKS`, fewer where a block would hold less than two full passes
+    (a block's samples are rolled out to their own leads, in passes of their own: small
+    blocks make small passes, and a survivor pays for them), at least 2."""
+    return max(2, min(BLOCKS, samples // (2 * batch_size)))
+
+
 #: days scored by both trials before the test may stop one (Wilcoxon's test on fewer days
 #: cannot reach p < 0.1 unless nearly every day agrees)
 MIN_DAYS = 8

@@ -31,7 +31,7 @@ from aurora_sweep.data.store import ATMOS_VARS, SURF_VARS
 from aurora_sweep.model.build import clamped, merged_adapter
 from aurora_sweep.model.loss import LossSpec, loss_terms
 from aurora_sweep.verify.bootstrap import objective_from
-from aurora_sweep.verify.early_stop import ScoringStopped, scoring_blocks
+from aurora_sweep.verify.early_stop import ScoringStopped, block_count, scoring_blocks
 from aurora_sweep.verify.metrics import lat_weighted_mse, scores
 from aurora_sweep.verify.objective import subset_terms
 from aurora_sweep.verify.rollout import rollout, run_steps
@@ -411,7 +411,7 @@ def _run_blocks(rollouts: LeadRollouts, data, stop) -> None:
     if stop is None:
         rollouts.run(np.arange(len(one)))
         return
-    blocks = scoring_blocks(one.target_days())
+    blocks = scoring_blocks(one.target_days(), block_count(len(one), rollouts.batch_size))
     slot, lead = rollouts.slot[data.objective_steps], data.objective_steps
     positions, num, den = np.zeros(0, int), np.zeros(0), np.zeros(0)
     for block in blocks[:-1]:
