@@ -181,6 +181,11 @@ def test_a_trial_worse_than_the_first_stops_scoring_and_is_pruned_with_a_partial
     assert run.data.metrics["tp_seeps_partial"] == pytest.approx(record.partial["value"])
     assert run.data.metrics["scored_days"] == record.partial["days"]
     assert run.data.metrics["verify_seconds"] > 0 and "tp_seeps" not in run.data.metrics
+    from aurora_sweep.report.best import stopped_scoring
+
+    (line,) = stopped_scoring(summary.study.trials)
+    assert line.startswith("1 trial(s) stopped while scoring") and "partial" in line
+    assert f"1 ({record.partial['value']:.4f} over" in line
 
 
 @pytest.mark.slow

@@ -270,6 +270,7 @@ def best(
         best_by_method,
         pareto_table,
         recipe,
+        stopped_scoring,
         study_trials,
         top_trials_table,
     )
@@ -285,6 +286,7 @@ def best(
         table = pareto_table(study, trials) if pareto else top_trials_table(study, trials, top=top)
         console.print(table)
         lines = [*best_by_method(study, trials), *against_references(study, trials)]
+        lines += stopped_scoring(trials)
         for line in [*lines, *finalist_lines(study, trials, recipe)]:
             console.print(line, highlight=False)
         if export is not None:

@@ -238,6 +238,21 @@ def verify_share(record: TrialRecord) -> str:
     return f"{spent / total:.0%}" if spent is not None and total else "-"
 
 
+def stopped_scoring(trials: list[optuna.trial.FrozenTrial]) -> list[str]:
+    """`best`'s line on the trials whose scoring stopped (`verify.early_stop`): not in its
+    table, their scores being over fewer days than the rest's."""
+    stopped = [(t.number, a.partial) for t in trials if (a := TrialRecord.of(t)).partial]
+    if not stopped:
+        return []
+    each = ", ".join(
+        f"{n} ({p['value']:.4f} over {p['days']:.0f} of {p['of']:.0f} days)" for n, p in stopped
+    )
+    return [
+        f"{len(stopped)} trial(s) stopped while scoring, worse than the best on the days "
+        f"scored; partial scores, never the answer: {each}"
+    ]
+
+
 def recipe(trial: optuna.trial.FrozenTrial) -> str:
     """A trial's recipe in a few words: 'dora r8 qkv+proj u1 b2 bf16 lr3.0e-04 ckpt',
     'blocks4 b2 fp32 lr1.0e-03', 'full* b1 bf16 lr3.0e-04 ckpt' (* the reference recipe)."""
