@@ -19,11 +19,18 @@ from typing import Any
 import optuna
 from rich.console import Console
 
+from aurora_sweep.config.recipe import lead_suffix
 from aurora_sweep.config.study import StudyConfig
 from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.processes import this_process
 from aurora_sweep.sweep.outcomes import Complete, Recorder
-from aurora_sweep.sweep.records import BASE_MSE, TrialRecord, ranked, write_attrs
+from aurora_sweep.sweep.records import (
+    BASE_MSE,
+    TrialRecord,
+    ranked,
+    worst_forgetting,
+    write_attrs,
+)
 from aurora_sweep.sweep.space import sample_trial
 from aurora_sweep.sweep.storage import FINISHED, reap_dead_trials, retry_once, sampler, worker_seed
 from aurora_sweep.sweep.worker import WorkerCrashed
@@ -415,14 +422,22 @@ def stops_scoring(config: StudyConfig, trial: optuna.Trial, message) -> bool:
 
 
 def _score_line(m: dict[str, float], config: StudyConfig) -> str:
-    """One line of a trial's verdict at the study's lead: objective with its interval, skills."""
+    """One line of a trial's verdict at the study's lead: objective with its interval, skills,
+    and ✗ with the variable when it forgets beyond `[study] max_forgetting` (as `best` marks
+    it: never the study's answer)."""
     objective = config.objective.at(config.lead_steps)
     persistence, climatology = (objective.skill(r) for r in ("persistence", "climatology"))
     lo, hi = m.get(objective.of("q05")), m.get(objective.of("q95"))
     interval = f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else ""
+    worst = worst_forgetting(m, lead_suffix(config.lead_steps))
+    forgets = (
+        f"  ✗ forgets {worst[0]} ×{worst[1]:.2f} (max ×{config.max_forgetting:g}): never the answer"
+        if worst is not None and worst[1] > config.max_forgetting
+        else ""
+    )
     return (
         f"{config.objective_metric} {m[config.objective_metric]:.3f}{interval}  skill vs "
-        f"persistence {m[persistence]:+.3f}, vs climatology {m[climatology]:+.3f}"
+        f"persistence {m[persistence]:+.3f}, vs climatology {m[climatology]:+.3f}{forgets}"
     )
 
 
