@@ -1,4 +1,5 @@
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -143,21 +144,50 @@ def test_training_changes_lora_and_tp_weights_and_leaves_every_frozen_weight_bit
     assert np.isfinite(loss.item())
 
 
-def test_offline_small_pretrained_without_a_cached_file_says_how_to_get_it(monkeypatch):
+def _offline(monkeypatch, cache: Path) -> None:
+    """An empty Hugging Face cache, and a hub at a closed loopback port (no test leaves the
+    machine)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+
+
+def test_offline_small_pretrained_without_a_cached_file_says_how_to_get_it(monkeypatch, tmp_path):
+    import time
+
     import huggingface_hub
 
     from aurora_sweep.config.bases import BASES
     from aurora_sweep.model.files import resolve_checkpoint
 
     SMALL_NAME = BASES["small-pretrained"].checkpoint_name
+    _offline(monkeypatch, tmp_path / "hub")
 
-    def offline(*args, **kwargs):
-        raise huggingface_hub.errors.LocalEntryNotFoundError("offline and not cached")
+    def download(*args, **kwargs):
+        raise AssertionError("no download is tried when the hub cannot be reached")
 
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    started = time.monotonic()
     with pytest.raises(AuroraSweepError, match="--checkpoint") as info:
         resolve_checkpoint("small-pretrained", None)
+    assert time.monotonic() - started < 5  # at once, not after the hub client's retries
     assert SMALL_NAME in str(info.value) and "huggingface-cli download" in str(info.value)
+    assert "cannot be reached" in str(info.value)
+
+
+def test_a_cached_checkpoint_is_used_without_asking_the_hub(monkeypatch, tmp_path):
+    """A file in the Hugging Face cache's layout (snapshots/<revision>/<name>) is found there."""
+    from aurora_sweep.config.bases import BASES
+    from aurora_sweep.model.files import HF_REPO, resolve_checkpoint
+
+    spec = BASES["small-pretrained"]
+    _offline(monkeypatch, tmp_path / "hub")
+    folder = tmp_path / "hub" / f"models--{HF_REPO.replace('/', '--')}"
+    snapshot = folder / "snapshots" / spec.revision
+    snapshot.mkdir(parents=True)
+    (snapshot / spec.checkpoint_name).write_bytes(b"weights")
+    assert resolve_checkpoint("small-pretrained", None) == snapshot / spec.checkpoint_name
 
 
 def test_a_local_checkpoint_path_that_does_not_exist_is_refused(tmp_path):
@@ -402,3 +432,26 @@ def test_a_model_without_adapters_scores_as_it_is(tiny_config):
     with merged_adapter(model):
         pass
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_a_study_whose_aurora15_is_not_cached_is_refused_before_anything_is_made(
+    tiny_config, monkeypatch, tmp_path
+):
+    """Aurora 1.5 as a baseline, its checkpoint in no cache and the hub out of reach: one line,
+    at once, and no study database, no MLflow database, no trial."""
+    import dataclasses
+    import time
+
+    from aurora_sweep.sweep.run import run_study
+
+    _offline(monkeypatch, tmp_path / "hub")
+    config = dataclasses.replace(
+        tiny_config, baselines=("persistence", "climatology", "aurora-1.5")
+    )
+    started = time.monotonic()
+    with pytest.raises(AuroraSweepError, match="not in the Hugging Face cache") as info:
+        run_study(config, trials=1)
+    assert time.monotonic() - started < 10
+    assert "\n" not in str(info.value)
+    assert not (config.workdir / "tiny.optuna.db").exists()
+    assert not (config.workdir / "mlflow.db").exists()

@@ -45,20 +45,69 @@ def resolve_checkpoint(base: str, checkpoint: Path | None) -> Path:
     )
 
 
-def hub_file(name: str, revision: str, given_as: str) -> Path:
-    """microsoft/aurora's file `name` at `revision`, from the Hugging Face cache (downloaded when
-    the machine can reach the hub); refused in one line saying how to fetch it elsewhere and
-    give it (`given_as`)."""
-    from huggingface_hub import hf_hub_download
+#: seconds to wait for huggingface.co to answer before a file not in the cache is refused
+HUB_TIMEOUT = 3.0
 
-    try:
-        return Path(hf_hub_download(HF_REPO, name, revision=revision))
-    except Exception as e:  # offline and not cached, or the hub refused
+
+def hub_file(name: str, revision: str, given_as: str) -> Path:
+    """microsoft/aurora's file `name` at `revision`: from the Hugging Face cache when it is
+    there; else downloaded, when huggingface.co answers within `HUB_TIMEOUT` seconds; else
+    refused at once in one line saying how to fetch it elsewhere and give it (`given_as`), not
+    after the hub client's own retries and messages."""
+    import logging
+
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    cached = huggingface_hub.try_to_load_from_cache(HF_REPO, name, revision=revision)
+    if isinstance(cached, str) and Path(cached).is_file():
+        return Path(cached)
+    how = (
+        f"on a machine with internet run `huggingface-cli download {HF_REPO} {name} --revision "
+        f"{revision}` and {given_as}"
+    )
+    if constants.HF_HUB_OFFLINE or not _answers(constants.ENDPOINT):
         raise AuroraSweepError(
-            f"cannot get {name} from huggingface.co/{HF_REPO} ({type(e).__name__}): on a "
-            f"machine with internet run `huggingface-cli download {HF_REPO} {name} --revision "
-            f"{revision}` and {given_as}"
+            f"{name} is not in the Hugging Face cache and huggingface.co cannot be reached: {how}"
+        )
+    quiet = logging.getLogger("huggingface_hub")
+    level, quiet.level = quiet.level, logging.ERROR
+    try:
+        return Path(huggingface_hub.hf_hub_download(HF_REPO, name, revision=revision))
+    except Exception as e:  # the hub refused, or the download broke off
+        raise AuroraSweepError(
+            f"cannot get {name} from huggingface.co/{HF_REPO} ({type(e).__name__}): {how}"
         ) from None
+    finally:
+        quiet.setLevel(level)
+
+
+def _answers(endpoint: str) -> bool:
+    """Whether `endpoint` (the hub's URL) accepts a connection within `HUB_TIMEOUT` seconds."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=HUB_TIMEOUT):
+            return True
+    except OSError:
+        return False
+
+
+def study_files(config) -> None:
+    """Find, or refuse in one line, every file a study needs from outside it before anything
+    of the study is made: each base's checkpoint, and Aurora 1.5's checkpoint and static fields
+    where the study scores against it or adapts a base that reads its inputs."""
+    from aurora_sweep.config.bases import reads_v15_inputs
+
+    for base in config.bases:
+        resolve_checkpoint(base, config.model.checkpoint_for(base))
+    if "aurora-1.5" in config.baselines:
+        resolve_checkpoint("v1.5", config.model.checkpoint_for("v1.5"))
+    if "aurora-1.5" in config.baselines or any(map(reads_v15_inputs, config.bases)):
+        resolve_statics(config.model.v15_static)
 
 
 def file_sha256(path: Path) -> str:

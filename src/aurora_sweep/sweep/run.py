@@ -29,6 +29,7 @@ from rich.console import Console
 from aurora_sweep.config.bases import BASES
 from aurora_sweep.config.study import MIB, StudyConfig
 from aurora_sweep.devices import plan_devices
+from aurora_sweep.model.files import study_files
 from aurora_sweep.sweep.finalists import is_replica, replicas_to_run
 from aurora_sweep.sweep.outcomes import Ready
 from aurora_sweep.sweep.records import AURORA15, BASE_MSE, TrialRecord
@@ -140,6 +141,7 @@ def _open(config: StudyConfig, console: Console) -> tuple[optuna.Study, Any, Stu
     # failures are reported in one line each below; Optuna's own warning repeats the traceback
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     check_search(config)
+    study_files(config)  # a checkpoint or static file missing is refused before the study is
     client = client_for(config)
     study = _open_and_recover(config, client, console)
     local = config.tracking_uri is None or config.tracking_uri.startswith("sqlite")
