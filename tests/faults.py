@@ -90,3 +90,21 @@ def killed_while_scoring(*args, marker: str, stop=None, **kwargs):
         return stop(*terms) if stop else False
 
     return fit(*args, stop=scored, **kwargs)
+
+
+def pause_after_first_check(*args, marker: str, on_step=None, **kwargs):
+    """Trains as asked, but after the step that follows the first pruner check (step 3 of the
+    tiny study's 4, checks every 2) writes `<marker>.paused` and waits, at most a minute, for
+    `<marker>.resume`: a test reads the running trial's MLflow run meanwhile."""
+    import time
+
+    def step(k, value):
+        if on_step:
+            on_step(k, value)
+        if k == 3:
+            Path(marker + ".paused").touch()
+            deadline = time.monotonic() + 60
+            while not Path(marker + ".resume").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+    return fit(*args, on_step=step, **kwargs)

@@ -141,6 +141,15 @@ class Report:
 
 
 @dataclass
+class Progress:
+    """From a training worker, unanswered: the training loss of the steps since its last
+    `Progress`, sent every few seconds and before each pruner check, so that a running trial's
+    curve grows in MLflow (`worker.LIVE_SECONDS`)."""
+
+    train_loss: list[tuple[int, float]]
+
+
+@dataclass
 class Scored:
     """From a worker scoring a trial block by block: the objective's per-sample terms of the
     samples scored so far (`positions` among the objective lead's samples); it waits for a

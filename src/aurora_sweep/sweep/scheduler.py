@@ -282,10 +282,16 @@ class Sweep:
             replica = TrialRecord.of(trial).replica_of is not None
 
             def report(step: int, value: float) -> bool:
+                run.log_history({f"val_{config.objective.name}_subset": [(step, value)]})
+                run.flush()  # the pruner's value in MLflow as the trial trains
                 if config.cost:  # Optuna prunes single-objective studies only
                     return False
                 trial.report(value, step)
                 return not replica and trial.should_prune()
+
+            def progress(message) -> None:
+                run.log_history({"train_loss": message.train_loss})
+                run.flush()
 
             def scored(message) -> bool:
                 return stops_scoring(config, trial, message)
@@ -293,7 +299,7 @@ class Sweep:
             with tempfile.TemporaryDirectory() as tmp:
                 adapter = Path(tmp) / "adapter"
                 try:
-                    outcome = worker.run(tc.to_dict(), adapter, report, scored)
+                    outcome = worker.run(tc.to_dict(), adapter, report, scored, progress)
                 except WorkerCrashed as e:
                     raise self.crashed(trial, e, recorder) from None
                 scalars = recorder.record(outcome, trial, run)

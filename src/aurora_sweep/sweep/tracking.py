@@ -137,7 +137,9 @@ class TrialRun:
 
     Params, metrics and tags are buffered and sent in as few requests as MLflow allows
     (`flush`): against a tracking server each request is a round trip, and a trial logs dozens
-    of scores. `trial_run` flushes before training starts and when the run ends.
+    of scores. `trial_run` flushes before training starts and when the run ends; a training
+    trial's curve is flushed as it grows. A point of a curve (a step of 1 or more) is logged
+    once: the whole curve logged at the end adds only the points not sent live.
     """
 
     def __init__(self, client, run_id: str) -> None:
@@ -145,6 +147,7 @@ class TrialRun:
         self._params: list = []
         self._metrics: list = []
         self._tags: list = []
+        self._logged: set[tuple[str, int]] = set()  # (metric, step) of curves, step >= 1
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -159,11 +162,13 @@ class TrialRun:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self._metrics += [
-            Metric(name, float(v), now, int(step))
-            for name, points in series.items()
-            for step, v in points
-        ]
+        for name, points in series.items():
+            for step, v in points:
+                if step >= 1 and (name, int(step)) in self._logged:
+                    continue
+                if step >= 1:
+                    self._logged.add((name, int(step)))
+                self._metrics.append(Metric(name, float(v), now, int(step)))
 
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag

@@ -166,9 +166,11 @@ class TrialWorker:
         adapter_dir: Path,
         report: Callable[[int, float], bool],
         scored: Callable[[outcomes.Scored], bool] = lambda _: False,
+        progress: Callable[[outcomes.Progress], None] = lambda _: None,
     ) -> outcomes.Outcome:
         """Run one trial; `report(step, value)` returns True to prune it, `scored(message)` True
-        to stop scoring it (`outcomes.Scored`)."""
+        to stop scoring it (`outcomes.Scored`); `progress` is given its training curve as it
+        grows (`outcomes.Progress`)."""
         if self.process is None or not self.process.is_alive():
             self.start()
         assert self.conn is not None
@@ -180,6 +182,9 @@ class TrialWorker:
                 continue
             if isinstance(message, outcomes.Scored):
                 self.conn.send(Verdict(prune=scored(message)))
+                continue
+            if isinstance(message, outcomes.Progress):
+                progress(message)
                 continue
             outcome = message
             if getattr(outcome, "restart", False):
@@ -365,8 +370,10 @@ class _Session:
         from aurora_sweep.verify.early_stop import ScoringStopped
 
         started = time.perf_counter()
+        live = _Live(conn)
 
         def report(step: int, value: float) -> None:
+            live.send()  # the curve up to the check, then the check
             conn.send(Report(step, value))
             verdict: Verdict = conn.recv()
             if verdict.prune:
@@ -383,6 +390,7 @@ class _Session:
                 self.data,
                 checkpoint=self.checkpoint_for(trial.base),
                 report=report,
+                on_step=live.step,
                 device=self.device,
                 stop=stop,
             )
@@ -443,6 +451,29 @@ class _Session:
             loader_wait_fraction=result.loader_wait_fraction,
             base_mse=self.data.base_mse,
         )
+
+
+#: seconds between two sends of a training trial's curve to the study process (and MLflow)
+LIVE_SECONDS = 5.0
+
+
+class _Live:
+    """A training trial's loss by step, sent to the study process every `LIVE_SECONDS` and
+    before each pruner check (`outcomes.Progress`): batches, not a message per step."""
+
+    def __init__(self, conn) -> None:
+        self.conn, self.pending, self.sent_at = conn, [], time.monotonic()
+
+    def step(self, step: int, value: float) -> None:
+        self.pending.append((step, float(value)))
+        if time.monotonic() - self.sent_at >= LIVE_SECONDS:
+            self.send()
+
+    def send(self) -> None:
+        if self.pending:
+            self.conn.send(outcomes.Progress(self.pending))
+            self.pending = []
+        self.sent_at = time.monotonic()
 
 
 class _Pruned(Exception):

@@ -1,0 +1,52 @@
+"""A running trial's curves reach MLflow while it trains."""
+
+import functools
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+
+@pytest.mark.slow
+def test_a_running_trials_curve_is_in_mlflow_before_it_ends(tiny_config, tmp_path):
+    from mlflow import MlflowClient
+
+    import faults
+    from aurora_sweep.sweep.run import run_study
+    from aurora_sweep.sweep.tracking import tracking_uri
+
+    marker = str(tmp_path / "trial")
+    seen: dict = {}
+
+    def read_while_paused() -> None:
+        deadline = time.monotonic() + 120
+        while not Path(marker + ".paused").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        try:
+            client = MlflowClient(tracking_uri(tiny_config))
+            experiment = client.get_experiment_by_name("tiny")
+            (run,) = [
+                r
+                for r in client.search_runs([experiment.experiment_id])
+                if "mlflow.parentRunId" in r.data.tags
+            ]
+            seen["status"] = run.info.status
+            for name in ("train_loss", "val_tp_seeps_subset"):
+                seen[name] = [m.step for m in client.get_metric_history(run.info.run_id, name)]
+        finally:
+            Path(marker + ".resume").touch()
+
+    reader = threading.Thread(target=read_while_paused)
+    reader.start()
+    fit = functools.partial(faults.pause_after_first_check, marker=marker)
+    summary = run_study(tiny_config, trials=1, fit=fit)
+    reader.join()
+    # at step 3 of 4: the curve up to the pruner's check at step 2, and the check, are there
+    assert seen["status"] == "RUNNING"
+    assert seen["train_loss"] == [1, 2] and seen["val_tp_seeps_subset"] == [2]
+    # at the end, the whole curve, each step once
+    client = MlflowClient(tracking_uri(tiny_config))
+    run_id = summary.study.trials[0].user_attrs["mlflow_run_id"]
+    assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == [1, 2, 3, 4]
+    assert [m.step for m in client.get_metric_history(run_id, "val_tp_seeps_subset")] == [2]
