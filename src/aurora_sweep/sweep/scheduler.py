@@ -278,28 +278,14 @@ class Sweep:
             self.predict(trial, estimate, run, recorder)
             run.flush()  # the config is in MLflow while the trial trains
 
-            # a finalist's replica trains to its end: its seed is what it is there for
-            replica = TrialRecord.of(trial).replica_of is not None
-
-            def report(step: int, value: float) -> bool:
-                run.log_history({f"val_{config.objective.name}_subset": [(step, value)]})
-                run.flush()  # the pruner's value in MLflow as the trial trains
-                if config.cost:  # Optuna prunes single-objective studies only
-                    return False
-                trial.report(value, step)
-                return not replica and trial.should_prune()
-
-            def progress(message) -> None:
-                run.log_history({"train_loss": message.train_loss})
-                run.flush()
-
-            def scored(message) -> bool:
-                return stops_scoring(config, trial, message)
+            link = _TrialLink(config, trial, run)
 
             with tempfile.TemporaryDirectory() as tmp:
                 adapter = Path(tmp) / "adapter"
                 try:
-                    outcome = worker.run(tc.to_dict(), adapter, report, scored, progress)
+                    outcome = worker.run(
+                        tc.to_dict(), adapter, link.report, link.scored, link.progress
+                    )
                 except WorkerCrashed as e:
                     raise self.crashed(trial, e, recorder) from None
                 scalars = recorder.record(outcome, trial, run)
@@ -390,6 +376,33 @@ def signals_as_interrupts() -> Iterator[None]:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+@dataclass
+class _TrialLink:
+    """What the study process answers a running trial's worker: the pruner's verdict at each
+    check (a finalist's replica trains to its end: its seed is what it is there for), whether
+    its scoring stops, and its curve logged to MLflow as it grows."""
+
+    config: StudyConfig
+    trial: optuna.Trial
+    run: Any
+
+    def report(self, step: int, value: float) -> bool:
+        self.run.log_history({f"val_{self.config.objective.name}_subset": [(step, value)]})
+        self.run.flush()  # the pruner's value in MLflow as the trial trains
+        if self.config.cost:  # Optuna prunes single-objective studies only
+            return False
+        self.trial.report(value, step)
+        replica = TrialRecord.of(self.trial).replica_of is not None
+        return not replica and self.trial.should_prune()
+
+    def progress(self, message) -> None:
+        self.run.log_history({"train_loss": message.train_loss})
+        self.run.flush()
+
+    def scored(self, message) -> bool:
+        return stops_scoring(self.config, self.trial, message)
 
 
 def stops_scoring(config: StudyConfig, trial: optuna.Trial, message) -> bool:
