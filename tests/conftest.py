@@ -8,9 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from aurora_sweep.config.study import StudyConfig
-from aurora_sweep.config.study_file import load_config
-from servers import mlflow_server, postgres_server, postgres_url  # noqa: F401
+# No test reaches huggingface.co: the hub's address is a closed loopback port, in this process
+# and in the trial workers it starts (set before huggingface_hub reads it at import)
+os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
+
+from aurora_sweep.config.study import StudyConfig  # noqa: E402
+from aurora_sweep.config.study_file import load_config  # noqa: E402
+from servers import mlflow_server, postgres_server, postgres_url  # noqa: E402, F401
 
 TINY_STUDY = """
 [study]
@@ -18,6 +22,7 @@ name = "tiny"
 seed = 0
 finalists = 1  # no re-training with more seeds: the finalists' tests turn it on
 scoring_pruner = 0  # every trial scored whole; the scoring pruner's own test turns it on
+system_metrics = 0  # no sampler thread per trial; the live test turns it on
 reference = false   # the tests that need the reference recipes turn them on
 # four steps at up to 5e-3 with tp's input trained: plumbing, not recipes worth keeping; against
 # the demo base they forget past 1.1, and the tests that export need a feasible best. The

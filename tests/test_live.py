@@ -1,5 +1,6 @@
 """A running trial's curves reach MLflow while it trains."""
 
+import dataclasses
 import functools
 import threading
 import time
@@ -10,12 +11,15 @@ import pytest
 
 @pytest.mark.slow
 def test_a_running_trials_curve_is_in_mlflow_before_it_ends(tiny_config, tmp_path):
+    """Its training loss and the pruner's value while it trains, and MLflow's system metrics
+    (sampled every 0.2 s here) on its run."""
     from mlflow import MlflowClient
 
     import faults
     from aurora_sweep.sweep.run import run_study
     from aurora_sweep.sweep.tracking import tracking_uri
 
+    tiny_config = dataclasses.replace(tiny_config, system_metrics=0.2)
     marker = str(tmp_path / "trial")
     seen: dict = {}
 
@@ -50,3 +54,7 @@ def test_a_running_trials_curve_is_in_mlflow_before_it_ends(tiny_config, tmp_pat
     run_id = summary.study.trials[0].user_attrs["mlflow_run_id"]
     assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == [1, 2, 3, 4]
     assert [m.step for m in client.get_metric_history(run_id, "val_tp_seeps_subset")] == [2]
+    metrics = client.get_run(run_id).data.metrics
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(
+        metrics
+    )

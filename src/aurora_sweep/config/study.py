@@ -174,6 +174,9 @@ class StudyConfig:
     #: feasible trial on the same days by a one-sided Wilcoxon test at this p-value stops there,
     #: pruned with a partial score (`verify.early_stop`); 0: every trial scored whole.
     scoring_pruner: float = 0.1
+    #: Seconds between two samples of the machine's CPU, memory (and GPU) use that MLflow's own
+    #: monitor logs into each trial's run (`system/...`); 0: none.
+    system_metrics: float = 5.0
     #: How a trial's peak is predicted (`memory.estimate_peak`): "traced" runs its step on
     #: fake tensors, "fitted" adds up coefficients; "auto" traces where a cap decides what runs.
     memory_estimate: str = "auto"

@@ -99,7 +99,7 @@ def load_config(path: str | Path | None = None, *, workdir: Path | None = None) 
 SCHEMA: dict[str, tuple[str, ...]] = {
     "study": ("name", "objective", "objectives", "storage", "tracking_uri", "heartbeat_seconds",
               "seed", "reference", "max_forgetting", "max_failures", "lead", "baselines",
-              "finalists", "seeds", "edge_margin", "scoring_pruner"),
+              "finalists", "seeds", "edge_margin", "scoring_pruner", "system_metrics"),
     "data": ("source", "store", "region", "levels", "grid", "period", "train", "validation",
              "test"),
     "model": (*(f.name for f in fields(ModelConfig)), "target"),
@@ -229,6 +229,7 @@ def _study_settings(study: dict) -> dict[str, Any]:
         seeds=as_whole(given("seeds"), "[study] seeds", minimum=1),
         edge_margin=as_number(given("edge_margin"), "[study] edge_margin", minimum=0.0),
         scoring_pruner=as_p_value(given("scoring_pruner"), "[study] scoring_pruner"),
+        system_metrics=as_number(given("system_metrics"), "[study] system_metrics", minimum=0.0),
         lead_steps=parse_lead(
             study.get("lead", LEADS[default_of(StudyConfig, "lead_steps")]), "[study] lead"
         ),

@@ -28,6 +28,7 @@ from rich.console import Console
 
 from aurora_sweep.config.bases import BASES
 from aurora_sweep.config.study import MIB, StudyConfig
+from aurora_sweep.data.cube import open_cube
 from aurora_sweep.devices import plan_devices
 from aurora_sweep.model.files import study_files
 from aurora_sweep.sweep.finalists import is_replica, replicas_to_run
@@ -141,7 +142,9 @@ def _open(config: StudyConfig, console: Console) -> tuple[optuna.Study, Any, Stu
     # failures are reported in one line each below; Optuna's own warning repeats the traceback
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     check_search(config)
-    study_files(config)  # a checkpoint or static file missing is refused before the study is
+    if config.data.source != "demo":  # the demo's store is made later, when missing
+        open_cube(config)  # a store missing, or not the study's, is refused first
+    study_files(config)  # then a checkpoint or static file missing, before the study is made
     client = client_for(config)
     study = _open_and_recover(config, client, console)
     local = config.tracking_uri is None or config.tracking_uri.startswith("sqlite")

@@ -272,6 +272,7 @@ class Sweep:
                 "host": socket.gethostname(),
                 "device": worker.info.device if worker.info else "",
             },
+            system_metrics=config.system_metrics,
         ) as run:
             write_attrs(trial, mlflow_run_id=run.run_id, mlflow_parent_run_id=self.parent)
             run.log_params(tc.to_dict())

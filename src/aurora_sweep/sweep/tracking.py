@@ -192,9 +192,18 @@ class TrialRun:
 
 @contextmanager
 def trial_run(
-    client, experiment: str, *, parent: str, number: int, tags: dict[str, str] | None = None
+    client,
+    experiment: str,
+    *,
+    parent: str,
+    number: int,
+    tags: dict[str, str] | None = None,
+    system_metrics: float = 0.0,
 ) -> Iterator[TrialRun]:
-    """Open trial `number`'s run under `parent`; end it however the block ends.
+    """Open trial `number`'s run under `parent`; end it however the block ends. With
+    `system_metrics` (seconds), MLflow's own monitor samples the machine's CPU, memory, disk
+    and network (and GPUs, through NVML, where there are any) that often into the run
+    (`system/...`), until it ends.
 
     Completed: FINISHED. `optuna.TrialPruned` (pruned, or infeasible for the memory cap):
     KILLED, tagged PRUNED. KeyboardInterrupt (Ctrl-C, SIGTERM): KILLED, tagged interrupted.
@@ -209,6 +218,7 @@ def trial_run(
         tags={"mlflow.parentRunId": parent, "optuna.trial": str(number), **(tags or {})},
     )
     trial = TrialRun(client, run.info.run_id)
+    monitor = _system_monitor(client, trial.run_id, system_metrics)
     status, end_tags = "FAILED", {"optuna.state": "FAIL"}
     try:
         yield trial
@@ -227,10 +237,29 @@ def trial_run(
         raise
     finally:
         try:
+            if monitor is not None:
+                monitor.finish()  # its last samples, while the run is still open
             trial.set_tags(end_tags)
             trial.flush()
         finally:
             client.set_terminated(trial.run_id, status)
+
+
+def _system_monitor(client, run_id: str, seconds: float):
+    """MLflow's system-metrics monitor of run `run_id`, started, sampling every `seconds` (0:
+    none). It also reads the run's status each sample, and stops when it has ended."""
+    if seconds <= 0:
+        return None
+    import logging
+
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no line per trial
+    monitor = SystemMetricsMonitor(
+        run_id, sampling_interval=seconds, tracking_uri=client.tracking_uri
+    )
+    monitor.start()
+    return monitor
 
 
 def end_runs(client, run_ids: Iterable[str | None], status: str = "KILLED") -> None:
