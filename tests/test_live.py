@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import json
 import threading
 import time
 from pathlib import Path
@@ -54,7 +55,32 @@ def test_a_running_trials_curve_is_in_mlflow_before_it_ends(tiny_config, tmp_pat
     run_id = summary.study.trials[0].user_attrs["mlflow_run_id"]
     assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == [1, 2, 3, 4]
     assert [m.step for m in client.get_metric_history(run_id, "val_tp_seeps_subset")] == [2]
+    # what it trained and was scored on, as the run's dataset inputs
+    inputs = client.get_run(run_id).inputs.dataset_inputs
+    contexts = {i.tags[0].value: i.dataset for i in inputs}
+    assert set(contexts) == {"training", "evaluation"}
+    assert (
+        contexts["training"].name == "tiny-train"
+        and contexts["evaluation"].name == "tiny-validation"
+    )
+    assert json.loads(contexts["training"].profile)["period"] == "2022-01-01..2022-12-31"
+    assert contexts["training"].digest != contexts["evaluation"].digest
     metrics = client.get_run(run_id).data.metrics
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(
         metrics
     )
+
+
+def test_a_stores_digest_changes_with_its_files_and_metadata(tmp_path):
+    from aurora_sweep.data.lineage import store_digest
+
+    store = tmp_path / "store.zarr"
+    (store / "tp").mkdir(parents=True)
+    (store / ".zmetadata").write_text('{"tp": 1}')
+    (store / "tp" / "0.0.0").write_bytes(b"1234")
+    first = store_digest(store)
+    assert store_digest(store) == first
+    (store / "tp" / "1.0.0").write_bytes(b"5678")  # a chunk more: more times imported
+    second = store_digest(store)
+    (store / ".zmetadata").write_text('{"tp": 2}')  # the same files, other metadata
+    assert len({first, second, store_digest(store)}) == 3

@@ -29,6 +29,7 @@ from rich.console import Console
 from aurora_sweep.config.bases import BASES
 from aurora_sweep.config.study import MIB, StudyConfig
 from aurora_sweep.data.cube import open_cube
+from aurora_sweep.data.lineage import split_datasets, store_digest
 from aurora_sweep.devices import plan_devices
 from aurora_sweep.model.files import study_files
 from aurora_sweep.sweep.finalists import is_replica, replicas_to_run
@@ -125,6 +126,7 @@ def run_study(
                 console=console,
                 grid=grid,
                 total=trials,
+                datasets=split_datasets(config, store_digest(config.data.store)),
             )
             sweep.run(pool)
     finally:

@@ -58,6 +58,8 @@ class Sweep:
     running: int = 0  # worker threads not ended yet
     failures_in_a_row: int = 0  # trials of this process that failed, since the last finished
     ended: threading.Event = field(default_factory=threading.Event)  # all of them have
+    #: what every trial trains and is scored on, as MLflow dataset inputs (`data.lineage`)
+    datasets: list[dict] = field(default_factory=list)
 
     def run(self, pool: list) -> None:
         """Run `pool`'s workers, one thread each, until the study holds the total."""
@@ -250,7 +252,7 @@ class Sweep:
     def run_trial(self, trial: optuna.Trial, worker) -> float | tuple[float, float]:
         """Sample `trial`, check its predicted memory against the cap, run it in `worker` and
         record how it ended (`outcomes.Recorder`)."""
-        from aurora_sweep.sweep.tracking import trial_run
+        from aurora_sweep.sweep.tracking import log_datasets, trial_run
 
         config = self.config
         recorder = Recorder(config, say=lambda line: self.console.print(line, highlight=False))
@@ -275,6 +277,8 @@ class Sweep:
             system_metrics=config.system_metrics,
         ) as run:
             write_attrs(trial, mlflow_run_id=run.run_id, mlflow_parent_run_id=self.parent)
+            if self.datasets:
+                log_datasets(self.client, run.run_id, self.datasets)
             run.log_params(tc.to_dict())
             self.predict(trial, estimate, run, recorder)
             run.flush()  # the config is in MLflow while the trial trains

@@ -262,6 +262,21 @@ def _system_monitor(client, run_id: str, seconds: float):
     return monitor
 
 
+def log_datasets(client, run_id: str, datasets: list[dict]) -> None:
+    """Log `datasets` (`data.lineage.split_datasets`) as the run's inputs, each with its context
+    ("training", "evaluation"): MLflow's Datasets column and the run's Inputs show them."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    inputs = [
+        DatasetInput(
+            Dataset(d["name"], d["digest"], d["source_type"], d["source"], profile=d["profile"]),
+            [InputTag("mlflow.data.context", d["context"])],
+        )
+        for d in datasets
+    ]
+    client.log_inputs(run_id, datasets=inputs)
+
+
 def end_runs(client, run_ids: Iterable[str | None], status: str = "KILLED") -> None:
     """End the runs among `run_ids` that are still RUNNING (a killed process left them)."""
     for run_id in run_ids:
