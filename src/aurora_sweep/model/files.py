@@ -71,7 +71,8 @@ def hub_file(name: str, revision: str, given_as: str) -> Path:
             f"{name} is not in the Hugging Face cache and huggingface.co cannot be reached: {how}"
         )
     quiet = logging.getLogger("huggingface_hub")
-    level, quiet.level = quiet.level, logging.ERROR
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
         return Path(huggingface_hub.hf_hub_download(HF_REPO, name, revision=revision))
     except Exception as e:  # the hub refused, or the download broke off

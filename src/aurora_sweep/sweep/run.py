@@ -265,11 +265,10 @@ def _start_workers(
     config: StudyConfig, study: optuna.Study, devices: list, fit, console: Console
 ) -> tuple[list[TrialWorker], Ready, tuple[int, int], float]:
     """The trial workers, the first started: (pool, what the first said when ready, the model
-    grid, the longitude shift). Everything that can refuse (data, checkpoint) happens here,
-    before the first MLflow run."""
-    from aurora_sweep.data.cube import open_cube
+    grid, the longitude shift). The demo's data are made here, before the first MLflow run;
+    the files the study needs from outside were found before the study was opened
+    (`model.files.study_files`)."""
     from aurora_sweep.data.samples import model_longitudes, patch_crop
-    from aurora_sweep.model.files import resolve_checkpoint
 
     spec = WorkerSpec(
         config_path=config.path,
@@ -288,8 +287,6 @@ def _start_workers(
         cube = open_cube(config, console=console)
         grid = patch_crop(cube.sizes["latitude"], cube.sizes["longitude"])
         _, lon_shift = model_longitudes(cube["longitude"].values)
-        for base in config.bases:  # a missing checkpoint is refused before any trial
-            resolve_checkpoint(base, config.model.checkpoint_for(base))
         ready = first.start()
     except BaseException:
         first.close(at_once=True)

@@ -393,14 +393,17 @@ class _TrialLink:
     trial: optuna.Trial
     run: Any
 
+    def __post_init__(self) -> None:
+        # read once: a trial is a replica from its enqueueing on
+        self.replica = TrialRecord.of(self.trial).replica_of is not None
+
     def report(self, step: int, value: float) -> bool:
         self.run.log_history({f"val_{self.config.objective.name}_subset": [(step, value)]})
         self.run.flush()  # the pruner's value in MLflow as the trial trains
         if self.config.cost:  # Optuna prunes single-objective studies only
             return False
         self.trial.report(value, step)
-        replica = TrialRecord.of(self.trial).replica_of is not None
-        return not replica and self.trial.should_prune()
+        return not self.replica and self.trial.should_prune()
 
     def progress(self, message) -> None:
         self.run.log_history({"train_loss": message.train_loss})
