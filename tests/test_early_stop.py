@@ -83,9 +83,9 @@ def test_the_study_stops_scoring_a_worse_search_trial_but_never_a_reference_or_a
 
     import optuna
 
+    from aurora_sweep.sweep.link import stops_scoring
     from aurora_sweep.sweep.outcomes import Scored
     from aurora_sweep.sweep.records import TrialRecord
-    from aurora_sweep.sweep.scheduler import stops_scoring
     from synthetic import tiny_lora_trial
     from test_finalists import DAYS, _add
 

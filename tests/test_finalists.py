@@ -215,4 +215,8 @@ def test_a_study_runs_its_finalists_replicas_apart_from_its_trials(
     assert "## Seeds" in (tmp_path / "adapter" / "README.md").read_text()
     result = runner.invoke(app, ["run", "-c", str(path), "--trials", "3"])
     assert result.exit_code == 0 and "nothing to add" in result.output
+    # --quiet: the final lines only
+    result = runner.invoke(app, ["run", "-c", str(path), "--trials", "3", "--quiet"])
+    assert result.exit_code == 0 and "nothing to add" not in result.output
+    assert "recipe wins on its mean" in result.output and "MLflow: run" in result.output
     assert len(open_study(config, create=False).trials) == 5

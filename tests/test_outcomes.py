@@ -97,6 +97,7 @@ def test_a_pruned_trial_is_pruned_with_its_seconds(recorder):
     with pytest.raises(optuna.TrialPruned, match="tp_seeps 0.3100 at step 16"):
         rec.record(Pruned(step=16, value=0.31, seconds=4.0), FakeTrial(), run)
     assert run.metrics == {"trial_seconds": 4.0} and "pruned at step 16" in said[0]
+    assert "worse than the median" in said[0]  # what it was pruned for
 
 
 def test_out_of_memory_is_infeasible_by_what_it_measured_over_the_cap(recorder):

@@ -137,6 +137,16 @@ def test_two_processes_on_postgresql_reach_exactly_the_total_with_distinct_confi
                                     "--tracking-uri", mlflow_server, "--export", "adapter"])  # fmt: skip
     assert best.exit_code == 0, best.output
     assert (elsewhere / "adapter" / "adapter_model.safetensors").exists()
+    # registered on the server (its registry in PostgreSQL): the version loads as the folder does
+    assert f"registered in MLflow as models:/{name}/1" in best.output
+    import torch
+
+    from aurora_sweep import load_finetuned
+
+    folder = load_finetuned(elsewhere / "adapter").state_dict()
+    registered = load_finetuned(f"models:/{name}/1", tracking_uri=mlflow_server).state_dict()
+    assert folder.keys() == registered.keys()
+    assert all(torch.equal(folder[k], registered[k]) for k in folder)
 
 
 def _kill_one_mid_trial(tmp_path: Path, store: Path, storage_of, tracking: str | None, **extra):

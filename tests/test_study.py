@@ -4,6 +4,7 @@ import json
 import re
 import warnings
 
+import numpy as np
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
@@ -515,3 +516,66 @@ def test_a_trial_that_forgets_is_never_the_best_unless_asked_for(tiny_config, tm
     assert completed([forgetful, whole]) == [forgetful, whole]
     with pytest.raises(AuroraSweepError, match="keeps the model whole.*--trial N"):
         export_best(tiny_config, tmp_path / "adapter", trials=[forgetful])
+
+
+@pytest.mark.slow
+def test_best_export_registers_a_version_that_forecasts_what_the_folder_does(
+    finished_study, tmp_path, monkeypatch
+):
+    """`best --export` logs the adapter to its trial's run as an MLflow model and registers a
+    version under the study's name, tagged; `models:/<study>/<version>` then loads (our loader
+    and MLflow's pyfunc) and forecasts exactly what the folder forecasts."""
+    import mlflow
+    import torch
+    import xarray as xr
+    from typer.testing import CliRunner
+
+    from aurora_sweep.cli import app
+    from aurora_sweep.sweep.tracking import tracking_uri
+
+    config, *_ = finished_study
+    monkeypatch.chdir(config.workdir)  # mlflow.db here: the registry a models:/ URI is read from
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    runner = CliRunner()
+    out = tmp_path / "adapter"
+    result = runner.invoke(app, ["best", "-c", str(config.path), "--export", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "registered in MLflow as models:/tiny/1" in result.output
+    client = MlflowClient(tracking_uri(config))
+    version = client.get_model_version("tiny", "1")
+    best = ranked_trials(config)[0]
+    assert version.run_id == TrialRecord.of(best).mlflow_run_id
+    tags = version.tags
+    assert tags["trial"] == str(best.number) and len(tags["base_sha256"]) == 64
+    assert float(tags["tp_seeps"]) == pytest.approx(best.value, rel=1e-5)
+    assert tags["recipe"] and tags["data.region"]
+
+    day = str(config.data.test.start)
+    for name, ref in (("folder", str(out)), ("uri", "models:/tiny/1")):
+        result = runner.invoke(
+            app, ["forecast", ref, "--start", day, "--end", day, "--out", f"{tmp_path}/{name}.nc"]
+        )
+        assert result.exit_code == 0, result.output
+    folder, uri = (xr.open_dataset(tmp_path / f"{n}.nc") for n in ("folder", "uri"))
+    assert folder["tp"].size and np.array_equal(folder["tp"].values, uri["tp"].values)
+    assert uri.attrs["adapter"] == "models:/tiny/1"
+
+    # MLflow's own loader: the pyfunc forecasts a batch as our loader's model does
+    from aurora_sweep.model.adapter import open_adapter
+    from aurora_sweep.model.build import unwrap
+    from aurora_sweep.verify.prepare import trial_data
+
+    opened = open_adapter(out)
+    data = trial_data(opened.config, torch.device("cpu")).for_trial(
+        opened.meta.trial.base, opened.meta.trial.levels
+    )
+    batch, _ = data.validation.batch([0, 1])
+    pyfunc = mlflow.pyfunc.load_model("models:/tiny/1")
+    ours = unwrap(load_finetuned("models:/tiny/1"))
+    with torch.inference_mode():
+        expected = ours(batch)
+    got = pyfunc.predict(batch)
+    assert torch.equal(got.surf_vars["tp"], expected.surf_vars["tp"])
+
+    result = runner.invoke(app, ["forecast", "models:/tiny/9", "--start", day, "--end", day])
+    assert result.exit_code == 1 and "cannot fetch models:/tiny/9" in result.output

@@ -4,7 +4,8 @@ __version__ = "0.1.0"
 
 
 def load_finetuned(directory, **kwargs):
-    """Load an exported adapter directory as a ready model (see `aurora_sweep.model.adapter`)."""
+    """Load an exported adapter directory, or its registered version `models:/<study>/<version>`,
+    as a ready model (see `aurora_sweep.model.adapter`)."""
     from aurora_sweep.model.adapter import load_finetuned as _load
 
     return _load(directory, **kwargs)

@@ -34,6 +34,17 @@ StorageOption = typer.Option(
     help="Optuna storage: sqlite:///FILE.db, FILE.journal or postgresql+psycopg://USER@HOST/DB "
     "(default: the config's [study] storage, else NAME.optuna.db here).",
 )
+AdapterArgument = typer.Argument(
+    ...,
+    help="An adapter directory from `best --export`, or its registered version "
+    "models:/<study>/<version>.",
+)
+RegistryOption = typer.Option(
+    None,
+    "--tracking-uri",
+    help="Where a models:/ adapter is registered (default: MLFLOW_TRACKING_URI, else mlflow.db "
+    "here).",
+)
 TrackingOption = typer.Option(
     None,
     "--tracking-uri",
@@ -104,8 +115,17 @@ def run(
         "--gpu-memory-cap",
         help="GPU memory each trial may use, e.g. 10GiB (default: config).",
     ),
+    quiet: bool = typer.Option(
+        False,
+        "--quiet",
+        "-q",
+        help="Print only the final lines (the best trial, the finalists, where MLflow is).",
+    ),
 ) -> None:
     """Run the study, or resume it, until it holds --trials finished trials.
+
+    On a terminal a live panel shows each worker's trial (phase, step, loss, time left) and the
+    study's counts; elsewhere (a log file, a scheduler) a line per trial.
 
     Another process or machine joins the same study with the same --storage and --tracking-uri.
     """
@@ -116,7 +136,7 @@ def run(
     try:
         study = _run_config(config, storage, tracking_uri, gpu_memory_cap, checkpoint)
         summary = run_study(
-            study, trials=trials, workers=workers, gpus=_gpus(gpus), console=console
+            study, trials=trials, workers=workers, gpus=_gpus(gpus), console=console, quiet=quiet
         )
     except AuroraSweepError as e:
         fail(e)
@@ -128,6 +148,11 @@ def run(
             highlight=False,
         )
         raise typer.Exit(128 + signum) from None
+    _run_ended(study, summary, console)
+
+
+def _run_ended(study, summary, console) -> None:
+    """`run`'s final lines (printed with --quiet too): the best trial, the finalists, MLflow."""
     _log_study_figures(study, summary)
     console.print(_best_line(study))
     _say_finalists(study)
@@ -257,11 +282,17 @@ def best(
         help="Show the Pareto front of skill against the study's cost "
         "(peak memory unless [study] objectives names another).",
     ),
+    register: bool = typer.Option(
+        True,
+        "--register/--no-register",
+        help="With --export: also log the adapter to its trial's run as an MLflow model and "
+        "register it under the study's name.",
+    ),
     storage: str | None = StorageOption,
     tracking_uri: str | None = TrackingOption,
 ) -> None:
     """List the best trials (or the Pareto front); with --export, write the best one's adapter
-    (or --trial N's) and model card."""
+    (or --trial N's) and model card, and register it in MLflow's model registry."""
     _quiet_libraries()
     from aurora_sweep.config.study import with_overrides
     from aurora_sweep.config.study_file import load_config
@@ -274,7 +305,6 @@ def best(
         study_trials,
         top_trials_table,
     )
-    from aurora_sweep.report.evaluate import export_best
     from aurora_sweep.report.finalists import finalist_lines
 
     console = _console()
@@ -290,22 +320,36 @@ def best(
         for line in [*lines, *finalist_lines(study, trials, recipe)]:
             console.print(line, highlight=False)
         if export is not None:
-            path = export_best(study, export, number=trial, trials=trials)
-            which = "the best trial" if trial is None else f"trial {trial}"
-            console.print(f"exported {which} to {path} (see {path / 'README.md'})")
+            _export(study, export, trial, trials, register=register, console=console)
     except AuroraSweepError as e:
         fail(e)
 
 
+def _export(study, export: Path, trial: int | None, trials, *, register: bool, console) -> None:
+    """`best --export`: the adapter and its card, registered in MLflow unless --no-register."""
+    from aurora_sweep.report.evaluate import export_trial, register_export
+
+    path, chosen = export_trial(study, export, number=trial, trials=trials)
+    which = "the best trial" if trial is None else f"trial {trial}"
+    console.print(f"exported {which} to {path} (see {path / 'README.md'})")
+    if register:
+        uri = register_export(study, path, chosen)
+        console.print(
+            f"registered in MLflow as {uri} (forecast, evaluate and report take it)",
+            highlight=False,
+        )
+
+
 @app.command()
 def evaluate(
-    adapter: Path = typer.Argument(..., help="An adapter directory from `best --export`."),
+    adapter: str = AdapterArgument,
     split: str = SplitOption,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     checkpoint: Path | None = typer.Option(None, help="Local base checkpoint file."),
     lead: str | None = typer.Option(
         None, "--lead", help="6h, 12h or 24h: that lead's scores alone, under the 6-hour names."
     ),
+    tracking_uri: str | None = RegistryOption,
 ) -> None:
     """Score an exported adapter on a split against persistence and climatology, at every lead
     (6 h names plain, 12 h and 24 h with _12h, _24h), or at one with --lead."""
@@ -315,7 +359,9 @@ def evaluate(
     from aurora_sweep.report.evaluate import evaluate_adapter
 
     try:
-        scores = evaluate_adapter(adapter, split=split, checkpoint=checkpoint, lead=lead)
+        scores = evaluate_adapter(
+            adapter, split=split, checkpoint=checkpoint, lead=lead, tracking_uri=tracking_uri
+        )
     except AuroraSweepError as e:
         fail(e)
     if as_json:
@@ -332,7 +378,7 @@ def evaluate(
 
 @app.command()
 def forecast(
-    adapter: Path = typer.Argument(..., help="An adapter directory from `best --export`."),
+    adapter: str = AdapterArgument,
     start: str = typer.Option(..., "--start", help="First initialisation day, YYYY-MM-DD."),
     end: str = typer.Option(..., "--end", help="Last initialisation day, YYYY-MM-DD."),
     lead: str = typer.Option(
@@ -342,6 +388,7 @@ def forecast(
     ),
     out: Path = typer.Option(Path("forecast.nc"), "--out", help="The NetCDF file to write."),
     checkpoint: Path | None = typer.Option(None, help="Local base checkpoint file."),
+    tracking_uri: str | None = RegistryOption,
 ) -> None:
     """Forecast with an exported adapter from every store time in a date range, into a CF-1.8
     NetCDF file (the study's target over the lead time, under its name and units, and the
@@ -351,7 +398,13 @@ def forecast(
 
     try:
         path, n = forecast_file(
-            adapter, start=start, end=end, lead=lead, out=out, checkpoint=checkpoint
+            adapter,
+            start=start,
+            end=end,
+            lead=lead,
+            out=out,
+            checkpoint=checkpoint,
+            tracking_uri=tracking_uri,
         )
     except AuroraSweepError as e:
         fail(e)
@@ -372,13 +425,14 @@ def _point(text: str | None) -> tuple[float, float] | None:
 
 @app.command()
 def report(
-    adapter: Path = typer.Argument(..., help="An adapter directory from `best --export`."),
+    adapter: str = AdapterArgument,
     split: str = SplitOption,
     point: str | None = typer.Option(
         None, "--point", help="LAT,LON: add the time series at the nearest grid point."
     ),
     out: Path = typer.Option(Path("report.html"), "--out", "-o", help="The HTML file to write."),
     checkpoint: Path | None = typer.Option(None, help="Local base checkpoint file."),
+    tracking_uri: str | None = RegistryOption,
 ) -> None:
     """Write one self-contained HTML report: scores with intervals, forgetting, maps."""
     _quiet_libraries()
@@ -386,7 +440,12 @@ def report(
 
     try:
         path = report_adapter(
-            adapter, split=split, out=out, point=_point(point), checkpoint=checkpoint
+            adapter,
+            split=split,
+            out=out,
+            point=_point(point),
+            checkpoint=checkpoint,
+            tracking_uri=tracking_uri,
         )
     except AuroraSweepError as e:
         fail(e)

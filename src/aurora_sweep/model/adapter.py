@@ -206,17 +206,34 @@ def base_checkpoint(meta: AdapterMeta, given: Path | None = None) -> Path:
     return path
 
 
-def load_finetuned(directory: str | Path, *, checkpoint: Path | None = None, device: str = "cpu"):
+def load_finetuned(
+    directory: str | Path,
+    *,
+    checkpoint: Path | None = None,
+    device: str = "cpu",
+    tracking_uri: str | None = None,
+):
     """The fine-tuned model from an adapter directory, in eval mode, ready to forecast.
 
     Args:
-        directory: an adapter directory written by `aurora-sweep best --export`.
+        directory: an adapter directory written by `aurora-sweep best --export`, or its
+            registered version, `models:/<study>/<version>` (`model.registry`).
         checkpoint: the base checkpoint file, when it is not the packaged demo or in the
             Hugging Face cache. Its sha256 must match the one the adapter was trained on.
+        tracking_uri: where a `models:/` URI is registered (default: MLflow's).
     """
-    directory = Path(directory)
+    directory = _local(directory, tracking_uri)
     meta = read_meta(directory)
     return _load_model(directory, meta, base_checkpoint(meta, checkpoint), device)
+
+
+def _local(ref: str | Path, tracking_uri: str | None) -> Path:
+    """The folder of an adapter given as a folder or as a `models:/` URI."""
+    if isinstance(ref, str) and ref.startswith("models:/"):
+        from aurora_sweep.model.files import local_adapter
+
+        return local_adapter(ref, tracking_uri=tracking_uri)
+    return Path(ref)
 
 
 def _load_model(directory: Path, meta: AdapterMeta, checkpoint: Path, device: str):
@@ -273,6 +290,8 @@ class Adapter:
     config: StudyConfig
     device: torch.device
     given_checkpoint: Path | None = None
+    #: what the user named: the folder, or the `models:/` URI it was fetched from
+    source: str = ""
 
     @cached_property
     def checkpoint(self) -> Path:
@@ -284,15 +303,20 @@ class Adapter:
         return _load_model(self.path, self.meta, self.checkpoint, str(self.device))
 
 
-def open_adapter(directory: str | Path, *, checkpoint: Path | None = None) -> Adapter:
-    """The adapter in `directory` with its metadata and its study config (`study.toml`), to run
-    on the default device; `checkpoint`: the base checkpoint file, when it is not found."""
+def open_adapter(
+    ref: str | Path, *, checkpoint: Path | None = None, tracking_uri: str | None = None
+) -> Adapter:
+    """The adapter in folder `ref` (or registered as `models:/<study>/<version>`) with its
+    metadata and its study config (`study.toml`), to run on the default device; `checkpoint`:
+    the base checkpoint file, when it is not found."""
     from aurora_sweep.devices import default_device
 
-    directory = Path(directory)
+    directory = _local(ref, tracking_uri)
     meta = read_meta(directory)
     config = load_config(directory / "study.toml")
-    return Adapter(directory, meta, config, default_device(), checkpoint)
+    source = str(ref) if isinstance(ref, str) and ref.startswith("models:/") else ""
+    source = source or str(directory.resolve())
+    return Adapter(directory, meta, config, default_device(), checkpoint, source)
 
 
 MODEL_CARD = """\

@@ -4,6 +4,7 @@ or the pinned file in the Hugging Face cache) and Aurora 1.5's static fields."""
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 from aurora_sweep.config.bases import BASELINE_MODELS, BASES, HF_REPO
@@ -127,3 +128,49 @@ def resolve_statics(path: Path | None) -> Path:
             raise AuroraSweepError(f"no Aurora 1.5 static file at {path}")
         return Path(path)
     return hub_file(STATIC_FILE, V15.revision, "give the file as [model] v15_static = PATH")
+
+
+#: the adapter folder's name among an exported adapter's MLflow model artifacts
+#: (`report.registry`)
+MODEL_ARTIFACT = "adapter"
+
+
+def local_adapter(ref: str | Path, *, tracking_uri: str | None = None) -> Path:
+    """The folder of adapter `ref`: a folder as it is; `models:/<name>/<version>` fetched from
+    the registry (`tracking_uri`, else MLflow's: `MLFLOW_TRACKING_URI` or `mlflow.db` here)
+    into a temporary folder that lives as long as this process."""
+    if not (isinstance(ref, str) and ref.startswith("models:/")):
+        return Path(ref)
+    import atexit
+    import shutil
+    import tempfile
+
+    import mlflow
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or _here()
+    where = Path(tempfile.mkdtemp(prefix="aurora-sweep-model-"))
+    atexit.register(shutil.rmtree, where, True)
+    try:
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{str(ref).rstrip('/')}/artifacts/{MODEL_ARTIFACT}",
+            dst_path=str(where),
+            tracking_uri=uri,
+        )
+    except Exception as e:
+        message = getattr(e, "message", str(e)).splitlines()[0]
+        raise AuroraSweepError(
+            f"cannot fetch {ref} from the model registry at {uri} ({message}); give "
+            "--tracking-uri (or MLFLOW_TRACKING_URI) for the study's tracking server, or run from "
+            "the directory that holds its mlflow.db"
+        ) from None
+    return Path(local)
+
+
+def _here() -> str:
+    db = Path("mlflow.db").resolve()
+    if not db.exists():
+        raise AuroraSweepError(
+            f"no MLflow store here ({db} does not exist) to find a models:/ URI in: run from the "
+            "study's directory or give --tracking-uri"
+        )
+    return f"sqlite:///{db}"

@@ -38,6 +38,17 @@ def export_best(
 ) -> Path:
     """Copy the best trial's adapter (or trial `number`'s, a Pareto front member say) from
     MLflow to `target` and write its model card. `trials`: the study's, when already read."""
+    return export_trial(config, target, number=number, trials=trials)[0]
+
+
+def export_trial(
+    config: StudyConfig,
+    target: Path,
+    *,
+    number: int | None = None,
+    trials: list[optuna.trial.FrozenTrial] | None = None,
+) -> tuple[Path, optuna.trial.FrozenTrial]:
+    """`export_best`, with the trial exported."""
     from aurora_sweep.model.adapter import META, write_model_card, write_references
     from aurora_sweep.report.best import recipe
     from aurora_sweep.report.finalists import finalist_lines
@@ -59,7 +70,42 @@ def export_best(
         target, against_references(config, every), finalist_lines(config, every, recipe)
     )
     write_model_card(target, study=config.name, number=best.number, note=seeds_note)
-    return target
+    return target, best
+
+
+def register_export(config: StudyConfig, folder: Path, trial: optuna.trial.FrozenTrial) -> str:
+    """Log the exported `folder` to `trial`'s MLflow run as a model and register it under the
+    study's name, a version tagged with its scores, recipe, base checkpoint and data; its
+    `models:/` URI."""
+    from aurora_sweep.model.adapter import read_meta
+    from aurora_sweep.report.best import recipe
+    from aurora_sweep.report.registry import register_adapter
+
+    meta = read_meta(folder)
+    record = TrialRecord.of(trial)
+    objective = config.objective.at(config.lead_steps)
+    scores = {
+        k: record.scores[k]
+        for k in (
+            config.objective_metric,
+            objective.skill("persistence"),
+            objective.skill("climatology"),
+        )
+        if k in record.scores
+    }
+    tags = {
+        "study": config.name,
+        "trial": str(trial.number),
+        "recipe": recipe(trial),
+        "base": meta.base.name,
+        "base_checkpoint": meta.base.checkpoint,
+        "base_sha256": meta.base.sha256,
+        **{f"data.{k}": str(v) for k, v in meta.data.items()},
+        **{k: f"{v:.6g}" for k, v in scores.items()},
+    }
+    client_for(config)
+    uri, _ = register_adapter(folder, run_id=record.mlflow_run_id, name=config.name, tags=tags)
+    return uri
 
 
 def _trial_to_export(
@@ -177,8 +223,15 @@ class Evaluation:
         )
 
 
-def prepare_evaluation(adapter: Path, *, split: str, checkpoint: Path | None = None) -> Evaluation:
-    """The adapter's model and its study's data with `split` as the evaluation split.
+def prepare_evaluation(
+    adapter: str | Path,
+    *,
+    split: str,
+    checkpoint: Path | None = None,
+    tracking_uri: str | None = None,
+) -> Evaluation:
+    """The adapter's model (a folder, or `models:/<study>/<version>` registered at
+    `tracking_uri`) and its study's data with `split` as the evaluation split.
 
     The same splits and baselines as the trial had (the model carries its own target statistics),
     and the base model's scores on `split` for the forgetting ratios.
@@ -188,7 +241,7 @@ def prepare_evaluation(adapter: Path, *, split: str, checkpoint: Path | None = N
 
     if split not in ("validation", "test"):
         raise AuroraSweepError(f"--split {split!r}: use validation or test")
-    opened = open_adapter(adapter, checkpoint=checkpoint)
+    opened = open_adapter(adapter, checkpoint=checkpoint, tracking_uri=tracking_uri)
     trial, device = opened.meta.trial, opened.device
     data = trial_data(opened.config, device, split=split)  # the zero-shot on the study's levels
     # by lead, the trial's base in its precision on its levels
@@ -208,12 +261,13 @@ def prepare_evaluation(adapter: Path, *, split: str, checkpoint: Path | None = N
 
 
 def evaluate_adapter(
-    adapter: Path,
+    adapter: str | Path,
     *,
     split: str,
     checkpoint: Path | None = None,
     bootstrap: int = 1000,
     lead: str | None = None,
+    tracking_uri: str | None = None,
 ) -> dict:
     """Score an exported adapter on the whole of `split` with its study's data: every lead's
     scores (with the worst forgetting ratio of each, `forget_worst_ratio`), or with `lead`
@@ -223,7 +277,9 @@ def evaluate_adapter(
     from aurora_sweep.sweep.outcomes import worst_forgetting
 
     steps = parse_lead(lead, "--lead") if lead is not None else None
-    evaluation = prepare_evaluation(adapter, split=split, checkpoint=checkpoint)
+    evaluation = prepare_evaluation(
+        adapter, split=split, checkpoint=checkpoint, tracking_uri=tracking_uri
+    )
     data = evaluation.data
     if steps is not None and steps not in data.leads:
         raise AuroraSweepError(f"the {split} split holds no {lead} sample to score")
@@ -257,25 +313,33 @@ def nearest_point(samples, lat: float, lon: float) -> tuple[int, int]:
 
 
 def report_adapter(
-    adapter: Path,
+    adapter: str | Path,
     *,
     split: str,
     out: Path,
     point: tuple[float, float] | None = None,
     checkpoint: Path | None = None,
     bootstrap: int = 1000,
+    tracking_uri: str | None = None,
 ) -> Path:
     """Write one self-contained HTML page verifying an exported adapter on `split`."""
     from aurora_sweep.report.html import write_report
 
     if point is not None and not (-90 <= point[0] <= 90):
         raise AuroraSweepError(f"--point {point[0]:g},{point[1]:g}: latitude must be in -90..90")
-    evaluation = prepare_evaluation(adapter, split=split, checkpoint=checkpoint)
+    evaluation = prepare_evaluation(
+        adapter, split=split, checkpoint=checkpoint, tracking_uri=tracking_uri
+    )
     samples = evaluation.data.validation
     ij = nearest_point(samples, *point) if point is not None else None  # refused before scoring
     scores, fc = evaluation.verify(bootstrap=bootstrap)
     figures = _report_figures(evaluation.data, fc, evaluation.adapter.meta, ij)
     return write_report(Path(out), **_report_text(evaluation, split, scores, fc), figures=figures)
+
+
+def _name(adapter) -> str:
+    """What the report calls the adapter: its folder's name, or its `models:/` URI."""
+    return adapter.source if adapter.source.startswith("models:/") else adapter.path.resolve().name
 
 
 def _report_text(evaluation: Evaluation, split: str, scores: dict, fc) -> dict[str, Any]:
@@ -297,7 +361,7 @@ def _report_text(evaluation: Evaluation, split: str, scores: dict, fc) -> dict[s
     if "verify_seconds" in meta.metrics:
         recipe["where the trial's time went"] = time_split(meta.metrics)
     return {
-        "title": f"{evaluation.adapter.path.resolve().name}: {samples.variable.what} from Aurora",
+        "title": f"{_name(evaluation.adapter)}: {samples.variable.what} from Aurora",
         "subtitle": (
             f"{split} split, {objective} {scores[objective.name]:.4f}; base {trial.base}; "
             f"levels {', '.join(map(str, trial.levels))} hPa; made {dt.date.today()}"

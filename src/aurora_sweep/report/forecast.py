@@ -67,7 +67,7 @@ def _day(text: str, what: str) -> dt.date:
 
 
 def forecast_file(
-    adapter: Path,
+    adapter: str | Path,
     *,
     start: str,
     end: str,
@@ -75,15 +75,17 @@ def forecast_file(
     out: Path = Path("forecast.nc"),
     checkpoint: Path | None = None,
     batch_size: int = 4,
+    tracking_uri: str | None = None,
 ) -> tuple[Path, int]:
-    """Write the forecasts of `adapter` for init times from `start` to `end` (inclusive days)
-    to `out`; returns the path and the number of forecasts."""
+    """Write the forecasts of `adapter` (a folder, or `models:/<study>/<version>` registered at
+    `tracking_uri`) for init times from `start` to `end` (inclusive days) to `out`; returns the
+    path and the number of forecasts."""
     from aurora_sweep.model.adapter import open_adapter
     from aurora_sweep.model.build import unwrap
 
     steps = parse_lead(lead)
     first, last = _days(start, end)
-    opened = open_adapter(adapter, checkpoint=checkpoint)
+    opened = open_adapter(adapter, checkpoint=checkpoint, tracking_uri=tracking_uri)
     samples = _init_samples(opened, first, last)
     model = unwrap(opened.load_model())
     values, state = _roll_out(model, samples, steps, batch_size, opened.device)
@@ -133,7 +135,7 @@ def _attrs(adapter: Adapter, first: dt.date, last: dt.date, steps: int) -> dict[
         f"({meta.trial.method})",
         "source": f"Aurora ({meta.base.name} base) fine-tuned by aurora-sweep in "
         f"study {adapter.config.name}",
-        "adapter": str(path.resolve()),
+        "adapter": adapter.source or str(path.resolve()),
         "base_checkpoint": meta.base.checkpoint,
         "base_checkpoint_sha256": meta.base.sha256,
         "software": f"aurora-sweep {__version__}",

@@ -143,8 +143,8 @@ class Report:
 @dataclass
 class Progress:
     """From a training worker, unanswered: the training loss of the steps since its last
-    `Progress`, sent every few seconds and before each pruner check, so that a running trial's
-    curve grows in MLflow (`worker.LIVE_SECONDS`)."""
+    `Progress`, sent every few seconds, before each pruner check and at the last step, so that
+    a running trial's curve grows in MLflow and in the live view (`worker.LIVE_SECONDS`)."""
 
     train_loss: list[tuple[int, float]]
 
@@ -152,12 +152,13 @@ class Progress:
 @dataclass
 class Scored:
     """From a worker scoring a trial block by block: the objective's per-sample terms of the
-    samples scored so far (`positions` among the objective lead's samples); it waits for a
+    samples scored so far (`positions` among the objective lead's `of` samples); it waits for a
     `Verdict` (prune: stop scoring, the trial cannot win)."""
 
     positions: list[int]
     num: list[float]
     den: list[float]
+    of: int = 0
 
 
 @dataclass(frozen=True)
@@ -232,8 +233,9 @@ class Recorder:
         config = self.config
         if isinstance(outcome, Pruned):
             self.say(
-                f"trial {trial.number:3d}  pruned at step {outcome.step} "
-                f"({config.objective} {outcome.value:.4f} on the pruner's subset)"
+                f"trial {trial.number:3d}  pruned at step {outcome.step}: {config.objective} "
+                f"{outcome.value:.4f} on the pruner's subset, worse than the median of the "
+                "trials before it at that step"
             )
             run.log_metrics({"trial_seconds": outcome.seconds})
             raise optuna.TrialPruned(

@@ -33,6 +33,7 @@ from aurora_sweep.data.lineage import split_datasets, store_digest
 from aurora_sweep.devices import plan_devices
 from aurora_sweep.model.files import study_files
 from aurora_sweep.sweep.finalists import is_replica, replicas_to_run
+from aurora_sweep.sweep.live import Watch
 from aurora_sweep.sweep.outcomes import Ready
 from aurora_sweep.sweep.records import AURORA15, BASE_MSE, TrialRecord
 from aurora_sweep.sweep.scheduler import Sweep
@@ -93,15 +94,20 @@ def run_study(
     gpus: list[int] | None = None,
     console: Console | None = None,
     fit: Callable[..., Any] | None = None,
+    quiet: bool = False,
 ) -> StudySummary:
     """Run (or resume) `config`'s study until it holds `trials` finished trials.
 
     `trials` is the study-wide total of completed and pruned trials, whoever runs them: this
     process's `workers` and any other process on the same storage. `fit` replaces `train.fit`
     inside the trial workers (a picklable top-level function; tests use it to simulate
-    out-of-memory errors and crashes).
+    out-of-memory errors and crashes). `console` shows the run as it goes (`live.Watch`: a live
+    panel on a terminal, a line per trial elsewhere); `quiet`: nothing but warnings and errors.
     """
     console = console or Console(stderr=True)
+    if quiet:
+        console = Console(stderr=True, quiet=True)
+    watch = Watch(console, quiet=quiet)
     overlap = _pretraining_overlap(config)
     devices = plan_devices(workers, gpus)
     study, client, summary = _open(config, console)
@@ -116,19 +122,20 @@ def run_study(
     tags = _parent_tags(config, overlap=overlap, device=ready.device, lon_shift=lon_shift)
     try:
         with _parent_run(config, client, summary, tags) as parent:
-            console.print(_start_line(config, done, trials, ready, pool, devices), highlight=False)
+            watch.say(_start_line(config, done, trials, ready, pool, devices))
             sweep = Sweep(
                 config=config,
                 study=study,
                 client=client,
                 experiment=summary.experiment_id,
                 parent=parent,
-                console=console,
+                watch=watch,
                 grid=grid,
                 total=trials,
                 datasets=split_datasets(config, store_digest(config.data.store)),
             )
-            sweep.run(pool)
+            with watch:
+                sweep.run(pool)
     finally:
         for worker in pool:
             worker.close(at_once=True)

@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from rich.console import Console
 
 from aurora_sweep.config.recipe import lead_suffix
 from aurora_sweep.config.study import StudyConfig
 from aurora_sweep.errors import AuroraSweepError
 from aurora_sweep.processes import this_process
+from aurora_sweep.sweep.link import TrialLink
+from aurora_sweep.sweep.live import StudyCounts, Watch
 from aurora_sweep.sweep.outcomes import Complete, Recorder
 from aurora_sweep.sweep.records import (
     BASE_MSE,
@@ -45,7 +46,7 @@ class Sweep:
     client: Any
     experiment: str
     parent: str
-    console: Console
+    watch: Watch
     grid: tuple[int, int]
     total: int
     stop: threading.Event = field(default_factory=threading.Event)
@@ -68,6 +69,7 @@ class Sweep:
             for i, w in enumerate(pool)
         ]
         self.running = len(threads)
+        self.watch.counts(self.study_counts(self.study))
         # wait on an event, not Thread.join: a signal that interrupts join() can leave the
         # thread marked as ended while it is still settling its trial
         try:
@@ -105,7 +107,7 @@ class Sweep:
         def objective(trial: optuna.Trial) -> float | tuple[float, float]:
             release()  # the trial exists (RUNNING): the next claim here counts it
             try:
-                return self.run_trial(trial, worker)
+                return self.run_trial(trial, worker, index)
             except KeyboardInterrupt:
                 write_attrs(trial, interrupted=True)
                 raise
@@ -180,12 +182,12 @@ class Sweep:
             if not wanted:
                 return False
             chosen = finalists(self.config, self.study.get_trials(deepcopy=False))
-            self.console.print(
+            self.watch.say(
                 f"finalists: trials {', '.join(str(t.number) for t in chosen)}, trained again "
-                f"with {self.config.seeds - 1} more seed(s) each ({wanted} replicas)",
-                highlight=False,
+                f"with {self.config.seeds - 1} more seed(s) each ({wanted} replicas)"
             )
             self.replicas, self.total = True, wanted
+            self.watch.counts(self.study_counts(self.study))
             return True
 
     def counts(self, trial: optuna.trial.FrozenTrial) -> bool:
@@ -204,6 +206,7 @@ class Sweep:
     def settle(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         """After each trial of this process: count failures in a row, and stop the run after
         `max_failures` of them (a study that cannot succeed must not spin)."""
+        self.watch.counts(self.study_counts(study))
         failed = trial.state == optuna.trial.TrialState.FAIL
         error = TrialRecord.of(trial).error if failed else None
         if error is not None:
@@ -222,6 +225,27 @@ class Sweep:
         elif trial.state in FINISHED:
             with self.lock:
                 self.failures_in_a_row = 0
+
+    def study_counts(self, study: optuna.Study) -> StudyCounts:
+        """The study's line of the live view: this phase's trials finished of its total, how
+        the search's trials ended, the best feasible so far."""
+        trials = study.get_trials(deepcopy=False)
+        pruned = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED]
+        infeasible = sum(TrialRecord.of(t).infeasible is not None for t in pruned)
+        best = next(iter(ranked(trials)), None)
+        return StudyCounts(
+            finished=sum(t.state in FINISHED for t in trials if self.counts(t)),
+            target=self.total,
+            pruned=len(pruned) - infeasible,
+            failed=sum(t.state == optuna.trial.TrialState.FAIL for t in trials),
+            infeasible=infeasible,
+            best=(
+                f"trial {best.number}, {self.config.objective_metric} {best.values[0]:.4f}"
+                if best is not None
+                else "none yet"
+            ),
+            phase="finalists" if self.replicas else "search",
+        )
 
     def surplus(self, trial: optuna.Trial) -> bool:
         """True when the trials finished and those started before this one fill the total (two
@@ -242,20 +266,28 @@ class Sweep:
             if record.replica_of is not None
             else ""
         )
-        self.console.print(
+        self.watch.say(
             f"trial {trial.number:3d}  {_score_line(outcome.metrics, self.config)}  "
             f"({outcome.seconds:.1f} s, {outcome.peak_memory_mb:.0f} MB, predicted GPU "
-            f"{estimate.megabytes:.0f} MB){replica}",
-            highlight=False,
+            f"{estimate.megabytes:.0f} MB){replica}"
         )
 
-    def run_trial(self, trial: optuna.Trial, worker) -> float | tuple[float, float]:
-        """Sample `trial`, check its predicted memory against the cap, run it in `worker` and
-        record how it ended (`outcomes.Recorder`)."""
+    def run_trial(self, trial: optuna.Trial, worker, index: int = 0) -> float | tuple[float, float]:
+        """Sample `trial`, check its predicted memory against the cap, run it in `worker` (the
+        `index`th of this run's) and record how it ended (`outcomes.Recorder`)."""
+        completed = False
+        try:
+            value = self._run_trial(trial, worker, index)
+            completed = True
+            return value
+        finally:
+            self.watch.worker_ended(index, completed=completed)
+
+    def _run_trial(self, trial: optuna.Trial, worker, index: int) -> float | tuple[float, float]:
         from aurora_sweep.sweep.tracking import log_datasets, trial_run
 
         config = self.config
-        recorder = Recorder(config, say=lambda line: self.console.print(line, highlight=False))
+        recorder = Recorder(config, say=self.watch.say)
         if self.surplus(trial):
             # another process took the last slot in the same instant: give it back unused
             write_attrs(trial, surplus=True)
@@ -265,6 +297,14 @@ class Sweep:
         write_attrs(trial, **this_process())
         tc, estimate = self.plan(sample_trial(trial, config))
         write_attrs(trial, config=tc.to_dict())
+        record = TrialRecord.of(trial)
+        replica = record.replica_of is not None
+        self.watch.worker_started(
+            index,
+            trial.number,
+            tc.steps,
+            f"finalist {record.replica_of}, seed {record.seed}" if replica else "",
+        )
         with trial_run(
             self.client,
             self.experiment,
@@ -283,7 +323,7 @@ class Sweep:
             self.predict(trial, estimate, run, recorder)
             run.flush()  # the config is in MLflow while the trial trains
 
-            link = _TrialLink(config, trial, run)
+            link = TrialLink(config, trial, run, self.watch, index, tc.eval_every, tc.steps)
 
             with tempfile.TemporaryDirectory() as tmp:
                 adapter = Path(tmp) / "adapter"
@@ -325,7 +365,7 @@ class Sweep:
         run.log_metrics({"predicted_peak_mb": estimate.megabytes})
         run.log_params({"memory_estimate": estimate.method})
         if estimate.note:
-            self.console.print(f"trial {trial.number:3d}  memory estimate: {estimate.note}")
+            self.watch.say(f"trial {trial.number:3d}  memory estimate: {estimate.note}")
         cap = self.config.gpu_memory_cap
         over = check_cap(estimate, cap)
         if over > 0:
@@ -349,7 +389,7 @@ class Sweep:
             return recorder.failed(trial, f"{e}; starting a new worker")
         write_attrs(trial, killed_by=e.signal)
         retried = retry_once(self.study, self.study.get_trials(deepcopy=False)[trial.number])
-        self.console.print(
+        self.watch.say(
             f"trial {trial.number:3d}  {e}"
             + ("; retrying it once in a new worker" if retried else "")
         )
@@ -381,71 +421,6 @@ def signals_as_interrupts() -> Iterator[None]:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-
-
-@dataclass
-class _TrialLink:
-    """What the study process answers a running trial's worker: the pruner's verdict at each
-    check (a finalist's replica trains to its end: its seed is what it is there for), whether
-    its scoring stops, and its curve logged to MLflow as it grows."""
-
-    config: StudyConfig
-    trial: optuna.Trial
-    run: Any
-
-    def __post_init__(self) -> None:
-        # read once: a trial is a replica from its enqueueing on
-        self.replica = TrialRecord.of(self.trial).replica_of is not None
-
-    def report(self, step: int, value: float) -> bool:
-        self.run.log_history({f"val_{self.config.objective.name}_subset": [(step, value)]})
-        self.run.flush()  # the pruner's value in MLflow as the trial trains
-        if self.config.cost:  # Optuna prunes single-objective studies only
-            return False
-        self.trial.report(value, step)
-        return not self.replica and self.trial.should_prune()
-
-    def progress(self, message) -> None:
-        self.run.log_history({"train_loss": message.train_loss})
-        self.run.flush()
-
-    def scored(self, message) -> bool:
-        return stops_scoring(self.config, self.trial, message)
-
-
-def stops_scoring(config: StudyConfig, trial: optuna.Trial, message) -> bool:
-    """Whether `trial`, scored so far on some samples (`outcomes.Scored`), cannot beat the
-    study's best feasible trial on the same samples (`early_stop.cannot_win`): then its
-    scoring stops. The reference recipes, the finalists' replicas and the trials of a
-    two-objective study (its Pareto front needs every trial's whole score) are always
-    scored whole."""
-    import numpy as np
-
-    from aurora_sweep.verify.bootstrap import decode_terms
-    from aurora_sweep.verify.early_stop import cannot_win
-
-    record = TrialRecord.of(trial)
-    if not config.scoring_pruner or config.cost or record.reference:
-        return False
-    if record.replica_of is not None:
-        return False
-    best = next(iter(ranked(trial.study.get_trials(deepcopy=False))), None)
-    packed = TrialRecord.of(best).objective_terms if best is not None else None
-    if packed is None:
-        return False
-    num, den, days = decode_terms(packed)
-    at = np.asarray(message.positions, dtype=int)
-    mine = (np.asarray(message.num, float), np.asarray(message.den, float))
-    stop, p, compared = cannot_win(
-        config.objective.at(config.lead_steps),
-        mine,
-        (num[at], den[at]),
-        days[at],
-        p_threshold=config.scoring_pruner,
-    )
-    if stop:
-        write_attrs(trial, scoring_test={"against": best.number, "p": p, "days": compared})
-    return stop
 
 
 def _score_line(m: dict[str, float], config: StudyConfig) -> str:

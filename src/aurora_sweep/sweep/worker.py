@@ -370,7 +370,7 @@ class _Session:
         from aurora_sweep.verify.early_stop import ScoringStopped
 
         started = time.perf_counter()
-        live = _Live(conn)
+        live = _Live(conn, trial.steps, trial.eval_every)
 
         def report(step: int, value: float) -> None:
             live.send()  # the curve up to the check, then the check
@@ -379,8 +379,10 @@ class _Session:
             if verdict.prune:
                 raise _Pruned(step, value)
 
+        of = len(self.data.leads[self.data.objective_steps])
+
         def stop(positions, num, den) -> bool:
-            conn.send(outcomes.Scored(positions.tolist(), num.tolist(), den.tolist()))
+            conn.send(outcomes.Scored(positions.tolist(), num.tolist(), den.tolist(), of))
             return conn.recv().prune
 
         try:
@@ -458,15 +460,18 @@ LIVE_SECONDS = 5.0
 
 
 class _Live:
-    """A training trial's loss by step, sent to the study process every `LIVE_SECONDS` and
-    before each pruner check (`outcomes.Progress`): batches, not a message per step."""
+    """A training trial's loss by step, sent to the study process every `LIVE_SECONDS`, before
+    each pruner check and at the last step (`outcomes.Progress`): batches, not a message per
+    step; the study process learns from the step sent that a check or the scoring follows."""
 
-    def __init__(self, conn) -> None:
+    def __init__(self, conn, steps: int, eval_every: int) -> None:
         self.conn, self.pending, self.sent_at = conn, [], time.monotonic()
+        self.steps, self.eval_every = steps, eval_every
 
     def step(self, step: int, value: float) -> None:
         self.pending.append((step, float(value)))
-        if time.monotonic() - self.sent_at >= LIVE_SECONDS:
+        ahead = step == self.steps or step % self.eval_every == 0  # scoring or a check next
+        if ahead or time.monotonic() - self.sent_at >= LIVE_SECONDS:
             self.send()
 
     def send(self) -> None:
