@@ -259,6 +259,8 @@ def test_a_capped_study_finds_feasible_recipes_through_tiles_and_auto_checkpoint
     assert "demo/fp32/500hPa" in open_study(config, create=False).user_attrs["base_mse_by_base"]
     planned = TrialRecord.of(by["auto", 0, three]).config
     assert planned["activation_checkpointing"] is True
+    # under a cap, each trial scores at the largest batch the cap allows (its peak predicted)
+    assert all(TrialRecord.of(t).config["eval_batch"] >= 1 for t in by.values())
     assert tuple(planned["checkpoint_modules"]) == AUTO_CHECKPOINTING[1]  # the blocks suffice
 
     path = config.path.parent / "capped.toml"

@@ -283,3 +283,45 @@ def test_cpu_peak_memory_samples_where_the_kernel_peak_cannot_be_reset(tmp_path,
         del block
     assert not peak._thread.is_alive()
     assert peak.megabytes >= start / 2**20 + 180
+
+
+def test_scoring_the_demo_on_the_cpu_peaks_where_its_trace_says():
+    """A forward pass without gradients of a scoring batch, measured (torch's profiler, every
+    allocation and free) against the same pass traced on fake tensors, and the fit above both."""
+    from aurora_sweep.memory.scoring_peak import scoring_estimate
+    from aurora_sweep.memory.traced import synthetic_sample
+
+    grid, batch = (32, 48), 8
+    model = build_base("demo", stats=(0.0, 1.0))
+    lora = trial(batch_size=batch)
+    with torch.no_grad():
+        model.eval()
+        sample, _, _ = synthetic_sample(lora, grid, 3)
+        measured = memory.cpu_live_peak_bytes(lambda: model(sample))
+    traced = scoring_estimate(lora, grid=grid, levels=3, batch=batch, device="cpu", how="traced")
+    fitted = scoring_estimate(lora, grid=grid, levels=3, batch=batch, device="cpu", how="fitted")
+    assert traced.parts["activations"] == pytest.approx(measured, rel=0.15)
+    assert fitted.parts["activations"] + fitted.parts["inputs"] >= (
+        traced.parts["activations"] + traced.parts["inputs"]
+    )
+
+
+@pytest.mark.parametrize("grid", [(32, 48), (64, 128)])
+def test_the_scoring_batch_is_the_largest_the_cap_allows(grid):
+    from aurora_sweep.memory.scoring_peak import MAX_EVAL_BATCH, combined, plan_scoring
+    from aurora_sweep.memory.scoring_peak import scoring_estimate as peak
+
+    lora = trial(batch_size=2)
+    one = peak(lora, grid=grid, levels=3, batch=1).total_bytes
+    per_sample = peak(lora, grid=grid, levels=3, batch=2).total_bytes - one
+    cap = int(one + 5.5 * per_sample)
+    batch, estimate = plan_scoring(lora, grid=grid, levels=3, cap_bytes=cap)
+    assert batch == 6 and estimate.total_bytes <= cap
+    assert peak(lora, grid=grid, levels=3, batch=7).total_bytes > cap
+    assert plan_scoring(lora, grid=grid, levels=3, cap_bytes=10**12)[0] == MAX_EVAL_BATCH
+    assert plan_scoring(lora, grid=grid, levels=3, cap_bytes=one - 1)[0] == 1  # none fits
+    # the trial's predicted peak is the larger of its training's and its scoring's
+    train = memory.estimate_peak(lora, grid=grid, levels=3)
+    both = combined(train, estimate)
+    assert both.total_bytes == max(train.total_bytes, estimate.total_bytes)
+    assert {"scoring_total", "training_total"} & set(both.parts)

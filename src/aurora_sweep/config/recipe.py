@@ -155,6 +155,10 @@ class TrialConfig:
     #: the Aurora module classes checkpointed when `activation_checkpointing` is on; () is
     #: Aurora's whole set. "auto" (sampled) becomes True or False and a set before the trial runs
     checkpoint_modules: tuple[str, ...] = ()
+    #: samples a scoring pass (the pruner's checks, the whole split): the largest the memory cap
+    #: allows, chosen before the trial runs (`memory.scoring_peak`); 0: no cap chose it, the
+    #: device's default (`verify.scoring.eval_batch_size`)
+    eval_batch: int = 0
 
     @property
     def checkpointed(self) -> tuple[str, ...]:

@@ -25,12 +25,12 @@ The peak of one training step is the sum of its parts:
   fine-tune (the CPU's per-tensor step has none worth counting);
 - overhead: on CUDA, the cuBLAS workspace and the caching allocator's slack.
 
-A trial that trains on rollouts (`rollout_steps` > 1) runs its first steps without gradients
-(`train.pushforward`): they keep no activations, so its peak is that of one training step.
+A trial on rollouts (`rollout_steps` > 1) runs its first steps without gradients
+(`train.pushforward`), keeping no activations: its peak is that of one training step.
 
-Parameters are counted on the meta device (no memory, about a second even for
-AuroraSmallPretrained); activations come from per-token coefficients fitted to exact
-saved-tensor measurements (see `saved_tensor_bytes` and bench/calibrate_memory.py); the shapes come from `meta`.
+Parameters are counted on the meta device; activations come from per-token coefficients fitted
+to exact saved-tensor measurements (`saved_tensor_bytes`, bench/calibrate_memory.py). A trial's
+scoring has a peak of its own (`memory.scoring_peak`).
 """
 
 from __future__ import annotations
@@ -204,15 +204,10 @@ def activation_bytes(
     the path stays while one block, or the encoder or decoder, is recomputed with its full
     activations.
     """
-    coeffs = coeffs or ACTIVATION_COEFFS
-    inner = coeffs["fp32" if precision == "fp32" else "bf16"]
-    outer = coeffs["fp32"]
+    per_block, outside = _unit_bytes(
+        arch, grid=grid, levels=levels, precision=precision, coeffs=coeffs
+    )
     path = [b for b in arch.blocks if b.on_path]
-    per_block = [
-        _dot(block_features(b), inner) + DORA_SAVED_BYTES * b.padded_tokens * b.dora_width
-        for b in path
-    ]
-    outside = _dot(outer_features(arch, grid=grid, levels=levels), outer)
     bf16 = precision != "fp32"
     if not checkpointing:
         weight_copies = autocast_weight_bytes(arch) if bf16 else 0
@@ -223,6 +218,29 @@ def activation_bytes(
     largest_recompute = max([*per_block, outside])
     weight_copies = 2 * max((b.params for b in path), default=0) if bf16 else 0
     return int(batch_size * (sum(inputs) + largest_recompute) + weight_copies)
+
+
+def _unit_bytes(
+    arch: Architecture, *, grid: tuple[int, int], levels: int, precision: str, coeffs=None
+) -> tuple[list[float], float]:
+    """Per sample, what each block on the gradient's path saves for backward; the outer units'."""
+    coeffs = coeffs or ACTIVATION_COEFFS
+    inner = coeffs["fp32" if precision == "fp32" else "bf16"]
+    per_block = [
+        _dot(block_features(b), inner) + DORA_SAVED_BYTES * b.padded_tokens * b.dora_width
+        for b in arch.blocks
+        if b.on_path
+    ]
+    return per_block, _dot(outer_features(arch, grid=grid, levels=levels), coeffs["fp32"])
+
+
+def largest_unit_bytes(
+    arch: Architecture, *, grid: tuple[int, int], levels: int, precision: str
+) -> float:
+    """Per sample, the most one unit (a block; the encoder and decoder) saves for backward: what
+    checkpointing recomputes at a time, and a bound on a gradient-free forward's working set."""
+    per_block, outside = _unit_bytes(arch, grid=grid, levels=levels, precision=precision)
+    return max([*per_block, outside])
 
 
 def input_bytes(*, grid: tuple[int, int], levels: int, batch_size: int) -> int:

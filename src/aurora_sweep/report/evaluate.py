@@ -216,7 +216,7 @@ class Evaluation:
         return verify(
             self.model,
             self.data,
-            batch_size=eval_batch_size(self.trial.batch_size, device),
+            batch_size=self.trial.eval_batch or eval_batch_size(self.trial.batch_size, device),
             device=device,
             bootstrap=bootstrap,
             reference=self.reference,

@@ -5,6 +5,7 @@ interrupts that stop every trial and leave each recorded as interrupted (retried
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import socket
 import tempfile
@@ -344,17 +345,19 @@ class Sweep:
         return value
 
     def plan(self, tc):
-        """The trial's recipe with "auto" checkpointing made concrete (`memory`), and its
-        predicted peak GPU memory."""
+        """The trial's recipe with "auto" checkpointing made concrete and, under a cap, its
+        scoring batch chosen (`memory`); its predicted peak GPU memory, training's or
+        scoring's, whichever is larger."""
         from aurora_sweep.memory.estimate import plan_checkpointing
+        from aurora_sweep.memory.scoring_peak import combined, plan_scoring
 
-        return plan_checkpointing(
-            tc,
-            grid=self.grid,
-            levels=len(tc.levels),
-            cap_bytes=self.config.gpu_memory_cap,
-            how=self.config.estimate_how,
-        )
+        cap, how = self.config.gpu_memory_cap, self.config.estimate_how
+        levels = len(tc.levels)
+        tc, train = plan_checkpointing(tc, grid=self.grid, levels=levels, cap_bytes=cap, how=how)
+        batch, scoring = plan_scoring(tc, grid=self.grid, levels=levels, cap_bytes=cap, how=how)
+        if cap is not None:  # without one, the worker's device decides (`eval_batch_size`)
+            tc = dataclasses.replace(tc, eval_batch=batch)
+        return tc, combined(train, scoring)
 
     def predict(self, trial: optuna.Trial, estimate, run, recorder: Recorder) -> None:
         """Record the trial's predicted peak GPU memory; a prediction over the cap makes the
@@ -362,7 +365,16 @@ class Sweep:
         from aurora_sweep.memory.estimate import MIB, check_cap
 
         write_attrs(trial, predicted_peak_mb=estimate.megabytes)
-        run.log_metrics({"predicted_peak_mb": estimate.megabytes})
+        total, parts = estimate.megabytes, estimate.parts
+        train = parts["training_total"] / MIB if "training_total" in parts else total
+        scoring = parts["scoring_total"] / MIB if "scoring_total" in parts else total
+        run.log_metrics(
+            {
+                "predicted_peak_mb": total,
+                "predicted_train_peak_mb": train,
+                "predicted_scoring_peak_mb": scoring,
+            }
+        )
         run.log_params({"memory_estimate": estimate.method})
         if estimate.note:
             self.watch.say(f"trial {trial.number:3d}  memory estimate: {estimate.note}")

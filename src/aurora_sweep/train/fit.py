@@ -161,7 +161,8 @@ def fit(
         peft_model.to(device)
         trained = trial_optimiser(trial, peft_model, model, parts)
         step, curves = _Step(trial, spec, peft_model, *trained, device), _Curves(spec)
-        checks = _PrunerChecks(trial, data, spec, eval_batch_size(trial.batch_size, device), device)
+        scoring_batch = trial.eval_batch or eval_batch_size(trial.batch_size, device)
+        checks = _PrunerChecks(trial, data, spec, scoring_batch, device)
         loop_started = time.perf_counter()
         wait_share = _train_loop(trial, data, peft_model, step, curves, checks, on_step, report)
         metrics, forecasts = _verify_trial(
