@@ -135,11 +135,9 @@ def combined(train: MemoryEstimate, scoring: MemoryEstimate) -> MemoryEstimate:
         return dataclasses.replace(
             train, parts={**train.parts, "scoring_total": scoring.total_bytes}
         )
-    note = "; ".join(n for n in (train.note, scoring.note, "scoring's peak") if n)
+    note = "; ".join(n for n in (train.note, scoring.note) if n)  # a trace's fallback, say
     return dataclasses.replace(
-        scoring,
-        parts={**scoring.parts, "training_total": train.total_bytes},
-        note=note,
+        scoring, parts={**scoring.parts, "training_total": train.total_bytes}, note=note
     )
 
 
