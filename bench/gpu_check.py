@@ -150,6 +150,30 @@ def _scoring_pass(model, tc, grid, levels, device: torch.device) -> dict:
     return {"measured_pass_mb": working / MIB, "pass_seconds": seconds}
 
 
+def europe_trial(peaks: list[dict], scoring: list[dict]) -> list[dict]:
+    """Per base, a completed LoRA trial of sweep/europe-tp.toml at batch 1 without rollouts, from
+    the times measured above: 500 optimiser steps, 4 pruner checks on 64 samples and the
+    validation year scored (3,660 model steps of one sample, as `bench/verify_share.py` counts),
+    at the scoring batch the cap allows; and verification's share of it."""
+    out = []
+    for row in scoring:
+        lora = next((p for p in peaks if p["base"] == row["base"] and p["method"] == "lora"), None)
+        if lora is None or "step_seconds" not in lora or "pass_seconds" not in row:
+            continue
+        per_sample = row["pass_seconds"] / row["eval_batch"]
+        train, checks, verify = 500 * lora["step_seconds"], 256 * per_sample, 3660 * per_sample
+        out.append(
+            {
+                "base": row["base"],
+                "train_s": train,
+                "checks_s": checks,
+                "verify_s": verify,
+                "verify_share": verify / (train + checks + verify),
+            }  # fmt: skip
+        )
+    return out
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -258,6 +282,7 @@ def main(argv: list[str] | None = None) -> dict:
     result["peaks"] = peak_rows(bases, methods, steps=steps, budget=budget, **common)
     cap = EUROPE_CAP if device.type == "cuda" else 256 * MIB
     result["scoring"] = scoring_rows(bases, cap=cap, **common)
+    result["europe_trial_seconds"] = europe_trial(result["peaks"], result["scoring"])
     result["sweep"] = sweep_check(args.config, trials=trials, steps=sweep_steps)
     result["seconds"] = time.perf_counter() - started
     slug = re.sub(r"[^a-z0-9]+", "-", result["machine"].get("gpu", "cpu").lower()).strip("-")

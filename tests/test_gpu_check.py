@@ -32,6 +32,8 @@ def test_the_gpu_check_runs_on_the_cpu_and_writes_its_figures(tmp_path, tiny_sto
     (scoring,) = result["scoring"]
     assert 1 <= scoring["eval_batch"] <= 32 and scoring["measured_pass_mb"] > 0
     assert scoring["predicted_pass_mb"] == pytest.approx(scoring["measured_pass_mb"], rel=0.25)
+    (europe,) = result["europe_trial_seconds"]  # a Europe trial's share, from the times above
+    assert 0 < europe["verify_share"] < 1 and europe["train_s"] > 0
     sweep = result["sweep"]
     # the recipe enqueued over the cap never trained; the study still ran its total
     assert sweep["enqueued_over_cap"]["infeasible"].startswith("predicted peak")

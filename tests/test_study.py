@@ -538,10 +538,14 @@ def test_best_export_registers_a_version_that_forecasts_what_the_folder_does(
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     runner = CliRunner()
     out = tmp_path / "adapter"
+    client = MlflowClient(tracking_uri(config))
+    best_run = TrialRecord.of(ranked_trials(config)[0]).mlflow_run_id
+    before = client.get_run(best_run).info
     result = runner.invoke(app, ["best", "-c", str(config.path), "--export", str(out)])
     assert result.exit_code == 0, result.output
     assert "registered in MLflow as models:/tiny/1" in result.output
-    client = MlflowClient(tracking_uri(config))
+    after = client.get_run(best_run).info  # the trial's run ends when it ended, not at export
+    assert (after.status, after.end_time) == (before.status, before.end_time)
     version = client.get_model_version("tiny", "1")
     best = ranked_trials(config)[0]
     assert version.run_id == TrialRecord.of(best).mlflow_run_id

@@ -68,6 +68,8 @@ def register_adapter(
     (on the tracking URI set, `sweep.tracking.client_for`); its registry URI and version."""
     import mlflow
 
+    client = mlflow.MlflowClient()
+    ended = client.get_run(run_id).info  # logging reopens the run: its end is put back after
     try:
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
@@ -77,6 +79,7 @@ def register_adapter(
                 pip_requirements=requirements(),
                 tags=tags,
             )
+        client.set_terminated(run_id, status=ended.status, end_time=ended.end_time)
         registered = mlflow.register_model(info.model_uri, name, tags=tags)
     except mlflow.exceptions.MlflowException as e:
         raise AuroraSweepError(
