@@ -553,6 +553,7 @@ def test_best_export_registers_a_version_that_forecasts_what_the_folder_does(
     assert tags["trial"] == str(best.number) and len(tags["base_sha256"]) == 64
     assert float(tags["tp_seeps"]) == pytest.approx(best.value, rel=1e-5)
     assert tags["recipe"] and tags["data.region"]
+    assert version.description.startswith("tiny: Aurora fine-tuned for")  # the card's title
 
     day = str(config.data.test.start)
     for name, ref in (("folder", str(out)), ("uri", "models:/tiny/1")):

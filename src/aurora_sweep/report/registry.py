@@ -81,6 +81,11 @@ def register_adapter(
             )
         client.set_terminated(run_id, status=ended.status, end_time=ended.end_time)
         registered = mlflow.register_model(info.model_uri, name, tags=tags)
+        card = Path(folder) / "README.md"  # its title says what the adapter forecasts, where
+        title = card.read_text().splitlines()[0].lstrip("# ") if card.exists() else ""
+        if title:  # "<folder>: Aurora fine-tuned for ...", under the registered name
+            what = title.split(": ", 1)[-1]
+            client.update_model_version(name, registered.version, description=f"{name}: {what}")
     except mlflow.exceptions.MlflowException as e:
         raise AuroraSweepError(
             f"cannot register the adapter as model {name!r} in MLflow ({e.message.splitlines()[0]});"
