@@ -170,3 +170,40 @@ def test_the_time_left_is_the_steps_to_go_at_the_pace_so_far_then_scoring():
     assert watch._left(w, now=42.0) == 3.0
     w.scored = (10, 40)
     assert watch._left(w, now=42.0) == 6.0  # 30 samples at 0.2 s
+
+
+def test_two_trials_starting_at_once_both_log_the_studys_datasets(tmp_path):
+    """Two trial threads log the same new dataset into one experiment at the same instant: one
+    insert of it loses MLflow's unique constraint, and that trial must not fail for it."""
+    import threading
+
+    from mlflow import MlflowClient
+
+    from aurora_sweep.sweep.tracking import log_datasets
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for attempt in range(5):
+        experiment = client.create_experiment(f"race-{attempt}")
+        runs = [client.create_run(experiment).info.run_id for _ in range(2)]
+        datasets = [
+            {"name": "study-train", "digest": "abc", "source_type": "local", "source": "{}",
+             "profile": "{}", "context": "training"}  # fmt: skip
+        ]
+        start, errors = threading.Barrier(2), []
+
+        def log(run_id: str) -> None:
+            start.wait()
+            try:
+                log_datasets(client, run_id, datasets)
+            except Exception as e:  # noqa: BLE001 - the test reports what either thread raised
+                errors.append(e)
+
+        threads = [threading.Thread(target=log, args=(r,)) for r in runs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        for run_id in runs:
+            (logged,) = client.get_run(run_id).inputs.dataset_inputs
+            assert logged.dataset.name == "study-train"

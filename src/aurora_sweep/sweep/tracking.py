@@ -274,7 +274,15 @@ def log_datasets(client, run_id: str, datasets: list[dict]) -> None:
         )
         for d in datasets
     ]
-    client.log_inputs(run_id, datasets=inputs)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.log_inputs(run_id, datasets=inputs)
+    except MlflowException:
+        # two trials starting at once both insert the experiment's first copy of a dataset;
+        # one insert loses (a unique constraint) and, once the other's is there, takes it
+        time.sleep(0.5)
+        client.log_inputs(run_id, datasets=inputs)
 
 
 def end_runs(client, run_ids: Iterable[str | None], status: str = "KILLED") -> None:
