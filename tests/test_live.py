@@ -182,23 +182,29 @@ def test_two_trials_starting_at_once_both_log_the_studys_datasets(tmp_path):
     from aurora_sweep.sweep.tracking import log_datasets
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    datasets = [
+        {
+            "name": "study-train",
+            "digest": "abc",
+            "source_type": "local",
+            "source": "{}",
+            "profile": "{}",
+            "context": "training",
+        }  # fmt: skip
+    ]
+
+    def log(run_id: str, start: threading.Barrier, errors: list) -> None:
+        start.wait()
+        try:
+            log_datasets(client, run_id, datasets)
+        except Exception as e:  # noqa: BLE001 - the test reports what either thread raised
+            errors.append(e)
+
     for attempt in range(5):
         experiment = client.create_experiment(f"race-{attempt}")
         runs = [client.create_run(experiment).info.run_id for _ in range(2)]
-        datasets = [
-            {"name": "study-train", "digest": "abc", "source_type": "local", "source": "{}",
-             "profile": "{}", "context": "training"}  # fmt: skip
-        ]
         start, errors = threading.Barrier(2), []
-
-        def log(run_id: str) -> None:
-            start.wait()
-            try:
-                log_datasets(client, run_id, datasets)
-            except Exception as e:  # noqa: BLE001 - the test reports what either thread raised
-                errors.append(e)
-
-        threads = [threading.Thread(target=log, args=(r,)) for r in runs]
+        threads = [threading.Thread(target=log, args=(r, start, errors)) for r in runs]
         for t in threads:
             t.start()
         for t in threads:
