@@ -104,3 +104,19 @@ def tiny_store(tmp_path_factory) -> Path:
 def tiny_config(tmp_path, tiny_store) -> StudyConfig:
     """A tiny demo study in its own working directory, sharing the session's store."""
     return load_config(write_tiny_config(tmp_path, store=tiny_store), workdir=tmp_path)
+
+
+#: The modules that start trial workers, longest first: pytest-xdist hands whole modules to its
+#: two workers in collection order (--dist loadscope), so these start first and the short ones
+#: fill in around them, instead of a long module starting last on one worker while the other
+#: waits.
+HEAVY_FIRST = (
+    "test_scale_out.py", "test_study.py", "test_target_studies.py", "test_early_stop.py",
+    "test_finalists.py", "test_levers.py", "test_worker.py", "test_aurora15.py",
+    "test_bases.py", "test_grids.py", "test_gpu_check.py", "test_live.py",
+)  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    order = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: order.get(item.path.name, len(order)))

@@ -1,5 +1,6 @@
-"""Every target end to end on the demo world: a 2-trial study trains and scores it, the best
-trial exports, forecasts a CF NetCDF of it and reports on it (tp's own study: test_study.py)."""
+"""Every target end to end on the demo world: a 1-trial study trains and scores it, the trial
+exports, forecasts a CF NetCDF of it and reports on it (tp's own study, and the search over
+several trials: test_study.py)."""
 
 import json
 import warnings
@@ -55,7 +56,7 @@ def test_a_study_of_each_target_trains_scores_exports_forecasts_and_reports(tmp_
     assert config.objective.name == spec.objectives[0]  # its natural objective
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        run_study(config, trials=2)
+        run_study(config, trials=1)
     best = ranked_trials(config)[0]
     scores = TrialRecord.of(best).scores
     # the scores are the target's, by its kind, at every lead, against both baselines
