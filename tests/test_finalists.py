@@ -16,7 +16,7 @@ from aurora_sweep.sweep.finalists import (
     replicas_to_run,
     seeds_of,
 )
-from aurora_sweep.sweep.records import TrialRecord
+from aurora_sweep.sweep.records import FORGET_WORST, TrialRecord
 from aurora_sweep.verify.bootstrap import encode_terms, over_seeds, paired_difference
 from synthetic import tiny_lora_trial
 
@@ -169,6 +169,38 @@ def test_best_ranks_the_finalists_by_their_mean_and_exports_the_typical_seed(tin
     chosen, note = _trial_to_export(config, trials, None)
     assert chosen.number == 3  # seed 0 (0.22) is nearest the mean 0.2217, before seed 1 (0.22)
     assert "mean over 3 training seeds: 0.2217" in note and "trial 3" in note
+
+
+def test_a_finalist_that_forgets_with_one_seed_ranks_last_and_that_seed_is_never_exported(
+    tiny_config,
+):
+    from aurora_sweep.report.evaluate import _trial_to_export
+    from aurora_sweep.report.finalists import finalist_lines, ranked_finalists
+
+    config = _config(tiny_config, seeds=2)
+    study = optuna.create_study()
+    _searched(study)
+    enqueue_replicas(study, config)
+    # trial 1's recipe has the better mean, but its second seed forgets beyond the limit
+    scores = {1: 0.19, 3: 0.23}
+    for _ in range(2):
+        trial = study.ask()
+        r = TrialRecord.of(trial)
+        trial.set_user_attr("objective_terms", _terms(scores[r.replica_of], 0.01, r.seed))
+        if r.replica_of == 1:
+            trial.set_user_attr("scores", {"forget_2t_ratio": 1.15, "forget_worst_ratio": 1.15})
+            trial.set_user_attr(FORGET_WORST, "2t")  # the worst variable at 6 h
+            trial.set_constraint("forgetting_over_max", 0.05)
+        study.tell(trial, scores[r.replica_of])
+    trials = study.trials
+    ranked = ranked_finalists(config, trials)
+    assert [f.number for f in ranked] == [3, 1] and ranked[1].mean < ranked[0].mean
+    lines = finalist_lines(config, trials, recipe=lambda t: "recipe")
+    (marked,) = [line for line in lines if "✗" in line]
+    assert "seed 1) forgets 2t ×1.15" in marked and "ranks after" in marked
+    assert lines.index(marked) == 3  # under the second finalist, trial 1
+    assert _trial_to_export(config, trials, None)[0].number == 3
+    assert ranked[1].typical.number == 1  # the recipe's own whole seed, were it chosen
 
 
 @pytest.mark.slow

@@ -5,6 +5,10 @@ mean over its seeds, with a 90 % interval that holds both the day-to-day samplin
 seed-to-seed spread (`bootstrap.over_seeds`); the first two are compared by the paired difference
 of their means, over the same days. The adapter `best --export` writes for the winner is the seed
 nearest the winner's mean: a typical draw of the recipe, not its luckiest.
+
+A recipe that forgets beyond `[study] max_forgetting` with any of its seeds does not keep Aurora
+whole reliably: it ranks after every finalist that does with all of them, whatever its mean, and
+`best` marks it; no seed that forgets is ever the one exported.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import optuna
 from aurora_sweep.config.study import StudyConfig
 from aurora_sweep.report.best import scored
 from aurora_sweep.sweep.finalists import finalists, seeds_of
-from aurora_sweep.sweep.records import TrialRecord, score
+from aurora_sweep.sweep.records import TrialRecord, forgets, score
 from aurora_sweep.verify.bootstrap import decode_terms, over_seeds
 
 
@@ -42,13 +46,21 @@ class Finalist:
         return float(np.std(self.values, ddof=1)) if len(self.values) > 1 else 0.0
 
     @property
+    def forgetting(self) -> list:
+        """The seeds' trials that forget beyond the study's limit."""
+        return [t for t in self.trials if forgets(t)]
+
+    @property
     def typical(self) -> optuna.trial.FrozenTrial:
-        """The seed's trial nearest the mean: the adapter a user should expect of the recipe."""
-        return min(self.trials, key=lambda t: (abs(score(t) - self.mean), t.number))
+        """The seed's trial nearest the mean, among those that keep the model whole where any
+        does: the adapter a user should expect of the recipe."""
+        whole = [t for t in self.trials if not forgets(t)] or self.trials
+        return min(whole, key=lambda t: (abs(score(t) - self.mean), t.number))
 
 
 def ranked_finalists(config: StudyConfig, trials: list) -> list[Finalist]:
-    """The study's finalists with at least two seeds done, best mean first."""
+    """The study's finalists with at least two seeds done, best mean first; those with a seed
+    that forgets after every one that keeps the model whole."""
     objective = scored(config)
     out = []
     for finalist in finalists(config, trials):
@@ -61,7 +73,7 @@ def ranked_finalists(config: StudyConfig, trials: list) -> list[Finalist]:
         if terms is not None:
             ci = tuple(over_seeds(objective, terms[0], terms[1])[1:])
         out.append(Finalist(seeds, values, float(np.mean(values)), ci, terms))
-    return sorted(out, key=lambda f: (f.mean, f.number))
+    return sorted(out, key=lambda f: (bool(f.forgetting), f.mean, f.number))
 
 
 def _terms(seeds: list) -> tuple[list, np.ndarray] | None:
@@ -88,6 +100,23 @@ def runner_up_difference(config: StudyConfig, ranked: list[Finalist]):
     return over_seeds(scored(config), first[0], first[1], second[0])
 
 
+def _forgetting_words(config: StudyConfig, finalist: Finalist) -> list[str]:
+    """The line under a finalist that forgets with some seed: which, what and by how much."""
+    from aurora_sweep.config.recipe import lead_suffix
+
+    said = []
+    for t in finalist.forgetting:
+        worst = TrialRecord.of(t).worst_forgetting(lead_suffix(config.lead_steps))
+        what = f"{worst[0]} ×{worst[1]:.2f}" if worst else "a variable"
+        said.append(f"trial {t.number} (seed {TrialRecord.of(t).seed}) forgets {what}")
+    if not said:
+        return []
+    return [
+        f"     ✗ {'; '.join(said)} (max ×{config.max_forgetting:g}): the recipe does not keep "
+        "Aurora whole with every seed, so it ranks after those that do"
+    ]
+
+
 def finalist_lines(config: StudyConfig, trials: list, recipe) -> list[str]:
     """What `best` says of the finalists: each one's mean ± seed spread and interval, whether
     the winner is apart from the runner-up, and whether the single-seed winner stayed it."""
@@ -106,6 +135,7 @@ def finalist_lines(config: StudyConfig, trials: list, recipe) -> list[str]:
             f"  {i}. trial {f.number}: {f.mean:.4f} ± {f.spread:.4f}{ci} (seeds {seeds}; "
             f"{recipe(f.trials[0])})"
         )
+        lines += _forgetting_words(config, f)
     delta = runner_up_difference(config, ranked)
     if delta is not None:
         apart = "apart" if delta[1] > 0 or delta[2] < 0 else "not apart: a draw of the seeds"
