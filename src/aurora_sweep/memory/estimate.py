@@ -243,6 +243,17 @@ def largest_unit_bytes(
     return max([*per_block, outside])
 
 
+def state_bytes(params, optimizer: str) -> dict[str, int]:
+    """What a trial keeps alive between steps: its weights, gradients and optimiser state (AdamW:
+    two fp32 moments per trained value; Adafactor: its factored second moments)."""
+    moments = 2 * params.trainable if optimizer == "adamw" else params.factored
+    return {
+        "weights": FP32 * params.total,
+        "gradients": FP32 * params.trainable,
+        "optimizer": FP32 * moments,
+    }
+
+
 def input_bytes(*, grid: tuple[int, int], levels: int, batch_size: int) -> int:
     """The batch on the device: two history steps of every variable, fp32."""
     per_step = len(SURF_VARS) + levels * len(ATMOS_VARS)
@@ -267,10 +278,7 @@ def estimate_from_architecture(
     the batch: six times the activations)."""
     p = arch.params
     parts = {
-        "weights": FP32 * p.total,
-        "gradients": FP32 * p.trainable,
-        # AdamW: two fp32 moments per trained value; Adafactor: its factored second moments
-        "optimizer": FP32 * (2 * p.trainable if optimizer == "adamw" else p.factored),
+        **state_bytes(p, optimizer),
         "inputs": input_bytes(grid=grid, levels=levels, batch_size=batch_size),
         "activations": activation_bytes(
             arch,
@@ -338,18 +346,8 @@ def estimate_peak(
             return _with_overhead(traced.parts, device, method="traced")
         except TraceFailed as e:
             note = f"the trace failed ({e}); fitted instead"
-    arch = _architecture(
-        trial.base,
-        trial.lora_rank,
-        trial.lora_targets,
-        trial.unfrozen_blocks,
-        grid,
-        trial.method,
-        trial.target_input_lr > 0,
-        trial.arch,
-    )
     return estimate_from_architecture(
-        arch,
+        trial_architecture(trial, grid),
         grid=grid,
         levels=levels,
         batch_size=trial.batch_size,
@@ -360,6 +358,12 @@ def estimate_peak(
         note=note,
         passes=STEP_HOURS if BASES[trial.base].own_precipitation else 1,
     )
+
+
+def trial_architecture(trial: TrialConfig, grid: tuple[int, int]) -> Architecture:
+    """`architecture` of `trial`'s model on `grid` (shared by every trial of its structure)."""
+    shape = (trial.base, trial.lora_rank, trial.lora_targets, trial.unfrozen_blocks)
+    return _architecture(*shape, grid, trial.method, trial.target_input_lr > 0, trial.arch)
 
 
 @functools.lru_cache(maxsize=128)
@@ -428,20 +432,16 @@ def plan_checkpointing(
 
 
 def check_cap(estimate: MemoryEstimate, cap_bytes: int | None) -> float:
-    """Megabytes (MiB) by which `estimate` exceeds the cap; 0 when it fits or there is no cap.
-
-    A study hands this to Optuna as the constraint value (> 0 means infeasible).
-    """
+    """Megabytes (MiB) by which `estimate` exceeds the cap; 0 when it fits or there is no cap
+    (a study hands this to Optuna as the constraint value: > 0 means infeasible)."""
     if cap_bytes is None:
         return 0.0
     return max(0.0, (estimate.total_bytes - cap_bytes) / MIB)
 
 
 def cuda_memory_fraction(cap_bytes: int, device_total_bytes: int) -> float:
-    """The fraction for `torch.cuda.set_per_process_memory_fraction` that enforces the cap.
-
-    The CUDA context (a few hundred MiB) lives outside the allocator and outside this fraction.
-    """
+    """The fraction for `torch.cuda.set_per_process_memory_fraction` that enforces the cap (the
+    CUDA context, a few hundred MiB, lives outside the allocator and outside this fraction)."""
     if cap_bytes <= 0:
         raise AuroraSweepError(f"gpu_memory_cap = {cap_bytes} bytes: give a positive size")
     if cap_bytes > device_total_bytes:

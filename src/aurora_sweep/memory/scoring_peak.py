@@ -25,12 +25,13 @@ import torch
 
 from aurora_sweep.config.recipe import TrialConfig
 from aurora_sweep.memory.estimate import (
-    FP32,
     MemoryEstimate,
     _architecture,
     _with_overhead,
     input_bytes,
     largest_unit_bytes,
+    state_bytes,
+    trial_architecture,
 )
 from aurora_sweep.memory.traced import (
     CUDA_BLOCK_BYTES,
@@ -71,21 +72,8 @@ def scoring_estimate(
     arch = _architecture(
         trial.base, 1, "qkv", 0, grid, "lora", True, trial.arch
     )  # every block on the path: a forward pass runs them all
-    trained = _architecture(
-        trial.base,
-        trial.lora_rank,
-        trial.lora_targets,
-        trial.unfrozen_blocks,
-        grid,
-        trial.method,
-        trial.target_input_lr > 0,
-        trial.arch,
-    ).params
-    optimizer = 2 * trained.trainable if trial.optimizer == "adamw" else trained.factored
     parts = {
-        "weights": FP32 * trained.total,
-        "gradients": FP32 * trained.trainable,
-        "optimizer": FP32 * optimizer,
+        **state_bytes(trial_architecture(trial, grid).params, trial.optimizer),
         # the batch, and the prediction fed back as a rollout's next input
         "inputs": 2 * input_bytes(grid=grid, levels=levels, batch_size=batch),
         "activations": int(
