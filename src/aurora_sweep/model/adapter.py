@@ -48,7 +48,12 @@ from aurora_sweep.model.build import (
     set_precision,
     unwrap,
 )
-from aurora_sweep.model.files import file_sha256, resolve_checkpoint
+from aurora_sweep.model.files import (
+    file_sha256,
+    is_model_uri,
+    local_adapter,
+    resolve_checkpoint,
+)
 
 META = "aurora_sweep.json"
 WEIGHTS = "trained_weights.safetensors"
@@ -217,23 +222,14 @@ def load_finetuned(
 
     Args:
         directory: an adapter directory written by `aurora-sweep best --export`, or its
-            registered version, `models:/<study>/<version>` (`model.registry`).
+            registered version, `models:/<study>/<version>` (`report.registry`).
         checkpoint: the base checkpoint file, when it is not the packaged demo or in the
             Hugging Face cache. Its sha256 must match the one the adapter was trained on.
         tracking_uri: where a `models:/` URI is registered (default: MLflow's).
     """
-    directory = _local(directory, tracking_uri)
+    directory = local_adapter(directory, tracking_uri=tracking_uri)
     meta = read_meta(directory)
     return _load_model(directory, meta, base_checkpoint(meta, checkpoint), device)
-
-
-def _local(ref: str | Path, tracking_uri: str | None) -> Path:
-    """The folder of an adapter given as a folder or as a `models:/` URI."""
-    if isinstance(ref, str) and ref.startswith("models:/"):
-        from aurora_sweep.model.files import local_adapter
-
-        return local_adapter(ref, tracking_uri=tracking_uri)
-    return Path(ref)
 
 
 def _load_model(directory: Path, meta: AdapterMeta, checkpoint: Path, device: str):
@@ -311,11 +307,10 @@ def open_adapter(
     the base checkpoint file, when it is not found."""
     from aurora_sweep.devices import default_device
 
-    directory = _local(ref, tracking_uri)
+    directory = local_adapter(ref, tracking_uri=tracking_uri)
     meta = read_meta(directory)
     config = load_config(directory / "study.toml")
-    source = str(ref) if isinstance(ref, str) and ref.startswith("models:/") else ""
-    source = source or str(directory.resolve())
+    source = str(ref) if is_model_uri(ref) else str(directory.resolve())
     return Adapter(directory, meta, config, default_device(), checkpoint, source)
 
 

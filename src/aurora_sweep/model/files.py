@@ -135,11 +135,16 @@ def resolve_statics(path: Path | None) -> Path:
 MODEL_ARTIFACT = "adapter"
 
 
+def is_model_uri(ref: str | Path) -> bool:
+    """Whether an adapter is named by its registered version, `models:/<name>/<version>`."""
+    return isinstance(ref, str) and ref.startswith("models:/")
+
+
 def local_adapter(ref: str | Path, *, tracking_uri: str | None = None) -> Path:
     """The folder of adapter `ref`: a folder as it is; `models:/<name>/<version>` fetched from
     the registry (`tracking_uri`, else MLflow's: `MLFLOW_TRACKING_URI` or `mlflow.db` here)
     into a temporary folder that lives as long as this process."""
-    if not (isinstance(ref, str) and ref.startswith("models:/")):
+    if not is_model_uri(ref):
         return Path(ref)
     import atexit
     import shutil

@@ -339,7 +339,9 @@ def report_adapter(
 
 def _name(adapter) -> str:
     """What the report calls the adapter: its folder's name, or its `models:/` URI."""
-    return adapter.source if adapter.source.startswith("models:/") else adapter.path.resolve().name
+    from aurora_sweep.model.files import is_model_uri
+
+    return adapter.source if is_model_uri(adapter.source) else adapter.path.resolve().name
 
 
 def _report_text(evaluation: Evaluation, split: str, scores: dict, fc) -> dict[str, Any]:

@@ -27,10 +27,8 @@ class TrialLink:
     index: int = 0
     eval_every: int = 1
     steps: int = 1
-
-    def __post_init__(self) -> None:
-        # read once: a trial is a replica from its enqueueing on
-        self.replica = TrialRecord.of(self.trial).replica_of is not None
+    #: a finalist's replica (from its enqueueing on): never pruned
+    replica: bool = False
 
     def report(self, step: int, value: float) -> bool:
         self.watch.worker_checked(self.index)

@@ -298,14 +298,7 @@ class Sweep:
         write_attrs(trial, **this_process())
         tc, estimate = self.plan(sample_trial(trial, config))
         write_attrs(trial, config=tc.to_dict())
-        record = TrialRecord.of(trial)
-        replica = record.replica_of is not None
-        self.watch.worker_started(
-            index,
-            trial.number,
-            tc.steps,
-            f"finalist {record.replica_of}, seed {record.seed}" if replica else "",
-        )
+        replica = self.follow(trial, tc, index)
         with trial_run(
             self.client,
             self.experiment,
@@ -324,8 +317,9 @@ class Sweep:
             self.predict(trial, estimate, run, recorder)
             run.flush()  # the config is in MLflow while the trial trains
 
-            link = TrialLink(config, trial, run, self.watch, index, tc.eval_every, tc.steps)
-
+            link = TrialLink(
+                config, trial, run, self.watch, index, tc.eval_every, tc.steps, replica
+            )
             with tempfile.TemporaryDirectory() as tmp:
                 adapter = Path(tmp) / "adapter"
                 try:
@@ -343,6 +337,15 @@ class Sweep:
         if config.cost:
             return value, scalars.get(config.cost, estimate.megabytes)
         return value
+
+    def follow(self, trial: optuna.Trial, tc, index: int) -> bool:
+        """Show `trial` in the live view as the `index`th worker's; whether it is a finalist's
+        replica."""
+        record = TrialRecord.of(trial)
+        replica = record.replica_of is not None
+        whose = f"finalist {record.replica_of}, seed {record.seed}" if replica else ""
+        self.watch.worker_started(index, trial.number, tc.steps, whose)
+        return replica
 
     def plan(self, tc):
         """The trial's recipe with "auto" checkpointing made concrete and, under a cap, its
