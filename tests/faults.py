@@ -77,6 +77,31 @@ def untrained_after_first(trial, *args, marker: str, **kwargs):
     return fit(trial, *args, **kwargs)
 
 
+def untrained_then_forgetting(trial, *args, marker: str, checkpoint, **kwargs):
+    """As `untrained_after_first` for the first two calls; from the third on, the trial starts
+    from the base's weights with noise added (30 % of each weight's spread): it predicts every
+    variable Aurora already predicted far worse than the base model does."""
+    import dataclasses
+
+    calls = Path(marker + ".calls")
+    n = int(calls.read_text()) + 1 if calls.exists() else 1
+    calls.write_text(str(n))
+    if n == 1:
+        trial = dataclasses.replace(trial, steps=48, eval_every=48, learning_rate=5e-3)
+    elif n == 2:
+        trial = dataclasses.replace(trial, learning_rate=1e-12)
+    else:
+        weights = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        generator = torch.Generator().manual_seed(0)
+        for k, w in weights.items():
+            if w.is_floating_point() and w.numel() > 1:
+                noise = torch.randn(w.shape, generator=generator, dtype=w.dtype)
+                weights[k] = w + 0.3 * w.std() * noise
+        checkpoint = Path(marker + ".noisy.ckpt")
+        torch.save(weights, checkpoint)
+    return fit(trial, *args, checkpoint=checkpoint, **kwargs)
+
+
 def killed_while_scoring(*args, marker: str, stop=None, **kwargs):
     """Killed (SIGKILL, as the OOM killer or a scheduler kills) the first time, after its first
     block of scoring; later calls train and score normally."""

@@ -411,7 +411,7 @@ def v15_trained(v15_study, checkpoint, static_file, tmp_path_factory):
     from aurora_sweep.model.adapter import save_adapter
     from aurora_sweep.model.aurora15 import region_statics
     from aurora_sweep.train.fit import fit
-    from aurora_sweep.verify.scoring import base_state_mse
+    from aurora_sweep.verify.prepare import base_state_mse
     from synthetic import tiny_lora_trial
 
     data = TrialData.prepare(open_cube(v15_study), v15_study)

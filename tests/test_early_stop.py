@@ -106,6 +106,18 @@ def test_the_study_stops_scoring_a_worse_search_trial_but_never_a_reference_or_a
         for k, v in attrs.items():
             other.set_user_attr(k, v)
         assert not stops_scoring(tiny_config, other, worse)
+    # as good as the best on the objective, but z500 at x1.6 its base's RMSE every day
+    base = np.ones((20, 2))
+    state = {"names": ["2t", "z500"], "mine": (base * [1, 1.6**2]).tolist(), "base": base.tolist()}
+    forgetting = dataclasses.replace(level, state=state)
+    strict = dataclasses.replace(tiny_config, scoring_pruner=0.1, max_forgetting=1.1)
+    assert stops_scoring(strict, trial := study.ask(), forgetting)
+    test = TrialRecord.of(study.trials[trial.number]).scoring_test
+    assert test["forgets"] == "z500" and test["ratio"] == pytest.approx(1.6) and test["days"] == 20
+    assert not stops_scoring(tiny_config, study.ask(), forgetting)  # the tiny study allows x100
+    reference = study.ask()
+    reference.set_user_attr("reference", "lora")
+    assert not stops_scoring(strict, reference, forgetting)
     off = dataclasses.replace(tiny_config, scoring_pruner=0.0)
     assert not stops_scoring(off, study.ask(), worse)
     pareto = dataclasses.replace(tiny_config, objectives=("tp_seeps", "peak_memory_mb"))
@@ -154,38 +166,57 @@ def _fault(name: str, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_trial_worse_than_the_first_stops_scoring_and_is_pruned_with_a_partial_score(
+def test_scoring_stops_for_a_trial_worse_than_the_first_and_for_one_that_forgets(
     tiny_config, tmp_path
 ):
     """Through the worker's pipe: the first trial is scored whole; the second (untrained) is
-    stopped after a block, pruned, its partial score kept apart and in MLflow."""
+    stopped after a block, pruned, its partial score kept apart and in MLflow; the third
+    (started from noisy weights) forgets every variable and is stopped for that, infeasible."""
     import dataclasses
+    import io
 
     import optuna
     from mlflow import MlflowClient
+    from rich.console import Console
 
-    from aurora_sweep.sweep.records import TrialRecord
+    from aurora_sweep.report.best import stopped_scoring
+    from aurora_sweep.sweep.records import TrialRecord, forgets
     from aurora_sweep.sweep.run import run_study
     from aurora_sweep.sweep.tracking import tracking_uri
 
-    config = dataclasses.replace(tiny_config, scoring_pruner=0.1)
-    summary = run_study(config, trials=2, fit=_fault("untrained_after_first", tmp_path))
-    first, second = summary.study.trials
-    assert first.state == optuna.trial.TrialState.COMPLETE
+    # the tiny study allows any forgetting (x100); here ×2 (the first trial reaches ×1.2)
+    config = dataclasses.replace(tiny_config, scoring_pruner=0.1, max_forgetting=2.0)
+    console = Console(file=io.StringIO(), width=400)
+    fault = _fault("untrained_then_forgetting", tmp_path)
+    summary = run_study(config, trials=3, fit=fault, console=console)
+    said = console.file.getvalue().splitlines()
+    first, second, third = summary.study.trials
+    assert first.state == optuna.trial.TrialState.COMPLETE and not forgets(first)
     assert second.state == optuna.trial.TrialState.PRUNED
     record = TrialRecord.of(second)
     assert record.partial["days"] < record.partial["of"] and record.scores == {}
     assert record.scoring_test["against"] == 0 and record.scoring_test["p"] < 0.1
-    assert record.partial["value"] > first.value
+    assert record.partial["value"] > first.value and "forgets" not in record.partial
     run = MlflowClient(tracking_uri(config)).get_run(record.mlflow_run_id)
     assert run.data.metrics["tp_seeps_partial"] == pytest.approx(record.partial["value"])
     assert run.data.metrics["scored_days"] == record.partial["days"]
     assert run.data.metrics["verify_seconds"] > 0 and "tp_seeps" not in run.data.metrics
-    from aurora_sweep.report.best import stopped_scoring
+
+    assert third.state == optuna.trial.TrialState.PRUNED
+    noisy = TrialRecord.of(third)
+    test = noisy.scoring_test
+    assert "against" not in test and test["p"] < 0.1 and test["ratio"] > config.max_forgetting
+    assert (
+        noisy.partial["forgets"] == test["forgets"] and noisy.partial["days"] < noisy.partial["of"]
+    )
+    assert third.constraints["forgetting_over_max"] > 0 and noisy.infeasible.startswith("forgets")
+    line = next(s for s in said if "trial   2  scoring stopped" in s)
+    assert f"forgets {test['forgets']} ×" in line and "never the answer" in line
 
     (line,) = stopped_scoring(summary.study.trials)
-    assert line.startswith("1 trial(s) stopped while scoring") and "partial" in line
+    assert line.startswith("2 trial(s) stopped while scoring") and "partial" in line
     assert f"1 ({record.partial['value']:.4f} over" in line
+    assert f"; forgets {test['forgets']} ×{test['ratio']:.2f})" in line
 
 
 @pytest.mark.slow
@@ -214,3 +245,64 @@ def test_a_trial_killed_while_scoring_is_retried_and_scores_every_sample_once(
     data = TrialData.prepare(open_cube(config), config)
     assert len(num) == len(data.scored)
     assert np.array_equal(days, data.scored.target_days())
+
+
+def _paired(factor: np.ndarray, days: int = 20, names: int = 5):
+    from aurora_sweep.verify.early_stop import PairedState
+
+    base = np.random.default_rng(1).uniform(1.0, 2.0, (days, names))
+    return PairedState([f"v{j}" for j in range(names)], base * factor, base)
+
+
+def test_forgetting_names_the_variable_made_worse_beyond_the_limit_on_most_days():
+    """RMSE ×1.6 of the base's on every day is named at limit ×1.1, with its ratio over the days;
+    ×1.05, a ratio above the limit on the days' sum but not day after day, and fewer than
+    `MIN_DAYS` days are not."""
+    from aurora_sweep.verify.early_stop import forgets
+
+    factor = np.ones((20, 5))
+    factor[:, 2] = 1.6**2
+    factor[:, 4] = 1.3**2
+    name, ratio, p, days = forgets(_paired(factor), 1.1, p_threshold=0.1)
+    assert name == "v2" and ratio == pytest.approx(1.6) and p < 0.1 / 5 and days == 20
+    assert forgets(_paired(np.full((20, 5), 1.05**2)), 1.1, p_threshold=0.1) is None
+    # ×1.25 on the days' sum, from half the days at ×1.6 and half at ×0.8: not day after day
+    mixed = np.ones((20, 5))
+    mixed[::2, 0], mixed[1::2, 0] = 1.6**2, 0.8**2
+    assert forgets(_paired(mixed), 1.1, p_threshold=0.1) is None
+    assert forgets(_paired(factor[:7], days=7), 1.1, p_threshold=0.1) is None
+
+
+def test_each_variable_is_tested_at_the_threshold_shared_among_all():
+    """Bonferroni: a variable worse on 7 days of 10 passes p < 0.1 alone, not p < 0.1/5."""
+    from scipy import stats
+
+    from aurora_sweep.verify.early_stop import PairedState, forgets
+
+    factor = np.ones((10, 5))
+    factor[:, 0] = [1.6**2] * 7 + [0.3**2] * 3
+    state = _paired(factor, days=10)
+    d = state.mine[:, 0] - 1.1**2 * state.base[:, 0]
+    p = stats.wilcoxon(d, alternative="greater", zero_method="zsplit").pvalue
+    assert 0.1 / 5 < p < 0.1  # the case this test is about
+    assert forgets(state, 1.1, p_threshold=0.1) is None
+    alone = PairedState(["v0"], state.mine[:, :1], state.base[:, :1])
+    assert forgets(alone, 1.1, p_threshold=0.1)[0] == "v0"
+
+
+def test_the_base_errors_by_day_are_packed_and_paired_with_the_trials_days():
+    from aurora_sweep.verify.early_stop import daily_sums, decode_daily, encode_daily, paired_days
+
+    days = np.arange("2024-01-01", "2024-01-11", dtype="datetime64[D]")
+    sums = np.random.default_rng(0).uniform(0, 5, (10, 3))
+    packed = encode_daily(days, ["2t", "z500", "q850"], sums)
+    got_days, names, got = decode_daily(packed)
+    assert np.array_equal(got_days, days) and names == ["2t", "z500", "q850"]
+    assert np.allclose(got, sums, rtol=1e-6)
+    # the trial's samples on days 3, 3, 7, 5: summed by day, beside the base's same days
+    per_sample = np.array([[1.0, 2, 3], [1, 1, 1], [4, 4, 4], [2, 2, 2]])
+    mine = daily_sums(per_sample, days[[3, 3, 7, 5]])
+    paired = paired_days(mine, (got_days, names, got))
+    assert np.allclose(paired.mine, [[2, 3, 4], [2, 2, 2], [4, 4, 4]])
+    assert np.allclose(paired.base, sums[[3, 5, 7]], rtol=1e-6)
+    assert paired_days(mine, (got_days, names[:2], got[:, :2])) is None

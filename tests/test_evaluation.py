@@ -12,13 +12,8 @@ from aurora_sweep.model.files import DEMO_CHECKPOINT
 from aurora_sweep.sweep.records import worst_forgetting
 from aurora_sweep.train.fit import build_trial_model
 from aurora_sweep.verify.objective import subset_objective
-from aurora_sweep.verify.scoring import (
-    base_state_mse,
-    forecast,
-    forgetting_ratios,
-    state_names,
-    verify,
-)
+from aurora_sweep.verify.prepare import base_state_mse
+from aurora_sweep.verify.scoring import forecast, forgetting_ratios, state_names, verify
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 CPU = torch.device("cpu")
@@ -242,8 +237,8 @@ def test_scoring_in_blocks_scores_a_survivor_as_a_whole_and_stops_a_hopeless_one
     whole, fc = verify(model, data, batch_size=4, device=CPU, bootstrap=0)
     asked = []
 
-    def go_on(positions, num, den):
-        asked.append((positions.copy(), num.copy(), den.copy()))
+    def go_on(block):
+        asked.append((block.positions.copy(), block.num.copy(), block.den.copy()))
         return False
 
     blocked, fc2 = verify(model, data, batch_size=4, device=CPU, bootstrap=0, stop=go_on)
@@ -266,3 +261,42 @@ def test_scoring_in_blocks_scores_a_survivor_as_a_whole_and_stops_a_hopeless_one
     days = data.scored.target_days()
     assert stopped.value.days == len(np.unique(days[first[0]])) < stopped.value.of
     assert stopped.value.of == len(np.unique(days))
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_each_block_sends_the_trial_and_base_errors_by_day_on_the_samples_scored(prepared, steps):
+    """What the forgetting test reads after each block: every variable's errors summed by day
+    over the samples scored so far, the trial's and the untouched base model's, on exactly those
+    samples: at 6 h and at 24 h (whose samples are cut by their 6-hour sample's day)."""
+    import dataclasses
+
+    from aurora_sweep.model.build import build_base, load_base_checkpoint
+
+    data, trial = prepared
+    data = dataclasses.replace(data, objective_steps=steps)
+    data.base_mse = {
+        str(DEMO_FP32): base_state_mse(data, base="demo", checkpoint=DEMO_CHECKPOINT, device=CPU)
+    }
+    model, aurora, _ = build_trial_model(trial, data.stats, DEMO_CHECKPOINT)
+    with torch.no_grad():
+        aurora.decoder.surf_heads["2t"].weight.mul_(3.0)
+    blocks = []
+    verify(model, data, batch_size=4, device=CPU, bootstrap=0, reference=DEMO_FP32,
+           stop=lambda block: blocks.append(block) or False)  # fmt: skip
+    base = build_base("demo", with_target=False)
+    load_base_checkpoint(base, DEMO_CHECKPOINT)
+    samples, names = data.leads[steps], state_names(data.validation.levels)
+    assert len(blocks) >= 2 and all(b.state is not None for b in blocks)
+    for block in (blocks[0], blocks[-1]):
+        state, at = block.state, block.positions
+        assert state.names == names and state.mine.shape == state.base.shape
+        theirs = forecast(base, samples, at, batch_size=8, device=CPU, with_target=False).mse
+        mine = forecast(model, samples, at, batch_size=8, device=CPU).mse
+        assert state.base.sum(axis=0) / len(at) == pytest.approx(
+            [theirs[k] for k in names], rel=1e-4
+        )
+        assert state.mine.sum(axis=0) / len(at) == pytest.approx([mine[k] for k in names], rel=1e-4)
+        two_t = np.sqrt(state.mine[:, 0].sum() / state.base[:, 0].sum())
+        assert two_t > 1.5
+        if steps == 1:  # one step: nothing fed back, the other variables are the base's
+            assert state.mine[:, 5].sum() == pytest.approx(state.base[:, 5].sum())

@@ -24,7 +24,7 @@ from aurora_sweep.model.build import build_base
 from aurora_sweep.model.files import DEMO_CHECKPOINT
 from aurora_sweep.sweep.records import TrialRecord
 from aurora_sweep.train.fit import fit
-from aurora_sweep.verify.scoring import base_state_mse
+from aurora_sweep.verify.prepare import base_state_mse
 from synthetic import write_region_store
 
 pytestmark = pytest.mark.filterwarnings("ignore")

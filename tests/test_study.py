@@ -123,8 +123,17 @@ def test_the_base_models_scores_are_computed_once_per_study(finished_study):
     used = {str(BaseKey(c["base"], c["precision"])) for c in recipes}
     first = BaseKey(config.bases[0], config.search.precision[0])
     assert set(by_precision) == used | {str(first)}
+    from aurora_sweep.verify.early_stop import DAILY, decode_daily
+
     for by_lead in by_precision.values():
-        assert set(by_lead) == {"6h", "12h", "24h"}  # the base model at every lead scored
+        # the base model at every lead scored, and its errors by day at the study's lead
+        assert set(by_lead) == {"6h", "12h", "24h", DAILY}
+        days, names, sums = decode_daily(by_lead.pop(DAILY))
+        assert len(np.unique(days)) == len(days) > 8 and sums.shape == (len(days), len(names))
+        six = by_lead["6h"]
+        assert sums.sum(axis=0) / sums.sum(axis=0)[0] == pytest.approx(
+            [six[k] / six["2t"] for k in names], rel=1e-4
+        )  # the days' sums are the split's, in proportion
         for base in by_lead.values():
             assert {"2t", "msl", "z500", "t850"} <= set(base) and all(v > 0 for v in base.values())
 

@@ -245,11 +245,13 @@ def stopped_scoring(trials: list[optuna.trial.FrozenTrial]) -> list[str]:
     if not stopped:
         return []
     each = ", ".join(
-        f"{n} ({p['value']:.4f} over {p['days']:.0f} of {p['of']:.0f} days)" for n, p in stopped
+        f"{n} ({p['value']:.4f} over {p['days']:.0f} of {p['of']:.0f} days"
+        + (f"; forgets {p['forgets']} ×{p['ratio']:.2f})" if p.get("forgets") else ")")
+        for n, p in stopped
     )
     return [
-        f"{len(stopped)} trial(s) stopped while scoring, worse than the best on the days "
-        f"scored; partial scores, never the answer: {each}"
+        f"{len(stopped)} trial(s) stopped while scoring, worse than the best or forgetting on "
+        f"the days scored; partial scores, never the answer: {each}"
     ]
 
 

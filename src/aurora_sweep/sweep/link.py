@@ -52,21 +52,29 @@ class TrialLink:
 
 
 def stops_scoring(config: StudyConfig, trial: optuna.Trial, message) -> bool:
-    """Whether `trial`, scored so far on some samples (`outcomes.Scored`), cannot beat the
-    study's best feasible trial on the same samples (`early_stop.cannot_win`): then its
-    scoring stops. The reference recipes, the finalists' replicas and the trials of a
-    two-objective study (its Pareto front needs every trial's whole score) are always
-    scored whole."""
+    """Whether `trial`, scored so far on some samples (`outcomes.Scored`), makes a variable
+    Aurora already predicts worse than `[study] max_forgetting` allows beyond doubt
+    (`early_stop.forgets`: it can never be the answer), or cannot beat the study's best
+    feasible trial on the same samples (`early_stop.cannot_win`): then its scoring stops. The
+    reference recipes, the finalists' replicas and the trials of a two-objective study (its
+    Pareto front needs every trial's whole score) are always scored whole."""
     import numpy as np
 
     from aurora_sweep.verify.bootstrap import decode_terms
-    from aurora_sweep.verify.early_stop import cannot_win
+    from aurora_sweep.verify.early_stop import cannot_win, forgets
 
     record = TrialRecord.of(trial)
     if not config.scoring_pruner or config.cost or record.reference:
         return False
     if record.replica_of is not None:
         return False
+    state = message.paired()
+    found = state and forgets(state, config.max_forgetting, p_threshold=config.scoring_pruner)
+    if found:
+        variable, ratio, p, compared = found
+        test = {"forgets": variable, "ratio": ratio, "p": p, "days": compared}
+        write_attrs(trial, scoring_test=test)
+        return True
     best = next(iter(ranked(trial.study.get_trials(deepcopy=False))), None)
     packed = TrialRecord.of(best).objective_terms if best is not None else None
     if packed is None:

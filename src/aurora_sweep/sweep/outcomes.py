@@ -152,13 +152,38 @@ class Progress:
 @dataclass
 class Scored:
     """From a worker scoring a trial block by block: the objective's per-sample terms of the
-    samples scored so far (`positions` among the objective lead's `of` samples); it waits for a
-    `Verdict` (prune: stop scoring, the trial cannot win)."""
+    samples scored so far (`positions` among the objective lead's `of` samples) and, where the
+    study has the base model's errors by day, every state variable's errors by day beside the
+    base's (`state`: `early_stop.PairedState` as lists); it waits for a `Verdict` (prune: stop
+    scoring, the trial cannot win or forgets)."""
 
     positions: list[int]
     num: list[float]
     den: list[float]
     of: int = 0
+    state: dict | None = None
+
+    @classmethod
+    def of_block(cls, block, of: int) -> Scored:
+        """The message of an `early_stop.Block`."""
+        state = block.state
+        paired = (
+            {"names": state.names, "mine": state.mine.tolist(), "base": state.base.tolist()}
+            if state is not None
+            else None
+        )
+        return cls(block.positions.tolist(), block.num.tolist(), block.den.tolist(), of, paired)
+
+    def paired(self):
+        """The state variables' errors by day as `early_stop.PairedState` (None: not sent)."""
+        import numpy as np
+
+        from aurora_sweep.verify.early_stop import PairedState
+
+        if self.state is None:
+            return None
+        mine, base = (np.asarray(self.state[k], float) for k in ("mine", "base"))
+        return PairedState(list(self.state["names"]), mine, base)
 
 
 @dataclass(frozen=True)
@@ -179,6 +204,7 @@ class TrialError(RuntimeError):
 
 class _Trial(Protocol):
     number: int
+    user_attrs: dict[str, Any]
 
     def set_user_attr(self, key: str, value: Any) -> None: ...
     def set_constraint(self, key: str, value: float) -> None: ...
@@ -261,15 +287,28 @@ class Recorder:
 
     def stopped(self, outcome: ScoringStopped, trial: _Trial, run: _Run) -> None:
         """A trial whose scoring stopped: pruned, its partial objective kept apart from a
-        completed trial's scores (`partial`) and labelled so wherever it is shown."""
+        completed trial's scores (`partial`) and labelled so wherever it is shown; one stopped
+        for forgetting (the study's test says so, `link.stops_scoring`) is infeasible too."""
         config, name = self.config, self.config.objective_metric
-        write_attrs(trial, partial={"value": outcome.value, "days": outcome.days, "of": outcome.of})
-        partial = {f"{name}_partial": outcome.value, "scored_days": outcome.days}
-        run.log_metrics(partial | {"trial_seconds": outcome.seconds, **outcome.metrics})
+        partial = {"value": outcome.value, "days": outcome.days, "of": outcome.of}
+        why = f"{name} {outcome.value:.4f} on those days (partial), worse than the best trial's "
+        why += "on the same days"
+        test = trial.user_attrs.get("scoring_test") or {}
+        if test.get("forgets"):
+            variable, ratio = test["forgets"], test["ratio"]
+            partial |= {"forgets": variable, "ratio": ratio}
+            self.check_forgetting(trial, run, variable, ratio)
+            why = (
+                f"forgets {variable} ×{ratio:.2f} on those days (max "
+                f"×{config.max_forgetting:g}): never the answer; {name} {outcome.value:.4f} "
+                "there (partial)"
+            )
+        write_attrs(trial, partial=partial)
+        metrics = {f"{name}_partial": outcome.value, "scored_days": outcome.days}
+        run.log_metrics(metrics | {"trial_seconds": outcome.seconds, **outcome.metrics})
         self.say(
             f"trial {trial.number:3d}  scoring stopped after {outcome.days} of {outcome.of} days: "
-            f"{name} {outcome.value:.4f} on those days (partial), worse than the best trial's "
-            "on the same days"
+            + why
         )
         raise optuna.TrialPruned(
             f"{config.objective} {outcome.value:.4f} over {outcome.days} of {outcome.of} days"

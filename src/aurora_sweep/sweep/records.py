@@ -83,10 +83,11 @@ class TrialRecord:
     #: the training seed a replica trains with (None: the study's `[train] seed`)
     seed: int | None = None
     #: a trial whose scoring stopped early (`verify.early_stop`): its objective over the days
-    #: scored ("value", "days", "of"), a partial score; and the test that stopped it
-    #: ("against": the best trial's number, "p", "days" compared)
-    partial: dict[str, float] | None = None
-    scoring_test: dict[str, float] | None = None
+    #: scored ("value", "days", "of"; with "forgets" and "ratio" when it forgot), a partial
+    #: score; and the test that stopped it ("against": the best trial's number, or "forgets":
+    #: the variable and its "ratio"; "p", "days" compared)
+    partial: dict[str, Any] | None = None
+    scoring_test: dict[str, Any] | None = None
 
     @classmethod
     def of(cls, trial: _HasAttrs) -> TrialRecord:

@@ -381,8 +381,8 @@ class _Session:
 
         of = len(self.data.leads[self.data.objective_steps])
 
-        def stop(positions, num, den) -> bool:
-            conn.send(outcomes.Scored(positions.tolist(), num.tolist(), den.tolist(), of))
+        def stop(block) -> bool:
+            conn.send(outcomes.Scored.of_block(block, of))
             return conn.recv().prune
 
         try:

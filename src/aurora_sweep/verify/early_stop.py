@@ -11,6 +11,12 @@ Wilcoxon signed-rank test of the daily differences (`zero_method="zsplit"`), and
 the trial's mean over those days is not worse than the best's. A trial that cannot win stops
 there and is recorded as pruned, with its objective over the days scored, labelled as partial.
 
+Forgetting is judged on the same days with the same care (`forgets`): after each block, every
+variable Aurora already predicts is tested, day by day, against the untouched base model's
+error on the same samples; a trial that makes one worse than `[study] max_forgetting` beyond
+doubt can never be the answer, and its scoring stops there too. The base model's errors by day
+are made once per study with its other scores (`encode_daily`).
+
 Every trial that goes on is scored on every day at every lead, so its scores are the same as
 without the test; the finalists' replicas and the reference recipes are always scored whole.
 
@@ -18,6 +24,9 @@ A leaf: NumPy and SciPy.
 """
 
 from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats
@@ -98,3 +107,101 @@ def cannot_win(
     if mine.mean() <= theirs.mean():
         return False, p, len(mine)
     return p < p_threshold, p, len(mine)
+
+
+#: the key, among the base model's scores at each lead (`verify.scoring.base_state_mse`), of its
+#: errors by day at the study's lead (`encode_daily`)
+DAILY = "daily"
+
+
+@dataclass
+class PairedState:
+    """Every state variable's squared error summed by day over the samples scored so far
+    (days, variables): the trial's (`mine`) and the base model's on the same samples."""
+
+    names: list[str]
+    mine: np.ndarray
+    base: np.ndarray
+
+
+@dataclass
+class Block:
+    """What a trial scored in blocks has been scored on so far: the objective's per-sample
+    terms (`num`, `den`) of the samples at `positions` (among the objective lead's), and, where
+    the study has the base model's errors by day, both models' errors by day (`state`)."""
+
+    positions: np.ndarray
+    num: np.ndarray
+    den: np.ndarray
+    state: PairedState | None = None
+
+
+def daily_sums(values: np.ndarray, days: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the days in order, `values` (samples, ...) summed over each day's samples)."""
+    unique, inverse = np.unique(np.asarray(days), return_inverse=True)
+    sums = np.zeros((len(unique), *np.shape(values)[1:]))
+    np.add.at(sums, inverse, np.asarray(values, float))
+    return unique, sums
+
+
+def encode_daily(days: np.ndarray, names: list[str], sums: np.ndarray) -> dict:
+    """The base model's errors by day (days, variables) as JSON-safe text, kept with its
+    other scores in the study (base64 of float32: a year of Europe's days is about 130 kB)."""
+
+    def pack(values: np.ndarray, dtype: str) -> str:
+        return base64.b64encode(np.ascontiguousarray(values, dtype=dtype).tobytes()).decode()
+
+    day_numbers = np.asarray(days, dtype="datetime64[D]").astype(np.int64)
+    return {"days": pack(day_numbers, "<i4"), "names": list(names), "sums": pack(sums, "<f4")}
+
+
+def decode_daily(packed: dict) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """The (days, names, sums) that `encode_daily` packed."""
+    days = np.frombuffer(base64.b64decode(packed["days"]), "<i4").astype("datetime64[D]")
+    sums = np.frombuffer(base64.b64decode(packed["sums"]), "<f4").astype(np.float64)
+    return days, list(packed["names"]), sums.reshape(len(days), len(packed["names"]))
+
+
+def paired_days(
+    mine: tuple[np.ndarray, np.ndarray], base: tuple[np.ndarray, list[str], np.ndarray]
+) -> PairedState | None:
+    """The trial's errors by day (`daily_sums`: days, sums) beside the base model's on the same
+    days (`decode_daily`); None when they are not of the same variables."""
+    days, sums = mine
+    base_days, names, base_sums = base
+    if sums.shape[1] != len(names):
+        return None
+    at = np.minimum(np.searchsorted(base_days, days), len(base_days) - 1)
+    known = base_days[at] == days
+    return PairedState(names, sums[known], base_sums[at[known]])
+
+
+def forgets(
+    state: PairedState, limit: float, *, p_threshold: float, min_days: int = MIN_DAYS
+) -> tuple[str, float, float, int] | None:
+    """The variable that the trial, on the days scored so far, makes worse than `limit` times
+    the base model's RMSE beyond doubt (of several, the one made worst): (its name, its RMSE
+    ratio over those days, the test's p-value, the days compared), or None.
+
+    A variable's RMSE ratio over the split exceeds `limit` when its squared errors summed over
+    the days exceed limit² times the base's; so each day gives the difference of the two sums,
+    and a one-sided Wilcoxon signed-rank test asks whether those differences lean above 0 (as
+    `cannot_win` asks of the objective). Every variable is tested, so each at `p_threshold`
+    divided by their number (Bonferroni); and, as there, no variable whose ratio over these
+    days is within the limit is ever named."""
+    mine, base = state.mine, state.base
+    both = np.isfinite(mine).all(axis=1) & np.isfinite(base).all(axis=1)
+    mine, base = mine[both], base[both]
+    if len(mine) < max(2, min_days):
+        return None
+    found = None
+    for j, name in enumerate(state.names):
+        total = base[:, j].sum()
+        ratio = float(np.sqrt(mine[:, j].sum() / total)) if total > 0 else float("nan")
+        if not ratio > limit:
+            continue
+        differences = mine[:, j] - limit**2 * base[:, j]
+        p = float(stats.wilcoxon(differences, alternative="greater", zero_method="zsplit").pvalue)
+        if p < p_threshold / len(state.names) and (found is None or ratio > found[1]):
+            found = (name, ratio, p, len(mine))
+    return found

@@ -100,9 +100,12 @@ def lat_weighted_rmse(forecast: np.ndarray, observed: np.ndarray, lat: np.ndarra
     return float(rmse(_field(forecast), _field(observed), weights=_weights(lat)))
 
 
-def lat_weighted_mse(forecast: np.ndarray, observed: np.ndarray, lat: np.ndarray) -> np.ndarray:
+def lat_weighted_mse(
+    forecast: np.ndarray, observed: np.ndarray, lat: np.ndarray, *, each: bool = False
+) -> np.ndarray:
     """The squares of `lat_weighted_rmse` in NumPy, one per leading index after the first:
-    (n, lat, lon) gives a scalar, (n, level, lat, lon) one MSE per level.
+    (n, lat, lon) gives a scalar, (n, level, lat, lon) one MSE per level; with `each`, one per
+    sample too ((n,) and (n, level)), whose mean is the former.
 
     The forgetting ratios need an MSE for every variable and level of every batch scored; through
     `scores` (xarray) that was a third of a demo trial's verification. The weights are the same
@@ -110,6 +113,8 @@ def lat_weighted_mse(forecast: np.ndarray, observed: np.ndarray, lat: np.ndarray
     """
     w = _weights(lat).values[:, None]  # (lat, 1)
     err = (np.asarray(forecast, np.float64) - np.asarray(observed, np.float64)) ** 2
+    if each:
+        return (err * w).sum(axis=(-2, -1)) / (w.sum() * err.shape[-1])
     axes = (0, -2, -1)
     return (err * w).sum(axis=axes) / (w.sum() * err.shape[0] * err.shape[-1])
 

@@ -14,12 +14,16 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import torch
+
 from aurora_sweep.config.bases import reads_v15_inputs
+from aurora_sweep.config.recipe import LEADS
 from aurora_sweep.config.study import StudyConfig
 from aurora_sweep.data.cube import open_cube
 from aurora_sweep.data.trial_data import TrialData
 from aurora_sweep.model.aurora15 import study_statics
-from aurora_sweep.verify.scoring import base_state_mse
+from aurora_sweep.verify.early_stop import DAILY, daily_sums, encode_daily
+from aurora_sweep.verify.scoring import block_days, eval_batch_size, forecast_leads, state_names
 from aurora_sweep.verify.zero_shot import known_references, study_zero_shot
 
 
@@ -81,3 +85,44 @@ def score_base(
             arch=arch,
         )
     return key
+
+
+def base_state_mse(
+    data,
+    *,
+    base: str,
+    checkpoint: Path,
+    device,
+    batch_size: int | None = None,
+    precision: str = "fp32",
+    wrap_longitude: bool = False,
+    arch: tuple = (),
+) -> dict[str, dict]:
+    """The untouched base model's MSE of every variable it predicts on the evaluation split at
+    each lead scored, by lead ('6h', '12h', '24h'; `batch_size` samples a pass, default
+    `eval_batch_size` for a batch of one), and its errors by day at the study's lead
+    (`early_stop.DAILY`: what a trial's scoring is stopped on when it forgets), run in the
+    `precision` and with the longitude wrap of the trials it is compared with: a forgetting
+    ratio then measures the fine-tune, not a change of precision or of windows."""
+    from aurora_sweep.model.build import (
+        build_base,
+        load_base_checkpoint,
+        set_longitude_wrap,
+        set_precision,
+    )
+
+    model = build_base(base, with_target=False, arch=arch)
+    load_base_checkpoint(model, checkpoint)
+    set_precision(model, precision)
+    set_longitude_wrap(model, wrap_longitude)
+    model.to(device)
+    batch_size = batch_size or eval_batch_size(1, torch.device(device))
+    results = forecast_leads(
+        model, data.leads, batch_size=batch_size, device=device, with_target=False
+    )
+    scores: dict = {LEADS[steps]: result.mse for steps, result in results.items()}
+    lead = data.objective_steps  # its errors by day there, for the forgetting test
+    days, sums = daily_sums(results[lead].each, block_days(data.leads, lead))
+    one = data.leads[1]
+    scores[DAILY] = encode_daily(days, state_names(one.levels, one.surface), sums)
+    return scores

@@ -17,7 +17,6 @@ import dataclasses
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,7 +30,16 @@ from aurora_sweep.data.store import ATMOS_VARS, SURF_VARS
 from aurora_sweep.model.build import clamped, merged_adapter
 from aurora_sweep.model.loss import LossSpec, loss_terms
 from aurora_sweep.verify.bootstrap import objective_from
-from aurora_sweep.verify.early_stop import ScoringStopped, block_count, scoring_blocks
+from aurora_sweep.verify.early_stop import (
+    DAILY,
+    Block,
+    ScoringStopped,
+    block_count,
+    daily_sums,
+    decode_daily,
+    paired_days,
+    scoring_blocks,
+)
 from aurora_sweep.verify.metrics import lat_weighted_mse, scores
 from aurora_sweep.verify.objective import subset_terms
 from aurora_sweep.verify.rollout import rollout, run_steps
@@ -76,6 +84,8 @@ class Forecasts:
     #: valid day, set by `verify` (paired comparisons)
     objective_terms: tuple[np.ndarray, np.ndarray] | None = None
     objective_days: np.ndarray | None = None
+    #: every sample's MSE of each variable of `mse` (samples, variables), in its order
+    each: np.ndarray | None = None
 
 
 def _without_target(batch, name: str):
@@ -141,29 +151,32 @@ def forecast(
         raise ValueError("the validation loss is that of one model step")
     lat = samples.cube["latitude"].values
     out: list[np.ndarray] = []
-    sums = dict.fromkeys(state_names(samples.levels, samples.surface), 0.0) if state else {}
+    names = state_names(samples.levels, samples.surface) if state else []
+    sums = np.zeros(len(names))
     term_sums: dict[str, float] = {}
-    names = _truth_names(samples, with_target)
+    truth = _truth_names(samples, with_target)
     with _scoring(model, with_target):
         for idx, batch in _passes(samples, indices, batch_size, device, with_target):
             pred, values = run_steps(model, batch, samples.steps, samples.variable)
             if with_target:
                 out.append(values.float().cpu().numpy())
-            _score_step(
+            rows = _score_step(
                 samples,
                 idx,
                 samples.steps,
                 pred,
-                names,
+                truth,
                 lat,
-                state=sums if state else None,
+                state=state,
                 loss=loss if with_target else None,
                 terms=term_sums,
             )
+            if rows is not None:
+                sums += rows.sum(axis=0)
     return Forecasts(
         indices=np.asarray(indices),
         values=np.concatenate(out) if with_target else None,
-        mse={k: v / len(indices) for k, v in sums.items()},
+        mse={k: float(v) / len(indices) for k, v in zip(names, sums)},
         loss_terms={k: v / len(indices) for k, v in term_sums.items()},
     )
 
@@ -213,8 +226,9 @@ class LeadRollouts:
             if self.with_target
             else {}
         )
-        names = state_names(one.levels, one.surface)
-        self.sums = {k: dict.fromkeys(names, 0.0) for k in self.leads} if self.state else {}
+        self.names = state_names(one.levels, one.surface) if self.state else []
+        shape = (len(self.names),)
+        self.each = {k: np.full((len(s), *shape), np.nan) for k, s in self.leads.items()}
         self.term_sums: dict[str, float] = {}
 
     @torch.no_grad()
@@ -233,17 +247,19 @@ class LeadRollouts:
                             continue
                         if self.with_target:
                             self.values[step][self.slot[step][idx]] = total.float().cpu().numpy()
-                        _score_step(
+                        rows = _score_step(
                             one,
                             idx,
                             step,
                             pred,
                             truth,
                             lat,
-                            state=self.sums[step] if self.state else None,
+                            state=self.state,
                             loss=self.loss if self.with_target and step == 1 else None,
                             terms=self.term_sums,
                         )
+                        if rows is not None:
+                            self.each[step][self.slot[step][idx]] = rows
 
     def results(self) -> dict[int, Forecasts]:
         """Each lead's forecasts, once every sample has been run."""
@@ -251,8 +267,9 @@ class LeadRollouts:
             k: Forecasts(
                 indices=np.arange(len(s)),
                 values=self.values[k] if self.with_target else None,
-                mse={v: x / len(s) for v, x in self.sums[k].items()} if self.state else {},
+                mse=dict(zip(self.names, map(float, self.each[k].mean(axis=0)))),
                 loss_terms={v: x / len(s) for v, x in self.term_sums.items()} if k == 1 else {},
+                each=self.each[k] if self.state else None,
             )
             for k, s in self.leads.items()
         }
@@ -279,6 +296,17 @@ def _lead_slots(leads: dict[int, Samples]) -> tuple[np.ndarray, dict[int, np.nda
     return longest, slot
 
 
+def block_days(leads: dict[int, Samples], steps: int) -> np.ndarray:
+    """Each sample of `leads[steps]`'s day as the scoring blocks cut the split: its 6-hour
+    sample's valid day (`early_stop.scoring_blocks`), so that a block holds whole such days."""
+    _, slot = _lead_slots(leads)
+    at = np.flatnonzero(slot[steps] >= 0)
+    days = leads[1].target_days()
+    out = np.empty(len(leads[steps]), dtype=days.dtype)
+    out[slot[steps][at]] = days[at]
+    return out
+
+
 def _score_step(
     samples: Samples,
     idx: np.ndarray,
@@ -287,34 +315,34 @@ def _score_step(
     names: tuple[str, ...],
     lat: np.ndarray,
     *,
-    state: dict[str, float] | None,
+    state: bool,
     loss: LossSpec | None,
     terms: dict[str, float],
-) -> None:
-    """Add the prediction `step` model steps after samples `idx` to the running sums: every
-    state variable's MSE into `state`, and each variable's loss term into `terms` (with
-    `loss`), both against the truth read from the store at that step."""
-    if state is None and loss is None:
-        return
+) -> np.ndarray | None:
+    """Score the prediction `step` model steps after samples `idx` against the truth read
+    from the store at that step: each variable's loss term added to `terms` (with `loss`), and
+    with `state`, every state variable's MSE for each sample (`_state_mse`), returned."""
+    if not state and loss is None:
+        return None
     observed = samples.read(samples.index[idx] + step, names)
     if loss is not None:
         truth = samples.as_truth(observed)  # the target's own array is not changed
         for k, v in loss_terms(loss, pred, truth).items():
             terms[k] = terms.get(k, 0.0) + float(v) * len(idx)
-    if state is not None:
-        _add_state_mse(state, pred, observed, samples, lat, len(idx))
+    return _state_mse(pred, observed, samples, lat) if state else None
 
 
-def _add_state_mse(sums, pred, observed, samples: Samples, lat, n: int) -> None:
-    """Add `n` samples' latitude-weighted MSE of every state variable to `sums`."""
-    levels = samples.levels
+def _state_mse(pred, observed, samples: Samples, lat) -> np.ndarray:
+    """Each sample's latitude-weighted MSE of every state variable, (samples, variables) in
+    `state_names`'s order."""
+    columns = []
     for k in samples.surface:
         fc = pred.surf_vars[k][:, 0].float().cpu().numpy()
-        sums[k] += float(lat_weighted_mse(fc, observed[k], lat)) * n
+        columns.append(lat_weighted_mse(fc, observed[k], lat, each=True)[:, None])
     for k in ATMOS_VARS:
         fc = pred.atmos_vars[k][:, 0].float().cpu().numpy()
-        for lv, mse in zip(levels, lat_weighted_mse(fc, observed[k], lat)):
-            sums[f"{k}{lv}"] += float(mse) * n
+        columns.append(lat_weighted_mse(fc, observed[k], lat, each=True))  # (n, level)
+    return np.concatenate(columns, axis=1)
 
 
 def forgetting_ratios(finetuned: dict[str, float], base: dict[str, float]) -> dict[str, float]:
@@ -324,41 +352,6 @@ def forgetting_ratios(finetuned: dict[str, float], base: dict[str, float]) -> di
         for k in finetuned
         if k in base
     }
-
-
-def base_state_mse(
-    data,
-    *,
-    base: str,
-    checkpoint: Path,
-    device,
-    batch_size: int | None = None,
-    precision: str = "fp32",
-    wrap_longitude: bool = False,
-    arch: tuple = (),
-) -> dict[str, float]:
-    """The untouched base model's MSE of every variable it predicts on the evaluation split at
-    each lead scored, by lead ('6h', '12h', '24h'; `batch_size` samples a pass, default
-    `eval_batch_size` for a batch of one), run in the
-    `precision` and with the longitude wrap of the trials it is compared with: a forgetting
-    ratio then measures the fine-tune, not a change of precision or of windows."""
-    from aurora_sweep.model.build import (
-        build_base,
-        load_base_checkpoint,
-        set_longitude_wrap,
-        set_precision,
-    )
-
-    model = build_base(base, with_target=False, arch=arch)
-    load_base_checkpoint(model, checkpoint)
-    set_precision(model, precision)
-    set_longitude_wrap(model, wrap_longitude)
-    model.to(device)
-    batch_size = batch_size or eval_batch_size(1, torch.device(device))
-    results = forecast_leads(
-        model, data.leads, batch_size=batch_size, device=device, with_target=False
-    )
-    return {LEADS[steps]: result.mse for steps, result in results.items()}
 
 
 def verify(
@@ -379,9 +372,10 @@ def verify(
     terms too.
 
     With `stop`, the split is scored in blocks of days (`early_stop`), and after each block but
-    the last `stop(positions, num, den)` is given the objective's per-sample terms of the
-    samples scored so far (their positions among the objective lead's samples): True ends the
-    scoring there (`early_stop.ScoringStopped`).
+    the last `stop` is given what was scored so far (`early_stop.Block`: the objective's
+    per-sample terms, and the errors by day of the variables Aurora already predicts beside the
+    base model's, where the study has them): True ends the scoring there
+    (`early_stop.ScoringStopped`).
 
     Returns the scores and the 6-hour forecasts, which carry the objective's per-sample terms at
     the study's lead (for paired comparisons between trials).
@@ -389,9 +383,10 @@ def verify(
     base = (data.base_mse or {}).get(str(reference)) or {} if reference else {}
     metrics: dict[str, float] = {}
     six_hours: Forecasts | None = None
+    daily = decode_daily(base[DAILY]) if DAILY in base else None
     with merged_adapter(model):
         rollouts = LeadRollouts(model, data.leads, batch_size, device, True, bool(base), loss)
-        _run_blocks(rollouts, data, stop)
+        _run_blocks(rollouts, data, stop, daily)
         results = rollouts.results()
     for steps, samples in data.leads.items():
         base_at = base.get(LEADS[steps])
@@ -410,9 +405,10 @@ def verify(
     return metrics, six_hours
 
 
-def _run_blocks(rollouts: LeadRollouts, data, stop) -> None:
+def _run_blocks(rollouts: LeadRollouts, data, stop, daily=None) -> None:
     """Roll out every sample of `data`'s split; with `stop`, block by block, asking it after
-    each block but the last whether to go on."""
+    each block but the last whether to go on (with the trial's errors by day beside the base
+    model's `daily`, `early_stop.decode_daily`, where given)."""
     one = data.leads[1]
     if stop is None:
         rollouts.run(np.arange(len(one)))
@@ -420,13 +416,17 @@ def _run_blocks(rollouts: LeadRollouts, data, stop) -> None:
     blocks = scoring_blocks(one.target_days(), block_count(len(one), rollouts.batch_size))
     slot, lead = rollouts.slot[data.objective_steps], data.objective_steps
     positions, num, den = np.zeros(0, int), np.zeros(0), np.zeros(0)
+    days = block_days(data.leads, lead) if daily is not None and rollouts.state else None
     for block in blocks[:-1]:
         rollouts.run(block)
         scored = slot[block][slot[block] >= 0]
         terms = subset_terms(rollouts.values[lead][scored], data, scored)
         positions = np.concatenate([positions, scored])
         num, den = np.concatenate([num, terms[0]]), np.concatenate([den, terms[1]])
-        if stop(positions, num, den):
+        state = None
+        if days is not None:
+            state = paired_days(daily_sums(rollouts.each[lead][positions], days[positions]), daily)
+        if stop(Block(positions, num, den, state)):
             days = data.scored.target_days()
             raise ScoringStopped(
                 objective_from(data.objective, np.nansum(num), np.nansum(den)),
