@@ -106,14 +106,16 @@ def tiny_config(tmp_path, tiny_store) -> StudyConfig:
     return load_config(write_tiny_config(tmp_path, store=tiny_store), workdir=tmp_path)
 
 
-#: The modules that start trial workers, longest first: pytest-xdist hands whole modules to its
-#: two workers in collection order (--dist loadscope), so these start first and the short ones
-#: fill in around them, instead of a long module starting last on one worker while the other
-#: waits.
+#: The longest modules, longest first (seconds in one run, 2 cores): pytest-xdist hands whole
+#: modules to its two workers in collection order (--dist loadscope, and --no-loadscope-reorder:
+#: by default it would order them by their number of tests, and the long modules, which have
+#: few, would start last on one worker while the other waits), so these start first and the
+#: short ones fill in around them.
 HEAVY_FIRST = (
-    "test_scale_out.py", "test_study.py", "test_target_studies.py", "test_early_stop.py",
-    "test_finalists.py", "test_levers.py", "test_worker.py", "test_aurora15.py",
-    "test_bases.py", "test_grids.py", "test_gpu_check.py", "test_live.py",
+    "test_scale_out.py", "test_study.py", "test_target_studies.py", "test_grids.py",
+    "test_early_stop.py", "test_worker.py", "test_levers.py", "test_aurora15.py",
+    "test_gpu_check.py", "test_finalists.py", "test_bases.py", "test_live.py", "test_trace.py",
+    "test_model.py", "test_real_region.py", "test_era5.py", "test_evaluation.py",
 )  # fmt: skip
 
 
