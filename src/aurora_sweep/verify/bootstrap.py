@@ -175,26 +175,30 @@ def over_seeds(
     return (value, *interval(values))
 
 
+def pack(values: np.ndarray, dtype: str) -> str:
+    """`values` as base64 text of `dtype` (JSON-safe); days as int32 days since 1970."""
+    if np.asarray(values).dtype.kind == "M":
+        values = np.asarray(values, dtype="datetime64[D]").astype(np.int64)
+    return base64.b64encode(np.ascontiguousarray(values, dtype=dtype).tobytes()).decode()
+
+
+def unpack(text: str, dtype: str) -> np.ndarray:
+    """The array `pack` made: float32 as float64, "<i4" days as datetime64[D]."""
+    values = np.frombuffer(base64.b64decode(text), dtype=dtype)
+    return values.astype("datetime64[D]") if dtype == "<i4" else values.astype(np.float64)
+
+
 def encode_terms(num: np.ndarray, den: np.ndarray, days: np.ndarray) -> dict[str, str]:
     """Per-sample objective terms and their days as short JSON-safe text (base64 of float32 and
     int32 days since 1970), small enough to keep with every trial in Optuna's storage: a year of
     Europe's 6-hourly samples is about 23 kB."""
-
-    def pack(values: np.ndarray, dtype: str) -> str:
-        return base64.b64encode(np.ascontiguousarray(values, dtype=dtype).tobytes()).decode()
-
-    day_numbers = np.asarray(days, dtype="datetime64[D]").astype(np.int64)
-    return {"num": pack(num, "<f4"), "den": pack(den, "<f4"), "days": pack(day_numbers, "<i4")}
+    days = np.asarray(days, dtype="datetime64[D]")
+    return {"num": pack(num, "<f4"), "den": pack(den, "<f4"), "days": pack(days, "<i4")}
 
 
 def decode_terms(packed: dict[str, str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The (num, den, days) that `encode_terms` packed."""
-
-    def unpack(key: str, dtype: str) -> np.ndarray:
-        return np.frombuffer(base64.b64decode(packed[key]), dtype=dtype)
-
-    days = unpack("days", "<i4").astype("datetime64[D]")
-    return unpack("num", "<f4").astype(np.float64), unpack("den", "<f4").astype(np.float64), days
+    return unpack(packed["num"], "<f4"), unpack(packed["den"], "<f4"), unpack(packed["days"], "<i4")
 
 
 def objective_from(

@@ -25,14 +25,13 @@ A leaf: NumPy and SciPy.
 
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats
 
 from aurora_sweep.config.objective import Objective
-from aurora_sweep.verify.bootstrap import objective_from
+from aurora_sweep.verify.bootstrap import objective_from, pack, unpack
 
 #: the most blocks the validation days are cut into; a trial is tested after each but the last
 BLOCKS = 8
@@ -147,19 +146,14 @@ def daily_sums(values: np.ndarray, days: np.ndarray) -> tuple[np.ndarray, np.nda
 def encode_daily(days: np.ndarray, names: list[str], sums: np.ndarray) -> dict:
     """The base model's errors by day (days, variables) as JSON-safe text, kept with its
     other scores in the study (base64 of float32: a year of Europe's days is about 130 kB)."""
-
-    def pack(values: np.ndarray, dtype: str) -> str:
-        return base64.b64encode(np.ascontiguousarray(values, dtype=dtype).tobytes()).decode()
-
-    day_numbers = np.asarray(days, dtype="datetime64[D]").astype(np.int64)
-    return {"days": pack(day_numbers, "<i4"), "names": list(names), "sums": pack(sums, "<f4")}
+    days = np.asarray(days, dtype="datetime64[D]")
+    return {"days": pack(days, "<i4"), "names": list(names), "sums": pack(sums, "<f4")}
 
 
 def decode_daily(packed: dict) -> tuple[np.ndarray, list[str], np.ndarray]:
     """The (days, names, sums) that `encode_daily` packed."""
-    days = np.frombuffer(base64.b64decode(packed["days"]), "<i4").astype("datetime64[D]")
-    sums = np.frombuffer(base64.b64decode(packed["sums"]), "<f4").astype(np.float64)
-    return days, list(packed["names"]), sums.reshape(len(days), len(packed["names"]))
+    days, names = unpack(packed["days"], "<i4"), list(packed["names"])
+    return days, names, unpack(packed["sums"], "<f4").reshape(len(days), len(names))
 
 
 def paired_days(
