@@ -74,12 +74,8 @@ def scoring_blocks(days: np.ndarray, blocks: int = BLOCKS, seed: int = 0) -> lis
 def daily(objective: Objective, num: np.ndarray, den: np.ndarray, days: np.ndarray):
     """The objective of each day (the days in order, `np.unique`) from per-sample terms; NaN
     for a day whose terms hold a NaN (a missing observation, a failed forecast)."""
-    unique, inverse = np.unique(np.asarray(days), return_inverse=True)
-    sums = np.zeros((2, len(unique)))
-    np.add.at(sums[0], inverse, np.asarray(num, float))
-    np.add.at(sums[1], inverse, np.asarray(den, float))
-    values = np.array([objective_from(objective, n, d) for n, d in sums.T])
-    return unique, values
+    unique, sums = daily_sums(np.column_stack([num, den]), days)
+    return unique, np.asarray(objective_from(objective, sums[:, 0], sums[:, 1]), float)
 
 
 def cannot_win(
