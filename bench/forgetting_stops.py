@@ -60,7 +60,7 @@ def main() -> None:
     asked: dict[int, list[dict]] = {}
 
     def record_and_go_on(config_, trial, message) -> bool:
-        state = message.paired()
+        state = message.state
         found = state and forgetting_test(state, config.max_forgetting, p_threshold=args.p)
         days = len(state.mine) if state is not None else 0
         asked.setdefault(trial.number, []).append(

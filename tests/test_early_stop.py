@@ -107,8 +107,10 @@ def test_the_study_stops_scoring_a_worse_search_trial_but_never_a_reference_or_a
             other.set_user_attr(k, v)
         assert not stops_scoring(tiny_config, other, worse)
     # as good as the best on the objective, but z500 at x1.6 its base's RMSE every day
+    from aurora_sweep.verify.early_stop import PairedState
+
     base = np.ones((20, 2))
-    state = {"names": ["2t", "z500"], "mine": (base * [1, 1.6**2]).tolist(), "base": base.tolist()}
+    state = PairedState(["2t", "z500"], base * [1, 1.6**2], base)
     forgetting = dataclasses.replace(level, state=state)
     strict = dataclasses.replace(tiny_config, scoring_pruner=0.1, max_forgetting=1.1)
     assert stops_scoring(strict, trial := study.ask(), forgetting)
@@ -302,7 +304,7 @@ def test_the_base_errors_by_day_are_packed_and_paired_with_the_trials_days():
     # the trial's samples on days 3, 3, 7, 5: summed by day, beside the base's same days
     per_sample = np.array([[1.0, 2, 3], [1, 1, 1], [4, 4, 4], [2, 2, 2]])
     mine = daily_sums(per_sample, days[[3, 3, 7, 5]])
-    paired = paired_days(mine, (got_days, names, got))
+    paired = paired_days(mine, names, (got_days, names, got))
     assert np.allclose(paired.mine, [[2, 3, 4], [2, 2, 2], [4, 4, 4]])
     assert np.allclose(paired.base, sums[[3, 5, 7]], rtol=1e-6)
-    assert paired_days(mine, (got_days, names[:2], got[:, :2])) is None
+    assert paired_days(mine, names, (got_days, names[:2], got[:, :2])) is None

@@ -68,7 +68,7 @@ def stops_scoring(config: StudyConfig, trial: optuna.Trial, message) -> bool:
         return False
     if record.replica_of is not None:
         return False
-    state = message.paired()
+    state = message.state
     found = state and forgets(state, config.max_forgetting, p_threshold=config.scoring_pruner)
     if found:
         variable, ratio, p, compared = found

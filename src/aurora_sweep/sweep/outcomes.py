@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import optuna
 
@@ -23,6 +23,9 @@ from aurora_sweep.config.objective import forget_name
 from aurora_sweep.config.recipe import LEADS, lead_suffix
 from aurora_sweep.config.study import MIB, StudyConfig
 from aurora_sweep.sweep.records import worst_forgetting, write_attrs, write_scores
+
+if TYPE_CHECKING:
+    from aurora_sweep.verify.early_stop import Block, PairedState
 
 History = list[tuple[int, float]]
 
@@ -154,36 +157,20 @@ class Scored:
     """From a worker scoring a trial block by block: the objective's per-sample terms of the
     samples scored so far (`positions` among the objective lead's `of` samples) and, where the
     study has the base model's errors by day, every state variable's errors by day beside the
-    base's (`state`: `early_stop.PairedState` as lists); it waits for a `Verdict` (prune: stop
-    scoring, the trial cannot win or forgets)."""
+    base's (`state`); it waits for a `Verdict` (prune: stop scoring, the trial cannot win or
+    forgets)."""
 
     positions: list[int]
     num: list[float]
     den: list[float]
     of: int = 0
-    state: dict | None = None
+    state: PairedState | None = None
 
     @classmethod
-    def of_block(cls, block, of: int) -> Scored:
+    def of_block(cls, block: Block, of: int) -> Scored:
         """The message of an `early_stop.Block`."""
-        state = block.state
-        paired = (
-            {"names": state.names, "mine": state.mine.tolist(), "base": state.base.tolist()}
-            if state is not None
-            else None
-        )
-        return cls(block.positions.tolist(), block.num.tolist(), block.den.tolist(), of, paired)
-
-    def paired(self):
-        """The state variables' errors by day as `early_stop.PairedState` (None: not sent)."""
-        import numpy as np
-
-        from aurora_sweep.verify.early_stop import PairedState
-
-        if self.state is None:
-            return None
-        mine, base = (np.asarray(self.state[k], float) for k in ("mine", "base"))
-        return PairedState(list(self.state["names"]), mine, base)
+        terms = (block.positions.tolist(), block.num.tolist(), block.den.tolist())
+        return cls(*terms, of, block.state)
 
 
 @dataclass(frozen=True)

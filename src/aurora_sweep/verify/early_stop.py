@@ -153,13 +153,16 @@ def decode_daily(packed: dict) -> tuple[np.ndarray, list[str], np.ndarray]:
 
 
 def paired_days(
-    mine: tuple[np.ndarray, np.ndarray], base: tuple[np.ndarray, list[str], np.ndarray]
+    mine: tuple[np.ndarray, np.ndarray],
+    names: list[str],
+    base: tuple[np.ndarray, list[str], np.ndarray],
 ) -> PairedState | None:
-    """The trial's errors by day (`daily_sums`: days, sums) beside the base model's on the same
-    days (`decode_daily`); None when they are not of the same variables."""
+    """The trial's errors by day (`daily_sums`: days, sums) of the variables `names` beside the
+    base model's on the same days (`decode_daily`); None when they are not of the same
+    variables."""
     days, sums = mine
-    base_days, names, base_sums = base
-    if sums.shape[1] != len(names):
+    base_days, base_names, base_sums = base
+    if list(names) != list(base_names):
         return None
     at = np.minimum(np.searchsorted(base_days, days), len(base_days) - 1)
     known = base_days[at] == days

@@ -23,7 +23,7 @@ from aurora_sweep.data.cube import open_cube
 from aurora_sweep.data.trial_data import TrialData
 from aurora_sweep.model.aurora15 import study_statics
 from aurora_sweep.verify.early_stop import DAILY, daily_sums, encode_daily
-from aurora_sweep.verify.scoring import block_days, eval_batch_size, forecast_leads, state_names
+from aurora_sweep.verify.scoring import block_days, eval_batch_size, forecast_leads
 from aurora_sweep.verify.zero_shot import known_references, study_zero_shot
 
 
@@ -121,8 +121,7 @@ def base_state_mse(
         model, data.leads, batch_size=batch_size, device=device, with_target=False
     )
     scores: dict = {LEADS[steps]: result.mse for steps, result in results.items()}
-    lead = data.objective_steps  # its errors by day there, for the forgetting test
-    days, sums = daily_sums(results[lead].each, block_days(data.leads, lead))
-    one = data.leads[1]
-    scores[DAILY] = encode_daily(days, state_names(one.levels, one.surface), sums)
+    at = results[data.objective_steps]  # its errors by day there, for the forgetting test
+    days, sums = daily_sums(at.each, block_days(data.leads, data.objective_steps))
+    scores[DAILY] = encode_daily(days, list(at.mse), sums)  # `each`'s columns are `mse`'s
     return scores

@@ -416,7 +416,7 @@ def _run_blocks(rollouts: LeadRollouts, data, stop, daily=None) -> None:
     blocks = scoring_blocks(one.target_days(), block_count(len(one), rollouts.batch_size))
     slot, lead = rollouts.slot[data.objective_steps], data.objective_steps
     positions, num, den = np.zeros(0, int), np.zeros(0), np.zeros(0)
-    days = block_days(data.leads, lead) if daily is not None and rollouts.state else None
+    by_day = block_days(data.leads, lead) if daily is not None and rollouts.state else None
     for block in blocks[:-1]:
         rollouts.run(block)
         scored = slot[block][slot[block] >= 0]
@@ -424,8 +424,9 @@ def _run_blocks(rollouts: LeadRollouts, data, stop, daily=None) -> None:
         positions = np.concatenate([positions, scored])
         num, den = np.concatenate([num, terms[0]]), np.concatenate([den, terms[1]])
         state = None
-        if days is not None:
-            state = paired_days(daily_sums(rollouts.each[lead][positions], days[positions]), daily)
+        if by_day is not None:
+            mine = daily_sums(rollouts.each[lead][positions], by_day[positions])
+            state = paired_days(mine, rollouts.names, daily)
         if stop(Block(positions, num, den, state)):
             days = data.scored.target_days()
             raise ScoringStopped(
