@@ -210,13 +210,13 @@ class Evaluation:
     def verify(self, *, bootstrap: int):
         """`scoring.verify` of the adapter on its whole evaluation split, batched as its trial
         was scored (so the scores reproduce the trial's)."""
-        from aurora_sweep.verify.scoring import eval_batch_size, verify
+        from aurora_sweep.verify.scoring import trial_eval_batch, verify
 
         device = self.adapter.device
         return verify(
             self.model,
             self.data,
-            batch_size=self.trial.eval_batch or eval_batch_size(self.trial.batch_size, device),
+            batch_size=trial_eval_batch(self.trial, device),
             device=device,
             bootstrap=bootstrap,
             reference=self.reference,

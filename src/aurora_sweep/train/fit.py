@@ -43,7 +43,7 @@ from aurora_sweep.train.runtime import PeakMemory, Prefetcher
 from aurora_sweep.train.tiles import crop_sample, tile_draws, tile_side
 from aurora_sweep.verify.early_stop import ScoringStopped
 from aurora_sweep.verify.objective import subset_objective
-from aurora_sweep.verify.scoring import eval_batch_size, forecast, model_steps_scored, verify
+from aurora_sweep.verify.scoring import forecast, model_steps_scored, trial_eval_batch, verify
 
 #: Gradients are clipped to this global norm (over every trained tensor).
 MAX_GRAD_NORM = 1.0
@@ -161,8 +161,7 @@ def fit(
         peft_model.to(device)
         trained = trial_optimiser(trial, peft_model, model, parts)
         step, curves = _Step(trial, spec, peft_model, *trained, device), _Curves(spec)
-        scoring_batch = trial.eval_batch or eval_batch_size(trial.batch_size, device)
-        checks = _PrunerChecks(trial, data, spec, scoring_batch, device)
+        checks = _PrunerChecks(trial, data, spec, trial_eval_batch(trial, device), device)
         loop_started = time.perf_counter()
         wait_share = _train_loop(trial, data, peft_model, step, curves, checks, on_step, report)
         metrics, forecasts = _verify_trial(

@@ -64,6 +64,12 @@ def eval_batch_size(train_batch: int, device: torch.device) -> int:
     return MAX_EVAL_BATCH if device.type == "cpu" else min(MAX_EVAL_BATCH, 4 * train_batch)
 
 
+def trial_eval_batch(trial, device: torch.device) -> int:
+    """`trial`'s scoring batch: the one its memory cap chose (`TrialConfig.eval_batch`), else
+    the device's (`eval_batch_size`); the trial and its exported adapter score alike."""
+    return trial.eval_batch or eval_batch_size(trial.batch_size, device)
+
+
 def state_names(levels: tuple[int, ...], surface: tuple[str, ...] = SURF_VARS) -> list[str]:
     """Names of the variables Aurora already predicts: '2t', ..., 'z500', 't850', ... (with
     Aurora 1.5's other surface inputs where the samples carry them, `Samples.surface`)."""
