@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from contextlib import ExitStack
 
 import torch
 
@@ -34,13 +33,12 @@ from aurora_sweep.memory.estimate import (
     trial_architecture,
 )
 from aurora_sweep.memory.traced import (
-    CUDA_BLOCK_BYTES,
+    _LOCK,
     TraceFailed,
-    _clear_mask_cache,
-    _fake_parameters,
-    _LiveBytes,
     _structure,
+    _trace,
     synthetic_sample,
+    trained_state,
 )
 from aurora_sweep.verify.scoring import MAX_EVAL_BATCH, eval_batch_size
 
@@ -133,44 +131,19 @@ def combined(train: MemoryEstimate, scoring: MemoryEstimate) -> MemoryEstimate:
 def _traced_scoring(
     trial: TrialConfig, grid: tuple[int, int], levels: int, batch: int, device: str
 ) -> dict[str, int]:
-    """The parts of the traced scoring peak (`scoring_estimate`)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from aurora_sweep.memory.meta_model import build_meta_model
-    from aurora_sweep.memory.traced import _LOCK
-
-    cuda = device.startswith("cuda")
-    model = build_meta_model(trial)
-    counter = _LiveBytes(CUDA_BLOCK_BYTES if cuda else 1)
-    with _LOCK:
-        try:
-            with ExitStack() as stack:
-                stack.enter_context(_clear_mask_cache())
-                stack.enter_context(FakeTensorMode())
-                stack.enter_context(counter)
-                scoring = dataclasses.replace(trial, batch_size=batch)
-                _run_scoring(model, scoring, grid, levels, counter)
-        except Exception as e:  # noqa: BLE001 - any failure of the trace falls back to the fit
-            raise TraceFailed(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
-    return dict(counter.at_peak)
+    """The parts of the traced scoring peak (`scoring_estimate`), by the training step's own
+    harness (`traced._trace`)."""
+    scoring = dataclasses.replace(trial, batch_size=batch)
+    with _LOCK:  # Aurora's mask cache is the process's; one trace at a time
+        return _trace(scoring, grid, levels, device, reuse=True, run=_run_scoring).parts
 
 
 def _run_scoring(
-    model, trial: TrialConfig, grid: tuple[int, int], levels: int, counter: _LiveBytes
+    model, trial: TrialConfig, *, grid: tuple[int, int], levels: int, cuda: bool, counter
 ) -> None:
-    """What is alive after training (the weights, gradients, the optimiser's state made by a
-    step on zero gradients), then one forward pass without gradients of a scoring batch."""
-    from aurora_sweep.model.build import set_precision
-    from aurora_sweep.train.optimiser import new_optimiser
-
-    _fake_parameters(model)
-    set_precision(model, "bf16" if trial.precision == "fp16" else trial.precision)
-    params = [p for p in model.parameters() if p.requires_grad]
-    counter.tag = "optimizer"
-    optimiser = new_optimiser(trial.optimizer, params, lr=1e-4)
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    optimiser.step()
+    """What is alive after training (`traced.trained_state`, and the last step's gradients),
+    then one forward pass without gradients of a scoring batch."""
+    params, optimiser = trained_state(model, trial, cuda=cuda, counter=counter)  # kept alive
     counter.tag = "gradients"
     for p in params:
         p.grad = torch.zeros_like(p)
@@ -181,4 +154,4 @@ def _run_scoring(
     model.eval()
     with torch.no_grad():
         prediction = model(batch)
-    del prediction
+    del prediction, optimiser

@@ -44,7 +44,7 @@ from aurora_sweep.config.targets import DEFAULT
 from aurora_sweep.data.store import ATMOS_VARS, AURORA_STATIC, surface_vars
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
     from aurora import Batch
 
@@ -198,8 +198,16 @@ def _traced(trial: TrialConfig, grid: tuple[int, int], levels: int, device: str)
 
 
 def _trace(
-    trial: TrialConfig, grid: tuple[int, int], levels: int, device: str, *, reuse: bool
+    trial: TrialConfig,
+    grid: tuple[int, int],
+    levels: int,
+    device: str,
+    *,
+    reuse: bool,
+    run: Callable[..., None] | None = None,
 ) -> TracedPeak:
+    """The peak of live bytes while `run` (default `_run_step`: a training step) runs `trial`'s
+    model, built on the meta device, on fake tensors; the caller holds `_LOCK`."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.checkpoint import CheckpointError
 
@@ -214,7 +222,7 @@ def _trace(
             fake = stack.enter_context(FakeTensorMode())
             fake.cache_enabled = reuse
             stack.enter_context(counter)
-            _run_step(model, trial, grid=grid, levels=levels, cuda=cuda, counter=counter)
+            (run or _run_step)(model, trial, grid=grid, levels=levels, cuda=cuda, counter=counter)
     except CheckpointError:
         if reuse:
             raise
@@ -236,26 +244,14 @@ def _run_step(
     counter: _LiveBytes,
 ) -> None:
     """One training step as `train._Step` runs it, with what is alive when it starts: the
-    optimiser's state (made by a step on zero gradients) and, for the last of several
-    micro-batches, the gradients of the ones before."""
-    from aurora_sweep.model.build import set_precision
+    optimiser's state (`trained_state`) and, for the last of several micro-batches, the
+    gradients of the ones before."""
     from aurora_sweep.model.loss import combine, loss_terms
     from aurora_sweep.train.fit import MAX_GRAD_NORM, pushforward
-    from aurora_sweep.train.optimiser import new_optimiser
 
-    _fake_parameters(model)
-    set_precision(model, "bf16" if trial.precision == "fp16" else trial.precision)
+    params, optimiser = trained_state(model, trial, cuda=cuda, counter=counter)
     if trial.checkpointed:
         model.configure_activation_checkpointing(trial.checkpointed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimiser = new_optimiser(
-        trial.optimizer, params, lr=1e-4, **({"foreach": True} if cuda else {})
-    )
-    counter.tag = "optimizer"
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    optimiser.step()
-    optimiser.zero_grad(set_to_none=True)
     counter.tag = "inputs"
     batch, target, spec = synthetic_sample(trial, grid, levels)
     counter.tag = "gradients"
@@ -270,6 +266,27 @@ def _run_step(
     del loss, start
     torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM, foreach=cuda or None)
     optimiser.step()
+
+
+def trained_state(model: torch.nn.Module, trial: TrialConfig, *, cuda: bool, counter: _LiveBytes):
+    """What a trial keeps between steps, on fake tensors: its weights in its precision and its
+    optimiser's state, made by a step on zero gradients (tagged "weights", "optimizer"). Returns
+    (the trained parameters, the optimiser)."""
+    from aurora_sweep.model.build import set_precision
+    from aurora_sweep.train.optimiser import new_optimiser
+
+    _fake_parameters(model)
+    set_precision(model, "bf16" if trial.precision == "fp16" else trial.precision)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimiser = new_optimiser(
+        trial.optimizer, params, lr=1e-4, **({"foreach": True} if cuda else {})
+    )
+    counter.tag = "optimizer"
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimiser.step()
+    optimiser.zero_grad(set_to_none=True)
+    return params, optimiser
 
 
 def synthetic_sample(trial: TrialConfig, grid: tuple[int, int], levels: int):
