@@ -32,6 +32,7 @@ import platform
 from pathlib import Path
 
 import numpy as np
+from _results import save
 
 from aurora_sweep.config.study_file import load_config
 from aurora_sweep.data.cube import open_cube
@@ -41,8 +42,6 @@ from aurora_sweep.sweep.storage import open_study
 from aurora_sweep.verify.bootstrap import decode_terms, paired_difference
 from aurora_sweep.verify.early_stop import block_count, cannot_win, scoring_blocks
 from aurora_sweep.verify.scoring import _lead_slots
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def replay(config, trials, data, p: float, batch_size: int) -> dict:
@@ -119,10 +118,7 @@ def main() -> None:
         "verify_seconds_saved_estimate": saved,
     }
     print(json.dumps(summary, indent=2))
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"scoring-pruner-{summary['date']}.json"
-    out.write_text(json.dumps(summary, indent=2))
-    print(f"saved {out}")
+    save(summary, "scoring-pruner")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from _results import save
 
 from aurora_sweep.config.recipe import lead_suffix
 from aurora_sweep.config.study_file import load_config
@@ -42,8 +43,6 @@ from aurora_sweep.sweep import link
 from aurora_sweep.sweep.records import TrialRecord, completed, forgets
 from aurora_sweep.sweep.run import run_study
 from aurora_sweep.verify.early_stop import forgets as forgetting_test
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main() -> None:
@@ -118,10 +117,7 @@ def main() -> None:
         ),
     }
     print(json.dumps(result, indent=2))
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"forgetting-stops-{result['date']}.json"
-    out.write_text(json.dumps(result, indent=2))
-    print(f"saved {out}")
+    save(result, "forgetting-stops")
 
 
 if __name__ == "__main__":

@@ -38,11 +38,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import EUROPE_GRID, EUROPE_LEVELS  # noqa: E402
+from _results import save  # noqa: E402
 from bench_memory import BenchConfig, measure, method_configs, predict, trial_for  # noqa: E402
 
 from aurora_sweep.memory import estimate as memory  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 MIB = 2**20
 FULL_METHODS = ("lora", "dora", "head", "blocks", "full")
 QUICK_METHODS = ("lora", "head")
@@ -286,10 +286,8 @@ def main(argv: list[str] | None = None) -> dict:
     result["sweep"] = sweep_check(args.config, trials=trials, steps=sweep_steps)
     result["seconds"] = time.perf_counter() - started
     slug = re.sub(r"[^a-z0-9]+", "-", result["machine"].get("gpu", "cpu").lower()).strip("-")
-    out = args.out or ROOT / "bench" / "results" / f"gpu-{slug}-{dt.date.today()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str))
-    print(f"wrote {out} ({result['seconds']:.0f} s)")
+    print(f"the check took {result['seconds']:.0f} s")
+    save(result, f"gpu-{slug}", args.out)
     return result
 
 

@@ -16,17 +16,15 @@ Prints the figures and saves JSON to bench/results/levers-fairness-<date>.json.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import platform
-from pathlib import Path
 
 import numpy as np
 import torch
+from _results import save
 
 from aurora_sweep.train.optimiser import new_optimiser
 from aurora_sweep.train.tiles import tile_draws, tile_side
 
-RESULTS = Path(__file__).parent / "results"
 EUROPE = (148, 208)
 
 
@@ -66,10 +64,7 @@ def main() -> None:
             seen[i : i + h, j : j + w] += 1
         out["tile_coverage_max_over_min"][str(tile)] = float(seen.max() / seen.min())
         print(f"tile {tile}: coverage max/min {seen.max() / seen.min():.3f} over 20,000 draws")
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"levers-fairness-{out['date']}.json"
-    path.write_text(json.dumps(out, indent=2))
-    print(f"saved {path}")
+    save(out, "levers-fairness")
 
 
 if __name__ == "__main__":

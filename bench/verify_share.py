@@ -30,9 +30,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import EUROPE_LEVELS, build_random_trial_model, trial_config  # noqa: E402
+from _results import save  # noqa: E402
 from bench_memory import BenchConfig, measure  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 GRID = (32, 64)
 STEPS, CHECKS, CHECK_SAMPLES = 500, 4, 64
 SCORED_STEPS = 732 * 4 + 732 * 1  # 24 h starts rolled out 4 steps; the other 6 h starts, 1
@@ -111,9 +111,8 @@ def main() -> None:
         "trials": rows,
         "mean_verify_share": mean,
     }
-    out = ROOT / "bench" / "results" / f"verify-share-{dt.date.today()}.json"
-    out.write_text(json.dumps(result, indent=2))
-    print(f"verification: {mean:.1%} of a completed trial's seconds on average; wrote {out}")
+    print(f"verification: {mean:.1%} of a completed trial's seconds on average")
+    save(result, "verify-share")
 
 
 if __name__ == "__main__":
