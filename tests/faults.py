@@ -64,23 +64,12 @@ def nan_objective(*args, **kwargs):
     return result
 
 
-def untrained_after_first(trial, *args, marker: str, **kwargs):
-    """The first trial trains for 48 steps at 5e-3; every later one at a learning rate that
-    leaves it as it started (its new variable's head at zero: a forecast worse than the
-    first's on nearly every day)."""
-    import dataclasses
-
-    if _first_call(marker):
-        trial = dataclasses.replace(trial, steps=48, eval_every=48, learning_rate=5e-3)
-    else:
-        trial = dataclasses.replace(trial, learning_rate=1e-12)
-    return fit(trial, *args, **kwargs)
-
-
 def untrained_then_forgetting(trial, *args, marker: str, checkpoint, **kwargs):
-    """As `untrained_after_first` for the first two calls; from the third on, the trial starts
-    from the base's weights with noise added (30 % of each weight's spread): it predicts every
-    variable Aurora already predicted far worse than the base model does."""
+    """The first trial trains for 48 steps at 5e-3; the second at a learning rate that leaves it
+    as it started (its new variable's head at zero: a forecast worse than the first's on nearly
+    every day); from the third on, the trial starts from the base's weights with noise added
+    (30 % of each weight's spread): it predicts every variable Aurora already predicted far
+    worse than the base model does."""
     import dataclasses
 
     calls = Path(marker + ".calls")
